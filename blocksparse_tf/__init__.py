@@ -1,0 +1,26 @@
+"""blocksparse_tf: block-sparse matrix products and layers for TensorFlow 2.
+
+The public names are imported lazily, so ``import blocksparse_tf.layouts`` does not pay for
+importing TensorFlow.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "BlocksparseMatMul": "blocksparse_tf.matmul",
+    "blocksparse_matmul": "blocksparse_tf.matmul",
+}
+
+__all__ = sorted(_LAZY) + ["layouts"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "layouts":
+        import importlib
+
+        return importlib.import_module("blocksparse_tf.layouts")
+    raise AttributeError(f"module 'blocksparse_tf' has no attribute {name!r}")

@@ -1,0 +1,318 @@
+"""Block-sparse matrix multiplication: ``y = bsmm(x, w)`` with only the nonzero blocks of W stored.
+
+Example::
+
+    import numpy as np, tensorflow as tf
+    from blocksparse_tf import BlocksparseMatMul
+
+    sparsity = np.random.randint(2, size=(4096 // 32, 4096 // 32))
+    bsmm = BlocksparseMatMul(sparsity, block_size=32)
+    w = tf.Variable(bsmm.ortho_init())            # shape bsmm.w_shape = (blocks, 32, 32)
+    y = bsmm(tf.random.normal([64, 4096]), w)     # (64, 4096)
+"""
+
+import numpy as np
+import scipy.sparse
+import tensorflow as tf
+
+from blocksparse_tf._ops import ops
+
+BLOCK_SIZES = (1, 8, 16, 32, 64)
+FLOAT_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
+
+
+def _layout_coords(layout):
+    """Returns ((blocks, 2) int32 coordinates in row-major order, (CB, KB)) for any layout form."""
+    if isinstance(layout, tuple) and len(layout) == 2 and np.ndim(layout[1]) == 1:
+        coords, shape = layout
+        coords = np.asarray(coords)
+        if coords.size == 0:
+            coords = coords.reshape(0, 2)
+        if coords.ndim != 2 or coords.shape[1] != 2:
+            raise ValueError(f"block coordinates must have shape (blocks, 2); got {coords.shape}")
+        if not np.issubdtype(coords.dtype, np.integer):
+            raise ValueError(f"block coordinates must be integers; got dtype {coords.dtype}")
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 2:
+            raise ValueError(f"layout shape must be (CB, KB); got {shape}")
+    elif scipy.sparse.issparse(layout):
+        if layout.ndim != 2:
+            raise ValueError(f"layout must be 2-D; got {layout.ndim} dimensions")
+        coo = scipy.sparse.coo_matrix(layout)
+        coo.sum_duplicates()
+        values = coo.data
+        if not np.all((values == 0) | (values == 1)):
+            raise ValueError("layout values must be 0 or 1; found "
+                             f"{np.unique(values[(values != 0) & (values != 1)])[:5]}")
+        keep = values != 0
+        coords = np.stack([coo.row[keep], coo.col[keep]], axis=1)
+        shape = coo.shape
+    else:
+        array = np.asarray(layout)
+        if array.ndim != 2:
+            raise ValueError(f"layout must be a 2-D 0/1 array of shape (C/bs, K/bs); "
+                             f"got shape {array.shape}")
+        if array.dtype != bool:
+            if not np.issubdtype(array.dtype, np.number):
+                raise ValueError(f"layout must hold 0/1 numbers; got dtype {array.dtype}")
+            bad = array[(array != 0) & (array != 1)]
+            if bad.size:
+                raise ValueError(f"layout values must be 0 or 1; found {np.unique(bad)[:5]}")
+        coords = np.argwhere(array != 0)
+        shape = array.shape
+    if shape[0] < 1 or shape[1] < 1:
+        raise ValueError(f"layout shape must be at least (1, 1); got {shape}")
+    if len(coords) == 0:
+        raise ValueError(f"layout of shape {shape} has no nonzero blocks")
+    if np.any(coords < 0) or np.any(coords[:, 0] >= shape[0]) or np.any(coords[:, 1] >= shape[1]):
+        raise ValueError(f"block coordinates must lie inside the layout shape {shape}")
+    order = np.lexsort((coords[:, 1], coords[:, 0]))
+    coords = coords[order]
+    if np.any(np.all(coords[1:] == coords[:-1], axis=1)):
+        raise ValueError("block coordinates contain duplicates")
+    return coords.astype(np.int32), (int(shape[0]), int(shape[1]))
+
+
+class _InitialWeights(np.ndarray):
+    """A numpy array of w_shape that is also a Keras initializer: ``init(shape, dtype)``."""
+
+    def __call__(self, shape=None, dtype=None, **kwargs):
+        if shape is not None and tuple(shape) != self.shape:
+            raise ValueError(f"initializer holds weights of shape {self.shape}; asked for {tuple(shape)}")
+        return tf.constant(np.asarray(self), dtype=dtype or tf.float32)
+
+
+class BlocksparseMatMul:
+    """Product of activations with a block-sparse weight matrix W of shape (C, K).
+
+    Only the nonzero (block_size x block_size) blocks of W are stored, as a tensor of shape
+    ``w_shape = (blocks, block_size, block_size)``; block ``i`` sits at ``block_coord(i)``,
+    blocks being numbered in row-major order of the layout.
+
+    Parameters
+    ----------
+    layout : array_like, scipy.sparse matrix, or (coords, shape)
+        Which blocks exist: a 2-D 0/1 array of shape (C / block_size, K / block_size), a
+        scipy.sparse matrix of that shape, or a pair ``(coords, (CB, KB))`` with ``coords``
+        a sequence of (c, k) block coordinates.
+    block_size : int
+        One of 1, 8, 16, 32, 64.  Default 32.
+    feature_axis : int
+        1 (default): x is (..., C) and y is (..., K), the Keras convention.
+        0: x is (C, N) and y is (K, N).
+    name : str, optional
+        Name scope for the ops.
+    """
+
+    def __init__(self, layout, block_size=32, feature_axis=1, name=None):
+        if block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
+        if feature_axis not in (0, 1):
+            raise ValueError(f"feature_axis must be 0 or 1; got {feature_axis!r}")
+        self._coords, (self.CB, self.KB) = _layout_coords(layout)
+        self.block_size = int(block_size)
+        self.feature_axis = int(feature_axis)
+        self.name = name or "BlocksparseMatMul"
+        self.C = self.CB * self.block_size
+        self.K = self.KB * self.block_size
+        self.blocks = len(self._coords)
+        self.w_shape = (self.blocks, self.block_size, self.block_size)
+        self.density = self.blocks / float(self.CB * self.KB)
+        self.sparsity = 1.0 - self.density
+
+    # ---- layout ------------------------------------------------------------------------
+    @property
+    def coords(self):
+        """(blocks, 2) int32 array: the (c, k) block coordinates, in block order."""
+        return self._coords.copy()
+
+    @property
+    def layout(self):
+        """The layout as a (CB, KB) boolean numpy array."""
+        dense = np.zeros((self.CB, self.KB), dtype=bool)
+        dense[self._coords[:, 0], self._coords[:, 1]] = True
+        return dense
+
+    def block_coord(self, i):
+        """(c, k): block row and block column of block ``i``."""
+        if not -self.blocks <= i < self.blocks:
+            raise IndexError(f"block index {i} out of range for {self.blocks} blocks")
+        c, k = self._coords[i]
+        return int(c), int(k)
+
+    def i_shape(self, N):
+        """Shape of x for a minibatch of N."""
+        return (N, self.C) if self.feature_axis == 1 else (self.C, N)
+
+    def o_shape(self, N):
+        """Shape of y for a minibatch of N."""
+        return (N, self.K) if self.feature_axis == 1 else (self.K, N)
+
+    def flops(self, N):
+        """Floating point operations of one product for a minibatch of N (2 per multiply-add)."""
+        return 2 * N * self.blocks * self.block_size * self.block_size
+
+    # ---- the product -------------------------------------------------------------------
+    def __call__(self, x, w, gate=None, name=None):
+        """y = x . W (times the per-block ``gate``, shape (blocks,), if given)."""
+        with tf.name_scope(name or self.name):
+            x = tf.convert_to_tensor(x)
+            w = tf.convert_to_tensor(w)
+            self._check_operands(x, w)
+            if gate is not None:
+                gate = tf.convert_to_tensor(gate)
+                if gate.shape.rank is not None and gate.shape.as_list() != [self.blocks]:
+                    raise ValueError(f"gate must have shape ({self.blocks},), one value per block; "
+                                     f"got {gate.shape}")
+                w = w * tf.reshape(tf.cast(gate, w.dtype), [-1, 1, 1])
+            return blocksparse_matmul(x, w, tf.constant(self._coords), self.block_size,
+                                      self.C, self.K, self.feature_axis)
+
+    def _check_operands(self, x, w):
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype.name}")
+        if w.dtype != x.dtype:
+            raise ValueError(f"w dtype {w.dtype.name} does not match x dtype {x.dtype.name}")
+        if w.shape.rank is not None and w.shape != tf.TensorShape(self.w_shape):
+            if not w.shape.is_compatible_with(self.w_shape):
+                raise ValueError(f"w must have shape w_shape={self.w_shape}; got {w.shape}")
+        rank = x.shape.rank
+        if rank is None:
+            return
+        if self.feature_axis == 1:
+            if rank < 2 or x.shape[-1] not in (None, self.C):
+                raise ValueError(f"x must have shape (..., C={self.C}) for feature_axis=1; "
+                                 f"got {x.shape}")
+        elif rank != 2 or x.shape[0] not in (None, self.C):
+            raise ValueError(f"x must have shape (C={self.C}, N) for feature_axis=0; got {x.shape}")
+
+    # ---- dense conversions and numpy references ---------------------------------------
+    def to_dense(self, w):
+        """Dense (C, K) matrix holding the blocks of ``w`` (numpy in, numpy out; tensor in, tensor out)."""
+        bs, c, k = self.block_size, self._coords[:, 0], self._coords[:, 1]
+        if isinstance(w, (tf.Tensor, tf.Variable)):
+            grid = tf.scatter_nd(self._coords, w, (self.CB, self.KB, bs, bs))
+            return tf.reshape(tf.transpose(grid, [0, 2, 1, 3]), (self.C, self.K))
+        w = np.asarray(w)
+        if w.shape != self.w_shape:
+            raise ValueError(f"w must have shape w_shape={self.w_shape}; got {w.shape}")
+        grid = np.zeros((self.CB, self.KB, bs, bs), dtype=w.dtype)
+        grid[c, k] = w
+        return grid.transpose(0, 2, 1, 3).reshape(self.C, self.K)
+
+    def from_dense(self, W):
+        """Blocks (blocks, bs, bs) of a dense (C, K) matrix at this layout's positions."""
+        bs = self.block_size
+        if isinstance(W, (tf.Tensor, tf.Variable)):
+            grid = tf.transpose(tf.reshape(W, (self.CB, bs, self.KB, bs)), [0, 2, 1, 3])
+            return tf.gather_nd(grid, self._coords)
+        W = np.asarray(W)
+        if W.shape != (self.C, self.K):
+            raise ValueError(f"W must have shape (C, K)=({self.C}, {self.K}); got {W.shape}")
+        grid = W.reshape(self.CB, bs, self.KB, bs).transpose(0, 2, 1, 3)
+        return grid[self._coords[:, 0], self._coords[:, 1]].copy()
+
+    def _rows(self, a):
+        """float64 (N, features) view of a numpy operand, whatever the feature axis."""
+        a = np.asarray(a, dtype=np.float64)
+        return a.reshape(-1, a.shape[-1]) if self.feature_axis == 1 else a.T
+
+    def fprop_test(self, x, w):
+        """float64 numpy reference of ``self(x, w)``."""
+        y = self._rows(x) @ self.to_dense(np.asarray(w, dtype=np.float64))
+        return y.reshape(*np.shape(x)[:-1], self.K) if self.feature_axis == 1 else y.T
+
+    def bprop_test(self, dy, w):
+        """float64 numpy reference of dx = dy . W^T."""
+        dx = self._rows(dy) @ self.to_dense(np.asarray(w, dtype=np.float64)).T
+        return dx.reshape(*np.shape(dy)[:-1], self.C) if self.feature_axis == 1 else dx.T
+
+    def updat_test(self, x, dy):
+        """float64 numpy reference of dw (blocks, bs, bs): x^T . dy at the stored blocks."""
+        bs = self.block_size
+        xr = self._rows(x).reshape(-1, self.CB, bs)
+        dyr = self._rows(dy).reshape(-1, self.KB, bs)
+        return np.einsum("nbi,nbj->bij", xr[:, self._coords[:, 0]], dyr[:, self._coords[:, 1]])
+
+    # ---- initial weights ---------------------------------------------------------------
+    def identity_init(self, scale=1.0):
+        """Weights of w_shape that are ``scale`` times the identity on diagonal blocks (c == k), else 0.
+
+        The result is a numpy array that is also a Keras initializer.
+        """
+        w = np.zeros(self.w_shape, dtype=np.float32)
+        w[self._coords[:, 0] == self._coords[:, 1]] = scale * np.eye(self.block_size, dtype=np.float32)
+        return w.view(_InitialWeights)
+
+    def ortho_init(self, seed=None):
+        """Random orthogonal blocks, scaled by 1/sqrt(blocks in the block column).
+
+        Each output unit then sums its inputs with unit-norm weight rows, so activations keep
+        their scale through the layer.  A numpy array that is also a Keras initializer.
+        """
+        rng = np.random.default_rng(seed)
+        q, r = np.linalg.qr(rng.standard_normal((self.blocks, self.block_size, self.block_size)))
+        q *= np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
+        fan_in_blocks = np.bincount(self._coords[:, 1], minlength=self.KB)[self._coords[:, 1]]
+        w = q / np.sqrt(fan_in_blocks)[:, None, None]
+        return w.astype(np.float32).view(_InitialWeights)
+
+    # ---- serialisation -----------------------------------------------------------------
+    def get_config(self):
+        """JSON-serialisable description; ``BlocksparseMatMul.from_config(cfg)`` rebuilds it."""
+        return {"layout": {"shape": [self.CB, self.KB], "coords": self._coords.tolist()},
+                "block_size": self.block_size, "feature_axis": self.feature_axis, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        layout = config.pop("layout")
+        if isinstance(layout, dict):
+            layout = (np.asarray(layout["coords"], dtype=np.int64).reshape(-1, 2), tuple(layout["shape"]))
+        return cls(layout, **config)
+
+    def __repr__(self):
+        return (f"BlocksparseMatMul(C={self.C}, K={self.K}, block_size={self.block_size}, "
+                f"blocks={self.blocks}, density={self.density:.3g}, feature_axis={self.feature_axis})")
+
+
+def blocksparse_matmul(x, w, layout, block_size, C, K, feature_axis=1):
+    """Raw op: y = x . W for w (blocks, bs, bs) and int32 layout coordinates (blocks, 2)."""
+    return ops().blocksparse_matmul(x, w, layout, block_size=block_size, C=C, K=K,
+                                    feature_axis=feature_axis)
+
+
+def blocksparse_matmul_grad_w(x, dy, layout, block_size, C, K, feature_axis=1):
+    """Raw op: dw = x^T . dy at the stored blocks, shape (blocks, bs, bs)."""
+    return ops().blocksparse_matmul_grad_w(x, dy, layout, block_size=block_size, C=C, K=K,
+                                           feature_axis=feature_axis)
+
+
+def _attrs(op):
+    return {name: op.get_attr(name) for name in ("block_size", "C", "K", "feature_axis")}
+
+
+def _transposed(w, layout):
+    """The same blocks as W^T: each block transposed, block coordinates swapped."""
+    return tf.transpose(w, [0, 2, 1]), tf.reverse(layout, axis=[1])
+
+
+@tf.RegisterGradient("BlocksparseMatmul")
+def _blocksparse_matmul_grad(op, dy):
+    x, w, layout = op.inputs
+    a = _attrs(op)
+    w_t, layout_t = _transposed(w, layout)
+    dx = blocksparse_matmul(dy, w_t, layout_t, a["block_size"], a["K"], a["C"], a["feature_axis"])
+    dw = blocksparse_matmul_grad_w(x, dy, layout, **a)
+    return dx, dw, None
+
+
+@tf.RegisterGradient("BlocksparseMatmulGradW")
+def _blocksparse_matmul_grad_w_grad(op, ddw):
+    # dw = x^T dy is bilinear: its gradients are block-sparse products with ddw as the weights.
+    x, dy, layout = op.inputs
+    a = _attrs(op)
+    ddw_t, layout_t = _transposed(ddw, layout)
+    dx = blocksparse_matmul(dy, ddw_t, layout_t, a["block_size"], a["K"], a["C"], a["feature_axis"])
+    ddy = blocksparse_matmul(x, ddw, layout, **a)
+    return dx, ddy, None

@@ -1,0 +1,63 @@
+#include "ops/block_layout.h"
+
+#include <string>
+
+namespace blocksparse {
+
+std::string BuildBlockLayout(const int32_t* coords, int64_t blocks, int64_t CB, int64_t KB,
+                             int64_t block_size, BlockLayout* layout) {
+  if (block_size < 1) return "block_size must be >= 1, got " + std::to_string(block_size);
+  if (CB < 1 || KB < 1) {
+    return "layout shape must be at least (1, 1) blocks, got (" + std::to_string(CB) + ", " +
+           std::to_string(KB) + ")";
+  }
+  if (blocks < 1) return "layout has no blocks: at least one nonzero block is required";
+  if (blocks > CB * KB || blocks > INT32_MAX) {
+    return "layout has " + std::to_string(blocks) + " blocks, more than its " +
+           std::to_string(CB) + " x " + std::to_string(KB) + " shape holds";
+  }
+  layout->CB = CB;
+  layout->KB = KB;
+  layout->block_size = block_size;
+  layout->blocks = blocks;
+  layout->block_row.resize(blocks);
+  layout->block_col.resize(blocks);
+  layout->col_ptr.assign(KB + 1, 0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int32_t c = coords[2 * b], k = coords[2 * b + 1];
+    if (c < 0 || c >= CB || k < 0 || k >= KB) {
+      return "block " + std::to_string(b) + " has coordinates (" + std::to_string(c) + ", " +
+             std::to_string(k) + ") outside the layout shape (" + std::to_string(CB) + ", " +
+             std::to_string(KB) + ")";
+    }
+    layout->block_row[b] = c;
+    layout->block_col[b] = k;
+    ++layout->col_ptr[k + 1];
+  }
+  for (int64_t k = 0; k < KB; ++k) layout->col_ptr[k + 1] += layout->col_ptr[k];
+
+  // Counting sort by column, then by row inside each column: a stable pass over the blocks
+  // sorted by row.  Sorting rows with a second counting sort keeps this linear.
+  std::vector<int32_t> row_ptr(CB + 1, 0), by_row(blocks);
+  for (int64_t b = 0; b < blocks; ++b) ++row_ptr[layout->block_row[b] + 1];
+  for (int64_t c = 0; c < CB; ++c) row_ptr[c + 1] += row_ptr[c];
+  for (int64_t b = 0; b < blocks; ++b) by_row[row_ptr[layout->block_row[b]]++] = (int32_t)b;
+
+  std::vector<int32_t> fill(layout->col_ptr.begin(), layout->col_ptr.end() - 1);
+  layout->col_row.resize(blocks);
+  layout->col_block.resize(blocks);
+  for (int32_t b : by_row) {
+    const int32_t k = layout->block_col[b];
+    const int32_t pos = fill[k]++;
+    const int32_t start = layout->col_ptr[k];
+    if (pos > start && layout->col_row[pos - 1] == layout->block_row[b]) {
+      return "block " + std::to_string(b) + " at (" + std::to_string(layout->block_row[b]) +
+             ", " + std::to_string(k) + ") appears twice in the layout";
+    }
+    layout->col_row[pos] = layout->block_row[b];
+    layout->col_block[pos] = b;
+  }
+  return "";
+}
+
+}  // namespace blocksparse

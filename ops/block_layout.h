@@ -1,0 +1,35 @@
+// Lookup tables describing which (bs x bs) blocks of a C x K weight matrix are present.
+// Plain C++ (no TensorFlow, no CUDA) so CPU kernels, GPU kernels and tests share it.
+#ifndef BLOCKSPARSE_OPS_BLOCK_LAYOUT_H_
+#define BLOCKSPARSE_OPS_BLOCK_LAYOUT_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace blocksparse {
+
+// Block b of the compressed weight tensor w (shape (blocks, bs, bs)) sits at block row
+// block_row[b] (input features c*bs .. c*bs+bs-1) and block column block_col[b] (output
+// features k*bs .. k*bs+bs-1).  The column-major index lists, for every output block
+// column k, its blocks in increasing block row: entries col_ptr[k] .. col_ptr[k+1]-1 of
+// col_row / col_block.  Every product kernel walks one of these two views.
+struct BlockLayout {
+  int64_t CB = 0;          // input block rows    (C / bs)
+  int64_t KB = 0;          // output block columns (K / bs)
+  int64_t block_size = 0;  // bs
+  int64_t blocks = 0;      // number of stored blocks
+  std::vector<int32_t> block_row, block_col;     // per block: (c, k)
+  std::vector<int32_t> col_ptr;                  // KB + 1 offsets
+  std::vector<int32_t> col_row, col_block;       // blocks entries, grouped by column
+};
+
+// Builds the tables from `blocks` (c, k) pairs stored row after row in `coords`.
+// Returns "" on success, otherwise a message naming the offending entry (coordinate out
+// of range, duplicate block, bad sizes).  Linear in blocks + KB.
+std::string BuildBlockLayout(const int32_t* coords, int64_t blocks, int64_t CB, int64_t KB,
+                             int64_t block_size, BlockLayout* layout);
+
+}  // namespace blocksparse
+
+#endif  // BLOCKSPARSE_OPS_BLOCK_LAYOUT_H_

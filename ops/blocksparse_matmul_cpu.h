@@ -1,0 +1,36 @@
+// CPU block-sparse matrix products behind a plain C++ interface (no TensorFlow headers):
+// the TensorFlow kernels, and any test harness, call these with raw float32 pointers.
+#ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_CPU_H_
+#define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_CPU_H_
+
+#include <cstdint>
+#include <functional>
+
+#include "ops/block_layout.h"
+
+namespace blocksparse {
+
+// Runs work(begin, end) over [0, tasks) on some threads; cost_per_task is a hint in flops.
+// Results never depend on how the range is split: every output element is written by
+// exactly one task, summing in a fixed order, so the products are bitwise deterministic.
+using ParallelFor = std::function<void(int64_t tasks, int64_t cost_per_task,
+                                       const std::function<void(int64_t, int64_t)>& work)>;
+
+// y = x . W where W (C x K) holds the layout's blocks, w has shape (blocks, bs, bs).
+// feature_axis 1: x is (N, C), y is (N, K).  feature_axis 0: x is (C, N), y is (K, N).
+// The input gradient dx = dy . W^T is this same product on the transposed layout.
+void BlocksparseMatmulCpu(const float* x, const float* w, float* y, int64_t N, int feature_axis,
+                          const BlockLayout& layout, const ParallelFor& parallel_for);
+
+// dw[b] = x[:, c-block]^T . dy[:, k-block] for every stored block b = (c, k) only.
+// feature_axis as above: x is (N, C) / (C, N), dy is (N, K) / (K, N); dw is (blocks, bs, bs).
+void BlocksparseMatmulGradWCpu(const float* x, const float* dy, float* dw, int64_t N,
+                               int feature_axis, const BlockLayout& layout,
+                               const ParallelFor& parallel_for);
+
+// Name of the instruction set the kernels picked on this processor ("avx512", "avx2", "generic").
+const char* BlocksparseCpuIsa();
+
+}  // namespace blocksparse
+
+#endif  // BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_CPU_H_

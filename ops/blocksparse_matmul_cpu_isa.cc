@@ -1,0 +1,228 @@
+// Register-tiled block-sparse micro-kernels, compiled once per instruction set.
+// Build with -DBSMM_ISA=<namespace> plus that set's -m flags (see ops/BUILD).
+//
+// Every product here is C[m, :] = sum over (A, B) pairs, sum over p, A[p][m] * B[p][:], with
+// a tile of MR rows x NV vectors of C kept in registers for the whole sum.  The three
+// products differ only in where A, B and C live (see the comments on each driver).
+// Summation order is fixed by the layout, never by threads: results are deterministic.
+
+#include <cstdint>
+#include <cstring>
+
+#include "ops/blocksparse_matmul_cpu_isa.h"
+
+#ifndef BSMM_ISA
+#error "define BSMM_ISA to the kernel namespace (avx512, avx2 or generic)"
+#endif
+
+namespace blocksparse {
+namespace BSMM_ISA {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+constexpr int kRowTile = 8;   // 8 rows x 2 zmm = 16 accumulators
+constexpr int kMaxNV = 2;
+#elif defined(__AVX2__)
+constexpr int kVectorBytes = 32;
+constexpr int kRowTile = 4;   // 4 rows x 2 ymm of the 16 registers
+constexpr int kMaxNV = 2;
+#else
+constexpr int kVectorBytes = 16;
+constexpr int kRowTile = 4;
+constexpr int kMaxNV = 2;
+#endif
+
+typedef float VecWide __attribute__((vector_size(kVectorBytes)));
+typedef float Vec8 __attribute__((vector_size(32)));
+
+template <typename V>
+constexpr int Width() { return sizeof(V) / sizeof(float); }
+template <typename V>
+inline V Load(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
+template <typename V>
+inline void Store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+template <typename V>
+inline V Splat(float a) { return V{} + a; }
+inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// The heart of everything: C[m][0 : NV*W) (m < rows) = sum_q sum_{p<P} a_q[p*a_cs + m] * b_q[p*b_rs + :].
+// `Pairs` yields the q-th A and B pointers.  A's MR values for one p are contiguous.
+template <int MR, int NV, typename V, typename Pairs>
+inline void Tile(const Pairs& pairs, int64_t P, int64_t a_cs, int64_t b_rs, float* c,
+                 int64_t c_rs, int64_t rows) {
+  constexpr int W = Width<V>();
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[m][v] = V{};
+  const int64_t count = pairs.size();
+  for (int64_t q = 0; q < count; ++q) {
+    const float* a = pairs.a(q);
+    const float* b = pairs.b(q);
+    for (int64_t p = 0; p < P; ++p, a += a_cs, b += b_rs) {
+      V bv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) bv[v] = Load<V>(b + v * W);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        const V av = Splat<V>(a[m]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+      }
+    }
+  }
+  for (int64_t m = 0; m < rows; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) Store<V>(c + m * c_rs + v * W, acc[m][v]);
+}
+
+// The blocks of one output block column k as (A, B) pairs.  Each operand is either indexed by
+// the block's input block row c (x, which is split by rows) or by the block itself (w).
+template <bool kAIsWeight>
+struct ColumnPairs {
+  const int32_t* rows;
+  const int32_t* blocks;
+  int64_t count;
+  const float* x_base;
+  int64_t x_stride;  // offset between the x slices of consecutive block rows
+  const float* w_base;
+  int64_t w_stride;  // offset between consecutive blocks of w
+  int64_t size() const { return count; }
+  const float* x(int64_t q) const { return x_base + rows[q] * x_stride; }
+  const float* w(int64_t q) const { return w_base + blocks[q] * w_stride; }
+  const float* a(int64_t q) const { return kAIsWeight ? w(q) : x(q); }
+  const float* b(int64_t q) const { return kAIsWeight ? x(q) : w(q); }
+};
+
+struct SinglePair {
+  const float* a_ptr;
+  const float* b_ptr;
+  int64_t size() const { return 1; }
+  const float* a(int64_t) const { return a_ptr; }
+  const float* b(int64_t) const { return b_ptr; }
+};
+
+template <bool kAIsWeight>
+ColumnPairs<kAIsWeight> PairsOfColumn(const LayoutView& l, int64_t k, const float* x_base,
+                                      int64_t x_stride, const float* w_base, int64_t w_stride) {
+  const int64_t begin = l.col_ptr[k];
+  return {l.col_row + begin, l.col_block + begin, l.col_ptr[k + 1] - begin,
+          x_base,            x_stride,            w_base,
+          w_stride};
+}
+
+// Runs Op::Run<V, NV>(args...) with the vector type and count covering one chunk of a
+// block's bs columns (bs is always a multiple of the chunk width).
+template <typename Op, typename... Args>
+inline void DispatchBlockColumns(int64_t bs, Args... args) {
+  if (bs == 1) {
+    Op::template Run<float, 1>(args...);
+  } else if (bs % (Width<VecWide>() * kMaxNV) == 0) {
+    Op::template Run<VecWide, kMaxNV>(args...);
+  } else if (bs % Width<VecWide>() == 0) {
+    Op::template Run<VecWide, 1>(args...);
+  } else if constexpr (kVectorBytes > 32) {  // bs 8 is half an AVX-512 register
+    Op::template Run<Vec8, 1>(args...);
+  }
+}
+
+// feature_axis 1, y (N, K):  A = packed x panel of kRowTile rows (panel[c][m]),
+// B = w block rows, C = y rows.  P = bs, pairs = the blocks of column k.
+struct ForwardAxis1Op {
+  template <typename V, int NV>
+  static void Run(const float* panels, const float* w, float* y, int64_t N, const LayoutView* l,
+                  int64_t tile_begin, int64_t tile_end, int64_t k) {
+    constexpr int64_t chunk = Width<V>() * NV;
+    const int64_t bs = l->block_size, C = l->CB * bs, K = l->KB * bs;
+    for (int64_t t = tile_begin; t < tile_end; ++t) {
+      const float* panel = panels + t * C * kRowTile;
+      const int64_t rows = Min(kRowTile, N - t * kRowTile);
+      for (int64_t j0 = 0; j0 < bs; j0 += chunk) {
+        const auto pairs = PairsOfColumn<false>(*l, k, panel, bs * kRowTile, w + j0, bs * bs);
+        Tile<kRowTile, NV, V>(pairs, bs, kRowTile, bs, y + t * kRowTile * K + k * bs + j0, K,
+                              rows);
+      }
+    }
+  }
+};
+
+void ForwardAxis1(const float* panels, const float* w, float* y, int64_t N,
+                  const LayoutView* layout, int64_t tile_begin, int64_t tile_end, int64_t k) {
+  DispatchBlockColumns<ForwardAxis1Op>(layout->block_size, panels, w, y, N, layout, tile_begin,
+                                       tile_end, k);
+}
+
+// Rows [j0, j0 + MR) of y's block row k, columns [n0, n1), stepping `chunk` columns at a time.
+template <int MR, typename V, int NV>
+inline int64_t ForwardAxis0Columns(const float* x, const float* w, float* y, int64_t N,
+                                   const LayoutView& l, int64_t k, int64_t j0, int64_t n0,
+                                   int64_t n1) {
+  constexpr int64_t chunk = Width<V>() * NV;
+  const int64_t bs = l.block_size;
+  for (; n0 + chunk <= n1; n0 += chunk) {
+    const auto pairs = PairsOfColumn<true>(l, k, x + n0, bs * N, w + j0, bs * bs);
+    Tile<MR, NV, V>(pairs, bs, bs, N, y + (k * bs + j0) * N + n0, N, MR);
+  }
+  return n0;
+}
+
+// feature_axis 0, y (K, N):  A = w block read transposed (A[i][j] = w[i*bs + j]),
+// B = x rows of block row c, C = y rows of block row k.  Vectors run along N.
+template <int MR>
+void ForwardAxis0Rows(const float* x, const float* w, float* y, int64_t N, const LayoutView& l,
+                      int64_t k, int64_t n_begin, int64_t n_end) {
+  for (int64_t j0 = 0; j0 < l.block_size; j0 += MR) {
+    int64_t n = ForwardAxis0Columns<MR, VecWide, kMaxNV>(x, w, y, N, l, k, j0, n_begin, n_end);
+    n = ForwardAxis0Columns<MR, VecWide, 1>(x, w, y, N, l, k, j0, n, n_end);
+    ForwardAxis0Columns<MR, float, 1>(x, w, y, N, l, k, j0, n, n_end);
+  }
+}
+
+void ForwardAxis0(const float* x, const float* w, float* y, int64_t N, const LayoutView* layout,
+                  int64_t k, int64_t n_begin, int64_t n_end) {
+  if (layout->block_size == 1) {
+    ForwardAxis0Rows<1>(x, w, y, N, *layout, k, n_begin, n_end);
+  } else {  // block sizes 8..64 are multiples of the row tile
+    ForwardAxis0Rows<kRowTile>(x, w, y, N, *layout, k, n_begin, n_end);
+  }
+}
+
+// dw of one block (c, k), x (N, C), dy (N, K):  A = x[:, c-block] (A[n][i] = x[n*C + c*bs + i]),
+// B = dy[:, k-block] rows, C = dw rows.  P = N, one pair.
+template <int MR>
+struct GradWOp {
+  template <typename V, int NV>
+  static void Run(const float* x, const float* dy, float* dw, int64_t N, const LayoutView* l,
+                  int64_t b) {
+    constexpr int64_t chunk = Width<V>() * NV;
+    const int64_t bs = l->block_size, C = l->CB * bs, K = l->KB * bs;
+    const float* xb = x + l->block_row[b] * bs;
+    const float* dyb = dy + l->block_col[b] * bs;
+    float* out = dw + b * bs * bs;
+    for (int64_t i0 = 0; i0 < bs; i0 += MR)
+      for (int64_t j0 = 0; j0 < bs; j0 += chunk)
+        Tile<MR, NV, V>(SinglePair{xb + i0, dyb + j0}, N, C, K, out + i0 * bs + j0, bs, MR);
+  }
+};
+
+void GradWAxis1(const float* x, const float* dy, float* dw, int64_t N, const LayoutView* layout,
+                int64_t q) {
+  const int64_t b = layout->col_block[q];
+  if (layout->block_size == 1) {
+    DispatchBlockColumns<GradWOp<1>>(1, x, dy, dw, N, layout, b);
+  } else {  // block sizes 8..64 are multiples of the row tile
+    DispatchBlockColumns<GradWOp<kRowTile>>(layout->block_size, x, dy, dw, N, layout, b);
+  }
+}
+
+}  // namespace
+
+#define BSMM_STRINGIFY2(s) #s
+#define BSMM_STRINGIFY(s) BSMM_STRINGIFY2(s)
+extern const CpuKernels kKernels = {BSMM_STRINGIFY(BSMM_ISA), kRowTile, ForwardAxis1, ForwardAxis0,
+                                    GradWAxis1};
+
+}  // namespace BSMM_ISA
+}  // namespace blocksparse

@@ -1,0 +1,47 @@
+// Internal: the per-instruction-set halves of the CPU kernels.
+//
+// ops/blocksparse_matmul_cpu_isa.cc is compiled once per instruction set (AVX-512, AVX2,
+// baseline x86-64) into its own namespace; blocksparse_matmul_cpu.cc picks one at run time.
+// Only plain C types cross this boundary, so no inline library template compiled with
+// AVX-512 can be merged by the linker into code that runs on an older processor.
+#ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_CPU_ISA_H_
+#define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_CPU_ISA_H_
+
+#include <cstdint>
+
+namespace blocksparse {
+
+// Raw view of a BlockLayout's tables (see block_layout.h).
+struct LayoutView {
+  int64_t CB, KB, block_size, blocks;
+  const int32_t* block_row;
+  const int32_t* block_col;
+  const int32_t* col_ptr;
+  const int32_t* col_row;
+  const int32_t* col_block;
+};
+
+struct CpuKernels {
+  const char* isa;
+  // Rows of x that the feature_axis=1 forward product packs into one panel:
+  // panel[c * row_tile + m] = x[(tile * row_tile + m) * C + c], zero past row N.
+  int row_tile;
+  // y rows of tiles [tile_begin, tile_end), output block column k (feature_axis 1).
+  void (*forward_axis1)(const float* panels, const float* w, float* y, int64_t N,
+                        const LayoutView* layout, int64_t tile_begin, int64_t tile_end,
+                        int64_t k);
+  // y[k-block, n_begin:n_end] (feature_axis 0).
+  void (*forward_axis0)(const float* x, const float* w, float* y, int64_t N,
+                        const LayoutView* layout, int64_t k, int64_t n_begin, int64_t n_end);
+  // dw for the block at position q of the column-ordered index (x (N, C), dy (N, K)).
+  void (*grad_w_axis1)(const float* x, const float* dy, float* dw, int64_t N,
+                       const LayoutView* layout, int64_t q);
+};
+
+namespace avx512 { extern const CpuKernels kKernels; }
+namespace avx2 { extern const CpuKernels kKernels; }
+namespace generic { extern const CpuKernels kKernels; }
+
+}  // namespace blocksparse
+
+#endif  // BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_CPU_ISA_H_

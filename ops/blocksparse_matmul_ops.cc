@@ -1,0 +1,316 @@
+// TensorFlow registration of the block-sparse matrix product and its weight gradient.
+//
+//   BlocksparseMatmul:      y = x . W            (also dx = dy . W^T, on the transposed layout)
+//   BlocksparseMatmulGradW: dw = x^T . dy        for the stored blocks only
+//
+// W (C x K) is given by w (blocks, bs, bs) and `layout` (blocks, 2): block b sits at block row
+// layout[b, 0] and block column layout[b, 1].  The Python wrapper (blocksparse_tf/matmul.py)
+// registers the gradients.
+
+#define EIGEN_USE_THREADS
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "ops/block_layout.h"
+#include "ops/blocksparse_matmul_cpu.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace blocksparse {
+
+using ::tensorflow::DEVICE_CPU;
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+using ::tensorflow::shape_inference::DimensionHandle;
+using ::tensorflow::shape_inference::InferenceContext;
+using ::tensorflow::shape_inference::ShapeHandle;
+
+namespace {
+
+absl::Status CheckAttrs(int64_t block_size, int64_t C, int64_t K, int64_t feature_axis) {
+  if (block_size != 1 && block_size != 8 && block_size != 16 && block_size != 32 &&
+      block_size != 64) {
+    return absl::InvalidArgumentError("block_size must be one of 1, 8, 16, 32, 64; got " +
+                                      std::to_string(block_size));
+  }
+  if (C < 1 || K < 1 || C % block_size != 0 || K % block_size != 0) {
+    return absl::InvalidArgumentError(
+        "C and K must be positive multiples of block_size " + std::to_string(block_size) +
+        "; got C=" + std::to_string(C) + ", K=" + std::to_string(K));
+  }
+  if (feature_axis != 0 && feature_axis != 1) {
+    return absl::InvalidArgumentError("feature_axis must be 0 or 1; got " +
+                                      std::to_string(feature_axis));
+  }
+  return absl::OkStatus();
+}
+
+// Shape of x with its feature dimension (last for feature_axis 1, first for 0) checked against C.
+absl::Status FeatureShape(InferenceContext* c, int input, int64_t features, int feature_axis,
+                          int64_t out_features, ShapeHandle* out) {
+  ShapeHandle x = c->input(input);
+  if (feature_axis == 1) {
+    TF_RETURN_IF_ERROR(c->WithRankAtLeast(x, 2, &x));
+    DimensionHandle last;
+    TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, -1), c->MakeDim(features), &last));
+    if (out_features < 0) return absl::OkStatus();
+    return c->ReplaceDim(x, -1, c->MakeDim(out_features), out);
+  }
+  TF_RETURN_IF_ERROR(c->WithRank(x, 2, &x));
+  DimensionHandle first;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 0), c->MakeDim(features), &first));
+  if (out_features < 0) return absl::OkStatus();
+  return c->ReplaceDim(x, 0, c->MakeDim(out_features), out);
+}
+
+struct OpAttrs {
+  int64_t block_size, C, K, feature_axis;
+};
+
+absl::Status GetAttrs(InferenceContext* c, OpAttrs* a) {
+  TF_RETURN_IF_ERROR(c->GetAttr("block_size", &a->block_size));
+  TF_RETURN_IF_ERROR(c->GetAttr("C", &a->C));
+  TF_RETURN_IF_ERROR(c->GetAttr("K", &a->K));
+  TF_RETURN_IF_ERROR(c->GetAttr("feature_axis", &a->feature_axis));
+  return CheckAttrs(a->block_size, a->C, a->K, a->feature_axis);
+}
+
+// w is (blocks, bs, bs) and layout is (blocks, 2), with the same number of blocks.
+absl::Status WeightShape(InferenceContext* c, int w_input, int layout_input, int64_t bs,
+                         ShapeHandle* w_out) {
+  ShapeHandle w, layout;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(w_input), 3, &w));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(layout_input), 2, &layout));
+  DimensionHandle blocks, unused;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(w, 0), c->Dim(layout, 0), &blocks));
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(w, 1), c->MakeDim(bs), &unused));
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(w, 2), c->MakeDim(bs), &unused));
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(layout, 1), c->MakeDim(2), &unused));
+  *w_out = c->MakeShape({blocks, c->MakeDim(bs), c->MakeDim(bs)});
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+REGISTER_OP("BlocksparseMatmul")
+    .Input("x: T")
+    .Input("w: T")
+    .Input("layout: int32")
+    .Output("y: T")
+    .Attr("T: {float, half, bfloat16}")
+    .Attr("block_size: int")
+    .Attr("C: int")
+    .Attr("K: int")
+    .Attr("feature_axis: int = 1")
+    .SetShapeFn([](InferenceContext* c) {
+      OpAttrs a;
+      TF_RETURN_IF_ERROR(GetAttrs(c, &a));
+      ShapeHandle w, y;
+      TF_RETURN_IF_ERROR(WeightShape(c, 1, 2, a.block_size, &w));
+      TF_RETURN_IF_ERROR(FeatureShape(c, 0, a.C, a.feature_axis, a.K, &y));
+      c->set_output(0, y);
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Block-sparse product y = x . W, W of shape (C, K) stored as its nonzero (bs x bs) blocks.
+feature_axis=1: x (..., C) -> y (..., K).  feature_axis=0: x (C, N) -> y (K, N).
+)doc");
+
+REGISTER_OP("BlocksparseMatmulGradW")
+    .Input("x: T")
+    .Input("dy: T")
+    .Input("layout: int32")
+    .Output("dw: T")
+    .Attr("T: {float, half, bfloat16}")
+    .Attr("block_size: int")
+    .Attr("C: int")
+    .Attr("K: int")
+    .Attr("feature_axis: int = 1")
+    .SetShapeFn([](InferenceContext* c) {
+      OpAttrs a;
+      TF_RETURN_IF_ERROR(GetAttrs(c, &a));
+      ShapeHandle unused, layout;
+      TF_RETURN_IF_ERROR(FeatureShape(c, 0, a.C, a.feature_axis, -1, &unused));
+      TF_RETURN_IF_ERROR(FeatureShape(c, 1, a.K, a.feature_axis, -1, &unused));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &layout));
+      c->set_output(0, c->MakeShape({c->Dim(layout, 0), c->MakeDim(a.block_size),
+                                     c->MakeDim(a.block_size)}));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Weight gradient of BlocksparseMatmul for the stored blocks only: dw[b] = x[:, c]^T . dy[:, k].
+)doc");
+
+namespace {
+
+// Checks shared by both kernels: attributes, the layout tensor and the layout tables.
+class BlocksparseOpBase : public OpKernel {
+ public:
+  explicit BlocksparseOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("C", &C_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("K", &K_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("feature_axis", &feature_axis_));
+    OP_REQUIRES_OK(ctx, CheckAttrs(block_size_, C_, K_, feature_axis_));
+  }
+
+ protected:
+  // Validates the layout input and builds its lookup tables.
+  absl::Status BuildLayout(const Tensor& t, BlockLayout* layout) const {
+    if (t.dims() != 2 || t.dim_size(1) != 2) {
+      return absl::InvalidArgumentError("layout must have shape (blocks, 2); got " +
+                                        t.shape().DebugString());
+    }
+    const std::string error = BuildBlockLayout(t.flat<int32_t>().data(), t.dim_size(0),
+                                               C_ / block_size_, K_ / block_size_, block_size_,
+                                               layout);
+    if (!error.empty()) return absl::InvalidArgumentError(error);
+    return absl::OkStatus();
+  }
+
+  // Number of feature vectors N in x, after checking its feature dimension equals `features`.
+  absl::Status RowsOf(const char* name, const Tensor& x, int64_t features, int64_t* N) const {
+    if (feature_axis_ == 1) {
+      if (x.dims() < 2 || x.dim_size(x.dims() - 1) != features) {
+        return absl::InvalidArgumentError(std::string(name) + " must have shape (..., " +
+                                          std::to_string(features) +
+                                          ") for feature_axis=1; got " + x.shape().DebugString());
+      }
+      *N = x.NumElements() / features;
+    } else {
+      if (x.dims() != 2 || x.dim_size(0) != features) {
+        return absl::InvalidArgumentError(std::string(name) + " must have shape (" +
+                                          std::to_string(features) +
+                                          ", N) for feature_axis=0; got " + x.shape().DebugString());
+      }
+      *N = x.dim_size(1);
+    }
+    return absl::OkStatus();
+  }
+
+  ParallelFor CpuParallelFor(OpKernelContext* ctx) const {
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    return [workers](int64_t tasks, int64_t cost,
+                     const std::function<void(int64_t, int64_t)>& work) {
+      workers->ParallelFor(tasks, cost, work);
+    };
+  }
+
+  int64_t block_size_, C_, K_, feature_axis_;
+};
+
+// Float32 views of an input: the tensor itself, or a float copy of a half/bfloat16 one.
+template <typename T>
+const float* AsFloat(OpKernelContext* ctx, const Tensor& t, Tensor* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return t.flat<float>().data();
+  } else {
+    const absl::Status status = ctx->allocate_temp(tensorflow::DT_FLOAT, t.shape(), scratch);
+    if (!status.ok()) {
+      ctx->CtxFailure(__FILE__, __LINE__, status);
+      return nullptr;
+    }
+    scratch->flat<float>().device(ctx->eigen_device<Eigen::ThreadPoolDevice>()) =
+        t.flat<T>().template cast<float>();
+    return scratch->flat<float>().data();
+  }
+}
+
+// Runs fn(float* out) writing a float32 result into `out` (of T), through a scratch if needed.
+template <typename T, typename Fn>
+void WriteAsT(OpKernelContext* ctx, Tensor* out, Fn&& fn) {
+  if constexpr (std::is_same_v<T, float>) {
+    fn(out->flat<float>().data());
+  } else {
+    Tensor scratch;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, out->shape(), &scratch));
+    fn(scratch.flat<float>().data());
+    out->flat<T>().device(ctx->eigen_device<Eigen::ThreadPoolDevice>()) =
+        scratch.flat<float>().template cast<T>();
+  }
+}
+
+template <typename T>
+class BlocksparseMatmulOp : public BlocksparseOpBase {
+ public:
+  using BlocksparseOpBase::BlocksparseOpBase;
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& w = ctx->input(1);
+    BlockLayout layout;
+    OP_REQUIRES_OK(ctx, BuildLayout(ctx->input(2), &layout));
+    OP_REQUIRES(ctx, w.shape() == TensorShape({layout.blocks, block_size_, block_size_}),
+                absl::InvalidArgumentError(
+                    "w must have shape (blocks, block_size, block_size) = (" +
+                    std::to_string(layout.blocks) + ", " + std::to_string(block_size_) + ", " +
+                    std::to_string(block_size_) + "); got " + w.shape().DebugString()));
+    int64_t N;
+    OP_REQUIRES_OK(ctx, RowsOf("x", x, C_, &N));
+    TensorShape y_shape = x.shape();
+    y_shape.set_dim(feature_axis_ == 1 ? x.dims() - 1 : 0, K_);
+    Tensor* y;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_shape, &y));
+    if (N == 0) return;
+    Tensor x_scratch, w_scratch;
+    const float* xf = AsFloat<T>(ctx, x, &x_scratch);
+    const float* wf = AsFloat<T>(ctx, w, &w_scratch);
+    if (!ctx->status().ok()) return;
+    WriteAsT<T>(ctx, y, [&](float* yf) {
+      BlocksparseMatmulCpu(xf, wf, yf, N, feature_axis_, layout, CpuParallelFor(ctx));
+    });
+  }
+};
+
+template <typename T>
+class BlocksparseMatmulGradWOp : public BlocksparseOpBase {
+ public:
+  using BlocksparseOpBase::BlocksparseOpBase;
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& dy = ctx->input(1);
+    BlockLayout layout;
+    OP_REQUIRES_OK(ctx, BuildLayout(ctx->input(2), &layout));
+    int64_t N, N_dy;
+    OP_REQUIRES_OK(ctx, RowsOf("x", x, C_, &N));
+    OP_REQUIRES_OK(ctx, RowsOf("dy", dy, K_, &N_dy));
+    OP_REQUIRES(ctx, N == N_dy && (feature_axis_ == 0 || x.dims() == dy.dims()),
+                absl::InvalidArgumentError("x " + x.shape().DebugString() + " and dy " +
+                                           dy.shape().DebugString() +
+                                           " must hold the same number of rows"));
+    Tensor* dw;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            0, TensorShape({layout.blocks, block_size_, block_size_}), &dw));
+    Tensor x_scratch, dy_scratch;
+    const float* xf = AsFloat<T>(ctx, x, &x_scratch);
+    const float* dyf = AsFloat<T>(ctx, dy, &dy_scratch);
+    if (!ctx->status().ok()) return;
+    WriteAsT<T>(ctx, dw, [&](float* dwf) {
+      BlocksparseMatmulGradWCpu(xf, dyf, dwf, N, feature_axis_, layout, CpuParallelFor(ctx));
+    });
+  }
+};
+
+#define REGISTER_CPU(T)                                                                     \
+  REGISTER_KERNEL_BUILDER(                                                                  \
+      Name("BlocksparseMatmul").Device(DEVICE_CPU).TypeConstraint<T>("T"),                  \
+      BlocksparseMatmulOp<T>);                                                              \
+  REGISTER_KERNEL_BUILDER(                                                                  \
+      Name("BlocksparseMatmulGradW").Device(DEVICE_CPU).TypeConstraint<T>("T"),             \
+      BlocksparseMatmulGradWOp<T>);
+
+REGISTER_CPU(float);
+REGISTER_CPU(Eigen::half);
+REGISTER_CPU(Eigen::bfloat16);
+
+}  // namespace
+}  // namespace blocksparse

@@ -32,18 +32,27 @@ constexpr int64_t kRowsPerGroup = 64;
 // Columns of y one feature_axis=0 task covers.
 constexpr int64_t kColumnsPerTask = 256;
 
-// out (cols, rows) = in (rows, cols)^T, in tiles so both sides stay in cache.
-void Transpose(const float* in, int64_t rows, int64_t cols, float* out,
-               const ParallelFor& parallel_for) {
-  constexpr int64_t kTile = 32;
-  const int64_t row_tiles = (rows + kTile - 1) / kTile;
-  parallel_for(row_tiles, kTile * cols * 4, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = begin * kTile; r0 < std::min(rows, end * kTile); r0 += kTile) {
-      const int64_t r1 = std::min(rows, r0 + kTile);
-      for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-        const int64_t c1 = std::min(cols, c0 + kTile);
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t c = c0; c < c1; ++c) out[c * rows + r] = in[r * cols + c];
+// Block-column panels: panels[(c * N + n) * bs + i] = feature c*bs + i of vector n, so each
+// block's slice of the N vectors is one contiguous (N, bs) array.  Reads x (N, F) row by row
+// (feature_axis 1) or x (F, N) (feature_axis 0, a blocked transpose).
+void PackBlockColumns(const float* x, int64_t N, int64_t F, int64_t bs, int feature_axis,
+                      float* panels, const ParallelFor& parallel_for) {
+  const int64_t block_columns = F / bs;
+  parallel_for(block_columns, N * bs * 2, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      float* panel = panels + c * N * bs;
+      if (feature_axis == 1) {
+        for (int64_t n = 0; n < N; ++n)
+          std::copy_n(x + n * F + c * bs, bs, panel + n * bs);
+      } else {
+        constexpr int64_t kChunk = 64;  // columns of x per pass, to keep writes in cache
+        for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+          const int64_t n1 = std::min(N, n0 + kChunk);
+          for (int64_t i = 0; i < bs; ++i) {
+            const float* row = x + (c * bs + i) * N;
+            for (int64_t n = n0; n < n1; ++n) panel[n * bs + i] = row[n];
+          }
+        }
       }
     }
   });
@@ -113,21 +122,16 @@ void BlocksparseMatmulGradWCpu(const float* x, const float* dy, float* dw, int64
                                int feature_axis, const BlockLayout& layout,
                                const ParallelFor& parallel_for) {
   const int64_t bs = layout.block_size, C = layout.CB * bs, K = layout.KB * bs;
-  std::vector<float> x_rows, dy_rows;
-  if (feature_axis == 0) {
-    // The kernel reads both operands row by row over N: transpose (C, N) -> (N, C) once.
-    x_rows.resize(N * C);
-    dy_rows.resize(N * K);
-    Transpose(x, C, N, x_rows.data(), parallel_for);
-    Transpose(dy, K, N, dy_rows.data(), parallel_for);
-    x = x_rows.data();
-    dy = dy_rows.data();
-  }
+  std::vector<float> x_panels(N * C), dy_panels(N * K);
+  PackBlockColumns(x, N, C, bs, feature_axis, x_panels.data(), parallel_for);
+  PackBlockColumns(dy, N, K, bs, feature_axis, dy_panels.data(), parallel_for);
   const CpuKernels& kernels = Kernels();
   const LayoutView view = ViewOf(layout);
-  // Tasks walk the blocks column by column, so neighbouring tasks share dy's block column.
+  // Tasks walk the blocks column by column, so neighbouring tasks share a dy panel.
   parallel_for(layout.blocks, 2 * N * bs * bs, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q) kernels.grad_w_axis1(x, dy, dw, N, &view, q);
+    for (int64_t q = begin; q < end; ++q) {
+      kernels.grad_w(x_panels.data(), dy_panels.data(), dw, N, &view, q);
+    }
   });
 }
 

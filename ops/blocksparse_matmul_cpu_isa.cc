@@ -19,19 +19,22 @@ namespace blocksparse {
 namespace BSMM_ISA {
 namespace {
 
+// kRowTile x kMaxNV accumulators, plus kMaxNV B vectors and one broadcast, fill the vector
+// registers.  The weight gradient tiles rows of a block, so its row count must divide 8.
 #if defined(__AVX512F__)
 constexpr int kVectorBytes = 64;
-constexpr int kRowTile = 8;   // 8 rows x 2 zmm = 16 accumulators
-constexpr int kMaxNV = 2;
+constexpr int kRowTile = 12;  // 12 x 2 of the 32 zmm registers
+constexpr int kGradRows = 8;
 #elif defined(__AVX2__)
 constexpr int kVectorBytes = 32;
-constexpr int kRowTile = 4;   // 4 rows x 2 ymm of the 16 registers
-constexpr int kMaxNV = 2;
+constexpr int kRowTile = 6;   // 6 x 2 of the 16 ymm registers
+constexpr int kGradRows = 4;
 #else
 constexpr int kVectorBytes = 16;
-constexpr int kRowTile = 4;
-constexpr int kMaxNV = 2;
+constexpr int kRowTile = 6;
+constexpr int kGradRows = 4;
 #endif
+constexpr int kMaxNV = 2;
 
 typedef float VecWide __attribute__((vector_size(kVectorBytes)));
 typedef float Vec8 __attribute__((vector_size(32)));
@@ -43,7 +46,7 @@ inline V Load(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
 template <typename V>
 inline void Store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 template <typename V>
-inline V Splat(float a) { return V{} + a; }
+inline V Splat(float a) { return a - V{}; }  // x - 0 == x exactly, so this folds to a broadcast
 inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // The heart of everything: C[m][0 : NV*W) (m < rows) = sum_q sum_{p<P} a_q[p*a_cs + m] * b_q[p*b_rs + :].
@@ -73,9 +76,15 @@ inline void Tile(const Pairs& pairs, int64_t P, int64_t a_cs, int64_t b_rs, floa
       }
     }
   }
-  for (int64_t m = 0; m < rows; ++m)
+  // Constant trip counts everywhere, so acc lives in registers (a runtime bound on m would
+  // force it onto the stack).
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+    if (m < rows) {
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) Store<V>(c + m * c_rs + v * W, acc[m][v]);
+      for (int v = 0; v < NV; ++v) Store<V>(c + m * c_rs + v * W, acc[m][v]);
+    }
+  }
 }
 
 // The blocks of one output block column k as (A, B) pairs.  Each operand is either indexed by
@@ -184,36 +193,37 @@ void ForwardAxis0(const float* x, const float* w, float* y, int64_t N, const Lay
                   int64_t k, int64_t n_begin, int64_t n_end) {
   if (layout->block_size == 1) {
     ForwardAxis0Rows<1>(x, w, y, N, *layout, k, n_begin, n_end);
-  } else {  // block sizes 8..64 are multiples of the row tile
-    ForwardAxis0Rows<kRowTile>(x, w, y, N, *layout, k, n_begin, n_end);
+  } else {  // block sizes 8..64 are multiples of kGradRows
+    ForwardAxis0Rows<kGradRows>(x, w, y, N, *layout, k, n_begin, n_end);
   }
 }
 
-// dw of one block (c, k), x (N, C), dy (N, K):  A = x[:, c-block] (A[n][i] = x[n*C + c*bs + i]),
-// B = dy[:, k-block] rows, C = dw rows.  P = N, one pair.
+// dw of one block (c, k) from block-column panels (panel[n][i] = x[n, c*bs + i], likewise dy):
+// A = the x panel, B = the dy panel rows, C = dw rows.  P = N, one pair, both read sequentially.
 template <int MR>
 struct GradWOp {
   template <typename V, int NV>
-  static void Run(const float* x, const float* dy, float* dw, int64_t N, const LayoutView* l,
-                  int64_t b) {
+  static void Run(const float* x_panels, const float* dy_panels, float* dw, int64_t N,
+                  const LayoutView* l, int64_t b) {
     constexpr int64_t chunk = Width<V>() * NV;
-    const int64_t bs = l->block_size, C = l->CB * bs, K = l->KB * bs;
-    const float* xb = x + l->block_row[b] * bs;
-    const float* dyb = dy + l->block_col[b] * bs;
+    const int64_t bs = l->block_size;
+    const float* xb = x_panels + l->block_row[b] * N * bs;
+    const float* dyb = dy_panels + l->block_col[b] * N * bs;
     float* out = dw + b * bs * bs;
     for (int64_t i0 = 0; i0 < bs; i0 += MR)
       for (int64_t j0 = 0; j0 < bs; j0 += chunk)
-        Tile<MR, NV, V>(SinglePair{xb + i0, dyb + j0}, N, C, K, out + i0 * bs + j0, bs, MR);
+        Tile<MR, NV, V>(SinglePair{xb + i0, dyb + j0}, N, bs, bs, out + i0 * bs + j0, bs, MR);
   }
 };
 
-void GradWAxis1(const float* x, const float* dy, float* dw, int64_t N, const LayoutView* layout,
-                int64_t q) {
+void GradW(const float* x_panels, const float* dy_panels, float* dw, int64_t N,
+           const LayoutView* layout, int64_t q) {
   const int64_t b = layout->col_block[q];
   if (layout->block_size == 1) {
-    DispatchBlockColumns<GradWOp<1>>(1, x, dy, dw, N, layout, b);
-  } else {  // block sizes 8..64 are multiples of the row tile
-    DispatchBlockColumns<GradWOp<kRowTile>>(layout->block_size, x, dy, dw, N, layout, b);
+    DispatchBlockColumns<GradWOp<1>>(1, x_panels, dy_panels, dw, N, layout, b);
+  } else {  // block sizes 8..64 are multiples of kGradRows
+    DispatchBlockColumns<GradWOp<kGradRows>>(layout->block_size, x_panels, dy_panels, dw, N,
+                                             layout, b);
   }
 }
 
@@ -222,7 +232,7 @@ void GradWAxis1(const float* x, const float* dy, float* dw, int64_t N, const Lay
 #define BSMM_STRINGIFY2(s) #s
 #define BSMM_STRINGIFY(s) BSMM_STRINGIFY2(s)
 extern const CpuKernels kKernels = {BSMM_STRINGIFY(BSMM_ISA), kRowTile, ForwardAxis1, ForwardAxis0,
-                                    GradWAxis1};
+                                    GradW};
 
 }  // namespace BSMM_ISA
 }  // namespace blocksparse

@@ -33,9 +33,10 @@ struct CpuKernels {
   // y[k-block, n_begin:n_end] (feature_axis 0).
   void (*forward_axis0)(const float* x, const float* w, float* y, int64_t N,
                         const LayoutView* layout, int64_t k, int64_t n_begin, int64_t n_end);
-  // dw for the block at position q of the column-ordered index (x (N, C), dy (N, K)).
-  void (*grad_w_axis1)(const float* x, const float* dy, float* dw, int64_t N,
-                       const LayoutView* layout, int64_t q);
+  // dw for the block at position q of the column-ordered index, from block-column panels:
+  // x_panels[(c * N + n) * bs + i] = x[n, c*bs + i], and likewise dy_panels for dy.
+  void (*grad_w)(const float* x_panels, const float* dy_panels, float* dw, int64_t N,
+                 const LayoutView* layout, int64_t q);
 };
 
 namespace avx512 { extern const CpuKernels kKernels; }

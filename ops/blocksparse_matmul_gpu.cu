@@ -1,0 +1,285 @@
+// CUDA block-sparse matrix products: argument checks, device queries, kernel selection, and
+// the CUDA-core kernels.  The tensor-core kernel template lives in
+// blocksparse_matmul_gpu_mma.cuh, its tile configurations in blocksparse_matmul_gpu_dispatch.cuh
+// (instantiated per dtype in blocksparse_matmul_gpu_{f32,f16,bf16}.cu).  See
+// blocksparse_matmul_gpu.h for the semantics.
+#include "ops/blocksparse_matmul_gpu.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+
+#include "ops/blocksparse_matmul_gpu_internal.cuh"
+
+namespace blocksparse {
+namespace gpu {
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// Device attributes, queried once per device.
+using internal::DeviceInfo;
+constexpr int kMaxDevices = 64;
+
+int GetDeviceInfo(DeviceInfo* out, int* device) {
+  static std::mutex mu;
+  static DeviceInfo infos[kMaxDevices];
+  static bool known[kMaxDevices] = {};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (dev < 0 || dev >= kMaxDevices) return cudaErrorInvalidDevice;
+  *device = dev;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!known[dev]) {
+    DeviceInfo d;
+    if ((e = cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, dev)) ||
+        (e = cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, dev)) ||
+        (e = cudaDeviceGetAttribute(&d.cc_minor, cudaDevAttrComputeCapabilityMinor, dev)) ||
+        (e = cudaDeviceGetAttribute(&d.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                    dev))) {
+      return e;
+    }
+    infos[dev] = d;
+    known[dev] = true;
+  }
+  *out = infos[dev];
+  return cudaSuccess;
+}
+
+// ------------------------------------------------------------------------------------------
+// CUDA-core kernels: every dtype and block size; also the fallback for unaligned pointers.
+// One thread per output element, float32 accumulation in a fixed order.
+template <typename T>
+__device__ __forceinline__ float ToF(T v);
+template <>
+__device__ __forceinline__ float ToF<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float ToF<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float ToF<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <typename T>
+__device__ __forceinline__ T FromF(float v);
+template <>
+__device__ __forceinline__ float FromF<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half FromF<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromF<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// y[n, col] (feature axis 1, index n*K + col) or y[col, n] (feature axis 0, index col*N + n).
+template <typename T, int FA>
+__global__ void ForwardSimpleKernel(const T* __restrict__ x, const T* __restrict__ w,
+                                    T* __restrict__ y, int64_t N, int64_t C, int64_t K, int bs,
+                                    const int32_t* __restrict__ col_ptr,
+                                    const int32_t* __restrict__ col_row,
+                                    const int32_t* __restrict__ col_block) {
+  const int64_t total = N * K;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
+       idx += (int64_t)gridDim.x * blockDim.x) {
+    int64_t n, col;
+    if (FA == 1) {
+      n = idx / K;
+      col = idx % K;
+    } else {
+      col = idx / N;
+      n = idx % N;
+    }
+    const int64_t kb = col / bs;
+    const int j = static_cast<int>(col % bs);
+    float acc = 0.f;
+    const int pend = col_ptr[kb + 1];
+    for (int pi = col_ptr[kb]; pi < pend; ++pi) {
+      const int64_t c = col_row[pi];
+      const T* wb = w + (int64_t)col_block[pi] * bs * bs + j;
+      if (FA == 1) {
+        const T* xr = x + n * C + c * bs;
+        for (int i = 0; i < bs; ++i) acc = fmaf(ToF(xr[i]), ToF(wb[(int64_t)i * bs]), acc);
+      } else {
+        const T* xc = x + c * bs * N + n;
+        for (int i = 0; i < bs; ++i) acc = fmaf(ToF(xc[i * N]), ToF(wb[(int64_t)i * bs]), acc);
+      }
+    }
+    y[idx] = FromF<T>(acc);
+  }
+}
+
+// dw[b, i, j], index (b*bs + i)*bs + j.
+template <typename T, int FA>
+__global__ void GradWSimpleKernel(const T* __restrict__ x, const T* __restrict__ dy,
+                                  T* __restrict__ dw, int64_t N, int64_t C, int64_t K, int bs,
+                                  int64_t blocks, const int32_t* __restrict__ block_row,
+                                  const int32_t* __restrict__ block_col) {
+  const int64_t bb = (int64_t)bs * bs, total = blocks * bb;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
+       idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t b = idx / bb;
+    const int i = static_cast<int>((idx % bb) / bs), j = static_cast<int>(idx % bs);
+    const int64_t xc = (int64_t)block_row[b] * bs + i, dc = (int64_t)block_col[b] * bs + j;
+    float acc = 0.f;
+    if (FA == 1) {
+      for (int64_t n = 0; n < N; ++n) acc = fmaf(ToF(x[n * C + xc]), ToF(dy[n * K + dc]), acc);
+    } else {
+      const T* xr = x + xc * N;
+      const T* dr = dy + dc * N;
+      for (int64_t n = 0; n < N; ++n) acc = fmaf(ToF(xr[n]), ToF(dr[n]), acc);
+    }
+    dw[idx] = FromF<T>(acc);
+  }
+}
+
+int SimpleGrid(int64_t total, const DeviceInfo& di) {
+  const int64_t want = (total + 255) / 256;
+  const int64_t cap = (int64_t)di.sm_count * 32;
+  return static_cast<int>(want < cap ? (want > 0 ? want : 1) : cap);
+}
+
+template <typename T>
+int LaunchForwardSimple(const void* x, const void* w, void* y, int64_t N, int fa,
+                        const DeviceLayout& L, const DeviceInfo& di, cudaStream_t s) {
+  const int64_t C = L.CB * L.block_size, K = L.KB * L.block_size;
+  const int grid = SimpleGrid(N * K, di);
+  const int bs = static_cast<int>(L.block_size);
+  if (fa == 1) {
+    ForwardSimpleKernel<T, 1><<<grid, 256, 0, s>>>(
+        static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), N, C, K, bs,
+        L.col_ptr, L.col_row, L.col_block);
+  } else {
+    ForwardSimpleKernel<T, 0><<<grid, 256, 0, s>>>(
+        static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), N, C, K, bs,
+        L.col_ptr, L.col_row, L.col_block);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+int LaunchGradWSimple(const void* x, const void* dy, void* dw, int64_t N, int fa,
+                      const DeviceLayout& L, const DeviceInfo& di, cudaStream_t s) {
+  const int64_t C = L.CB * L.block_size, K = L.KB * L.block_size;
+  const int grid = SimpleGrid(L.blocks * L.block_size * L.block_size, di);
+  const int bs = static_cast<int>(L.block_size);
+  if (fa == 1) {
+    GradWSimpleKernel<T, 1><<<grid, 256, 0, s>>>(
+        static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), N, C, K, bs,
+        L.blocks, L.block_row, L.block_col);
+  } else {
+    GradWSimpleKernel<T, 0><<<grid, 256, 0, s>>>(
+        static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), N, C, K, bs,
+        L.blocks, L.block_row, L.block_col);
+  }
+  return cudaGetLastError();
+}
+
+// ------------------------------------------------------------------------------------------
+bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+bool MmaEligible(DType dt, int64_t N, int fa, int64_t bs, const DeviceInfo& di) {
+  if (bs != 16 && bs != 32 && bs != 64) return false;
+  if (di.cc_major < 8) return false;
+  const int64_t per16 = dt == DType::kFloat32 ? 4 : 8;  // elements per 16-byte copy
+  if (fa == 0 && N % per16 != 0) return false;          // batch rows must stay 16-byte aligned
+  return true;
+}
+
+int CheckCommon(DType dt, int64_t N, int fa, const DeviceLayout& L) {
+  if (dt != DType::kFloat32 && dt != DType::kFloat16 && dt != DType::kBFloat16)
+    return cudaErrorInvalidValue;
+  if (fa != 0 && fa != 1) return cudaErrorInvalidValue;
+  if (N < 0) return cudaErrorInvalidValue;
+  const int64_t bs = L.block_size;
+  if (bs != 1 && bs != 8 && bs != 16 && bs != 32 && bs != 64) return cudaErrorInvalidValue;
+  if (L.CB < 1 || L.KB < 1 || L.blocks < 0 || L.blocks > L.CB * L.KB) return cudaErrorInvalidValue;
+  if (L.blocks > INT32_MAX || L.CB * bs > (int64_t(1) << 40) || L.KB * bs > (int64_t(1) << 40))
+    return cudaErrorInvalidValue;
+  // Element counts must fit in int64 with room to spare.
+  const int64_t C = L.CB * bs, K = L.KB * bs;
+  if (N > 0 && (C > INT64_MAX / 4 / N || K > INT64_MAX / 4 / N)) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+
+template <typename T>
+int ForwardTyped(const void* x, const void* w, void* y, int64_t N, int fa, const DeviceLayout& L,
+                 int device, const DeviceInfo& di, cudaStream_t s, DType dt) {
+  const bool aligned = Aligned16(x) && Aligned16(w) && Aligned16(y);
+  if (aligned && MmaEligible(dt, N, fa, L.block_size, di)) {
+    mma_impl::Params p{x, w, y, N, L.CB * L.block_size, L.KB * L.block_size, L.col_ptr,
+                       L.col_row, L.col_block, L.block_row, L.block_col, 0};
+    return internal::ForwardMma<T>(p, fa, N, L.block_size, L.KB, L.blocks, device, di, s);
+  }
+  return LaunchForwardSimple<T>(x, w, y, N, fa, L, di, s);
+}
+
+template <typename T>
+int GradWTyped(const void* x, const void* dy, void* dw, int64_t N, int fa, const DeviceLayout& L,
+               int device, const DeviceInfo& di, cudaStream_t s, DType dt) {
+  const bool aligned = Aligned16(x) && Aligned16(dy) && Aligned16(dw);
+  if (aligned && MmaEligible(dt, N, fa, L.block_size, di)) {
+    mma_impl::Params p{x, dy, dw, N, L.CB * L.block_size, L.KB * L.block_size, L.col_ptr,
+                       L.col_row, L.col_block, L.block_row, L.block_col, 0};
+    return internal::GradWMma<T>(p, fa, N, L.block_size, L.blocks, device, di, s);
+  }
+  return LaunchGradWSimple<T>(x, dy, dw, N, fa, L, di, s);
+}
+
+}  // namespace
+
+int LaunchForward(DType dtype, const void* x, const void* w, void* y, int64_t N,
+                  int feature_axis, const DeviceLayout& layout, CUstream_st* stream) {
+  int e = CheckCommon(dtype, N, feature_axis, layout);
+  if (e) return e;
+  if (N == 0) return cudaSuccess;  // y is empty
+  if (!x || !y || !layout.col_ptr) return cudaErrorInvalidValue;
+  if (layout.blocks > 0 && (!w || !layout.col_row || !layout.col_block))
+    return cudaErrorInvalidValue;
+  DeviceInfo di;
+  int device = 0;
+  if ((e = GetDeviceInfo(&di, &device))) return e;
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat32: return ForwardTyped<float>(x, w, y, N, feature_axis, layout, device, di, s, dtype);
+    case DType::kFloat16: return ForwardTyped<__half>(x, w, y, N, feature_axis, layout, device, di, s, dtype);
+    case DType::kBFloat16: return ForwardTyped<__nv_bfloat16>(x, w, y, N, feature_axis, layout, device, di, s, dtype);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int LaunchGradW(DType dtype, const void* x, const void* dy, void* dw, int64_t N,
+                int feature_axis, const DeviceLayout& layout, CUstream_st* stream) {
+  int e = CheckCommon(dtype, N, feature_axis, layout);
+  if (e) return e;
+  if (layout.blocks == 0) return cudaSuccess;  // dw is empty
+  if (!dw || !layout.block_row || !layout.block_col) return cudaErrorInvalidValue;
+  if (N > 0 && (!x || !dy)) return cudaErrorInvalidValue;
+  DeviceInfo di;
+  int device = 0;
+  if ((e = GetDeviceInfo(&di, &device))) return e;
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat32: return GradWTyped<float>(x, dy, dw, N, feature_axis, layout, device, di, s, dtype);
+    case DType::kFloat16: return GradWTyped<__half>(x, dy, dw, N, feature_axis, layout, device, di, s, dtype);
+    case DType::kBFloat16: return GradWTyped<__nv_bfloat16>(x, dy, dw, N, feature_axis, layout, device, di, s, dtype);
+  }
+  return cudaErrorInvalidValue;
+}
+
+const char* ErrorString(int code) {
+  return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
+
+int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, bool grad_w) {
+  (void)grad_w;
+  DeviceInfo di;
+  int device = 0;
+  if (GetDeviceInfo(&di, &device)) return 0;
+  return MmaEligible(dtype, N, feature_axis, block_size, di) ? 1 : 0;
+}
+
+}  // namespace gpu
+}  // namespace blocksparse

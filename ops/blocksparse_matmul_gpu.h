@@ -1,0 +1,88 @@
+// CUDA kernels for block-sparse matrix products, behind a plain C++ interface.
+//
+// This header includes neither TensorFlow nor CUDA headers, so any translation unit (the TF
+// op wrapper, a ctypes shim, a test binary) can include it.  The stream is passed as the
+// opaque driver handle `CUstream_st*` (what cudaStream_t / CUstream point to; nullptr is the
+// legacy default stream).  All pointers are device pointers.
+//
+// Semantics (shared with the CPU op, see ops/block_layout.h):
+//   A weight matrix W of shape (C, K) = (CB*bs, KB*bs) is stored as its nonzero blocks only:
+//   w has shape (blocks, bs, bs), row-major; block b is W[c*bs:(c+1)*bs, k*bs:(k+1)*bs] with
+//   (c, k) = (block_row[b], block_col[b]).  col_ptr / col_row / col_block list, for every output
+//   block column k, its blocks in increasing block row (BlockLayout's column view).
+//
+//   LaunchForward:
+//     feature_axis == 1: x (N, C), y (N, K), y = x @ W
+//     feature_axis == 0: x (C, N), y (K, N), y = W^T @ x
+//     Output columns (rows for feature_axis 0) with no blocks are written as zeros; every
+//     element of y is written.  dx is this same product on the transposed problem (the caller
+//     passes per-block-transposed weights and the swapped layout).
+//   LaunchGradW (only the stored blocks, never C x K):
+//     feature_axis == 1: x (N, C), dy (N, K): dw[b] = x[:, c-block]^T @ dy[:, k-block]
+//     feature_axis == 0: x (C, N), dy (K, N): dw[b] = x[c-block, :] @ dy[k-block, :]^T
+//     dw has shape (blocks, bs, bs); with N == 0 it is written as zeros.
+//
+//   All tensors are row-major and contiguous, of one dtype (float32, float16 or bfloat16);
+//   products accumulate in float32 (no TF32).  Results are deterministic: bitwise identical
+//   from run to run (no floating-point atomics; every reduction has a fixed order).
+//   Supported block sizes: 1, 8, 16, 32, 64.  Any N >= 0.
+//   Kernels: with bs >= 16 on sm_80+ (and 16-byte aligned pointers, and for feature_axis 0 a
+//   batch N that keeps rows 16-byte aligned: N % 8 == 0 for 16-bit types, N % 4 == 0 for
+//   float32) the products run on tensor cores (mma.sync): 16-bit inputs directly, float32 as
+//   "3xTF32" (operands split into TF32 high and residual parts, three MMAs, float32
+//   accumulation: float32-level accuracy, not TF32's).  On sm_90 a tile may be split over a
+//   thread-block cluster and reduced through distributed shared memory in a fixed order.
+//   Everything else (bs 1 and 8, unaligned pointers, ragged feature_axis-0 batches) runs on a
+//   simpler CUDA-core kernel.  Results are bitwise reproducible from run to run on the same
+//   device; different GPUs may choose different splits and differ in the last bits.
+//   Inputs and outputs must not overlap.  Launches are asynchronous on `stream`; the layout
+//   arrays must stay valid until the work completes.
+//
+// Return value: 0 on success, otherwise a cudaError_t value (e.g. 1 = cudaErrorInvalidValue
+// for bad arguments, which are checked before anything is launched).  ErrorString(code)
+// names it.  The kernels use the current CUDA device; device attributes (SM count, compute
+// capability, shared-memory limit) are queried with cudaDeviceGetAttribute and cached per
+// device.
+#ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
+#define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
+
+#include <cstdint>
+
+struct CUstream_st;
+
+namespace blocksparse {
+namespace gpu {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Device pointers to the BlockLayout arrays (int32), plus its sizes.
+//   col_ptr: KB + 1 entries; col_row, col_block, block_row, block_col: `blocks` entries.
+struct DeviceLayout {
+  const int32_t* col_ptr = nullptr;
+  const int32_t* col_row = nullptr;
+  const int32_t* col_block = nullptr;
+  const int32_t* block_row = nullptr;
+  const int32_t* block_col = nullptr;
+  int64_t CB = 0, KB = 0, block_size = 0, blocks = 0;
+};
+
+// y = x @ W (feature_axis 1) or W^T @ x (feature_axis 0).  x, w, y as described above.
+// Needs col_ptr, col_row, col_block.
+int LaunchForward(DType dtype, const void* x, const void* w, void* y, int64_t N,
+                  int feature_axis, const DeviceLayout& layout, CUstream_st* stream);
+
+// dw[b] for every stored block b.  Needs block_row, block_col.
+int LaunchGradW(DType dtype, const void* x, const void* dy, void* dw, int64_t N,
+                int feature_axis, const DeviceLayout& layout, CUstream_st* stream);
+
+// Human-readable name of a code returned above ("no error" for 0).
+const char* ErrorString(int code);
+
+// Which kernel a call with these arguments would use (for tests and benchmarks):
+// 0 = CUDA-core kernel, 1 = tensor-core kernel.
+int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, bool grad_w);
+
+}  // namespace gpu
+}  // namespace blocksparse
+
+#endif  // BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_

@@ -1,0 +1,18 @@
+// Tensor-core kernels for __nv_bfloat16 (explicit instantiation; see blocksparse_matmul_gpu_dispatch.cuh).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "ops/blocksparse_matmul_gpu_dispatch.cuh"
+
+namespace blocksparse {
+namespace gpu {
+namespace internal {
+
+template int ForwardMma<__nv_bfloat16>(const mma_impl::Params&, int, int64_t, int64_t, int64_t, int64_t,
+                             int, const DeviceInfo&, cudaStream_t);
+template int GradWMma<__nv_bfloat16>(const mma_impl::Params&, int, int64_t, int64_t, int64_t, int,
+                           const DeviceInfo&, cudaStream_t);
+
+}  // namespace internal
+}  // namespace gpu
+}  // namespace blocksparse

@@ -1,0 +1,59 @@
+// extern "C" shim over blocksparse_matmul_gpu.h for ctypes (tools/gpu_check.py).
+// dtype: 0 float32, 1 float16, 2 bfloat16.  layout: 5 device pointers (col_ptr, col_row,
+// col_block, block_row, block_col) and 4 sizes (CB, KB, block_size, blocks).
+// Returns 0 or a cudaError_t value.
+#include <cstdint>
+
+#include "ops/blocksparse_matmul_gpu.h"
+
+namespace {
+blocksparse::gpu::DeviceLayout MakeLayout(const int32_t* col_ptr, const int32_t* col_row,
+                                          const int32_t* col_block, const int32_t* block_row,
+                                          const int32_t* block_col, int64_t CB, int64_t KB,
+                                          int64_t bs, int64_t blocks) {
+  blocksparse::gpu::DeviceLayout L;
+  L.col_ptr = col_ptr;
+  L.col_row = col_row;
+  L.col_block = col_block;
+  L.block_row = block_row;
+  L.block_col = block_col;
+  L.CB = CB;
+  L.KB = KB;
+  L.block_size = bs;
+  L.blocks = blocks;
+  return L;
+}
+}  // namespace
+
+extern "C" {
+
+int bsmm_gpu_forward(int dtype, const void* x, const void* w, void* y, int64_t N,
+                     int feature_axis, const int32_t* col_ptr, const int32_t* col_row,
+                     const int32_t* col_block, const int32_t* block_row,
+                     const int32_t* block_col, int64_t CB, int64_t KB, int64_t bs,
+                     int64_t blocks, void* stream) {
+  return blocksparse::gpu::LaunchForward(
+      static_cast<blocksparse::gpu::DType>(dtype), x, w, y, N, feature_axis,
+      MakeLayout(col_ptr, col_row, col_block, block_row, block_col, CB, KB, bs, blocks),
+      static_cast<CUstream_st*>(stream));
+}
+
+int bsmm_gpu_grad_w(int dtype, const void* x, const void* dy, void* dw, int64_t N,
+                    int feature_axis, const int32_t* col_ptr, const int32_t* col_row,
+                    const int32_t* col_block, const int32_t* block_row,
+                    const int32_t* block_col, int64_t CB, int64_t KB, int64_t bs,
+                    int64_t blocks, void* stream) {
+  return blocksparse::gpu::LaunchGradW(
+      static_cast<blocksparse::gpu::DType>(dtype), x, dy, dw, N, feature_axis,
+      MakeLayout(col_ptr, col_row, col_block, block_row, block_col, CB, KB, bs, blocks),
+      static_cast<CUstream_st*>(stream));
+}
+
+const char* bsmm_gpu_error_string(int code) { return blocksparse::gpu::ErrorString(code); }
+
+int bsmm_gpu_selected_path(int dtype, int64_t N, int feature_axis, int64_t bs, int grad_w) {
+  return blocksparse::gpu::SelectedPath(static_cast<blocksparse::gpu::DType>(dtype), N,
+                                        feature_axis, bs, grad_w != 0);
+}
+
+}  // extern "C"

@@ -1,0 +1,175 @@
+// Tile configurations and launch code of the tensor-core kernels, included once per element
+// type by blocksparse_matmul_gpu_{f32,f16,bf16}.cu (so the three compile in parallel).
+#ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_DISPATCH_CUH_
+#define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_DISPATCH_CUH_
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "ops/blocksparse_matmul_gpu_internal.cuh"
+#include "ops/blocksparse_matmul_gpu_mma.cuh"
+
+namespace blocksparse {
+namespace gpu {
+namespace internal {
+
+using mma_impl::Config;
+using mma_impl::kForward;
+using mma_impl::kGradW;
+using mma_impl::Params;
+
+// Batches up to this size use the small-batch forward tiles (BM = 64).
+constexpr int64_t kSmallBatch = 64;
+
+// Forward tiles: <T, mode, FA, BS, BM, BN, blocks per step, warps M x N x K, stages>.
+template <typename T, int FA, int BS, bool kSmall, bool kF32 = (sizeof(T) == 4)>
+struct FwdCfg;
+// 16-bit inputs (m16n8k16).
+template <typename T, int FA> struct FwdCfg<T, FA, 16, false, false> { using type = Config<T, kForward, FA, 16, 128, 16, 4, 4, 1, 1, 3>; };
+template <typename T, int FA> struct FwdCfg<T, FA, 16, true, false> { using type = Config<T, kForward, FA, 16, 64, 16, 4, 4, 1, 1, 4>; };
+template <typename T, int FA> struct FwdCfg<T, FA, 32, false, false> { using type = Config<T, kForward, FA, 32, 128, 32, 2, 4, 1, 1, 3>; };
+template <typename T, int FA> struct FwdCfg<T, FA, 32, true, false> { using type = Config<T, kForward, FA, 32, 64, 32, 2, 2, 2, 1, 4>; };
+template <typename T, int FA> struct FwdCfg<T, FA, 64, false, false> { using type = Config<T, kForward, FA, 64, 128, 64, 1, 4, 2, 1, 3>; };
+template <typename T, int FA> struct FwdCfg<T, FA, 64, true, false> { using type = Config<T, kForward, FA, 64, 64, 64, 1, 2, 2, 1, 4>; };
+// float32 (3xTF32, m16n8k8).
+template <typename T, int FA> struct FwdCfg<T, FA, 16, false, true> { using type = Config<T, kForward, FA, 16, 128, 16, 2, 4, 1, 1, 4>; };
+template <typename T, int FA> struct FwdCfg<T, FA, 16, true, true> { using type = Config<T, kForward, FA, 16, 64, 16, 2, 4, 1, 1, 4>; };
+template <typename T, int FA> struct FwdCfg<T, FA, 32, false, true> { using type = Config<T, kForward, FA, 32, 128, 32, 1, 4, 1, 1, 4>; };
+template <typename T, int FA> struct FwdCfg<T, FA, 32, true, true> { using type = Config<T, kForward, FA, 32, 64, 32, 1, 2, 2, 1, 4>; };
+template <typename T, int FA> struct FwdCfg<T, FA, 64, false, true> { using type = Config<T, kForward, FA, 64, 64, 64, 1, 2, 2, 1, 3>; };
+template <typename T, int FA> struct FwdCfg<T, FA, 64, true, true> { using type = Config<T, kForward, FA, 64, 64, 64, 1, 2, 2, 1, 3>; };
+
+// GradW tiles: one stored block per tile, <.., BS, BM, BN, batch rows per step, warps, stages>.
+template <typename T, int FA, int BS, bool kF32 = (sizeof(T) == 4)>
+struct GradCfg;
+template <typename T, int FA> struct GradCfg<T, FA, 16, false> { using type = Config<T, kGradW, FA, 16, 16, 16, 128, 1, 1, 4, 4>; };
+template <typename T, int FA> struct GradCfg<T, FA, 32, false> { using type = Config<T, kGradW, FA, 32, 32, 32, 64, 2, 2, 2, 4>; };
+template <typename T, int FA> struct GradCfg<T, FA, 64, false> { using type = Config<T, kGradW, FA, 64, 64, 64, 64, 2, 2, 2, 3>; };
+template <typename T, int FA> struct GradCfg<T, FA, 16, true> { using type = Config<T, kGradW, FA, 16, 16, 16, 64, 1, 1, 4, 4>; };
+template <typename T, int FA> struct GradCfg<T, FA, 32, true> { using type = Config<T, kGradW, FA, 32, 32, 32, 64, 2, 2, 2, 3>; };
+template <typename T, int FA> struct GradCfg<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 64, 64, 32, 2, 2, 2, 3>; };
+
+// Cluster split: with too few tiles to fill the GPU (fewer than two CTAs per SM), let 2, 4
+// or 8 CTAs share each tile, as long as each still gets at least one step on average.
+// Depends only on the problem sizes and the device, so repeated runs split identically.
+inline int ChooseSplit(int64_t tiles, double avg_steps, const DeviceInfo& di) {
+  if (di.cc_major < 9) return 1;
+  int s = 1;
+  while (s < 8 && tiles * s < 2 * (int64_t)di.sm_count && 2.0 * s <= avg_steps) s *= 2;
+  return s;
+}
+
+template <typename Cfg>
+int LaunchMma(const Params& p0, int64_t tiles, int64_t batch_tiles, double avg_steps,
+              int device, const DeviceInfo& di, cudaStream_t s) {
+  auto kernel = mma_impl::BlocksparseMmaKernel<Cfg>;
+  constexpr int smem = Cfg::kSmemBytes;
+  if (smem > di.max_smem_optin) return cudaErrorInvalidConfiguration;
+  if (smem > 48 * 1024) {
+    static std::atomic<uint64_t> done{0};  // one bit per device
+    const uint64_t bit = 1ull << device;
+    if (!(done.load() & bit)) {
+      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           smem);
+      if (e != cudaSuccess) return e;
+      done.fetch_or(bit);
+    }
+  }
+  if (tiles <= 0 || batch_tiles <= 0) return cudaSuccess;
+  const int split = ChooseSplit(tiles * batch_tiles, avg_steps, di);
+  if (tiles * split > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  Params p = p0;
+  for (int64_t base = 0; base < batch_tiles; base += 65535) {
+    const int64_t gy = batch_tiles - base < 65535 ? batch_tiles - base : 65535;
+    p.n_tile_base = base;
+    const dim3 grid(static_cast<unsigned>(tiles * split), static_cast<unsigned>(gy));
+    cudaError_t e;
+    if (split == 1) {
+      kernel<<<grid, Cfg::kThreads, smem, s>>>(p);
+      e = cudaGetLastError();
+    } else {
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = grid;
+      cfg.blockDim = dim3(Cfg::kThreads);
+      cfg.dynamicSmemBytes = smem;
+      cfg.stream = s;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = split;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      e = cudaLaunchKernelEx(&cfg, kernel, p);
+    }
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+template <typename T, int FA, int BS>
+int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int device,
+                 const DeviceInfo& di, cudaStream_t s) {
+  const double blocks_per_col = static_cast<double>(blocks) / static_cast<double>(KB);
+  if (N <= kSmallBatch) {
+    using Cfg = typename FwdCfg<T, FA, BS, true>::type;
+    return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
+                          blocks_per_col / Cfg::kBPS, device, di, s);
+  }
+  using Cfg = typename FwdCfg<T, FA, BS, false>::type;
+  return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
+                        blocks_per_col / Cfg::kBPS, device, di, s);
+}
+
+template <typename T, int FA>
+int ForwardMmaFa(const Params& p, int64_t N, int64_t bs, int64_t KB, int64_t blocks, int device,
+                 const DeviceInfo& di, cudaStream_t s) {
+  switch (bs) {
+    case 16: return ForwardMmaBs<T, FA, 16>(p, N, KB, blocks, device, di, s);
+    case 32: return ForwardMmaBs<T, FA, 32>(p, N, KB, blocks, device, di, s);
+    case 64: return ForwardMmaBs<T, FA, 64>(p, N, KB, blocks, device, di, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, int FA, int BS>
+int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const DeviceInfo& di,
+               cudaStream_t s) {
+  using Cfg = typename GradCfg<T, FA, BS>::type;
+  const int64_t sub = (BS / Cfg::kBM) * (BS / Cfg::kBN);
+  return LaunchMma<Cfg>(p, blocks * sub, 1, static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS),
+                        device, di, s);
+}
+
+template <typename T, int FA>
+int GradWMmaFa(const Params& p, int64_t N, int64_t bs, int64_t blocks, int device,
+               const DeviceInfo& di, cudaStream_t s) {
+  switch (bs) {
+    case 16: return GradWMmaBs<T, FA, 16>(p, N, blocks, device, di, s);
+    case 32: return GradWMmaBs<T, FA, 32>(p, N, blocks, device, di, s);
+    case 64: return GradWMmaBs<T, FA, 64>(p, N, blocks, device, di, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+int ForwardMma(const Params& p, int feature_axis, int64_t N, int64_t bs, int64_t KB,
+               int64_t blocks, int device, const DeviceInfo& di, cudaStream_t stream) {
+  return feature_axis == 1 ? ForwardMmaFa<T, 1>(p, N, bs, KB, blocks, device, di, stream)
+                           : ForwardMmaFa<T, 0>(p, N, bs, KB, blocks, device, di, stream);
+}
+
+template <typename T>
+int GradWMma(const Params& p, int feature_axis, int64_t N, int64_t bs, int64_t blocks,
+             int device, const DeviceInfo& di, cudaStream_t stream) {
+  return feature_axis == 1 ? GradWMmaFa<T, 1>(p, N, bs, blocks, device, di, stream)
+                           : GradWMmaFa<T, 0>(p, N, bs, blocks, device, di, stream);
+}
+
+}  // namespace internal
+}  // namespace gpu
+}  // namespace blocksparse
+
+#endif  // BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_DISPATCH_CUH_

@@ -1,0 +1,34 @@
+// Internal declarations shared by the CUDA translation units of the block-sparse products
+// (not part of the public interface; see blocksparse_matmul_gpu.h).
+#ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_INTERNAL_CUH_
+#define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_INTERNAL_CUH_
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "ops/blocksparse_matmul_gpu_mma.cuh"
+
+namespace blocksparse {
+namespace gpu {
+namespace internal {
+
+// Device attributes, queried with cudaDeviceGetAttribute once per device.
+struct DeviceInfo {
+  int sm_count = 0, cc_major = 0, cc_minor = 0, max_smem_optin = 0;
+};
+
+// Tensor-core launches, one explicit instantiation per element type (float, __half,
+// __nv_bfloat16) in blocksparse_matmul_gpu_{f32,f16,bf16}.cu.  `blocks` is the number of
+// stored blocks (forward uses it to size the split over clusters).
+template <typename T>
+int ForwardMma(const mma_impl::Params& p, int feature_axis, int64_t N, int64_t bs, int64_t KB,
+               int64_t blocks, int device, const DeviceInfo& di, cudaStream_t stream);
+template <typename T>
+int GradWMma(const mma_impl::Params& p, int feature_axis, int64_t N, int64_t bs,
+             int64_t blocks, int device, const DeviceInfo& di, cudaStream_t stream);
+
+}  // namespace internal
+}  // namespace gpu
+}  // namespace blocksparse
+
+#endif  // BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_INTERNAL_CUH_

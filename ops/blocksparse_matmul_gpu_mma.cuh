@@ -1,0 +1,592 @@
+// Tensor-core (mma.sync m16n8k16, 16-bit inputs, float32 accumulators) kernel template for
+// the block-sparse products.  Included by blocksparse_matmul_gpu.cu only.
+//
+// Every product is cast as a sequence of small GEMM steps on one output tile of BM x BN:
+//   acc[BM x BN] += A_s[BM x KS] * B_s[KS x BN],  s = 0 .. steps-1
+// streamed through a STAGES-deep cp.async pipeline in shared memory.
+//   Forward:  M = rows of the batch (N), N = output features of one block column, the K
+//             extent of a step is BPS stored blocks of that column (BPS * bs).
+//   GradW:    M, N = the bs x bs of one stored block, a step is BK rows of the batch.
+// The operands sit in memory either K-contiguous or M/N-contiguous depending on the product
+// and the feature axis; ldmatrix (with or without .trans) turns either into the mma
+// fragments.  Shared-memory rows are padded so that ldmatrix and the scalar fragment loads are
+// bank-conflict-free.
+// float32 runs as "3xTF32": each operand is split into a TF32 high part and a TF32 residual,
+// and acc += a_lo*b_hi + a_hi*b_lo + a_hi*b_hi (m16n8k8 TF32 MMAs), which keeps float32
+// accuracy (the dropped a_lo*b_lo term is below float32 rounding) on the tensor cores.
+// Split-K over a thread-block cluster (sm_90): when there are too few output tiles to fill the
+// GPU, S CTAs of a cluster share one tile, each taking every S-th step; their float32 partial
+// tiles are summed through distributed shared memory in a fixed order (rank 0, 1, ...), so the
+// result does not depend on timing.
+#ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_MMA_CUH_
+#define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_MMA_CUH_
+
+#include <cuda_bf16.h>
+#include <cooperative_groups.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace blocksparse {
+namespace gpu {
+namespace mma_impl {
+
+enum Mode { kForward = 0, kGradW = 1 };
+
+struct Params {
+  const void* x;      // forward: x;  gradw: x
+  const void* w;      // forward: w;  gradw: dy
+  void* y;            // forward: y;  gradw: dw
+  int64_t N, C, K;    // batch, input features, output features
+  const int32_t* col_ptr;
+  const int32_t* col_row;
+  const int32_t* col_block;
+  const int32_t* block_row;
+  const int32_t* block_col;
+  int64_t n_tile_base;  // forward: first batch tile of this launch (grids are split at 65535)
+};
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool valid) {
+  const int bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem)),
+               "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <bool kTrans>
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* p) {
+  if (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(SmemAddr(p)));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(SmemAddr(p)));
+  }
+}
+
+template <typename T>
+struct MmaOp;
+template <>
+struct MmaOp<__nv_bfloat16> {
+  static __device__ __forceinline__ void Run(float (&d)[4], const uint32_t (&a)[4],
+                                             uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct MmaOp<__half> {
+  static __device__ __forceinline__ void Run(float (&d)[4], const uint32_t (&a)[4],
+                                             uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// float32 operands: split into TF32 high part and TF32 residual.
+__device__ __forceinline__ void SplitTf32(uint32_t bits, uint32_t& hi, uint32_t& lo) {
+  const float f = __uint_as_float(bits);
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(hi) : "f"(f));
+  const float r = f - __uint_as_float(hi);
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(lo) : "f"(r));
+}
+__device__ __forceinline__ void MmaTf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t PackPair(float a, float b);
+template <>
+__device__ __forceinline__ uint32_t PackPair<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t PackPair<__half>(float a, float b) {
+  __half2 v = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Stores CE consecutive outputs (16 bytes) converted from float.
+template <typename T>
+__device__ __forceinline__ void StoreChunk(T* dst, const float* v);
+template <>
+__device__ __forceinline__ void StoreChunk<float>(float* dst, const float* v) {
+  *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+}
+template <typename T>
+__device__ __forceinline__ void StoreChunk(T* dst, const float* v) {
+  uint4 out;
+  out.x = PackPair<T>(v[0], v[1]);
+  out.y = PackPair<T>(v[2], v[3]);
+  out.z = PackPair<T>(v[4], v[5]);
+  out.w = PackPair<T>(v[6], v[7]);
+  *reinterpret_cast<uint4*>(dst) = out;
+}
+
+// Cluster helpers: on sm_80 every CTA is alone (split == 1), so they reduce to the CTA.
+__device__ __forceinline__ void ClusterInfo(int& size, int& rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t n, r;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  size = static_cast<int>(n);
+  rank = static_cast<int>(r);
+#else
+  size = 1;
+  rank = 0;
+#endif
+}
+__device__ __forceinline__ void ClusterSync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#else
+  __syncthreads();
+#endif
+}
+__device__ __forceinline__ const float* ClusterPeer(float* p, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#else
+  (void)rank;
+  return p;
+#endif
+}
+
+// Compile-time description of one kernel configuration.
+//   T: element type.  MODE, FA: product and feature axis.  BS: block size.  BM x BN: output
+//   tile.  KSTEP: forward: blocks per step (BPS); gradw: batch rows per step (BK).
+//   WM x WN x WK warps: WM x WN split the tile, WK split each step's K slices (their partial
+//   sums are added in a fixed order at the end, so results stay deterministic).
+template <typename T, int MODE, int FA, int BS, int BM, int BN, int KSTEP, int WM, int WN,
+          int WK, int STAGES>
+struct Config {
+  using Elem = T;
+  static constexpr bool kF32 = sizeof(T) == 4;
+  static constexpr int kES = sizeof(T), kCE = 16 / kES;  // elements per 16-byte chunk
+  static constexpr int kKSlice = kF32 ? 8 : 16;          // K of one MMA
+  static constexpr int kMode = MODE, kFA = FA, kBS = BS, kBM = BM, kBN = BN;
+  static constexpr int kKS = MODE == kForward ? KSTEP * BS : KSTEP;  // K extent of a step
+  static constexpr int kBPS = MODE == kForward ? KSTEP : 1;
+  static constexpr int kWM = WM, kWN = WN, kWK = WK, kStages = STAGES;
+  static constexpr int kThreads = 32 * WM * WN * WK;
+  static constexpr int kWTM = BM / WM, kWTN = BN / WN;
+  static constexpr int kMT = kWTM / 16, kNT = kWTN / 8;
+  // Operand layouts in memory (and in shared memory).
+  static constexpr bool kAMContig = (MODE == kForward && FA == 0) || (MODE == kGradW && FA == 1);
+  static constexpr bool kBKContig = (MODE == kGradW && FA == 0);
+  static constexpr bool kCMContig = (MODE == kForward && FA == 0);
+  // Row padding: K-contiguous rows (read with ldmatrix) by 16 bytes; M/N-contiguous rows by
+  // 8 elements (16 bytes for ldmatrix.trans; 32 bytes for float32 scalar fragment loads).
+  static constexpr int kPadK = kCE, kPadMN = 8;
+  static constexpr int kALd = kAMContig ? BM + kPadMN : kKS + kPadK;
+  static constexpr int kBLd = kBKContig ? kKS + kPadK : BN + kPadMN;
+  static constexpr int kASize = kAMContig ? kKS * kALd : BM * kALd;  // elements
+  static constexpr int kBSize = kBKContig ? BN * kBLd : kKS * kBLd;
+  static constexpr int kStageBytes = (kASize + kBSize) * kES;
+  static constexpr int kCLd = BN + 4;  // floats
+  static constexpr int kEpiBytes = WK * BM * kCLd * 4;
+  static constexpr int kSmemBytes =
+      STAGES * kStageBytes > kEpiBytes ? STAGES * kStageBytes : kEpiBytes;
+  static_assert(BM % (16 * WM) == 0 && BN % (16 * WN) == 0, "warp tile must be 16-aligned");
+  static_assert(kKS % (kKSlice * WK) == 0, "each K slice group needs whole MMA slices");
+  static_assert(BS % BN == 0, "column split must divide the block");
+  static_assert(MODE == kForward || BS % BM == 0, "row split must divide the block");
+};
+
+// One CTA (or one cluster of `split` CTAs, see above) computes one output tile.
+//   forward: tile = block column k * (BS / BN) + column split; blockIdx.y = batch tile.
+//   gradw:   tile = block b * (BS/BM)*(BS/BN) + tile inside the block.
+//   blockIdx.x = tile * split + rank in the cluster.
+template <typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    BlocksparseMmaKernel(const Params p) {
+  using T = typename Cfg::Elem;
+  constexpr int BS = Cfg::kBS, BM = Cfg::kBM, BN = Cfg::kBN, KS = Cfg::kKS, CE = Cfg::kCE;
+  constexpr int BPS = Cfg::kBPS, NTH = Cfg::kThreads;
+  constexpr int MT = Cfg::kMT, NT = Cfg::kNT;
+  constexpr bool kFwd = Cfg::kMode == kForward;
+  constexpr bool kAMC = Cfg::kAMContig, kBKC = Cfg::kBKContig, kCMC = Cfg::kCMContig;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+
+  const T* __restrict__ gx = static_cast<const T*>(p.x);
+  const T* __restrict__ gw = static_cast<const T*>(p.w);
+  T* __restrict__ gy = static_cast<T*>(p.y);
+  const int64_t N = p.N, C = p.C, K = p.K;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int wk = warp / (Cfg::kWM * Cfg::kWN);
+  const int wmn = warp % (Cfg::kWM * Cfg::kWN);
+  const int wm = wmn / Cfg::kWN, wn = wmn % Cfg::kWN;
+  int split, rank;
+  ClusterInfo(split, rank);
+  const int tile = blockIdx.x / split;
+
+  // ---- what this CTA computes ----
+  int64_t n0 = 0;          // forward: first batch row
+  int kcol = 0, crow = 0;  // block column (and block row for gradw)
+  int bidx = 0;            // gradw: stored block
+  int m_off = 0, n_off = 0;
+  int pbeg = 0, pend = 0, total_steps = 0;
+  if constexpr (kFwd) {
+    constexpr int kSplit = BS / BN;
+    kcol = tile / kSplit;
+    n_off = (tile % kSplit) * BN;
+    n0 = (p.n_tile_base + blockIdx.y) * (int64_t)BM;
+    pbeg = __ldg(p.col_ptr + kcol);
+    pend = __ldg(p.col_ptr + kcol + 1);
+    total_steps = (pend - pbeg + BPS - 1) / BPS;
+  } else {
+    constexpr int kMSplit = BS / BM, kNSplit = BS / BN;
+    bidx = tile / (kMSplit * kNSplit);
+    const int sub = tile % (kMSplit * kNSplit);
+    m_off = (sub / kNSplit) * BM;
+    n_off = (sub % kNSplit) * BN;
+    crow = __ldg(p.block_row + bidx);
+    kcol = __ldg(p.block_col + bidx);
+    total_steps = static_cast<int>((N + KS - 1) / KS);
+  }
+  // This CTA takes steps rank, rank + split, ...
+  const int steps = total_steps > rank ? (total_steps - rank + split - 1) / split : 0;
+
+  // ---- producer: issue the cp.async copies of local step ls into stage buffer `buf` ----
+  auto load_step = [&](int ls, int buf) {
+    const int s = rank + ls * split;
+    T* As = smem + buf * (Cfg::kASize + Cfg::kBSize);
+    T* Bs = As + Cfg::kASize;
+    if constexpr (kFwd) {
+      // A: x rows n0.., columns of the BPS blocks of this step.
+      if constexpr (!kAMC) {  // x (N, C): tile [BM][KS], K contiguous
+        constexpr int kCh = KS / CE, kTotal = BM * kCh;
+#pragma unroll
+        for (int q0 = 0; q0 < kTotal; q0 += NTH) {
+          const int q = q0 + tid;
+          if (kTotal % NTH == 0 || q < kTotal) {
+            const int m = q / kCh, kc = q % kCh;
+            const int g = (kc * CE) / BS, i0 = (kc * CE) % BS;
+            const int pi = pbeg + s * BPS + g;
+            const bool vb = pi < pend;
+            const int c = vb ? __ldg(p.col_row + pi) : 0;
+            const bool v = vb && (n0 + m < N);
+            const T* src = v ? gx + (n0 + m) * C + (int64_t)c * BS + i0 : gx;
+            CpAsync16(As + m * Cfg::kALd + kc * CE, src, v);
+          }
+        }
+      } else {  // x (C, N): tile [KS][BM], M contiguous
+        constexpr int kCh = BM / CE, kTotal = KS * kCh;
+#pragma unroll
+        for (int q0 = 0; q0 < kTotal; q0 += NTH) {
+          const int q = q0 + tid;
+          if (kTotal % NTH == 0 || q < kTotal) {
+            const int r = q / kCh, mc = q % kCh;
+            const int g = r / BS, i = r % BS;
+            const int pi = pbeg + s * BPS + g;
+            const bool vb = pi < pend;
+            const int c = vb ? __ldg(p.col_row + pi) : 0;
+            const bool v = vb && (n0 + mc * CE < N);
+            const T* src = v ? gx + ((int64_t)c * BS + i) * N + n0 + mc * CE : gx;
+            CpAsync16(As + r * Cfg::kALd + mc * CE, src, v);
+          }
+        }
+      }
+      // B: the blocks themselves, rows i, columns n_off .. n_off+BN: tile [KS][BN].
+      {
+        constexpr int kCh = BN / CE, kTotal = KS * kCh;
+#pragma unroll
+        for (int q0 = 0; q0 < kTotal; q0 += NTH) {
+          const int q = q0 + tid;
+          if (kTotal % NTH == 0 || q < kTotal) {
+            const int r = q / kCh, nc = q % kCh;
+            const int g = r / BS, i = r % BS;
+            const int pi = pbeg + s * BPS + g;
+            const bool vb = pi < pend;
+            const int b = vb ? __ldg(p.col_block + pi) : 0;
+            const T* src = vb ? gw + ((int64_t)b * BS + i) * BS + n_off + nc * CE : gw;
+            CpAsync16(Bs + r * Cfg::kBLd + nc * CE, src, vb);
+          }
+        }
+      }
+    } else {
+      const int64_t k0 = (int64_t)s * KS;  // first batch row of this step
+      if constexpr (kAMC) {  // FA 1: x (N, C): A tile [KS][BM] (rows = batch), M contiguous
+        constexpr int kCh = BM / CE, kTotal = KS * kCh;
+#pragma unroll
+        for (int q0 = 0; q0 < kTotal; q0 += NTH) {
+          const int q = q0 + tid;
+          if (kTotal % NTH == 0 || q < kTotal) {
+            const int r = q / kCh, mc = q % kCh;
+            const bool v = k0 + r < N;
+            const T* src = v ? gx + (k0 + r) * C + (int64_t)crow * BS + m_off + mc * CE : gx;
+            CpAsync16(As + r * Cfg::kALd + mc * CE, src, v);
+          }
+        }
+      } else {  // FA 0: x (C, N): A tile [BM][KS], K contiguous
+        constexpr int kCh = KS / CE, kTotal = BM * kCh;
+#pragma unroll
+        for (int q0 = 0; q0 < kTotal; q0 += NTH) {
+          const int q = q0 + tid;
+          if (kTotal % NTH == 0 || q < kTotal) {
+            const int m = q / kCh, kc = q % kCh;
+            const bool v = k0 + kc * CE < N;
+            const T* src = v ? gx + ((int64_t)crow * BS + m_off + m) * N + k0 + kc * CE : gx;
+            CpAsync16(As + m * Cfg::kALd + kc * CE, src, v);
+          }
+        }
+      }
+      if constexpr (!kBKC) {  // FA 1: dy (N, K): B tile [KS][BN], N contiguous
+        constexpr int kCh = BN / CE, kTotal = KS * kCh;
+#pragma unroll
+        for (int q0 = 0; q0 < kTotal; q0 += NTH) {
+          const int q = q0 + tid;
+          if (kTotal % NTH == 0 || q < kTotal) {
+            const int r = q / kCh, nc = q % kCh;
+            const bool v = k0 + r < N;
+            const T* src = v ? gw + (k0 + r) * K + (int64_t)kcol * BS + n_off + nc * CE : gw;
+            CpAsync16(Bs + r * Cfg::kBLd + nc * CE, src, v);
+          }
+        }
+      } else {  // FA 0: dy (K, N): B tile [BN][KS], K contiguous
+        constexpr int kCh = KS / CE, kTotal = BN * kCh;
+#pragma unroll
+        for (int q0 = 0; q0 < kTotal; q0 += NTH) {
+          const int q = q0 + tid;
+          if (kTotal % NTH == 0 || q < kTotal) {
+            const int j = q / kCh, kc = q % kCh;
+            const bool v = k0 + kc * CE < N;
+            const T* src = v ? gw + ((int64_t)kcol * BS + n_off + j) * N + k0 + kc * CE : gw;
+            CpAsync16(Bs + j * Cfg::kBLd + kc * CE, src, v);
+          }
+        }
+      }
+    }
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int a = 0; a < MT; ++a)
+#pragma unroll
+    for (int b = 0; b < NT; ++b)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
+
+  // ---- consumer: MMAs on one stage buffer ----
+  auto compute_step = [&](int buf) {
+    const T* As = smem + buf * (Cfg::kASize + Cfg::kBSize);
+    const T* Bs = As + Cfg::kASize;
+    const int li = lane >> 3, lr = lane & 7;
+    const int grp = lane >> 2, tig = lane & 3;
+    if constexpr (!Cfg::kF32) {
+#pragma unroll
+      for (int kk = wk; kk < KS / 16; kk += Cfg::kWK) {
+        uint32_t af[MT][4];
+        uint32_t bf[NT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const int mb = wm * Cfg::kWTM + mt * 16;
+          if constexpr (!kAMC) {
+            const T* a = As + (mb + (lane & 15)) * Cfg::kALd + kk * 16 + (lane >> 4) * 8;
+            LdMatrixX4<false>(af[mt], a);
+          } else {
+            const T* a = As + (kk * 16 + lr + (li >> 1) * 8) * Cfg::kALd + mb + (li & 1) * 8;
+            LdMatrixX4<true>(af[mt], a);
+          }
+        }
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+          const int nb = wn * Cfg::kWTN + np * 16;
+          uint32_t r[4];
+          if constexpr (!kBKC) {
+            const T* b = Bs + (kk * 16 + lr + (li & 1) * 8) * Cfg::kBLd + nb + (li >> 1) * 8;
+            LdMatrixX4<true>(r, b);
+          } else {
+            const T* b = Bs + (nb + lr + (li >> 1) * 8) * Cfg::kBLd + kk * 16 + (li & 1) * 8;
+            LdMatrixX4<false>(r, b);
+          }
+          bf[2 * np][0] = r[0];
+          bf[2 * np][1] = r[1];
+          bf[2 * np + 1][0] = r[2];
+          bf[2 * np + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            MmaOp<T>::Run(acc[mt][nt], af[mt], bf[nt][0], bf[nt][1]);
+      }
+    } else {  // float32: 3xTF32
+      const uint32_t* Au = reinterpret_cast<const uint32_t*>(As);
+      const uint32_t* Bu = reinterpret_cast<const uint32_t*>(Bs);
+#pragma unroll
+      for (int kk = wk; kk < KS / 8; kk += Cfg::kWK) {
+        uint32_t ah[MT][4], al[MT][4];
+        uint32_t bh[NT][2], bl[NT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const int mb = wm * Cfg::kWTM + mt * 16;
+          uint32_t a[4];
+          if constexpr (!kAMC) {
+            LdMatrixX4<false>(a, Au + (mb + (lane & 15)) * Cfg::kALd + kk * 8 + (lane >> 4) * 4);
+          } else {
+            const uint32_t* r0 = Au + (kk * 8 + tig) * Cfg::kALd + mb + grp;
+            const uint32_t* r1 = r0 + 4 * Cfg::kALd;
+            a[0] = r0[0];
+            a[1] = r0[8];
+            a[2] = r1[0];
+            a[3] = r1[8];
+          }
+#pragma unroll
+          for (int e = 0; e < 4; ++e) SplitTf32(a[e], ah[mt][e], al[mt][e]);
+        }
+        if constexpr (!kBKC) {
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const uint32_t* r0 = Bu + (kk * 8 + tig) * Cfg::kBLd + wn * Cfg::kWTN + nt * 8 + grp;
+            SplitTf32(r0[0], bh[nt][0], bl[nt][0]);
+            SplitTf32(r0[4 * Cfg::kBLd], bh[nt][1], bl[nt][1]);
+          }
+        } else {
+#pragma unroll
+          for (int np = 0; np < NT / 2; ++np) {
+            const int nb = wn * Cfg::kWTN + np * 16;
+            uint32_t r[4];
+            LdMatrixX4<false>(r, Bu + (nb + lr + (li >> 1) * 8) * Cfg::kBLd + kk * 8 + (li & 1) * 4);
+            SplitTf32(r[0], bh[2 * np][0], bl[2 * np][0]);
+            SplitTf32(r[1], bh[2 * np][1], bl[2 * np][1]);
+            SplitTf32(r[2], bh[2 * np + 1][0], bl[2 * np + 1][0]);
+            SplitTf32(r[3], bh[2 * np + 1][1], bl[2 * np + 1][1]);
+          }
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            MmaTf32(acc[mt][nt], al[mt], bh[nt][0], bh[nt][1]);
+            MmaTf32(acc[mt][nt], ah[mt], bl[nt][0], bl[nt][1]);
+            MmaTf32(acc[mt][nt], ah[mt], bh[nt][0], bh[nt][1]);
+          }
+      }
+    }
+  };
+
+  // ---- pipeline ----
+#pragma unroll
+  for (int s = 0; s < Cfg::kStages - 1; ++s) {
+    if (s < steps) load_step(s, s);
+    CpAsyncCommit();
+  }
+  for (int s = 0; s < steps; ++s) {
+    CpAsyncWait<Cfg::kStages - 2>();
+    __syncthreads();
+    const int nxt = s + Cfg::kStages - 1;
+    if (nxt < steps) load_step(nxt, nxt % Cfg::kStages);
+    CpAsyncCommit();
+    compute_step(s % Cfg::kStages);
+  }
+  CpAsyncWait<0>();
+  __syncthreads();
+
+  // ---- epilogue: accumulators -> shared (fp32) -> fixed-order sum over K groups (and over
+  // the CTAs of the cluster) -> global ----
+  float* Cs = reinterpret_cast<float*>(smem_raw);
+  {
+    float* Cw = Cs + wk * BM * Cfg::kCLd;
+    const int grp = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int row = wm * Cfg::kWTM + mt * 16 + grp;
+        const int col = wn * Cfg::kWTN + nt * 8 + 2 * tig;
+        *reinterpret_cast<float2*>(Cw + row * Cfg::kCLd + col) =
+            make_float2(acc[mt][nt][0], acc[mt][nt][1]);
+        *reinterpret_cast<float2*>(Cw + (row + 8) * Cfg::kCLd + col) =
+            make_float2(acc[mt][nt][2], acc[mt][nt][3]);
+      }
+  }
+  if (split > 1) {
+    ClusterSync();
+  } else {
+    __syncthreads();
+  }
+  if constexpr (!kCMC) {  // output rows = tile rows, CE contiguous columns per store
+    constexpr int kCh = BN / CE, kTotal = BM * kCh;
+    const int qbeg = rank * kTotal / split, qend = (rank + 1) * kTotal / split;
+    for (int q = qbeg + tid; q < qend; q += NTH) {
+      const int m = q / kCh, nc = q % kCh;
+      if constexpr (kFwd) {
+        if (n0 + m >= N) continue;
+      }
+      float v[CE];
+#pragma unroll
+      for (int e = 0; e < CE; ++e) v[e] = 0.f;
+      for (int src = 0; src < split; ++src) {
+        const float* Cq = split > 1 ? ClusterPeer(Cs, src) : Cs;
+#pragma unroll
+        for (int g = 0; g < Cfg::kWK; ++g) {
+          const float* row = Cq + (g * BM + m) * Cfg::kCLd + nc * CE;
+#pragma unroll
+          for (int e = 0; e < CE; e += 4) {
+            const float4 t = *reinterpret_cast<const float4*>(row + e);
+            v[e] += t.x;
+            v[e + 1] += t.y;
+            v[e + 2] += t.z;
+            v[e + 3] += t.w;
+          }
+        }
+      }
+      T* dst;
+      if constexpr (kFwd) {
+        dst = gy + (n0 + m) * K + (int64_t)kcol * BS + n_off + nc * CE;
+      } else {
+        dst = gy + ((int64_t)bidx * BS + m_off + m) * BS + n_off + nc * CE;
+      }
+      StoreChunk<T>(dst, v);
+    }
+  } else {  // forward, feature axis 0: y (K, N): CE contiguous batch entries per store
+    constexpr int kCh = BM / CE, kTotal = BN * kCh;
+    const int qbeg = rank * kTotal / split, qend = (rank + 1) * kTotal / split;
+    for (int q = qbeg + tid; q < qend; q += NTH) {
+      const int j = q / kCh, mc = q % kCh;
+      if (n0 + mc * CE >= N) continue;
+      float v[CE];
+#pragma unroll
+      for (int e = 0; e < CE; ++e) v[e] = 0.f;
+      for (int src = 0; src < split; ++src) {
+        const float* Cq = split > 1 ? ClusterPeer(Cs, src) : Cs;
+#pragma unroll
+        for (int g = 0; g < Cfg::kWK; ++g)
+#pragma unroll
+          for (int e = 0; e < CE; ++e) v[e] += Cq[(g * BM + mc * CE + e) * Cfg::kCLd + j];
+      }
+      StoreChunk<T>(gy + ((int64_t)kcol * BS + n_off + j) * N + n0 + mc * CE, v);
+    }
+  }
+  if (split > 1) ClusterSync();  // peers may still be reading this CTA's shared memory
+}
+
+}  // namespace mma_impl
+}  // namespace gpu
+}  // namespace blocksparse
+
+#endif  // BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_MMA_CUH_

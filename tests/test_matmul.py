@@ -1,0 +1,428 @@
+"""BlocksparseMatMul against independent float64 numpy references."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse
+import tensorflow as tf
+
+from blocksparse_tf import BlocksparseMatMul
+from blocksparse_tf.matmul import blocksparse_matmul, blocksparse_matmul_grad_w
+
+BLOCK_SIZES = (1, 8, 16, 32, 64)
+RNG = np.random.default_rng(1234)
+
+
+def rect_layout(CB=5, KB=3):
+    """A rectangular layout with an empty block row and an empty block column."""
+    layout = np.array([[1, 0, 1], [0, 0, 0], [1, 0, 1], [0, 0, 1], [1, 0, 0]])[:CB, :KB]
+    return layout
+
+
+def dense_reference(layout, bs, w):
+    """float64 dense W built independently of the class under test."""
+    CB, KB = layout.shape
+    W = np.zeros((CB * bs, KB * bs))
+    for b, (c, k) in enumerate(np.argwhere(layout)):  # row-major block order
+        W[c * bs:(c + 1) * bs, k * bs:(k + 1) * bs] = w[b]
+    return W
+
+
+def rel_err(a, ref):
+    return np.abs(np.asarray(a, np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30)
+
+
+def products(bsmm, x, w, dy, gate=None):
+    x, w, dy = tf.constant(x), tf.constant(w), tf.constant(dy)
+    watched = [x, w] + ([tf.constant(gate)] if gate is not None else [])
+    with tf.GradientTape() as tape:
+        tape.watch(watched)
+        y = bsmm(x, w, gate=watched[2] if gate is not None else None)
+    grads = tape.gradient(y, watched, output_gradients=dy)
+    return [y.numpy()] + [g.numpy() for g in grads]
+
+
+@pytest.mark.parametrize("bs", BLOCK_SIZES)
+@pytest.mark.parametrize("feature_axis", [1, 0])
+@pytest.mark.parametrize("N", [1, 7, 33])
+def test_forward_and_gradients_match_float64(bs, feature_axis, N):
+    layout = rect_layout()
+    bsmm = BlocksparseMatMul(layout, block_size=bs, feature_axis=feature_axis)
+    x = RNG.standard_normal(bsmm.i_shape(N)).astype(np.float32)
+    w = RNG.standard_normal(bsmm.w_shape).astype(np.float32)
+    dy = RNG.standard_normal(bsmm.o_shape(N)).astype(np.float32)
+    gate = RNG.uniform(0.5, 1.5, bsmm.blocks).astype(np.float32)
+    W = dense_reference(layout, bs, w.astype(np.float64))
+    Wg = dense_reference(layout, bs, w.astype(np.float64) * gate[:, None, None])
+    rows = lambda a: a.astype(np.float64) if feature_axis == 1 else a.astype(np.float64).T
+    y, dx, dw, dgate = products(bsmm, x, w, dy, gate)
+    y_ref = rows(x) @ Wg
+    dx_ref = rows(dy) @ Wg.T
+    dW_dense = rows(x).T @ rows(dy)
+    dw_ref = bsmm.from_dense(dW_dense) * gate[:, None, None]
+    dgate_ref = np.einsum("bij,bij->b", bsmm.from_dense(dW_dense), w.astype(np.float64))
+    assert y.shape == bsmm.o_shape(N) and dx.shape == bsmm.i_shape(N)
+    assert rel_err(y, rows(y_ref)) < 1e-5
+    assert rel_err(dx, rows(dx_ref)) < 1e-5
+    assert rel_err(dw, dw_ref) < 1e-5
+    assert rel_err(dgate, dgate_ref) < 1e-5
+    # Columns of y under the empty block column are exactly zero; so are dx's under the empty row.
+    y_rows, dx_rows = rows(y), rows(dx)
+    assert np.all(y_rows[:, bs:2 * bs] == 0) and np.all(dx_rows[:, bs:2 * bs] == 0)
+    # Without a gate, the plain product.
+    y0, dx0, dw0 = products(bsmm, x, w, dy)
+    assert rel_err(y0, rows(rows(x) @ W)) < 1e-5
+    assert rel_err(dw0, bsmm.from_dense(dW_dense)) < 1e-5
+
+
+@pytest.mark.parametrize("bs", [8, 32])
+def test_leading_batch_dims(bs):
+    layout = RNG.random((4, 6)) < 0.5
+    layout[0, 0] = True
+    bsmm = BlocksparseMatMul(layout, block_size=bs)
+    x = RNG.standard_normal((3, 5, bsmm.C)).astype(np.float32)
+    w = RNG.standard_normal(bsmm.w_shape).astype(np.float32)
+    dy = RNG.standard_normal((3, 5, bsmm.K)).astype(np.float32)
+    y, dx, dw = products(bsmm, x, w, dy)
+    W = dense_reference(layout, bs, w.astype(np.float64))
+    assert y.shape == (3, 5, bsmm.K)
+    assert rel_err(y, x.astype(np.float64) @ W) < 1e-5
+    assert rel_err(dx, dy.astype(np.float64) @ W.T) < 1e-5
+    dW = np.einsum("btc,btk->ck", x.astype(np.float64), dy.astype(np.float64))
+    assert rel_err(dw, bsmm.from_dense(dW)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(tf.float16, 2e-3), (tf.bfloat16, 1e-2)])
+@pytest.mark.parametrize("feature_axis", [1, 0])
+def test_half_precision(dtype, tol, feature_axis):
+    layout = rect_layout()
+    bsmm = BlocksparseMatMul(layout, block_size=16, feature_axis=feature_axis)
+    x = RNG.standard_normal(bsmm.i_shape(9))
+    w = RNG.standard_normal(bsmm.w_shape)
+    dy = RNG.standard_normal(bsmm.o_shape(9))
+    # References from the values the op actually sees (rounded to the dtype).
+    xr, wr, dyr = (tf.cast(tf.constant(a, tf.float32), dtype) for a in (x, w, dy))
+    y, dx, dw = products(bsmm, xr, wr, dyr)
+    x64, w64, dy64 = (tf.cast(a, tf.float64).numpy() for a in (xr, wr, dyr))
+    assert y.dtype == dtype.as_numpy_dtype
+    assert rel_err(y, bsmm.fprop_test(x64, w64)) < tol
+    assert rel_err(dx, bsmm.bprop_test(dy64, w64)) < tol
+    assert rel_err(dw, bsmm.updat_test(x64, dy64)) < tol
+
+
+def test_numpy_references_agree_with_independent_reference():
+    layout = rect_layout()
+    bsmm = BlocksparseMatMul(layout, block_size=8)
+    x, dy = RNG.standard_normal((4, bsmm.C)), RNG.standard_normal((4, bsmm.K))
+    w = RNG.standard_normal(bsmm.w_shape)
+    W = dense_reference(layout, 8, w)
+    np.testing.assert_allclose(bsmm.fprop_test(x, w), x @ W, rtol=1e-12)
+    np.testing.assert_allclose(bsmm.bprop_test(dy, w), dy @ W.T, rtol=1e-12)
+    np.testing.assert_allclose(bsmm.to_dense(bsmm.updat_test(x, dy)),
+                               (x.T @ dy) * (W != 0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("feature_axis", [1, 0])
+def test_finite_difference_gradients(feature_axis):
+    layout = np.array([[1, 0, 1], [0, 1, 1]])
+    bsmm = BlocksparseMatMul(layout, block_size=8, feature_axis=feature_axis)
+    x = tf.constant(RNG.standard_normal(bsmm.i_shape(3)).astype(np.float32))
+    w = tf.constant(RNG.standard_normal(bsmm.w_shape).astype(np.float32))
+    gate = tf.constant(RNG.uniform(0.5, 1.5, bsmm.blocks).astype(np.float32))
+    theoretical, numerical = tf.test.compute_gradient(lambda a, b, g: bsmm(a, b, gate=g),
+                                                      [x, w, gate], delta=1e-2)
+    for t, n in zip(theoretical, numerical):
+        assert t.shape == n.shape
+        np.testing.assert_allclose(t, n, rtol=2e-2, atol=2e-2)
+        assert np.abs(t).max() > 0.1  # the check is not vacuous
+
+
+def test_second_order_gradient():
+    layout = np.array([[1, 1], [0, 1]])
+    bsmm = BlocksparseMatMul(layout, block_size=8)
+    x = tf.constant(RNG.standard_normal((3, bsmm.C)).astype(np.float32))
+    w = tf.constant(RNG.standard_normal(bsmm.w_shape).astype(np.float32))
+
+    def grad_norm(a, b):  # depends on x and w through BlocksparseMatmulGradW
+        with tf.GradientTape() as tape:
+            tape.watch(b)
+            y = bsmm(a, b)
+            loss = tf.reduce_sum(tf.sin(y))
+        return tf.reduce_sum(tape.gradient(loss, b) ** 2)
+
+    theoretical, numerical = tf.test.compute_gradient(grad_norm, [x, w], delta=1e-2)
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, rtol=5e-2, atol=5e-2)
+
+
+def test_tf_function_and_shape_inference():
+    bsmm = BlocksparseMatMul(rect_layout(), block_size=8)
+    w = tf.Variable(bsmm.ortho_init(seed=0))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, bsmm.C], tf.float32)])
+    def f(x):
+        y = bsmm(x, w)
+        assert y.shape.as_list() == [None, bsmm.K]
+        return y
+
+    x = RNG.standard_normal((6, bsmm.C)).astype(np.float32)
+    np.testing.assert_allclose(f(x).numpy(), bsmm.fprop_test(x, w.numpy()), rtol=1e-5, atol=1e-5)
+
+
+def test_tf1_graph_mode_session():
+    bsmm = BlocksparseMatMul(rect_layout(), block_size=16)
+    x_val = RNG.standard_normal((5, bsmm.C)).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, bsmm.C])
+        w = tf.compat.v1.get_variable("w", bsmm.w_shape, initializer=bsmm.ortho_init(seed=3))
+        y = bsmm(x, w)
+        assert y.shape.as_list() == [None, bsmm.K]
+        loss = tf.reduce_sum(y * y)
+        dx, dw = tf.compat.v1.gradients(loss, [x, w])
+        with tf.compat.v1.Session(graph=graph) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            y_val, dx_val, dw_val, w_val = sess.run([y, dx, dw, w], {x: x_val})
+    y_ref = bsmm.fprop_test(x_val, w_val)
+    np.testing.assert_allclose(y_val, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx_val, bsmm.bprop_test(2 * y_ref, w_val), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw_val, bsmm.updat_test(x_val, 2 * y_ref), rtol=1e-4, atol=1e-4)
+
+
+class _SparseDense(tf.keras.layers.Layer):
+    """Minimal Keras layer over the op, for the fit test."""
+
+    def __init__(self, bsmm, **kwargs):
+        super().__init__(**kwargs)
+        self.bsmm = bsmm
+
+    def build(self, input_shape):
+        self.w = self.add_weight(name="w", shape=self.bsmm.w_shape, initializer=self.bsmm.ortho_init(seed=1))
+
+    def call(self, x):
+        return self.bsmm(x, self.w)
+
+
+def test_keras_fit_trains_with_the_kernels():
+    bsmm = BlocksparseMatMul(np.eye(4, dtype=int) + np.eye(4, k=1, dtype=int), block_size=8)
+    target = BlocksparseMatMul(bsmm.layout, block_size=8)
+    w_true = RNG.standard_normal(bsmm.w_shape).astype(np.float32) / 8
+    x = RNG.standard_normal((256, bsmm.C)).astype(np.float32)
+    y = target.fprop_test(x, w_true).astype(np.float32)
+    model = tf.keras.Sequential([tf.keras.Input((bsmm.C,)), _SparseDense(bsmm)])
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.01), loss="mse")
+    first = model.evaluate(x, y, verbose=0)
+    model.fit(x, y, epochs=30, batch_size=64, verbose=0)
+    assert model.evaluate(x, y, verbose=0) < 0.05 * first
+    assert model.count_params() == bsmm.blocks * 64
+
+
+DETERMINISM_SCRIPT = r"""
+import hashlib, sys, numpy as np, tensorflow as tf
+tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
+sys.path.insert(0, sys.argv[2])
+from blocksparse_tf import BlocksparseMatMul
+rng = np.random.default_rng(7)
+for axis in (1, 0):
+    bsmm = BlocksparseMatMul(rng.random((16, 12)) < 0.4, block_size=32, feature_axis=axis)
+    x = tf.constant(rng.standard_normal(bsmm.i_shape(300)).astype(np.float32))
+    w = tf.constant(rng.standard_normal(bsmm.w_shape).astype(np.float32))
+    with tf.GradientTape() as t:
+        t.watch([x, w])
+        y = bsmm(x, w)
+        loss = tf.reduce_sum(y * y)
+    dx, dw = t.gradient(loss, [x, w])
+    h = hashlib.sha256()
+    for a in (y, dx, dw):
+        h.update(a.numpy().tobytes())
+    print(h.hexdigest())
+"""
+
+
+def test_bitwise_deterministic_across_runs_and_thread_counts():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outputs = [subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT, str(threads), root],
+                              capture_output=True, text=True, check=True).stdout
+               for threads in (1, 2, 2)]
+    assert outputs[0].count("\n") == 2
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_repeated_calls_are_bitwise_identical():
+    bsmm = BlocksparseMatMul(RNG.random((8, 8)) < 0.5, block_size=16)
+    x = tf.constant(RNG.standard_normal((65, bsmm.C)).astype(np.float32))
+    w = tf.constant(RNG.standard_normal(bsmm.w_shape).astype(np.float32))
+    first = bsmm(x, w).numpy()
+    for _ in range(3):
+        assert np.array_equal(first, bsmm(x, w).numpy())
+
+
+def test_neuron_level_connectivity_100k():
+    n = 100_000
+    fan_in = RNG.integers(2, 7, size=n)  # 2 to 6 incoming connections per neuron
+    k = np.repeat(np.arange(n), fan_in)
+    c = RNG.integers(0, n, size=k.size)
+    coords = np.unique(np.stack([c, k], axis=1), axis=0)
+    bsmm = BlocksparseMatMul((coords, (n, n)), block_size=1)
+    assert bsmm.w_shape == (len(coords), 1, 1) and bsmm.C == bsmm.K == n
+    vals = RNG.standard_normal(len(coords))
+    W = scipy.sparse.csr_matrix((vals, (bsmm.coords[:, 0], bsmm.coords[:, 1])), shape=(n, n))
+    x = RNG.standard_normal((3, n)).astype(np.float32)
+    dy = RNG.standard_normal((3, n)).astype(np.float32)
+    y, dx, dw = products(bsmm, x, vals.reshape(-1, 1, 1).astype(np.float32), dy)
+    assert rel_err(y, (W.T @ x.astype(np.float64).T).T) < 1e-5
+    assert rel_err(dx, (W @ dy.astype(np.float64).T).T) < 1e-5
+    dw_ref = np.einsum("nb,nb->b", x[:, bsmm.coords[:, 0]].astype(np.float64),
+                       dy[:, bsmm.coords[:, 1]].astype(np.float64))
+    assert rel_err(dw.ravel(), dw_ref) < 1e-5
+
+
+# ---- the Python API --------------------------------------------------------------------------
+
+def test_attributes():
+    layout = rect_layout()
+    bsmm = BlocksparseMatMul(layout, block_size=32)
+    assert (bsmm.CB, bsmm.KB, bsmm.C, bsmm.K) == (5, 3, 160, 96)
+    assert bsmm.blocks == layout.sum() == 6 and bsmm.w_shape == (6, 32, 32)
+    assert bsmm.block_size == 32 and bsmm.feature_axis == 1
+    assert bsmm.density == pytest.approx(6 / 15) and bsmm.sparsity == pytest.approx(9 / 15)
+    assert bsmm.flops(10) == 2 * 10 * 6 * 32 * 32
+    assert bsmm.i_shape(10) == (10, 160) and bsmm.o_shape(10) == (10, 96)
+    assert [bsmm.block_coord(i) for i in range(6)] == [tuple(c) for c in np.argwhere(layout)]
+    axis0 = BlocksparseMatMul(layout, block_size=32, feature_axis=0)
+    assert axis0.i_shape(10) == (160, 10) and axis0.o_shape(10) == (96, 10)
+    with pytest.raises(IndexError, match="out of range"):
+        bsmm.block_coord(6)
+
+
+def test_layout_forms_agree():
+    layout = rect_layout()
+    coords = np.argwhere(layout)[::-1]  # any order: blocks are numbered row-major
+    forms = [layout, layout.astype(bool), scipy.sparse.csr_matrix(layout), (coords, layout.shape),
+             (coords.tolist(), layout.shape)]
+    for form in forms:
+        bsmm = BlocksparseMatMul(form, block_size=8)
+        assert np.array_equal(bsmm.layout, layout.astype(bool))
+        assert np.array_equal(bsmm.coords, np.argwhere(layout))
+
+
+def test_dense_round_trips():
+    bsmm = BlocksparseMatMul(rect_layout(), block_size=8)
+    w = RNG.standard_normal(bsmm.w_shape).astype(np.float32)
+    W = bsmm.to_dense(w)
+    assert W.shape == (bsmm.C, bsmm.K)
+    np.testing.assert_array_equal(W, dense_reference(rect_layout(), 8, w))
+    np.testing.assert_array_equal(bsmm.from_dense(W), w)
+    np.testing.assert_array_equal(bsmm.to_dense(tf.constant(w)).numpy(), W)
+    np.testing.assert_array_equal(bsmm.from_dense(tf.constant(W)).numpy(), w)
+
+
+def test_config_and_npz_round_trips(tmp_path):
+    bsmm = BlocksparseMatMul(rect_layout(), block_size=16, feature_axis=0, name="proj")
+    config = json.loads(json.dumps(bsmm.get_config()))
+    again = BlocksparseMatMul.from_config(config)
+    assert again.get_config() == bsmm.get_config()
+    np.savez(tmp_path / "layout.npz", layout=bsmm.layout)
+    loaded = np.load(tmp_path / "layout.npz", allow_pickle=False)["layout"]
+    assert np.array_equal(BlocksparseMatMul(loaded, block_size=16).coords, bsmm.coords)
+
+
+def test_initializers():
+    layout = np.eye(3, dtype=int)
+    layout[0, 2] = 1
+    bsmm = BlocksparseMatMul(layout, block_size=8)
+    ident = bsmm.identity_init(scale=2.0)
+    assert ident.shape == bsmm.w_shape
+    np.testing.assert_array_equal(bsmm.to_dense(ident)[:, :], np.pad(2 * np.eye(24), 0))
+    ortho = bsmm.ortho_init(seed=0)
+    for b in range(bsmm.blocks):  # orthogonal up to the fan-in scale
+        fan_in = layout[:, bsmm.block_coord(b)[1]].sum()
+        np.testing.assert_allclose(ortho[b] @ ortho[b].T * fan_in, np.eye(8), atol=1e-5)
+    as_keras = ortho(bsmm.w_shape, tf.float32)  # also a Keras initializer
+    np.testing.assert_array_equal(as_keras.numpy(), np.asarray(ortho))
+    with pytest.raises(ValueError, match="shape"):
+        ortho((1, 8, 8))
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout,message", [
+    (np.ones(4), "2-D"),
+    (np.ones((2, 2, 2)), "2-D"),
+    (np.array([[1, 2], [0, 1]]), "0 or 1"),
+    (np.array([[1, 0.5]]), "0 or 1"),
+    (np.zeros((3, 3)), "no nonzero blocks"),
+    (np.zeros((0, 3)), "at least"),
+    (np.array([["a"]]), "0/1 numbers"),
+    (([[0, 0], [0, 0]], (2, 2)), "duplicates"),
+    (([[0, 5]], (2, 2)), "inside the layout"),
+    (([[0, 0, 1]], (2, 2)), r"\(blocks, 2\)"),
+])
+def test_bad_layouts_raise(layout, message):
+    with pytest.raises(ValueError, match=message):
+        BlocksparseMatMul(layout, block_size=8)
+
+
+def test_bad_arguments_raise():
+    layout = rect_layout()
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        BlocksparseMatMul(layout, block_size=12)
+    with pytest.raises(ValueError, match="feature_axis must be 0 or 1"):
+        BlocksparseMatMul(layout, block_size=8, feature_axis=2)
+    bsmm = BlocksparseMatMul(layout, block_size=8)
+    w = tf.zeros(bsmm.w_shape) + 1.0
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., C=40\)"):
+        bsmm(tf.ones((4, 41)), w)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., C=40\)"):
+        bsmm(tf.ones((40,)), w)
+    with pytest.raises(ValueError, match=r"w must have shape w_shape=\(6, 8, 8\)"):
+        bsmm(tf.ones((4, 40)), tf.ones((6, 8, 4)))
+    with pytest.raises(ValueError, match="does not match x dtype"):
+        bsmm(tf.ones((4, 40)), tf.ones(bsmm.w_shape, tf.float16))
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        bsmm(tf.ones((4, 40), tf.float64), tf.ones(bsmm.w_shape, tf.float64))
+    with pytest.raises(ValueError, match=r"gate must have shape \(6,\)"):
+        bsmm(tf.ones((4, 40)), w, gate=tf.ones(5))
+    axis0 = BlocksparseMatMul(layout, block_size=8, feature_axis=0)
+    with pytest.raises(ValueError, match=r"x must have shape \(C=40, N\)"):
+        axis0(tf.ones((4, 40)), w)
+    with pytest.raises(ValueError, match="shape"):
+        bsmm.to_dense(np.ones((5, 8, 8)))
+    with pytest.raises(ValueError, match="shape"):
+        bsmm.from_dense(np.ones((40, 40)))
+
+
+def test_kernel_validates_inputs_itself():
+    """The C++ kernels check everything too: raw op calls bypassing the Python checks."""
+    x, w = tf.ones((2, 16)), tf.ones((2, 8, 8))
+    good = tf.constant([[0, 0], [1, 1]], tf.int32)
+    cases = [
+        (lambda: blocksparse_matmul(x, w, tf.constant([[0, 0], [2, 1]]), 8, 16, 16), "outside the layout"),
+        (lambda: blocksparse_matmul(x, w, tf.constant([[0, 0], [0, 0]]), 8, 16, 16), "appears twice"),
+        (lambda: blocksparse_matmul(x, w, tf.constant([[0, -1], [1, 1]]), 8, 16, 16), "outside the layout"),
+        (lambda: blocksparse_matmul(tf.ones((2, 24)), w, good, 8, 16, 16), "x must have shape"),
+        (lambda: blocksparse_matmul(x, tf.ones((3, 8, 8)), good, 8, 16, 16), "w must have shape"),
+        (lambda: blocksparse_matmul(x, w, good, 12, 24, 24), "block_size must be one of"),
+        (lambda: blocksparse_matmul(x, w, good, 8, 20, 16), "multiples of block_size"),
+        (lambda: blocksparse_matmul(x, w, tf.zeros((0, 2), tf.int32), 8, 16, 16), "no blocks"),
+        (lambda: blocksparse_matmul(x, w, good, 8, 16, 16, feature_axis=3), "feature_axis"),
+        (lambda: blocksparse_matmul_grad_w(x, tf.ones((3, 16)), good, 8, 16, 16), "same number of rows"),
+    ]
+    for call, message in cases:
+        with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=message):
+            call()
+
+
+def test_empty_batch():
+    bsmm = BlocksparseMatMul(rect_layout(), block_size=8)
+    w = tf.ones(bsmm.w_shape)
+    x = tf.zeros((0, bsmm.C))
+    with tf.GradientTape() as tape:
+        tape.watch(w)
+        y = bsmm(x, w)
+    assert y.shape == (0, bsmm.K)
+    np.testing.assert_array_equal(tape.gradient(y, w).numpy(), np.zeros(bsmm.w_shape))

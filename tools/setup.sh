@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian/Ubuntu machine: Bazel (Debian's bazel-bootstrap), a Python venv with
+# the pinned TensorFlow, and the op library built into the package folder.  Offline-safe:
+# everything comes from the distribution's and PyPI's package registries.
+#   BLOCKSPARSE_CUDA=0  build without the CUDA kernels even when nvcc is present
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v bazel-4 >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq bazel-bootstrap >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+
+# Bazel finds TensorFlow through this interpreter (third_party/tf/tf_configure.bzl).
+echo "build --repo_env=PYTHON_BIN_PATH=$PWD/.venv/bin/python" > .bazelrc.user
+# bazelisk users: point it at the local Bazel (it would otherwise try to download one).
+echo "USE_BAZEL_VERSION=$(command -v bazel-4)" > .bazeliskrc
+
+CONFIG=()
+if [ "${BLOCKSPARSE_CUDA:-auto}" != 0 ] && command -v nvcc >/dev/null 2>&1 \
+   && grep -q "cuda_enabled" ops/BUILD && ls ops/*_gpu_op.cc >/dev/null 2>&1; then
+  CONFIG=(--config=cuda)
+fi
+bazel-4 build "${CONFIG[@]}" //ops:_blocksparse_ops.so
+install -m 644 bazel-bin/ops/_blocksparse_ops.so blocksparse_tf/_blocksparse_ops.so
+.venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+echo "blocksparse_tf is built; run: .venv/bin/python examples/demo.py"

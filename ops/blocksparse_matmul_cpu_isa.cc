@@ -64,7 +64,17 @@ inline void Tile(const Pairs& pairs, int64_t P, int64_t a_cs, int64_t b_rs, floa
   for (int64_t q = 0; q < count; ++q) {
     const float* a = pairs.a(q);
     const float* b = pairs.b(q);
-    for (int64_t p = 0; p < P; ++p, a += a_cs, b += b_rs) {
+    // The next pair's operands sit at unrelated addresses, out of the hardware prefetchers'
+    // sight: fetch them row by row while this pair computes.
+    const bool prefetch = q + 1 < count;
+    const float* a_next = prefetch ? pairs.a(q + 1) : a;
+    const float* b_next = prefetch ? pairs.b(q + 1) : b;
+    for (int64_t p = 0; p < P; ++p, a += a_cs, b += b_rs, a_next += a_cs, b_next += b_rs) {
+      if (prefetch) {
+        __builtin_prefetch(a_next);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) __builtin_prefetch(b_next + v * W);
+      }
       V bv[NV];
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) bv[v] = Load<V>(b + v * W);

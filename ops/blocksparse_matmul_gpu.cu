@@ -269,6 +269,15 @@ int LaunchGradW(DType dtype, const void* x, const void* dy, void* dw, int64_t N,
   return cudaErrorInvalidValue;
 }
 
+namespace internal {
+namespace {
+std::atomic<int> g_tuning{0};
+}  // namespace
+int Tuning() { return g_tuning.load(std::memory_order_relaxed); }
+}  // namespace internal
+
+void SetTuning(int variant) { internal::g_tuning.store(variant, std::memory_order_relaxed); }
+
 const char* ErrorString(int code) {
   return cudaGetErrorString(static_cast<cudaError_t>(code));
 }

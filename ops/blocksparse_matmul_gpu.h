@@ -82,6 +82,11 @@ const char* ErrorString(int code);
 // 0 = CUDA-core kernel, 1 = tensor-core kernel.
 int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, bool grad_w);
 
+// For benchmarks and tests only: selects alternative tile configurations process-wide
+// (0 = the defaults; 1 = 256-row forward tiles for 16-bit inputs with bs 32 / 64 and N > 64).
+// Results stay correct and deterministic for any variant.
+void SetTuning(int variant);
+
 }  // namespace gpu
 }  // namespace blocksparse
 

@@ -56,4 +56,6 @@ int bsmm_gpu_selected_path(int dtype, int64_t N, int feature_axis, int64_t bs, i
                                         feature_axis, bs, grad_w != 0);
 }
 
+void bsmm_gpu_set_tuning(int variant) { blocksparse::gpu::SetTuning(variant); }
+
 }  // extern "C"

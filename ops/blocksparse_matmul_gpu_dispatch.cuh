@@ -33,6 +33,11 @@ template <typename T, int FA> struct FwdCfg<T, FA, 32, false, false> { using typ
 template <typename T, int FA> struct FwdCfg<T, FA, 32, true, false> { using type = Config<T, kForward, FA, 32, 64, 32, 2, 2, 2, 1, 4>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 64, false, false> { using type = Config<T, kForward, FA, 64, 128, 64, 1, 4, 2, 1, 3>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 64, true, false> { using type = Config<T, kForward, FA, 64, 64, 64, 1, 2, 2, 1, 4>; };
+// Alternative 16-bit tiles with BM = 256 (half the weight traffic per flop), selected by
+// SetTuning(1) for benchmarking.
+template <typename T, int FA, int BS> struct FwdCfgWide;
+template <typename T, int FA> struct FwdCfgWide<T, FA, 32> { using type = Config<T, kForward, FA, 32, 256, 32, 2, 8, 1, 1, 2>; };
+template <typename T, int FA> struct FwdCfgWide<T, FA, 64> { using type = Config<T, kForward, FA, 64, 256, 64, 1, 4, 2, 1, 2>; };
 // float32 (3xTF32, m16n8k8).
 template <typename T, int FA> struct FwdCfg<T, FA, 16, false, true> { using type = Config<T, kForward, FA, 16, 128, 16, 2, 4, 1, 1, 4>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 16, true, true> { using type = Config<T, kForward, FA, 16, 64, 16, 2, 4, 1, 1, 4>; };
@@ -51,13 +56,14 @@ template <typename T, int FA> struct GradCfg<T, FA, 16, true> { using type = Con
 template <typename T, int FA> struct GradCfg<T, FA, 32, true> { using type = Config<T, kGradW, FA, 32, 32, 32, 64, 2, 2, 2, 3>; };
 template <typename T, int FA> struct GradCfg<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 64, 64, 32, 2, 2, 2, 3>; };
 
-// Cluster split: with too few tiles to fill the GPU (fewer than two CTAs per SM), let 2, 4
-// or 8 CTAs share each tile, as long as each still gets at least one step on average.
-// Depends only on the problem sizes and the device, so repeated runs split identically.
-inline int ChooseSplit(int64_t tiles, double avg_steps, const DeviceInfo& di) {
+// Cluster split: with too few tiles to fill the GPU, let 2, 4 or 8 CTAs share each tile, as
+// long as all CTAs still fit on the GPU at once (`capacity` = resident CTAs per SM x SMs) and
+// each still gets at least one step on average.  Depends only on the problem sizes and the
+// device, so repeated runs split identically.
+inline int ChooseSplit(int64_t tiles, double avg_steps, int64_t capacity, const DeviceInfo& di) {
   if (di.cc_major < 9) return 1;
   int s = 1;
-  while (s < 8 && tiles * s < 2 * (int64_t)di.sm_count && 2.0 * s <= avg_steps) s *= 2;
+  while (s < 8 && tiles * 2 * s <= capacity && 2.0 * s <= avg_steps) s *= 2;
   return s;
 }
 
@@ -77,8 +83,18 @@ int LaunchMma(const Params& p0, int64_t tiles, int64_t batch_tiles, double avg_s
       done.fetch_or(bit);
     }
   }
+  static std::atomic<int> resident[64];  // CTAs per SM, per device (0: not queried yet)
+  int per_sm = resident[device].load();
+  if (per_sm == 0) {
+    cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
+                                                                  Cfg::kThreads, smem);
+    if (e != cudaSuccess) return e;
+    if (per_sm < 1) per_sm = 1;
+    resident[device].store(per_sm);
+  }
   if (tiles <= 0 || batch_tiles <= 0) return cudaSuccess;
-  const int split = ChooseSplit(tiles * batch_tiles, avg_steps, di);
+  const int split = ChooseSplit(tiles * batch_tiles, avg_steps,
+                                (int64_t)per_sm * di.sm_count, di);
   if (tiles * split > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   Params p = p0;
   for (int64_t base = 0; base < batch_tiles; base += 65535) {
@@ -117,6 +133,13 @@ int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int dev
     using Cfg = typename FwdCfg<T, FA, BS, true>::type;
     return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
                           blocks_per_col / Cfg::kBPS, device, di, s);
+  }
+  if constexpr (sizeof(T) == 2 && BS >= 32) {
+    if (Tuning() == 1) {
+      using Cfg = typename FwdCfgWide<T, FA, BS>::type;
+      return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
+                            blocks_per_col / Cfg::kBPS, device, di, s);
+    }
   }
   using Cfg = typename FwdCfg<T, FA, BS, false>::type;
   return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,

@@ -17,6 +17,9 @@ struct DeviceInfo {
   int sm_count = 0, cc_major = 0, cc_minor = 0, max_smem_optin = 0;
 };
 
+// Tile-configuration variant for benchmarking (0 = default); see SetTuning in the header.
+int Tuning();
+
 // Tensor-core launches, one explicit instantiation per element type (float, __half,
 // __nv_bfloat16) in blocksparse_matmul_gpu_{f32,f16,bf16}.cu.  `blocks` is the number of
 // stored blocks (forward uses it to size the split over clusters).

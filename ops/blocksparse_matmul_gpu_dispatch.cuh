@@ -33,8 +33,10 @@ template <typename T, int FA> struct FwdCfg<T, FA, 32, false, false> { using typ
 template <typename T, int FA> struct FwdCfg<T, FA, 32, true, false> { using type = Config<T, kForward, FA, 32, 64, 32, 2, 2, 2, 1, 4>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 64, false, false> { using type = Config<T, kForward, FA, 64, 128, 64, 1, 4, 2, 1, 3>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 64, true, false> { using type = Config<T, kForward, FA, 64, 64, 64, 1, 2, 2, 1, 4>; };
-// Alternative 16-bit tiles with BM = 256 (half the weight traffic per flop), selected by
-// SetTuning(1) for benchmarking.
+// 16-bit tiles with BM = 256 rows (half the weight traffic per flop of BM = 128, but fewer
+// CTAs per SM).  Measured on an H200 (docs/benchmarks_gpu.md): 2-17% faster for bs 32 with
+// feature axis 1 (the default there), slower for bs 64 and for feature axis 0.
+// SetTuning(1) swaps the default and the alternative, for benchmarking.
 template <typename T, int FA, int BS> struct FwdCfgWide;
 template <typename T, int FA> struct FwdCfgWide<T, FA, 32> { using type = Config<T, kForward, FA, 32, 256, 32, 2, 8, 1, 1, 2>; };
 template <typename T, int FA> struct FwdCfgWide<T, FA, 64> { using type = Config<T, kForward, FA, 64, 256, 64, 1, 4, 2, 1, 2>; };
@@ -52,6 +54,17 @@ struct GradCfg;
 template <typename T, int FA> struct GradCfg<T, FA, 16, false> { using type = Config<T, kGradW, FA, 16, 16, 16, 128, 1, 1, 4, 4>; };
 template <typename T, int FA> struct GradCfg<T, FA, 32, false> { using type = Config<T, kGradW, FA, 32, 32, 32, 64, 2, 2, 2, 4>; };
 template <typename T, int FA> struct GradCfg<T, FA, 64, false> { using type = Config<T, kGradW, FA, 64, 64, 64, 64, 2, 2, 2, 3>; };
+// Short batches (N <= 256): two stages, so many more CTAs fit on an SM.
+template <typename T, int FA, int BS, bool kF32 = (sizeof(T) == 4)>
+struct GradCfgShort;
+template <typename T, int FA> struct GradCfgShort<T, FA, 16, false> { using type = Config<T, kGradW, FA, 16, 16, 16, 64, 1, 1, 4, 2>; };
+template <typename T, int FA> struct GradCfgShort<T, FA, 32, false> { using type = Config<T, kGradW, FA, 32, 32, 32, 64, 2, 2, 2, 2>; };
+template <typename T, int FA> struct GradCfgShort<T, FA, 64, false> { using type = Config<T, kGradW, FA, 64, 64, 64, 64, 2, 2, 2, 2>; };
+template <typename T, int FA> struct GradCfgShort<T, FA, 16, true> { using type = Config<T, kGradW, FA, 16, 16, 16, 32, 1, 1, 4, 2>; };
+template <typename T, int FA> struct GradCfgShort<T, FA, 32, true> { using type = Config<T, kGradW, FA, 32, 32, 32, 32, 2, 2, 2, 2>; };
+template <typename T, int FA> struct GradCfgShort<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 64, 64, 32, 2, 2, 2, 2>; };
+constexpr int64_t kShortGradBatch = 256;
+
 template <typename T, int FA> struct GradCfg<T, FA, 16, true> { using type = Config<T, kGradW, FA, 16, 16, 16, 64, 1, 1, 4, 4>; };
 template <typename T, int FA> struct GradCfg<T, FA, 32, true> { using type = Config<T, kGradW, FA, 32, 32, 32, 64, 2, 2, 2, 3>; };
 template <typename T, int FA> struct GradCfg<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 64, 64, 32, 2, 2, 2, 3>; };
@@ -135,7 +148,8 @@ int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int dev
                           blocks_per_col / Cfg::kBPS, device, di, s);
   }
   if constexpr (sizeof(T) == 2 && BS >= 32) {
-    if (Tuning() == 1) {
+    const bool wide_default = FA == 1 && BS == 32;
+    if (wide_default != (Tuning() == 1)) {
       using Cfg = typename FwdCfgWide<T, FA, BS>::type;
       return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
                             blocks_per_col / Cfg::kBPS, device, di, s);
@@ -160,6 +174,12 @@ int ForwardMmaFa(const Params& p, int64_t N, int64_t bs, int64_t KB, int64_t blo
 template <typename T, int FA, int BS>
 int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const DeviceInfo& di,
                cudaStream_t s) {
+  if (N <= kShortGradBatch) {
+    using Cfg = typename GradCfgShort<T, FA, BS>::type;
+    const int64_t sub = (BS / Cfg::kBM) * (BS / Cfg::kBN);
+    return LaunchMma<Cfg>(p, blocks * sub, 1, static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS),
+                          device, di, s);
+  }
   using Cfg = typename GradCfg<T, FA, BS>::type;
   const int64_t sub = (BS / Cfg::kBM) * (BS / Cfg::kBN);
   return LaunchMma<Cfg>(p, blocks * sub, 1, static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS),

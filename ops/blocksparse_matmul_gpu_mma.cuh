@@ -270,8 +270,28 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   // This CTA takes steps rank, rank + split, ...
   const int steps = total_steps > rank ? (total_steps - rank + split - 1) / split : 0;
 
+  // ---- forward: block indices (block row, stored block) of a step, fetched into registers
+  // one step ahead of their use so that their latency overlaps the MMAs; -1 = no block ----
+  auto fetch_idx = [&](int ls, int (&ic)[BPS], int (&ib)[BPS]) {
+    const int s = rank + ls * split;
+#pragma unroll
+    for (int g = 0; g < BPS; ++g) {
+      const int pi = pbeg + s * BPS + g;
+      const bool vb = kFwd && ls < steps && pi < pend;
+      ic[g] = vb ? __ldg(p.col_row + pi) : -1;
+      ib[g] = vb ? __ldg(p.col_block + pi) : -1;
+    }
+  };
+  // Selects entry g of a register array without dynamic indexing (which would spill it).
+  auto pick = [](const int (&a)[BPS], int g) {
+    int v = a[0];
+#pragma unroll
+    for (int j = 1; j < BPS; ++j) v = g == j ? a[j] : v;
+    return v;
+  };
+
   // ---- producer: issue the cp.async copies of local step ls into stage buffer `buf` ----
-  auto load_step = [&](int ls, int buf) {
+  auto load_step = [&](int ls, int buf, const int (&ic)[BPS], const int (&ib)[BPS]) {
     const int s = rank + ls * split;
     T* As = smem + buf * (Cfg::kASize + Cfg::kBSize);
     T* Bs = As + Cfg::kASize;
@@ -285,10 +305,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           if (kTotal % NTH == 0 || q < kTotal) {
             const int m = q / kCh, kc = q % kCh;
             const int g = (kc * CE) / BS, i0 = (kc * CE) % BS;
-            const int pi = pbeg + s * BPS + g;
-            const bool vb = pi < pend;
-            const int c = vb ? __ldg(p.col_row + pi) : 0;
-            const bool v = vb && (n0 + m < N);
+            const int c = pick(ic, g);
+            const bool v = c >= 0 && (n0 + m < N);
             const T* src = v ? gx + (n0 + m) * C + (int64_t)c * BS + i0 : gx;
             CpAsync16(As + m * Cfg::kALd + kc * CE, src, v);
           }
@@ -301,10 +319,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           if (kTotal % NTH == 0 || q < kTotal) {
             const int r = q / kCh, mc = q % kCh;
             const int g = r / BS, i = r % BS;
-            const int pi = pbeg + s * BPS + g;
-            const bool vb = pi < pend;
-            const int c = vb ? __ldg(p.col_row + pi) : 0;
-            const bool v = vb && (n0 + mc * CE < N);
+            const int c = pick(ic, g);
+            const bool v = c >= 0 && (n0 + mc * CE < N);
             const T* src = v ? gx + ((int64_t)c * BS + i) * N + n0 + mc * CE : gx;
             CpAsync16(As + r * Cfg::kALd + mc * CE, src, v);
           }
@@ -319,9 +335,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           if (kTotal % NTH == 0 || q < kTotal) {
             const int r = q / kCh, nc = q % kCh;
             const int g = r / BS, i = r % BS;
-            const int pi = pbeg + s * BPS + g;
-            const bool vb = pi < pend;
-            const int b = vb ? __ldg(p.col_block + pi) : 0;
+            const int b = pick(ib, g);
+            const bool vb = b >= 0;
             const T* src = vb ? gw + ((int64_t)b * BS + i) * BS + n_off + nc * CE : gw;
             CpAsync16(Bs + r * Cfg::kBLd + nc * CE, src, vb);
           }
@@ -435,6 +450,16 @@ __global__ void __launch_bounds__(Cfg::kThreads)
             MmaOp<T>::Run(acc[mt][nt], af[mt], bf[nt][0], bf[nt][1]);
       }
     } else {  // float32: 3xTF32
+      // The MMA units do not round their float32 additions the IEEE way; over thousands of
+      // products that drifts past float32 accuracy.  So each step's MMAs start from zero and
+      // the step's partial sum is added to the accumulators with ordinary float32 adds.
+      float part[MT][NT][4];
+#pragma unroll
+      for (int a = 0; a < MT; ++a)
+#pragma unroll
+        for (int b = 0; b < NT; ++b)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) part[a][b][e] = 0.f;
       const uint32_t* Au = reinterpret_cast<const uint32_t*>(As);
       const uint32_t* Bu = reinterpret_cast<const uint32_t*>(Bs);
 #pragma unroll
@@ -481,26 +506,40 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
-            MmaTf32(acc[mt][nt], al[mt], bh[nt][0], bh[nt][1]);
-            MmaTf32(acc[mt][nt], ah[mt], bl[nt][0], bl[nt][1]);
-            MmaTf32(acc[mt][nt], ah[mt], bh[nt][0], bh[nt][1]);
+            MmaTf32(part[mt][nt], al[mt], bh[nt][0], bh[nt][1]);
+            MmaTf32(part[mt][nt], ah[mt], bl[nt][0], bl[nt][1]);
+            MmaTf32(part[mt][nt], ah[mt], bh[nt][0], bh[nt][1]);
           }
       }
+#pragma unroll
+      for (int a = 0; a < MT; ++a)
+#pragma unroll
+        for (int b = 0; b < NT; ++b)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[a][b][e] += part[a][b][e];
     }
   };
 
   // ---- pipeline ----
+  int ic[BPS], ib[BPS];
+#pragma unroll
+  for (int g = 0; g < BPS; ++g) ic[g] = ib[g] = -1;
 #pragma unroll
   for (int s = 0; s < Cfg::kStages - 1; ++s) {
-    if (s < steps) load_step(s, s);
+    if constexpr (kFwd) fetch_idx(s, ic, ib);
+    if (s < steps) load_step(s, s, ic, ib);
     CpAsyncCommit();
   }
+  if constexpr (kFwd) fetch_idx(Cfg::kStages - 1, ic, ib);
   for (int s = 0; s < steps; ++s) {
     CpAsyncWait<Cfg::kStages - 2>();
     __syncthreads();
     const int nxt = s + Cfg::kStages - 1;
-    if (nxt < steps) load_step(nxt, nxt % Cfg::kStages);
+    if (nxt < steps) load_step(nxt, nxt % Cfg::kStages, ic, ib);
     CpAsyncCommit();
+    if constexpr (kFwd) {
+      if (nxt + 1 < steps) fetch_idx(nxt + 1, ic, ib);  // consumed next iteration
+    }
     compute_step(s % Cfg::kStages);
   }
   CpAsyncWait<0>();

@@ -15,6 +15,7 @@
 
 #include "ops/block_layout.h"
 #include "ops/blocksparse_matmul_cpu.h"
+#include "ops/blocksparse_matmul_op_base.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -24,34 +25,11 @@
 namespace blocksparse {
 
 using ::tensorflow::DEVICE_CPU;
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
 using ::tensorflow::shape_inference::DimensionHandle;
 using ::tensorflow::shape_inference::InferenceContext;
 using ::tensorflow::shape_inference::ShapeHandle;
 
 namespace {
-
-absl::Status CheckAttrs(int64_t block_size, int64_t C, int64_t K, int64_t feature_axis) {
-  if (block_size != 1 && block_size != 8 && block_size != 16 && block_size != 32 &&
-      block_size != 64) {
-    return absl::InvalidArgumentError("block_size must be one of 1, 8, 16, 32, 64; got " +
-                                      std::to_string(block_size));
-  }
-  if (C < 1 || K < 1 || C % block_size != 0 || K % block_size != 0) {
-    return absl::InvalidArgumentError(
-        "C and K must be positive multiples of block_size " + std::to_string(block_size) +
-        "; got C=" + std::to_string(C) + ", K=" + std::to_string(K));
-  }
-  if (feature_axis != 0 && feature_axis != 1) {
-    return absl::InvalidArgumentError("feature_axis must be 0 or 1; got " +
-                                      std::to_string(feature_axis));
-  }
-  return absl::OkStatus();
-}
 
 // Shape of x with its feature dimension (last for feature_axis 1, first for 0) checked against C.
 absl::Status FeatureShape(InferenceContext* c, int input, int64_t features, int feature_axis,
@@ -151,61 +129,12 @@ Weight gradient of BlocksparseMatmul for the stored blocks only: dw[b] = x[:, c]
 
 namespace {
 
-// Checks shared by both kernels: attributes, the layout tensor and the layout tables.
-class BlocksparseOpBase : public OpKernel {
- public:
-  explicit BlocksparseOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("C", &C_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("K", &K_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("feature_axis", &feature_axis_));
-    OP_REQUIRES_OK(ctx, CheckAttrs(block_size_, C_, K_, feature_axis_));
-  }
-
- protected:
-  // Validates the layout input and builds its lookup tables.
-  absl::Status BuildLayout(const Tensor& t, BlockLayout* layout) const {
-    if (t.dims() != 2 || t.dim_size(1) != 2) {
-      return absl::InvalidArgumentError("layout must have shape (blocks, 2); got " +
-                                        t.shape().DebugString());
-    }
-    const std::string error = BuildBlockLayout(t.flat<int32_t>().data(), t.dim_size(0),
-                                               C_ / block_size_, K_ / block_size_, block_size_,
-                                               layout);
-    if (!error.empty()) return absl::InvalidArgumentError(error);
-    return absl::OkStatus();
-  }
-
-  // Number of feature vectors N in x, after checking its feature dimension equals `features`.
-  absl::Status RowsOf(const char* name, const Tensor& x, int64_t features, int64_t* N) const {
-    if (feature_axis_ == 1) {
-      if (x.dims() < 2 || x.dim_size(x.dims() - 1) != features) {
-        return absl::InvalidArgumentError(std::string(name) + " must have shape (..., " +
-                                          std::to_string(features) +
-                                          ") for feature_axis=1; got " + x.shape().DebugString());
-      }
-      *N = x.NumElements() / features;
-    } else {
-      if (x.dims() != 2 || x.dim_size(0) != features) {
-        return absl::InvalidArgumentError(std::string(name) + " must have shape (" +
-                                          std::to_string(features) +
-                                          ", N) for feature_axis=0; got " + x.shape().DebugString());
-      }
-      *N = x.dim_size(1);
-    }
-    return absl::OkStatus();
-  }
-
-  ParallelFor CpuParallelFor(OpKernelContext* ctx) const {
-    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    return [workers](int64_t tasks, int64_t cost,
-                     const std::function<void(int64_t, int64_t)>& work) {
-      workers->ParallelFor(tasks, cost, work);
-    };
-  }
-
-  int64_t block_size_, C_, K_, feature_axis_;
-};
+ParallelFor CpuParallelFor(OpKernelContext* ctx) {
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  return [workers](int64_t tasks, int64_t cost, const std::function<void(int64_t, int64_t)>& work) {
+    workers->ParallelFor(tasks, cost, work);
+  };
+}
 
 // Float32 views of an input: the tensor itself, or a float copy of a half/bfloat16 one.
 template <typename T>
@@ -244,22 +173,15 @@ class BlocksparseMatmulOp : public BlocksparseOpBase {
   using BlocksparseOpBase::BlocksparseOpBase;
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& x = ctx->input(0);
-    const Tensor& w = ctx->input(1);
     BlockLayout layout;
-    OP_REQUIRES_OK(ctx, BuildLayout(ctx->input(2), &layout));
-    OP_REQUIRES(ctx, w.shape() == TensorShape({layout.blocks, block_size_, block_size_}),
-                absl::InvalidArgumentError(
-                    "w must have shape (blocks, block_size, block_size) = (" +
-                    std::to_string(layout.blocks) + ", " + std::to_string(block_size_) + ", " +
-                    std::to_string(block_size_) + "); got " + w.shape().DebugString()));
     int64_t N;
-    OP_REQUIRES_OK(ctx, RowsOf("x", x, C_, &N));
-    TensorShape y_shape = x.shape();
-    y_shape.set_dim(feature_axis_ == 1 ? x.dims() - 1 : 0, K_);
+    TensorShape y_shape;
+    OP_REQUIRES_OK(ctx, PrepareForward(ctx, &layout, &N, &y_shape));
     Tensor* y;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_shape, &y));
     if (N == 0) return;
+    const Tensor& x = ctx->input(0);
+    const Tensor& w = ctx->input(1);
     Tensor x_scratch, w_scratch;
     const float* xf = AsFloat<T>(ctx, x, &x_scratch);
     const float* wf = AsFloat<T>(ctx, w, &w_scratch);
@@ -276,17 +198,11 @@ class BlocksparseMatmulGradWOp : public BlocksparseOpBase {
   using BlocksparseOpBase::BlocksparseOpBase;
 
   void Compute(OpKernelContext* ctx) override {
+    BlockLayout layout;
+    int64_t N;
+    OP_REQUIRES_OK(ctx, PrepareGradW(ctx, &layout, &N));
     const Tensor& x = ctx->input(0);
     const Tensor& dy = ctx->input(1);
-    BlockLayout layout;
-    OP_REQUIRES_OK(ctx, BuildLayout(ctx->input(2), &layout));
-    int64_t N, N_dy;
-    OP_REQUIRES_OK(ctx, RowsOf("x", x, C_, &N));
-    OP_REQUIRES_OK(ctx, RowsOf("dy", dy, K_, &N_dy));
-    OP_REQUIRES(ctx, N == N_dy && (feature_axis_ == 0 || x.dims() == dy.dims()),
-                absl::InvalidArgumentError("x " + x.shape().DebugString() + " and dy " +
-                                           dy.shape().DebugString() +
-                                           " must hold the same number of rows"));
     Tensor* dw;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             0, TensorShape({layout.blocks, block_size_, block_size_}), &dw));

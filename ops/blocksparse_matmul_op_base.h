@@ -1,0 +1,123 @@
+// Attribute and input checks shared by the CPU and GPU kernels of the block-sparse ops.
+#ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_OP_BASE_H_
+#define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_OP_BASE_H_
+
+#include <cstdint>
+#include <string>
+
+#include "ops/block_layout.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+
+namespace blocksparse {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+
+inline absl::Status CheckAttrs(int64_t block_size, int64_t C, int64_t K, int64_t feature_axis) {
+  if (block_size != 1 && block_size != 8 && block_size != 16 && block_size != 32 &&
+      block_size != 64) {
+    return absl::InvalidArgumentError("block_size must be one of 1, 8, 16, 32, 64; got " +
+                                      std::to_string(block_size));
+  }
+  if (C < 1 || K < 1 || C % block_size != 0 || K % block_size != 0) {
+    return absl::InvalidArgumentError(
+        "C and K must be positive multiples of block_size " + std::to_string(block_size) +
+        "; got C=" + std::to_string(C) + ", K=" + std::to_string(K));
+  }
+  if (feature_axis != 0 && feature_axis != 1) {
+    return absl::InvalidArgumentError("feature_axis must be 0 or 1; got " +
+                                      std::to_string(feature_axis));
+  }
+  return absl::OkStatus();
+}
+
+// Base of every block-sparse kernel: reads and checks the attributes, checks the layout
+// input and builds its tables, and checks the activations' shapes.
+class BlocksparseOpBase : public OpKernel {
+ public:
+  explicit BlocksparseOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("C", &C_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("K", &K_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("feature_axis", &feature_axis_));
+    OP_REQUIRES_OK(ctx, CheckAttrs(block_size_, C_, K_, feature_axis_));
+  }
+
+ protected:
+  // Validates the layout input and builds its lookup tables.
+  absl::Status BuildLayout(const Tensor& t, BlockLayout* layout) const {
+    if (t.dims() != 2 || t.dim_size(1) != 2) {
+      return absl::InvalidArgumentError("layout must have shape (blocks, 2); got " +
+                                        t.shape().DebugString());
+    }
+    const std::string error = BuildBlockLayout(t.flat<int32_t>().data(), t.dim_size(0),
+                                               C_ / block_size_, K_ / block_size_, block_size_,
+                                               layout);
+    if (!error.empty()) return absl::InvalidArgumentError(error);
+    return absl::OkStatus();
+  }
+
+  // Number of feature vectors N in x, after checking its feature dimension equals `features`.
+  absl::Status RowsOf(const char* name, const Tensor& x, int64_t features, int64_t* N) const {
+    if (feature_axis_ == 1) {
+      if (x.dims() < 2 || x.dim_size(x.dims() - 1) != features) {
+        return absl::InvalidArgumentError(std::string(name) + " must have shape (..., " +
+                                          std::to_string(features) +
+                                          ") for feature_axis=1; got " + x.shape().DebugString());
+      }
+      *N = x.NumElements() / features;
+    } else {
+      if (x.dims() != 2 || x.dim_size(0) != features) {
+        return absl::InvalidArgumentError(std::string(name) + " must have shape (" +
+                                          std::to_string(features) +
+                                          ", N) for feature_axis=0; got " + x.shape().DebugString());
+      }
+      *N = x.dim_size(1);
+    }
+    return absl::OkStatus();
+  }
+
+  // Checks BlocksparseMatmul's inputs (x, w, layout); gives the layout, N and y's shape.
+  absl::Status PrepareForward(OpKernelContext* ctx, BlockLayout* layout, int64_t* N,
+                              TensorShape* y_shape) const {
+    const Tensor& x = ctx->input(0);
+    const Tensor& w = ctx->input(1);
+    TF_RETURN_IF_ERROR(BuildLayout(ctx->input(2), layout));
+    if (w.shape() != TensorShape({layout->blocks, block_size_, block_size_})) {
+      return absl::InvalidArgumentError(
+          "w must have shape (blocks, block_size, block_size) = (" +
+          std::to_string(layout->blocks) + ", " + std::to_string(block_size_) + ", " +
+          std::to_string(block_size_) + "); got " + w.shape().DebugString());
+    }
+    TF_RETURN_IF_ERROR(RowsOf("x", x, C_, N));
+    *y_shape = x.shape();
+    y_shape->set_dim(feature_axis_ == 1 ? x.dims() - 1 : 0, K_);
+    return absl::OkStatus();
+  }
+
+  // Checks BlocksparseMatmulGradW's inputs (x, dy, layout); gives the layout and N.
+  absl::Status PrepareGradW(OpKernelContext* ctx, BlockLayout* layout, int64_t* N) const {
+    const Tensor& x = ctx->input(0);
+    const Tensor& dy = ctx->input(1);
+    TF_RETURN_IF_ERROR(BuildLayout(ctx->input(2), layout));
+    int64_t N_dy;
+    TF_RETURN_IF_ERROR(RowsOf("x", x, C_, N));
+    TF_RETURN_IF_ERROR(RowsOf("dy", dy, K_, &N_dy));
+    if (*N != N_dy || (feature_axis_ == 1 && x.dims() != dy.dims())) {
+      return absl::InvalidArgumentError("x " + x.shape().DebugString() + " and dy " +
+                                        dy.shape().DebugString() +
+                                        " must hold the same number of rows");
+    }
+    return absl::OkStatus();
+  }
+
+  int64_t block_size_, C_, K_, feature_axis_;
+};
+
+}  // namespace blocksparse
+
+#endif  // BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_OP_BASE_H_

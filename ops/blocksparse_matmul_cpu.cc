@@ -1,7 +1,6 @@
 #include "ops/blocksparse_matmul_cpu.h"
 
 #include <algorithm>
-#include <vector>
 
 #include "ops/blocksparse_matmul_cpu_isa.h"
 
@@ -26,9 +25,9 @@ LayoutView ViewOf(const BlockLayout& l) {
                     l.col_row.data(), l.col_block.data()};
 }
 
-// Rows of x that share one packed panel set while every weight column streams past them:
-// 64 rows of a 4096-wide x is 1 MiB, which stays in a core's L2.
-constexpr int64_t kRowsPerGroup = 64;
+// At most this many rows of x share one packed panel set while every weight column streams
+// past them: 96 rows of a 4096-wide x is 1.5 MiB, which stays in a core's L2.
+constexpr int64_t kRowsPerGroup = 96;
 // Columns of y one feature_axis=0 task covers.
 constexpr int64_t kColumnsPerTask = 256;
 
@@ -58,38 +57,75 @@ void PackBlockColumns(const float* x, int64_t N, int64_t F, int64_t bs, int feat
   });
 }
 
-void ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
-                         const BlockLayout& layout, const ParallelFor& parallel_for) {
+// out (cols, rows) = in (rows, cols)^T, in tiles so both sides stay in cache.
+void Transpose(const float* in, int64_t rows, int64_t cols, float* out,
+               const ParallelFor& parallel_for) {
+  constexpr int64_t kTile = 32;
+  const int64_t row_tiles = (rows + kTile - 1) / kTile;
+  parallel_for(row_tiles, kTile * cols * 2, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = begin * kTile; r0 < std::min(rows, end * kTile); r0 += kTile) {
+      const int64_t r1 = std::min(rows, r0 + kTile);
+      for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+        const int64_t c1 = std::min(cols, c0 + kTile);
+        // Contiguous writes; the tile's reads stay in L1 across its columns.
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = r0; r < r1; ++r) out[c * rows + r] = in[r * cols + c];
+      }
+    }
+  });
+}
+
+void ForwardFeatureAxis0(const float* x, const float* w, float* y, int64_t N,
+                         const BlockLayout& layout, const ParallelFor& parallel_for);
+
+bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
+                         const BlockLayout& layout, const ParallelFor& parallel_for,
+                         const ScratchAllocator& scratch) {
   const CpuKernels& kernels = Kernels();
-  const int64_t bs = layout.block_size, C = layout.CB * bs;
+  const int64_t bs = layout.block_size, C = layout.CB * bs, K = layout.KB * bs;
+  if (bs < kernels.vector_width) {
+    // Narrow blocks would fill only part of each vector: compute y^T = W^T x^T instead, with
+    // vectors along N, at the price of two transposes.
+    float* const x_t = scratch(N * C);
+    float* const y_t = scratch(N * K);
+    if (x_t == nullptr || y_t == nullptr) return false;
+    Transpose(x, N, C, x_t, parallel_for);
+    ForwardFeatureAxis0(x_t, w, y_t, N, layout, parallel_for);
+    Transpose(y_t, K, N, y, parallel_for);
+    return true;
+  }
   const int64_t tile = kernels.row_tile;
   const int64_t tiles = (N + tile - 1) / tile;
   // Panels: x re-laid so the tile's rows for one input feature are adjacent (zero-padded).
-  std::vector<float> panels(tiles * tile * C);
+  float* const panels = scratch(tiles * tile * C);
+  if (panels == nullptr) return false;
   parallel_for(tiles, tile * C * 2, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      float* panel = panels.data() + t * tile * C;
+      float* panel = panels + t * tile * C;
       const int64_t rows = std::min(tile, N - t * tile);
-      for (int64_t m = 0; m < rows; ++m) {
-        const float* row = x + (t * tile + m) * C;
-        for (int64_t c = 0; c < C; ++c) panel[c * tile + m] = row[c];
+      const float* x_tile = x + t * tile * C;
+      for (int64_t c = 0; c < C; ++c, panel += tile) {  // sequential writes, `rows` read streams
+        for (int64_t m = 0; m < rows; ++m) panel[m] = x_tile[m * C + c];
+        for (int64_t m = rows; m < tile; ++m) panel[m] = 0.f;
       }
-      for (int64_t m = rows; m < tile; ++m)
-        for (int64_t c = 0; c < C; ++c) panel[c * tile + m] = 0.f;
     }
   });
   const LayoutView view = ViewOf(layout);
-  const int64_t tiles_per_group = std::max<int64_t>(1, kRowsPerGroup / tile);
-  const int64_t groups = (tiles + tiles_per_group - 1) / tiles_per_group;
+  // Equal groups: each one streams all of w, so a nearly empty last group would cost as
+  // much weight traffic as a full one.
+  const int64_t max_tiles_per_group = std::max<int64_t>(1, kRowsPerGroup / tile);
+  const int64_t groups = std::max<int64_t>(1, (tiles + max_tiles_per_group - 1) / max_tiles_per_group);
+  const int64_t tiles_per_group = (tiles + groups - 1) / groups;
   const int64_t KB = layout.KB;
   const int64_t cost = 2 * kRowsPerGroup * bs * bs * std::max<int64_t>(1, layout.blocks / KB);
   parallel_for(groups * KB, cost, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / KB, k = task % KB;
       const int64_t t0 = g * tiles_per_group, t1 = std::min(tiles, t0 + tiles_per_group);
-      kernels.forward_axis1(panels.data(), w, y, N, &view, t0, t1, k);
+      kernels.forward_axis1(panels, w, y, N, &view, t0, t1, k);
     }
   });
+  return true;
 }
 
 void ForwardFeatureAxis0(const float* x, const float* w, float* y, int64_t N,
@@ -109,30 +145,32 @@ void ForwardFeatureAxis0(const float* x, const float* w, float* y, int64_t N,
 
 }  // namespace
 
-void BlocksparseMatmulCpu(const float* x, const float* w, float* y, int64_t N, int feature_axis,
-                          const BlockLayout& layout, const ParallelFor& parallel_for) {
-  if (feature_axis == 1) {
-    ForwardFeatureAxis1(x, w, y, N, layout, parallel_for);
-  } else {
-    ForwardFeatureAxis0(x, w, y, N, layout, parallel_for);
-  }
+bool BlocksparseMatmulCpu(const float* x, const float* w, float* y, int64_t N, int feature_axis,
+                          const BlockLayout& layout, const ParallelFor& parallel_for,
+                          const ScratchAllocator& scratch) {
+  if (feature_axis == 1) return ForwardFeatureAxis1(x, w, y, N, layout, parallel_for, scratch);
+  ForwardFeatureAxis0(x, w, y, N, layout, parallel_for);
+  return true;
 }
 
-void BlocksparseMatmulGradWCpu(const float* x, const float* dy, float* dw, int64_t N,
+bool BlocksparseMatmulGradWCpu(const float* x, const float* dy, float* dw, int64_t N,
                                int feature_axis, const BlockLayout& layout,
-                               const ParallelFor& parallel_for) {
+                               const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
   const int64_t bs = layout.block_size, C = layout.CB * bs, K = layout.KB * bs;
-  std::vector<float> x_panels(N * C), dy_panels(N * K);
-  PackBlockColumns(x, N, C, bs, feature_axis, x_panels.data(), parallel_for);
-  PackBlockColumns(dy, N, K, bs, feature_axis, dy_panels.data(), parallel_for);
+  float* const x_panels = scratch(N * C);
+  float* const dy_panels = scratch(N * K);
+  if (x_panels == nullptr || dy_panels == nullptr) return false;
+  PackBlockColumns(x, N, C, bs, feature_axis, x_panels, parallel_for);
+  PackBlockColumns(dy, N, K, bs, feature_axis, dy_panels, parallel_for);
   const CpuKernels& kernels = Kernels();
   const LayoutView view = ViewOf(layout);
   // Tasks walk the blocks column by column, so neighbouring tasks share a dy panel.
   parallel_for(layout.blocks, 2 * N * bs * bs, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
-      kernels.grad_w(x_panels.data(), dy_panels.data(), dw, N, &view, q);
+      kernels.grad_w(x_panels, dy_panels, dw, N, &view, q);
     }
   });
+  return true;
 }
 
 const char* BlocksparseCpuIsa() { return Kernels().isa; }

@@ -16,17 +16,24 @@ namespace blocksparse {
 using ParallelFor = std::function<void(int64_t tasks, int64_t cost_per_task,
                                        const std::function<void(int64_t, int64_t)>& work)>;
 
+// Hands out `count` floats of scratch memory, 64-byte aligned, valid until the product
+// returns; nullptr if it cannot.  (TensorFlow's allocator reuses memory between calls, where
+// fresh operating-system pages would cost a page fault each.)
+using ScratchAllocator = std::function<float*(int64_t count)>;
+
 // y = x . W where W (C x K) holds the layout's blocks, w has shape (blocks, bs, bs).
 // feature_axis 1: x is (N, C), y is (N, K).  feature_axis 0: x is (C, N), y is (K, N).
 // The input gradient dx = dy . W^T is this same product on the transposed layout.
-void BlocksparseMatmulCpu(const float* x, const float* w, float* y, int64_t N, int feature_axis,
-                          const BlockLayout& layout, const ParallelFor& parallel_for);
+// Returns false, writing nothing, if scratch memory could not be had.
+bool BlocksparseMatmulCpu(const float* x, const float* w, float* y, int64_t N, int feature_axis,
+                          const BlockLayout& layout, const ParallelFor& parallel_for,
+                          const ScratchAllocator& scratch);
 
 // dw[b] = x[:, c-block]^T . dy[:, k-block] for every stored block b = (c, k) only.
 // feature_axis as above: x is (N, C) / (C, N), dy is (N, K) / (K, N); dw is (blocks, bs, bs).
-void BlocksparseMatmulGradWCpu(const float* x, const float* dy, float* dw, int64_t N,
+bool BlocksparseMatmulGradWCpu(const float* x, const float* dy, float* dw, int64_t N,
                                int feature_axis, const BlockLayout& layout,
-                               const ParallelFor& parallel_for);
+                               const ParallelFor& parallel_for, const ScratchAllocator& scratch);
 
 // Name of the instruction set the kernels picked on this processor ("avx512", "avx2", "generic").
 const char* BlocksparseCpuIsa();

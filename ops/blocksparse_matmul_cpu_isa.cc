@@ -241,7 +241,7 @@ void GradW(const float* x_panels, const float* dy_panels, float* dw, int64_t N,
 
 #define BSMM_STRINGIFY2(s) #s
 #define BSMM_STRINGIFY(s) BSMM_STRINGIFY2(s)
-extern const CpuKernels kKernels = {BSMM_STRINGIFY(BSMM_ISA), kRowTile, ForwardAxis1, ForwardAxis0,
+extern const CpuKernels kKernels = {BSMM_STRINGIFY(BSMM_ISA), Width<VecWide>(), kRowTile, ForwardAxis1, ForwardAxis0,
                                     GradW};
 
 }  // namespace BSMM_ISA

@@ -23,6 +23,9 @@ struct LayoutView {
 
 struct CpuKernels {
   const char* isa;
+  // Floats per vector register.  Blocks narrower than this run the feature_axis=0 kernel on
+  // transposed operands, whose vectors run along N instead.
+  int vector_width;
   // Rows of x that the feature_axis=1 forward product packs into one panel:
   // panel[c * row_tile + m] = x[(tile * row_tile + m) * C + c], zero past row N.
   int row_tile;

@@ -210,7 +210,7 @@ int ForwardTyped(const void* x, const void* w, void* y, int64_t N, int fa, const
   const bool aligned = Aligned16(x) && Aligned16(w) && Aligned16(y);
   if (aligned && MmaEligible(dt, N, fa, L.block_size, di)) {
     mma_impl::Params p{x, w, y, N, L.CB * L.block_size, L.KB * L.block_size, L.col_ptr,
-                       L.col_row, L.col_block, L.block_row, L.block_col, 0};
+                       L.col_row, L.col_block, L.block_row, L.block_col, L.blocks, 0};
     return internal::ForwardMma<T>(p, fa, N, L.block_size, L.KB, L.blocks, device, di, s);
   }
   return LaunchForwardSimple<T>(x, w, y, N, fa, L, di, s);
@@ -222,7 +222,7 @@ int GradWTyped(const void* x, const void* dy, void* dw, int64_t N, int fa, const
   const bool aligned = Aligned16(x) && Aligned16(dy) && Aligned16(dw);
   if (aligned && MmaEligible(dt, N, fa, L.block_size, di)) {
     mma_impl::Params p{x, dy, dw, N, L.CB * L.block_size, L.KB * L.block_size, L.col_ptr,
-                       L.col_row, L.col_block, L.block_row, L.block_col, 0};
+                       L.col_row, L.col_block, L.block_row, L.block_col, L.blocks, 0};
     return internal::GradWMma<T>(p, fa, N, L.block_size, L.blocks, device, di, s);
   }
   return LaunchGradWSimple<T>(x, dy, dw, N, fa, L, di, s);

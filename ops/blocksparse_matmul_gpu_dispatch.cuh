@@ -40,6 +40,8 @@ template <typename T, int FA> struct FwdCfg<T, FA, 64, true, false> { using type
 template <typename T, int FA, int BS> struct FwdCfgWide;
 template <typename T, int FA> struct FwdCfgWide<T, FA, 32> { using type = Config<T, kForward, FA, 32, 256, 32, 2, 8, 1, 1, 2>; };
 template <typename T, int FA> struct FwdCfgWide<T, FA, 64> { using type = Config<T, kForward, FA, 64, 256, 64, 1, 4, 2, 1, 2>; };
+// SetTuning(2), bs 64: 64 x 32 warp tiles (4 warps, 4 stages) instead of 32 x 32 (8 warps).
+template <typename T, int FA> struct FwdCfgWarp64 { using type = Config<T, kForward, FA, 64, 128, 64, 1, 2, 2, 1, 4>; };
 // float32 (3xTF32, m16n8k8).
 template <typename T, int FA> struct FwdCfg<T, FA, 16, false, true> { using type = Config<T, kForward, FA, 16, 128, 16, 2, 4, 1, 1, 4>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 16, true, true> { using type = Config<T, kForward, FA, 16, 64, 16, 2, 4, 1, 1, 4>; };
@@ -48,12 +50,17 @@ template <typename T, int FA> struct FwdCfg<T, FA, 32, true, true> { using type 
 template <typename T, int FA> struct FwdCfg<T, FA, 64, false, true> { using type = Config<T, kForward, FA, 64, 64, 64, 1, 2, 2, 1, 3>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 64, true, true> { using type = Config<T, kForward, FA, 64, 64, 64, 1, 2, 2, 1, 3>; };
 
-// GradW tiles: one stored block per tile, <.., BS, BM, BN, batch rows per step, warps, stages>.
+// GradW tiles: <.., BS, BM, BN, batch rows per step, warps, stages>.  BM = G * BS groups G
+// stored blocks of one block column per tile (they share the dy slab).
 template <typename T, int FA, int BS, bool kF32 = (sizeof(T) == 4)>
 struct GradCfg;
-template <typename T, int FA> struct GradCfg<T, FA, 16, false> { using type = Config<T, kGradW, FA, 16, 16, 16, 128, 1, 1, 4, 4>; };
-template <typename T, int FA> struct GradCfg<T, FA, 32, false> { using type = Config<T, kGradW, FA, 32, 32, 32, 64, 2, 2, 2, 4>; };
-template <typename T, int FA> struct GradCfg<T, FA, 64, false> { using type = Config<T, kGradW, FA, 64, 64, 64, 64, 2, 2, 2, 3>; };
+template <typename T, int FA> struct GradCfg<T, FA, 16, false> { using type = Config<T, kGradW, FA, 16, 64, 16, 64, 4, 1, 2, 4>; };
+template <typename T, int FA> struct GradCfg<T, FA, 32, false> { using type = Config<T, kGradW, FA, 32, 64, 32, 64, 2, 2, 2, 4>; };
+template <typename T, int FA> struct GradCfg<T, FA, 64, false> { using type = Config<T, kGradW, FA, 64, 128, 64, 64, 4, 2, 1, 3>; };
+template <typename T, int FA> struct GradCfg<T, FA, 16, true> { using type = Config<T, kGradW, FA, 16, 64, 16, 32, 4, 1, 2, 4>; };
+template <typename T, int FA> struct GradCfg<T, FA, 32, true> { using type = Config<T, kGradW, FA, 32, 64, 32, 32, 2, 2, 2, 3>; };
+template <typename T, int FA> struct GradCfg<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 128, 64, 32, 4, 2, 1, 3>; };
+
 // Short batches (N <= 256): two stages, so many more CTAs fit on an SM.
 template <typename T, int FA, int BS, bool kF32 = (sizeof(T) == 4)>
 struct GradCfgShort;
@@ -65,9 +72,6 @@ template <typename T, int FA> struct GradCfgShort<T, FA, 32, true> { using type 
 template <typename T, int FA> struct GradCfgShort<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 64, 64, 32, 2, 2, 2, 2>; };
 constexpr int64_t kShortGradBatch = 256;
 
-template <typename T, int FA> struct GradCfg<T, FA, 16, true> { using type = Config<T, kGradW, FA, 16, 16, 16, 64, 1, 1, 4, 4>; };
-template <typename T, int FA> struct GradCfg<T, FA, 32, true> { using type = Config<T, kGradW, FA, 32, 32, 32, 64, 2, 2, 2, 3>; };
-template <typename T, int FA> struct GradCfg<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 64, 64, 32, 2, 2, 2, 3>; };
 
 // Cluster split: with too few tiles to fill the GPU, let 2, 4 or 8 CTAs share each tile, as
 // long as all CTAs still fit on the GPU at once (`capacity` = resident CTAs per SM x SMs) and
@@ -147,6 +151,13 @@ int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int dev
     return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
                           blocks_per_col / Cfg::kBPS, device, di, s);
   }
+  if constexpr (sizeof(T) == 2 && BS == 64) {
+    if (Tuning() == 2) {
+      using Cfg = typename FwdCfgWarp64<T, FA>::type;
+      return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
+                            blocks_per_col / Cfg::kBPS, device, di, s);
+    }
+  }
   if constexpr (sizeof(T) == 2 && BS >= 32) {
     const bool wide_default = FA == 1 && BS == 32;
     if (wide_default != (Tuning() == 1)) {
@@ -181,9 +192,9 @@ int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const Dev
                           device, di, s);
   }
   using Cfg = typename GradCfg<T, FA, BS>::type;
-  const int64_t sub = (BS / Cfg::kBM) * (BS / Cfg::kBN);
-  return LaunchMma<Cfg>(p, blocks * sub, 1, static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS),
-                        device, di, s);
+  static_assert(Cfg::kGroup > 1, "long-batch gradw tiles group blocks");
+  return LaunchMma<Cfg>(p, (blocks + Cfg::kGroup - 1) / Cfg::kGroup, 1,
+                        static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS), device, di, s);
 }
 
 template <typename T, int FA>

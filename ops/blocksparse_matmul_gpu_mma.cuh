@@ -42,6 +42,7 @@ struct Params {
   const int32_t* col_block;
   const int32_t* block_row;
   const int32_t* block_col;
+  int64_t blocks;       // number of stored blocks
   int64_t n_tile_base;  // forward: first batch tile of this launch (grids are split at 65535)
 };
 
@@ -144,6 +145,15 @@ __device__ __forceinline__ void StoreChunk(T* dst, const float* v) {
   *reinterpret_cast<uint4*>(dst) = out;
 }
 
+// Entry g of a small register array, without dynamic indexing (which would spill the array).
+template <int NN>
+__device__ __forceinline__ int PickReg(const int (&a)[NN], int g) {
+  int v = a[0];
+#pragma unroll
+  for (int j = 1; j < NN; ++j) v = g == j ? a[j] : v;
+  return v;
+}
+
 // Cluster helpers: on sm_80 every CTA is alone (split == 1), so they reduce to the CTA.
 __device__ __forceinline__ void ClusterInfo(int& size, int& rank) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -189,6 +199,9 @@ struct Config {
   static constexpr int kKS = MODE == kForward ? KSTEP * BS : KSTEP;  // K extent of a step
   static constexpr int kBPS = MODE == kForward ? KSTEP : 1;
   static constexpr int kWM = WM, kWN = WN, kWK = WK, kStages = STAGES;
+  // GradW with BM = G * BS: one tile holds G stored blocks of one block column (consecutive
+  // entries of the column view), which share the dy slab: G + 1 slabs read instead of 2 G.
+  static constexpr int kGroup = (MODE == kGradW && BM > BS) ? BM / BS : 1;
   static constexpr int kThreads = 32 * WM * WN * WK;
   static constexpr int kWTM = BM / WM, kWTN = BN / WN;
   static constexpr int kMT = kWTM / 16, kNT = kWTN / 8;
@@ -211,7 +224,8 @@ struct Config {
   static_assert(BM % (16 * WM) == 0 && BN % (16 * WN) == 0, "warp tile must be 16-aligned");
   static_assert(kKS % (kKSlice * WK) == 0, "each K slice group needs whole MMA slices");
   static_assert(BS % BN == 0, "column split must divide the block");
-  static_assert(MODE == kForward || BS % BM == 0, "row split must divide the block");
+  static_assert(MODE == kForward || BS % BM == 0 || (BM % BS == 0 && BN == BS),
+                "gradw: row split must divide the block, or whole blocks be grouped");
 };
 
 // One CTA (or one cluster of `split` CTAs, see above) computes one output tile.
@@ -245,8 +259,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 
   // ---- what this CTA computes ----
   int64_t n0 = 0;          // forward: first batch row
-  int kcol = 0, crow = 0;  // block column (and block row for gradw)
-  int bidx = 0;            // gradw: stored block
+  constexpr int G = Cfg::kGroup;
+  int kcol = 0;                   // block column
+  int gb[G], gc[G], gk[G], ng = 1;  // gradw: stored block, block row, block column of tile rows
   int m_off = 0, n_off = 0;
   int pbeg = 0, pend = 0, total_steps = 0;
   if constexpr (kFwd) {
@@ -258,15 +273,32 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     pend = __ldg(p.col_ptr + kcol + 1);
     total_steps = (pend - pbeg + BPS - 1) / BPS;
   } else {
-    constexpr int kMSplit = BS / BM, kNSplit = BS / BN;
-    bidx = tile / (kMSplit * kNSplit);
-    const int sub = tile % (kMSplit * kNSplit);
-    m_off = (sub / kNSplit) * BM;
-    n_off = (sub % kNSplit) * BN;
-    crow = __ldg(p.block_row + bidx);
-    kcol = __ldg(p.block_col + bidx);
+    if constexpr (G == 1) {
+      constexpr int kMSplit = BS / BM, kNSplit = BS / BN;
+      const int bidx = tile / (kMSplit * kNSplit);
+      const int sub = tile % (kMSplit * kNSplit);
+      m_off = (sub / kNSplit) * BM;
+      n_off = (sub % kNSplit) * BN;
+      gb[0] = bidx;
+      gc[0] = __ldg(p.block_row + bidx);
+      gk[0] = __ldg(p.block_col + bidx);
+    } else {
+      const int64_t e0 = (int64_t)tile * G;
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const bool valid = e0 + g < p.blocks;
+        const int b = valid ? __ldg(p.col_block + e0 + g) : 0;
+        gb[g] = b;
+        gc[g] = valid ? __ldg(p.block_row + b) : 0;
+        gk[g] = valid ? __ldg(p.block_col + b) : -1;
+      }
+      ng = static_cast<int>(p.blocks - e0 < G ? p.blocks - e0 : G);
+    }
+    kcol = gk[0];
     total_steps = static_cast<int>((N + KS - 1) / KS);
   }
+  // gradw: tile rows of blocks run_lo .. run_hi-1 (one block column) are being computed.
+  int run_lo = 0, run_hi = 1;
   // This CTA takes steps rank, rank + split, ...
   const int steps = total_steps > rank ? (total_steps - rank + split - 1) / split : 0;
 
@@ -281,13 +313,6 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       ic[g] = vb ? __ldg(p.col_row + pi) : -1;
       ib[g] = vb ? __ldg(p.col_block + pi) : -1;
     }
-  };
-  // Selects entry g of a register array without dynamic indexing (which would spill it).
-  auto pick = [](const int (&a)[BPS], int g) {
-    int v = a[0];
-#pragma unroll
-    for (int j = 1; j < BPS; ++j) v = g == j ? a[j] : v;
-    return v;
   };
 
   // ---- producer: issue the cp.async copies of local step ls into stage buffer `buf` ----
@@ -305,7 +330,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           if (kTotal % NTH == 0 || q < kTotal) {
             const int m = q / kCh, kc = q % kCh;
             const int g = (kc * CE) / BS, i0 = (kc * CE) % BS;
-            const int c = pick(ic, g);
+            const int c = PickReg(ic, g);
             const bool v = c >= 0 && (n0 + m < N);
             const T* src = v ? gx + (n0 + m) * C + (int64_t)c * BS + i0 : gx;
             CpAsync16(As + m * Cfg::kALd + kc * CE, src, v);
@@ -319,7 +344,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           if (kTotal % NTH == 0 || q < kTotal) {
             const int r = q / kCh, mc = q % kCh;
             const int g = r / BS, i = r % BS;
-            const int c = pick(ic, g);
+            const int c = PickReg(ic, g);
             const bool v = c >= 0 && (n0 + mc * CE < N);
             const T* src = v ? gx + ((int64_t)c * BS + i) * N + n0 + mc * CE : gx;
             CpAsync16(As + r * Cfg::kALd + mc * CE, src, v);
@@ -335,7 +360,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           if (kTotal % NTH == 0 || q < kTotal) {
             const int r = q / kCh, nc = q % kCh;
             const int g = r / BS, i = r % BS;
-            const int b = pick(ib, g);
+            const int b = PickReg(ib, g);
             const bool vb = b >= 0;
             const T* src = vb ? gw + ((int64_t)b * BS + i) * BS + n_off + nc * CE : gw;
             CpAsync16(Bs + r * Cfg::kBLd + nc * CE, src, vb);
@@ -351,8 +376,11 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           const int q = q0 + tid;
           if (kTotal % NTH == 0 || q < kTotal) {
             const int r = q / kCh, mc = q % kCh;
-            const bool v = k0 + r < N;
-            const T* src = v ? gx + (k0 + r) * C + (int64_t)crow * BS + m_off + mc * CE : gx;
+            const int g = (mc * CE) / BS;
+            const bool v = k0 + r < N && g >= run_lo && g < run_hi;
+            const T* src = v ? gx + (k0 + r) * C + (int64_t)PickReg(gc, g) * BS + m_off +
+                                   (mc * CE) % BS
+                             : gx;
             CpAsync16(As + r * Cfg::kALd + mc * CE, src, v);
           }
         }
@@ -363,8 +391,10 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           const int q = q0 + tid;
           if (kTotal % NTH == 0 || q < kTotal) {
             const int m = q / kCh, kc = q % kCh;
-            const bool v = k0 + kc * CE < N;
-            const T* src = v ? gx + ((int64_t)crow * BS + m_off + m) * N + k0 + kc * CE : gx;
+            const int g = m / BS;
+            const bool v = k0 + kc * CE < N && g >= run_lo && g < run_hi;
+            const T* src =
+                v ? gx + ((int64_t)PickReg(gc, g) * BS + m_off + m % BS) * N + k0 + kc * CE : gx;
             CpAsync16(As + m * Cfg::kALd + kc * CE, src, v);
           }
         }
@@ -398,12 +428,6 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   };
 
   float acc[MT][NT][4];
-#pragma unroll
-  for (int a = 0; a < MT; ++a)
-#pragma unroll
-    for (int b = 0; b < NT; ++b)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
 
   // ---- consumer: MMAs on one stage buffer ----
   auto compute_step = [&](int buf) {
@@ -520,6 +544,23 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     }
   };
 
+  // gradw with grouped tiles: one pass per block column among the tile's blocks (usually one).
+  for (;;) {
+  if constexpr (!kFwd && G > 1) {
+    if (run_lo >= ng) break;
+    kcol = PickReg(gk, run_lo);
+    run_hi = run_lo + 1;
+#pragma unroll
+    for (int g = 1; g < G; ++g)
+      if (g == run_hi && g < ng && gk[g] == kcol) run_hi = g + 1;
+  }
+#pragma unroll
+  for (int a = 0; a < MT; ++a)
+#pragma unroll
+    for (int b = 0; b < NT; ++b)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
+
   // ---- pipeline ----
   int ic[BPS], ib[BPS];
 #pragma unroll
@@ -575,6 +616,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       const int m = q / kCh, nc = q % kCh;
       if constexpr (kFwd) {
         if (n0 + m >= N) continue;
+      } else {
+        if (m / BS < run_lo || m / BS >= run_hi) continue;
       }
       float v[CE];
 #pragma unroll
@@ -598,7 +641,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       if constexpr (kFwd) {
         dst = gy + (n0 + m) * K + (int64_t)kcol * BS + n_off + nc * CE;
       } else {
-        dst = gy + ((int64_t)bidx * BS + m_off + m) * BS + n_off + nc * CE;
+        dst = gy + ((int64_t)PickReg(gb, m / BS) * BS + m_off + m % BS) * BS + n_off + nc * CE;
       }
       StoreChunk<T>(dst, v);
     }
@@ -622,6 +665,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     }
   }
   if (split > 1) ClusterSync();  // peers may still be reading this CTA's shared memory
+  if constexpr (kFwd || G == 1) {
+    break;
+  } else {
+    run_lo = run_hi;
+    __syncthreads();  // the next pass refills the shared memory the epilogue just read
+  }
+  }  // passes
 }
 
 }  // namespace mma_impl

@@ -9,9 +9,12 @@
 
 #define EIGEN_USE_THREADS
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
+#include <functional>
 #include <type_traits>
+#include <vector>
 
 #include "ops/block_layout.h"
 #include "ops/blocksparse_matmul_cpu.h"
@@ -136,6 +139,34 @@ ParallelFor CpuParallelFor(OpKernelContext* ctx) {
   };
 }
 
+// Scratch memory for the kernels from TensorFlow's allocator, alive as long as this object.
+class TfScratch {
+ public:
+  explicit TfScratch(OpKernelContext* ctx) : ctx_(ctx) {}
+  float* operator()(int64_t count) {
+    tensors_.emplace_back();
+    // At least one element: an empty tensor has no buffer, and nullptr means failure.
+    const int64_t size = std::max<int64_t>(count, 1);
+    if (!ctx_->allocate_temp(tensorflow::DT_FLOAT, TensorShape({size}), &tensors_.back()).ok()) {
+      return nullptr;
+    }
+    return tensors_.back().flat<float>().data();
+  }
+
+ private:
+  OpKernelContext* ctx_;
+  std::vector<Tensor> tensors_;
+};
+
+// Runs a product that returns false when it could not get scratch memory.
+template <typename Product>
+void RunProduct(OpKernelContext* ctx, Product&& product) {
+  TfScratch scratch(ctx);
+  if (!product(CpuParallelFor(ctx), ScratchAllocator(std::ref(scratch)))) {
+    ctx->SetStatus(absl::ResourceExhaustedError("no memory for the block-sparse product's scratch"));
+  }
+}
+
 // Float32 views of an input: the tensor itself, or a float copy of a half/bfloat16 one.
 template <typename T>
 const float* AsFloat(OpKernelContext* ctx, const Tensor& t, Tensor* scratch) {
@@ -187,7 +218,9 @@ class BlocksparseMatmulOp : public BlocksparseOpBase {
     const float* wf = AsFloat<T>(ctx, w, &w_scratch);
     if (!ctx->status().ok()) return;
     WriteAsT<T>(ctx, y, [&](float* yf) {
-      BlocksparseMatmulCpu(xf, wf, yf, N, feature_axis_, layout, CpuParallelFor(ctx));
+      RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
+        return BlocksparseMatmulCpu(xf, wf, yf, N, feature_axis_, layout, parallel_for, scratch);
+      });
     });
   }
 };
@@ -211,7 +244,10 @@ class BlocksparseMatmulGradWOp : public BlocksparseOpBase {
     const float* dyf = AsFloat<T>(ctx, dy, &dy_scratch);
     if (!ctx->status().ok()) return;
     WriteAsT<T>(ctx, dw, [&](float* dwf) {
-      BlocksparseMatmulGradWCpu(xf, dyf, dwf, N, feature_axis_, layout, CpuParallelFor(ctx));
+      RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
+        return BlocksparseMatmulGradWCpu(xf, dyf, dwf, N, feature_axis_, layout, parallel_for,
+                                         scratch);
+      });
     });
   }
 };

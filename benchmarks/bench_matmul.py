@@ -36,20 +36,21 @@ def parse_args(argv=None):
     p.add_argument("--densities", type=float, nargs="+", default=[0.02, 0.05, 0.10, 0.25, 0.50, 1.00])
     p.add_argument("--sparse-max-density", type=float, default=0.10,
                    help="time tf.sparse.sparse_dense_matmul only up to this density (it is slow)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the median counts")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the fastest counts")
     p.add_argument("--quick", action="store_true", help="N=64 only, bs 32, densities 0.1 and 1; no files")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"), help="where benchmarks.md and the plot go")
     return p.parse_args(argv)
 
 
-def median_time(fn, repeats):
+def best_time(fn, repeats):
+    """Fastest of `repeats` runs after a warm-up: the least disturbed by other work on the machine."""
     fn()  # warm up (and build any lazily created state)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return float(np.min(times))
 
 
 def run_case(N, bs, density, hidden, repeats, sparse_max_density, rng):
@@ -68,17 +69,17 @@ def run_case(N, bs, density, hidden, repeats, sparse_max_density, rng):
 
     t = {}
     # Each product ends in .numpy() so the time covers the whole computation.
-    t["fprop"] = median_time(lambda: blocksparse_matmul(x, w, coords, **args).numpy(), repeats)
-    t["bprop"] = median_time(
+    t["fprop"] = best_time(lambda: blocksparse_matmul(x, w, coords, **args).numpy(), repeats)
+    t["bprop"] = best_time(
         lambda: blocksparse_matmul(dy, tf.transpose(w, [0, 2, 1]), coords_t, **args).numpy(), repeats)
-    t["updat"] = median_time(lambda: blocksparse_matmul_grad_w(x, dy, coords, **args).numpy(), repeats)
-    t["dense_fprop"] = median_time(lambda: tf.matmul(x, W).numpy(), repeats)
-    t["dense_bprop"] = median_time(lambda: tf.matmul(dy, W, transpose_b=True).numpy(), repeats)
-    t["dense_updat"] = median_time(lambda: tf.matmul(x, dy, transpose_a=True).numpy(), repeats)
+    t["updat"] = best_time(lambda: blocksparse_matmul_grad_w(x, dy, coords, **args).numpy(), repeats)
+    t["dense_fprop"] = best_time(lambda: tf.matmul(x, W).numpy(), repeats)
+    t["dense_bprop"] = best_time(lambda: tf.matmul(dy, W, transpose_b=True).numpy(), repeats)
+    t["dense_updat"] = best_time(lambda: tf.matmul(x, dy, transpose_a=True).numpy(), repeats)
     if density <= sparse_max_density:
         W_sparse = tf.sparse.from_dense(W)
         # (W^T x^T)^T: the sparse operand first, as tf.sparse.sparse_dense_matmul wants.
-        t["sparse_fprop"] = median_time(
+        t["sparse_fprop"] = best_time(
             lambda: tf.sparse.sparse_dense_matmul(W_sparse, x, adjoint_a=True, adjoint_b=True).numpy(),
             max(1, repeats // 2))
     return bsmm, t
@@ -92,7 +93,13 @@ def machine_description():
                 cpu = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, TensorFlow {tf.__version__}"
+    try:
+        flags = open("/proc/cpuinfo").read()
+        simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
+    except OSError:
+        simd = "unknown SIMD"
+    return (f"{cpu} ({simd}), {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
+            f"TensorFlow {tf.__version__}")
 
 
 def write_markdown(rows, args, path, plot_name):
@@ -103,7 +110,7 @@ def write_markdown(rows, args, path, plot_name):
         f"- Machine: {machine_description()}",
         f"- Date: {datetime.date.today().isoformat()}",
         f"- Command: `{command.strip()}`",
-        f"- C = K = {args.hidden}, float32, random layouts; median of {args.repeats} runs, each ending "
+        f"- C = K = {args.hidden}, float32, random layouts; fastest of {args.repeats} runs after a warm-up, each ending "
         "in a host copy of the result. Speedup = dense time / block-sparse time on the same masked "
         "weights (dense does the full C x K product whatever the density). `sparse` is "
         "tf.sparse.sparse_dense_matmul (element-level sparse W) forward, as speedup over dense, "

@@ -84,7 +84,7 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 
 // For benchmarks and tests only: selects alternative tile configurations process-wide
 // (0 = the defaults; 1 = swap 128- and 256-row forward tiles for 16-bit inputs with bs 32 / 64
-// and N > 64; 2 = 64 x 32 warp tiles for the 16-bit bs-64 forward with N > 64).
+// and N > 64; 2 = 32 x 32 instead of 64 x 32 warp tiles for the 16-bit bs-64 forward, N > 64).
 // Results stay correct and deterministic for any variant.
 void SetTuning(int variant);
 

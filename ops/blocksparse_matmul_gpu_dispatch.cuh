@@ -31,7 +31,7 @@ template <typename T, int FA> struct FwdCfg<T, FA, 16, false, false> { using typ
 template <typename T, int FA> struct FwdCfg<T, FA, 16, true, false> { using type = Config<T, kForward, FA, 16, 64, 16, 4, 4, 1, 1, 4>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 32, false, false> { using type = Config<T, kForward, FA, 32, 128, 32, 2, 4, 1, 1, 3>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 32, true, false> { using type = Config<T, kForward, FA, 32, 64, 32, 2, 2, 2, 1, 4>; };
-template <typename T, int FA> struct FwdCfg<T, FA, 64, false, false> { using type = Config<T, kForward, FA, 64, 128, 64, 1, 4, 2, 1, 3>; };
+template <typename T, int FA> struct FwdCfg<T, FA, 64, false, false> { using type = Config<T, kForward, FA, 64, 128, 64, 1, 2, 2, 1, 4>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 64, true, false> { using type = Config<T, kForward, FA, 64, 64, 64, 1, 2, 2, 1, 4>; };
 // 16-bit tiles with BM = 256 rows (half the weight traffic per flop of BM = 128, but fewer
 // CTAs per SM).  Measured on an H200 (docs/benchmarks_gpu.md): 2-17% faster for bs 32 with
@@ -40,8 +40,9 @@ template <typename T, int FA> struct FwdCfg<T, FA, 64, true, false> { using type
 template <typename T, int FA, int BS> struct FwdCfgWide;
 template <typename T, int FA> struct FwdCfgWide<T, FA, 32> { using type = Config<T, kForward, FA, 32, 256, 32, 2, 8, 1, 1, 2>; };
 template <typename T, int FA> struct FwdCfgWide<T, FA, 64> { using type = Config<T, kForward, FA, 64, 256, 64, 1, 4, 2, 1, 2>; };
-// SetTuning(2), bs 64: 64 x 32 warp tiles (4 warps, 4 stages) instead of 32 x 32 (8 warps).
-template <typename T, int FA> struct FwdCfgWarp64 { using type = Config<T, kForward, FA, 64, 128, 64, 1, 2, 2, 1, 4>; };
+// SetTuning(2), bs 64: 32 x 32 warp tiles (8 warps, 3 stages) instead of the default 64 x 32
+// (4 warps, 4 stages; measured equal to 10% faster on an H200).
+template <typename T, int FA> struct FwdCfgWarp64 { using type = Config<T, kForward, FA, 64, 128, 64, 1, 4, 2, 1, 3>; };
 // float32 (3xTF32, m16n8k8).
 template <typename T, int FA> struct FwdCfg<T, FA, 16, false, true> { using type = Config<T, kForward, FA, 16, 128, 16, 2, 4, 1, 1, 4>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 16, true, true> { using type = Config<T, kForward, FA, 16, 64, 16, 2, 4, 1, 1, 4>; };
@@ -60,6 +61,23 @@ template <typename T, int FA> struct GradCfg<T, FA, 64, false> { using type = Co
 template <typename T, int FA> struct GradCfg<T, FA, 16, true> { using type = Config<T, kGradW, FA, 16, 64, 16, 32, 4, 1, 2, 4>; };
 template <typename T, int FA> struct GradCfg<T, FA, 32, true> { using type = Config<T, kGradW, FA, 32, 64, 32, 32, 2, 2, 2, 3>; };
 template <typename T, int FA> struct GradCfg<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 128, 64, 32, 4, 2, 1, 3>; };
+
+// Ungrouped (one stored block per tile): better when block columns hold few blocks, since a
+// grouped tile whose blocks fall in different columns makes one pass per column.
+template <typename T, int FA, int BS, bool kF32 = (sizeof(T) == 4)>
+struct GradCfgSingle;
+template <typename T, int FA> struct GradCfgSingle<T, FA, 16, false> { using type = Config<T, kGradW, FA, 16, 16, 16, 128, 1, 1, 4, 4>; };
+template <typename T, int FA> struct GradCfgSingle<T, FA, 32, false> { using type = Config<T, kGradW, FA, 32, 32, 32, 64, 2, 2, 2, 4>; };
+template <typename T, int FA> struct GradCfgSingle<T, FA, 64, false> { using type = Config<T, kGradW, FA, 64, 64, 64, 64, 2, 2, 2, 3>; };
+template <typename T, int FA> struct GradCfgSingle<T, FA, 16, true> { using type = Config<T, kGradW, FA, 16, 16, 16, 64, 1, 1, 4, 4>; };
+template <typename T, int FA> struct GradCfgSingle<T, FA, 32, true> { using type = Config<T, kGradW, FA, 32, 32, 32, 64, 2, 2, 2, 3>; };
+template <typename T, int FA> struct GradCfgSingle<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 64, 64, 32, 2, 2, 2, 3>; };
+// Average blocks per block column from which grouped tiles were faster (H200 measurements in
+// docs/benchmarks_gpu.md).
+template <typename T, int BS>
+constexpr double GroupedGradMinBlocksPerColumn() {
+  return sizeof(T) == 4 ? 48.0 : (BS == 16 ? 8.0 : 24.0);
+}
 
 // Short batches (N <= 256): two stages, so many more CTAs fit on an SM.
 template <typename T, int FA, int BS, bool kF32 = (sizeof(T) == 4)>
@@ -189,6 +207,12 @@ int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const Dev
     using Cfg = typename GradCfgShort<T, FA, BS>::type;
     const int64_t sub = (BS / Cfg::kBM) * (BS / Cfg::kBN);
     return LaunchMma<Cfg>(p, blocks * sub, 1, static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS),
+                          device, di, s);
+  }
+  const double per_col = static_cast<double>(blocks) / static_cast<double>(p.K / BS);
+  if (per_col < GroupedGradMinBlocksPerColumn<T, BS>()) {
+    using Cfg = typename GradCfgSingle<T, FA, BS>::type;
+    return LaunchMma<Cfg>(p, blocks, 1, static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS),
                           device, di, s);
   }
   using Cfg = typename GradCfg<T, FA, BS>::type;

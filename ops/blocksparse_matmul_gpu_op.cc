@@ -73,10 +73,8 @@ class BlocksparseMatmulGpuOp : public BlocksparseOpBase {
   void Compute(OpKernelContext* ctx) override {
     BlockLayout layout;
     int64_t N;
-    TensorShape y_shape;
-    OP_REQUIRES_OK(ctx, PrepareForward(ctx, &layout, &N, &y_shape));
     Tensor* y;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_shape, &y));
+    OP_REQUIRES_OK(ctx, PrepareForward(ctx, &layout, &N, &y));
     if (N == 0) return;
     Tensor storage;
     gpu::DeviceLayout device_layout;
@@ -97,10 +95,8 @@ class BlocksparseMatmulGradWGpuOp : public BlocksparseOpBase {
   void Compute(OpKernelContext* ctx) override {
     BlockLayout layout;
     int64_t N;
-    OP_REQUIRES_OK(ctx, PrepareGradW(ctx, &layout, &N));
     Tensor* dw;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            0, TensorShape({layout.blocks, block_size_, block_size_}), &dw));
+    OP_REQUIRES_OK(ctx, PrepareGradW(ctx, &layout, &N, &dw));
     Tensor storage;
     gpu::DeviceLayout device_layout;
     OP_REQUIRES_OK(ctx, UploadLayout(ctx, layout, &storage, &device_layout));

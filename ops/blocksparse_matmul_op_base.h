@@ -81,9 +81,9 @@ class BlocksparseOpBase : public OpKernel {
     return absl::OkStatus();
   }
 
-  // Checks BlocksparseMatmul's inputs (x, w, layout); gives the layout, N and y's shape.
+  // Checks BlocksparseMatmul's inputs (x, w, layout); gives the layout and N, and allocates y.
   absl::Status PrepareForward(OpKernelContext* ctx, BlockLayout* layout, int64_t* N,
-                              TensorShape* y_shape) const {
+                              Tensor** y) const {
     const Tensor& x = ctx->input(0);
     const Tensor& w = ctx->input(1);
     TF_RETURN_IF_ERROR(BuildLayout(ctx->input(2), layout));
@@ -94,13 +94,15 @@ class BlocksparseOpBase : public OpKernel {
           std::to_string(block_size_) + "); got " + w.shape().DebugString());
     }
     TF_RETURN_IF_ERROR(RowsOf("x", x, C_, N));
-    *y_shape = x.shape();
-    y_shape->set_dim(feature_axis_ == 1 ? x.dims() - 1 : 0, K_);
-    return absl::OkStatus();
+    TensorShape y_shape = x.shape();
+    y_shape.set_dim(feature_axis_ == 1 ? x.dims() - 1 : 0, K_);
+    return ctx->allocate_output(0, y_shape, y);
   }
 
-  // Checks BlocksparseMatmulGradW's inputs (x, dy, layout); gives the layout and N.
-  absl::Status PrepareGradW(OpKernelContext* ctx, BlockLayout* layout, int64_t* N) const {
+  // Checks BlocksparseMatmulGradW's inputs (x, dy, layout); gives the layout and N, and
+  // allocates dw.
+  absl::Status PrepareGradW(OpKernelContext* ctx, BlockLayout* layout, int64_t* N,
+                            Tensor** dw) const {
     const Tensor& x = ctx->input(0);
     const Tensor& dy = ctx->input(1);
     TF_RETURN_IF_ERROR(BuildLayout(ctx->input(2), layout));
@@ -112,7 +114,7 @@ class BlocksparseOpBase : public OpKernel {
                                         dy.shape().DebugString() +
                                         " must hold the same number of rows");
     }
-    return absl::OkStatus();
+    return ctx->allocate_output(0, TensorShape({layout->blocks, block_size_, block_size_}), dw);
   }
 
   int64_t block_size_, C_, K_, feature_axis_;

@@ -206,10 +206,8 @@ class BlocksparseMatmulOp : public BlocksparseOpBase {
   void Compute(OpKernelContext* ctx) override {
     BlockLayout layout;
     int64_t N;
-    TensorShape y_shape;
-    OP_REQUIRES_OK(ctx, PrepareForward(ctx, &layout, &N, &y_shape));
     Tensor* y;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_shape, &y));
+    OP_REQUIRES_OK(ctx, PrepareForward(ctx, &layout, &N, &y));
     if (N == 0) return;
     const Tensor& x = ctx->input(0);
     const Tensor& w = ctx->input(1);
@@ -233,12 +231,10 @@ class BlocksparseMatmulGradWOp : public BlocksparseOpBase {
   void Compute(OpKernelContext* ctx) override {
     BlockLayout layout;
     int64_t N;
-    OP_REQUIRES_OK(ctx, PrepareGradW(ctx, &layout, &N));
+    Tensor* dw;
+    OP_REQUIRES_OK(ctx, PrepareGradW(ctx, &layout, &N, &dw));
     const Tensor& x = ctx->input(0);
     const Tensor& dy = ctx->input(1);
-    Tensor* dw;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            0, TensorShape({layout.blocks, block_size_, block_size_}), &dw));
     Tensor x_scratch, dy_scratch;
     const float* xf = AsFloat<T>(ctx, x, &x_scratch);
     const float* dyf = AsFloat<T>(ctx, dy, &dy_scratch);

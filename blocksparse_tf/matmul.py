@@ -23,7 +23,8 @@ FLOAT_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
 
 def _layout_coords(layout):
     """Returns ((blocks, 2) int32 coordinates in row-major order, (CB, KB)) for any layout form."""
-    if isinstance(layout, tuple) and len(layout) == 2 and np.ndim(layout[1]) == 1:
+    if (isinstance(layout, tuple) and len(layout) == 2 and np.shape(layout[1]) == (2,)
+            and np.ndim(layout[0]) != 1):  # (coords, (CB, KB)), not a 2-row nested-tuple layout
         coords, shape = layout
         coords = np.asarray(coords)
         if coords.size == 0:

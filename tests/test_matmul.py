@@ -308,6 +308,8 @@ def test_layout_forms_agree():
         bsmm = BlocksparseMatMul(form, block_size=8)
         assert np.array_equal(bsmm.layout, layout.astype(bool))
         assert np.array_equal(bsmm.coords, np.argwhere(layout))
+    # A 2 x 2 layout written as nested tuples is a layout, not (coords, shape).
+    assert BlocksparseMatMul(((1, 0), (1, 1)), block_size=8).blocks == 3
 
 
 def test_dense_round_trips():

@@ -470,3 +470,25 @@ def test_docstring_examples():
 
     result = doctest.testmod(L, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 15 and result.failed == 0
+
+
+def test_layouts_feed_the_op_directly():
+    """Generated layouts (dense arrays and large csr matrices) are accepted by BlocksparseMatMul."""
+    import tensorflow as tf
+
+    from blocksparse_tf import BlocksparseMatMul
+
+    for layout, bs in [(L.watts_strogatz(16, 4, 0.2, seed=0), 8),
+                       (L.bipartite_small_world(6, 10, 2, 0.1, seed=0), 16),
+                       (L.random(20000, 20000, 2e-4, seed=0, sparse=True), 1)]:
+        bsmm = BlocksparseMatMul(layout, block_size=bs)
+        assert bsmm.blocks == layout.sum()
+        x = np.random.default_rng(0).standard_normal((2, bsmm.C)).astype(np.float32)
+        w = np.random.default_rng(1).standard_normal(bsmm.w_shape).astype(np.float32)
+        y = bsmm(tf.constant(x), tf.constant(w)).numpy()
+        if bs > 1:
+            y_ref = bsmm.fprop_test(x, w)
+        else:  # never densify 20000 x 20000
+            W = sp.csr_matrix((w.ravel(), (bsmm.coords[:, 0], bsmm.coords[:, 1])), shape=(bsmm.C, bsmm.K))
+            y_ref = (W.T @ x.astype(np.float64).T).T
+        np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)

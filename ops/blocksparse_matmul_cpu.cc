@@ -20,9 +20,9 @@ const CpuKernels& Kernels() {
 }
 
 LayoutView ViewOf(const BlockLayout& l) {
-  return LayoutView{l.CB,           l.KB,           l.block_size,    l.blocks,
-                    l.block_row.data(), l.block_col.data(), l.col_ptr.data(),
-                    l.col_row.data(), l.col_block.data()};
+  return LayoutView{l.CB,           l.KB,           l.block_size,      l.blocks,
+                    l.block_row.data(), l.block_col.data(), l.col_ptr.data(), l.col_row.data(),
+                    l.col_block.data()};
 }
 
 // At most this many rows of x share one packed panel set while every weight column streams
@@ -76,7 +76,19 @@ void Transpose(const float* in, int64_t rows, int64_t cols, float* out,
 }
 
 void ForwardFeatureAxis0(const float* x, const float* w, float* y, int64_t N,
-                         const BlockLayout& layout, const ParallelFor& parallel_for);
+                         const BlockLayout& layout, const ParallelFor& parallel_for) {
+  const CpuKernels& kernels = Kernels();
+  const LayoutView view = ViewOf(layout);
+  const int64_t bs = layout.block_size, KB = layout.KB;
+  const int64_t column_tasks = std::max<int64_t>(1, (N + kColumnsPerTask - 1) / kColumnsPerTask);
+  const int64_t cost = 2 * kColumnsPerTask * bs * bs * std::max<int64_t>(1, layout.blocks / KB);
+  parallel_for(KB * column_tasks, cost, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t k = task / column_tasks, n0 = (task % column_tasks) * kColumnsPerTask;
+      kernels.forward_axis0(x, w, y, N, &view, k, n0, std::min(N, n0 + kColumnsPerTask));
+    }
+  });
+}
 
 bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
                          const BlockLayout& layout, const ParallelFor& parallel_for,
@@ -126,21 +138,6 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
     }
   });
   return true;
-}
-
-void ForwardFeatureAxis0(const float* x, const float* w, float* y, int64_t N,
-                         const BlockLayout& layout, const ParallelFor& parallel_for) {
-  const CpuKernels& kernels = Kernels();
-  const LayoutView view = ViewOf(layout);
-  const int64_t bs = layout.block_size, KB = layout.KB;
-  const int64_t column_tasks = std::max<int64_t>(1, (N + kColumnsPerTask - 1) / kColumnsPerTask);
-  const int64_t cost = 2 * kColumnsPerTask * bs * bs * std::max<int64_t>(1, layout.blocks / KB);
-  parallel_for(KB * column_tasks, cost, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t k = task / column_tasks, n0 = (task % column_tasks) * kColumnsPerTask;
-      kernels.forward_axis0(x, w, y, N, &view, k, n0, std::min(N, n0 + kColumnsPerTask));
-    }
-  });
 }
 
 }  // namespace

@@ -23,8 +23,9 @@
 //     dw has shape (blocks, bs, bs); with N == 0 it is written as zeros.
 //
 //   All tensors are row-major and contiguous, of one dtype (float32, float16 or bfloat16);
-//   products accumulate in float32 (no TF32).  Results are deterministic: bitwise identical
-//   from run to run (no floating-point atomics; every reduction has a fixed order).
+//   products accumulate in float32, and float32 inputs keep float32 accuracy (no plain TF32).
+//   Results are deterministic: bitwise identical from run to run (no floating-point atomics;
+//   every reduction has a fixed order).
 //   Supported block sizes: 1, 8, 16, 32, 64.  Any N >= 0.
 //   Kernels: with bs >= 16 on sm_80+ (and 16-byte aligned pointers, and for feature_axis 0 a
 //   batch N that keeps rows 16-byte aligned: N % 8 == 0 for 16-bit types, N % 4 == 0 for
@@ -42,7 +43,8 @@
 // for bad arguments, which are checked before anything is launched).  ErrorString(code)
 // names it.  The kernels use the current CUDA device; device attributes (SM count, compute
 // capability, shared-memory limit) are queried with cudaDeviceGetAttribute and cached per
-// device.
+// device (at most 64 devices).  The calls are thread-safe and need no workspace.
+// Measured performance (H200): docs/benchmarks_gpu.md; tests: tools/gpu_check.sh.
 #ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
 #define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
 
@@ -85,6 +87,7 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 // For benchmarks and tests only: selects alternative tile configurations process-wide
 // (0 = the defaults; 1 = swap 128- and 256-row forward tiles for 16-bit inputs with bs 32 / 64
 // and N > 64; 2 = 32 x 32 instead of 64 x 32 warp tiles for the 16-bit bs-64 forward, N > 64).
+// Any nonzero variant also turns off the two-stage forward used for very sparse columns.
 // Results stay correct and deterministic for any variant.
 void SetTuning(int variant);
 

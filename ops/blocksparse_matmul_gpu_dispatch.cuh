@@ -91,6 +91,15 @@ template <typename T, int FA> struct GradCfgShort<T, FA, 64, true> { using type 
 constexpr int64_t kShortGradBatch = 256;
 
 
+// The same tiles with another pipeline depth.
+template <typename C, int NS>
+struct WithStages;
+template <typename T, int M, int F, int B, int BM, int BN, int KS, int WM, int WN, int WK, int ST,
+          int NS>
+struct WithStages<Config<T, M, F, B, BM, BN, KS, WM, WN, WK, ST>, NS> {
+  using type = Config<T, M, F, B, BM, BN, KS, WM, WN, WK, NS>;
+};
+
 // Cluster split: with too few tiles to fill the GPU, let 2, 4 or 8 CTAs share each tile, as
 // long as all CTAs still fit on the GPU at once (`capacity` = resident CTAs per SM x SMs) and
 // each still gets at least one step on average.  Depends only on the problem sizes and the
@@ -166,6 +175,14 @@ int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int dev
   const double blocks_per_col = static_cast<double>(blocks) / static_cast<double>(KB);
   if (N <= kSmallBatch) {
     using Cfg = typename FwdCfg<T, FA, BS, true>::type;
+    return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
+                          blocks_per_col / Cfg::kBPS, device, di, s);
+  }
+  // Very sparse columns (about two steps per tile or fewer): a deep pipeline only costs
+  // shared memory; two stages let twice as many CTAs share an SM and overlap their latency.
+  using Base = typename FwdCfg<T, FA, BS, false>::type;
+  if (Tuning() == 0 && blocks_per_col / Base::kBPS <= 2.5) {
+    using Cfg = typename WithStages<Base, 2>::type;
     return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
                           blocks_per_col / Cfg::kBPS, device, di, s);
   }

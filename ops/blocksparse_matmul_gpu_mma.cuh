@@ -230,7 +230,8 @@ struct Config {
 
 // One CTA (or one cluster of `split` CTAs, see above) computes one output tile.
 //   forward: tile = block column k * (BS / BN) + column split; blockIdx.y = batch tile.
-//   gradw:   tile = block b * (BS/BM)*(BS/BN) + tile inside the block.
+//   gradw:   tile = block b * (BS/BM)*(BS/BN) + tile inside the block; or, with grouped tiles
+//            (BM = G * BS), entries G*tile .. G*tile+G-1 of the column view.
 //   blockIdx.x = tile * split + rank in the cluster.
 template <typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)

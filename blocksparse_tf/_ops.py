@@ -18,10 +18,10 @@ def ops():
     """Returns the loaded op module (raw ops ``blocksparse_matmul`` and ``blocksparse_matmul_grad_w``)."""
     global _ops
     if _ops is None:
-        for path in _candidate_paths():
-            if os.path.exists(path):
-                _ops = tf.load_op_library(path)
-                break
+        # The newest build wins, so a fresh `bazel build` is used without reinstalling.
+        found = sorted((p for p in _candidate_paths() if os.path.exists(p)), key=os.path.getmtime)
+        if found:
+            _ops = tf.load_op_library(found[-1])
         else:
             raise ImportError(
                 f"{_LIBRARY_NAME} was not found next to the blocksparse_tf package or in "

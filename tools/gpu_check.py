@@ -1,0 +1,553 @@
+#!/usr/bin/env python3
+"""Checks and benchmarks the CUDA block-sparse kernels through their C API (ctypes + PyTorch).
+
+Needs a CUDA GPU, PyTorch, and the library built by tools/gpu_check.sh (build/libbsmm_gpu.so).
+No TensorFlow.  Modes:
+  --correctness   every block size, dtype, feature axis, ragged N, empty rows/columns, against
+                  float64 references; run-to-run bitwise determinism; argument validation.
+  --check         a small subset, meant to run under compute-sanitizer.
+  --bench         timing table against dense cuBLAS (torch.matmul) and PyTorch BSR.
+Exits non-zero on any failure.
+"""
+import argparse
+import ctypes
+import datetime
+import math
+import os
+import statistics
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = {"float32": (0, torch.float32), "float16": (1, torch.float16),
+          "bfloat16": (2, torch.bfloat16)}
+TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+# ----------------------------------------------------------------------------------------------
+class Lib:
+    def __init__(self, path):
+        self.lib = ctypes.CDLL(path)
+        P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        sig = [I, P, P, P, I64, I, P, P, P, P, P, I64, I64, I64, I64, P]
+        for name in ("bsmm_gpu_forward", "bsmm_gpu_grad_w"):
+            f = getattr(self.lib, name)
+            f.argtypes = sig
+            f.restype = I
+        self.lib.bsmm_gpu_error_string.argtypes = [I]
+        self.lib.bsmm_gpu_error_string.restype = ctypes.c_char_p
+        self.lib.bsmm_gpu_selected_path.argtypes = [I, I64, I, I64, I]
+        self.lib.bsmm_gpu_selected_path.restype = I
+        self.lib.bsmm_gpu_set_tuning.argtypes = [I]
+        self.lib.bsmm_gpu_set_tuning.restype = None
+
+    def set_tuning(self, v):
+        self.lib.bsmm_gpu_set_tuning(v)
+
+    def _call(self, f, dt, a, b, out, N, fa, L, stream=None, raw_ptrs=None):
+        s = torch.cuda.current_stream().cuda_stream if stream is None else stream
+        ptrs = raw_ptrs or (a.data_ptr() if a is not None else None,
+                            b.data_ptr() if b is not None else None,
+                            out.data_ptr() if out is not None else None)
+        return f(DTYPES[dt][0], ptrs[0], ptrs[1], ptrs[2], N, fa, *L.ptrs(), L.CB, L.KB, L.bs,
+                 L.blocks, s)
+
+    def forward(self, dt, x, w, y, N, fa, L, **kw):
+        return self._call(self.lib.bsmm_gpu_forward, dt, x, w, y, N, fa, L, **kw)
+
+    def grad_w(self, dt, x, dy, dw, N, fa, L, **kw):
+        return self._call(self.lib.bsmm_gpu_grad_w, dt, x, dy, dw, N, fa, L, **kw)
+
+    def err(self, code):
+        return self.lib.bsmm_gpu_error_string(code).decode()
+
+    def path(self, dt, N, fa, bs, gw):
+        return self.lib.bsmm_gpu_selected_path(DTYPES[dt][0], N, fa, bs, int(gw))
+
+
+class Layout:
+    """Python mirror of ops/block_layout.cc: block list plus its column view, on the GPU."""
+
+    def __init__(self, coords, CB, KB, bs):
+        coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        self.CB, self.KB, self.bs, self.blocks = CB, KB, bs, len(coords)
+        self.block_row = coords[:, 0].astype(np.int32)
+        self.block_col = coords[:, 1].astype(np.int32)
+        order = np.lexsort((self.block_row, self.block_col))  # by column, then row
+        counts = np.bincount(self.block_col, minlength=KB)
+        self.col_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        self.col_row = self.block_row[order].astype(np.int32)
+        self.col_block = order.astype(np.int32)
+        dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda()
+        self.d = [dev(a) for a in (self.col_ptr, self.col_row, self.col_block, self.block_row,
+                                   self.block_col)]
+
+    def ptrs(self):
+        return [t.data_ptr() for t in self.d]
+
+    def transposed(self):
+        return Layout(np.stack([self.block_col, self.block_row], 1), self.KB, self.CB, self.bs)
+
+    def dense(self, w):
+        """Densified W (C, K) from blocks w (blocks, bs, bs), in w's dtype and device."""
+        bs = self.bs
+        Wb = torch.zeros(self.CB, self.KB, bs, bs, dtype=w.dtype, device=w.device)
+        Wb[torch.from_numpy(self.block_row).long().to(w.device),
+           torch.from_numpy(self.block_col).long().to(w.device)] = w
+        return Wb.permute(0, 2, 1, 3).reshape(self.CB * bs, self.KB * bs)
+
+    def gather(self, G):
+        """Blocks (blocks, bs, bs) of a dense (C, K) matrix at this layout's positions."""
+        bs = self.bs
+        Gb = G.reshape(self.CB, bs, self.KB, bs).permute(0, 2, 1, 3)
+        return Gb[torch.from_numpy(self.block_row).long().to(G.device),
+                  torch.from_numpy(self.block_col).long().to(G.device)]
+
+
+def random_layout(CB, KB, bs, density, rng, empty_rows=(), empty_cols=()):
+    mask = rng.random((CB, KB)) < density
+    for r in empty_rows:
+        mask[r, :] = False
+    for c in empty_cols:
+        mask[:, c] = False
+    if not mask.any():
+        mask[0 if 0 not in empty_rows else CB - 1, 0 if 0 not in empty_cols else KB - 1] = True
+    coords = np.argwhere(mask)
+    coords = coords[rng.permutation(len(coords))]  # stored block order is arbitrary
+    return Layout(coords, CB, KB, bs)
+
+
+def exact_layout(CB, KB, bs, density, rng):
+    nb = max(1, int(round(density * CB * KB)))
+    flat = np.sort(rng.choice(CB * KB, size=nb, replace=False))
+    return Layout(np.stack([flat // KB, flat % KB], 1), CB, KB, bs)
+
+
+def rel_err(out, ref):
+    out = out.double()
+    if out.numel() == 0:
+        return 0.0 if ref.numel() == 0 else float("inf")
+    if torch.isnan(out).any() or torch.isinf(out).any():
+        return float("inf")
+    den = ref.abs().max().item()
+    num = (out - ref).abs().max().item()
+    return num / den if den > 0 else num
+
+
+# ----------------------------------------------------------------------------------------------
+class Results:
+    def __init__(self):
+        self.passed = 0
+        self.failed = []
+
+    def check(self, ok, what):
+        if ok:
+            self.passed += 1
+        else:
+            self.failed.append(what)
+            print("FAIL:", what, flush=True)
+
+
+def run_case(lib, res, dt, bs, L, N, fa, gen, ops=("fwd", "dw")):
+    tdt = DTYPES[dt][1]
+    C, K = L.CB * bs, L.KB * bs
+    dev = "cuda"
+    w = torch.randn(L.blocks, bs, bs, generator=gen, device=dev).to(tdt)
+    W64 = L.dense(w).double()
+    xs = (N, C) if fa == 1 else (C, N)
+    ys = (N, K) if fa == 1 else (K, N)
+    x = torch.randn(*xs, generator=gen, device=dev).to(tdt)
+    tag = f"{dt} bs={bs} CB={L.CB} KB={L.KB} blocks={L.blocks} N={N} fa={fa}"
+    if "fwd" in ops:
+        y = torch.full(ys, float("nan"), dtype=tdt, device=dev)
+        rc = lib.forward(dt, x, w, y, N, fa, L)
+        torch.cuda.synchronize()
+        ref = x.double() @ W64 if fa == 1 else W64.t() @ x.double()
+        e = rel_err(y, ref) if rc == 0 else float("inf")
+        res.check(rc == 0 and e <= TOL[dt],
+                  f"forward {tag} rc={rc} relerr={e:.3g} path={lib.path(dt, N, fa, bs, 0)}")
+    if "dw" in ops:
+        dy = torch.randn(*ys, generator=gen, device=dev).to(tdt)
+        dw = torch.full((L.blocks, bs, bs), float("nan"), dtype=tdt, device=dev)
+        rc = lib.grad_w(dt, x, dy, dw, N, fa, L)
+        torch.cuda.synchronize()
+        G = x.double().t() @ dy.double() if fa == 1 else x.double() @ dy.double().t()
+        ref = L.gather(G)
+        e = rel_err(dw, ref) if rc == 0 else float("inf")
+        res.check(rc == 0 and e <= TOL[dt],
+                  f"grad_w  {tag} rc={rc} relerr={e:.3g} path={lib.path(dt, N, fa, bs, 1)}")
+    if "dx" in ops and fa == 1:
+        # dx = dy @ W^T: the forward on per-block-transposed weights and the swapped layout.
+        dy = torch.randn(N, K, generator=gen, device=dev).to(tdt)
+        LT = L.transposed()
+        wT = w.transpose(1, 2).contiguous()
+        dx = torch.full((N, C), float("nan"), dtype=tdt, device=dev)
+        rc = lib.forward(dt, dy, wT, dx, N, 1, LT)
+        torch.cuda.synchronize()
+        ref = dy.double() @ W64.t()
+        e = rel_err(dx, ref) if rc == 0 else float("inf")
+        res.check(rc == 0 and e <= TOL[dt], f"dx      {tag} rc={rc} relerr={e:.3g}")
+
+
+def correctness(lib, res, quick=False, race=False):
+    rng = np.random.default_rng(1234)
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(1234)
+    bss = [1, 8, 16, 32, 64]
+    Ns = [0, 1, 8, 17, 64, 130, 264, 1000]
+    dts = list(DTYPES)
+    if quick:  # the subset run under compute-sanitizer memcheck
+        bss, Ns, dts = [1, 16, 32, 64], [17, 136], ["float32", "bfloat16"]
+    if race:  # the subset run under racecheck: tensor-core kernels, pipelines wrapping around
+        bss, Ns, dts = [16, 32, 64], [1000], ["bfloat16"]
+        for bs in bss:  # grouped dW tiles
+            L = random_layout(64, 4, bs, 0.9, rng, empty_cols=[1])
+            for fa in (1, 0):
+                run_case(lib, res, "bfloat16", bs, L, 264, fa, gen, ops=("dw",))
+    for bs in bss:
+        layouts = []
+        if not race:
+            # rectangular, an empty block row (1) and an empty block column (2)
+            layouts.append(random_layout(5, 3, bs, 0.7, rng, empty_rows=[1], empty_cols=[2]))
+        if not (quick and bs < 16):
+            # many blocks per column, so the pipelines wrap around; one empty column
+            layouts.append(random_layout(20 if bs < 64 else 14, 9, bs, 0.65, rng, empty_cols=[4]))
+        if not quick and bs >= 16:
+            # ~58 blocks per column: dW groups several blocks of a column per tile
+            layouts.append(random_layout(64, 4, bs, 0.9, rng, empty_cols=[1]))
+        for L in layouts:
+            for dt in dts:
+                for fa in (1, 0):
+                    for N in Ns:
+                        if L.CB == 64 and N not in (17, 264, 1000):
+                            continue
+                        run_case(lib, res, dt, bs, L, N, fa, gen,
+                                 ops=("fwd", "dw", "dx") if N in (17, 64) else ("fwd", "dw"))
+    if quick or race:
+        return
+    # Long reductions (4096 products per output; 8192 batch rows for dW): float32 accuracy
+    # must hold there too, not only on the short sums above.
+    for bs in (16, 32, 64):
+        Lf = random_layout(4096 // bs, 2, bs, 1.0, rng)
+        Lg = random_layout(2, 2, bs, 1.0, rng)
+        for dt in dts:
+            for fa in (1, 0):
+                run_case(lib, res, dt, bs, Lf, 64, fa, gen, ops=("fwd",))
+                run_case(lib, res, dt, bs, Lg, 8192, fa, gen, ops=("dw",))
+    # Unaligned pointers (a view at an odd element offset) must fall back and stay correct.
+    for dt in ("float16", "bfloat16"):
+        bs, N = 32, 70
+        L = random_layout(4, 3, bs, 0.8, rng)
+        tdt = DTYPES[dt][1]
+        C, K = 4 * bs, 3 * bs
+        w = torch.randn(L.blocks, bs, bs, generator=gen, device="cuda").to(tdt)
+        buf = torch.randn(N * C + 1, generator=gen, device="cuda").to(tdt)
+        x = buf[1:].view(N, C)
+        y = torch.full((N, K), float("nan"), dtype=tdt, device="cuda")
+        rc = lib.forward(dt, x, w, y, N, 1, L)
+        torch.cuda.synchronize()
+        e = rel_err(y, x.double() @ L.dense(w).double())
+        res.check(rc == 0 and e <= TOL[dt], f"unaligned x forward {dt} rc={rc} relerr={e:.3g}")
+    # Determinism on larger problems, both paths and products.
+    for dt, bs, fa, N in [("bfloat16", 32, 1, 4096), ("float16", 64, 0, 2048),
+                          ("bfloat16", 16, 1, 1000), ("float32", 32, 1, 512),
+                          ("bfloat16", 64, 1, 64), ("float32", 64, 0, 64),  # cluster split
+                          ("float16", 16, 0, 17)]:  # CUDA-core fallback
+        L = exact_layout(32, 32, bs, 0.2, rng)
+        tdt = DTYPES[dt][1]
+        C, K = L.CB * bs, L.KB * bs
+        x = torch.randn(*((N, C) if fa else (C, N)), device="cuda").to(tdt)
+        dy = torch.randn(*((N, K) if fa else (K, N)), device="cuda").to(tdt)
+        w = torch.randn(L.blocks, bs, bs, device="cuda").to(tdt)
+        outs = []
+        for _ in range(3):
+            y = torch.empty(*((N, K) if fa else (K, N)), dtype=tdt, device="cuda")
+            dw = torch.empty(L.blocks, bs, bs, dtype=tdt, device="cuda")
+            rc1 = lib.forward(dt, x, w, y, N, fa, L)
+            rc2 = lib.grad_w(dt, x, dy, dw, N, fa, L)
+            torch.cuda.synchronize()
+            outs.append((rc1, rc2, y, dw))
+        bits = lambda t: t.reshape(-1).view(torch.int16 if tdt != torch.float32 else torch.int32)
+        same = all(o[0] == 0 and o[1] == 0 and torch.equal(bits(o[2]), bits(outs[0][2]))
+                   and torch.equal(bits(o[3]), bits(outs[0][3])) for o in outs)
+        res.check(same, f"determinism {dt} bs={bs} fa={fa} N={N}")
+    # Argument validation: errors come back as codes, nothing is launched.
+    L = random_layout(4, 3, 16, 0.8, rng)
+    x = torch.randn(8, 64, device="cuda").half()
+    w = torch.randn(L.blocks, 16, 16, device="cuda").half()
+    y = torch.empty(8, 48, device="cuda").half()
+    bad = Layout(np.stack([L.block_row, L.block_col], 1), 4, 3, 16)
+    bad.bs = 24
+    res.check(lib.forward("float16", x, w, y, 8, 1, bad) != 0, "validation: block size 24")
+    res.check(lib.forward("float16", x, w, y, -1, 1, L) != 0, "validation: N < 0")
+    res.check(lib.forward("float16", x, w, y, 8, 2, L) != 0, "validation: feature_axis 2")
+    res.check(lib.forward("float16", None, w, y, 8, 1, L, raw_ptrs=(None, w.data_ptr(),
+                                                                    y.data_ptr())) != 0,
+              "validation: null x")
+    res.check(lib.grad_w("float16", x, y, None, 8, 1, L, raw_ptrs=(x.data_ptr(), y.data_ptr(),
+                                                                   None)) != 0,
+              "validation: null dw")
+    res.check(lib.err(1) != "", "ErrorString")
+
+
+# ----------------------------------------------------------------------------------------------
+_flush = None
+
+
+def flush_l2():
+    """Evicts the L2 by reading 256 MB (reads leave clean lines: no write-backs later)."""
+    global _flush
+    if _flush is None:
+        _flush = torch.ones(32 << 20, dtype=torch.float64, device="cuda")
+    _flush.sum()
+
+
+def bench(fn, min_ms=150.0, max_reps=40, min_reps=5):
+    """Median of CUDA-event timings (ms), L2 flushed before every run, after warm-up."""
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    flush_l2()
+    s.record()
+    fn()
+    e.record()
+    e.synchronize()
+    t0 = s.elapsed_time(e)
+    reps = int(min(max_reps, max(min_reps, min_ms / max(t0, 1e-3))))
+    ts = []
+    for _ in range(reps):
+        flush_l2()
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e))
+    return statistics.median(ts)
+
+
+def benchmark(lib, res, out_md, quick=False):
+    dev_name = torch.cuda.get_device_name()
+    rng = np.random.default_rng(7)
+    # Ceilings measured now: device-to-device copy (bytes read + written), dense bf16 GEMM.
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a), min_ms=50)
+    hbm = 2 * a.numel() / t / 1e6  # GB/s
+    del a, b
+    print(f"device: {dev_name}; copy bandwidth {hbm:.0f} GB/s", flush=True)
+
+    configs = []
+    densities = [0.02, 0.05, 0.10, 0.25, 0.50, 1.00]
+    for dt in ("bfloat16", "float16", "float32"):
+        for N in (64, 4096):
+            for bs in (16, 32, 64):
+                configs.append((dt, N, 4096, bs, 1))
+    for bs in (16, 32, 64):
+        configs.append(("bfloat16", 16384, 8192, bs, 1))
+    for bs in (32, 64):  # feature_axis 0: x (C, N), y (K, N)
+        configs.append(("bfloat16", 4096, 4096, bs, 0))
+    if quick:
+        configs = [c for c in configs if c[0] == "bfloat16" and c[2] == 4096 and c[3] != 16]
+        densities = [0.05, 0.25]
+
+    rows = []
+    dense_cache = {}
+    for (dt, N, CK, bs, fa) in configs:
+        tdt = DTYPES[dt][1]
+        C = K = CK
+        x = torch.randn(*((N, C) if fa else (C, N)), device="cuda").to(tdt)
+        dy = torch.randn(*((N, K) if fa else (K, N)), device="cuda").to(tdt)
+        key = (dt, N, CK)
+        if key not in dense_cache:
+            Wd = torch.randn(C, K, device="cuda").to(tdt)
+            yd = torch.empty(N, K, dtype=tdt, device="cuda")
+            Gd = torch.empty(C, K, dtype=tdt, device="cuda")
+            xd = x if fa else x.t().contiguous()
+            dyd = dy if fa else dy.t().contiguous()
+            tf = bench(lambda: torch.matmul(xd, Wd, out=yd))
+            tg = bench(lambda: torch.matmul(xd.t(), dyd, out=Gd))
+            del xd, dyd
+            dense_cache[key] = (tf, tg)
+            del Wd, yd, Gd
+        tdf, tdg = dense_cache[key]
+        dense_tflops = 2 * N * C * K / tdf / 1e9
+        for d in densities:
+            L = exact_layout(C // bs, K // bs, bs, d, rng)
+            dens = L.blocks / (L.CB * L.KB)
+            w = torch.randn(L.blocks, bs, bs, device="cuda").to(tdt)
+            y = torch.empty(*((N, K) if fa else (K, N)), dtype=tdt, device="cuda")
+            dw = torch.empty(L.blocks, bs, bs, dtype=tdt, device="cuda")
+            rc = lib.forward(dt, x, w, y, N, fa, L)
+            rc2 = lib.grad_w(dt, x, dy, dw, N, fa, L)
+            torch.cuda.synchronize()
+            if rc or rc2:
+                res.check(False, f"bench launch {dt} N={N} bs={bs} d={d}: {rc} {rc2}")
+                continue
+            # spot check against the dense product (cheap, same dtype matmul in fp32)
+            Wm = L.dense(w)
+            ref = x.double() @ Wm.double() if fa else Wm.t().double() @ x.double()
+            e = rel_err(y, ref)
+            del ref
+            res.check(e <= TOL[dt], f"bench spot check {dt} N={N} bs={bs} d={d} relerr={e:.3g}")
+            tf = bench(lambda: lib.forward(dt, x, w, y, N, fa, L))
+            tg = bench(lambda: lib.grad_w(dt, x, dy, dw, N, fa, L))
+            tw = tw2 = float("nan")  # alternative tiles (SetTuning(1), (2)), where they exist
+            if dt != "float32" and bs >= 32 and N > 64:
+                lib.set_tuning(1)
+                y2 = torch.full_like(y, float("nan"))
+                rc3 = lib.forward(dt, x, w, y2, N, fa, L)
+                torch.cuda.synchronize()
+                res.check(rc3 == 0 and torch.equal(y2, y),
+                          f"tuning-1 forward equals default {dt} N={N} bs={bs} d={d}")
+                tw = bench(lambda: lib.forward(dt, x, w, y2, N, fa, L))
+                lib.set_tuning(0)
+                if bs == 64:
+                    lib.set_tuning(2)
+                    y2.fill_(float("nan"))
+                    rc3 = lib.forward(dt, x, w, y2, N, fa, L)
+                    torch.cuda.synchronize()
+                    res.check(rc3 == 0 and torch.equal(y2, y),
+                              f"tuning-2 forward equals default {dt} N={N} bs={bs} d={d}")
+                    tw2 = bench(lambda: lib.forward(dt, x, w, y2, N, fa, L))
+                    lib.set_tuning(0)
+                del y2
+            # PyTorch BSR: y^T = (W^T as BSR) @ x^T, the same work.
+            tb = float("nan")
+            try:
+                Wt = Wm.t().contiguous().to_sparse_bsr((bs, bs))
+                xt = x.t().contiguous() if fa else x
+                torch.cuda.synchronize()
+                tb = bench(lambda: Wt @ xt, max_reps=20, min_reps=3)
+                del Wt, xt
+            except Exception as ex:  # some dtypes / sizes are unsupported
+                print(f"BSR failed for {dt} N={N} bs={bs} d={d}: {type(ex).__name__}: "
+                      f"{str(ex)[:120]}", flush=True)
+            del Wm
+            eff = 2 * N * C * K * dens / tf / 1e9
+            effg = 2 * N * C * K * dens / tg / 1e9
+            wbytes = L.blocks * bs * bs * x.element_size()
+            row = dict(dt=dt, fa=fa, N=N, CK=CK, bs=bs, d=dens, tf=tf, eff=eff, dense_tf=tdf,
+                       dense_tflops=dense_tflops, speed=tdf / tf, frac=eff / dense_tflops,
+                       bsr=tb, vs_bsr=tb / tf, tw=tw, tw2=tw2, tg=tg, effg=effg, dense_tg=tdg,
+                       speed_g=tdg / tg, g_over_f=tg / tf,
+                       wbw=wbytes / tf / 1e6, wbw_frac=wbytes / tf / 1e6 / hbm)
+            rows.append(row)
+            print(fmt_row(row), flush=True)
+            del w, y, dw
+        del x, dy
+    # Table.
+    lines = [f"Device: {dev_name}; measured copy bandwidth {hbm:.0f} GB/s (read+write); "
+             f"date {datetime.date.today().isoformat()}; torch {torch.__version__}.",
+             "",
+             "Forward and dW; fa = feature_axis (1: x (N, C), y (N, K); 0: x (C, N), y (K, N)); "
+             "C = K; times are medians "
+             "of CUDA-event timings with the L2 flushed before each run.  eff TFLOP/s = "
+             "2*N*C*K*density/time; 'frac' = eff / dense TFLOP/s (same dtype); 'x dense' = "
+             "dense time / our time; 'x BSR' = PyTorch BSR time / our time; 'W GB/s' = weight "
+             "bytes / forward time (with % of copy bandwidth); 'tuning 1/2' = the forward with "
+             "alternative tile configurations (SetTuning), x = speedup over the default.",
+             "",
+             "| dtype | fa | N | C=K | bs | density | fwd ms | eff TFLOP/s | frac | x dense | "
+             "x BSR | dW ms | dW x dense | dW/fwd | W GB/s | fwd ms, tuning 1 | fwd ms, tuning 2 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['dt']} | {r['fa']} | {r['N']} | {r['CK']} | {r['bs']} | {r['d']*100:.0f}% | "
+            f"{r['tf']:.4f} | {r['eff']:.1f} | {r['frac']*100:.0f}% | {r['speed']:.2f} | "
+            f"{r['vs_bsr']:.2f} | {r['tg']:.4f} | {r['speed_g']:.2f} | {r['g_over_f']:.2f} | "
+            f"{r['wbw']:.0f} ({r['wbw_frac']*100:.0f}%) | "
+            + ("" if math.isnan(r['tw']) else f"{r['tw']:.4f} (x{r['tf'] / r['tw']:.2f})") + " | "
+            + ("" if math.isnan(r['tw2']) else f"{r['tw2']:.4f} (x{r['tf'] / r['tw2']:.2f})") + " |")
+    lines.append("")
+    lines.append("Dense references (ms, TFLOP/s): " + "; ".join(
+        f"{k[0]} N={k[1]} C=K={k[2]}: fwd {v[0]:.4f} ({2*k[1]*k[2]*k[2]/v[0]/1e9:.0f}), "
+        f"dW {v[1]:.4f}" for k, v in dense_cache.items()))
+    md = "\n".join(lines) + "\n"
+    if out_md:
+        with open(out_md, "w") as f:
+            f.write(md)
+        try:
+            plot(rows, os.path.join(os.path.dirname(out_md), "benchmark_gpu_speedup.png"),
+                 dev_name)
+        except Exception as ex:  # plotting is optional
+            print(f"plot skipped: {type(ex).__name__}: {ex}")
+    return md
+
+
+def plot(rows, path, dev_name):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("bfloat16", 4096, 4096), ("bfloat16", 16384, 8192), ("float32", 4096, 4096),
+              ("bfloat16", 64, 4096)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
+    for ax, (dt, N, CK) in zip(axes, panels):
+        for bs, col in ((16, "tab:blue"), (32, "tab:orange"), (64, "tab:green")):
+            rs = [r for r in rows if r["dt"] == dt and r["N"] == N and r["CK"] == CK
+                  and r["bs"] == bs and r["fa"] == 1]
+            if not rs:
+                continue
+            d = [r["d"] * 100 for r in rs]
+            ax.plot(d, [r["speed"] for r in rs], "o-", color=col, label=f"ours bs {bs}")
+            ax.plot(d, [r["bsr"] and r["dense_tf"] / r["bsr"] for r in rs], "x--", color=col,
+                    alpha=0.6, label=f"torch BSR bs {bs}")
+        dd = [2, 5, 10, 25, 50, 100]
+        ax.plot(dd, [100 / x for x in dd], ":", color="gray", label="1/density")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("density (%)")
+        ax.set_ylabel("forward speedup vs dense cuBLAS")
+        ax.set_title(f"{dt}, N={N}, C=K={CK}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Block-sparse forward vs dense, {dev_name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print("wrote", path)
+
+
+def fmt_row(r):
+    return (f"{r['dt']:8s} fa={r['fa']} N={r['N']:5d} C=K={r['CK']} bs={r['bs']:2d} d={r['d']*100:5.1f}% "
+            f"fwd {r['tf']:.4f} ms eff {r['eff']:6.1f} TF/s ({r['frac']*100:3.0f}% dense) "
+            f"x{r['speed']:.2f} dense, x{r['vs_bsr']:.2f} BSR | dW {r['tg']:.4f} ms "
+            f"x{r['speed_g']:.2f} dense, dW/fwd {r['g_over_f']:.2f} | W {r['wbw']:.0f} GB/s | BM256 {r['tw']:.4f}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lib", default=os.path.join(ROOT, "build", "libbsmm_gpu.so"))
+    ap.add_argument("--correctness", action="store_true")
+    ap.add_argument("--check", action="store_true", help="small subset for compute-sanitizer")
+    ap.add_argument("--race", action="store_true", help="tiny subset for racecheck")
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out-md", default=None)
+    args = ap.parse_args()
+    lib = Lib(args.lib)
+    res = Results()
+    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}", flush=True)
+    if args.check:
+        correctness(lib, res, quick=True)
+    if args.race:
+        correctness(lib, res, race=True)
+    if args.correctness:
+        correctness(lib, res, quick=args.quick)
+    print(f"checks: {res.passed} passed, {len(res.failed)} failed", flush=True)
+    if args.bench:
+        md = benchmark(lib, res, args.out_md, quick=args.quick)
+        print(md)
+        print(f"checks incl. benchmark spot checks: {res.passed} passed, {len(res.failed)} failed")
+    if res.failed:
+        print("FAILED:\n  " + "\n  ".join(res.failed[:50]))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

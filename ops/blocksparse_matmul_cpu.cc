@@ -28,6 +28,8 @@ LayoutView ViewOf(const BlockLayout& l) {
 // At most this many rows of x share one packed panel set while every weight column streams
 // past them: 96 rows of a 4096-wide x is 1.5 MiB, which stays in a core's L2.
 constexpr int64_t kRowsPerGroup = 96;
+// Weight bytes of the output block columns one feature_axis=1 task covers.
+constexpr int64_t kWeightBytesPerRange = 512 * 1024;
 // Columns of y one feature_axis=0 task covers.
 constexpr int64_t kColumnsPerTask = 256;
 
@@ -128,13 +130,21 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
   const int64_t max_tiles_per_group = std::max<int64_t>(1, kRowsPerGroup / tile);
   const int64_t groups = std::max<int64_t>(1, (tiles + max_tiles_per_group - 1) / max_tiles_per_group);
   const int64_t tiles_per_group = (tiles + groups - 1) / groups;
+  // A task: one row group times a range of output block columns whose weights stay in L2
+  // while the group's tiles pass over them.  Wide ranges also write y in long runs; at least
+  // 8 tasks keep both cores busy.
   const int64_t KB = layout.KB;
-  const int64_t cost = 2 * kRowsPerGroup * bs * bs * std::max<int64_t>(1, layout.blocks / KB);
-  parallel_for(groups * KB, cost, [&](int64_t begin, int64_t end) {
+  const int64_t column_bytes = std::max<int64_t>(1, layout.blocks * bs * bs * 4 / KB);
+  int64_t per_range = std::clamp<int64_t>(kWeightBytesPerRange / column_bytes, 1, KB);
+  per_range = std::min(per_range, std::max<int64_t>(1, KB * groups / 8));
+  const int64_t ranges = (KB + per_range - 1) / per_range;
+  const int64_t cost = 2 * kRowsPerGroup * bs * bs * layout.blocks / ranges;
+  parallel_for(groups * ranges, cost, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t g = task / KB, k = task % KB;
+      const int64_t g = task / ranges, r = task % ranges;
       const int64_t t0 = g * tiles_per_group, t1 = std::min(tiles, t0 + tiles_per_group);
-      kernels.forward_axis1(panels, w, y, N, &view, t0, t1, k);
+      const int64_t k0 = r * per_range, k1 = std::min(KB, k0 + per_range);
+      kernels.forward_axis1(panels, w, y, N, &view, t0, t1, k0, k1);
     }
   });
   return true;

@@ -152,25 +152,30 @@ inline void DispatchBlockColumns(int64_t bs, Args... args) {
 struct ForwardAxis1Op {
   template <typename V, int NV>
   static void Run(const float* panels, const float* w, float* y, int64_t N, const LayoutView* l,
-                  int64_t tile_begin, int64_t tile_end, int64_t k) {
+                  int64_t tile_begin, int64_t tile_end, int64_t k_begin, int64_t k_end) {
     constexpr int64_t chunk = Width<V>() * NV;
     const int64_t bs = l->block_size, C = l->CB * bs, K = l->KB * bs;
+    // Tile rows outermost: each row of y is then written left to right in long runs, and the
+    // weight columns of [k_begin, k_end) stay in L2 for the next tile.
     for (int64_t t = tile_begin; t < tile_end; ++t) {
       const float* panel = panels + t * C * kRowTile;
       const int64_t rows = Min(kRowTile, N - t * kRowTile);
-      for (int64_t j0 = 0; j0 < bs; j0 += chunk) {
-        const auto pairs = PairsOfColumn<false>(*l, k, panel, bs * kRowTile, w + j0, bs * bs);
-        Tile<kRowTile, NV, V>(pairs, bs, kRowTile, bs, y + t * kRowTile * K + k * bs + j0, K,
-                              rows);
+      for (int64_t k = k_begin; k < k_end; ++k) {
+        for (int64_t j0 = 0; j0 < bs; j0 += chunk) {
+          const auto pairs = PairsOfColumn<false>(*l, k, panel, bs * kRowTile, w + j0, bs * bs);
+          Tile<kRowTile, NV, V>(pairs, bs, kRowTile, bs, y + t * kRowTile * K + k * bs + j0, K,
+                                rows);
+        }
       }
     }
   }
 };
 
 void ForwardAxis1(const float* panels, const float* w, float* y, int64_t N,
-                  const LayoutView* layout, int64_t tile_begin, int64_t tile_end, int64_t k) {
+                  const LayoutView* layout, int64_t tile_begin, int64_t tile_end,
+                  int64_t k_begin, int64_t k_end) {
   DispatchBlockColumns<ForwardAxis1Op>(layout->block_size, panels, w, y, N, layout, tile_begin,
-                                       tile_end, k);
+                                       tile_end, k_begin, k_end);
 }
 
 // Rows [j0, j0 + MR) of y's block row k, columns [n0, n1), stepping `chunk` columns at a time.

@@ -29,10 +29,11 @@ struct CpuKernels {
   // Rows of x that the feature_axis=1 forward product packs into one panel:
   // panel[c * row_tile + m] = x[(tile * row_tile + m) * C + c], zero past row N.
   int row_tile;
-  // y rows of tiles [tile_begin, tile_end), output block column k (feature_axis 1).
+  // y rows of tiles [tile_begin, tile_end), output block columns [k_begin, k_end)
+  // (feature_axis 1).
   void (*forward_axis1)(const float* panels, const float* w, float* y, int64_t N,
                         const LayoutView* layout, int64_t tile_begin, int64_t tile_end,
-                        int64_t k);
+                        int64_t k_begin, int64_t k_end);
   // y[k-block, n_begin:n_end] (feature_axis 0).
   void (*forward_axis0)(const float* x, const float* w, float* y, int64_t N,
                         const LayoutView* layout, int64_t k, int64_t n_begin, int64_t n_end);

@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "BlocksparseMatMul": "blocksparse_tf.matmul",
     "blocksparse_matmul": "blocksparse_tf.matmul",
+    "sparse_dot": "blocksparse_tf.conditional",
 }
 
 __all__ = sorted(_LAZY) + ["layouts"]

@@ -7,17 +7,7 @@
 namespace blocksparse {
 namespace {
 
-const CpuKernels& Kernels() {
-  static const CpuKernels* kernels = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) {
-      return &avx512::kKernels;
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2::kKernels;
-    return &generic::kKernels;
-  }();
-  return *kernels;
-}
+const CpuKernels& Kernels() { return BestCpuKernels(); }
 
 LayoutView ViewOf(const BlockLayout& l) {
   return LayoutView{l.CB,           l.KB,           l.block_size,      l.blocks,
@@ -151,6 +141,18 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
 }
 
 }  // namespace
+
+const CpuKernels& BestCpuKernels() {
+  static const CpuKernels* kernels = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) {
+      return &avx512::kKernels;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2::kKernels;
+    return &generic::kKernels;
+  }();
+  return *kernels;
+}
 
 bool BlocksparseMatmulCpu(const float* x, const float* w, float* y, int64_t N, int feature_axis,
                           const BlockLayout& layout, const ParallelFor& parallel_for,

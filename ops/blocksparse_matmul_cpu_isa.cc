@@ -242,11 +242,73 @@ void GradW(const float* x_panels, const float* dy_panels, float* dw, int64_t N,
   }
 }
 
+// Conditional computation (sparse_dot): y[r, :] += x[r, :] . B for the listed rows r only, where
+// x and y point at one block column of row-major matrices and B is one bs x bs block of a
+// dense weight matrix (row stride b_rs).  Rows are gathered kGradRows at a time; y is read,
+// accumulated and written back, so a row's blocks are summed in the caller's order.
+template <int MR>
+struct GatheredRowsOp {
+  template <typename V, int NV>
+  static void Run(const float* x, int64_t x_rs, const int32_t* rows, int64_t count,
+                  const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs) {
+    constexpr int W = Width<V>();
+    constexpr int64_t chunk = W * NV;
+    for (int64_t r0 = 0; r0 < count; r0 += MR) {
+      const int64_t valid = Min(MR, count - r0);
+      const float* x_row[MR];
+      float* y_row[MR];
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        const int32_t r = rows[r0 + (m < valid ? m : 0)];  // pad with a real row, never stored
+        x_row[m] = x + r * x_rs;
+        y_row[m] = y + r * y_rs;
+      }
+      for (int64_t j0 = 0; j0 < bs; j0 += chunk) {
+        V acc[MR][NV];
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) acc[m][v] = Load<V>(y_row[m] + j0 + v * W);
+        const float* bp = b + j0;
+        for (int64_t p = 0; p < bs; ++p, bp += b_rs) {
+          V bv[NV];
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) bv[v] = Load<V>(bp + v * W);
+#pragma GCC unroll 16
+          for (int m = 0; m < MR; ++m) {
+            const V av = Splat<V>(x_row[m][p]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+          }
+        }
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; ++m) {
+          if (m < valid) {
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) Store<V>(y_row[m] + j0 + v * W, acc[m][v]);
+          }
+        }
+      }
+    }
+  }
+};
+
+void GatheredRowsAccumulate(const float* x, int64_t x_rs, const int32_t* rows, int64_t count,
+                            const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs) {
+  if (bs == 1) {
+    DispatchBlockColumns<GatheredRowsOp<1>>(1, x, x_rs, rows, count, b, b_rs, bs, y, y_rs);
+  } else {
+    DispatchBlockColumns<GatheredRowsOp<kGradRows>>(bs, x, x_rs, rows, count, b, b_rs, bs, y,
+                                                    y_rs);
+  }
+}
+
 }  // namespace
 
 #define BSMM_STRINGIFY2(s) #s
 #define BSMM_STRINGIFY(s) BSMM_STRINGIFY2(s)
 extern const CpuKernels kKernels = {BSMM_STRINGIFY(BSMM_ISA), Width<VecWide>(), kRowTile, ForwardAxis1, ForwardAxis0,
+                                    GatheredRowsAccumulate,
                                     GradW};
 
 }  // namespace BSMM_ISA

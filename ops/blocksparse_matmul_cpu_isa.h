@@ -37,11 +37,19 @@ struct CpuKernels {
   // y[k-block, n_begin:n_end] (feature_axis 0).
   void (*forward_axis0)(const float* x, const float* w, float* y, int64_t N,
                         const LayoutView* layout, int64_t k, int64_t n_begin, int64_t n_end);
+  // y[r, 0:bs) += x[r, 0:bs) . b for the `count` rows r listed in `rows`; x and y have row
+  // strides x_rs and y_rs, b is bs x bs with row stride b_rs (sparse_dot's masked product).
+  void (*gathered_rows_accumulate)(const float* x, int64_t x_rs, const int32_t* rows,
+                                   int64_t count, const float* b, int64_t b_rs, int64_t bs,
+                                   float* y, int64_t y_rs);
   // dw for the block at position q of the column-ordered index, from block-column panels:
   // x_panels[(c * N + n) * bs + i] = x[n, c*bs + i], and likewise dy_panels for dy.
   void (*grad_w)(const float* x_panels, const float* dy_panels, float* dw, int64_t N,
                  const LayoutView* layout, int64_t q);
 };
+
+// The best kernels this processor runs (chosen once, in blocksparse_matmul_cpu.cc).
+const CpuKernels& BestCpuKernels();
 
 namespace avx512 { extern const CpuKernels kKernels; }
 namespace avx2 { extern const CpuKernels kKernels; }

@@ -19,6 +19,7 @@
 #include "ops/block_layout.h"
 #include "ops/blocksparse_matmul_cpu.h"
 #include "ops/blocksparse_matmul_op_base.h"
+#include "ops/cpu_kernel_util.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -131,72 +132,6 @@ Weight gradient of BlocksparseMatmul for the stored blocks only: dw[b] = x[:, c]
 )doc");
 
 namespace {
-
-ParallelFor CpuParallelFor(OpKernelContext* ctx) {
-  auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  return [workers](int64_t tasks, int64_t cost, const std::function<void(int64_t, int64_t)>& work) {
-    workers->ParallelFor(tasks, cost, work);
-  };
-}
-
-// Scratch memory for the kernels from TensorFlow's allocator, alive as long as this object.
-class TfScratch {
- public:
-  explicit TfScratch(OpKernelContext* ctx) : ctx_(ctx) {}
-  float* operator()(int64_t count) {
-    tensors_.emplace_back();
-    // At least one element: an empty tensor has no buffer, and nullptr means failure.
-    const int64_t size = std::max<int64_t>(count, 1);
-    if (!ctx_->allocate_temp(tensorflow::DT_FLOAT, TensorShape({size}), &tensors_.back()).ok()) {
-      return nullptr;
-    }
-    return tensors_.back().flat<float>().data();
-  }
-
- private:
-  OpKernelContext* ctx_;
-  std::vector<Tensor> tensors_;
-};
-
-// Runs a product that returns false when it could not get scratch memory.
-template <typename Product>
-void RunProduct(OpKernelContext* ctx, Product&& product) {
-  TfScratch scratch(ctx);
-  if (!product(CpuParallelFor(ctx), ScratchAllocator(std::ref(scratch)))) {
-    ctx->SetStatus(absl::ResourceExhaustedError("no memory for the block-sparse product's scratch"));
-  }
-}
-
-// Float32 views of an input: the tensor itself, or a float copy of a half/bfloat16 one.
-template <typename T>
-const float* AsFloat(OpKernelContext* ctx, const Tensor& t, Tensor* scratch) {
-  if constexpr (std::is_same_v<T, float>) {
-    return t.flat<float>().data();
-  } else {
-    const absl::Status status = ctx->allocate_temp(tensorflow::DT_FLOAT, t.shape(), scratch);
-    if (!status.ok()) {
-      ctx->CtxFailure(__FILE__, __LINE__, status);
-      return nullptr;
-    }
-    scratch->flat<float>().device(ctx->eigen_device<Eigen::ThreadPoolDevice>()) =
-        t.flat<T>().template cast<float>();
-    return scratch->flat<float>().data();
-  }
-}
-
-// Runs fn(float* out) writing a float32 result into `out` (of T), through a scratch if needed.
-template <typename T, typename Fn>
-void WriteAsT(OpKernelContext* ctx, Tensor* out, Fn&& fn) {
-  if constexpr (std::is_same_v<T, float>) {
-    fn(out->flat<float>().data());
-  } else {
-    Tensor scratch;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, out->shape(), &scratch));
-    fn(scratch.flat<float>().data());
-    out->flat<T>().device(ctx->eigen_device<Eigen::ThreadPoolDevice>()) =
-        scratch.flat<float>().template cast<T>();
-  }
-}
 
 template <typename T>
 class BlocksparseMatmulOp : public BlocksparseOpBase {

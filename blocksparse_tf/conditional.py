@@ -1,0 +1,106 @@
+"""Conditional computation: a product with per-example block masks on its input and output.
+
+From Bengio, Bacon, Pineau and Precup, "Conditional Computation in Neural Networks for faster
+models" (arXiv 1511.06297)::
+
+    O = (dot(x * expand(in_mask), w) + bias) * expand(out_mask)
+
+For an (n, m) matrix a mask has shape (n, m / block_size) and ``expand`` repeats each entry over
+its block of features.  The kernel skips every (example, input block, output block) triple with
+an inactive mask entry, so the cost follows the active fractions.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from blocksparse_tf._ops import ops
+from blocksparse_tf.matmul import FLOAT_DTYPES
+
+
+def _static_dim(t, i):
+    return t.shape[i] if t.shape.rank is not None else None
+
+
+def _check_mask(mask, name, rows, features, block_size):
+    """Float32 0/1 mask of shape (rows, features / block_size), or all ones if mask is None."""
+    if mask is None:
+        return None
+    mask = tf.convert_to_tensor(mask)
+    expected = (rows, features // block_size if features is not None else None)
+    if mask.shape.rank is not None and (
+            mask.shape.rank != 2 or not mask.shape.is_compatible_with(expected)):
+        raise ValueError(f"{name} must have shape (n, {'m' if name == 'in_mask' else 'p'} / block_size)"
+                         f" = {expected}; got {mask.shape}")
+    return tf.cast(tf.not_equal(mask, 0), tf.float32)
+
+
+def expand_mask(mask, block_size):
+    """Repeats each mask entry over its block: (n, blocks) -> (n, blocks * block_size)."""
+    return tf.repeat(mask, block_size, axis=1)
+
+
+def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, name=None):
+    """(dot(x * expand(in_mask), w) + bias) * expand(out_mask), skipping inactive blocks.
+
+    Parameters
+    ----------
+    x : tensor (n, m)
+    w : tensor (m, p), dense
+    in_mask : (n, m / block_size), optional
+        Nonzero where an input block of an example takes part; absent means all do.  The
+        product never reads x where the mask is 0.
+    out_mask : (n, p / block_size), optional
+        Nonzero where an output block of an example is computed; elsewhere the output is 0.
+    bias : (p,), optional
+        Added only where out_mask is nonzero.
+    block_size : int
+        Features per mask entry; must divide m and p.  Default 32.
+
+    Returns
+    -------
+    (n, p) tensor of x's dtype.  Gradients flow to x, w and bias (masks get none).
+    """
+    with tf.name_scope(name or "sparse_dot"):
+        x = tf.convert_to_tensor(x)
+        w = tf.convert_to_tensor(w, dtype=x.dtype if isinstance(w, np.ndarray) else None)
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype.name}")
+        if w.dtype != x.dtype:
+            raise ValueError(f"w dtype {w.dtype.name} does not match x dtype {x.dtype.name}")
+        if x.shape.rank != 2 or w.shape.rank != 2:
+            raise ValueError(f"x (n, m) and w (m, p) must be matrices; got x {x.shape}, w {w.shape}")
+        if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer; got {block_size!r}")
+        n, m, p = _static_dim(x, 0), _static_dim(x, 1), _static_dim(w, 1)
+        if m is not None and _static_dim(w, 0) not in (None, m):
+            raise ValueError(f"x (n, m) and w (m, p) must agree on m; got x {x.shape}, w {w.shape}")
+        for dim, label in ((m, "m"), (p, "p")):
+            if dim is not None and dim % block_size:
+                raise ValueError(f"block_size {block_size} must divide {label} = {dim}")
+        in_m = _check_mask(in_mask, "in_mask", n, m, block_size)
+        out_m = _check_mask(out_mask, "out_mask", n, p, block_size)
+        rows = tf.shape(x)[0]
+        if in_m is None:
+            in_m = tf.ones(tf.stack([rows, tf.shape(x)[1] // block_size]), tf.float32)
+        if out_m is None:
+            out_m = tf.ones(tf.stack([rows, tf.shape(w)[1] // block_size]), tf.float32)
+        y = ops().blocksparse_sparse_dot(x, w, in_m, out_m, block_size=block_size)
+        if bias is not None:
+            bias = tf.convert_to_tensor(bias, dtype=x.dtype)
+            if bias.shape.rank is not None and not bias.shape.is_compatible_with([p]):
+                raise ValueError(f"bias must have shape (p,) = ({p},); got {bias.shape}")
+            y += bias * tf.cast(expand_mask(out_m, block_size), x.dtype)
+        return y
+
+
+@tf.RegisterGradient("BlocksparseSparseDot")
+def _sparse_dot_grad(op, dy):
+    x, w, in_m, out_m = op.inputs
+    bs = op.get_attr("block_size")
+    # dx: the same masked product, backwards: output masks become input masks and vice versa.
+    dx = ops().blocksparse_sparse_dot(dy, tf.transpose(w), out_m, in_m, block_size=bs)
+    # dw = (x * in)^T (dy * out), dense for now.
+    x_in = x * tf.cast(expand_mask(in_m, bs), x.dtype)
+    dy_out = dy * tf.cast(expand_mask(out_m, bs), dy.dtype)
+    dw = tf.matmul(x_in, dy_out, transpose_a=True)
+    return dx, dw, None, None

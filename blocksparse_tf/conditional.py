@@ -79,6 +79,9 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, name
                 raise ValueError(f"block_size {block_size} must divide {label} = {dim}")
         in_m = _check_mask(in_mask, "in_mask", n, m, block_size)
         out_m = _check_mask(out_mask, "out_mask", n, p, block_size)
+        if in_m is None and out_m is None:  # nothing to skip: the dense product is best
+            y = tf.matmul(x, w)
+            return y if bias is None else y + _check_bias(bias, x.dtype, p)
         rows = tf.shape(x)[0]
         if in_m is None:
             in_m = tf.ones(tf.stack([rows, tf.shape(x)[1] // block_size]), tf.float32)
@@ -86,11 +89,15 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, name
             out_m = tf.ones(tf.stack([rows, tf.shape(w)[1] // block_size]), tf.float32)
         y = ops().blocksparse_sparse_dot(x, w, in_m, out_m, block_size=block_size)
         if bias is not None:
-            bias = tf.convert_to_tensor(bias, dtype=x.dtype)
-            if bias.shape.rank is not None and not bias.shape.is_compatible_with([p]):
-                raise ValueError(f"bias must have shape (p,) = ({p},); got {bias.shape}")
-            y += bias * tf.cast(expand_mask(out_m, block_size), x.dtype)
+            y += _check_bias(bias, x.dtype, p) * tf.cast(expand_mask(out_m, block_size), x.dtype)
         return y
+
+
+def _check_bias(bias, dtype, p):
+    bias = tf.convert_to_tensor(bias, dtype=dtype)
+    if bias.shape.rank is not None and not bias.shape.is_compatible_with([p]):
+        raise ValueError(f"bias must have shape (p,) = ({p},); got {bias.shape}")
+    return bias
 
 
 @tf.RegisterGradient("BlocksparseSparseDot")

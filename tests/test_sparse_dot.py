@@ -114,8 +114,9 @@ def test_bad_arguments_raise():
         sparse_dot(x, tf.ones((16, 16)), block_size=8)
     with pytest.raises(ValueError, match="does not match"):
         sparse_dot(x, tf.ones((32, 16), tf.float16), block_size=8)
-    with pytest.raises(ValueError, match=r"bias must have shape \(p,\)"):
-        sparse_dot(x, w, bias=tf.ones(8), block_size=8)
+    for masks in ({}, {"out_mask": np.ones((4, 2))}):
+        with pytest.raises(ValueError, match=r"bias must have shape \(p,\)"):
+            sparse_dot(x, w, bias=tf.ones(8), block_size=8, **masks)
     # The kernel checks too, when called directly.
     for in_m, out_m, message in [(tf.ones((4, 3)), tf.ones((4, 2)), "in_mask must have shape"),
                                  (tf.ones((4, 4)), tf.ones((3, 2)), "out_mask must have shape")]:

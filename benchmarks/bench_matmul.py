@@ -13,8 +13,6 @@ date and the command go to docs/benchmarks.md, a plot of speedup against density
 import argparse
 import datetime
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -24,6 +22,7 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from blocksparse_tf import BlocksparseMatMul  # noqa: E402
 from blocksparse_tf.matmul import blocksparse_matmul, blocksparse_matmul_grad_w  # noqa: E402
+from benchmarks.report import machine_description, write_section  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,28 +84,9 @@ def run_case(N, bs, density, hidden, repeats, sparse_max_density, rng):
     return bsmm, t
 
 
-def machine_description():
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    try:
-        flags = open("/proc/cpuinfo").read()
-        simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
-    except OSError:
-        simd = "unknown SIMD"
-    return (f"{cpu} ({simd}), {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
-            f"TensorFlow {tf.__version__}")
-
-
 def write_markdown(rows, args, path, plot_name):
     command = "python benchmarks/bench_matmul.py " + " ".join(sys.argv[1:])
     lines = [
-        "## CPU: BlocksparseMatMul against dense tf.matmul",
-        "",
         f"- Machine: {machine_description()}",
         f"- Date: {datetime.date.today().isoformat()}",
         f"- Command: `{command.strip()}`",
@@ -127,20 +107,7 @@ def write_markdown(rows, args, path, plot_name):
             f"{r['bprop']:.2f} | {r['updat']:.2f} | {r['target']:.2f} | {r['dense_ms']:.2f} | {sparse} | "
             f"{r['gflops']:.0f} |")
     lines += ["", f"![speedup against density]({plot_name})", ""]
-    text = "\n".join(lines)
-    # Keep any other sections (e.g. the GPU results) of an existing file.
-    header = "# Benchmarks\n\n"
-    others = ""
-    if os.path.exists(path):
-        old = open(path).read()
-        start = old.find("## CPU: BlocksparseMatMul")
-        if start >= 0:
-            end = old.find("\n## ", start + 1)
-            others = old[:start].replace(header, "") + (old[end + 1:] if end >= 0 else "")
-        else:
-            others = old.replace(header, "")
-    with open(path, "w") as f:
-        f.write(header + text + ("\n" + others.strip() + "\n" if others.strip() else ""))
+    write_section(path, "CPU: BlocksparseMatMul against dense tf.matmul", "\n".join(lines))
 
 
 def plot(rows, path):

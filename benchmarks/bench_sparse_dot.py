@@ -1,0 +1,102 @@
+"""CPU benchmark of sparse_dot (conditional computation) against dense tf.matmul.
+
+For x (N, C) and a dense w (C, K), with random per-example block masks keeping fractions
+a_in of the input blocks and a_out of the output blocks, it times
+    forward   y  = (x * in) . w * out
+    backward  dx = (dy * out) . w^T * in      (the masked product of the input gradient)
+against the dense tf.matmul of the same shapes, and prints speedups (dense time / ours).
+The table, machine, date and command go to docs/benchmarks.md.
+
+    python benchmarks/bench_sparse_dot.py            # 1024 x 4096 x 4096, bs 16/32/64 (a few minutes)
+    python benchmarks/bench_sparse_dot.py --quick    # one block size, printed only
+"""
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from blocksparse_tf import sparse_dot  # noqa: E402
+from benchmarks.report import machine_description, write_section  # noqa: E402
+
+FRACTIONS = [(0.1, 0.1), (0.25, 0.25), (0.5, 0.5), (1.0, 1.0), (1.0, 0.25), (0.25, 1.0)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", type=int, nargs=3, default=[1024, 4096, 4096], metavar=("N", "C", "K"))
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--repeats", type=int, default=5, help="timed runs; the fastest counts")
+    p.add_argument("--quick", action="store_true", help="bs 32 and 3 mask settings; no files written")
+    p.add_argument("--out", default=os.path.join(ROOT, "docs"))
+    return p.parse_args(argv)
+
+
+def best_time(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    fractions = FRACTIONS[:3] if args.quick else FRACTIONS
+    block_sizes = [32] if args.quick else args.block_sizes
+    N, C, K = args.shape
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal((N, C)).astype(np.float32))
+    dy = tf.constant(rng.standard_normal((N, K)).astype(np.float32))
+    w = tf.constant((rng.standard_normal((C, K)) / np.sqrt(C)).astype(np.float32))
+    w_t = tf.transpose(w)
+    dense_fwd = best_time(lambda: tf.matmul(x, w).numpy(), args.repeats)
+    dense_bwd = best_time(lambda: tf.matmul(dy, w, transpose_b=True).numpy(), args.repeats)
+    rows = []
+    print(f"dense: forward {dense_fwd * 1e3:.1f} ms, input gradient {dense_bwd * 1e3:.1f} ms")
+    print(f"{'bs':>3} {'a_in':>5} {'a_out':>5} {'fwd ms':>8} {'fwd x':>6} {'dx x':>6} {'target':>6}")
+    for bs in block_sizes:
+        for a_in, a_out in fractions:
+            in_mask = tf.constant((rng.random((N, C // bs)) < a_in).astype(np.float32))
+            out_mask = tf.constant((rng.random((N, K // bs)) < a_out).astype(np.float32))
+            fwd = best_time(lambda: sparse_dot(x, w, in_mask, out_mask, block_size=bs).numpy(), args.repeats)
+            # The input gradient is the same masked product on w^T with the masks swapped.
+            bwd = best_time(lambda: sparse_dot(dy, w_t, out_mask, in_mask, block_size=bs).numpy(), args.repeats)
+            target = min(10.0, 0.7 / (a_in * a_out))
+            row = dict(bs=bs, a_in=a_in, a_out=a_out, fwd_ms=fwd * 1e3, fwd=dense_fwd / fwd,
+                       bwd=dense_bwd / bwd, target=target)
+            rows.append(row)
+            print(f"{bs:3d} {a_in:5.2f} {a_out:5.2f} {row['fwd_ms']:8.1f} {row['fwd']:6.2f} "
+                  f"{row['bwd']:6.2f} {target:6.2f}", flush=True)
+    if not args.quick:
+        command = "python benchmarks/bench_sparse_dot.py " + " ".join(sys.argv[1:])
+        lines = [
+            f"- Machine: {machine_description()}",
+            f"- Date: {datetime.date.today().isoformat()}",
+            f"- Command: `{command.strip()}`",
+            f"- x ({N}, {C}), dense w ({C}, {K}), float32; random per-example masks with the given "
+            f"active fractions; fastest of {args.repeats} runs. Speedup = dense tf.matmul time / "
+            f"sparse_dot time (dense: {dense_fwd * 1e3:.1f} ms forward). `dx x` is the input-gradient "
+            "product. Target: min(10, 0.7 / (a_in a_out)).",
+            "",
+            "| bs | a_in | a_out | forward ms | forward x | dx x | target x |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {r['bs']} | {r['a_in']:.2f} | {r['a_out']:.2f} | {r['fwd_ms']:.1f} | {r['fwd']:.2f} | "
+                  f"{r['bwd']:.2f} | {r['target']:.2f} |" for r in rows]
+        write_section(os.path.join(args.out, "benchmarks.md"),
+                      "CPU: sparse_dot (conditional computation) against dense tf.matmul", "\n".join(lines))
+        print(f"wrote {os.path.join(args.out, 'benchmarks.md')}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

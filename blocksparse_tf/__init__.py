@@ -12,7 +12,9 @@ _LAZY = {
     "sparse_dot": "blocksparse_tf.conditional",
 }
 
-__all__ = sorted(_LAZY) + ["layouts"]
+_SUBMODULES = ("layouts", "layers")
+
+__all__ = sorted(_LAZY) + list(_SUBMODULES)
 
 
 def __getattr__(name):
@@ -20,8 +22,8 @@ def __getattr__(name):
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name == "layouts":
+    if name in _SUBMODULES:
         import importlib
 
-        return importlib.import_module("blocksparse_tf.layouts")
+        return importlib.import_module(f"blocksparse_tf.{name}")
     raise AttributeError(f"module 'blocksparse_tf' has no attribute {name!r}")

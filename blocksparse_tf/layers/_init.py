@@ -1,0 +1,75 @@
+"""Layout-aware initial weights for block-sparse kernels of shape (blocks, bs, bs).
+
+Keras' own initializers see only the 3-D shape (blocks, bs, bs); they would take ``blocks``
+for a convolution's receptive field and get the fan-in wrong by the number of block columns.
+The two defaults here count the fans of the block-sparse matrix itself.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+BLOCK_INITIALIZERS = ("block_glorot_uniform", "block_orthogonal")
+
+
+def _fans(coords, CB, KB, bs):
+    """Per-block (fan_in, fan_out) in units: bs times the blocks in its column / row."""
+    col_blocks = np.bincount(coords[:, 1], minlength=KB)[coords[:, 1]]
+    row_blocks = np.bincount(coords[:, 0], minlength=CB)[coords[:, 0]]
+    return bs * col_blocks, bs * row_blocks
+
+
+def block_initializer(name, coords, CB, KB, bs, seed=None):
+    """A Keras-style initializer ``f(shape, dtype)`` for one of BLOCK_INITIALIZERS.
+
+    - ``block_glorot_uniform``: uniform in +-sqrt(6 / (fan_in + fan_out)) with the fans of the
+      sparse matrix (what ``glorot_uniform`` gives a dense layer).
+    - ``block_orthogonal``: every block a random orthogonal matrix, scaled by
+      1/sqrt(blocks in its column), so that each output unit sums unit-norm weight rows.
+    """
+    coords = np.asarray(coords)
+    fan_in, fan_out = _fans(coords, CB, KB, bs)
+
+    def glorot(shape, dtype=None):
+        limit = np.sqrt(6.0 / (fan_in + fan_out)).astype(np.float32)[:, None, None]
+        u = keras.random.uniform(shape, -1.0, 1.0, dtype="float32", seed=seed)
+        return ops.cast(u * limit, dtype or "float32")
+
+    def orthogonal(shape, dtype=None):
+        q, r = ops.qr(keras.random.normal(shape, dtype="float32", seed=seed))
+        # Sign fix of R's diagonal makes the distribution uniform (Haar) over rotations.
+        q = q * ops.sign(ops.diagonal(r, axis1=1, axis2=2))[:, None, :]
+        scale = np.sqrt(bs / fan_in).astype(np.float32)[:, None, None]
+        return ops.cast(q * scale, dtype or "float32")
+
+    if name == "block_glorot_uniform":
+        return glorot
+    if name == "block_orthogonal":
+        return orthogonal
+    raise ValueError(f"unknown block initializer {name!r}; expected one of {BLOCK_INITIALIZERS}")
+
+
+def get_initializer(value, coords, CB, KB, bs):
+    """A block initializer for a name in BLOCK_INITIALIZERS, else ``keras.initializers.get``."""
+    if isinstance(value, str) and value in BLOCK_INITIALIZERS:
+        return block_initializer(value, coords, CB, KB, bs)
+    return keras.initializers.get(value)
+
+
+def serialize_initializer(value):
+    """Config form: block initializer names stay strings; others go through Keras."""
+    if isinstance(value, str):
+        return value
+    return keras.initializers.serialize(value)
+
+
+def check_initializer(value, what):
+    """Fails early (at construction) on initializer arguments Keras cannot resolve."""
+    if isinstance(value, str) and value in BLOCK_INITIALIZERS:
+        return value
+    try:
+        keras.initializers.get(value)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{what} must be one of {BLOCK_INITIALIZERS} or a Keras initializer; "
+                         f"got {value!r} ({err})") from None
+    return value

@@ -14,7 +14,6 @@ import argparse
 import datetime
 import os
 import sys
-import time
 
 import numpy as np
 import tensorflow as tf
@@ -22,7 +21,7 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from blocksparse_tf import BlocksparseMatMul  # noqa: E402
 from blocksparse_tf.matmul import blocksparse_matmul, blocksparse_matmul_grad_w  # noqa: E402
-from benchmarks.report import machine_description, write_section  # noqa: E402
+from benchmarks.report import best_time, machine_description, write_section  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,15 +40,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def best_time(fn, repeats):
-    """Fastest of `repeats` runs after a warm-up: the least disturbed by other work on the machine."""
-    fn()  # warm up (and build any lazily created state)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.min(times))
 
 
 def run_case(N, bs, density, hidden, repeats, sparse_max_density, rng):

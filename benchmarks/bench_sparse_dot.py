@@ -15,7 +15,6 @@ import argparse
 import datetime
 import os
 import sys
-import time
 
 import numpy as np
 import tensorflow as tf
@@ -23,7 +22,7 @@ import tensorflow as tf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from blocksparse_tf import sparse_dot  # noqa: E402
-from benchmarks.report import machine_description, write_section  # noqa: E402
+from benchmarks.report import best_time, machine_description, write_section  # noqa: E402
 
 FRACTIONS = [(0.1, 0.1), (0.25, 0.25), (0.5, 0.5), (1.0, 1.0), (1.0, 0.25), (0.25, 1.0)]
 
@@ -38,14 +37,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def best_time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main(argv=None):

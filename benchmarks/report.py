@@ -1,12 +1,24 @@
-"""Shared by the benchmark scripts: the machine's description and docs/benchmarks.md sections."""
+"""Shared by the benchmark scripts: timing, the machine's description and docs/benchmarks.md sections."""
 
 import os
 import platform
 import subprocess
+import time
 
 import tensorflow as tf
 
 HEADER = "# Benchmarks\n\n"
+
+
+def best_time(fn, repeats):
+    """Fastest of `repeats` runs after a warm-up: the least disturbed by other work on the machine."""
+    fn()  # warm up (and build any lazily created state)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def machine_description():

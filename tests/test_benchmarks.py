@@ -1,0 +1,22 @@
+"""The benchmark scripts run end to end on tiny sizes and write their report sections."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import bench_matmul, bench_sparse_dot  # noqa: E402
+
+
+def test_benchmarks_write_their_sections(tmp_path):
+    rows = bench_matmul.main(["--hidden", "256", "--batches", "8", "--block-sizes", "32",
+                              "--densities", "0.5", "1.0", "--repeats", "1", "--out", str(tmp_path)])
+    assert len(rows) == 2 and all(r["fprop"] > 0 for r in rows)
+    rows = bench_sparse_dot.main(["--shape", "16", "128", "64", "--block-sizes", "32",
+                                  "--repeats", "1", "--out", str(tmp_path)])
+    assert len(rows) == len(bench_sparse_dot.FRACTIONS)
+    report = (tmp_path / "benchmarks.md").read_text()
+    # Both sections, each once, the first kept when the second was written.
+    assert report.count("## CPU: BlocksparseMatMul against dense tf.matmul") == 1
+    assert report.count("## CPU: sparse_dot (conditional computation)") == 1
+    assert report.count("| 8 | 32 | ") == 2 and (tmp_path / "benchmark_cpu_speedup.png").exists()

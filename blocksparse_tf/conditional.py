@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from blocksparse_tf._ops import ops
-from blocksparse_tf.matmul import FLOAT_DTYPES
+from blocksparse_tf.matmul import BLOCK_SIZES, FLOAT_DTYPES
 
 
 def _static_dim(t, i):
@@ -54,7 +54,7 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, name
     bias : (p,), optional
         Added only where out_mask is nonzero.
     block_size : int
-        Features per mask entry; must divide m and p.  Default 32.
+        Features per mask entry: 1, 8, 16, 32 (default) or 64; must divide m and p.
 
     Returns
     -------
@@ -69,8 +69,8 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, name
             raise ValueError(f"w dtype {w.dtype.name} does not match x dtype {x.dtype.name}")
         if x.shape.rank != 2 or w.shape.rank != 2:
             raise ValueError(f"x (n, m) and w (m, p) must be matrices; got x {x.shape}, w {w.shape}")
-        if not isinstance(block_size, (int, np.integer)) or block_size < 1:
-            raise ValueError(f"block_size must be a positive integer; got {block_size!r}")
+        if block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
         n, m, p = _static_dim(x, 0), _static_dim(x, 1), _static_dim(w, 1)
         if m is not None and _static_dim(w, 0) not in (None, m):
             raise ValueError(f"x (n, m) and w (m, p) must agree on m; got x {x.shape}, w {w.shape}")

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "ops/block_layout.h"
+#include "ops/blocksparse_matmul_cpu.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 
@@ -18,8 +19,7 @@ using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 
 inline absl::Status CheckAttrs(int64_t block_size, int64_t C, int64_t K, int64_t feature_axis) {
-  if (block_size != 1 && block_size != 8 && block_size != 16 && block_size != 32 &&
-      block_size != 64) {
+  if (!IsSupportedBlockSize(block_size)) {
     return absl::InvalidArgumentError("block_size must be one of 1, 8, 16, 32, 64; got " +
                                       std::to_string(block_size));
   }

@@ -64,8 +64,8 @@ class SparseDotOp : public OpKernel {
  public:
   explicit SparseDotOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
-    OP_REQUIRES(ctx, block_size_ >= 1,
-                absl::InvalidArgumentError("block_size must be >= 1; got " +
+    OP_REQUIRES(ctx, IsSupportedBlockSize(block_size_),
+                absl::InvalidArgumentError("block_size must be one of 1, 8, 16, 32, 64; got " +
                                            std::to_string(block_size_)));
   }
 

@@ -108,8 +108,11 @@ def test_bad_arguments_raise():
         sparse_dot(x, w, in_mask=np.ones((4, 3)), block_size=8)
     with pytest.raises(ValueError, match=r"out_mask must have shape \(n, p / block_size\) = \(4, 2\)"):
         sparse_dot(x, w, out_mask=np.ones((5, 2)), block_size=8)
-    with pytest.raises(ValueError, match="block_size 12 must divide m = 32"):
-        sparse_dot(x, w, block_size=12)
+    with pytest.raises(ValueError, match="block_size 16 must divide p = 24"):
+        sparse_dot(x, tf.ones((32, 24)), block_size=16)
+    for bad in (4, 12, 0, 2.5):
+        with pytest.raises(ValueError, match="block_size must be one of"):
+            sparse_dot(x, w, block_size=bad)
     with pytest.raises(ValueError, match="must agree on m"):
         sparse_dot(x, tf.ones((16, 16)), block_size=8)
     with pytest.raises(ValueError, match="does not match"):
@@ -122,3 +125,5 @@ def test_bad_arguments_raise():
                                  (tf.ones((4, 4)), tf.ones((3, 2)), "out_mask must have shape")]:
         with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=message):
             ops().blocksparse_sparse_dot(x, w, in_m, out_m, block_size=8)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="block_size must be one of"):
+        ops().blocksparse_sparse_dot(x, w, tf.ones((4, 8)), tf.ones((4, 4)), block_size=4)

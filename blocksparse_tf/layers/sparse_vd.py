@@ -1,0 +1,395 @@
+"""Sparse Variational Dropout layers (Molchanov, Ashukha and Vetrov, ICML 2017).
+
+Every weight w has a Gaussian posterior N(theta, sigma^2) with its own dropout rate
+``alpha = sigma^2 / theta^2``; the log-uniform prior makes large alphas cheap, so training
+drives most of them up and those weights can be removed.  Parametrisation (per weight):
+``theta`` and ``log_sigma2`` (initialised to -10); ``log_alpha = log_sigma2 - log(theta^2)``
+clipped to [-8, 8].
+
+- Training (``training=True``): local reparameterisation: the pre-activations are sampled,
+  mean ``x . theta``, variance ``x^2 . (alpha theta^2)``, one noise draw per example and unit.
+- Inference: deterministic, with the pruned weights ``theta * (log_alpha < threshold)``.
+- Each call adds ``kl_weight * KL`` to the layer's losses (``add_loss``).  ``kl_weight`` is a
+  non-trainable variable, so it can be changed between steps without retracing: use
+  :class:`KLWarmup` (linear warm-up, scaled by the dataset size) or :func:`set_kl_weight`.
+
+The objective of the paper, ``N/B sum_batch log p(y|x) - rw KL``, divided by N, is the
+mean cross-entropy plus ``rw KL / N``: that is ``kl_weight = rw / N`` (:func:`kl_scale`).
+
+See docs/sparse_vd.md.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+#: Constants of the KL approximation (Molchanov et al. 2017, eq. 14).
+K1, K2, K3 = 0.63576, 1.87320, 1.48695
+#: log_alpha is clipped to this range.
+LOG_ALPHA_MIN, LOG_ALPHA_MAX = -8.0, 8.0
+#: Weights with log_alpha >= this are pruned at inference.
+DEFAULT_THRESHOLD = 3.0
+DEFAULT_LOG_SIGMA2_INIT = -10.0
+
+
+def kl_approx(log_alpha):
+    """Per-weight KL(q || log-uniform prior), the paper's approximation (up to a constant).
+
+    ``KL ~ k1 - k1 sigmoid(k2 + k3 log_alpha) + 0.5 log1p(exp(-log_alpha))``: 0 as alpha goes
+    to infinity, ``-0.5 log_alpha + k1`` as it goes to 0.  Works on tensors and numpy arrays.
+    """
+    la = ops.convert_to_tensor(log_alpha)
+    return K1 - K1 * ops.sigmoid(K2 + K3 * la) + 0.5 * ops.softplus(-la)
+
+
+def kl_scale(dataset_size, rw=1.0):
+    """``kl_weight`` that makes ``mean loss + kl_weight KL`` the paper's objective over N.
+
+    ``rw`` is the warm-up factor in [0, 1]; ``dataset_size`` N the number of training
+    examples.  Returns ``rw / N``.
+    """
+    _check_positive_int(dataset_size, "dataset_size")
+    _check_number(rw, "rw", low=0.0)
+    return float(rw) / int(dataset_size)
+
+
+def kl_warmup(epoch, start=5, end=20):
+    """Warm-up factor rw at ``epoch`` (0-based): 0 before ``start``, linear to 1 at ``end``."""
+    _check_number(start, "start", low=0.0)
+    _check_number(end, "end", low=0.0)
+    if end < start:
+        raise ValueError(f"end ({end}) must be >= start ({start})")
+    if epoch < start:
+        return 0.0
+    if epoch >= end:
+        return 1.0
+    return float(epoch - start) / float(end - start)
+
+
+def sparse_vd_layers(model):
+    """The SparseVD layers of a model (searched recursively), in order."""
+    if isinstance(model, _SparseVDMixin):
+        return [model]
+    found = []
+    for layer in getattr(model, "layers", []):
+        found += [l for l in sparse_vd_layers(layer) if l not in found]
+    return found
+
+
+def set_kl_weight(model, weight):
+    """Sets ``kl_weight`` of every SparseVD layer of ``model`` (e.g. ``kl_scale(N, rw)``)."""
+    _check_number(weight, "weight", low=0.0)
+    for layer in sparse_vd_layers(model):
+        layer.kl_weight.assign(float(weight))
+
+
+def total_kl(model):
+    """Sum of the (unweighted) KL terms of every SparseVD layer of ``model``, a float."""
+    return float(sum(float(ops.convert_to_numpy(l.kl())) for l in sparse_vd_layers(model)))
+
+
+def sparsity_report(model_or_layers):
+    """Per-layer report of a model (or a list of SparseVD layers) and the total.
+
+    Returns a list of dicts, one per SparseVD layer (see ``layer.sparsity_report()``), and a
+    last one named ``"total"`` over all of them.
+    """
+    layers = (list(model_or_layers) if isinstance(model_or_layers, (list, tuple))
+              else sparse_vd_layers(model_or_layers))
+    rows = [layer.sparsity_report() for layer in layers]
+    n = sum(r["weights"] for r in rows)
+    kept = sum(r["kept"] for r in rows)
+    rows.append(_report_row("total", n, kept))
+    return rows
+
+
+def format_report(rows):
+    """The rows of :func:`sparsity_report` as a Markdown table."""
+    lines = ["| layer | weights | kept | kept fraction | sparsity | compression |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['weights']} | {r['kept']} | {r['kept_fraction']:.4f} "
+                     f"| {100 * r['sparsity']:.1f}% | {r['compression']:.1f}x |")
+    return "\n".join(lines)
+
+
+class KLWarmup(keras.callbacks.Callback):
+    """Sets ``kl_weight = kl_warmup(epoch, start, end) * scale / dataset_size`` each epoch.
+
+    Parameters
+    ----------
+    dataset_size : int
+        N, the number of training examples (the KL is divided by it, see :func:`kl_scale`).
+    start, end : int
+        Epochs (0-based) where the ramp from 0 to 1 starts and ends (paper: 5 and 20).
+    scale : float
+        Final multiplier rw of the KL (default 1).
+    """
+
+    def __init__(self, dataset_size, start=5, end=20, scale=1.0):
+        super().__init__()
+        _check_positive_int(dataset_size, "dataset_size")
+        _check_number(scale, "scale", low=0.0)
+        kl_warmup(0, start, end)  # checks start/end
+        self.dataset_size, self.start, self.end, self.scale = int(dataset_size), start, end, scale
+        self.history = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        weight = self.scale * kl_scale(self.dataset_size, kl_warmup(epoch, self.start, self.end))
+        set_kl_weight(self.model, weight)
+        self.history.append(weight)
+
+
+def _report_row(name, n, kept):
+    return {"name": name, "weights": int(n), "kept": int(kept),
+            "kept_fraction": kept / n if n else 0.0,
+            "sparsity": 1.0 - kept / n if n else 0.0,
+            "compression": n / kept if kept else math.inf}
+
+
+def _check_number(value, name, low=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number; got {value!r}")
+    if not math.isfinite(float(value)) or (low is not None and value < low):
+        bound = f" >= {low}" if low is not None else ""
+        raise ValueError(f"{name} must be a finite number{bound}; got {value!r}")
+
+
+def _check_positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
+class _SparseVDMixin:
+    """What SparseVDDense and SparseVDConv2D share: log_alpha, KL, masks, report, config."""
+
+    def _init_vd(self, threshold, kl_weight, log_sigma2_init):
+        _check_number(threshold, "threshold")
+        _check_number(kl_weight, "kl_weight", low=0.0)
+        _check_number(log_sigma2_init, "log_sigma2_init")
+        self.threshold = float(threshold)
+        self.initial_kl_weight = float(kl_weight)
+        self.log_sigma2_init = float(log_sigma2_init)
+
+    def _add_vd_weights(self, shape):
+        self.theta = self.add_weight(name="theta", shape=shape,
+                                     initializer=self.kernel_initializer)
+        self.log_sigma2 = self.add_weight(
+            name="log_sigma2", shape=shape,
+            initializer=keras.initializers.Constant(self.log_sigma2_init))
+        self.kl_weight = self.add_weight(
+            name="kl_weight", shape=(), trainable=False,
+            initializer=keras.initializers.Constant(self.initial_kl_weight))
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(shape[-1],),
+                                        initializer=self.bias_initializer)
+
+    def log_alpha(self):
+        """``log(sigma^2 / theta^2)`` per weight, clipped to [-8, 8] (a tensor)."""
+        la = self.log_sigma2 - ops.log(ops.square(self.theta) + 1e-8)
+        return ops.clip(la, LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+
+    def kl(self):
+        """The layer's KL term (unweighted), summed over its weights: a scalar tensor."""
+        return ops.sum(kl_approx(self.log_alpha()))
+
+    def kept_mask(self):
+        """numpy bool array, the shape of the kernel: True where log_alpha < threshold."""
+        return ops.convert_to_numpy(self.log_alpha()) < self.threshold
+
+    def pruned_kernel(self):
+        """The inference kernel ``theta * kept_mask()`` as a numpy array."""
+        return ops.convert_to_numpy(self.theta) * self.kept_mask()
+
+    def sparsity_report(self):
+        """dict: name, weights, kept, kept_fraction, sparsity and compression (weights / kept)."""
+        mask = self.kept_mask()
+        return _report_row(self.name, mask.size, int(mask.sum()))
+
+    def _kernels(self, training):
+        """(mean kernel, variance kernel or None) for this call."""
+        if training:
+            la = self.log_alpha()
+            return self.theta, ops.exp(la) * ops.square(self.theta)
+        mask = ops.cast(self.log_alpha() < self.threshold, self.theta.dtype)
+        return self.theta * mask, None
+
+    def _finish(self, mean, var):
+        """Adds the KL loss, samples (when var is given), adds bias and activation."""
+        self.add_loss(self.kl_weight * self.kl())
+        y = mean
+        if var is not None:
+            noise = keras.random.normal(ops.shape(mean), seed=self.seed_generator)
+            y = mean + ops.sqrt(var + 1e-8) * noise
+        if self.bias is not None:
+            y = y + self.bias
+        return self.activation(y) if self.activation is not None else y
+
+    def _vd_config(self):
+        return {
+            "threshold": self.threshold,
+            "kl_weight": self.initial_kl_weight,
+            "log_sigma2_init": self.log_sigma2_init,
+            "activation": keras.activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+        }
+
+
+@keras.saving.register_keras_serializable(package="blocksparse_tf")
+class SparseVDDense(_SparseVDMixin, keras.layers.Layer):
+    """Dense layer with Sparse Variational Dropout: ``y = activation(x . W + b)``.
+
+    Parameters
+    ----------
+    units : int
+        Output size K.
+    activation : Keras activation, optional
+    use_bias : bool
+        Default True.
+    threshold : float
+        Weights with ``log_alpha >= threshold`` are zero at inference (default 3).
+    kl_weight : float
+        Initial multiplier of the KL loss (a non-trainable variable; see :class:`KLWarmup`).
+        Default 1: give ``kl_scale(N)`` for the paper's objective.
+    log_sigma2_init : float
+        Initial log sigma^2 of every weight (default -10).
+    kernel_initializer, bias_initializer :
+        For ``theta`` and the bias (default ``"glorot_uniform"``, ``"zeros"``).
+    seed : int, optional
+        Seed of the reparameterisation noise.
+
+    Weights: ``theta`` and ``log_sigma2`` (C, K), ``bias`` (K,), ``kl_weight`` ().
+    """
+
+    def __init__(self, units, activation=None, use_bias=True, threshold=DEFAULT_THRESHOLD,
+                 kl_weight=1.0, log_sigma2_init=DEFAULT_LOG_SIGMA2_INIT,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros", seed=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        _check_positive_int(units, "units")
+        self._init_vd(threshold, kl_weight, log_sigma2_init)
+        self.units = int(units)
+        self.activation = keras.activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        C = input_shape[-1]
+        if C is None:
+            raise ValueError(f"the last input dimension must be known; got shape {input_shape}")
+        self._add_vd_weights((int(C), self.units))
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: C})
+
+    def call(self, inputs, training=None):
+        x = ops.cast(inputs, self.compute_dtype)
+        w_mean, w_var = self._kernels(bool(training))
+        mean = ops.matmul(x, w_mean)
+        var = None if w_var is None else ops.matmul(ops.square(x), w_var)
+        return self._finish(mean, var)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.units,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"units": self.units, "seed": self.seed, **self._vd_config()})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="blocksparse_tf")
+class SparseVDConv2D(_SparseVDMixin, keras.layers.Layer):
+    """2-D convolution (channels last) with Sparse Variational Dropout.
+
+    Parameters
+    ----------
+    filters : int
+    kernel_size : int or pair of ints
+    strides : int or pair of ints
+        Default 1.
+    padding : {"valid", "same"}
+    activation, use_bias, threshold, kl_weight, log_sigma2_init, kernel_initializer,
+    bias_initializer, seed :
+        As for :class:`SparseVDDense`.
+
+    Weights: ``theta`` and ``log_sigma2`` (kh, kw, C, filters), ``bias`` (filters,).
+    Training samples the output feature maps: mean ``conv(x, theta)``, variance
+    ``conv(x^2, alpha theta^2)``.
+    """
+
+    def __init__(self, filters, kernel_size, strides=1, padding="valid", activation=None,
+                 use_bias=True, threshold=DEFAULT_THRESHOLD, kl_weight=1.0,
+                 log_sigma2_init=DEFAULT_LOG_SIGMA2_INIT, kernel_initializer="glorot_uniform",
+                 bias_initializer="zeros", seed=None, **kwargs):
+        super().__init__(**kwargs)
+        _check_positive_int(filters, "filters")
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.strides = _pair(strides, "strides")
+        if padding not in ("valid", "same"):
+            raise ValueError(f"padding must be 'valid' or 'same'; got {padding!r}")
+        self._init_vd(threshold, kl_weight, log_sigma2_init)
+        self.filters = int(filters)
+        self.padding = padding
+        self.activation = keras.activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        if len(input_shape) != 4 or input_shape[-1] is None:
+            raise ValueError("SparseVDConv2D wants inputs (batch, height, width, channels) with "
+                             f"known channels; got shape {input_shape}")
+        C = int(input_shape[-1])
+        self._add_vd_weights(self.kernel_size + (C, self.filters))
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: C})
+
+    def _conv(self, x, kernel):
+        return ops.conv(x, kernel, strides=self.strides, padding=self.padding,
+                        data_format="channels_last")
+
+    def call(self, inputs, training=None):
+        x = ops.cast(inputs, self.compute_dtype)
+        w_mean, w_var = self._kernels(bool(training))
+        mean = self._conv(x, w_mean)
+        var = None if w_var is None else self._conv(ops.square(x), w_var)
+        return self._finish(mean, var)
+
+    def compute_output_shape(self, input_shape):
+        dims = []
+        for size, k, s in zip(input_shape[1:3], self.kernel_size, self.strides):
+            if size is None:
+                dims.append(None)
+            elif self.padding == "same":
+                dims.append(-(-size // s))
+            else:
+                dims.append((size - k) // s + 1)
+        return (input_shape[0], *dims, self.filters)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"filters": self.filters, "kernel_size": list(self.kernel_size),
+                       "strides": list(self.strides), "padding": self.padding,
+                       "seed": self.seed, **self._vd_config()})
+        return config
+
+
+def _pair(value, name):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        pair = tuple(value)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                 and v >= 1 for v in pair):
+        raise ValueError(f"{name} must be a positive integer or a pair of them; got {value!r}")
+    return tuple(int(v) for v in pair)

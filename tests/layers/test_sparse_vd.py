@@ -1,0 +1,213 @@
+"""Sparse Variational Dropout layers: KL, local reparameterisation, pruning, saving."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from scipy import integrate, stats
+
+from blocksparse_tf.layers.sparse_vd import (KLWarmup, SparseVDConv2D, SparseVDDense,
+                                             format_report, kl_approx, kl_scale, kl_warmup,
+                                             set_kl_weight, sparsity_report, total_kl)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _neg_kl_numerical(log_alpha):
+    """-KL(N(theta, alpha theta^2) || log-uniform) by quadrature, normalised to 0 at alpha=inf.
+
+    -KL = 0.5 log alpha - E_{e ~ N(1, alpha)} log|e| + C, and for large alpha
+    E log|e| -> 0.5 log alpha + E_{z ~ N(0,1)} log|z|, so C = E log|z| = -(gamma + log 2) / 2.
+    """
+    s = np.sqrt(np.exp(log_alpha))
+    f = lambda z: np.log(np.abs(1.0 + s * z)) * stats.norm.pdf(z)  # noqa: E731
+    # Split at the logarithmic singularity z = -1/s.
+    e_log = (integrate.quad(f, -np.inf, -1.0 / s, limit=200)[0]
+             + integrate.quad(f, -1.0 / s, np.inf, limit=200)[0])
+    c = -(np.euler_gamma + np.log(2.0)) / 2.0
+    return 0.5 * log_alpha - e_log + c
+
+
+@pytest.mark.parametrize("log_alpha", [-6.0, -3.0, -1.0, 0.0, 1.5, 3.0, 6.0])
+def test_kl_approximation_matches_numerical_integration(log_alpha):
+    approx = float(np.asarray(kl_approx(np.float32(log_alpha))))
+    assert approx == pytest.approx(-_neg_kl_numerical(log_alpha), abs=0.01)
+
+
+def _set_log_alpha(layer, log_alpha):
+    """Sets log_sigma2 so that the (unclipped) log_alpha of every weight is ``log_alpha``."""
+    theta = keras.ops.convert_to_numpy(layer.theta)
+    layer.log_sigma2.assign(log_alpha + np.log(theta ** 2 + 1e-8))
+
+
+def test_local_reparameterisation_mean_and_variance_match_monte_carlo():
+    rng = np.random.default_rng(0)
+    layer = SparseVDDense(5, seed=1)
+    x1 = rng.normal(size=(1, 7)).astype(np.float32)
+    layer.build((None, 7))
+    log_alpha = rng.uniform(-3, 1, size=(7, 5)).astype(np.float32)
+    _set_log_alpha(layer, log_alpha)
+    layer.bias.assign(rng.normal(size=5).astype(np.float32))
+    theta = keras.ops.convert_to_numpy(layer.theta)
+    b = keras.ops.convert_to_numpy(layer.bias)
+    sigma = np.sqrt(np.exp(log_alpha) * theta ** 2)
+    # Independent reference: sample whole weight matrices and push x through them.
+    n = 20000
+    w = theta[None] + sigma[None] * rng.normal(size=(n, 7, 5))
+    y_ref = np.einsum("c,nck->nk", x1[0], w) + b
+    y = keras.ops.convert_to_numpy(layer(np.repeat(x1, n, axis=0), training=True))
+    assert np.allclose(y.mean(0), y_ref.mean(0), atol=4 * y_ref.std(0).max() / np.sqrt(n) * 2)
+    assert np.allclose(y.var(0), y_ref.var(0), rtol=0.06)
+    # and the closed forms of the trick
+    assert np.allclose(y.mean(0), x1[0] @ theta + b, atol=0.05 * np.abs(sigma).max() + 0.02)
+    assert np.allclose(y.var(0), (x1[0] ** 2) @ sigma ** 2, rtol=0.06)
+
+
+def _conv_ref(x, w, b):
+    """Naive 'valid' stride-1 correlation, (N, H, W, C) x (kh, kw, C, F)."""
+    kh, kw = w.shape[:2]
+    H, W = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    out = np.zeros((x.shape[0], H, W, w.shape[3]))
+    for i in range(H):
+        for j in range(W):
+            out[:, i, j] = np.einsum("nabc,abcf->nf", x[:, i:i + kh, j:j + kw], w)
+    return out + b
+
+
+def test_conv_moments_and_inference():
+    rng = np.random.default_rng(1)
+    layer = SparseVDConv2D(3, 2, seed=2)
+    layer.build((None, 4, 4, 2))
+    log_alpha = rng.uniform(-2, 5, size=(2, 2, 2, 3)).astype(np.float32)
+    _set_log_alpha(layer, log_alpha)
+    theta = keras.ops.convert_to_numpy(layer.theta)
+    x = rng.normal(size=(1, 4, 4, 2)).astype(np.float32)
+    # inference: pruned kernel
+    mask = log_alpha < 3.0
+    got = keras.ops.convert_to_numpy(layer(x))
+    assert np.allclose(got, _conv_ref(x, theta * mask, 0.0), atol=1e-5)
+    # training: moments of the sampled feature maps
+    n = 6000
+    y = keras.ops.convert_to_numpy(layer(np.repeat(x, n, 0), training=True))
+    var = _conv_ref(x ** 2, np.exp(np.clip(log_alpha, -8, 8)) * theta ** 2, 0.0)[0]
+    assert np.allclose(y.mean(0), _conv_ref(x, theta, 0.0)[0], atol=5 * np.sqrt(var.max() / n))
+    assert np.allclose(y.var(0), var, rtol=0.1)
+
+
+def test_pruning_threshold_semantics():
+    layer = SparseVDDense(4, threshold=3.0)
+    layer.build((None, 3))
+    layer.theta.assign(np.ones((3, 4), np.float32))
+    la = np.array([[-9.0, 2.99, 3.0, 3.01], [8.5, 0.0, -1.0, 2.0], [5.0, 5.0, 5.0, -5.0]],
+                  np.float32)
+    layer.log_sigma2.assign(la)  # theta = 1, so log_alpha = log_sigma2 (up to 1e-8)
+    kept = la < 3.0
+    assert np.array_equal(layer.kept_mask(), kept)
+    got_la = keras.ops.convert_to_numpy(layer.log_alpha())
+    assert got_la.min() == -8.0 and got_la.max() == 8.0  # clipped
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert np.allclose(keras.ops.convert_to_numpy(layer(x)), x @ kept.astype(np.float32))
+    rep = layer.sparsity_report()
+    assert rep["weights"] == 12 and rep["kept"] == int(kept.sum())
+    assert rep["compression"] == pytest.approx(12 / kept.sum())
+    assert rep["sparsity"] == pytest.approx(1 - kept.sum() / 12)
+    # a higher threshold keeps more
+    layer.threshold = 6.0
+    assert np.array_equal(layer.kept_mask(), la < 6.0)
+
+
+def test_kl_loss_weight_and_schedule():
+    model = keras.Sequential([keras.Input((6,)), SparseVDDense(4, activation="relu",
+                                                               kl_weight=0.5),
+                              SparseVDDense(3)])
+    x = np.ones((2, 6), np.float32)
+    model(x)
+    kl0 = float(keras.ops.convert_to_numpy(model.layers[0].kl()))
+    la = keras.ops.convert_to_numpy(model.layers[0].log_alpha())
+    assert kl0 == pytest.approx(float(np.sum(np.asarray(kl_approx(la)))), rel=1e-5)
+    losses = [float(keras.ops.convert_to_numpy(v)) for v in model.losses]
+    assert losses[0] == pytest.approx(0.5 * kl0, rel=1e-5)
+    assert total_kl(model) == pytest.approx(kl0 + float(
+        keras.ops.convert_to_numpy(model.layers[1].kl())), rel=1e-5)
+    set_kl_weight(model, 0.0)
+    model(x)
+    assert all(float(keras.ops.convert_to_numpy(v)) == 0.0 for v in model.losses)
+    assert [kl_warmup(e, 5, 20) for e in (0, 4, 5, 10, 20, 30)] == [0, 0, 0, 1 / 3, 1, 1]
+    assert kl_scale(60000) == pytest.approx(1 / 60000)
+    assert kl_scale(100, rw=0.5) == pytest.approx(0.005)
+    # the callback drives the weight during fit
+    cb = KLWarmup(dataset_size=8, start=1, end=3)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    xs = np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32)
+    model.fit(xs, np.arange(8) % 3, epochs=4, batch_size=4, verbose=0, callbacks=[cb])
+    assert cb.history == pytest.approx([0.0, 0.0, 0.5 / 8, 1 / 8])
+    assert float(keras.ops.convert_to_numpy(model.layers[1].kl_weight)) == pytest.approx(1 / 8)
+
+
+def test_model_report():
+    model = keras.Sequential([keras.Input((5,)), SparseVDDense(4), SparseVDDense(2)])
+    la = np.full((5, 4), 5.0, np.float32)
+    la[0] = -1.0  # 4 of 20 kept
+    _set_log_alpha(model.layers[0], la)
+    rows = sparsity_report(model)
+    assert [r["name"] for r in rows] == [model.layers[0].name, model.layers[1].name, "total"]
+    assert rows[0]["kept"] == 4 and rows[1]["kept"] == 8
+    assert rows[2]["weights"] == 28 and rows[2]["compression"] == pytest.approx(28 / 12)
+    assert "| total | 28 | 12 |" in format_report(rows)
+
+
+def test_save_load_round_trip(tmp_path):
+    rng = np.random.default_rng(3)
+    inp = keras.Input((6, 6, 1))
+    h = SparseVDConv2D(2, 3, activation="relu", threshold=2.5)(inp)
+    h = keras.layers.Flatten()(h)
+    out = SparseVDDense(3, kl_weight=0.25)(h)
+    model = keras.Model(inp, out)
+    for layer in (model.layers[1], model.layers[3]):
+        _set_log_alpha(layer, rng.uniform(-4, 6, size=layer.theta.shape).astype(np.float32))
+    path = str(tmp_path / "svd.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    x = rng.normal(size=(4, 6, 6, 1)).astype(np.float32)
+    assert np.allclose(keras.ops.convert_to_numpy(loaded(x)),
+                       keras.ops.convert_to_numpy(model(x)), atol=1e-6)
+    for a, b in zip(model.layers, loaded.layers):
+        assert a.get_config() == b.get_config()
+    assert loaded.layers[1].threshold == 2.5
+    assert float(keras.ops.convert_to_numpy(loaded.layers[3].kl_weight)) == 0.25
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SparseVDDense(0),
+    lambda: SparseVDDense(3.5),
+    lambda: SparseVDDense(3, threshold="high"),
+    lambda: SparseVDDense(3, kl_weight=-1.0),
+    lambda: SparseVDDense(3, log_sigma2_init=float("nan")),
+    lambda: SparseVDConv2D(0, 3),
+    lambda: SparseVDConv2D(4, (3, 0)),
+    lambda: SparseVDConv2D(4, 3, padding="causal"),
+    lambda: SparseVDConv2D(4, 3, strides=(1, 2, 3)),
+    lambda: kl_scale(0),
+    lambda: kl_warmup(3, start=10, end=5),
+    lambda: KLWarmup(dataset_size=-5),
+])
+def test_bad_arguments_raise(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_conv_wants_4d_input():
+    with pytest.raises(ValueError, match="channels"):
+        SparseVDConv2D(2, 3).build((None, 5, 5))
+
+
+def test_example_quick_runs():
+    pytest.importorskip("sklearn")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_sparse_vd.py"),
+                          "--quick"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "SparseVD" in res.stdout and "speedup" in res.stdout

@@ -4,16 +4,26 @@
 - :class:`BlockSparseLSTM` and its cell :class:`BlockSparseLSTMCell`: an LSTM whose
   hidden-to-hidden weights (and optionally its input projection) are block-sparse, with a
   fused sequence-level weight gradient.
+- :class:`CondDense` and :class:`CondNetModel`: conditional computation, a learned per-example
+  policy switches blocks of units on and off, and the products skip the rest (docs/condnet.md).
+- :class:`SparseVDDense` and :class:`SparseVDConv2D`: Sparse Variational Dropout, which learns
+  which weights to prune (see docs/sparse_vd.md; ``blocksparse_tf.convert`` turns the result
+  into block-sparse layers).
 
 Importing this module registers the layers with Keras' serialisation (package
 ``blocksparse_tf``), so ``keras.models.load_model`` finds them without ``custom_objects``.
 See docs/layers.md.
 """
 
+from blocksparse_tf.layers.condnet import CondDense, CondNetModel
 from blocksparse_tf.layers.dense import BlockSparseDense
 from blocksparse_tf.layers.lstm import BlockSparseLSTM, BlockSparseLSTMCell
+from blocksparse_tf.layers.sparse_vd import (KLWarmup, SparseVDConv2D, SparseVDDense, kl_scale,
+                                             kl_warmup, sparsity_report)
 
-__all__ = ["BlockSparseDense", "BlockSparseLSTM", "BlockSparseLSTMCell"]
+__all__ = ["BlockSparseDense", "BlockSparseLSTM", "BlockSparseLSTMCell", "CondDense",
+           "CondNetModel", "SparseVDDense", "SparseVDConv2D", "KLWarmup", "kl_scale", "kl_warmup",
+           "sparsity_report"]
 
 # Register the C++ ops now, not at first use: a SavedModel that contains them can then be
 # loaded (tf.saved_model.load) in any process that has imported this module.

@@ -14,7 +14,6 @@ test accuracy against the active fraction.
 
 import argparse
 import datetime
-import gzip
 import os
 import platform
 import sys
@@ -25,6 +24,8 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+
+from blocksparse_tf import datasets  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -57,45 +58,17 @@ def parse_args(argv=None):
     return args
 
 
-def _read_idx(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def _find(folder, stem):
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            return path
-    raise SystemExit(f"--mnist: no {stem}[.gz] in {folder}")
-
-
 def load_data(args):
     """(x_train, y_train, x_test, y_test, name): float32 features in [0, 1], int labels."""
     if args.mnist:
-        f = lambda stem: _read_idx(_find(args.mnist, stem))  # noqa: E731
-        xtr, ytr = f("train-images-idx3-ubyte"), f("train-labels-idx1-ubyte")
-        xte, yte = f("t10k-images-idx3-ubyte"), f("t10k-labels-idx1-ubyte")
-        xtr = xtr.reshape(len(xtr), -1).astype(np.float32) / 255
-        xte = xte.reshape(len(xte), -1).astype(np.float32) / 255
+        xtr, ytr, xte, yte = datasets.load_mnist(args.mnist)
+        xtr, xte = xtr.reshape(len(xtr), -1), xte.reshape(len(xte), -1)
         if args.quick:
             xtr, ytr, xte, yte = xtr[:2000], ytr[:2000], xte[:500], yte[:500]
-        return xtr, ytr.astype(np.int64), xte, yte.astype(np.int64), "MNIST"
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise SystemExit("the digits dataset needs scikit-learn (pip install scikit-learn), "
-                         "or pass --mnist DIR")
-    digits = load_digits()
-    x, y = digits.data.astype(np.float32) / 16, digits.target.astype(np.int64)
-    order = np.random.default_rng(12345).permutation(len(x))  # fixed split, whatever --seed
-    x, y = x[order], y[order]
-    n_test = len(x) // 5
-    return x[n_test:], y[n_test:], x[:n_test], y[:n_test], "scikit-learn digits"
+        return xtr, ytr, xte, yte, "MNIST"
+    # A fixed split, whatever --seed: a fifth of the 1797 images for testing.
+    xtr, ytr, xte, yte = datasets.load_digits(n_test=1797 // 5, seed=12345)
+    return xtr.reshape(len(xtr), -1), ytr, xte.reshape(len(xte), -1), yte, "scikit-learn digits"
 
 
 def dense_model(keras, hidden, classes):

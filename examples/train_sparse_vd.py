@@ -19,7 +19,6 @@ optionally .gz).
 
 import argparse
 import datetime
-import gzip
 import os
 import platform
 import sys
@@ -28,8 +27,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MNIST_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
-               "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
 
 
 def parse_args(argv=None):
@@ -68,45 +65,6 @@ def parse_args(argv=None):
 
 
 # --- data -------------------------------------------------------------------------------
-
-def load_digits(seed=0, n_test=500):
-    """scikit-learn's digits as (x_train, y_train, x_test, y_test), images (n, 8, 8) in [0, 1]."""
-    try:
-        from sklearn.datasets import load_digits as sk_digits
-    except ImportError:
-        sys.exit("scikit-learn is needed for the digits data (pip install scikit-learn), "
-                 "or pass --mnist DIR")
-    d = sk_digits()
-    x = (d.images / 16.0).astype(np.float32)
-    y = d.target.astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(y))
-    test, train = order[:n_test], order[n_test:]
-    return x[train], y[train], x[test], y[test]
-
-
-def _read_idx(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def load_mnist(folder):
-    """MNIST IDX files (plain or .gz) as (x_train, y_train, x_test, y_test)."""
-    out = []
-    for key in ("x_train", "y_train", "x_test", "y_test"):
-        base = os.path.join(folder, MNIST_FILES[key])
-        cands = [base, base + ".gz", base.replace("-idx", ".idx"),
-                 base.replace("-idx", ".idx") + ".gz"]
-        path = next((c for c in cands if os.path.exists(c)), None)
-        if path is None:
-            sys.exit(f"missing {MNIST_FILES[key]}[.gz] in {folder}")
-        arr = _read_idx(path)
-        out.append(arr.astype(np.float32) / 255.0 if key.startswith("x") else arr.astype(np.int64))
-    return tuple(out)
-
 
 # --- models -----------------------------------------------------------------------------
 
@@ -246,10 +204,12 @@ def main(argv=None):
     sys.path.insert(0, ROOT)
     import tensorflow as tf
 
+    from blocksparse_tf import datasets
+
     if args.mnist:
-        data, data_name = load_mnist(os.path.expanduser(args.mnist)), "MNIST"
+        data, data_name = datasets.load_mnist(args.mnist), "MNIST"
     else:
-        data, data_name = load_digits(args.seed), "scikit-learn digits"
+        data, data_name = datasets.load_digits(n_test=500, seed=args.seed), "scikit-learn digits"
     if args.quick:
         data = (data[0][:300], data[1][:300], data[2][:200], data[3][:200])
     started = time.time()

@@ -1,0 +1,59 @@
+"""Small real datasets for the examples, read from disk only (nothing is downloaded).
+
+- :func:`load_digits`: scikit-learn's bundled 8 x 8 handwritten digits (1797 images).
+- :func:`load_mnist`: MNIST from the four IDX files (plain or gzipped) in a folder.
+"""
+
+import gzip
+import os
+
+import numpy as np
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def load_digits(n_test, seed=0):
+    """scikit-learn's digits, split at random: (x_train, y_train, x_test, y_test).
+
+    Images are float32 of shape (n, 8, 8) in [0, 1], labels int64.  The first ``n_test``
+    images of a permutation drawn with ``seed`` are the test set.
+    """
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError as e:
+        raise ImportError("the digits data set comes with scikit-learn: pip install scikit-learn "
+                          "(or give the example MNIST files with --mnist DIR)") from e
+    digits = sklearn_digits()
+    x = (digits.images / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(y))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def read_idx(path):
+    """The array stored in one IDX file (the MNIST format), plain or gzipped."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 8:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _mnist_path(folder, stem):
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"no {stem} (or {stem}.gz) in {folder}")
+
+
+def load_mnist(folder):
+    """MNIST as (x_train, y_train, x_test, y_test): float32 images (n, 28, 28) in [0, 1], int64 labels."""
+    arrays = [read_idx(_mnist_path(os.path.expanduser(folder), stem)) for stem in MNIST_FILES]
+    return (arrays[0].astype(np.float32) / 255.0, arrays[1].astype(np.int64),
+            arrays[2].astype(np.float32) / 255.0, arrays[3].astype(np.int64))

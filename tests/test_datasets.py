@@ -1,0 +1,44 @@
+"""The example datasets: IDX files written here, and scikit-learn's digits."""
+
+import gzip
+
+import numpy as np
+import pytest
+
+from blocksparse_tf import datasets
+
+
+def write_idx(path, array, compress=False):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with (gzip.open if compress else open)(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_from_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 28, 28))
+    labels = rng.integers(0, 10, 5)
+    write_idx(tmp_path / "train-images-idx3-ubyte", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels, compress=True)
+    write_idx(tmp_path / "t10k-images.idx3-ubyte", images[:2])
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels[:2])
+    x_train, y_train, x_test, y_test = datasets.load_mnist(str(tmp_path))
+    np.testing.assert_allclose(x_train, images / 255.0, rtol=1e-6)
+    assert x_train.dtype == np.float32 and y_train.dtype == np.int64
+    np.testing.assert_array_equal(y_train, labels)
+    assert x_test.shape == (2, 28, 28) and list(y_test) == list(labels[:2])
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
+        datasets.load_mnist(str(tmp_path))
+    (tmp_path / "bad").write_bytes(b"not an idx file")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        datasets.read_idx(str(tmp_path / "bad"))
+
+
+def test_digits_split():
+    pytest.importorskip("sklearn")
+    x_train, y_train, x_test, y_test = datasets.load_digits(n_test=300, seed=1)
+    assert x_train.shape == (1497, 8, 8) and x_test.shape == (300, 8, 8)
+    assert 0.0 <= x_train.min() and x_train.max() <= 1.0 and set(y_test) <= set(range(10))
+    again = datasets.load_digits(n_test=300, seed=1)
+    np.testing.assert_array_equal(again[2], x_test)

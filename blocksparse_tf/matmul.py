@@ -21,54 +21,59 @@ BLOCK_SIZES = (1, 8, 16, 32, 64)
 FLOAT_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
 
 
+def _check_binary(values):
+    """Raises unless every value is 0 or 1."""
+    bad = values[(values != 0) & (values != 1)]
+    if bad.size:
+        raise ValueError(f"layout values must be 0 or 1; found {np.unique(bad)[:5]}")
+
+
+def _coords_of_pairs(coords, shape):
+    coords = np.asarray(coords)
+    if coords.size == 0:
+        coords = coords.reshape(0, 2)
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise ValueError(f"block coordinates must have shape (blocks, 2); got {coords.shape}")
+    if not np.issubdtype(coords.dtype, np.integer):
+        raise ValueError(f"block coordinates must be integers; got dtype {coords.dtype}")
+    return coords, tuple(int(s) for s in shape)
+
+
+def _coords_of_sparse(matrix):
+    coo = scipy.sparse.coo_matrix(matrix)
+    coo.sum_duplicates()
+    _check_binary(coo.data)
+    keep = coo.data != 0
+    return np.stack([coo.row[keep], coo.col[keep]], axis=1), coo.shape
+
+
+def _coords_of_array(layout):
+    array = np.asarray(layout)
+    if array.ndim != 2:
+        raise ValueError(f"layout must be a 2-D 0/1 array of shape (C/bs, K/bs); got shape {array.shape}")
+    if array.dtype != bool:
+        if not np.issubdtype(array.dtype, np.number):
+            raise ValueError(f"layout must hold 0/1 numbers; got dtype {array.dtype}")
+        _check_binary(array)
+    return np.argwhere(array != 0), array.shape
+
+
 def _layout_coords(layout):
     """Returns ((blocks, 2) int32 coordinates in row-major order, (CB, KB)) for any layout form."""
     if (isinstance(layout, tuple) and len(layout) == 2 and np.shape(layout[1]) == (2,)
             and np.ndim(layout[0]) != 1):  # (coords, (CB, KB)), not a 2-row nested-tuple layout
-        coords, shape = layout
-        coords = np.asarray(coords)
-        if coords.size == 0:
-            coords = coords.reshape(0, 2)
-        if coords.ndim != 2 or coords.shape[1] != 2:
-            raise ValueError(f"block coordinates must have shape (blocks, 2); got {coords.shape}")
-        if not np.issubdtype(coords.dtype, np.integer):
-            raise ValueError(f"block coordinates must be integers; got dtype {coords.dtype}")
-        shape = tuple(int(s) for s in shape)
-        if len(shape) != 2:
-            raise ValueError(f"layout shape must be (CB, KB); got {shape}")
+        coords, shape = _coords_of_pairs(*layout)
     elif scipy.sparse.issparse(layout):
-        if layout.ndim != 2:
-            raise ValueError(f"layout must be 2-D; got {layout.ndim} dimensions")
-        coo = scipy.sparse.coo_matrix(layout)
-        coo.sum_duplicates()
-        values = coo.data
-        if not np.all((values == 0) | (values == 1)):
-            raise ValueError("layout values must be 0 or 1; found "
-                             f"{np.unique(values[(values != 0) & (values != 1)])[:5]}")
-        keep = values != 0
-        coords = np.stack([coo.row[keep], coo.col[keep]], axis=1)
-        shape = coo.shape
+        coords, shape = _coords_of_sparse(layout)
     else:
-        array = np.asarray(layout)
-        if array.ndim != 2:
-            raise ValueError(f"layout must be a 2-D 0/1 array of shape (C/bs, K/bs); "
-                             f"got shape {array.shape}")
-        if array.dtype != bool:
-            if not np.issubdtype(array.dtype, np.number):
-                raise ValueError(f"layout must hold 0/1 numbers; got dtype {array.dtype}")
-            bad = array[(array != 0) & (array != 1)]
-            if bad.size:
-                raise ValueError(f"layout values must be 0 or 1; found {np.unique(bad)[:5]}")
-        coords = np.argwhere(array != 0)
-        shape = array.shape
+        coords, shape = _coords_of_array(layout)
     if shape[0] < 1 or shape[1] < 1:
         raise ValueError(f"layout shape must be at least (1, 1); got {shape}")
     if len(coords) == 0:
         raise ValueError(f"layout of shape {shape} has no nonzero blocks")
     if np.any(coords < 0) or np.any(coords[:, 0] >= shape[0]) or np.any(coords[:, 1] >= shape[1]):
         raise ValueError(f"block coordinates must lie inside the layout shape {shape}")
-    order = np.lexsort((coords[:, 1], coords[:, 0]))
-    coords = coords[order]
+    coords = coords[np.lexsort((coords[:, 1], coords[:, 0]))]
     if np.any(np.all(coords[1:] == coords[:-1], axis=1)):
         raise ValueError("block coordinates contain duplicates")
     return coords.astype(np.int32), (int(shape[0]), int(shape[1]))

@@ -357,6 +357,7 @@ def test_initializers():
     (np.ones((2, 2, 2)), "2-D"),
     (np.array([[1, 2], [0, 1]]), "0 or 1"),
     (np.array([[1, 0.5]]), "0 or 1"),
+    (scipy.sparse.csr_matrix(np.array([[2.0, 0.0], [0.0, 1.0]])), "0 or 1"),
     (np.zeros((3, 3)), "no nonzero blocks"),
     (np.zeros((0, 3)), "at least"),
     (np.array([["a"]]), "0/1 numbers"),

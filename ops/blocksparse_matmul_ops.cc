@@ -7,14 +7,8 @@
 // layout[b, 0] and block column layout[b, 1].  The Python wrapper (blocksparse_tf/matmul.py)
 // registers the gradients.
 
-#define EIGEN_USE_THREADS
-
-#include <algorithm>
 #include <cstdint>
 #include <string>
-#include <functional>
-#include <type_traits>
-#include <vector>
 
 #include "ops/block_layout.h"
 #include "ops/blocksparse_matmul_cpu.h"
@@ -24,7 +18,6 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/util/work_sharder.h"
 
 namespace blocksparse {
 

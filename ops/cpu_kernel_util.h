@@ -4,8 +4,7 @@
 #ifndef BLOCKSPARSE_OPS_CPU_KERNEL_UTIL_H_
 #define BLOCKSPARSE_OPS_CPU_KERNEL_UTIL_H_
 
-#define EIGEN_USE_THREADS
-
+// Eigen's thread-pool device is enabled for the whole library by -DEIGEN_USE_THREADS (ops/BUILD).
 #include <algorithm>
 #include <cstdint>
 #include <functional>

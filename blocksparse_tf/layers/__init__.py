@@ -4,6 +4,8 @@
 - :class:`BlockSparseLSTM` and its cell :class:`BlockSparseLSTMCell`: an LSTM whose
   hidden-to-hidden weights (and optionally its input projection) are block-sparse, with a
   fused sequence-level weight gradient.
+- :class:`BlockSparseConv2D`: a 2-D convolution whose channel connectivity is block-sparse
+  (docs/conv.md).
 - :class:`CondDense` and :class:`CondNetModel`: conditional computation, a learned per-example
   policy switches blocks of units on and off, and the products skip the rest (docs/condnet.md).
 - :class:`SparseVDDense` and :class:`SparseVDConv2D`: Sparse Variational Dropout, which learns
@@ -16,12 +18,13 @@ See docs/layers.md.
 """
 
 from blocksparse_tf.layers.condnet import CondDense, CondNetModel
+from blocksparse_tf.layers.conv import BlockSparseConv2D
 from blocksparse_tf.layers.dense import BlockSparseDense
 from blocksparse_tf.layers.lstm import BlockSparseLSTM, BlockSparseLSTMCell
 from blocksparse_tf.layers.sparse_vd import (KLWarmup, SparseVDConv2D, SparseVDDense, kl_scale,
                                              kl_warmup, sparsity_report)
 
-__all__ = ["BlockSparseDense", "BlockSparseLSTM", "BlockSparseLSTMCell", "CondDense",
+__all__ = ["BlockSparseDense", "BlockSparseConv2D", "BlockSparseLSTM", "BlockSparseLSTMCell", "CondDense",
            "CondNetModel", "SparseVDDense", "SparseVDConv2D", "KLWarmup", "kl_scale", "kl_warmup",
            "sparsity_report"]
 

@@ -1,0 +1,297 @@
+"""BlockSparseConv2D: a 2-D convolution whose channel connectivity is block-sparse.
+
+Input-channel blocks connect to output-channel blocks through a block-sparse layout (as in
+:class:`~blocksparse_tf.layers.BlockSparseDense`); spatially the layer is an ordinary
+convolution (NHWC, strides, SAME/VALID padding, dilation).
+
+The convolution is computed per kernel tap: the input is padded the way ``tf.nn.conv2d`` pads
+it, and for every tap (i, j) the strided, dilated window of the padded input, shape
+(B, Ho, Wo, C), goes through the block-sparse product with that tap's blocks; the kh * kw
+products are summed in a fixed order (deterministic).  Forward pass, input gradient and kernel
+gradient therefore cost ``kh * kw`` block-sparse products: proportional to the nonzero blocks.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from blocksparse_tf.layers import _init, _layout
+from blocksparse_tf.matmul import BLOCK_SIZES, BlocksparseMatMul
+
+#: Density of the default layout (a bipartite small world, as for ``BlockSparseDense``).
+DEFAULT_DENSITY = 0.125
+CONV_BLOCK_INITIALIZERS = _init.BLOCK_INITIALIZERS
+
+
+def _positive_int(value, what):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{what} must be a positive integer; got {value!r}")
+    return int(value)
+
+
+def _pair(value, what):
+    """An int or a pair of ints, all positive, as a tuple of two Python ints."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value, value)
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{what} must be a positive integer or a pair of them; got {value!r}")
+    return tuple(_positive_int(v, what) for v in value)
+
+
+def conv_output_size(size, kernel, stride, dilation, padding):
+    """Output length of one spatial dimension (None stays None), as tf.nn.conv2d computes it."""
+    if size is None:
+        return None
+    effective = (kernel - 1) * dilation + 1
+    if padding == "same":
+        return -(-size // stride)
+    return max(-(-(size - effective + 1) // stride), 0)
+
+
+def _same_padding(size, kernel, stride, dilation):
+    """(before, after) padding of SAME for one dimension; ``size`` an int or a scalar tensor."""
+    effective = (kernel - 1) * dilation + 1
+    out = (size + stride - 1) // stride
+    total = (out - 1) * stride + effective - size
+    total = max(total, 0) if isinstance(total, int) else tf.maximum(total, 0)
+    return total // 2, total - total // 2
+
+
+def conv_block_initializer(name, coords, CB, KB, bs, taps):
+    """Initializer ``f(shape, dtype)`` for a (blocks, kh, kw, bs, bs) kernel.
+
+    The fans are those of the sparse convolution: fan_in = kh * kw * bs * (blocks in the
+    block column), fan_out = kh * kw * bs * (blocks in the block row).
+
+    - ``block_glorot_uniform``: uniform in +-sqrt(6 / (fan_in + fan_out)).
+    - ``block_orthogonal``: every (tap, block) a random orthogonal bs x bs matrix, scaled by
+      sqrt(bs / fan_in), so each output unit sums weight rows of total norm 1.
+    """
+    coords = np.asarray(coords)
+    col_blocks = np.bincount(coords[:, 1], minlength=KB)[coords[:, 1]]
+    row_blocks = np.bincount(coords[:, 0], minlength=CB)[coords[:, 0]]
+    fan_in = taps * bs * col_blocks
+    fan_out = taps * bs * row_blocks
+
+    def glorot(shape, dtype=None):
+        limit = np.sqrt(6.0 / (fan_in + fan_out)).astype(np.float32)[:, None, None, None, None]
+        u = keras.random.uniform(shape, -1.0, 1.0, dtype="float32")
+        return ops.cast(u * limit, dtype or "float32")
+
+    def orthogonal(shape, dtype=None):
+        q, r = ops.qr(keras.random.normal(shape, dtype="float32"))
+        q = q * ops.expand_dims(ops.sign(ops.diagonal(r, axis1=-2, axis2=-1)), -2)
+        scale = np.sqrt(bs / fan_in).astype(np.float32)[:, None, None, None, None]
+        return ops.cast(q * scale, dtype or "float32")
+
+    if name == "block_glorot_uniform":
+        return glorot
+    if name == "block_orthogonal":
+        return orthogonal
+    raise ValueError(f"unknown block initializer {name!r}; "
+                     f"expected one of {CONV_BLOCK_INITIALIZERS}")
+
+
+@keras.saving.register_keras_serializable(package="blocksparse_tf")
+class BlockSparseConv2D(keras.layers.Layer):
+    """2-D convolution (NHWC) whose (C -> filters) channel mixing is block-sparse.
+
+    ``y[b, p, q, :] = activation(sum_{i, j} x_pad[b, p*s + i*d, q*s + j*d, :] . W[i, j] + bias)``
+    where every W[i, j] (C, filters) has the same block-sparse layout and only its nonzero
+    bs x bs blocks are stored.
+
+    Parameters
+    ----------
+    filters : int
+        Output channels, a multiple of ``block_size``.
+    kernel_size : int or pair of ints
+        (kh, kw).
+    block_size : int
+        1, 8, 16, 32 (default) or 64.  The input channels C must be a multiple of it.
+    layout : array, scipy.sparse matrix, str, dict or None
+        Which (input-channel block, output-channel block) pairs are connected, shape
+        (C/bs, filters/bs); every form that ``BlockSparseDense`` takes (0/1 array, generator
+        name or dict, ``{"shape", "coords"}``).  None (default): ``bipartite_small_world`` at
+        density 1/8.
+    strides : int or pair of ints
+        Default 1.
+    padding : {"valid", "same"}
+        As in ``tf.nn.conv2d`` (SAME puts the odd extra row/column after).  Default "valid".
+    dilation_rate : int or pair of ints
+        Default 1.  Strides > 1 together with dilation > 1 are rejected, as in Keras.
+    activation : Keras activation, optional
+    use_bias : bool
+        Default True; a bias of shape (filters,).
+    kernel_initializer : str or Keras initializer
+        ``"block_glorot_uniform"`` (default) or ``"block_orthogonal"`` (fans of the sparse
+        convolution, see :func:`conv_block_initializer`), or any Keras initializer, called
+        with the 5-D kernel shape (Keras then miscounts the fans).
+    bias_initializer, kernel_regularizer, bias_regularizer, kernel_constraint,
+    bias_constraint : as in ``keras.layers.Conv2D``.
+
+    Weights: ``kernel`` of shape (blocks, kh, kw, bs, bs) (block order as in
+    ``BlocksparseMatMul``, ``layer.bsmm``), ``bias`` (filters,).  Parameters:
+    blocks * kh * kw * bs^2 (+ filters).
+    """
+
+    def __init__(self, filters, kernel_size, block_size=32, layout=None, strides=1,
+                 padding="valid", dilation_rate=1, activation=None, use_bias=True,
+                 kernel_initializer="block_glorot_uniform", bias_initializer="zeros",
+                 kernel_regularizer=None, bias_regularizer=None, kernel_constraint=None,
+                 bias_constraint=None, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
+        self.filters = _positive_int(filters, "filters")
+        self.block_size = int(block_size)
+        if self.filters % self.block_size:
+            raise ValueError(f"filters={self.filters} must be a multiple of "
+                             f"block_size={self.block_size}")
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.strides = _pair(strides, "strides")
+        self.dilation_rate = _pair(dilation_rate, "dilation_rate")
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError(f"strides > 1 cannot be combined with dilation_rate > 1; got "
+                             f"strides={self.strides}, dilation_rate={self.dilation_rate}")
+        if not isinstance(padding, str) or padding.lower() not in ("valid", "same"):
+            raise ValueError(f"padding must be 'valid' or 'same'; got {padding!r}")
+        self.padding = padding.lower()
+        self.layout_spec = _layout.normalize_spec(layout)
+        shape = _layout.shape_of(self.layout_spec)
+        if shape is not None and shape[1] * self.block_size != self.filters:
+            raise ValueError(f"layout has {shape[1]} block columns, which is "
+                             f"{shape[1] * self.block_size} filters at block_size="
+                             f"{self.block_size}, not filters={self.filters}")
+        self.activation = keras.activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = _init.check_initializer(kernel_initializer, "kernel_initializer")
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self.bsmm = None
+
+    def build(self, input_shape):
+        if len(input_shape) != 4:
+            raise ValueError("BlockSparseConv2D wants inputs (batch, height, width, channels); "
+                             f"got shape {input_shape}")
+        C = input_shape[-1]
+        if C is None:
+            raise ValueError(f"the channel dimension must be known; got shape {input_shape}")
+        if C % self.block_size:
+            raise ValueError(f"input channels {C} must be a multiple of "
+                             f"block_size={self.block_size}")
+        self.layout_spec = _layout.resolve(self.layout_spec, C // self.block_size,
+                                           self.filters // self.block_size,
+                                           _layout.default_rect(DEFAULT_DENSITY))
+        coords = np.asarray(self.layout_spec["coords"], dtype=np.int64).reshape(-1, 2)
+        self.bsmm = BlocksparseMatMul((coords, tuple(self.layout_spec["shape"])),
+                                      block_size=self.block_size)
+        kh, kw = self.kernel_size
+        bs = self.block_size
+        if isinstance(self.kernel_initializer, str) and \
+                self.kernel_initializer in CONV_BLOCK_INITIALIZERS:
+            init = conv_block_initializer(self.kernel_initializer, self.bsmm.coords, self.bsmm.CB,
+                                          self.bsmm.KB, bs, kh * kw)
+        else:
+            init = keras.initializers.get(self.kernel_initializer)
+        self.kernel = self.add_weight(name="kernel", shape=(self.bsmm.blocks, kh, kw, bs, bs),
+                                      initializer=init, regularizer=self.kernel_regularizer,
+                                      constraint=self.kernel_constraint)
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(self.filters,),
+                                        initializer=self.bias_initializer,
+                                        regularizer=self.bias_regularizer,
+                                        constraint=self.bias_constraint)
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: C})
+
+    def _pad(self, x):
+        """x padded as tf.nn.conv2d pads it, and the output size (Ho, Wo) (ints or tensors)."""
+        static = x.shape
+        dynamic = tf.shape(x)
+        sizes = [static[d] if static[d] is not None else dynamic[d] for d in (1, 2)]
+        out, pads = [], [[0, 0]]
+        for size, k, s, d in zip(sizes, self.kernel_size, self.strides, self.dilation_rate):
+            effective = (k - 1) * d + 1
+            if self.padding == "same":
+                before, after = _same_padding(size, k, s, d)
+                padded = size + before + after
+            else:
+                before = after = 0
+                padded = size
+            o = (padded - effective) // s + 1
+            if isinstance(o, int) and o < 1:
+                raise ValueError(f"input of spatial shape {tuple(static[1:3])} is smaller than "
+                                 f"the dilated kernel {self.kernel_size} (dilation "
+                                 f"{self.dilation_rate}) with padding 'valid'")
+            out.append(o)
+            pads.append([before, after])
+        pads.append([0, 0])
+        if self.padding == "same" and any(
+                not isinstance(p, int) or p for pair in pads for p in pair):
+            x = tf.pad(x, pads)
+        return x, out
+
+    def call(self, inputs):
+        dtype = self.compute_dtype
+        x = tf.cast(inputs, dtype)
+        kernel = tf.cast(self.kernel, dtype)
+        x, (Ho, Wo) = self._pad(x)
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.strides, self.dilation_rate
+        y = None
+        for i in range(kh):  # fixed tap order: deterministic sums
+            for j in range(kw):
+                window = x[:, i * dh:i * dh + (Ho - 1) * sh + 1:sh,
+                           j * dw:j * dw + (Wo - 1) * sw + 1:sw, :]
+                term = self.bsmm(window, kernel[:, i, j])
+                y = term if y is None else y + term
+        if self.bias is not None:
+            y = y + tf.cast(self.bias, dtype)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+    def compute_output_shape(self, input_shape):
+        dims = [conv_output_size(size, k, s, d, self.padding) for size, k, s, d in
+                zip(input_shape[1:3], self.kernel_size, self.strides, self.dilation_rate)]
+        return (input_shape[0], dims[0], dims[1], self.filters)
+
+    def densified_kernel(self):
+        """The kernel as a dense, masked (kh, kw, C, filters) numpy array (tf.nn.conv2d form)."""
+        w = np.asarray(self.kernel.numpy())
+        kh, kw = self.kernel_size
+        dense = np.zeros((kh, kw, self.bsmm.C, self.bsmm.K), dtype=w.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                dense[i, j] = self.bsmm.to_dense(w[:, i, j])
+        return dense
+
+    @property
+    def density(self):
+        """Fraction of the channel blocks that exist (None before build with a generator spec)."""
+        spec = self.layout_spec
+        return _layout.density_of(spec) if spec and "coords" in spec else None
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "filters": self.filters,
+            "kernel_size": list(self.kernel_size),
+            "block_size": self.block_size,
+            "layout": self.layout_spec,
+            "strides": list(self.strides),
+            "padding": self.padding,
+            "dilation_rate": list(self.dilation_rate),
+            "activation": keras.activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "kernel_initializer": _init.serialize_initializer(self.kernel_initializer),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
+            "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
+            "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+        })
+        return config

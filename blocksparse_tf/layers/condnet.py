@@ -19,19 +19,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from blocksparse_tf.layers import _checks
 from blocksparse_tf.conditional import expand_mask, sparse_dot
-from blocksparse_tf.matmul import BLOCK_SIZES
 
 #: Values accepted for ``inference``.
 INFERENCE_MODES = ("threshold", "sample")
 #: Values accepted for ``CondNetModel(baseline=...)``.
 BASELINES = (None, "batch", "moving_average")
-
-
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return int(value)
 
 
 def _nonneg_float(value, name):
@@ -134,12 +128,7 @@ class CondDense(keras.layers.Layer):
                  policy_kernel_initializer=None, policy_bias_initializer=None, seed=None,
                  **kwargs):
         super().__init__(**kwargs)
-        self.units = _positive_int(units, "units")
-        if block_size not in BLOCK_SIZES or isinstance(block_size, bool):
-            raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
-        self.block_size = int(block_size)
-        if self.units % self.block_size:
-            raise ValueError(f"units={units} must be a multiple of block_size={block_size}")
+        self.units, self.block_size = _checks.width_in_blocks(units, block_size)
         self.blocks = self.units // self.block_size
         self.activation = keras.activations.get(activation)
         self.use_bias = bool(use_bias)
@@ -311,10 +300,10 @@ class CondNetModel(keras.Model):
         super().__init__(**kwargs)
         if isinstance(hidden_units, (int, np.integer)) or not len(hidden_units):
             raise ValueError(f"hidden_units must be a non-empty sequence of ints; got {hidden_units!r}")
-        self.hidden_units = [_positive_int(u, "hidden_units") for u in hidden_units]
+        self.hidden_units = [_checks.positive_int(u, "hidden_units") for u in hidden_units]
         n = len(self.hidden_units)
-        self.num_classes = _positive_int(num_classes, "num_classes")
-        self.block_size = _positive_int(block_size, "block_size")
+        self.num_classes = _checks.positive_int(num_classes, "num_classes")
+        self.block_size = _checks.positive_int(block_size, "block_size")
         self.tau = _per_layer(tau, n, "tau", _open_unit)
         self.lambda_b = _per_layer(lambda_b, n, "lambda_b", _nonneg_float)
         self.lambda_e = _per_layer(lambda_e, n, "lambda_e", _nonneg_float)

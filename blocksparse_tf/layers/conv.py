@@ -16,18 +16,12 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from blocksparse_tf.layers import _init, _layout
-from blocksparse_tf.matmul import BLOCK_SIZES, BlocksparseMatMul
+from blocksparse_tf.layers import _checks, _init, _layout
+from blocksparse_tf.matmul import BlocksparseMatMul
 
 #: Density of the default layout (a bipartite small world, as for ``BlockSparseDense``).
 DEFAULT_DENSITY = 0.125
 CONV_BLOCK_INITIALIZERS = _init.BLOCK_INITIALIZERS
-
-
-def _positive_int(value, what):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{what} must be a positive integer; got {value!r}")
-    return int(value)
 
 
 def _pair(value, what):
@@ -36,7 +30,7 @@ def _pair(value, what):
         value = (value, value)
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ValueError(f"{what} must be a positive integer or a pair of them; got {value!r}")
-    return tuple(_positive_int(v, what) for v in value)
+    return tuple(_checks.positive_int(v, what) for v in value)
 
 
 def conv_output_size(size, kernel, stride, dilation, padding):
@@ -141,13 +135,7 @@ class BlockSparseConv2D(keras.layers.Layer):
                  kernel_regularizer=None, bias_regularizer=None, kernel_constraint=None,
                  bias_constraint=None, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
-        self.filters = _positive_int(filters, "filters")
-        self.block_size = int(block_size)
-        if self.filters % self.block_size:
-            raise ValueError(f"filters={self.filters} must be a multiple of "
-                             f"block_size={self.block_size}")
+        self.filters, self.block_size = _checks.width_in_blocks(filters, block_size, "filters")
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.strides = _pair(strides, "strides")
         self.dilation_rate = _pair(dilation_rate, "dilation_rate")

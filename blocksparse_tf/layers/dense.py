@@ -4,8 +4,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from blocksparse_tf.layers import _init, _layout
-from blocksparse_tf.matmul import BLOCK_SIZES, BlocksparseMatMul
+from blocksparse_tf.layers import _checks, _init, _layout
+from blocksparse_tf.matmul import BlocksparseMatMul
 
 #: Density of the default layout (a bipartite small world, see ``BlockSparseDense``).
 DEFAULT_DENSITY = 0.125
@@ -53,14 +53,7 @@ class BlockSparseDense(keras.layers.Layer):
                  kernel_regularizer=None, bias_regularizer=None, kernel_constraint=None,
                  bias_constraint=None, gate=False, **kwargs):
         super().__init__(**kwargs)
-        if block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
-        if isinstance(units, bool) or not isinstance(units, (int, np.integer)) or units < 1:
-            raise ValueError(f"units must be a positive integer; got {units!r}")
-        if units % block_size:
-            raise ValueError(f"units={units} must be a multiple of block_size={block_size}")
-        self.units = int(units)
-        self.block_size = int(block_size)
+        self.units, self.block_size = _checks.width_in_blocks(units, block_size)
         self.layout_spec = _layout.normalize_spec(layout)
         shape = _layout.shape_of(self.layout_spec)
         if shape is not None and shape[1] * self.block_size != self.units:

@@ -18,8 +18,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from blocksparse_tf.layers import _init, _layout
-from blocksparse_tf.matmul import (BLOCK_SIZES, BlocksparseMatMul, blocksparse_matmul,
+from blocksparse_tf.layers import _checks, _init, _layout
+from blocksparse_tf.matmul import (BlocksparseMatMul, blocksparse_matmul,
                                    blocksparse_matmul_grad_w)
 
 #: Density of the default recurrent layout (Watts-Strogatz, p = 0.1; see docs/layers.md).
@@ -82,12 +82,7 @@ class BlockSparseLSTMCell(keras.layers.Layer):
                  layer_norm_epsilon=1e-3, kernel_regularizer=None, recurrent_regularizer=None,
                  bias_regularizer=None, **kwargs):
         super().__init__(**kwargs)
-        if block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
-        if isinstance(units, bool) or not isinstance(units, (int, np.integer)) or units < 1:
-            raise ValueError(f"units must be a positive integer; got {units!r}")
-        if units % block_size:
-            raise ValueError(f"units={units} must be a multiple of block_size={block_size}")
+        units, block_size = _checks.width_in_blocks(units, block_size)
         if not layer_norm_epsilon > 0:
             raise ValueError(f"layer_norm_epsilon must be > 0; got {layer_norm_epsilon!r}")
         if input_layout is not None and not sparse_input:

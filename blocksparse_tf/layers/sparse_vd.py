@@ -25,6 +25,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from blocksparse_tf.layers import _checks
+
 #: Constants of the KL approximation (Molchanov et al. 2017, eq. 14).
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 #: log_alpha is clipped to this range.
@@ -50,7 +52,7 @@ def kl_scale(dataset_size, rw=1.0):
     ``rw`` is the warm-up factor in [0, 1]; ``dataset_size`` N the number of training
     examples.  Returns ``rw / N``.
     """
-    _check_positive_int(dataset_size, "dataset_size")
+    _checks.positive_int(dataset_size, "dataset_size")
     _check_number(rw, "rw", low=0.0)
     return float(rw) / int(dataset_size)
 
@@ -130,7 +132,7 @@ class KLWarmup(keras.callbacks.Callback):
 
     def __init__(self, dataset_size, start=5, end=20, scale=1.0):
         super().__init__()
-        _check_positive_int(dataset_size, "dataset_size")
+        _checks.positive_int(dataset_size, "dataset_size")
         _check_number(scale, "scale", low=0.0)
         kl_warmup(0, start, end)  # checks start/end
         self.dataset_size, self.start, self.end, self.scale = int(dataset_size), start, end, scale
@@ -155,11 +157,6 @@ def _check_number(value, name, low=None):
     if not math.isfinite(float(value)) or (low is not None and value < low):
         bound = f" >= {low}" if low is not None else ""
         raise ValueError(f"{name} must be a finite number{bound}; got {value!r}")
-
-
-def _check_positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
 
 class _SparseVDMixin:
@@ -271,7 +268,7 @@ class SparseVDDense(_SparseVDMixin, keras.layers.Layer):
                  kernel_initializer="glorot_uniform", bias_initializer="zeros", seed=None,
                  **kwargs):
         super().__init__(**kwargs)
-        _check_positive_int(units, "units")
+        _checks.positive_int(units, "units")
         self._init_vd(threshold, kl_weight, log_sigma2_init)
         self.units = int(units)
         self.activation = keras.activations.get(activation)
@@ -329,7 +326,7 @@ class SparseVDConv2D(_SparseVDMixin, keras.layers.Layer):
                  log_sigma2_init=DEFAULT_LOG_SIGMA2_INIT, kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", seed=None, **kwargs):
         super().__init__(**kwargs)
-        _check_positive_int(filters, "filters")
+        _checks.positive_int(filters, "filters")
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.strides = _pair(strides, "strides")
         if padding not in ("valid", "same"):

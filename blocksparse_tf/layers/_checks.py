@@ -1,0 +1,22 @@
+"""Argument checks shared by the layers: each raises a ValueError that names the argument."""
+
+import numpy as np
+
+from blocksparse_tf.matmul import BLOCK_SIZES
+
+
+def positive_int(value, name):
+    """``value`` as a Python int, if it is an integer >= 1 (bools are not integers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    return int(value)
+
+
+def width_in_blocks(width, block_size, name="units"):
+    """(width, block_size) as ints, if block_size is supported and divides width."""
+    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
+    width = positive_int(width, name)
+    if width % block_size:
+        raise ValueError(f"{name}={width} must be a multiple of block_size={block_size}")
+    return width, int(block_size)

@@ -1,0 +1,137 @@
+"""CPU benchmark of BlockSparseConv2D against tf.nn.conv2d with the same (densified) kernel.
+
+For an input x (N, H, W, C), a kh x kw kernel, SAME padding and stride 1, it times
+    forward           y = conv(x, W)
+    forward+backward  y, then dx and dW from an output gradient dy
+for BlockSparseConv2D (random block layouts of exactly the given density, bias off) and for
+tf.nn.conv2d with the dense (kh, kw, C, K) kernel, both inside tf.function, side by side in
+one run, and prints speedups (dense time / ours).  The dense time does not depend on the
+layout, so it is measured once.  The table, machine, date and command go to docs/benchmarks.md.
+
+    python benchmarks/bench_conv.py              # 32 x 32 x 256 -> 256, 3x3, batch 32, bs 16/32
+    python benchmarks/bench_conv.py --batch 8    # a smaller batch (faster)
+    python benchmarks/bench_conv.py --quick      # tiny, printed only
+"""
+
+import argparse
+import datetime
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from blocksparse_tf.layers.conv import BlockSparseConv2D  # noqa: E402
+from benchmarks.report import best_time, machine_description, write_section  # noqa: E402
+
+TITLE = "CPU: BlockSparseConv2D against tf.nn.conv2d"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=32, help="images per batch N")
+    p.add_argument("--size", type=int, default=32, help="image height = width")
+    p.add_argument("--channels", type=int, nargs=2, default=[256, 256], metavar=("C", "K"),
+                   help="input and output channels")
+    p.add_argument("--kernel", type=int, default=3, help="kernel height = width")
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.10, 0.25, 0.50])
+    p.add_argument("--repeats", type=int, default=3, help="timed runs; the fastest counts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="batch 2, 8x8 images, 64 -> 64 channels, bs 16; no files written")
+    p.add_argument("--out", default=os.path.join(ROOT, "docs"), help="folder of benchmarks.md")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.size, args.channels, args.block_sizes = 2, 8, [64, 64], [16]
+        args.densities, args.repeats = [0.25, 0.5], 1
+    return args
+
+
+def random_layout(rng, rows, cols, density):
+    """A (rows, cols) 0/1 block layout with exactly round(density * rows * cols) blocks (>= 1)."""
+    n = max(1, int(round(density * rows * cols)))
+    layout = np.zeros(rows * cols, dtype=np.int32)
+    layout[rng.choice(rows * cols, size=n, replace=False)] = 1
+    return layout.reshape(rows, cols)
+
+
+def forward_backward(fn, x, kernel, dy):
+    """y = fn(x), then (dx, dkernel) for the output gradient dy."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = fn(x)
+    return tape.gradient(y, [x, kernel], output_gradients=dy)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    N, S, k = args.batch, args.size, args.kernel
+    C, K = args.channels
+    rng = np.random.default_rng(args.seed)
+    x = tf.constant(rng.standard_normal((N, S, S, C)).astype(np.float32))
+    dy = tf.constant(rng.standard_normal((N, S, S, K)).astype(np.float32))
+    dense_w = tf.Variable((rng.standard_normal((k, k, C, K)) / np.sqrt(k * k * C)).astype(np.float32))
+
+    def dense_conv(inp):
+        return tf.nn.conv2d(inp, dense_w, strides=1, padding="SAME")
+
+    dense_fwd_fn = tf.function(dense_conv)
+    dense_bwd_fn = tf.function(lambda inp, g: forward_backward(dense_conv, inp, dense_w, g))
+    dense_fwd = best_time(lambda: dense_fwd_fn(x).numpy(), args.repeats)
+    dense_bwd = best_time(lambda: [t.numpy() for t in dense_bwd_fn(x, dy)], args.repeats)
+    print(f"x ({N}, {S}, {S}, {C}) -> {K} channels, {k}x{k} SAME; tf.nn.conv2d: forward "
+          f"{dense_fwd * 1e3:.1f} ms, forward+backward {dense_bwd * 1e3:.1f} ms", flush=True)
+    print(f"{'bs':>3} {'density':>7} {'fwd ms':>8} {'fwd x':>6} {'f+b ms':>8} {'f+b x':>6} {'max err':>8}")
+    rows = []
+    for bs in args.block_sizes:
+        for density in args.densities:
+            layout = random_layout(rng, C // bs, K // bs, density)
+            layer = BlockSparseConv2D(K, k, block_size=bs, layout=layout, padding="same",
+                                      use_bias=False)
+            layer.build((None, S, S, C))
+            # The same product through tf.nn.conv2d with the densified kernel: a correctness check.
+            ref = tf.nn.conv2d(x, layer.densified_kernel(), strides=1, padding="SAME")
+            fwd_fn = tf.function(layer)
+            bwd_fn = tf.function(lambda inp, g: forward_backward(layer, inp, layer.kernel, g))
+            err = float(tf.reduce_max(tf.abs(fwd_fn(x) - ref)) / tf.reduce_max(tf.abs(ref)))
+            fwd = best_time(lambda: fwd_fn(x).numpy(), args.repeats)
+            bwd = best_time(lambda: [t.numpy() for t in bwd_fn(x, dy)], args.repeats)
+            row = dict(bs=bs, density=float(layout.mean()), fwd_ms=fwd * 1e3, fwd=dense_fwd / fwd,
+                       bwd_ms=bwd * 1e3, bwd=dense_bwd / bwd, err=err)
+            rows.append(row)
+            print(f"{bs:3d} {row['density']:7.3f} {row['fwd_ms']:8.1f} {row['fwd']:6.2f} "
+                  f"{row['bwd_ms']:8.1f} {row['bwd']:6.2f} {err:8.1e}", flush=True)
+    if not args.quick:
+        given = list(sys.argv[1:] if argv is None else argv)
+        if "--out" in given:  # where the report goes is not part of the measurement
+            i = given.index("--out")
+            del given[i:i + 2]
+        command = "python benchmarks/bench_conv.py " + " ".join(given)
+        lines = [
+            f"- Machine: {machine_description()}",
+            f"- Date: {datetime.date.today().isoformat()}",
+            f"- Command: `{command.strip()}`",
+            f"- x ({N}, {S}, {S}, {C}), {k}x{k} kernel, {C} -> {K} channels, stride 1, SAME, float32, "
+            f"no bias; random block layouts with exactly the given fraction of blocks; both sides in "
+            f"`tf.function`; fastest of {args.repeats} runs. Forward+backward = forward, input "
+            f"gradient and kernel gradient for a given output gradient. Speedup = tf.nn.conv2d time / "
+            f"BlockSparseConv2D time; tf.nn.conv2d (dense kernel): forward {dense_fwd * 1e3:.1f} ms, "
+            f"forward+backward {dense_bwd * 1e3:.1f} ms. Relative error: max |ours - tf.nn.conv2d "
+            "with the densified kernel| / max |tf.nn.conv2d|.",
+            "",
+            "| bs | density | forward ms | forward x | fwd+bwd ms | fwd+bwd x | rel. error |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {r['bs']} | {r['density']:.3f} | {r['fwd_ms']:.1f} | {r['fwd']:.2f} | "
+                  f"{r['bwd_ms']:.1f} | {r['bwd']:.2f} | {r['err']:.1e} |" for r in rows]
+        os.makedirs(args.out, exist_ok=True)
+        write_section(os.path.join(args.out, "benchmarks.md"), TITLE, "\n".join(lines))
+        print(f"wrote {os.path.join(args.out, 'benchmarks.md')}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""examples/train_conv.py and benchmarks/bench_conv.py run end to end on tiny sizes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "examples", "train_conv.py")
+sys.path.insert(0, ROOT)
+
+from benchmarks import bench_conv  # noqa: E402
+
+
+def test_example_quick_mode_writes_its_table(tmp_path):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "conv_results.md"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    run = subprocess.run([sys.executable, SCRIPT, "--quick", "--out", str(out)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    report = out.read_text()
+    assert "- Machine: " in report and "- Date: " in report
+    assert "- Command: `python examples/train_conv.py --quick`" in report
+    rows = [line for line in report.splitlines()
+            if line.startswith("| dense Conv2D") or line.startswith("| BlockSparseConv2D")]
+    assert len(rows) == 2
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    # widths 16 and 32; the 3x3 body has the same kernel weights (3*3*16*16), biases aside
+    assert cells[0][1] == "16" and cells[1][1] == "32"
+    body = [int(c[4].replace(",", "")) for c in cells]
+    assert body[0] - 16 == body[1] - 32 == 3 * 3 * 16 * 16
+    for c in cells:
+        assert 0 <= float(c[5]) <= 100 and float(c[6]) > 0
+
+
+def test_example_help():
+    run = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0 and "--quick" in run.stdout and "--mnist" in run.stdout
+
+
+def test_benchmark_writes_its_section(tmp_path):
+    (tmp_path / "benchmarks.md").write_text("# Benchmarks\n\n## Other section\n\nkept\n")
+    rows = bench_conv.main(["--batch", "2", "--size", "6", "--channels", "32", "32",
+                            "--block-sizes", "16", "--densities", "0.25", "1.0",
+                            "--repeats", "1", "--out", str(tmp_path)])
+    assert len(rows) == 2 and all(r["fwd"] > 0 and r["bwd"] > 0 for r in rows)
+    assert all(r["err"] < 1e-4 for r in rows)  # matches tf.nn.conv2d with the densified kernel
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert report.count(f"## {bench_conv.TITLE}") == 1 and "## Other section" in report
+    assert "- Command: `python benchmarks/bench_conv.py --batch 2" in report
+    assert "--out" not in report
+    assert "| 16 | 0.250 | " in report and "| 16 | 1.000 | " in report
+    # written again: the section is replaced, not repeated
+    bench_conv.main(["--batch", "2", "--size", "6", "--channels", "32", "32", "--block-sizes", "16",
+                     "--densities", "0.5", "--repeats", "1", "--out", str(tmp_path)])
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert report.count(f"## {bench_conv.TITLE}") == 1 and "| 16 | 0.500 | " in report
+
+
+def test_benchmark_quick_writes_nothing(tmp_path):
+    rows = bench_conv.main(["--quick", "--out", str(tmp_path)])
+    assert len(rows) == 2 and not os.listdir(tmp_path)

@@ -4,11 +4,12 @@ Input-channel blocks connect to output-channel blocks through a block-sparse lay
 :class:`~blocksparse_tf.layers.BlockSparseDense`); spatially the layer is an ordinary
 convolution (NHWC, strides, SAME/VALID padding, dilation).
 
-The convolution is computed per kernel tap: the input is padded the way ``tf.nn.conv2d`` pads
-it, and for every tap (i, j) the strided, dilated window of the padded input, shape
-(B, Ho, Wo, C), goes through the block-sparse product with that tap's blocks; the kh * kw
-products are summed in a fixed order (deterministic).  Forward pass, input gradient and kernel
-gradient therefore cost ``kh * kw`` block-sparse products: proportional to the nonzero blocks.
+The input is padded the way ``tf.nn.conv2d`` pads it; the strided, dilated windows of the
+kh * kw kernel taps, each (B, Ho, Wo, C), are concatenated along channels (tap-major) and go
+through one block-sparse product whose layout is the channel layout repeated once per tap
+(an im2col with block-sparse weights).  Forward pass, input gradient and kernel gradient are
+one block-sparse product each, proportional to the nonzero blocks, summed in a fixed order
+(deterministic).
 """
 
 import keras
@@ -160,6 +161,7 @@ class BlockSparseConv2D(keras.layers.Layer):
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self.bsmm = None
+        self._taps_bsmm = None
 
     def build(self, input_shape):
         if len(input_shape) != 4:
@@ -178,6 +180,13 @@ class BlockSparseConv2D(keras.layers.Layer):
         self.bsmm = BlocksparseMatMul((coords, tuple(self.layout_spec["shape"])),
                                       block_size=self.block_size)
         kh, kw = self.kernel_size
+        # The whole convolution as one block-sparse product over the kernel taps' windows,
+        # concatenated along channels (tap-major): the layout repeated once per tap, so the
+        # forward, input-gradient and weight-gradient products are one kernel call each.
+        CB, taps = self.bsmm.CB, kh * kw
+        tap_coords = np.concatenate([coords + [t * CB, 0] for t in range(taps)])
+        self._taps_bsmm = BlocksparseMatMul((tap_coords, (taps * CB, self.bsmm.KB)),
+                                            block_size=self.block_size)
         bs = self.block_size
         if isinstance(self.kernel_initializer, str) and \
                 self.kernel_initializer in CONV_BLOCK_INITIALIZERS:
@@ -229,13 +238,13 @@ class BlockSparseConv2D(keras.layers.Layer):
         kernel = tf.cast(self.kernel, dtype)
         x, (Ho, Wo) = self._pad(x)
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.strides, self.dilation_rate
-        y = None
-        for i in range(kh):  # fixed tap order: deterministic sums
-            for j in range(kw):
-                window = x[:, i * dh:i * dh + (Ho - 1) * sh + 1:sh,
-                           j * dw:j * dw + (Wo - 1) * sw + 1:sw, :]
-                term = self.bsmm(window, kernel[:, i, j])
-                y = term if y is None else y + term
+        windows = [x[:, i * dh:i * dh + (Ho - 1) * sh + 1:sh, j * dw:j * dw + (Wo - 1) * sw + 1:sw, :]
+                   for i in range(kh) for j in range(kw)]
+        patches = windows[0] if len(windows) == 1 else tf.concat(windows, axis=-1)
+        # (blocks, kh, kw, bs, bs) -> tap-major (kh * kw * blocks, bs, bs), the order of _taps_bsmm.
+        tap_kernel = tf.reshape(tf.transpose(kernel, [1, 2, 0, 3, 4]),
+                                (-1, self.block_size, self.block_size))
+        y = self._taps_bsmm(patches, tap_kernel)
         if self.bias is not None:
             y = y + tf.cast(self.bias, dtype)
         if self.activation is not None:

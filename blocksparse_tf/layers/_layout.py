@@ -91,6 +91,17 @@ def _coords_form(coords_shape):
     return {"shape": [int(shape[0]), int(shape[1])], "coords": np.asarray(coords).tolist()}
 
 
+def spec_for_outputs(layout, width, block_size, name):
+    """``normalize_spec(layout)``, after checking that an explicit layout's block columns give
+    ``width`` outputs (``name`` is the argument that set the width: units, filters ...)."""
+    spec = normalize_spec(layout)
+    shape = shape_of(spec)
+    if shape is not None and shape[1] * block_size != width:
+        raise ValueError(f"layout has {shape[1]} block columns, which is {shape[1] * block_size} "
+                         f"{name} at block_size={block_size}, not {name}={width}")
+    return spec
+
+
 def shape_of(spec):
     """(CB, KB) of an explicit (coords form) spec, else None."""
     if isinstance(spec, dict) and "coords" in spec:

@@ -146,12 +146,7 @@ class BlockSparseConv2D(keras.layers.Layer):
         if not isinstance(padding, str) or padding.lower() not in ("valid", "same"):
             raise ValueError(f"padding must be 'valid' or 'same'; got {padding!r}")
         self.padding = padding.lower()
-        self.layout_spec = _layout.normalize_spec(layout)
-        shape = _layout.shape_of(self.layout_spec)
-        if shape is not None and shape[1] * self.block_size != self.filters:
-            raise ValueError(f"layout has {shape[1]} block columns, which is "
-                             f"{shape[1] * self.block_size} filters at block_size="
-                             f"{self.block_size}, not filters={self.filters}")
+        self.layout_spec = _layout.spec_for_outputs(layout, self.filters, self.block_size, "filters")
         self.activation = keras.activations.get(activation)
         self.use_bias = bool(use_bias)
         self.kernel_initializer = _init.check_initializer(kernel_initializer, "kernel_initializer")

@@ -54,12 +54,7 @@ class BlockSparseDense(keras.layers.Layer):
                  bias_constraint=None, gate=False, **kwargs):
         super().__init__(**kwargs)
         self.units, self.block_size = _checks.width_in_blocks(units, block_size)
-        self.layout_spec = _layout.normalize_spec(layout)
-        shape = _layout.shape_of(self.layout_spec)
-        if shape is not None and shape[1] * self.block_size != self.units:
-            raise ValueError(f"layout has {shape[1]} block columns, which is "
-                             f"{shape[1] * self.block_size} outputs at block_size="
-                             f"{self.block_size}, not units={self.units}")
+        self.layout_spec = _layout.spec_for_outputs(layout, self.units, self.block_size, "units")
         self.activation = keras.activations.get(activation)
         self.use_bias = bool(use_bias)
         self.gate = bool(gate)

@@ -162,13 +162,20 @@ def _check_number(value, name, low=None):
 class _SparseVDMixin:
     """What SparseVDDense and SparseVDConv2D share: log_alpha, KL, masks, report, config."""
 
-    def _init_vd(self, threshold, kl_weight, log_sigma2_init):
+    def _init_vd(self, threshold, kl_weight, log_sigma2_init, activation, use_bias,
+                 kernel_initializer, bias_initializer, seed):
         _check_number(threshold, "threshold")
         _check_number(kl_weight, "kl_weight", low=0.0)
         _check_number(log_sigma2_init, "log_sigma2_init")
         self.threshold = float(threshold)
         self.initial_kl_weight = float(kl_weight)
         self.log_sigma2_init = float(log_sigma2_init)
+        self.activation = keras.activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
 
     def _add_vd_weights(self, shape):
         self.theta = self.add_weight(name="theta", shape=shape,
@@ -269,14 +276,9 @@ class SparseVDDense(_SparseVDMixin, keras.layers.Layer):
                  **kwargs):
         super().__init__(**kwargs)
         _checks.positive_int(units, "units")
-        self._init_vd(threshold, kl_weight, log_sigma2_init)
+        self._init_vd(threshold, kl_weight, log_sigma2_init, activation, use_bias,
+                      kernel_initializer, bias_initializer, seed)
         self.units = int(units)
-        self.activation = keras.activations.get(activation)
-        self.use_bias = bool(use_bias)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
 
     def build(self, input_shape):
         C = input_shape[-1]
@@ -331,15 +333,10 @@ class SparseVDConv2D(_SparseVDMixin, keras.layers.Layer):
         self.strides = _pair(strides, "strides")
         if padding not in ("valid", "same"):
             raise ValueError(f"padding must be 'valid' or 'same'; got {padding!r}")
-        self._init_vd(threshold, kl_weight, log_sigma2_init)
+        self._init_vd(threshold, kl_weight, log_sigma2_init, activation, use_bias,
+                      kernel_initializer, bias_initializer, seed)
         self.filters = int(filters)
         self.padding = padding
-        self.activation = keras.activations.get(activation)
-        self.use_bias = bool(use_bias)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
 
     def build(self, input_shape):
         if len(input_shape) != 4 or input_shape[-1] is None:

@@ -53,26 +53,8 @@ int GetDeviceInfo(DeviceInfo* out, int* device) {
 // ------------------------------------------------------------------------------------------
 // CUDA-core kernels: every dtype and block size; also the fallback for unaligned pointers.
 // One thread per output element, float32 accumulation in a fixed order.
-template <typename T>
-__device__ __forceinline__ float ToF(T v);
-template <>
-__device__ __forceinline__ float ToF<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float ToF<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float ToF<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <typename T>
-__device__ __forceinline__ T FromF(float v);
-template <>
-__device__ __forceinline__ float FromF<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half FromF<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 FromF<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using mma_impl::FromF;
+using mma_impl::ToF;
 
 // y[n, col] (feature axis 1, index n*K + col) or y[col, n] (feature axis 0, index col*N + n).
 template <typename T, int FA>

@@ -1,10 +1,12 @@
-// extern "C" shim over blocksparse_matmul_gpu.h for ctypes (tools/gpu_check.py).
+// extern "C" shim over blocksparse_matmul_gpu.h and sparse_dot_gpu.h for ctypes
+// (tools/gpu_check.py, tools/gpu_check_sparse_dot.py).
 // dtype: 0 float32, 1 float16, 2 bfloat16.  layout: 5 device pointers (col_ptr, col_row,
 // col_block, block_row, block_col) and 4 sizes (CB, KB, block_size, blocks).
 // Returns 0 or a cudaError_t value.
 #include <cstdint>
 
 #include "ops/blocksparse_matmul_gpu.h"
+#include "ops/sparse_dot_gpu.h"
 
 namespace {
 blocksparse::gpu::DeviceLayout MakeLayout(const int32_t* col_ptr, const int32_t* col_row,
@@ -57,5 +59,25 @@ int bsmm_gpu_selected_path(int dtype, int64_t N, int feature_axis, int64_t bs, i
 }
 
 void bsmm_gpu_set_tuning(int variant) { blocksparse::gpu::SetTuning(variant); }
+
+int64_t sdot_gpu_workspace_bytes(int64_t n, int64_t p, int64_t bs) {
+  return blocksparse::gpu::SparseDotWorkspaceBytes(n, p, bs);
+}
+
+int sdot_gpu_forward(int dtype, const void* x, const void* w, const float* in_mask,
+                     const float* out_mask, void* y, int64_t n, int64_t m, int64_t p, int64_t bs,
+                     int transpose_w, void* workspace, int64_t workspace_bytes, void* stream) {
+  return blocksparse::gpu::LaunchSparseDot(
+      static_cast<blocksparse::gpu::DType>(dtype), x, w, in_mask, out_mask, y, n, m, p, bs,
+      transpose_w != 0, workspace, workspace_bytes, static_cast<CUstream_st*>(stream));
+}
+
+int sdot_gpu_grad_w(int dtype, const void* x, const void* dy, const float* in_mask,
+                    const float* out_mask, void* dw, int64_t n, int64_t m, int64_t p, int64_t bs,
+                    void* workspace, int64_t workspace_bytes, void* stream) {
+  return blocksparse::gpu::LaunchSparseDotGradW(
+      static_cast<blocksparse::gpu::DType>(dtype), x, dy, in_mask, out_mask, dw, n, m, p, bs,
+      workspace, workspace_bytes, static_cast<CUstream_st*>(stream));
+}
 
 }  // extern "C"

@@ -128,6 +128,28 @@ __device__ __forceinline__ uint32_t PackPair<__half>(float a, float b) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Element <-> float32 conversions (round to nearest even).
+template <typename T>
+__device__ __forceinline__ float ToF(T v);
+template <>
+__device__ __forceinline__ float ToF<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float ToF<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float ToF<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <typename T>
+__device__ __forceinline__ T FromF(float v);
+template <>
+__device__ __forceinline__ float FromF<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half FromF<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromF<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
 // Stores CE consecutive outputs (16 bytes) converted from float.
 template <typename T>
 __device__ __forceinline__ void StoreChunk(T* dst, const float* v);

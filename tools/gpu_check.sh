@@ -3,10 +3,11 @@
 # shim) into build/libbsmm_gpu.so and runs tools/gpu_check.py on the GPU of this machine.
 # Needs nvcc, a CUDA GPU, python3 with PyTorch; no TensorFlow.
 #
-#   tools/gpu_check.sh [all|build|correctness|check|bench|quick]
+#   tools/gpu_check.sh [all|build|correctness|check|bench|quick|sparse_dot]
 #     all (default): build, correctness, compute-sanitizer memcheck + racecheck, benchmark
 #     check: build + compute-sanitizer only;  bench: build + benchmark only
 #     quick: build + correctness + a short benchmark
+#     sparse_dot: build + the sparse_dot kernels only (correctness, memcheck, benchmark)
 # Logs and the benchmark table (bench.md) go to $OUT if set, else build/gpu_check/.
 # Exits non-zero if the build or any check fails.
 set -uo pipefail
@@ -35,7 +36,8 @@ FLAGS=(-O3 -std=c++17 -Xcompiler -fPIC --threads 0 -lineinfo -Xptxas -v
 mkdir -p build/obj
 : >"$LOG_DIR/build.log"
 pids=()
-for src in ops/block_layout.cc ops/blocksparse_matmul_gpu*.cu ops/blocksparse_matmul_gpu_capi.cc; do
+for src in ops/block_layout.cc ops/blocksparse_matmul_gpu*.cu ops/sparse_dot_gpu.cu \
+    ops/blocksparse_matmul_gpu_capi.cc; do
   obj=build/obj/$(basename "$src").o
   ( "$NVCC" "${FLAGS[@]}" -c "$src" -o "$obj" >"$obj.log" 2>&1 ) &
   pids+=($!)
@@ -67,14 +69,26 @@ run() {  # run NAME CMD...
 
 if [ "$MODE" = all ] || [ "$MODE" = correctness ] || [ "$MODE" = quick ]; then
   run correctness python3 tools/gpu_check.py --correctness
+  run sparse_dot_correctness python3 tools/gpu_check_sparse_dot.py --correctness
 fi
 if [ "$MODE" = all ] || [ "$MODE" = check ]; then
   run memcheck "$SANITIZER" --tool memcheck --error-exitcode 3 python3 tools/gpu_check.py --check
   run racecheck "$SANITIZER" --tool racecheck --racecheck-report hazard --error-exitcode 3 \
     python3 tools/gpu_check.py --race
+  run sparse_dot_memcheck "$SANITIZER" --tool memcheck --error-exitcode 3 \
+    python3 tools/gpu_check_sparse_dot.py --check
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   run bench python3 tools/gpu_check.py --bench --out-md "$LOG_DIR/bench.md"
+  run sparse_dot_bench python3 tools/gpu_check_sparse_dot.py --bench \
+    --out-md "$LOG_DIR/bench_sparse_dot.md"
+fi
+if [ "$MODE" = sparse_dot ]; then
+  run sparse_dot_correctness python3 tools/gpu_check_sparse_dot.py --correctness
+  run sparse_dot_memcheck "$SANITIZER" --tool memcheck --error-exitcode 3 \
+    python3 tools/gpu_check_sparse_dot.py --check
+  run sparse_dot_bench python3 tools/gpu_check_sparse_dot.py --bench \
+    --out-md "$LOG_DIR/bench_sparse_dot.md"
 fi
 if [ "$MODE" = quick ]; then
   run bench python3 tools/gpu_check.py --bench --quick --out-md "$LOG_DIR/bench.md"

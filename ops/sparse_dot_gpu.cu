@@ -1,0 +1,749 @@
+// CUDA kernels of sparse_dot (see sparse_dot_gpu.h for the semantics and the strategy).
+//
+// Three kernels:
+//   ListActiveRowsKernel: per tile column of W output features, the examples with an active
+//     output block there (ascending), then the others.
+//   SparseDotKernel:  one CTA per (tile column j, tile of 64 listed examples): it finds the
+//     input tiles used by any of its examples, then accumulates x_tile . W_tile over them.
+//     Tiles made only of inactive examples just write zeros.
+//   SparseDotGradWKernel: one CTA per (input tile i, tile column j) of dw: accumulates
+//     x^T . dy over the examples listed for j, 64 at a time, skipping groups of 64 in which no
+//     example uses input tile i.
+// Operands are staged through registers into two shared-memory buffers (the next step's global
+// loads are in flight while the current one is multiplied), with the masks applied on the way
+// (a masked-off x chunk is never read).  16-bit inputs use mma.sync (m16n8k16); float32 runs on
+// CUDA cores with a 4-wide register tile per thread.
+#include "ops/sparse_dot_gpu.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "ops/blocksparse_matmul_gpu_mma.cuh"
+
+namespace blocksparse {
+namespace gpu {
+namespace {
+
+using mma_impl::FromF;
+using mma_impl::LdMatrixX4;
+using mma_impl::MmaOp;
+using mma_impl::StoreChunk;
+using mma_impl::ToF;
+
+constexpr int kRows = 64;          // examples per tile
+constexpr int kThreads = 128;      // threads per CTA of the product kernels
+constexpr int kListThreads = 256;  // threads per CTA of the listing kernel
+
+// Features per tile: the mask block, but at least one MMA's 16.
+constexpr int64_t TileWidth(int64_t bs) { return bs > 16 ? bs : 16; }
+
+struct Problem {
+  const void* a;            // x
+  const void* b;            // forward: w;  grad: dy
+  const float* in_mask;     // (n, m / bs)
+  const float* out_mask;    // (n, p / bs)
+  void* out;                // forward: y (n, p);  grad: dw (m, p)
+  const int32_t* rows;      // per tile column j: rows[j * n ...], see ListActiveRowsKernel
+  const int32_t* counts;    // per tile column: number of listed active examples
+  int64_t n, m, p;
+  int bs;
+  bool transpose_w;         // forward: w is (p, m)
+  bool vec;                 // 16-byte loads and stores are safe (aligned, rows of whole chunks)
+};
+
+// ------------------------------------------------------------------------------------------
+// Example lists.  rows[j * n + 0 .. counts[j]) = examples with an active output block in tile
+// column j, ascending; rows[j * n + counts[j] .. n) = the other examples.
+__global__ void __launch_bounds__(kListThreads)
+    ListActiveRowsKernel(const float* __restrict__ out_mask, int64_t n, int64_t p_blocks,
+                         int blocks_per_tile, int32_t* __restrict__ rows,
+                         int32_t* __restrict__ counts) {
+  constexpr int kPerThread = 8;  // rows whose masks a thread loads at once
+  __shared__ int warp_active[kListThreads / 32], warp_inactive[kListThreads / 32];
+  const int64_t j = blockIdx.x;
+  const int64_t b0 = j * blocks_per_tile;
+  const int nb = static_cast<int>(p_blocks - b0 < blocks_per_tile ? p_blocks - b0 : blocks_per_tile);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned lower = (1u << lane) - 1u;
+  int32_t* list = rows + j * n;
+  int64_t n_active = 0, n_inactive = 0;
+  for (int64_t base = 0; base < n; base += kPerThread * kListThreads) {
+    bool act[kPerThread];
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int64_t r = base + u * kListThreads + threadIdx.x;
+      act[u] = false;
+      if (r < n)
+        for (int t = 0; t < nb; ++t) act[u] |= __ldg(out_mask + r * p_blocks + b0 + t) != 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int64_t r = base + u * kListThreads + threadIdx.x;
+      const unsigned a = __ballot_sync(0xffffffffu, act[u]);
+      const unsigned ina = __ballot_sync(0xffffffffu, r < n && !act[u]);
+      if (lane == 0) {
+        warp_active[warp] = __popc(a);
+        warp_inactive[warp] = __popc(ina);
+      }
+      __syncthreads();
+      int before_a = 0, before_i = 0, total_a = 0, total_i = 0;
+      for (int w = 0; w < kListThreads / 32; ++w) {
+        if (w < warp) {
+          before_a += warp_active[w];
+          before_i += warp_inactive[w];
+        }
+        total_a += warp_active[w];
+        total_i += warp_inactive[w];
+      }
+      if (r < n) {
+        if (act[u]) {
+          list[n_active + before_a + __popc(a & lower)] = static_cast<int32_t>(r);
+        } else {
+          list[n - 1 - (n_inactive + before_i + __popc(ina & lower))] = static_cast<int32_t>(r);
+        }
+      }
+      n_active += total_a;
+      n_inactive += total_i;
+      __syncthreads();  // warp_active is rewritten next round
+    }
+  }
+  if (threadIdx.x == 0) counts[j] = static_cast<int32_t>(n_active);
+}
+
+// ------------------------------------------------------------------------------------------
+// Chunk helpers: a chunk is 16 bytes of consecutive features of one row.
+template <typename T>
+struct Chunk {
+  static constexpr int kElems = 16 / static_cast<int>(sizeof(T));
+};
+
+// Reads src[0 .. CE) (features f0 .. f0 + CE of a row of `limit` features), zero past `limit`
+// and where active(feature) is false (only asked when `masked`).  A chunk whose mask block is
+// inactive is not read.
+template <typename T, typename Active>
+__device__ __forceinline__ uint4 LoadChunk(const T* src, int64_t f0, int64_t limit, int bs,
+                                           bool vec, bool masked, const Active& active) {
+  constexpr int CE = Chunk<T>::kElems;
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  if (vec) {  // rows hold whole chunks: the chunk is entirely inside or outside
+    if (f0 >= limit) return v;
+    if (masked && bs >= CE && !active(f0)) return v;
+    v = __ldg(reinterpret_cast<const uint4*>(src));
+    if (!masked || bs >= CE) return v;
+  }
+  T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+  for (int i = 0; i < CE; ++i) {
+    const bool keep = f0 + i < limit && (!masked || active(f0 + i));
+    if (vec) {
+      if (!keep) e[i] = FromF<T>(0.f);
+    } else {
+      e[i] = keep ? src[i] : FromF<T>(0.f);
+    }
+  }
+  return v;
+}
+struct AllActive {
+  __device__ bool operator()(int64_t) const { return true; }
+};
+
+template <typename T>
+__device__ __forceinline__ void StoreOut(T* dst, const float* v, int64_t f0, int64_t limit,
+                                         bool vec) {
+  constexpr int CE = Chunk<T>::kElems;
+  if (vec) {
+    if (f0 < limit) StoreChunk<T>(dst, v);
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < CE; ++i)
+    if (f0 + i < limit) dst[i] = FromF<T>(v[i]);
+}
+
+// ------------------------------------------------------------------------------------------
+// Tile geometry of one (dtype, tile width, product).  Every step reduces over 64: forward,
+// 64 input features (64 / W listed input tiles); dW, 64 listed examples.
+//   Forward: A = x rows [64 examples][64 features]; B = w [64 features][W outputs], or with
+//            kBT (w given transposed) [W outputs][64 features].  Output tile 64 x W.
+//   dW:      A = x rows [64 examples][64 input features]; B = dy rows [64 examples][W outputs].
+//            Output tile 64 x W.
+template <typename T, int W, bool kGrad, bool kBTrans = false>
+struct Cfg {
+  static constexpr bool kIsGrad = kGrad, kBT = kBTrans;
+  static constexpr bool kMma = sizeof(T) == 2;
+  static constexpr int kCE = Chunk<T>::kElems;
+  static constexpr int kPad = kMma ? 8 : 4;          // keeps rows 16-byte multiples
+  static constexpr int kKS = 64;                     // reduction extent of one step
+  static constexpr int kKT = kGrad ? 1 : kKS / W;    // forward: input tiles per step
+  static constexpr int kBM = 64;                     // output tile rows
+  static constexpr int kAW = 64;                     // A row length (elements)
+  static constexpr int kBW = kBT ? kKS : W;          // B row length
+  static constexpr int kBRowsN = kBT ? W : kKS;      // B rows
+  static constexpr int kALd = kAW + kPad, kBLd = kBW + kPad;
+  static constexpr int kAElems = kRows * kALd, kBElems = kBRowsN * kBLd;
+  static constexpr int kStageElems = kAElems + kBElems;
+  // Tensor-core warps: WM x WN split the output tile, WK the K slices of a step.
+  static constexpr int kWM = (kGrad && W > 16) ? 2 : 4;
+  static constexpr int kWN = 4 / kWM;
+  static constexpr int kWK = 1;
+  static constexpr int kMT = kBM / kWM / 16, kNT = W / kWN / 8;
+  // CUDA-core threads: TM rows (strided by TY) x TN adjacent columns each.
+  static constexpr int kTN = 4;
+  static constexpr int kTX = W / kTN, kTY = kThreads / kTX, kTM = kBM / kTY;
+  static constexpr int kCLd = W + 4;  // epilogue staging rows (floats)
+  static constexpr int kPipeBytes = 2 * kStageElems * static_cast<int>(sizeof(T));
+  static constexpr int kEpiBytes = kWK * kBM * kCLd * 4;
+  static constexpr int kSmemBytes = kPipeBytes > kEpiBytes ? kPipeBytes : kEpiBytes;
+  // 16-byte chunks of the A and B tiles; per thread and step.
+  static constexpr int kACPR = kAW / kCE, kBCPR = kBW / kCE;  // chunks per row
+  static constexpr int kAChunks = kRows * kACPR, kBChunks = kBRowsN * kBCPR;
+  static constexpr int kAPer = (kAChunks + kThreads - 1) / kThreads;
+  static constexpr int kBPer = (kBChunks + kThreads - 1) / kThreads;
+  static_assert(kMma ? kWM * kWN * kWK == 4 : kTY * kTM == kBM, "thread split");
+  static_assert(!kMma || (kBM % (16 * kWM) == 0 && kNT % 2 == 0), "warp tiles");
+};
+
+// The per-CTA accumulators and the two ways of filling them.
+template <typename C, typename T>
+struct Accumulator {
+  float mma[C::kMma ? C::kMT : 1][C::kMma ? C::kNT : 1][4];
+  float simt[C::kMma ? 1 : C::kTM][C::kMma ? 1 : C::kTN];
+
+  __device__ __forceinline__ void Zero() {
+    if constexpr (C::kMma) {
+#pragma unroll
+      for (int a = 0; a < C::kMT; ++a)
+#pragma unroll
+        for (int b = 0; b < C::kNT; ++b)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) mma[a][b][e] = 0.f;
+    } else {
+#pragma unroll
+      for (int a = 0; a < C::kTM; ++a)
+#pragma unroll
+        for (int b = 0; b < C::kTN; ++b) simt[a][b] = 0.f;
+    }
+  }
+
+  // acc += A . B for one stage (layouts in Cfg).
+  __device__ __forceinline__ void Step(const T* As, const T* Bs, int tid) {
+    if constexpr (C::kMma) {
+      const int lane = tid & 31, warp = tid >> 5;
+      const int wk = warp / (C::kWM * C::kWN), wmn = warp % (C::kWM * C::kWN);
+      const int wm = wmn / C::kWN, wn = wmn % C::kWN;
+      const int li = lane >> 3, lr = lane & 7;
+#pragma unroll
+      for (int kk = wk; kk < C::kKS / 16; kk += C::kWK) {
+        uint32_t af[C::kMT][4], bf[C::kNT][2];
+#pragma unroll
+        for (int mt = 0; mt < C::kMT; ++mt) {
+          const int mb = wm * (C::kBM / C::kWM) + mt * 16;
+          if constexpr (!C::kIsGrad) {  // x rows: K contiguous
+            LdMatrixX4<false>(af[mt], As + (mb + (lane & 15)) * C::kALd + kk * 16 + (lane >> 4) * 8);
+          } else {  // x^T: M contiguous
+            LdMatrixX4<true>(af[mt], As + (kk * 16 + lr + (li >> 1) * 8) * C::kALd + mb + (li & 1) * 8);
+          }
+        }
+#pragma unroll
+        for (int np = 0; np < C::kNT / 2; ++np) {
+          const int nb = wn * (C::kNT * 8) + np * 16;
+          uint32_t r[4];
+          if constexpr (!C::kBT) {  // K x N, N contiguous
+            LdMatrixX4<true>(r, Bs + (kk * 16 + lr + (li & 1) * 8) * C::kBLd + nb + (li >> 1) * 8);
+          } else {  // N x K, K contiguous
+            LdMatrixX4<false>(r, Bs + (nb + lr + (li >> 1) * 8) * C::kBLd + kk * 16 + (li & 1) * 8);
+          }
+          bf[2 * np][0] = r[0];
+          bf[2 * np][1] = r[1];
+          bf[2 * np + 1][0] = r[2];
+          bf[2 * np + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mt = 0; mt < C::kMT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < C::kNT; ++nt)
+            MmaOp<T>::Run(mma[mt][nt], af[mt], bf[nt][0], bf[nt][1]);
+      }
+    } else {
+      const int tx = tid % C::kTX, ty = tid / C::kTX;
+#pragma unroll 4
+      for (int k = 0; k < C::kKS; ++k) {
+        float a[C::kTM], b[C::kTN];
+#pragma unroll
+        for (int r = 0; r < C::kTM; ++r) {
+          const int row = ty + r * C::kTY;
+          a[r] = ToF(C::kIsGrad ? As[k * C::kALd + row] : As[row * C::kALd + k]);
+        }
+#pragma unroll
+        for (int c = 0; c < C::kTN; ++c) {
+          const int col = tx * C::kTN + c;
+          b[c] = ToF(C::kBT ? Bs[col * C::kBLd + k] : Bs[k * C::kBLd + col]);
+        }
+#pragma unroll
+        for (int r = 0; r < C::kTM; ++r)
+#pragma unroll
+          for (int c = 0; c < C::kTN; ++c) simt[r][c] = fmaf(a[r], b[c], simt[r][c]);
+      }
+    }
+  }
+
+  // Writes the tile as floats to Cs[wk][row][col] (row stride kCLd).
+  __device__ __forceinline__ void Stage(float* Cs, int tid) const {
+    if constexpr (C::kMma) {
+      const int lane = tid & 31, warp = tid >> 5;
+      const int wk = warp / (C::kWM * C::kWN), wmn = warp % (C::kWM * C::kWN);
+      const int wm = wmn / C::kWN, wn = wmn % C::kWN;
+      const int grp = lane >> 2, tig = lane & 3;
+      float* Cw = Cs + wk * C::kBM * C::kCLd;
+#pragma unroll
+      for (int mt = 0; mt < C::kMT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < C::kNT; ++nt) {
+          const int row = wm * (C::kBM / C::kWM) + mt * 16 + grp;
+          const int col = wn * (C::kNT * 8) + nt * 8 + 2 * tig;
+          Cw[row * C::kCLd + col] = mma[mt][nt][0];
+          Cw[row * C::kCLd + col + 1] = mma[mt][nt][1];
+          Cw[(row + 8) * C::kCLd + col] = mma[mt][nt][2];
+          Cw[(row + 8) * C::kCLd + col + 1] = mma[mt][nt][3];
+        }
+    } else {
+      const int tx = tid % C::kTX, ty = tid / C::kTX;
+#pragma unroll
+      for (int r = 0; r < C::kTM; ++r)
+#pragma unroll
+        for (int c = 0; c < C::kTN; ++c)
+          Cs[(ty + r * C::kTY) * C::kCLd + tx * C::kTN + c] = simt[r][c];
+    }
+  }
+};
+
+// Sums the staged K-group partial tiles (in a fixed order) for CE outputs of row `row`.
+template <typename C>
+__device__ __forceinline__ void SumStaged(const float* Cs, int row, int col, float (&v)[C::kCE]) {
+#pragma unroll
+  for (int e = 0; e < C::kCE; ++e) v[e] = 0.f;
+#pragma unroll
+  for (int g = 0; g < C::kWK; ++g)
+#pragma unroll
+    for (int e = 0; e < C::kCE; ++e) v[e] += Cs[(g * C::kBM + row) * C::kCLd + col + e];
+}
+
+template <typename T>
+__device__ __forceinline__ void PutChunk(T* dst, const uint4& v) {
+  *reinterpret_cast<uint4*>(dst) = v;
+}
+
+// Register-staged double buffering shared by both products: step s's chunks are written to
+// stage buffer s % 2, then (after one barrier) the next step's global loads are issued before
+// this step's MMAs, so they are in flight during them.
+template <typename C, typename T, typename Load>
+__device__ __forceinline__ void RunSteps(int steps, T* smem, uint4 (&ra)[C::kAPer],
+                                         uint4 (&rb)[C::kBPer], const Load& load,
+                                         Accumulator<C, T>& acc, int tid) {
+  if (steps > 0) load(0);
+  for (int s = 0; s < steps; ++s) {
+    T* As = smem + (s & 1) * C::kStageElems;
+    T* Bs = As + C::kAElems;
+#pragma unroll
+    for (int k = 0; k < C::kAPer; ++k) {
+      const int q = k * kThreads + tid;
+      if (q < C::kAChunks) PutChunk(As + (q / C::kACPR) * C::kALd + (q % C::kACPR) * C::kCE, ra[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < C::kBPer; ++k) {
+      const int q = k * kThreads + tid;
+      if (q < C::kBChunks) PutChunk(Bs + (q / C::kBCPR) * C::kBLd + (q % C::kBCPR) * C::kCE, rb[k]);
+    }
+    __syncthreads();
+    if (s + 1 < steps) load(s + 1);
+    acc.Step(As, Bs, tid);
+  }
+}
+
+// Mask bytes cached per CTA: 64 examples x this many mask blocks.
+constexpr int kMaskBlocks = 256;
+
+// ------------------------------------------------------------------------------------------
+// Forward: y rows of one tile of listed examples (blockIdx.y), tile column j (blockIdx.x).
+template <typename T, int W, bool kBT>
+__global__ void __launch_bounds__(kThreads) SparseDotKernel(const Problem P) {
+  using C = Cfg<T, W, false, kBT>;
+  constexpr int CE = C::kCE;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  __shared__ int rows_s[kRows];
+  __shared__ uint8_t mask_s[kRows][kMaskBlocks];  // in_mask of the chunk, active examples
+  __shared__ int used_s[kMaskBlocks];             // input tiles of the chunk in use ...
+  __shared__ int list_s[kMaskBlocks];             // ... and their list
+  __shared__ int nlist_s;
+  const T* __restrict__ x = static_cast<const T*>(P.a);
+  const T* __restrict__ w = static_cast<const T*>(P.b);
+  T* __restrict__ y = static_cast<T*>(P.out);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t n = P.n, m = P.m, p = P.p;
+  const int bs = P.bs, bpt = W / bs;  // mask blocks per input tile
+  const int chunk_tiles = kMaskBlocks / bpt;
+  const int64_t MB = m / bs, PB = p / bs, MI = (m + W - 1) / W;
+  const int64_t j = blockIdx.x, g0 = j * W;  // tile column, its first output feature
+  const int32_t* listed = P.rows + j * n;
+  const int64_t count = P.counts[j];
+  const int64_t row_tiles = (n + kRows - 1) / kRows;
+  uint4 ra[C::kAPer], rb[C::kBPer];
+
+  for (int64_t t = blockIdx.y; t < row_tiles; t += gridDim.y) {
+    const int64_t r0 = t * kRows;
+    __syncthreads();  // the previous tile is done with the shared arrays
+    if (tid < kRows) rows_s[tid] = r0 + tid < n ? listed[r0 + tid] : -1;
+    const int n_act =
+        static_cast<int>(count - r0 <= 0 ? 0 : (count - r0 < kRows ? count - r0 : kRows));
+    __syncthreads();
+    Accumulator<C, T> acc;
+    acc.Zero();
+    for (int64_t ci0 = 0; n_act > 0 && ci0 < MI; ci0 += chunk_tiles) {
+      // Cache the chunk's in_mask and list its input tiles used by any active example.
+      const int nci = static_cast<int>(MI - ci0 < chunk_tiles ? MI - ci0 : chunk_tiles);
+      for (int e = tid; e < nci; e += kThreads) used_s[e] = 0;
+      __syncthreads();
+      const int64_t blk0 = ci0 * bpt;
+      const int nblk = static_cast<int>((ci0 + nci) * bpt < MB ? nci * bpt : MB - blk0);
+      // Eight independent loads in flight per thread (a plain loop would wait for each).
+      for (int q0 = 0; q0 < n_act * nblk; q0 += 8 * kThreads) {
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int q = q0 + u * kThreads + tid;
+          v[u] = q < n_act * nblk ? __ldg(P.in_mask + rows_s[q / nblk] * MB + blk0 + q % nblk) : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int q = q0 + u * kThreads + tid;
+          if (q >= n_act * nblk) break;
+          const bool on = v[u] != 0.f;
+          mask_s[q / nblk][q % nblk] = on;
+          if (on) used_s[(q % nblk) / bpt] = 1;
+        }
+      }
+      __syncthreads();
+      if (warp == 0) {
+        int c = 0;
+        for (int b = 0; b < nci; b += 32) {
+          const bool f = b + lane < nci && used_s[b + lane] != 0;
+          const unsigned bal = __ballot_sync(0xffffffffu, f);
+          if (f) list_s[c + __popc(bal & ((1u << lane) - 1u))] = static_cast<int>(ci0 + b + lane);
+          c += __popc(bal);
+        }
+        if (lane == 0) nlist_s = c;
+      }
+      __syncthreads();
+      const int nlist = nlist_s;
+      // Global -> registers for step s: listed input tiles s*KT .. s*KT + KT - 1.
+      auto load = [&](int s) {
+#pragma unroll
+        for (int k = 0; k < C::kAPer; ++k) {
+          const int q = k * kThreads + tid;
+          const int i = q / C::kACPR, c = (q % C::kACPR) * CE;
+          const int e = s * C::kKT + c / W;
+          ra[k] = make_uint4(0u, 0u, 0u, 0u);
+          if (q < C::kAChunks && i < n_act && e < nlist) {
+            const int64_t f0 = (int64_t)list_s[e] * W + c % W;
+            const uint8_t* mrow = mask_s[i];
+            ra[k] = LoadChunk<T>(x + rows_s[i] * m + f0, f0, m, bs, P.vec, true,
+                                 [&](int64_t f) { return mrow[f / bs - blk0] != 0; });
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < C::kBPer; ++k) {
+          const int q = k * kThreads + tid;
+          const int r = q / C::kBCPR, c = (q % C::kBCPR) * CE;
+          rb[k] = make_uint4(0u, 0u, 0u, 0u);
+          if (q >= C::kBChunks) continue;
+          if constexpr (!kBT) {  // w (m, p): row = input feature, columns g0 + c ..
+            const int e = s * C::kKT + r / W;
+            if (e >= nlist) continue;
+            const int64_t f = (int64_t)list_s[e] * W + r % W;
+            if (f < m) rb[k] = LoadChunk<T>(w + f * p + g0 + c, g0 + c, p, bs, P.vec, false, AllActive());
+          } else {  // w (p, m): row g0 + r, input features of the step
+            const int e = s * C::kKT + c / W;
+            if (e >= nlist || g0 + r >= p) continue;
+            const int64_t f0 = (int64_t)list_s[e] * W + c % W;
+            rb[k] = LoadChunk<T>(w + (g0 + r) * m + f0, f0, m, bs, P.vec, false, AllActive());
+          }
+        }
+      };
+      RunSteps<C, T>((nlist + C::kKT - 1) / C::kKT, smem, ra, rb, load, acc, tid);
+      __syncthreads();  // mask_s / list_s and the stage buffers are reused next
+    }
+    float* Cs = reinterpret_cast<float*>(smem_raw);
+    acc.Stage(Cs, tid);
+    __syncthreads();
+    for (int q = tid; q < kRows * (W / CE); q += kThreads) {
+      const int i = q / (W / CE), c = (q % (W / CE)) * CE;
+      const int64_t rr = rows_s[i];
+      if (rr < 0) continue;
+      float v[CE];
+      SumStaged<C>(Cs, i, c, v);
+      if (i >= n_act) {
+#pragma unroll
+        for (int e = 0; e < CE; ++e) v[e] = 0.f;
+      } else if (bs < W) {  // the tile column spans several output blocks
+#pragma unroll
+        for (int e = 0; e < CE; ++e)
+          if (g0 + c + e < p && __ldg(P.out_mask + rr * PB + (g0 + c + e) / bs) == 0.f) v[e] = 0.f;
+      }
+      StoreOut<T>(y + rr * p + g0 + c, v, g0 + c, p, P.vec);
+    }
+  }
+}
+
+// Listed examples whose rows and input-tile mask bytes a dW CTA caches at once, and the input
+// features of a dW tile.
+constexpr int kGradRows = 256;
+constexpr int kGradM = 64;
+
+// ------------------------------------------------------------------------------------------
+// dw tile (input features 64 ii .. 64 ii + 63, ii = blockIdx.x; tile column j = blockIdx.y).
+template <typename T, int W>
+__global__ void __launch_bounds__(kThreads) SparseDotGradWKernel(const Problem P) {
+  using C = Cfg<T, W, true>;
+  constexpr int CE = C::kCE;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  __shared__ int rows_s[kGradRows];
+  __shared__ uint8_t mask_s[kGradRows][kGradM];  // in_mask blocks of the tile's input features
+  __shared__ int used_s[kGradRows / kRows], list_s[kGradRows / kRows];
+  __shared__ int nlist_s;
+  const T* __restrict__ x = static_cast<const T*>(P.a);
+  const T* __restrict__ dy = static_cast<const T*>(P.b);
+  T* __restrict__ dw = static_cast<T*>(P.out);
+  const int tid = threadIdx.x;
+  const int64_t n = P.n, m = P.m, p = P.p;
+  const int bs = P.bs, bpt = kGradM / bs;  // mask blocks per tile row range
+  const int64_t MB = m / bs, PB = p / bs, PJ = (p + W - 1) / W;
+  const int64_t ii = blockIdx.x, f0 = ii * kGradM;  // first input feature of the tile
+  uint4 ra[C::kAPer], rb[C::kBPer];
+
+  for (int64_t j = blockIdx.y; j < PJ; j += gridDim.y) {
+    const int64_t g0 = j * W;
+    const int32_t* listed = P.rows + j * n;
+    const int64_t count = P.counts[j];
+    Accumulator<C, T> acc;
+    acc.Zero();
+    for (int64_t base = 0; base < count; base += kGradRows) {
+      const int nrows = static_cast<int>(count - base < kGradRows ? count - base : kGradRows);
+      __syncthreads();  // the previous chunk (or tile) is done with the shared arrays
+      if (tid < kGradRows / kRows) used_s[tid] = 0;
+      for (int i = tid; i < nrows; i += kThreads) rows_s[i] = __ldg(listed + base + i);
+      __syncthreads();
+      for (int q0 = 0; q0 < nrows * bpt; q0 += 8 * kThreads) {  // 8 loads in flight
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int q = q0 + u * kThreads + tid;
+          const int64_t blk = ii * bpt + q % bpt;
+          v[u] = q < nrows * bpt && blk < MB ? __ldg(P.in_mask + rows_s[q / bpt] * MB + blk) : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int q = q0 + u * kThreads + tid;
+          if (q >= nrows * bpt) break;
+          mask_s[q / bpt][q % bpt] = v[u] != 0.f;
+          if (v[u] != 0.f) used_s[q / bpt / kRows] = 1;
+        }
+      }
+      __syncthreads();
+      if (tid == 0) {  // groups of 64 examples of which at least one uses the tile's inputs
+        int c = 0;
+        for (int g = 0; g < (nrows + kRows - 1) / kRows; ++g)
+          if (used_s[g]) list_s[c++] = g;
+        nlist_s = c;
+      }
+      __syncthreads();
+      auto load = [&](int s) {
+        const int g = list_s[s];
+#pragma unroll
+        for (int k = 0; k < C::kAPer; ++k) {
+          const int q = k * kThreads + tid;
+          const int i = g * kRows + q / C::kACPR, c = (q % C::kACPR) * CE;
+          ra[k] = make_uint4(0u, 0u, 0u, 0u);
+          if (q < C::kAChunks && i < nrows) {
+            const uint8_t* mrow = mask_s[i];
+            ra[k] = LoadChunk<T>(x + rows_s[i] * m + f0 + c, f0 + c, m, bs, P.vec, true,
+                                 [&](int64_t f) { return mrow[f / bs - ii * bpt] != 0; });
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < C::kBPer; ++k) {
+          const int q = k * kThreads + tid;
+          const int i = g * kRows + q / C::kBCPR, c = (q % C::kBCPR) * CE;
+          rb[k] = make_uint4(0u, 0u, 0u, 0u);
+          if (q < C::kBChunks && i < nrows) {
+            const int64_t rr = rows_s[i];
+            const float* omask = P.out_mask + rr * PB;
+            // With bs >= W a listed example's only block in the tile column is active.
+            rb[k] = LoadChunk<T>(dy + rr * p + g0 + c, g0 + c, p, bs, P.vec, bs < W,
+                                 [&](int64_t f) { return __ldg(omask + f / bs) != 0.f; });
+          }
+        }
+      };
+      RunSteps<C, T>(nlist_s, smem, ra, rb, load, acc, tid);
+    }
+    __syncthreads();
+    float* Cs = reinterpret_cast<float*>(smem_raw);
+    acc.Stage(Cs, tid);
+    __syncthreads();
+    for (int q = tid; q < kGradM * (W / CE); q += kThreads) {
+      const int i = q / (W / CE), c = (q % (W / CE)) * CE;
+      if (f0 + i >= m) continue;
+      float v[CE];
+      SumStaged<C>(Cs, i, c, v);
+      StoreOut<T>(dw + (f0 + i) * p + g0 + c, v, g0 + c, p, P.vec);
+    }
+    __syncthreads();  // Cs is overwritten by the next tile's stages
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+int64_t RoundUp256(int64_t v) { return (v + 255) / 256 * 256; }
+
+// Lets `kernel` use more than 48 KB of dynamic shared memory, once per device.  `Tag` makes
+// the flags separate for each kernel instantiation.
+// Lets `kernel` use its dynamic shared memory on top of its static arrays (past 48 KB in all
+// needs the opt-in), once per device.  `Tag` keeps the flags apart per kernel instantiation.
+template <typename Tag, typename K>
+cudaError_t PrepareKernel(K kernel, int smem_bytes) {
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  static std::atomic<uint64_t> done{0};  // one bit per device
+  const uint64_t bit = device < 64 ? 1ull << device : 0ull;
+  if (bit != 0 && (done.load() & bit)) return cudaSuccess;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (e == cudaSuccess) done.fetch_or(bit);
+  return e;
+}
+
+template <typename C, typename K>
+int Launch(K kernel, dim3 grid, const Problem& P, cudaStream_t stream) {
+  cudaError_t e = PrepareKernel<C>(kernel, C::kSmemBytes);
+  if (e != cudaSuccess) return e;
+  kernel<<<grid, kThreads, C::kSmemBytes, stream>>>(P);
+  return cudaGetLastError();
+}
+
+template <typename T, int W>
+int RunProduct(const Problem& P, bool grad, cudaStream_t stream) {
+  const int64_t MI = (P.m + W - 1) / W, PJ = (P.p + W - 1) / W;
+  if (grad) {
+    const int64_t MG = (P.m + kGradM - 1) / kGradM;
+    const dim3 grid(static_cast<unsigned>(MG), static_cast<unsigned>(PJ < 65535 ? PJ : 65535));
+    return Launch<Cfg<T, W, true>>(SparseDotGradWKernel<T, W>, grid, P, stream);
+  }
+  const int64_t tiles = (P.n + kRows - 1) / kRows;
+  const dim3 grid(static_cast<unsigned>(PJ), static_cast<unsigned>(tiles < 65535 ? tiles : 65535));
+  if (P.transpose_w) return Launch<Cfg<T, W, false, true>>(SparseDotKernel<T, W, true>, grid, P, stream);
+  return Launch<Cfg<T, W, false, false>>(SparseDotKernel<T, W, false>, grid, P, stream);
+}
+
+template <typename T>
+int RunTyped(const Problem& P, bool grad, cudaStream_t stream) {
+  switch (TileWidth(P.bs)) {
+    case 16: return RunProduct<T, 16>(P, grad, stream);
+    case 32: return RunProduct<T, 32>(P, grad, stream);
+    case 64: return RunProduct<T, 64>(P, grad, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int ElementBytes(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
+
+// Checks the arguments common to both products.  `out_rows` x p is the output.
+int CheckArgs(DType dt, int64_t n, int64_t m, int64_t p, int64_t bs, int64_t workspace_bytes) {
+  if (dt != DType::kFloat32 && dt != DType::kFloat16 && dt != DType::kBFloat16)
+    return cudaErrorInvalidValue;
+  if (bs != 1 && bs != 8 && bs != 16 && bs != 32 && bs != 64) return cudaErrorInvalidValue;
+  if (n < 0 || m < 0 || p < 0 || m % bs != 0 || p % bs != 0) return cudaErrorInvalidValue;
+  if (n > INT32_MAX) return cudaErrorInvalidValue;  // example lists are int32
+  const int64_t kLimit = int64_t(1) << 40;
+  if (m > kLimit || p > kLimit || (n > 0 && (m > (kLimit << 20) / n || p > (kLimit << 20) / n)) ||
+      (m > 0 && p > (kLimit << 20) / m))
+    return cudaErrorInvalidValue;
+  if (workspace_bytes < SparseDotWorkspaceBytes(n, p, bs)) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+
+int Run(DType dt, const Problem& P0, bool grad, void* workspace, CUstream_st* stream_handle) {
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const int64_t W = TileWidth(P0.bs), PJ = (P0.p + W - 1) / W;
+  Problem P = P0;
+  P.counts = static_cast<const int32_t*>(workspace);
+  P.rows = reinterpret_cast<const int32_t*>(static_cast<char*>(workspace) + RoundUp256(PJ * 4));
+  const int64_t PB = P.p / P.bs;
+  ListActiveRowsKernel<<<static_cast<unsigned>(PJ), kListThreads, 0, stream>>>(
+      P.out_mask, P.n, PB, static_cast<int>(W / P.bs), const_cast<int32_t*>(P.rows),
+      const_cast<int32_t*>(P.counts));
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  switch (dt) {
+    case DType::kFloat32: return RunTyped<float>(P, grad, stream);
+    case DType::kFloat16: return RunTyped<__half>(P, grad, stream);
+    case DType::kBFloat16: return RunTyped<__nv_bfloat16>(P, grad, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+int64_t SparseDotWorkspaceBytes(int64_t n, int64_t p, int64_t bs) {
+  if (n < 0 || p < 0 || bs < 1) return 0;
+  const int64_t W = TileWidth(bs), PJ = (p + W - 1) / W;
+  return RoundUp256(PJ * 4) + PJ * n * 4;
+}
+
+int LaunchSparseDot(DType dtype, const void* x, const void* w, const float* in_mask,
+                    const float* out_mask, void* y, int64_t n, int64_t m, int64_t p, int64_t bs,
+                    bool transpose_w, void* workspace, int64_t workspace_bytes,
+                    CUstream_st* stream) {
+  int e = CheckArgs(dtype, n, m, p, bs, workspace_bytes);
+  if (e != cudaSuccess) return e;
+  if (n == 0 || p == 0) return cudaSuccess;  // y is empty
+  if (y == nullptr || out_mask == nullptr) return cudaErrorInvalidValue;
+  if (m == 0)  // nothing to sum: y = 0
+    return cudaMemsetAsync(y, 0, n * p * ElementBytes(dtype),
+                           reinterpret_cast<cudaStream_t>(stream));
+  if (x == nullptr || w == nullptr || in_mask == nullptr || workspace == nullptr)
+    return cudaErrorInvalidValue;
+  const int ce = 16 / ElementBytes(dtype);
+  Problem P{x, w, in_mask, out_mask, y, nullptr, nullptr, n, m, p, static_cast<int>(bs),
+            transpose_w,
+            Aligned16(x) && Aligned16(w) && Aligned16(y) && m % ce == 0 && p % ce == 0};
+  return Run(dtype, P, false, workspace, stream);
+}
+
+int LaunchSparseDotGradW(DType dtype, const void* x, const void* dy, const float* in_mask,
+                         const float* out_mask, void* dw, int64_t n, int64_t m, int64_t p,
+                         int64_t bs, void* workspace, int64_t workspace_bytes,
+                         CUstream_st* stream) {
+  int e = CheckArgs(dtype, n, m, p, bs, workspace_bytes);
+  if (e != cudaSuccess) return e;
+  if (m == 0 || p == 0) return cudaSuccess;  // dw is empty
+  if (dw == nullptr) return cudaErrorInvalidValue;
+  if (n == 0)  // no examples: dw = 0
+    return cudaMemsetAsync(dw, 0, m * p * ElementBytes(dtype),
+                           reinterpret_cast<cudaStream_t>(stream));
+  if (x == nullptr || dy == nullptr || in_mask == nullptr || out_mask == nullptr ||
+      workspace == nullptr)
+    return cudaErrorInvalidValue;
+  const int ce = 16 / ElementBytes(dtype);
+  Problem P{x, dy, in_mask, out_mask, dw, nullptr, nullptr, n, m, p, static_cast<int>(bs),
+            false,
+            Aligned16(x) && Aligned16(dy) && Aligned16(dw) && m % ce == 0 && p % ce == 0};
+  return Run(dtype, P, true, workspace, stream);
+}
+
+}  // namespace gpu
+}  // namespace blocksparse

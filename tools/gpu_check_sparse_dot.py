@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""Checks and benchmarks the CUDA sparse_dot kernels (ops/sparse_dot_gpu.*) through their C API.
+
+Runs on a CUDA machine with PyTorch, no TensorFlow, with the library that tools/gpu_check.sh
+builds (build/libbsmm_gpu.so).  Modes:
+  --correctness  every dtype and block size, mask combinations, ragged shapes, transposed w,
+                 unaligned pointers, many input tiles, bitwise determinism, argument checks,
+                 all against float64 references with NaN-poisoned outputs.
+  --check        a small subset, for compute-sanitizer.
+  --bench        forward / dx / dW times against dense cuBLAS (torch.matmul) by active fraction.
+Exits non-zero on any failure.
+"""
+import argparse
+import ctypes
+import datetime
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_check import DTYPES, ROOT, TOL, Results, bench, rel_err  # noqa: E402
+
+
+class SparseDotLib:
+    def __init__(self, path):
+        self.lib = ctypes.CDLL(path)
+        P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self.lib.sdot_gpu_workspace_bytes.argtypes = [I64, I64, I64]
+        self.lib.sdot_gpu_workspace_bytes.restype = I64
+        self.lib.sdot_gpu_forward.argtypes = [I, P, P, P, P, P, I64, I64, I64, I64, I, P, I64, P]
+        self.lib.sdot_gpu_forward.restype = I
+        self.lib.sdot_gpu_grad_w.argtypes = [I, P, P, P, P, P, I64, I64, I64, I64, P, I64, P]
+        self.lib.sdot_gpu_grad_w.restype = I
+        self._ws = None
+
+    def workspace(self, n, p, bs, nbytes=None):
+        need = self.lib.sdot_gpu_workspace_bytes(n, p, bs) if nbytes is None else nbytes
+        if self._ws is None or self._ws.numel() < need:
+            self._ws = torch.empty(max(need, 1), dtype=torch.uint8, device="cuda")
+        return self._ws.data_ptr(), need
+
+    @staticmethod
+    def _ptr(t):
+        return t.data_ptr() if t is not None else None
+
+    def forward(self, dt, x, w, in_m, out_m, y, n, m, p, bs, transpose_w=False, ws_bytes=None):
+        ws, nb = self.workspace(n, p, bs, ws_bytes)
+        return self.lib.sdot_gpu_forward(DTYPES[dt][0], self._ptr(x), self._ptr(w), self._ptr(in_m),
+                                         self._ptr(out_m), self._ptr(y), n, m, p, bs,
+                                         int(transpose_w), ws, nb,
+                                         torch.cuda.current_stream().cuda_stream)
+
+    def grad_w(self, dt, x, dy, in_m, out_m, dw, n, m, p, bs, ws_bytes=None):
+        ws, nb = self.workspace(n, p, bs, ws_bytes)
+        return self.lib.sdot_gpu_grad_w(DTYPES[dt][0], self._ptr(x), self._ptr(dy), self._ptr(in_m),
+                                        self._ptr(out_m), self._ptr(dw), n, m, p, bs, ws, nb,
+                                        torch.cuda.current_stream().cuda_stream)
+
+
+def expand(mask, bs):
+    return mask.double().repeat_interleave(bs, dim=1)
+
+
+def random_mask(n, blocks, active, gen, zero_rows=()):
+    mask = (torch.rand(n, blocks, generator=gen, device="cuda") < active).float()
+    for r in zero_rows:
+        if r < n:
+            mask[r] = 0
+    return mask
+
+
+def unaligned(t):
+    """A copy of t whose data starts 2 bytes past a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 8, dtype=t.dtype, device=t.device)
+    view = flat[1:1 + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def check_case(lib, res, dt, bs, n, m, p, a_in, a_out, gen, transpose_w=False, misalign=False,
+               repeat=1):
+    tdt = DTYPES[dt][1]
+    x = torch.randn(n, m, generator=gen, device="cuda").to(tdt)
+    w = torch.randn(m, p, generator=gen, device="cuda").to(tdt)
+    dy = torch.randn(n, p, generator=gen, device="cuda").to(tdt)
+    in_m = random_mask(n, m // bs, a_in, gen, zero_rows=(2,))
+    out_m = random_mask(n, p // bs, a_out, gen, zero_rows=(3,))
+    wt = w.t().contiguous() if transpose_w else w
+    if misalign:
+        x, wt, dy = unaligned(x), unaligned(wt), unaligned(dy)
+    tag = (f"{dt} bs={bs} n={n} m={m} p={p} in={a_in} out={a_out} T={int(transpose_w)} "
+           f"unaligned={int(misalign)}")
+    xin = x.double() * expand(in_m, bs)
+    ref_y = (xin @ w.double()) * expand(out_m, bs)
+    ref_dw = xin.t() @ (dy.double() * expand(out_m, bs))
+    outs_y, outs_dw = [], []
+    for _ in range(repeat):
+        y = torch.full((n, p), float("nan"), dtype=tdt, device="cuda")
+        dw = torch.full((m, p), float("nan"), dtype=tdt, device="cuda")
+        if misalign:
+            y, dw = unaligned(y), unaligned(dw)
+        rc = lib.forward(dt, x, wt, in_m, out_m, y, n, m, p, bs, transpose_w)
+        rc_g = lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs)
+        torch.cuda.synchronize()
+        outs_y.append(y.clone())
+        outs_dw.append(dw.clone())
+    e = rel_err(outs_y[0], ref_y) if rc == 0 else float("inf")
+    res.check(rc == 0 and e <= TOL[dt], f"sparse_dot fwd {tag} rc={rc} relerr={e:.3g}")
+    e = rel_err(outs_dw[0], ref_dw) if rc_g == 0 else float("inf")
+    res.check(rc_g == 0 and e <= TOL[dt], f"sparse_dot dW  {tag} rc={rc_g} relerr={e:.3g}")
+    if repeat > 1:
+        same = all(torch.equal(o, outs_y[0]) for o in outs_y[1:])
+        same_dw = all(torch.equal(o, outs_dw[0]) for o in outs_dw[1:])
+        res.check(same and same_dw, f"sparse_dot bitwise determinism {tag}")
+
+
+# m, p per block size: ragged tile columns for bs < 16, several tiles everywhere.
+SHAPES = {1: (37, 45), 8: (24, 40), 16: (48, 80), 32: (96, 160), 64: (192, 128)}
+
+
+def correctness(lib, res, quick=False):
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(4321)
+    fractions = [(0.5, 0.5), (1.0, 0.3), (0.3, 1.0), (1.0, 1.0), (0.0, 0.7), (0.6, 0.0)]
+    dts = ["bfloat16", "float32"] if quick else list(DTYPES)
+    ns = [7, 130] if quick else [1, 7, 64, 130]
+    for dt in dts:
+        for bs, (m, p) in SHAPES.items():
+            for n in ns:
+                for a_in, a_out in (fractions[:2] if quick else fractions):
+                    check_case(lib, res, dt, bs, n, m, p, a_in, a_out, gen)
+            check_case(lib, res, dt, bs, 33, m, p, 0.5, 0.5, gen, transpose_w=True)
+            if dt != "float32" and not quick:
+                check_case(lib, res, dt, bs, 33, m, p, 0.5, 0.5, gen, misalign=True)
+                check_case(lib, res, dt, bs, 33, m, p, 0.5, 0.5, gen, transpose_w=True,
+                           misalign=True)
+    if quick:
+        return
+    # Longer products: many input tiles (more than one chunk of 1024 at bs 1), many examples.
+    check_case(lib, res, "float32", 1, 3, 16 * 1100, 16, 0.5, 0.5, gen)
+    check_case(lib, res, "bfloat16", 32, 1000, 1024, 512, 0.2, 0.3, gen, repeat=3)
+    check_case(lib, res, "float32", 64, 777, 512, 1024, 0.4, 0.2, gen, transpose_w=True, repeat=3)
+    check_case(lib, res, "float16", 16, 513, 4096, 256, 0.1, 0.5, gen, repeat=3)
+    validation(lib, res)
+
+
+def validation(lib, res):
+    dt, tdt = "float32", torch.float32
+    x = torch.ones(4, 32, device="cuda", dtype=tdt)
+    w = torch.ones(32, 32, device="cuda", dtype=tdt)
+    y = torch.zeros(4, 32, device="cuda", dtype=tdt)
+    mk = torch.ones(4, 1, device="cuda")
+    bad = {
+        "block size 3": dict(bs=3),
+        "bs not dividing m": dict(m=40),
+        "negative n": dict(n=-1),
+        "workspace too small": dict(ws_bytes=16),
+    }
+    for what, kw in bad.items():
+        args = dict(n=4, m=32, p=32, bs=32)
+        args.update(kw)
+        ws_bytes = args.pop("ws_bytes", None)
+        rc = lib.forward(dt, x, w, mk, mk, y, args["n"], args["m"], args["p"], args["bs"],
+                         ws_bytes=ws_bytes)
+        res.check(rc != 0, f"sparse_dot rejects {what} (rc={rc})")
+    torch.cuda.synchronize()
+    # Empty cases: n = 0 writes nothing; m = 0 gives zeros; dW with n = 0 gives zeros.
+    y.fill_(float("nan"))
+    rc = lib.forward(dt, None, None, None, mk, y, 4, 0, 32, 32)
+    torch.cuda.synchronize()
+    res.check(rc == 0 and bool((y == 0).all()), f"sparse_dot m=0 gives zeros (rc={rc})")
+    dw = torch.full((32, 32), float("nan"), device="cuda")
+    rc = lib.grad_w(dt, None, None, None, None, dw, 0, 32, 32, 32)
+    torch.cuda.synchronize()
+    res.check(rc == 0 and bool((dw == 0).all()), f"sparse_dot dW n=0 gives zeros (rc={rc})")
+
+
+def benchmark(lib, res, out_md, quick=False):
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(99)
+    rows = []
+    cases = [(1024, 4096, 4096), (4096, 4096, 4096)]
+    fractions = [(1.0, 0.1), (0.1, 0.1), (0.25, 0.25), (0.5, 0.5), (1.0, 0.5), (1.0, 1.0)]
+    for dt in (["bfloat16"] if quick else ["bfloat16", "float32"]):
+        tdt = DTYPES[dt][1]
+        for n, m, p in (cases[:1] if quick else cases):
+            x = torch.randn(n, m, generator=gen, device="cuda").to(tdt)
+            w = torch.randn(m, p, generator=gen, device="cuda").to(tdt)
+            wt = w.t().contiguous()
+            dy = torch.randn(n, p, generator=gen, device="cuda").to(tdt)
+            t_dense = bench(lambda: torch.matmul(x, w))
+            for bs in ([32] if quick else [16, 32, 64]):
+                for a_in, a_out in fractions:
+                    in_m = random_mask(n, m // bs, a_in, gen)
+                    out_m = random_mask(n, p // bs, a_out, gen)
+                    y = torch.empty(n, p, dtype=tdt, device="cuda")
+                    dx = torch.empty(n, m, dtype=tdt, device="cuda")
+                    dw = torch.empty(m, p, dtype=tdt, device="cuda")
+                    rcs = [lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs),
+                           lib.forward(dt, dy, wt, out_m, in_m, dx, n, p, m, bs, True),
+                           lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs)]
+                    res.check(rcs == [0, 0, 0], f"bench launches {dt} n={n} bs={bs} rc={rcs}")
+                    t_f = bench(lambda: lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs))
+                    t_x = bench(lambda: lib.forward(dt, dy, wt, out_m, in_m, dx, n, p, m, bs, True))
+                    t_w = bench(lambda: lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs))
+                    # Spot check of the timed forward.
+                    ref = (x.double() * expand(in_m, bs)) @ w.double() * expand(out_m, bs)
+                    e = rel_err(y, ref)
+                    res.check(e <= TOL[dt], f"bench spot check {dt} n={n} bs={bs} "
+                              f"in={a_in} out={a_out} relerr={e:.3g}")
+                    r = dict(dt=dt, n=n, m=m, p=p, bs=bs, a_in=a_in, a_out=a_out, dense=t_dense,
+                             fwd=t_f, dx=t_x, dw=t_w,
+                             target=min(10.0, 0.7 / (a_in * a_out)))
+                    rows.append(r)
+                    print(f"{dt:8s} {n}x{m}x{p} bs={bs:2d} in={a_in:4.2f} out={a_out:4.2f} "
+                          f"dense {t_dense:.4f} ms | fwd {t_f:.4f} (x{t_dense / t_f:.2f}) "
+                          f"dx {t_x:.4f} (x{t_dense / t_x:.2f}) dW {t_w:.4f} (x{t_dense / t_w:.2f})"
+                          f" | target x{r['target']:.1f}", flush=True)
+    lines = [
+        "| dtype | n x m x p | bs | active in | active out | dense ms | fwd ms | fwd x dense |"
+        " dx x dense | dW x dense | fwd+dx+dW x dense | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        train = 3 * r["dense"] / (r["fwd"] + r["dx"] + r["dw"])
+        lines.append(
+            f"| {r['dt']} | {r['n']}x{r['m']}x{r['p']} | {r['bs']} | {r['a_in']:.0%} | "
+            f"{r['a_out']:.0%} | {r['dense']:.4f} | {r['fwd']:.4f} | {r['dense'] / r['fwd']:.2f} | "
+            f"{r['dense'] / r['dx']:.2f} | {r['dense'] / r['dw']:.2f} | {train:.2f} | "
+            f"{r['target']:.1f} |")
+    md = (f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"{datetime.date.today().isoformat()}\n\n" + "\n".join(lines) + "\n")
+    if out_md:
+        with open(out_md, "w") as f:
+            f.write(md)
+    return md
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lib", default=os.path.join(ROOT, "build", "libbsmm_gpu.so"))
+    ap.add_argument("--correctness", action="store_true")
+    ap.add_argument("--check", action="store_true", help="small subset for compute-sanitizer")
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out-md", default=None)
+    args = ap.parse_args()
+    lib = SparseDotLib(args.lib)
+    res = Results()
+    if args.check:
+        correctness(lib, res, quick=True)
+    if args.correctness:
+        correctness(lib, res, quick=args.quick)
+    print(f"sparse_dot checks: {res.passed} passed, {len(res.failed)} failed", flush=True)
+    if args.bench:
+        print(benchmark(lib, res, args.out_md, quick=args.quick))
+    if res.failed:
+        print("FAILED:\n  " + "\n  ".join(res.failed[:50]))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

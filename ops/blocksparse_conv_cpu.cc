@@ -36,12 +36,13 @@ constexpr int64_t kBlocksForWholeTaps = 16;
 
 // The gathered product shared by the forward pass and the input gradient: for every output
 // pixel o (in the order pixel_at gives) and output block column k,
-//   out[o, k-block] = sum over taps t, blocks (c, k) of in[source(o, t), c-block] . w[block, t]
-// where source(o, t) < 0 reads zeros.  `layout` is indexed by output block columns.
-template <typename PixelAt, typename Source>
+//   out[o, k-block] = sum over taps t, blocks (c, k) of in[s_t, c-block] . w[block, t]
+// where sources(o, s) writes s_t for every tap, < 0 for zeros.  `layout` is indexed by output
+// block columns.
+template <typename PixelAt, typename Sources>
 bool GatheredConv(const float* in, int64_t in_features, const float* w, float* out,
                   int64_t out_pixels, int64_t taps, const BlockLayout& layout,
-                  const PixelAt& pixel_at, const Source& source, const ParallelFor& parallel_for,
+                  const PixelAt& pixel_at, const Sources& sources, const ParallelFor& parallel_for,
                   const ScratchAllocator& scratch) {
   if (out_pixels == 0) return true;
   const ConvKernels& kernels = BestConvKernels();
@@ -62,6 +63,7 @@ bool GatheredConv(const float* in, int64_t in_features, const float* w, float* o
 
   parallel_for(groups * ranges, cost, [&](int64_t begin, int64_t end) {
     std::vector<const float*> in_rows(taps * tile);
+    std::vector<int64_t> source(tile * taps);
     std::vector<int32_t> tap_ids(taps);
     std::vector<float*> out_base(tile), out_rows(tile);
     for (int64_t task = begin; task < end; ++task) {
@@ -71,9 +73,15 @@ bool GatheredConv(const float* in, int64_t in_features, const float* w, float* o
       for (int64_t t = g * tiles_per_group; t < t_end; ++t) {
         const int64_t valid = std::min(tile, out_pixels - t * tile);
         for (int64_t m = 0; m < tile; ++m) {
-          // Rows past the end repeat a real pixel; the kernel never stores them.
+          // Rows past the end repeat a real pixel's output row but read only zeros; the
+          // kernel never stores them.
           const int64_t o = pixel_at(t * tile + std::min(m, valid - 1));
           out_base[m] = out + o * out_features;
+          if (m < valid) {
+            sources(o, source.data() + m * taps);
+          } else {
+            std::fill_n(source.data() + m * taps, taps, -1);
+          }
         }
         // The taps that reach the input for at least one pixel of the tile; the others would
         // only add zeros.
@@ -82,7 +90,7 @@ bool GatheredConv(const float* in, int64_t in_features, const float* w, float* o
           const float** rows = in_rows.data() + tap_count * tile;
           bool any = false;
           for (int64_t m = 0; m < tile; ++m) {
-            const int64_t s = m < valid ? source(pixel_at(t * tile + m), tap) : -1;
+            const int64_t s = source[m * taps + tap];
             rows[m] = s < 0 ? zeros : in + s * in_features;
             any |= s >= 0;
           }
@@ -146,18 +154,23 @@ bool BlocksparseConv2DCpu(const float* x, const float* w, float* y, const ConvGe
                           const BlockLayout& layout, const ParallelFor& parallel_for,
                           const ScratchAllocator& scratch) {
   const auto identity = [](int64_t o) { return o; };
-  // Output pixel o through tap t reads the input pixel at its stride position plus the tap's
-  // dilated offset, less the padding.
-  const auto source = [&g](int64_t o, int64_t tap) -> int64_t {
+  // Output pixel o through tap (i, j) reads the input pixel at its stride position plus the
+  // tap's dilated offset, less the padding.
+  const auto sources = [&g](int64_t o, int64_t* source) {
     const int64_t q = o % g.out_width, rest = o / g.out_width;
     const int64_t p = rest % g.out_height, n = rest / g.out_height;
-    const int64_t h = p * g.stride_h + (tap / g.kernel_width) * g.dilation_h - g.pad_top;
-    const int64_t v = q * g.stride_w + (tap % g.kernel_width) * g.dilation_w - g.pad_left;
-    if (h < 0 || h >= g.in_height || v < 0 || v >= g.in_width) return -1;
-    return PixelIndex(n, h, v, g.in_height, g.in_width);
+    for (int64_t i = 0; i < g.kernel_height; ++i) {
+      const int64_t h = p * g.stride_h + i * g.dilation_h - g.pad_top;
+      const bool row_inside = h >= 0 && h < g.in_height;
+      for (int64_t j = 0; j < g.kernel_width; ++j) {
+        const int64_t v = q * g.stride_w + j * g.dilation_w - g.pad_left;
+        const bool inside = row_inside && v >= 0 && v < g.in_width;
+        *source++ = inside ? PixelIndex(n, h, v, g.in_height, g.in_width) : -1;
+      }
+    }
   };
   return GatheredConv(x, layout.CB * layout.block_size, w, y, g.out_pixels(), g.taps(), layout,
-                      identity, source, parallel_for, scratch);
+                      identity, sources, parallel_for, scratch);
 }
 
 bool BlocksparseConv2DGradInputCpu(const float* dy, const float* w, float* dx,
@@ -182,20 +195,25 @@ bool BlocksparseConv2DGradInputCpu(const float* dy, const float* w, float* dx,
     }
     return row * width + residue + r * sw;
   };
-  // Input pixel (n, h, v) received tap t from output pixel (p, q) where
+  // Input pixel (n, h, v) received tap (i, j) from output pixel (p, q) where
   // p * stride_h + i * dilation_h - pad_top = h, and likewise for q, if that pixel exists.
-  const auto source = [&g](int64_t pixel, int64_t tap) -> int64_t {
+  const auto position = [](int64_t shifted, int64_t stride, int64_t size) -> int64_t {
+    if (shifted < 0 || shifted % stride) return -1;
+    return shifted / stride < size ? shifted / stride : -1;
+  };
+  const auto sources = [&g, &position](int64_t pixel, int64_t* source) {
     const int64_t v = pixel % g.in_width, rest = pixel / g.in_width;
     const int64_t h = rest % g.in_height, n = rest / g.in_height;
-    const int64_t ph = h + g.pad_top - (tap / g.kernel_width) * g.dilation_h;
-    const int64_t qw = v + g.pad_left - (tap % g.kernel_width) * g.dilation_w;
-    if (ph < 0 || qw < 0 || ph % g.stride_h || qw % g.stride_w) return -1;
-    const int64_t p = ph / g.stride_h, q = qw / g.stride_w;
-    if (p >= g.out_height || q >= g.out_width) return -1;
-    return PixelIndex(n, p, q, g.out_height, g.out_width);
+    for (int64_t i = 0; i < g.kernel_height; ++i) {
+      const int64_t p = position(h + g.pad_top - i * g.dilation_h, g.stride_h, g.out_height);
+      for (int64_t j = 0; j < g.kernel_width; ++j) {
+        const int64_t q = position(v + g.pad_left - j * g.dilation_w, g.stride_w, g.out_width);
+        *source++ = p >= 0 && q >= 0 ? PixelIndex(n, p, q, g.out_height, g.out_width) : -1;
+      }
+    }
   };
   return GatheredConv(dy, layout.KB * bs, w_t, dx, g.in_pixels(), taps, TransposedLayout(layout),
-                      by_residue, source, parallel_for, scratch);
+                      by_residue, sources, parallel_for, scratch);
 }
 
 bool BlocksparseConv2DGradKernelCpu(const float* x, const float* dy, float* dw,

@@ -3,10 +3,12 @@
 For an input x (N, H, W, C), a kh x kw kernel, SAME padding and stride 1, it times
     forward           y = conv(x, W)
     forward+backward  y, then dx and dW from an output gradient dy
-for BlockSparseConv2D (random block layouts of exactly the given density, bias off) and for
-tf.nn.conv2d with the dense (kh, kw, C, K) kernel, both inside tf.function, side by side in
-one run, and prints speedups (dense time / ours).  The dense time does not depend on the
-layout, so it is measured once.  The table, machine, date and command go to docs/benchmarks.md.
+for BlockSparseConv2D (random block layouts of exactly the given density, bias off) with both
+implementations, the fused block-sparse convolution ops ("fused") and the im2col +
+BlocksparseMatMul path ("im2col"), and for tf.nn.conv2d with the dense (kh, kw, C, K) kernel,
+all inside tf.function, side by side in one run, and prints speedups (dense time / ours).  The
+dense time does not depend on the layout, so it is measured once.  The table, machine, date and
+command go to docs/benchmarks.md.
 
     python benchmarks/bench_conv.py              # 32 x 32 x 256 -> 256, 3x3, batch 32, bs 16/32
     python benchmarks/bench_conv.py --batch 8    # a smaller batch (faster)
@@ -24,6 +26,8 @@ import tensorflow as tf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from blocksparse_tf.layers.conv import BlockSparseConv2D  # noqa: E402
+
+IMPLEMENTATIONS = ("fused", "im2col")  # rows alternate in this order
 from benchmarks.report import best_time, machine_description, write_section  # noqa: E402
 
 TITLE = "CPU: BlockSparseConv2D against tf.nn.conv2d"
@@ -84,26 +88,36 @@ def main(argv=None):
     dense_bwd = best_time(lambda: [t.numpy() for t in dense_bwd_fn(x, dy)], args.repeats)
     print(f"x ({N}, {S}, {S}, {C}) -> {K} channels, {k}x{k} SAME; tf.nn.conv2d: forward "
           f"{dense_fwd * 1e3:.1f} ms, forward+backward {dense_bwd * 1e3:.1f} ms", flush=True)
-    print(f"{'bs':>3} {'density':>7} {'fwd ms':>8} {'fwd x':>6} {'f+b ms':>8} {'f+b x':>6} {'max err':>8}")
+    print(f"{'bs':>3} {'density':>7} {'impl':>7} {'fwd ms':>8} {'fwd x':>6} {'f+b ms':>8} "
+          f"{'f+b x':>6} {'max err':>8}")
     rows = []
     for bs in args.block_sizes:
         for density in args.densities:
             layout = random_layout(rng, C // bs, K // bs, density)
-            layer = BlockSparseConv2D(K, k, block_size=bs, layout=layout, padding="same",
-                                      use_bias=False)
-            layer.build((None, S, S, C))
-            # The same product through tf.nn.conv2d with the densified kernel: a correctness check.
-            ref = tf.nn.conv2d(x, layer.densified_kernel(), strides=1, padding="SAME")
-            fwd_fn = tf.function(layer)
-            bwd_fn = tf.function(lambda inp, g: forward_backward(layer, inp, layer.kernel, g))
-            err = float(tf.reduce_max(tf.abs(fwd_fn(x) - ref)) / tf.reduce_max(tf.abs(ref)))
-            fwd = best_time(lambda: fwd_fn(x).numpy(), args.repeats)
-            bwd = best_time(lambda: [t.numpy() for t in bwd_fn(x, dy)], args.repeats)
-            row = dict(bs=bs, density=float(layout.mean()), fwd_ms=fwd * 1e3, fwd=dense_fwd / fwd,
-                       bwd_ms=bwd * 1e3, bwd=dense_bwd / bwd, err=err)
-            rows.append(row)
-            print(f"{bs:3d} {row['density']:7.3f} {row['fwd_ms']:8.1f} {row['fwd']:6.2f} "
-                  f"{row['bwd_ms']:8.1f} {row['bwd']:6.2f} {err:8.1e}", flush=True)
+            weights = None
+            for implementation in IMPLEMENTATIONS:
+                layer = BlockSparseConv2D(K, k, block_size=bs, layout=layout, padding="same",
+                                          use_bias=False, implementation=implementation)
+                layer.build((None, S, S, C))
+                if weights is None:
+                    weights = layer.get_weights()
+                    # The same product through tf.nn.conv2d with the densified kernel: a
+                    # correctness check.
+                    ref = tf.nn.conv2d(x, layer.densified_kernel(), strides=1, padding="SAME")
+                layer.set_weights(weights)
+                fwd_fn = tf.function(layer)
+                bwd_fn = tf.function(lambda inp, g, layer=layer:
+                                     forward_backward(layer, inp, layer.kernel, g))
+                err = float(tf.reduce_max(tf.abs(fwd_fn(x) - ref)) / tf.reduce_max(tf.abs(ref)))
+                fwd = best_time(lambda: fwd_fn(x).numpy(), args.repeats)
+                bwd = best_time(lambda: [t.numpy() for t in bwd_fn(x, dy)], args.repeats)
+                row = dict(bs=bs, density=float(layout.mean()), impl=implementation,
+                           fwd_ms=fwd * 1e3, fwd=dense_fwd / fwd, bwd_ms=bwd * 1e3,
+                           bwd=dense_bwd / bwd, err=err)
+                rows.append(row)
+                print(f"{bs:3d} {row['density']:7.3f} {implementation:>7} {row['fwd_ms']:8.1f} "
+                      f"{row['fwd']:6.2f} {row['bwd_ms']:8.1f} {row['bwd']:6.2f} {err:8.1e}",
+                      flush=True)
     if not args.quick:
         given = list(sys.argv[1:] if argv is None else argv)
         if "--out" in given:  # where the report goes is not part of the measurement
@@ -115,18 +129,25 @@ def main(argv=None):
             f"- Date: {datetime.date.today().isoformat()}",
             f"- Command: `{command.strip()}`",
             f"- x ({N}, {S}, {S}, {C}), {k}x{k} kernel, {C} -> {K} channels, stride 1, SAME, float32, "
-            f"no bias; random block layouts with exactly the given fraction of blocks; both sides in "
-            f"`tf.function`; fastest of {args.repeats} runs. Forward+backward = forward, input "
+            f"no bias; random block layouts with exactly the given fraction of blocks; every side in "
+            f"`tf.function`; fastest of {args.repeats} runs. fused = `implementation=\"fused\"` "
+            "(the block-sparse convolution ops, the CPU default); im2col = "
+            "`implementation=\"im2col\"` (tap windows concatenated, one BlocksparseMatMul). "
+            f"Forward+backward = forward, input "
             f"gradient and kernel gradient for a given output gradient. Speedup = tf.nn.conv2d time / "
             f"BlockSparseConv2D time; tf.nn.conv2d (dense kernel): forward {dense_fwd * 1e3:.1f} ms, "
             f"forward+backward {dense_bwd * 1e3:.1f} ms. Relative error: max |ours - tf.nn.conv2d "
             "with the densified kernel| / max |tf.nn.conv2d|.",
             "",
-            "| bs | density | forward ms | forward x | fwd+bwd ms | fwd+bwd x | rel. error |",
-            "|---|---|---|---|---|---|---|",
+            "| bs | density | fused fwd ms | fused fwd x | im2col fwd x | fused fwd+bwd ms | "
+            "fused fwd+bwd x | im2col fwd+bwd x | rel. error (fused / im2col) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        lines += [f"| {r['bs']} | {r['density']:.3f} | {r['fwd_ms']:.1f} | {r['fwd']:.2f} | "
-                  f"{r['bwd_ms']:.1f} | {r['bwd']:.2f} | {r['err']:.1e} |" for r in rows]
+        for fused, im2col in zip(rows[0::2], rows[1::2]):
+            lines.append(f"| {fused['bs']} | {fused['density']:.3f} | {fused['fwd_ms']:.1f} | "
+                         f"{fused['fwd']:.2f} | {im2col['fwd']:.2f} | {fused['bwd_ms']:.1f} | "
+                         f"{fused['bwd']:.2f} | {im2col['bwd']:.2f} | "
+                         f"{fused['err']:.1e} / {im2col['err']:.1e} |")
         os.makedirs(args.out, exist_ok=True)
         write_section(os.path.join(args.out, "benchmarks.md"), TITLE, "\n".join(lines))
         print(f"wrote {os.path.join(args.out, 'benchmarks.md')}")

@@ -303,7 +303,107 @@ void GatheredRowsAccumulate(const float* x, int64_t x_rs, const int32_t* rows, i
   }
 }
 
+// Block-sparse convolution, implicit GEMM: out = sum over taps and the blocks of one output
+// block column of (input pixel rows gathered for that tap) . (the block's weights at that tap).
+// A tile of MR output pixels x one chunk of the block's columns stays in registers across all
+// taps and blocks; the inputs are read in place (NHWC rows), never copied into patches.
+template <int MR>
+struct GatheredTapsOp {
+  template <typename V, int NV>
+  static void Run(const float* const* in_rows, const int32_t* taps, int64_t tap_count,
+                  const int32_t* rows, const int32_t* blocks, int64_t count, const float* w,
+                  int64_t w_block_stride, int64_t bs, float* const* out_rows, int64_t valid) {
+    constexpr int W = Width<V>();
+    constexpr int64_t chunk = W * NV;
+    for (int64_t j0 = 0; j0 < bs; j0 += chunk) {
+      V acc[MR][NV];
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[m][v] = V{};
+      for (int64_t t = 0; t < tap_count; ++t) {
+        const float* const* tap_rows = in_rows + t * MR;
+        const float* w_tap = w + taps[t] * bs * bs + j0;
+        for (int64_t q = 0; q < count; ++q) {
+          const int64_t offset = rows[q] * bs;
+          const float* x_row[MR];
+#pragma GCC unroll 16
+          for (int m = 0; m < MR; ++m) x_row[m] = tap_rows[m] + offset;
+          const float* bp = w_tap + blocks[q] * w_block_stride;
+          for (int64_t p = 0; p < bs; ++p, bp += bs) {
+            V bv[NV];
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) bv[v] = Load<V>(bp + v * W);
+#pragma GCC unroll 16
+            for (int m = 0; m < MR; ++m) {
+              const V av = Splat<V>(x_row[m][p]);
+#pragma GCC unroll 8
+              for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+            }
+          }
+        }
+      }
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        if (m < valid) {
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) Store<V>(out_rows[m] + j0 + v * W, acc[m][v]);
+        }
+      }
+    }
+  }
+};
+
+void GatheredTaps(const float* const* in_rows, const int32_t* taps, int64_t tap_count,
+                  const int32_t* rows, const int32_t* blocks, int64_t count, const float* w,
+                  int64_t w_block_stride, int64_t bs, float* const* out_rows, int64_t valid) {
+  DispatchBlockColumns<GatheredTapsOp<kRowTile>>(bs, in_rows, taps, tap_count, rows, blocks,
+                                                 count, w, w_block_stride, bs, out_rows, valid);
+}
+
+// Segments of image rows as (A, B) pairs of the weight-gradient tile.
+struct SegmentPairs {
+  const float* a_base;
+  const int64_t* a_offsets;
+  const float* b_base;
+  const int64_t* b_offsets;
+  int64_t count;
+  int64_t size() const { return count; }
+  const float* a(int64_t q) const { return a_base + a_offsets[q]; }
+  const float* b(int64_t q) const { return b_base + b_offsets[q]; }
+};
+
+// A = input features of the block row read in place (MR of them per pixel, contiguous in
+// NHWC), B = output-gradient features of the block column, C = MR rows of the block.
+template <int MR>
+struct SegmentOuterSumOp {
+  template <typename V, int NV>
+  static void Run(const float* a, const int64_t* a_offsets, const float* b,
+                  const int64_t* b_offsets, int64_t segments, int64_t P, int64_t a_stride,
+                  int64_t b_stride, int64_t bs, float* out) {
+    constexpr int64_t chunk = Width<V>() * NV;
+    for (int64_t i0 = 0; i0 < bs; i0 += MR)
+      for (int64_t j0 = 0; j0 < bs; j0 += chunk)
+        Tile<MR, NV, V>(SegmentPairs{a + i0, a_offsets, b + j0, b_offsets, segments}, P,
+                        a_stride, b_stride, out + i0 * bs + j0, bs, MR);
+  }
+};
+
+void SegmentOuterSum(const float* a, const int64_t* a_offsets, const float* b,
+                     const int64_t* b_offsets, int64_t segments, int64_t P, int64_t a_stride,
+                     int64_t b_stride, int64_t bs, float* out) {
+  if (bs == 1) {
+    DispatchBlockColumns<SegmentOuterSumOp<1>>(1, a, a_offsets, b, b_offsets, segments, P,
+                                               a_stride, b_stride, bs, out);
+  } else {  // block sizes 8..64 are multiples of kGradRows
+    DispatchBlockColumns<SegmentOuterSumOp<kGradRows>>(bs, a, a_offsets, b, b_offsets, segments,
+                                                       P, a_stride, b_stride, bs, out);
+  }
+}
+
 }  // namespace
+
+extern const ConvKernels kConvKernels = {kRowTile, GatheredTaps, SegmentOuterSum};
 
 #define BSMM_STRINGIFY2(s) #s
 #define BSMM_STRINGIFY(s) BSMM_STRINGIFY2(s)

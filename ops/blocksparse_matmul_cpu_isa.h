@@ -48,12 +48,36 @@ struct CpuKernels {
                  const LayoutView* layout, int64_t q);
 };
 
+// The micro-kernels of the block-sparse convolution (ops/blocksparse_conv_cpu.cc).
+struct ConvKernels {
+  // Pixels (rows of the output) one gathered_taps call computes.
+  int pixel_tile;
+  // For m < valid, out_rows[m][0:bs) = sum over taps t < tap_count, blocks q < count, p < bs of
+  //   in_rows[t * pixel_tile + m][rows[q] * bs + p] * w[blocks[q] * w_block_stride + taps[t] * bs * bs + p * bs + :],
+  // summed in that order (t, then q, then p) and stored, not accumulated.  in_rows holds
+  // pixel_tile pointers per tap: the input pixel feeding row m through that tap, or a zero
+  // row as long as the input's features where none does.  Accumulates in registers.
+  void (*gathered_taps)(const float* const* in_rows, const int32_t* taps, int64_t tap_count,
+                        const int32_t* rows, const int32_t* blocks, int64_t count,
+                        const float* w, int64_t w_block_stride, int64_t bs,
+                        float* const* out_rows, int64_t valid);
+  // out (bs x bs, row stride bs) = sum over segments q < segments, p < P of
+  //   a[a_offsets[q] + p * a_stride + i] * b[b_offsets[q] + p * b_stride + j],
+  // in that order, stored.  A segment is a run of pixels of one image row, so a and b are
+  // read with fixed strides inside it.
+  void (*segment_outer_sum)(const float* a, const int64_t* a_offsets, const float* b,
+                            const int64_t* b_offsets, int64_t segments, int64_t P,
+                            int64_t a_stride, int64_t b_stride, int64_t bs, float* out);
+};
+
 // The best kernels this processor runs (chosen once, in blocksparse_matmul_cpu.cc).
 const CpuKernels& BestCpuKernels();
+// The convolution kernels of the same instruction set as BestCpuKernels() (blocksparse_conv_cpu.cc).
+const ConvKernels& BestConvKernels();
 
-namespace avx512 { extern const CpuKernels kKernels; }
-namespace avx2 { extern const CpuKernels kKernels; }
-namespace generic { extern const CpuKernels kKernels; }
+namespace avx512 { extern const CpuKernels kKernels; extern const ConvKernels kConvKernels; }
+namespace avx2 { extern const CpuKernels kKernels; extern const ConvKernels kConvKernels; }
+namespace generic { extern const CpuKernels kKernels; extern const ConvKernels kConvKernels; }
 
 }  // namespace blocksparse
 

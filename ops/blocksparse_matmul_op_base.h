@@ -35,6 +35,19 @@ inline absl::Status CheckAttrs(int64_t block_size, int64_t C, int64_t K, int64_t
   return absl::OkStatus();
 }
 
+// Validates a layout input (blocks, 2) of block coordinates and builds its lookup tables.
+inline absl::Status LayoutFromTensor(const Tensor& t, int64_t CB, int64_t KB, int64_t block_size,
+                                     BlockLayout* layout) {
+  if (t.dims() != 2 || t.dim_size(1) != 2) {
+    return absl::InvalidArgumentError("layout must have shape (blocks, 2); got " +
+                                      t.shape().DebugString());
+  }
+  const std::string error =
+      BuildBlockLayout(t.flat<int32_t>().data(), t.dim_size(0), CB, KB, block_size, layout);
+  if (!error.empty()) return absl::InvalidArgumentError(error);
+  return absl::OkStatus();
+}
+
 // Base of every block-sparse kernel: reads and checks the attributes, checks the layout
 // input and builds its tables, and checks the activations' shapes.
 class BlocksparseOpBase : public OpKernel {
@@ -50,15 +63,7 @@ class BlocksparseOpBase : public OpKernel {
  protected:
   // Validates the layout input and builds its lookup tables.
   absl::Status BuildLayout(const Tensor& t, BlockLayout* layout) const {
-    if (t.dims() != 2 || t.dim_size(1) != 2) {
-      return absl::InvalidArgumentError("layout must have shape (blocks, 2); got " +
-                                        t.shape().DebugString());
-    }
-    const std::string error = BuildBlockLayout(t.flat<int32_t>().data(), t.dim_size(0),
-                                               C_ / block_size_, K_ / block_size_, block_size_,
-                                               layout);
-    if (!error.empty()) return absl::InvalidArgumentError(error);
-    return absl::OkStatus();
+    return LayoutFromTensor(t, C_ / block_size_, K_ / block_size_, block_size_, layout);
   }
 
   // Number of feature vectors N in x, after checking its feature dimension equals `features`.

@@ -4,12 +4,19 @@ Input-channel blocks connect to output-channel blocks through a block-sparse lay
 :class:`~blocksparse_tf.layers.BlockSparseDense`); spatially the layer is an ordinary
 convolution (NHWC, strides, SAME/VALID padding, dilation).
 
-The input is padded the way ``tf.nn.conv2d`` pads it; the strided, dilated windows of the
-kh * kw kernel taps, each (B, Ho, Wo, C), are concatenated along channels (tap-major) and go
-through one block-sparse product whose layout is the channel layout repeated once per tap
-(an im2col with block-sparse weights).  Forward pass, input gradient and kernel gradient are
-one block-sparse product each, proportional to the nonzero blocks, summed in a fixed order
-(deterministic).
+Two implementations compute the same function (``implementation``):
+
+- ``"fused"``: the block-sparse convolution ops of :mod:`blocksparse_tf.conv` (CPU), an
+  implicit GEMM that reads the input pixels in place for every tap; no patch tensor is built,
+  and forward pass, input gradient and kernel gradient cost time proportional to the nonzero
+  blocks.
+- ``"im2col"``: the input is padded the way ``tf.nn.conv2d`` pads it; the strided, dilated
+  windows of the kh * kw kernel taps, each (B, Ho, Wo, C), are concatenated along channels
+  (tap-major) and go through one block-sparse product whose layout is the channel layout
+  repeated once per tap.  It runs wherever ``BlocksparseMatMul`` has a kernel (GPUs too).
+
+``"auto"`` (default) picks ``"fused"`` when TensorFlow sees no GPU, else ``"im2col"``.  Both
+sum in a fixed order (deterministic).
 """
 
 import keras
@@ -17,12 +24,15 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from blocksparse_tf import conv as conv_ops
 from blocksparse_tf.layers import _checks, _init, _layout
 from blocksparse_tf.matmul import BlocksparseMatMul
 
 #: Density of the default layout (a bipartite small world, as for ``BlockSparseDense``).
 DEFAULT_DENSITY = 0.125
 CONV_BLOCK_INITIALIZERS = _init.BLOCK_INITIALIZERS
+#: Values of BlockSparseConv2D's ``implementation`` argument.
+IMPLEMENTATIONS = ("auto", "fused", "im2col")
 
 
 def _pair(value, what):
@@ -42,15 +52,6 @@ def conv_output_size(size, kernel, stride, dilation, padding):
     if padding == "same":
         return -(-size // stride)
     return max(-(-(size - effective + 1) // stride), 0)
-
-
-def _same_padding(size, kernel, stride, dilation):
-    """(before, after) padding of SAME for one dimension; ``size`` an int or a scalar tensor."""
-    effective = (kernel - 1) * dilation + 1
-    out = (size + stride - 1) // stride
-    total = (out - 1) * stride + effective - size
-    total = max(total, 0) if isinstance(total, int) else tf.maximum(total, 0)
-    return total // 2, total - total // 2
 
 
 def conv_block_initializer(name, coords, CB, KB, bs, taps):
@@ -124,6 +125,9 @@ class BlockSparseConv2D(keras.layers.Layer):
         with the 5-D kernel shape (Keras then miscounts the fans).
     bias_initializer, kernel_regularizer, bias_regularizer, kernel_constraint,
     bias_constraint : as in ``keras.layers.Conv2D``.
+    implementation : {"auto", "fused", "im2col"}
+        How the convolution is computed (module docstring); the results agree to rounding.
+        ``"fused"`` runs on CPU only.  Default ``"auto"``: fused when TensorFlow sees no GPU.
 
     Weights: ``kernel`` of shape (blocks, kh, kw, bs, bs) (block order as in
     ``BlocksparseMatMul``, ``layer.bsmm``), ``bias`` (filters,).  Parameters:
@@ -134,7 +138,7 @@ class BlockSparseConv2D(keras.layers.Layer):
                  padding="valid", dilation_rate=1, activation=None, use_bias=True,
                  kernel_initializer="block_glorot_uniform", bias_initializer="zeros",
                  kernel_regularizer=None, bias_regularizer=None, kernel_constraint=None,
-                 bias_constraint=None, **kwargs):
+                 bias_constraint=None, implementation="auto", **kwargs):
         super().__init__(**kwargs)
         self.filters, self.block_size = _checks.width_in_blocks(filters, block_size, "filters")
         self.kernel_size = _pair(kernel_size, "kernel_size")
@@ -155,6 +159,10 @@ class BlockSparseConv2D(keras.layers.Layer):
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; "
+                             f"got {implementation!r}")
+        self.implementation = implementation
         self.bsmm = None
         self._taps_bsmm = None
 
@@ -200,38 +208,56 @@ class BlockSparseConv2D(keras.layers.Layer):
                                         constraint=self.bias_constraint)
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: C})
 
-    def _pad(self, x):
-        """x padded as tf.nn.conv2d pads it, and the output size (Ho, Wo) (ints or tensors)."""
+    def _padding(self, x):
+        """Padding (before, after) per spatial dimension and the output size (Ho, Wo), each an
+        int where the input size is static (stride 1 SAME pads the same for every size), else
+        a scalar tensor."""
         static = x.shape
         dynamic = tf.shape(x)
-        sizes = [static[d] if static[d] is not None else dynamic[d] for d in (1, 2)]
-        out, pads = [], [[0, 0]]
-        for size, k, s, d in zip(sizes, self.kernel_size, self.strides, self.dilation_rate):
-            effective = (k - 1) * d + 1
-            if self.padding == "same":
-                before, after = _same_padding(size, k, s, d)
-                padded = size + before + after
+        pads, out = [], []
+        for d, k, s, dil in zip((1, 2), self.kernel_size, self.strides, self.dilation_rate):
+            size = static[d]
+            if size is None and (self.padding == "valid" or s == 1):
+                pads.append(conv_ops.conv_padding(1, k, s, dil, self.padding))
             else:
-                before = after = 0
-                padded = size
-            o = (padded - effective) // s + 1
+                pads.append(conv_ops.conv_padding(size if size is not None else dynamic[d], k, s,
+                                                  dil, self.padding))
+            padded = (size if size is not None else dynamic[d]) + sum(pads[-1])
+            o = (padded - ((k - 1) * dil + 1)) // s + 1
             if isinstance(o, int) and o < 1:
                 raise ValueError(f"input of spatial shape {tuple(static[1:3])} is smaller than "
                                  f"the dilated kernel {self.kernel_size} (dilation "
                                  f"{self.dilation_rate}) with padding 'valid'")
             out.append(o)
-            pads.append([before, after])
-        pads.append([0, 0])
-        if self.padding == "same" and any(
-                not isinstance(p, int) or p for pair in pads for p in pair):
-            x = tf.pad(x, pads)
-        return x, out
+        return pads, out
 
-    def call(self, inputs):
-        dtype = self.compute_dtype
-        x = tf.cast(inputs, dtype)
-        kernel = tf.cast(self.kernel, dtype)
-        x, (Ho, Wo) = self._pad(x)
+    @staticmethod
+    def _pad(x, pads):
+        """x padded by the (before, after) amounts of both spatial dimensions (where nonzero)."""
+        if all(isinstance(p, int) and p == 0 for pair in pads for p in pair):
+            return x
+        return tf.pad(x, [[0, 0], list(pads[0]), list(pads[1]), [0, 0]])
+
+    def uses_fused_ops(self):
+        """Whether call() runs the fused block-sparse convolution ops (see ``implementation``)."""
+        if self.implementation == "auto":
+            return not tf.config.list_logical_devices("GPU")
+        return self.implementation == "fused"
+
+    def _call_fused(self, x, kernel):
+        pads, _ = self._padding(x)
+        if not all(isinstance(p, int) for pair in pads for p in pair):
+            # SAME with a stride pads by amounts that depend on a size unknown until run time:
+            # tf.pad applies them, the op pads nothing more.
+            x, pads = self._pad(x, pads), [(0, 0), (0, 0)]
+        return conv_ops.blocksparse_conv2d(
+            x, kernel, tf.constant(self.bsmm.coords, tf.int32), self.block_size, self.bsmm.C,
+            self.bsmm.K, strides=self.strides, dilations=self.dilation_rate,
+            padding=[*pads[0], *pads[1]])
+
+    def _call_im2col(self, x, kernel):
+        pads, (Ho, Wo) = self._padding(x)
+        x = self._pad(x, pads)
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.strides, self.dilation_rate
         windows = [x[:, i * dh:i * dh + (Ho - 1) * sh + 1:sh, j * dw:j * dw + (Wo - 1) * sw + 1:sw, :]
                    for i in range(kh) for j in range(kw)]
@@ -239,7 +265,16 @@ class BlockSparseConv2D(keras.layers.Layer):
         # (blocks, kh, kw, bs, bs) -> tap-major (kh * kw * blocks, bs, bs), the order of _taps_bsmm.
         tap_kernel = tf.reshape(tf.transpose(kernel, [1, 2, 0, 3, 4]),
                                 (-1, self.block_size, self.block_size))
-        y = self._taps_bsmm(patches, tap_kernel)
+        return self._taps_bsmm(patches, tap_kernel)
+
+    def call(self, inputs):
+        dtype = self.compute_dtype
+        x = tf.cast(inputs, dtype)
+        kernel = tf.cast(self.kernel, dtype)
+        if self.uses_fused_ops():
+            y = self._call_fused(x, kernel)
+        else:
+            y = self._call_im2col(x, kernel)
         if self.bias is not None:
             y = y + tf.cast(self.bias, dtype)
         if self.activation is not None:
@@ -285,5 +320,6 @@ class BlockSparseConv2D(keras.layers.Layer):
             "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
             "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
             "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+            "implementation": self.implementation,
         })
         return config

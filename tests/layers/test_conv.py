@@ -79,11 +79,15 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("implementation", ["fused", "im2col"])
 @pytest.mark.parametrize("bs,C,filters,layout,kernel,strides,padding,dilation", CASES)
-def test_matches_conv2d_float64(bs, C, filters, layout, kernel, strides, padding, dilation):
+def test_matches_conv2d_float64(bs, C, filters, layout, kernel, strides, padding, dilation,
+                                implementation):
     rng = np.random.default_rng(0)
     layer = BlockSparseConv2D(filters, kernel, block_size=bs, layout=layout, strides=strides,
-                              padding=padding, dilation_rate=dilation)
+                              padding=padding, dilation_rate=dilation,
+                              implementation=implementation)
+    assert layer.uses_fused_ops() == (implementation == "fused")
     x = rng.standard_normal((2, 7, 9, C)).astype(np.float32)
     layer.build(x.shape)
     _random_weights(layer, rng)
@@ -205,6 +209,7 @@ def test_fit_reduces_loss():
     (dict(strides=2, dilation_rate=2), "dilation"),
     (dict(layout=np.ones((3, 3))), "block columns"),
     (dict(kernel_initializer="no_such_initializer"), "kernel_initializer"),
+    (dict(implementation="direct"), "implementation"),
 ])
 def test_bad_arguments_raise(kwargs, match):
     args = dict(filters=16, kernel_size=3, block_size=8, layout=None)
@@ -223,3 +228,51 @@ def test_bad_inputs_raise():
     layer = BlockSparseConv2D(16, 5, block_size=8, dilation_rate=2)
     with pytest.raises(ValueError, match="smaller than"):
         layer(np.zeros((1, 7, 9, 8), np.float32))
+
+
+def test_auto_implementation_is_fused_on_cpu():
+    layer = BlockSparseConv2D(16, 3, block_size=8)
+    assert layer.implementation == "auto"
+    assert layer.uses_fused_ops() == (not tf.config.list_logical_devices("GPU"))
+
+
+@pytest.mark.parametrize("strides,padding", [(1, "same"), (2, "same"), (2, "valid")])
+def test_fused_and_im2col_agree_with_dynamic_shapes(strides, padding):
+    """Both paths, traced with unknown spatial sizes (SAME with a stride then pads at run time)."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 11, 8, 24)).astype(np.float32)
+    weights = [rng.standard_normal((2, 3, 3, 8, 8)).astype(np.float32),
+               rng.standard_normal(16).astype(np.float32)]
+    results = {}
+    for implementation in ("fused", "im2col"):
+        layer = BlockSparseConv2D(16, 3, block_size=8, layout=HOLEY, strides=strides,
+                                  padding=padding, implementation=implementation)
+        layer.build(x.shape)
+        layer.set_weights(weights)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 24])])
+        def grads(inp, layer=layer):
+            with tf.GradientTape() as tape:
+                tape.watch(inp)
+                y = layer(inp)
+                loss = tf.reduce_sum(y * tf.cos(y))
+            return [y] + tape.gradient(loss, [inp] + layer.trainable_weights)
+
+        results[implementation] = [t.numpy() for t in grads(x)]
+    for a, b in zip(results["fused"], results["im2col"]):
+        _close(a, b)
+
+
+def test_config_keeps_implementation_and_old_configs_load():
+    layer = BlockSparseConv2D(16, 3, block_size=8, layout=HOLEY, implementation="im2col")
+    layer.build((None, 5, 5, 24))
+    config = json.loads(json.dumps(layer.get_config()))
+    assert config["implementation"] == "im2col"
+    assert BlockSparseConv2D.from_config(config).implementation == "im2col"
+    del config["implementation"]  # saved before the argument existed
+    old = BlockSparseConv2D.from_config(config)
+    assert old.implementation == "auto"
+    old.build((None, 5, 5, 24))
+    old.set_weights(layer.get_weights())
+    x = np.random.default_rng(7).standard_normal((1, 5, 5, 24)).astype(np.float32)
+    _close(old(x), layer(x))

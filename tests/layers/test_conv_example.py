@@ -46,7 +46,9 @@ def test_benchmark_writes_its_section(tmp_path):
     rows = bench_conv.main(["--batch", "2", "--size", "6", "--channels", "32", "32",
                             "--block-sizes", "16", "--densities", "0.25", "1.0",
                             "--repeats", "1", "--out", str(tmp_path)])
-    assert len(rows) == 2 and all(r["fwd"] > 0 and r["bwd"] > 0 for r in rows)
+    # One row per layout and implementation.
+    assert len(rows) == 4 and all(r["fwd"] > 0 and r["bwd"] > 0 for r in rows)
+    assert [r["impl"] for r in rows] == ["fused", "im2col"] * 2
     assert all(r["err"] < 1e-4 for r in rows)  # matches tf.nn.conv2d with the densified kernel
     report = (tmp_path / "benchmarks.md").read_text()
     assert report.count(f"## {bench_conv.TITLE}") == 1 and "## Other section" in report
@@ -62,4 +64,4 @@ def test_benchmark_writes_its_section(tmp_path):
 
 def test_benchmark_quick_writes_nothing(tmp_path):
     rows = bench_conv.main(["--quick", "--out", str(tmp_path)])
-    assert len(rows) == 2 and not os.listdir(tmp_path)
+    assert len(rows) == 4 and not os.listdir(tmp_path)  # 2 layouts x 2 implementations

@@ -1,0 +1,161 @@
+"""Block-sparse 2-D convolution ops (CPU, NHWC) and their gradients.
+
+The kernel W (kh, kw, C, K) has one block-sparse channel layout at every tap and is stored as
+``w`` (blocks, kh, kw, bs, bs): ``w[b, i, j]`` is block b of tap (i, j), block b sitting at
+``layout[b] = (c, k)``.  The ops compute the convolution as an implicit GEMM: every output
+pixel tile sums (input pixel rows shifted by each tap) . (the tap's block) in registers, reading
+the input in place, so neither the forward pass nor the gradients build a patch tensor, and
+the work and the parameters are proportional to the stored blocks.  Padding is explicit,
+``(top, bottom, left, right)``; :func:`conv_padding` gives the amounts of SAME and VALID.
+
+The kernels are CPU only; ``blocksparse_tf.layers.BlockSparseConv2D`` falls back to an im2col
+and ``BlocksparseMatMul`` elsewhere.  Results are bitwise deterministic.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from blocksparse_tf._ops import ops
+from blocksparse_tf.matmul import BLOCK_SIZES, FLOAT_DTYPES
+
+
+def conv_padding(size, kernel, stride, dilation, padding):
+    """(before, after) padding of one spatial dimension as tf.nn.conv2d pads it.
+
+    ``padding`` is "same" or "valid"; SAME puts the odd extra row or column after.  ``size``
+    is an int, or a scalar tensor (then the amounts are tensors).
+    """
+    if padding == "valid":
+        return 0, 0
+    if padding != "same":
+        raise ValueError(f"padding must be 'same' or 'valid'; got {padding!r}")
+    effective = (kernel - 1) * dilation + 1
+    out = (size + stride - 1) // stride
+    total = (out - 1) * stride + effective - size
+    total = max(total, 0) if isinstance(total, int) else tf.maximum(total, 0)
+    return total // 2, total - total // 2
+
+
+def _int_list(values, length, least, what):
+    values = list(values) if isinstance(values, (tuple, list, np.ndarray)) else None
+    if (values is None or len(values) != length or
+            not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= least
+                    for v in values)):
+        raise ValueError(f"{what} must be {length} integers >= {least}; got {values!r}")
+    return [int(v) for v in values]
+
+
+def _check_attrs(block_size, C, K, strides, dilations, padding):
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
+    for name, value in (("C", C), ("K", K)):
+        if not isinstance(value, (int, np.integer)) or value < 1 or value % block_size:
+            raise ValueError(f"{name} must be a positive multiple of block_size={block_size}; "
+                             f"got {value!r}")
+    return dict(block_size=int(block_size), C=int(C), K=int(K),
+                strides=_int_list(strides, 2, 1, "strides"),
+                dilations=_int_list(dilations, 2, 1, "dilations"),
+                padding=_int_list(padding, 4, 0, "padding (top, bottom, left, right)"))
+
+
+def _check_image(t, name, channels):
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16; got {t.dtype.name}")
+    if t.shape.rank is not None and (t.shape.rank != 4 or t.shape[-1] not in (None, channels)):
+        raise ValueError(f"{name} must have shape (batch, height, width, {channels}); "
+                         f"got {t.shape}")
+
+
+def _check_layout(layout):
+    layout = tf.convert_to_tensor(layout, tf.int32)
+    if layout.shape.rank is not None and (layout.shape.rank != 2 or layout.shape[1] not in (None, 2)):
+        raise ValueError(f"layout must have shape (blocks, 2); got {layout.shape}")
+    return layout
+
+
+def _check_kernel(w, x, layout, block_size):
+    if w.dtype != x.dtype:
+        raise ValueError(f"w dtype {w.dtype.name} does not match the images' dtype {x.dtype.name}")
+    expected = [layout.shape[0], None, None, block_size, block_size]
+    if w.shape.rank is not None and (w.shape.rank != 5 or
+                                     not w.shape.is_compatible_with(expected)):
+        raise ValueError(f"w must have shape (blocks={layout.shape[0]}, kh, kw, {block_size}, "
+                         f"{block_size}); got {w.shape}")
+
+
+def blocksparse_conv2d(x, w, layout, block_size, C, K, strides=(1, 1), dilations=(1, 1),
+                       padding=(0, 0, 0, 0)):
+    """y (N, Ho, Wo, K) = the convolution of x (N, H, W, C) with the block-sparse kernel w."""
+    attrs = _check_attrs(block_size, C, K, strides, dilations, padding)
+    x, w = tf.convert_to_tensor(x), tf.convert_to_tensor(w)
+    layout = _check_layout(layout)
+    _check_image(x, "x", attrs["C"])
+    _check_kernel(w, x, layout, attrs["block_size"])
+    return ops().blocksparse_conv2d(x, w, layout, **attrs)
+
+
+def blocksparse_conv2d_grad_input(input_sizes, w, dy, layout, block_size, C, K, strides=(1, 1),
+                                  dilations=(1, 1), padding=(0, 0, 0, 0)):
+    """dx of shape ``input_sizes`` (N, H, W, C) for the output gradient dy (N, Ho, Wo, K)."""
+    attrs = _check_attrs(block_size, C, K, strides, dilations, padding)
+    w, dy = tf.convert_to_tensor(w), tf.convert_to_tensor(dy)
+    layout = _check_layout(layout)
+    _check_image(dy, "dy", attrs["K"])
+    _check_kernel(w, dy, layout, attrs["block_size"])
+    return ops().blocksparse_conv2d_grad_input(tf.cast(input_sizes, tf.int32), w, dy, layout,
+                                               **attrs)
+
+
+def blocksparse_conv2d_grad_kernel(x, dy, layout, kernel_size, block_size, C, K, strides=(1, 1),
+                                   dilations=(1, 1), padding=(0, 0, 0, 0)):
+    """dw (blocks, kh, kw, bs, bs): the kernel gradient at the stored blocks only."""
+    attrs = _check_attrs(block_size, C, K, strides, dilations, padding)
+    x, dy = tf.convert_to_tensor(x), tf.convert_to_tensor(dy)
+    layout = _check_layout(layout)
+    _check_image(x, "x", attrs["C"])
+    _check_image(dy, "dy", attrs["K"])
+    if dy.dtype != x.dtype:
+        raise ValueError(f"dy dtype {dy.dtype.name} does not match x dtype {x.dtype.name}")
+    kernel_size = _int_list(kernel_size, 2, 1, "kernel_size")
+    return ops().blocksparse_conv2d_grad_kernel(x, dy, layout, kernel_size=kernel_size, **attrs)
+
+
+def _attrs(op):
+    return {name: op.get_attr(name)
+            for name in ("block_size", "C", "K", "strides", "dilations", "padding")}
+
+
+def _kernel_size(w):
+    kernel_size = w.shape[1:3].as_list() if w.shape.rank == 5 else [None, None]
+    if None in kernel_size:
+        raise ValueError(f"the gradient of BlocksparseConv2D needs a known kernel size; "
+                         f"w has shape {w.shape}")
+    return kernel_size
+
+
+@tf.RegisterGradient("BlocksparseConv2D")
+def _blocksparse_conv2d_grad(op, dy):
+    x, w, layout = op.inputs
+    a = _attrs(op)
+    dx = ops().blocksparse_conv2d_grad_input(tf.shape(x), w, dy, layout, **a)
+    dw = ops().blocksparse_conv2d_grad_kernel(x, dy, layout, kernel_size=_kernel_size(w), **a)
+    return dx, dw, None
+
+
+# Both gradients are bilinear in their operands, so their own gradients are the three ops again.
+@tf.RegisterGradient("BlocksparseConv2DGradInput")
+def _blocksparse_conv2d_grad_input_grad(op, ddx):
+    _, w, dy, layout = op.inputs
+    a = _attrs(op)
+    dw = ops().blocksparse_conv2d_grad_kernel(ddx, dy, layout, kernel_size=_kernel_size(w), **a)
+    ddy = ops().blocksparse_conv2d(ddx, w, layout, **a)
+    return None, dw, ddy, None
+
+
+@tf.RegisterGradient("BlocksparseConv2DGradKernel")
+def _blocksparse_conv2d_grad_kernel_grad(op, ddw):
+    x, dy, layout = op.inputs
+    a = _attrs(op)
+    dx = ops().blocksparse_conv2d_grad_input(tf.shape(x), ddw, dy, layout, **a)
+    ddy = ops().blocksparse_conv2d(x, ddw, layout, **a)
+    return dx, ddy, None

@@ -9,9 +9,9 @@
 //   SparseDotGradWKernel: one CTA per (input tile i, tile column j) of dw: accumulates
 //     x^T . dy over the examples listed for j, 64 at a time, skipping groups of 64 in which no
 //     example uses input tile i.
-// Operands are staged through registers into two shared-memory buffers (the next step's global
-// loads are in flight while the current one is multiplied), with the masks applied on the way
-// (a masked-off x chunk is never read).  16-bit inputs use mma.sync (m16n8k16); float32 runs on
+// Operands stream through a cp.async pipeline in shared memory (two or three stages), with the
+// masks applied on the way: a masked-off x chunk is zero-filled, never read (masks narrower than
+// a 16-byte chunk are applied element-wise once the chunk has landed).  16-bit inputs use mma.sync (m16n8k16); float32 runs on
 // CUDA cores with a 4-wide register tile per thread.
 #include "ops/sparse_dot_gpu.h"
 
@@ -28,6 +28,9 @@ namespace blocksparse {
 namespace gpu {
 namespace {
 
+using mma_impl::CpAsync16;
+using mma_impl::CpAsyncCommit;
+using mma_impl::CpAsyncWait;
 using mma_impl::FromF;
 using mma_impl::LdMatrixX4;
 using mma_impl::MmaOp;
@@ -195,7 +198,8 @@ struct Cfg {
   static constexpr int kTN = 4;
   static constexpr int kTX = W / kTN, kTY = kThreads / kTX, kTM = kBM / kTY;
   static constexpr int kCLd = W + 4;  // epilogue staging rows (floats)
-  static constexpr int kPipeBytes = 2 * kStageElems * static_cast<int>(sizeof(T));
+  static constexpr int kStages = kMma ? 3 : 2;  // cp.async pipeline depth
+  static constexpr int kPipeBytes = kStages * kStageElems * static_cast<int>(sizeof(T));
   static constexpr int kEpiBytes = kWK * kBM * kCLd * 4;
   static constexpr int kSmemBytes = kPipeBytes > kEpiBytes ? kPipeBytes : kEpiBytes;
   // 16-byte chunks of the A and B tiles; per thread and step.
@@ -337,31 +341,55 @@ __device__ __forceinline__ void PutChunk(T* dst, const uint4& v) {
   *reinterpret_cast<uint4*>(dst) = v;
 }
 
-// Register-staged double buffering shared by both products: step s's chunks are written to
-// stage buffer s % 2, then (after one barrier) the next step's global loads are issued before
-// this step's MMAs, so they are in flight during them.
-template <typename C, typename T, typename Load>
-__device__ __forceinline__ void RunSteps(int steps, T* smem, uint4 (&ra)[C::kAPer],
-                                         uint4 (&rb)[C::kBPer], const Load& load,
-                                         Accumulator<C, T>& acc, int tid) {
-  if (steps > 0) load(0);
-  for (int s = 0; s < steps; ++s) {
-    T* As = smem + (s & 1) * C::kStageElems;
-    T* Bs = As + C::kAElems;
-#pragma unroll
-    for (int k = 0; k < C::kAPer; ++k) {
-      const int q = k * kThreads + tid;
-      if (q < C::kAChunks) PutChunk(As + (q / C::kACPR) * C::kALd + (q % C::kACPR) * C::kCE, ra[k]);
-    }
-#pragma unroll
-    for (int k = 0; k < C::kBPer; ++k) {
-      const int q = k * kThreads + tid;
-      if (q < C::kBChunks) PutChunk(Bs + (q / C::kBCPR) * C::kBLd + (q % C::kBCPR) * C::kCE, rb[k]);
-    }
-    __syncthreads();
-    if (s + 1 < steps) load(s + 1);
-    acc.Step(As, Bs, tid);
+// Copies one chunk into shared memory: on the vector path with cp.async, zero-filled when
+// invalid, past `limit` or masked off as a whole (`base` is any valid address of the tensor);
+// otherwise with plain element loads.
+template <typename T, typename Active>
+__device__ __forceinline__ void CopyChunk(T* dst, const T* src, const T* base, bool valid,
+                                          int64_t f0, int64_t limit, int bs, bool vec,
+                                          bool masked, const Active& active) {
+  constexpr int CE = Chunk<T>::kElems;
+  if (vec) {
+    const bool on = valid && f0 < limit && (!masked || bs < CE || active(f0));
+    CpAsync16(dst, on ? src : base, on);
+  } else {
+    PutChunk(dst, valid ? LoadChunk<T>(src, f0, limit, bs, false, masked, active)
+                        : make_uint4(0u, 0u, 0u, 0u));
   }
+}
+
+// Zeroes the elements of a landed chunk whose mask block is off (mask blocks narrower than a
+// chunk, vector path).
+template <typename T, typename Active>
+__device__ __forceinline__ void MaskChunk(T* dst, int64_t f0, const Active& active) {
+#pragma unroll
+  for (int e = 0; e < Chunk<T>::kElems; ++e)
+    if (!active(f0 + e)) dst[e] = FromF<T>(0.f);
+}
+
+// The cp.async pipeline shared by both products: step s is copied into stage s % kStages
+// kStages - 1 steps ahead of its MMAs; one barrier per step.  `fix`: after a step's copies
+// land, each thread masks its own chunks element-wise before the barrier.
+template <typename C, typename T, typename Issue>
+__device__ __forceinline__ void RunSteps(int steps, bool fix, T* smem, const Issue& issue,
+                                         Accumulator<C, T>& acc, int tid) {
+  constexpr int S = C::kStages;
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < steps) issue(s, s, false);
+    CpAsyncCommit();
+  }
+  for (int s = 0; s < steps; ++s) {
+    CpAsyncWait<S - 2>();
+    if (fix) issue(s, s % S, true);
+    __syncthreads();
+    const int nxt = s + S - 1;
+    if (nxt < steps) issue(nxt, nxt % S, false);
+    CpAsyncCommit();
+    const T* As = smem + (s % S) * C::kStageElems;
+    acc.Step(As, As + C::kAElems, tid);
+  }
+  CpAsyncWait<0>();
 }
 
 // Mask bytes cached per CTA: 64 examples x this many mask blocks.
@@ -392,8 +420,6 @@ __global__ void __launch_bounds__(kThreads) SparseDotKernel(const Problem P) {
   const int32_t* listed = P.rows + j * n;
   const int64_t count = P.counts[j];
   const int64_t row_tiles = (n + kRows - 1) / kRows;
-  uint4 ra[C::kAPer], rb[C::kBPer];
-
   for (int64_t t = blockIdx.y; t < row_tiles; t += gridDim.y) {
     const int64_t r0 = t * kRows;
     __syncthreads();  // the previous tile is done with the shared arrays
@@ -440,41 +466,51 @@ __global__ void __launch_bounds__(kThreads) SparseDotKernel(const Problem P) {
       }
       __syncthreads();
       const int nlist = nlist_s;
-      // Global -> registers for step s: listed input tiles s*KT .. s*KT + KT - 1.
-      auto load = [&](int s) {
+      // Copies of step s (listed input tiles s*KT .. s*KT + KT - 1) into stage `buf`; with
+      // `fix`, masks the landed x chunks element by element instead (bs below a chunk).
+      auto issue = [&](int s, int buf, bool fix) {
+        T* As = smem + buf * C::kStageElems;
+        T* Bs = As + C::kAElems;
 #pragma unroll
         for (int k = 0; k < C::kAPer; ++k) {
           const int q = k * kThreads + tid;
+          if (q >= C::kAChunks) continue;
           const int i = q / C::kACPR, c = (q % C::kACPR) * CE;
           const int e = s * C::kKT + c / W;
-          ra[k] = make_uint4(0u, 0u, 0u, 0u);
-          if (q < C::kAChunks && i < n_act && e < nlist) {
-            const int64_t f0 = (int64_t)list_s[e] * W + c % W;
-            const uint8_t* mrow = mask_s[i];
-            ra[k] = LoadChunk<T>(x + rows_s[i] * m + f0, f0, m, bs, P.vec, true,
-                                 [&](int64_t f) { return mrow[f / bs - blk0] != 0; });
+          const bool valid = i < n_act && e < nlist;
+          const int64_t f0 = valid ? (int64_t)list_s[e] * W + c % W : 0;
+          const uint8_t* mrow = mask_s[i];
+          const auto active = [&](int64_t f) { return mrow[f / bs - blk0] != 0; };
+          T* dst = As + i * C::kALd + c;
+          if (fix) {
+            if (valid && f0 < m) MaskChunk<T>(dst, f0, active);
+          } else {
+            CopyChunk<T>(dst, x + (valid ? rows_s[i] * m + f0 : 0), x, valid, f0, m, bs, P.vec,
+                         true, active);
           }
         }
+        if (fix) return;
 #pragma unroll
         for (int k = 0; k < C::kBPer; ++k) {
           const int q = k * kThreads + tid;
-          const int r = q / C::kBCPR, c = (q % C::kBCPR) * CE;
-          rb[k] = make_uint4(0u, 0u, 0u, 0u);
           if (q >= C::kBChunks) continue;
+          const int r = q / C::kBCPR, c = (q % C::kBCPR) * CE;
+          T* dst = Bs + r * C::kBLd + c;
           if constexpr (!kBT) {  // w (m, p): row = input feature, columns g0 + c ..
             const int e = s * C::kKT + r / W;
-            if (e >= nlist) continue;
-            const int64_t f = (int64_t)list_s[e] * W + r % W;
-            if (f < m) rb[k] = LoadChunk<T>(w + f * p + g0 + c, g0 + c, p, bs, P.vec, false, AllActive());
-          } else {  // w (p, m): row g0 + r, input features of the step
+            const int64_t f = e < nlist ? (int64_t)list_s[e] * W + r % W : m;
+            CopyChunk<T>(dst, w + (f < m ? f * p + g0 + c : 0), w, f < m, g0 + c, p, bs, P.vec,
+                         false, AllActive());
+          } else {  // w (p, m): row g0 + r, the step's input features
             const int e = s * C::kKT + c / W;
-            if (e >= nlist || g0 + r >= p) continue;
-            const int64_t f0 = (int64_t)list_s[e] * W + c % W;
-            rb[k] = LoadChunk<T>(w + (g0 + r) * m + f0, f0, m, bs, P.vec, false, AllActive());
+            const bool valid = e < nlist && g0 + r < p;
+            const int64_t f0 = valid ? (int64_t)list_s[e] * W + c % W : 0;
+            CopyChunk<T>(dst, w + (valid ? (g0 + r) * m + f0 : 0), w, valid, f0, m, bs, P.vec,
+                         false, AllActive());
           }
         }
       };
-      RunSteps<C, T>((nlist + C::kKT - 1) / C::kKT, smem, ra, rb, load, acc, tid);
+      RunSteps<C, T>((nlist + C::kKT - 1) / C::kKT, P.vec && bs < CE, smem, issue, acc, tid);
       __syncthreads();  // mask_s / list_s and the stage buffers are reused next
     }
     float* Cs = reinterpret_cast<float*>(smem_raw);
@@ -524,8 +560,6 @@ __global__ void __launch_bounds__(kThreads) SparseDotGradWKernel(const Problem P
   const int bs = P.bs, bpt = kGradM / bs;  // mask blocks per tile row range
   const int64_t MB = m / bs, PB = p / bs, PJ = (p + W - 1) / W;
   const int64_t ii = blockIdx.x, f0 = ii * kGradM;  // first input feature of the tile
-  uint4 ra[C::kAPer], rb[C::kBPer];
-
   for (int64_t j = blockIdx.y; j < PJ; j += gridDim.y) {
     const int64_t g0 = j * W;
     const int32_t* listed = P.rows + j * n;
@@ -562,34 +596,47 @@ __global__ void __launch_bounds__(kThreads) SparseDotGradWKernel(const Problem P
         nlist_s = c;
       }
       __syncthreads();
-      auto load = [&](int s) {
+      // Copies of the s-th used group of 64 listed examples into stage `buf` (or, with `fix`,
+      // element-wise masking of the landed chunks).
+      auto issue = [&](int s, int buf, bool fix) {
         const int g = list_s[s];
+        T* As = smem + buf * C::kStageElems;
+        T* Bs = As + C::kAElems;
 #pragma unroll
         for (int k = 0; k < C::kAPer; ++k) {
           const int q = k * kThreads + tid;
-          const int i = g * kRows + q / C::kACPR, c = (q % C::kACPR) * CE;
-          ra[k] = make_uint4(0u, 0u, 0u, 0u);
-          if (q < C::kAChunks && i < nrows) {
-            const uint8_t* mrow = mask_s[i];
-            ra[k] = LoadChunk<T>(x + rows_s[i] * m + f0 + c, f0 + c, m, bs, P.vec, true,
-                                 [&](int64_t f) { return mrow[f / bs - ii * bpt] != 0; });
+          if (q >= C::kAChunks) continue;
+          const int r = q / C::kACPR, c = (q % C::kACPR) * CE, i = g * kRows + r;
+          const bool valid = i < nrows;
+          const uint8_t* mrow = mask_s[valid ? i : 0];
+          const auto active = [&](int64_t f) { return mrow[f / bs - ii * bpt] != 0; };
+          T* dst = As + r * C::kALd + c;
+          if (fix) {
+            if (valid && f0 + c < m) MaskChunk<T>(dst, f0 + c, active);
+          } else {
+            CopyChunk<T>(dst, x + (valid ? rows_s[i] * m + f0 + c : 0), x, valid, f0 + c, m, bs,
+                         P.vec, true, active);
           }
         }
 #pragma unroll
         for (int k = 0; k < C::kBPer; ++k) {
           const int q = k * kThreads + tid;
-          const int i = g * kRows + q / C::kBCPR, c = (q % C::kBCPR) * CE;
-          rb[k] = make_uint4(0u, 0u, 0u, 0u);
-          if (q < C::kBChunks && i < nrows) {
-            const int64_t rr = rows_s[i];
-            const float* omask = P.out_mask + rr * PB;
-            // With bs >= W a listed example's only block in the tile column is active.
-            rb[k] = LoadChunk<T>(dy + rr * p + g0 + c, g0 + c, p, bs, P.vec, bs < W,
-                                 [&](int64_t f) { return __ldg(omask + f / bs) != 0.f; });
+          if (q >= C::kBChunks) continue;
+          const int r = q / C::kBCPR, c = (q % C::kBCPR) * CE, i = g * kRows + r;
+          const bool valid = i < nrows;
+          const float* omask = P.out_mask + (valid ? rows_s[i] : 0) * PB;
+          const auto active = [&](int64_t f) { return __ldg(omask + f / bs) != 0.f; };
+          T* dst = Bs + r * C::kBLd + c;
+          // With bs >= W a listed example's only block in the tile column is active.
+          if (fix) {
+            if (valid && bs < W && g0 + c < p) MaskChunk<T>(dst, g0 + c, active);
+          } else {
+            CopyChunk<T>(dst, dy + (valid ? rows_s[i] * p + g0 + c : 0), dy, valid, g0 + c, p,
+                         bs, P.vec, bs < W, active);
           }
         }
       };
-      RunSteps<C, T>(nlist_s, smem, ra, rb, load, acc, tid);
+      RunSteps<C, T>(nlist_s, P.vec && bs < CE, smem, issue, acc, tid);
     }
     __syncthreads();
     float* Cs = reinterpret_cast<float*>(smem_raw);

@@ -43,16 +43,21 @@ class ActiveExamples {
   std::vector<uint64_t> bits_;
 };
 
-// Runs work(i, j0, j1) for every block row i and every range [j0, j1) of kOutputBlocksPerTask
-// block columns, over the thread pool; `cost` is the flop estimate of one (i, range) task.
+// Features of x and of dy one weight-gradient task covers: the task's slices of both (n x 256
+// each, where active) are read from memory once and reused from cache by all its blocks.
+constexpr int64_t kGradFeaturesPerTask = 256;
+
+// Runs work(i0, i1, j0, j1) over the thread pool for tiles of row_tile block rows by col_tile
+// block columns covering row_blocks x col_blocks; `cost` is the flop estimate of one tile.
 template <typename Work>
-void ForRowsAndColumnRanges(int64_t row_blocks, int64_t col_blocks, int64_t cost,
-                            const ParallelFor& parallel_for, const Work& work) {
-  const int64_t ranges = (col_blocks + kOutputBlocksPerTask - 1) / kOutputBlocksPerTask;
-  parallel_for(row_blocks * ranges, cost, [&](int64_t begin, int64_t end) {
+void ForTiles(int64_t row_blocks, int64_t row_tile, int64_t col_blocks, int64_t col_tile,
+              int64_t cost, const ParallelFor& parallel_for, const Work& work) {
+  const int64_t row_tiles = (row_blocks + row_tile - 1) / row_tile;
+  const int64_t col_tiles = (col_blocks + col_tile - 1) / col_tile;
+  parallel_for(row_tiles * col_tiles, cost, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / ranges, j0 = (task % ranges) * kOutputBlocksPerTask;
-      work(i, j0, std::min(col_blocks, j0 + kOutputBlocksPerTask));
+      const int64_t i0 = task / col_tiles * row_tile, j0 = task % col_tiles * col_tile;
+      work(i0, std::min(row_blocks, i0 + row_tile), j0, std::min(col_blocks, j0 + col_tile));
     }
   });
 }
@@ -81,8 +86,8 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
   // A task owns a range of output block columns, so each element of y has one writer.  Input
   // blocks run in the outer loop so the x block column being read stays in cache while every
   // output block of the range uses it.
-  ForRowsAndColumnRanges(1, out_blocks, 2 * n * m * bs * kOutputBlocksPerTask / 4, parallel_for,
-                         [&](int64_t, int64_t j0, int64_t j1) {
+  ForTiles(1, 1, out_blocks, kOutputBlocksPerTask, 2 * n * m * bs * kOutputBlocksPerTask / 4,
+           parallel_for, [&](int64_t, int64_t, int64_t j0, int64_t j1) {
     std::vector<int32_t> rows;
     rows.reserve(n);
     std::vector<float> transposed(transpose_w ? bs * bs : 0);
@@ -114,20 +119,25 @@ void SparseDotGradWCpu(const float* x, const float* dy, const float* in_mask,
   const int64_t in_blocks = m / bs, out_blocks = p / bs;
   const ActiveExamples active_in(in_mask, n, in_blocks);
   const ActiveExamples active_out(out_mask, n, out_blocks);
-  // A task owns the blocks (i, j0..j1) of dw: x's block column i is read once for all of them.
-  ForRowsAndColumnRanges(in_blocks, out_blocks, n * bs * bs * kOutputBlocksPerTask / 2,
-                         parallel_for, [&](int64_t i, int64_t j0, int64_t j1) {
+  // A task owns a tile of dw's blocks, square in features, so that each x and dy element it
+  // reads serves a whole row or column of the tile (traffic ~ n (m + p) x m p / tile area,
+  // where tiles one block wide would re-read all of dy for every block row).
+  const int64_t tile = std::max<int64_t>(1, kGradFeaturesPerTask / bs);
+  ForTiles(in_blocks, tile, out_blocks, tile, n * bs * bs * tile * tile / 2, parallel_for,
+           [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
     std::vector<int32_t> rows;
     rows.reserve(n);
-    for (int64_t j = j0; j < j1; ++j) {
-      float* block = dw + i * bs * p + j * bs;
-      active_in.ActiveInBoth(i, active_out, j, &rows);
-      if (rows.empty()) {
-        for (int64_t r = 0; r < bs; ++r) std::fill_n(block + r * p, bs, 0.f);
-        continue;
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t j = j0; j < j1; ++j) {
+        float* block = dw + i * bs * p + j * bs;
+        active_in.ActiveInBoth(i, active_out, j, &rows);
+        if (rows.empty()) {
+          for (int64_t r = 0; r < bs; ++r) std::fill_n(block + r * p, bs, 0.f);
+          continue;
+        }
+        kernels.gathered_rows_grad_w(x + i * bs, m, dy + j * bs, p, rows.data(), rows.size(), bs,
+                                     block, p);
       }
-      kernels.gathered_rows_grad_w(x + i * bs, m, dy + j * bs, p, rows.data(), rows.size(), bs,
-                                   block, p);
     }
   });
 }

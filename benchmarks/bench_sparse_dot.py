@@ -3,8 +3,10 @@
 For x (N, C) and a dense w (C, K), with random per-example block masks keeping fractions
 a_in of the input blocks and a_out of the output blocks, it times
     forward   y  = (x * in) . w * out
-    backward  dx = (dy * out) . w^T * in      (the masked product of the input gradient)
-against the dense tf.matmul of the same shapes, and prints speedups (dense time / ours).
+    dx        dx = (dy * out) . w^T * in       (the input gradient's masked product, reading w
+                                                in place with transpose_w)
+    fwd+bwd   y, then dx and dw = (x * in)^T (dy * out) through tf.GradientTape, in tf.function
+against the dense tf.matmul products of the same shapes, and prints speedups (dense time / ours).
 The table, machine, date and command go to docs/benchmarks.md.
 
     python benchmarks/bench_sparse_dot.py            # 1024 x 4096 x 4096, bs 16/32/64 (a few minutes)
@@ -38,6 +40,17 @@ def parse_args(argv=None):
 
 
 
+def training_step(product):
+    """tf.function (x, w, dy) -> [y, dx, dw] of y = product(x, w) for the output gradient dy
+    (y is returned so that the forward product is not pruned from the graph)."""
+    @tf.function
+    def step(x, w, dy):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w])
+            y = product(x, w)
+        return [y] + tape.gradient(y, [x, w], output_gradients=dy)
+    return step
+
 
 def main(argv=None):
     args = parse_args(argv)
@@ -48,25 +61,33 @@ def main(argv=None):
     x = tf.constant(rng.standard_normal((N, C)).astype(np.float32))
     dy = tf.constant(rng.standard_normal((N, K)).astype(np.float32))
     w = tf.constant((rng.standard_normal((C, K)) / np.sqrt(C)).astype(np.float32))
-    w_t = tf.transpose(w)
     dense_fwd = best_time(lambda: tf.matmul(x, w).numpy(), args.repeats)
     dense_bwd = best_time(lambda: tf.matmul(dy, w, transpose_b=True).numpy(), args.repeats)
+    dense_step = training_step(lambda a, b: tf.matmul(a, b))
+    dense_train = best_time(lambda: [g.numpy() for g in dense_step(x, w, dy)], args.repeats)
     rows = []
-    print(f"dense: forward {dense_fwd * 1e3:.1f} ms, input gradient {dense_bwd * 1e3:.1f} ms")
-    print(f"{'bs':>3} {'a_in':>5} {'a_out':>5} {'fwd ms':>8} {'fwd x':>6} {'dx x':>6} {'target':>6}")
+    print(f"dense: forward {dense_fwd * 1e3:.1f} ms, input gradient {dense_bwd * 1e3:.1f} ms, "
+          f"forward+backward {dense_train * 1e3:.1f} ms")
+    print(f"{'bs':>3} {'a_in':>5} {'a_out':>5} {'fwd ms':>8} {'fwd x':>6} {'dx x':>6} "
+          f"{'f+b ms':>8} {'f+b x':>6} {'target':>6}")
     for bs in block_sizes:
         for a_in, a_out in fractions:
             in_mask = tf.constant((rng.random((N, C // bs)) < a_in).astype(np.float32))
             out_mask = tf.constant((rng.random((N, K // bs)) < a_out).astype(np.float32))
             fwd = best_time(lambda: sparse_dot(x, w, in_mask, out_mask, block_size=bs).numpy(), args.repeats)
             # The input gradient is the same masked product on w^T with the masks swapped.
-            bwd = best_time(lambda: sparse_dot(dy, w_t, out_mask, in_mask, block_size=bs).numpy(), args.repeats)
+            bwd = best_time(lambda: sparse_dot(dy, w, out_mask, in_mask, block_size=bs,
+                                               transpose_w=True).numpy(), args.repeats)
+            step = training_step(lambda a, b: sparse_dot(a, b, in_mask, out_mask, block_size=bs))
+            train = best_time(lambda: [g.numpy() for g in step(x, w, dy)], args.repeats)
             target = min(10.0, 0.7 / (a_in * a_out))
             row = dict(bs=bs, a_in=a_in, a_out=a_out, fwd_ms=fwd * 1e3, fwd=dense_fwd / fwd,
-                       bwd=dense_bwd / bwd, target=target)
+                       bwd=dense_bwd / bwd, train_ms=train * 1e3, train=dense_train / train,
+                       target=target)
             rows.append(row)
             print(f"{bs:3d} {a_in:5.2f} {a_out:5.2f} {row['fwd_ms']:8.1f} {row['fwd']:6.2f} "
-                  f"{row['bwd']:6.2f} {target:6.2f}", flush=True)
+                  f"{row['bwd']:6.2f} {row['train_ms']:8.1f} {row['train']:6.2f} {target:6.2f}",
+                  flush=True)
     if not args.quick:
         command = "python benchmarks/bench_sparse_dot.py " + " ".join(sys.argv[1:])
         lines = [
@@ -75,14 +96,19 @@ def main(argv=None):
             f"- Command: `{command.strip()}`",
             f"- x ({N}, {C}), dense w ({C}, {K}), float32; random per-example masks with the given "
             f"active fractions; fastest of {args.repeats} runs. Speedup = dense tf.matmul time / "
-            f"sparse_dot time (dense: {dense_fwd * 1e3:.1f} ms forward). `dx x` is the input-gradient "
-            "product. Target: min(10, 0.7 / (a_in a_out)).",
+            f"sparse_dot time (dense: {dense_fwd * 1e3:.1f} ms forward, {dense_train * 1e3:.1f} ms "
+            "forward+backward). `dx x` is the input-gradient product alone (w read in place with "
+            "`transpose_w`). Forward+backward (a training step) = forward, then dx and dw for a "
+            "given output gradient through `tf.GradientTape`, both sides in `tf.function`; dw goes "
+            "through `BlocksparseSparseDotGradW`, which touches only the active blocks. "
+            "Target: min(10, 0.7 / (a_in a_out)).",
             "",
-            "| bs | a_in | a_out | forward ms | forward x | dx x | target x |",
-            "|---|---|---|---|---|---|---|",
+            "| bs | a_in | a_out | forward ms | forward x | dx x | fwd+bwd ms | fwd+bwd x | target x |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [f"| {r['bs']} | {r['a_in']:.2f} | {r['a_out']:.2f} | {r['fwd_ms']:.1f} | {r['fwd']:.2f} | "
-                  f"{r['bwd']:.2f} | {r['target']:.2f} |" for r in rows]
+                  f"{r['bwd']:.2f} | {r['train_ms']:.1f} | {r['train']:.2f} | {r['target']:.2f} |"
+                  for r in rows]
         write_section(os.path.join(args.out, "benchmarks.md"),
                       "CPU: sparse_dot (conditional computation) against dense tf.matmul", "\n".join(lines))
         print(f"wrote {os.path.join(args.out, 'benchmarks.md')}")

@@ -39,13 +39,14 @@ def expand_mask(mask, block_size):
     return tf.repeat(mask, block_size, axis=1)
 
 
-def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, name=None):
+def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, transpose_w=False,
+               name=None):
     """(dot(x * expand(in_mask), w) + bias) * expand(out_mask), skipping inactive blocks.
 
     Parameters
     ----------
     x : tensor (n, m)
-    w : tensor (m, p), dense
+    w : tensor (m, p), dense; (p, m) with transpose_w, which then multiplies by w^T
     in_mask : (n, m / block_size), optional
         Nonzero where an input block of an example takes part; absent means all do.  The
         product never reads x where the mask is 0.
@@ -55,6 +56,8 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, name
         Added only where out_mask is nonzero.
     block_size : int
         Features per mask entry: 1, 8, 16, 32 (default) or 64; must divide m and p.
+    transpose_w : bool
+        Use w^T (w stored as (p, m)) without a transposed copy.
 
     Returns
     -------
@@ -63,31 +66,34 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, name
     with tf.name_scope(name or "sparse_dot"):
         x = tf.convert_to_tensor(x)
         w = tf.convert_to_tensor(w, dtype=x.dtype if isinstance(w, np.ndarray) else None)
+        w_dims = "(p, m)" if transpose_w else "(m, p)"
         if x.dtype not in FLOAT_DTYPES:
             raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype.name}")
         if w.dtype != x.dtype:
             raise ValueError(f"w dtype {w.dtype.name} does not match x dtype {x.dtype.name}")
         if x.shape.rank != 2 or w.shape.rank != 2:
-            raise ValueError(f"x (n, m) and w (m, p) must be matrices; got x {x.shape}, w {w.shape}")
+            raise ValueError(f"x (n, m) and w {w_dims} must be matrices; got x {x.shape}, w {w.shape}")
         if block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
-        n, m, p = _static_dim(x, 0), _static_dim(x, 1), _static_dim(w, 1)
-        if m is not None and _static_dim(w, 0) not in (None, m):
-            raise ValueError(f"x (n, m) and w (m, p) must agree on m; got x {x.shape}, w {w.shape}")
+        m_axis = 1 if transpose_w else 0  # w's axis of length m
+        n, m, p = _static_dim(x, 0), _static_dim(x, 1), _static_dim(w, 1 - m_axis)
+        if m is not None and _static_dim(w, m_axis) not in (None, m):
+            raise ValueError(f"x (n, m) and w {w_dims} must agree on m; got x {x.shape}, w {w.shape}")
         for dim, label in ((m, "m"), (p, "p")):
             if dim is not None and dim % block_size:
                 raise ValueError(f"block_size {block_size} must divide {label} = {dim}")
         in_m = _check_mask(in_mask, "in_mask", n, m, block_size)
         out_m = _check_mask(out_mask, "out_mask", n, p, block_size)
         if in_m is None and out_m is None:  # nothing to skip: the dense product is best
-            y = tf.matmul(x, w)
+            y = tf.matmul(x, w, transpose_b=transpose_w)
             return y if bias is None else y + _check_bias(bias, x.dtype, p)
         rows = tf.shape(x)[0]
         if in_m is None:
             in_m = tf.ones(tf.stack([rows, tf.shape(x)[1] // block_size]), tf.float32)
         if out_m is None:
-            out_m = tf.ones(tf.stack([rows, tf.shape(w)[1] // block_size]), tf.float32)
-        y = ops().blocksparse_sparse_dot(x, w, in_m, out_m, block_size=block_size)
+            out_m = tf.ones(tf.stack([rows, tf.shape(w)[1 - m_axis] // block_size]), tf.float32)
+        y = ops().blocksparse_sparse_dot(x, w, in_m, out_m, block_size=block_size,
+                                         transpose_w=transpose_w)
         if bias is not None:
             y += _check_bias(bias, x.dtype, p) * tf.cast(expand_mask(out_m, block_size), x.dtype)
         return y
@@ -104,10 +110,24 @@ def _check_bias(bias, dtype, p):
 def _sparse_dot_grad(op, dy):
     x, w, in_m, out_m = op.inputs
     bs = op.get_attr("block_size")
-    # dx: the same masked product, backwards: output masks become input masks and vice versa.
-    dx = ops().blocksparse_sparse_dot(dy, tf.transpose(w), out_m, in_m, block_size=bs)
-    # dw = (x * in)^T (dy * out), dense for now.
-    x_in = x * tf.cast(expand_mask(in_m, bs), x.dtype)
-    dy_out = dy * tf.cast(expand_mask(out_m, bs), dy.dtype)
-    dw = tf.matmul(x_in, dy_out, transpose_a=True)
+    transpose_w = op.get_attr("transpose_w")
+    # dx: the same masked product backwards, output masks becoming input masks and vice versa,
+    # reading w the other way round in place (no transposed copy).
+    dx = ops().blocksparse_sparse_dot(dy, w, out_m, in_m, block_size=bs, transpose_w=not transpose_w)
+    # dw over the active (example, input block, output block) triples only; for w stored (p, m)
+    # it is the transpose, which is the same product with the roles of x and dy swapped.
+    if transpose_w:
+        dw = ops().blocksparse_sparse_dot_grad_w(dy, x, out_m, in_m, block_size=bs)
+    else:
+        dw = ops().blocksparse_sparse_dot_grad_w(x, dy, in_m, out_m, block_size=bs)
     return dx, dw, None, None
+
+
+@tf.RegisterGradient("BlocksparseSparseDotGradW")
+def _sparse_dot_grad_w_grad(op, ddw):
+    """dw = (x * in)^T (dy * out) is bilinear: its gradients are masked products with ddw."""
+    x, dy, in_m, out_m = op.inputs
+    bs = op.get_attr("block_size")
+    dx = ops().blocksparse_sparse_dot(dy, ddw, out_m, in_m, block_size=bs, transpose_w=True)
+    ddy = ops().blocksparse_sparse_dot(x, ddw, in_m, out_m, block_size=bs)
+    return dx, ddy, None, None

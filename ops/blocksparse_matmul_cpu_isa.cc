@@ -401,6 +401,45 @@ void SegmentOuterSum(const float* a, const int64_t* a_offsets, const float* b,
   }
 }
 
+// The rows listed in `rows` of two row-major matrices as (A, B) pairs of single rows.
+struct GatheredRowPairs {
+  const int32_t* rows;
+  int64_t count;
+  const float* a_base;
+  int64_t a_rs;
+  const float* b_base;
+  int64_t b_rs;
+  int64_t size() const { return count; }
+  const float* a(int64_t q) const { return a_base + rows[q] * a_rs; }
+  const float* b(int64_t q) const { return b_base + rows[q] * b_rs; }
+};
+
+// dw of one block from gathered rows: A = x rows (dw's rows i0.. along the row), B = dy rows,
+// C = dw rows.  P = 1 per pair: the pairs are the listed examples, summed in list order.
+template <int MR>
+struct GatheredRowsGradWOp {
+  template <typename V, int NV>
+  static void Run(const float* x, int64_t x_rs, const float* dy, int64_t dy_rs,
+                  const int32_t* rows, int64_t count, int64_t bs, float* dw, int64_t dw_rs) {
+    constexpr int64_t chunk = Width<V>() * NV;
+    for (int64_t i0 = 0; i0 < bs; i0 += MR)
+      for (int64_t j0 = 0; j0 < bs; j0 += chunk)
+        Tile<MR, NV, V>(GatheredRowPairs{rows, count, x + i0, x_rs, dy + j0, dy_rs}, 1, 0, 0,
+                        dw + i0 * dw_rs + j0, dw_rs, MR);
+  }
+};
+
+void GatheredRowsGradW(const float* x, int64_t x_rs, const float* dy, int64_t dy_rs,
+                       const int32_t* rows, int64_t count, int64_t bs, float* dw, int64_t dw_rs) {
+  if (bs == 1) {
+    DispatchBlockColumns<GatheredRowsGradWOp<1>>(1, x, x_rs, dy, dy_rs, rows, count, bs, dw,
+                                                 dw_rs);
+  } else {  // block sizes 8..64 are multiples of kGradRows
+    DispatchBlockColumns<GatheredRowsGradWOp<kGradRows>>(bs, x, x_rs, dy, dy_rs, rows, count, bs,
+                                                         dw, dw_rs);
+  }
+}
+
 }  // namespace
 
 extern const ConvKernels kConvKernels = {kRowTile, GatheredTaps, SegmentOuterSum};
@@ -409,7 +448,7 @@ extern const ConvKernels kConvKernels = {kRowTile, GatheredTaps, SegmentOuterSum
 #define BSMM_STRINGIFY(s) BSMM_STRINGIFY2(s)
 extern const CpuKernels kKernels = {BSMM_STRINGIFY(BSMM_ISA), Width<VecWide>(), kRowTile, ForwardAxis1, ForwardAxis0,
                                     GatheredRowsAccumulate,
-                                    GradW};
+                                    GradW, GatheredRowsGradW};
 
 }  // namespace BSMM_ISA
 }  // namespace blocksparse

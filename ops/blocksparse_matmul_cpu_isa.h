@@ -46,6 +46,12 @@ struct CpuKernels {
   // x_panels[(c * N + n) * bs + i] = x[n, c*bs + i], and likewise dy_panels for dy.
   void (*grad_w)(const float* x_panels, const float* dy_panels, float* dw, int64_t N,
                  const LayoutView* layout, int64_t q);
+  // dw[0:bs, 0:bs) = sum over the `count` rows r listed in `rows`, in that order, of
+  // x[r, 0:bs)^T dy[r, 0:bs); x, dy and dw have row strides x_rs, dy_rs and dw_rs
+  // (sparse_dot's weight gradient, over the examples active in both masks only).
+  void (*gathered_rows_grad_w)(const float* x, int64_t x_rs, const float* dy, int64_t dy_rs,
+                               const int32_t* rows, int64_t count, int64_t bs, float* dw,
+                               int64_t dw_rs);
 };
 
 // The micro-kernels of the block-sparse convolution (ops/blocksparse_conv_cpu.cc).

@@ -13,49 +13,130 @@ namespace {
 constexpr int64_t kOutputBlocksPerTask = 8;
 
 // For every block column of a mask, the examples where it is active, as 64-bit words of bits.
-std::vector<uint64_t> ActiveExamples(const float* mask, int64_t n, int64_t blocks, int64_t words) {
-  std::vector<uint64_t> bits(blocks * words, 0);
-  for (int64_t r = 0; r < n; ++r) {
-    const float* row = mask + r * blocks;
-    for (int64_t b = 0; b < blocks; ++b) {
-      if (row[b] != 0.f) bits[b * words + r / 64] |= uint64_t{1} << (r % 64);
+class ActiveExamples {
+ public:
+  ActiveExamples(const float* mask, int64_t n, int64_t blocks)
+      : words_((n + 63) / 64), bits_(blocks * words_, 0) {
+    for (int64_t r = 0; r < n; ++r) {
+      const float* row = mask + r * blocks;
+      for (int64_t b = 0; b < blocks; ++b) {
+        if (row[b] != 0.f) bits_[b * words_ + r / 64] |= uint64_t{1} << (r % 64);
+      }
     }
   }
-  return bits;
+
+  // The examples active in both this mask's block b and other's block other_b, ascending.
+  void ActiveInBoth(int64_t b, const ActiveExamples& other, int64_t other_b,
+                    std::vector<int32_t>* rows) const {
+    rows->clear();
+    const uint64_t* mine = bits_.data() + b * words_;
+    const uint64_t* theirs = other.bits_.data() + other_b * words_;
+    for (int64_t word = 0; word < words_; ++word) {
+      for (uint64_t both = mine[word] & theirs[word]; both; both &= both - 1) {
+        rows->push_back(static_cast<int32_t>(word * 64 + __builtin_ctzll(both)));
+      }
+    }
+  }
+
+ private:
+  int64_t words_;
+  std::vector<uint64_t> bits_;
+};
+
+// Features of x and of dy one weight-gradient task covers: the task's slices of both (n x 256
+// each, where active) are read from memory once and reused from cache by all its blocks.
+constexpr int64_t kGradFeaturesPerTask = 256;
+
+// Runs work(i0, i1, j0, j1) over the thread pool for tiles of row_tile block rows by col_tile
+// block columns covering row_blocks x col_blocks; `cost` is the flop estimate of one tile.
+template <typename Work>
+void ForTiles(int64_t row_blocks, int64_t row_tile, int64_t col_blocks, int64_t col_tile,
+              int64_t cost, const ParallelFor& parallel_for, const Work& work) {
+  const int64_t row_tiles = (row_blocks + row_tile - 1) / row_tile;
+  const int64_t col_tiles = (col_blocks + col_tile - 1) / col_tile;
+  parallel_for(row_tiles * col_tiles, cost, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i0 = task / col_tiles * row_tile, j0 = task % col_tiles * col_tile;
+      work(i0, std::min(row_blocks, i0 + row_tile), j0, std::min(col_blocks, j0 + col_tile));
+    }
+  });
+}
+
+// block (bs x bs, row stride bs) = the transpose of the bs x bs block at src (row stride src_rs).
+// The scattered writes stay in L1.  Each source row is a short run far from the previous one,
+// out of the hardware prefetchers' sight, so the block to its right (the next one the caller
+// transposes) is fetched while this one is copied.
+void TransposeBlock(const float* src, int64_t src_rs, int64_t bs, float* block) {
+  constexpr int64_t kFloatsPerLine = 16;
+  for (int64_t r = 0; r < bs; ++r, src += src_rs) {
+    for (int64_t c = 0; c < bs; c += kFloatsPerLine) __builtin_prefetch(src + bs + c);
+    for (int64_t c = 0; c < bs; ++c) block[c * bs + r] = src[c];
+  }
 }
 
 }  // namespace
 
 void SparseDotCpu(const float* x, const float* w, const float* in_mask, const float* out_mask,
-                  float* y, int64_t n, int64_t m, int64_t p, int64_t bs,
+                  float* y, int64_t n, int64_t m, int64_t p, int64_t bs, bool transpose_w,
                   const ParallelFor& parallel_for) {
   const CpuKernels& kernels = BestCpuKernels();
-  const int64_t in_blocks = m / bs, out_blocks = p / bs, words = (n + 63) / 64;
-  const std::vector<uint64_t> in_bits = ActiveExamples(in_mask, n, in_blocks, words);
-  const std::vector<uint64_t> out_bits = ActiveExamples(out_mask, n, out_blocks, words);
-  // A task owns a range of output block columns.  Input blocks run in the outer loop so the
-  // x block column being read stays in cache while every output block of the range uses it.
-  const int64_t ranges = (out_blocks + kOutputBlocksPerTask - 1) / kOutputBlocksPerTask;
-  parallel_for(ranges, 2 * n * m * bs * kOutputBlocksPerTask / 4, [&](int64_t begin, int64_t end) {
+  const int64_t in_blocks = m / bs, out_blocks = p / bs;
+  const ActiveExamples active_in(in_mask, n, in_blocks);
+  const ActiveExamples active_out(out_mask, n, out_blocks);
+  // A task owns a range of output block columns, so each element of y has one writer.  Input
+  // blocks run in the outer loop so the x block column being read stays in cache while every
+  // output block of the range uses it.
+  ForTiles(1, 1, out_blocks, kOutputBlocksPerTask, 2 * n * m * bs * kOutputBlocksPerTask / 4,
+           parallel_for, [&](int64_t, int64_t, int64_t j0, int64_t j1) {
     std::vector<int32_t> rows;
     rows.reserve(n);
-    for (int64_t range = begin; range < end; ++range) {
-      const int64_t j0 = range * kOutputBlocksPerTask;
-      const int64_t j1 = std::min(out_blocks, j0 + kOutputBlocksPerTask);
-      for (int64_t r = 0; r < n; ++r) std::fill(y + r * p + j0 * bs, y + r * p + j1 * bs, 0.f);
-      for (int64_t i = 0; i < in_blocks; ++i) {
-        for (int64_t j = j0; j < j1; ++j) {
-          rows.clear();
-          for (int64_t word = 0; word < words; ++word) {
-            for (uint64_t both = in_bits[i * words + word] & out_bits[j * words + word]; both;
-                 both &= both - 1) {
-              rows.push_back(static_cast<int32_t>(word * 64 + __builtin_ctzll(both)));
-            }
-          }
-          if (rows.empty()) continue;
-          kernels.gathered_rows_accumulate(x + i * bs, m, rows.data(), rows.size(),
-                                           w + i * bs * p + j * bs, p, bs, y + j * bs, p);
+    std::vector<float> transposed(transpose_w ? bs * bs : 0);
+    for (int64_t r = 0; r < n; ++r) std::fill(y + r * p + j0 * bs, y + r * p + j1 * bs, 0.f);
+    for (int64_t i = 0; i < in_blocks; ++i) {
+      for (int64_t j = j0; j < j1; ++j) {
+        active_in.ActiveInBoth(i, active_out, j, &rows);
+        if (rows.empty()) continue;
+        // W's block (i, j): a block of w, or the transpose of w's block (j, i), made only when
+        // some example uses it.
+        const float* block = w + i * bs * p + j * bs;
+        int64_t block_rs = p;
+        if (transpose_w) {
+          TransposeBlock(w + j * bs * m + i * bs, m, bs, transposed.data());
+          block = transposed.data();
+          block_rs = bs;
         }
+        kernels.gathered_rows_accumulate(x + i * bs, m, rows.data(), rows.size(), block, block_rs,
+                                         bs, y + j * bs, p);
+      }
+    }
+  });
+}
+
+void SparseDotGradWCpu(const float* x, const float* dy, const float* in_mask,
+                       const float* out_mask, float* dw, int64_t n, int64_t m, int64_t p,
+                       int64_t bs, const ParallelFor& parallel_for) {
+  const CpuKernels& kernels = BestCpuKernels();
+  const int64_t in_blocks = m / bs, out_blocks = p / bs;
+  const ActiveExamples active_in(in_mask, n, in_blocks);
+  const ActiveExamples active_out(out_mask, n, out_blocks);
+  // A task owns a tile of dw's blocks, square in features, so that each x and dy element it
+  // reads serves a whole row or column of the tile (traffic ~ n (m + p) x m p / tile area,
+  // where tiles one block wide would re-read all of dy for every block row).
+  const int64_t tile = std::max<int64_t>(1, kGradFeaturesPerTask / bs);
+  ForTiles(in_blocks, tile, out_blocks, tile, n * bs * bs * tile * tile / 2, parallel_for,
+           [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    std::vector<int32_t> rows;
+    rows.reserve(n);
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t j = j0; j < j1; ++j) {
+        float* block = dw + i * bs * p + j * bs;
+        active_in.ActiveInBoth(i, active_out, j, &rows);
+        if (rows.empty()) {
+          for (int64_t r = 0; r < bs; ++r) std::fill_n(block + r * p, bs, 0.f);
+          continue;
+        }
+        kernels.gathered_rows_grad_w(x + i * bs, m, dy + j * bs, p, rows.data(), rows.size(), bs,
+                                     block, p);
       }
     }
   });

@@ -3,8 +3,10 @@
 //
 //   y = (x * expand(in_mask)) . w * expand(out_mask)
 //
-// with per-example block masks; inactive blocks cost nothing.  The Python wrapper
-// (blocksparse_tf/conditional.py) adds the bias and registers the gradients.
+// with per-example block masks; inactive blocks cost nothing; and of its weight gradient
+// BlocksparseSparseDotGradW, dw = (x * expand(in_mask))^T . (dy * expand(out_mask)), over the
+// same active blocks.  The Python wrapper (blocksparse_tf/conditional.py) adds the bias and
+// registers the gradients.
 
 #include <cstdint>
 #include <string>
@@ -27,6 +29,69 @@ using ::tensorflow::shape_inference::ShapeHandle;
 
 std::string Shape(const Tensor& t) { return t.shape().DebugString(); }
 
+// Shape function check: mask is (n, features / bs), with bs dividing features.
+absl::Status CheckMaskShape(InferenceContext* c, int mask_input, DimensionHandle features,
+                            int64_t bs, DimensionHandle* n) {
+  ShapeHandle mask;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(mask_input), 2, &mask));
+  TF_RETURN_IF_ERROR(c->Merge(*n, c->Dim(mask, 0), n));
+  DimensionHandle blocks, unused;
+  TF_RETURN_IF_ERROR(c->Divide(features, bs, /*evenly_divisible=*/true, &blocks));
+  return c->Merge(blocks, c->Dim(mask, 1), &unused);
+}
+
+// Kernel check: mask is (n, features / bs); `features` names the dimension in the message.
+absl::Status CheckMask(const Tensor& mask, const char* name, int64_t n, int64_t blocks,
+                       const char* features) {
+  if (mask.shape() == TensorShape({n, blocks})) return absl::OkStatus();
+  return absl::InvalidArgumentError(std::string(name) + " must have shape (n, " + features +
+                                    " / block_size) = (" + std::to_string(n) + ", " +
+                                    std::to_string(blocks) + "); got " + Shape(mask));
+}
+
+// What both kernels check once the operands' n, m and p are known (x and its partner named
+// for the messages): block_size divides m and p, the masks' shapes, n fits the row indices.
+absl::Status CheckBlocksAndMasks(const Tensor& x, const Tensor& other, const char* other_name,
+                                 const Tensor& in_mask, const Tensor& out_mask, int64_t n,
+                                 int64_t m, int64_t p, int64_t bs) {
+  if (m % bs != 0 || p % bs != 0) {
+    return absl::InvalidArgumentError("block_size " + std::to_string(bs) +
+                                      " must divide m and p; got x " + Shape(x) + " and " +
+                                      other_name + " " + Shape(other));
+  }
+  TF_RETURN_IF_ERROR(CheckMask(in_mask, "in_mask", n, m / bs, "m"));
+  TF_RETURN_IF_ERROR(CheckMask(out_mask, "out_mask", n, p / bs, "p"));
+  if (n >= INT32_MAX) return absl::InvalidArgumentError("x has too many rows: " + Shape(x));
+  return absl::OkStatus();
+}
+
+const float* Mask(OpKernelContext* ctx, int input) { return ctx->input(input).flat<float>().data(); }
+
+// Runs fn(a, b, out) on float32 views of a and b (copies when T is half or bfloat16), writing
+// the float32 result into out (of T).
+template <typename T, typename Fn>
+void InFloat32(OpKernelContext* ctx, const Tensor& a, const Tensor& b, Tensor* out, Fn&& fn) {
+  Tensor a_scratch, b_scratch;
+  const float* af = AsFloat<T>(ctx, a, &a_scratch);
+  const float* bf = AsFloat<T>(ctx, b, &b_scratch);
+  if (!ctx->status().ok()) return;
+  WriteAsT<T>(ctx, out, [&](float* of) { fn(af, bf, of); });
+}
+
+// Reads and checks the block_size attr, shared by both kernels.
+class SparseDotKernelBase : public OpKernel {
+ public:
+  explicit SparseDotKernelBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
+    OP_REQUIRES(ctx, IsSupportedBlockSize(block_size_),
+                absl::InvalidArgumentError("block_size must be one of 1, 8, 16, 32, 64; got " +
+                                           std::to_string(block_size_)));
+  }
+
+ protected:
+  int64_t block_size_;
+};
+
 }  // namespace
 
 REGISTER_OP("BlocksparseSparseDot")
@@ -37,82 +102,120 @@ REGISTER_OP("BlocksparseSparseDot")
     .Output("y: T")
     .Attr("T: {float, half, bfloat16}")
     .Attr("block_size: int >= 1")
+    .Attr("transpose_w: bool = false")
     .SetShapeFn([](InferenceContext* c) {
       int64_t bs;
+      bool transpose_w;
       TF_RETURN_IF_ERROR(c->GetAttr("block_size", &bs));
-      ShapeHandle x, w, in_mask, out_mask;
+      TF_RETURN_IF_ERROR(c->GetAttr("transpose_w", &transpose_w));
+      ShapeHandle x, w;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &w));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &in_mask));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 2, &out_mask));
-      DimensionHandle n, m, unused;
-      TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 0), c->Dim(in_mask, 0), &n));
-      TF_RETURN_IF_ERROR(c->Merge(n, c->Dim(out_mask, 0), &n));
-      TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 1), c->Dim(w, 0), &m));
-      c->set_output(0, c->Matrix(n, c->Dim(w, 1)));
+      DimensionHandle n = c->Dim(x, 0), m;
+      const DimensionHandle p = c->Dim(w, transpose_w ? 0 : 1);
+      TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 1), c->Dim(w, transpose_w ? 1 : 0), &m));
+      TF_RETURN_IF_ERROR(CheckMaskShape(c, 2, m, bs, &n));
+      TF_RETURN_IF_ERROR(CheckMaskShape(c, 3, p, bs, &n));
+      c->set_output(0, c->Matrix(n, p));
       return absl::OkStatus();
     })
     .Doc(R"doc(
-Per-example block-masked product y = (x * expand(in_mask)) . w * expand(out_mask).
-x (n, m), w (m, p), in_mask (n, m / block_size), out_mask (n, p / block_size).
+Per-example block-masked product y = (x * expand(in_mask)) . W * expand(out_mask).
+x (n, m), in_mask (n, m / block_size), out_mask (n, p / block_size); W is w (m, p), or w^T for
+w (p, m) when transpose_w.
+)doc");
+
+REGISTER_OP("BlocksparseSparseDotGradW")
+    .Input("x: T")
+    .Input("dy: T")
+    .Input("in_mask: float")
+    .Input("out_mask: float")
+    .Output("dw: T")
+    .Attr("T: {float, half, bfloat16}")
+    .Attr("block_size: int >= 1")
+    .SetShapeFn([](InferenceContext* c) {
+      int64_t bs;
+      TF_RETURN_IF_ERROR(c->GetAttr("block_size", &bs));
+      ShapeHandle x, dy;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &dy));
+      DimensionHandle n;
+      TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 0), c->Dim(dy, 0), &n));
+      TF_RETURN_IF_ERROR(CheckMaskShape(c, 2, c->Dim(x, 1), bs, &n));
+      TF_RETURN_IF_ERROR(CheckMaskShape(c, 3, c->Dim(dy, 1), bs, &n));
+      c->set_output(0, c->Matrix(c->Dim(x, 1), c->Dim(dy, 1)));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Weight gradient of BlocksparseSparseDot: dw = (x * expand(in_mask))^T . (dy * expand(out_mask)),
+summed only over the examples active in both masks of each block; x (n, m), dy (n, p),
+in_mask (n, m / block_size), out_mask (n, p / block_size), dw (m, p).
 )doc");
 
 namespace {
 
 template <typename T>
-class SparseDotOp : public OpKernel {
+class SparseDotOp : public SparseDotKernelBase {
  public:
-  explicit SparseDotOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
-    OP_REQUIRES(ctx, IsSupportedBlockSize(block_size_),
-                absl::InvalidArgumentError("block_size must be one of 1, 8, 16, 32, 64; got " +
-                                           std::to_string(block_size_)));
+  explicit SparseDotOp(OpKernelConstruction* ctx) : SparseDotKernelBase(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_w", &transpose_w_));
   }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
     const Tensor& w = ctx->input(1);
-    const Tensor& in_mask = ctx->input(2);
-    const Tensor& out_mask = ctx->input(3);
-    const int64_t bs = block_size_;
-    OP_REQUIRES(ctx, x.dims() == 2 && w.dims() == 2 && x.dim_size(1) == w.dim_size(0),
-                absl::InvalidArgumentError("x (n, m) and w (m, p) must be matrices with matching "
-                                           "m; got x " + Shape(x) + " and w " + Shape(w)));
-    const int64_t n = x.dim_size(0), m = x.dim_size(1), p = w.dim_size(1);
-    OP_REQUIRES(ctx, m % bs == 0 && p % bs == 0,
-                absl::InvalidArgumentError("block_size " + std::to_string(bs) +
-                                           " must divide m and p; got x " + Shape(x) +
-                                           " and w " + Shape(w)));
-    OP_REQUIRES(ctx, in_mask.shape() == TensorShape({n, m / bs}),
-                absl::InvalidArgumentError("in_mask must have shape (n, m / block_size) = (" +
-                                           std::to_string(n) + ", " + std::to_string(m / bs) +
-                                           "); got " + Shape(in_mask)));
-    OP_REQUIRES(ctx, out_mask.shape() == TensorShape({n, p / bs}),
-                absl::InvalidArgumentError("out_mask must have shape (n, p / block_size) = (" +
-                                           std::to_string(n) + ", " + std::to_string(p / bs) +
-                                           "); got " + Shape(out_mask)));
-    OP_REQUIRES(ctx, n < INT32_MAX,
-                absl::InvalidArgumentError("x has too many rows: " + Shape(x)));
+    const int m_axis = transpose_w_ ? 1 : 0;  // w's axis of length m
+    OP_REQUIRES(ctx, x.dims() == 2 && w.dims() == 2 && x.dim_size(1) == w.dim_size(m_axis),
+                absl::InvalidArgumentError(
+                    std::string("x (n, m) and w ") + (transpose_w_ ? "(p, m)" : "(m, p)") +
+                    " must be matrices with matching m; got x " + Shape(x) + " and w " +
+                    Shape(w)));
+    const int64_t n = x.dim_size(0), m = x.dim_size(1), p = w.dim_size(1 - m_axis);
+    OP_REQUIRES_OK(ctx, CheckBlocksAndMasks(x, w, "w", ctx->input(2), ctx->input(3), n, m, p,
+                                            block_size_));
     Tensor* y;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n, p}), &y));
     if (n == 0 || p == 0) return;
-    Tensor x_scratch, w_scratch;
-    const float* xf = AsFloat<T>(ctx, x, &x_scratch);
-    const float* wf = AsFloat<T>(ctx, w, &w_scratch);
-    if (!ctx->status().ok()) return;
-    WriteAsT<T>(ctx, y, [&](float* yf) {
-      SparseDotCpu(xf, wf, in_mask.flat<float>().data(), out_mask.flat<float>().data(), yf, n, m,
-                   p, bs, CpuParallelFor(ctx));
+    InFloat32<T>(ctx, x, w, y, [&](const float* xf, const float* wf, float* yf) {
+      SparseDotCpu(xf, wf, Mask(ctx, 2), Mask(ctx, 3), yf, n, m, p, block_size_, transpose_w_,
+                   CpuParallelFor(ctx));
     });
   }
 
  private:
-  int64_t block_size_;
+  bool transpose_w_;
 };
 
-#define REGISTER_CPU(T)                                                                   \
-  REGISTER_KERNEL_BUILDER(Name("BlocksparseSparseDot").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
-                          SparseDotOp<T>);
+template <typename T>
+class SparseDotGradWOp : public SparseDotKernelBase {
+ public:
+  using SparseDotKernelBase::SparseDotKernelBase;
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& dy = ctx->input(1);
+    OP_REQUIRES(ctx, x.dims() == 2 && dy.dims() == 2 && x.dim_size(0) == dy.dim_size(0),
+                absl::InvalidArgumentError("x (n, m) and dy (n, p) must be matrices with the same "
+                                           "n; got x " + Shape(x) + " and dy " + Shape(dy)));
+    const int64_t n = x.dim_size(0), m = x.dim_size(1), p = dy.dim_size(1);
+    OP_REQUIRES_OK(ctx, CheckBlocksAndMasks(x, dy, "dy", ctx->input(2), ctx->input(3), n, m, p,
+                                            block_size_));
+    Tensor* dw;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({m, p}), &dw));
+    if (m == 0 || p == 0) return;
+    InFloat32<T>(ctx, x, dy, dw, [&](const float* xf, const float* dyf, float* dwf) {
+      SparseDotGradWCpu(xf, dyf, Mask(ctx, 2), Mask(ctx, 3), dwf, n, m, p, block_size_,
+                        CpuParallelFor(ctx));
+    });
+  }
+};
+
+#define REGISTER_CPU(T)                                                                        \
+  REGISTER_KERNEL_BUILDER(                                                                     \
+      Name("BlocksparseSparseDot").Device(DEVICE_CPU).TypeConstraint<T>("T"), SparseDotOp<T>); \
+  REGISTER_KERNEL_BUILDER(                                                                     \
+      Name("BlocksparseSparseDotGradW").Device(DEVICE_CPU).TypeConstraint<T>("T"),             \
+      SparseDotGradWOp<T>);
 
 REGISTER_CPU(float);
 REGISTER_CPU(Eigen::half);

@@ -1,9 +1,6 @@
 """BlocksparseMatMul against independent float64 numpy references."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -243,11 +240,8 @@ for axis in (1, 0):
 """
 
 
-def test_bitwise_deterministic_across_runs_and_thread_counts():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    outputs = [subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT, str(threads), root],
-                              capture_output=True, text=True, check=True).stdout
-               for threads in (1, 2, 2)]
+def test_bitwise_deterministic_across_runs_and_thread_counts(outputs_across_thread_counts):
+    outputs = outputs_across_thread_counts(DETERMINISM_SCRIPT)
     assert outputs[0].count("\n") == 2
     assert outputs[0] == outputs[1] == outputs[2]
 

@@ -127,3 +127,254 @@ def test_bad_arguments_raise():
             ops().blocksparse_sparse_dot(x, w, in_m, out_m, block_size=8)
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="block_size must be one of"):
         ops().blocksparse_sparse_dot(x, w, tf.ones((4, 8)), tf.ones((4, 4)), block_size=4)
+
+
+# --- The weight gradient op and the transposed product (the gradient's two halves). ---
+
+def random_masks(n, in_blocks, out_blocks, masks, keep=0.5):
+    """0/1 float32 masks (all ones where `masks` leaves one out), with empty rows and columns:
+    example 0 has no active input block, the last example no active output block, input block 0
+    and output block 0 are inactive for every example."""
+    in_mask = np.ones((n, in_blocks), np.float32)
+    out_mask = np.ones((n, out_blocks), np.float32)
+    if masks in ("in", "both"):
+        in_mask = (RNG.random((n, in_blocks)) < keep).astype(np.float32)
+        in_mask[0] = 0
+        in_mask[:, 0] = 0
+    if masks in ("out", "both"):
+        out_mask = (RNG.random((n, out_blocks)) < keep).astype(np.float32)
+        out_mask[-1] = 0
+        out_mask[:, 0] = 0
+    return in_mask, out_mask
+
+
+def grad_references(x, dy, w, in_mask, out_mask, bs):
+    """float64 dw = (x * in)^T (dy * out) and dx = (dy * out) w^T * in."""
+    in_e = np.repeat(in_mask != 0, bs, axis=1)
+    out_e = np.repeat(out_mask != 0, bs, axis=1)
+    x_in, dy_out = x.astype(np.float64) * in_e, dy.astype(np.float64) * out_e
+    return x_in.T @ dy_out, (dy_out @ w.astype(np.float64).T) * in_e
+
+
+@pytest.mark.parametrize("bs", [1, 8, 16, 32, 64])
+@pytest.mark.parametrize("masks", ["none", "in", "out", "both"])
+@pytest.mark.parametrize("n", [1, 7, 33])
+def test_grad_w_and_transposed_dx_ops(bs, masks, n):
+    m, p = 3 * bs, 2 * bs
+    x = RNG.standard_normal((n, m)).astype(np.float32)
+    dy = RNG.standard_normal((n, p)).astype(np.float32)
+    w = RNG.standard_normal((m, p)).astype(np.float32)
+    in_mask, out_mask = random_masks(n, 3, 2, masks)
+    ops().blocksparse_sparse_dot_grad_w(x, dy, np.ones_like(in_mask), np.ones_like(out_mask),
+                                        block_size=bs)  # leaves nonzero memory for the allocator
+    dw = ops().blocksparse_sparse_dot_grad_w(x, dy, in_mask, out_mask, block_size=bs).numpy()
+    dx = ops().blocksparse_sparse_dot(dy, w, out_mask, in_mask, block_size=bs, transpose_w=True).numpy()
+    dw_ref, dx_ref = grad_references(x, dy, w, in_mask, out_mask, bs)
+    assert dw.shape == (m, p) and dx.shape == (n, m)
+    assert rel_err(dw, dw_ref) < 1e-5
+    assert rel_err(dx, dx_ref) < 1e-5
+    # Blocks no example reaches are written as exact zeros (and so is the whole of dx there).
+    never = np.kron((in_mask.T @ out_mask) == 0, np.ones((bs, bs))).astype(bool)
+    assert np.all(dw[never] == 0) and np.all(dw[~never] != 0)
+    if masks in ("in", "both"):
+        assert np.all(dx[0] == 0) and np.all(dx[:, :bs] == 0)
+
+
+def test_grad_w_never_reads_inactive_entries():
+    bs, n = 8, 20
+    x = RNG.standard_normal((n, 4 * bs)).astype(np.float32)
+    dy = RNG.standard_normal((n, 3 * bs)).astype(np.float32)
+    in_mask, out_mask = random_masks(n, 4, 3, "both")
+    x_bad, dy_bad = x.copy(), dy.copy()
+    x_bad[np.repeat(in_mask == 0, bs, axis=1)] = np.nan
+    dy_bad[np.repeat(out_mask == 0, bs, axis=1)] = np.nan
+    dw = ops().blocksparse_sparse_dot_grad_w(x_bad, dy_bad, in_mask, out_mask, block_size=bs).numpy()
+    dw_ref, _ = grad_references(x, dy, np.zeros((4 * bs, 3 * bs)), in_mask, out_mask, bs)
+    assert rel_err(dw, dw_ref) < 1e-5
+
+
+@pytest.mark.parametrize("bs", [1, 8, 16, 32, 64])
+@pytest.mark.parametrize("masks", ["none", "in", "out", "both"])
+def test_transpose_w_forward(bs, masks):
+    n, m, p = 33, 4 * bs, 3 * bs
+    x = RNG.standard_normal((n, m)).astype(np.float32)
+    w = RNG.standard_normal((m, p)).astype(np.float32)
+    bias = RNG.standard_normal(p).astype(np.float32)
+    in_mask, out_mask = random_masks(n, 4, 3, masks)
+    in_mask = None if masks in ("none", "out") else in_mask
+    out_mask = None if masks in ("none", "in") else out_mask
+    y = sparse_dot(x, np.ascontiguousarray(w.T), in_mask, out_mask, bias=bias, block_size=bs,
+                   transpose_w=True)
+    assert rel_err(y, reference(x, w, in_mask, out_mask, bias, bs)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("bs,n", [(64, 7), (16, 33), (1, 1)])
+def test_gradients_through_sparse_dot(bs, n, transpose_w):
+    m, p = 2 * bs, 3 * bs
+    x = RNG.standard_normal((n, m)).astype(np.float32)
+    w = RNG.standard_normal((m, p)).astype(np.float32)
+    dy = RNG.standard_normal((n, p)).astype(np.float32)
+    in_mask, out_mask = random_masks(n, 2, 3, "both", keep=0.7)
+    xt = tf.constant(x)
+    wt = tf.constant(w.T.copy() if transpose_w else w)
+    with tf.GradientTape() as tape:
+        tape.watch([xt, wt])
+        y = sparse_dot(xt, wt, in_mask, out_mask, block_size=bs, transpose_w=transpose_w)
+    dx, dw = tape.gradient(y, [xt, wt], output_gradients=tf.constant(dy))
+    dw_ref, dx_ref = grad_references(x, dy, w, in_mask, out_mask, bs)
+    assert rel_err(dx, dx_ref) < 1e-5
+    assert rel_err(dw, dw_ref.T if transpose_w else dw_ref) < 1e-5
+
+
+def test_gradient_graph_has_no_transpose_and_no_dense_product():
+    bs = 8
+    x = tf.constant(RNG.standard_normal((5, 4 * bs)).astype(np.float32))
+    in_mask, out_mask = random_masks(5, 4, 2, "both")
+    for transpose_w, shape in ((False, (4 * bs, 2 * bs)), (True, (2 * bs, 4 * bs))):
+        w = tf.constant(RNG.standard_normal(shape).astype(np.float32))
+
+        @tf.function
+        def grads(x, w):
+            with tf.GradientTape() as tape:
+                tape.watch([x, w])
+                y = sparse_dot(x, w, in_mask, out_mask, block_size=bs, transpose_w=transpose_w)
+            return tape.gradient(y, [x, w])
+
+        types = {op.type for op in grads.get_concrete_function(x, w).graph.get_operations()}
+        assert "BlocksparseSparseDotGradW" in types
+        assert not types & {"Transpose", "MatMul", "BatchMatMulV2", "BatchMatMulV3"}, types
+
+
+@pytest.mark.parametrize("dtype,tol", [(tf.float16, 3e-3), (tf.bfloat16, 2e-2)])
+def test_half_precision_gradients(dtype, tol):
+    bs, n = 16, 33
+    x = tf.cast(RNG.standard_normal((n, 4 * bs)), dtype)
+    dy = tf.cast(RNG.standard_normal((n, 3 * bs)), dtype)
+    w = tf.cast(RNG.standard_normal((4 * bs, 3 * bs)), dtype)
+    in_mask, out_mask = random_masks(n, 4, 3, "both", keep=0.6)
+    dw = ops().blocksparse_sparse_dot_grad_w(x, dy, in_mask, out_mask, block_size=bs)
+    dx = ops().blocksparse_sparse_dot(dy, w, out_mask, in_mask, block_size=bs, transpose_w=True)
+    assert dw.dtype == dtype and dx.dtype == dtype
+    as64 = lambda t: tf.cast(t, tf.float64).numpy()  # noqa: E731
+    dw_ref, dx_ref = grad_references(as64(x), as64(dy), as64(w), in_mask, out_mask, bs)
+    assert rel_err(as64(dw), dw_ref) < tol
+    assert rel_err(as64(dx), dx_ref) < tol
+
+
+def test_finite_differences_transpose_w():
+    bs, n = 8, 3
+    x = tf.constant(RNG.standard_normal((n, 3 * bs)).astype(np.float32))
+    w = tf.constant(RNG.standard_normal((2 * bs, 3 * bs)).astype(np.float32))
+    in_mask = np.array([[1, 0, 1], [1, 1, 1], [0, 1, 0]], np.float32)
+    out_mask = np.array([[1, 1], [0, 1], [1, 0]], np.float32)
+    theoretical, numerical = tf.test.compute_gradient(
+        lambda a, c: sparse_dot(a, c, in_mask, out_mask, block_size=bs, transpose_w=True), [x, w],
+        delta=1e-2)
+    for t, num in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, num, rtol=2e-2, atol=2e-2)
+        assert np.abs(t).max() > 0.1
+
+
+def test_second_order_finite_differences():
+    """The weight gradient op is differentiable too: d/dx and d/ddy of <dw, g>."""
+    bs, n = 8, 4
+    x = tf.constant(RNG.standard_normal((n, 2 * bs)).astype(np.float32))
+    dy = tf.constant(RNG.standard_normal((n, 3 * bs)).astype(np.float32))
+    in_mask, out_mask = random_masks(n, 2, 3, "both", keep=0.7)
+    in_mask[1:, 0] = 1  # keep some of every block active
+    out_mask[:-1, 0] = 1
+    theoretical, numerical = tf.test.compute_gradient(
+        lambda a, d: ops().blocksparse_sparse_dot_grad_w(a, d, in_mask, out_mask, block_size=bs),
+        [x, dy], delta=1e-2)
+    for t, num in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, num, rtol=2e-2, atol=2e-2)
+        assert np.abs(t).max() > 0.1
+
+
+DETERMINISM_SCRIPT = r"""
+import hashlib, sys, numpy as np, tensorflow as tf
+tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
+sys.path.insert(0, sys.argv[2])
+from blocksparse_tf import sparse_dot
+rng = np.random.default_rng(5)
+n, bs = 301, 16
+for transpose_w in (False, True):
+    x = tf.constant(rng.standard_normal((n, 24 * bs)).astype(np.float32))
+    w = tf.constant(rng.standard_normal((16 * bs, 24 * bs) if transpose_w else (24 * bs, 16 * bs))
+                    .astype(np.float32))
+    in_mask = (rng.random((n, 24)) < 0.5).astype(np.float32)
+    out_mask = (rng.random((n, 16)) < 0.5).astype(np.float32)
+    with tf.GradientTape() as t:
+        t.watch([x, w])
+        y = sparse_dot(x, w, in_mask, out_mask, block_size=bs, transpose_w=transpose_w)
+        loss = tf.reduce_sum(y * y)
+    dx, dw = t.gradient(loss, [x, w])
+    h = hashlib.sha256()
+    for a in (y, dx, dw):
+        h.update(a.numpy().tobytes())
+    print(h.hexdigest())
+"""
+
+
+def test_gradients_bitwise_deterministic_across_thread_counts(outputs_across_thread_counts):
+    outputs = outputs_across_thread_counts(DETERMINISM_SCRIPT)
+    assert outputs[0].count("\n") == 2
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_bad_inputs_to_grad_w_op_raise():
+    x, dy = tf.ones((4, 32)), tf.ones((4, 16))
+    in_m, out_m = tf.ones((4, 4)), tf.ones((4, 2))
+    grad_w = ops().blocksparse_sparse_dot_grad_w
+    for args, message in [
+            ((tf.ones((4, 32, 1)), dy, in_m, out_m), r"x \(n, m\) and dy \(n, p\) must be matrices"),
+            ((x, tf.ones((5, 16)), in_m, out_m), r"with the same n; got x \[4,32\] and dy \[5,16\]"),
+            ((x, tf.ones((4, 12)), in_m, out_m), r"block_size 8 must divide m and p; got x \[4,32\] and dy \[4,12\]"),
+            ((x, dy, tf.ones((4, 3)), out_m), r"in_mask must have shape \(n, m / block_size\) = \(4, 4\); got \[4,3\]"),
+            ((x, dy, tf.ones((4,)), out_m), r"in_mask must have shape .* got \[4\]"),
+            ((x, dy, in_m, tf.ones((3, 2))), r"out_mask must have shape \(n, p / block_size\) = \(4, 2\); got \[3,2\]")]:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            grad_w(*args, block_size=8)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="block_size must be one of 1, 8, 16, 32, 64; got 4"):
+        grad_w(x, dy, tf.ones((4, 8)), tf.ones((4, 4)), block_size=4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="block_size must be one of"):
+        grad_w(tf.ones((4, 32), tf.float16), tf.ones((4, 16), tf.float16), in_m, out_m, block_size=12)
+
+
+def test_bad_inputs_to_transposed_product_raise():
+    x = tf.ones((4, 32))
+    dot = ops().blocksparse_sparse_dot
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"x \(n, m\) and w \(p, m\) must be matrices with matching m; got x \[4,32\] and w \[32,16\]"):
+        dot(x, tf.ones((32, 16)), tf.ones((4, 4)), tf.ones((4, 2)), block_size=8, transpose_w=True)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"out_mask must have shape \(n, p / block_size\) = \(4, 2\)"):
+        dot(x, tf.ones((16, 32)), tf.ones((4, 4)), tf.ones((4, 4)), block_size=8, transpose_w=True)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="block_size 16 must divide m and p"):
+        dot(x, tf.ones((24, 32)), tf.ones((4, 2)), tf.ones((4, 1)), block_size=16, transpose_w=True)
+    with pytest.raises(ValueError, match=r"x \(n, m\) and w \(p, m\) must agree on m"):
+        sparse_dot(x, tf.ones((32, 16)), block_size=8, transpose_w=True)
+
+
+def test_shape_functions():
+    spec = lambda *shape: tf.TensorSpec(shape, tf.float32)  # noqa: E731
+
+    @tf.function(input_signature=[spec(None, None), spec(None, None), spec(None, None), spec(None, None)])
+    def unknown(x, dy, in_m, out_m):
+        return ops().blocksparse_sparse_dot_grad_w(x, dy, in_m, out_m, block_size=8)
+
+    assert unknown.get_concrete_function().structured_outputs.shape.rank == 2
+    graph = tf.Graph()
+    with graph.as_default():
+        x, dy = tf.compat.v1.placeholder(tf.float32, (None, 32)), tf.compat.v1.placeholder(tf.float32, (None, 16))
+        dw = ops().blocksparse_sparse_dot_grad_w(x, dy, tf.ones((4, 4)), tf.ones((4, 2)), block_size=8)
+        assert dw.shape.as_list() == [32, 16]
+        y = ops().blocksparse_sparse_dot(x, tf.ones((16, 32)), tf.ones((4, 4)), tf.ones((4, 2)),
+                                         block_size=8, transpose_w=True)
+        assert y.shape.as_list() == [4, 16]
+        with pytest.raises(ValueError, match="evenly divisible by 8"):
+            ops().blocksparse_sparse_dot_grad_w(x, tf.ones((4, 12)), tf.ones((4, 4)), tf.ones((4, 1)), block_size=8)
+        with pytest.raises(ValueError, match="must be equal"):
+            ops().blocksparse_sparse_dot_grad_w(x, dy, tf.ones((4, 3)), tf.ones((4, 2)), block_size=8)
+        with pytest.raises(ValueError, match="must be equal"):
+            ops().blocksparse_sparse_dot(x, tf.ones((16, 32)), tf.ones((4, 4)), tf.ones((4, 2)), block_size=8)

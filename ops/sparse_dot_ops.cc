@@ -13,6 +13,7 @@
 
 #include "ops/cpu_kernel_util.h"
 #include "ops/sparse_dot_cpu.h"
+#include "ops/sparse_dot_op_base.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -21,13 +22,9 @@ namespace blocksparse {
 namespace {
 
 using ::tensorflow::DEVICE_CPU;
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
 using ::tensorflow::shape_inference::DimensionHandle;
 using ::tensorflow::shape_inference::InferenceContext;
 using ::tensorflow::shape_inference::ShapeHandle;
-
-std::string Shape(const Tensor& t) { return t.shape().DebugString(); }
 
 // Shape function check: mask is (n, features / bs), with bs dividing features.
 absl::Status CheckMaskShape(InferenceContext* c, int mask_input, DimensionHandle features,
@@ -38,31 +35,6 @@ absl::Status CheckMaskShape(InferenceContext* c, int mask_input, DimensionHandle
   DimensionHandle blocks, unused;
   TF_RETURN_IF_ERROR(c->Divide(features, bs, /*evenly_divisible=*/true, &blocks));
   return c->Merge(blocks, c->Dim(mask, 1), &unused);
-}
-
-// Kernel check: mask is (n, features / bs); `features` names the dimension in the message.
-absl::Status CheckMask(const Tensor& mask, const char* name, int64_t n, int64_t blocks,
-                       const char* features) {
-  if (mask.shape() == TensorShape({n, blocks})) return absl::OkStatus();
-  return absl::InvalidArgumentError(std::string(name) + " must have shape (n, " + features +
-                                    " / block_size) = (" + std::to_string(n) + ", " +
-                                    std::to_string(blocks) + "); got " + Shape(mask));
-}
-
-// What both kernels check once the operands' n, m and p are known (x and its partner named
-// for the messages): block_size divides m and p, the masks' shapes, n fits the row indices.
-absl::Status CheckBlocksAndMasks(const Tensor& x, const Tensor& other, const char* other_name,
-                                 const Tensor& in_mask, const Tensor& out_mask, int64_t n,
-                                 int64_t m, int64_t p, int64_t bs) {
-  if (m % bs != 0 || p % bs != 0) {
-    return absl::InvalidArgumentError("block_size " + std::to_string(bs) +
-                                      " must divide m and p; got x " + Shape(x) + " and " +
-                                      other_name + " " + Shape(other));
-  }
-  TF_RETURN_IF_ERROR(CheckMask(in_mask, "in_mask", n, m / bs, "m"));
-  TF_RETURN_IF_ERROR(CheckMask(out_mask, "out_mask", n, p / bs, "p"));
-  if (n >= INT32_MAX) return absl::InvalidArgumentError("x has too many rows: " + Shape(x));
-  return absl::OkStatus();
 }
 
 const float* Mask(OpKernelContext* ctx, int input) { return ctx->input(input).flat<float>().data(); }
@@ -77,20 +49,6 @@ void InFloat32(OpKernelContext* ctx, const Tensor& a, const Tensor& b, Tensor* o
   if (!ctx->status().ok()) return;
   WriteAsT<T>(ctx, out, [&](float* of) { fn(af, bf, of); });
 }
-
-// Reads and checks the block_size attr, shared by both kernels.
-class SparseDotKernelBase : public OpKernel {
- public:
-  explicit SparseDotKernelBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
-    OP_REQUIRES(ctx, IsSupportedBlockSize(block_size_),
-                absl::InvalidArgumentError("block_size must be one of 1, 8, 16, 32, 64; got " +
-                                           std::to_string(block_size_)));
-  }
-
- protected:
-  int64_t block_size_;
-};
 
 }  // namespace
 
@@ -162,21 +120,12 @@ class SparseDotOp : public SparseDotKernelBase {
   }
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& x = ctx->input(0);
-    const Tensor& w = ctx->input(1);
-    const int m_axis = transpose_w_ ? 1 : 0;  // w's axis of length m
-    OP_REQUIRES(ctx, x.dims() == 2 && w.dims() == 2 && x.dim_size(1) == w.dim_size(m_axis),
-                absl::InvalidArgumentError(
-                    std::string("x (n, m) and w ") + (transpose_w_ ? "(p, m)" : "(m, p)") +
-                    " must be matrices with matching m; got x " + Shape(x) + " and w " +
-                    Shape(w)));
-    const int64_t n = x.dim_size(0), m = x.dim_size(1), p = w.dim_size(1 - m_axis);
-    OP_REQUIRES_OK(ctx, CheckBlocksAndMasks(x, w, "w", ctx->input(2), ctx->input(3), n, m, p,
-                                            block_size_));
+    SparseDotSizes sz;
     Tensor* y;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n, p}), &y));
+    OP_REQUIRES_OK(ctx, PrepareForward(ctx, transpose_w_, &sz, &y));
+    const int64_t n = sz.n, m = sz.m, p = sz.p;
     if (n == 0 || p == 0) return;
-    InFloat32<T>(ctx, x, w, y, [&](const float* xf, const float* wf, float* yf) {
+    InFloat32<T>(ctx, ctx->input(0), ctx->input(1), y, [&](const float* xf, const float* wf, float* yf) {
       SparseDotCpu(xf, wf, Mask(ctx, 2), Mask(ctx, 3), yf, n, m, p, block_size_, transpose_w_,
                    CpuParallelFor(ctx));
     });
@@ -192,18 +141,12 @@ class SparseDotGradWOp : public SparseDotKernelBase {
   using SparseDotKernelBase::SparseDotKernelBase;
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& x = ctx->input(0);
-    const Tensor& dy = ctx->input(1);
-    OP_REQUIRES(ctx, x.dims() == 2 && dy.dims() == 2 && x.dim_size(0) == dy.dim_size(0),
-                absl::InvalidArgumentError("x (n, m) and dy (n, p) must be matrices with the same "
-                                           "n; got x " + Shape(x) + " and dy " + Shape(dy)));
-    const int64_t n = x.dim_size(0), m = x.dim_size(1), p = dy.dim_size(1);
-    OP_REQUIRES_OK(ctx, CheckBlocksAndMasks(x, dy, "dy", ctx->input(2), ctx->input(3), n, m, p,
-                                            block_size_));
+    SparseDotSizes sz;
     Tensor* dw;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({m, p}), &dw));
+    OP_REQUIRES_OK(ctx, PrepareGradW(ctx, &sz, &dw));
+    const int64_t n = sz.n, m = sz.m, p = sz.p;
     if (m == 0 || p == 0) return;
-    InFloat32<T>(ctx, x, dy, dw, [&](const float* xf, const float* dyf, float* dwf) {
+    InFloat32<T>(ctx, ctx->input(0), ctx->input(1), dw, [&](const float* xf, const float* dyf, float* dwf) {
       SparseDotGradWCpu(xf, dyf, Mask(ctx, 2), Mask(ctx, 3), dwf, n, m, p, block_size_,
                         CpuParallelFor(ctx));
     });

@@ -1,0 +1,106 @@
+// GPU kernels of BlocksparseSparseDot and BlocksparseSparseDotGradW (the ops are registered in
+// sparse_dot_ops.cc).  Built only with --config=cuda.  The CUDA work lives in sparse_dot_gpu.cu
+// behind a plain C++ interface; this file checks the inputs (the same checks as the CPU
+// kernels), allocates the example-list workspace and takes the stream from TensorFlow.
+#if GOOGLE_CUDA
+
+#define EIGEN_USE_GPU
+
+#include <cstdint>
+#include <string>
+
+#include "ops/sparse_dot_gpu.h"
+#include "ops/sparse_dot_op_base.h"
+#include "tensorflow/core/framework/op_kernel.h"
+
+namespace blocksparse {
+namespace {
+
+using ::tensorflow::DEVICE_GPU;
+
+CUstream_st* Stream(OpKernelContext* ctx) {
+  return ctx->eigen_device<Eigen::GpuDevice>().stream();
+}
+
+template <typename T> constexpr gpu::DType kDType = gpu::DType::kFloat32;
+template <> constexpr gpu::DType kDType<Eigen::half> = gpu::DType::kFloat16;
+template <> constexpr gpu::DType kDType<Eigen::bfloat16> = gpu::DType::kBFloat16;
+
+absl::Status LaunchStatus(int code, const char* op) {
+  if (code == 0) return absl::OkStatus();
+  return absl::InternalError(std::string(op) + " GPU kernel failed: " + gpu::ErrorString(code));
+}
+
+// Device scratch for the per-tile-column example lists of n examples and p output features.
+absl::Status Workspace(OpKernelContext* ctx, int64_t n, int64_t p, int64_t bs, Tensor* ws) {
+  const int64_t bytes = gpu::SparseDotWorkspaceBytes(n, p, bs);
+  return ctx->allocate_temp(tensorflow::DT_INT8, TensorShape({bytes > 0 ? bytes : 1}), ws);
+}
+
+const float* MaskPtr(OpKernelContext* ctx, int input) {
+  return ctx->input(input).flat<float>().data();
+}
+
+template <typename T>
+class SparseDotGpuOp : public SparseDotKernelBase {
+ public:
+  explicit SparseDotGpuOp(OpKernelConstruction* ctx) : SparseDotKernelBase(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_w", &transpose_w_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    SparseDotSizes sz;
+    Tensor* y;
+    OP_REQUIRES_OK(ctx, PrepareForward(ctx, transpose_w_, &sz, &y));
+    if (sz.n == 0 || sz.p == 0) return;
+    Tensor ws;
+    OP_REQUIRES_OK(ctx, Workspace(ctx, sz.n, sz.p, block_size_, &ws));
+    OP_REQUIRES_OK(ctx, LaunchStatus(gpu::LaunchSparseDot(
+                                         kDType<T>, ctx->input(0).data(), ctx->input(1).data(),
+                                         MaskPtr(ctx, 2), MaskPtr(ctx, 3), y->data(), sz.n, sz.m,
+                                         sz.p, block_size_, transpose_w_, ws.data(),
+                                         ws.NumElements(), Stream(ctx)),
+                                     "BlocksparseSparseDot"));
+  }
+
+ private:
+  bool transpose_w_;
+};
+
+template <typename T>
+class SparseDotGradWGpuOp : public SparseDotKernelBase {
+ public:
+  using SparseDotKernelBase::SparseDotKernelBase;
+
+  void Compute(OpKernelContext* ctx) override {
+    SparseDotSizes sz;
+    Tensor* dw;
+    OP_REQUIRES_OK(ctx, PrepareGradW(ctx, &sz, &dw));
+    if (sz.m == 0 || sz.p == 0) return;
+    Tensor ws;
+    OP_REQUIRES_OK(ctx, Workspace(ctx, sz.n, sz.p, block_size_, &ws));
+    OP_REQUIRES_OK(ctx, LaunchStatus(gpu::LaunchSparseDotGradW(
+                                         kDType<T>, ctx->input(0).data(), ctx->input(1).data(),
+                                         MaskPtr(ctx, 2), MaskPtr(ctx, 3), dw->data(), sz.n,
+                                         sz.m, sz.p, block_size_, ws.data(), ws.NumElements(),
+                                         Stream(ctx)),
+                                     "BlocksparseSparseDotGradW"));
+  }
+};
+
+#define REGISTER_GPU(T)                                                                      \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("BlocksparseSparseDot").Device(DEVICE_GPU).TypeConstraint<T>("T"),               \
+      SparseDotGpuOp<T>);                                                                    \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("BlocksparseSparseDotGradW").Device(DEVICE_GPU).TypeConstraint<T>("T"),           \
+      SparseDotGradWGpuOp<T>);
+
+REGISTER_GPU(float);
+REGISTER_GPU(Eigen::half);
+REGISTER_GPU(Eigen::bfloat16);
+
+}  // namespace
+}  // namespace blocksparse
+
+#endif  // GOOGLE_CUDA

@@ -10,7 +10,9 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -65,26 +67,70 @@ absl::Status UploadLayout(OpKernelContext* ctx, const BlockLayout& l, Tensor* st
   return absl::OkStatus();
 }
 
+// The device tables of the last layout a kernel saw.  A layer's layout is normally the same
+// on every call, so the tables are built on the host and copied to the GPU once, not per call.
+// The cache is keyed by the layout's coordinates, compared in full.  Get() hands out a
+// reference to the device buffer that the caller holds while it enqueues its kernels: if
+// another call swaps in a new layout meanwhile, the old buffer is released only after this
+// caller's launches are on the stream (TensorFlow's GPU allocator orders reuse on the stream).
+class DeviceLayoutCache {
+ public:
+  template <typename Build>
+  absl::Status Get(OpKernelContext* ctx, const Tensor& coords, const Build& build,
+                   Tensor* storage, gpu::DeviceLayout* out) {
+    const int32_t* begin = coords.flat<int32_t>().data();
+    const int32_t* end = begin + coords.NumElements();
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!valid_ || coords.shape() != shape_ || !std::equal(begin, end, key_.begin())) {
+      BlockLayout layout;
+      TF_RETURN_IF_ERROR(build(&layout));  // validates the coordinates
+      Tensor fresh;
+      gpu::DeviceLayout fresh_layout;
+      TF_RETURN_IF_ERROR(UploadLayout(ctx, layout, &fresh, &fresh_layout));
+      key_.assign(begin, end);
+      shape_ = coords.shape();
+      storage_ = fresh;
+      layout_ = fresh_layout;
+      valid_ = true;
+    }
+    *storage = storage_;
+    *out = layout_;
+    return absl::OkStatus();
+  }
+
+ private:
+  std::mutex mu_;
+  bool valid_ = false;
+  TensorShape shape_;
+  std::vector<int32_t> key_;
+  Tensor storage_;
+  gpu::DeviceLayout layout_;
+};
+
 template <typename T>
 class BlocksparseMatmulGpuOp : public BlocksparseOpBase {
  public:
   using BlocksparseOpBase::BlocksparseOpBase;
 
   void Compute(OpKernelContext* ctx) override {
-    BlockLayout layout;
-    int64_t N;
-    Tensor* y;
-    OP_REQUIRES_OK(ctx, PrepareForward(ctx, &layout, &N, &y));
-    if (N == 0) return;
+    const Tensor& coords = ctx->input(2);
     Tensor storage;
     gpu::DeviceLayout device_layout;
-    OP_REQUIRES_OK(ctx, UploadLayout(ctx, layout, &storage, &device_layout));
+    OP_REQUIRES_OK(ctx, cache_.Get(ctx, coords, [&](BlockLayout* l) { return BuildLayout(coords, l); },
+                                   &storage, &device_layout));
+    int64_t N;
+    Tensor* y;
+    OP_REQUIRES_OK(ctx, CheckForwardShapes(ctx, device_layout.blocks, &N, &y));
+    if (N == 0) return;
     OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchForward(kDType<T>, ctx->input(0).data(),
                                                       ctx->input(1).data(), y->data(), N,
                                                       feature_axis_, device_layout,
                                                       TfCudaStream(ctx)),
                                    "BlocksparseMatmul"));
   }
+
+ private:
+  DeviceLayoutCache cache_;
 };
 
 template <typename T>
@@ -93,19 +139,23 @@ class BlocksparseMatmulGradWGpuOp : public BlocksparseOpBase {
   using BlocksparseOpBase::BlocksparseOpBase;
 
   void Compute(OpKernelContext* ctx) override {
-    BlockLayout layout;
-    int64_t N;
-    Tensor* dw;
-    OP_REQUIRES_OK(ctx, PrepareGradW(ctx, &layout, &N, &dw));
+    const Tensor& coords = ctx->input(2);
     Tensor storage;
     gpu::DeviceLayout device_layout;
-    OP_REQUIRES_OK(ctx, UploadLayout(ctx, layout, &storage, &device_layout));
+    OP_REQUIRES_OK(ctx, cache_.Get(ctx, coords, [&](BlockLayout* l) { return BuildLayout(coords, l); },
+                                   &storage, &device_layout));
+    int64_t N;
+    Tensor* dw;
+    OP_REQUIRES_OK(ctx, CheckGradWShapes(ctx, device_layout.blocks, &N, &dw));
     OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchGradW(kDType<T>, ctx->input(0).data(),
                                                     ctx->input(1).data(), dw->data(), N,
                                                     feature_axis_, device_layout,
                                                     TfCudaStream(ctx)),
                                    "BlocksparseMatmulGradW"));
   }
+
+ private:
+  DeviceLayoutCache cache_;
 };
 
 #define REGISTER_GPU(T)                                                                   \

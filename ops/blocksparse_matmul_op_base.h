@@ -89,14 +89,20 @@ class BlocksparseOpBase : public OpKernel {
   // Checks BlocksparseMatmul's inputs (x, w, layout); gives the layout and N, and allocates y.
   absl::Status PrepareForward(OpKernelContext* ctx, BlockLayout* layout, int64_t* N,
                               Tensor** y) const {
+    TF_RETURN_IF_ERROR(BuildLayout(ctx->input(2), layout));
+    return CheckForwardShapes(ctx, layout->blocks, N, y);
+  }
+
+  // The same checks given the number of blocks of an already validated layout.
+  absl::Status CheckForwardShapes(OpKernelContext* ctx, int64_t blocks, int64_t* N,
+                                  Tensor** y) const {
     const Tensor& x = ctx->input(0);
     const Tensor& w = ctx->input(1);
-    TF_RETURN_IF_ERROR(BuildLayout(ctx->input(2), layout));
-    if (w.shape() != TensorShape({layout->blocks, block_size_, block_size_})) {
+    if (w.shape() != TensorShape({blocks, block_size_, block_size_})) {
       return absl::InvalidArgumentError(
-          "w must have shape (blocks, block_size, block_size) = (" +
-          std::to_string(layout->blocks) + ", " + std::to_string(block_size_) + ", " +
-          std::to_string(block_size_) + "); got " + w.shape().DebugString());
+          "w must have shape (blocks, block_size, block_size) = (" + std::to_string(blocks) +
+          ", " + std::to_string(block_size_) + ", " + std::to_string(block_size_) + "); got " +
+          w.shape().DebugString());
     }
     TF_RETURN_IF_ERROR(RowsOf("x", x, C_, N));
     TensorShape y_shape = x.shape();
@@ -108,9 +114,15 @@ class BlocksparseOpBase : public OpKernel {
   // allocates dw.
   absl::Status PrepareGradW(OpKernelContext* ctx, BlockLayout* layout, int64_t* N,
                             Tensor** dw) const {
+    TF_RETURN_IF_ERROR(BuildLayout(ctx->input(2), layout));
+    return CheckGradWShapes(ctx, layout->blocks, N, dw);
+  }
+
+  // The same checks given the number of blocks of an already validated layout.
+  absl::Status CheckGradWShapes(OpKernelContext* ctx, int64_t blocks, int64_t* N,
+                                Tensor** dw) const {
     const Tensor& x = ctx->input(0);
     const Tensor& dy = ctx->input(1);
-    TF_RETURN_IF_ERROR(BuildLayout(ctx->input(2), layout));
     int64_t N_dy;
     TF_RETURN_IF_ERROR(RowsOf("x", x, C_, N));
     TF_RETURN_IF_ERROR(RowsOf("dy", dy, K_, &N_dy));
@@ -119,7 +131,7 @@ class BlocksparseOpBase : public OpKernel {
                                         dy.shape().DebugString() +
                                         " must hold the same number of rows");
     }
-    return ctx->allocate_output(0, TensorShape({layout->blocks, block_size_, block_size_}), dw);
+    return ctx->allocate_output(0, TensorShape({blocks, block_size_, block_size_}), dw);
   }
 
   int64_t block_size_, C_, K_, feature_axis_;

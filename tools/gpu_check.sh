@@ -9,6 +9,7 @@
 #     quick: build + correctness + a short benchmark
 #     sparse_dot: build + the sparse_dot kernels only (correctness, memcheck, benchmark)
 # Logs and the benchmark table (bench.md) go to $OUT if set, else build/gpu_check/.
+# SKIP_BUILD=1 reuses an existing build/libbsmm_gpu.so (several modes in one session).
 # Exits non-zero if the build or any check fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,9 @@ step() { echo; echo "==== $* ===="; }
 step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 || true
 
+if [ "${SKIP_BUILD:-0}" = 1 ] && [ -f build/libbsmm_gpu.so ]; then
+  echo "SKIP_BUILD=1: using the existing build/libbsmm_gpu.so"
+else
 step "build ($NVCC)"
 t0=$(date +%s)
 FLAGS=(-O3 -std=c++17 -Xcompiler -fPIC --threads 0 -lineinfo -Xptxas -v
@@ -56,6 +60,7 @@ fi
 echo "built build/libbsmm_gpu.so in $(( $(date +%s) - t0 )) s;" \
   "spill reports: $(grep 'spill stores' "$LOG_DIR/build.log" | grep -vc ' 0 bytes spill stores') non-zero" \
   "of $(grep -c 'bytes spill stores' "$LOG_DIR/build.log")"
+fi
 [ "$MODE" = build ] && exit 0
 
 run() {  # run NAME CMD...
@@ -77,6 +82,8 @@ if [ "$MODE" = all ] || [ "$MODE" = check ]; then
     python3 tools/gpu_check.py --race
   run sparse_dot_memcheck "$SANITIZER" --tool memcheck --error-exitcode 3 \
     python3 tools/gpu_check_sparse_dot.py --check
+  run sparse_dot_racecheck "$SANITIZER" --tool racecheck --racecheck-report hazard \
+    --error-exitcode 3 python3 tools/gpu_check_sparse_dot.py --race
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   run bench python3 tools/gpu_check.py --bench --out-md "$LOG_DIR/bench.md"
@@ -87,6 +94,8 @@ if [ "$MODE" = sparse_dot ]; then
   run sparse_dot_correctness python3 tools/gpu_check_sparse_dot.py --correctness
   run sparse_dot_memcheck "$SANITIZER" --tool memcheck --error-exitcode 3 \
     python3 tools/gpu_check_sparse_dot.py --check
+  run sparse_dot_racecheck "$SANITIZER" --tool racecheck --racecheck-report hazard \
+    --error-exitcode 3 python3 tools/gpu_check_sparse_dot.py --race
   run sparse_dot_bench python3 tools/gpu_check_sparse_dot.py --bench \
     --out-md "$LOG_DIR/bench_sparse_dot.md"
 fi

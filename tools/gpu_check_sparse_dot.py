@@ -6,7 +6,8 @@ builds (build/libbsmm_gpu.so).  Modes:
   --correctness  every dtype and block size, mask combinations, ragged shapes, transposed w,
                  unaligned pointers, many input tiles, bitwise determinism, argument checks,
                  all against float64 references with NaN-poisoned outputs.
-  --check        a small subset, for compute-sanitizer.
+  --check        a small subset, for compute-sanitizer memcheck.
+  --race         a tensor-core subset, for compute-sanitizer racecheck.
   --bench        forward / dx / dW times against dense cuBLAS (torch.matmul) by active fraction.
 Exits non-zero on any failure.
 """
@@ -138,12 +139,23 @@ def correctness(lib, res, quick=False):
                            misalign=True)
     if quick:
         return
-    # Longer products: many input tiles (more than one chunk of 1024 at bs 1), many examples.
+    # Longer products: many input tiles (several mask chunks of 256 blocks at bs 1), many
+    # examples.
     check_case(lib, res, "float32", 1, 3, 16 * 1100, 16, 0.5, 0.5, gen)
     check_case(lib, res, "bfloat16", 32, 1000, 1024, 512, 0.2, 0.3, gen, repeat=3)
     check_case(lib, res, "float32", 64, 777, 512, 1024, 0.4, 0.2, gen, transpose_w=True, repeat=3)
     check_case(lib, res, "float16", 16, 513, 4096, 256, 0.1, 0.5, gen, repeat=3)
     validation(lib, res)
+
+
+def race_subset(lib, res):
+    """Pipelines that wrap around (many steps), both products, masks narrower than a chunk."""
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(77)
+    for bs, m, p in ((64, 512, 128), (32, 512, 64), (16, 512, 32), (8, 256, 32)):
+        check_case(lib, res, "bfloat16", bs, 150, m, p, 0.7, 0.7, gen)
+        check_case(lib, res, "bfloat16", bs, 150, m, p, 0.7, 0.7, gen, transpose_w=True)
+    check_case(lib, res, "float32", 32, 150, 512, 64, 0.7, 0.7, gen)
 
 
 def validation(lib, res):
@@ -242,6 +254,7 @@ def main():
     ap.add_argument("--lib", default=os.path.join(ROOT, "build", "libbsmm_gpu.so"))
     ap.add_argument("--correctness", action="store_true")
     ap.add_argument("--check", action="store_true", help="small subset for compute-sanitizer")
+    ap.add_argument("--race", action="store_true", help="tensor-core subset for racecheck")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out-md", default=None)
@@ -250,6 +263,8 @@ def main():
     res = Results()
     if args.check:
         correctness(lib, res, quick=True)
+    if args.race:
+        race_subset(lib, res)
     if args.correctness:
         correctness(lib, res, quick=args.quick)
     print(f"sparse_dot checks: {res.passed} passed, {len(res.failed)} failed", flush=True)

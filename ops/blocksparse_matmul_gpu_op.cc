@@ -2,8 +2,7 @@
 // blocksparse_matmul_ops.cc).  Built only with --config=cuda.
 //
 // The CUDA work lives in blocksparse_matmul_gpu*.cu behind a plain C++ interface; this file
-// takes only the stream from TensorFlow (never device properties: TensorFlow's CUDA 12
-// cudaDeviceProp differs in layout from the CUDA 13 headers we compile with).
+// takes only the stream from TensorFlow (see gpu_op_util.h).
 #if GOOGLE_CUDA
 
 #define EIGEN_USE_GPU
@@ -19,25 +18,13 @@
 #include "ops/block_layout.h"
 #include "ops/blocksparse_matmul_gpu.h"
 #include "ops/blocksparse_matmul_op_base.h"
+#include "ops/gpu_op_util.h"
 #include "tensorflow/core/framework/op_kernel.h"
 
 namespace blocksparse {
 namespace {
 
 using ::tensorflow::DEVICE_GPU;
-
-CUstream_st* TfCudaStream(OpKernelContext* ctx) {
-  return ctx->eigen_device<Eigen::GpuDevice>().stream();
-}
-
-template <typename T> constexpr gpu::DType kDType = gpu::DType::kFloat32;
-template <> constexpr gpu::DType kDType<Eigen::half> = gpu::DType::kFloat16;
-template <> constexpr gpu::DType kDType<Eigen::bfloat16> = gpu::DType::kBFloat16;
-
-absl::Status CudaStatus(int code, const char* what) {
-  if (code == 0) return absl::OkStatus();
-  return absl::InternalError(std::string(what) + " failed: " + gpu::ErrorString(code));
-}
 
 // Copies the layout tables into one device buffer (kept alive by *storage) and points a
 // DeviceLayout at it.  cudaMemcpyAsync from pageable memory returns once the host data has

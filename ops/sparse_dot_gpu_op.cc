@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "ops/gpu_op_util.h"
 #include "ops/sparse_dot_gpu.h"
 #include "ops/sparse_dot_op_base.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -17,19 +18,6 @@ namespace blocksparse {
 namespace {
 
 using ::tensorflow::DEVICE_GPU;
-
-CUstream_st* Stream(OpKernelContext* ctx) {
-  return ctx->eigen_device<Eigen::GpuDevice>().stream();
-}
-
-template <typename T> constexpr gpu::DType kDType = gpu::DType::kFloat32;
-template <> constexpr gpu::DType kDType<Eigen::half> = gpu::DType::kFloat16;
-template <> constexpr gpu::DType kDType<Eigen::bfloat16> = gpu::DType::kBFloat16;
-
-absl::Status LaunchStatus(int code, const char* op) {
-  if (code == 0) return absl::OkStatus();
-  return absl::InternalError(std::string(op) + " GPU kernel failed: " + gpu::ErrorString(code));
-}
 
 // Device scratch for the per-tile-column example lists of n examples and p output features.
 absl::Status Workspace(OpKernelContext* ctx, int64_t n, int64_t p, int64_t bs, Tensor* ws) {
@@ -55,12 +43,12 @@ class SparseDotGpuOp : public SparseDotKernelBase {
     if (sz.n == 0 || sz.p == 0) return;
     Tensor ws;
     OP_REQUIRES_OK(ctx, Workspace(ctx, sz.n, sz.p, block_size_, &ws));
-    OP_REQUIRES_OK(ctx, LaunchStatus(gpu::LaunchSparseDot(
+    OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchSparseDot(
                                          kDType<T>, ctx->input(0).data(), ctx->input(1).data(),
                                          MaskPtr(ctx, 2), MaskPtr(ctx, 3), y->data(), sz.n, sz.m,
                                          sz.p, block_size_, transpose_w_, ws.data(),
-                                         ws.NumElements(), Stream(ctx)),
-                                     "BlocksparseSparseDot"));
+                                         ws.NumElements(), TfCudaStream(ctx)),
+                                     "BlocksparseSparseDot GPU kernel"));
   }
 
  private:
@@ -79,12 +67,12 @@ class SparseDotGradWGpuOp : public SparseDotKernelBase {
     if (sz.m == 0 || sz.p == 0) return;
     Tensor ws;
     OP_REQUIRES_OK(ctx, Workspace(ctx, sz.n, sz.p, block_size_, &ws));
-    OP_REQUIRES_OK(ctx, LaunchStatus(gpu::LaunchSparseDotGradW(
+    OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchSparseDotGradW(
                                          kDType<T>, ctx->input(0).data(), ctx->input(1).data(),
                                          MaskPtr(ctx, 2), MaskPtr(ctx, 3), dw->data(), sz.n,
                                          sz.m, sz.p, block_size_, ws.data(), ws.NumElements(),
-                                         Stream(ctx)),
-                                     "BlocksparseSparseDotGradW"));
+                                         TfCudaStream(ctx)),
+                                     "BlocksparseSparseDotGradW GPU kernel"));
   }
 };
 

@@ -6,13 +6,13 @@
 //   SparseDotKernel:  one CTA per (tile column j, tile of 64 listed examples): it finds the
 //     input tiles used by any of its examples, then accumulates x_tile . W_tile over them.
 //     Tiles made only of inactive examples just write zeros.
-//   SparseDotGradWKernel: one CTA per (input tile i, tile column j) of dw: accumulates
+//   SparseDotGradWKernel: one CTA per (64 input features, tile column j) of dw: accumulates
 //     x^T . dy over the examples listed for j, 64 at a time, skipping groups of 64 in which no
-//     example uses input tile i.
+//     example uses those input features.
 // Operands stream through a cp.async pipeline in shared memory (two or three stages), with the
 // masks applied on the way: a masked-off x chunk is zero-filled, never read (masks narrower than
-// a 16-byte chunk are applied element-wise once the chunk has landed).  16-bit inputs use mma.sync (m16n8k16); float32 runs on
-// CUDA cores with a 4-wide register tile per thread.
+// a 16-byte chunk are applied element-wise once the chunk has landed).  Everything runs on the
+// tensor cores (mma.sync, sm_80+): 16-bit inputs directly, float32 as 3xTF32.
 #include "ops/sparse_dot_gpu.h"
 
 #include <cuda_bf16.h>
@@ -34,6 +34,8 @@ using mma_impl::CpAsyncWait;
 using mma_impl::FromF;
 using mma_impl::LdMatrixX4;
 using mma_impl::MmaOp;
+using mma_impl::MmaTf32;
+using mma_impl::SplitTf32;
 using mma_impl::StoreChunk;
 using mma_impl::ToF;
 
@@ -177,78 +179,71 @@ __device__ __forceinline__ void StoreOut(T* dst, const float* v, int64_t f0, int
 template <typename T, int W, bool kGrad, bool kBTrans = false>
 struct Cfg {
   static constexpr bool kIsGrad = kGrad, kBT = kBTrans;
-  static constexpr bool kMma = sizeof(T) == 2;
+  static constexpr bool kF32 = sizeof(T) == 4;
   static constexpr int kCE = Chunk<T>::kElems;
-  static constexpr int kPad = kMma ? 8 : 4;          // keeps rows 16-byte multiples
   static constexpr int kKS = 64;                     // reduction extent of one step
   static constexpr int kKT = kGrad ? 1 : kKS / W;    // forward: input tiles per step
   static constexpr int kBM = 64;                     // output tile rows
   static constexpr int kAW = 64;                     // A row length (elements)
   static constexpr int kBW = kBT ? kKS : W;          // B row length
   static constexpr int kBRowsN = kBT ? W : kKS;      // B rows
-  static constexpr int kALd = kAW + kPad, kBLd = kBW + kPad;
+  // Row padding (16-byte multiples) that keeps the fragment loads free of bank conflicts:
+  // 16-bit rows are read by ldmatrix (8 elements); float32 fragments are read one element per
+  // thread, 4 floats for K-contiguous rows, 8 for M/N-contiguous ones.
+  static constexpr bool kAKContig = !kGrad, kBKContig = kBT;
+  static constexpr int kAPad = kF32 ? (kAKContig ? 4 : 8) : 8;
+  static constexpr int kBPad = kF32 ? (kBKContig ? 4 : 8) : 8;
+  static constexpr int kALd = kAW + kAPad, kBLd = kBW + kBPad;
   static constexpr int kAElems = kRows * kALd, kBElems = kBRowsN * kBLd;
   static constexpr int kStageElems = kAElems + kBElems;
-  // Tensor-core warps: WM x WN split the output tile, WK the K slices of a step.
+  // Warps: WM x WN split the output tile.
   static constexpr int kWM = (kGrad && W > 16) ? 2 : 4;
   static constexpr int kWN = 4 / kWM;
-  static constexpr int kWK = 1;
   static constexpr int kMT = kBM / kWM / 16, kNT = W / kWN / 8;
-  // CUDA-core threads: TM rows (strided by TY) x TN adjacent columns each.
-  static constexpr int kTN = 4;
-  static constexpr int kTX = W / kTN, kTY = kThreads / kTX, kTM = kBM / kTY;
   static constexpr int kCLd = W + 4;  // epilogue staging rows (floats)
-  static constexpr int kStages = kMma ? 3 : 2;  // cp.async pipeline depth
+  static constexpr int kStages = kF32 ? 2 : 3;  // cp.async pipeline depth
   static constexpr int kPipeBytes = kStages * kStageElems * static_cast<int>(sizeof(T));
-  static constexpr int kEpiBytes = kWK * kBM * kCLd * 4;
+  static constexpr int kEpiBytes = kBM * kCLd * 4;
   static constexpr int kSmemBytes = kPipeBytes > kEpiBytes ? kPipeBytes : kEpiBytes;
   // 16-byte chunks of the A and B tiles; per thread and step.
   static constexpr int kACPR = kAW / kCE, kBCPR = kBW / kCE;  // chunks per row
   static constexpr int kAChunks = kRows * kACPR, kBChunks = kBRowsN * kBCPR;
   static constexpr int kAPer = (kAChunks + kThreads - 1) / kThreads;
   static constexpr int kBPer = (kBChunks + kThreads - 1) / kThreads;
-  static_assert(kMma ? kWM * kWN * kWK == 4 : kTY * kTM == kBM, "thread split");
-  static_assert(!kMma || (kBM % (16 * kWM) == 0 && kNT % 2 == 0), "warp tiles");
+  static_assert(kBM % (16 * kWM) == 0 && kNT % 2 == 0, "warp tiles");
 };
 
-// The per-CTA accumulators and the two ways of filling them.
+// The per-CTA accumulators, filled on the tensor cores: 16-bit inputs with m16n8k16 MMAs,
+// float32 as 3xTF32 (each operand split into a TF32 high part and residual, three m16n8k8
+// MMAs, float32 accumulation), which keeps float32 accuracy.
 template <typename C, typename T>
 struct Accumulator {
-  float mma[C::kMma ? C::kMT : 1][C::kMma ? C::kNT : 1][4];
-  float simt[C::kMma ? 1 : C::kTM][C::kMma ? 1 : C::kTN];
+  float acc[C::kMT][C::kNT][4];
 
   __device__ __forceinline__ void Zero() {
-    if constexpr (C::kMma) {
 #pragma unroll
-      for (int a = 0; a < C::kMT; ++a)
+    for (int a = 0; a < C::kMT; ++a)
 #pragma unroll
-        for (int b = 0; b < C::kNT; ++b)
+      for (int b = 0; b < C::kNT; ++b)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) mma[a][b][e] = 0.f;
-    } else {
-#pragma unroll
-      for (int a = 0; a < C::kTM; ++a)
-#pragma unroll
-        for (int b = 0; b < C::kTN; ++b) simt[a][b] = 0.f;
-    }
+        for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
   }
 
   // acc += A . B for one stage (layouts in Cfg).
   __device__ __forceinline__ void Step(const T* As, const T* Bs, int tid) {
-    if constexpr (C::kMma) {
-      const int lane = tid & 31, warp = tid >> 5;
-      const int wk = warp / (C::kWM * C::kWN), wmn = warp % (C::kWM * C::kWN);
-      const int wm = wmn / C::kWN, wn = wmn % C::kWN;
+    const int lane = tid & 31, warp = tid >> 5;
+    const int wm = warp / C::kWN, wn = warp % C::kWN;
+    if constexpr (!C::kF32) {
       const int li = lane >> 3, lr = lane & 7;
 #pragma unroll
-      for (int kk = wk; kk < C::kKS / 16; kk += C::kWK) {
+      for (int kk = 0; kk < C::kKS / 16; ++kk) {
         uint32_t af[C::kMT][4], bf[C::kNT][2];
 #pragma unroll
         for (int mt = 0; mt < C::kMT; ++mt) {
           const int mb = wm * (C::kBM / C::kWM) + mt * 16;
-          if constexpr (!C::kIsGrad) {  // x rows: K contiguous
+          if constexpr (C::kAKContig) {  // x rows
             LdMatrixX4<false>(af[mt], As + (mb + (lane & 15)) * C::kALd + kk * 16 + (lane >> 4) * 8);
-          } else {  // x^T: M contiguous
+          } else {  // x^T
             LdMatrixX4<true>(af[mt], As + (kk * 16 + lr + (li >> 1) * 8) * C::kALd + mb + (li & 1) * 8);
           }
         }
@@ -256,7 +251,7 @@ struct Accumulator {
         for (int np = 0; np < C::kNT / 2; ++np) {
           const int nb = wn * (C::kNT * 8) + np * 16;
           uint32_t r[4];
-          if constexpr (!C::kBT) {  // K x N, N contiguous
+          if constexpr (!C::kBKContig) {  // K x N, N contiguous
             LdMatrixX4<true>(r, Bs + (kk * 16 + lr + (li & 1) * 8) * C::kBLd + nb + (li >> 1) * 8);
           } else {  // N x K, K contiguous
             LdMatrixX4<false>(r, Bs + (nb + lr + (li >> 1) * 8) * C::kBLd + kk * 16 + (li & 1) * 8);
@@ -270,70 +265,90 @@ struct Accumulator {
         for (int mt = 0; mt < C::kMT; ++mt)
 #pragma unroll
           for (int nt = 0; nt < C::kNT; ++nt)
-            MmaOp<T>::Run(mma[mt][nt], af[mt], bf[nt][0], bf[nt][1]);
+            MmaOp<T>::Run(acc[mt][nt], af[mt], bf[nt][0], bf[nt][1]);
       }
     } else {
-      const int tx = tid % C::kTX, ty = tid / C::kTX;
-#pragma unroll 4
-      for (int k = 0; k < C::kKS; ++k) {
-        float a[C::kTM], b[C::kTN];
+      // The MMA units do not round float32 sums the IEEE way; each step's products are summed
+      // from zero and added to the accumulators with ordinary float32 adds.
+      const int grp = lane >> 2, tig = lane & 3;
+      const uint32_t* Au = reinterpret_cast<const uint32_t*>(As);
+      const uint32_t* Bu = reinterpret_cast<const uint32_t*>(Bs);
+      float part[C::kMT][C::kNT][4];
 #pragma unroll
-        for (int r = 0; r < C::kTM; ++r) {
-          const int row = ty + r * C::kTY;
-          a[r] = ToF(C::kIsGrad ? As[k * C::kALd + row] : As[row * C::kALd + k]);
+      for (int a = 0; a < C::kMT; ++a)
+#pragma unroll
+        for (int b = 0; b < C::kNT; ++b)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) part[a][b][e] = 0.f;
+#pragma unroll 2
+      for (int kk = 0; kk < C::kKS / 8; ++kk) {
+        const int k0 = kk * 8;
+        uint32_t ah[C::kMT][4], al[C::kMT][4], bh[C::kNT][2], bl[C::kNT][2];
+#pragma unroll
+        for (int mt = 0; mt < C::kMT; ++mt) {
+          const int m0 = wm * (C::kBM / C::kWM) + mt * 16 + grp;
+          // a0 (m0, k0+tig), a1 (m0+8, k0+tig), a2 (m0, k0+tig+4), a3 (m0+8, k0+tig+4)
+          uint32_t a[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int m = m0 + (e & 1) * 8, k = k0 + tig + (e >> 1) * 4;
+            a[e] = C::kAKContig ? Au[m * C::kALd + k] : Au[k * C::kALd + m];
+            SplitTf32(a[e], ah[mt][e], al[mt][e]);
+          }
         }
 #pragma unroll
-        for (int c = 0; c < C::kTN; ++c) {
-          const int col = tx * C::kTN + c;
-          b[c] = ToF(C::kBT ? Bs[col * C::kBLd + k] : Bs[k * C::kBLd + col]);
+        for (int nt = 0; nt < C::kNT; ++nt) {
+          const int n = wn * (C::kNT * 8) + nt * 8 + grp;
+          // b0 (k0+tig, n), b1 (k0+tig+4, n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int k = k0 + tig + e * 4;
+            const uint32_t v = C::kBKContig ? Bu[n * C::kBLd + k] : Bu[k * C::kBLd + n];
+            SplitTf32(v, bh[nt][e], bl[nt][e]);
+          }
         }
 #pragma unroll
-        for (int r = 0; r < C::kTM; ++r)
+        for (int mt = 0; mt < C::kMT; ++mt)
 #pragma unroll
-          for (int c = 0; c < C::kTN; ++c) simt[r][c] = fmaf(a[r], b[c], simt[r][c]);
+          for (int nt = 0; nt < C::kNT; ++nt) {
+            MmaTf32(part[mt][nt], al[mt], bh[nt][0], bh[nt][1]);
+            MmaTf32(part[mt][nt], ah[mt], bl[nt][0], bl[nt][1]);
+            MmaTf32(part[mt][nt], ah[mt], bh[nt][0], bh[nt][1]);
+          }
       }
+#pragma unroll
+      for (int a = 0; a < C::kMT; ++a)
+#pragma unroll
+        for (int b = 0; b < C::kNT; ++b)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[a][b][e] += part[a][b][e];
     }
   }
 
-  // Writes the tile as floats to Cs[wk][row][col] (row stride kCLd).
+  // Writes the tile as floats to Cs[row][col] (row stride kCLd).
   __device__ __forceinline__ void Stage(float* Cs, int tid) const {
-    if constexpr (C::kMma) {
-      const int lane = tid & 31, warp = tid >> 5;
-      const int wk = warp / (C::kWM * C::kWN), wmn = warp % (C::kWM * C::kWN);
-      const int wm = wmn / C::kWN, wn = wmn % C::kWN;
-      const int grp = lane >> 2, tig = lane & 3;
-      float* Cw = Cs + wk * C::kBM * C::kCLd;
+    const int lane = tid & 31, warp = tid >> 5;
+    const int wm = warp / C::kWN, wn = warp % C::kWN;
+    const int grp = lane >> 2, tig = lane & 3;
 #pragma unroll
-      for (int mt = 0; mt < C::kMT; ++mt)
+    for (int mt = 0; mt < C::kMT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < C::kNT; ++nt) {
-          const int row = wm * (C::kBM / C::kWM) + mt * 16 + grp;
-          const int col = wn * (C::kNT * 8) + nt * 8 + 2 * tig;
-          Cw[row * C::kCLd + col] = mma[mt][nt][0];
-          Cw[row * C::kCLd + col + 1] = mma[mt][nt][1];
-          Cw[(row + 8) * C::kCLd + col] = mma[mt][nt][2];
-          Cw[(row + 8) * C::kCLd + col + 1] = mma[mt][nt][3];
-        }
-    } else {
-      const int tx = tid % C::kTX, ty = tid / C::kTX;
-#pragma unroll
-      for (int r = 0; r < C::kTM; ++r)
-#pragma unroll
-        for (int c = 0; c < C::kTN; ++c)
-          Cs[(ty + r * C::kTY) * C::kCLd + tx * C::kTN + c] = simt[r][c];
-    }
+      for (int nt = 0; nt < C::kNT; ++nt) {
+        const int row = wm * (C::kBM / C::kWM) + mt * 16 + grp;
+        const int col = wn * (C::kNT * 8) + nt * 8 + 2 * tig;
+        Cs[row * C::kCLd + col] = acc[mt][nt][0];
+        Cs[row * C::kCLd + col + 1] = acc[mt][nt][1];
+        Cs[(row + 8) * C::kCLd + col] = acc[mt][nt][2];
+        Cs[(row + 8) * C::kCLd + col + 1] = acc[mt][nt][3];
+      }
   }
 };
 
-// Sums the staged K-group partial tiles (in a fixed order) for CE outputs of row `row`.
+// CE staged outputs of row `row` from column `col`.
 template <typename C>
-__device__ __forceinline__ void SumStaged(const float* Cs, int row, int col, float (&v)[C::kCE]) {
+__device__ __forceinline__ void ReadStaged(const float* Cs, int row, int col, float (&v)[C::kCE]) {
 #pragma unroll
-  for (int e = 0; e < C::kCE; ++e) v[e] = 0.f;
-#pragma unroll
-  for (int g = 0; g < C::kWK; ++g)
-#pragma unroll
-    for (int e = 0; e < C::kCE; ++e) v[e] += Cs[(g * C::kBM + row) * C::kCLd + col + e];
+  for (int e = 0; e < C::kCE; ++e) v[e] = Cs[row * C::kCLd + col + e];
 }
 
 template <typename T>
@@ -521,7 +536,7 @@ __global__ void __launch_bounds__(kThreads) SparseDotKernel(const Problem P) {
       const int64_t rr = rows_s[i];
       if (rr < 0) continue;
       float v[CE];
-      SumStaged<C>(Cs, i, c, v);
+      ReadStaged<C>(Cs, i, c, v);
       if (i >= n_act) {
 #pragma unroll
         for (int e = 0; e < CE; ++e) v[e] = 0.f;
@@ -646,7 +661,7 @@ __global__ void __launch_bounds__(kThreads) SparseDotGradWKernel(const Problem P
       const int i = q / (W / CE), c = (q % (W / CE)) * CE;
       if (f0 + i >= m) continue;
       float v[CE];
-      SumStaged<C>(Cs, i, c, v);
+      ReadStaged<C>(Cs, i, c, v);
       StoreOut<T>(dw + (f0 + i) * p + g0 + c, v, g0 + c, p, P.vec);
     }
     __syncthreads();  // Cs is overwritten by the next tile's stages

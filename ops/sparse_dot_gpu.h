@@ -18,8 +18,9 @@
 // examples, and within a tile skip every input tile of W features that none of its examples
 // uses.  So the cost follows the active output fraction exactly and the active input fraction
 // as far as the examples of a tile agree on their inputs (for independent random masks with
-// 64 examples per tile almost no input tile is skipped).  16-bit inputs run on tensor cores
-// (mma.sync, sm_80+); float32 on CUDA cores in float32 (no TF32).
+// 64 examples per tile almost no input tile is skipped).  All products run on tensor cores
+// (mma.sync, sm_80+): 16-bit inputs directly, float32 as "3xTF32" (operands split into TF32
+// high and residual parts, float32 accumulation: float32-level accuracy, not TF32's).
 //
 // `workspace` (device memory, at least SparseDotWorkspaceBytes(n, p, bs) bytes, any content)
 // holds the example lists; it must not be shared by calls that may run concurrently.

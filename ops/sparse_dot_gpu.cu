@@ -56,6 +56,7 @@ struct Problem {
   const int32_t* counts;    // per tile column: number of listed active examples
   int64_t n, m, p;
   int bs;
+  int bs_shift;             // log2(bs): mask indices by shifting (bs is a power of two)
   bool transpose_w;         // forward: w is (p, m)
   bool vec;                 // 16-byte loads and stores are safe (aligned, rows of whole chunks)
 };
@@ -428,7 +429,7 @@ __global__ void __launch_bounds__(kThreads) SparseDotKernel(const Problem P) {
   T* __restrict__ y = static_cast<T*>(P.out);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t n = P.n, m = P.m, p = P.p;
-  const int bs = P.bs, bpt = W / bs;  // mask blocks per input tile
+  const int bs = P.bs, sh = P.bs_shift, bpt = W / bs;  // bpt: mask blocks per input tile
   const int chunk_tiles = kMaskBlocks / bpt;
   const int64_t MB = m / bs, PB = p / bs, MI = (m + W - 1) / W;
   const int64_t j = blockIdx.x, g0 = j * W;  // tile column, its first output feature
@@ -442,6 +443,14 @@ __global__ void __launch_bounds__(kThreads) SparseDotKernel(const Problem P) {
     const int n_act =
         static_cast<int>(count - r0 <= 0 ? 0 : (count - r0 < kRows ? count - r0 : kRows));
     __syncthreads();
+    // Offsets in x of the rows of this thread's A chunks (-1: inactive example), fixed for
+    // the whole tile.
+    int64_t x_row[C::kAPer];
+#pragma unroll
+    for (int k = 0; k < C::kAPer; ++k) {
+      const int i = (k * kThreads + tid) / C::kACPR;
+      x_row[k] = i < n_act ? rows_s[i] * m : -1;
+    }
     Accumulator<C, T> acc;
     acc.Zero();
     for (int64_t ci0 = 0; n_act > 0 && ci0 < MI; ci0 += chunk_tiles) {
@@ -492,16 +501,16 @@ __global__ void __launch_bounds__(kThreads) SparseDotKernel(const Problem P) {
           if (q >= C::kAChunks) continue;
           const int i = q / C::kACPR, c = (q % C::kACPR) * CE;
           const int e = s * C::kKT + c / W;
-          const bool valid = i < n_act && e < nlist;
+          const bool valid = x_row[k] >= 0 && e < nlist;
           const int64_t f0 = valid ? (int64_t)list_s[e] * W + c % W : 0;
           const uint8_t* mrow = mask_s[i];
-          const auto active = [&](int64_t f) { return mrow[f / bs - blk0] != 0; };
+          const auto active = [&](int64_t f) { return mrow[(f >> sh) - blk0] != 0; };
           T* dst = As + i * C::kALd + c;
           if (fix) {
             if (valid && f0 < m) MaskChunk<T>(dst, f0, active);
           } else {
-            CopyChunk<T>(dst, x + (valid ? rows_s[i] * m + f0 : 0), x, valid, f0, m, bs, P.vec,
-                         true, active);
+            CopyChunk<T>(dst, x + (valid ? x_row[k] + f0 : 0), x, valid, f0, m, bs, P.vec, true,
+                         active);
           }
         }
         if (fix) return;
@@ -543,7 +552,7 @@ __global__ void __launch_bounds__(kThreads) SparseDotKernel(const Problem P) {
       } else if (bs < W) {  // the tile column spans several output blocks
 #pragma unroll
         for (int e = 0; e < CE; ++e)
-          if (g0 + c + e < p && __ldg(P.out_mask + rr * PB + (g0 + c + e) / bs) == 0.f) v[e] = 0.f;
+          if (g0 + c + e < p && __ldg(P.out_mask + rr * PB + ((g0 + c + e) >> sh)) == 0.f) v[e] = 0.f;
       }
       StoreOut<T>(y + rr * p + g0 + c, v, g0 + c, p, P.vec);
     }
@@ -565,6 +574,7 @@ __global__ void __launch_bounds__(kThreads) SparseDotGradWKernel(const Problem P
   T* smem = reinterpret_cast<T*>(smem_raw);
   __shared__ int rows_s[kGradRows];
   __shared__ uint8_t mask_s[kGradRows][kGradM];  // in_mask blocks of the tile's input features
+  __shared__ int64_t x_off_s[kGradRows], dy_off_s[kGradRows];  // row offsets in x and dy
   __shared__ int used_s[kGradRows / kRows], list_s[kGradRows / kRows];
   __shared__ int nlist_s;
   const T* __restrict__ x = static_cast<const T*>(P.a);
@@ -572,9 +582,10 @@ __global__ void __launch_bounds__(kThreads) SparseDotGradWKernel(const Problem P
   T* __restrict__ dw = static_cast<T*>(P.out);
   const int tid = threadIdx.x;
   const int64_t n = P.n, m = P.m, p = P.p;
-  const int bs = P.bs, bpt = kGradM / bs;  // mask blocks per tile row range
+  const int bs = P.bs, sh = P.bs_shift, bpt = kGradM / bs;  // bpt: mask blocks per tile
   const int64_t MB = m / bs, PB = p / bs, PJ = (p + W - 1) / W;
   const int64_t ii = blockIdx.x, f0 = ii * kGradM;  // first input feature of the tile
+  const int64_t blk0 = ii * bpt;                     // its first mask block
   for (int64_t j = blockIdx.y; j < PJ; j += gridDim.y) {
     const int64_t g0 = j * W;
     const int32_t* listed = P.rows + j * n;
@@ -585,22 +596,29 @@ __global__ void __launch_bounds__(kThreads) SparseDotGradWKernel(const Problem P
       const int nrows = static_cast<int>(count - base < kGradRows ? count - base : kGradRows);
       __syncthreads();  // the previous chunk (or tile) is done with the shared arrays
       if (tid < kGradRows / kRows) used_s[tid] = 0;
-      for (int i = tid; i < nrows; i += kThreads) rows_s[i] = __ldg(listed + base + i);
+      for (int i = tid; i < nrows; i += kThreads) {
+        const int64_t rr = __ldg(listed + base + i);
+        rows_s[i] = static_cast<int>(rr);
+        x_off_s[i] = rr * m;
+        dy_off_s[i] = rr * p;
+      }
       __syncthreads();
+      const int bpt_shift = 6 - sh;  // bpt = 64 / bs
       for (int q0 = 0; q0 < nrows * bpt; q0 += 8 * kThreads) {  // 8 loads in flight
         float v[8];
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
           const int q = q0 + u * kThreads + tid;
-          const int64_t blk = ii * bpt + q % bpt;
-          v[u] = q < nrows * bpt && blk < MB ? __ldg(P.in_mask + rows_s[q / bpt] * MB + blk) : 0.f;
+          const int64_t blk = blk0 + (q & (bpt - 1));
+          v[u] = q < nrows * bpt && blk < MB
+                     ? __ldg(P.in_mask + rows_s[q >> bpt_shift] * MB + blk) : 0.f;
         }
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
           const int q = q0 + u * kThreads + tid;
           if (q >= nrows * bpt) break;
-          mask_s[q / bpt][q % bpt] = v[u] != 0.f;
-          if (v[u] != 0.f) used_s[q / bpt / kRows] = 1;
+          mask_s[q >> bpt_shift][q & (bpt - 1)] = v[u] != 0.f;
+          if (v[u] != 0.f) used_s[(q >> bpt_shift) / kRows] = 1;
         }
       }
       __syncthreads();
@@ -624,12 +642,12 @@ __global__ void __launch_bounds__(kThreads) SparseDotGradWKernel(const Problem P
           const int r = q / C::kACPR, c = (q % C::kACPR) * CE, i = g * kRows + r;
           const bool valid = i < nrows;
           const uint8_t* mrow = mask_s[valid ? i : 0];
-          const auto active = [&](int64_t f) { return mrow[f / bs - ii * bpt] != 0; };
+          const auto active = [&](int64_t f) { return mrow[(f >> sh) - blk0] != 0; };
           T* dst = As + r * C::kALd + c;
           if (fix) {
             if (valid && f0 + c < m) MaskChunk<T>(dst, f0 + c, active);
           } else {
-            CopyChunk<T>(dst, x + (valid ? rows_s[i] * m + f0 + c : 0), x, valid, f0 + c, m, bs,
+            CopyChunk<T>(dst, x + (valid ? x_off_s[i] + f0 + c : 0), x, valid, f0 + c, m, bs,
                          P.vec, true, active);
           }
         }
@@ -640,13 +658,13 @@ __global__ void __launch_bounds__(kThreads) SparseDotGradWKernel(const Problem P
           const int r = q / C::kBCPR, c = (q % C::kBCPR) * CE, i = g * kRows + r;
           const bool valid = i < nrows;
           const float* omask = P.out_mask + (valid ? rows_s[i] : 0) * PB;
-          const auto active = [&](int64_t f) { return __ldg(omask + f / bs) != 0.f; };
+          const auto active = [&](int64_t f) { return __ldg(omask + (f >> sh)) != 0.f; };
           T* dst = Bs + r * C::kBLd + c;
           // With bs >= W a listed example's only block in the tile column is active.
           if (fix) {
             if (valid && bs < W && g0 + c < p) MaskChunk<T>(dst, g0 + c, active);
           } else {
-            CopyChunk<T>(dst, dy + (valid ? rows_s[i] * p + g0 + c : 0), dy, valid, g0 + c, p,
+            CopyChunk<T>(dst, dy + (valid ? dy_off_s[i] + g0 + c : 0), dy, valid, g0 + c, p,
                          bs, P.vec, bs < W, active);
           }
         }
@@ -781,7 +799,7 @@ int LaunchSparseDot(DType dtype, const void* x, const void* w, const float* in_m
     return cudaErrorInvalidValue;
   const int ce = 16 / ElementBytes(dtype);
   Problem P{x, w, in_mask, out_mask, y, nullptr, nullptr, n, m, p, static_cast<int>(bs),
-            transpose_w,
+            __builtin_ctzll(bs), transpose_w,
             Aligned16(x) && Aligned16(w) && Aligned16(y) && m % ce == 0 && p % ce == 0};
   return Run(dtype, P, false, workspace, stream);
 }
@@ -802,7 +820,7 @@ int LaunchSparseDotGradW(DType dtype, const void* x, const void* dy, const float
     return cudaErrorInvalidValue;
   const int ce = 16 / ElementBytes(dtype);
   Problem P{x, dy, in_mask, out_mask, dw, nullptr, nullptr, n, m, p, static_cast<int>(bs),
-            false,
+            __builtin_ctzll(bs), false,
             Aligned16(x) && Aligned16(dy) && Aligned16(dw) && m % ce == 0 && p % ce == 0};
   return Run(dtype, P, true, workspace, stream);
 }

@@ -219,16 +219,18 @@ struct Cfg {
 // MMAs, float32 accumulation), which keeps float32 accuracy.
 template <typename C, typename T>
 struct Accumulator {
-  float acc[C::kMT][C::kNT][4];
+  using Tile = float[C::kMT][C::kNT][4];  // one warp's MMA fragments
+  Tile acc;
 
-  __device__ __forceinline__ void Zero() {
+  static __device__ __forceinline__ void Zero(Tile& t) {
 #pragma unroll
     for (int a = 0; a < C::kMT; ++a)
 #pragma unroll
       for (int b = 0; b < C::kNT; ++b)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
+        for (int e = 0; e < 4; ++e) t[a][b][e] = 0.f;
   }
+  __device__ __forceinline__ void Zero() { Zero(acc); }
 
   // acc += A . B for one stage (layouts in Cfg).
   __device__ __forceinline__ void Step(const T* As, const T* Bs, int tid) {
@@ -274,13 +276,8 @@ struct Accumulator {
       const int grp = lane >> 2, tig = lane & 3;
       const uint32_t* Au = reinterpret_cast<const uint32_t*>(As);
       const uint32_t* Bu = reinterpret_cast<const uint32_t*>(Bs);
-      float part[C::kMT][C::kNT][4];
-#pragma unroll
-      for (int a = 0; a < C::kMT; ++a)
-#pragma unroll
-        for (int b = 0; b < C::kNT; ++b)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) part[a][b][e] = 0.f;
+      Tile part;
+      Zero(part);
 #pragma unroll 2
       for (int kk = 0; kk < C::kKS / 8; ++kk) {
         const int k0 = kk * 8;

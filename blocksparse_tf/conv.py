@@ -36,12 +36,17 @@ def conv_padding(size, kernel, stride, dilation, padding):
     return total // 2, total - total // 2
 
 
+#: Largest stride, dilation, padding amount and kernel size the ops take (as their kernels).
+MAX_SPATIAL = 2**31 - 1
+
+
 def _int_list(values, length, least, what):
     values = list(values) if isinstance(values, (tuple, list, np.ndarray)) else None
     if (values is None or len(values) != length or
-            not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= least
-                    for v in values)):
-        raise ValueError(f"{what} must be {length} integers >= {least}; got {values!r}")
+            not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                    and least <= v <= MAX_SPATIAL for v in values)):
+        raise ValueError(f"{what} must be {length} integers in [{least}, {MAX_SPATIAL}]; "
+                         f"got {values!r}")
     return [int(v) for v in values]
 
 
@@ -106,9 +111,22 @@ def blocksparse_conv2d_grad_input(input_sizes, w, dy, layout, block_size, C, K, 
                                                **attrs)
 
 
+def _check_kernel_size(kernel_size):
+    """(kh, kw) as an int32 tensor, from two ints or an integer tensor such as tf.shape(w)[1:3]."""
+    if tf.is_tensor(kernel_size):
+        if not kernel_size.dtype.is_integer or not kernel_size.shape.is_compatible_with([2]):
+            raise ValueError(f"kernel_size must be a vector of 2 integers; got {kernel_size!r}")
+        return tf.cast(kernel_size, tf.int32)
+    return tf.constant(_int_list(kernel_size, 2, 1, "kernel_size"), tf.int32)
+
+
 def blocksparse_conv2d_grad_kernel(x, dy, layout, kernel_size, block_size, C, K, strides=(1, 1),
                                    dilations=(1, 1), padding=(0, 0, 0, 0)):
-    """dw (blocks, kh, kw, bs, bs): the kernel gradient at the stored blocks only."""
+    """dw (blocks, kh, kw, bs, bs): the kernel gradient at the stored blocks only.
+
+    ``kernel_size`` (kh, kw) is two ints or an integer tensor (it may be unknown until run
+    time; dw's static shape then has unknown kh and kw).
+    """
     attrs = _check_attrs(block_size, C, K, strides, dilations, padding)
     x, dy = tf.convert_to_tensor(x), tf.convert_to_tensor(dy)
     layout = _check_layout(layout)
@@ -116,8 +134,8 @@ def blocksparse_conv2d_grad_kernel(x, dy, layout, kernel_size, block_size, C, K,
     _check_image(dy, "dy", attrs["K"])
     if dy.dtype != x.dtype:
         raise ValueError(f"dy dtype {dy.dtype.name} does not match x dtype {x.dtype.name}")
-    kernel_size = _int_list(kernel_size, 2, 1, "kernel_size")
-    return ops().blocksparse_conv2d_grad_kernel(x, dy, layout, kernel_size=kernel_size, **attrs)
+    return ops().blocksparse_conv2d_grad_kernel(x, dy, layout, _check_kernel_size(kernel_size),
+                                                **attrs)
 
 
 def _attrs(op):
@@ -126,11 +144,9 @@ def _attrs(op):
 
 
 def _kernel_size(w):
-    kernel_size = w.shape[1:3].as_list() if w.shape.rank == 5 else [None, None]
-    if None in kernel_size:
-        raise ValueError(f"the gradient of BlocksparseConv2D needs a known kernel size; "
-                         f"w has shape {w.shape}")
-    return kernel_size
+    # Read at run time, so the gradients work when w's shape is unknown while tracing; the
+    # shape function still sees the size when it is known then.
+    return tf.shape(w, out_type=tf.int32)[1:3]
 
 
 @tf.RegisterGradient("BlocksparseConv2D")
@@ -138,7 +154,7 @@ def _blocksparse_conv2d_grad(op, dy):
     x, w, layout = op.inputs
     a = _attrs(op)
     dx = ops().blocksparse_conv2d_grad_input(tf.shape(x), w, dy, layout, **a)
-    dw = ops().blocksparse_conv2d_grad_kernel(x, dy, layout, kernel_size=_kernel_size(w), **a)
+    dw = ops().blocksparse_conv2d_grad_kernel(x, dy, layout, _kernel_size(w), **a)
     return dx, dw, None
 
 
@@ -147,15 +163,15 @@ def _blocksparse_conv2d_grad(op, dy):
 def _blocksparse_conv2d_grad_input_grad(op, ddx):
     _, w, dy, layout = op.inputs
     a = _attrs(op)
-    dw = ops().blocksparse_conv2d_grad_kernel(ddx, dy, layout, kernel_size=_kernel_size(w), **a)
+    dw = ops().blocksparse_conv2d_grad_kernel(ddx, dy, layout, _kernel_size(w), **a)
     ddy = ops().blocksparse_conv2d(ddx, w, layout, **a)
     return None, dw, ddy, None
 
 
 @tf.RegisterGradient("BlocksparseConv2DGradKernel")
 def _blocksparse_conv2d_grad_kernel_grad(op, ddw):
-    x, dy, layout = op.inputs
+    x, dy, layout, _ = op.inputs
     a = _attrs(op)
     dx = ops().blocksparse_conv2d_grad_input(tf.shape(x), ddw, dy, layout, **a)
     ddy = ops().blocksparse_conv2d(x, ddw, layout, **a)
-    return dx, ddy, None
+    return dx, ddy, None, None

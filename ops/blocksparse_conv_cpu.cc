@@ -144,10 +144,17 @@ int64_t PixelIndex(int64_t n, int64_t row, int64_t col, int64_t height, int64_t 
 
 }  // namespace
 
-int64_t ConvOutputSize(int64_t in, int64_t kernel, int64_t stride, int64_t dilation,
-                       int64_t before, int64_t after) {
-  const int64_t span = in + before + after - (kernel - 1) * dilation;
-  return span < 1 ? 0 : (span - 1) / stride + 1;
+bool ConvOutputSize(int64_t in, int64_t kernel, int64_t stride, int64_t dilation,
+                    int64_t before, int64_t after, int64_t* size) {
+  int64_t padded, reach;
+  if (__builtin_add_overflow(in, before, &padded) ||
+      __builtin_add_overflow(padded, after, &padded) ||
+      __builtin_mul_overflow(kernel - 1, dilation, &reach)) {
+    return false;
+  }
+  const int64_t span = padded - reach;  // both >= 0, so no overflow
+  *size = span < 1 ? 0 : (span - 1) / stride + 1;
+  return true;
 }
 
 bool BlocksparseConv2DCpu(const float* x, const float* w, float* y, const ConvGeometry& g,

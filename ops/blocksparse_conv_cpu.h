@@ -30,10 +30,12 @@ struct ConvGeometry {
   int64_t out_pixels() const { return batch * out_height * out_width; }
 };
 
-// Output length of one spatial dimension padded by `before` and `after`; < 1 when the dilated
-// kernel does not fit.
-int64_t ConvOutputSize(int64_t in, int64_t kernel, int64_t stride, int64_t dilation,
-                       int64_t before, int64_t after);
+// Output length of one spatial dimension padded by `before` and `after` into *size, 0 when the
+// dilated kernel does not fit.  Takes in, before, after >= 0 and kernel, stride, dilation >= 1;
+// false when the padded length or the dilated kernel's reach overflows int64.  Once this
+// succeeds, every pixel position the kernels compute lies within those two, so none overflows.
+bool ConvOutputSize(int64_t in, int64_t kernel, int64_t stride, int64_t dilation,
+                    int64_t before, int64_t after, int64_t* size);
 
 // y (out pixels, K) = the convolution of x (in pixels, C) with w.
 bool BlocksparseConv2DCpu(const float* x, const float* w, float* y, const ConvGeometry& geometry,

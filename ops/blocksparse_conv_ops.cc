@@ -2,7 +2,8 @@
 //
 //   BlocksparseConv2D:            y  = conv(x, W)
 //   BlocksparseConv2DGradInput:   dx = the input gradient of conv for dy
-//   BlocksparseConv2DGradKernel:  dw = the kernel gradient for x and dy, stored blocks only
+//   BlocksparseConv2DGradKernel:  dw = the kernel gradient for x and dy, stored blocks only,
+//                                 for the kernel size given as an input
 //
 // W (kh, kw, C, K) has the channel layout `layout` (blocks, 2) at every tap and is stored as
 // w (blocks, kh, kw, bs, bs).  Padding is explicit, [top, bottom, left, right] (the Python
@@ -10,6 +11,7 @@
 // blocksparse_tf/conv.py.
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -21,6 +23,7 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
 
 namespace blocksparse {
 
@@ -30,6 +33,10 @@ using ::tensorflow::shape_inference::InferenceContext;
 using ::tensorflow::shape_inference::ShapeHandle;
 
 namespace {
+
+// Largest stride, dilation and padding amount: far beyond any real image, and small enough
+// that the pixel arithmetic stays far from int64 overflow.
+constexpr int64_t kMaxSpatialAttr = std::numeric_limits<int32_t>::max();
 
 // The attributes every op of the family has.
 struct ConvAttrs {
@@ -45,24 +52,19 @@ std::string Join(const std::vector<int64_t>& values) {
 
 absl::Status CheckConvAttrs(const ConvAttrs& a) {
   TF_RETURN_IF_ERROR(CheckAttrs(a.block_size, a.C, a.K, /*feature_axis=*/1));
-  const auto all_at_least = [](const std::vector<int64_t>& v, int64_t least) {
-    for (int64_t e : v) if (e < least) return false;
-    return true;
+  const auto check = [](const char* name, const std::vector<int64_t>& v, size_t count,
+                        int64_t least, const char* axes) {
+    bool ok = v.size() == count;
+    for (int64_t e : v) ok &= e >= least && e <= kMaxSpatialAttr;
+    if (ok) return absl::OkStatus();
+    return absl::InvalidArgumentError(std::string(name) + " must be " + std::to_string(count) +
+                                      " integers in [" + std::to_string(least) + ", " +
+                                      std::to_string(kMaxSpatialAttr) + "] (" + axes +
+                                      "); got " + Join(v));
   };
-  if (a.strides.size() != 2 || !all_at_least(a.strides, 1)) {
-    return absl::InvalidArgumentError("strides must be 2 positive integers (height, width); got " +
-                                      Join(a.strides));
-  }
-  if (a.dilations.size() != 2 || !all_at_least(a.dilations, 1)) {
-    return absl::InvalidArgumentError(
-        "dilations must be 2 positive integers (height, width); got " + Join(a.dilations));
-  }
-  if (a.padding.size() != 4 || !all_at_least(a.padding, 0)) {
-    return absl::InvalidArgumentError(
-        "padding must be 4 non-negative integers (top, bottom, left, right); got " +
-        Join(a.padding));
-  }
-  return absl::OkStatus();
+  TF_RETURN_IF_ERROR(check("strides", a.strides, 2, 1, "height, width"));
+  TF_RETURN_IF_ERROR(check("dilations", a.dilations, 2, 1, "height, width"));
+  return check("padding", a.padding, 4, 0, "top, bottom, left, right");
 }
 
 template <typename Context>
@@ -76,29 +78,55 @@ absl::Status ReadConvAttrs(Context* c, ConvAttrs* a) {
   return CheckConvAttrs(*a);
 }
 
+// Output length of the spatial dimension `name`: an error when the padded input is smaller
+// than the dilated kernel, or when either overflows int64 (ConvOutputSize).
+absl::Status OutputLength(const std::string& name, int64_t in, int64_t kernel, int64_t stride,
+                          int64_t dilation, int64_t before, int64_t after, int64_t* size) {
+  const std::string sizes = "the input " + name + " " + std::to_string(in) + " padded by " +
+                            std::to_string(before) + " + " + std::to_string(after);
+  const std::string dilated = "the dilated kernel " + name + " (" + std::to_string(kernel) +
+                              " taps, dilation " + std::to_string(dilation) + ")";
+  if (!ConvOutputSize(in, kernel, stride, dilation, before, after, size)) {
+    return absl::InvalidArgumentError(sizes + " or " + dilated + " overflows int64");
+  }
+  if (*size < 1) return absl::InvalidArgumentError(sizes + " is smaller than " + dilated);
+  return absl::OkStatus();
+}
+
 // One output dimension for the shape functions: unknown stays unknown.
-absl::Status OutputDim(InferenceContext* c, DimensionHandle in, int64_t kernel, int64_t stride,
-                       int64_t dilation, int64_t before, int64_t after, DimensionHandle* out) {
+absl::Status OutputDim(InferenceContext* c, const std::string& name, DimensionHandle in,
+                       int64_t kernel, int64_t stride, int64_t dilation, int64_t before,
+                       int64_t after, DimensionHandle* out) {
   if (!c->ValueKnown(in) || kernel < 0) {
     *out = c->UnknownDim();
     return absl::OkStatus();
   }
-  const int64_t size = ConvOutputSize(c->Value(in), kernel, stride, dilation, before, after);
-  if (size < 1) {
-    return absl::InvalidArgumentError("the padded input is smaller than the dilated kernel");
-  }
+  int64_t size;
+  TF_RETURN_IF_ERROR(
+      OutputLength(name, c->Value(in), kernel, stride, dilation, before, after, &size));
   *out = c->MakeDim(size);
   return absl::OkStatus();
+}
+
+// `shape` from sizes taken from inputs or attributes, or an error naming them where
+// TensorShape's constructor would abort the process (a negative size, or more elements than
+// int64 counts).
+absl::Status ShapeOf(const std::string& what, const std::vector<int64_t>& sizes,
+                     TensorShape* shape) {
+  const absl::Status status = ::tensorflow::TensorShapeUtils::MakeShape(sizes, shape);
+  if (status.ok()) return status;
+  return absl::InvalidArgumentError(what + " " + Join(sizes) + " is not a valid shape: " +
+                                    std::string(status.message()));
 }
 
 // (N, Ho, Wo, K) for an NHWC input shape and kernel (kh, kw); kernel sizes < 0 are unknown.
 absl::Status OutputShape(InferenceContext* c, ShapeHandle x, const ConvAttrs& a, int64_t kh,
                          int64_t kw, ShapeHandle* y) {
   DimensionHandle ho, wo;
-  TF_RETURN_IF_ERROR(OutputDim(c, c->Dim(x, 1), kh, a.strides[0], a.dilations[0], a.padding[0],
-                               a.padding[1], &ho));
-  TF_RETURN_IF_ERROR(OutputDim(c, c->Dim(x, 2), kw, a.strides[1], a.dilations[1], a.padding[2],
-                               a.padding[3], &wo));
+  TF_RETURN_IF_ERROR(OutputDim(c, "height", c->Dim(x, 1), kh, a.strides[0], a.dilations[0],
+                               a.padding[0], a.padding[1], &ho));
+  TF_RETURN_IF_ERROR(OutputDim(c, "width", c->Dim(x, 2), kw, a.strides[1], a.dilations[1],
+                               a.padding[2], a.padding[3], &wo));
   *y = c->MakeShape({c->Dim(x, 0), ho, wo, c->MakeDim(a.K)});
   return absl::OkStatus();
 }
@@ -184,33 +212,43 @@ REGISTER_OP("BlocksparseConv2DGradInput")
 Input gradient of BlocksparseConv2D: dx (input_sizes = (N, H, W, C)) from dy (N, Ho, Wo, K).
 )doc");
 
+// The kernel size is an input rather than an attribute so that the gradient of
+// BlocksparseConv2D can pass tf.shape(w) when w's shape is unknown while the graph is built.
 REGISTER_OP("BlocksparseConv2DGradKernel")
     .Input("x: T")
     .Input("dy: T")
     .Input("layout: int32")
+    .Input("kernel_size: int32")
     .Output("dw: T")
     .BLOCKSPARSE_CONV_ATTRS
-    .Attr("kernel_size: list(int)")
     .SetShapeFn([](InferenceContext* c) {
       ConvAttrs a;
       TF_RETURN_IF_ERROR(ReadConvAttrs(c, &a));
-      std::vector<int64_t> kernel_size;
-      TF_RETURN_IF_ERROR(c->GetAttr("kernel_size", &kernel_size));
-      if (kernel_size.size() != 2 || kernel_size[0] < 1 || kernel_size[1] < 1) {
-        return absl::InvalidArgumentError("kernel_size must be 2 positive integers; got " +
-                                          Join(kernel_size));
-      }
-      ShapeHandle x, dy, layout;
+      ShapeHandle x, dy, layout, sizes, kernel;
       TF_RETURN_IF_ERROR(ImageShape(c, c->input(0), a.C, &x));
       TF_RETURN_IF_ERROR(ImageShape(c, c->input(1), a.K, &dy));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &layout));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 1, &sizes));
+      DimensionHandle unused;
+      TF_RETURN_IF_ERROR(c->WithValue(c->Dim(sizes, 0), 2, &unused));
+      // (kh, kw) as far as kernel_size's value is known (a constant, or the shape of a kernel
+      // whose size is known); unknown otherwise.
+      TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(3, &kernel));
+      TF_RETURN_IF_ERROR(c->WithRank(kernel, 2, &kernel));
+      for (int d = 0; d < 2; ++d) {
+        if (c->ValueKnown(c->Dim(kernel, d)) && c->Value(c->Dim(kernel, d)) < 1) {
+          return absl::InvalidArgumentError("kernel_size must be 2 positive integers; got " +
+                                            c->DebugString(kernel));
+        }
+      }
       const int64_t bs = a.block_size;
-      c->set_output(0, c->MakeShape({c->Dim(layout, 0), c->MakeDim(kernel_size[0]),
-                                     c->MakeDim(kernel_size[1]), c->MakeDim(bs), c->MakeDim(bs)}));
+      c->set_output(0, c->MakeShape({c->Dim(layout, 0), c->Dim(kernel, 0), c->Dim(kernel, 1),
+                                     c->MakeDim(bs), c->MakeDim(bs)}));
       return absl::OkStatus();
     })
     .Doc(R"doc(
-Kernel gradient of BlocksparseConv2D at the stored blocks only: dw (blocks, kh, kw, bs, bs).
+Kernel gradient of BlocksparseConv2D at the stored blocks only: dw (blocks, kh, kw, bs, bs)
+for kernel_size = (kh, kw).
 )doc");
 
 #undef BLOCKSPARSE_CONV_ATTRS
@@ -265,20 +303,21 @@ class ConvOpBase : public OpKernel {
     g->dilation_w = d[1];
     g->pad_top = p[0];
     g->pad_left = p[2];
-    g->out_height = ConvOutputSize(g->in_height, g->kernel_height, s[0], d[0], p[0], p[1]);
-    g->out_width = ConvOutputSize(g->in_width, g->kernel_width, s[1], d[1], p[2], p[3]);
-    if (g->out_height < 1 || g->out_width < 1) {
-      return absl::InvalidArgumentError(
-          "the input " + x.DebugString() + " padded by " + Join(p) +
-          " is smaller than the dilated kernel (" + std::to_string(g->kernel_height) + ", " +
-          std::to_string(g->kernel_width) + ") with dilations " + Join(d));
-    }
-    return absl::OkStatus();
+    TF_RETURN_IF_ERROR(OutputLength("height", g->in_height, g->kernel_height, s[0], d[0], p[0],
+                                    p[1], &g->out_height));
+    return OutputLength("width", g->in_width, g->kernel_width, s[1], d[1], p[2], p[3],
+                        &g->out_width);
+  }
+
+  // The output shape (batch, Ho, Wo, K) of the geometry.
+  absl::Status OutputTensorShape(const ConvGeometry& g, TensorShape* shape) const {
+    return ShapeOf("the output shape", {g.batch, g.out_height, g.out_width, attrs_.K}, shape);
   }
 
   // dy must be (batch, Ho, Wo, K) for the geometry.
   absl::Status CheckOutputGradient(const Tensor& dy, const ConvGeometry& g) const {
-    const TensorShape expected({g.batch, g.out_height, g.out_width, attrs_.K});
+    TensorShape expected;
+    TF_RETURN_IF_ERROR(OutputTensorShape(g, &expected));
     if (dy.shape() != expected) {
       return absl::InvalidArgumentError("dy must have the output shape " +
                                         expected.DebugString() + "; got " +
@@ -303,9 +342,10 @@ class BlocksparseConv2DOp : public ConvOpBase {
     OP_REQUIRES_OK(ctx, BuildLayout(ctx->input(2), &layout));
     OP_REQUIRES_OK(ctx, KernelSizeOf(w, layout, &g));
     OP_REQUIRES_OK(ctx, SetInputShape(x.shape(), &g));
+    TensorShape y_shape;
+    OP_REQUIRES_OK(ctx, OutputTensorShape(g, &y_shape));
     Tensor* y;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            0, TensorShape({g.batch, g.out_height, g.out_width, attrs_.K}), &y));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_shape, &y));
     if (y->NumElements() == 0) return;
     Tensor x_scratch, w_scratch;
     const float* xf = AsFloat<T>(ctx, x, &x_scratch);
@@ -351,7 +391,7 @@ class BlocksparseConv2DGradInputOp : public ConvOpBase {
   }
 
  private:
-  // input_sizes must be 4 non-negative integers.
+  // input_sizes must be 4 sizes that make a valid shape.
   static absl::Status InputShapeOf(const Tensor& sizes, TensorShape* shape) {
     if (sizes.dims() != 1 || sizes.NumElements() != 4) {
       return absl::InvalidArgumentError(
@@ -359,28 +399,14 @@ class BlocksparseConv2DGradInputOp : public ConvOpBase {
           "shape " + sizes.shape().DebugString());
     }
     const auto v = sizes.vec<int32_t>();
-    for (int d = 0; d < 4; ++d) {
-      if (v(d) < 0) {
-        return absl::InvalidArgumentError("input_sizes must not be negative; got [" +
-                                          std::to_string(v(0)) + ", " + std::to_string(v(1)) +
-                                          ", " + std::to_string(v(2)) + ", " +
-                                          std::to_string(v(3)) + "]");
-      }
-    }
-    *shape = TensorShape({v(0), v(1), v(2), v(3)});
-    return absl::OkStatus();
+    return ShapeOf("input_sizes", {v(0), v(1), v(2), v(3)}, shape);
   }
 };
 
 template <typename T>
 class BlocksparseConv2DGradKernelOp : public ConvOpBase {
  public:
-  explicit BlocksparseConv2DGradKernelOp(OpKernelConstruction* ctx) : ConvOpBase(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("kernel_size", &kernel_size_));
-    OP_REQUIRES(ctx, kernel_size_.size() == 2 && kernel_size_[0] >= 1 && kernel_size_[1] >= 1,
-                absl::InvalidArgumentError("kernel_size must be 2 positive integers; got " +
-                                           Join(kernel_size_)));
-  }
+  using ConvOpBase::ConvOpBase;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
@@ -388,14 +414,15 @@ class BlocksparseConv2DGradKernelOp : public ConvOpBase {
     BlockLayout layout;
     ConvGeometry g;
     OP_REQUIRES_OK(ctx, BuildLayout(ctx->input(2), &layout));
-    g.kernel_height = kernel_size_[0];
-    g.kernel_width = kernel_size_[1];
+    OP_REQUIRES_OK(ctx, KernelSizeFrom(ctx->input(3), &g));
     OP_REQUIRES_OK(ctx, SetInputShape(x.shape(), &g));
     OP_REQUIRES_OK(ctx, CheckOutputGradient(dy, g));
+    TensorShape dw_shape;
+    OP_REQUIRES_OK(ctx, ShapeOf("dw's shape (blocks, kh, kw, block_size, block_size)",
+                                {layout.blocks, g.kernel_height, g.kernel_width, bs(), bs()},
+                                &dw_shape));
     Tensor* dw;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({layout.blocks, g.kernel_height,
-                                                             g.kernel_width, bs(), bs()}),
-                                             &dw));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, dw_shape, &dw));
     Tensor x_scratch, dy_scratch;
     const float* xf = AsFloat<T>(ctx, x, &x_scratch);
     const float* dyf = AsFloat<T>(ctx, dy, &dy_scratch);
@@ -408,7 +435,23 @@ class BlocksparseConv2DGradKernelOp : public ConvOpBase {
   }
 
  private:
-  std::vector<int64_t> kernel_size_;
+  // kernel_size must be 2 positive integers (kh, kw).
+  static absl::Status KernelSizeFrom(const Tensor& t, ConvGeometry* g) {
+    if (t.dims() != 1 || t.NumElements() != 2) {
+      return absl::InvalidArgumentError(
+          "kernel_size must be a vector of 2 integers (height, width); got shape " +
+          t.shape().DebugString());
+    }
+    const auto v = t.vec<int32_t>();
+    if (v(0) < 1 || v(1) < 1) {
+      return absl::InvalidArgumentError("kernel_size must be 2 positive integers; got [" +
+                                        std::to_string(v(0)) + ", " + std::to_string(v(1)) +
+                                        "]");
+    }
+    g->kernel_height = v(0);
+    g->kernel_width = v(1);
+    return absl::OkStatus();
+  }
 };
 
 #define REGISTER_CPU(T)                                                                      \
@@ -420,9 +463,11 @@ class BlocksparseConv2DGradKernelOp : public ConvOpBase {
                               .TypeConstraint<T>("T")                                        \
                               .HostMemory("input_sizes"),                                    \
                           BlocksparseConv2DGradInputOp<T>);                                  \
-  REGISTER_KERNEL_BUILDER(                                                                   \
-      Name("BlocksparseConv2DGradKernel").Device(DEVICE_CPU).TypeConstraint<T>("T"),         \
-      BlocksparseConv2DGradKernelOp<T>);
+  REGISTER_KERNEL_BUILDER(Name("BlocksparseConv2DGradKernel")                                \
+                              .Device(DEVICE_CPU)                                            \
+                              .TypeConstraint<T>("T")                                        \
+                              .HostMemory("kernel_size"),                                    \
+                          BlocksparseConv2DGradKernelOp<T>);
 
 REGISTER_CPU(float);
 REGISTER_CPU(Eigen::half);

@@ -2,9 +2,9 @@
 forward, input and kernel gradients, their own gradients, determinism, and bad inputs."""
 
 import os
+import re
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -65,7 +65,7 @@ def _blocks_of(dW, coords, bs):
 
 
 def _close(actual, reference, rtol=2e-6):
-    atol = rtol * max(float(np.max(np.abs(reference))), 1e-30)
+    atol = rtol * max(float(np.max(np.abs(reference), initial=0.0)), 1e-30)
     np.testing.assert_allclose(np.asarray(actual, np.float64), reference, rtol=rtol, atol=atol)
 
 
@@ -82,11 +82,16 @@ CASES = [
 ]
 
 
-def _case(rng, bs, CB, KB, N, H, W, kernel, strides, dilations, mode):
-    coords = _layout(rng, CB, KB, empty_row=1, empty_col=KB - 2)
+def _case(rng, bs, CB, KB, N, H, W, kernel, strides, dilations, mode, density=0.5):
+    """A layout with an empty block row and column, w, x and the op attributes; ``mode`` is
+    "same", "valid" or explicit padding (top, bottom, left, right)."""
+    coords = _layout(rng, CB, KB, density, empty_row=1, empty_col=KB - 2)
     kh, kw = kernel
-    padding = [*conv_padding(H, kh, strides[0], dilations[0], mode),
-               *conv_padding(W, kw, strides[1], dilations[1], mode)]
+    if isinstance(mode, str):
+        padding = [*conv_padding(H, kh, strides[0], dilations[0], mode),
+                   *conv_padding(W, kw, strides[1], dilations[1], mode)]
+    else:
+        padding = list(mode)
     w = rng.standard_normal((len(coords), kh, kw, bs, bs)).astype(np.float32)
     x = rng.standard_normal((N, H, W, CB * bs)).astype(np.float32)
     attrs = dict(block_size=bs, C=CB * bs, K=KB * bs, strides=strides, dilations=dilations,
@@ -94,11 +99,10 @@ def _case(rng, bs, CB, KB, N, H, W, kernel, strides, dilations, mode):
     return coords, w, x, attrs
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_forward_and_gradients_match_float64(case):
-    rng = np.random.default_rng(0)
-    coords, w, x, attrs = _case(rng, *case)
-    bs, CB, KB = case[:3]
+def _check_against_reference(rng, coords, w, x, attrs):
+    """The three ops and the registered gradients against the float64 reference."""
+    bs = attrs["block_size"]
+    CB, KB = attrs["C"] // bs, attrs["K"] // bs
     dense = _dense_kernel(w.astype(np.float64), coords, CB, KB)
     y_ref = _reference(x, dense, attrs["strides"], attrs["dilations"], attrs["padding"], None)[0]
     dy = rng.standard_normal(y_ref.shape).astype(np.float32)
@@ -125,6 +129,51 @@ def test_forward_and_gradients_match_float64(case):
     g_x, g_w = tape.gradient(loss, [xt, wt])
     np.testing.assert_array_equal(g_x, dx)
     np.testing.assert_array_equal(g_w, dw)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_and_gradients_match_float64(case):
+    rng = np.random.default_rng(0)
+    _check_against_reference(rng, *_case(rng, *case))
+
+
+# Enough stored blocks (>= 16) that the kernel gradient gives each task all the taps of a block
+# rather than one tap; and the block sizes with micro-kernels of their own (1 and 64).
+MANY_BLOCK_CASES = [
+    # (bs, CB, KB, N, H, W, kernel, strides, dilations, padding mode, density)
+    (8, 6, 5, 2, 9, 8, (3, 3), (1, 2), (1, 1), "same", 1.0),
+    (16, 6, 6, 1, 7, 10, (2, 3), (2, 1), (2, 1), "same", 0.9),
+    (1, 12, 10, 2, 7, 6, (3, 3), (1, 1), (1, 1), "same", 0.5),
+    (1, 5, 7, 1, 8, 9, (3, 2), (2, 3), (1, 1), "valid", 0.9),
+    (64, 3, 3, 1, 6, 5, (3, 3), (2, 1), (1, 1), "same", 1.0),
+    (64, 2, 4, 2, 5, 7, (1, 3), (1, 1), (1, 2), "valid", 0.6),
+]
+
+
+@pytest.mark.parametrize("case", MANY_BLOCK_CASES)
+def test_many_blocks_and_block_sizes_1_and_64_match_float64(case):
+    rng = np.random.default_rng(10)
+    coords, w, x, attrs = _case(rng, *case)
+    assert case[0] in (1, 64) or len(coords) >= 16
+    _check_against_reference(rng, coords, w, x, attrs)
+
+
+EDGE_CASES = [
+    # (bs, CB, KB, N, H, W, kernel, strides, dilations, padding)
+    (8, 2, 3, 0, 5, 6, (3, 3), (1, 1), (1, 1), "same"),  # empty batch
+    (8, 2, 3, 2, 0, 6, (3, 3), (1, 1), (1, 1), (2, 1, 1, 1)),  # no input rows, only padding
+    (8, 3, 2, 1, 0, 0, (1, 1), (1, 1), (1, 1), (1, 0, 0, 2)),  # no input pixels at all
+    (8, 2, 3, 2, 4, 5, (2, 2), (1, 1), (1, 1), (4, 3, 5, 2)),  # padding beyond the kernel
+    (16, 2, 3, 1, 3, 6, (3, 2), (2, 3), (1, 2), (5, 6, 4, 4)),  # taps landing in padding only
+    (8, 3, 2, 2, 6, 3, (1, 2), (2, 5), (1, 1), "same"),  # stride wider than the input
+    (8, 3, 2, 1, 7, 3, (3, 2), (1, 4), (1, 1), "valid"),  # likewise, VALID
+]
+
+
+@pytest.mark.parametrize("case", EDGE_CASES)
+def test_empty_and_odd_shapes_match_float64(case):
+    rng = np.random.default_rng(11)
+    _check_against_reference(rng, *_case(rng, *case))
 
 
 def test_empty_block_row_gets_zero_input_gradient():
@@ -166,48 +215,118 @@ def test_gradients_by_finite_differences():
             np.testing.assert_allclose(t, n, rtol=1e-4, atol=1e-4 * np.abs(n).max())
 
 
-def test_half_precision_accumulates_in_float32():
-    rng = np.random.default_rng(3)
-    coords, w, x, attrs = _case(rng, *CASES[1])
-    y_ref = _reference(x, _dense_kernel(w.astype(np.float64), coords, 3, 2), attrs["strides"],
-                       attrs["dilations"], attrs["padding"], None)[0]
-    for dtype in (tf.float16, tf.bfloat16):
-        y = blocksparse_conv2d(tf.cast(x, dtype), tf.cast(w, dtype), coords, **attrs)
-        assert y.dtype == dtype
-        tol = 1e-2 if dtype == tf.float16 else 4e-2
-        _close(tf.cast(y, tf.float64), y_ref, rtol=tol)
+def test_gradients_with_kernel_shape_unknown_while_tracing():
+    """The gradients read the kernel size at run time, so they work when w's shape is unknown
+    while tracing (the first and second derivatives alike), and keep it when it is known."""
+    rng = np.random.default_rng(5)
+    coords, w, x, attrs = _case(rng, *SMALL)
+    dy = rng.standard_normal(blocksparse_conv2d(x, w, coords, **attrs).shape).astype(np.float32)
+    expected = _results(x, w, dy, coords, attrs)
+
+    def grads(a, b, c):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([a, b, c])
+            y = blocksparse_conv2d(a, b, coords, **attrs)
+            dx = blocksparse_conv2d_grad_input(tf.shape(a), b, c, coords, **attrs)
+        # d/dw of <conv(x, w), dy> is dw; d/dw of <grad_input(w, dy), x> is dw again.
+        return (tape.gradient(y, [a, b], output_gradients=c) +
+                [tape.gradient(dx, b, output_gradients=a)])
+
+    for spec in (tf.TensorSpec(None, tf.float32),
+                 tf.TensorSpec([None, *w.shape[1:3], None, None], tf.float32),
+                 tf.TensorSpec(w.shape, tf.float32)):
+        traced = tf.function(grads, input_signature=[tf.TensorSpec(None, tf.float32), spec,
+                                                     tf.TensorSpec(None, tf.float32)])
+        g_x, g_w, g_w2 = traced.get_concrete_function().structured_outputs
+        # dw's static shape has the kernel size wherever w's spec gives it.
+        kernel = spec.shape[1:3].as_list() if spec.shape.rank else [None, None]
+        assert g_w.shape.as_list()[1:] == g_w2.shape.as_list()[1:] == [*kernel, 8, 8]
+        for actual, reference in zip(traced(x, w, dy), expected[1:] + expected[2:]):
+            np.testing.assert_array_equal(actual, reference)
 
 
 def _results(x, w, dy, coords, attrs):
+    """y, dx and dw of the three ops, as numpy arrays."""
+    kernel_size = tuple(int(d) for d in w.shape[1:3])
     return [blocksparse_conv2d(x, w, coords, **attrs).numpy(),
-            blocksparse_conv2d_grad_input(x.shape, w, dy, coords, **attrs).numpy(),
-            blocksparse_conv2d_grad_kernel(x, dy, coords, w.shape[1:3], **attrs).numpy()]
+            blocksparse_conv2d_grad_input(tuple(x.shape), w, dy, coords, **attrs).numpy(),
+            blocksparse_conv2d_grad_kernel(x, dy, coords, kernel_size, **attrs).numpy()]
 
 
-def test_bitwise_deterministic_whatever_the_thread_count(tmp_path):
-    rng = np.random.default_rng(4)
-    coords, w, x, attrs = _case(rng, 16, 4, 4, 2, 23, 21, (3, 3), (1, 1), (1, 1), "same")
-    dy = rng.standard_normal((2, 23, 21, 64)).astype(np.float32)
-    np.savez(tmp_path / "inputs.npz", x=x, w=w, dy=dy, coords=coords)
-    here = _results(x, w, dy, coords, attrs)
-    for a, b in zip(here, _results(x, w, dy, coords, attrs)):
-        np.testing.assert_array_equal(a, b)
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {ROOT!r})
-        import numpy as np, tensorflow as tf
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-        from tests.test_conv_ops import _results
-        d = np.load({str(tmp_path / "inputs.npz")!r})
-        out = _results(d["x"], d["w"], d["dy"], d["coords"], {attrs!r})
-        np.savez({str(tmp_path / "one_thread.npz")!r}, *out)
-    """)
-    subprocess.run([sys.executable, "-c", script], check=True,
-                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    single = np.load(tmp_path / "one_thread.npz")
-    for i, a in enumerate(here):
-        np.testing.assert_array_equal(single[f"arr_{i}"], a)
+def _forward_summed_in(np_dtype, x, w, coords, attrs):
+    """The forward convolution summed term by term in np_dtype, each partial sum rounded to it:
+    what accumulating in half precision would give.  x and w are exact in np_dtype, so their
+    products are exact in float32."""
+    bs = attrs["block_size"]
+    dense = _dense_kernel(w.astype(np.float64), coords, attrs["C"] // bs, attrs["K"] // bs)
+    (sh, sw), (dh, dw), (pt, pb, pl, pr) = attrs["strides"], attrs["dilations"], attrs["padding"]
+    xp = np.pad(x.astype(np.float32), [(0, 0), (pt, pb), (pl, pr), (0, 0)])
+    kh, kw, C, K = dense.shape
+    Ho = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    Wo = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    total = np.zeros((x.shape[0], Ho, Wo, K), np_dtype)
+    for i in range(kh):
+        for j in range(kw):
+            rows = slice(i * dh, i * dh + (Ho - 1) * sh + 1, sh)
+            window = xp[:, rows, j * dw:j * dw + (Wo - 1) * sw + 1:sw]
+            for c in range(C):
+                term = window[..., c:c + 1] * dense[i, j, c].astype(np.float32)
+                total = (total.astype(np.float32) + term).astype(np_dtype)
+    return total
+
+
+def _within_one_ulp(actual, expected, np_dtype):
+    expected = np.asarray(expected).astype(np_dtype)
+    ulp = np.spacing(np.abs(expected)).astype(np.float64)
+    return np.all(np.abs(np.asarray(actual, np.float64) - expected.astype(np.float64)) <= ulp)
+
+
+def test_half_precision_accumulates_in_float32():
+    """float16 and bfloat16 results are the float32 sums of the same (exactly converted) inputs
+    rounded once: within one unit in the last place, which sums kept in half precision miss."""
+    rng = np.random.default_rng(3)
+    coords, w, x, attrs = _case(rng, *CASES[1])
+    dy_shape = blocksparse_conv2d(x, w, coords, **attrs).shape
+    dy = rng.standard_normal(dy_shape).astype(np.float32)
+    for dtype in (tf.float16, tf.bfloat16):
+        np_dtype = dtype.as_numpy_dtype
+        # Inputs representable in the dtype, so the float32 ops see exactly the same values.
+        xh, wh, dyh = (a.astype(np_dtype) for a in (x, w, dy))
+        expected = _results(*(a.astype(np.float32) for a in (xh, wh, dyh)), coords, attrs)
+        actual = _results(tf.constant(xh), tf.constant(wh), tf.constant(dyh), coords, attrs)
+        for a, e in zip(actual, expected):
+            assert a.dtype == np_dtype
+            assert _within_one_ulp(a, e, np_dtype)
+        # The check is tight enough to tell half-precision sums apart.
+        assert not _within_one_ulp(_forward_summed_in(np_dtype, xh, wh, coords, attrs),
+                                   expected[0], np_dtype)
+
+
+DETERMINISM_SCRIPT = r"""
+import hashlib, sys, numpy as np, tensorflow as tf
+tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
+sys.path.insert(0, sys.argv[2])
+from blocksparse_tf.conv import blocksparse_conv2d
+from tests.test_conv_ops import _case, _results
+rng = np.random.default_rng(4)
+# Few blocks (the kernel gradient splits by tap) and many (it does not); stride 2 orders the
+# input gradient's pixels by column residue.
+for case in [(16, 4, 4, 2, 23, 21, (3, 3), (1, 1), (1, 1), "same", 0.5),
+             (8, 6, 6, 2, 17, 19, (3, 3), (2, 2), (1, 1), "same", 1.0)]:
+    coords, w, x, attrs = _case(rng, *case)
+    dy = rng.standard_normal(blocksparse_conv2d(x, w, coords, **attrs).shape)
+    dy = dy.astype(np.float32)
+    h = hashlib.sha256()
+    for a in _results(x, w, dy, coords, attrs):
+        h.update(a.tobytes())
+    print(h.hexdigest())
+"""
+
+
+def test_bitwise_deterministic_whatever_the_thread_count(outputs_across_thread_counts):
+    outputs = outputs_across_thread_counts(DETERMINISM_SCRIPT)
+    assert outputs[0].count("\n") == 2
+    assert outputs[0] == outputs[1] == outputs[2]
 
 
 def _raw_attrs(**overrides):
@@ -229,26 +348,126 @@ DY = np.ones((1, 5, 5, 16), np.float32)
     (lambda: ops().blocksparse_conv2d(X, W[:1], LAYOUT, **_raw_attrs()), "w must have shape"),
     (lambda: ops().blocksparse_conv2d(X[..., :8], W, LAYOUT, **_raw_attrs()), "input must have"),
     (lambda: ops().blocksparse_conv2d(X[:, :1, :1], W, LAYOUT, **_raw_attrs(padding=[0] * 4)),
-     "smaller than the dilated kernel"),
-    (lambda: ops().blocksparse_conv2d(X, W, LAYOUT, **_raw_attrs(strides=[0, 1])), "strides"),
-    (lambda: ops().blocksparse_conv2d(X, W, LAYOUT, **_raw_attrs(dilations=[1])), "dilations"),
+     r"the input height 1 padded by 0 \+ 0 is smaller than the dilated kernel height "
+     r"\(3 taps, dilation 1\)"),
+    (lambda: ops().blocksparse_conv2d(X, W, LAYOUT, **_raw_attrs(strides=[0, 1])),
+     r"strides must be 2 integers in \[1, 2147483647\] \(height, width\); got \[0, 1\]"),
+    (lambda: ops().blocksparse_conv2d(X, W, LAYOUT, **_raw_attrs(dilations=[1])),
+     r"dilations must be 2 integers in \[1, 2147483647\] \(height, width\); got \[1\]"),
     (lambda: ops().blocksparse_conv2d(X, W, LAYOUT, **_raw_attrs(padding=[1, -1, 0, 0])),
-     "padding"),
+     r"padding must be 4 integers in \[0, 2147483647\] \(top, bottom, left, right\); "
+     r"got \[1, -1, 0, 0\]"),
     (lambda: ops().blocksparse_conv2d(X, W, LAYOUT, **_raw_attrs(block_size=12)), "block_size"),
     (lambda: ops().blocksparse_conv2d_grad_input([1, 5, 5, 16], W, DY[:, :4], LAYOUT,
-                                                 **_raw_attrs()), "dy must have"),
+                                                 **_raw_attrs()),
+     r"dy must have the output shape \[1,5,5,16\]; got \[1,4,5,16\]"),
     (lambda: ops().blocksparse_conv2d_grad_input([1, 5, -5, 16], W, DY, LAYOUT, **_raw_attrs()),
-     "input_sizes"),
+     r"input_sizes \[1, 5, -5, 16\] is not a valid shape"),
     (lambda: ops().blocksparse_conv2d_grad_input([1, 5, 5], W, DY, LAYOUT, **_raw_attrs()),
-     "input_sizes|rank"),
-    (lambda: ops().blocksparse_conv2d_grad_kernel(X, DY[..., :8], LAYOUT, kernel_size=[3, 3],
-                                                  **_raw_attrs()), "dy must have|16"),
-    (lambda: ops().blocksparse_conv2d_grad_kernel(X, DY, LAYOUT, kernel_size=[0, 3],
-                                                  **_raw_attrs()), "kernel_size"),
+     r"input_sizes must be a vector of 4 integers \(batch, height, width, channels\); "
+     r"got shape \[3\]"),
+    (lambda: ops().blocksparse_conv2d_grad_kernel(X, DY[..., :8], LAYOUT, [3, 3],
+                                                  **_raw_attrs()),
+     r"dy must have the output shape \[1,5,5,16\]; got \[1,5,5,8\]"),
+    (lambda: ops().blocksparse_conv2d_grad_kernel(X, DY, LAYOUT, [0, 3], **_raw_attrs()),
+     r"kernel_size must be 2 positive integers; got \[0, 3\]"),
+    (lambda: ops().blocksparse_conv2d_grad_kernel(X, DY, LAYOUT, [3, 3, 1], **_raw_attrs()),
+     r"kernel_size must be a vector of 2 integers \(height, width\); got shape \[3\]"),
 ])
 def test_kernel_rejects_bad_inputs(call, match):
-    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=match):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=match):
         call()
+
+
+X8 = np.ones((1, 5, 5, 8), np.float32)
+W8 = np.ones((1, 3, 3, 8, 8), np.float32)
+ATTRS8 = dict(block_size=8, C=8, K=8)
+# Sizes whose products or sums overflow int64: TensorShape's constructor used to abort the
+# process on some of them.  Each must raise InvalidArgumentError naming the sizes instead.
+OVERSIZED = {
+    "input_sizes": (
+        lambda: ops().blocksparse_conv2d_grad_input([2**31 - 1] * 4, W8, X8, [[0, 0]], **ATTRS8),
+        r"input_sizes \[2147483647, 2147483647, 2147483647, 2147483647\] is not a valid shape"),
+    "padding_2_62": (
+        lambda: ops().blocksparse_conv2d(X8, W8, [[0, 0]], padding=[2**62, 0, 0, 0], **ATTRS8),
+        r"padding must be 4 integers in \[0, 2147483647\] \(top, bottom, left, right\); "
+        r"got \[4611686018427387904, 0, 0, 0\]"),
+    "padding_2_40": (
+        lambda: ops().blocksparse_conv2d(X8, W8, [[0, 0]], padding=[2**40, 0, 2**40, 0],
+                                         **ATTRS8),
+        r"padding must be 4 integers in \[0, 2147483647\] .*; "
+        r"got \[1099511627776, 0, 1099511627776, 0\]"),
+    "strides": (
+        lambda: ops().blocksparse_conv2d(X8, W8, [[0, 0]], strides=[1, 2**31], **ATTRS8),
+        r"strides must be 2 integers in \[1, 2147483647\] .*; got \[1, 2147483648\]"),
+    "dilations": (
+        lambda: ops().blocksparse_conv2d(X8, W8, [[0, 0]], dilations=[2**62, 1], **ATTRS8),
+        r"dilations must be 2 integers in \[1, 2147483647\] .*; got \[4611686018427387904, 1\]"),
+    "output_shape": (
+        lambda: ops().blocksparse_conv2d(X8, W8, [[0, 0]], padding=[2**31 - 1, 0, 2**31 - 1, 0],
+                                         **ATTRS8),
+        r"the output shape \[1, 2147483650, 2147483650, 8\] is not a valid shape"),
+    "padded_height": (
+        lambda: ops().blocksparse_conv2d(tf.zeros([0, 2**63 - 1, 5, 8]), W8, [[0, 0]],
+                                         padding=[1, 1, 1, 1], **ATTRS8),
+        r"the input height 9223372036854775807 padded by 1 \+ 1 or the dilated kernel height "
+        r"\(3 taps, dilation 1\) overflows int64"),
+    "grad_kernel_shape": (
+        lambda: ops().blocksparse_conv2d_grad_kernel(
+            tf.zeros([0, 2**31 - 1, 2**31 - 1, 64]), tf.zeros([0, 1, 1, 64]), [[0, 0]],
+            [2**31 - 1, 2**31 - 1], block_size=64, C=64, K=64),
+        r"dw's shape \(blocks, kh, kw, block_size, block_size\) "
+        r"\[1, 2147483647, 2147483647, 64, 64\] is not a valid shape"),
+}
+
+# argv: checkout root, then the names of the OVERSIZED calls to make.
+OVERSIZED_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import tensorflow as tf
+from tests.test_conv_ops import OVERSIZED
+for name in sys.argv[2:]:
+    try:
+        OVERSIZED[name][0]()
+        message = "no error"
+    except tf.errors.InvalidArgumentError as e:
+        message = e.message.replace("\n", " ")
+    print(name + "\t" + message, flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def oversized_errors():
+    """The error message of every OVERSIZED call, made in fresh processes so that an abort
+    fails these tests instead of ending pytest; a process that dies is restarted after the
+    call that killed it, whose message is then the end of its standard error."""
+    names, messages = list(OVERSIZED), {}
+    while len(messages) < len(names):
+        result = subprocess.run([sys.executable, "-c", OVERSIZED_SCRIPT, ROOT,
+                                 *names[len(messages):]], capture_output=True, text=True,
+                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        messages.update(line.split("\t", 1) for line in result.stdout.splitlines()
+                        if "\t" in line)
+        if result.returncode == 0:
+            break
+        messages[names[len(messages)]] = (f"the process ended with status {result.returncode}: "
+                                          f"{result.stderr[-2000:]}")
+    return messages
+
+
+@pytest.mark.parametrize("name", list(OVERSIZED))
+def test_oversized_sizes_raise_instead_of_aborting(oversized_errors, name):
+    message = oversized_errors.get(name, "not run")
+    assert re.search(OVERSIZED[name][1], message), message
+
+
+def test_shape_function_rejects_overflowing_sizes():
+    fn = tf.function(lambda x: ops().blocksparse_conv2d(x, W8, [[0, 0]], padding=[1, 1, 1, 1],
+                                                        **ATTRS8),
+                     input_signature=[tf.TensorSpec([None, 2**63 - 1, None, 8])])
+    with pytest.raises(ValueError, match=r"the input height 9223372036854775807 padded by 1 \+ 1 "
+                                         r"or the dilated kernel height .* overflows int64"):
+        fn.get_concrete_function()
 
 
 def test_kernel_checks_run_time_shapes():
@@ -274,7 +493,20 @@ def test_kernel_checks_run_time_shapes():
     (lambda: blocksparse_conv2d(X[0], W, LAYOUT, 8, 16, 16), r"shape \(batch"),
     (lambda: blocksparse_conv2d(X, W[0], LAYOUT, 8, 16, 16), "w must have shape"),
     (lambda: blocksparse_conv2d(X, W, LAYOUT[:, :1], 8, 16, 16), "layout must have shape"),
+    (lambda: blocksparse_conv2d(X, W, LAYOUT, 8, 16, 16, strides=(2**31, 1)),
+     r"strides must be 2 integers in \[1, 2147483647\]; got \[2147483648, 1\]"),
+    (lambda: blocksparse_conv2d(X, W, LAYOUT, 8, 16, 16, dilations=(1, 2**40)),
+     r"dilations must be 2 integers in \[1, 2147483647\]; got \[1, 1099511627776\]"),
+    (lambda: blocksparse_conv2d(X, W, LAYOUT, 8, 16, 16, padding=(0, 2**62, 0, 0)),
+     r"padding \(top, bottom, left, right\) must be 4 integers in \[0, 2147483647\]; "
+     r"got \[0, 4611686018427387904, 0, 0\]"),
+    (lambda: blocksparse_conv2d(X, W, LAYOUT, 8, 16, 16, padding=(0, -1, 0, 0)),
+     r"padding \(top, bottom, left, right\) must be 4 integers in \[0, 2147483647\]"),
     (lambda: blocksparse_conv2d_grad_kernel(X, DY, LAYOUT, (3,), 8, 16, 16), "kernel_size"),
+    (lambda: blocksparse_conv2d_grad_kernel(X, DY, LAYOUT, (3, 2**31), 8, 16, 16),
+     r"kernel_size must be 2 integers in \[1, 2147483647\]; got \[3, 2147483648\]"),
+    (lambda: blocksparse_conv2d_grad_kernel(X, DY, LAYOUT, tf.constant([3.0, 3.0]), 8, 16, 16),
+     "kernel_size must be a vector of 2 integers"),
     (lambda: blocksparse_conv2d_grad_kernel(X, DY.astype(np.float16), LAYOUT, (3, 3), 8, 16, 16),
      "dtype"),
     (lambda: conv_padding(5, 3, 1, 1, "causal"), "padding"),

@@ -17,6 +17,12 @@ Two implementations compute the same function (``implementation``):
 
 ``"auto"`` (default) picks ``"fused"`` when TensorFlow sees no GPU, else ``"im2col"``.  Both
 sum in a fixed order (deterministic).
+
+Placement: ``"auto"`` decides from the devices TensorFlow can see, not from where the layer
+runs, so on a machine with a GPU a layer run under ``tf.device("/CPU:0")`` still takes the
+im2col path (ask for ``"fused"`` there).  The fused ops have CPU kernels only: with
+``"fused"`` in a model that runs on a GPU, soft placement runs them on the CPU without a
+warning, copying the activations and gradients between the devices at every call.
 """
 
 import keras
@@ -127,7 +133,9 @@ class BlockSparseConv2D(keras.layers.Layer):
     bias_constraint : as in ``keras.layers.Conv2D``.
     implementation : {"auto", "fused", "im2col"}
         How the convolution is computed (module docstring); the results agree to rounding.
-        ``"fused"`` runs on CPU only.  Default ``"auto"``: fused when TensorFlow sees no GPU.
+        Default ``"auto"``: fused when TensorFlow sees no GPU at all, whatever device the
+        layer is placed on.  ``"fused"`` has CPU kernels only; on a GPU, soft placement
+        silently moves those ops (and the copies of their operands) to the CPU.
 
     Weights: ``kernel`` of shape (blocks, kh, kw, bs, bs) (block order as in
     ``BlocksparseMatMul``, ``layer.bsmm``), ``bias`` (filters,).  Parameters:
@@ -239,7 +247,11 @@ class BlockSparseConv2D(keras.layers.Layer):
         return tf.pad(x, [[0, 0], list(pads[0]), list(pads[1]), [0, 0]])
 
     def uses_fused_ops(self):
-        """Whether call() runs the fused block-sparse convolution ops (see ``implementation``)."""
+        """Whether call() runs the fused block-sparse convolution ops (see ``implementation``).
+
+        For ``"auto"`` this depends only on whether TensorFlow sees a GPU: a tensor's device is
+        often not known while a function is traced, so it cannot decide reliably from that.
+        """
         if self.implementation == "auto":
             return not tf.config.list_logical_devices("GPU")
         return self.implementation == "fused"

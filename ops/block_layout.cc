@@ -1,15 +1,22 @@
 #include "ops/block_layout.h"
 
+#include <new>
 #include <string>
 
 namespace blocksparse {
 
-std::string BuildBlockLayout(const int32_t* coords, int64_t blocks, int64_t CB, int64_t KB,
-                             int64_t block_size, BlockLayout* layout) {
+namespace {
+
+std::string BuildTables(const int32_t* coords, int64_t blocks, int64_t CB, int64_t KB,
+                        int64_t block_size, BlockLayout* layout) {
   if (block_size < 1) return "block_size must be >= 1, got " + std::to_string(block_size);
   if (CB < 1 || KB < 1) {
     return "layout shape must be at least (1, 1) blocks, got (" + std::to_string(CB) + ", " +
            std::to_string(KB) + ")";
+  }
+  if (CB > INT32_MAX || KB > INT32_MAX) {  // block coordinates are int32
+    return "layout shape (" + std::to_string(CB) + ", " + std::to_string(KB) +
+           ") blocks is larger than int32 block coordinates can address";
   }
   if (blocks < 1) return "layout has no blocks: at least one nonzero block is required";
   if (blocks > CB * KB || blocks > INT32_MAX) {
@@ -58,6 +65,19 @@ std::string BuildBlockLayout(const int32_t* coords, int64_t blocks, int64_t CB, 
     layout->col_block[pos] = b;
   }
   return "";
+}
+
+}  // namespace
+
+std::string BuildBlockLayout(const int32_t* coords, int64_t blocks, int64_t CB, int64_t KB,
+                             int64_t block_size, BlockLayout* layout) {
+  // An absurd shape (a raw op called with a huge K) must give an error, not end the process.
+  try {
+    return BuildTables(coords, blocks, CB, KB, block_size, layout);
+  } catch (const std::bad_alloc&) {
+    return "the lookup tables of a layout of shape (" + std::to_string(CB) + ", " +
+           std::to_string(KB) + ") blocks do not fit in memory";
+  }
 }
 
 }  // namespace blocksparse

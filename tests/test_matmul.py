@@ -408,6 +408,9 @@ def test_kernel_validates_inputs_itself():
         (lambda: blocksparse_matmul(x, w, tf.zeros((0, 2), tf.int32), 8, 16, 16), "no blocks"),
         (lambda: blocksparse_matmul(x, w, good, 8, 16, 16, feature_axis=3), "feature_axis"),
         (lambda: blocksparse_matmul_grad_w(x, tf.ones((3, 16)), good, 8, 16, 16), "same number of rows"),
+        # A K no int32 block coordinate can address: an error, not an allocation that ends the
+        # process.
+        (lambda: blocksparse_matmul(x, w, good, 8, 16, 8 * 2 ** 40), "larger than int32"),
     ]
     for call, message in cases:
         with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=message):

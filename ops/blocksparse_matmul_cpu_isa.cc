@@ -303,6 +303,157 @@ void GatheredRowsAccumulate(const float* x, int64_t x_rs, const int32_t* rows, i
   }
 }
 
+// sparse_dot's forward: gathered rows of x times one weight block (usually packed by
+// PackBlock, so that it stays in L1 with no cache-set aliasing).  A tile is MR gathered rows x
+// NV vectors; NV covers the whole block width where the registers allow (bs 64 on AVX-512), so
+// each x element broadcast feeds NV products, and the last rows get a tile of exactly their
+// height.  kPackedAccumulators of the vector registers hold the tile; the rest hold the
+// NV weight vectors and the broadcast.
+#if defined(__AVX512F__)
+constexpr int kPackedMaxNV = 4;
+constexpr int kPackedAccumulators = 24;
+#else
+constexpr int kPackedMaxNV = kMaxNV;
+constexpr int kPackedAccumulators = 12;
+#endif
+constexpr int PackedRows(int nv) { return kPackedAccumulators / nv < 12 ? kPackedAccumulators / nv : 12; }
+
+// y_row[m][j0 : j0 + NV*W) += x_row[m][0:bs) . b[:, j0 : j0 + NV*W) for m < MR.
+template <int MR, int NV, typename V>
+inline void PackedRowsTile(const float* const* x_row, float* const* y_row, const float* b,
+                           int64_t b_rs, int64_t bs, int64_t j0) {
+  constexpr int W = Width<V>();
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[m][v] = Load<V>(y_row[m] + j0 + v * W);
+  const float* bp = b + j0;
+  for (int64_t p = 0; p < bs; ++p, bp += b_rs) {
+    V bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = Load<V>(bp + v * W);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const V av = Splat<V>(x_row[m][p]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) Store<V>(y_row[m] + j0 + v * W, acc[m][v]);
+}
+
+// The MR rows listed at `rows`, across the whole block width.
+template <int MR, int NV, typename V>
+inline void PackedRowsGroup(const float* x, int64_t x_rs, const int32_t* rows, const float* b,
+                            int64_t b_rs, int64_t bs, float* y, int64_t y_rs) {
+  const float* x_row[MR];
+  float* y_row[MR];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+    x_row[m] = x + rows[m] * x_rs;
+    y_row[m] = y + rows[m] * y_rs;
+  }
+  for (int64_t j0 = 0; j0 < bs; j0 += Width<V>() * NV) {
+    PackedRowsTile<MR, NV, V>(x_row, y_row, b, b_rs, bs, j0);
+  }
+}
+
+// The last `rest` < MR rows, in a tile of exactly that height (no padded rows computed).
+template <int MR, int NV, typename V>
+inline void PackedRowsRest(int64_t rest, const float* x, int64_t x_rs, const int32_t* rows,
+                           const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs) {
+  if constexpr (MR > 1) {
+    if (rest == MR - 1) {
+      PackedRowsGroup<MR - 1, NV, V>(x, x_rs, rows, b, b_rs, bs, y, y_rs);
+    } else {
+      PackedRowsRest<MR - 1, NV, V>(rest, x, x_rs, rows, b, b_rs, bs, y, y_rs);
+    }
+  }
+}
+
+struct PackedRowsOp {
+  template <typename V, int NV>
+  static void Run(const float* x, int64_t x_rs, const int32_t* rows, int64_t count,
+                  const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs) {
+    constexpr int MR = PackedRows(NV);
+    int64_t q = 0;
+    for (; q + MR <= count; q += MR) {
+      PackedRowsGroup<MR, NV, V>(x, x_rs, rows + q, b, b_rs, bs, y, y_rs);
+    }
+    if (q < count) PackedRowsRest<MR, NV, V>(count - q, x, x_rs, rows + q, b, b_rs, bs, y, y_rs);
+  }
+};
+
+void ExactRowsAccumulate(const float* x, int64_t x_rs, const int32_t* rows, int64_t count,
+                         const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs) {
+  if (bs % (Width<VecWide>() * kPackedMaxNV) == 0) {
+    PackedRowsOp::Run<VecWide, kPackedMaxNV>(x, x_rs, rows, count, b, b_rs, bs, y, y_rs);
+  } else {
+    DispatchBlockColumns<PackedRowsOp>(bs, x, x_rs, rows, count, b, b_rs, bs, y, y_rs);
+  }
+}
+
+// The transpose of a W x W tile (W = the vector width) in registers: log2(W) rounds, round d
+// swapping the off-diagonal d x d sub-blocks of every 2d x 2d block (bit d of the row index
+// trades places with bit d of the column index).
+inline void TransposeTile(VecWide (&t)[Width<VecWide>()]) {
+  constexpr int W = Width<VecWide>();
+  typedef int32_t VecIndex __attribute__((vector_size(kVectorBytes)));
+#pragma GCC unroll 8
+  for (int d = W / 2; d >= 1; d /= 2) {
+    VecIndex low, high;  // lanes of the row with bit d clear / set, from (that row, its partner)
+#pragma GCC unroll 16
+    for (int l = 0; l < W; ++l) {
+      low[l] = (l & d) ? W + l - d : l;
+      high[l] = (l & d) ? W + l : l + d;
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < W; ++r) {
+      if (r & d) continue;
+      const VecWide a = t[r], b = t[r + d];
+      t[r] = __builtin_shuffle(a, b, low);
+      t[r + d] = __builtin_shuffle(a, b, high);
+    }
+  }
+}
+
+// packed (bs x bs, row stride bs) = the block at src (row stride src_rs), or its transpose.
+// The source rows are short runs far apart, out of the hardware prefetchers' sight, so the
+// rows of the block at `next` (same stride; the caller packs it next) are fetched meanwhile.
+void PackBlock(const float* src, int64_t src_rs, int64_t bs, bool transpose, const float* next,
+               float* packed) {
+  constexpr int64_t kFloatsPerLine = 16;
+  constexpr int W = Width<VecWide>();
+  if (transpose && bs % W == 0) {
+    for (int64_t r0 = 0; r0 < bs; r0 += W) {
+      for (int64_t r = r0; r < r0 + W; ++r) {
+        for (int64_t c = 0; c < bs; c += kFloatsPerLine) __builtin_prefetch(next + r * src_rs + c);
+      }
+      for (int64_t c0 = 0; c0 < bs; c0 += W) {
+        VecWide t[W];
+#pragma GCC unroll 16
+        for (int r = 0; r < W; ++r) t[r] = Load<VecWide>(src + (r0 + r) * src_rs + c0);
+        TransposeTile(t);
+#pragma GCC unroll 16
+        for (int r = 0; r < W; ++r) Store<VecWide>(packed + (c0 + r) * bs + r0, t[r]);
+      }
+    }
+    return;
+  }
+  for (int64_t r = 0; r < bs; ++r, src += src_rs, next += src_rs) {
+    for (int64_t c = 0; c < bs; c += kFloatsPerLine) __builtin_prefetch(next + c);
+    if (transpose) {
+      for (int64_t c = 0; c < bs; ++c) packed[c * bs + r] = src[c];
+    } else {
+      for (int64_t c = 0; c < bs; ++c) packed[r * bs + c] = src[c];
+    }
+  }
+}
+
 // Block-sparse convolution, implicit GEMM: out = sum over taps and the blocks of one output
 // block column of (input pixel rows gathered for that tap) . (the block's weights at that tap).
 // A tile of MR output pixels x one chunk of the block's columns stays in registers across all
@@ -448,7 +599,7 @@ extern const ConvKernels kConvKernels = {kRowTile, GatheredTaps, SegmentOuterSum
 #define BSMM_STRINGIFY(s) BSMM_STRINGIFY2(s)
 extern const CpuKernels kKernels = {BSMM_STRINGIFY(BSMM_ISA), Width<VecWide>(), kRowTile, ForwardAxis1, ForwardAxis0,
                                     GatheredRowsAccumulate,
-                                    GradW, GatheredRowsGradW};
+                                    GradW, GatheredRowsGradW, ExactRowsAccumulate, PackBlock};
 
 }  // namespace BSMM_ISA
 }  // namespace blocksparse

@@ -52,6 +52,15 @@ struct CpuKernels {
   void (*gathered_rows_grad_w)(const float* x, int64_t x_rs, const float* dy, int64_t dy_rs,
                                const int32_t* rows, int64_t count, int64_t bs, float* dw,
                                int64_t dw_rs);
+  // As gathered_rows_accumulate (same result, bit for bit), in wider register tiles and with
+  // no padded rows computed: the faster choice when b is packed (b_rs == bs, see pack_block).
+  void (*exact_rows_accumulate)(const float* x, int64_t x_rs, const int32_t* rows,
+                                int64_t count, const float* b, int64_t b_rs, int64_t bs,
+                                float* y, int64_t y_rs);
+  // packed (bs x bs, row stride bs) = the bs x bs block at src (row stride src_rs), or its
+  // transpose; prefetches the block of the same stride at `next` meanwhile.
+  void (*pack_block)(const float* src, int64_t src_rs, int64_t bs, bool transpose,
+                     const float* next, float* packed);
 };
 
 // The micro-kernels of the block-sparse convolution (ops/blocksparse_conv_cpu.cc).

@@ -62,17 +62,22 @@ void ForTiles(int64_t row_blocks, int64_t row_tile, int64_t col_blocks, int64_t 
   });
 }
 
-// block (bs x bs, row stride bs) = the transpose of the bs x bs block at src (row stride src_rs).
-// The scattered writes stay in L1.  Each source row is a short run far from the previous one,
-// out of the hardware prefetchers' sight, so the block to its right (the next one the caller
-// transposes) is fetched while this one is copied.
-void TransposeBlock(const float* src, int64_t src_rs, int64_t bs, float* block) {
-  constexpr int64_t kFloatsPerLine = 16;
-  for (int64_t r = 0; r < bs; ++r, src += src_rs) {
-    for (int64_t c = 0; c < bs; c += kFloatsPerLine) __builtin_prefetch(src + bs + c);
-    for (int64_t c = 0; c < bs; ++c) block[c * bs + r] = src[c];
+// Where the forward's weight blocks live: W's block (i, j) is w's block (i, j), or with
+// transpose_w the transpose of w's block (j, i).
+struct WeightBlocks {
+  const float* w;
+  int64_t m, p, bs;
+  bool transpose_w;
+
+  const float* Source(int64_t i, int64_t j) const {
+    return transpose_w ? w + j * bs * m + i * bs : w + i * bs * p + j * bs;
   }
-}
+  int64_t SourceRowStride() const { return transpose_w ? m : p; }
+};
+
+// Rows up to which a weight block is read where it lies instead of packed: each of its rows is
+// then read from memory once either way, and a copy would only add work.
+constexpr int64_t kRowsReadInPlace = 4;
 
 }  // namespace
 
@@ -83,30 +88,33 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
   const int64_t in_blocks = m / bs, out_blocks = p / bs;
   const ActiveExamples active_in(in_mask, n, in_blocks);
   const ActiveExamples active_out(out_mask, n, out_blocks);
+  const WeightBlocks weights{w, m, p, bs, transpose_w};
   // A task owns a range of output block columns, so each element of y has one writer.  Input
   // blocks run in the outer loop so the x block column being read stays in cache while every
-  // output block of the range uses it.
+  // output block of the range uses it.  Each weight block used is packed once and then serves
+  // all its rows from L1.
   ForTiles(1, 1, out_blocks, kOutputBlocksPerTask, 2 * n * m * bs * kOutputBlocksPerTask / 4,
            parallel_for, [&](int64_t, int64_t, int64_t j0, int64_t j1) {
     std::vector<int32_t> rows;
     rows.reserve(n);
-    std::vector<float> transposed(transpose_w ? bs * bs : 0);
+    std::vector<float> packed(bs * bs);
     for (int64_t r = 0; r < n; ++r) std::fill(y + r * p + j0 * bs, y + r * p + j1 * bs, 0.f);
     for (int64_t i = 0; i < in_blocks; ++i) {
       for (int64_t j = j0; j < j1; ++j) {
         active_in.ActiveInBoth(i, active_out, j, &rows);
         if (rows.empty()) continue;
-        // W's block (i, j): a block of w, or the transpose of w's block (j, i), made only when
-        // some example uses it.
-        const float* block = w + i * bs * p + j * bs;
-        int64_t block_rs = p;
-        if (transpose_w) {
-          TransposeBlock(w + j * bs * m + i * bs, m, bs, transposed.data());
-          block = transposed.data();
+        const float* block = weights.Source(i, j);
+        int64_t block_rs = weights.SourceRowStride();
+        if (transpose_w || static_cast<int64_t>(rows.size()) > kRowsReadInPlace) {
+          // The block the loops reach next, fetched while this one is packed.
+          const float* next = j + 1 < j1 ? weights.Source(i, j + 1)
+                                         : weights.Source(std::min(i + 1, in_blocks - 1), j0);
+          kernels.pack_block(block, block_rs, bs, transpose_w, next, packed.data());
+          block = packed.data();
           block_rs = bs;
         }
-        kernels.gathered_rows_accumulate(x + i * bs, m, rows.data(), rows.size(), block, block_rs,
-                                         bs, y + j * bs, p);
+        kernels.exact_rows_accumulate(x + i * bs, m, rows.data(), rows.size(), block, block_rs,
+                                      bs, y + j * bs, p);
       }
     }
   });

@@ -61,6 +61,14 @@ struct CpuKernels {
   // transpose; prefetches the block of the same stride at `next` meanwhile.
   void (*pack_block)(const float* src, int64_t src_rs, int64_t bs, bool transpose,
                      const float* next, float* packed);
+  // panel[q * bs + c] = src[rows[q] * src_rs + c] for q < count, c < bs.
+  void (*gather_rows)(const float* src, int64_t src_rs, const int32_t* rows, int64_t count,
+                      int64_t bs, float* panel);
+  // dw[0:bs, 0:bs) (row stride dw_rs) = sum over q < count, in that order, of
+  // x_panel[q]^T dy_panel[q], the panels as gather_rows makes them: the same sums, bit for bit,
+  // as gathered_rows_grad_w over the gathered rows.
+  void (*panel_grad_w)(const float* x_panel, const float* dy_panel, int64_t count, int64_t bs,
+                       float* dw, int64_t dw_rs);
 };
 
 // The micro-kernels of the block-sparse convolution (ops/blocksparse_conv_cpu.cc).

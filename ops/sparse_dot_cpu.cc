@@ -47,20 +47,38 @@ class ActiveExamples {
 // each, where active) are read from memory once and reused from cache by all its blocks.
 constexpr int64_t kGradFeaturesPerTask = 256;
 
-// Runs work(i0, i1, j0, j1) over the thread pool for tiles of row_tile block rows by col_tile
-// block columns covering row_blocks x col_blocks; `cost` is the flop estimate of one tile.
-template <typename Work>
+// Runs work(&scratch, i0, i1, j0, j1) over the thread pool for tiles of row_tile block rows by
+// col_tile block columns covering row_blocks x col_blocks; `cost` is the flop estimate of one
+// tile.  Each run of consecutive tiles shares one Scratch, so its buffers are allocated (and
+// their pages touched) once per run rather than once per tile.
+template <typename Scratch, typename Work>
 void ForTiles(int64_t row_blocks, int64_t row_tile, int64_t col_blocks, int64_t col_tile,
               int64_t cost, const ParallelFor& parallel_for, const Work& work) {
   const int64_t row_tiles = (row_blocks + row_tile - 1) / row_tile;
   const int64_t col_tiles = (col_blocks + col_tile - 1) / col_tile;
   parallel_for(row_tiles * col_tiles, cost, [&](int64_t begin, int64_t end) {
+    Scratch scratch;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i0 = task / col_tiles * row_tile, j0 = task % col_tiles * col_tile;
-      work(i0, std::min(row_blocks, i0 + row_tile), j0, std::min(col_blocks, j0 + col_tile));
+      work(&scratch, i0, std::min(row_blocks, i0 + row_tile), j0,
+           std::min(col_blocks, j0 + col_tile));
     }
   });
 }
+
+// Per-thread buffers of the forward: the examples of one block pair, and one packed weight
+// block.
+struct ForwardScratch {
+  std::vector<int32_t> rows;
+  std::vector<float> packed;
+};
+
+// Per-thread buffers of the weight gradient: the examples of one block pair, and their rows of
+// x and dy gathered into contiguous panels, which the product reads sequentially.
+struct GradWScratch {
+  std::vector<int32_t> rows;
+  std::vector<float> x_panel, dy_panel;
+};
 
 // Where the forward's weight blocks live: W's block (i, j) is w's block (i, j), or with
 // transpose_w the transpose of w's block (j, i).
@@ -93,11 +111,13 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
   // blocks run in the outer loop so the x block column being read stays in cache while every
   // output block of the range uses it.  Each weight block used is packed once and then serves
   // all its rows from L1.
-  ForTiles(1, 1, out_blocks, kOutputBlocksPerTask, 2 * n * m * bs * kOutputBlocksPerTask / 4,
-           parallel_for, [&](int64_t, int64_t, int64_t j0, int64_t j1) {
-    std::vector<int32_t> rows;
+  ForTiles<ForwardScratch>(
+      1, 1, out_blocks, kOutputBlocksPerTask, 2 * n * m * bs * kOutputBlocksPerTask / 4,
+      parallel_for, [&](ForwardScratch* scratch, int64_t, int64_t, int64_t j0, int64_t j1) {
+    std::vector<int32_t>& rows = scratch->rows;
     rows.reserve(n);
-    std::vector<float> packed(bs * bs);
+    std::vector<float>& packed = scratch->packed;
+    packed.resize(bs * bs);
     for (int64_t r = 0; r < n; ++r) std::fill(y + r * p + j0 * bs, y + r * p + j1 * bs, 0.f);
     for (int64_t i = 0; i < in_blocks; ++i) {
       for (int64_t j = j0; j < j1; ++j) {
@@ -131,10 +151,15 @@ void SparseDotGradWCpu(const float* x, const float* dy, const float* in_mask,
   // reads serves a whole row or column of the tile (traffic ~ n (m + p) x m p / tile area,
   // where tiles one block wide would re-read all of dy for every block row).
   const int64_t tile = std::max<int64_t>(1, kGradFeaturesPerTask / bs);
-  ForTiles(in_blocks, tile, out_blocks, tile, n * bs * bs * tile * tile / 2, parallel_for,
-           [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    std::vector<int32_t> rows;
+  ForTiles<GradWScratch>(
+      in_blocks, tile, out_blocks, tile, n * bs * bs * tile * tile / 2, parallel_for,
+      [&](GradWScratch* scratch, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    std::vector<int32_t>& rows = scratch->rows;
     rows.reserve(n);
+    std::vector<float>& x_panel = scratch->x_panel;
+    std::vector<float>& dy_panel = scratch->dy_panel;
+    x_panel.resize(n * bs);
+    dy_panel.resize(n * bs);
     for (int64_t i = i0; i < i1; ++i) {
       for (int64_t j = j0; j < j1; ++j) {
         float* block = dw + i * bs * p + j * bs;
@@ -143,8 +168,9 @@ void SparseDotGradWCpu(const float* x, const float* dy, const float* in_mask,
           for (int64_t r = 0; r < bs; ++r) std::fill_n(block + r * p, bs, 0.f);
           continue;
         }
-        kernels.gathered_rows_grad_w(x + i * bs, m, dy + j * bs, p, rows.data(), rows.size(), bs,
-                                     block, p);
+        kernels.gather_rows(x + i * bs, m, rows.data(), rows.size(), bs, x_panel.data());
+        kernels.gather_rows(dy + j * bs, p, rows.data(), rows.size(), bs, dy_panel.data());
+        kernels.panel_grad_w(x_panel.data(), dy_panel.data(), rows.size(), bs, block, p);
       }
     }
   });

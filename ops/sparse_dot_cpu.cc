@@ -8,9 +8,14 @@
 namespace blocksparse {
 namespace {
 
-// Output block columns per task: their slice of y (n x 8 blocks) stays in L2 while the input
-// blocks stream past.
-constexpr int64_t kOutputBlocksPerTask = 8;
+// Output features per forward task: their slice of y (n x 512, where active) stays in L2
+// while the input blocks stream past, and each weight row is read in runs of 2 KiB, long
+// enough for the hardware prefetchers whatever the block size.
+constexpr int64_t kOutputFeaturesPerTask = 512;
+// Input features the forward visits together for each output block when w is read transposed:
+// w's block (j, i) is then followed by (j, i + 1), the next run of the same rows, so that each
+// row of w is read in 2 KiB runs rather than one block width at a time.
+constexpr int64_t kTransposedInputFeaturesPerGroup = 512;
 
 // For every block column of a mask, the examples where it is active, as 64-bit words of bits.
 class ActiveExamples {
@@ -23,6 +28,16 @@ class ActiveExamples {
         if (row[b] != 0.f) bits_[b * words_ + r / 64] |= uint64_t{1} << (r % 64);
       }
     }
+  }
+
+  // Whether some example is active in both this mask's block b and other's block other_b.
+  bool AnyInBoth(int64_t b, const ActiveExamples& other, int64_t other_b) const {
+    const uint64_t* mine = bits_.data() + b * words_;
+    const uint64_t* theirs = other.bits_.data() + other_b * words_;
+    for (int64_t word = 0; word < words_; ++word) {
+      if (mine[word] & theirs[word]) return true;
+    }
+    return false;
   }
 
   // The examples active in both this mask's block b and other's block other_b, ascending.
@@ -97,6 +112,14 @@ struct WeightBlocks {
 // then read from memory once either way, and a copy would only add work.
 constexpr int64_t kRowsReadInPlace = 4;
 
+// Asks for the bs rows (stride rs) of the block at src to be brought into the cache.
+void PrefetchBlock(const float* src, int64_t rs, int64_t bs) {
+  constexpr int64_t kFloatsPerLine = 16;
+  for (int64_t r = 0; r < bs; ++r, src += rs) {
+    for (int64_t c = 0; c < bs; c += kFloatsPerLine) __builtin_prefetch(src + c);
+  }
+}
+
 }  // namespace
 
 void SparseDotCpu(const float* x, const float* w, const float* in_mask, const float* out_mask,
@@ -111,30 +134,50 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
   // blocks run in the outer loop so the x block column being read stays in cache while every
   // output block of the range uses it.  Each weight block used is packed once and then serves
   // all its rows from L1.
+  const int64_t blocks_per_task = std::max<int64_t>(1, kOutputFeaturesPerTask / bs);
   ForTiles<ForwardScratch>(
-      1, 1, out_blocks, kOutputBlocksPerTask, 2 * n * m * bs * kOutputBlocksPerTask / 4,
-      parallel_for, [&](ForwardScratch* scratch, int64_t, int64_t, int64_t j0, int64_t j1) {
+      1, 1, out_blocks, blocks_per_task, 2 * n * m * bs * blocks_per_task / 4, parallel_for,
+      [&](ForwardScratch* scratch, int64_t, int64_t, int64_t j0, int64_t j1) {
     std::vector<int32_t>& rows = scratch->rows;
     rows.reserve(n);
     std::vector<float>& packed = scratch->packed;
     packed.resize(bs * bs);
     for (int64_t r = 0; r < n; ++r) std::fill(y + r * p + j0 * bs, y + r * p + j1 * bs, 0.f);
-    for (int64_t i = 0; i < in_blocks; ++i) {
+    const int64_t rs = weights.SourceRowStride();
+    // W's block (i, j) times the examples active in both, into y's block column j; (next_i,
+    // next_j) is the pair the loops reach next, whose block is fetched meanwhile if used.
+    auto multiply_pair = [&](int64_t i, int64_t j, int64_t next_i, int64_t next_j) {
+      active_in.ActiveInBoth(i, active_out, j, &rows);
+      if (rows.empty()) return;
+      const bool next_used = next_i < in_blocks && active_in.AnyInBoth(next_i, active_out, next_j);
+      const float* block = weights.Source(i, j);
+      const float* next = next_used ? weights.Source(next_i, next_j) : block;
+      int64_t block_rs = rs;
+      if (transpose_w || static_cast<int64_t>(rows.size()) > kRowsReadInPlace) {
+        kernels.pack_block(block, rs, bs, transpose_w, next, packed.data());
+        block = packed.data();
+        block_rs = bs;
+      } else if (next_used) {
+        PrefetchBlock(next, rs, bs);
+      }
+      kernels.exact_rows_accumulate(x + i * bs, m, rows.data(), rows.size(), block, block_rs, bs,
+                                    y + j * bs, p);
+    };
+    // Every y block sums its input blocks in increasing order, whatever the grouping.
+    const int64_t group =
+        transpose_w ? std::max<int64_t>(1, kTransposedInputFeaturesPerGroup / bs) : 1;
+    for (int64_t i0 = 0; i0 < in_blocks; i0 += group) {
+      const int64_t i1 = std::min(in_blocks, i0 + group);
       for (int64_t j = j0; j < j1; ++j) {
-        active_in.ActiveInBoth(i, active_out, j, &rows);
-        if (rows.empty()) continue;
-        const float* block = weights.Source(i, j);
-        int64_t block_rs = weights.SourceRowStride();
-        if (transpose_w || static_cast<int64_t>(rows.size()) > kRowsReadInPlace) {
-          // The block the loops reach next, fetched while this one is packed.
-          const float* next = j + 1 < j1 ? weights.Source(i, j + 1)
-                                         : weights.Source(std::min(i + 1, in_blocks - 1), j0);
-          kernels.pack_block(block, block_rs, bs, transpose_w, next, packed.data());
-          block = packed.data();
-          block_rs = bs;
+        for (int64_t i = i0; i < i1; ++i) {
+          if (i + 1 < i1) {
+            multiply_pair(i, j, i + 1, j);
+          } else if (j + 1 < j1) {
+            multiply_pair(i, j, i0, j + 1);
+          } else {
+            multiply_pair(i, j, i1, j0);
+          }
         }
-        kernels.exact_rows_accumulate(x + i * bs, m, rows.data(), rows.size(), block, block_rs,
-                                      bs, y + j * bs, p);
       }
     }
   });

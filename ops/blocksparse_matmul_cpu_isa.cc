@@ -47,27 +47,31 @@ template <typename V>
 inline V Load(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
 template <typename V>
 inline void Store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+template <typename V>
+inline V Splat(float a) { return a - V{}; }  // x - 0 == x exactly, so this folds to a broadcast
+inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
 // A store that bypasses the caches (no read of the line first): for results written once and
 // not read again soon.  p must be aligned to sizeof(V); the caller fences before anyone reads.
 template <typename V>
 inline void StreamStore(float* p, V v) {
-  if constexpr (sizeof(V) == 64) {
 #if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) {
     _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+    return;
+  }
 #endif
-  } else if constexpr (sizeof(V) == 32) {
 #if defined(__AVX__)
+  if constexpr (sizeof(V) == 32) {
     _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
+    return;
+  }
 #endif
-  } else if constexpr (sizeof(V) == 16) {
+  if constexpr (sizeof(V) == 16) {
     _mm_stream_ps(p, reinterpret_cast<__m128>(v));
   } else {
-    Store<V>(p, v);
+    Store<V>(p, v);  // a single float: an ordinary store
   }
 }
-template <typename V>
-inline V Splat(float a) { return a - V{}; }  // x - 0 == x exactly, so this folds to a broadcast
-inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // The heart of everything: C[m][0 : NV*W) (m < rows) = sum_q sum_{p<P} a_q[p*a_cs + m] * b_q[p*b_rs + :].
 // `Pairs` yields the q-th A and B pointers.  A's MR values for one p are contiguous.
@@ -343,7 +347,10 @@ constexpr int kPackedAccumulators = 24;
 constexpr int kPackedMaxNV = kMaxNV;
 constexpr int kPackedAccumulators = 12;
 #endif
-constexpr int PackedRows(int nv) { return kPackedAccumulators / nv < 12 ? kPackedAccumulators / nv : 12; }
+// Rows of a tile NV vectors wide: as many as the accumulators allow, at most 12.
+constexpr int PackedRows(int nv) {
+  return kPackedAccumulators / nv < 12 ? kPackedAccumulators / nv : 12;
+}
 
 // As DispatchBlockColumns, with up to kPackedMaxNV vectors per chunk.
 template <typename Op, typename... Args>

@@ -6,6 +6,8 @@
 // products differ only in where A, B and C live (see the comments on each driver).
 // Summation order is fixed by the layout, never by threads: results are deterministic.
 
+#include <immintrin.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -48,10 +50,33 @@ inline void Store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 template <typename V>
 inline V Splat(float a) { return a - V{}; }  // x - 0 == x exactly, so this folds to a broadcast
 inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
+// A store that bypasses the caches (no read of the line first): for results written once and
+// not read again soon.  p must be aligned to sizeof(V); the caller fences before anyone reads.
+template <typename V>
+inline void StreamStore(float* p, V v) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) {
+    _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+    return;
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (sizeof(V) == 32) {
+    _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
+    return;
+  }
+#endif
+  if constexpr (sizeof(V) == 16) {
+    _mm_stream_ps(p, reinterpret_cast<__m128>(v));
+  } else {
+    Store<V>(p, v);  // a single float: an ordinary store
+  }
+}
 
 // The heart of everything: C[m][0 : NV*W) (m < rows) = sum_q sum_{p<P} a_q[p*a_cs + m] * b_q[p*b_rs + :].
 // `Pairs` yields the q-th A and B pointers.  A's MR values for one p are contiguous.
-template <int MR, int NV, typename V, typename Pairs>
+// With kStream, C is written by StreamStore (so each of its rows must be aligned to V).
+template <int MR, int NV, typename V, typename Pairs, bool kStream = false>
 inline void Tile(const Pairs& pairs, int64_t P, int64_t a_cs, int64_t b_rs, float* c,
                  int64_t c_rs, int64_t rows) {
   constexpr int W = Width<V>();
@@ -92,7 +117,13 @@ inline void Tile(const Pairs& pairs, int64_t P, int64_t a_cs, int64_t b_rs, floa
   for (int m = 0; m < MR; ++m) {
     if (m < rows) {
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) Store<V>(c + m * c_rs + v * W, acc[m][v]);
+      for (int v = 0; v < NV; ++v) {
+        if constexpr (kStream) {
+          StreamStore<V>(c + m * c_rs + v * W, acc[m][v]);
+        } else {
+          Store<V>(c + m * c_rs + v * W, acc[m][v]);
+        }
+      }
     }
   }
 }
@@ -303,6 +334,166 @@ void GatheredRowsAccumulate(const float* x, int64_t x_rs, const int32_t* rows, i
   }
 }
 
+// sparse_dot's forward: gathered rows of x times one weight block (usually packed by
+// PackBlock, so that it stays in L1 with no cache-set aliasing).  A tile is MR gathered rows x
+// NV vectors; NV covers the whole block width where the registers allow (bs 64 on AVX-512), so
+// each x element broadcast feeds NV products, and the last rows get a tile of exactly their
+// height.  kPackedAccumulators of the vector registers hold the tile; the rest hold the
+// NV weight vectors and the broadcast.
+#if defined(__AVX512F__)
+constexpr int kPackedMaxNV = 4;
+constexpr int kPackedAccumulators = 24;
+#else
+constexpr int kPackedMaxNV = kMaxNV;
+constexpr int kPackedAccumulators = 12;
+#endif
+// Rows of a tile NV vectors wide: as many as the accumulators allow, at most 12.
+constexpr int PackedRows(int nv) {
+  return kPackedAccumulators / nv < 12 ? kPackedAccumulators / nv : 12;
+}
+
+// As DispatchBlockColumns, with up to kPackedMaxNV vectors per chunk.
+template <typename Op, typename... Args>
+inline void DispatchPanelColumns(int64_t bs, Args... args) {
+  if (bs % (Width<VecWide>() * kPackedMaxNV) == 0) {
+    Op::template Run<VecWide, kPackedMaxNV>(args...);
+  } else {
+    DispatchBlockColumns<Op>(bs, args...);
+  }
+}
+
+// y_row[m][j0 : j0 + NV*W) += x_row[m][0:bs) . b[:, j0 : j0 + NV*W) for m < MR.
+template <int MR, int NV, typename V>
+inline void PackedRowsTile(const float* const* x_row, float* const* y_row, const float* b,
+                           int64_t b_rs, int64_t bs, int64_t j0) {
+  constexpr int W = Width<V>();
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[m][v] = Load<V>(y_row[m] + j0 + v * W);
+  const float* bp = b + j0;
+  for (int64_t p = 0; p < bs; ++p, bp += b_rs) {
+    V bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = Load<V>(bp + v * W);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const V av = Splat<V>(x_row[m][p]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) Store<V>(y_row[m] + j0 + v * W, acc[m][v]);
+}
+
+// The MR rows listed at `rows`, across the whole block width.
+template <int MR, int NV, typename V>
+inline void PackedRowsGroup(const float* x, int64_t x_rs, const int32_t* rows, const float* b,
+                            int64_t b_rs, int64_t bs, float* y, int64_t y_rs) {
+  const float* x_row[MR];
+  float* y_row[MR];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+    x_row[m] = x + rows[m] * x_rs;
+    y_row[m] = y + rows[m] * y_rs;
+  }
+  for (int64_t j0 = 0; j0 < bs; j0 += Width<V>() * NV) {
+    PackedRowsTile<MR, NV, V>(x_row, y_row, b, b_rs, bs, j0);
+  }
+}
+
+// The last `rest` < MR rows, in a tile of exactly that height (no padded rows computed).
+template <int MR, int NV, typename V>
+inline void PackedRowsRest(int64_t rest, const float* x, int64_t x_rs, const int32_t* rows,
+                           const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs) {
+  if constexpr (MR > 1) {
+    if (rest == MR - 1) {
+      PackedRowsGroup<MR - 1, NV, V>(x, x_rs, rows, b, b_rs, bs, y, y_rs);
+    } else {
+      PackedRowsRest<MR - 1, NV, V>(rest, x, x_rs, rows, b, b_rs, bs, y, y_rs);
+    }
+  }
+}
+
+struct PackedRowsOp {
+  template <typename V, int NV>
+  static void Run(const float* x, int64_t x_rs, const int32_t* rows, int64_t count,
+                  const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs) {
+    constexpr int MR = PackedRows(NV);
+    int64_t q = 0;
+    for (; q + MR <= count; q += MR) {
+      PackedRowsGroup<MR, NV, V>(x, x_rs, rows + q, b, b_rs, bs, y, y_rs);
+    }
+    if (q < count) PackedRowsRest<MR, NV, V>(count - q, x, x_rs, rows + q, b, b_rs, bs, y, y_rs);
+  }
+};
+
+void ExactRowsAccumulate(const float* x, int64_t x_rs, const int32_t* rows, int64_t count,
+                         const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs) {
+  DispatchPanelColumns<PackedRowsOp>(bs, x, x_rs, rows, count, b, b_rs, bs, y, y_rs);
+}
+
+// The transpose of a W x W tile (W = the vector width) in registers: log2(W) rounds, round d
+// swapping the off-diagonal d x d sub-blocks of every 2d x 2d block (bit d of the row index
+// trades places with bit d of the column index).
+inline void TransposeTile(VecWide (&t)[Width<VecWide>()]) {
+  constexpr int W = Width<VecWide>();
+  typedef int32_t VecIndex __attribute__((vector_size(kVectorBytes)));
+#pragma GCC unroll 8
+  for (int d = W / 2; d >= 1; d /= 2) {
+    VecIndex low, high;  // lanes of the row with bit d clear / set, from (that row, its partner)
+#pragma GCC unroll 16
+    for (int l = 0; l < W; ++l) {
+      low[l] = (l & d) ? W + l - d : l;
+      high[l] = (l & d) ? W + l : l + d;
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < W; ++r) {
+      if (r & d) continue;
+      const VecWide a = t[r], b = t[r + d];
+      t[r] = __builtin_shuffle(a, b, low);
+      t[r + d] = __builtin_shuffle(a, b, high);
+    }
+  }
+}
+
+// packed (bs x bs, row stride bs) = the block at src (row stride src_rs), or its transpose.
+// The source rows are short runs far apart, out of the hardware prefetchers' sight, so the
+// rows of the block at `next` (same stride; the caller packs it next) are fetched meanwhile.
+void PackBlock(const float* src, int64_t src_rs, int64_t bs, bool transpose, const float* next,
+               float* packed) {
+  constexpr int64_t kFloatsPerLine = 16;
+  constexpr int W = Width<VecWide>();
+  if (transpose && bs % W == 0) {
+    for (int64_t r0 = 0; r0 < bs; r0 += W) {
+      for (int64_t r = r0; r < r0 + W; ++r) {
+        for (int64_t c = 0; c < bs; c += kFloatsPerLine) __builtin_prefetch(next + r * src_rs + c);
+      }
+      for (int64_t c0 = 0; c0 < bs; c0 += W) {
+        VecWide t[W];
+#pragma GCC unroll 16
+        for (int r = 0; r < W; ++r) t[r] = Load<VecWide>(src + (r0 + r) * src_rs + c0);
+        TransposeTile(t);
+#pragma GCC unroll 16
+        for (int r = 0; r < W; ++r) Store<VecWide>(packed + (c0 + r) * bs + r0, t[r]);
+      }
+    }
+    return;
+  }
+  for (int64_t r = 0; r < bs; ++r, src += src_rs, next += src_rs) {
+    for (int64_t c = 0; c < bs; c += kFloatsPerLine) __builtin_prefetch(next + c);
+    if (transpose) {
+      for (int64_t c = 0; c < bs; ++c) packed[c * bs + r] = src[c];
+    } else {
+      for (int64_t c = 0; c < bs; ++c) packed[r * bs + c] = src[c];
+    }
+  }
+}
+
 // Block-sparse convolution, implicit GEMM: out = sum over taps and the blocks of one output
 // block column of (input pixel rows gathered for that tap) . (the block's weights at that tap).
 // A tile of MR output pixels x one chunk of the block's columns stays in registers across all
@@ -440,6 +631,73 @@ void GatheredRowsGradW(const float* x, int64_t x_rs, const float* dy, int64_t dy
   }
 }
 
+// sparse_dot's weight gradient from panels of gathered rows (x_panel[q * bs + i] =
+// x[rows[q], i], likewise dy_panel): dw = sum over q of x_panel[q]^T dy_panel[q].  A = the x
+// panel, B = the dy panel, P = the row count; both are read sequentially from L1/L2, and a
+// tile of dw stays in registers over all the rows.
+void GatherRows(const float* src, int64_t src_rs, const int32_t* rows, int64_t count,
+                int64_t bs, float* panel) {
+  for (int64_t q = 0; q < count; ++q, panel += bs) {
+    const float* row = src + rows[q] * src_rs;
+    for (int64_t c = 0; c < bs; ++c) panel[c] = row[c];
+  }
+}
+
+// Rows [i0, i0 + rows) of dw, rows < MR, in a tile of exactly that height (so no panel
+// element past the block is read).
+template <int MR, int NV, typename V, bool kStream>
+inline void PanelGradWRest(int64_t rows, const float* a, const float* b, int64_t count,
+                           int64_t bs, float* c, int64_t c_rs) {
+  if constexpr (MR > 1) {
+    if (rows == MR - 1) {
+      Tile<MR - 1, NV, V, SinglePair, kStream>(SinglePair{a, b}, count, bs, bs, c, c_rs, MR - 1);
+    } else {
+      PanelGradWRest<MR - 1, NV, V, kStream>(rows, a, b, count, bs, c, c_rs);
+    }
+  }
+}
+
+// dw is written once and read only after the whole gradient is done, usually far larger than
+// the caches (at 10% active blocks, writing it costs more than computing it): where its rows
+// are aligned for it, it is stored past the caches, which also saves reading each line first.
+template <bool kStream>
+struct PanelGradWOp {
+  template <typename V, int NV>
+  static void Run(const float* x_panel, const float* dy_panel, int64_t count, int64_t bs,
+                  float* dw, int64_t dw_rs) {
+    constexpr int MR = PackedRows(NV);
+    constexpr int64_t chunk = Width<V>() * NV;
+    for (int64_t j0 = 0; j0 < bs; j0 += chunk) {
+      int64_t i0 = 0;
+      for (; i0 + MR <= bs; i0 += MR) {
+        Tile<MR, NV, V, SinglePair, kStream>(SinglePair{x_panel + i0, dy_panel + j0}, count, bs,
+                                             bs, dw + i0 * dw_rs + j0, dw_rs, MR);
+      }
+      if (i0 < bs) {
+        PanelGradWRest<MR, NV, V, kStream>(bs - i0, x_panel + i0, dy_panel + j0, count, bs,
+                                           dw + i0 * dw_rs + j0, dw_rs);
+      }
+    }
+  }
+};
+
+// Whether rows of stride `rs` from p, at offsets that are multiples of the block width chosen
+// by DispatchPanelColumns, can take StreamStore's aligned vector stores.
+bool RowsAlignedForStreaming(const float* p, int64_t rs, int64_t bs) {
+  const int64_t vector_bytes = bs % Width<VecWide>() == 0 ? kVectorBytes : bs == 8 ? 32 : 4;
+  return reinterpret_cast<uintptr_t>(p) % vector_bytes == 0 && rs * 4 % vector_bytes == 0;
+}
+
+void PanelGradW(const float* x_panel, const float* dy_panel, int64_t count, int64_t bs,
+                float* dw, int64_t dw_rs) {
+  if (RowsAlignedForStreaming(dw, dw_rs, bs)) {
+    DispatchPanelColumns<PanelGradWOp<true>>(bs, x_panel, dy_panel, count, bs, dw, dw_rs);
+    _mm_sfence();  // the streamed stores reach memory before anything after this call
+  } else {
+    DispatchPanelColumns<PanelGradWOp<false>>(bs, x_panel, dy_panel, count, bs, dw, dw_rs);
+  }
+}
+
 }  // namespace
 
 extern const ConvKernels kConvKernels = {kRowTile, GatheredTaps, SegmentOuterSum};
@@ -448,7 +706,8 @@ extern const ConvKernels kConvKernels = {kRowTile, GatheredTaps, SegmentOuterSum
 #define BSMM_STRINGIFY(s) BSMM_STRINGIFY2(s)
 extern const CpuKernels kKernels = {BSMM_STRINGIFY(BSMM_ISA), Width<VecWide>(), kRowTile, ForwardAxis1, ForwardAxis0,
                                     GatheredRowsAccumulate,
-                                    GradW, GatheredRowsGradW};
+                                    GradW, GatheredRowsGradW, ExactRowsAccumulate, PackBlock,
+                                    GatherRows, PanelGradW};
 
 }  // namespace BSMM_ISA
 }  // namespace blocksparse

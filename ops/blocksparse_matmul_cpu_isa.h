@@ -52,6 +52,25 @@ struct CpuKernels {
   void (*gathered_rows_grad_w)(const float* x, int64_t x_rs, const float* dy, int64_t dy_rs,
                                const int32_t* rows, int64_t count, int64_t bs, float* dw,
                                int64_t dw_rs);
+  // As gathered_rows_accumulate (each element summed over p in the same order), in wider
+  // register tiles and with no padded rows computed: the faster choice when b is packed
+  // (b_rs == bs, see pack_block).
+  void (*exact_rows_accumulate)(const float* x, int64_t x_rs, const int32_t* rows,
+                                int64_t count, const float* b, int64_t b_rs, int64_t bs,
+                                float* y, int64_t y_rs);
+  // packed (bs x bs, row stride bs) = the bs x bs block at src (row stride src_rs), or its
+  // transpose; prefetches the block of the same stride at `next` meanwhile.
+  void (*pack_block)(const float* src, int64_t src_rs, int64_t bs, bool transpose,
+                     const float* next, float* packed);
+  // panel[q * bs + c] = src[rows[q] * src_rs + c] for q < count, c < bs.
+  void (*gather_rows)(const float* src, int64_t src_rs, const int32_t* rows, int64_t count,
+                      int64_t bs, float* panel);
+  // dw[0:bs, 0:bs) (row stride dw_rs) = sum over q < count, in that order, of
+  // x_panel[q]^T dy_panel[q], the panels as gather_rows makes them (gathered_rows_grad_w's
+  // sums, read from contiguous panels).  dw is stored past the caches where its rows are
+  // aligned for it, fenced before returning.
+  void (*panel_grad_w)(const float* x_panel, const float* dy_panel, int64_t count, int64_t bs,
+                       float* dw, int64_t dw_rs);
 };
 
 // The micro-kernels of the block-sparse convolution (ops/blocksparse_conv_cpu.cc).

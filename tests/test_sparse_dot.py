@@ -193,6 +193,38 @@ def test_grad_w_never_reads_inactive_entries():
     assert rel_err(dw, dw_ref) < 1e-5
 
 
+@pytest.mark.parametrize("bs", [8, 16, 64])
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_many_examples_per_block_pair(bs, transpose_w):
+    """Dozens of examples per (input block, output block) pair: full register tiles and a
+    shorter last one, packed weight blocks, several forward tasks and input groups (more than
+    512 features each way), plus an input block used by only 3 examples (read in place); NaN
+    wherever a mask is off, in x and in the output gradient, must never be read."""
+    n, m, p = 157, 640, 576
+    x = RNG.standard_normal((n, m)).astype(np.float32)
+    dy = RNG.standard_normal((n, p)).astype(np.float32)
+    w = RNG.standard_normal((m, p)).astype(np.float32)
+    in_mask = (RNG.random((n, m // bs)) < 0.7).astype(np.float32)
+    out_mask = (RNG.random((n, p // bs)) < 0.7).astype(np.float32)
+    in_mask[:, 1] = 0
+    in_mask[[4, 50, 151], 1] = 1
+    x_bad, dy_bad = x.copy(), dy.copy()
+    x_bad[np.repeat(in_mask == 0, bs, axis=1)] = np.nan
+    dy_bad[np.repeat(out_mask == 0, bs, axis=1)] = np.nan
+    xt = tf.constant(x_bad)
+    wt = tf.constant(w.T.copy() if transpose_w else w)
+    with tf.GradientTape() as tape:
+        tape.watch([xt, wt])
+        y = sparse_dot(xt, wt, in_mask, out_mask, block_size=bs, transpose_w=transpose_w)
+    dx, dw = tape.gradient(y, [xt, wt], output_gradients=tf.constant(dy_bad))
+    y_ref, _, out_e = reference(x, w, in_mask, out_mask, None, bs)
+    dw_ref, dx_ref = grad_references(x, dy, w, in_mask, out_mask, bs)
+    assert rel_err(y, y_ref) < 1e-5
+    assert np.all(y.numpy()[out_e == 0] == 0)
+    assert rel_err(dx, dx_ref) < 1e-5
+    assert rel_err(dw, dw_ref.T if transpose_w else dw_ref) < 1e-5
+
+
 @pytest.mark.parametrize("bs", [1, 8, 16, 32, 64])
 @pytest.mark.parametrize("masks", ["none", "in", "out", "both"])
 def test_transpose_w_forward(bs, masks):

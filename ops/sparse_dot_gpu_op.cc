@@ -25,10 +25,6 @@ absl::Status Workspace(OpKernelContext* ctx, int64_t n, int64_t p, int64_t bs, T
   return ctx->allocate_temp(tensorflow::DT_INT8, TensorShape({bytes > 0 ? bytes : 1}), ws);
 }
 
-const float* MaskPtr(OpKernelContext* ctx, int input) {
-  return ctx->input(input).flat<float>().data();
-}
-
 template <typename T>
 class SparseDotGpuOp : public SparseDotKernelBase {
  public:
@@ -45,7 +41,7 @@ class SparseDotGpuOp : public SparseDotKernelBase {
     OP_REQUIRES_OK(ctx, Workspace(ctx, sz.n, sz.p, block_size_, &ws));
     OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchSparseDot(
                                          kDType<T>, ctx->input(0).data(), ctx->input(1).data(),
-                                         MaskPtr(ctx, 2), MaskPtr(ctx, 3), y->data(), sz.n, sz.m,
+                                         InMask(ctx), OutMask(ctx), y->data(), sz.n, sz.m,
                                          sz.p, block_size_, transpose_w_, ws.data(),
                                          ws.NumElements(), TfCudaStream(ctx)),
                                      "BlocksparseSparseDot GPU kernel"));
@@ -69,7 +65,7 @@ class SparseDotGradWGpuOp : public SparseDotKernelBase {
     OP_REQUIRES_OK(ctx, Workspace(ctx, sz.n, sz.p, block_size_, &ws));
     OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchSparseDotGradW(
                                          kDType<T>, ctx->input(0).data(), ctx->input(1).data(),
-                                         MaskPtr(ctx, 2), MaskPtr(ctx, 3), dw->data(), sz.n,
+                                         InMask(ctx), OutMask(ctx), dw->data(), sz.n,
                                          sz.m, sz.p, block_size_, ws.data(), ws.NumElements(),
                                          TfCudaStream(ctx)),
                                      "BlocksparseSparseDotGradW GPU kernel"));

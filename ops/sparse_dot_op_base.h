@@ -98,6 +98,10 @@ class SparseDotKernelBase : public OpKernel {
     return ctx->allocate_output(0, TensorShape({sz->m, sz->p}), dw);
   }
 
+  // The masks' data (inputs 2 and 3, float32, already checked).
+  static const float* InMask(OpKernelContext* ctx) { return ctx->input(2).flat<float>().data(); }
+  static const float* OutMask(OpKernelContext* ctx) { return ctx->input(3).flat<float>().data(); }
+
   int64_t block_size_;
 };
 

@@ -37,8 +37,6 @@ absl::Status CheckMaskShape(InferenceContext* c, int mask_input, DimensionHandle
   return c->Merge(blocks, c->Dim(mask, 1), &unused);
 }
 
-const float* Mask(OpKernelContext* ctx, int input) { return ctx->input(input).flat<float>().data(); }
-
 // Runs fn(a, b, out) on float32 views of a and b (copies when T is half or bfloat16), writing
 // the float32 result into out (of T).
 template <typename T, typename Fn>
@@ -126,7 +124,7 @@ class SparseDotOp : public SparseDotKernelBase {
     const int64_t n = sz.n, m = sz.m, p = sz.p;
     if (n == 0 || p == 0) return;
     InFloat32<T>(ctx, ctx->input(0), ctx->input(1), y, [&](const float* xf, const float* wf, float* yf) {
-      SparseDotCpu(xf, wf, Mask(ctx, 2), Mask(ctx, 3), yf, n, m, p, block_size_, transpose_w_,
+      SparseDotCpu(xf, wf, InMask(ctx), OutMask(ctx), yf, n, m, p, block_size_, transpose_w_,
                    CpuParallelFor(ctx));
     });
   }
@@ -147,7 +145,7 @@ class SparseDotGradWOp : public SparseDotKernelBase {
     const int64_t n = sz.n, m = sz.m, p = sz.p;
     if (m == 0 || p == 0) return;
     InFloat32<T>(ctx, ctx->input(0), ctx->input(1), dw, [&](const float* xf, const float* dyf, float* dwf) {
-      SparseDotGradWCpu(xf, dyf, Mask(ctx, 2), Mask(ctx, 3), dwf, n, m, p, block_size_,
+      SparseDotGradWCpu(xf, dyf, InMask(ctx), OutMask(ctx), dwf, n, m, p, block_size_,
                         CpuParallelFor(ctx));
     });
   }

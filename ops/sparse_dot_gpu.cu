@@ -179,7 +179,7 @@ __device__ __forceinline__ void StoreOut(T* dst, const float* v, int64_t f0, int
 //            Output tile 64 x W.
 template <typename T, int W, bool kGrad, bool kBTrans = false>
 struct Cfg {
-  static constexpr bool kIsGrad = kGrad, kBT = kBTrans;
+  static constexpr bool kBT = kBTrans;
   static constexpr bool kF32 = sizeof(T) == 4;
   static constexpr int kCE = Chunk<T>::kElems;
   static constexpr int kKS = 64;                     // reduction extent of one step
@@ -212,6 +212,7 @@ struct Cfg {
   static constexpr int kAPer = (kAChunks + kThreads - 1) / kThreads;
   static constexpr int kBPer = (kBChunks + kThreads - 1) / kThreads;
   static_assert(kBM % (16 * kWM) == 0 && kNT % 2 == 0, "warp tiles");
+  static_assert(kKT >= 1 && kKT * W <= kKS, "a forward step holds whole input tiles");
 };
 
 // The per-CTA accumulators, filled on the tensor cores: 16-bit inputs with m16n8k16 MMAs,
@@ -714,7 +715,7 @@ int Launch(K kernel, dim3 grid, const Problem& P, cudaStream_t stream) {
 
 template <typename T, int W>
 int RunProduct(const Problem& P, bool grad, cudaStream_t stream) {
-  const int64_t MI = (P.m + W - 1) / W, PJ = (P.p + W - 1) / W;
+  const int64_t PJ = (P.p + W - 1) / W;  // tile columns of the output
   if (grad) {
     const int64_t MG = (P.m + kGradM - 1) / kGradM;
     const dim3 grid(static_cast<unsigned>(MG), static_cast<unsigned>(PJ < 65535 ? PJ : 65535));

@@ -12,6 +12,7 @@ namespace {
 // while the input blocks stream past, and each weight row is read in runs of 2 KiB, long
 // enough for the hardware prefetchers whatever the block size.
 constexpr int64_t kOutputFeaturesPerTask = 512;
+constexpr int64_t kMinForwardTasks = 8;
 // Input features the forward visits together for each output block when w is read transposed:
 // w's block (j, i) is then followed by (j, i + 1), the next run of the same rows, so that each
 // row of w is read in 2 KiB runs rather than one block width at a time.
@@ -134,7 +135,10 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
   // blocks run in the outer loop so the x block column being read stays in cache while every
   // output block of the range uses it.  Each weight block used is packed once and then serves
   // all its rows from L1.
-  const int64_t blocks_per_task = std::max<int64_t>(1, kOutputFeaturesPerTask / bs);
+  // At least kMinForwardTasks tasks where the layer is narrow, so every thread gets work (a
+  // split that depends only on the shapes, so results do not depend on the thread count).
+  const int64_t blocks_per_task = std::max<int64_t>(
+      1, std::min(kOutputFeaturesPerTask / bs, out_blocks / kMinForwardTasks));
   ForTiles<ForwardScratch>(
       1, 1, out_blocks, blocks_per_task, 2 * n * m * bs * blocks_per_task / 4, parallel_for,
       [&](ForwardScratch* scratch, int64_t, int64_t, int64_t j0, int64_t j1) {
@@ -201,8 +205,6 @@ void SparseDotGradWCpu(const float* x, const float* dy, const float* in_mask,
     rows.reserve(n);
     std::vector<float>& x_panel = scratch->x_panel;
     std::vector<float>& dy_panel = scratch->dy_panel;
-    x_panel.resize(n * bs);
-    dy_panel.resize(n * bs);
     for (int64_t i = i0; i < i1; ++i) {
       for (int64_t j = j0; j < j1; ++j) {
         float* block = dw + i * bs * p + j * bs;
@@ -210,6 +212,11 @@ void SparseDotGradWCpu(const float* x, const float* dy, const float* in_mask,
         if (rows.empty()) {
           for (int64_t r = 0; r < bs; ++r) std::fill_n(block + r * p, bs, 0.f);
           continue;
+        }
+        // Panels grow to the most active rows seen, not to n: cost follows the active rows.
+        if (x_panel.size() < rows.size() * bs) {
+          x_panel.resize(rows.size() * bs);
+          dy_panel.resize(rows.size() * bs);
         }
         kernels.gather_rows(x + i * bs, m, rows.data(), rows.size(), bs, x_panel.data());
         kernels.gather_rows(dy + j * bs, p, rows.data(), rows.size(), bs, dy_panel.data());

@@ -1,6 +1,8 @@
 #include "ops/blocksparse_matmul_cpu.h"
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 
 #include "ops/blocksparse_matmul_cpu_isa.h"
 
@@ -15,13 +17,27 @@ LayoutView ViewOf(const BlockLayout& l) {
                     l.col_block.data()};
 }
 
-// At most this many rows of x share one packed panel set while every weight column streams
-// past them: 96 rows of a 4096-wide x is 1.5 MiB, which stays in a core's L2.
+// At most this many rows of x, and at most kGroupBytes of them, make one task's row group,
+// which stays in a core's L2 while every weight column streams past it.
 constexpr int64_t kRowsPerGroup = 96;
+constexpr int64_t kGroupBytes = 1536 * 1024;
 // Weight bytes of the output block columns one feature_axis=1 task covers.
 constexpr int64_t kWeightBytesPerRange = 512 * 1024;
 // Columns of y one feature_axis=0 task covers.
 constexpr int64_t kColumnsPerTask = 256;
+
+// Calls f(std::integral_constant<int64_t, bs>{}): copies of one block's row then compile to
+// a few vector moves instead of a library call each.
+template <typename F>
+void WithConstantBlockSize(int64_t bs, F&& f) {
+  switch (bs) {
+    case 1: return f(std::integral_constant<int64_t, 1>{});
+    case 8: return f(std::integral_constant<int64_t, 8>{});
+    case 16: return f(std::integral_constant<int64_t, 16>{});
+    case 32: return f(std::integral_constant<int64_t, 32>{});
+    case 64: return f(std::integral_constant<int64_t, 64>{});
+  }
+}
 
 // Block-column panels: panels[(c * N + n) * bs + i] = feature c*bs + i of vector n, so each
 // block's slice of the N vectors is one contiguous (N, bs) array.  Reads x (N, F) row by row
@@ -33,8 +49,10 @@ void PackBlockColumns(const float* x, int64_t N, int64_t F, int64_t bs, int feat
     for (int64_t c = begin; c < end; ++c) {
       float* panel = panels + c * N * bs;
       if (feature_axis == 1) {
-        for (int64_t n = 0; n < N; ++n)
-          std::copy_n(x + n * F + c * bs, bs, panel + n * bs);
+        WithConstantBlockSize(bs, [&](auto kBs) {
+          for (int64_t n = 0; n < N; ++n)
+            std::memcpy(panel + n * kBs, x + n * F + c * kBs, kBs * sizeof(float));
+        });
       } else {
         constexpr int64_t kChunk = 64;  // columns of x per pass, to keep writes in cache
         for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
@@ -43,6 +61,25 @@ void PackBlockColumns(const float* x, int64_t N, int64_t F, int64_t bs, int feat
             const float* row = x + (c * bs + i) * N;
             for (int64_t n = n0; n < n1; ++n) panel[n * bs + i] = row[n];
           }
+        }
+      }
+    }
+  });
+}
+
+// Rows [m0, m1) of x (N, C) as the row-tile panels of CpuKernels::forward_axis1, zero rows
+// completing the last tile.
+void PackRowTilePanels(const float* x, int64_t m0, int64_t m1, int64_t C, int64_t bs,
+                       int64_t tile, float* panels) {
+  WithConstantBlockSize(bs, [&](auto kBs) {
+    const int64_t CB = C / kBs, padded_end = m0 + (m1 - m0 + tile - 1) / tile * tile;
+    for (int64_t m = m0; m < padded_end; ++m) {
+      float* panel_row = panels + ((m - m0) / tile * CB * tile + (m - m0) % tile) * kBs;
+      for (int64_t c = 0; c < CB; ++c, panel_row += tile * kBs) {
+        if (m < m1) {
+          std::memcpy(panel_row, x + m * C + c * kBs, kBs * sizeof(float));
+        } else {
+          std::memset(panel_row, 0, kBs * sizeof(float));
         }
       }
     }
@@ -98,28 +135,24 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
     Transpose(y_t, K, N, y, parallel_for);
     return true;
   }
+  // x re-laid as row-tile panels (see CpuKernels::forward_axis1): a tile's rows sit next to
+  // each other, one block wide, where in x rows of a power-of-two width would all fall into
+  // the same L1 cache sets.
   const int64_t tile = kernels.row_tile;
   const int64_t tiles = (N + tile - 1) / tile;
-  // Panels: x re-laid so the tile's rows for one input feature are adjacent (zero-padded).
   float* const panels = scratch(tiles * tile * C);
   if (panels == nullptr) return false;
   parallel_for(tiles, tile * C * 2, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      float* panel = panels + t * tile * C;
-      const int64_t rows = std::min(tile, N - t * tile);
-      const float* x_tile = x + t * tile * C;
-      for (int64_t c = 0; c < C; ++c, panel += tile) {  // sequential writes, `rows` read streams
-        for (int64_t m = 0; m < rows; ++m) panel[m] = x_tile[m * C + c];
-        for (int64_t m = rows; m < tile; ++m) panel[m] = 0.f;
-      }
-    }
+    PackRowTilePanels(x, begin * tile, std::min(N, end * tile), C, bs, tile,
+                      panels + begin * tile * C);
   });
-  const LayoutView view = ViewOf(layout);
+  // Row groups of tiles that stay in L2 while the weight columns of a range stream past.
+  const int64_t max_tiles_per_group =
+      std::clamp<int64_t>(kGroupBytes / (C * 4 * tile), 1, kRowsPerGroup / tile);
   // Equal groups: each one streams all of w, so a nearly empty last group would cost as
   // much weight traffic as a full one.
-  const int64_t max_tiles_per_group = std::max<int64_t>(1, kRowsPerGroup / tile);
-  const int64_t groups = std::max<int64_t>(1, (tiles + max_tiles_per_group - 1) / max_tiles_per_group);
-  const int64_t tiles_per_group = (tiles + groups - 1) / groups;
+  const int64_t groups = (tiles + max_tiles_per_group - 1) / max_tiles_per_group;
+  const int64_t rows_per_group = (tiles + groups - 1) / groups * tile;
   // A task: one row group times a range of output block columns whose weights stay in L2
   // while the group's tiles pass over them.  Wide ranges also write y in long runs; at least
   // 8 tasks keep both cores busy.
@@ -128,13 +161,14 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
   int64_t per_range = std::clamp<int64_t>(kWeightBytesPerRange / column_bytes, 1, KB);
   per_range = std::min(per_range, std::max<int64_t>(1, KB * groups / 8));
   const int64_t ranges = (KB + per_range - 1) / per_range;
-  const int64_t cost = 2 * kRowsPerGroup * bs * bs * layout.blocks / ranges;
+  const int64_t cost = 2 * rows_per_group * bs * bs * layout.blocks / ranges;
+  const LayoutView view = ViewOf(layout);
   parallel_for(groups * ranges, cost, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / ranges, r = task % ranges;
-      const int64_t t0 = g * tiles_per_group, t1 = std::min(tiles, t0 + tiles_per_group);
+      const int64_t m0 = g * rows_per_group, m1 = std::min(N, m0 + rows_per_group);
       const int64_t k0 = r * per_range, k1 = std::min(KB, k0 + per_range);
-      kernels.forward_axis1(panels, w, y, N, &view, t0, t1, k0, k1);
+      kernels.forward_axis1(panels + m0 * C, w, y + m0 * K, m1 - m0, &view, k0, k1);
     }
   });
   return true;

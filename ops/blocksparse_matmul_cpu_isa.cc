@@ -73,10 +73,12 @@ inline void StreamStore(float* p, V v) {
   }
 }
 
-// The heart of everything: C[m][0 : NV*W) (m < rows) = sum_q sum_{p<P} a_q[p*a_cs + m] * b_q[p*b_rs + :].
-// `Pairs` yields the q-th A and B pointers.  A's MR values for one p are contiguous.
+// The heart of everything: C[m][0 : NV*W) (m < rows) = sum_q sum_{p<P} a_q[p*a_cs + m*kARs] * b_q[p*b_rs + :].
+// `Pairs` yields the q-th A and B pointers.  A's MR values for one p are contiguous (kARs 1),
+// or A is an MR x P row-major block of row stride kARs (a_cs 1, every one of its MR rows
+// readable): a compile-time stride, so the MR row offsets need no registers.
 // With kStream, C is written by StreamStore (so each of its rows must be aligned to V).
-template <int MR, int NV, typename V, typename Pairs, bool kStream = false>
+template <int MR, int NV, typename V, typename Pairs, bool kStream = false, int kARs = 1>
 inline void Tile(const Pairs& pairs, int64_t P, int64_t a_cs, int64_t b_rs, float* c,
                  int64_t c_rs, int64_t rows) {
   constexpr int W = Width<V>();
@@ -96,7 +98,13 @@ inline void Tile(const Pairs& pairs, int64_t P, int64_t a_cs, int64_t b_rs, floa
     const float* b_next = prefetch ? pairs.b(q + 1) : b;
     for (int64_t p = 0; p < P; ++p, a += a_cs, b += b_rs, a_next += a_cs, b_next += b_rs) {
       if (prefetch) {
-        __builtin_prefetch(a_next);
+        if constexpr (kARs != 1) {
+          // The next A block is MR * kARs contiguous floats: one of its cache lines per p.
+          constexpr int64_t kLine = 64 / sizeof(float);
+          if (p * kLine < MR * kARs) __builtin_prefetch(a_next - p + p * kLine);
+        } else {
+          __builtin_prefetch(a_next);
+        }
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) __builtin_prefetch(b_next + v * W);
       }
@@ -105,7 +113,7 @@ inline void Tile(const Pairs& pairs, int64_t P, int64_t a_cs, int64_t b_rs, floa
       for (int v = 0; v < NV; ++v) bv[v] = Load<V>(b + v * W);
 #pragma GCC unroll 16
       for (int m = 0; m < MR; ++m) {
-        const V av = Splat<V>(a[m]);
+        const V av = Splat<V>(a[m * kARs]);
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
       }
@@ -178,35 +186,49 @@ inline void DispatchBlockColumns(int64_t bs, Args... args) {
   }
 }
 
-// feature_axis 1, y (N, K):  A = packed x panel of kRowTile rows (panel[c][m]),
-// B = w block rows, C = y rows.  P = bs, pairs = the blocks of column k.
+// feature_axis 1, y (rows, K):  A = x's rows as row-tile panels (see
+// CpuKernels::forward_axis1), B = w block rows, C = y rows.  P = bs, pairs = the blocks of
+// column k.
 struct ForwardAxis1Op {
   template <typename V, int NV>
-  static void Run(const float* panels, const float* w, float* y, int64_t N, const LayoutView* l,
-                  int64_t tile_begin, int64_t tile_end, int64_t k_begin, int64_t k_end) {
+  static void Run(const float* panels, const float* w, float* y, int64_t rows,
+                  const LayoutView* l, int64_t k_begin, int64_t k_end) {
+    // The panel's row stride, bs, is a template argument of the tile.
+    switch (l->block_size) {
+      case 8: return RunBlockSize<V, NV, 8>(panels, w, y, rows, l, k_begin, k_end);
+      case 16: return RunBlockSize<V, NV, 16>(panels, w, y, rows, l, k_begin, k_end);
+      case 32: return RunBlockSize<V, NV, 32>(panels, w, y, rows, l, k_begin, k_end);
+      case 64: return RunBlockSize<V, NV, 64>(panels, w, y, rows, l, k_begin, k_end);
+    }
+  }
+
+  template <typename V, int NV, int kBs>
+  static void RunBlockSize(const float* panels, const float* w, float* y, int64_t rows,
+                           const LayoutView* l, int64_t k_begin, int64_t k_end) {
     constexpr int64_t chunk = Width<V>() * NV;
-    const int64_t bs = l->block_size, C = l->CB * bs, K = l->KB * bs;
-    // Tile rows outermost: each row of y is then written left to right in long runs, and the
-    // weight columns of [k_begin, k_end) stay in L2 for the next tile.
-    for (int64_t t = tile_begin; t < tile_end; ++t) {
-      const float* panel = panels + t * C * kRowTile;
-      const int64_t rows = Min(kRowTile, N - t * kRowTile);
-      for (int64_t k = k_begin; k < k_end; ++k) {
-        for (int64_t j0 = 0; j0 < bs; j0 += chunk) {
-          const auto pairs = PairsOfColumn<false>(*l, k, panel, bs * kRowTile, w + j0, bs * bs);
-          Tile<kRowTile, NV, V>(pairs, bs, kRowTile, bs, y + t * kRowTile * K + k * bs + j0, K,
-                                rows);
+    if constexpr (kBs % chunk == 0) {
+      const int64_t C = l->CB * kBs, K = l->KB * kBs;
+      // Tile rows outermost: each row of y is then written left to right in long runs, and
+      // the weight columns of [k_begin, k_end) stay in L2 for the next tile.
+      for (int64_t m0 = 0; m0 < rows; m0 += kRowTile) {
+        const float* panel = panels + m0 * C;
+        for (int64_t k = k_begin; k < k_end; ++k) {
+          for (int64_t j0 = 0; j0 < kBs; j0 += chunk) {
+            const auto pairs =
+                PairsOfColumn<false>(*l, k, panel, kRowTile * kBs, w + j0, kBs * kBs);
+            Tile<kRowTile, NV, V, decltype(pairs), false, kBs>(
+                pairs, kBs, 1, kBs, y + m0 * K + k * kBs + j0, K, Min(kRowTile, rows - m0));
+          }
         }
       }
     }
   }
 };
 
-void ForwardAxis1(const float* panels, const float* w, float* y, int64_t N,
-                  const LayoutView* layout, int64_t tile_begin, int64_t tile_end,
-                  int64_t k_begin, int64_t k_end) {
-  DispatchBlockColumns<ForwardAxis1Op>(layout->block_size, panels, w, y, N, layout, tile_begin,
-                                       tile_end, k_begin, k_end);
+void ForwardAxis1(const float* panels, const float* w, float* y, int64_t rows,
+                  const LayoutView* layout, int64_t k_begin, int64_t k_end) {
+  DispatchBlockColumns<ForwardAxis1Op>(layout->block_size, panels, w, y, rows, layout, k_begin,
+                                       k_end);
 }
 
 // Rows [j0, j0 + MR) of y's block row k, columns [n0, n1), stepping `chunk` columns at a time.

@@ -26,14 +26,14 @@ struct CpuKernels {
   // Floats per vector register.  Blocks narrower than this run the feature_axis=0 kernel on
   // transposed operands, whose vectors run along N instead.
   int vector_width;
-  // Rows of x that the feature_axis=1 forward product packs into one panel:
-  // panel[c * row_tile + m] = x[(tile * row_tile + m) * C + c], zero past row N.
+  // Rows of x (and y) one register tile of the feature_axis=1 forward product covers.
   int row_tile;
-  // y rows of tiles [tile_begin, tile_end), output block columns [k_begin, k_end)
-  // (feature_axis 1).
-  void (*forward_axis1)(const float* panels, const float* w, float* y, int64_t N,
-                        const LayoutView* layout, int64_t tile_begin, int64_t tile_end,
-                        int64_t k_begin, int64_t k_end);
+  // y[0:rows, k-blocks [k_begin, k_end)) (feature_axis 1; y's row stride is K) from x's rows
+  // as row-tile panels: for tile t (rows [t * row_tile, (t + 1) * row_tile)) and input block
+  // row c, panels[((t * CB + c) * row_tile + m) * bs + i] = x[t * row_tile + m][c * bs + i],
+  // whole tiles (rows past `rows` are computed, never stored).
+  void (*forward_axis1)(const float* panels, const float* w, float* y, int64_t rows,
+                        const LayoutView* layout, int64_t k_begin, int64_t k_end);
   // y[k-block, n_begin:n_end] (feature_axis 0).
   void (*forward_axis0)(const float* x, const float* w, float* y, int64_t N,
                         const LayoutView* layout, int64_t k, int64_t n_begin, int64_t n_end);

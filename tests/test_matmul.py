@@ -76,6 +76,39 @@ def test_forward_and_gradients_match_float64(bs, feature_axis, N):
     assert rel_err(dw0, bsmm.from_dense(dW_dense)) < 1e-5
 
 
+@pytest.mark.parametrize("bs", [16, 32, 64])
+@pytest.mark.parametrize("N", [97, 250])
+def test_forward_over_many_row_groups_and_column_ranges(bs, N):
+    """Batches that the CPU forward splits into several row groups (last register tile
+    partial) times several ranges of output block columns."""
+    layout = RNG.random((24, 40)) < 0.4
+    layout[3, :] = 0  # an empty block row
+    layout[:, 5] = 0  # an empty block column
+    bsmm = BlocksparseMatMul(layout, block_size=bs)
+    x = RNG.standard_normal((N, bsmm.C)).astype(np.float32)
+    w = RNG.standard_normal(bsmm.w_shape).astype(np.float32)
+    dy = RNG.standard_normal((N, bsmm.K)).astype(np.float32)
+    W = dense_reference(layout, bs, w.astype(np.float64))
+    y, dx, _ = products(bsmm, x, w, dy)
+    assert rel_err(y, x.astype(np.float64) @ W) < 1e-5
+    assert rel_err(dx, dy.astype(np.float64) @ W.T) < 1e-5
+    assert np.all(y[:, 5 * bs:6 * bs] == 0)
+
+
+def test_forward_with_rows_wider_than_a_row_group():
+    """x rows of 2^15 + 64 features: a register tile of rows alone exceeds the L2 budget of a
+    row group."""
+    bs = 64
+    layout = np.zeros((513, 3), bool)
+    layout[RNG.choice(513, 60, replace=False), RNG.integers(0, 3, 60)] = True
+    layout[-1, 2] = True
+    bsmm = BlocksparseMatMul(layout, block_size=bs)
+    x = RNG.standard_normal((29, bsmm.C)).astype(np.float32)
+    w = RNG.standard_normal(bsmm.w_shape).astype(np.float32)
+    y = bsmm(tf.constant(x), tf.constant(w)).numpy()
+    assert rel_err(y, x.astype(np.float64) @ dense_reference(layout, bs, w.astype(np.float64))) < 1e-5
+
+
 @pytest.mark.parametrize("bs", [8, 32])
 def test_leading_batch_dims(bs):
     layout = RNG.random((4, 6)) < 0.5

@@ -10,6 +10,7 @@ _LAZY = {
     "BlocksparseMatMul": "blocksparse_tf.matmul",
     "blocksparse_matmul": "blocksparse_tf.matmul",
     "sparse_dot": "blocksparse_tf.conditional",
+    "cpu_isa": "blocksparse_tf._ops",
 }
 
 _SUBMODULES = ("layouts", "layers")

@@ -1,11 +1,18 @@
 """Loads the compiled op library once, from the package folder or from Bazel's output tree."""
 
+import ctypes
 import os
 
 import tensorflow as tf
 
 _LIBRARY_NAME = "_blocksparse_ops.so"
 _ops = None
+_path = None
+
+# BLOCKSPARSE_TF_CPU_ISA selects the CPU kernels of a narrower instruction set than the
+# processor's best (to test or compare them); unset, the best one runs.
+ISA_VARIABLE = "BLOCKSPARSE_TF_CPU_ISA"
+ISA_NAMES = ("avx512", "avx2", "generic")
 
 
 def _candidate_paths():
@@ -16,14 +23,29 @@ def _candidate_paths():
 
 def ops():
     """Returns the loaded op module (raw ops ``blocksparse_matmul`` and ``blocksparse_matmul_grad_w``)."""
-    global _ops
+    global _ops, _path
     if _ops is None:
+        requested = os.environ.get(ISA_VARIABLE, "")
+        if requested and requested not in ISA_NAMES:
+            raise ValueError(f"{ISA_VARIABLE}={requested!r} is not one of {', '.join(ISA_NAMES)}")
         # The newest build wins, so a fresh `bazel build` is used without reinstalling.
         found = sorted((p for p in _candidate_paths() if os.path.exists(p)), key=os.path.getmtime)
         if found:
             _ops = tf.load_op_library(found[-1])
+            _path = found[-1]
         else:
             raise ImportError(
                 f"{_LIBRARY_NAME} was not found next to the blocksparse_tf package or in "
                 "bazel-bin/ops/; build it first with `bash tools/setup.sh` (see README.md)")
     return _ops
+
+
+def cpu_isa():
+    """Name of the instruction set whose CPU kernels run: "avx512", "avx2" or "generic".
+
+    The best the processor supports, unless the environment variable BLOCKSPARSE_TF_CPU_ISA
+    named a narrower one when the library was loaded."""
+    ops()
+    library = ctypes.CDLL(_path)
+    library.blocksparse_tf_cpu_isa.restype = ctypes.c_char_p
+    return library.blocksparse_tf_cpu_isa().decode()

@@ -1,7 +1,10 @@
 #include "ops/blocksparse_matmul_cpu.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #include "ops/blocksparse_matmul_cpu_isa.h"
@@ -179,11 +182,22 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
 const CpuKernels& BestCpuKernels() {
   static const CpuKernels* kernels = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) {
-      return &avx512::kKernels;
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2::kKernels;
-    return &generic::kKernels;
+    const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+    const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const CpuKernels* best =
+        has_avx512 ? &avx512::kKernels : has_avx2 ? &avx2::kKernels : &generic::kKernels;
+    // BLOCKSPARSE_TF_CPU_ISA names a narrower instruction set, to test or compare the kernels
+    // of older processors on a newer one (the Python package checks the name on import).
+    const char* requested = std::getenv("BLOCKSPARSE_TF_CPU_ISA");
+    if (requested == nullptr || *requested == '\0') return best;
+    const std::string name(requested);
+    if (name == "generic") return &generic::kKernels;
+    if (name == "avx2" && has_avx2) return &avx2::kKernels;
+    if (name == "avx512" && has_avx512) return &avx512::kKernels;
+    std::fprintf(stderr,
+                 "blocksparse_tf: BLOCKSPARSE_TF_CPU_ISA=%s is not available on this processor; "
+                 "using %s\n", requested, best->isa);
+    return best;
   }();
   return *kernels;
 }
@@ -219,3 +233,6 @@ bool BlocksparseMatmulGradWCpu(const float* x, const float* dy, float* dw, int64
 const char* BlocksparseCpuIsa() { return Kernels().isa; }
 
 }  // namespace blocksparse
+
+// For Python (ctypes): the instruction set of the CPU kernels in use.
+extern "C" const char* blocksparse_tf_cpu_isa() { return blocksparse::BlocksparseCpuIsa(); }

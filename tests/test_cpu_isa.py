@@ -1,0 +1,50 @@
+"""The CPU kernels of every instruction set, not only the processor's best.
+
+The package picks AVX-512, AVX2 or baseline x86-64 kernels at run time; on an AVX-512 machine
+the other two would otherwise never run here.  BLOCKSPARSE_TF_CPU_ISA selects them, and the
+kernel test files run again under each in a fresh process (the choice is made once per
+process)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import blocksparse_tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNEL_TESTS = ["tests/test_matmul.py", "tests/test_sparse_dot.py", "tests/test_conv_ops.py"]
+# Thread-count determinism and out-of-memory aborts do not depend on the instruction set, and
+# they start processes of their own: left to the main run.
+SELECTION = "not deterministic and not oversized"
+
+
+def run_python(code, isa):
+    env = dict(os.environ, BLOCKSPARSE_TF_CPU_ISA=isa)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+
+
+def test_default_is_a_known_instruction_set():
+    assert blocksparse_tf.cpu_isa() in ("avx512", "avx2", "generic")
+
+
+def test_unknown_instruction_set_name_raises():
+    result = run_python("import blocksparse_tf; blocksparse_tf.cpu_isa()", "avx1024")
+    assert result.returncode != 0
+    assert "BLOCKSPARSE_TF_CPU_ISA='avx1024' is not one of avx512, avx2, generic" in result.stderr
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_kernel_tests_pass_with_narrower_instruction_sets(isa):
+    probe = run_python("import blocksparse_tf; print(blocksparse_tf.cpu_isa())", isa)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    if probe.stdout.strip() != isa:
+        pytest.skip(f"this processor has no {isa}")
+    env = dict(os.environ, BLOCKSPARSE_TF_CPU_ISA=isa)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", SELECTION]
+        + KERNEL_TESTS, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert " passed" in result.stdout.splitlines()[-1]

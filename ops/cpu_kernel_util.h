@@ -6,8 +6,10 @@
 
 // Eigen's thread-pool device is enabled for the whole library by -DEIGEN_USE_THREADS (ops/BUILD).
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <functional>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -21,10 +23,21 @@ using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 
-inline ParallelFor CpuParallelFor(OpKernelContext* ctx) {
+// TensorFlow's thread pool as a ParallelFor.  A task that runs out of memory (a kernel's
+// per-thread buffer) sets *out_of_memory instead of ending the process; the remaining tasks
+// of that call are skipped.
+inline ParallelFor CpuParallelFor(OpKernelContext* ctx, std::atomic<bool>* out_of_memory) {
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  return [workers](int64_t tasks, int64_t cost, const std::function<void(int64_t, int64_t)>& work) {
-    workers->ParallelFor(tasks, cost, work);
+  return [workers, out_of_memory](int64_t tasks, int64_t cost,
+                                  const std::function<void(int64_t, int64_t)>& work) {
+    workers->ParallelFor(tasks, cost, [&](int64_t begin, int64_t end) {
+      if (out_of_memory->load()) return;
+      try {
+        work(begin, end);
+      } catch (const std::bad_alloc&) {
+        out_of_memory->store(true);
+      }
+    });
   };
 }
 
@@ -47,11 +60,19 @@ class TfScratch {
   std::vector<Tensor> tensors_;
 };
 
-// Runs a product that returns false when it could not get scratch memory.
+// Runs product(parallel_for, scratch), which returns false when it could not get scratch
+// memory; that, or running out of memory anywhere in it, fails the op with ResourceExhausted.
 template <typename Product>
 inline void RunProduct(OpKernelContext* ctx, Product&& product) {
   TfScratch scratch(ctx);
-  if (!product(CpuParallelFor(ctx), ScratchAllocator(std::ref(scratch)))) {
+  std::atomic<bool> out_of_memory{false};
+  bool ok = false;
+  try {
+    ok = product(CpuParallelFor(ctx, &out_of_memory), ScratchAllocator(std::ref(scratch)));
+  } catch (const std::bad_alloc&) {
+    ok = false;
+  }
+  if (!ok || out_of_memory.load()) {
     ctx->SetStatus(absl::ResourceExhaustedError("no memory for the block-sparse product's scratch"));
   }
 }

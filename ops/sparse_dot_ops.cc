@@ -124,8 +124,11 @@ class SparseDotOp : public SparseDotKernelBase {
     const int64_t n = sz.n, m = sz.m, p = sz.p;
     if (n == 0 || p == 0) return;
     InFloat32<T>(ctx, ctx->input(0), ctx->input(1), y, [&](const float* xf, const float* wf, float* yf) {
-      SparseDotCpu(xf, wf, InMask(ctx), OutMask(ctx), yf, n, m, p, block_size_, transpose_w_,
-                   CpuParallelFor(ctx));
+      RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator&) {
+        SparseDotCpu(xf, wf, InMask(ctx), OutMask(ctx), yf, n, m, p, block_size_, transpose_w_,
+                     parallel_for);
+        return true;
+      });
     });
   }
 
@@ -145,8 +148,11 @@ class SparseDotGradWOp : public SparseDotKernelBase {
     const int64_t n = sz.n, m = sz.m, p = sz.p;
     if (m == 0 || p == 0) return;
     InFloat32<T>(ctx, ctx->input(0), ctx->input(1), dw, [&](const float* xf, const float* dyf, float* dwf) {
-      SparseDotGradWCpu(xf, dyf, InMask(ctx), OutMask(ctx), dwf, n, m, p, block_size_,
-                        CpuParallelFor(ctx));
+      RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator&) {
+        SparseDotGradWCpu(xf, dyf, InMask(ctx), OutMask(ctx), dwf, n, m, p, block_size_,
+                          parallel_for);
+        return true;
+      });
     });
   }
 };

@@ -26,6 +26,10 @@ constexpr int64_t kRowsPerGroup = 96;
 constexpr int64_t kGroupBytes = 1536 * 1024;
 // Weight bytes of the output block columns one feature_axis=1 task covers.
 constexpr int64_t kWeightBytesPerRange = 512 * 1024;
+// Density below which 8-wide blocks run on half-width AVX-512 vectors rather than on
+// transposed operands: the measured crossover (2-core AVX-512 Xeon, C = K = 4096, N = 64 and
+// 1024, docs/benchmarks.md) lies between 3.5% and 7%.
+constexpr double kNarrowBlocksInPlaceDensity = 0.04;
 // Columns of y one feature_axis=0 task covers.
 constexpr int64_t kColumnsPerTask = 256;
 
@@ -127,9 +131,13 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
                          const ScratchAllocator& scratch) {
   const CpuKernels& kernels = Kernels();
   const int64_t bs = layout.block_size, C = layout.CB * bs, K = layout.KB * bs;
-  if (bs < kernels.vector_width) {
-    // Narrow blocks would fill only part of each vector: compute y^T = W^T x^T instead, with
-    // vectors along N, at the price of two transposes.
+  // Blocks narrower than a vector (bs 1, and bs 8 under AVX-512) fill only part of each
+  // vector: compute y^T = W^T x^T instead, with vectors along N, at the price of two
+  // transposes.  Below kNarrowBlocksInPlaceDensity the transposes would cost more than the
+  // product itself, and bs 8 runs on half-width vectors in place.
+  const bool narrow_in_place = bs > 1 && static_cast<double>(layout.blocks) <
+                                             kNarrowBlocksInPlaceDensity * layout.CB * layout.KB;
+  if (bs < kernels.vector_width && !narrow_in_place) {
     float* const x_t = scratch(N * C);
     float* const y_t = scratch(N * K);
     if (x_t == nullptr || y_t == nullptr) return false;

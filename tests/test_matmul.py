@@ -76,12 +76,15 @@ def test_forward_and_gradients_match_float64(bs, feature_axis, N):
     assert rel_err(dw0, bsmm.from_dense(dW_dense)) < 1e-5
 
 
-@pytest.mark.parametrize("bs", [16, 32, 64])
+@pytest.mark.parametrize("bs", [8, 16, 32, 64])
 @pytest.mark.parametrize("N", [97, 250])
-def test_forward_over_many_row_groups_and_column_ranges(bs, N):
+@pytest.mark.parametrize("density", [0.4, 0.02])
+def test_forward_over_many_row_groups_and_column_ranges(bs, N, density):
     """Batches that the CPU forward splits into several row groups (last register tile
-    partial) times several ranges of output block columns."""
-    layout = RNG.random((24, 40)) < 0.4
+    partial) times several ranges of output block columns; at 2% density 8-wide blocks take
+    the in-place path, at 40% the transposed one."""
+    layout = RNG.random((24, 40)) < density
+    layout[0, :4] = 1  # never empty
     layout[3, :] = 0  # an empty block row
     layout[:, 5] = 0  # an empty block column
     bsmm = BlocksparseMatMul(layout, block_size=bs)

@@ -8,6 +8,7 @@ import tensorflow as tf
 _LIBRARY_NAME = "_blocksparse_ops.so"
 _ops = None
 _path = None
+_isa = None
 
 # BLOCKSPARSE_TF_CPU_ISA selects the CPU kernels of a narrower instruction set than the
 # processor's best (to test or compare them); unset, the best one runs.
@@ -33,6 +34,7 @@ def ops():
         if found:
             _ops = tf.load_op_library(found[-1])
             _path = found[-1]
+            cpu_isa()  # the kernels' instruction set is chosen now, from the checked variable
         else:
             raise ImportError(
                 f"{_LIBRARY_NAME} was not found next to the blocksparse_tf package or in "
@@ -44,8 +46,11 @@ def cpu_isa():
     """Name of the instruction set whose CPU kernels run: "avx512", "avx2" or "generic".
 
     The best the processor supports, unless the environment variable BLOCKSPARSE_TF_CPU_ISA
-    named a narrower one when the library was loaded."""
-    ops()
-    library = ctypes.CDLL(_path)
-    library.blocksparse_tf_cpu_isa.restype = ctypes.c_char_p
-    return library.blocksparse_tf_cpu_isa().decode()
+    named a narrower one when the library was loaded (the first use of any op)."""
+    global _isa
+    if _isa is None:
+        ops()
+        library = ctypes.CDLL(_path)
+        library.blocksparse_tf_cpu_isa.restype = ctypes.c_char_p
+        _isa = library.blocksparse_tf_cpu_isa().decode()
+    return _isa

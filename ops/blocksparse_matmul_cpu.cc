@@ -28,13 +28,14 @@ constexpr int64_t kGroupBytes = 1536 * 1024;
 constexpr int64_t kWeightBytesPerRange = 512 * 1024;
 // Density below which 8-wide blocks run on half-width AVX-512 vectors rather than on
 // transposed operands: the measured crossover (2-core AVX-512 Xeon, C = K = 4096, N = 64 and
-// 1024, docs/benchmarks.md) lies between 3.5% and 7%.
+// 1024; see the notes under the CPU table of docs/benchmarks.md) lies between 3.5% and 7%.
 constexpr double kNarrowBlocksInPlaceDensity = 0.04;
 // Columns of y one feature_axis=0 task covers.
 constexpr int64_t kColumnsPerTask = 256;
 
-// Calls f(std::integral_constant<int64_t, bs>{}): copies of one block's row then compile to
-// a few vector moves instead of a library call each.
+// Calls f(std::integral_constant<int64_t, bs>{}) for the supported block sizes: copies of one
+// block's row then compile to a few vector moves instead of a library call each.  Any other
+// size gets f(bs), the same code with a run-time size.
 template <typename F>
 void WithConstantBlockSize(int64_t bs, F&& f) {
   switch (bs) {
@@ -43,6 +44,7 @@ void WithConstantBlockSize(int64_t bs, F&& f) {
     case 16: return f(std::integral_constant<int64_t, 16>{});
     case 32: return f(std::integral_constant<int64_t, 32>{});
     case 64: return f(std::integral_constant<int64_t, 64>{});
+    default: return f(bs);
   }
 }
 
@@ -149,6 +151,7 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
   // x re-laid as row-tile panels (see CpuKernels::forward_axis1): a tile's rows sit next to
   // each other, one block wide, where in x rows of a power-of-two width would all fall into
   // the same L1 cache sets.
+  if (N == 0) return true;
   const int64_t tile = kernels.row_tile;
   const int64_t tiles = (N + tile - 1) / tile;
   float* const panels = scratch(tiles * tile * C);
@@ -195,7 +198,8 @@ const CpuKernels& BestCpuKernels() {
     const CpuKernels* best =
         has_avx512 ? &avx512::kKernels : has_avx2 ? &avx2::kKernels : &generic::kKernels;
     // BLOCKSPARSE_TF_CPU_ISA names a narrower instruction set, to test or compare the kernels
-    // of older processors on a newer one (the Python package checks the name on import).
+    // of older processors on a newer one (the Python package checks the name, and makes this
+    // choice, as it loads the library).
     const char* requested = std::getenv("BLOCKSPARSE_TF_CPU_ISA");
     if (requested == nullptr || *requested == '\0') return best;
     const std::string name(requested);

@@ -40,7 +40,8 @@ bool BlocksparseMatmulGradWCpu(const float* x, const float* dy, float* dw, int64
                                int feature_axis, const BlockLayout& layout,
                                const ParallelFor& parallel_for, const ScratchAllocator& scratch);
 
-// Name of the instruction set the kernels picked on this processor ("avx512", "avx2", "generic").
+// Name of the instruction set of the kernels in use ("avx512", "avx2", "generic"): the best
+// this processor has, or a narrower one named by BLOCKSPARSE_TF_CPU_ISA, read on first use.
 const char* BlocksparseCpuIsa();
 
 }  // namespace blocksparse

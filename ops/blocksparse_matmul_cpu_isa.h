@@ -23,15 +23,16 @@ struct LayoutView {
 
 struct CpuKernels {
   const char* isa;
-  // Floats per vector register.  Blocks narrower than this run the feature_axis=0 kernel on
-  // transposed operands, whose vectors run along N instead.
+  // Floats per vector register.  Blocks narrower than this (bs 1; bs 8 under AVX-512 unless
+  // the layout is very sparse) run the feature_axis=0 kernel on transposed operands, whose
+  // vectors run along N instead.
   int vector_width;
   // Rows of x (and y) one register tile of the feature_axis=1 forward product covers.
   int row_tile;
   // y[0:rows, k-blocks [k_begin, k_end)) (feature_axis 1; y's row stride is K) from x's rows
   // as row-tile panels: for tile t (rows [t * row_tile, (t + 1) * row_tile)) and input block
   // row c, panels[((t * CB + c) * row_tile + m) * bs + i] = x[t * row_tile + m][c * bs + i],
-  // whole tiles (rows past `rows` are computed, never stored).
+  // whole tiles (rows past `rows` are computed, never stored).  bs is 8, 16, 32 or 64.
   void (*forward_axis1)(const float* panels, const float* w, float* y, int64_t rows,
                         const LayoutView* layout, int64_t k_begin, int64_t k_end);
   // y[k-block, n_begin:n_end] (feature_axis 0).

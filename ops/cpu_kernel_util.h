@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <functional>
 #include <new>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -23,20 +24,34 @@ using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 
-// TensorFlow's thread pool as a ParallelFor.  A task that runs out of memory (a kernel's
-// per-thread buffer) sets *out_of_memory instead of ending the process; the remaining tasks
-// of that call are skipped.
-inline ParallelFor CpuParallelFor(OpKernelContext* ctx, std::atomic<bool>* out_of_memory) {
+// Why a product stopped early, if it did: set by whichever thread saw it first.
+enum class ProductFailure { kNone, kOutOfMemory, kInternal };
+
+// Runs f(), turning an exception into *failure instead of letting it end the process (an
+// exception must not leave a thread-pool task).  Allocation failures, including sizes too
+// large to allocate, are kOutOfMemory; anything else is kInternal.
+template <typename F>
+inline void CatchProductFailure(std::atomic<ProductFailure>* failure, F&& f) {
+  try {
+    f();
+  } catch (const std::bad_alloc&) {
+    failure->store(ProductFailure::kOutOfMemory);
+  } catch (const std::length_error&) {
+    failure->store(ProductFailure::kOutOfMemory);
+  } catch (...) {
+    failure->store(ProductFailure::kInternal);
+  }
+}
+
+// TensorFlow's thread pool as a ParallelFor.  A task that fails (say, a kernel's per-thread
+// buffer cannot be allocated) records it in *failure; the remaining tasks are skipped.
+inline ParallelFor CpuParallelFor(OpKernelContext* ctx, std::atomic<ProductFailure>* failure) {
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  return [workers, out_of_memory](int64_t tasks, int64_t cost,
-                                  const std::function<void(int64_t, int64_t)>& work) {
+  return [workers, failure](int64_t tasks, int64_t cost,
+                            const std::function<void(int64_t, int64_t)>& work) {
     workers->ParallelFor(tasks, cost, [&](int64_t begin, int64_t end) {
-      if (out_of_memory->load()) return;
-      try {
-        work(begin, end);
-      } catch (const std::bad_alloc&) {
-        out_of_memory->store(true);
-      }
+      if (failure->load() != ProductFailure::kNone) return;
+      CatchProductFailure(failure, [&] { work(begin, end); });
     });
   };
 }
@@ -65,15 +80,22 @@ class TfScratch {
 template <typename Product>
 inline void RunProduct(OpKernelContext* ctx, Product&& product) {
   TfScratch scratch(ctx);
-  std::atomic<bool> out_of_memory{false};
-  bool ok = false;
-  try {
-    ok = product(CpuParallelFor(ctx, &out_of_memory), ScratchAllocator(std::ref(scratch)));
-  } catch (const std::bad_alloc&) {
-    ok = false;
-  }
-  if (!ok || out_of_memory.load()) {
-    ctx->SetStatus(absl::ResourceExhaustedError("no memory for the block-sparse product's scratch"));
+  std::atomic<ProductFailure> failure{ProductFailure::kNone};
+  CatchProductFailure(&failure, [&] {
+    if (!product(CpuParallelFor(ctx, &failure), ScratchAllocator(std::ref(scratch)))) {
+      failure.store(ProductFailure::kOutOfMemory);
+    }
+  });
+  switch (failure.load()) {
+    case ProductFailure::kNone:
+      break;
+    case ProductFailure::kOutOfMemory:
+      ctx->SetStatus(absl::ResourceExhaustedError(
+          "not enough memory for the working buffers of the block-sparse product"));
+      break;
+    case ProductFailure::kInternal:
+      ctx->SetStatus(absl::InternalError("the block-sparse product's CPU kernel failed"));
+      break;
   }
 }
 

@@ -99,8 +99,8 @@ def test_forward_over_many_row_groups_and_column_ranges(bs, N, density):
 
 
 def test_forward_with_rows_wider_than_a_row_group():
-    """x rows of 2^15 + 64 features: a register tile of rows alone exceeds the L2 budget of a
-    row group."""
+    """x rows of 2^15 + 64 features: a row group is then a single register tile (its rows
+    alone about fill the group's L2 budget)."""
     bs = 64
     layout = np.zeros((513, 3), bool)
     layout[RNG.choice(513, 60, replace=False), RNG.integers(0, 3, 60)] = True

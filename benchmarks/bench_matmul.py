@@ -7,6 +7,7 @@ and prints speedups over dense (dense time / block-sparse time).  The table, the
 date and the command go to docs/benchmarks.md, a plot of speedup against density beside it.
 
     python benchmarks/bench_matmul.py                 # the full grid (about 10 minutes on 2 cores)
+    python benchmarks/bench_matmul.py --rounds 2      # twice over, the fastest of both counting
     python benchmarks/bench_matmul.py --quick         # a small grid, printed only
 """
 
@@ -35,6 +36,10 @@ def parse_args(argv=None):
     p.add_argument("--sparse-max-density", type=float, default=0.10,
                    help="time tf.sparse.sparse_dense_matmul only up to this density (it is slow)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the fastest counts")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="passes over the whole grid (same layouts and inputs each pass); the fastest "
+                        "time of all passes counts, so one noisy stretch on a shared machine does not "
+                        "decide a cell")
     p.add_argument("--quick", action="store_true", help="N=64 only, bs 32, densities 0.1 and 1; no files")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"), help="where benchmarks.md and the plot go")
     return p.parse_args(argv)
@@ -80,7 +85,8 @@ def write_markdown(rows, args, path, plot_name):
         f"- Machine: {machine_description()}",
         f"- Date: {datetime.date.today().isoformat()}",
         f"- Command: `{command.strip()}`",
-        f"- C = K = {args.hidden}, float32, random layouts; fastest of {args.repeats} runs after a warm-up, each ending "
+        f"- C = K = {args.hidden}, float32, random layouts; fastest of {args.repeats} runs after a warm-up"
+        f"{f' in each of {args.rounds} passes over the whole grid' if args.rounds > 1 else ''}, each ending "
         "in a host copy of the result. Speedup = dense time / block-sparse time on the same masked "
         "weights (dense does the full C x K product whatever the density). `sparse` is "
         "tf.sparse.sparse_dense_matmul (element-level sparse W) forward, as speedup over dense, "
@@ -129,14 +135,22 @@ def main(argv=None):
     args = parse_args(argv)
     if args.quick:
         args.batches, args.block_sizes, args.densities = [64], [32], [0.1, 1.0]
-    rng = np.random.default_rng(0)
     rows = []
     print(f"{'N':>5} {'bs':>3} {'density':>7} {'fprop ms':>9} {'fprop x':>8} {'bprop x':>8} "
           f"{'updat x':>8} {'target':>7} {'sparse x':>8}")
-    for N in args.batches:
-        for bs in args.block_sizes:
-            for density in args.densities:
-                bsmm, t = run_case(N, bs, density, args.hidden, args.repeats, args.sparse_max_density, rng)
+    cases = [(N, bs, density) for N in args.batches for bs in args.block_sizes for density in args.densities]
+    fastest = {}
+    for round_index in range(args.rounds):
+        for case in cases:
+            N, bs, density = case
+            # One seed per case: every pass sees the same layout and inputs.
+            rng = np.random.default_rng([N, bs, round(density * 1e6)])
+            bsmm, t = run_case(N, bs, density, args.hidden, args.repeats, args.sparse_max_density, rng)
+            best = fastest.setdefault(case, (bsmm, t))[1]
+            for key, value in t.items():
+                best[key] = min(best[key], value)
+            if round_index + 1 == args.rounds:
+                bsmm, t = fastest[case]
                 d = bsmm.density
                 target = (0.8 if bs >= 32 else 0.5) / d if d <= 0.5 else 1 / 1.5
                 row = dict(N=N, bs=bs, density=d, fprop_ms=t["fprop"] * 1e3, dense_ms=t["dense_fprop"] * 1e3,

@@ -91,7 +91,13 @@ constexpr double GroupedGradMinBlocksPerColumn() {
 template <typename T, int FA> struct GradCfgGroup4 { using type = Config<T, kGradW, FA, 32, 128, 32, 64, 4, 1, 1, 3>; };
 constexpr double kGradGroup4MinBlocksPerColumn = 32.0;
 
-// Short batches (N <= 256): two stages, so many more CTAs fit on an SM.
+// Short batches (N <= kShortGradBatch): one block per tile and two stages, so many more CTAs
+// fit on an SM; not for 16-bit bs 32 and 64, where the long-batch tiles (grouped when the
+// columns are dense) were faster.  Measured on an H200 (C = K = 4096, medians of three), dW
+// time over the forward's: N = 64, bf16 bs 32 at 25 / 50 / 100% density 1.34 / 1.61 / 2.02
+// (short tiles) against 1.12 / 1.22 / 1.37 (long-batch tiles); N = 256, bf16 bs 16 at 100%
+// 1.65 against 1.15, float32 bs 32 1.83 against 1.52; short tiles stay ahead at N = 64 for
+// bs 16 (bf16 1.15 against 1.38 at 10%) and for float32 bs 64 (0.96 against 1.14 at 100%).
 template <typename T, int FA, int BS, bool kF32 = (sizeof(T) == 4)>
 struct GradCfgShort;
 template <typename T, int FA> struct GradCfgShort<T, FA, 16, false> { using type = Config<T, kGradW, FA, 16, 16, 16, 64, 1, 1, 4, 2>; };
@@ -100,7 +106,7 @@ template <typename T, int FA> struct GradCfgShort<T, FA, 64, false> { using type
 template <typename T, int FA> struct GradCfgShort<T, FA, 16, true> { using type = Config<T, kGradW, FA, 16, 16, 16, 32, 1, 1, 4, 2>; };
 template <typename T, int FA> struct GradCfgShort<T, FA, 32, true> { using type = Config<T, kGradW, FA, 32, 32, 32, 32, 2, 2, 2, 2>; };
 template <typename T, int FA> struct GradCfgShort<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 64, 64, 32, 2, 2, 2, 2>; };
-constexpr int64_t kShortGradBatch = 256;
+constexpr int64_t kShortGradBatch = 64;
 
 
 // The same tiles with another pipeline depth.
@@ -232,7 +238,7 @@ int ForwardMmaFa(const Params& p, int64_t N, int64_t bs, int64_t KB, int64_t blo
 template <typename T, int FA, int BS>
 int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const DeviceInfo& di,
                cudaStream_t s) {
-  if (N <= kShortGradBatch) {
+  if (N <= kShortGradBatch && !(sizeof(T) == 2 && BS >= 32)) {
     using Cfg = typename GradCfgShort<T, FA, BS>::type;
     const int64_t sub = (BS / Cfg::kBM) * (BS / Cfg::kBN);
     return LaunchMma<Cfg>(p, blocks * sub, 1, static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS),

@@ -22,6 +22,9 @@ def _candidate_paths():
     yield os.path.join(os.path.dirname(package_dir), "bazel-bin", "ops", _LIBRARY_NAME)
 
 
+# Neither loader is converted by AutoGraph when first reached inside a tf.function: converted
+# code does not see this module's globals as plain Python does.
+@tf.autograph.experimental.do_not_convert
 def ops():
     """Returns the loaded op module (raw ops ``blocksparse_matmul`` and ``blocksparse_matmul_grad_w``)."""
     global _ops, _path
@@ -42,6 +45,7 @@ def ops():
     return _ops
 
 
+@tf.autograph.experimental.do_not_convert
 def cpu_isa():
     """Name of the instruction set whose CPU kernels run: "avx512", "avx2" or "generic".
 

@@ -1,6 +1,7 @@
 #include "ops/sparse_dot_cpu.h"
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "ops/blocksparse_matmul_cpu_isa.h"
@@ -8,15 +9,15 @@
 namespace blocksparse {
 namespace {
 
-// Output features per forward task: their slice of y (n x 512, where active) stays in L2
-// while the input blocks stream past, and each weight row is read in runs of 2 KiB, long
-// enough for the hardware prefetchers whatever the block size.
+// Output features per forward task: each weight row is read in runs of 2 KiB, long enough for
+// the hardware prefetchers whatever the block size.
 constexpr int64_t kOutputFeaturesPerTask = 512;
 constexpr int64_t kMinForwardTasks = 8;
-// Input features the forward visits together for each output block when w is read transposed:
-// w's block (j, i) is then followed by (j, i + 1), the next run of the same rows, so that each
-// row of w is read in 2 KiB runs rather than one block width at a time.
+// Input features the forward visits together for each output block when w is read transposed.
 constexpr int64_t kTransposedInputFeaturesPerGroup = 512;
+// Examples the forward works on at a time (a multiple of 64): its row panels hold this many
+// rows, at most 4 MiB per thread.
+constexpr int64_t kPanelRows = 1024;
 
 // For every block column of a mask, the examples where it is active, as 64-bit words of bits.
 class ActiveExamples {
@@ -31,25 +32,28 @@ class ActiveExamples {
     }
   }
 
-  // Whether some example is active in both this mask's block b and other's block other_b.
-  bool AnyInBoth(int64_t b, const ActiveExamples& other, int64_t other_b) const {
-    const uint64_t* mine = bits_.data() + b * words_;
-    const uint64_t* theirs = other.bits_.data() + other_b * words_;
-    for (int64_t word = 0; word < words_; ++word) {
-      if (mine[word] & theirs[word]) return true;
+  int64_t words() const { return words_; }
+  // Examples [64 word, 64 word + 64) of block b.
+  uint64_t Word(int64_t b, int64_t word) const { return bits_[b * words_ + word]; }
+
+  // Whether some example of words [w0, w1) is active in both this mask's block b and other's
+  // block other_b.
+  bool AnyInBoth(int64_t b, const ActiveExamples& other, int64_t other_b, int64_t w0,
+                 int64_t w1) const {
+    for (int64_t word = w0; word < w1; ++word) {
+      if (Word(b, word) & other.Word(other_b, word)) return true;
     }
     return false;
   }
 
-  // The examples active in both this mask's block b and other's block other_b, ascending.
-  void ActiveInBoth(int64_t b, const ActiveExamples& other, int64_t other_b,
-                    std::vector<int32_t>* rows) const {
+  // The examples of words [w0, w1) active in both this mask's block b and other's block
+  // other_b, ascending, counted from example 64 w0.
+  void ActiveInBoth(int64_t b, const ActiveExamples& other, int64_t other_b, int64_t w0,
+                    int64_t w1, std::vector<int32_t>* rows) const {
     rows->clear();
-    const uint64_t* mine = bits_.data() + b * words_;
-    const uint64_t* theirs = other.bits_.data() + other_b * words_;
-    for (int64_t word = 0; word < words_; ++word) {
-      for (uint64_t both = mine[word] & theirs[word]; both; both &= both - 1) {
-        rows->push_back(static_cast<int32_t>(word * 64 + __builtin_ctzll(both)));
+    for (int64_t word = w0; word < w1; ++word) {
+      for (uint64_t both = Word(b, word) & other.Word(other_b, word); both; both &= both - 1) {
+        rows->push_back(static_cast<int32_t>((word - w0) * 64 + __builtin_ctzll(both)));
       }
     }
   }
@@ -57,6 +61,35 @@ class ActiveExamples {
  private:
   int64_t words_;
   std::vector<uint64_t> bits_;
+};
+
+// Calls f(r) for every set bit r of the `count` words word(0), word(1), ... (bit r % 64 of
+// word r / 64), in increasing r.
+template <typename Word, typename F>
+void ForEachSetBit(int64_t count, const Word& word, const F& f) {
+  for (int64_t k = 0; k < count; ++k) {
+    for (uint64_t bits = word(k); bits; bits &= bits - 1) f(k * 64 + __builtin_ctzll(bits));
+  }
+}
+
+// A float buffer whose start is aligned to a cache line, so rows of 16 floats are whole lines.
+// Its contents start undefined: the forward writes every element it reads, and zero-filling
+// megabytes of panels on every call would cost more than a sparse product.
+class AlignedFloats {
+ public:
+  float* Get(int64_t count) {
+    constexpr int64_t kLine = 16;
+    if (capacity_ < count + kLine) {
+      storage_.reset(new float[count + kLine]);
+      capacity_ = count + kLine;
+    }
+    const uintptr_t address = reinterpret_cast<uintptr_t>(storage_.get());
+    return storage_.get() + (-(address / sizeof(float)) & (kLine - 1));
+  }
+
+ private:
+  std::unique_ptr<float[]> storage_;
+  int64_t capacity_ = 0;
 };
 
 // Features of x and of dy one weight-gradient task covers: the task's slices of both (n x 256
@@ -82,11 +115,12 @@ void ForTiles(int64_t row_blocks, int64_t row_tile, int64_t col_blocks, int64_t 
   });
 }
 
-// Per-thread buffers of the forward: the examples of one block pair, and one packed weight
-// block.
+// Per-thread buffers of the forward: the examples of one block pair, one packed weight block,
+// and the row panels of the examples being worked on (see SparseDotCpu).
 struct ForwardScratch {
   std::vector<int32_t> rows;
-  std::vector<float> packed;
+  std::vector<uint64_t> task_rows;
+  AlignedFloats packed, x_panels, y_panels;
 };
 
 // Per-thread buffers of the weight gradient: the examples of one block pair, and their rows of
@@ -131,55 +165,103 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
   const ActiveExamples active_in(in_mask, n, in_blocks);
   const ActiveExamples active_out(out_mask, n, out_blocks);
   const WeightBlocks weights{w, m, p, bs, transpose_w};
-  // A task owns a range of output block columns, so each element of y has one writer.  Input
-  // blocks run in the outer loop so the x block column being read stays in cache while every
-  // output block of the range uses it.  Each weight block used is packed once and then serves
-  // all its rows from L1.
-  // At least kMinForwardTasks tasks where the layer is narrow, so every thread gets work (a
-  // split that depends only on the shapes, so results do not depend on the thread count).
+  // A task owns a range of output block columns, so each element of y has one writer.  At
+  // least kMinForwardTasks tasks where the layer is narrow, so every thread gets work (a split
+  // that depends only on the shapes, so results do not depend on the thread count).
   const int64_t blocks_per_task = std::max<int64_t>(
       1, std::min(kOutputFeaturesPerTask / bs, out_blocks / kMinForwardTasks));
+  // Input blocks visited together for each output block: with w read transposed, w's block
+  // (j, i) is followed by (j, i + 1), the next run of the same rows, so each row of w is read
+  // in 2 KiB runs rather than one block width at a time.
+  const int64_t group =
+      transpose_w ? std::max<int64_t>(1, kTransposedInputFeaturesPerGroup / bs) : 1;
+  const int64_t chunk_rows = std::min<int64_t>(kPanelRows, (n + 63) / 64 * 64);
   ForTiles<ForwardScratch>(
       1, 1, out_blocks, blocks_per_task, 2 * n * m * bs * blocks_per_task / 4, parallel_for,
       [&](ForwardScratch* scratch, int64_t, int64_t, int64_t j0, int64_t j1) {
     std::vector<int32_t>& rows = scratch->rows;
-    rows.reserve(n);
-    std::vector<float>& packed = scratch->packed;
-    packed.resize(bs * bs);
-    for (int64_t r = 0; r < n; ++r) std::fill(y + r * p + j0 * bs, y + r * p + j1 * bs, 0.f);
-    const int64_t rs = weights.SourceRowStride();
-    // W's block (i, j) times the examples active in both, into y's block column j; (next_i,
-    // next_j) is the pair the loops reach next, whose block is fetched meanwhile if used.
-    auto multiply_pair = [&](int64_t i, int64_t j, int64_t next_i, int64_t next_j) {
-      active_in.ActiveInBoth(i, active_out, j, &rows);
-      if (rows.empty()) return;
-      const bool next_used = next_i < in_blocks && active_in.AnyInBoth(next_i, active_out, next_j);
-      const float* block = weights.Source(i, j);
-      const float* next = next_used ? weights.Source(next_i, next_j) : block;
-      int64_t block_rs = rs;
-      if (transpose_w || static_cast<int64_t>(rows.size()) > kRowsReadInPlace) {
-        kernels.pack_block(block, rs, bs, transpose_w, next, packed.data());
-        block = packed.data();
-        block_rs = bs;
-      } else if (next_used) {
-        PrefetchBlock(next, rs, bs);
-      }
-      kernels.exact_rows_accumulate(x + i * bs, m, rows.data(), rows.size(), block, block_rs, bs,
-                                    y + j * bs, p);
-    };
-    // Every y block sums its input blocks in increasing order, whatever the grouping.
-    const int64_t group =
-        transpose_w ? std::max<int64_t>(1, kTransposedInputFeaturesPerGroup / bs) : 1;
-    for (int64_t i0 = 0; i0 < in_blocks; i0 += group) {
-      const int64_t i1 = std::min(in_blocks, i0 + group);
+    rows.reserve(chunk_rows);
+    std::vector<uint64_t>& task_rows = scratch->task_rows;
+    // Row r of a chunk sits at r * bs in its panels: x's input block i at x_panel(i), y's
+    // output block j at y_panel(j).  Contiguous rows, unlike x's and y's own rows of m or p
+    // floats apart (a page or more at common widths), whose blocks would each take a TLB entry
+    // and collide in the same cache sets.
+    float* const x_panels = scratch->x_panels.Get(group * chunk_rows * bs);
+    float* const y_panels = scratch->y_panels.Get((j1 - j0) * chunk_rows * bs);
+    float* const packed = scratch->packed.Get(bs * bs);
+    auto x_panel = [&](int64_t i) { return x_panels + i % group * chunk_rows * bs; };
+    auto y_panel = [&](int64_t j) { return y_panels + (j - j0) * chunk_rows * bs; };
+    for (int64_t r0 = 0; r0 < n; r0 += chunk_rows) {
+      const int64_t r1 = std::min(n, r0 + chunk_rows);
+      const int64_t w0 = r0 / 64, w1 = (r1 + 63) / 64;
+      // The chunk's examples active in some output block of the task: only their x rows are
+      // gathered.
+      task_rows.assign(w1 - w0, 0);
       for (int64_t j = j0; j < j1; ++j) {
-        for (int64_t i = i0; i < i1; ++i) {
-          if (i + 1 < i1) {
-            multiply_pair(i, j, i + 1, j);
-          } else if (j + 1 < j1) {
-            multiply_pair(i, j, i0, j + 1);
+        auto active = [&](int64_t k) { return active_out.Word(j, w0 + k); };
+        for (int64_t k = 0; k < w1 - w0; ++k) task_rows[k] |= active(k);
+        // The panel rows the products add to start from zero.
+        ForEachSetBit(w1 - w0, active,
+                      [&](int64_t row) { std::fill_n(y_panel(j) + row * bs, bs, 0.f); });
+      }
+      auto gather_x = [&](int64_t i) {
+        auto gathered = [&](int64_t k) { return active_in.Word(i, w0 + k) & task_rows[k]; };
+        const float* source = x + r0 * m + i * bs;
+        ForEachSetBit(w1 - w0, gathered, [&](int64_t row) {
+          std::copy_n(source + row * m, bs, x_panel(i) + row * bs);
+        });
+      };
+      auto any_in_both = [&](int64_t i, int64_t j) {
+        return active_in.AnyInBoth(i, active_out, j, w0, w1);
+      };
+      // W's block (i, j) times the chunk's examples active in both x's block i and y's block
+      // j, from x's panel i into y's panel j.  W's block is w's block (i, j), or with
+      // transpose_w the transpose of w's block (j, i); it is packed (so that it stays in L1)
+      // while the block of the pair (next_i, next_j) is fetched, if that one is used.
+      auto multiply_pair = [&](int64_t i, int64_t j, int64_t next_i, int64_t next_j) {
+        active_in.ActiveInBoth(i, active_out, j, w0, w1, &rows);
+        if (rows.empty()) return;
+        const bool next_used = next_i < in_blocks && any_in_both(next_i, next_j);
+        const float* block = weights.Source(i, j);
+        const float* next = next_used ? weights.Source(next_i, next_j) : block;
+        const int64_t rs = weights.SourceRowStride();
+        int64_t block_rs = rs;
+        if (transpose_w || static_cast<int64_t>(rows.size()) > kRowsReadInPlace) {
+          kernels.pack_block(block, rs, bs, transpose_w, next, packed);
+          block = packed;
+          block_rs = bs;
+        } else if (next_used) {
+          PrefetchBlock(next, rs, bs);
+        }
+        kernels.exact_rows_accumulate(x_panel(i), bs, rows.data(), rows.size(), block, block_rs,
+                                      bs, y_panel(j), bs);
+      };
+      // Every y block sums its input blocks in increasing order, whatever the grouping.
+      for (int64_t i0 = 0; i0 < in_blocks; i0 += group) {
+        const int64_t i1 = std::min(in_blocks, i0 + group);
+        for (int64_t i = i0; i < i1; ++i) gather_x(i);
+        for (int64_t j = j0; j < j1; ++j) {
+          for (int64_t i = i0; i < i1; ++i) {
+            // The next pair of these loops, or the next group's first.
+            int64_t next_i = i + 1, next_j = j;
+            if (next_i == i1) {
+              next_i = j + 1 < j1 ? i0 : i1;
+              next_j = j + 1 < j1 ? j + 1 : j0;
+            }
+            multiply_pair(i, j, next_i, next_j);
+          }
+        }
+      }
+      // y's rows of the task: the panels where the output block is active, zeros elsewhere.
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t row = r - r0;
+        const uint64_t bit = uint64_t{1} << (r % 64);
+        for (int64_t j = j0; j < j1; ++j) {
+          float* dst = y + r * p + j * bs;
+          if (active_out.Word(j, r / 64) & bit) {
+            std::copy_n(y_panel(j) + row * bs, bs, dst);
           } else {
-            multiply_pair(i, j, i1, j0);
+            std::fill_n(dst, bs, 0.f);
           }
         }
       }
@@ -208,7 +290,7 @@ void SparseDotGradWCpu(const float* x, const float* dy, const float* in_mask,
     for (int64_t i = i0; i < i1; ++i) {
       for (int64_t j = j0; j < j1; ++j) {
         float* block = dw + i * bs * p + j * bs;
-        active_in.ActiveInBoth(i, active_out, j, &rows);
+        active_in.ActiveInBoth(i, active_out, j, 0, active_in.words(), &rows);
         if (rows.empty()) {
           for (int64_t r = 0; r < bs; ++r) std::fill_n(block + r * p, bs, 0.f);
           continue;

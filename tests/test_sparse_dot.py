@@ -198,8 +198,9 @@ def test_grad_w_never_reads_inactive_entries():
 def test_many_examples_per_block_pair(bs, transpose_w):
     """Dozens of examples per (input block, output block) pair: full register tiles and a
     shorter last one, packed weight blocks, several forward tasks and input groups (more than
-    512 features each way), plus an input block used by only 3 examples (read in place); NaN
-    wherever a mask is off, in x and in the output gradient, must never be read."""
+    512 features each way), plus an input block used by only 3 examples (its weight block read
+    in place); NaN wherever a mask is off, in x and in the output gradient, must never be
+    read."""
     n, m, p = 157, 640, 576
     x = RNG.standard_normal((n, m)).astype(np.float32)
     dy = RNG.standard_normal((n, p)).astype(np.float32)
@@ -223,6 +224,28 @@ def test_many_examples_per_block_pair(bs, transpose_w):
     assert np.all(y.numpy()[out_e == 0] == 0)
     assert rel_err(dx, dx_ref) < 1e-5
     assert rel_err(dw, dw_ref.T if transpose_w else dw_ref) < 1e-5
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_batches_longer_than_one_row_chunk(transpose_w):
+    """More examples than the forward works on at a time (1024): three chunks, the last partial
+    and not a multiple of 64, with examples active nowhere and block pairs used only in one
+    chunk; NaN wherever a mask is off."""
+    bs, n, m, p = 16, 2113, 80, 48
+    x = RNG.standard_normal((n, m)).astype(np.float32)
+    w = RNG.standard_normal((m, p)).astype(np.float32)
+    in_mask = (RNG.random((n, m // bs)) < 0.5).astype(np.float32)
+    out_mask = (RNG.random((n, p // bs)) < 0.5).astype(np.float32)
+    in_mask[1500:1600] = 0
+    out_mask[:1024, 2] = 0
+    in_mask[1024:, 4] = 0
+    x_bad = x.copy()
+    x_bad[np.repeat(in_mask == 0, bs, axis=1)] = np.nan
+    wt = w.T.copy() if transpose_w else w
+    y = sparse_dot(x_bad, wt, in_mask, out_mask, block_size=bs, transpose_w=transpose_w).numpy()
+    y_ref, _, out_e = reference(x, w, in_mask, out_mask, None, bs)
+    assert rel_err(y, y_ref) < 1e-5
+    assert np.all(y[out_e == 0] == 0)
 
 
 @pytest.mark.parametrize("bs", [1, 8, 16, 32, 64])

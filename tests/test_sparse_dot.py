@@ -230,7 +230,8 @@ def test_many_examples_per_block_pair(bs, transpose_w):
 def test_batches_longer_than_one_row_chunk(transpose_w):
     """More examples than the forward works on at a time (1024): three chunks, the last partial
     and not a multiple of 64, with examples active nowhere and block pairs used only in one
-    chunk; NaN wherever a mask is off."""
+    chunk; the first two share enough examples per block pair to be copied into panels, the last
+    (65 examples, about 16 per pair) is read in place.  NaN wherever a mask is off."""
     bs, n, m, p = 16, 2113, 80, 48
     x = RNG.standard_normal((n, m)).astype(np.float32)
     w = RNG.standard_normal((m, p)).astype(np.float32)

@@ -68,6 +68,7 @@ bool NarrowBlocksInPlace(const BlockLayout& layout, int64_t N) {
   return density < kNarrowBlocksInPlaceDensityOnHalves ||
          copy_bytes > kTransposedCopiesInCacheBytes;
 }
+
 // Columns of y one feature_axis=0 task covers.
 constexpr int64_t kColumnsPerTask = 256;
 

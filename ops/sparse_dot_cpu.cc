@@ -290,8 +290,9 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
           }
         }
       }
+      if (!panels) continue;  // the products added into y itself
       // y's rows of the task: the panels where the output block is active, zeros elsewhere.
-      for (int64_t r = r0; panels && r < r1; ++r) {
+      for (int64_t r = r0; r < r1; ++r) {
         const int64_t row = r - r0;
         const uint64_t bit = uint64_t{1} << (r % 64);
         for (int64_t j = j0; j < j1; ++j) {

@@ -273,7 +273,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int64_t N = p.N, C = p.C, K = p.K;
   const int tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
-  const int wk = warp / (Cfg::kWM * Cfg::kWN);
+  // (A constant 0 when the steps are not split over warps, so the MMA loops unroll fully.)
+  const int wk = Cfg::kWK == 1 ? 0 : warp / (Cfg::kWM * Cfg::kWN);
   const int wmn = warp % (Cfg::kWM * Cfg::kWN);
   const int wm = wmn / Cfg::kWN, wn = wmn % Cfg::kWN;
   int split, rank;
@@ -320,6 +321,36 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     kcol = gk[0];
     total_steps = static_cast<int>((N + KS - 1) / KS);
   }
+  // ---- forward: the step-invariant part of each thread's copy addresses ----
+  // A pass of the CTA's threads over a tile covers R rows; thread tid copies the 16-byte chunk
+  // tid % (chunks per row) of rows tid / (chunks per row) + j R, so per step only the block
+  // row (x) or stored block (w) changes, not the thread's offsets.
+  constexpr int kXCh = KS / CE, kXRows = NTH / kXCh;  // x (N, C): chunks per row, rows per pass
+  constexpr int kWCh = BN / CE, kWRows = NTH / kWCh;  // w blocks: chunks per row, rows per pass
+  constexpr bool kFastX = kFwd && !kAMC && NTH % kXCh == 0;
+  constexpr bool kFastW = kFwd && NTH % kWCh == 0;
+  static_assert(!kFastX || BM * kXCh <= 32 * NTH, "row-valid bits must fit 32 bits");
+  const T* x_thread = gx;  // x[n0 + tid / kXCh, column (tid % kXCh) * CE within the step]
+  int64_t x_pass = 0;      // elements between rows j and j + 1 of this thread
+  uint32_t x_rows_ok = 0;  // bit j: row j of this thread lies inside the batch
+  int x_blk = 0;           // which of the step's BPS blocks this thread's column falls in
+  int w_thread = 0;        // offset of this thread's chunk inside a block (row j = 0)
+  int w_blk = 0;           // kWRows > BS: block of row j = j * kWRows / BS + w_blk
+  if constexpr (kFastX) {
+    const int t = tid / kXCh, kc = tid % kXCh;
+    x_blk = (kc * CE) / BS;
+    x_thread = gx + (n0 + t) * C + (kc * CE) % BS;
+    x_pass = (int64_t)kXRows * C;
+#pragma unroll
+    for (int j = 0; j < (BM * kXCh + NTH - 1) / NTH; ++j)
+      if (n0 + t + (int64_t)j * kXRows < N) x_rows_ok |= 1u << j;
+  }
+  if constexpr (kFastW) {
+    const int t = tid / kWCh, nc = tid % kWCh;
+    w_thread = (kWRows <= BS ? t : t % BS) * BS + n_off + nc * CE;
+    w_blk = kWRows <= BS ? 0 : t / BS;
+  }
+
   // gradw: tile rows of blocks run_lo .. run_hi-1 (one block column) are being computed.
   int run_lo = 0, run_hi = 1;
   // This CTA takes steps rank, rank + split, ...
@@ -345,7 +376,19 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     T* Bs = As + Cfg::kASize;
     if constexpr (kFwd) {
       // A: x rows n0.., columns of the BPS blocks of this step.
-      if constexpr (!kAMC) {  // x (N, C): tile [BM][KS], K contiguous
+      if constexpr (kFastX) {  // x (N, C): tile [BM][KS], K contiguous
+        constexpr int kTotal = BM * kXCh;
+        const int c = PickReg(ic, x_blk);
+        const T* src = x_thread + (int64_t)c * BS;
+        T* dst = As + (tid / kXCh) * Cfg::kALd + (tid % kXCh) * CE;
+#pragma unroll
+        for (int j = 0; j < (kTotal + NTH - 1) / NTH; ++j) {
+          if (kTotal % NTH == 0 || j * NTH + tid < kTotal) {
+            const bool v = c >= 0 && ((x_rows_ok >> j) & 1u);
+            CpAsync16(dst + j * kXRows * Cfg::kALd, v ? src + j * x_pass : gx, v);
+          }
+        }
+      } else if constexpr (!kAMC) {  // x (N, C), general thread counts
         constexpr int kCh = KS / CE, kTotal = BM * kCh;
 #pragma unroll
         for (int q0 = 0; q0 < kTotal; q0 += NTH) {
@@ -375,7 +418,28 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         }
       }
       // B: the blocks themselves, rows i, columns n_off .. n_off+BN: tile [KS][BN].
-      {
+      if constexpr (kFastW) {
+        constexpr int kTotal = KS * kWCh;
+        T* dst = Bs + (tid / kWCh) * Cfg::kBLd + (tid % kWCh) * CE;
+#pragma unroll
+        for (int j = 0; j < (kTotal + NTH - 1) / NTH; ++j) {
+          if (kTotal % NTH == 0 || j * NTH + tid < kTotal) {
+            // row j * kWRows + tid / kWCh of the step: block g, row i inside it
+            int b;
+            int64_t row_off;
+            if constexpr (kWRows <= BS) {
+              b = ib[(j * kWRows) / BS];
+              row_off = ((j * kWRows) % BS) * BS;
+            } else {
+              b = PickReg(ib, j * (kWRows / BS) + w_blk);
+              row_off = 0;
+            }
+            const bool vb = b >= 0;
+            const T* src = vb ? gw + (int64_t)b * BS * BS + row_off + w_thread : gw;
+            CpAsync16(dst + j * kWRows * Cfg::kBLd, src, vb);
+          }
+        }
+      } else {
         constexpr int kCh = BN / CE, kTotal = KS * kCh;
 #pragma unroll
         for (int q0 = 0; q0 < kTotal; q0 += NTH) {
@@ -392,7 +456,23 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       }
     } else {
       const int64_t k0 = (int64_t)s * KS;  // first batch row of this step
-      if constexpr (kAMC) {  // FA 1: x (N, C): A tile [KS][BM] (rows = batch), M contiguous
+      // Batch-row-major operands (feature axis 1): thread tid copies chunk tid % (chunks per
+      // row) of batch rows k0 + tid / (chunks per row) + j R, R rows per pass of the CTA.
+      constexpr int kACh = BM / CE, kBCh = BN / CE;
+      if constexpr (kAMC && NTH % kACh == 0) {  // FA 1: x (N, C): A tile [KS][BM]
+        constexpr int R = NTH / kACh, kTotal = KS * kACh;
+        const int t = tid / kACh, mc = tid % kACh, g = (mc * CE) / BS;
+        const bool in_run = g >= run_lo && g < run_hi;
+        const T* src = gx + (k0 + t) * C + (int64_t)PickReg(gc, g) * BS + m_off + (mc * CE) % BS;
+        T* dst = As + t * Cfg::kALd + mc * CE;
+#pragma unroll
+        for (int j = 0; j < (kTotal + NTH - 1) / NTH; ++j) {
+          if (kTotal % NTH == 0 || j * NTH + tid < kTotal) {
+            const bool v = in_run && k0 + t + j * R < N;
+            CpAsync16(dst + j * R * Cfg::kALd, v ? src + (int64_t)j * R * C : gx, v);
+          }
+        }
+      } else if constexpr (kAMC) {  // the same, general thread counts
         constexpr int kCh = BM / CE, kTotal = KS * kCh;
 #pragma unroll
         for (int q0 = 0; q0 < kTotal; q0 += NTH) {
@@ -422,7 +502,19 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           }
         }
       }
-      if constexpr (!kBKC) {  // FA 1: dy (N, K): B tile [KS][BN], N contiguous
+      if constexpr (!kBKC && NTH % kBCh == 0) {  // FA 1: dy (N, K): B tile [KS][BN]
+        constexpr int R = NTH / kBCh, kTotal = KS * kBCh;
+        const int t = tid / kBCh, nc = tid % kBCh;
+        const T* src = gw + (k0 + t) * K + (int64_t)kcol * BS + n_off + nc * CE;
+        T* dst = Bs + t * Cfg::kBLd + nc * CE;
+#pragma unroll
+        for (int j = 0; j < (kTotal + NTH - 1) / NTH; ++j) {
+          if (kTotal % NTH == 0 || j * NTH + tid < kTotal) {
+            const bool v = k0 + t + j * R < N;
+            CpAsync16(dst + j * R * Cfg::kBLd, v ? src + (int64_t)j * R * K : gw, v);
+          }
+        }
+      } else if constexpr (!kBKC) {  // the same, general thread counts
         constexpr int kCh = BN / CE, kTotal = KS * kCh;
 #pragma unroll
         for (int q0 = 0; q0 < kTotal; q0 += NTH) {
@@ -460,7 +552,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     const int grp = lane >> 2, tig = lane & 3;
     if constexpr (!Cfg::kF32) {
 #pragma unroll
-      for (int kk = wk; kk < KS / 16; kk += Cfg::kWK) {
+      for (int kq = 0; kq < KS / 16 / Cfg::kWK; ++kq) {
+        const int kk = kq * Cfg::kWK + wk;
         uint32_t af[MT][4];
         uint32_t bf[NT][2];
 #pragma unroll
@@ -510,7 +603,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       const uint32_t* Au = reinterpret_cast<const uint32_t*>(As);
       const uint32_t* Bu = reinterpret_cast<const uint32_t*>(Bs);
 #pragma unroll
-      for (int kk = wk; kk < KS / 8; kk += Cfg::kWK) {
+      for (int kq = 0; kq < KS / 8 / Cfg::kWK; ++kq) {
+        const int kk = kq * Cfg::kWK + wk;
         uint32_t ah[MT][4], al[MT][4];
         uint32_t bh[NT][2], bl[NT][2];
 #pragma unroll

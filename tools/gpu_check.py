@@ -529,10 +529,13 @@ def main():
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out-md", default=None)
+    ap.add_argument("--tuning", type=int, default=0,
+                    help="tile-configuration variant (SetTuning) for the checks")
     args = ap.parse_args()
     lib = Lib(args.lib)
     res = Results()
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}", flush=True)
+    lib.set_tuning(args.tuning)
     if args.check:
         correctness(lib, res, quick=True)
     if args.race:

@@ -24,17 +24,21 @@ using mma_impl::Params;
 constexpr int64_t kSmallBatch = 64;
 
 // Forward tiles: <T, mode, FA, BS, BM, BN, blocks per step, warps M x N x K, stages>.
-// Small batches with bs 32 use three stages, not four: measured on an H100 (N = 64,
-// C = K = 4096, feature axis 1, medians of three), bfloat16 forward 18-23% faster at 10-100%
-// density (43.3 -> 35.9 us at 100%), float32 0-10% (108.0 -> 101.1 us); four stages stay
-// faster for bs 16 and 64.
+// Small batches with bs 32: six stages for 16-bit inputs, three for float32, not four.
+// Measured on an H100 (N = 64, C = K = 4096, feature axis 1, medians of three): three stages
+// against four, bfloat16 forward 18-23% faster at 10-100% density (43.3 -> 35.9 us at 100%),
+// float32 0-10% (108.0 -> 101.1 us).  On an H200 (2026-12-01, the same problem, fastest of
+// three medians, variants alternated in one process): six stages against three, bfloat16
+// 1.00-1.11x (11.6 -> 10.5 us at 10%, 16.1 -> 15.1 at 25%), float16 1.00-1.11x, float32
+// 0.94-1.11x (kept at three); four stages 0.82-0.89x.  bs 16 and 64 keep four stages (six
+// measured 0.92-1.07x and 0.77-0.99x at 5-100% density).
 template <typename T, int FA, int BS, bool kSmall, bool kF32 = (sizeof(T) == 4)>
 struct FwdCfg;
 // 16-bit inputs (m16n8k16).
 template <typename T, int FA> struct FwdCfg<T, FA, 16, false, false> { using type = Config<T, kForward, FA, 16, 128, 16, 4, 4, 1, 1, 3>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 16, true, false> { using type = Config<T, kForward, FA, 16, 64, 16, 4, 4, 1, 1, 4>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 32, false, false> { using type = Config<T, kForward, FA, 32, 128, 32, 2, 4, 1, 1, 3>; };
-template <typename T, int FA> struct FwdCfg<T, FA, 32, true, false> { using type = Config<T, kForward, FA, 32, 64, 32, 2, 2, 2, 1, 3>; };
+template <typename T, int FA> struct FwdCfg<T, FA, 32, true, false> { using type = Config<T, kForward, FA, 32, 64, 32, 2, 2, 2, 1, 6>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 64, false, false> { using type = Config<T, kForward, FA, 64, 128, 64, 1, 2, 2, 1, 4>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 64, true, false> { using type = Config<T, kForward, FA, 64, 64, 64, 1, 2, 2, 1, 4>; };
 // 16-bit tiles with BM = 256 rows (half the weight traffic per flop of BM = 128, but fewer

@@ -204,7 +204,7 @@ def correctness(lib, res, quick=False, race=False):
     if quick:  # the subset run under compute-sanitizer memcheck
         bss, Ns, dts = [1, 16, 32, 64], [17, 136], ["float32", "bfloat16"]
     if race:  # the subset run under racecheck: tensor-core kernels, pipelines wrapping around
-        bss, Ns, dts = [16, 32, 64], [1000], ["bfloat16"]
+        bss, Ns, dts = [16, 32, 64], [64, 1000], ["bfloat16"]  # small- and long-batch tiles
         for bs in bss:  # grouped dW tiles
             L = random_layout(64, 4, bs, 0.9, rng, empty_cols=[1])
             for fa in (1, 0):

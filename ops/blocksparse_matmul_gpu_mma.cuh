@@ -325,18 +325,21 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   // A pass of the CTA's threads over a tile covers R rows; thread tid copies the 16-byte chunk
   // tid % (chunks per row) of rows tid / (chunks per row) + j R, so per step only the block
   // row (x) or stored block (w) changes, not the thread's offsets.
+  // (Tile widths and thread counts are powers of two, so a pass always covers whole rows.)
   constexpr int kXCh = KS / CE, kXRows = NTH / kXCh;  // x (N, C): chunks per row, rows per pass
   constexpr int kWCh = BN / CE, kWRows = NTH / kWCh;  // w blocks: chunks per row, rows per pass
-  constexpr bool kFastX = kFwd && !kAMC && NTH % kXCh == 0;
-  constexpr bool kFastW = kFwd && NTH % kWCh == 0;
-  static_assert(!kFastX || BM * kXCh <= 32 * NTH, "row-valid bits must fit 32 bits");
+  constexpr bool kXRowMajor = kFwd && !kAMC;          // forward with x (N, C)
+  static_assert(!kXRowMajor || (NTH % kXCh == 0 && BM * kXCh <= 32 * NTH),
+                "x copies: whole rows per pass, row-valid bits within 32 bits");
+  static_assert(!kFwd || (NTH % kWCh == 0 && (BS % kWRows == 0 || kWRows % BS == 0)),
+                "w copies: whole rows per pass, passes aligned with blocks");
   const T* x_thread = gx;  // x[n0 + tid / kXCh, column (tid % kXCh) * CE within the step]
   int64_t x_pass = 0;      // elements between rows j and j + 1 of this thread
   uint32_t x_rows_ok = 0;  // bit j: row j of this thread lies inside the batch
   int x_blk = 0;           // which of the step's BPS blocks this thread's column falls in
   int w_thread = 0;        // offset of this thread's chunk inside a block (row j = 0)
   int w_blk = 0;           // kWRows > BS: block of row j = j * kWRows / BS + w_blk
-  if constexpr (kFastX) {
+  if constexpr (kXRowMajor) {
     const int t = tid / kXCh, kc = tid % kXCh;
     x_blk = (kc * CE) / BS;
     x_thread = gx + (n0 + t) * C + (kc * CE) % BS;
@@ -345,7 +348,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     for (int j = 0; j < (BM * kXCh + NTH - 1) / NTH; ++j)
       if (n0 + t + (int64_t)j * kXRows < N) x_rows_ok |= 1u << j;
   }
-  if constexpr (kFastW) {
+  if constexpr (kFwd) {
     const int t = tid / kWCh, nc = tid % kWCh;
     w_thread = (kWRows <= BS ? t : t % BS) * BS + n_off + nc * CE;
     w_blk = kWRows <= BS ? 0 : t / BS;
@@ -376,7 +379,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     T* Bs = As + Cfg::kASize;
     if constexpr (kFwd) {
       // A: x rows n0.., columns of the BPS blocks of this step.
-      if constexpr (kFastX) {  // x (N, C): tile [BM][KS], K contiguous
+      if constexpr (kXRowMajor) {  // x (N, C): tile [BM][KS], K contiguous
         constexpr int kTotal = BM * kXCh;
         const int c = PickReg(ic, x_blk);
         const T* src = x_thread + (int64_t)c * BS;
@@ -386,20 +389,6 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           if (kTotal % NTH == 0 || j * NTH + tid < kTotal) {
             const bool v = c >= 0 && ((x_rows_ok >> j) & 1u);
             CpAsync16(dst + j * kXRows * Cfg::kALd, v ? src + j * x_pass : gx, v);
-          }
-        }
-      } else if constexpr (!kAMC) {  // x (N, C), general thread counts
-        constexpr int kCh = KS / CE, kTotal = BM * kCh;
-#pragma unroll
-        for (int q0 = 0; q0 < kTotal; q0 += NTH) {
-          const int q = q0 + tid;
-          if (kTotal % NTH == 0 || q < kTotal) {
-            const int m = q / kCh, kc = q % kCh;
-            const int g = (kc * CE) / BS, i0 = (kc * CE) % BS;
-            const int c = PickReg(ic, g);
-            const bool v = c >= 0 && (n0 + m < N);
-            const T* src = v ? gx + (n0 + m) * C + (int64_t)c * BS + i0 : gx;
-            CpAsync16(As + m * Cfg::kALd + kc * CE, src, v);
           }
         }
       } else {  // x (C, N): tile [KS][BM], M contiguous
@@ -418,7 +407,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         }
       }
       // B: the blocks themselves, rows i, columns n_off .. n_off+BN: tile [KS][BN].
-      if constexpr (kFastW) {
+      {
         constexpr int kTotal = KS * kWCh;
         T* dst = Bs + (tid / kWCh) * Cfg::kBLd + (tid % kWCh) * CE;
 #pragma unroll
@@ -439,27 +428,15 @@ __global__ void __launch_bounds__(Cfg::kThreads)
             CpAsync16(dst + j * kWRows * Cfg::kBLd, src, vb);
           }
         }
-      } else {
-        constexpr int kCh = BN / CE, kTotal = KS * kCh;
-#pragma unroll
-        for (int q0 = 0; q0 < kTotal; q0 += NTH) {
-          const int q = q0 + tid;
-          if (kTotal % NTH == 0 || q < kTotal) {
-            const int r = q / kCh, nc = q % kCh;
-            const int g = r / BS, i = r % BS;
-            const int b = PickReg(ib, g);
-            const bool vb = b >= 0;
-            const T* src = vb ? gw + ((int64_t)b * BS + i) * BS + n_off + nc * CE : gw;
-            CpAsync16(Bs + r * Cfg::kBLd + nc * CE, src, vb);
-          }
-        }
       }
     } else {
       const int64_t k0 = (int64_t)s * KS;  // first batch row of this step
       // Batch-row-major operands (feature axis 1): thread tid copies chunk tid % (chunks per
       // row) of batch rows k0 + tid / (chunks per row) + j R, R rows per pass of the CTA.
       constexpr int kACh = BM / CE, kBCh = BN / CE;
-      if constexpr (kAMC && NTH % kACh == 0) {  // FA 1: x (N, C): A tile [KS][BM]
+      static_assert((!kAMC || NTH % kACh == 0) && (kBKC || NTH % kBCh == 0),
+                    "batch-row copies: whole rows per pass");
+      if constexpr (kAMC) {  // FA 1: x (N, C): A tile [KS][BM]
         constexpr int R = NTH / kACh, kTotal = KS * kACh;
         const int t = tid / kACh, mc = tid % kACh, g = (mc * CE) / BS;
         const bool in_run = g >= run_lo && g < run_hi;
@@ -470,21 +447,6 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           if (kTotal % NTH == 0 || j * NTH + tid < kTotal) {
             const bool v = in_run && k0 + t + j * R < N;
             CpAsync16(dst + j * R * Cfg::kALd, v ? src + (int64_t)j * R * C : gx, v);
-          }
-        }
-      } else if constexpr (kAMC) {  // the same, general thread counts
-        constexpr int kCh = BM / CE, kTotal = KS * kCh;
-#pragma unroll
-        for (int q0 = 0; q0 < kTotal; q0 += NTH) {
-          const int q = q0 + tid;
-          if (kTotal % NTH == 0 || q < kTotal) {
-            const int r = q / kCh, mc = q % kCh;
-            const int g = (mc * CE) / BS;
-            const bool v = k0 + r < N && g >= run_lo && g < run_hi;
-            const T* src = v ? gx + (k0 + r) * C + (int64_t)PickReg(gc, g) * BS + m_off +
-                                   (mc * CE) % BS
-                             : gx;
-            CpAsync16(As + r * Cfg::kALd + mc * CE, src, v);
           }
         }
       } else {  // FA 0: x (C, N): A tile [BM][KS], K contiguous
@@ -502,7 +464,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           }
         }
       }
-      if constexpr (!kBKC && NTH % kBCh == 0) {  // FA 1: dy (N, K): B tile [KS][BN]
+      if constexpr (!kBKC) {  // FA 1: dy (N, K): B tile [KS][BN]
         constexpr int R = NTH / kBCh, kTotal = KS * kBCh;
         const int t = tid / kBCh, nc = tid % kBCh;
         const T* src = gw + (k0 + t) * K + (int64_t)kcol * BS + n_off + nc * CE;
@@ -512,18 +474,6 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           if (kTotal % NTH == 0 || j * NTH + tid < kTotal) {
             const bool v = k0 + t + j * R < N;
             CpAsync16(dst + j * R * Cfg::kBLd, v ? src + (int64_t)j * R * K : gw, v);
-          }
-        }
-      } else if constexpr (!kBKC) {  // the same, general thread counts
-        constexpr int kCh = BN / CE, kTotal = KS * kCh;
-#pragma unroll
-        for (int q0 = 0; q0 < kTotal; q0 += NTH) {
-          const int q = q0 + tid;
-          if (kTotal % NTH == 0 || q < kTotal) {
-            const int r = q / kCh, nc = q % kCh;
-            const bool v = k0 + r < N;
-            const T* src = v ? gw + (k0 + r) * K + (int64_t)kcol * BS + n_off + nc * CE : gw;
-            CpAsync16(Bs + r * Cfg::kBLd + nc * CE, src, v);
           }
         }
       } else {  // FA 0: dy (K, N): B tile [BN][KS], K contiguous

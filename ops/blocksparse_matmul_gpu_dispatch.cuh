@@ -10,6 +10,7 @@
 
 #include "ops/blocksparse_matmul_gpu_internal.cuh"
 #include "ops/blocksparse_matmul_gpu_mma.cuh"
+#include "ops/blocksparse_matmul_gpu_wgmma.cuh"
 
 namespace blocksparse {
 namespace gpu {
@@ -133,11 +134,13 @@ inline int ChooseSplit(int64_t tiles, double avg_steps, int64_t capacity, const 
   return s;
 }
 
-template <typename Cfg>
-int LaunchMma(const Params& p0, int64_t tiles, int64_t batch_tiles, double avg_steps,
-              int device, const DeviceInfo& di, cudaStream_t s) {
-  auto kernel = mma_impl::BlocksparseMmaKernel<Cfg>;
-  constexpr int smem = Cfg::kSmemBytes;
+// Launches `kernel` (threads per CTA, dynamic shared memory) on a grid of tiles x batch_tiles
+// CTAs, each tile split over a cluster of ChooseSplit() CTAs (pass avg_steps 0 for kernels
+// that cannot split).  Tag: one type per kernel, keying the per-device caches.
+template <typename Tag>
+int LaunchTiles(void (*kernel)(Params), int threads, int smem, int64_t tiles,
+                int64_t batch_tiles, double avg_steps, const Params& p0, int device,
+                const DeviceInfo& di, cudaStream_t s) {
   if (smem > di.max_smem_optin) return cudaErrorInvalidConfiguration;
   if (smem > 48 * 1024) {
     static std::atomic<uint64_t> done{0};  // one bit per device
@@ -152,8 +155,8 @@ int LaunchMma(const Params& p0, int64_t tiles, int64_t batch_tiles, double avg_s
   static std::atomic<int> resident[64];  // CTAs per SM, per device (0: not queried yet)
   int per_sm = resident[device].load();
   if (per_sm == 0) {
-    cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
-                                                                  Cfg::kThreads, smem);
+    cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads,
+                                                                  smem);
     if (e != cudaSuccess) return e;
     if (per_sm < 1) per_sm = 1;
     resident[device].store(per_sm);
@@ -169,12 +172,12 @@ int LaunchMma(const Params& p0, int64_t tiles, int64_t batch_tiles, double avg_s
     const dim3 grid(static_cast<unsigned>(tiles * split), static_cast<unsigned>(gy));
     cudaError_t e;
     if (split == 1) {
-      kernel<<<grid, Cfg::kThreads, smem, s>>>(p);
+      kernel<<<grid, threads, smem, s>>>(p);
       e = cudaGetLastError();
     } else {
       cudaLaunchConfig_t cfg = {};
       cfg.gridDim = grid;
-      cfg.blockDim = dim3(Cfg::kThreads);
+      cfg.blockDim = dim3(threads);
       cfg.dynamicSmemBytes = smem;
       cfg.stream = s;
       cudaLaunchAttribute attr[1];
@@ -191,10 +194,57 @@ int LaunchMma(const Params& p0, int64_t tiles, int64_t batch_tiles, double avg_s
   return cudaSuccess;
 }
 
+template <typename Cfg>
+int LaunchMma(const Params& p, int64_t tiles, int64_t batch_tiles, double avg_steps,
+              int device, const DeviceInfo& di, cudaStream_t s) {
+  return LaunchTiles<Cfg>(mma_impl::BlocksparseMmaKernel<Cfg>, Cfg::kThreads, Cfg::kSmemBytes,
+                          tiles, batch_tiles, avg_steps, p, device, di, s);
+}
+
+// The wgmma kernels (ops/blocksparse_matmul_gpu_wgmma.cuh): 16-bit, bs 64, feature axis 1,
+// N > 64, on sm_90.
+// Forward: one warpgroup per 128 batch rows and 4 stages (97 KiB of shared memory, so two
+// CTAs share an SM) measured fastest on an H200 among 128 / 256 rows per warpgroup, one or two
+// warpgroups, and 4 or 5 stages.
+using WgmmaFwdCfg = wgmma_impl::FwdCfg<1, 128, 4>;
+// dW: opt-in (SetTuning(4)).  On an H200, bf16, against the mma.sync dW: 1.02-1.30x at
+// N = 4096, C = K = 4096, 2-50% density, 0.97x at 100%; at N = 16384, C = K = 8192, 1.13-1.15x
+// at 25-50% but 0.76x / 0.94x at 2% / 10%.  Both are bound by L2-to-SM traffic, and dW moves
+// x and dy slabs (1.5-2 x N x 128 bytes per block) where the forward moves one x slab.
+using WgmmaGradCfg = wgmma_impl::GradCfg<3>;
+template <typename T, class Cfg, int kKind>
+struct WgmmaTag {};
+
+inline bool UseWgmma(int64_t N, const DeviceInfo& di) {
+  return (Tuning() == 0 || Tuning() == 4) && di.cc_major == 9 && N > kSmallBatch;
+}
+
+template <typename T>
+int LaunchWgmmaForward(const Params& p, int64_t N, int64_t KB, int device, const DeviceInfo& di,
+                       cudaStream_t s) {
+  using Cfg = WgmmaFwdCfg;
+  return LaunchTiles<WgmmaTag<T, Cfg, 0>>(wgmma_impl::WgmmaForwardKernel<T, Cfg>,
+                                          Cfg::kThreads, Cfg::kSmemBytes, KB,
+                                          (N + Cfg::kBM - 1) / Cfg::kBM, 0.0, p, device, di, s);
+}
+
+template <typename T>
+int LaunchWgmmaGradW(const Params& p, int64_t N, int64_t blocks, int device,
+                     const DeviceInfo& di, cudaStream_t s) {
+  using Cfg = WgmmaGradCfg;
+  const double steps = static_cast<double>((N + Cfg::kRows - 1) / Cfg::kRows);
+  return LaunchTiles<WgmmaTag<T, Cfg, 1>>(wgmma_impl::WgmmaGradWKernel<T, Cfg>, Cfg::kThreads,
+                                          Cfg::kSmemBytes, (blocks + 1) / 2, 1, steps, p,
+                                          device, di, s);
+}
+
 template <typename T, int FA, int BS>
 int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int device,
                  const DeviceInfo& di, cudaStream_t s) {
   const double blocks_per_col = static_cast<double>(blocks) / static_cast<double>(KB);
+  if constexpr (sizeof(T) == 2 && BS == 64 && FA == 1) {
+    if (UseWgmma(N, di)) return LaunchWgmmaForward<T>(p, N, KB, device, di, s);
+  }
   if (N <= kSmallBatch) {
     using Cfg = typename FwdCfg<T, FA, BS, true>::type;
     return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
@@ -203,7 +253,7 @@ int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int dev
   // Very sparse columns (about two steps per tile or fewer): a deep pipeline only costs
   // shared memory; two stages let twice as many CTAs share an SM and overlap their latency.
   using Base = typename FwdCfg<T, FA, BS, false>::type;
-  if (Tuning() == 0 && blocks_per_col / Base::kBPS <= 2.5) {
+  if ((Tuning() == 0 || Tuning() >= 3) && blocks_per_col / Base::kBPS <= 2.5) {
     using Cfg = typename WithStages<Base, 2>::type;
     return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
                           blocks_per_col / Cfg::kBPS, device, di, s);
@@ -242,6 +292,9 @@ int ForwardMmaFa(const Params& p, int64_t N, int64_t bs, int64_t KB, int64_t blo
 template <typename T, int FA, int BS>
 int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const DeviceInfo& di,
                cudaStream_t s) {
+  if constexpr (sizeof(T) == 2 && BS == 64 && FA == 1) {
+    if (Tuning() == 4 && UseWgmma(N, di)) return LaunchWgmmaGradW<T>(p, N, blocks, device, di, s);
+  }
   if (N <= kShortGradBatch && !(sizeof(T) == 2 && BS >= 32)) {
     using Cfg = typename GradCfgShort<T, FA, BS>::type;
     const int64_t sub = (BS / Cfg::kBM) * (BS / Cfg::kBN);

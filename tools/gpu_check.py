@@ -256,6 +256,7 @@ def correctness(lib, res, quick=False, race=False):
     # Determinism on larger problems, both paths and products.
     for dt, bs, fa, N in [("bfloat16", 32, 1, 4096), ("float16", 64, 0, 2048),
                           ("bfloat16", 16, 1, 1000), ("float32", 32, 1, 512),
+                          ("bfloat16", 64, 1, 1000),  # wgmma on Hopper
                           ("bfloat16", 64, 1, 64), ("float32", 64, 0, 64),  # cluster split
                           ("float16", 16, 0, 17)]:  # CUDA-core fallback
         L = exact_layout(32, 32, bs, 0.2, rng)
@@ -293,6 +294,10 @@ def correctness(lib, res, quick=False, race=False):
                                                                    None)) != 0,
               "validation: null dw")
     res.check(lib.err(1) != "", "ErrorString")
+
+
+def is_hopper():
+    return torch.cuda.get_device_capability()[0] == 9
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,7 +394,7 @@ def benchmark(lib, res, out_md, quick=False):
             if rc or rc2:
                 res.check(False, f"bench launch {dt} N={N} bs={bs} d={d}: {rc} {rc2}")
                 continue
-            # spot check against the dense product (cheap, same dtype matmul in fp32)
+            # spot check against the dense product
             Wm = L.dense(w)
             ref = x.double() @ Wm.double() if fa else Wm.t().double() @ x.double()
             e = rel_err(y, ref)
@@ -397,14 +402,28 @@ def benchmark(lib, res, out_md, quick=False):
             res.check(e <= TOL[dt], f"bench spot check {dt} N={N} bs={bs} d={d} relerr={e:.3g}")
             tf = bench(lambda: lib.forward(dt, x, w, y, N, fa, L))
             tg = bench(lambda: lib.grad_w(dt, x, dy, dw, N, fa, L))
-            tw = tw2 = float("nan")  # alternative tiles (SetTuning(1), (2)), where they exist
+            # The mma.sync forward (SetTuning(3)) where wgmma is the default: Hopper, 16-bit,
+            # bs 64, fa 1, N > 64.  The alternative tiles of SetTuning(1), (2) are mma.sync
+            # tiles: they must equal its result bit for bit.
+            tm = tw = tw2 = float("nan")
+            y_mma = y
+            if dt != "float32" and bs == 64 and fa == 1 and N > 64 and is_hopper():
+                lib.set_tuning(3)
+                y_mma = torch.full_like(y, float("nan"))
+                rc3 = lib.forward(dt, x, w, y_mma, N, fa, L)
+                torch.cuda.synchronize()
+                e3 = rel_err(y_mma, x.double() @ Wm.double()) if rc3 == 0 else float("inf")
+                res.check(e3 <= TOL[dt], f"tuning-3 spot check {dt} N={N} bs={bs} d={d} "
+                          f"relerr={e3:.3g}")
+                tm = bench(lambda: lib.forward(dt, x, w, y_mma, N, fa, L))
+                lib.set_tuning(0)
             if dt != "float32" and bs >= 32 and N > 64:
                 lib.set_tuning(1)
                 y2 = torch.full_like(y, float("nan"))
                 rc3 = lib.forward(dt, x, w, y2, N, fa, L)
                 torch.cuda.synchronize()
-                res.check(rc3 == 0 and torch.equal(y2, y),
-                          f"tuning-1 forward equals default {dt} N={N} bs={bs} d={d}")
+                res.check(rc3 == 0 and torch.equal(y2, y_mma),
+                          f"tuning-1 forward equals mma.sync default {dt} N={N} bs={bs} d={d}")
                 tw = bench(lambda: lib.forward(dt, x, w, y2, N, fa, L))
                 lib.set_tuning(0)
                 if bs == 64:
@@ -412,8 +431,8 @@ def benchmark(lib, res, out_md, quick=False):
                     y2.fill_(float("nan"))
                     rc3 = lib.forward(dt, x, w, y2, N, fa, L)
                     torch.cuda.synchronize()
-                    res.check(rc3 == 0 and torch.equal(y2, y),
-                              f"tuning-2 forward equals default {dt} N={N} bs={bs} d={d}")
+                    res.check(rc3 == 0 and torch.equal(y2, y_mma),
+                              f"tuning-2 forward equals mma.sync default {dt} N={N} bs={bs} d={d}")
                     tw2 = bench(lambda: lib.forward(dt, x, w, y2, N, fa, L))
                     lib.set_tuning(0)
                 del y2
@@ -434,7 +453,7 @@ def benchmark(lib, res, out_md, quick=False):
             wbytes = L.blocks * bs * bs * x.element_size()
             row = dict(dt=dt, fa=fa, N=N, CK=CK, bs=bs, d=dens, tf=tf, eff=eff, dense_tf=tdf,
                        dense_tflops=dense_tflops, speed=tdf / tf, frac=eff / dense_tflops,
-                       bsr=tb, vs_bsr=tb / tf, tw=tw, tw2=tw2, tg=tg, effg=effg, dense_tg=tdg,
+                       bsr=tb, vs_bsr=tb / tf, tm=tm, tw=tw, tw2=tw2, tg=tg, effg=effg, dense_tg=tdg,
                        speed_g=tdg / tg, g_over_f=tg / tf,
                        wbw=wbytes / tf / 1e6, wbw_frac=wbytes / tf / 1e6 / hbm)
             rows.append(row)
@@ -450,20 +469,24 @@ def benchmark(lib, res, out_md, quick=False):
              "of CUDA-event timings with the L2 flushed before each run.  eff TFLOP/s = "
              "2*N*C*K*density/time; 'frac' = eff / dense TFLOP/s (same dtype); 'x dense' = "
              "dense time / our time; 'x BSR' = PyTorch BSR time / our time; 'W GB/s' = weight "
-             "bytes / forward time (with % of copy bandwidth); 'tuning 1/2' = the forward with "
-             "alternative tile configurations (SetTuning), x = speedup over the default.",
+             "bytes / forward time (with % of copy bandwidth); 'mma.sync' = the forward without "
+             "wgmma (SetTuning(3), what pre-Hopper GPUs run) where wgmma is the default; "
+             "'tuning 1/2' = the mma.sync forward with alternative tile configurations "
+             "(SetTuning); in these three columns x = that column's time / the default's.",
              "",
              "| dtype | fa | N | C=K | bs | density | fwd ms | eff TFLOP/s | frac | x dense | "
-             "x BSR | dW ms | dW x dense | dW/fwd | W GB/s | fwd ms, tuning 1 | fwd ms, tuning 2 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "x BSR | dW ms | dW x dense | dW/fwd | W GB/s | fwd ms, mma.sync | fwd ms, tuning 1 | "
+             "fwd ms, tuning 2 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['dt']} | {r['fa']} | {r['N']} | {r['CK']} | {r['bs']} | {r['d']*100:.0f}% | "
             f"{r['tf']:.4f} | {r['eff']:.1f} | {r['frac']*100:.0f}% | {r['speed']:.2f} | "
             f"{r['vs_bsr']:.2f} | {r['tg']:.4f} | {r['speed_g']:.2f} | {r['g_over_f']:.2f} | "
             f"{r['wbw']:.0f} ({r['wbw_frac']*100:.0f}%) | "
-            + ("" if math.isnan(r['tw']) else f"{r['tw']:.4f} (x{r['tf'] / r['tw']:.2f})") + " | "
-            + ("" if math.isnan(r['tw2']) else f"{r['tw2']:.4f} (x{r['tf'] / r['tw2']:.2f})") + " |")
+            + ("" if math.isnan(r['tm']) else f"{r['tm']:.4f} (x{r['tm'] / r['tf']:.2f})") + " | "
+            + ("" if math.isnan(r['tw']) else f"{r['tw']:.4f} (x{r['tw'] / r['tf']:.2f})") + " | "
+            + ("" if math.isnan(r['tw2']) else f"{r['tw2']:.4f} (x{r['tw2'] / r['tf']:.2f})") + " |")
     lines.append("")
     lines.append("Dense references (ms, TFLOP/s): " + "; ".join(
         f"{k[0]} N={k[1]} C=K={k[2]}: fwd {v[0]:.4f} ({2*k[1]*k[2]*k[2]/v[0]/1e9:.0f}), "
@@ -517,7 +540,7 @@ def fmt_row(r):
     return (f"{r['dt']:8s} fa={r['fa']} N={r['N']:5d} C=K={r['CK']} bs={r['bs']:2d} d={r['d']*100:5.1f}% "
             f"fwd {r['tf']:.4f} ms eff {r['eff']:6.1f} TF/s ({r['frac']*100:3.0f}% dense) "
             f"x{r['speed']:.2f} dense, x{r['vs_bsr']:.2f} BSR | dW {r['tg']:.4f} ms "
-            f"x{r['speed_g']:.2f} dense, dW/fwd {r['g_over_f']:.2f} | W {r['wbw']:.0f} GB/s | BM256 {r['tw']:.4f}")
+            f"x{r['speed_g']:.2f} dense, dW/fwd {r['g_over_f']:.2f} | W {r['wbw']:.0f} GB/s | mma.sync {r['tm']:.4f}")
 
 
 def main():

@@ -1,0 +1,420 @@
+// The block-sparse forward on Hopper's warpgroup MMA (wgmma), for 16-bit inputs, bs 64,
+// feature axis 1, N > 64 (the dispatch's default on sm_90; dx is this same product).
+//
+// Why: the mma.sync kernels issue one instruction per 16 x 8 x 16 product plus the ldmatrix
+// loads that feed it, and measured on an H200 they are bound by instruction issue (see
+// docs/benchmarks_gpu.md).  One wgmma multiplies 64 x N x 16 (N up to 256) with both
+// operands read from shared memory.
+//
+// The product is computed transposed, y^T = W^T x^T, so that the 64 x 64 weight block is the
+// 64-row A operand and the batch rows are wgmma's wide N dimension: one warpgroup computes
+// y[n0 .. n0 + kN, block column k]^T, and a CTA of kWG warpgroups covers kWG * kN batch rows
+// that share each weight block.  Per stored block of the column, in increasing block row (a
+// fixed order of sums, so results are deterministic):
+//   acc[64 x kN] += W(c, k)^T (A: 64 x 64, stored with M contiguous: the transpose flag)
+//                 * x[n0.., c-block]^T (B: 64 x kN, K contiguous: no transpose)
+// as four k16 slices.  Operands stream through a kStages-deep cp.async pipeline into shared
+// memory in the 128-byte swizzle that the descriptors name: a 64-element (128-byte) row r
+// keeps its 16-byte chunk c at position c ^ (r % 8); tiles start on 1024-byte boundaries and
+// 8-row groups are 1024 bytes apart (the stride byte offset).  No operand spans two swizzle
+// atoms along its contiguous dimension, so the leading byte offset is unused (set to the same
+// 1024).  A k16 slice advances the weight tile by two 8-row groups (2048 bytes) and the x tile
+// by 32 bytes inside its swizzled rows.  One wgmma group stays in flight while the next step's
+// copies are issued, so copies run kStages - 2 steps ahead.
+#ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_WGMMA_CUH_
+#define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_WGMMA_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "ops/blocksparse_matmul_gpu_mma.cuh"
+
+namespace blocksparse {
+namespace gpu {
+namespace wgmma_impl {
+
+using mma_impl::CpAsync16;
+using mma_impl::CpAsyncCommit;
+using mma_impl::CpAsyncWait;
+using mma_impl::Params;
+using mma_impl::SmemAddr;
+using mma_impl::StoreChunk;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define BSMM_HAS_WGMMA 1
+#else
+#define BSMM_HAS_WGMMA 0
+#endif
+
+constexpr int kBS = 64;  // block size
+
+// kWarpGroups warpgroups of kRowsPerGroup batch rows each, kStagesT pipeline stages.
+template <int kWarpGroups, int kRowsPerGroup, int kStagesT>
+struct FwdCfg {
+  static constexpr int kWG = kWarpGroups;
+  static constexpr int kN = kRowsPerGroup;  // wgmma N
+  static constexpr int kBM = kWG * kN;      // batch rows per CTA
+  static constexpr int kThreads = 128 * kWG;
+  static constexpr int kStages = kStagesT;
+  static constexpr int kWBytes = kBS * kBS * 2;  // weight block, 8 KiB
+  static constexpr int kXBytes = kBM * kBS * 2;  // x tile
+  static constexpr int kStageBytes = kWBytes + kXBytes;
+  static constexpr int kCLd = kBS + 4;  // epilogue staging row (floats): conflict-free writes
+  static constexpr int kPipeBytes = kStages * kStageBytes;
+  static constexpr int kEpiBytes = kBM * kCLd * 4;
+  static constexpr int kSmemBytes = 1024 + (kPipeBytes > kEpiBytes ? kPipeBytes : kEpiBytes);
+  static_assert(kN == 128, "wgmma N (see Wgmma)");
+  static_assert(kStages >= 3, "one wgmma group in flight needs a third stage");
+  static_assert(kBM % (kThreads / 8) == 0 && kBS % (kThreads / 8) == 0, "copy rows");
+};
+
+// Shared-memory matrix descriptor: start address, leading and stride byte offsets (16-byte
+// units), 128-byte swizzle.  8-row groups are 1024 bytes apart (the stride offset); no operand
+// here spans two swizzle atoms along its contiguous dimension, so the leading offset (the
+// distance between such atoms) is unused and set to the same 1024.
+__device__ __forceinline__ uint64_t Descriptor(uint32_t smem_addr) {
+  constexpr uint64_t kGroup = 1024 >> 4;
+  return (static_cast<uint64_t>(smem_addr >> 4) & 0x3FFF) | (kGroup << 16) | (kGroup << 32) |
+         (uint64_t{1} << 62);
+}
+
+// Byte offset of 16-byte chunk c of row r in a 128-byte-swizzled tile.
+__device__ __forceinline__ int Swizzled(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+
+#define BSMM_ACC8(i)                                                                           \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+      "+f"(d[i + 6]), "+f"(d[i + 7])
+#define BSMM_ACC32(i) BSMM_ACC8(i), BSMM_ACC8(i + 8), BSMM_ACC8(i + 16), BSMM_ACC8(i + 24)
+#define BSMM_REGS32                                                                 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
+  "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define BSMM_REGS64                                                                        \
+  BSMM_REGS32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "    \
+              "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, " \
+              "%61, %62, %63"
+// D (64 x N, float) += A (64 x 16) * B (16 x N); A stored M-contiguous (the transpose flag),
+// B K-contiguous (TB "0") or N-contiguous (TB "1").
+#define BSMM_WGMMA(SHAPE, TYPES, TB, REGS, A, B, SCALE, ...)                          \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\n"                     \
+               "wgmma.mma_async.sync.aligned." SHAPE ".f32." TYPES " {" REGS "}, " A  \
+               ", " B ", p, 1, 1, 1, " TB ";\n}\n"                                   \
+               : __VA_ARGS__                                                          \
+               : "l"(a), "l"(b), "r"(1))
+#define BSMM_WGMMA_TYPES(SHAPE, TB, REGS, A, B, SCALE, ...)                                \
+  if constexpr (std::is_same<T, __nv_bfloat16>::value)                                     \
+    BSMM_WGMMA(SHAPE, "bf16.bf16", TB, REGS, A, B, SCALE, __VA_ARGS__);                    \
+  else                                                                                     \
+    BSMM_WGMMA(SHAPE, "f16.f16", TB, REGS, A, B, SCALE, __VA_ARGS__)
+
+template <typename T, int N, bool kTransB>
+__device__ __forceinline__ void Wgmma(float* d, uint64_t a, uint64_t b) {
+#if BSMM_HAS_WGMMA
+  if constexpr (N == 64 && kTransB) {
+    BSMM_WGMMA_TYPES("m64n64k16", "1", BSMM_REGS32, "%32", "%33", "%34", BSMM_ACC32(0));
+  } else {
+    static_assert(N == 128 && !kTransB, "the shapes these kernels use");
+    BSMM_WGMMA_TYPES("m64n128k16", "0", BSMM_REGS64, "%64", "%65", "%66", BSMM_ACC32(0),
+                     BSMM_ACC32(32));
+  }
+#else
+  (void)d;
+  (void)a;
+  (void)b;
+#endif
+}
+#undef BSMM_WGMMA_TYPES
+#undef BSMM_WGMMA
+#undef BSMM_REGS64
+#undef BSMM_REGS32
+#undef BSMM_ACC32
+#undef BSMM_ACC8
+
+__device__ __forceinline__ void WgmmaFence() {
+#if BSMM_HAS_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void WgmmaCommit() {
+#if BSMM_HAS_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int kPending>
+__device__ __forceinline__ void WgmmaWait() {
+#if BSMM_HAS_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+// Makes this thread's completed shared-memory writes (cp.async) visible to wgmma's reads.
+__device__ __forceinline__ void FenceSharedForAsyncProxy() {
+#if BSMM_HAS_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// grid: (KB, batch tiles of Cfg::kBM rows); see the file comment.  Needs sm_90a.
+template <typename T, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params p) {
+#if BSMM_HAS_WGMMA
+  constexpr int kN = Cfg::kN, kStages = Cfg::kStages;
+  constexpr int kRowStep = Cfg::kThreads / 8;  // rows covered by one pass of the copy loop
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // Swizzled tiles must start on 1024-byte boundaries.
+  const uint32_t raw = SmemAddr(smem_raw);
+  const uint32_t pad = (1024 - (raw & 1023)) & 1023;
+  unsigned char* smem = smem_raw + pad;
+  const uint32_t smem_base = raw + pad;
+
+  const T* __restrict__ gx = static_cast<const T*>(p.x);
+  const T* __restrict__ gw = static_cast<const T*>(p.w);
+  T* __restrict__ gy = static_cast<T*>(p.y);
+  const int64_t N = p.N, C = p.C, K = p.K;
+  const int tid = threadIdx.x;
+  const int kcol = blockIdx.x;
+  const int64_t n0 = (p.n_tile_base + blockIdx.y) * static_cast<int64_t>(Cfg::kBM);
+  const int pbeg = __ldg(p.col_ptr + kcol), pend = __ldg(p.col_ptr + kcol + 1);
+  const int steps = pend - pbeg;
+
+  // This thread copies chunk tid % 8 of rows tid / 8 + kRowStep * j of both tiles.
+  const int chunk = tid & 7, row0 = tid >> 3;
+  const int64_t rows_left = N - n0 - row0;  // x rows at or past this are zero-filled
+  const T* const x_src = gx + (n0 + row0) * C + chunk * 8;
+  const T* const w_src = gw + row0 * kBS + chunk * 8;
+  auto load_step = [&](int s, int buf) {
+    const int c = __ldg(p.col_row + pbeg + s);
+    const int b = __ldg(p.col_block + pbeg + s);
+    unsigned char* Ws = smem + buf * Cfg::kStageBytes;
+    unsigned char* Xs = Ws + Cfg::kWBytes;
+    const T* wsrc = w_src + static_cast<int64_t>(b) * (kBS * kBS);
+#pragma unroll
+    for (int j = 0; j < kBS / kRowStep; ++j)
+      CpAsync16(Ws + Swizzled(row0 + kRowStep * j, chunk), wsrc + kRowStep * j * kBS, true);
+    const T* xsrc = x_src + static_cast<int64_t>(c) * kBS;
+#pragma unroll
+    for (int j = 0; j < Cfg::kBM / kRowStep; ++j) {
+      const bool v = kRowStep * j < rows_left;
+      CpAsync16(Xs + Swizzled(row0 + kRowStep * j, chunk),
+                v ? xsrc + static_cast<int64_t>(kRowStep * j) * C : gx, v);
+    }
+  };
+
+  float acc[kN / 2];
+#pragma unroll
+  for (int e = 0; e < kN / 2; ++e) acc[e] = 0.f;
+
+  const int wg = tid >> 7;
+#pragma unroll
+  for (int s = 0; s < kStages - 2; ++s) {
+    if (s < steps) load_step(s, s);
+    CpAsyncCommit();
+  }
+  for (int s = 0; s < steps; ++s) {
+    CpAsyncWait<kStages - 3>();  // this thread's copies of step s have landed
+    FenceSharedForAsyncProxy();
+    __syncthreads();  // everyone's have; and step s - 2's wgmma (waited below) is done
+    const int nxt = s + kStages - 2;
+    if (nxt < steps) load_step(nxt, nxt % kStages);  // the buffer step s - 2 read
+    CpAsyncCommit();
+    const uint32_t w_base = smem_base + (s % kStages) * Cfg::kStageBytes;
+    const uint32_t x_base = w_base + Cfg::kWBytes + wg * (kN * kBS * 2);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kBS / 16; ++kk)
+      Wgmma<T, kN, false>(acc, Descriptor(w_base + kk * 2048), Descriptor(x_base + kk * 32));
+    WgmmaCommit();
+    WgmmaWait<1>();  // step s - 1's group is done; step s's may still run
+  }
+  WgmmaWait<0>();
+  CpAsyncWait<0>();
+  __syncthreads();
+
+  // Epilogue: acc holds y^T (64 output features x kN batch rows).  Thread t of a warpgroup
+  // holds features 16 (t / 32) + (t % 32) / 4 (+ 8) of rows 8 i + 2 (t % 4) (+ 1); stage
+  // them as y rows (floats) in shared memory, then write 16-byte chunks of y.
+  float* Cs = reinterpret_cast<float*>(smem);
+  {
+    const int lane = tid & 31, m = 16 * ((tid >> 5) & 3) + (lane >> 2);
+    float* base = Cs + (wg * kN + 2 * (lane & 3)) * Cfg::kCLd + m;
+#pragma unroll
+    for (int i = 0; i < kN / 8; ++i) {
+      float* r = base + 8 * i * Cfg::kCLd;
+      r[0] = acc[4 * i];
+      r[Cfg::kCLd] = acc[4 * i + 1];
+      r[8] = acc[4 * i + 2];
+      r[Cfg::kCLd + 8] = acc[4 * i + 3];
+    }
+  }
+  __syncthreads();
+  for (int q = tid; q < Cfg::kBM * (kBS / 8); q += Cfg::kThreads) {
+    const int row = q / (kBS / 8), c8 = (q % (kBS / 8)) * 8;
+    if (n0 + row >= N) break;  // rows only grow with q
+    StoreChunk<T>(gy + (n0 + row) * K + static_cast<int64_t>(kcol) * kBS + c8,
+                  Cs + row * Cfg::kCLd + c8);
+  }
+#else
+  (void)p;
+  __trap();
+#endif
+}
+
+// ---- dW (SetTuning(4) only, see the dispatch) ----
+// dw[b] = x[:, c-block]^T dy[:, k-block] for the stored blocks, 16-bit, bs 64, feature axis 1.
+// A CTA takes two consecutive blocks of the column-ordered block list (b1, b2; b2 may be
+// absent) and computes their transposes, reducing over the batch in steps of 64 rows (four
+// k16 slices, one m64n64k16 per block each):
+//   acc[:, 0..63] += dy_k1^T x_c1 and acc[:, 64..127] += dy_k2^T x_c2
+// (A: dy, 64 k x 16 rows; B: x, 16 rows x 64 c).  Blocks of one column (k1 == k2) share one
+// dy tile.  All tiles (dy1, dy2, x1, x2: 64 batch rows x 64 features, 128-byte swizzled) have
+// row = batch row, so A and B are both stored MN-contiguous (the transpose flags) and a slice
+// advances them by 2048 bytes.  (One m64n128k16 on [x_c1 | x_c2] for shared-dy pairs measured
+// slower: ptxas serializes wgmma when one accumulator array takes both shapes.)  With too few
+// CTAs to fill the GPU, `split` CTAs of a cluster share a pair, rank r taking steps r,
+// r + split, ...; the partial sums are added through distributed shared memory in rank order,
+// so results do not depend on timing.
+template <int kStagesT>
+struct GradCfg {
+  static constexpr int kThreads = 128;
+  static constexpr int kStages = kStagesT;
+  static constexpr int kRows = 64;                // batch rows per step
+  static constexpr int kTileBytes = kRows * kBS * 2;  // 8 KiB
+  static constexpr int kStageBytes = 4 * kTileBytes;  // dy1, dy2, x1, x2
+  static constexpr int kCLd = kBS + 4;
+  static constexpr int kPipeBytes = kStages * kStageBytes;
+  static constexpr int kEpiBytes = 2 * kBS * kCLd * 4;
+  static constexpr int kSmemBytes = 1024 + (kPipeBytes > kEpiBytes ? kPipeBytes : kEpiBytes);
+  static_assert(kStages >= 3, "one wgmma group in flight needs a third stage");
+};
+
+template <typename T, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads) WgmmaGradWKernel(const Params p) {
+#if BSMM_HAS_WGMMA
+  constexpr int kStages = Cfg::kStages, kTile = Cfg::kTileBytes;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t raw = SmemAddr(smem_raw);
+  const uint32_t pad = (1024 - (raw & 1023)) & 1023;
+  unsigned char* smem = smem_raw + pad;
+  const uint32_t smem_base = raw + pad;
+
+  const T* __restrict__ gx = static_cast<const T*>(p.x);
+  const T* __restrict__ gdy = static_cast<const T*>(p.w);
+  T* __restrict__ gdw = static_cast<T*>(p.y);
+  const int64_t N = p.N, C = p.C, K = p.K;
+  const int tid = threadIdx.x;
+  int split, rank;
+  mma_impl::ClusterInfo(split, rank);
+  const int64_t pos = 2 * static_cast<int64_t>(blockIdx.x / split);
+  const bool has2 = pos + 1 < p.blocks;
+  const int b1 = __ldg(p.col_block + pos), b2 = has2 ? __ldg(p.col_block + pos + 1) : b1;
+  const int c1 = __ldg(p.block_row + b1), k1 = __ldg(p.block_col + b1);
+  const int c2 = __ldg(p.block_row + b2), k2 = __ldg(p.block_col + b2);
+  const bool shared_dy = has2 && k1 == k2;  // uniform over the CTA
+  const int64_t total_steps = (N + Cfg::kRows - 1) / Cfg::kRows;
+  const int steps = static_cast<int>((total_steps - rank + split - 1) / split);
+
+  const int chunk = tid & 7, row0 = tid >> 3;  // rows row0 + 16 j of every tile
+  const T* const dy1_src = gdy + row0 * K + static_cast<int64_t>(k1) * kBS + chunk * 8;
+  const T* const dy2_src = gdy + row0 * K + static_cast<int64_t>(k2) * kBS + chunk * 8;
+  const T* const x1_src = gx + row0 * C + static_cast<int64_t>(c1) * kBS + chunk * 8;
+  const T* const x2_src = gx + row0 * C + static_cast<int64_t>(c2) * kBS + chunk * 8;
+  auto load_step = [&](int s, int buf) {
+    const int64_t r0 = (static_cast<int64_t>(s) * split + rank) * Cfg::kRows;
+    unsigned char* st = smem + buf * Cfg::kStageBytes;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = row0 + 16 * j;
+      const bool v = r0 + r < N;
+      const int64_t dyo = (r0 + 16 * j) * K, xo = (r0 + 16 * j) * C;
+      const int off = Swizzled(r, chunk);
+      CpAsync16(st + off, v ? dy1_src + dyo : gdy, v);
+      if (has2 && !shared_dy) CpAsync16(st + kTile + off, v ? dy2_src + dyo : gdy, v);
+      CpAsync16(st + 2 * kTile + off, v ? x1_src + xo : gx, v);
+      if (has2) CpAsync16(st + 3 * kTile + off, v ? x2_src + xo : gx, v);
+    }
+  };
+
+  float acc[64];
+#pragma unroll
+  for (int e = 0; e < 64; ++e) acc[e] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 2; ++s) {
+    if (s < steps) load_step(s, s);
+    CpAsyncCommit();
+  }
+  for (int s = 0; s < steps; ++s) {
+    CpAsyncWait<kStages - 3>();
+    FenceSharedForAsyncProxy();
+    __syncthreads();
+    const int nxt = s + kStages - 2;
+    if (nxt < steps) load_step(nxt, nxt % kStages);
+    CpAsyncCommit();
+    const uint32_t st = smem_base + (s % kStages) * Cfg::kStageBytes;
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      Wgmma<T, 64, true>(acc, Descriptor(st + kk * 2048), Descriptor(st + 2 * kTile + kk * 2048));
+      if (has2)
+        Wgmma<T, 64, true>(acc + 32, Descriptor(st + (shared_dy ? 0 : kTile) + kk * 2048),
+                           Descriptor(st + 3 * kTile + kk * 2048));
+    }
+    WgmmaCommit();
+    WgmmaWait<1>();
+  }
+  WgmmaWait<0>();
+  CpAsyncWait<0>();
+  __syncthreads();
+
+  // Epilogue: acc holds dw^T (64 k x 128 = two blocks' c).  Stage as dw rows Cs[c'][k]
+  // (c' = 64 j + c for block j), then each rank of the cluster sums and writes its share of
+  // the 16-byte chunks, adding the ranks' partial tiles in rank order.
+  float* Cs = reinterpret_cast<float*>(smem);
+  {
+    const int lane = tid & 31, m = 16 * (tid >> 5) + (lane >> 2);
+    float* base = Cs + 2 * (lane & 3) * Cfg::kCLd + m;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      float* r = base + 8 * i * Cfg::kCLd;
+      r[0] = acc[4 * i];
+      r[Cfg::kCLd] = acc[4 * i + 1];
+      r[8] = acc[4 * i + 2];
+      r[Cfg::kCLd + 8] = acc[4 * i + 3];
+    }
+  }
+  if (split > 1) {
+    mma_impl::ClusterSync();
+  } else {
+    __syncthreads();
+  }
+  constexpr int kChunks = 2 * kBS * (kBS / 8);
+  const int qend_all = has2 ? kChunks : kChunks / 2;
+  const int qbeg = rank * qend_all / split, qend = (rank + 1) * qend_all / split;
+  for (int q = qbeg + tid; q < qend; q += Cfg::kThreads) {
+    const int row = q / (kBS / 8), c8 = (q % (kBS / 8)) * 8;
+    float v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = 0.f;
+    for (int src = 0; src < split; ++src) {
+      const float* Cq = split > 1 ? mma_impl::ClusterPeer(Cs, src) : Cs;
+      const float4 lo = *reinterpret_cast<const float4*>(Cq + row * Cfg::kCLd + c8);
+      const float4 hi = *reinterpret_cast<const float4*>(Cq + row * Cfg::kCLd + c8 + 4);
+      v[0] += lo.x; v[1] += lo.y; v[2] += lo.z; v[3] += lo.w;
+      v[4] += hi.x; v[5] += hi.y; v[6] += hi.z; v[7] += hi.w;
+    }
+    const int b = row < kBS ? b1 : b2;
+    StoreChunk<T>(gdw + (static_cast<int64_t>(b) * kBS + row % kBS) * kBS + c8, v);
+  }
+  if (split > 1) mma_impl::ClusterSync();  // peers may still be reading this shared memory
+#else
+  (void)p;
+  __trap();
+#endif
+}
+
+}  // namespace wgmma_impl
+}  // namespace gpu
+}  // namespace blocksparse
+
+#endif  // BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_WGMMA_CUH_

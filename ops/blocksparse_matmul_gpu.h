@@ -33,8 +33,8 @@
 //   "3xTF32" (operands split into TF32 high and residual parts, three MMAs, float32
 //   accumulation: float32-level accuracy, not TF32's).  On sm_90 a tile may be split over a
 //   thread-block cluster and reduced through distributed shared memory in a fixed order, and
-//   the 16-bit bs-64 forward with feature_axis 1 and N > 64 runs on Hopper's warpgroup MMA
-//   (wgmma, sm_90a), with its own (fixed) order of sums.
+//   the 16-bit bs-64 forward with N > 64 (either feature axis; so also dx) runs on Hopper's
+//   warpgroup MMA (wgmma, sm_90a), with its own (fixed) order of sums.
 //   Everything else (bs 1 and 8, unaligned pointers, ragged feature_axis-0 batches) runs on a
 //   simpler CUDA-core kernel.  Results are bitwise reproducible from run to run on the same
 //   device; different GPUs may choose different splits and differ in the last bits.
@@ -86,13 +86,15 @@ const char* ErrorString(int code);
 // 0 = CUDA-core kernel, 1 = tensor-core kernel.
 int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, bool grad_w);
 
-// For benchmarks and tests only: selects alternative tile configurations process-wide
-// (0 = the defaults; 3 = the defaults of GPUs without wgmma: the mma.sync forward on Hopper
-// too; 4 = the defaults plus a wgmma dW for 16-bit bs 64, feature axis 1, N > 64 on sm_90,
-// measured faster than the default dW only in part of the benchmark; 1 = swap 128- and 256-row mma.sync forward tiles for 16-bit inputs with bs 32 / 64 and
-// N > 64; 2 = 32 x 32 instead of 64 x 32 mma.sync warp tiles for the 16-bit bs-64 forward,
-// N > 64).  Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse
-// columns, and give variant 3's results bit for bit.  All are deterministic.
+// For benchmarks and tests only: selects alternative tile configurations process-wide.
+//   0: the defaults.
+//   3: the defaults of GPUs without wgmma (the mma.sync forward on Hopper too).
+//   4: the defaults plus a wgmma dW for 16-bit bs 64, feature axis 1, N > 64 on sm_90
+//      (measured faster than the default dW in only part of the benchmark).
+//   1: swap 128- and 256-row mma.sync forward tiles for 16-bit inputs, bs 32 / 64, N > 64.
+//   2: 32 x 32 instead of 64 x 32 mma.sync warp tiles for the 16-bit bs-64 forward, N > 64.
+// Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns, and
+// give variant 3's results bit for bit.  All are deterministic.
 void SetTuning(int variant);
 
 }  // namespace gpu

@@ -201,12 +201,11 @@ int LaunchMma(const Params& p, int64_t tiles, int64_t batch_tiles, double avg_st
                           tiles, batch_tiles, avg_steps, p, device, di, s);
 }
 
-// The wgmma kernels (ops/blocksparse_matmul_gpu_wgmma.cuh): 16-bit, bs 64, feature axis 1,
-// N > 64, on sm_90.
+// The wgmma kernels (ops/blocksparse_matmul_gpu_wgmma.cuh): 16-bit, bs 64, N > 64, on sm_90.
 // Forward: one warpgroup per 128 batch rows and 4 stages (97 KiB of shared memory, so two
-// CTAs share an SM) measured fastest on an H200 among 128 / 256 rows per warpgroup, one or two
-// warpgroups, and 4 or 5 stages.
-using WgmmaFwdCfg = wgmma_impl::FwdCfg<1, 128, 4>;
+// CTAs share an SM) measured fastest on an H200 (bf16, feature axis 1) among 128 / 256 rows
+// per warpgroup, one or two warpgroups, and 4 or 5 stages.
+using WgmmaFwdCfg = wgmma_impl::FwdCfg<4>;
 // dW: opt-in (SetTuning(4)).  On an H200, bf16, against the mma.sync dW: 1.02-1.30x at
 // N = 4096, C = K = 4096, 2-50% density, 0.97x at 100%; at N = 16384, C = K = 8192, 1.13-1.15x
 // at 25-50% but 0.76x / 0.94x at 2% / 10%.  Both are bound by L2-to-SM traffic, and dW moves
@@ -219,11 +218,11 @@ inline bool UseWgmma(int64_t N, const DeviceInfo& di) {
   return (Tuning() == 0 || Tuning() == 4) && di.cc_major == 9 && N > kSmallBatch;
 }
 
-template <typename T>
+template <typename T, int FA>
 int LaunchWgmmaForward(const Params& p, int64_t N, int64_t KB, int device, const DeviceInfo& di,
                        cudaStream_t s) {
   using Cfg = WgmmaFwdCfg;
-  return LaunchTiles<WgmmaTag<T, Cfg, 0>>(wgmma_impl::WgmmaForwardKernel<T, Cfg>,
+  return LaunchTiles<WgmmaTag<T, Cfg, FA>>(wgmma_impl::WgmmaForwardKernel<T, FA, Cfg>,
                                           Cfg::kThreads, Cfg::kSmemBytes, KB,
                                           (N + Cfg::kBM - 1) / Cfg::kBM, 0.0, p, device, di, s);
 }
@@ -233,7 +232,7 @@ int LaunchWgmmaGradW(const Params& p, int64_t N, int64_t blocks, int device,
                      const DeviceInfo& di, cudaStream_t s) {
   using Cfg = WgmmaGradCfg;
   const double steps = static_cast<double>((N + Cfg::kRows - 1) / Cfg::kRows);
-  return LaunchTiles<WgmmaTag<T, Cfg, 1>>(wgmma_impl::WgmmaGradWKernel<T, Cfg>, Cfg::kThreads,
+  return LaunchTiles<WgmmaTag<T, Cfg, 2>>(wgmma_impl::WgmmaGradWKernel<T, Cfg>, Cfg::kThreads,
                                           Cfg::kSmemBytes, (blocks + 1) / 2, 1, steps, p,
                                           device, di, s);
 }
@@ -242,8 +241,8 @@ template <typename T, int FA, int BS>
 int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int device,
                  const DeviceInfo& di, cudaStream_t s) {
   const double blocks_per_col = static_cast<double>(blocks) / static_cast<double>(KB);
-  if constexpr (sizeof(T) == 2 && BS == 64 && FA == 1) {
-    if (UseWgmma(N, di)) return LaunchWgmmaForward<T>(p, N, KB, device, di, s);
+  if constexpr (sizeof(T) == 2 && BS == 64) {
+    if (UseWgmma(N, di)) return LaunchWgmmaForward<T, FA>(p, N, KB, device, di, s);
   }
   if (N <= kSmallBatch) {
     using Cfg = typename FwdCfg<T, FA, BS, true>::type;

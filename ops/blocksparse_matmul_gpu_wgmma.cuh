@@ -1,26 +1,28 @@
-// The block-sparse forward on Hopper's warpgroup MMA (wgmma), for 16-bit inputs, bs 64,
-// feature axis 1, N > 64 (the dispatch's default on sm_90; dx is this same product).
+// Block-sparse products on Hopper's warpgroup MMA (wgmma, sm_90a) for 16-bit inputs, bs 64:
+// the forward for both feature axes with N > 64 (the dispatch's default on sm_90; dx is this
+// same product), and an opt-in dW (feature axis 1).
 //
 // Why: the mma.sync kernels issue one instruction per 16 x 8 x 16 product plus the ldmatrix
 // loads that feed it, and measured on an H200 they are bound by instruction issue (see
-// docs/benchmarks_gpu.md).  One wgmma multiplies 64 x N x 16 (N up to 256) with both
-// operands read from shared memory.
+// docs/benchmarks_gpu.md).  One wgmma multiplies 64 x N x 16 with both operands read from
+// shared memory.
 //
-// The product is computed transposed, y^T = W^T x^T, so that the 64 x 64 weight block is the
-// 64-row A operand and the batch rows are wgmma's wide N dimension: one warpgroup computes
-// y[n0 .. n0 + kN, block column k]^T, and a CTA of kWG warpgroups covers kWG * kN batch rows
-// that share each weight block.  Per stored block of the column, in increasing block row (a
-// fixed order of sums, so results are deterministic):
-//   acc[64 x kN] += W(c, k)^T (A: 64 x 64, stored with M contiguous: the transpose flag)
-//                 * x[n0.., c-block]^T (B: 64 x kN, K contiguous: no transpose)
+// Forward: the product is computed transposed, y^T = W^T x^T, so that the 64 x 64 weight block
+// is the 64-row A operand and 128 batch rows are wgmma's N: one warpgroup (the CTA) computes
+// y[n0 .. n0 + 128, block column k]^T.  Per stored block of the column, in increasing block
+// row (a fixed order of sums, so results are deterministic):
+//   acc[64 x 128] += W(c, k)^T (A: 64 x 64, stored M-contiguous: the transpose flag)
+//                  * x[n0.., c-block]^T (B: 64 x 128; feature axis 1: K-contiguous, no
+//                    transpose; feature axis 0: N-contiguous, transposed)
 // as four k16 slices.  Operands stream through a kStages-deep cp.async pipeline into shared
 // memory in the 128-byte swizzle that the descriptors name: a 64-element (128-byte) row r
 // keeps its 16-byte chunk c at position c ^ (r % 8); tiles start on 1024-byte boundaries and
-// 8-row groups are 1024 bytes apart (the stride byte offset).  No operand spans two swizzle
-// atoms along its contiguous dimension, so the leading byte offset is unused (set to the same
-// 1024).  A k16 slice advances the weight tile by two 8-row groups (2048 bytes) and the x tile
-// by 32 bytes inside its swizzled rows.  One wgmma group stays in flight while the next step's
-// copies are issued, so copies run kStages - 2 steps ahead.
+// 8-row groups are 1024 bytes apart (the stride byte offset).  A k16 slice advances an
+// MN-contiguous tile (W; x with feature axis 0) by two 8-row groups (2048 bytes) and a
+// K-contiguous tile (x with feature axis 1) by 32 bytes inside its swizzled rows.  With
+// feature axis 0 the x tile is two 64-column swizzle atoms, 8 KiB apart (the leading byte
+// offset).  One wgmma group stays in flight while the next step's copies are issued, so
+// copies run kStages - 2 steps ahead.
 #ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_WGMMA_CUH_
 #define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_WGMMA_CUH_
 
@@ -51,34 +53,42 @@ using mma_impl::StoreChunk;
 
 constexpr int kBS = 64;  // block size
 
-// kWarpGroups warpgroups of kRowsPerGroup batch rows each, kStagesT pipeline stages.
-template <int kWarpGroups, int kRowsPerGroup, int kStagesT>
+// One warpgroup, 128 batch rows, kStagesT pipeline stages.
+template <int kStagesT>
 struct FwdCfg {
-  static constexpr int kWG = kWarpGroups;
-  static constexpr int kN = kRowsPerGroup;  // wgmma N
-  static constexpr int kBM = kWG * kN;      // batch rows per CTA
-  static constexpr int kThreads = 128 * kWG;
+  static constexpr int kBM = 128;  // batch rows per CTA: wgmma N
+  static constexpr int kThreads = 128;
   static constexpr int kStages = kStagesT;
   static constexpr int kWBytes = kBS * kBS * 2;  // weight block, 8 KiB
-  static constexpr int kXBytes = kBM * kBS * 2;  // x tile
+  static constexpr int kXBytes = kBM * kBS * 2;  // x tile, 16 KiB
   static constexpr int kStageBytes = kWBytes + kXBytes;
-  static constexpr int kCLd = kBS + 4;  // epilogue staging row (floats): conflict-free writes
+  // Epilogue staging rows (floats), padded for conflict-free writes: feature axis 1 stages
+  // y rows (64 features), feature axis 0 y^T rows (128 batch entries).
+  static constexpr int kCLd1 = kBS + 4, kCLd0 = kBM + 8;
   static constexpr int kPipeBytes = kStages * kStageBytes;
-  static constexpr int kEpiBytes = kBM * kCLd * 4;
+  static constexpr int kEpiBytes = 4 * (kBM * kCLd1 > kBS * kCLd0 ? kBM * kCLd1 : kBS * kCLd0);
   static constexpr int kSmemBytes = 1024 + (kPipeBytes > kEpiBytes ? kPipeBytes : kEpiBytes);
-  static_assert(kN == 128, "wgmma N (see Wgmma)");
   static_assert(kStages >= 3, "one wgmma group in flight needs a third stage");
-  static_assert(kBM % (kThreads / 8) == 0 && kBS % (kThreads / 8) == 0, "copy rows");
 };
 
 // Shared-memory matrix descriptor: start address, leading and stride byte offsets (16-byte
-// units), 128-byte swizzle.  8-row groups are 1024 bytes apart (the stride offset); no operand
-// here spans two swizzle atoms along its contiguous dimension, so the leading offset (the
-// distance between such atoms) is unused and set to the same 1024.
-__device__ __forceinline__ uint64_t Descriptor(uint32_t smem_addr) {
+// units), 128-byte swizzle.  8-row groups are 1024 bytes apart (the stride offset).  The
+// leading offset is the distance between swizzle atoms (64 elements) along the contiguous
+// dimension of an N-contiguous operand wider than 64; unused otherwise.
+__device__ __forceinline__ uint64_t Descriptor(uint32_t smem_addr, uint32_t lead_bytes = 1024) {
   constexpr uint64_t kGroup = 1024 >> 4;
-  return (static_cast<uint64_t>(smem_addr >> 4) & 0x3FFF) | (kGroup << 16) | (kGroup << 32) |
+  return (static_cast<uint64_t>(smem_addr >> 4) & 0x3FFF) |
+         (static_cast<uint64_t>((lead_bytes >> 4) & 0x3FFF) << 16) | (kGroup << 32) |
          (uint64_t{1} << 62);
+}
+
+// Swizzled tiles must start on 1024-byte boundaries: the dynamic shared memory rounded up to
+// one (the configurations reserve 1024 bytes for this).
+__device__ __forceinline__ unsigned char* Align1024(unsigned char* raw, uint32_t* shared_addr) {
+  const uint32_t a = SmemAddr(raw);
+  const uint32_t pad = (1024 - (a & 1023)) & 1023;
+  *shared_addr = a + pad;
+  return raw + pad;
 }
 
 // Byte offset of 16-byte chunk c of row r in a 128-byte-swizzled tile.
@@ -114,6 +124,9 @@ __device__ __forceinline__ void Wgmma(float* d, uint64_t a, uint64_t b) {
 #if BSMM_HAS_WGMMA
   if constexpr (N == 64 && kTransB) {
     BSMM_WGMMA_TYPES("m64n64k16", "1", BSMM_REGS32, "%32", "%33", "%34", BSMM_ACC32(0));
+  } else if constexpr (N == 128 && kTransB) {
+    BSMM_WGMMA_TYPES("m64n128k16", "1", BSMM_REGS64, "%64", "%65", "%66", BSMM_ACC32(0),
+                     BSMM_ACC32(32));
   } else {
     static_assert(N == 128 && !kTransB, "the shapes these kernels use");
     BSMM_WGMMA_TYPES("m64n128k16", "0", BSMM_REGS64, "%64", "%65", "%66", BSMM_ACC32(0),
@@ -155,18 +168,15 @@ __device__ __forceinline__ void FenceSharedForAsyncProxy() {
 #endif
 }
 
-// grid: (KB, batch tiles of Cfg::kBM rows); see the file comment.  Needs sm_90a.
-template <typename T, class Cfg>
+// grid: (KB, batch tiles of Cfg::kBM rows); see the file comment.  Needs sm_90a; with
+// feature axis 0, N % 8 == 0 (as for the mma.sync kernels).
+template <typename T, int FA, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params p) {
 #if BSMM_HAS_WGMMA
-  constexpr int kN = Cfg::kN, kStages = Cfg::kStages;
-  constexpr int kRowStep = Cfg::kThreads / 8;  // rows covered by one pass of the copy loop
+  constexpr int kBM = Cfg::kBM, kStages = Cfg::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  // Swizzled tiles must start on 1024-byte boundaries.
-  const uint32_t raw = SmemAddr(smem_raw);
-  const uint32_t pad = (1024 - (raw & 1023)) & 1023;
-  unsigned char* smem = smem_raw + pad;
-  const uint32_t smem_base = raw + pad;
+  uint32_t smem_base;  // shared-memory address of smem
+  unsigned char* smem = Align1024(smem_raw, &smem_base);
 
   const T* __restrict__ gx = static_cast<const T*>(p.x);
   const T* __restrict__ gw = static_cast<const T*>(p.w);
@@ -174,15 +184,24 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
   const int64_t N = p.N, C = p.C, K = p.K;
   const int tid = threadIdx.x;
   const int kcol = blockIdx.x;
-  const int64_t n0 = (p.n_tile_base + blockIdx.y) * static_cast<int64_t>(Cfg::kBM);
+  const int64_t n0 = (p.n_tile_base + blockIdx.y) * static_cast<int64_t>(kBM);
   const int pbeg = __ldg(p.col_ptr + kcol), pend = __ldg(p.col_ptr + kcol + 1);
   const int steps = pend - pbeg;
 
-  // This thread copies chunk tid % 8 of rows tid / 8 + kRowStep * j of both tiles.
-  const int chunk = tid & 7, row0 = tid >> 3;
-  const int64_t rows_left = N - n0 - row0;  // x rows at or past this are zero-filled
-  const T* const x_src = gx + (n0 + row0) * C + chunk * 8;
-  const T* const w_src = gw + row0 * kBS + chunk * 8;
+  // Copies: W rows tid / 8 + 16 j, chunk tid % 8.  x, feature axis 1: batch rows
+  // tid / 8 + 16 j, chunk tid % 8; feature axis 0: feature rows tid / 16 + 8 j, 16-byte chunk
+  // tid % 16 of the 128 batch entries (atom chunk / 8, chunk % 8 inside it).
+  const int w_chunk = tid & 7, w_row0 = tid >> 3;
+  const T* const w_src = gw + w_row0 * kBS + w_chunk * 8;
+  constexpr int kXRowStep = FA == 1 ? 16 : 8;
+  const int x_chunk = FA == 1 ? tid & 7 : tid & 15, x_row0 = FA == 1 ? tid >> 3 : tid >> 4;
+  // feature axis 1: x rows at or past rows_left are zero-filled; 0: the whole chunk is.
+  const int64_t rows_left = N - n0 - x_row0;
+  const bool x_chunk_valid = FA == 1 || n0 + x_chunk * 8 < N;
+  const T* const x_src = FA == 1 ? gx + (n0 + x_row0) * C + x_chunk * 8
+                                 : gx + x_row0 * N + n0 + x_chunk * 8;
+  const int x_dst0 = FA == 1 ? Swizzled(x_row0, x_chunk)
+                             : (x_chunk >> 3) * (kBS * 128) + Swizzled(x_row0, x_chunk & 7);
   auto load_step = [&](int s, int buf) {
     const int c = __ldg(p.col_row + pbeg + s);
     const int b = __ldg(p.col_block + pbeg + s);
@@ -190,22 +209,31 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
     unsigned char* Xs = Ws + Cfg::kWBytes;
     const T* wsrc = w_src + static_cast<int64_t>(b) * (kBS * kBS);
 #pragma unroll
-    for (int j = 0; j < kBS / kRowStep; ++j)
-      CpAsync16(Ws + Swizzled(row0 + kRowStep * j, chunk), wsrc + kRowStep * j * kBS, true);
-    const T* xsrc = x_src + static_cast<int64_t>(c) * kBS;
+    for (int j = 0; j < 4; ++j)
+      CpAsync16(Ws + Swizzled(w_row0 + 16 * j, w_chunk), wsrc + 16 * j * kBS, true);
+    // Row r = x_row0 + kXRowStep * j keeps its chunk's swizzle (r % 8 does not change).
+    if constexpr (FA == 1) {
+      const T* xsrc = x_src + static_cast<int64_t>(c) * kBS;
 #pragma unroll
-    for (int j = 0; j < Cfg::kBM / kRowStep; ++j) {
-      const bool v = kRowStep * j < rows_left;
-      CpAsync16(Xs + Swizzled(row0 + kRowStep * j, chunk),
-                v ? xsrc + static_cast<int64_t>(kRowStep * j) * C : gx, v);
+      for (int j = 0; j < kBM / kXRowStep; ++j) {
+        const bool v = kXRowStep * j < rows_left;
+        CpAsync16(Xs + x_dst0 + kXRowStep * j * 128,
+                  v ? xsrc + static_cast<int64_t>(kXRowStep * j) * C : gx, v);
+      }
+    } else {
+      const T* xsrc = x_src + static_cast<int64_t>(c) * kBS * N;
+#pragma unroll
+      for (int j = 0; j < kBS / kXRowStep; ++j)
+        CpAsync16(Xs + x_dst0 + kXRowStep * j * 128,
+                  x_chunk_valid ? xsrc + static_cast<int64_t>(kXRowStep * j) * N : gx,
+                  x_chunk_valid);
     }
   };
 
-  float acc[kN / 2];
+  float acc[kBM / 2];
 #pragma unroll
-  for (int e = 0; e < kN / 2; ++e) acc[e] = 0.f;
+  for (int e = 0; e < kBM / 2; ++e) acc[e] = 0.f;
 
-  const int wg = tid >> 7;
 #pragma unroll
   for (int s = 0; s < kStages - 2; ++s) {
     if (s < steps) load_step(s, s);
@@ -219,11 +247,16 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
     if (nxt < steps) load_step(nxt, nxt % kStages);  // the buffer step s - 2 read
     CpAsyncCommit();
     const uint32_t w_base = smem_base + (s % kStages) * Cfg::kStageBytes;
-    const uint32_t x_base = w_base + Cfg::kWBytes + wg * (kN * kBS * 2);
+    const uint32_t x_base = w_base + Cfg::kWBytes;
     WgmmaFence();
 #pragma unroll
-    for (int kk = 0; kk < kBS / 16; ++kk)
-      Wgmma<T, kN, false>(acc, Descriptor(w_base + kk * 2048), Descriptor(x_base + kk * 32));
+    for (int kk = 0; kk < kBS / 16; ++kk) {
+      if constexpr (FA == 1)
+        Wgmma<T, kBM, false>(acc, Descriptor(w_base + kk * 2048), Descriptor(x_base + kk * 32));
+      else
+        Wgmma<T, kBM, true>(acc, Descriptor(w_base + kk * 2048),
+                            Descriptor(x_base + kk * 2048, kBS * 128));
+    }
     WgmmaCommit();
     WgmmaWait<1>();  // step s - 1's group is done; step s's may still run
   }
@@ -231,28 +264,43 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
   CpAsyncWait<0>();
   __syncthreads();
 
-  // Epilogue: acc holds y^T (64 output features x kN batch rows).  Thread t of a warpgroup
-  // holds features 16 (t / 32) + (t % 32) / 4 (+ 8) of rows 8 i + 2 (t % 4) (+ 1); stage
-  // them as y rows (floats) in shared memory, then write 16-byte chunks of y.
+  // Epilogue: acc holds y^T (64 output features x 128 batch rows).  Thread t holds features
+  // m = 16 (t / 32) + (t % 32) / 4 (+ 8) of batch rows 8 i + 2 (t % 4) (+ 1).  Stage them as
+  // float rows of the output's layout in shared memory, then write 16-byte chunks.
   float* Cs = reinterpret_cast<float*>(smem);
-  {
-    const int lane = tid & 31, m = 16 * ((tid >> 5) & 3) + (lane >> 2);
-    float* base = Cs + (wg * kN + 2 * (lane & 3)) * Cfg::kCLd + m;
+  const int lane = tid & 31, m = 16 * (tid >> 5) + (lane >> 2), n = 2 * (lane & 3);
+  if constexpr (FA == 1) {  // y (N, K): rows are batch rows
+    constexpr int L = Cfg::kCLd1;
 #pragma unroll
-    for (int i = 0; i < kN / 8; ++i) {
-      float* r = base + 8 * i * Cfg::kCLd;
+    for (int i = 0; i < kBM / 8; ++i) {
+      float* r = Cs + (8 * i + n) * L + m;
       r[0] = acc[4 * i];
-      r[Cfg::kCLd] = acc[4 * i + 1];
+      r[L] = acc[4 * i + 1];
       r[8] = acc[4 * i + 2];
-      r[Cfg::kCLd + 8] = acc[4 * i + 3];
+      r[L + 8] = acc[4 * i + 3];
     }
-  }
-  __syncthreads();
-  for (int q = tid; q < Cfg::kBM * (kBS / 8); q += Cfg::kThreads) {
-    const int row = q / (kBS / 8), c8 = (q % (kBS / 8)) * 8;
-    if (n0 + row >= N) break;  // rows only grow with q
-    StoreChunk<T>(gy + (n0 + row) * K + static_cast<int64_t>(kcol) * kBS + c8,
-                  Cs + row * Cfg::kCLd + c8);
+    __syncthreads();
+    for (int q = tid; q < kBM * (kBS / 8); q += Cfg::kThreads) {
+      const int row = q / (kBS / 8), c8 = (q % (kBS / 8)) * 8;
+      if (n0 + row >= N) break;  // rows only grow with q
+      StoreChunk<T>(gy + (n0 + row) * K + static_cast<int64_t>(kcol) * kBS + c8,
+                    Cs + row * L + c8);
+    }
+  } else {  // y (K, N): rows are output features
+    constexpr int L = Cfg::kCLd0;
+#pragma unroll
+    for (int i = 0; i < kBM / 8; ++i) {
+      *reinterpret_cast<float2*>(Cs + m * L + 8 * i + n) = make_float2(acc[4 * i], acc[4 * i + 1]);
+      *reinterpret_cast<float2*>(Cs + (m + 8) * L + 8 * i + n) =
+          make_float2(acc[4 * i + 2], acc[4 * i + 3]);
+    }
+    __syncthreads();
+    for (int q = tid; q < kBS * (kBM / 8); q += Cfg::kThreads) {
+      const int row = q / (kBM / 8), c8 = (q % (kBM / 8)) * 8;
+      if (n0 + c8 >= N) continue;
+      StoreChunk<T>(gy + (static_cast<int64_t>(kcol) * kBS + row) * N + n0 + c8,
+                    Cs + row * L + c8);
+    }
   }
 #else
   (void)p;
@@ -293,10 +341,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaGradWKernel(const Params p
 #if BSMM_HAS_WGMMA
   constexpr int kStages = Cfg::kStages, kTile = Cfg::kTileBytes;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const uint32_t raw = SmemAddr(smem_raw);
-  const uint32_t pad = (1024 - (raw & 1023)) & 1023;
-  unsigned char* smem = smem_raw + pad;
-  const uint32_t smem_base = raw + pad;
+  uint32_t smem_base;  // shared-memory address of smem
+  unsigned char* smem = Align1024(smem_raw, &smem_base);
 
   const T* __restrict__ gx = static_cast<const T*>(p.x);
   const T* __restrict__ gdy = static_cast<const T*>(p.w);

@@ -91,6 +91,8 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //   3: the defaults of GPUs without wgmma (the mma.sync forward on Hopper too).
 //   4: the defaults plus a wgmma dW for 16-bit bs 64, feature axis 1, N > 64 on sm_90
 //      (measured faster than the default dW in only part of the benchmark).
+//   5: the wgmma forward with one CTA per tile everywhere (the default makes CTAs persistent
+//      for problems of up to 16 waves of tiles).
 //   1: swap 128- and 256-row mma.sync forward tiles for 16-bit inputs, bs 32 / 64, N > 64.
 //   2: 32 x 32 instead of 64 x 32 mma.sync warp tiles for the 16-bit bs-64 forward, N > 64.
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns, and

@@ -41,6 +41,8 @@ namespace wgmma_impl {
 using mma_impl::CpAsync16;
 using mma_impl::CpAsyncCommit;
 using mma_impl::CpAsyncWait;
+using mma_impl::FromF;
+using mma_impl::PackPair;
 using mma_impl::Params;
 using mma_impl::SmemAddr;
 using mma_impl::StoreChunk;
@@ -62,12 +64,13 @@ struct FwdCfg {
   static constexpr int kWBytes = kBS * kBS * 2;  // weight block, 8 KiB
   static constexpr int kXBytes = kBM * kBS * 2;  // x tile, 16 KiB
   static constexpr int kStageBytes = kWBytes + kXBytes;
-  // Epilogue staging rows (floats), padded for conflict-free writes: feature axis 1 stages
-  // y rows (64 features), feature axis 0 y^T rows (128 batch entries).
-  static constexpr int kCLd1 = kBS + 4, kCLd0 = kBM + 8;
-  static constexpr int kPipeBytes = kStages * kStageBytes;
-  static constexpr int kEpiBytes = 4 * (kBM * kCLd1 > kBS * kCLd0 ? kBM * kCLd1 : kBS * kCLd0);
-  static constexpr int kSmemBytes = 1024 + (kPipeBytes > kEpiBytes ? kPipeBytes : kEpiBytes);
+  // Epilogue staging rows (elements of T) in a free pipeline stage, padded by 16 bytes for
+  // conflict-free writes: feature axis 1 stages y rows (64 features), feature axis 0 y^T rows
+  // (128 batch entries).
+  static constexpr int kStageLd1 = kBS + 8, kStageLd0 = kBM + 8;
+  static_assert(kBM * kStageLd1 * 2 <= kStageBytes && kBS * kStageLd0 * 2 <= kStageBytes,
+                "the output tile is staged in one pipeline stage");
+  static constexpr int kSmemBytes = 1024 + kStages * kStageBytes;
   static_assert(kStages >= 3, "one wgmma group in flight needs a third stage");
 };
 
@@ -168,8 +171,14 @@ __device__ __forceinline__ void FenceSharedForAsyncProxy() {
 #endif
 }
 
-// grid: (KB, batch tiles of Cfg::kBM rows); see the file comment.  Needs sm_90a; with
-// feature axis 0, N % 8 == 0 (as for the mma.sync kernels).
+// The forward.  Tile t (of KB x ceil(N / 128)) is block column t % KB, batch rows
+// 128 (t / KB) ..; CTA i takes tiles i, i + gridDim.x, ... (persistent when the grid is smaller
+// than the tile count).  The copies run through this CTA's steps in that order without stopping
+// at tile ends, so the next tile's first steps are in flight during a tile's epilogue.  Step j
+// of the CTA (counted over its tiles) uses pipeline stage j % kStages; at an epilogue, after g
+// steps, copies are in flight into stages g .. g + kStages - 3 (mod kStages), so stage
+// g + kStages - 1 is free and stages the tile's output (as T: rounded exactly as stored).
+// Needs sm_90a; with feature axis 0, N % 8 == 0 (as for the mma.sync kernels).
 template <typename T, int FA, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params p) {
 #if BSMM_HAS_WGMMA
@@ -182,126 +191,150 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
   const T* __restrict__ gw = static_cast<const T*>(p.w);
   T* __restrict__ gy = static_cast<T*>(p.y);
   const int64_t N = p.N, C = p.C, K = p.K;
+  const int64_t KB = K / kBS, tiles = KB * ((N + kBM - 1) / kBM);
   const int tid = threadIdx.x;
-  const int kcol = blockIdx.x;
-  const int64_t n0 = (p.n_tile_base + blockIdx.y) * static_cast<int64_t>(kBM);
-  const int pbeg = __ldg(p.col_ptr + kcol), pend = __ldg(p.col_ptr + kcol + 1);
-  const int steps = pend - pbeg;
 
   // Copies: W rows tid / 8 + 16 j, chunk tid % 8.  x, feature axis 1: batch rows
   // tid / 8 + 16 j, chunk tid % 8; feature axis 0: feature rows tid / 16 + 8 j, 16-byte chunk
-  // tid % 16 of the 128 batch entries (atom chunk / 8, chunk % 8 inside it).
+  // tid % 16 of the 128 batch entries (atom chunk / 8, chunk % 8 inside it).  A row
+  // r + 16 j (r + 8 j) keeps row r's swizzle, since r % 8 does not change.
   const int w_chunk = tid & 7, w_row0 = tid >> 3;
   const T* const w_src = gw + w_row0 * kBS + w_chunk * 8;
   constexpr int kXRowStep = FA == 1 ? 16 : 8;
   const int x_chunk = FA == 1 ? tid & 7 : tid & 15, x_row0 = FA == 1 ? tid >> 3 : tid >> 4;
-  // feature axis 1: x rows at or past rows_left are zero-filled; 0: the whole chunk is.
-  const int64_t rows_left = N - n0 - x_row0;
-  const bool x_chunk_valid = FA == 1 || n0 + x_chunk * 8 < N;
-  const T* const x_src = FA == 1 ? gx + (n0 + x_row0) * C + x_chunk * 8
-                                 : gx + x_row0 * N + n0 + x_chunk * 8;
   const int x_dst0 = FA == 1 ? Swizzled(x_row0, x_chunk)
                              : (x_chunk >> 3) * (kBS * 128) + Swizzled(x_row0, x_chunk & 7);
-  auto load_step = [&](int s, int buf) {
-    const int c = __ldg(p.col_row + pbeg + s);
-    const int b = __ldg(p.col_block + pbeg + s);
+  // Copies of the step at column-list position pos, for batch rows n0.., into stage buf.
+  auto load_step = [&](int pos, int64_t n0, int buf) {
+    const int c = __ldg(p.col_row + pos);
+    const int b = __ldg(p.col_block + pos);
     unsigned char* Ws = smem + buf * Cfg::kStageBytes;
     unsigned char* Xs = Ws + Cfg::kWBytes;
     const T* wsrc = w_src + static_cast<int64_t>(b) * (kBS * kBS);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
       CpAsync16(Ws + Swizzled(w_row0 + 16 * j, w_chunk), wsrc + 16 * j * kBS, true);
-    // Row r = x_row0 + kXRowStep * j keeps its chunk's swizzle (r % 8 does not change).
-    if constexpr (FA == 1) {
-      const T* xsrc = x_src + static_cast<int64_t>(c) * kBS;
+    if constexpr (FA == 1) {  // rows at or past N are zero-filled
+      const int64_t rows_left = N - n0 - x_row0;
+      const T* xsrc = gx + (n0 + x_row0) * C + static_cast<int64_t>(c) * kBS + x_chunk * 8;
 #pragma unroll
       for (int j = 0; j < kBM / kXRowStep; ++j) {
         const bool v = kXRowStep * j < rows_left;
         CpAsync16(Xs + x_dst0 + kXRowStep * j * 128,
                   v ? xsrc + static_cast<int64_t>(kXRowStep * j) * C : gx, v);
       }
-    } else {
-      const T* xsrc = x_src + static_cast<int64_t>(c) * kBS * N;
+    } else {  // chunks at or past N are zero-filled
+      const bool v = n0 + x_chunk * 8 < N;
+      const T* xsrc = gx + (static_cast<int64_t>(c) * kBS + x_row0) * N + n0 + x_chunk * 8;
 #pragma unroll
       for (int j = 0; j < kBS / kXRowStep; ++j)
         CpAsync16(Xs + x_dst0 + kXRowStep * j * 128,
-                  x_chunk_valid ? xsrc + static_cast<int64_t>(kXRowStep * j) * N : gx,
-                  x_chunk_valid);
+                  v ? xsrc + static_cast<int64_t>(kXRowStep * j) * N : gx, v);
     }
   };
 
-  float acc[kBM / 2];
-#pragma unroll
-  for (int e = 0; e < kBM / 2; ++e) acc[e] = 0.f;
-
-#pragma unroll
-  for (int s = 0; s < kStages - 2; ++s) {
-    if (s < steps) load_step(s, s);
-    CpAsyncCommit();
-  }
-  for (int s = 0; s < steps; ++s) {
-    CpAsyncWait<kStages - 3>();  // this thread's copies of step s have landed
-    FenceSharedForAsyncProxy();
-    __syncthreads();  // everyone's have; and step s - 2's wgmma (waited below) is done
-    const int nxt = s + kStages - 2;
-    if (nxt < steps) load_step(nxt, nxt % kStages);  // the buffer step s - 2 read
-    CpAsyncCommit();
-    const uint32_t w_base = smem_base + (s % kStages) * Cfg::kStageBytes;
-    const uint32_t x_base = w_base + Cfg::kWBytes;
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kBS / 16; ++kk) {
-      if constexpr (FA == 1)
-        Wgmma<T, kBM, false>(acc, Descriptor(w_base + kk * 2048), Descriptor(x_base + kk * 32));
-      else
-        Wgmma<T, kBM, true>(acc, Descriptor(w_base + kk * 2048),
-                            Descriptor(x_base + kk * 2048, kBS * 128));
+  // The copy cursor: tile lt, its step ls of lsteps (list positions lpbeg ..).
+  int64_t lt = blockIdx.x, ln0 = 0;
+  int ls = 0, lsteps = 0, lpbeg = 0;
+  auto open_tile = [&](int64_t t, int& pbeg, int& steps, int64_t& n0) {
+    const int kc = static_cast<int>(t % KB);
+    pbeg = __ldg(p.col_ptr + kc);
+    steps = __ldg(p.col_ptr + kc + 1) - pbeg;
+    n0 = (t / KB) * kBM;
+  };
+  auto seek = [&]() {  // to the next step that exists, or lt >= tiles
+    while (lt < tiles && ls >= lsteps) {
+      lt += gridDim.x;
+      ls = 0;
+      if (lt < tiles) open_tile(lt, lpbeg, lsteps, ln0);
     }
-    WgmmaCommit();
-    WgmmaWait<1>();  // step s - 1's group is done; step s's may still run
-  }
-  WgmmaWait<0>();
-  CpAsyncWait<0>();
-  __syncthreads();
+  };
+  auto issue_next_copy = [&](int buf) {
+    if (lt < tiles) {
+      load_step(lpbeg + ls, ln0, buf);
+      ++ls;
+      seek();
+    }
+    CpAsyncCommit();  // one group per step, empty or not, so the waits count steps
+  };
+  if (lt < tiles) open_tile(lt, lpbeg, lsteps, ln0);
+  seek();
+#pragma unroll
+  for (int s = 0; s < kStages - 2; ++s) issue_next_copy(s);
 
-  // Epilogue: acc holds y^T (64 output features x 128 batch rows).  Thread t holds features
-  // m = 16 (t / 32) + (t % 32) / 4 (+ 8) of batch rows 8 i + 2 (t % 4) (+ 1).  Stage them as
-  // float rows of the output's layout in shared memory, then write 16-byte chunks.
-  float* Cs = reinterpret_cast<float*>(smem);
   const int lane = tid & 31, m = 16 * (tid >> 5) + (lane >> 2), n = 2 * (lane & 3);
-  if constexpr (FA == 1) {  // y (N, K): rows are batch rows
-    constexpr int L = Cfg::kCLd1;
+  int g = 0;  // steps computed by this CTA so far
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    int pbeg, steps;
+    int64_t n0;
+    open_tile(t, pbeg, steps, n0);
+    const int kcol = static_cast<int>(t % KB);
+    float acc[kBM / 2];
 #pragma unroll
-    for (int i = 0; i < kBM / 8; ++i) {
-      float* r = Cs + (8 * i + n) * L + m;
-      r[0] = acc[4 * i];
-      r[L] = acc[4 * i + 1];
-      r[8] = acc[4 * i + 2];
-      r[L + 8] = acc[4 * i + 3];
-    }
-    __syncthreads();
-    for (int q = tid; q < kBM * (kBS / 8); q += Cfg::kThreads) {
-      const int row = q / (kBS / 8), c8 = (q % (kBS / 8)) * 8;
-      if (n0 + row >= N) break;  // rows only grow with q
-      StoreChunk<T>(gy + (n0 + row) * K + static_cast<int64_t>(kcol) * kBS + c8,
-                    Cs + row * L + c8);
-    }
-  } else {  // y (K, N): rows are output features
-    constexpr int L = Cfg::kCLd0;
+    for (int e = 0; e < kBM / 2; ++e) acc[e] = 0.f;
+    for (int s = 0; s < steps; ++s, ++g) {
+      CpAsyncWait<kStages - 3>();  // this thread's copies of step g have landed
+      FenceSharedForAsyncProxy();
+      __syncthreads();  // everyone's have; and step g - 2's wgmma (waited below) is done
+      issue_next_copy((g + kStages - 2) % kStages);  // into the stage step g - 2 read
+      const uint32_t w_base = smem_base + (g % kStages) * Cfg::kStageBytes;
+      const uint32_t x_base = w_base + Cfg::kWBytes;
+      WgmmaFence();
 #pragma unroll
-    for (int i = 0; i < kBM / 8; ++i) {
-      *reinterpret_cast<float2*>(Cs + m * L + 8 * i + n) = make_float2(acc[4 * i], acc[4 * i + 1]);
-      *reinterpret_cast<float2*>(Cs + (m + 8) * L + 8 * i + n) =
-          make_float2(acc[4 * i + 2], acc[4 * i + 3]);
+      for (int kk = 0; kk < kBS / 16; ++kk) {
+        if constexpr (FA == 1)
+          Wgmma<T, kBM, false>(acc, Descriptor(w_base + kk * 2048),
+                               Descriptor(x_base + kk * 32));
+        else
+          Wgmma<T, kBM, true>(acc, Descriptor(w_base + kk * 2048),
+                              Descriptor(x_base + kk * 2048, kBS * 128));
+      }
+      WgmmaCommit();
+      WgmmaWait<1>();  // step g - 1's group is done; step g's may still run
     }
-    __syncthreads();
-    for (int q = tid; q < kBS * (kBM / 8); q += Cfg::kThreads) {
-      const int row = q / (kBM / 8), c8 = (q % (kBM / 8)) * 8;
-      if (n0 + c8 >= N) continue;
-      StoreChunk<T>(gy + (static_cast<int64_t>(kcol) * kBS + row) * N + n0 + c8,
-                    Cs + row * L + c8);
+    WgmmaWait<0>();
+    __syncthreads();  // the previous epilogue's reads of the staging stage are done
+
+    // Epilogue: acc holds y^T (64 output features x 128 batch rows); thread t holds features
+    // m (+ 8) of batch rows 8 i + n (+ 1).  Stage rows of the output's layout, then copy
+    // 16-byte chunks out.
+    T* Cs = reinterpret_cast<T*>(smem + ((g + kStages - 1) % kStages) * Cfg::kStageBytes);
+    if constexpr (FA == 1) {  // y (N, K): staged rows are batch rows
+      constexpr int L = Cfg::kStageLd1;
+#pragma unroll
+      for (int i = 0; i < kBM / 8; ++i) {
+        T* r = Cs + (8 * i + n) * L + m;
+        r[0] = FromF<T>(acc[4 * i]);
+        r[L] = FromF<T>(acc[4 * i + 1]);
+        r[8] = FromF<T>(acc[4 * i + 2]);
+        r[L + 8] = FromF<T>(acc[4 * i + 3]);
+      }
+      __syncthreads();
+      for (int q = tid; q < kBM * (kBS / 8); q += Cfg::kThreads) {
+        const int row = q / (kBS / 8), c8 = (q % (kBS / 8)) * 8;
+        if (n0 + row >= N) break;  // rows only grow with q
+        *reinterpret_cast<uint4*>(gy + (n0 + row) * K + static_cast<int64_t>(kcol) * kBS + c8) =
+            *reinterpret_cast<const uint4*>(Cs + row * L + c8);
+      }
+    } else {  // y (K, N): staged rows are output features
+      constexpr int L = Cfg::kStageLd0;
+#pragma unroll
+      for (int i = 0; i < kBM / 8; ++i) {
+        *reinterpret_cast<uint32_t*>(Cs + m * L + 8 * i + n) =
+            PackPair<T>(acc[4 * i], acc[4 * i + 1]);
+        *reinterpret_cast<uint32_t*>(Cs + (m + 8) * L + 8 * i + n) =
+            PackPair<T>(acc[4 * i + 2], acc[4 * i + 3]);
+      }
+      __syncthreads();
+      for (int q = tid; q < kBS * (kBM / 8); q += Cfg::kThreads) {
+        const int row = q / (kBM / 8), c8 = (q % (kBM / 8)) * 8;
+        if (n0 + c8 >= N) continue;
+        *reinterpret_cast<uint4*>(gy + (static_cast<int64_t>(kcol) * kBS + row) * N + n0 + c8) =
+            *reinterpret_cast<const uint4*>(Cs + row * L + c8);
+      }
     }
   }
+  CpAsyncWait<0>();
 #else
   (void)p;
   __trap();

@@ -237,7 +237,9 @@ int LaunchGradW(DType dtype, const void* x, const void* dy, void* dw, int64_t N,
   int e = CheckCommon(dtype, N, feature_axis, layout);
   if (e) return e;
   if (layout.blocks == 0) return cudaSuccess;  // dw is empty
-  if (!dw || !layout.block_row || !layout.block_col) return cudaErrorInvalidValue;
+  if (!dw || !layout.block_row || !layout.block_col || !layout.col_ptr || !layout.col_row ||
+      !layout.col_block)
+    return cudaErrorInvalidValue;
   if (N > 0 && (!x || !dy)) return cudaErrorInvalidValue;
   DeviceInfo di;
   int device = 0;

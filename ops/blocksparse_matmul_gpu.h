@@ -75,7 +75,8 @@ struct DeviceLayout {
 int LaunchForward(DType dtype, const void* x, const void* w, void* y, int64_t N,
                   int feature_axis, const DeviceLayout& layout, CUstream_st* stream);
 
-// dw[b] for every stored block b.  Needs block_row, block_col.
+// dw[b] for every stored block b.  Needs every layout array (the tensor-core kernels group the
+// blocks of a column through the column view).
 int LaunchGradW(DType dtype, const void* x, const void* dy, void* dw, int64_t N,
                 int feature_axis, const DeviceLayout& layout, CUstream_st* stream);
 
@@ -95,8 +96,9 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //      for problems of up to 16 waves of tiles).
 //   1: swap 128- and 256-row mma.sync forward tiles for 16-bit inputs, bs 32 / 64, N > 64.
 //   2: 32 x 32 instead of 64 x 32 mma.sync warp tiles for the 16-bit bs-64 forward, N > 64.
-// Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns, and
-// give variant 3's results bit for bit.  All are deterministic.
+// Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
+// give variant 3's results bit for bit where neither splits a tile over a cluster (a split
+// changes the order of the sums; splits depend on the tile count).  All are deterministic.
 void SetTuning(int variant);
 
 }  // namespace gpu

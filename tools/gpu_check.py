@@ -410,7 +410,8 @@ def benchmark(lib, res, out_md, quick=False):
             tg = bench(lambda: lib.grad_w(dt, x, dy, dw, N, fa, L))
             # The mma.sync forward (SetTuning(3)) where wgmma is the default: Hopper, 16-bit,
             # bs 64, N > 64.  The alternative tiles of SetTuning(1), (2) are mma.sync
-            # tiles: they must equal its result bit for bit.
+            # tiles: they must equal its result bit for bit (at these batch sizes no tile is
+            # split over a cluster, which would change the order of the sums).
             tm = tw = tw2 = float("nan")
             y_mma = y
             if dt != "float32" and bs == 64 and N > 64 and is_hopper():

@@ -22,7 +22,8 @@
 // K-contiguous tile (x with feature axis 1) by 32 bytes inside its swizzled rows.  With
 // feature axis 0 the x tile is two 64-column swizzle atoms, 8 KiB apart (the leading byte
 // offset).  One wgmma group stays in flight while the next step's copies are issued, so
-// copies run kStages - 2 steps ahead.
+// copies run kStages - 2 steps ahead.  A CTA may loop over several tiles (persistent CTAs, see
+// WgmmaForwardKernel), its copies running on into the next tile.
 #ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_WGMMA_CUH_
 #define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_WGMMA_CUH_
 

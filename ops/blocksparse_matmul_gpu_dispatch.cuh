@@ -213,8 +213,8 @@ int LaunchMma(const Params& p, int64_t tiles, int64_t batch_tiles, double avg_st
                           tiles, batch_tiles, avg_steps, p, device, di, s);
 }
 
-// The wgmma kernels (ops/blocksparse_matmul_gpu_wgmma.cuh): 16-bit, bs 64, N > 64, on sm_90.
-// Forward: one warpgroup per 128 batch rows and 4 stages (97 KiB of shared memory, so two
+// The wgmma kernels (ops/blocksparse_matmul_gpu_wgmma.cuh): 16-bit, N > 64, on sm_90.
+// bs-64 forward: one warpgroup per 128 batch rows and 4 stages (97 KiB of shared memory, so two
 // CTAs share an SM) measured fastest on an H200 (bf16, feature axis 1) among 128 / 256 rows
 // per warpgroup, one or two warpgroups, and 4 or 5 stages.
 using WgmmaFwdCfg = wgmma_impl::FwdCfg<4>;
@@ -260,6 +260,28 @@ int LaunchWgmmaForward(const Params& p, int64_t N, int64_t KB, int device, const
                           s);
 }
 
+// The bs-16 / bs-32 forward: one CTA per tile of 256 batch rows of one block column.  bs 32:
+// 3 stages (55 KiB of shared memory, four CTAs per SM).  Among 3 or 4 stages x 128 or 256 rows,
+// measured side by side on an H200 (bf16 both feature axes, fp16 feature axis 1; N = 1000,
+// 4096, 16384; 2-100% density: 28 cells), it ran at 0.89-1.00x the fastest variant's speed in
+// every cell, where 4 x 256 fell to 0.67x at N = 1000 (too few tiles for three CTAs per SM).
+// bs 16: 4 stages (a stage is 9 KiB); other shapes not measured.
+// bs 16 against the mma.sync forward (H200, bf16 / fp16, feature axis 1, N = 4096 / 16384):
+// 1.21-1.60x at 2-50% density but 0.88-0.92x at 100%, where the mma.sync kernel's several
+// blocks per step read contiguous 64-128-byte pieces of x rows (one bs-16 block row is 32
+// bytes).  So columns fuller than this fraction keep the mma.sync kernel (the threshold lies
+// between the measured 50% and 100%).
+constexpr double kWgmmaBs16MaxColumnFill = 0.75;
+template <typename T, int FA, int BS>
+int LaunchWgmmaForwardNarrow(const Params& p, int64_t N, int64_t KB, int device,
+                             const DeviceInfo& di, cudaStream_t s) {
+  using Cfg = wgmma_impl::NarrowFwdCfg<BS, BS == 32 ? 3 : 4, 256>;
+  return LaunchTiles<WgmmaTag<T, Cfg, 10 + FA>>(wgmma_impl::WgmmaForwardNarrowKernel<T, FA, Cfg>,
+                                                Cfg::kThreads, Cfg::kSmemBytes, KB,
+                                                (N + Cfg::kBM - 1) / Cfg::kBM, 0.0, p, device,
+                                                di, s);
+}
+
 template <typename T>
 int LaunchWgmmaGradW(const Params& p, int64_t N, int64_t blocks, int device,
                      const DeviceInfo& di, cudaStream_t s) {
@@ -276,6 +298,12 @@ int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int dev
   const double blocks_per_col = static_cast<double>(blocks) / static_cast<double>(KB);
   if constexpr (sizeof(T) == 2 && BS == 64) {
     if (UseWgmma(N, di)) return LaunchWgmmaForward<T, FA>(p, N, KB, device, di, s);
+  }
+  if constexpr (sizeof(T) == 2 && BS <= 32) {
+    const bool full_columns =
+        BS == 16 && blocks_per_col > kWgmmaBs16MaxColumnFill * static_cast<double>(p.C / BS);
+    if (UseWgmma(N, di) && !full_columns)
+      return LaunchWgmmaForwardNarrow<T, FA, BS>(p, N, KB, device, di, s);
   }
   if (N <= kSmallBatch) {
     using Cfg = typename FwdCfg<T, FA, BS, true>::type;

@@ -1,16 +1,17 @@
-// Block-sparse products on Hopper's warpgroup MMA (wgmma, sm_90a) for 16-bit inputs, bs 64:
-// the forward for both feature axes with N > 64 (the dispatch's default on sm_90; dx is this
-// same product), and an opt-in dW (feature axis 1).
+// Block-sparse products on Hopper's warpgroup MMA (wgmma, sm_90a) for 16-bit inputs: the
+// forward for both feature axes with N > 64 (the dispatch's default on sm_90; dx is this same
+// product) for bs 64 (below) and bs 16 / 32 (WgmmaForwardNarrowKernel), and an opt-in bs-64
+// dW (feature axis 1).
 //
 // Why: the mma.sync kernels issue one instruction per 16 x 8 x 16 product plus the ldmatrix
 // loads that feed it, and measured on an H200 they are bound by instruction issue (see
 // docs/benchmarks_gpu.md).  One wgmma multiplies 64 x N x 16 with both operands read from
 // shared memory.
 //
-// Forward: the product is computed transposed, y^T = W^T x^T, so that the 64 x 64 weight block
-// is the 64-row A operand and 128 batch rows are wgmma's N: one warpgroup (the CTA) computes
-// y[n0 .. n0 + 128, block column k]^T.  Per stored block of the column, in increasing block
-// row (a fixed order of sums, so results are deterministic):
+// bs-64 forward: the product is computed transposed, y^T = W^T x^T, so that the 64 x 64 weight
+// block is the 64-row A operand and 128 batch rows are wgmma's N: one warpgroup (the CTA)
+// computes y[n0 .. n0 + 128, block column k]^T.  Per stored block of the column, in increasing
+// block row (a fixed order of sums, so results are deterministic):
 //   acc[64 x 128] += W(c, k)^T (A: 64 x 64, stored M-contiguous: the transpose flag)
 //                  * x[n0.., c-block]^T (B: 64 x 128; feature axis 1: K-contiguous, no
 //                    transpose; feature axis 0: N-contiguous, transposed)
@@ -95,13 +96,33 @@ __device__ __forceinline__ unsigned char* Align1024(unsigned char* raw, uint32_t
   return raw + pad;
 }
 
-// Byte offset of 16-byte chunk c of row r in a 128-byte-swizzled tile.
-__device__ __forceinline__ int Swizzled(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+// Byte offset of 16-byte chunk c of row r in a tile of kRowBytes-byte rows in the kRowBytes
+// swizzle (128, 64 or 32 bytes): the chunk index is XORed with bits of r / (128 / kRowBytes),
+// so the pattern repeats every 8 rows (1024 address bytes, bits 7-9 onto bits 4-6).
+template <int kRowBytes>
+__device__ __forceinline__ int SwizzledR(int r, int c) {
+  static_assert(kRowBytes == 128 || kRowBytes == 64 || kRowBytes == 32, "swizzle widths");
+  constexpr int kShift = kRowBytes == 128 ? 0 : kRowBytes == 64 ? 1 : 2;
+  return r * kRowBytes + ((c ^ ((r >> kShift) & (kRowBytes / 16 - 1))) << 4);
+}
+// Descriptor of a tile of kRowBytes-byte rows in that swizzle (modes 1, 2, 3 for 128, 64, 32
+// bytes): 8-row groups are 8 kRowBytes apart (the stride offset); the leading offset is unused
+// by these tiles (set the same).
+template <int kRowBytes>
+__device__ __forceinline__ uint64_t DescriptorR(uint32_t smem_addr) {
+  constexpr uint64_t kGroup = (8 * kRowBytes) >> 4;
+  constexpr uint64_t kMode = kRowBytes == 128 ? 1 : kRowBytes == 64 ? 2 : 3;
+  return (static_cast<uint64_t>(smem_addr >> 4) & 0x3FFF) | (kGroup << 16) | (kGroup << 32) |
+         (kMode << 62);
+}
+
 
 #define BSMM_ACC8(i)                                                                           \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
       "+f"(d[i + 6]), "+f"(d[i + 7])
 #define BSMM_ACC32(i) BSMM_ACC8(i), BSMM_ACC8(i + 8), BSMM_ACC8(i + 16), BSMM_ACC8(i + 24)
+#define BSMM_REGS8 "%0, %1, %2, %3, %4, %5, %6, %7"
+#define BSMM_REGS16 BSMM_REGS8 ", %8, %9, %10, %11, %12, %13, %14, %15"
 #define BSMM_REGS32                                                                 \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
   "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
@@ -109,19 +130,21 @@ __device__ __forceinline__ int Swizzled(int r, int c) { return r * 128 + ((c ^ (
   BSMM_REGS32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "    \
               "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, " \
               "%61, %62, %63"
-// D (64 x N, float) += A (64 x 16) * B (16 x N); A stored M-contiguous (the transpose flag),
-// B K-contiguous (TB "0") or N-contiguous (TB "1").
-#define BSMM_WGMMA(SHAPE, TYPES, TB, REGS, A, B, SCALE, ...)                          \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\n"                     \
-               "wgmma.mma_async.sync.aligned." SHAPE ".f32." TYPES " {" REGS "}, " A  \
-               ", " B ", p, 1, 1, 1, " TB ";\n}\n"                                   \
-               : __VA_ARGS__                                                          \
+// D (64 x N, float) += A (64 x 16) * B (16 x N); A stored K-contiguous (TA "0") or
+// M-contiguous (TA "1", the transpose flag), B K-contiguous (TB "0") or N-contiguous (TB "1").
+#define BSMM_WGMMA(SHAPE, TYPES, TA, TB, REGS, A, B, SCALE, ...)                         \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\n"                        \
+               "wgmma.mma_async.sync.aligned." SHAPE ".f32." TYPES " {" REGS "}, " A     \
+               ", " B ", p, 1, 1, " TA ", " TB ";\n}\n"                                 \
+               : __VA_ARGS__                                                             \
                : "l"(a), "l"(b), "r"(1))
-#define BSMM_WGMMA_TYPES(SHAPE, TB, REGS, A, B, SCALE, ...)                                \
-  if constexpr (std::is_same<T, __nv_bfloat16>::value)                                     \
-    BSMM_WGMMA(SHAPE, "bf16.bf16", TB, REGS, A, B, SCALE, __VA_ARGS__);                    \
-  else                                                                                     \
-    BSMM_WGMMA(SHAPE, "f16.f16", TB, REGS, A, B, SCALE, __VA_ARGS__)
+#define BSMM_WGMMA_TYPES_TA(SHAPE, TA, TB, REGS, A, B, SCALE, ...)                        \
+  if constexpr (std::is_same<T, __nv_bfloat16>::value)                                    \
+    BSMM_WGMMA(SHAPE, "bf16.bf16", TA, TB, REGS, A, B, SCALE, __VA_ARGS__);               \
+  else                                                                                    \
+    BSMM_WGMMA(SHAPE, "f16.f16", TA, TB, REGS, A, B, SCALE, __VA_ARGS__)
+#define BSMM_WGMMA_TYPES(SHAPE, TB, REGS, A, B, SCALE, ...) \
+  BSMM_WGMMA_TYPES_TA(SHAPE, "1", TB, REGS, A, B, SCALE, __VA_ARGS__)
 
 template <typename T, int N, bool kTransB>
 __device__ __forceinline__ void Wgmma(float* d, uint64_t a, uint64_t b) {
@@ -142,10 +165,36 @@ __device__ __forceinline__ void Wgmma(float* d, uint64_t a, uint64_t b) {
   (void)b;
 #endif
 }
+
+// The bs-16 / bs-32 forward's shapes: D (64 x BS) += A (64 x 16) * B (16 x BS), B
+// N-contiguous; A K-contiguous (kTransA false) or M-contiguous (true).
+template <typename T, int BS, bool kTransA>
+__device__ __forceinline__ void WgmmaNarrow(float* d, uint64_t a, uint64_t b) {
+#if BSMM_HAS_WGMMA
+  static_assert(BS == 16 || BS == 32, "the narrow shapes");
+  if constexpr (BS == 32 && kTransA)
+    BSMM_WGMMA_TYPES_TA("m64n32k16", "1", "1", BSMM_REGS16, "%16", "%17", "%18", BSMM_ACC8(0),
+                        BSMM_ACC8(8));
+  else if constexpr (BS == 32)
+    BSMM_WGMMA_TYPES_TA("m64n32k16", "0", "1", BSMM_REGS16, "%16", "%17", "%18", BSMM_ACC8(0),
+                        BSMM_ACC8(8));
+  else if constexpr (kTransA)
+    BSMM_WGMMA_TYPES_TA("m64n16k16", "1", "1", BSMM_REGS8, "%8", "%9", "%10", BSMM_ACC8(0));
+  else
+    BSMM_WGMMA_TYPES_TA("m64n16k16", "0", "1", BSMM_REGS8, "%8", "%9", "%10", BSMM_ACC8(0));
+#else
+  (void)d;
+  (void)a;
+  (void)b;
+#endif
+}
 #undef BSMM_WGMMA_TYPES
+#undef BSMM_WGMMA_TYPES_TA
 #undef BSMM_WGMMA
 #undef BSMM_REGS64
 #undef BSMM_REGS32
+#undef BSMM_REGS16
+#undef BSMM_REGS8
 #undef BSMM_ACC32
 #undef BSMM_ACC8
 
@@ -163,6 +212,20 @@ template <int kPending>
 __device__ __forceinline__ void WgmmaWait() {
 #if BSMM_HAS_WGMMA
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+// Stores four 8 x 8 16-bit matrices transposed: register m holds this thread's pair of matrix
+// m (row lane / 4, columns 2 (lane % 4) + {0, 1}, the mma fragment layout); lane 8 m + j
+// gives the shared-memory address of row j of stored matrix m (column j of the fragment).
+__device__ __forceinline__ void StoreMatrixX4Trans(uint32_t smem_addr, uint32_t r0, uint32_t r1,
+                                                   uint32_t r2, uint32_t r3) {
+#if BSMM_HAS_WGMMA
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                   smem_addr),
+               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+#else
+  (void)smem_addr, (void)r0, (void)r1, (void)r2, (void)r3;
 #endif
 }
 // Makes this thread's completed shared-memory writes (cp.async) visible to wgmma's reads.
@@ -203,8 +266,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
   const T* const w_src = gw + w_row0 * kBS + w_chunk * 8;
   constexpr int kXRowStep = FA == 1 ? 16 : 8;
   const int x_chunk = FA == 1 ? tid & 7 : tid & 15, x_row0 = FA == 1 ? tid >> 3 : tid >> 4;
-  const int x_dst0 = FA == 1 ? Swizzled(x_row0, x_chunk)
-                             : (x_chunk >> 3) * (kBS * 128) + Swizzled(x_row0, x_chunk & 7);
+  const int x_dst0 = FA == 1 ? SwizzledR<128>(x_row0, x_chunk)
+                             : (x_chunk >> 3) * (kBS * 128) + SwizzledR<128>(x_row0, x_chunk & 7);
   // Copies of the step at column-list position pos, for batch rows n0.., into stage buf.
   auto load_step = [&](int pos, int64_t n0, int buf) {
     const int c = __ldg(p.col_row + pos);
@@ -214,7 +277,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
     const T* wsrc = w_src + static_cast<int64_t>(b) * (kBS * kBS);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
-      CpAsync16(Ws + Swizzled(w_row0 + 16 * j, w_chunk), wsrc + 16 * j * kBS, true);
+      CpAsync16(Ws + SwizzledR<128>(w_row0 + 16 * j, w_chunk), wsrc + 16 * j * kBS, true);
     if constexpr (FA == 1) {  // rows at or past N are zero-filled
       const int64_t rows_left = N - n0 - x_row0;
       const T* xsrc = gx + (n0 + x_row0) * C + static_cast<int64_t>(c) * kBS + x_chunk * 8;
@@ -342,6 +405,210 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
 #endif
 }
 
+// ---- bs-16 / bs-32 forward ----
+// 16-bit, bs 16 or 32, N > 64, both feature axes.  A BS x BS weight block is too short for
+// wgmma's 64-row operand, so this product is not transposed: per stored block of the column,
+// in increasing block row,
+//   y[n0 + 64 h .., k-block] += x[n0 + 64 h .., c-block] (A: 64 batch rows x BS)
+//                              * W(c, k) (B: BS x BS, N-contiguous: the transpose flag)
+// as BS / 16 m64nBSk16 slices, for the kBM / 64 row groups h of the CTA (which share each
+// weight block read).  Shared memory (rows of R bytes in the R-byte swizzle, see SwizzledR):
+//   x, feature axis 1 (A K-contiguous): R = 2 BS (the block's features); a k16 slice starts
+//     32 bytes into the rows.
+//   x, feature axis 0 (A M-contiguous, the transpose flag): per row group one 128-byte atom of
+//     BS feature rows x 64 batch entries; a k16 slice is 16 rows (2 KiB) on.
+//   W: R = 2 BS; a k16 slice is 16 rows on.
+// Either way a row group's x tile is 128 BS bytes.  Same cp.async pipeline as the bs-64
+// forward; one CTA per tile (grid: KB x ceil(N / kBM)); the output is staged (as T) after the
+// pipeline drains.  With feature axis 0, N % 8 == 0.
+template <int BST, int kStagesT, int kBMT>
+struct NarrowFwdCfg {
+  static constexpr int BS = BST;
+  static constexpr int kBM = kBMT;  // batch rows per CTA
+  static constexpr int kThreads = 128;
+  static constexpr int kStages = kStagesT;
+  static constexpr int kXBytes = kBM * BS * 2;
+  static constexpr int kWBytes = BS * BS * 2;
+  // Stages start on 1024-byte boundaries (the x tile's swizzle atoms).
+  static constexpr int kStageBytes = (kXBytes + kWBytes + 1023) / 1024 * 1024;
+  // Staged output rows (elements), padded by 16 bytes for conflict-free writes: feature axis 1
+  // stages y rows (BS features), feature axis 0 y^T rows (kBM batch entries).
+  static constexpr int kStageLd1 = BS + 8, kStageLd0 = kBM + 8;
+  static constexpr int kSmemBytes = 1024 + kStages * kStageBytes;
+  static_assert(BS == 16 || BS == 32, "bs 64 has its own kernel");
+  static_assert(kBM % 64 == 0 && kXBytes % 1024 == 0, "x tiles on 1024-byte boundaries");
+  static_assert(kBM * kStageLd1 * 2 <= kStages * kStageBytes &&
+                    BS * kStageLd0 * 2 <= kStages * kStageBytes,
+                "the output tile is staged in the drained pipeline");
+  static_assert(kStages >= 3, "one wgmma group in flight needs a third stage");
+};
+
+// Needs sm_90a.
+template <typename T, int FA, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const Params p) {
+#if BSMM_HAS_WGMMA
+  constexpr int BS = Cfg::BS, kBM = Cfg::kBM, kStages = Cfg::kStages, kGroups = kBM / 64;
+  constexpr int kGroupBytes = 64 * BS * 2;  // one row group's x tile
+  constexpr int kWRowBytes = BS * 2;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint32_t smem_base;  // shared-memory address of smem
+  unsigned char* smem = Align1024(smem_raw, &smem_base);
+
+  const T* __restrict__ gx = static_cast<const T*>(p.x);
+  const T* __restrict__ gw = static_cast<const T*>(p.w);
+  T* __restrict__ gy = static_cast<T*>(p.y);
+  const int64_t N = p.N, C = p.C, K = p.K;
+  const int tid = threadIdx.x;
+  const int kcol = blockIdx.x;
+  const int64_t n0 = (p.n_tile_base + blockIdx.y) * static_cast<int64_t>(kBM);
+  const int pbeg = __ldg(p.col_ptr + kcol), steps = __ldg(p.col_ptr + kcol + 1) - pbeg;
+
+  // Copies.  W: the first kWCopies threads, row tid / (BS / 8), chunk tid % (BS / 8).
+  // x, feature axis 1: batch rows tid / kChunks + kRowStep j, chunk tid % kChunks; feature
+  // axis 0: feature rows tid / kChunks + kRowStep j, 16-byte chunk tid % kChunks of the kBM
+  // batch entries (row group chunk / 8, chunk % 8 inside its atom).
+  constexpr int kWCopies = BS * BS * 2 / 16;
+  static_assert(kWCopies <= Cfg::kThreads, "one weight chunk per thread at most");
+  const int w_chunk = tid % (BS / 8), w_row = tid / (BS / 8);
+  const T* const w_src = gw + w_row * BS + w_chunk * 8;
+  const int w_dst = Cfg::kXBytes + SwizzledR<kWRowBytes>(w_row, w_chunk);
+  constexpr int kChunks = FA == 1 ? BS / 8 : kBM / 8;  // per copied x row
+  constexpr int kRowStep = Cfg::kThreads / kChunks;
+  constexpr int kXCopies = (FA == 1 ? kBM : BS) / kRowStep;
+  static_assert(Cfg::kThreads % kChunks == 0 && kXCopies * kRowStep == (FA == 1 ? kBM : BS),
+                "whole rows per pass");
+  // The swizzles repeat every 8 rows: x_dst_base[e] serves the rows r with r % 8 ==
+  // x_row0 % 8 + 4 e (kRowStep is a multiple of 4), less r times the row bytes.
+  constexpr int kRowBytes = FA == 1 ? BS * 2 : 128;
+  static_assert(kRowStep % 4 == 0, "two swizzle phases");
+  const int x_chunk = tid % kChunks, x_row0 = tid / kChunks;
+  int x_dst_base[2];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int r = x_row0 + 4 * e;
+    x_dst_base[e] = (FA == 1 ? SwizzledR<kRowBytes>(r, x_chunk)
+                             : (x_chunk >> 3) * kGroupBytes + SwizzledR<128>(r, x_chunk & 7)) -
+                    r * kRowBytes;
+  }
+  auto x_dst = [&](int j) {  // j is a compile-time constant after unrolling
+    return x_dst_base[((kRowStep * j) >> 2) & 1] + (x_row0 + kRowStep * j) * kRowBytes;
+  };
+  // This thread's first x element of block row 0 and, with feature axis 1, its rows left.
+  const T* const x_src = FA == 1 ? gx + (n0 + x_row0) * C + x_chunk * 8
+                                 : gx + static_cast<int64_t>(x_row0) * N + n0 + x_chunk * 8;
+  const int64_t x_rows_left = N - n0 - x_row0;
+  const bool x_chunk_valid = n0 + x_chunk * 8 < N;  // feature axis 0
+  auto load_step = [&](int s, int buf) {
+    const int c = __ldg(p.col_row + pbeg + s);
+    const int b = __ldg(p.col_block + pbeg + s);
+    unsigned char* st = smem + buf * Cfg::kStageBytes;
+    if (kWCopies == Cfg::kThreads || tid < kWCopies)
+      CpAsync16(st + w_dst, w_src + static_cast<int64_t>(b) * (BS * BS), true);
+    // Rows (feature axis 1) or chunks (feature axis 0) at or past N are zero-filled.
+    const T* xsrc = x_src + static_cast<int64_t>(c) * BS * (FA == 1 ? 1 : N);
+#pragma unroll
+    for (int j = 0; j < kXCopies; ++j) {
+      const bool v = FA == 1 ? kRowStep * j < x_rows_left : x_chunk_valid;
+      CpAsync16(st + x_dst(j),
+                v ? xsrc + static_cast<int64_t>(kRowStep * j) * (FA == 1 ? C : N) : gx, v);
+    }
+  };
+
+  float acc[kGroups][BS / 2];
+#pragma unroll
+  for (int h = 0; h < kGroups; ++h)
+#pragma unroll
+    for (int e = 0; e < BS / 2; ++e) acc[h][e] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 2; ++s) {
+    if (s < steps) load_step(s, s);
+    CpAsyncCommit();  // one group per step, empty or not, so the waits count steps
+  }
+  for (int s = 0; s < steps; ++s) {
+    CpAsyncWait<kStages - 3>();  // this thread's copies of step s have landed
+    FenceSharedForAsyncProxy();
+    __syncthreads();  // everyone's have; and step s - 2's wgmma (waited below) is done
+    const int nxt = s + kStages - 2;
+    if (nxt < steps) load_step(nxt, nxt % kStages);  // into the stage step s - 2 read
+    CpAsyncCommit();
+    const uint32_t x_base = smem_base + (s % kStages) * Cfg::kStageBytes;
+    const uint32_t w_base = x_base + Cfg::kXBytes;
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < BS / 16; ++kk) {
+      const uint64_t bd = DescriptorR<kWRowBytes>(w_base + kk * 16 * kWRowBytes);
+#pragma unroll
+      for (int h = 0; h < kGroups; ++h) {
+        if constexpr (FA == 1)
+          WgmmaNarrow<T, BS, false>(
+              acc[h], DescriptorR<kRowBytes>(x_base + h * kGroupBytes + kk * 32), bd);
+        else
+          WgmmaNarrow<T, BS, true>(
+              acc[h], DescriptorR<128>(x_base + h * kGroupBytes + kk * 2048), bd);
+      }
+    }
+    WgmmaCommit();
+    WgmmaWait<1>();  // step s - 1's group is done; step s's may still run
+  }
+  WgmmaWait<0>();
+  CpAsyncWait<0>();
+  __syncthreads();
+
+  // Epilogue: group h holds y rows 64 h + r0 (+ 8), columns 8 i + c0 (+ 1) in
+  // acc[h][4 i .. 4 i + 3].  Stage the output's layout (as T), then write 16-byte chunks.
+  T* Cs = reinterpret_cast<T*>(smem);
+  const int lane = tid & 31;
+  if constexpr (FA == 1) {  // y (N, K): staged rows are batch rows
+    constexpr int L = Cfg::kStageLd1;
+    const int r0 = 16 * (tid >> 5) + (lane >> 2), c0 = 2 * (lane & 3);
+#pragma unroll
+    for (int h = 0; h < kGroups; ++h)
+#pragma unroll
+      for (int i = 0; i < BS / 8; ++i) {
+        T* r = Cs + (64 * h + r0) * L + 8 * i + c0;
+        *reinterpret_cast<uint32_t*>(r) = PackPair<T>(acc[h][4 * i], acc[h][4 * i + 1]);
+        *reinterpret_cast<uint32_t*>(r + 8 * L) =
+            PackPair<T>(acc[h][4 * i + 2], acc[h][4 * i + 3]);
+      }
+    __syncthreads();
+    for (int q = tid; q < kBM * (BS / 8); q += Cfg::kThreads) {
+      const int row = q / (BS / 8), c8 = (q % (BS / 8)) * 8;
+      if (n0 + row >= N) break;  // rows only grow with q
+      *reinterpret_cast<uint4*>(gy + (n0 + row) * K + static_cast<int64_t>(kcol) * BS + c8) =
+          *reinterpret_cast<const uint4*>(Cs + row * L + c8);
+    }
+  } else {  // y (K, N): staged rows are output features
+    // stmatrix.trans turns the fragments' 8 x 8 (batch x feature) pieces around; call q of
+    // group h stores features 16 q .. 16 q + 15 (lane 8 m + j: feature 16 q + 8 (m / 2) + j,
+    // batch rows + 8 (m % 2) of the warp's 16).
+    constexpr int L = Cfg::kStageLd0;
+    const int m = lane >> 3, j = lane & 7;
+#pragma unroll
+    for (int h = 0; h < kGroups; ++h)
+#pragma unroll
+      for (int q = 0; q < BS / 16; ++q) {
+        const float* a = acc[h] + 8 * q;
+        const int feature = 16 * q + 8 * (m >> 1) + j;
+        const int batch = 64 * h + 16 * (tid >> 5) + 8 * (m & 1);
+        StoreMatrixX4Trans(smem_base + 2 * (feature * L + batch), PackPair<T>(a[0], a[1]),
+                           PackPair<T>(a[2], a[3]), PackPair<T>(a[4], a[5]),
+                           PackPair<T>(a[6], a[7]));
+      }
+    __syncthreads();
+    for (int q = tid; q < BS * (kBM / 8); q += Cfg::kThreads) {
+      const int row = q / (kBM / 8), c8 = (q % (kBM / 8)) * 8;
+      if (n0 + c8 >= N) continue;
+      *reinterpret_cast<uint4*>(gy + (static_cast<int64_t>(kcol) * BS + row) * N + n0 + c8) =
+          *reinterpret_cast<const uint4*>(Cs + row * L + c8);
+    }
+  }
+#else
+  (void)p;
+  __trap();
+#endif
+}
+
 // ---- dW (SetTuning(4) only, see the dispatch) ----
 // dw[b] = x[:, c-block]^T dy[:, k-block] for the stored blocks, 16-bit, bs 64, feature axis 1.
 // A CTA takes two consecutive blocks of the column-ordered block list (b1, b2; b2 may be
@@ -407,7 +674,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaGradWKernel(const Params p
       const int r = row0 + 16 * j;
       const bool v = r0 + r < N;
       const int64_t dyo = (r0 + 16 * j) * K, xo = (r0 + 16 * j) * C;
-      const int off = Swizzled(r, chunk);
+      const int off = SwizzledR<128>(r, chunk);
       CpAsync16(st + off, v ? dy1_src + dyo : gdy, v);
       if (has2 && !shared_dy) CpAsync16(st + kTile + off, v ? dy2_src + dyo : gdy, v);
       CpAsync16(st + 2 * kTile + off, v ? x1_src + xo : gx, v);

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "ops/blocksparse_matmul_cpu_isa.h"
 
@@ -225,6 +226,90 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
   return true;
 }
 
+// Full layouts (every block present) of 8-wide blocks run as the same product on the widest
+// of 64 / 32 / 16 that divides C and K: the 8-wide kernels fill only half an AVX-512 vector or
+// need transposed copies of x and y.  Repacking w into the wider blocks costs one pass over it
+// (C K floats of scratch; the weight gradient is computed there and copied back), which pays
+// off from about kCoarsenMinRows rows.  Measured on a 2-core Zen 4, C = K = 4096, the two
+// libraries alternated twice (ms, forward / weight gradient): N = 1024 335-348 / 269-281 with
+// bs 8 against 200-205 / 220-245 repacked; N = 512 102-118 / 110-121 against 112-114 /
+// 107-112 (no gain: there bs 8 runs on transposed copies).
+constexpr int64_t kCoarsenMinRows = 1024;
+
+// The block size a full layout of 8-wide blocks runs with over N rows, or 0 to keep its own.
+int64_t CoarseBlockSize(int64_t CB, int64_t KB, int64_t block_size, int64_t blocks, int64_t N) {
+  if (block_size != 8 || blocks != CB * KB || N < kCoarsenMinRows) return 0;
+  for (int64_t bs : {64, 32, 16})
+    if (CB * 8 % bs == 0 && KB * 8 % bs == 0) return bs;
+  return 0;
+}
+int64_t CoarseBlockSize(const BlockLayout& layout, int64_t N) {
+  return CoarseBlockSize(layout.CB, layout.KB, layout.block_size, layout.blocks, N);
+}
+
+// The full layout of bs-wide blocks over C x K, blocks in row-major order.
+BlockLayout FullLayout(int64_t C, int64_t K, int64_t bs) {
+  const int64_t CB = C / bs, KB = K / bs;
+  std::vector<int32_t> coords(2 * CB * KB);
+  for (int64_t b = 0; b < CB * KB; ++b) {
+    coords[2 * b] = static_cast<int32_t>(b / KB);
+    coords[2 * b + 1] = static_cast<int32_t>(b % KB);
+  }
+  BlockLayout layout;
+  BuildBlockLayout(coords.data(), CB * KB, CB, KB, bs, &layout);  // in range and distinct
+  return layout;
+}
+
+// Calls copy(fine_offset, coarse_offset) for every bs-float row piece of the blocks of the
+// full layout `fine` (bs = fine.block_size), with the offsets (in floats) of that piece in
+// fine's blocks and in the row-major blocks of the full layout of coarse_bs-wide blocks over
+// the same matrix.
+template <typename Copy>
+void ForEachFullLayoutPiece(const BlockLayout& fine, int64_t coarse_bs,
+                            const ParallelFor& parallel_for, Copy&& copy) {
+  const int64_t bs = fine.block_size, r = coarse_bs / bs, KBc = fine.KB / r;
+  const int64_t coarse_blocks = fine.CB / r * KBc;
+  parallel_for(coarse_blocks, 2 * coarse_bs * coarse_bs, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t c0 = b / KBc * r, k0 = b % KBc * r;
+      for (int64_t kk = 0; kk < r; ++kk) {
+        // Column k0 + kk lists every block row, in increasing order.
+        const int32_t* column = fine.col_block.data() + fine.col_ptr[k0 + kk] + c0;
+        for (int64_t i = 0; i < coarse_bs; ++i)
+          copy((column[i / bs] * bs + i % bs) * bs, (b * coarse_bs + i) * coarse_bs + kk * bs);
+      }
+    }
+  });
+}
+
+bool Forward(const float* x, const float* w, float* y, int64_t N, int feature_axis,
+             const BlockLayout& layout, const ParallelFor& parallel_for,
+             const ScratchAllocator& scratch) {
+  if (feature_axis == 1) return ForwardFeatureAxis1(x, w, y, N, layout, parallel_for, scratch);
+  ForwardFeatureAxis0(x, w, y, N, layout, parallel_for);
+  return true;
+}
+
+bool GradW(const float* x, const float* dy, float* dw, int64_t N, int feature_axis,
+           const BlockLayout& layout, const ParallelFor& parallel_for,
+           const ScratchAllocator& scratch) {
+  const int64_t bs = layout.block_size, C = layout.CB * bs, K = layout.KB * bs;
+  float* const x_panels = scratch(N * C);
+  float* const dy_panels = scratch(N * K);
+  if (x_panels == nullptr || dy_panels == nullptr) return false;
+  PackBlockColumns(x, N, C, bs, feature_axis, x_panels, parallel_for);
+  PackBlockColumns(dy, N, K, bs, feature_axis, dy_panels, parallel_for);
+  const CpuKernels& kernels = Kernels();
+  const LayoutView view = ViewOf(layout);
+  // Tasks walk the blocks column by column, so neighbouring tasks share a dy panel.
+  parallel_for(layout.blocks, 2 * N * bs * bs, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      kernels.grad_w(x_panels, dy_panels, dw, N, &view, q);
+    }
+  });
+  return true;
+}
+
 }  // namespace
 
 const CpuKernels& BestCpuKernels() {
@@ -254,29 +339,32 @@ const CpuKernels& BestCpuKernels() {
 bool BlocksparseMatmulCpu(const float* x, const float* w, float* y, int64_t N, int feature_axis,
                           const BlockLayout& layout, const ParallelFor& parallel_for,
                           const ScratchAllocator& scratch) {
-  if (feature_axis == 1) return ForwardFeatureAxis1(x, w, y, N, layout, parallel_for, scratch);
-  ForwardFeatureAxis0(x, w, y, N, layout, parallel_for);
-  return true;
+  if (const int64_t coarse_bs = CoarseBlockSize(layout, N)) {
+    const BlockLayout coarse = FullLayout(layout.CB * 8, layout.KB * 8, coarse_bs);
+    float* const wc = scratch(layout.blocks * 64);
+    if (wc == nullptr) return false;
+    ForEachFullLayoutPiece(layout, coarse_bs, parallel_for, [&](int64_t fine, int64_t coarse) {
+      std::memcpy(wc + coarse, w + fine, 8 * sizeof(float));
+    });
+    return Forward(x, wc, y, N, feature_axis, coarse, parallel_for, scratch);
+  }
+  return Forward(x, w, y, N, feature_axis, layout, parallel_for, scratch);
 }
 
 bool BlocksparseMatmulGradWCpu(const float* x, const float* dy, float* dw, int64_t N,
                                int feature_axis, const BlockLayout& layout,
                                const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
-  const int64_t bs = layout.block_size, C = layout.CB * bs, K = layout.KB * bs;
-  float* const x_panels = scratch(N * C);
-  float* const dy_panels = scratch(N * K);
-  if (x_panels == nullptr || dy_panels == nullptr) return false;
-  PackBlockColumns(x, N, C, bs, feature_axis, x_panels, parallel_for);
-  PackBlockColumns(dy, N, K, bs, feature_axis, dy_panels, parallel_for);
-  const CpuKernels& kernels = Kernels();
-  const LayoutView view = ViewOf(layout);
-  // Tasks walk the blocks column by column, so neighbouring tasks share a dy panel.
-  parallel_for(layout.blocks, 2 * N * bs * bs, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q) {
-      kernels.grad_w(x_panels, dy_panels, dw, N, &view, q);
-    }
-  });
-  return true;
+  if (const int64_t coarse_bs = CoarseBlockSize(layout, N)) {
+    const BlockLayout coarse = FullLayout(layout.CB * 8, layout.KB * 8, coarse_bs);
+    float* const dwc = scratch(layout.blocks * 64);
+    if (dwc == nullptr) return false;
+    if (!GradW(x, dy, dwc, N, feature_axis, coarse, parallel_for, scratch)) return false;
+    ForEachFullLayoutPiece(layout, coarse_bs, parallel_for, [&](int64_t fine, int64_t coarse) {
+      std::memcpy(dw + fine, dwc + coarse, 8 * sizeof(float));
+    });
+    return true;
+  }
+  return GradW(x, dy, dw, N, feature_axis, layout, parallel_for, scratch);
 }
 
 const char* BlocksparseCpuIsa() { return Kernels().isa; }
@@ -285,3 +373,10 @@ const char* BlocksparseCpuIsa() { return Kernels().isa; }
 
 // For Python (ctypes): the instruction set of the CPU kernels in use.
 extern "C" const char* blocksparse_tf_cpu_isa() { return blocksparse::BlocksparseCpuIsa(); }
+// For tests (ctypes): the block size the CPU products of a layout with these sizes run with
+// over N rows (its own, or a wider one for full layouts of 8-wide blocks).
+extern "C" int64_t blocksparse_tf_cpu_product_block_size(int64_t CB, int64_t KB, int64_t bs,
+                                                          int64_t blocks, int64_t N) {
+  const int64_t coarse = blocksparse::CoarseBlockSize(CB, KB, bs, blocks, N);
+  return coarse != 0 ? coarse : bs;
+}

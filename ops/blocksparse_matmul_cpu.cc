@@ -233,7 +233,8 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
 // off from about kCoarsenMinRows rows.  Measured on a 2-core Zen 4, C = K = 4096, the two
 // libraries alternated twice (ms, forward / weight gradient): N = 1024 335-348 / 269-281 with
 // bs 8 against 200-205 / 220-245 repacked; N = 512 102-118 / 110-121 against 112-114 /
-// 107-112 (no gain: there bs 8 runs on transposed copies).
+// 107-112 (no gain: there bs 8 runs on transposed copies); N = 64 22.6-22.9 / 28.5-30.5
+// against 25.9-26.0 / 31.8-37.8 (a loss); N = 256 within the noise.
 constexpr int64_t kCoarsenMinRows = 1024;
 
 // The block size a full layout of 8-wide blocks runs with over N rows, or 0 to keep its own.

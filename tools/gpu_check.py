@@ -363,7 +363,7 @@ def benchmark(lib, res, out_md, quick=False):
                 configs.append((dt, N, 4096, bs, 1))
     for bs in (16, 32, 64):
         configs.append(("bfloat16", 16384, 8192, bs, 1))
-    for bs in (32, 64):  # feature_axis 0: x (C, N), y (K, N)
+    for bs in (16, 32, 64):  # feature_axis 0: x (C, N), y (K, N)
         configs.append(("bfloat16", 4096, 4096, bs, 0))
     if quick:
         configs = [c for c in configs if c[0] == "bfloat16" and c[2] == 4096 and c[3] != 16]

@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -194,10 +196,6 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
   const int64_t tiles = (N + tile - 1) / tile;
   float* const panels = scratch(tiles * tile * C);
   if (panels == nullptr) return false;
-  parallel_for(tiles, tile * C * 2, [&](int64_t begin, int64_t end) {
-    PackRowTilePanels(x, begin * tile, std::min(N, end * tile), C, bs, tile,
-                      panels + begin * tile * C);
-  });
   // Row groups of tiles that stay in L2 while the weight columns of a range stream past.
   const int64_t max_tiles_per_group =
       std::clamp<int64_t>(kGroupBytes / (C * 4 * tile), 1, kRowsPerGroup / tile);
@@ -215,11 +213,16 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
   const int64_t ranges = (KB + per_range - 1) / per_range;
   const int64_t cost = 2 * rows_per_group * bs * bs * layout.blocks / ranges;
   const LayoutView view = ViewOf(layout);
+  // A group's panels are packed by the first task that needs them, just before use, so they
+  // are read back from cache rather than from memory.
+  std::unique_ptr<std::once_flag[]> packed(new std::once_flag[groups]);
   parallel_for(groups * ranges, cost, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / ranges, r = task % ranges;
       const int64_t m0 = g * rows_per_group, m1 = std::min(N, m0 + rows_per_group);
       const int64_t k0 = r * per_range, k1 = std::min(KB, k0 + per_range);
+      std::call_once(packed[g],
+                     [&] { PackRowTilePanels(x, m0, m1, C, bs, tile, panels + m0 * C); });
       kernels.forward_axis1(panels + m0 * C, w, y + m0 * K, m1 - m0, &view, k0, k1);
     }
   });

@@ -90,32 +90,26 @@ void WithConstantBlockSize(int64_t bs, F&& f) {
   }
 }
 
-// Block-column panels: panels[(c * N + n) * bs + i] = feature c*bs + i of vector n, so each
-// block's slice of the N vectors is one contiguous (N, bs) array.  Reads x (N, F) row by row
+// Block-column panel c: panel[n * bs + i] = feature c*bs + i of vector n, so block column c's
+// slice of the N vectors is one contiguous (N, bs) array.  Reads x (N, F) row by row
 // (feature_axis 1) or x (F, N) (feature_axis 0, a blocked transpose).
-void PackBlockColumns(const float* x, int64_t N, int64_t F, int64_t bs, int feature_axis,
-                      float* panels, const ParallelFor& parallel_for) {
-  const int64_t block_columns = F / bs;
-  parallel_for(block_columns, N * bs * 2, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      float* panel = panels + c * N * bs;
-      if (feature_axis == 1) {
-        WithConstantBlockSize(bs, [&](auto kBs) {
-          for (int64_t n = 0; n < N; ++n)
-            std::memcpy(panel + n * kBs, x + n * F + c * kBs, kBs * sizeof(float));
-        });
-      } else {
-        constexpr int64_t kChunk = 64;  // columns of x per pass, to keep writes in cache
-        for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
-          const int64_t n1 = std::min(N, n0 + kChunk);
-          for (int64_t i = 0; i < bs; ++i) {
-            const float* row = x + (c * bs + i) * N;
-            for (int64_t n = n0; n < n1; ++n) panel[n * bs + i] = row[n];
-          }
-        }
+void PackBlockColumn(const float* x, int64_t N, int64_t F, int64_t bs, int feature_axis,
+                     int64_t c, float* panel) {
+  if (feature_axis == 1) {
+    WithConstantBlockSize(bs, [&](auto kBs) {
+      for (int64_t n = 0; n < N; ++n)
+        std::memcpy(panel + n * kBs, x + n * F + c * kBs, kBs * sizeof(float));
+    });
+  } else {
+    constexpr int64_t kChunk = 64;  // columns of x per pass, to keep writes in cache
+    for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+      const int64_t n1 = std::min(N, n0 + kChunk);
+      for (int64_t i = 0; i < bs; ++i) {
+        const float* row = x + (c * bs + i) * N;
+        for (int64_t n = n0; n < n1; ++n) panel[n * bs + i] = row[n];
       }
     }
-  });
+  }
 }
 
 // Rows [m0, m1) of x (N, C) as the row-tile panels of CpuKernels::forward_axis1, zero rows
@@ -301,13 +295,22 @@ bool GradW(const float* x, const float* dy, float* dw, int64_t N, int feature_ax
   float* const x_panels = scratch(N * C);
   float* const dy_panels = scratch(N * K);
   if (x_panels == nullptr || dy_panels == nullptr) return false;
-  PackBlockColumns(x, N, C, bs, feature_axis, x_panels, parallel_for);
-  PackBlockColumns(dy, N, K, bs, feature_axis, dy_panels, parallel_for);
   const CpuKernels& kernels = Kernels();
   const LayoutView view = ViewOf(layout);
+  // Each panel is packed by the first task that needs it, just before use (so it is read back
+  // from cache, and panels no block needs are never packed).
+  std::unique_ptr<std::once_flag[]> x_packed(new std::once_flag[layout.CB]);
+  std::unique_ptr<std::once_flag[]> dy_packed(new std::once_flag[layout.KB]);
   // Tasks walk the blocks column by column, so neighbouring tasks share a dy panel.
   parallel_for(layout.blocks, 2 * N * bs * bs, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
+      const int64_t c = layout.col_row[q], k = layout.block_col[layout.col_block[q]];
+      std::call_once(x_packed[c], [&] {
+        PackBlockColumn(x, N, C, bs, feature_axis, c, x_panels + c * N * bs);
+      });
+      std::call_once(dy_packed[k], [&] {
+        PackBlockColumn(dy, N, K, bs, feature_axis, k, dy_panels + k * N * bs);
+      });
       kernels.grad_w(x_panels, dy_panels, dw, N, &view, q);
     }
   });

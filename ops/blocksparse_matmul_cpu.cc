@@ -238,7 +238,7 @@ constexpr int64_t kCoarsenMinRows = 1024;
 int64_t CoarseBlockSize(int64_t CB, int64_t KB, int64_t block_size, int64_t blocks, int64_t N) {
   if (block_size != 8 || blocks != CB * KB || N < kCoarsenMinRows) return 0;
   for (int64_t bs : {64, 32, 16})
-    if (CB * 8 % bs == 0 && KB * 8 % bs == 0) return bs;
+    if (CB * block_size % bs == 0 && KB * block_size % bs == 0) return bs;
   return 0;
 }
 int64_t CoarseBlockSize(const BlockLayout& layout, int64_t N) {
@@ -347,11 +347,12 @@ bool BlocksparseMatmulCpu(const float* x, const float* w, float* y, int64_t N, i
                           const BlockLayout& layout, const ParallelFor& parallel_for,
                           const ScratchAllocator& scratch) {
   if (const int64_t coarse_bs = CoarseBlockSize(layout, N)) {
-    const BlockLayout coarse = FullLayout(layout.CB * 8, layout.KB * 8, coarse_bs);
-    float* const wc = scratch(layout.blocks * 64);
+    const int64_t bs = layout.block_size;
+    const BlockLayout coarse = FullLayout(layout.CB * bs, layout.KB * bs, coarse_bs);
+    float* const wc = scratch(layout.blocks * bs * bs);
     if (wc == nullptr) return false;
     ForEachFullLayoutPiece(layout, coarse_bs, parallel_for, [&](int64_t fine, int64_t coarse) {
-      std::memcpy(wc + coarse, w + fine, 8 * sizeof(float));
+      std::memcpy(wc + coarse, w + fine, bs * sizeof(float));
     });
     return Forward(x, wc, y, N, feature_axis, coarse, parallel_for, scratch);
   }
@@ -362,12 +363,13 @@ bool BlocksparseMatmulGradWCpu(const float* x, const float* dy, float* dw, int64
                                int feature_axis, const BlockLayout& layout,
                                const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
   if (const int64_t coarse_bs = CoarseBlockSize(layout, N)) {
-    const BlockLayout coarse = FullLayout(layout.CB * 8, layout.KB * 8, coarse_bs);
-    float* const dwc = scratch(layout.blocks * 64);
+    const int64_t bs = layout.block_size;
+    const BlockLayout coarse = FullLayout(layout.CB * bs, layout.KB * bs, coarse_bs);
+    float* const dwc = scratch(layout.blocks * bs * bs);
     if (dwc == nullptr) return false;
     if (!GradW(x, dy, dwc, N, feature_axis, coarse, parallel_for, scratch)) return false;
     ForEachFullLayoutPiece(layout, coarse_bs, parallel_for, [&](int64_t fine, int64_t coarse) {
-      std::memcpy(dw + fine, dwc + coarse, 8 * sizeof(float));
+      std::memcpy(dw + fine, dwc + coarse, bs * sizeof(float));
     });
     return true;
   }

@@ -33,9 +33,10 @@
 //   "3xTF32" (operands split into TF32 high and residual parts, three MMAs, float32
 //   accumulation: float32-level accuracy, not TF32's).  On sm_90 a tile may be split over a
 //   thread-block cluster and reduced through distributed shared memory in a fixed order, and
-//   the 16-bit forward with N > 64 (bs 16, 32, 64; either feature axis; so also dx; bs 16
-//   only where columns are at most 75% full) runs on Hopper's warpgroup MMA (wgmma, sm_90a),
-//   with its own (fixed) order of sums.
+//   the 16-bit forward and dW with N > 64 (bs 16, 32, 64; either feature axis; so also dx;
+//   the forward at bs 16 only where columns are at most 75% full, dW at bs 32 only with at
+//   least 6 blocks per column on average) run on Hopper's warpgroup MMA (wgmma, sm_90a), with
+//   their own (fixed) order of sums.
 //   Everything else (bs 1 and 8, unaligned pointers, ragged feature_axis-0 batches) runs on a
 //   simpler CUDA-core kernel.  Results are bitwise reproducible from run to run on the same
 //   device; different GPUs may choose different splits and differ in the last bits.
@@ -90,9 +91,7 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 
 // For benchmarks and tests only: selects alternative tile configurations process-wide.
 //   0: the defaults.
-//   3: the defaults of GPUs without wgmma (the mma.sync forward on Hopper too).
-//   4: the defaults plus a wgmma dW for 16-bit bs 64, feature axis 1, N > 64 on sm_90
-//      (measured faster than the default dW in only part of the benchmark).
+//   3: the defaults of GPUs without wgmma (the mma.sync kernels on Hopper too).
 //   5: the bs-64 wgmma forward with one CTA per tile everywhere (the default makes CTAs
 //      persistent for problems of up to 16 waves of tiles).
 //   1: swap 128- and 256-row mma.sync forward tiles for 16-bit inputs, bs 32 / 64, N > 64.

@@ -168,14 +168,15 @@ int PrepareKernel(void (*kernel)(Params), int threads, int smem, int device,
 template <typename Tag>
 int LaunchTiles(void (*kernel)(Params), int threads, int smem, int64_t tiles,
                 int64_t batch_tiles, double avg_steps, const Params& p0, int device,
-                const DeviceInfo& di, cudaStream_t s) {
+                const DeviceInfo& di, cudaStream_t s, int64_t working_tiles = -1) {
   int per_sm = 0;
   cudaError_t e0 = static_cast<cudaError_t>(
       PrepareKernel<Tag>(kernel, threads, smem, device, di, &per_sm));
   if (e0 != cudaSuccess) return e0;
   if (tiles <= 0 || batch_tiles <= 0) return cudaSuccess;
-  const int split = ChooseSplit(tiles * batch_tiles, avg_steps,
-                                (int64_t)per_sm * di.sm_count, di);
+  // working_tiles: how many of the tiles have work, for kernels launched on a bound.
+  const int split = ChooseSplit(working_tiles >= 0 ? working_tiles : tiles * batch_tiles,
+                                avg_steps, (int64_t)per_sm * di.sm_count, di);
   if (tiles * split > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   Params p = p0;
   for (int64_t base = 0; base < batch_tiles; base += 65535) {
@@ -218,16 +219,11 @@ int LaunchMma(const Params& p, int64_t tiles, int64_t batch_tiles, double avg_st
 // CTAs share an SM) measured fastest on an H200 (bf16, feature axis 1) among 128 / 256 rows
 // per warpgroup, one or two warpgroups, and 4 or 5 stages.
 using WgmmaFwdCfg = wgmma_impl::FwdCfg<4>;
-// dW: opt-in (SetTuning(4)).  On an H200, bf16, against the mma.sync dW: 1.02-1.30x at
-// N = 4096, C = K = 4096, 2-50% density, 0.97x at 100%; at N = 16384, C = K = 8192, 1.13-1.15x
-// at 25-50% but 0.76x / 0.94x at 2% / 10%.  Both are bound by L2-to-SM traffic, and dW moves
-// x and dy slabs (1.5-2 x N x 128 bytes per block) where the forward moves one x slab.
-using WgmmaGradCfg = wgmma_impl::GradCfg<3>;
 template <typename T, class Cfg, int kKind>
 struct WgmmaTag {};
 
 inline bool UseWgmma(int64_t N, const DeviceInfo& di) {
-  return (Tuning() == 0 || Tuning() == 4 || Tuning() == 5) && di.cc_major == 9 &&
+  return (Tuning() == 0 || Tuning() == 5) && di.cc_major == 9 &&
          N > kSmallBatch;
 }
 
@@ -282,14 +278,39 @@ int LaunchWgmmaForwardNarrow(const Params& p, int64_t N, int64_t KB, int device,
                                                 di, s);
 }
 
-template <typename T>
-int LaunchWgmmaGradW(const Params& p, int64_t N, int64_t blocks, int device,
-                     const DeviceInfo& di, cudaStream_t s) {
-  using Cfg = WgmmaGradCfg;
+// dW (16-bit, N > 64, sm_90): groups of up to G x 64 / bs blocks of one block column per
+// CTA, sharing the dy slab (WgmmaGradWColumnKernel), 64 batch rows per step.  Measured side
+// by side on an H200 (bf16 both feature axes, fp16; N = 1000, 4096 and 16384; 2-100%
+// density) among G = 1, 2, 4, 8 and 3-8 stages of 32 or 64 rows, these were fastest or within
+// a few percent in most cells: bs 16: 2 packs (8 blocks), 4 stages (72 KiB of shared memory);
+// bs 32: 4 packs (8 blocks), 3 stages (109 KiB); bs 64: 2 blocks, 4 stages (97 KiB).  Against
+// the mma.sync dW: docs/benchmarks_gpu.md.
+template <int BS>
+struct ColumnGradCfgOf;
+template <> struct ColumnGradCfgOf<16> { using type = wgmma_impl::ColumnGradCfg<16, 2, 64, 4>; };
+template <> struct ColumnGradCfgOf<32> { using type = wgmma_impl::ColumnGradCfg<32, 4, 64, 3>; };
+template <> struct ColumnGradCfgOf<64> { using type = wgmma_impl::ColumnGradCfg<64, 2, 64, 4>; };
+// bs 32 with fewer blocks per column than this keeps the mma.sync dW (one block per tile),
+// measured 1.16-1.24x faster than the column groups at 2.6 blocks per column and 1.05x at 5.1
+// (2% density); at 6.4 (5%) 0.90x with bf16, N = 4096 and 1.07x with fp16, N = 1000.
+constexpr double kColumnGradBs32MinBlocksPerColumn = 6.0;
+
+template <typename T, int FA, int BS>
+int LaunchWgmmaGradWColumns(const Params& p, int64_t N, int64_t blocks, int device,
+                            const DeviceInfo& di, cudaStream_t s) {
+  using Cfg = typename ColumnGradCfgOf<BS>::type;
+  const int64_t per = Cfg::kGroupBlocks, KB = p.K / BS;
+  // Runs of `per` blocks of one column: at most one partial run per non-empty column.  The
+  // grid covers that bound (CTAs past the last run return at once); the cluster split is
+  // chosen from the count expected with evenly filled columns.
+  const int64_t filled = KB < blocks ? KB : blocks;
+  const int64_t bound = (blocks + per - 1) / per + filled;
+  const int64_t per_col = filled > 0 ? (blocks + filled - 1) / filled : 0;
+  const int64_t expected = filled * ((per_col + per - 1) / per);
   const double steps = static_cast<double>((N + Cfg::kRows - 1) / Cfg::kRows);
-  return LaunchTiles<WgmmaTag<T, Cfg, 2>>(wgmma_impl::WgmmaGradWKernel<T, Cfg>, Cfg::kThreads,
-                                          Cfg::kSmemBytes, (blocks + 1) / 2, 1, steps, p,
-                                          device, di, s);
+  return LaunchTiles<WgmmaTag<T, Cfg, 20 + FA>>(
+      wgmma_impl::WgmmaGradWColumnKernel<T, FA, Cfg>, Cfg::kThreads, Cfg::kSmemBytes, bound, 1,
+      steps, p, device, di, s, expected);
 }
 
 template <typename T, int FA, int BS>
@@ -352,8 +373,10 @@ int ForwardMmaFa(const Params& p, int64_t N, int64_t bs, int64_t KB, int64_t blo
 template <typename T, int FA, int BS>
 int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const DeviceInfo& di,
                cudaStream_t s) {
-  if constexpr (sizeof(T) == 2 && BS == 64 && FA == 1) {
-    if (Tuning() == 4 && UseWgmma(N, di)) return LaunchWgmmaGradW<T>(p, N, blocks, device, di, s);
+  const double per_col = static_cast<double>(blocks) / static_cast<double>(p.K / BS);
+  if constexpr (sizeof(T) == 2) {
+    if (UseWgmma(N, di) && (BS != 32 || per_col >= kColumnGradBs32MinBlocksPerColumn))
+      return LaunchWgmmaGradWColumns<T, FA, BS>(p, N, blocks, device, di, s);
   }
   if (N <= kShortGradBatch && !(sizeof(T) == 2 && BS >= 32)) {
     using Cfg = typename GradCfgShort<T, FA, BS>::type;
@@ -361,7 +384,6 @@ int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const Dev
     return LaunchMma<Cfg>(p, blocks * sub, 1, static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS),
                           device, di, s);
   }
-  const double per_col = static_cast<double>(blocks) / static_cast<double>(p.K / BS);
   if constexpr (sizeof(T) == 2 && BS == 32) {
     if (per_col >= kGradGroup4MinBlocksPerColumn) {
       using Cfg = typename GradCfgGroup4<T, FA>::type;

@@ -1,7 +1,7 @@
 // Block-sparse products on Hopper's warpgroup MMA (wgmma, sm_90a) for 16-bit inputs: the
 // forward for both feature axes with N > 64 (the dispatch's default on sm_90; dx is this same
-// product) for bs 64 (below) and bs 16 / 32 (WgmmaForwardNarrowKernel), and an opt-in bs-64
-// dW (feature axis 1).
+// product) for bs 64 (below) and bs 16 / 32 (WgmmaForwardNarrowKernel), and dW for bs 16 / 32 /
+// 64, both feature axes (WgmmaGradWColumnKernel).
 //
 // Why: the mma.sync kernels issue one instruction per 16 x 8 x 16 product plus the ldmatrix
 // loads that feed it, and measured on an H200 they are bound by instruction issue (see
@@ -143,20 +143,33 @@ __device__ __forceinline__ uint64_t DescriptorR(uint32_t smem_addr) {
     BSMM_WGMMA(SHAPE, "bf16.bf16", TA, TB, REGS, A, B, SCALE, __VA_ARGS__);               \
   else                                                                                    \
     BSMM_WGMMA(SHAPE, "f16.f16", TA, TB, REGS, A, B, SCALE, __VA_ARGS__)
-#define BSMM_WGMMA_TYPES(SHAPE, TB, REGS, A, B, SCALE, ...) \
-  BSMM_WGMMA_TYPES_TA(SHAPE, "1", TB, REGS, A, B, SCALE, __VA_ARGS__)
 
-template <typename T, int N, bool kTransB>
+// D (64 x N, float) += A (64 x 16) * B (16 x N), N in {16, 32, 64, 128}: A stored
+// K-contiguous (kTA false) or M-contiguous (true: the transpose flag), B K-contiguous (kTB
+// false) or N-contiguous (true).
+#define BSMM_WGMMA_FLAGS(SHAPE, REGS, A, B, SCALE, ...)                            \
+  if constexpr (kTA && kTB) {                                                      \
+    BSMM_WGMMA_TYPES_TA(SHAPE, "1", "1", REGS, A, B, SCALE, __VA_ARGS__);          \
+  } else if constexpr (kTA) {                                                      \
+    BSMM_WGMMA_TYPES_TA(SHAPE, "1", "0", REGS, A, B, SCALE, __VA_ARGS__);          \
+  } else if constexpr (kTB) {                                                      \
+    BSMM_WGMMA_TYPES_TA(SHAPE, "0", "1", REGS, A, B, SCALE, __VA_ARGS__);          \
+  } else {                                                                         \
+    BSMM_WGMMA_TYPES_TA(SHAPE, "0", "0", REGS, A, B, SCALE, __VA_ARGS__);          \
+  }
+template <typename T, int N, bool kTA, bool kTB>
 __device__ __forceinline__ void Wgmma(float* d, uint64_t a, uint64_t b) {
 #if BSMM_HAS_WGMMA
-  if constexpr (N == 64 && kTransB) {
-    BSMM_WGMMA_TYPES("m64n64k16", "1", BSMM_REGS32, "%32", "%33", "%34", BSMM_ACC32(0));
-  } else if constexpr (N == 128 && kTransB) {
-    BSMM_WGMMA_TYPES("m64n128k16", "1", BSMM_REGS64, "%64", "%65", "%66", BSMM_ACC32(0),
-                     BSMM_ACC32(32));
+  if constexpr (N == 16) {
+    BSMM_WGMMA_FLAGS("m64n16k16", BSMM_REGS8, "%8", "%9", "%10", BSMM_ACC8(0));
+  } else if constexpr (N == 32) {
+    BSMM_WGMMA_FLAGS("m64n32k16", BSMM_REGS16, "%16", "%17", "%18", BSMM_ACC8(0),
+                     BSMM_ACC8(8));
+  } else if constexpr (N == 64) {
+    BSMM_WGMMA_FLAGS("m64n64k16", BSMM_REGS32, "%32", "%33", "%34", BSMM_ACC32(0));
   } else {
-    static_assert(N == 128 && !kTransB, "the shapes these kernels use");
-    BSMM_WGMMA_TYPES("m64n128k16", "0", BSMM_REGS64, "%64", "%65", "%66", BSMM_ACC32(0),
+    static_assert(N == 128, "the shapes these kernels use");
+    BSMM_WGMMA_FLAGS("m64n128k16", BSMM_REGS64, "%64", "%65", "%66", BSMM_ACC32(0),
                      BSMM_ACC32(32));
   }
 #else
@@ -165,30 +178,7 @@ __device__ __forceinline__ void Wgmma(float* d, uint64_t a, uint64_t b) {
   (void)b;
 #endif
 }
-
-// The bs-16 / bs-32 forward's shapes: D (64 x BS) += A (64 x 16) * B (16 x BS), B
-// N-contiguous; A K-contiguous (kTransA false) or M-contiguous (true).
-template <typename T, int BS, bool kTransA>
-__device__ __forceinline__ void WgmmaNarrow(float* d, uint64_t a, uint64_t b) {
-#if BSMM_HAS_WGMMA
-  static_assert(BS == 16 || BS == 32, "the narrow shapes");
-  if constexpr (BS == 32 && kTransA)
-    BSMM_WGMMA_TYPES_TA("m64n32k16", "1", "1", BSMM_REGS16, "%16", "%17", "%18", BSMM_ACC8(0),
-                        BSMM_ACC8(8));
-  else if constexpr (BS == 32)
-    BSMM_WGMMA_TYPES_TA("m64n32k16", "0", "1", BSMM_REGS16, "%16", "%17", "%18", BSMM_ACC8(0),
-                        BSMM_ACC8(8));
-  else if constexpr (kTransA)
-    BSMM_WGMMA_TYPES_TA("m64n16k16", "1", "1", BSMM_REGS8, "%8", "%9", "%10", BSMM_ACC8(0));
-  else
-    BSMM_WGMMA_TYPES_TA("m64n16k16", "0", "1", BSMM_REGS8, "%8", "%9", "%10", BSMM_ACC8(0));
-#else
-  (void)d;
-  (void)a;
-  (void)b;
-#endif
-}
-#undef BSMM_WGMMA_TYPES
+#undef BSMM_WGMMA_FLAGS
 #undef BSMM_WGMMA_TYPES_TA
 #undef BSMM_WGMMA
 #undef BSMM_REGS64
@@ -347,10 +337,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
 #pragma unroll
       for (int kk = 0; kk < kBS / 16; ++kk) {
         if constexpr (FA == 1)
-          Wgmma<T, kBM, false>(acc, Descriptor(w_base + kk * 2048),
+          Wgmma<T, kBM, true, false>(acc, Descriptor(w_base + kk * 2048),
                                Descriptor(x_base + kk * 32));
         else
-          Wgmma<T, kBM, true>(acc, Descriptor(w_base + kk * 2048),
+          Wgmma<T, kBM, true, true>(acc, Descriptor(w_base + kk * 2048),
                               Descriptor(x_base + kk * 2048, kBS * 128));
       }
       WgmmaCommit();
@@ -541,10 +531,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
 #pragma unroll
       for (int h = 0; h < kGroups; ++h) {
         if constexpr (FA == 1)
-          WgmmaNarrow<T, BS, false>(
+          Wgmma<T, BS, false, true>(
               acc[h], DescriptorR<kRowBytes>(x_base + h * kGroupBytes + kk * 32), bd);
         else
-          WgmmaNarrow<T, BS, true>(
+          Wgmma<T, BS, true, true>(
               acc[h], DescriptorR<128>(x_base + h * kGroupBytes + kk * 2048), bd);
       }
     }
@@ -609,39 +599,100 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
 #endif
 }
 
-// ---- dW (SetTuning(4) only, see the dispatch) ----
-// dw[b] = x[:, c-block]^T dy[:, k-block] for the stored blocks, 16-bit, bs 64, feature axis 1.
-// A CTA takes two consecutive blocks of the column-ordered block list (b1, b2; b2 may be
-// absent) and computes their transposes, reducing over the batch in steps of 64 rows (four
-// k16 slices, one m64n64k16 per block each):
-//   acc[:, 0..63] += dy_k1^T x_c1 and acc[:, 64..127] += dy_k2^T x_c2
-// (A: dy, 64 k x 16 rows; B: x, 16 rows x 64 c).  Blocks of one column (k1 == k2) share one
-// dy tile.  All tiles (dy1, dy2, x1, x2: 64 batch rows x 64 features, 128-byte swizzled) have
-// row = batch row, so A and B are both stored MN-contiguous (the transpose flags) and a slice
-// advances them by 2048 bytes.  (One m64n128k16 on [x_c1 | x_c2] for shared-dy pairs measured
-// slower: ptxas serializes wgmma when one accumulator array takes both shapes.)  With too few
-// CTAs to fill the GPU, `split` CTAs of a cluster share a pair, rank r taking steps r,
-// r + split, ...; the partial sums are added through distributed shared memory in rank order,
-// so results do not depend on timing.
-template <int kStagesT>
-struct GradCfg {
+// ---- dW by block-column groups ----
+// dw[b] = x[:, c-block]^T dy[:, k-block] (feature axis 1; x[c-block, :] dy[k-block, :]^T with
+// feature axis 0) for the stored blocks, 16-bit, bs 16 / 32 / 64.  The blocks of each block
+// column's list are cut into groups of up to G * P consecutive blocks (P = 64 / bs), and a CTA
+// takes one group (all of column k).  Packs of P blocks put their x slabs side by side, so a
+// pack is a 64-feature wgmma operand; per batch step of kRows (64) rows, in increasing row,
+//   acc_j (64 packed features x bs) += [x_c1 | .. | x_cP]^T (A: 64 x 16, per k16 slice)
+//                                      * dy_k (B: 16 x bs)
+// for the G packs j, all reading one dy tile: a step copies G * P x slabs and one dy slab
+// (the mma.sync dW tiles read a dy slab per one, two or four blocks).
+// Shared memory per stage: G pack tiles of kRows x 64 elements (8 KiB), then the dy tile.  (Steps of 32 rows with 6-8 stages measured no faster on an H200.)
+//   Feature axis 1: rows are batch rows; a pack row holds block s's bs features in its 16-byte
+//     chunks s bs / 8 ..; A is M-contiguous (transpose flag), B (64 rows of 2 bs bytes in the
+//     2 bs-byte swizzle) N-contiguous; a k16 slice is 16 rows on.
+//   Feature axis 0: rows are features (pack row s bs + f: feature f of block s; dy row f) of
+//     64 batch entries, K-contiguous for both; a k16 slice is 32 bytes into the rows.
+// Rows (feature axis 1) or chunks (feature axis 0) at or past N are zero-filled.  Slots of a
+// pack past the group's end keep stale data: they only reach accumulator rows that are never
+// stored.  With too few groups to fill the GPU, `split` CTAs of a cluster share a group (rank
+// r takes steps r, r + split, ..) and the partial sums are added in rank order through
+// distributed shared memory, so results do not depend on timing.
+template <int BST, int kPacksT, int kRowsT, int kStagesT>
+struct ColumnGradCfg {
+  static constexpr int BS = BST;
+  static constexpr int kPerPack = 64 / BS;                // blocks per pack
+  static constexpr int kPacks = kPacksT;                  // G
+  static constexpr int kGroupBlocks = kPacks * kPerPack;  // blocks per CTA at most
   static constexpr int kThreads = 128;
   static constexpr int kStages = kStagesT;
-  static constexpr int kRows = 64;                // batch rows per step
-  static constexpr int kTileBytes = kRows * kBS * 2;  // 8 KiB
-  static constexpr int kStageBytes = 4 * kTileBytes;  // dy1, dy2, x1, x2
-  static constexpr int kCLd = kBS + 4;
+  static constexpr int kRows = kRowsT;  // batch rows per step
+  static constexpr int kPackBytes = kRows * 64 * 2;
+  static constexpr int kDyBytes = kRows * BS * 2;
+  static constexpr int kStageBytes = kPacks * kPackBytes + (kDyBytes + 1023) / 1024 * 1024;
+  static constexpr int kCLd = BS + 4;  // staged partial sums (float), padded
   static constexpr int kPipeBytes = kStages * kStageBytes;
-  static constexpr int kEpiBytes = 2 * kBS * kCLd * 4;
+  static constexpr int kEpiBytes = kPacks * 64 * kCLd * 4;
   static constexpr int kSmemBytes = 1024 + (kPipeBytes > kEpiBytes ? kPipeBytes : kEpiBytes);
+  static_assert(BS == 16 || BS == 32 || BS == 64, "tensor-core block sizes");
+  static_assert(kRows == 32 || kRows == 64, "steps of two or four k16 slices");
   static_assert(kStages >= 3, "one wgmma group in flight needs a third stage");
 };
 
-template <typename T, class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) WgmmaGradWKernel(const Params p) {
+// Finds run `g` of the column view, where every block column's list is cut into runs of `per`
+// consecutive blocks, in column order: sets s_run = {column, first position, end position}
+// (column -1 when g is past the last run).  All threads of the CTA call it.
+__device__ __forceinline__ void FindColumnRun(const int32_t* __restrict__ col_ptr, int64_t KB,
+                                              int64_t g, int per, int* s_run, int* s_warp) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+  if (tid == 0) s_run[0] = -1;
+  __syncthreads();
+  int64_t before = 0;  // runs in the columns already scanned
+  for (int64_t base = 0; base < KB; base += blockDim.x) {
+    const int64_t k = base + tid;
+    int beg = 0, end = 0;
+    if (k < KB) {
+      beg = __ldg(col_ptr + k);
+      end = __ldg(col_ptr + k + 1);
+    }
+    const int runs = (end - beg + per - 1) / per;
+    int incl = runs;  // inclusive scan over the CTA: warps, then warp totals
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += v;
+    }
+    if (lane == 31) s_warp[warp] = incl;
+    __syncthreads();
+    int total = 0;
+    for (int w = 0; w < warps; ++w) {
+      const int v = s_warp[w];
+      if (w < warp) incl += v;
+      total += v;
+    }
+    const int64_t first = before + incl - runs;
+    if (g >= first && g < first + runs) {
+      const int b = beg + static_cast<int>(g - first) * per;
+      s_run[0] = static_cast<int>(k);
+      s_run[1] = b;
+      s_run[2] = min(end, b + per);
+    }
+    __syncthreads();  // s_run is final for this pass; s_warp may be rewritten
+    if (s_run[0] >= 0) return;
+    before += total;
+  }
+}
+
+template <typename T, int FA, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads) WgmmaGradWColumnKernel(const Params p) {
 #if BSMM_HAS_WGMMA
-  constexpr int kStages = Cfg::kStages, kTile = Cfg::kTileBytes;
+  constexpr int BS = Cfg::BS, G = Cfg::kPacks, P = Cfg::kPerPack, kStages = Cfg::kStages;
+  constexpr int kDyRowBytes = FA == 1 ? BS * 2 : 2 * Cfg::kRows;
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ int s_run[3], s_warp[Cfg::kThreads / 32];
+  __shared__ int s_c[Cfg::kGroupBlocks], s_b[Cfg::kGroupBlocks];
   uint32_t smem_base;  // shared-memory address of smem
   unsigned char* smem = Align1024(smem_raw, &smem_base);
 
@@ -652,94 +703,146 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaGradWKernel(const Params p
   const int tid = threadIdx.x;
   int split, rank;
   mma_impl::ClusterInfo(split, rank);
-  const int64_t pos = 2 * static_cast<int64_t>(blockIdx.x / split);
-  const bool has2 = pos + 1 < p.blocks;
-  const int b1 = __ldg(p.col_block + pos), b2 = has2 ? __ldg(p.col_block + pos + 1) : b1;
-  const int c1 = __ldg(p.block_row + b1), k1 = __ldg(p.block_col + b1);
-  const int c2 = __ldg(p.block_row + b2), k2 = __ldg(p.block_col + b2);
-  const bool shared_dy = has2 && k1 == k2;  // uniform over the CTA
+  FindColumnRun(p.col_ptr, K / BS, blockIdx.x / split, Cfg::kGroupBlocks, s_run, s_warp);
+  const int kcol = s_run[0];
+  if (kcol < 0) return;  // uniform over the cluster: its CTAs share blockIdx.x / split
+  const int pbeg = s_run[1], nblk = s_run[2] - s_run[1];
+  if (tid < Cfg::kGroupBlocks) {
+    const bool v = tid < nblk;
+    s_b[tid] = v ? __ldg(p.col_block + pbeg + tid) : 0;
+    s_c[tid] = v ? __ldg(p.col_row + pbeg + tid) : -1;
+  }
+  __syncthreads();
+  const int packs = (nblk + P - 1) / P;
   const int64_t total_steps = (N + Cfg::kRows - 1) / Cfg::kRows;
   const int steps = static_cast<int>((total_steps - rank + split - 1) / split);
 
-  const int chunk = tid & 7, row0 = tid >> 3;  // rows row0 + 16 j of every tile
-  const T* const dy1_src = gdy + row0 * K + static_cast<int64_t>(k1) * kBS + chunk * 8;
-  const T* const dy2_src = gdy + row0 * K + static_cast<int64_t>(k2) * kBS + chunk * 8;
-  const T* const x1_src = gx + row0 * C + static_cast<int64_t>(c1) * kBS + chunk * 8;
-  const T* const x2_src = gx + row0 * C + static_cast<int64_t>(c2) * kBS + chunk * 8;
+  // Copies: 16-byte chunk tid % kChunks of rows tid / kChunks + (128 / kChunks) i, kChunks
+  // being the chunks of a tile row.  Pack tiles: kRows batch rows of 128 bytes (feature axis
+  // 1) or 64 feature rows of 2 kRows bytes (feature axis 0); dy tiles: kRows rows of 2 BS
+  // bytes or BS rows of 2 kRows bytes.
+  constexpr int kRows = Cfg::kRows;
+  constexpr int kPackRowBytes = FA == 1 ? 128 : 2 * kRows;
+  constexpr int kXChunks = kPackRowBytes / 16, kXRowStep = Cfg::kThreads / kXChunks;
+  constexpr int kXPasses = (FA == 1 ? kRows : 64) / kXRowStep;
+  constexpr int kDyChunks = kDyRowBytes / 16, kDyRowStep = Cfg::kThreads / kDyChunks;
+  constexpr int kDyTileRows = FA == 1 ? kRows : BS;
+  constexpr int kDyPasses = (kDyTileRows + kDyRowStep - 1) / kDyRowStep;
+  static_assert(kXPasses * kXRowStep == (FA == 1 ? kRows : 64), "whole pack rows per pass");
+  const int q = tid % kXChunks, r0 = tid / kXChunks;
+  const int dq = tid % kDyChunks, dr0 = tid / kDyChunks;
+  const T* const dy_src = FA == 1
+                              ? gdy + dr0 * K + static_cast<int64_t>(kcol) * BS + dq * 8
+                              : gdy + (static_cast<int64_t>(kcol) * BS + dr0) * N + dq * 8;
   auto load_step = [&](int s, int buf) {
-    const int64_t r0 = (static_cast<int64_t>(s) * split + rank) * Cfg::kRows;
+    const int64_t n0 = (static_cast<int64_t>(s) * split + rank) * kRows;
     unsigned char* st = smem + buf * Cfg::kStageBytes;
+    unsigned char* dys = st + G * Cfg::kPackBytes;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int r = row0 + 16 * j;
-      const bool v = r0 + r < N;
-      const int64_t dyo = (r0 + 16 * j) * K, xo = (r0 + 16 * j) * C;
-      const int off = SwizzledR<128>(r, chunk);
-      CpAsync16(st + off, v ? dy1_src + dyo : gdy, v);
-      if (has2 && !shared_dy) CpAsync16(st + kTile + off, v ? dy2_src + dyo : gdy, v);
-      CpAsync16(st + 2 * kTile + off, v ? x1_src + xo : gx, v);
-      if (has2) CpAsync16(st + 3 * kTile + off, v ? x2_src + xo : gx, v);
+    for (int i = 0; i < kDyPasses; ++i) {
+      const int r = dr0 + kDyRowStep * i;
+      if (kDyTileRows % kDyRowStep != 0 && r >= kDyTileRows) break;
+      bool v;
+      int64_t off;
+      if constexpr (FA == 1) {
+        v = n0 + r < N;
+        off = (n0 + kDyRowStep * i) * K;
+      } else {
+        v = n0 + dq * 8 < N;
+        off = static_cast<int64_t>(kDyRowStep * i) * N + n0;
+      }
+      CpAsync16(dys + SwizzledR<kDyRowBytes>(r, dq), v ? dy_src + off : gdy, v);
+    }
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+      if (j >= packs) break;
+#pragma unroll
+      for (int i = 0; i < kXPasses; ++i) {
+        const int r = r0 + kXRowStep * i;
+        // The block of this chunk: slot q / (BS / 8) of the pack (feature axis 1) or
+        // r / BS (feature axis 0).
+        const int slot = FA == 1 ? q / (BS / 8) : r / BS;
+        const int c = s_c[j * P + slot];
+        if (c < 0) continue;
+        bool v;
+        const T* src;
+        if constexpr (FA == 1) {
+          v = n0 + r < N;
+          src = gx + (n0 + r) * C + static_cast<int64_t>(c) * BS + (q % (BS / 8)) * 8;
+        } else {
+          v = n0 + q * 8 < N;
+          src = gx + (static_cast<int64_t>(c) * BS + r % BS) * N + n0 + q * 8;
+        }
+        CpAsync16(st + j * Cfg::kPackBytes + SwizzledR<kPackRowBytes>(r, q), v ? src : gx, v);
+      }
     }
   };
 
-  float acc[64];
+  float acc[G][BS / 2];
 #pragma unroll
-  for (int e = 0; e < 64; ++e) acc[e] = 0.f;
+  for (int j = 0; j < G; ++j)
+#pragma unroll
+    for (int e = 0; e < BS / 2; ++e) acc[j][e] = 0.f;
 
 #pragma unroll
   for (int s = 0; s < kStages - 2; ++s) {
     if (s < steps) load_step(s, s);
-    CpAsyncCommit();
+    CpAsyncCommit();  // one group per step, empty or not, so the waits count steps
   }
   for (int s = 0; s < steps; ++s) {
-    CpAsyncWait<kStages - 3>();
+    CpAsyncWait<kStages - 3>();  // this thread's copies of step s have landed
     FenceSharedForAsyncProxy();
-    __syncthreads();
+    __syncthreads();  // everyone's have; and step s - 2's wgmma (waited below) is done
     const int nxt = s + kStages - 2;
-    if (nxt < steps) load_step(nxt, nxt % kStages);
+    if (nxt < steps) load_step(nxt, nxt % kStages);  // into the stage step s - 2 read
     CpAsyncCommit();
     const uint32_t st = smem_base + (s % kStages) * Cfg::kStageBytes;
+    const uint32_t dys = st + G * Cfg::kPackBytes;
     WgmmaFence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      Wgmma<T, 64, true>(acc, Descriptor(st + kk * 2048), Descriptor(st + 2 * kTile + kk * 2048));
-      if (has2)
-        Wgmma<T, 64, true>(acc + 32, Descriptor(st + (shared_dy ? 0 : kTile) + kk * 2048),
-                           Descriptor(st + 3 * kTile + kk * 2048));
+    for (int kk = 0; kk < kRows / 16; ++kk) {
+      // A k16 slice is 16 rows on (feature axis 1) or 32 bytes into the rows (feature axis 0).
+      const uint64_t bd =
+          DescriptorR<kDyRowBytes>(dys + (FA == 1 ? kk * 16 * kDyRowBytes : kk * 32));
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        const uint32_t a = st + j * Cfg::kPackBytes + (FA == 1 ? kk * 16 * 128 : kk * 32);
+        Wgmma<T, BS, FA == 1, FA == 1>(acc[j], DescriptorR<kPackRowBytes>(a), bd);
+      }
     }
     WgmmaCommit();
-    WgmmaWait<1>();
+    WgmmaWait<1>();  // step s - 1's group is done; step s's may still run
   }
   WgmmaWait<0>();
   CpAsyncWait<0>();
   __syncthreads();
 
-  // Epilogue: acc holds dw^T (64 k x 128 = two blocks' c).  Stage as dw rows Cs[c'][k]
-  // (c' = 64 j + c for block j), then each rank of the cluster sums and writes its share of
-  // the 16-byte chunks, adding the ranks' partial tiles in rank order.
+  // Epilogue: pack j's acc holds rows 16 warp + lane / 4 (+ 8) (block slot row / BS, its
+  // feature row % BS), columns 8 i + 2 (lane % 4) (+ 1) of dw.  Stage the float partial sums
+  // as rows 64 j + row, then each rank of the cluster sums (in rank order) and writes its
+  // share of the 16-byte output chunks.
   float* Cs = reinterpret_cast<float*>(smem);
   {
-    const int lane = tid & 31, m = 16 * (tid >> 5) + (lane >> 2);
-    float* base = Cs + 2 * (lane & 3) * Cfg::kCLd + m;
+    const int lane = tid & 31, row = 16 * (tid >> 5) + (lane >> 2), col = 2 * (lane & 3);
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      float* r = base + 8 * i * Cfg::kCLd;
-      r[0] = acc[4 * i];
-      r[Cfg::kCLd] = acc[4 * i + 1];
-      r[8] = acc[4 * i + 2];
-      r[Cfg::kCLd + 8] = acc[4 * i + 3];
-    }
+    for (int j = 0; j < G; ++j)
+#pragma unroll
+      for (int i = 0; i < BS / 8; ++i) {
+        float* r = Cs + (64 * j + row) * Cfg::kCLd + 8 * i + col;
+        *reinterpret_cast<float2*>(r) = make_float2(acc[j][4 * i], acc[j][4 * i + 1]);
+        *reinterpret_cast<float2*>(r + 8 * Cfg::kCLd) =
+            make_float2(acc[j][4 * i + 2], acc[j][4 * i + 3]);
+      }
   }
   if (split > 1) {
     mma_impl::ClusterSync();
   } else {
     __syncthreads();
   }
-  constexpr int kChunks = 2 * kBS * (kBS / 8);
-  const int qend_all = has2 ? kChunks : kChunks / 2;
-  const int qbeg = rank * qend_all / split, qend = (rank + 1) * qend_all / split;
-  for (int q = qbeg + tid; q < qend; q += Cfg::kThreads) {
-    const int row = q / (kBS / 8), c8 = (q % (kBS / 8)) * 8;
+  const int chunks = nblk * BS * (BS / 8);
+  const int qbeg = rank * chunks / split, qend = (rank + 1) * chunks / split;
+  for (int cq = qbeg + tid; cq < qend; cq += Cfg::kThreads) {
+    const int row = cq / (BS / 8), c8 = (cq % (BS / 8)) * 8;
     float v[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) v[e] = 0.f;
@@ -750,8 +853,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaGradWKernel(const Params p
       v[0] += lo.x; v[1] += lo.y; v[2] += lo.z; v[3] += lo.w;
       v[4] += hi.x; v[5] += hi.y; v[6] += hi.z; v[7] += hi.w;
     }
-    const int b = row < kBS ? b1 : b2;
-    StoreChunk<T>(gdw + (static_cast<int64_t>(b) * kBS + row % kBS) * kBS + c8, v);
+    const int b = s_b[row / BS];
+    StoreChunk<T>(gdw + (static_cast<int64_t>(b) * BS + row % BS) * BS + c8, v);
   }
   if (split > 1) mma_impl::ClusterSync();  // peers may still be reading this shared memory
 #else

@@ -76,7 +76,6 @@ if [ "$MODE" = all ] || [ "$MODE" = correctness ] || [ "$MODE" = quick ]; then
   run correctness python3 tools/gpu_check.py --correctness
   # The mma.sync kernels where Hopper takes wgmma by default (what sm_80 GPUs run).
   run correctness_mma_sync python3 tools/gpu_check.py --correctness --tuning 3
-  run correctness_wgmma_dw python3 tools/gpu_check.py --correctness --tuning 4  # opt-in dW
   run sparse_dot_correctness python3 tools/gpu_check_sparse_dot.py --correctness
 fi
 if [ "$MODE" = all ] || [ "$MODE" = check ]; then

@@ -258,10 +258,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
   const int x_chunk = FA == 1 ? tid & 7 : tid & 15, x_row0 = FA == 1 ? tid >> 3 : tid >> 4;
   const int x_dst0 = FA == 1 ? SwizzledR<128>(x_row0, x_chunk)
                              : (x_chunk >> 3) * (kBS * 128) + SwizzledR<128>(x_row0, x_chunk & 7);
-  // Copies of the step at column-list position pos, for batch rows n0.., into stage buf.
-  auto load_step = [&](int pos, int64_t n0, int buf) {
-    const int c = __ldg(p.col_row + pos);
-    const int b = __ldg(p.col_block + pos);
+  // Copies of the step of block b at block row c, for batch rows n0.., into stage buf.
+  auto load_step = [&](int c, int b, int64_t n0, int buf) {
     unsigned char* Ws = smem + buf * Cfg::kStageBytes;
     unsigned char* Xs = Ws + Cfg::kWBytes;
     const T* wsrc = w_src + static_cast<int64_t>(b) * (kBS * kBS);
@@ -303,16 +301,27 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
       if (lt < tiles) open_tile(lt, lpbeg, lsteps, ln0);
     }
   };
+  // The cursor step's block row and block, read one step ahead of its copies so that the
+  // copies (issued before the wgmma of each step) never wait for these loads.
+  int lc = 0, lb = 0;
+  auto fetch_index = [&]() {
+    if (lt < tiles) {
+      lc = __ldg(p.col_row + lpbeg + ls);
+      lb = __ldg(p.col_block + lpbeg + ls);
+    }
+  };
   auto issue_next_copy = [&](int buf) {
     if (lt < tiles) {
-      load_step(lpbeg + ls, ln0, buf);
+      load_step(lc, lb, ln0, buf);
       ++ls;
       seek();
+      fetch_index();
     }
     CpAsyncCommit();  // one group per step, empty or not, so the waits count steps
   };
   if (lt < tiles) open_tile(lt, lpbeg, lsteps, ln0);
   seek();
+  fetch_index();
 #pragma unroll
   for (int s = 0; s < kStages - 2; ++s) issue_next_copy(s);
 
@@ -488,9 +497,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
                                  : gx + static_cast<int64_t>(x_row0) * N + n0 + x_chunk * 8;
   const int64_t x_rows_left = N - n0 - x_row0;
   const bool x_chunk_valid = n0 + x_chunk * 8 < N;  // feature axis 0
-  auto load_step = [&](int s, int buf) {
-    const int c = __ldg(p.col_row + pbeg + s);
-    const int b = __ldg(p.col_block + pbeg + s);
+  auto load_step = [&](int c, int b, int buf) {
     unsigned char* st = smem + buf * Cfg::kStageBytes;
     if (kWCopies == Cfg::kThreads || tid < kWCopies)
       CpAsync16(st + w_dst, w_src + static_cast<int64_t>(b) * (BS * BS), true);
@@ -510,18 +517,30 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
 #pragma unroll
     for (int e = 0; e < BS / 2; ++e) acc[h][e] = 0.f;
 
+  // Step s's block row and block; the loop reads them one step ahead of their copies, so the
+  // copies (issued before each step's wgmma) never wait for these loads.
+  auto index = [&](int s, int& c, int& b) {
+    if (s < steps) {
+      c = __ldg(p.col_row + pbeg + s);
+      b = __ldg(p.col_block + pbeg + s);
+    }
+  };
+  int nc = 0, nb = 0;
 #pragma unroll
   for (int s = 0; s < kStages - 2; ++s) {
-    if (s < steps) load_step(s, s);
+    index(s, nc, nb);
+    if (s < steps) load_step(nc, nb, s);
     CpAsyncCommit();  // one group per step, empty or not, so the waits count steps
   }
+  index(kStages - 2, nc, nb);
   for (int s = 0; s < steps; ++s) {
     CpAsyncWait<kStages - 3>();  // this thread's copies of step s have landed
     FenceSharedForAsyncProxy();
     __syncthreads();  // everyone's have; and step s - 2's wgmma (waited below) is done
     const int nxt = s + kStages - 2;
-    if (nxt < steps) load_step(nxt, nxt % kStages);  // into the stage step s - 2 read
+    if (nxt < steps) load_step(nc, nb, nxt % kStages);  // into the stage step s - 2 read
     CpAsyncCommit();
+    index(nxt + 1, nc, nb);
     const uint32_t x_base = smem_base + (s % kStages) * Cfg::kStageBytes;
     const uint32_t w_base = x_base + Cfg::kXBytes;
     WgmmaFence();
@@ -734,6 +753,26 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaGradWColumnKernel(const Pa
   const T* const dy_src = FA == 1
                               ? gdy + dr0 * K + static_cast<int64_t>(kcol) * BS + dq * 8
                               : gdy + (static_cast<int64_t>(kcol) * BS + dr0) * N + dq * 8;
+  // This thread's x chunks, worked out once: pack j's block at slot s (feature axis 1: the
+  // slot of chunk q; feature axis 0: rows r0 + kXRowStep i lie in slot kXRowStep i / BS, as
+  // r0 < kXRowStep and BS is a multiple of kXRowStep) starts at x_src[j][s] for batch row 0
+  // (null for a slot past the group's end).  The swizzle repeats every 8 rows, so rows
+  // r0 + kXRowStep i land at x_dst0 plus whole rows.
+  static_assert(kXRowStep % 8 == 0 && (FA == 1 || BS % kXRowStep == 0),
+                "each pass's rows keep the swizzle phase and lie in one slot");
+  constexpr int kSlots = FA == 1 ? 1 : P;
+  const T* x_src[G][kSlots];
+#pragma unroll
+  for (int j = 0; j < G; ++j)
+#pragma unroll
+    for (int e = 0; e < kSlots; ++e) {
+      const int slot = FA == 1 ? q / (BS / 8) : e;
+      const int c = s_c[j * P + slot];
+      x_src[j][e] = c < 0 ? nullptr
+                    : FA == 1 ? gx + r0 * C + static_cast<int64_t>(c) * BS + (q % (BS / 8)) * 8
+                              : gx + (static_cast<int64_t>(c) * BS + r0) * N + q * 8;
+    }
+  const int x_dst0 = SwizzledR<kPackRowBytes>(r0, q);
   auto load_step = [&](int s, int buf) {
     const int64_t n0 = (static_cast<int64_t>(s) * split + rank) * kRows;
     unsigned char* st = smem + buf * Cfg::kStageBytes;
@@ -753,27 +792,21 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaGradWColumnKernel(const Pa
       }
       CpAsync16(dys + SwizzledR<kDyRowBytes>(r, dq), v ? dy_src + off : gdy, v);
     }
+    const int64_t x_step = FA == 1 ? n0 * C : n0;
+    const bool x_chunk_valid = n0 + q * 8 < N;  // feature axis 0
 #pragma unroll
     for (int j = 0; j < G; ++j) {
       if (j >= packs) break;
 #pragma unroll
       for (int i = 0; i < kXPasses; ++i) {
-        const int r = r0 + kXRowStep * i;
-        // The block of this chunk: slot q / (BS / 8) of the pack (feature axis 1) or
-        // r / BS (feature axis 0).
-        const int slot = FA == 1 ? q / (BS / 8) : r / BS;
-        const int c = s_c[j * P + slot];
-        if (c < 0) continue;
-        bool v;
-        const T* src;
-        if constexpr (FA == 1) {
-          v = n0 + r < N;
-          src = gx + (n0 + r) * C + static_cast<int64_t>(c) * BS + (q % (BS / 8)) * 8;
-        } else {
-          v = n0 + q * 8 < N;
-          src = gx + (static_cast<int64_t>(c) * BS + r % BS) * N + n0 + q * 8;
-        }
-        CpAsync16(st + j * Cfg::kPackBytes + SwizzledR<kPackRowBytes>(r, q), v ? src : gx, v);
+        const T* base = x_src[j][FA == 1 ? 0 : kXRowStep * i / BS];
+        if (base == nullptr) continue;  // a slot past the group's end
+        // Rows (feature axis 1) or chunks (feature axis 0) at or past N are zero-filled.
+        const bool v = FA == 1 ? kXRowStep * i < N - n0 - r0 : x_chunk_valid;
+        const int64_t off = FA == 1 ? x_step + static_cast<int64_t>(kXRowStep * i) * C
+                                    : x_step + static_cast<int64_t>(kXRowStep * i % BS) * N;
+        CpAsync16(st + j * Cfg::kPackBytes + x_dst0 + kXRowStep * i * kPackRowBytes,
+                  v ? base + off : gx, v);
       }
     }
   };

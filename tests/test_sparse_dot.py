@@ -226,6 +226,18 @@ def test_many_examples_per_block_pair(bs, transpose_w):
     assert rel_err(dw, dw_ref.T if transpose_w else dw_ref) < 1e-5
 
 
+def check_forward_never_reads_inactive(x, w, in_mask, out_mask, bs, transpose_w):
+    """The forward (w given as it is, or transposed for transpose_w) against the float64
+    reference, with NaN in x wherever the input mask is off; inactive outputs exactly zero."""
+    x_bad = x.copy()
+    x_bad[np.repeat(in_mask == 0, bs, axis=1)] = np.nan
+    wt = w.T.copy() if transpose_w else w
+    y = sparse_dot(x_bad, wt, in_mask, out_mask, block_size=bs, transpose_w=transpose_w).numpy()
+    y_ref, _, out_e = reference(x, w, in_mask, out_mask, None, bs)
+    assert rel_err(y, y_ref) < 1e-5
+    assert np.all(y[out_e == 0] == 0)
+
+
 @pytest.mark.parametrize("transpose_w", [False, True])
 def test_batches_longer_than_one_row_chunk(transpose_w):
     """More examples than the forward works on at a time (1024): three chunks, the last partial
@@ -240,13 +252,7 @@ def test_batches_longer_than_one_row_chunk(transpose_w):
     in_mask[1500:1600] = 0
     out_mask[:1024, 2] = 0
     in_mask[1024:, 4] = 0
-    x_bad = x.copy()
-    x_bad[np.repeat(in_mask == 0, bs, axis=1)] = np.nan
-    wt = w.T.copy() if transpose_w else w
-    y = sparse_dot(x_bad, wt, in_mask, out_mask, block_size=bs, transpose_w=transpose_w).numpy()
-    y_ref, _, out_e = reference(x, w, in_mask, out_mask, None, bs)
-    assert rel_err(y, y_ref) < 1e-5
-    assert np.all(y[out_e == 0] == 0)
+    check_forward_never_reads_inactive(x, w, in_mask, out_mask, bs, transpose_w)
 
 
 @pytest.mark.parametrize("transpose_w", [False, True])
@@ -263,13 +269,7 @@ def test_panels_gathered_per_task(transpose_w):
     out_mask = np.zeros((n, p // bs), np.float32)
     out_mask[:, :2] = RNG.random((n, 2)) < 0.5
     out_mask[[3, 100], 9] = 1
-    x_bad = x.copy()
-    x_bad[np.repeat(in_mask == 0, bs, axis=1)] = np.nan
-    wt = w.T.copy() if transpose_w else w
-    y = sparse_dot(x_bad, wt, in_mask, out_mask, block_size=bs, transpose_w=transpose_w).numpy()
-    y_ref, _, out_e = reference(x, w, in_mask, out_mask, None, bs)
-    assert rel_err(y, y_ref) < 1e-5
-    assert np.all(y[out_e == 0] == 0)
+    check_forward_never_reads_inactive(x, w, in_mask, out_mask, bs, transpose_w)
 
 
 @pytest.mark.parametrize("bs", [1, 8, 16, 32, 64])

@@ -657,8 +657,23 @@ void GatheredRowsGradW(const float* x, int64_t x_rs, const float* dy, int64_t dy
 // x[rows[q], i], likewise dy_panel): dw = sum over q of x_panel[q]^T dy_panel[q].  A = the x
 // panel, B = the dy panel, P = the row count; both are read sequentially from L1/L2, and a
 // tile of dw stays in registers over all the rows.
+template <int64_t kBs>
+void GatherRowsOf(const float* src, int64_t src_rs, const int32_t* rows, int64_t count,
+                  float* panel) {
+  for (int64_t q = 0; q < count; ++q, panel += kBs) {
+    std::memcpy(panel, src + rows[q] * src_rs, kBs * sizeof(float));
+  }
+}
+
 void GatherRows(const float* src, int64_t src_rs, const int32_t* rows, int64_t count,
                 int64_t bs, float* panel) {
+  // The common block sizes as constants: a row is then a few vector moves, with no run-time
+  // length or overlap checks.
+  switch (bs) {
+    case 16: return GatherRowsOf<16>(src, src_rs, rows, count, panel);
+    case 32: return GatherRowsOf<32>(src, src_rs, rows, count, panel);
+    case 64: return GatherRowsOf<64>(src, src_rs, rows, count, panel);
+  }
   for (int64_t q = 0; q < count; ++q, panel += bs) {
     const float* row = src + rows[q] * src_rs;
     for (int64_t c = 0; c < bs; ++c) panel[c] = row[c];

@@ -229,6 +229,12 @@ def correctness(lib, res, quick=False, race=False):
     for N in ([17, 64] if quick or race else [1, 17, 40, 64]):
         for fa in (1, 0):
             run_case(lib, res, "bfloat16", 16, L, N, fa, gen, ops=("dw",))
+    # Long batches: the bs-16 column groups of 16 blocks (Hopper, 16-bit, N >= 8192), several
+    # groups per column and a partial last one, a ragged last step.
+    if not race:
+        L = random_layout(40, 3, 16, 0.9, rng, empty_cols=[2])
+        for fa in (1, 0):
+            run_case(lib, res, "bfloat16", 16, L, 8200, fa, gen, ops=("dw",))
     for bs in bss:
         layouts = []
         if not race:

@@ -59,16 +59,19 @@ class ActiveExamples {
     return false;
   }
 
-  // The examples of words [w0, w1) active in both this mask's block b and other's block
-  // other_b, ascending, counted from example 64 w0.
-  void ActiveInBoth(int64_t b, const ActiveExamples& other, int64_t other_b, int64_t w0,
-                    int64_t w1, std::vector<int32_t>* rows) const {
-    rows->clear();
+  // Writes the examples of words [w0, w1) active in both this mask's block b and other's
+  // block other_b, ascending, counted from example 64 w0, to rows (room for 64 (w1 - w0));
+  // returns how many.  A plain array, not push_back, so the loop stays in registers.
+  int64_t ActiveInBoth(int64_t b, const ActiveExamples& other, int64_t other_b, int64_t w0,
+                       int64_t w1, int32_t* rows) const {
+    int64_t count = 0;
     for (int64_t word = w0; word < w1; ++word) {
+      const int32_t first = static_cast<int32_t>((word - w0) * 64);
       for (uint64_t both = Word(b, word) & other.Word(other_b, word); both; both &= both - 1) {
-        rows->push_back(static_cast<int32_t>((word - w0) * 64 + __builtin_ctzll(both)));
+        rows[count++] = first + __builtin_ctzll(both);
       }
     }
+    return count;
   }
 
  private:
@@ -238,7 +241,7 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
       1, 1, out_blocks, blocks_per_task, 2 * n * m * bs * blocks_per_task / 4, parallel_for,
       [&](ForwardScratch* scratch, int64_t, int64_t, int64_t j0, int64_t j1) {
     std::vector<int32_t>& rows = scratch->rows;
-    rows.reserve(chunk_rows);
+    rows.resize(chunk_rows);  // a multiple of 64: room for any chunk's examples
     std::vector<uint64_t>& task_rows = scratch->task_rows;
     // Row r of a chunk sits at r * bs in its panels: x's input block i at x_panel(i), y's
     // output block j at y_panel(j).  Contiguous rows, unlike x's and y's own rows of m or p
@@ -292,22 +295,22 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
       // transpose_w the transpose of w's block (j, i); it is packed (so that it stays in L1)
       // while the block of the pair (next_i, next_j) is fetched, if that one is used.
       auto multiply_pair = [&](int64_t i, int64_t j, int64_t next_i, int64_t next_j) {
-        active_in.ActiveInBoth(i, active_out, j, w0, w1, &rows);
-        if (rows.empty()) return;
+        const int64_t count = active_in.ActiveInBoth(i, active_out, j, w0, w1, rows.data());
+        if (count == 0) return;
         const bool next_used = next_i < in_blocks && any_in_both(next_i, next_j);
         const float* block = weights.Source(i, j);
         const float* next = next_used ? weights.Source(next_i, next_j) : block;
         const int64_t rs = weights.SourceRowStride();
         int64_t block_rs = rs;
-        if (transpose_w || static_cast<int64_t>(rows.size()) > kRowsReadInPlace) {
+        if (transpose_w || count > kRowsReadInPlace) {
           kernels.pack_block(block, rs, bs, transpose_w, next, packed);
           block = packed;
           block_rs = bs;
         } else if (next_used) {
           PrefetchBlock(next, rs, bs);
         }
-        kernels.exact_rows_accumulate(x_rows(i), x_rs, rows.data(), rows.size(), block, block_rs,
-                                      bs, y_rows(j), y_rs);
+        kernels.exact_rows_accumulate(x_rows(i), x_rs, rows.data(), count, block, block_rs, bs,
+                                      y_rows(j), y_rs);
       };
       // Every y block sums its input blocks in increasing order, whatever the grouping.
       for (int64_t i0 = 0; i0 < in_blocks; i0 += group) {
@@ -360,25 +363,26 @@ void SparseDotGradWCpu(const float* x, const float* dy, const float* in_mask,
       in_blocks, tile, out_blocks, tile, n * bs * bs * tile * tile / 2, parallel_for,
       [&](GradWScratch* scratch, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
     std::vector<int32_t>& rows = scratch->rows;
-    rows.reserve(n);
+    rows.resize(active_in.words() * 64);
     std::vector<float>& x_panel = scratch->x_panel;
     std::vector<float>& dy_panel = scratch->dy_panel;
     for (int64_t i = i0; i < i1; ++i) {
       for (int64_t j = j0; j < j1; ++j) {
         float* block = dw + i * bs * p + j * bs;
-        active_in.ActiveInBoth(i, active_out, j, 0, active_in.words(), &rows);
-        if (rows.empty()) {
+        const int64_t count =
+            active_in.ActiveInBoth(i, active_out, j, 0, active_in.words(), rows.data());
+        if (count == 0) {
           for (int64_t r = 0; r < bs; ++r) std::fill_n(block + r * p, bs, 0.f);
           continue;
         }
         // Panels grow to the most active rows seen, not to n: cost follows the active rows.
-        if (x_panel.size() < rows.size() * bs) {
-          x_panel.resize(rows.size() * bs);
-          dy_panel.resize(rows.size() * bs);
+        if (static_cast<int64_t>(x_panel.size()) < count * bs) {
+          x_panel.resize(count * bs);
+          dy_panel.resize(count * bs);
         }
-        kernels.gather_rows(x + i * bs, m, rows.data(), rows.size(), bs, x_panel.data());
-        kernels.gather_rows(dy + j * bs, p, rows.data(), rows.size(), bs, dy_panel.data());
-        kernels.panel_grad_w(x_panel.data(), dy_panel.data(), rows.size(), bs, block, p);
+        kernels.gather_rows(x + i * bs, m, rows.data(), count, bs, x_panel.data());
+        kernels.gather_rows(dy + j * bs, p, rows.data(), count, bs, dy_panel.data());
+        kernels.panel_grad_w(x_panel.data(), dy_panel.data(), count, bs, block, p);
       }
     }
   });

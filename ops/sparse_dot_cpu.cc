@@ -27,9 +27,10 @@ constexpr int64_t kPanelRows = 1024;
 constexpr int64_t kMinExamplesPerPairForPanels = 24;
 // Up to this size of x, the forward gathers x's active rows once into panels shared by all its
 // tasks, rather than each task gathering the rows it needs (x once per task where the input
-// mask is full).  Measured on a 2-core Zen 4 (1024 x 4096 x 4096; share of the op's cycles in
-// the block products, which do the same work either way, so the ratio is the speedup): bs 32
-// at 25%/25% 47% -> 63%, bs 32 at 100% in / 25% out 70% -> 82%, bs 16 at 50%/50% 63% -> 76%.
+// mask is full).  Measured on a 2-core Zen 4 (1024 x 4096 x 4096, the two versions in
+// alternating processes, fastest of 20 calls each): 1.00-1.14x in the 13 cells of
+// benchmarks/bench_sparse_dot.py that use panels, e.g. bs 16 at 25%/25% 39.6 -> 35.0 ms, bs 32
+// at 25%/25% 26.3 -> 24.7, bs 64 at 100% in / 25% out 57.3 -> 54.4.
 constexpr int64_t kSharedPanelsMaxBytes = int64_t{64} << 20;
 
 // For every block column of a mask, the examples where it is active, as 64-bit words of bits.

@@ -368,10 +368,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
       for (int kk = 0; kk < kBS / 16; ++kk) {
         if constexpr (FA == 1)
           Wgmma<T, kBM, true, false>(acc, Descriptor(w_base + kk * 2048),
-                               Descriptor(x_base + kk * 32));
+                                     Descriptor(x_base + kk * 32));
         else
           Wgmma<T, kBM, true, true>(acc, Descriptor(w_base + kk * 2048),
-                              Descriptor(x_base + kk * 2048, kBS * 128));
+                                    Descriptor(x_base + kk * 2048, kBS * 128));
       }
       WgmmaCommit();
       WgmmaWait<1>();  // step g - 1's group is done; step g's may still run
@@ -633,7 +633,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
 //                                      * dy_k (B: 16 x bs)
 // for the G packs j, all reading one dy tile: a step copies G * P x slabs and one dy slab
 // (the mma.sync dW tiles read a dy slab per one, two or four blocks).
-// Shared memory per stage: G pack tiles of kRows x 64 elements (8 KiB), then the dy tile.  (Steps of 32 rows with 6-8 stages measured no faster on an H200.)
+// Shared memory per stage: G pack tiles of kRows x 64 elements (8 KiB), then the dy tile.
+// (Steps of 32 rows with 6-8 stages measured no faster on an H200.)
 //   Feature axis 1: rows are batch rows; a pack row holds block s's bs features in its 16-byte
 //     chunks s bs / 8 ..; A is M-contiguous (transpose flag), B (64 rows of 2 bs bytes in the
 //     2 bs-byte swizzle) N-contiguous; a k16 slice is 16 rows on.

@@ -518,10 +518,9 @@ def benchmark(lib, res, out_md, quick=False):
             f"{r['tf']:.4f} | {r['eff']:.1f} | {r['frac']*100:.0f}% | {r['speed']:.2f} | "
             f"{r['vs_bsr']:.2f} | {r['tg']:.4f} | {r['speed_g']:.2f} | {r['g_over_f']:.2f} | "
             f"{r['wbw']:.0f} ({r['wbw_frac']*100:.0f}%) | "
-            + ("" if math.isnan(r['tm']) else f"{r['tm']:.4f} (x{r['tm'] / r['tf']:.2f})") + " | "
-            + ("" if math.isnan(r['tgm']) else f"{r['tgm']:.4f} (x{r['tgm'] / r['tg']:.2f})") + " | "
-            + ("" if math.isnan(r['tw']) else f"{r['tw']:.4f} (x{r['tw'] / r['tf']:.2f})") + " | "
-            + ("" if math.isnan(r['tw2']) else f"{r['tw2']:.4f} (x{r['tw2'] / r['tf']:.2f})") + " |")
+            + " | ".join(against_default(r[k], r[base])
+                         for k, base in (("tm", "tf"), ("tgm", "tg"), ("tw", "tf"), ("tw2", "tf")))
+            + " |")
     lines.append("")
     lines.append("Dense references (ms, TFLOP/s): " + "; ".join(
         f"{k[0]} N={k[1]} C=K={k[2]}: fwd {v[0]:.4f} ({2*k[1]*k[2]*k[2]/v[0]/1e9:.0f}), "
@@ -536,6 +535,12 @@ def benchmark(lib, res, out_md, quick=False):
         except Exception as ex:  # plotting is optional
             print(f"plot skipped: {type(ex).__name__}: {ex}")
     return md
+
+
+def against_default(t, default):
+    """A table cell for an alternative kernel's time t (ms): empty where it was not timed (NaN),
+    else the time and its ratio to the default's."""
+    return "" if math.isnan(t) else f"{t:.4f} (x{t / default:.2f})"
 
 
 def plot(rows, path, dev_name):

@@ -215,7 +215,7 @@ int LaunchMma(const Params& p, int64_t tiles, int64_t batch_tiles, double avg_st
 }
 
 // The wgmma kernels (ops/blocksparse_matmul_gpu_wgmma.cuh): 16-bit, on sm_90; N > 64 but for
-// the bs-16 dW with full columns.
+// the bs-16 dW with full columns and the bs-32 forward.
 // bs-64 forward: one warpgroup per 128 batch rows and 4 stages (97 KiB of shared memory, so two
 // CTAs share an SM) measured fastest on an H200 (bf16, feature axis 1) among 128 / 256 rows
 // per warpgroup, one or two warpgroups, and 4 or 5 stages.
@@ -271,10 +271,19 @@ int LaunchWgmmaForward(const Params& p, int64_t N, int64_t KB, int device, const
 // bytes).  So columns fuller than this fraction keep the mma.sync kernel (the threshold lies
 // between the measured 50% and 100%).
 constexpr double kWgmmaBs16MaxColumnFill = 0.75;
-template <typename T, int FA, int BS>
+// bs 32 with small batches (N <= kSmallBatch): one CTA streams a block column's weights
+// through 16 stages of 64 batch rows (97 KiB).  Measured on an H200 (N = 64, C = K = 4096,
+// bf16 both feature axes and fp16, 2-100% density, fastest of three medians, alternated)
+// against the mma.sync small-batch tiles: 1.04-1.28x in all 18 cells (feature axis 1
+// 1.12-1.24x; bf16: 10.7 -> 9.3 us at 10%, 33.7 -> 29.8 at 100%), where 6 or 10 stages were
+// up to 10% slower at high density; N = 16 and 32: 1.00-1.19x but 0.91x at N = 16, 100%,
+// feature axis 1.  The same kernel for bs 16 measured 0.73-1.05x (0.76-0.79x from 25% with
+// feature axis 0), so bs 16 keeps the mma.sync tiles there.
+using WgmmaSmallBatchFwdCfg = wgmma_impl::NarrowFwdCfg<32, 16, 64>;
+template <typename T, int FA, int BS,
+          class Cfg = wgmma_impl::NarrowFwdCfg<BS, BS == 32 ? 3 : 4, 256>>
 int LaunchWgmmaForwardNarrow(const Params& p, int64_t N, int64_t KB, int device,
                              const DeviceInfo& di, cudaStream_t s) {
-  using Cfg = wgmma_impl::NarrowFwdCfg<BS, BS == 32 ? 3 : 4, 256>;
   return LaunchTiles<WgmmaTag<T, Cfg, 10 + FA>>(wgmma_impl::WgmmaForwardNarrowKernel<T, FA, Cfg>,
                                                 Cfg::kThreads, Cfg::kSmemBytes, KB,
                                                 (N + Cfg::kBM - 1) / Cfg::kBM, 0.0, p, device,
@@ -339,6 +348,8 @@ int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int dev
         BS == 16 && blocks_per_col > kWgmmaBs16MaxColumnFill * static_cast<double>(p.C / BS);
     if (UseWgmma(N, di) && !full_columns)
       return LaunchWgmmaForwardNarrow<T, FA, BS>(p, N, KB, device, di, s);
+    if (BS == 32 && N <= kSmallBatch && WgmmaEnabled(di))
+      return LaunchWgmmaForwardNarrow<T, FA, 32, WgmmaSmallBatchFwdCfg>(p, N, KB, device, di, s);
   }
   if (N <= kSmallBatch) {
     using Cfg = typename FwdCfg<T, FA, BS, true>::type;

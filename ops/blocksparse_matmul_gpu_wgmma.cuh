@@ -1,7 +1,7 @@
 // Block-sparse products on Hopper's warpgroup MMA (wgmma, sm_90a) for 16-bit inputs: the
 // forward for both feature axes with N > 64 (the dispatch's default on sm_90; dx is this same
-// product) for bs 64 (below) and bs 16 / 32 (WgmmaForwardNarrowKernel), and dW for bs 16 / 32 /
-// 64, both feature axes (WgmmaGradWColumnKernel).
+// product) for bs 64 (below) and bs 16 / 32 (WgmmaForwardNarrowKernel, which also runs bs 32
+// with N <= 64), and dW for bs 16 / 32 / 64, both feature axes (WgmmaGradWColumnKernel).
 //
 // Why: the mma.sync kernels issue one instruction per 16 x 8 x 16 product plus the ldmatrix
 // loads that feed it, and measured on an H200 they are bound by instruction issue (see
@@ -418,9 +418,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
 }
 
 // ---- bs-16 / bs-32 forward ----
-// 16-bit, bs 16 or 32, N > 64, both feature axes.  A BS x BS weight block is too short for
-// wgmma's 64-row operand, so this product is not transposed: per stored block of the column,
-// in increasing block row,
+// 16-bit, bs 16 or 32, both feature axes; N > 64, and bs 32 with N <= 64 (64-row tiles).  A
+// BS x BS weight block is too short for wgmma's 64-row operand, so this product is not
+// transposed: per stored block of the column, in increasing block row,
 //   y[n0 + 64 h .., k-block] += x[n0 + 64 h .., c-block] (A: 64 batch rows x BS)
 //                              * W(c, k) (B: BS x BS, N-contiguous: the transpose flag)
 // as BS / 16 m64nBSk16 slices, for the kBM / 64 row groups h of the CTA (which share each

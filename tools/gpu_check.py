@@ -229,6 +229,12 @@ def correctness(lib, res, quick=False, race=False):
     for N in ([17, 64] if quick or race else [1, 17, 40, 64]):
         for fa in (1, 0):
             run_case(lib, res, "bfloat16", 16, L, N, fa, gen, ops=("dw",))
+    # Small batches with bs 32: the forward streams each block column through 16 stages
+    # (Hopper, 16-bit); about 43 blocks per column, so its pipeline wraps around.
+    L = random_layout(48, 3, 32, 0.9, rng, empty_cols=[1])
+    for N in ([17, 64] if quick or race else [1, 17, 40, 64]):
+        for fa in (1, 0):
+            run_case(lib, res, "bfloat16", 32, L, N, fa, gen, ops=("fwd", "dx"))
     # Long batches: the bs-16 column groups of 16 blocks (Hopper, 16-bit, N >= 8192), several
     # groups per column and a partial last one, a ragged last step.
     if not race:
@@ -285,6 +291,7 @@ def correctness(lib, res, quick=False, race=False):
                           ("bfloat16", 16, 1, 1000), ("float32", 32, 1, 512),
                           ("bfloat16", 64, 1, 1000), ("float16", 64, 0, 1000),  # wgmma
                           ("bfloat16", 64, 1, 64), ("float32", 64, 0, 64),  # cluster split
+                          ("bfloat16", 32, 0, 64),  # small-batch wgmma
                           ("float16", 16, 0, 17)]:  # CUDA-core fallback
         L = exact_layout(32, 32, bs, 0.2, rng)
         tdt = DTYPES[dt][1]

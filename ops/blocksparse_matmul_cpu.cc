@@ -113,19 +113,20 @@ void PackBlockColumn(const float* x, int64_t N, int64_t F, int64_t bs, int featu
 }
 
 // Rows [m0, m1) of x (N, C) as the row-tile panels of CpuKernels::forward_axis1, zero rows
-// completing the last tile.
+// completing the last tile.  The panels are written in order (a tile's block columns one
+// after another), reading the tile's rows side by side.
 void PackRowTilePanels(const float* x, int64_t m0, int64_t m1, int64_t C, int64_t bs,
                        int64_t tile, float* panels) {
   WithConstantBlockSize(bs, [&](auto kBs) {
-    const int64_t CB = C / kBs, padded_end = m0 + (m1 - m0 + tile - 1) / tile * tile;
-    for (int64_t m = m0; m < padded_end; ++m) {
-      float* panel_row = panels + ((m - m0) / tile * CB * tile + (m - m0) % tile) * kBs;
-      for (int64_t c = 0; c < CB; ++c, panel_row += tile * kBs) {
-        if (m < m1) {
-          std::memcpy(panel_row, x + m * C + c * kBs, kBs * sizeof(float));
-        } else {
-          std::memset(panel_row, 0, kBs * sizeof(float));
-        }
+    const int64_t CB = C / kBs;
+    float* out = panels;
+    for (int64_t t0 = m0; t0 < m1; t0 += tile) {
+      const int64_t rows = std::min(tile, m1 - t0);
+      for (int64_t c = 0; c < CB; ++c) {
+        const float* in = x + t0 * C + c * kBs;
+        for (int64_t r = 0; r < rows; ++r, out += kBs)
+          std::memcpy(out, in + r * C, kBs * sizeof(float));
+        for (int64_t r = rows; r < tile; ++r, out += kBs) std::memset(out, 0, kBs * sizeof(float));
       }
     }
   });

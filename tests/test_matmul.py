@@ -264,6 +264,26 @@ def test_tf1_graph_mode_session():
     np.testing.assert_allclose(dw_val, bsmm.updat_test(x_val, 2 * y_ref), rtol=1e-4, atol=1e-4)
 
 
+def test_one_instance_in_eager_calls_tf_function_and_a_graph():
+    """Eager calls keep the layout as a tensor between calls; a graph built afterwards with the
+    same instance must get its own (an eager tensor cannot enter a graph)."""
+    bsmm = BlocksparseMatMul(rect_layout(), block_size=16)
+    w_val = bsmm.ortho_init(seed=4)
+    x_val = RNG.standard_normal((3, bsmm.C)).astype(np.float32)
+    y_ref = bsmm.fprop_test(x_val, w_val)
+    for _ in range(2):
+        np.testing.assert_allclose(bsmm(x_val, w_val).numpy(), y_ref, rtol=1e-5, atol=1e-5)
+    traced = tf.function(lambda x: bsmm(x, w_val))
+    np.testing.assert_allclose(traced(x_val).numpy(), y_ref, rtol=1e-5, atol=1e-5)
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, bsmm.C])
+        y = bsmm(x, tf.constant(w_val))
+        with tf.compat.v1.Session(graph=graph) as sess:
+            y_val = sess.run(y, {x: x_val})
+    np.testing.assert_allclose(y_val, y_ref, rtol=1e-5, atol=1e-5)
+
+
 class _SparseDense(tf.keras.layers.Layer):
     """Minimal Keras layer over the op, for the fit test."""
 

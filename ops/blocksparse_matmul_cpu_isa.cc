@@ -471,6 +471,58 @@ struct PackedRowsOp {
   }
 };
 
+// sparse_dot's forward where every example is active in every block: (x panel of input block
+// q, its rows of the packed weight columns) for q < count; a panel's consecutive rows are bs
+// floats apart.
+struct PanelPairs {
+  const float* x;
+  int64_t x_stride;  // between the panels of consecutive input blocks
+  const float* w;
+  int64_t w_stride;  // between the weight rows of consecutive input blocks
+  int64_t count;
+  int64_t size() const { return count; }
+  const float* a(int64_t q) const { return x + q * x_stride; }
+  const float* b(int64_t q) const { return w + q * w_stride; }
+};
+
+struct FullRowsOp {
+  template <typename V, int NV>
+  static void Run(const float* x_panels, int64_t pitch, int64_t in_blocks, int64_t bs,
+                  const float* packed, int64_t width, float* y, int64_t y_rs, int64_t rows) {
+    auto run = [&](auto kBs) {  // the panels' row stride is the tile's compile-time A stride
+      RunBlockSize<V, NV, decltype(kBs)::value>(x_panels, pitch, in_blocks, packed, width, y,
+                                                y_rs, rows);
+    };
+    switch (bs) {
+      case 8: return run(std::integral_constant<int, 8>{});
+      case 16: return run(std::integral_constant<int, 16>{});
+      case 32: return run(std::integral_constant<int, 32>{});
+      case 64: return run(std::integral_constant<int, 64>{});
+    }
+  }
+
+  template <typename V, int NV, int kBs>
+  static void RunBlockSize(const float* x_panels, int64_t pitch, int64_t in_blocks,
+                           const float* packed, int64_t width, float* y, int64_t y_rs,
+                           int64_t rows) {
+    constexpr int64_t chunk = Width<V>() * NV;
+    for (int64_t m0 = 0; m0 < rows; m0 += kRowTile) {
+      for (int64_t j0 = 0; j0 < width; j0 += chunk) {
+        const PanelPairs pairs{x_panels + m0 * kBs, pitch * kBs, packed + j0, kBs * width,
+                               in_blocks};
+        Tile<kRowTile, NV, V, PanelPairs, false, kBs>(pairs, kBs, 1, width, y + m0 * y_rs + j0,
+                                                      y_rs, Min(kRowTile, rows - m0));
+      }
+    }
+  }
+};
+
+void FullRowsForward(const float* x_panels, int64_t pitch, int64_t in_blocks, int64_t bs,
+                     const float* packed, int64_t width, float* y, int64_t y_rs, int64_t rows) {
+  DispatchBlockColumns<FullRowsOp>(width, x_panels, pitch, in_blocks, bs, packed, width, y, y_rs,
+                                   rows);
+}
+
 void ExactRowsAccumulate(const float* x, int64_t x_rs, const int32_t* rows, int64_t count,
                          const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs) {
   DispatchPanelColumns<PackedRowsOp>(bs, x, x_rs, rows, count, b, b_rs, bs, y, y_rs);
@@ -504,7 +556,7 @@ inline void TransposeTile(VecWide (&t)[Width<VecWide>()]) {
 // The source rows are short runs far apart, out of the hardware prefetchers' sight, so the
 // rows of the block at `next` (same stride; the caller packs it next) are fetched meanwhile.
 void PackBlock(const float* src, int64_t src_rs, int64_t bs, bool transpose, const float* next,
-               float* packed) {
+               float* packed, int64_t packed_rs) {
   constexpr int64_t kFloatsPerLine = 16;
   constexpr int W = Width<VecWide>();
   if (transpose && bs % W == 0) {
@@ -518,7 +570,7 @@ void PackBlock(const float* src, int64_t src_rs, int64_t bs, bool transpose, con
         for (int r = 0; r < W; ++r) t[r] = Load<VecWide>(src + (r0 + r) * src_rs + c0);
         TransposeTile(t);
 #pragma GCC unroll 16
-        for (int r = 0; r < W; ++r) Store<VecWide>(packed + (c0 + r) * bs + r0, t[r]);
+        for (int r = 0; r < W; ++r) Store<VecWide>(packed + (c0 + r) * packed_rs + r0, t[r]);
       }
     }
     return;
@@ -526,9 +578,9 @@ void PackBlock(const float* src, int64_t src_rs, int64_t bs, bool transpose, con
   for (int64_t r = 0; r < bs; ++r, src += src_rs, next += src_rs) {
     for (int64_t c = 0; c < bs; c += kFloatsPerLine) __builtin_prefetch(next + c);
     if (transpose) {
-      for (int64_t c = 0; c < bs; ++c) packed[c * bs + r] = src[c];
+      for (int64_t c = 0; c < bs; ++c) packed[c * packed_rs + r] = src[c];
     } else {
-      for (int64_t c = 0; c < bs; ++c) packed[r * bs + c] = src[c];
+      for (int64_t c = 0; c < bs; ++c) packed[r * packed_rs + c] = src[c];
     }
   }
 }
@@ -761,7 +813,7 @@ extern const ConvKernels kConvKernels = {kRowTile, GatheredTaps, SegmentOuterSum
 extern const CpuKernels kKernels = {BSMM_STRINGIFY(BSMM_ISA), Width<VecWide>(), kRowTile, ForwardAxis1, ForwardAxis0,
                                     GatheredRowsAccumulate,
                                     GradW, GatheredRowsGradW, ExactRowsAccumulate, PackBlock,
-                                    GatherRows, PanelGradW};
+                                    GatherRows, PanelGradW, FullRowsForward};
 
 }  // namespace BSMM_ISA
 }  // namespace blocksparse

@@ -59,10 +59,10 @@ struct CpuKernels {
   void (*exact_rows_accumulate)(const float* x, int64_t x_rs, const int32_t* rows,
                                 int64_t count, const float* b, int64_t b_rs, int64_t bs,
                                 float* y, int64_t y_rs);
-  // packed (bs x bs, row stride bs) = the bs x bs block at src (row stride src_rs), or its
-  // transpose; prefetches the block of the same stride at `next` meanwhile.
+  // packed (bs x bs, row stride packed_rs) = the bs x bs block at src (row stride src_rs), or
+  // its transpose; prefetches the block of the same stride at `next` meanwhile.
   void (*pack_block)(const float* src, int64_t src_rs, int64_t bs, bool transpose,
-                     const float* next, float* packed);
+                     const float* next, float* packed, int64_t packed_rs);
   // panel[q * bs + c] = src[rows[q] * src_rs + c] for q < count, c < bs.
   void (*gather_rows)(const float* src, int64_t src_rs, const int32_t* rows, int64_t count,
                       int64_t bs, float* panel);
@@ -72,6 +72,15 @@ struct CpuKernels {
   // aligned for it, fenced before returning.
   void (*panel_grad_w)(const float* x_panel, const float* dy_panel, int64_t count, int64_t bs,
                        float* dw, int64_t dw_rs);
+  // y[r, 0:width) (row stride y_rs) = sum over q < in_blocks, in increasing q, of
+  // x_panels[(q * pitch + r) * bs ..][0:bs) . packed[q * bs * width ..] (bs x width, row stride
+  // width), for r < rows: sparse_dot's forward where every example is active in every block,
+  // the sums of exact_rows_accumulate from zero kept in registers across input blocks.  Tiles
+  // of row_tile rows read whole: the last block's panel must be readable row_tile - 1 rows past
+  // `rows`.  bs is 8, 16, 32 or 64; width a multiple of 8.
+  void (*full_rows_forward)(const float* x_panels, int64_t pitch, int64_t in_blocks, int64_t bs,
+                            const float* packed, int64_t width, float* y, int64_t y_rs,
+                            int64_t rows);
 };
 
 // The micro-kernels of the block-sparse convolution (ops/blocksparse_conv_cpu.cc).

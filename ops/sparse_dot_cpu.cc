@@ -32,6 +32,9 @@ constexpr int64_t kMinExamplesPerPairForPanels = 24;
 // benchmarks/bench_sparse_dot.py that use panels, e.g. bs 16 at 25%/25% 39.6 -> 35.0 ms, bs 32
 // at 25%/25% 26.3 -> 24.7, bs 64 at 100% in / 25% out 57.3 -> 54.4.
 constexpr int64_t kSharedPanelsMaxBytes = int64_t{64} << 20;
+// Output features the forward computes together where every example of a row chunk is active
+// in every block: two AVX-512 vectors, so that 8- and 16-wide blocks fill a register tile.
+constexpr int64_t kFullRowsFeatures = 32;
 
 // For every block column of a mask, the examples where it is active, as 64-bit words of bits.
 class ActiveExamples {
@@ -58,6 +61,20 @@ class ActiveExamples {
       if (Word(b, word) & other.Word(other_b, word)) return true;
     }
     return false;
+  }
+
+  // Whether every example of [r0, r1) is active in every block of [b0, b1).
+  bool AllActive(int64_t b0, int64_t b1, int64_t r0, int64_t r1) const {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t word = r0 / 64; word * 64 < r1; ++word) {
+        const int64_t lo = std::max(r0 - word * 64, int64_t{0});
+        const int64_t hi = std::min(r1 - word * 64, int64_t{64});
+        const uint64_t width = hi - lo == 64 ? ~uint64_t{0} : (uint64_t{1} << (hi - lo)) - 1;
+        const uint64_t want = width << lo;
+        if ((Word(b, word) & want) != want) return false;
+      }
+    }
+    return true;
   }
 
   // Writes the examples of words [w0, w1) active in both this mask's block b and other's
@@ -154,6 +171,7 @@ struct ForwardScratch {
   std::vector<int32_t> rows;
   std::vector<uint64_t> task_rows;
   AlignedFloats packed, x_panels, y_panels;
+  AlignedFloats columns;  // weight columns of fully active chunks, packed
 };
 
 // Per-thread buffers of the weight gradient: the examples of one block pair, and their rows of
@@ -229,15 +247,21 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
   const int64_t chunk_rows = std::min<int64_t>(kPanelRows, (n + 63) / 64 * 64);
   // Where block pairs share enough examples overall, x's active rows are gathered once into
   // panels that every task reads (null otherwise: each task gathers its own, see gather_x).
+  // Their last block's panel is followed by a zeroed row tile, which full_rows_forward's last
+  // tile may read.
   std::unique_ptr<float[]> shared_storage;
   if (n * m * static_cast<int64_t>(sizeof(float)) <= kSharedPanelsMaxBytes &&
       ExamplesPerPair(active_in, 0, in_blocks, active_out, 0, out_blocks, 0, active_in.words(),
                       n) >= kMinExamplesPerPairForPanels) {
-    shared_storage.reset(new (std::nothrow) float[n * m]);
-    if (shared_storage) GatherActiveBlocks(x, n, m, bs, active_in, shared_storage.get(),
-                                           parallel_for);
+    const int64_t pad = kernels.row_tile * bs;
+    shared_storage.reset(new (std::nothrow) float[n * m + pad]);
+    if (shared_storage) {
+      std::fill_n(shared_storage.get() + n * m, pad, 0.f);
+      GatherActiveBlocks(x, n, m, bs, active_in, shared_storage.get(), parallel_for);
+    }
   }
   const float* const shared = shared_storage.get();
+  const bool dense_tiles = bs == 8 || bs == 16 || bs == 32 || bs == 64;  // full_rows_forward's
   ForTiles<ForwardScratch>(
       1, 1, out_blocks, blocks_per_task, 2 * n * m * bs * blocks_per_task / 4, parallel_for,
       [&](ForwardScratch* scratch, int64_t, int64_t, int64_t j0, int64_t j1) {
@@ -257,6 +281,33 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
     for (int64_t r0 = 0; r0 < n; r0 += chunk_rows) {
       const int64_t r1 = std::min(n, r0 + chunk_rows);
       const int64_t w0 = r0 / 64, w1 = (r1 + 63) / 64;
+      // Every example of the chunk active in every block of both masks: a dense product of the
+      // chunk's rows, from the shared panels, whose sums stay in registers across input blocks
+      // (the same sums, in the same order, as the block pairs below would make).
+      if (dense_tiles && shared && active_in.AllActive(0, in_blocks, r0, r1) &&
+          active_out.AllActive(j0, j1, r0, r1)) {
+        // Output blocks side by side, kFullRowsFeatures at a time, so that narrow blocks
+        // still fill a register tile's width.
+        const int64_t per_pass = std::max<int64_t>(1, kFullRowsFeatures / bs);
+        float* const columns = scratch->columns.Get(m * per_pass * bs);
+        const int64_t rs = weights.SourceRowStride();
+        for (int64_t ja = j0; ja < j1; ja += per_pass) {
+          const int64_t jb = std::min(j1, ja + per_pass), width = (jb - ja) * bs;
+          for (int64_t i = 0; i < in_blocks; ++i) {
+            for (int64_t j = ja; j < jb; ++j) {
+              const bool last = i + 1 == in_blocks && j + 1 == jb;
+              const float* next = last ? weights.Source(i, j)
+                                       : j + 1 < jb ? weights.Source(i, j + 1)
+                                                    : weights.Source(i + 1, ja);
+              kernels.pack_block(weights.Source(i, j), rs, bs, transpose_w, next,
+                                 columns + i * bs * width + (j - ja) * bs, width);
+            }
+          }
+          kernels.full_rows_forward(shared + r0 * bs, n, in_blocks, bs, columns, width,
+                                    y + r0 * p + ja * bs, p, r1 - r0);
+        }
+        continue;
+      }
       const bool panels = ExamplesPerPair(active_in, 0, in_blocks, active_out, j0, j1, w0, w1,
                                           r1 - r0) >= kMinExamplesPerPairForPanels;
       // Where the products read x's block i and add into y's block j, with their row strides.
@@ -304,7 +355,7 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
         const int64_t rs = weights.SourceRowStride();
         int64_t block_rs = rs;
         if (transpose_w || count > kRowsReadInPlace) {
-          kernels.pack_block(block, rs, bs, transpose_w, next, packed);
+          kernels.pack_block(block, rs, bs, transpose_w, next, packed, bs);
           block = packed;
           block_rs = bs;
         } else if (next_used) {

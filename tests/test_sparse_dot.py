@@ -255,6 +255,35 @@ def test_batches_longer_than_one_row_chunk(transpose_w):
     check_forward_never_reads_inactive(x, w, in_mask, out_mask, bs, transpose_w)
 
 
+@pytest.mark.parametrize("bs", [8, 16, 64])
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_fully_active_chunks_give_the_block_pairs_sums(bs, transpose_w):
+    """Row chunks whose examples are all active in every block are computed as one dense product
+    (sums kept in registers across input blocks): right against float64, and bitwise equal to
+    what the block pairs compute elsewhere.  Three chunks (1024, 1024 and 65 examples): the
+    first fully active; in the second one output block of one example is off, so that task's
+    pairs take the general path while its other tasks are dense; in the third one input block
+    of one example is off (all its tasks general)."""
+    n, m, p = 2113, 640, 576
+    x = RNG.standard_normal((n, m)).astype(np.float32)
+    w = RNG.standard_normal((m, p)).astype(np.float32)
+    wt = tf.constant(w.T.copy() if transpose_w else w)
+    ones_in = np.ones((n, m // bs), np.float32)
+    ones_out = np.ones((n, p // bs), np.float32)
+    in_mask, out_mask = ones_in.copy(), ones_out.copy()
+    out_mask[1500, 3] = 0
+    in_mask[2100, 5] = 0
+    check_forward_never_reads_inactive(x, w, in_mask, out_mask, bs, transpose_w)
+    y = sparse_dot(x, wt, in_mask, out_mask, block_size=bs, transpose_w=transpose_w).numpy()
+    y_all = sparse_dot(x, wt, ones_in, ones_out, block_size=bs, transpose_w=transpose_w).numpy()
+    y_ref, _, _ = reference(x, w, None, None, None, bs)
+    assert rel_err(y_all, y_ref) < 1e-5
+    same = np.ones((n, p), bool)
+    same[2100] = False
+    same[1500, 3 * bs:4 * bs] = False
+    assert np.array_equal(y[same], y_all[same])
+
+
 @pytest.mark.parametrize("transpose_w", [False, True])
 def test_panels_gathered_per_task(transpose_w):
     """Output activity concentrated in the first task's output blocks: over the whole product

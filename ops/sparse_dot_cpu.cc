@@ -261,7 +261,8 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
     }
   }
   const float* const shared = shared_storage.get();
-  const bool dense_tiles = bs == 8 || bs == 16 || bs == 32 || bs == 64;  // full_rows_forward's
+  // The block sizes full_rows_forward takes (fully active chunks, below).
+  const bool dense_tiles = bs == 8 || bs == 16 || bs == 32 || bs == 64;
   ForTiles<ForwardScratch>(
       1, 1, out_blocks, blocks_per_task, 2 * n * m * bs * blocks_per_task / 4, parallel_for,
       [&](ForwardScratch* scratch, int64_t, int64_t, int64_t j0, int64_t j1) {

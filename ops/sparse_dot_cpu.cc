@@ -145,6 +145,9 @@ class AlignedFloats {
 // Features of x and of dy one weight-gradient task covers: the task's slices of both (n x 256
 // each, where active) are read from memory once and reused from cache by all its blocks.
 constexpr int64_t kGradFeaturesPerTask = 256;
+// At most this much of a task's rows of x and dy is gathered at once where every example is
+// active (1024 examples of 256 features each way take 2 MiB).
+constexpr int64_t kFullGradPanelsMaxBytes = int64_t{16} << 20;
 
 // Runs work(&scratch, i0, i1, j0, j1) over the thread pool for tiles of row_tile block rows by
 // col_tile block columns covering row_blocks x col_blocks; `cost` is the flop estimate of one
@@ -419,6 +422,32 @@ void SparseDotGradWCpu(const float* x, const float* dy, const float* in_mask,
     rows.resize(active_in.words() * 64);
     std::vector<float>& x_panel = scratch->x_panel;
     std::vector<float>& dy_panel = scratch->dy_panel;
+    // Every example active in every block of the tile: each block's rows are gathered once
+    // (all of them, in order) and serve all its pairs, where the pairs below would gather the
+    // same rows for each pair (the same panels, so the same sums).
+    const int64_t full_panels_bytes = (i1 - i0 + j1 - j0) * n * bs * 4;
+    if (full_panels_bytes <= kFullGradPanelsMaxBytes && active_in.AllActive(i0, i1, 0, n) &&
+        active_out.AllActive(j0, j1, 0, n)) {
+      for (int64_t r = 0; r < n; ++r) rows[r] = static_cast<int32_t>(r);
+      x_panel.resize((i1 - i0) * n * bs);
+      dy_panel.resize((j1 - j0) * n * bs);
+      for (int64_t i = i0; i < i1; ++i) {
+        kernels.gather_rows(x + i * bs, m, rows.data(), n, bs,
+                            x_panel.data() + (i - i0) * n * bs);
+      }
+      for (int64_t j = j0; j < j1; ++j) {
+        kernels.gather_rows(dy + j * bs, p, rows.data(), n, bs,
+                            dy_panel.data() + (j - j0) * n * bs);
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = j0; j < j1; ++j) {
+          kernels.panel_grad_w(x_panel.data() + (i - i0) * n * bs,
+                               dy_panel.data() + (j - j0) * n * bs, n, bs,
+                               dw + i * bs * p + j * bs, p);
+        }
+      }
+      return;
+    }
     for (int64_t i = i0; i < i1; ++i) {
       for (int64_t j = j0; j < j1; ++j) {
         float* block = dw + i * bs * p + j * bs;

@@ -188,6 +188,37 @@ inline void DispatchBlockColumns(int64_t bs, Args... args) {
   }
 }
 
+// Calls f(std::integral_constant<int, bs>{}) for the block sizes of the row-tile panels (8,
+// 16, 32, 64): a panel's row stride is then a template argument of the tile.
+template <typename F>
+inline void WithPanelBlockSize(int64_t bs, F&& f) {
+  switch (bs) {
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+  }
+}
+
+// Calls f(std::integral_constant<int, MR>{}, m0, count) for the row tiles of `rows` rows of
+// row-tile panels: tiles of kRowTile rows, count = the rows of the tile that exist.  A last,
+// partial tile runs on a third or two thirds of the registers' rows where that covers it, so
+// its padding rows are not multiplied (at N = 64: 64 rows computed instead of 72).
+template <typename F>
+inline void ForRowTiles(int64_t rows, F&& f) {
+  constexpr int kThird = kRowTile / 3;
+  for (int64_t m0 = 0; m0 < rows; m0 += kRowTile) {
+    const int64_t count = Min(kRowTile, rows - m0);
+    if (count <= kThird) {
+      f(std::integral_constant<int, kThird>{}, m0, count);
+    } else if (count <= 2 * kThird) {
+      f(std::integral_constant<int, 2 * kThird>{}, m0, count);
+    } else {
+      f(std::integral_constant<int, kRowTile>{}, m0, count);
+    }
+  }
+}
+
 // feature_axis 1, y (rows, K):  A = x's rows as row-tile panels (see
 // CpuKernels::forward_axis1), B = w block rows, C = y rows.  P = bs, pairs = the blocks of
 // column k.
@@ -195,13 +226,9 @@ struct ForwardAxis1Op {
   template <typename V, int NV>
   static void Run(const float* panels, const float* w, float* y, int64_t rows,
                   const LayoutView* l, int64_t k_begin, int64_t k_end) {
-    // The panel's row stride, bs, is a template argument of the tile.
-    switch (l->block_size) {
-      case 8: return RunBlockSize<V, NV, 8>(panels, w, y, rows, l, k_begin, k_end);
-      case 16: return RunBlockSize<V, NV, 16>(panels, w, y, rows, l, k_begin, k_end);
-      case 32: return RunBlockSize<V, NV, 32>(panels, w, y, rows, l, k_begin, k_end);
-      case 64: return RunBlockSize<V, NV, 64>(panels, w, y, rows, l, k_begin, k_end);
-    }
+    WithPanelBlockSize(l->block_size, [&](auto kBs) {
+      RunBlockSize<V, NV, decltype(kBs)::value>(panels, w, y, rows, l, k_begin, k_end);
+    });
   }
 
   template <typename V, int NV, int kBs>
@@ -224,20 +251,8 @@ struct ForwardAxis1Op {
         }
       };
       // Tile rows outermost: each row of y is then written left to right in long runs, and
-      // the weight columns of [k_begin, k_end) stay in L2 for the next tile.  A last, partial
-      // tile runs on a third or two thirds of the registers' rows where that covers it, so
-      // its padding rows are not multiplied (at N = 64: 64 rows computed instead of 72).
-      constexpr int kThird = kRowTile / 3;
-      for (int64_t m0 = 0; m0 < rows; m0 += kRowTile) {
-        const int64_t count = Min(kRowTile, rows - m0);
-        if (count <= kThird) {
-          tile_rows(std::integral_constant<int, kThird>{}, m0, count);
-        } else if (count <= 2 * kThird) {
-          tile_rows(std::integral_constant<int, 2 * kThird>{}, m0, count);
-        } else {
-          tile_rows(std::integral_constant<int, kRowTile>{}, m0, count);
-        }
-      }
+      // the weight columns of [k_begin, k_end) stay in L2 for the next tile.
+      ForRowTiles(rows, tile_rows);
     }
   }
 };
@@ -489,16 +504,10 @@ struct FullRowsOp {
   template <typename V, int NV>
   static void Run(const float* x_panels, int64_t pitch, int64_t in_blocks, int64_t bs,
                   const float* packed, int64_t width, float* y, int64_t y_rs, int64_t rows) {
-    auto run = [&](auto kBs) {  // the panels' row stride is the tile's compile-time A stride
+    WithPanelBlockSize(bs, [&](auto kBs) {
       RunBlockSize<V, NV, decltype(kBs)::value>(x_panels, pitch, in_blocks, packed, width, y,
                                                 y_rs, rows);
-    };
-    switch (bs) {
-      case 8: return run(std::integral_constant<int, 8>{});
-      case 16: return run(std::integral_constant<int, 16>{});
-      case 32: return run(std::integral_constant<int, 32>{});
-      case 64: return run(std::integral_constant<int, 64>{});
-    }
+    });
   }
 
   template <typename V, int NV, int kBs>
@@ -506,14 +515,14 @@ struct FullRowsOp {
                            const float* packed, int64_t width, float* y, int64_t y_rs,
                            int64_t rows) {
     constexpr int64_t chunk = Width<V>() * NV;
-    for (int64_t m0 = 0; m0 < rows; m0 += kRowTile) {
+    ForRowTiles(rows, [&](auto kMR, int64_t m0, int64_t count) {
       for (int64_t j0 = 0; j0 < width; j0 += chunk) {
         const PanelPairs pairs{x_panels + m0 * kBs, pitch * kBs, packed + j0, kBs * width,
                                in_blocks};
-        Tile<kRowTile, NV, V, PanelPairs, false, kBs>(pairs, kBs, 1, width, y + m0 * y_rs + j0,
-                                                      y_rs, Min(kRowTile, rows - m0));
+        Tile<decltype(kMR)::value, NV, V, PanelPairs, false, kBs>(
+            pairs, kBs, 1, width, y + m0 * y_rs + j0, y_rs, count);
       }
-    }
+    });
   }
 };
 

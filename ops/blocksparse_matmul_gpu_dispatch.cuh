@@ -125,12 +125,13 @@ struct WithStages<Config<T, M, F, B, BM, BN, KS, WM, WN, WK, ST>, NS> {
 
 // Cluster split: with too few tiles to fill the GPU, let 2, 4 or 8 CTAs share each tile, as
 // long as all CTAs still fit on the GPU at once (`capacity` = resident CTAs per SM x SMs) and
-// each still gets at least one step on average.  Depends only on the problem sizes and the
-// device, so repeated runs split identically.
-inline int ChooseSplit(int64_t tiles, double avg_steps, int64_t capacity, const DeviceInfo& di) {
+// each still gets at least one step on average; at most max_split.  Depends only on the
+// problem sizes and the device, so repeated runs split identically.
+inline int ChooseSplit(int64_t tiles, double avg_steps, int64_t capacity, const DeviceInfo& di,
+                       int max_split = 8) {
   if (di.cc_major < 9) return 1;
   int s = 1;
-  while (s < 8 && tiles * 2 * s <= capacity && 2.0 * s <= avg_steps) s *= 2;
+  while (s < max_split && tiles * 2 * s <= capacity && 2.0 * s <= avg_steps) s *= 2;
   return s;
 }
 
@@ -168,7 +169,8 @@ int PrepareKernel(void (*kernel)(Params), int threads, int smem, int device,
 template <typename Tag>
 int LaunchTiles(void (*kernel)(Params), int threads, int smem, int64_t tiles,
                 int64_t batch_tiles, double avg_steps, const Params& p0, int device,
-                const DeviceInfo& di, cudaStream_t s, int64_t working_tiles = -1) {
+                const DeviceInfo& di, cudaStream_t s, int64_t working_tiles = -1,
+                int max_split = 8) {
   int per_sm = 0;
   cudaError_t e0 = static_cast<cudaError_t>(
       PrepareKernel<Tag>(kernel, threads, smem, device, di, &per_sm));
@@ -176,7 +178,7 @@ int LaunchTiles(void (*kernel)(Params), int threads, int smem, int64_t tiles,
   if (tiles <= 0 || batch_tiles <= 0) return cudaSuccess;
   // working_tiles: how many of the tiles have work, for kernels launched on a bound.
   const int split = ChooseSplit(working_tiles >= 0 ? working_tiles : tiles * batch_tiles,
-                                avg_steps, (int64_t)per_sm * di.sm_count, di);
+                                avg_steps, (int64_t)per_sm * di.sm_count, di, max_split);
   if (tiles * split > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   Params p = p0;
   for (int64_t base = 0; base < batch_tiles; base += 65535) {
@@ -271,23 +273,59 @@ int LaunchWgmmaForward(const Params& p, int64_t N, int64_t KB, int device, const
 // bytes).  So columns fuller than this fraction keep the mma.sync kernel (the threshold lies
 // between the measured 50% and 100%).
 constexpr double kWgmmaBs16MaxColumnFill = 0.75;
-// bs 32 with small batches (N <= kSmallBatch): one CTA streams a block column's weights
-// through 16 stages of 64 batch rows (97 KiB).  Measured on an H200 (N = 64, C = K = 4096,
-// bf16 both feature axes and fp16, 2-100% density, fastest of three medians, alternated)
-// against the mma.sync small-batch tiles: 1.04-1.28x in all 18 cells (feature axis 1
-// 1.12-1.24x; bf16: 10.7 -> 9.3 us at 10%, 33.7 -> 29.8 at 100%), where 6 or 10 stages were
-// up to 10% slower at high density; N = 16 and 32: 1.00-1.19x but 0.91x at N = 16, 100%,
-// feature axis 1.  The same kernel for bs 16 measured 0.73-1.05x (0.76-0.79x from 25% with
-// feature axis 0), so bs 16 keeps the mma.sync tiles there.
-using WgmmaSmallBatchFwdCfg = wgmma_impl::NarrowFwdCfg<32, 16, 64>;
+constexpr int kSmallBatchMaxSplit = 2;  // see LaunchWgmmaSmallBatchForward
 template <typename T, int FA, int BS,
           class Cfg = wgmma_impl::NarrowFwdCfg<BS, BS == 32 ? 3 : 4, 256>>
 int LaunchWgmmaForwardNarrow(const Params& p, int64_t N, int64_t KB, int device,
-                             const DeviceInfo& di, cudaStream_t s) {
+                             const DeviceInfo& di, cudaStream_t s, double split_steps = 0.0) {
   return LaunchTiles<WgmmaTag<T, Cfg, 10 + FA>>(wgmma_impl::WgmmaForwardNarrowKernel<T, FA, Cfg>,
                                                 Cfg::kThreads, Cfg::kSmemBytes, KB,
-                                                (N + Cfg::kBM - 1) / Cfg::kBM, 0.0, p, device,
-                                                di, s);
+                                                (N + Cfg::kBM - 1) / Cfg::kBM, split_steps, p,
+                                                device, di, s, -1, kSmallBatchMaxSplit);
+}
+
+// bs 32 / 64 with small batches (N <= kSmallBatch, 16-bit, Hopper): the same kernel with one
+// 64-row tile per block column, so a CTA streams its column's weights, several blocks per
+// pipeline step (fewer waits and barriers per block; at N = 64 a step, not the MMAs, set the
+// pace).  Long columns are split over a cluster of two CTAs (two CTAs per SM, half the steps
+// each; partial sums added in rank order).  Measured on an H200 (C = K = 4096, N = 64 and 16,
+// bf16 both feature axes and fp16, 2-100% density, variants alternated in one process,
+// fastest of three medians) against one block per step with 16 stages (bs 32) and the
+// mma.sync small-batch tiles (bs 64): docs/benchmarks_gpu.md.  Chosen:
+//   bs 32: 8 blocks per step, 4 stages (193 KiB) below kSmallBatchSplitBlocks32 blocks per
+//     column; from there 4 blocks per step, 4 stages (97 KiB), split (1.26-1.59x; unsplit it
+//     was 1.13-1.16x with feature axis 0 at 50-100%);
+//   bs 64: 2 blocks per step, 7 stages (225 KiB), split from kSmallBatchSplitBlocks64 blocks
+//     per column.  Clusters of four (97 KiB configurations) ran up to 2.4x slower at 10%
+//     density, so splits stop at two.
+using SmallBatchFwdCfg32 = wgmma_impl::NarrowFwdCfg<32, 4, 64, 8>;
+using SmallBatchFwdCfg32Split = wgmma_impl::NarrowFwdCfg<32, 4, 64, 4>;
+using SmallBatchFwdCfg64 = wgmma_impl::NarrowFwdCfg<64, 7, 64, 2>;
+constexpr double kSmallBatchSplitBlocks32 = 64, kSmallBatchSplitBlocks64 = 32;
+// Their shared memory is within every sm_90 GPU's opt-in limit (227 KiB); checked anyway, so
+// a GPU with less keeps the mma.sync tiles.
+inline bool SmallBatchWgmmaFits(const DeviceInfo& di) {
+  return di.max_smem_optin >= SmallBatchFwdCfg32::kSmemBytes &&
+         di.max_smem_optin >= SmallBatchFwdCfg32Split::kSmemBytes &&
+         di.max_smem_optin >= SmallBatchFwdCfg64::kSmemBytes;
+}
+
+template <typename T, int FA, int BS>
+int LaunchWgmmaSmallBatchForward(const Params& p, int64_t N, int64_t KB, double blocks_per_col,
+                                 int device, const DeviceInfo& di, cudaStream_t s) {
+  static_assert(BS == 32 || BS == 64, "bs 16 keeps the mma.sync tiles");
+  if constexpr (BS == 64) {
+    using Cfg = SmallBatchFwdCfg64;
+    const bool split = blocks_per_col >= kSmallBatchSplitBlocks64;
+    return LaunchWgmmaForwardNarrow<T, FA, 64, Cfg>(
+        p, N, KB, device, di, s, split ? blocks_per_col / Cfg::kBlocksPerStep : 0.0);
+  } else {
+    if (blocks_per_col < kSmallBatchSplitBlocks32)
+      return LaunchWgmmaForwardNarrow<T, FA, 32, SmallBatchFwdCfg32>(p, N, KB, device, di, s);
+    using Cfg = SmallBatchFwdCfg32Split;
+    return LaunchWgmmaForwardNarrow<T, FA, 32, Cfg>(p, N, KB, device, di, s,
+                                                    blocks_per_col / Cfg::kBlocksPerStep);
+  }
 }
 
 // dW (16-bit, sm_90): groups of up to G x 64 / bs blocks of one block column per
@@ -348,8 +386,10 @@ int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int dev
         BS == 16 && blocks_per_col > kWgmmaBs16MaxColumnFill * static_cast<double>(p.C / BS);
     if (UseWgmma(N, di) && !full_columns)
       return LaunchWgmmaForwardNarrow<T, FA, BS>(p, N, KB, device, di, s);
-    if (BS == 32 && N <= kSmallBatch && WgmmaEnabled(di))
-      return LaunchWgmmaForwardNarrow<T, FA, 32, WgmmaSmallBatchFwdCfg>(p, N, KB, device, di, s);
+  }
+  if constexpr (sizeof(T) == 2 && BS >= 32) {
+    if (N <= kSmallBatch && WgmmaEnabled(di) && SmallBatchWgmmaFits(di))
+      return LaunchWgmmaSmallBatchForward<T, FA, BS>(p, N, KB, blocks_per_col, device, di, s);
   }
   if (N <= kSmallBatch) {
     using Cfg = typename FwdCfg<T, FA, BS, true>::type;

@@ -417,14 +417,15 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
 #endif
 }
 
-// ---- bs-16 / bs-32 forward ----
-// 16-bit, bs 16 or 32, both feature axes; N > 64, and bs 32 with N <= 64 (64-row tiles).  A
-// BS x BS weight block is too short for wgmma's 64-row operand, so this product is not
-// transposed: per stored block of the column, in increasing block row,
+// ---- bs-16 / bs-32 forward (and bs 32 / 64 with small batches) ----
+// 16-bit, both feature axes: bs 16 or 32 with N > 64, and bs 32 or 64 with N <= 64 (one
+// 64-row tile per block column).  A bs 16 / 32 block is too short for wgmma's 64-row operand,
+// so this product is not transposed: per stored block of the column, in the list's order,
 //   y[n0 + 64 h .., k-block] += x[n0 + 64 h .., c-block] (A: 64 batch rows x BS)
 //                              * W(c, k) (B: BS x BS, N-contiguous: the transpose flag)
 // as BS / 16 m64nBSk16 slices, for the kBM / 64 row groups h of the CTA (which share each
-// weight block read).  Shared memory (rows of R bytes in the R-byte swizzle, see SwizzledR):
+// weight block read).  A pipeline step holds kBlocksPerStep blocks (their x tiles, then their
+// weight blocks).  Shared memory (rows of R bytes in the R-byte swizzle, see SwizzledR):
 //   x, feature axis 1 (A K-contiguous): R = 2 BS (the block's features); a k16 slice starts
 //     32 bytes into the rows.
 //   x, feature axis 0 (A M-contiguous, the transpose flag): per row group one 128-byte atom of
@@ -432,22 +433,30 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
 //   W: R = 2 BS; a k16 slice is 16 rows on.
 // Either way a row group's x tile is 128 BS bytes.  Same cp.async pipeline as the bs-64
 // forward; one CTA per tile (grid: KB x ceil(N / kBM)); the output is staged (as T) after the
-// pipeline drains.  With feature axis 0, N % 8 == 0.
-template <int BST, int kStagesT, int kBMT>
+// pipeline drains.  A tile may be split over a cluster (launched with cluster dimension
+// `split`): rank r sums the r-th of `split` runs of the column's list, the partial sums are
+// staged as float and each rank adds them in rank order for its share of the output, so the
+// result does not depend on timing.  With feature axis 0, N % 8 == 0.
+template <int BST, int kStagesT, int kBMT, int kBlocksPerStepT = 1>
 struct NarrowFwdCfg {
   static constexpr int BS = BST;
   static constexpr int kBM = kBMT;  // batch rows per CTA
   static constexpr int kThreads = 128;
   static constexpr int kStages = kStagesT;
+  static constexpr int kBlocksPerStep = kBlocksPerStepT;  // a step's x tiles, then its blocks
   static constexpr int kXBytes = kBM * BS * 2;
   static constexpr int kWBytes = BS * BS * 2;
   // Stages start on 1024-byte boundaries (the x tile's swizzle atoms).
-  static constexpr int kStageBytes = (kXBytes + kWBytes + 1023) / 1024 * 1024;
+  static constexpr int kStageBytes =
+      (kBlocksPerStep * (kXBytes + kWBytes) + 1023) / 1024 * 1024;
   // Staged output rows (elements), padded by 16 bytes for conflict-free writes: feature axis 1
   // stages y rows (BS features), feature axis 0 y^T rows (kBM batch entries).
   static constexpr int kStageLd1 = BS + 8, kStageLd0 = kBM + 8;
+  // A tile split over a cluster stages float partial sums, rows of BS + 4 floats.
+  static constexpr int kSplitLd = BS + 4;
   static constexpr int kSmemBytes = 1024 + kStages * kStageBytes;
-  static_assert(BS == 16 || BS == 32, "bs 64 has its own kernel");
+  static_assert(kBM * kSplitLd * 4 <= kStages * kStageBytes, "partial sums fit the pipeline");
+  static_assert(BS == 16 || BS == 32 || BS == 64, "block sizes");
   static_assert(kBM % 64 == 0 && kXBytes % 1024 == 0, "x tiles on 1024-byte boundaries");
   static_assert(kBM * kStageLd1 * 2 <= kStages * kStageBytes &&
                     BS * kStageLd0 * 2 <= kStages * kStageBytes,
@@ -460,6 +469,7 @@ template <typename T, int FA, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const Params p) {
 #if BSMM_HAS_WGMMA
   constexpr int BS = Cfg::BS, kBM = Cfg::kBM, kStages = Cfg::kStages, kGroups = kBM / 64;
+  constexpr int P = Cfg::kBlocksPerStep;
   constexpr int kGroupBytes = 64 * BS * 2;  // one row group's x tile
   constexpr int kWRowBytes = BS * 2;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -471,19 +481,28 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
   T* __restrict__ gy = static_cast<T*>(p.y);
   const int64_t N = p.N, C = p.C, K = p.K;
   const int tid = threadIdx.x;
-  const int kcol = blockIdx.x;
+  // A tile split over a cluster: rank r takes the r-th of `split` runs of the column's blocks.
+  int split, rank;
+  mma_impl::ClusterInfo(split, rank);
+  const int kcol = blockIdx.x / split;
   const int64_t n0 = (p.n_tile_base + blockIdx.y) * static_cast<int64_t>(kBM);
-  const int pbeg = __ldg(p.col_ptr + kcol), steps = __ldg(p.col_ptr + kcol + 1) - pbeg;
+  const int col_beg = __ldg(p.col_ptr + kcol), col_count = __ldg(p.col_ptr + kcol + 1) - col_beg;
+  const int pbeg = col_beg + rank * col_count / split;
+  const int col_blocks = col_beg + (rank + 1) * col_count / split - pbeg;
+  const int steps = (col_blocks + P - 1) / P;
 
   // Copies.  W: the first kWCopies threads, row tid / (BS / 8), chunk tid % (BS / 8).
   // x, feature axis 1: batch rows tid / kChunks + kRowStep j, chunk tid % kChunks; feature
   // axis 0: feature rows tid / kChunks + kRowStep j, 16-byte chunk tid % kChunks of the kBM
   // batch entries (row group chunk / 8, chunk % 8 inside its atom).
   constexpr int kWCopies = BS * BS * 2 / 16;
-  static_assert(kWCopies <= Cfg::kThreads, "one weight chunk per thread at most");
+  // bs 64: four passes of 16 rows (the swizzle repeats every 8 rows).
+  constexpr int kWPasses = (kWCopies + Cfg::kThreads - 1) / Cfg::kThreads;
+  constexpr int kWPassRows = Cfg::kThreads / (BS / 8);
+  static_assert(kWCopies <= Cfg::kThreads || kWCopies % Cfg::kThreads == 0, "whole passes");
   const int w_chunk = tid % (BS / 8), w_row = tid / (BS / 8);
   const T* const w_src = gw + w_row * BS + w_chunk * 8;
-  const int w_dst = Cfg::kXBytes + SwizzledR<kWRowBytes>(w_row, w_chunk);
+  const int w_dst = P * Cfg::kXBytes + SwizzledR<kWRowBytes>(w_row, w_chunk);
   constexpr int kChunks = FA == 1 ? BS / 8 : kBM / 8;  // per copied x row
   constexpr int kRowStep = Cfg::kThreads / kChunks;
   constexpr int kXCopies = (FA == 1 ? kBM : BS) / kRowStep;
@@ -510,10 +529,15 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
                                  : gx + static_cast<int64_t>(x_row0) * N + n0 + x_chunk * 8;
   const int64_t x_rows_left = N - n0 - x_row0;
   const bool x_chunk_valid = n0 + x_chunk * 8 < N;  // feature axis 0
-  auto load_step = [&](int c, int b, int buf) {
+  // Block q of a step: x tile at q kXBytes, weights at P kXBytes + q kWBytes.
+  auto load_block = [&](int c, int b, int buf, int q) {
     unsigned char* st = smem + buf * Cfg::kStageBytes;
-    if (kWCopies == Cfg::kThreads || tid < kWCopies)
-      CpAsync16(st + w_dst, w_src + static_cast<int64_t>(b) * (BS * BS), true);
+#pragma unroll
+    for (int j = 0; j < kWPasses; ++j)
+      if (kWCopies >= Cfg::kThreads || tid < kWCopies)
+        CpAsync16(st + w_dst + q * Cfg::kWBytes + j * kWPassRows * kWRowBytes,
+                  w_src + static_cast<int64_t>(b) * (BS * BS) + j * kWPassRows * BS, true);
+    st += q * Cfg::kXBytes;
     // Rows (feature axis 1) or chunks (feature axis 0) at or past N are zero-filled.
     const T* xsrc = x_src + static_cast<int64_t>(c) * BS * (FA == 1 ? 1 : N);
 #pragma unroll
@@ -530,44 +554,57 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
 #pragma unroll
     for (int e = 0; e < BS / 2; ++e) acc[h][e] = 0.f;
 
-  // Step s's block row and block; the loop reads them one step ahead of their copies, so the
-  // copies (issued before each step's wgmma) never wait for these loads.
-  auto index = [&](int s, int& c, int& b) {
-    if (s < steps) {
-      c = __ldg(p.col_row + pbeg + s);
-      b = __ldg(p.col_block + pbeg + s);
-    }
+  // Step s's block rows and blocks; the loop reads them one step ahead of their copies, so the
+  // copies (issued before each step's wgmma) never wait for these loads.  The last step may
+  // hold fewer than P blocks.
+  int nc[P] = {}, nb[P] = {};
+  auto index = [&](int s) {
+#pragma unroll
+    for (int q = 0; q < P; ++q)
+      if (s * P + q < col_blocks) {
+        nc[q] = __ldg(p.col_row + pbeg + s * P + q);
+        nb[q] = __ldg(p.col_block + pbeg + s * P + q);
+      }
   };
-  int nc = 0, nb = 0;
+  auto load_step = [&](int s, int buf) {
+#pragma unroll
+    for (int q = 0; q < P; ++q)
+      if (s * P + q < col_blocks) load_block(nc[q], nb[q], buf, q);
+  };
 #pragma unroll
   for (int s = 0; s < kStages - 2; ++s) {
-    index(s, nc, nb);
-    if (s < steps) load_step(nc, nb, s);
+    index(s);
+    if (s < steps) load_step(s, s);
     CpAsyncCommit();  // one group per step, empty or not, so the waits count steps
   }
-  index(kStages - 2, nc, nb);
+  index(kStages - 2);
   for (int s = 0; s < steps; ++s) {
     CpAsyncWait<kStages - 3>();  // this thread's copies of step s have landed
     FenceSharedForAsyncProxy();
     __syncthreads();  // everyone's have; and step s - 2's wgmma (waited below) is done
     const int nxt = s + kStages - 2;
-    if (nxt < steps) load_step(nc, nb, nxt % kStages);  // into the stage step s - 2 read
+    if (nxt < steps) load_step(nxt, nxt % kStages);  // into the stage step s - 2 read
     CpAsyncCommit();
-    index(nxt + 1, nc, nb);
-    const uint32_t x_base = smem_base + (s % kStages) * Cfg::kStageBytes;
-    const uint32_t w_base = x_base + Cfg::kXBytes;
+    index(nxt + 1);
+    const uint32_t stage = smem_base + (s % kStages) * Cfg::kStageBytes;
     WgmmaFence();
 #pragma unroll
-    for (int kk = 0; kk < BS / 16; ++kk) {
-      const uint64_t bd = DescriptorR<kWRowBytes>(w_base + kk * 16 * kWRowBytes);
+    for (int q = 0; q < P; ++q) {
+      if (P > 1 && s * P + q >= col_blocks) break;  // uniform over the CTA
+      const uint32_t x_base = stage + q * Cfg::kXBytes;
+      const uint32_t w_base = stage + P * Cfg::kXBytes + q * Cfg::kWBytes;
 #pragma unroll
-      for (int h = 0; h < kGroups; ++h) {
-        if constexpr (FA == 1)
-          Wgmma<T, BS, false, true>(
-              acc[h], DescriptorR<kRowBytes>(x_base + h * kGroupBytes + kk * 32), bd);
-        else
-          Wgmma<T, BS, true, true>(
-              acc[h], DescriptorR<128>(x_base + h * kGroupBytes + kk * 2048), bd);
+      for (int kk = 0; kk < BS / 16; ++kk) {
+        const uint64_t bd = DescriptorR<kWRowBytes>(w_base + kk * 16 * kWRowBytes);
+#pragma unroll
+        for (int h = 0; h < kGroups; ++h) {
+          if constexpr (FA == 1)
+            Wgmma<T, BS, false, true>(
+                acc[h], DescriptorR<kRowBytes>(x_base + h * kGroupBytes + kk * 32), bd);
+          else
+            Wgmma<T, BS, true, true>(
+                acc[h], DescriptorR<128>(x_base + h * kGroupBytes + kk * 2048), bd);
+        }
       }
     }
     WgmmaCommit();
@@ -578,9 +615,47 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
   __syncthreads();
 
   // Epilogue: group h holds y rows 64 h + r0 (+ 8), columns 8 i + c0 (+ 1) in
-  // acc[h][4 i .. 4 i + 3].  Stage the output's layout (as T), then write 16-byte chunks.
-  T* Cs = reinterpret_cast<T*>(smem);
+  // acc[h][4 i .. 4 i + 3].
   const int lane = tid & 31;
+  if (split > 1) {
+    // Stage the float partial sums as (batch row, feature); each rank adds the cluster's
+    // partials in rank order for its share of the output's 16-byte chunks.
+    constexpr int L = Cfg::kSplitLd;
+    float* Cf = reinterpret_cast<float*>(smem);
+    const int r0 = 16 * (tid >> 5) + (lane >> 2), c0 = 2 * (lane & 3);
+#pragma unroll
+    for (int h = 0; h < kGroups; ++h)
+#pragma unroll
+      for (int i = 0; i < BS / 8; ++i) {
+        float* r = Cf + (64 * h + r0) * L + 8 * i + c0;
+        *reinterpret_cast<float2*>(r) = make_float2(acc[h][4 * i], acc[h][4 * i + 1]);
+        *reinterpret_cast<float2*>(r + 8 * L) = make_float2(acc[h][4 * i + 2], acc[h][4 * i + 3]);
+      }
+    mma_impl::ClusterSync();
+    constexpr int kChunks = kBM * BS / 8;
+    const int qbeg = rank * kChunks / split, qend = (rank + 1) * kChunks / split;
+    for (int q = qbeg + tid; q < qend; q += Cfg::kThreads) {
+      // Feature axis 1: chunk q is batch row q / (BS / 8), features 8 (q % (BS / 8)) ..;
+      // feature axis 0: feature q / (kBM / 8), batch rows 8 (q % (kBM / 8)) ...
+      const int row = FA == 1 ? q / (BS / 8) : 8 * (q % (kBM / 8));
+      const int col = FA == 1 ? 8 * (q % (BS / 8)) : q / (kBM / 8);
+      if (n0 + row >= N) continue;
+      float v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = 0.f;
+      for (int src = 0; src < split; ++src) {
+        const float* Cq = mma_impl::ClusterPeer(Cf, src) + row * L + col;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] += FA == 1 ? Cq[e] : Cq[e * L];
+      }
+      T* dst = FA == 1 ? gy + (n0 + row) * K + static_cast<int64_t>(kcol) * BS + col
+                       : gy + (static_cast<int64_t>(kcol) * BS + col) * N + n0 + row;
+      StoreChunk<T>(dst, v);
+    }
+    mma_impl::ClusterSync();  // peers may still be reading this CTA's shared memory
+    return;
+  }
+  T* Cs = reinterpret_cast<T*>(smem);
   if constexpr (FA == 1) {  // y (N, K): staged rows are batch rows
     constexpr int L = Cfg::kStageLd1;
     const int r0 = 16 * (tid >> 5) + (lane >> 2), c0 = 2 * (lane & 3);

@@ -229,12 +229,22 @@ def correctness(lib, res, quick=False, race=False):
     for N in ([17, 64] if quick or race else [1, 17, 40, 64]):
         for fa in (1, 0):
             run_case(lib, res, "bfloat16", 16, L, N, fa, gen, ops=("dw",))
-    # Small batches with bs 32: the forward streams each block column through 16 stages
-    # (Hopper, 16-bit); about 43 blocks per column, so its pipeline wraps around.
-    L = random_layout(48, 3, 32, 0.9, rng, empty_cols=[1])
-    for N in ([17, 64] if quick or race else [1, 17, 40, 64]):
-        for fa in (1, 0):
-            run_case(lib, res, "bfloat16", 32, L, N, fa, gen, ops=("fwd", "dx"))
+    # Small batches with bs 32 / 64: the forward streams each block column through its
+    # pipeline, several blocks per step (Hopper, 16-bit).  Columns long enough that the pipeline
+    # wraps around, a last step with fewer blocks; from 64 (bs 32) or 32 (bs 64) blocks per
+    # column the column is split over a cluster of two CTAs.
+    small_batch_layouts = [
+        (32, random_layout(48, 3, 32, 0.9, rng, empty_cols=[1])),  # ~43 per column
+        (32, random_layout(80, 3, 32, 0.95, rng, empty_cols=[1])),  # ~76: split
+        (64, random_layout(40, 3, 64, 0.5, rng, empty_cols=[1])),  # ~20
+        (64, random_layout(48, 3, 64, 0.9, rng, empty_cols=[1])),  # ~43: split
+    ]
+    for bs, L in small_batch_layouts:
+        for N in ([17, 64] if quick or race else [1, 17, 40, 64]):
+            for fa in (1, 0):
+                run_case(lib, res, "bfloat16", bs, L, N, fa, gen, ops=("fwd", "dx"))
+        if not (quick or race):
+            run_case(lib, res, "float16", bs, L, 64, 1, gen, ops=("fwd", "dx"))
     # Long batches: the bs-16 column groups of 16 blocks (Hopper, 16-bit, N >= 8192), several
     # groups per column and a partial last one, a ragged last step.
     if not race:
@@ -290,8 +300,8 @@ def correctness(lib, res, quick=False, race=False):
     for dt, bs, fa, N in [("bfloat16", 32, 1, 4096), ("float16", 64, 0, 2048),
                           ("bfloat16", 16, 1, 1000), ("float32", 32, 1, 512),
                           ("bfloat16", 64, 1, 1000), ("float16", 64, 0, 1000),  # wgmma
-                          ("bfloat16", 64, 1, 64), ("float32", 64, 0, 64),  # cluster split
-                          ("bfloat16", 32, 0, 64),  # small-batch wgmma
+                          ("float32", 64, 0, 64),  # cluster split
+                          ("bfloat16", 32, 0, 64), ("bfloat16", 64, 1, 64),  # small-batch wgmma
                           ("float16", 16, 0, 17)]:  # CUDA-core fallback
         L = exact_layout(32, 32, bs, 0.2, rng)
         tdt = DTYPES[dt][1]
@@ -311,6 +321,21 @@ def correctness(lib, res, quick=False, race=False):
         same = all(o[0] == 0 and o[1] == 0 and torch.equal(bits(o[2]), bits(outs[0][2]))
                    and torch.equal(bits(o[3]), bits(outs[0][3])) for o in outs)
         res.check(same, f"determinism {dt} bs={bs} fa={fa} N={N}")
+    # Determinism of the small-batch forward split over a cluster (bs 32 / 64, 16-bit, Hopper).
+    for bs, L in small_batch_layouts[1::2]:
+        for fa in (1, 0):
+            x = torch.randn(*((64, L.CB * bs) if fa else (L.CB * bs, 64)), device="cuda").to(
+                torch.bfloat16)
+            w = torch.randn(L.blocks, bs, bs, device="cuda").to(torch.bfloat16)
+            ys = []
+            for _ in range(3):
+                y = torch.empty(*((64, L.KB * bs) if fa else (L.KB * bs, 64)),
+                                dtype=torch.bfloat16, device="cuda")
+                rc = lib.forward("bfloat16", x, w, y, 64, fa, L)
+                torch.cuda.synchronize()
+                ys.append((rc, y.view(torch.int16)))
+            res.check(all(rc == 0 and torch.equal(y, ys[0][1]) for rc, y in ys),
+                      f"determinism small-batch split bfloat16 bs={bs} fa={fa} N=64")
     # Argument validation: errors come back as codes, nothing is launched.
     L = random_layout(4, 3, 16, 0.8, rng)
     x = torch.randn(8, 64, device="cuda").half()

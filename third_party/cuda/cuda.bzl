@@ -27,8 +27,13 @@ def cuda_library(name, srcs, hdrs = [], deps = [], nvcc_flags = [], gencode = DE
             name = "%s_%s_nvcc" % (name, base),
             srcs = [src] + hdrs,
             outs = [out],
-            cmd = " ".join([NVCC, "-c", "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-I.", "-I$(GENDIR)"] +
-                           gencode + nvcc_flags + ["$(location %s)" % src, "-o", "$@"]),
+            # nvcc names its temporary files after its process id, which is the same in every
+            # sandboxed action (each runs in its own PID namespace), and parallel actions
+            # sharing /tmp then remove each other's files: give each action its own TMPDIR.
+            cmd = "export TMPDIR=$$(mktemp -d) && " + " ".join(
+                [NVCC, "-c", "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-I.", "-I$(GENDIR)"] +
+                gencode + nvcc_flags + ["$(location %s)" % src, "-o", "$@"],
+            ) + "; rc=$$?; rm -rf $$TMPDIR; exit $$rc",
             message = "nvcc %s" % src,
         )
         objs.append(out)

@@ -217,7 +217,7 @@ int LaunchMma(const Params& p, int64_t tiles, int64_t batch_tiles, double avg_st
 }
 
 // The wgmma kernels (ops/blocksparse_matmul_gpu_wgmma.cuh): 16-bit, on sm_90; N > 64 but for
-// the bs-16 dW with full columns and the bs-32 forward.
+// the bs-16 dW with full columns and the bs-32 / bs-64 forwards.
 // bs-64 forward: one warpgroup per 128 batch rows and 4 stages (97 KiB of shared memory, so two
 // CTAs share an SM) measured fastest on an H200 (bf16, feature axis 1) among 128 / 256 rows
 // per warpgroup, one or two warpgroups, and 4 or 5 stages.
@@ -287,14 +287,15 @@ int LaunchWgmmaForwardNarrow(const Params& p, int64_t N, int64_t KB, int device,
 // bs 32 / 64 with small batches (N <= kSmallBatch, 16-bit, Hopper): the same kernel with one
 // 64-row tile per block column, so a CTA streams its column's weights, several blocks per
 // pipeline step (fewer waits and barriers per block; at N = 64 a step, not the MMAs, set the
-// pace).  Long columns are split over a cluster of two CTAs (two CTAs per SM, half the steps
-// each; partial sums added in rank order).  Measured on an H200 (C = K = 4096, N = 64 and 16,
-// bf16 both feature axes and fp16, 2-100% density, variants alternated in one process,
-// fastest of three medians) against one block per step with 16 stages (bs 32) and the
-// mma.sync small-batch tiles (bs 64): docs/benchmarks_gpu.md.  Chosen:
+// pace).  Long columns are split over a cluster of two CTAs (half the steps each; partial
+// sums added in rank order; for bs 32 the split configuration fits two CTAs per SM).
+// Measured on an H200 (C = K = 4096, N = 64 and 16, bf16 both feature axes and fp16, 2-100%
+// density, variants alternated in one process, fastest of three medians) against one block per
+// step with 16 stages (bs 32) and the mma.sync small-batch tiles (bs 64):
+// docs/benchmarks_gpu.md.  Chosen:
 //   bs 32: 8 blocks per step, 4 stages (193 KiB) below kSmallBatchSplitBlocks32 blocks per
-//     column; from there 4 blocks per step, 4 stages (97 KiB), split (1.26-1.59x; unsplit it
-//     was 1.13-1.16x with feature axis 0 at 50-100%);
+//     column; from there 4 blocks per step, 4 stages (97 KiB), split (at 50-100% density
+//     1.25-1.59x the previous default, where the 8-block steps unsplit made 1.26-1.43x);
 //   bs 64: 2 blocks per step, 7 stages (225 KiB), split from kSmallBatchSplitBlocks64 blocks
 //     per column.  Clusters of four (97 KiB configurations) ran up to 2.4x slower at 10%
 //     density, so splits stop at two.
@@ -320,11 +321,19 @@ int LaunchWgmmaSmallBatchForward(const Params& p, int64_t N, int64_t KB, double 
     return LaunchWgmmaForwardNarrow<T, FA, 64, Cfg>(
         p, N, KB, device, di, s, split ? blocks_per_col / Cfg::kBlocksPerStep : 0.0);
   } else {
-    if (blocks_per_col < kSmallBatchSplitBlocks32)
-      return LaunchWgmmaForwardNarrow<T, FA, 32, SmallBatchFwdCfg32>(p, N, KB, device, di, s);
+    // The 4-block steps only where LaunchTiles will split them (not when the grid is too wide
+    // for two CTAs per tile, e.g. K > 4224 on an H200).
     using Cfg = SmallBatchFwdCfg32Split;
-    return LaunchWgmmaForwardNarrow<T, FA, 32, Cfg>(p, N, KB, device, di, s,
-                                                    blocks_per_col / Cfg::kBlocksPerStep);
+    const double steps = blocks_per_col / Cfg::kBlocksPerStep;
+    int per_sm = 0;
+    if (blocks_per_col >= kSmallBatchSplitBlocks32 &&
+        PrepareKernel<WgmmaTag<T, Cfg, 10 + FA>>(wgmma_impl::WgmmaForwardNarrowKernel<T, FA, Cfg>,
+                                                 Cfg::kThreads, Cfg::kSmemBytes, device, di,
+                                                 &per_sm) == cudaSuccess &&
+        ChooseSplit(KB, steps, static_cast<int64_t>(per_sm) * di.sm_count, di,
+                    kSmallBatchMaxSplit) > 1)
+      return LaunchWgmmaForwardNarrow<T, FA, 32, Cfg>(p, N, KB, device, di, s, steps);
+    return LaunchWgmmaForwardNarrow<T, FA, 32, SmallBatchFwdCfg32>(p, N, KB, device, di, s);
   }
 }
 

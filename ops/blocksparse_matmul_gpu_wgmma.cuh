@@ -1,7 +1,7 @@
 // Block-sparse products on Hopper's warpgroup MMA (wgmma, sm_90a) for 16-bit inputs: the
 // forward for both feature axes with N > 64 (the dispatch's default on sm_90; dx is this same
 // product) for bs 64 (below) and bs 16 / 32 (WgmmaForwardNarrowKernel, which also runs bs 32
-// with N <= 64), and dW for bs 16 / 32 / 64, both feature axes (WgmmaGradWColumnKernel).
+// and 64 with N <= 64), and dW for bs 16 / 32 / 64, both feature axes (WgmmaGradWColumnKernel).
 //
 // Why: the mma.sync kernels issue one instruction per 16 x 8 x 16 product plus the ldmatrix
 // loads that feed it, and measured on an H200 they are bound by instruction issue (see
@@ -432,11 +432,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
 //     BS feature rows x 64 batch entries; a k16 slice is 16 rows (2 KiB) on.
 //   W: R = 2 BS; a k16 slice is 16 rows on.
 // Either way a row group's x tile is 128 BS bytes.  Same cp.async pipeline as the bs-64
-// forward; one CTA per tile (grid: KB x ceil(N / kBM)); the output is staged (as T) after the
-// pipeline drains.  A tile may be split over a cluster (launched with cluster dimension
-// `split`): rank r sums the r-th of `split` runs of the column's list, the partial sums are
-// staged as float and each rank adds them in rank order for its share of the output, so the
-// result does not depend on timing.  With feature axis 0, N % 8 == 0.
+// forward; one CTA, or one cluster, per tile (grid: KB split x ceil(N / kBM)); the output is
+// staged (as T) after the pipeline drains.  A tile may be split over a cluster (launched with
+// cluster dimension `split`): rank r sums the r-th of `split` runs of the column's list, the
+// partial sums are staged as float and each rank adds them in rank order for its share of the
+// output, so the result does not depend on timing.  With feature axis 0, N % 8 == 0.
 template <int BST, int kStagesT, int kBMT, int kBlocksPerStepT = 1>
 struct NarrowFwdCfg {
   static constexpr int BS = BST;
@@ -491,7 +491,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
   const int col_blocks = col_beg + (rank + 1) * col_count / split - pbeg;
   const int steps = (col_blocks + P - 1) / P;
 
-  // Copies.  W: the first kWCopies threads, row tid / (BS / 8), chunk tid % (BS / 8).
+  // Copies.  W: the first kWCopies threads (bs 64: all, in kWPasses passes), row
+  // tid / (BS / 8), chunk tid % (BS / 8).
   // x, feature axis 1: batch rows tid / kChunks + kRowStep j, chunk tid % kChunks; feature
   // axis 0: feature rows tid / kChunks + kRowStep j, 16-byte chunk tid % kChunks of the kBM
   // batch entries (row group chunk / 8, chunk % 8 inside its atom).
@@ -590,7 +591,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
     WgmmaFence();
 #pragma unroll
     for (int q = 0; q < P; ++q) {
-      if (P > 1 && s * P + q >= col_blocks) break;  // uniform over the CTA
+      // Uniform over the CTA.  (ptxas then fences the wgmmas with warpgroup.arrive, info C7519;
+      // the timings in docs/benchmarks_gpu.md include it.)
+      if (P > 1 && s * P + q >= col_blocks) break;
       const uint32_t x_base = stage + q * Cfg::kXBytes;
       const uint32_t w_base = stage + P * Cfg::kXBytes + q * Cfg::kWBytes;
 #pragma unroll

@@ -232,12 +232,18 @@ def correctness(lib, res, quick=False, race=False):
     # Small batches with bs 32 / 64: the forward streams each block column through its
     # pipeline, several blocks per step (Hopper, 16-bit).  Columns long enough that the pipeline
     # wraps around, a last step with fewer blocks; from 64 (bs 32) or 32 (bs 64) blocks per
-    # column the column is split over a cluster of two CTAs.
+    # column on average over the layout, every column is split over a cluster of two CTAs
+    # (the second and fourth layouts: an empty column and a one-block column, whose ranks get
+    # no blocks, among full ones).
+    def columns_layout(CB, counts, bs):
+        coords = [(c, k) for k, count in enumerate(counts) for c in range(count)]
+        return Layout(coords, CB, len(counts), bs)
+
     small_batch_layouts = [
-        (32, random_layout(48, 3, 32, 0.9, rng, empty_cols=[1])),  # ~43 per column
-        (32, random_layout(80, 3, 32, 0.95, rng, empty_cols=[1])),  # ~76: split
-        (64, random_layout(40, 3, 64, 0.5, rng, empty_cols=[1])),  # ~20
-        (64, random_layout(48, 3, 64, 0.9, rng, empty_cols=[1])),  # ~43: split
+        (32, random_layout(48, 3, 32, 0.9, rng, empty_cols=[1])),  # ~43 per non-empty column
+        (32, columns_layout(128, [128, 1, 0, 128], 32)),  # 64.25: split
+        (64, random_layout(40, 3, 64, 0.5, rng, empty_cols=[1])),  # ~20 per non-empty column
+        (64, columns_layout(64, [64, 0, 64, 1], 64)),  # 32.25: split
     ]
     for bs, L in small_batch_layouts:
         for N in ([17, 64] if quick or race else [1, 17, 40, 64]):

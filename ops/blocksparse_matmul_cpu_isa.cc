@@ -416,10 +416,13 @@ inline void DispatchPanelColumns(int64_t bs, Args... args) {
   }
 }
 
-// y_row[m][j0 : j0 + NV*W) += x_row[m][0:bs) . b[:, j0 : j0 + NV*W) for m < MR.
-template <int MR, int NV, typename V>
+// y_row[m][j0 : j0 + NV*W) += sum over q < blocks of
+//   x_row[m][q x_pitch : q x_pitch + bs) . b[q bs : (q + 1) bs, j0 : j0 + NV*W)
+// for m < MR, in increasing q, then p.  kOneBlock: blocks == 1, the loop of one block alone.
+template <int MR, int NV, typename V, bool kOneBlock>
 inline void PackedRowsTile(const float* const* x_row, float* const* y_row, const float* b,
-                           int64_t b_rs, int64_t bs, int64_t j0) {
+                           int64_t b_rs, int64_t bs, int64_t j0, int64_t blocks,
+                           int64_t x_pitch) {
   constexpr int W = Width<V>();
   V acc[MR][NV];
 #pragma GCC unroll 16
@@ -427,7 +430,7 @@ inline void PackedRowsTile(const float* const* x_row, float* const* y_row, const
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[m][v] = Load<V>(y_row[m] + j0 + v * W);
   const float* bp = b + j0;
-  for (int64_t p = 0; p < bs; ++p, bp += b_rs) {
+  auto step = [&](int64_t p) {  // x's column p times b's row at bp
     V bv[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) bv[v] = Load<V>(bp + v * W);
@@ -437,6 +440,13 @@ inline void PackedRowsTile(const float* const* x_row, float* const* y_row, const
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
     }
+  };
+  if constexpr (kOneBlock) {
+    for (int64_t p = 0; p < bs; ++p, bp += b_rs) step(p);
+  } else {
+    for (int64_t q = 0, x0 = 0; q < blocks; ++q, x0 += x_pitch) {
+      for (int64_t p = x0; p < x0 + bs; ++p, bp += b_rs) step(p);
+    }
   }
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
@@ -445,9 +455,10 @@ inline void PackedRowsTile(const float* const* x_row, float* const* y_row, const
 }
 
 // The MR rows listed at `rows`, across the whole block width.
-template <int MR, int NV, typename V>
+template <int MR, int NV, typename V, bool kOneBlock>
 inline void PackedRowsGroup(const float* x, int64_t x_rs, const int32_t* rows, const float* b,
-                            int64_t b_rs, int64_t bs, float* y, int64_t y_rs) {
+                            int64_t b_rs, int64_t bs, float* y, int64_t y_rs, int64_t blocks,
+                            int64_t x_pitch) {
   const float* x_row[MR];
   float* y_row[MR];
 #pragma GCC unroll 16
@@ -456,19 +467,22 @@ inline void PackedRowsGroup(const float* x, int64_t x_rs, const int32_t* rows, c
     y_row[m] = y + rows[m] * y_rs;
   }
   for (int64_t j0 = 0; j0 < bs; j0 += Width<V>() * NV) {
-    PackedRowsTile<MR, NV, V>(x_row, y_row, b, b_rs, bs, j0);
+    PackedRowsTile<MR, NV, V, kOneBlock>(x_row, y_row, b, b_rs, bs, j0, blocks, x_pitch);
   }
 }
 
 // The last `rest` < MR rows, in a tile of exactly that height (no padded rows computed).
-template <int MR, int NV, typename V>
+template <int MR, int NV, typename V, bool kOneBlock>
 inline void PackedRowsRest(int64_t rest, const float* x, int64_t x_rs, const int32_t* rows,
-                           const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs) {
+                           const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs,
+                           int64_t blocks, int64_t x_pitch) {
   if constexpr (MR > 1) {
     if (rest == MR - 1) {
-      PackedRowsGroup<MR - 1, NV, V>(x, x_rs, rows, b, b_rs, bs, y, y_rs);
+      PackedRowsGroup<MR - 1, NV, V, kOneBlock>(x, x_rs, rows, b, b_rs, bs, y, y_rs, blocks,
+                                                x_pitch);
     } else {
-      PackedRowsRest<MR - 1, NV, V>(rest, x, x_rs, rows, b, b_rs, bs, y, y_rs);
+      PackedRowsRest<MR - 1, NV, V, kOneBlock>(rest, x, x_rs, rows, b, b_rs, bs, y, y_rs,
+                                               blocks, x_pitch);
     }
   }
 }
@@ -476,13 +490,29 @@ inline void PackedRowsRest(int64_t rest, const float* x, int64_t x_rs, const int
 struct PackedRowsOp {
   template <typename V, int NV>
   static void Run(const float* x, int64_t x_rs, const int32_t* rows, int64_t count,
-                  const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs) {
+                  const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs,
+                  int64_t blocks, int64_t x_pitch) {
+    if (blocks == 1) {
+      RunRows<V, NV, true>(x, x_rs, rows, count, b, b_rs, bs, y, y_rs, blocks, x_pitch);
+    } else {
+      RunRows<V, NV, false>(x, x_rs, rows, count, b, b_rs, bs, y, y_rs, blocks, x_pitch);
+    }
+  }
+
+  template <typename V, int NV, bool kOneBlock>
+  static void RunRows(const float* x, int64_t x_rs, const int32_t* rows, int64_t count,
+                      const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs,
+                      int64_t blocks, int64_t x_pitch) {
     constexpr int MR = PackedRows(NV);
     int64_t q = 0;
     for (; q + MR <= count; q += MR) {
-      PackedRowsGroup<MR, NV, V>(x, x_rs, rows + q, b, b_rs, bs, y, y_rs);
+      PackedRowsGroup<MR, NV, V, kOneBlock>(x, x_rs, rows + q, b, b_rs, bs, y, y_rs, blocks,
+                                            x_pitch);
     }
-    if (q < count) PackedRowsRest<MR, NV, V>(count - q, x, x_rs, rows + q, b, b_rs, bs, y, y_rs);
+    if (q < count) {
+      PackedRowsRest<MR, NV, V, kOneBlock>(count - q, x, x_rs, rows + q, b, b_rs, bs, y, y_rs,
+                                           blocks, x_pitch);
+    }
   }
 };
 
@@ -533,8 +563,10 @@ void FullRowsForward(const float* x_panels, int64_t pitch, int64_t in_blocks, in
 }
 
 void ExactRowsAccumulate(const float* x, int64_t x_rs, const int32_t* rows, int64_t count,
-                         const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs) {
-  DispatchPanelColumns<PackedRowsOp>(bs, x, x_rs, rows, count, b, b_rs, bs, y, y_rs);
+                         const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs,
+                         int64_t blocks, int64_t x_pitch) {
+  DispatchPanelColumns<PackedRowsOp>(bs, x, x_rs, rows, count, b, b_rs, bs, y, y_rs, blocks,
+                                     x_pitch);
 }
 
 // The transpose of a W x W tile (W = the vector width) in registers: log2(W) rounds, round d

@@ -58,7 +58,7 @@ struct CpuKernels {
   // (b_rs == bs, see pack_block).
   void (*exact_rows_accumulate)(const float* x, int64_t x_rs, const int32_t* rows,
                                 int64_t count, const float* b, int64_t b_rs, int64_t bs,
-                                float* y, int64_t y_rs);
+                                float* y, int64_t y_rs, int64_t blocks, int64_t x_pitch);
   // packed (bs x bs, row stride packed_rs) = the bs x bs block at src (row stride src_rs), or
   // its transpose; prefetches the block of the same stride at `next` meanwhile.
   void (*pack_block)(const float* src, int64_t src_rs, int64_t bs, bool transpose,

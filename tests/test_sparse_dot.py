@@ -303,6 +303,33 @@ def test_fully_active_chunks_give_the_block_pairs_sums(bs, transpose_w):
     assert np.array_equal(dw[same], dw_all[same])
 
 
+@pytest.mark.parametrize("bs", [8, 16, 64])
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_fully_active_inputs_give_the_block_pairs_sums(bs, transpose_w):
+    """Where every example is active in every input block, each output block's examples pass
+    through several input blocks per call (sums kept in registers): right against float64, and
+    bitwise equal to the block pairs' sums, which the same product takes once one example's
+    input block is switched off (every row but that example's must come out the same).  512
+    input features: two or more calls per output block, so sums carry over between calls."""
+    n, m, p = 300, 512, 384
+    x = RNG.standard_normal((n, m)).astype(np.float32)
+    w = RNG.standard_normal((m, p)).astype(np.float32)
+    wt = tf.constant(w.T.copy() if transpose_w else w)
+    in_full = np.ones((n, m // bs), np.float32)
+    out_mask = (RNG.random((n, p // bs)) < 0.5).astype(np.float32)
+    out_mask[:, 1] = 0  # an output block no example uses
+    y_full = sparse_dot(x, wt, in_full, out_mask, block_size=bs, transpose_w=transpose_w).numpy()
+    y_ref, _, _ = reference(x, w, in_full, out_mask, None, bs)
+    assert rel_err(y_full, y_ref) < 1e-5
+    in_one_off = in_full.copy()
+    in_one_off[7, 2] = 0
+    check_forward_never_reads_inactive(x, w, in_one_off, out_mask, bs, transpose_w)
+    y_pairs = sparse_dot(x, wt, in_one_off, out_mask, block_size=bs,
+                         transpose_w=transpose_w).numpy()
+    rows = np.arange(n) != 7
+    assert np.array_equal(y_full[rows], y_pairs[rows])
+
+
 @pytest.mark.parametrize("transpose_w", [False, True])
 def test_panels_gathered_per_task(transpose_w):
     """Output activity concentrated in the first task's output blocks: over the whole product

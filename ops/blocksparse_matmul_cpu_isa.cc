@@ -454,11 +454,11 @@ inline void PackedRowsTile(const float* const* x_row, float* const* y_row, const
     for (int v = 0; v < NV; ++v) Store<V>(y_row[m] + j0 + v * W, acc[m][v]);
 }
 
-// The MR rows listed at `rows`, across the whole block width.
+// The MR rows listed at `rows`, across the output's width (columns of b and y).
 template <int MR, int NV, typename V, bool kOneBlock>
 inline void PackedRowsGroup(const float* x, int64_t x_rs, const int32_t* rows, const float* b,
                             int64_t b_rs, int64_t bs, float* y, int64_t y_rs, int64_t blocks,
-                            int64_t x_pitch) {
+                            int64_t x_pitch, int64_t width) {
   const float* x_row[MR];
   float* y_row[MR];
 #pragma GCC unroll 16
@@ -466,7 +466,7 @@ inline void PackedRowsGroup(const float* x, int64_t x_rs, const int32_t* rows, c
     x_row[m] = x + rows[m] * x_rs;
     y_row[m] = y + rows[m] * y_rs;
   }
-  for (int64_t j0 = 0; j0 < bs; j0 += Width<V>() * NV) {
+  for (int64_t j0 = 0; j0 < width; j0 += Width<V>() * NV) {
     PackedRowsTile<MR, NV, V, kOneBlock>(x_row, y_row, b, b_rs, bs, j0, blocks, x_pitch);
   }
 }
@@ -475,14 +475,14 @@ inline void PackedRowsGroup(const float* x, int64_t x_rs, const int32_t* rows, c
 template <int MR, int NV, typename V, bool kOneBlock>
 inline void PackedRowsRest(int64_t rest, const float* x, int64_t x_rs, const int32_t* rows,
                            const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs,
-                           int64_t blocks, int64_t x_pitch) {
+                           int64_t blocks, int64_t x_pitch, int64_t width) {
   if constexpr (MR > 1) {
     if (rest == MR - 1) {
       PackedRowsGroup<MR - 1, NV, V, kOneBlock>(x, x_rs, rows, b, b_rs, bs, y, y_rs, blocks,
-                                                x_pitch);
+                                                x_pitch, width);
     } else {
       PackedRowsRest<MR - 1, NV, V, kOneBlock>(rest, x, x_rs, rows, b, b_rs, bs, y, y_rs,
-                                               blocks, x_pitch);
+                                               blocks, x_pitch, width);
     }
   }
 }
@@ -491,27 +491,27 @@ struct PackedRowsOp {
   template <typename V, int NV>
   static void Run(const float* x, int64_t x_rs, const int32_t* rows, int64_t count,
                   const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs,
-                  int64_t blocks, int64_t x_pitch) {
+                  int64_t blocks, int64_t x_pitch, int64_t width) {
     if (blocks == 1) {
-      RunRows<V, NV, true>(x, x_rs, rows, count, b, b_rs, bs, y, y_rs, blocks, x_pitch);
+      RunRows<V, NV, true>(x, x_rs, rows, count, b, b_rs, bs, y, y_rs, blocks, x_pitch, width);
     } else {
-      RunRows<V, NV, false>(x, x_rs, rows, count, b, b_rs, bs, y, y_rs, blocks, x_pitch);
+      RunRows<V, NV, false>(x, x_rs, rows, count, b, b_rs, bs, y, y_rs, blocks, x_pitch, width);
     }
   }
 
   template <typename V, int NV, bool kOneBlock>
   static void RunRows(const float* x, int64_t x_rs, const int32_t* rows, int64_t count,
                       const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs,
-                      int64_t blocks, int64_t x_pitch) {
+                      int64_t blocks, int64_t x_pitch, int64_t width) {
     constexpr int MR = PackedRows(NV);
     int64_t q = 0;
     for (; q + MR <= count; q += MR) {
       PackedRowsGroup<MR, NV, V, kOneBlock>(x, x_rs, rows + q, b, b_rs, bs, y, y_rs, blocks,
-                                            x_pitch);
+                                            x_pitch, width);
     }
     if (q < count) {
       PackedRowsRest<MR, NV, V, kOneBlock>(count - q, x, x_rs, rows + q, b, b_rs, bs, y, y_rs,
-                                           blocks, x_pitch);
+                                           blocks, x_pitch, width);
     }
   }
 };
@@ -564,9 +564,9 @@ void FullRowsForward(const float* x_panels, int64_t pitch, int64_t in_blocks, in
 
 void ExactRowsAccumulate(const float* x, int64_t x_rs, const int32_t* rows, int64_t count,
                          const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs,
-                         int64_t blocks, int64_t x_pitch) {
-  DispatchPanelColumns<PackedRowsOp>(bs, x, x_rs, rows, count, b, b_rs, bs, y, y_rs, blocks,
-                                     x_pitch);
+                         int64_t blocks, int64_t x_pitch, int64_t width) {
+  DispatchPanelColumns<PackedRowsOp>(width, x, x_rs, rows, count, b, b_rs, bs, y, y_rs, blocks,
+                                     x_pitch, width);
 }
 
 // The transpose of a W x W tile (W = the vector width) in registers: log2(W) rounds, round d

@@ -55,10 +55,14 @@ struct CpuKernels {
                                int64_t dw_rs);
   // As gathered_rows_accumulate (each element summed over p in the same order), in wider
   // register tiles and with no padded rows computed: the faster choice when b is packed
-  // (b_rs == bs, see pack_block).
+  // (b_rs == bs, see pack_block).  Over `blocks` input blocks at once: y[r, 0:width) += sum
+  // over q < blocks, in increasing q, of x[q x_pitch + r x_rs ..][0:bs) . b's rows q bs ..
+  // (q + 1) bs, the sums kept in registers between blocks (the same sums as one call per
+  // block); width (b's and y's columns, a multiple of bs) may span several output blocks.
   void (*exact_rows_accumulate)(const float* x, int64_t x_rs, const int32_t* rows,
                                 int64_t count, const float* b, int64_t b_rs, int64_t bs,
-                                float* y, int64_t y_rs, int64_t blocks, int64_t x_pitch);
+                                float* y, int64_t y_rs, int64_t blocks, int64_t x_pitch,
+                                int64_t width);
   // packed (bs x bs, row stride packed_rs) = the bs x bs block at src (row stride src_rs), or
   // its transpose; prefetches the block of the same stride at `next` meanwhile.
   void (*pack_block)(const float* src, int64_t src_rs, int64_t bs, bool transpose,

@@ -326,6 +326,10 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
       }
       const bool panels = ExamplesPerPair(active_in, 0, in_blocks, active_out, j0, j1, w0, w1,
                                           r1 - r0) >= kMinExamplesPerPairForPanels;
+      // Every example of the chunk active in every input block, or else in every output block
+      // of the task (x in the shared panels either way): see the products below.
+      const bool in_full = panels && shared && active_in.AllActive(0, in_blocks, r0, r1);
+      const bool wide = panels && shared && !in_full && active_out.AllActive(j0, j1, r0, r1);
       // Where the products read x's block i and add into y's block j, with their row strides.
       auto x_rows = [&](int64_t i) -> const float* {
         if (!panels) return x + r0 * m + i * bs;
@@ -339,8 +343,8 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
       for (int64_t j = j0; j < j1; ++j) {
         auto active = [&](int64_t k) { return active_out.Word(j, w0 + k); };
         for (int64_t k = 0; k < w1 - w0; ++k) task_rows[k] |= active(k);
-        // The panel rows the products add to start from zero.
-        if (panels) {
+        // The panel rows the products add to start from zero (the task-wide rows below).
+        if (panels && !wide) {
           ForEachSetBit(w1 - w0, active,
                         [&](int64_t row) { std::fill_n(y_panel(j) + row * bs, bs, 0.f); });
         }
@@ -378,14 +382,14 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
           PrefetchBlock(next, rs, bs);
         }
         kernels.exact_rows_accumulate(x_rows(i), x_rs, rows.data(), count, block, block_rs, bs,
-                                      y_rows(j), y_rs, 1, 0);
+                                      y_rows(j), y_rs, 1, 0, bs);
       };
       // Every example of the chunk active in every input block (x in the shared panels): a
       // pair's examples are those of its output block, whatever the input block, so each output
       // block's examples pass through kFusedInputFeatures of input at once, on those blocks
       // packed one under another, the sums kept in registers between the blocks (the same
       // sums, in the same order, as the block pairs below).
-      if (panels && shared && active_in.AllActive(0, in_blocks, r0, r1)) {
+      if (in_full) {
         const int64_t fused = std::max<int64_t>(1, kFusedInputFeatures / bs);
         float* const column = scratch->columns.Get(fused * bs * bs);
         const int64_t rs = weights.SourceRowStride();
@@ -400,8 +404,29 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
                                  column + (i - g0) * bs * bs, bs);
             }
             kernels.exact_rows_accumulate(shared + (g0 * n + r0) * bs, bs, rows.data(), count,
-                                          column, bs, bs, y_panel(j), bs, g1 - g0, n * bs);
+                                          column, bs, bs, y_panel(j), bs, g1 - g0, n * bs, bs);
           }
+        }
+      } else if (wide) {
+        // Every example of the chunk active in every output block of the task: a pair's
+        // examples are those of its input block, whatever the output block, so each input
+        // block's examples go through all the task's output blocks at once, on their weight
+        // blocks packed side by side, into y's rows laid out task-wide (the same sums, in the
+        // same order, as the block pairs below).
+        const int64_t width = (j1 - j0) * bs;
+        float* const row_blocks = scratch->columns.Get(bs * width);
+        const int64_t rs = weights.SourceRowStride();
+        std::fill_n(y_panels, (r1 - r0) * width, 0.f);
+        for (int64_t i = 0; i < in_blocks; ++i) {
+          const int64_t count = active_in.ActiveInBoth(i, active_out, j0, w0, w1, rows.data());
+          if (count == 0) continue;
+          for (int64_t j = j0; j < j1; ++j) {
+            const float* next = weights.Source(i, j + 1 < j1 ? j + 1 : j);
+            kernels.pack_block(weights.Source(i, j), rs, bs, transpose_w, next,
+                               row_blocks + (j - j0) * bs, width);
+          }
+          kernels.exact_rows_accumulate(shared + (i * n + r0) * bs, bs, rows.data(), count,
+                                        row_blocks, width, bs, y_panels, width, 1, 0, width);
         }
       } else {
         // Every y block sums its input blocks in increasing order, whatever the grouping.
@@ -431,7 +456,9 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
         for (int64_t j = j0; j < j1; ++j) {
           float* dst = y + r * p + j * bs;
           if (active_out.Word(j, r / 64) & bit) {
-            std::copy_n(y_panel(j) + row * bs, bs, dst);
+            std::copy_n(wide ? y_panels + row * (j1 - j0) * bs + (j - j0) * bs
+                             : y_panel(j) + row * bs,
+                        bs, dst);
           } else {
             std::fill_n(dst, bs, 0.f);
           }

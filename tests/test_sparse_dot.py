@@ -330,6 +330,33 @@ def test_fully_active_inputs_give_the_block_pairs_sums(bs, transpose_w):
     assert np.array_equal(y_full[rows], y_pairs[rows])
 
 
+@pytest.mark.parametrize("bs", [8, 16, 64])
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_fully_active_outputs_give_the_block_pairs_sums(bs, transpose_w):
+    """Where every example is active in every output block of a task, each input block's
+    examples go through all the task's output blocks at once, into task-wide rows: right
+    against float64, and bitwise equal to the block pairs' sums, which that task takes once one
+    example's output block is switched off (every row but that example's must come out the
+    same)."""
+    n, m, p = 300, 512, 384
+    x = RNG.standard_normal((n, m)).astype(np.float32)
+    w = RNG.standard_normal((m, p)).astype(np.float32)
+    wt = tf.constant(w.T.copy() if transpose_w else w)
+    in_mask = (RNG.random((n, m // bs)) < 0.5).astype(np.float32)
+    in_mask[:, 1] = 0  # an input block no example uses
+    out_full = np.ones((n, p // bs), np.float32)
+    y_full = sparse_dot(x, wt, in_mask, out_full, block_size=bs, transpose_w=transpose_w).numpy()
+    y_ref, _, _ = reference(x, w, in_mask, out_full, None, bs)
+    assert rel_err(y_full, y_ref) < 1e-5
+    out_one_off = out_full.copy()
+    out_one_off[7, 2] = 0
+    check_forward_never_reads_inactive(x, w, in_mask, out_one_off, bs, transpose_w)
+    y_pairs = sparse_dot(x, wt, in_mask, out_one_off, block_size=bs,
+                         transpose_w=transpose_w).numpy()
+    rows = np.arange(n) != 7
+    assert np.array_equal(y_full[rows], y_pairs[rows])
+
+
 @pytest.mark.parametrize("transpose_w", [False, True])
 def test_panels_gathered_per_task(transpose_w):
     """Output activity concentrated in the first task's output blocks: over the whole product

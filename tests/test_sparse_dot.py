@@ -305,54 +305,31 @@ def test_fully_active_chunks_give_the_block_pairs_sums(bs, transpose_w):
 
 @pytest.mark.parametrize("bs", [8, 16, 64])
 @pytest.mark.parametrize("transpose_w", [False, True])
-def test_fully_active_inputs_give_the_block_pairs_sums(bs, transpose_w):
+@pytest.mark.parametrize("full_side", ["inputs", "outputs"])
+def test_fully_active_side_gives_the_block_pairs_sums(bs, transpose_w, full_side):
     """Where every example is active in every input block, each output block's examples pass
-    through several input blocks per call (sums kept in registers): right against float64, and
-    bitwise equal to the block pairs' sums, which the same product takes once one example's
-    input block is switched off (every row but that example's must come out the same).  512
-    input features: two or more calls per output block, so sums carry over between calls."""
+    through several input blocks per call (sums kept in registers); where every example is
+    active in every output block of a task, each input block's examples go through all those
+    output blocks at once, into task-wide rows.  Either way: right against float64, and bitwise
+    equal to the block pairs' sums, which the same product takes once one example's block on
+    the full side is switched off (every row but that example's must come out the same).  512
+    input features: two or more calls per output block where the inputs are full."""
     n, m, p = 300, 512, 384
     x = RNG.standard_normal((n, m)).astype(np.float32)
     w = RNG.standard_normal((m, p)).astype(np.float32)
     wt = tf.constant(w.T.copy() if transpose_w else w)
-    in_full = np.ones((n, m // bs), np.float32)
-    out_mask = (RNG.random((n, p // bs)) < 0.5).astype(np.float32)
-    out_mask[:, 1] = 0  # an output block no example uses
-    y_full = sparse_dot(x, wt, in_full, out_mask, block_size=bs, transpose_w=transpose_w).numpy()
-    y_ref, _, _ = reference(x, w, in_full, out_mask, None, bs)
+    full = {"inputs": np.ones((n, m // bs), np.float32),
+            "outputs": np.ones((n, p // bs), np.float32)}[full_side]
+    partial = (RNG.random((n, (p if full_side == "inputs" else m) // bs)) < 0.5).astype(np.float32)
+    partial[:, 1] = 0  # a block no example uses
+    masks = (lambda f: (f, partial)) if full_side == "inputs" else (lambda f: (partial, f))
+    y_full = sparse_dot(x, wt, *masks(full), block_size=bs, transpose_w=transpose_w).numpy()
+    y_ref, _, _ = reference(x, w, *masks(full), None, bs)
     assert rel_err(y_full, y_ref) < 1e-5
-    in_one_off = in_full.copy()
-    in_one_off[7, 2] = 0
-    check_forward_never_reads_inactive(x, w, in_one_off, out_mask, bs, transpose_w)
-    y_pairs = sparse_dot(x, wt, in_one_off, out_mask, block_size=bs,
-                         transpose_w=transpose_w).numpy()
-    rows = np.arange(n) != 7
-    assert np.array_equal(y_full[rows], y_pairs[rows])
-
-
-@pytest.mark.parametrize("bs", [8, 16, 64])
-@pytest.mark.parametrize("transpose_w", [False, True])
-def test_fully_active_outputs_give_the_block_pairs_sums(bs, transpose_w):
-    """Where every example is active in every output block of a task, each input block's
-    examples go through all the task's output blocks at once, into task-wide rows: right
-    against float64, and bitwise equal to the block pairs' sums, which that task takes once one
-    example's output block is switched off (every row but that example's must come out the
-    same)."""
-    n, m, p = 300, 512, 384
-    x = RNG.standard_normal((n, m)).astype(np.float32)
-    w = RNG.standard_normal((m, p)).astype(np.float32)
-    wt = tf.constant(w.T.copy() if transpose_w else w)
-    in_mask = (RNG.random((n, m // bs)) < 0.5).astype(np.float32)
-    in_mask[:, 1] = 0  # an input block no example uses
-    out_full = np.ones((n, p // bs), np.float32)
-    y_full = sparse_dot(x, wt, in_mask, out_full, block_size=bs, transpose_w=transpose_w).numpy()
-    y_ref, _, _ = reference(x, w, in_mask, out_full, None, bs)
-    assert rel_err(y_full, y_ref) < 1e-5
-    out_one_off = out_full.copy()
-    out_one_off[7, 2] = 0
-    check_forward_never_reads_inactive(x, w, in_mask, out_one_off, bs, transpose_w)
-    y_pairs = sparse_dot(x, wt, in_mask, out_one_off, block_size=bs,
-                         transpose_w=transpose_w).numpy()
+    one_off = full.copy()
+    one_off[7, 2] = 0
+    check_forward_never_reads_inactive(x, w, *masks(one_off), bs, transpose_w)
+    y_pairs = sparse_dot(x, wt, *masks(one_off), block_size=bs, transpose_w=transpose_w).numpy()
     rows = np.arange(n) != 7
     assert np.array_equal(y_full[rows], y_pairs[rows])
 

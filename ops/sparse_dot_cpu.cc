@@ -207,6 +207,22 @@ struct WeightBlocks {
     return transpose_w ? w + j * bs * m + i * bs : w + i * bs * p + j * bs;
   }
   int64_t SourceRowStride() const { return transpose_w ? m : p; }
+
+  // W's blocks (i, j) for i in [i0, i1), j in [j0, j1), packed into dst as one matrix of
+  // (i1 - i0) bs rows and (j1 - j0) bs columns (row stride (j1 - j0) bs), block by block in
+  // row-major order, each packing prefetching the next block.
+  void PackRange(const CpuKernels& kernels, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
+                 float* dst) const {
+    const int64_t width = (j1 - j0) * bs, rs = SourceRowStride();
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const bool last = i + 1 == i1 && j + 1 == j1;
+        const float* next = last ? Source(i, j) : j + 1 < j1 ? Source(i, j + 1) : Source(i + 1, j0);
+        kernels.pack_block(Source(i, j), rs, bs, transpose_w, next,
+                           dst + (i - i0) * bs * width + (j - j0) * bs, width);
+      }
+    }
+  }
 };
 
 // Rows up to which a weight block is read where it lies instead of packed: each of its rows is
@@ -306,19 +322,9 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
         // still fill a register tile's width.
         const int64_t per_pass = std::max<int64_t>(1, kFullRowsFeatures / bs);
         float* const columns = scratch->columns.Get(m * per_pass * bs);
-        const int64_t rs = weights.SourceRowStride();
         for (int64_t ja = j0; ja < j1; ja += per_pass) {
           const int64_t jb = std::min(j1, ja + per_pass), width = (jb - ja) * bs;
-          for (int64_t i = 0; i < in_blocks; ++i) {
-            for (int64_t j = ja; j < jb; ++j) {
-              const bool last = i + 1 == in_blocks && j + 1 == jb;
-              const float* next = last ? weights.Source(i, j)
-                                       : j + 1 < jb ? weights.Source(i, j + 1)
-                                                    : weights.Source(i + 1, ja);
-              kernels.pack_block(weights.Source(i, j), rs, bs, transpose_w, next,
-                                 columns + i * bs * width + (j - ja) * bs, width);
-            }
-          }
+          weights.PackRange(kernels, 0, in_blocks, ja, jb, columns);
           kernels.full_rows_forward(shared + r0 * bs, n, in_blocks, bs, columns, width,
                                     y + r0 * p + ja * bs, p, r1 - r0);
         }
@@ -392,17 +398,12 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
       if (in_full) {
         const int64_t fused = std::max<int64_t>(1, kFusedInputFeatures / bs);
         float* const column = scratch->columns.Get(fused * bs * bs);
-        const int64_t rs = weights.SourceRowStride();
         for (int64_t g0 = 0; g0 < in_blocks; g0 += fused) {
           const int64_t g1 = std::min(in_blocks, g0 + fused);
           for (int64_t j = j0; j < j1; ++j) {
             const int64_t count = active_in.ActiveInBoth(0, active_out, j, w0, w1, rows.data());
             if (count == 0) continue;
-            for (int64_t i = g0; i < g1; ++i) {
-              const float* next = weights.Source(i + 1 < g1 ? i + 1 : i, j);
-              kernels.pack_block(weights.Source(i, j), rs, bs, transpose_w, next,
-                                 column + (i - g0) * bs * bs, bs);
-            }
+            weights.PackRange(kernels, g0, g1, j, j + 1, column);
             kernels.exact_rows_accumulate(shared + (g0 * n + r0) * bs, bs, rows.data(), count,
                                           column, bs, bs, y_panel(j), bs, g1 - g0, n * bs, bs);
           }
@@ -415,16 +416,11 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
         // same order, as the block pairs below).
         const int64_t width = (j1 - j0) * bs;
         float* const row_blocks = scratch->columns.Get(bs * width);
-        const int64_t rs = weights.SourceRowStride();
         std::fill_n(y_panels, (r1 - r0) * width, 0.f);
         for (int64_t i = 0; i < in_blocks; ++i) {
           const int64_t count = active_in.ActiveInBoth(i, active_out, j0, w0, w1, rows.data());
           if (count == 0) continue;
-          for (int64_t j = j0; j < j1; ++j) {
-            const float* next = weights.Source(i, j + 1 < j1 ? j + 1 : j);
-            kernels.pack_block(weights.Source(i, j), rs, bs, transpose_w, next,
-                               row_blocks + (j - j0) * bs, width);
-          }
+          weights.PackRange(kernels, i, i + 1, j0, j1, row_blocks);
           kernels.exact_rows_accumulate(shared + (i * n + r0) * bs, bs, rows.data(), count,
                                         row_blocks, width, bs, y_panels, width, 1, 0, width);
         }

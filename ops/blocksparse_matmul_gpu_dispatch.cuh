@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "ops/blocksparse_matmul_gpu_gradw_small_batch.cuh"
 #include "ops/blocksparse_matmul_gpu_internal.cuh"
 #include "ops/blocksparse_matmul_gpu_mma.cuh"
 #include "ops/blocksparse_matmul_gpu_wgmma.cuh"
@@ -359,12 +360,6 @@ constexpr int64_t kColumnGradBs16LongBatch = 8192;
 // measured 1.16-1.24x faster than the column groups at 2.6 blocks per column and 1.05x at 5.1
 // (2% density); at 6.4 (5%) 0.90x with bf16, N = 4096 and 1.07x with fp16, N = 1000.
 constexpr double kColumnGradBs32MinBlocksPerColumn = 6.0;
-// Small batches (N <= kSmallBatch: one step of 64 rows) take the column groups for bs 16 from
-// this many blocks per column.  Measured on an H200 (bf16 and fp16, C = K = 4096, feature axis
-// 1) against the short mma.sync dW tiles: N = 64: 1.25x at 25% density (64 blocks per
-// column), 1.40x at 50%, 1.48-1.52x at 100%, 1.00-1.01x at 10% (26), 0.87-0.91x at 2-5%;
-// N = 16: 1.38x at 100%.  bs 32 and 64 measured 0.74-1.09x and keep the mma.sync tiles.
-constexpr double kColumnGradSmallBatchBs16MinBlocksPerColumn = 32.0;
 
 template <typename T, int FA, int BS, class Cfg = typename ColumnGradCfgOf<BS>::type>
 int LaunchWgmmaGradWColumns(const Params& p, int64_t N, int64_t blocks, int device,
@@ -381,6 +376,53 @@ int LaunchWgmmaGradWColumns(const Params& p, int64_t N, int64_t blocks, int devi
   return LaunchTiles<WgmmaTag<T, Cfg, 20 + FA>>(
       wgmma_impl::WgmmaGradWColumnKernel<T, FA, Cfg>, Cfg::kThreads, Cfg::kSmemBytes, bound, 1,
       steps, p, device, di, s, expected);
+}
+
+// dW with small batches (N <= kSmallBatch), 16-bit, on sm_90: runs of blocks of one column
+// streamed through one CTA each (SmallBatchGradWKernel), batch steps of 16, 32 or 64 rows
+// (the smallest that holds N), 3 stages (2 for bs 32 with 64 rows).  Runs are made long
+// enough that about one wave of CTAs covers the blocks: two waves and fixed runs of 64 blocks
+// measured 1.0-1.25x and 1.1-2.5x slower.  Measured on an H200 (C = K = 4096, bf16 both
+// feature axes and fp16, N = 64 and 16, 2-100% density; variants alternated in one process)
+// against the previous defaults (the mma.sync dW tiles; for bs 16 with at least 32 blocks per
+// column the wgmma column groups): from 6 blocks per column 1.09-2.5x faster (N = 64, 100%:
+// bs 16 1.18x, bs 32 1.51x, bs 64 1.89x; N = 16 up to 2.5x); below that 0.93-1.0x, so those
+// keep the mma.sync tiles.  For bs 32 with 64 rows, 2 stages ran 0.93-1.10x the speed of 3
+// (faster in 8 of 11 cells); 4 stages were slower in most cells.
+constexpr double kSmallGradMinBlocksPerColumn = 6.0;
+template <int BS, int ROWS>
+using SmallGradCfg = mma_impl::SmallGradCfg<BS, ROWS, 64, BS == 32 && ROWS == 64 ? 2 : 3>;
+template <typename T, class Cfg, int kKind>
+struct SmallGradTag {};
+
+template <typename T, int FA, class Cfg>
+int LaunchSmallBatchGradWCfg(const Params& p0, int64_t blocks, int device, const DeviceInfo& di,
+                             cudaStream_t s) {
+  using Tag = SmallGradTag<T, Cfg, FA>;
+  auto kernel = mma_impl::SmallBatchGradWKernel<T, FA, Cfg>;
+  constexpr int kSmem = Cfg::template kSmemBytes<FA>;
+  int per_sm = 0;
+  const int e = PrepareKernel<Tag>(kernel, Cfg::kThreads, kSmem, device, di, &per_sm);
+  if (e != cudaSuccess) return e;
+  const int64_t resident = static_cast<int64_t>(per_sm) * di.sm_count;
+  int64_t run = (blocks + resident - 1) / resident;
+  run = (run + Cfg::kPerStep - 1) / Cfg::kPerStep * Cfg::kPerStep;  // whole steps
+  run = run > Cfg::kMaxRun ? Cfg::kMaxRun : run;
+  Params p = p0;
+  p.run_blocks = run;
+  // At most one partial run per non-empty column: CTAs past the last run return at once.
+  const int64_t KB = p.K / Cfg::kBS;
+  const int64_t bound = (blocks + run - 1) / run + (KB < blocks ? KB : blocks);
+  return LaunchTiles<Tag>(kernel, Cfg::kThreads, kSmem, bound, 1, 0.0, p, device, di, s);
+}
+template <typename T, int FA, int BS>
+int LaunchSmallBatchGradW(const Params& p, int64_t N, int64_t blocks, int device,
+                          const DeviceInfo& di, cudaStream_t s) {
+  if (N <= 16)
+    return LaunchSmallBatchGradWCfg<T, FA, SmallGradCfg<BS, 16>>(p, blocks, device, di, s);
+  if (N <= 32)
+    return LaunchSmallBatchGradWCfg<T, FA, SmallGradCfg<BS, 32>>(p, blocks, device, di, s);
+  return LaunchSmallBatchGradWCfg<T, FA, SmallGradCfg<BS, 64>>(p, blocks, device, di, s);
 }
 
 template <typename T, int FA, int BS>
@@ -449,9 +491,10 @@ int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const Dev
                cudaStream_t s) {
   const double per_col = static_cast<double>(blocks) / static_cast<double>(p.K / BS);
   if constexpr (sizeof(T) == 2) {
+    if (N <= kSmallBatch && WgmmaEnabled(di) && per_col >= kSmallGradMinBlocksPerColumn)
+      return LaunchSmallBatchGradW<T, FA, BS>(p, N, blocks, device, di, s);
     const bool columns =
-        N > kSmallBatch ? BS != 32 || per_col >= kColumnGradBs32MinBlocksPerColumn
-                        : BS == 16 && per_col >= kColumnGradSmallBatchBs16MinBlocksPerColumn;
+        N > kSmallBatch && (BS != 32 || per_col >= kColumnGradBs32MinBlocksPerColumn);
     if (WgmmaEnabled(di) && columns) {
       if constexpr (BS == 16) {
         if (N >= kColumnGradBs16LongBatch)

@@ -44,6 +44,7 @@ struct Params {
   const int32_t* block_col;
   int64_t blocks;       // number of stored blocks
   int64_t n_tile_base;  // forward: first batch tile of this launch (grids are split at 65535)
+  int64_t run_blocks = 0;  // small-batch dW: blocks of a column per CTA (see its kernel)
 };
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
@@ -71,6 +72,33 @@ __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(SmemAddr(p)));
+  }
+}
+
+// 16-bit mma.sync operand fragments from a shared-memory tile with rows of `ld` elements.
+// A (16 x 16 at rows mb.., K slice kk): stored K-contiguous ([M][ld]) or M-contiguous
+// ([K][ld], read transposed).
+template <bool kMContig, typename T>
+__device__ __forceinline__ void LoadAFragment(uint32_t (&a)[4], const T* As, int ld, int mb,
+                                              int kk, int lane) {
+  const int li = lane >> 3, lr = lane & 7;
+  if constexpr (!kMContig) {
+    LdMatrixX4<false>(a, As + (mb + (lane & 15)) * ld + kk * 16 + (lane >> 4) * 8);
+  } else {
+    LdMatrixX4<true>(a, As + (kk * 16 + lr + (li >> 1) * 8) * ld + mb + (li & 1) * 8);
+  }
+}
+// B for two adjacent 8-column MMAs (16 x 16 at columns nb.., K slice kk): r[0..1] for columns
+// nb.., r[2..3] for nb + 8..; stored N-contiguous ([K][ld], read transposed) or K-contiguous
+// ([N][ld]).
+template <bool kKContig, typename T>
+__device__ __forceinline__ void LoadBFragmentPair(uint32_t (&r)[4], const T* Bs, int ld, int nb,
+                                                  int kk, int lane) {
+  const int li = lane >> 3, lr = lane & 7;
+  if constexpr (!kKContig) {
+    LdMatrixX4<true>(r, Bs + (kk * 16 + lr + (li & 1) * 8) * ld + nb + (li >> 1) * 8);
+  } else {
+    LdMatrixX4<false>(r, Bs + (nb + lr + (li >> 1) * 8) * ld + kk * 16 + (li & 1) * 8);
   }
 }
 
@@ -203,6 +231,50 @@ __device__ __forceinline__ const float* ClusterPeer(float* p, int rank) {
   (void)rank;
   return p;
 #endif
+}
+
+// Finds run `g` of the column view, where every block column's list is cut into runs of `per`
+// consecutive blocks, in column order: sets s_run = {column, first position, end position}
+// (column -1 when g is past the last run).  All threads of the CTA call it.
+__device__ __forceinline__ void FindColumnRun(const int32_t* __restrict__ col_ptr, int64_t KB,
+                                              int64_t g, int per, int* s_run, int* s_warp) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+  if (tid == 0) s_run[0] = -1;
+  __syncthreads();
+  int64_t before = 0;  // runs in the columns already scanned
+  for (int64_t base = 0; base < KB; base += blockDim.x) {
+    const int64_t k = base + tid;
+    int beg = 0, end = 0;
+    if (k < KB) {
+      beg = __ldg(col_ptr + k);
+      end = __ldg(col_ptr + k + 1);
+    }
+    const int runs = (end - beg + per - 1) / per;
+    int incl = runs;  // inclusive scan over the CTA: warps, then warp totals
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += v;
+    }
+    if (lane == 31) s_warp[warp] = incl;
+    __syncthreads();
+    int total = 0;
+    for (int w = 0; w < warps; ++w) {
+      const int v = s_warp[w];
+      if (w < warp) incl += v;
+      total += v;
+    }
+    const int64_t first = before + incl - runs;
+    if (g >= first && g < first + runs) {
+      const int b = beg + static_cast<int>(g - first) * per;
+      s_run[0] = static_cast<int>(k);
+      s_run[1] = b;
+      s_run[2] = min(end, b + per);
+    }
+    __syncthreads();  // s_run is final for this pass; s_warp may be rewritten
+    if (s_run[0] >= 0) return;
+    before += total;
+  }
 }
 
 // Compile-time description of one kernel configuration.
@@ -509,25 +581,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           const int mb = wm * Cfg::kWTM + mt * 16;
-          if constexpr (!kAMC) {
-            const T* a = As + (mb + (lane & 15)) * Cfg::kALd + kk * 16 + (lane >> 4) * 8;
-            LdMatrixX4<false>(af[mt], a);
-          } else {
-            const T* a = As + (kk * 16 + lr + (li >> 1) * 8) * Cfg::kALd + mb + (li & 1) * 8;
-            LdMatrixX4<true>(af[mt], a);
-          }
+          LoadAFragment<kAMC>(af[mt], As, Cfg::kALd, mb, kk, lane);
         }
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
           const int nb = wn * Cfg::kWTN + np * 16;
           uint32_t r[4];
-          if constexpr (!kBKC) {
-            const T* b = Bs + (kk * 16 + lr + (li & 1) * 8) * Cfg::kBLd + nb + (li >> 1) * 8;
-            LdMatrixX4<true>(r, b);
-          } else {
-            const T* b = Bs + (nb + lr + (li >> 1) * 8) * Cfg::kBLd + kk * 16 + (li & 1) * 8;
-            LdMatrixX4<false>(r, b);
-          }
+          LoadBFragmentPair<kBKC>(r, Bs, Cfg::kBLd, nb, kk, lane);
           bf[2 * np][0] = r[0];
           bf[2 * np][1] = r[1];
           bf[2 * np + 1][0] = r[2];

@@ -43,6 +43,7 @@ namespace wgmma_impl {
 using mma_impl::CpAsync16;
 using mma_impl::CpAsyncCommit;
 using mma_impl::CpAsyncWait;
+using mma_impl::FindColumnRun;
 using mma_impl::FromF;
 using mma_impl::PackPair;
 using mma_impl::Params;
@@ -743,50 +744,6 @@ struct ColumnGradCfg {
   static_assert(kRows == 32 || kRows == 64, "steps of two or four k16 slices");
   static_assert(kStages >= 3, "one wgmma group in flight needs a third stage");
 };
-
-// Finds run `g` of the column view, where every block column's list is cut into runs of `per`
-// consecutive blocks, in column order: sets s_run = {column, first position, end position}
-// (column -1 when g is past the last run).  All threads of the CTA call it.
-__device__ __forceinline__ void FindColumnRun(const int32_t* __restrict__ col_ptr, int64_t KB,
-                                              int64_t g, int per, int* s_run, int* s_warp) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
-  if (tid == 0) s_run[0] = -1;
-  __syncthreads();
-  int64_t before = 0;  // runs in the columns already scanned
-  for (int64_t base = 0; base < KB; base += blockDim.x) {
-    const int64_t k = base + tid;
-    int beg = 0, end = 0;
-    if (k < KB) {
-      beg = __ldg(col_ptr + k);
-      end = __ldg(col_ptr + k + 1);
-    }
-    const int runs = (end - beg + per - 1) / per;
-    int incl = runs;  // inclusive scan over the CTA: warps, then warp totals
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, incl, d);
-      if (lane >= d) incl += v;
-    }
-    if (lane == 31) s_warp[warp] = incl;
-    __syncthreads();
-    int total = 0;
-    for (int w = 0; w < warps; ++w) {
-      const int v = s_warp[w];
-      if (w < warp) incl += v;
-      total += v;
-    }
-    const int64_t first = before + incl - runs;
-    if (g >= first && g < first + runs) {
-      const int b = beg + static_cast<int>(g - first) * per;
-      s_run[0] = static_cast<int>(k);
-      s_run[1] = b;
-      s_run[2] = min(end, b + per);
-    }
-    __syncthreads();  // s_run is final for this pass; s_warp may be rewritten
-    if (s_run[0] >= 0) return;
-    before += total;
-  }
-}
 
 template <typename T, int FA, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) WgmmaGradWColumnKernel(const Params p) {

@@ -223,18 +223,19 @@ def correctness(lib, res, quick=False, race=False):
         for fa in (1, 0):
             run_case(lib, res, "bfloat16", bs, L, 136 if quick or race else 264, fa, gen,
                      ops=("dw",))
-    # Small batches with full bs-16 columns: dW runs the column groups in one 64-row step
-    # (Hopper, 16-bit, at least 32 blocks per column).
+    # Small batches with full bs-16 columns: dW streams runs of a column's blocks through one
+    # CTA (Hopper, 16-bit, at least 6 blocks per column; several runs per column).
     L = random_layout(48, 3, 16, 0.9, rng, empty_cols=[1])
     for N in ([17, 64] if quick or race else [1, 17, 40, 64]):
         for fa in (1, 0):
             run_case(lib, res, "bfloat16", 16, L, N, fa, gen, ops=("dw",))
     # Small batches with bs 32 / 64: the forward streams each block column through its
-    # pipeline, several blocks per step (Hopper, 16-bit).  Columns long enough that the pipeline
-    # wraps around, a last step with fewer blocks; from 64 (bs 32) or 32 (bs 64) blocks per
-    # column on average over the layout, every column is split over a cluster of two CTAs
-    # (the second and fourth layouts: an empty column and a one-block column, whose ranks get
-    # no blocks, among full ones).
+    # pipeline, several blocks per step (Hopper, 16-bit), and so does dW (runs of a column's
+    # blocks per CTA).  Columns long enough that the pipelines wrap around, a last step with
+    # fewer blocks; from 64 (bs 32) or 32 (bs 64) blocks per column on average over the
+    # layout, every forward column is split over a cluster of two CTAs (the second and fourth
+    # layouts: an empty column and a one-block column, whose ranks get no blocks, among full
+    # ones).
     def columns_layout(CB, counts, bs):
         coords = [(c, k) for k, count in enumerate(counts) for c in range(count)]
         return Layout(coords, CB, len(counts), bs)
@@ -246,11 +247,11 @@ def correctness(lib, res, quick=False, race=False):
         (64, columns_layout(64, [64, 0, 64, 1], 64)),  # 32.25: split
     ]
     for bs, L in small_batch_layouts:
-        for N in ([17, 64] if quick or race else [1, 17, 40, 64]):
+        for N in ([17, 64] if quick or race else [1, 17, 32, 40, 64]):
             for fa in (1, 0):
-                run_case(lib, res, "bfloat16", bs, L, N, fa, gen, ops=("fwd", "dx"))
+                run_case(lib, res, "bfloat16", bs, L, N, fa, gen, ops=("fwd", "dx", "dw"))
         if not (quick or race):
-            run_case(lib, res, "float16", bs, L, 64, 1, gen, ops=("fwd", "dx"))
+            run_case(lib, res, "float16", bs, L, 64, 1, gen, ops=("fwd", "dx", "dw"))
     # Long batches: the bs-16 column groups of 16 blocks (Hopper, 16-bit, N >= 8192), several
     # groups per column and a partial last one, a ragged last step.
     if not race:
@@ -308,6 +309,7 @@ def correctness(lib, res, quick=False, race=False):
                           ("bfloat16", 64, 1, 1000), ("float16", 64, 0, 1000),  # wgmma
                           ("float32", 64, 0, 64),  # cluster split
                           ("bfloat16", 32, 0, 64), ("bfloat16", 64, 1, 64),  # small-batch wgmma
+                          ("float16", 16, 1, 32),  # small-batch dW (runs of a column per CTA)
                           ("float16", 16, 0, 17)]:  # CUDA-core fallback
         L = exact_layout(32, 32, bs, 0.2, rng)
         tdt = DTYPES[dt][1]

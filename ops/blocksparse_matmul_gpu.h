@@ -36,8 +36,9 @@
 //   the 16-bit forward and dW with N > 64 (bs 16, 32, 64; either feature axis; so also dx;
 //   the forward at bs 16 only where columns are at most 75% full, dW at bs 32 only with at
 //   least 6 blocks per column on average) run on Hopper's warpgroup MMA (wgmma, sm_90a), with
-//   their own (fixed) order of sums; on sm_90 the 16-bit dW with N <= 64 and at least 6 blocks
-//   per column streams each column's blocks through one CTA (mma.sync, dy kept in registers).
+//   their own (fixed) order of sums; on sm_90 the dW with N <= 64 and at least 6 blocks per
+//   column (16-bit; float32 with bs 16 / 32) streams each column's blocks through one CTA
+//   (mma.sync, dy kept in registers).
 //   Everything else (bs 1 and 8, unaligned pointers, ragged feature_axis-0 batches) runs on a
 //   simpler CUDA-core kernel.  Results are bitwise reproducible from run to run on the same
 //   device; different GPUs may choose different splits and differ in the last bits.

@@ -378,9 +378,10 @@ int LaunchWgmmaGradWColumns(const Params& p, int64_t N, int64_t blocks, int devi
       steps, p, device, di, s, expected);
 }
 
-// dW with small batches (N <= kSmallBatch), 16-bit, on sm_90: runs of blocks of one column
-// streamed through one CTA each (SmallBatchGradWKernel), batch steps of 16, 32 or 64 rows
-// (the smallest that holds N), 3 stages (2 for bs 32 with 64 rows).  Runs are made long
+// dW with small batches (N <= kSmallBatch; 16-bit, and float32 with bs 16 / 32), on sm_90: runs
+// of blocks of one column streamed through one CTA each (SmallBatchGradWKernel), batch steps of
+// 16, 32 or 64 rows (the smallest that holds N), 3 stages (2 with 64 rows for bs 32 and for
+// float32).  Runs are made long
 // enough that about one wave of CTAs covers the blocks: two waves and fixed runs of 64 blocks
 // measured 1.0-1.25x and 1.1-2.5x slower.  Measured on an H200 (C = K = 4096, bf16 both
 // feature axes and fp16, N = 64 and 16, 2-100% density; variants alternated in one process)
@@ -388,10 +389,14 @@ int LaunchWgmmaGradWColumns(const Params& p, int64_t N, int64_t blocks, int devi
 // column the wgmma column groups): from 6 blocks per column 1.09-2.5x faster (N = 64, 100%:
 // bs 16 1.18x, bs 32 1.51x, bs 64 1.89x; N = 16 up to 2.5x); below that 0.93-1.0x, so those
 // keep the mma.sync tiles.  For bs 32 with 64 rows, 2 stages ran 0.93-1.10x the speed of 3
-// (faster in 8 of 11 cells); 4 stages were slower in most cells.
+// (faster in 8 of 11 cells); 4 stages were slower in most cells.  float32 (3xTF32; bs 64 would
+// hold too many dy fragments and keeps the mma.sync tiles, at most 1.02x its forward's time)
+// against the mma.sync dW, same run (N = 64, both feature axes, and N = 16): 1.07-2.9x faster,
+// at N = 64 and 100% bs 16 1.75x, bs 32 1.90x; at most 1.05x its forward's time.
 constexpr double kSmallGradMinBlocksPerColumn = 6.0;
-template <int BS, int ROWS>
-using SmallGradCfg = mma_impl::SmallGradCfg<BS, ROWS, 64, BS == 32 && ROWS == 64 ? 2 : 3>;
+template <typename T, int BS, int ROWS>
+using SmallGradCfg = mma_impl::SmallGradCfg<sizeof(T), BS, ROWS, 64,
+                                            (BS == 32 || sizeof(T) == 4) && ROWS == 64 ? 2 : 3>;
 template <typename T, class Cfg, int kKind>
 struct SmallGradTag {};
 
@@ -419,10 +424,10 @@ template <typename T, int FA, int BS>
 int LaunchSmallBatchGradW(const Params& p, int64_t N, int64_t blocks, int device,
                           const DeviceInfo& di, cudaStream_t s) {
   if (N <= 16)
-    return LaunchSmallBatchGradWCfg<T, FA, SmallGradCfg<BS, 16>>(p, blocks, device, di, s);
+    return LaunchSmallBatchGradWCfg<T, FA, SmallGradCfg<T, BS, 16>>(p, blocks, device, di, s);
   if (N <= 32)
-    return LaunchSmallBatchGradWCfg<T, FA, SmallGradCfg<BS, 32>>(p, blocks, device, di, s);
-  return LaunchSmallBatchGradWCfg<T, FA, SmallGradCfg<BS, 64>>(p, blocks, device, di, s);
+    return LaunchSmallBatchGradWCfg<T, FA, SmallGradCfg<T, BS, 32>>(p, blocks, device, di, s);
+  return LaunchSmallBatchGradWCfg<T, FA, SmallGradCfg<T, BS, 64>>(p, blocks, device, di, s);
 }
 
 template <typename T, int FA, int BS>
@@ -490,9 +495,11 @@ template <typename T, int FA, int BS>
 int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const DeviceInfo& di,
                cudaStream_t s) {
   const double per_col = static_cast<double>(blocks) / static_cast<double>(p.K / BS);
-  if constexpr (sizeof(T) == 2) {
+  if constexpr (sizeof(T) == 2 || BS <= 32) {
     if (N <= kSmallBatch && WgmmaEnabled(di) && per_col >= kSmallGradMinBlocksPerColumn)
       return LaunchSmallBatchGradW<T, FA, BS>(p, N, blocks, device, di, s);
+  }
+  if constexpr (sizeof(T) == 2) {
     const bool columns =
         N > kSmallBatch && (BS != 32 || per_col >= kColumnGradBs32MinBlocksPerColumn);
     if (WgmmaEnabled(di) && columns) {

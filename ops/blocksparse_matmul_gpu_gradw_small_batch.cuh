@@ -1,5 +1,6 @@
-// dW for small batches (N <= kRows, 16-bit, bs 16 / 32 / 64; mma.sync): a CTA computes a run of
-// up to p.run_blocks consecutive blocks of one block column, several blocks per pipeline step.
+// dW for small batches (N <= kRows; 16-bit with bs 16 / 32 / 64, float32 as 3xTF32 with bs 16 /
+// 32; mma.sync): a CTA computes a run of up to p.run_blocks consecutive blocks of one block
+// column, several blocks per pipeline step.
 //
 // With a few dozen batch rows a block's dW is one short product (bs x N times N x bs), so a
 // kernel that gives each block its own CTA spends its time starting CTAs and waiting for their
@@ -21,21 +22,23 @@ namespace blocksparse {
 namespace gpu {
 namespace mma_impl {
 
-// BS: block size.  ROWS: batch rows (N <= ROWS, one MMA K extent of ROWS).  MAX_RUN: most
-// blocks per CTA.  STAGES: pipeline depth, in steps of kPerStep blocks.
-template <int BS, int ROWS, int MAX_RUN, int STAGES>
+// ES: element bytes (2 or 4).  BS: block size.  ROWS: batch rows (N <= ROWS, one MMA K extent
+// of ROWS).  MAX_RUN: most blocks per CTA.  STAGES: pipeline depth, in steps of kPerStep blocks.
+template <int ES, int BS, int ROWS, int MAX_RUN, int STAGES>
 struct SmallGradCfg {
-  static constexpr int kBS = BS, kRows = ROWS, kMaxRun = MAX_RUN, kStages = STAGES;
+  static constexpr int kES = ES, kBS = BS, kRows = ROWS, kMaxRun = MAX_RUN, kStages = STAGES;
   static constexpr int kThreads = 128;
   // A warp computes kWarpRows block rows (input features) by all BS columns.
   static constexpr int kWarpRows = BS < 32 ? BS : 32;
   static constexpr int kWarpsPerBlock = BS / kWarpRows;
   static constexpr int kPerStep = 4 / kWarpsPerBlock;  // blocks per step
-  static constexpr int kCE = 8;                        // 16-bit elements per 16-byte copy
+  static constexpr int kCE = 16 / ES;                  // elements per 16-byte copy
+  static constexpr int kKSlice = ES == 4 ? 8 : 16;     // K of one MMA
   // A slab holds ROWS x BS of x or dy: feature axis 1 stores it [ROWS][BS + 8] (batch rows),
-  // feature axis 0 [BS][ROWS + 8] (feature rows); the padding keeps ldmatrix conflict-free.
+  // feature axis 0 [BS][ROWS + kCE] (feature rows); the padding keeps ldmatrix and the float32
+  // scalar fragment loads conflict-free.
   template <int FA>
-  static constexpr int kLd = FA == 1 ? BS + 8 : ROWS + 8;
+  static constexpr int kLd = FA == 1 ? BS + 8 : ROWS + kCE;
   // After its MMAs a warp stages its kWarpRows x BS results in the slab it read.
   static constexpr int kOutLd = BS + 8;
   static constexpr int kOutElems = kWarpsPerBlock * kWarpRows * kOutLd;
@@ -44,8 +47,9 @@ struct SmallGradCfg {
                                    ? (FA == 1 ? ROWS : BS) * kLd<FA>
                                    : kOutElems;  // elements
   template <int FA>
-  static constexpr int kSmemBytes = (STAGES * kPerStep + 1) * kSlab<FA> * 2;
-  static_assert(BS == 16 || BS == 32 || BS == 64, "tensor-core block sizes");
+  static constexpr int kSmemBytes = (STAGES * kPerStep + 1) * kSlab<FA> * ES;
+  static_assert(BS == 16 || BS == 32 || (BS == 64 && ES == 2), "tensor-core block sizes "
+                "(float32 bs 64 would hold too many dy fragments)");
   static_assert(ROWS % 16 == 0 && STAGES >= 2 && MAX_RUN % kPerStep == 0, "config");
 };
 
@@ -54,7 +58,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) SmallBatchGradWKernel(const Par
   constexpr int BS = Cfg::kBS, ROWS = Cfg::kRows, ST = Cfg::kStages, NTH = Cfg::kThreads;
   constexpr int P = Cfg::kPerStep, CE = Cfg::kCE;
   constexpr int LD = Cfg::template kLd<FA>, SLAB = Cfg::template kSlab<FA>;
-  constexpr int KQ = ROWS / 16, NT = BS / 8, MT = Cfg::kWarpRows / 16;  // MMA tiles
+  constexpr bool kF32 = sizeof(T) == 4;
+  static_assert(sizeof(T) == Cfg::kES, "element size of the configuration");
+  constexpr int KQ = ROWS / Cfg::kKSlice, NT = BS / 8, MT = Cfg::kWarpRows / 16;  // MMA tiles
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int s_run[3], s_warp[NTH / 32];
   __shared__ int s_b[Cfg::kMaxRun], s_c[Cfg::kMaxRun];
@@ -128,7 +134,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) SmallBatchGradWKernel(const Par
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
           uint32_t r[4];
-          LoadBFragmentPair<FA == 0>(r, dys, LD, np * 16, kk, lane);
+          if constexpr (kF32)
+            LoadBFragmentPairF32<FA == 0>(r, reinterpret_cast<const uint32_t*>(dys), LD, np * 16,
+                                          kk, lane);
+          else
+            LoadBFragmentPair<FA == 0>(r, dys, LD, np * 16, kk, lane);
           bf[kk][2 * np][0] = r[0];
           bf[kk][2 * np][1] = r[1];
           bf[kk][2 * np + 1][0] = r[2];
@@ -147,15 +157,39 @@ __global__ void __launch_bounds__(Cfg::kThreads) SmallBatchGradWKernel(const Par
         for (int q = 0; q < 4; ++q) acc[a][b][q] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < KQ; ++kk) {
-      uint32_t af[MT][4];
+      if constexpr (!kF32) {
+        uint32_t af[MT][4];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        LoadAFragment<FA == 1>(af[mt], As, LD, m0 + mt * 16, kk, lane);
+        for (int mt = 0; mt < MT; ++mt)
+          LoadAFragment<FA == 1>(af[mt], As, LD, m0 + mt * 16, kk, lane);
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-          MmaOp<T>::Run(acc[mt][nt], af[mt], bf[kk][nt][0], bf[kk][nt][1]);
+          for (int nt = 0; nt < NT; ++nt)
+            MmaOp<T>::Run(acc[mt][nt], af[mt], bf[kk][nt][0], bf[kk][nt][1]);
+      } else {  // 3xTF32: a_lo b_hi + a_hi b_lo + a_hi b_hi, from zero (N <= ROWS products)
+        uint32_t ah[MT][4], al[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          uint32_t a[4];
+          LoadAFragmentF32<FA == 1>(a, reinterpret_cast<const uint32_t*>(As), LD,
+                                    m0 + mt * 16, kk, lane);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) SplitTf32(a[q], ah[mt][q], al[mt][q]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          uint32_t bh0, bl0, bh1, bl1;
+          SplitTf32(bf[kk][nt][0], bh0, bl0);
+          SplitTf32(bf[kk][nt][1], bh1, bl1);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            MmaTf32(acc[mt][nt], al[mt], bh0, bh1);
+            MmaTf32(acc[mt][nt], ah[mt], bl0, bl1);
+            MmaTf32(acc[mt][nt], ah[mt], bh0, bh1);
+          }
+        }
+      }
     }
     // Results -> the slab (once the block's warps are done reading it) -> 16-byte stores of
     // whole rows (fragment-sized stores would write each 32-byte sector in two halves).
@@ -169,9 +203,15 @@ __global__ void __launch_bounds__(Cfg::kThreads) SmallBatchGradWKernel(const Par
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         T* o = os + (mt * 16 + grp) * Cfg::kOutLd + nt * 8 + 2 * tig;
-        *reinterpret_cast<uint32_t*>(o) = PackPair<T>(acc[mt][nt][0], acc[mt][nt][1]);
-        *reinterpret_cast<uint32_t*>(o + 8 * Cfg::kOutLd) =
-            PackPair<T>(acc[mt][nt][2], acc[mt][nt][3]);
+        if constexpr (kF32) {
+          *reinterpret_cast<float2*>(o) = make_float2(acc[mt][nt][0], acc[mt][nt][1]);
+          *reinterpret_cast<float2*>(o + 8 * Cfg::kOutLd) =
+              make_float2(acc[mt][nt][2], acc[mt][nt][3]);
+        } else {
+          *reinterpret_cast<uint32_t*>(o) = PackPair<T>(acc[mt][nt][0], acc[mt][nt][1]);
+          *reinterpret_cast<uint32_t*>(o + 8 * Cfg::kOutLd) =
+              PackPair<T>(acc[mt][nt][2], acc[mt][nt][3]);
+        }
       }
     __syncwarp();
     T* dst = gdw + (int64_t)s_b[e] * BS * BS + m0 * BS;

@@ -102,6 +102,37 @@ __device__ __forceinline__ void LoadBFragmentPair(uint32_t (&r)[4], const T* Bs,
   }
 }
 
+// float32 operands (TF32 m16n8k8, the raw float bits; K slices of 8), same layouts: A (16 x 8 at
+// rows mb.., slice kk) K-contiguous through ldmatrix on 32-bit pairs, M-contiguous by scalar
+// loads; B for two adjacent 8-column MMAs (r[0..1] columns nb.., r[2..3] nb + 8..).
+template <bool kMContig>
+__device__ __forceinline__ void LoadAFragmentF32(uint32_t (&a)[4], const uint32_t* As, int ld,
+                                                 int mb, int kk, int lane) {
+  if constexpr (!kMContig) {
+    LdMatrixX4<false>(a, As + (mb + (lane & 15)) * ld + kk * 8 + (lane >> 4) * 4);
+  } else {
+    const uint32_t* r0 = As + (kk * 8 + (lane & 3)) * ld + mb + (lane >> 2);
+    a[0] = r0[0];
+    a[1] = r0[8];
+    a[2] = r0[4 * ld];
+    a[3] = r0[4 * ld + 8];
+  }
+}
+template <bool kKContig>
+__device__ __forceinline__ void LoadBFragmentPairF32(uint32_t (&r)[4], const uint32_t* Bs,
+                                                     int ld, int nb, int kk, int lane) {
+  if constexpr (!kKContig) {
+    const uint32_t* r0 = Bs + (kk * 8 + (lane & 3)) * ld + nb + (lane >> 2);
+    r[0] = r0[0];
+    r[1] = r0[4 * ld];
+    r[2] = r0[8];
+    r[3] = r0[4 * ld + 8];
+  } else {
+    const int li = lane >> 3, lr = lane & 7;
+    LdMatrixX4<false>(r, Bs + (nb + lr + (li >> 1) * 8) * ld + kk * 8 + (li & 1) * 4);
+  }
+}
+
 template <typename T>
 struct MmaOp;
 template <>
@@ -570,8 +601,6 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   auto compute_step = [&](int buf) {
     const T* As = smem + buf * (Cfg::kASize + Cfg::kBSize);
     const T* Bs = As + Cfg::kASize;
-    const int li = lane >> 3, lr = lane & 7;
-    const int grp = lane >> 2, tig = lane & 3;
     if constexpr (!Cfg::kF32) {
 #pragma unroll
       for (int kq = 0; kq < KS / 16 / Cfg::kWK; ++kq) {
@@ -619,39 +648,19 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         uint32_t bh[NT][2], bl[NT][2];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          const int mb = wm * Cfg::kWTM + mt * 16;
           uint32_t a[4];
-          if constexpr (!kAMC) {
-            LdMatrixX4<false>(a, Au + (mb + (lane & 15)) * Cfg::kALd + kk * 8 + (lane >> 4) * 4);
-          } else {
-            const uint32_t* r0 = Au + (kk * 8 + tig) * Cfg::kALd + mb + grp;
-            const uint32_t* r1 = r0 + 4 * Cfg::kALd;
-            a[0] = r0[0];
-            a[1] = r0[8];
-            a[2] = r1[0];
-            a[3] = r1[8];
-          }
+          LoadAFragmentF32<kAMC>(a, Au, Cfg::kALd, wm * Cfg::kWTM + mt * 16, kk, lane);
 #pragma unroll
           for (int e = 0; e < 4; ++e) SplitTf32(a[e], ah[mt][e], al[mt][e]);
         }
-        if constexpr (!kBKC) {
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            const uint32_t* r0 = Bu + (kk * 8 + tig) * Cfg::kBLd + wn * Cfg::kWTN + nt * 8 + grp;
-            SplitTf32(r0[0], bh[nt][0], bl[nt][0]);
-            SplitTf32(r0[4 * Cfg::kBLd], bh[nt][1], bl[nt][1]);
-          }
-        } else {
-#pragma unroll
-          for (int np = 0; np < NT / 2; ++np) {
-            const int nb = wn * Cfg::kWTN + np * 16;
-            uint32_t r[4];
-            LdMatrixX4<false>(r, Bu + (nb + lr + (li >> 1) * 8) * Cfg::kBLd + kk * 8 + (li & 1) * 4);
-            SplitTf32(r[0], bh[2 * np][0], bl[2 * np][0]);
-            SplitTf32(r[1], bh[2 * np][1], bl[2 * np][1]);
-            SplitTf32(r[2], bh[2 * np + 1][0], bl[2 * np + 1][0]);
-            SplitTf32(r[3], bh[2 * np + 1][1], bl[2 * np + 1][1]);
-          }
+        for (int np = 0; np < NT / 2; ++np) {
+          uint32_t r[4];
+          LoadBFragmentPairF32<kBKC>(r, Bu, Cfg::kBLd, wn * Cfg::kWTN + np * 16, kk, lane);
+          SplitTf32(r[0], bh[2 * np][0], bl[2 * np][0]);
+          SplitTf32(r[1], bh[2 * np][1], bl[2 * np][1]);
+          SplitTf32(r[2], bh[2 * np + 1][0], bl[2 * np + 1][0]);
+          SplitTf32(r[3], bh[2 * np + 1][1], bl[2 * np + 1][1]);
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)

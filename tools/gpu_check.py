@@ -229,6 +229,8 @@ def correctness(lib, res, quick=False, race=False):
     for N in ([17, 64] if quick or race else [1, 17, 40, 64]):
         for fa in (1, 0):
             run_case(lib, res, "bfloat16", 16, L, N, fa, gen, ops=("dw",))
+            if not quick:
+                run_case(lib, res, "float32", 16, L, N, fa, gen, ops=("dw",))
     # Small batches with bs 32 / 64: the forward streams each block column through its
     # pipeline, several blocks per step (Hopper, 16-bit), and so does dW (runs of a column's
     # blocks per CTA).  Columns long enough that the pipelines wrap around, a last step with
@@ -252,6 +254,10 @@ def correctness(lib, res, quick=False, race=False):
                 run_case(lib, res, "bfloat16", bs, L, N, fa, gen, ops=("fwd", "dx", "dw"))
         if not (quick or race):
             run_case(lib, res, "float16", bs, L, 64, 1, gen, ops=("fwd", "dx", "dw"))
+        if bs == 32 and not quick:  # the float32 small-batch dW (3xTF32)
+            for N in ([64] if race else [1, 20, 32, 64]):
+                for fa in (1, 0):
+                    run_case(lib, res, "float32", bs, L, N, fa, gen, ops=("dw",))
     # Long batches: the bs-16 column groups of 16 blocks (Hopper, 16-bit, N >= 8192), several
     # groups per column and a partial last one, a ragged last step.
     if not race:
@@ -309,7 +315,7 @@ def correctness(lib, res, quick=False, race=False):
                           ("bfloat16", 64, 1, 1000), ("float16", 64, 0, 1000),  # wgmma
                           ("float32", 64, 0, 64),  # cluster split
                           ("bfloat16", 32, 0, 64), ("bfloat16", 64, 1, 64),  # small-batch wgmma
-                          ("float16", 16, 1, 32),  # small-batch dW (runs of a column per CTA)
+                          ("float16", 16, 1, 32), ("float32", 32, 0, 64),  # small-batch dW
                           ("float16", 16, 0, 17)]:  # CUDA-core fallback
         L = exact_layout(32, 32, bs, 0.2, rng)
         tdt = DTYPES[dt][1]

@@ -381,9 +381,8 @@ int LaunchWgmmaGradWColumns(const Params& p, int64_t N, int64_t blocks, int devi
 // dW with small batches (N <= kSmallBatch; 16-bit, and float32 with bs 16 / 32), on sm_90: runs
 // of blocks of one column streamed through one CTA each (SmallBatchGradWKernel), batch steps of
 // 16, 32 or 64 rows (the smallest that holds N), 3 stages (2 with 64 rows for bs 32 and for
-// float32).  Runs are made long
-// enough that about one wave of CTAs covers the blocks: two waves and fixed runs of 64 blocks
-// measured 1.0-1.25x and 1.1-2.5x slower.  Measured on an H200 (C = K = 4096, bf16 both
+// float32).  Runs are made long enough that about one wave of CTAs covers the blocks: two
+// waves and fixed runs of 64 blocks measured 1.0-1.25x and 1.1-2.5x slower.  Measured on an H200 (C = K = 4096, bf16 both
 // feature axes and fp16, N = 64 and 16, 2-100% density; variants alternated in one process)
 // against the previous defaults (the mma.sync dW tiles; for bs 16 with at least 32 blocks per
 // column the wgmma column groups): from 6 blocks per column 1.09-2.5x faster (N = 64, 100%:
@@ -412,7 +411,7 @@ int LaunchSmallBatchGradWCfg(const Params& p0, int64_t blocks, int device, const
   const int64_t resident = static_cast<int64_t>(per_sm) * di.sm_count;
   int64_t run = (blocks + resident - 1) / resident;
   run = (run + Cfg::kPerStep - 1) / Cfg::kPerStep * Cfg::kPerStep;  // whole steps
-  run = run > Cfg::kMaxRun ? Cfg::kMaxRun : run;
+  run = run < Cfg::kPerStep ? Cfg::kPerStep : run > Cfg::kMaxRun ? Cfg::kMaxRun : run;
   Params p = p0;
   p.run_blocks = run;
   // At most one partial run per non-empty column: CTAs past the last run return at once.

@@ -223,8 +223,11 @@ int LaunchMma(const Params& p, int64_t tiles, int64_t batch_tiles, double avg_st
 // CTAs share an SM) measured fastest on an H200 (bf16, feature axis 1) among 128 / 256 rows
 // per warpgroup, one or two warpgroups, and 4 or 5 stages.
 using WgmmaFwdCfg = wgmma_impl::FwdCfg<4>;
+// Keys the per-device caches of PrepareKernel / LaunchTiles for kernels that are not
+// BlocksparseMmaKernel: element type, configuration, and a kind (the feature axis plus 0 for
+// the bs-64 wgmma forward, 10 the narrow wgmma forward, 20 the wgmma dW, 30 the small-batch dW).
 template <typename T, class Cfg, int kKind>
-struct WgmmaTag {};
+struct KernelTag {};
 
 inline bool WgmmaEnabled(const DeviceInfo& di) {
   return (Tuning() == 0 || Tuning() == 5) && di.cc_major == 9;
@@ -247,7 +250,7 @@ template <typename T, int FA>
 int LaunchWgmmaForward(const Params& p, int64_t N, int64_t KB, int device, const DeviceInfo& di,
                        cudaStream_t s) {
   using Cfg = WgmmaFwdCfg;
-  using Tag = WgmmaTag<T, Cfg, FA>;
+  using Tag = KernelTag<T, Cfg, FA>;
   auto kernel = wgmma_impl::WgmmaForwardKernel<T, FA, Cfg>;
   const int64_t tiles = KB * ((N + Cfg::kBM - 1) / Cfg::kBM);
   int per_sm = 0;
@@ -279,7 +282,7 @@ template <typename T, int FA, int BS,
           class Cfg = wgmma_impl::NarrowFwdCfg<BS, BS == 32 ? 3 : 4, 256>>
 int LaunchWgmmaForwardNarrow(const Params& p, int64_t N, int64_t KB, int device,
                              const DeviceInfo& di, cudaStream_t s, double split_steps = 0.0) {
-  return LaunchTiles<WgmmaTag<T, Cfg, 10 + FA>>(wgmma_impl::WgmmaForwardNarrowKernel<T, FA, Cfg>,
+  return LaunchTiles<KernelTag<T, Cfg, 10 + FA>>(wgmma_impl::WgmmaForwardNarrowKernel<T, FA, Cfg>,
                                                 Cfg::kThreads, Cfg::kSmemBytes, KB,
                                                 (N + Cfg::kBM - 1) / Cfg::kBM, split_steps, p,
                                                 device, di, s, -1, kSmallBatchMaxSplit);
@@ -328,7 +331,7 @@ int LaunchWgmmaSmallBatchForward(const Params& p, int64_t N, int64_t KB, double 
     const double steps = blocks_per_col / Cfg::kBlocksPerStep;
     int per_sm = 0;
     if (blocks_per_col >= kSmallBatchSplitBlocks32 &&
-        PrepareKernel<WgmmaTag<T, Cfg, 10 + FA>>(wgmma_impl::WgmmaForwardNarrowKernel<T, FA, Cfg>,
+        PrepareKernel<KernelTag<T, Cfg, 10 + FA>>(wgmma_impl::WgmmaForwardNarrowKernel<T, FA, Cfg>,
                                                  Cfg::kThreads, Cfg::kSmemBytes, device, di,
                                                  &per_sm) == cudaSuccess &&
         ChooseSplit(KB, steps, static_cast<int64_t>(per_sm) * di.sm_count, di,
@@ -373,7 +376,7 @@ int LaunchWgmmaGradWColumns(const Params& p, int64_t N, int64_t blocks, int devi
   const int64_t per_col = filled > 0 ? (blocks + filled - 1) / filled : 0;
   const int64_t expected = filled * ((per_col + per - 1) / per);
   const double steps = static_cast<double>((N + Cfg::kRows - 1) / Cfg::kRows);
-  return LaunchTiles<WgmmaTag<T, Cfg, 20 + FA>>(
+  return LaunchTiles<KernelTag<T, Cfg, 20 + FA>>(
       wgmma_impl::WgmmaGradWColumnKernel<T, FA, Cfg>, Cfg::kThreads, Cfg::kSmemBytes, bound, 1,
       steps, p, device, di, s, expected);
 }
@@ -396,13 +399,10 @@ constexpr double kSmallGradMinBlocksPerColumn = 6.0;
 template <typename T, int BS, int ROWS>
 using SmallGradCfg = mma_impl::SmallGradCfg<sizeof(T), BS, ROWS, 64,
                                             (BS == 32 || sizeof(T) == 4) && ROWS == 64 ? 2 : 3>;
-template <typename T, class Cfg, int kKind>
-struct SmallGradTag {};
-
 template <typename T, int FA, class Cfg>
 int LaunchSmallBatchGradWCfg(const Params& p0, int64_t blocks, int device, const DeviceInfo& di,
                              cudaStream_t s) {
-  using Tag = SmallGradTag<T, Cfg, FA>;
+  using Tag = KernelTag<T, Cfg, 30 + FA>;
   auto kernel = mma_impl::SmallBatchGradWKernel<T, FA, Cfg>;
   constexpr int kSmem = Cfg::template kSmemBytes<FA>;
   int per_sm = 0;

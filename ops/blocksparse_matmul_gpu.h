@@ -98,6 +98,8 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //      persistent for problems of up to 16 waves of tiles).
 //   1: swap 128- and 256-row mma.sync forward tiles for 16-bit inputs, bs 32 / 64, N > 64.
 //   2: 32 x 32 instead of 64 x 32 mma.sync warp tiles for the 16-bit bs-64 forward, N > 64.
+//   6: the narrow wgmma forwards (16-bit bs 16 / 32 with N > 64, bs 32 / 64 with N <= 64) copy
+//      with cp.async, not the copy engine (the same results bit for bit).
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
 // give variant 3's results bit for bit where neither splits a tile over a cluster (a split
 // changes the order of the sums; splits depend on the tile count).  All are deterministic.

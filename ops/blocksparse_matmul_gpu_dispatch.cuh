@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "ops/blocksparse_matmul_gpu_gradw_small_batch.cuh"
 #include "ops/blocksparse_matmul_gpu_internal.cuh"
@@ -138,8 +139,8 @@ inline int ChooseSplit(int64_t tiles, double avg_steps, int64_t capacity, const 
 
 // Raises `kernel`'s dynamic shared memory limit to smem where needed and returns how many
 // of its CTAs fit on one SM (at least 1); both cached per device.  Tag: one type per kernel.
-template <typename Tag>
-int PrepareKernel(void (*kernel)(Params), int threads, int smem, int device,
+template <typename Tag, typename KernelParams>
+int PrepareKernel(void (*kernel)(KernelParams), int threads, int smem, int device,
                   const DeviceInfo& di, int* per_sm) {
   if (smem > di.max_smem_optin) return cudaErrorInvalidConfiguration;
   if (smem > 48 * 1024) {
@@ -164,12 +165,16 @@ int PrepareKernel(void (*kernel)(Params), int threads, int smem, int device,
   return cudaSuccess;
 }
 
+// The Params inside a kernel's parameters (Params itself, or the narrow forward's NarrowParams).
+inline Params& BaseParams(Params& p) { return p; }
+inline Params& BaseParams(wgmma_impl::NarrowParams& p) { return p.base; }
+
 // Launches `kernel` (threads per CTA, dynamic shared memory) on a grid of tiles x batch_tiles
 // CTAs, each tile split over a cluster of ChooseSplit() CTAs (pass avg_steps 0 for kernels
 // that cannot split).  Tag: one type per kernel, keying the per-device caches.
-template <typename Tag>
-int LaunchTiles(void (*kernel)(Params), int threads, int smem, int64_t tiles,
-                int64_t batch_tiles, double avg_steps, const Params& p0, int device,
+template <typename Tag, typename KernelParams>
+int LaunchTiles(void (*kernel)(KernelParams), int threads, int smem, int64_t tiles,
+                int64_t batch_tiles, double avg_steps, const KernelParams& p0, int device,
                 const DeviceInfo& di, cudaStream_t s, int64_t working_tiles = -1,
                 int max_split = 8) {
   int per_sm = 0;
@@ -181,10 +186,10 @@ int LaunchTiles(void (*kernel)(Params), int threads, int smem, int64_t tiles,
   const int split = ChooseSplit(working_tiles >= 0 ? working_tiles : tiles * batch_tiles,
                                 avg_steps, (int64_t)per_sm * di.sm_count, di, max_split);
   if (tiles * split > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  Params p = p0;
+  KernelParams p = p0;
   for (int64_t base = 0; base < batch_tiles; base += 65535) {
     const int64_t gy = batch_tiles - base < 65535 ? batch_tiles - base : 65535;
-    p.n_tile_base = base;
+    BaseParams(p).n_tile_base = base;
     const dim3 grid(static_cast<unsigned>(tiles * split), static_cast<unsigned>(gy));
     cudaError_t e;
     if (split == 1) {
@@ -230,7 +235,7 @@ template <typename T, class Cfg, int kKind>
 struct KernelTag {};
 
 inline bool WgmmaEnabled(const DeviceInfo& di) {
-  return (Tuning() == 0 || Tuning() == 5) && di.cc_major == 9;
+  return (Tuning() == 0 || Tuning() == 5 || Tuning() == 6) && di.cc_major == 9;
 }
 inline bool UseWgmma(int64_t N, const DeviceInfo& di) {
   return WgmmaEnabled(di) && N > kSmallBatch;
@@ -278,9 +283,11 @@ int LaunchWgmmaForward(const Params& p, int64_t N, int64_t KB, int device, const
 // between the measured 50% and 100%).
 constexpr double kWgmmaBs16MaxColumnFill = 0.75;
 constexpr int kSmallBatchMaxSplit = 2;  // see LaunchWgmmaSmallBatchForward
-template <typename T, int FA, int BS,
-          class Cfg = wgmma_impl::NarrowFwdCfg<BS, BS == 32 ? 3 : 4, 256>>
-int LaunchWgmmaForwardNarrow(const Params& p, int64_t N, int64_t KB, int device,
+template <int BS, bool kCopyEngine>
+using NarrowFwdCfgOf = wgmma_impl::NarrowFwdCfg<BS, BS == 32 ? 3 : 4, 256, 1, kCopyEngine>;
+using wgmma_impl::NarrowParams;
+template <typename T, int FA, int BS, class Cfg>
+int LaunchWgmmaForwardNarrow(const NarrowParams& p, int64_t N, int64_t KB, int device,
                              const DeviceInfo& di, cudaStream_t s, double split_steps = 0.0) {
   return LaunchTiles<KernelTag<T, Cfg, 10 + FA>>(wgmma_impl::WgmmaForwardNarrowKernel<T, FA, Cfg>,
                                                 Cfg::kThreads, Cfg::kSmemBytes, KB,
@@ -303,31 +310,69 @@ int LaunchWgmmaForwardNarrow(const Params& p, int64_t N, int64_t KB, int device,
 //   bs 64: 2 blocks per step, 7 stages (225 KiB), split from kSmallBatchSplitBlocks64 blocks
 //     per column.  Clusters of four (97 KiB configurations) ran up to 2.4x slower at 10%
 //     density, so splits stop at two.
-using SmallBatchFwdCfg32 = wgmma_impl::NarrowFwdCfg<32, 4, 64, 8>;
-using SmallBatchFwdCfg32Split = wgmma_impl::NarrowFwdCfg<32, 4, 64, 4>;
-using SmallBatchFwdCfg64 = wgmma_impl::NarrowFwdCfg<64, 7, 64, 2>;
+// With copy-engine copies (kCopyEngine) bs 64 takes one block per step and 12 stages (193 KiB)
+// instead of two blocks and 7.
+template <bool kCopyEngine>
+struct SmallBatchCfgs {
+  using Bs32 = wgmma_impl::NarrowFwdCfg<32, 4, 64, 8, kCopyEngine>;
+  using Bs32Split = wgmma_impl::NarrowFwdCfg<32, 4, 64, 4, kCopyEngine>;
+  using Bs64 = typename std::conditional<kCopyEngine, wgmma_impl::NarrowFwdCfg<64, 12, 64, 1, true>,
+                                         wgmma_impl::NarrowFwdCfg<64, 7, 64, 2>>::type;
+};
 constexpr double kSmallBatchSplitBlocks32 = 64, kSmallBatchSplitBlocks64 = 32;
 // Their shared memory is within every sm_90 GPU's opt-in limit (227 KiB); checked anyway, so
 // a GPU with less keeps the mma.sync tiles.
+template <class C>
+bool SmallBatchCfgsFit(const DeviceInfo& di) {
+  return di.max_smem_optin >= C::Bs32::kSmemBytes &&
+         di.max_smem_optin >= C::Bs32Split::kSmemBytes && di.max_smem_optin >= C::Bs64::kSmemBytes;
+}
 inline bool SmallBatchWgmmaFits(const DeviceInfo& di) {
-  return di.max_smem_optin >= SmallBatchFwdCfg32::kSmemBytes &&
-         di.max_smem_optin >= SmallBatchFwdCfg32Split::kSmemBytes &&
-         di.max_smem_optin >= SmallBatchFwdCfg64::kSmemBytes;
+  return SmallBatchCfgsFit<SmallBatchCfgs<false>>(di) && SmallBatchCfgsFit<SmallBatchCfgs<true>>(di);
 }
 
-template <typename T, int FA, int BS>
-int LaunchWgmmaSmallBatchForward(const Params& p, int64_t N, int64_t KB, double blocks_per_col,
-                                 int device, const DeviceInfo& di, cudaStream_t s) {
-  static_assert(BS == 32 || BS == 64, "bs 16 keeps the mma.sync tiles");
+// The narrow wgmma forwards copy on the copy engine (ops/blocksparse_matmul_gpu_tma.cuh) where
+// the driver encodes the tensor maps, but with N <= 64 only from these many blocks per column:
+// measured on an H200 (bf16 both feature axes, fp16, N = 16, 40 and 64, C = K = 4096, the two
+// alternated in one process, fastest of three medians), cp.async -> copy engine: bs 64 at 2-5%
+// density 0.90-0.96x, 10% 1.01-1.08x, 50-100% 1.09-1.15x; bs 32 below 10% 0.93-1.04x, at 10%
+// 0.95-1.10x, 25-100% 0.96-1.17x (1.04-1.17x at 100%).  With N > 64 (bs 16 / 32, N = 4096 and
+// 16384): 0.97-1.09x, 1.33x for bs 32 at 100% with feature axis 0.  Results are the same bit
+// for bit (the same sums in the same order); SetTuning(6) keeps cp.async everywhere.
+constexpr double kCopyEngineMinBlocks32 = 24, kCopyEngineMinBlocks64 = 6;
+inline bool CopyEngineEnabled() { return Tuning() != 6; }
+
+// Fills p's tensor maps for the copy-engine narrow forward with kBM batch rows per tile: x
+// boxes of kBM batch rows x BS features (feature axis 1; a single 64-row tile only the rows up
+// to N rounded to 8) or BS features x 64 batch entries (feature axis 0, one per row group), and
+// whole weight blocks.  False where the copy engine cannot serve (the caller keeps cp.async).
+template <typename T, int FA, int BS, int kBM>
+bool EncodeNarrowMaps(NarrowParams* np) {
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  const Params& p = np->base;
+  const uint64_t N = p.N, C = p.C, rows = static_cast<uint64_t>(p.blocks) * BS;
+  if (reinterpret_cast<uintptr_t>(p.x) % 16 || reinterpret_cast<uintptr_t>(p.w) % 16 ||
+      p.blocks <= 0 || N >= (1ull << 31) || C >= (1ull << 31) || rows >= (1ull << 31))
+    return false;
+  const uint32_t box_rows = kBM == 64 && N < 64 ? static_cast<uint32_t>((N + 7) / 8 * 8) : kBM;
+  const bool x_ok =
+      FA == 1 ? tma::EncodeTiles16(&np->x_map, kBf16, p.x, C, N, C * 2, BS, box_rows)
+              : N % 8 == 0 && tma::EncodeTiles16(&np->x_map, kBf16, p.x, N, C, N * 2, 64, BS);
+  return x_ok && tma::EncodeTiles16(&np->w_map, kBf16, p.w, BS, rows, BS * 2, BS, BS);
+}
+
+template <typename T, int FA, int BS, class Cfgs>
+int LaunchSmallBatchCfgs(const NarrowParams& p, int64_t N, int64_t KB, double blocks_per_col,
+                         int device, const DeviceInfo& di, cudaStream_t s) {
   if constexpr (BS == 64) {
-    using Cfg = SmallBatchFwdCfg64;
+    using Cfg = typename Cfgs::Bs64;
     const bool split = blocks_per_col >= kSmallBatchSplitBlocks64;
     return LaunchWgmmaForwardNarrow<T, FA, 64, Cfg>(
         p, N, KB, device, di, s, split ? blocks_per_col / Cfg::kBlocksPerStep : 0.0);
   } else {
     // The 4-block steps only where LaunchTiles will split them (not when the grid is too wide
     // for two CTAs per tile, e.g. K > 4224 on an H200).
-    using Cfg = SmallBatchFwdCfg32Split;
+    using Cfg = typename Cfgs::Bs32Split;
     const double steps = blocks_per_col / Cfg::kBlocksPerStep;
     int per_sm = 0;
     if (blocks_per_col >= kSmallBatchSplitBlocks32 &&
@@ -337,8 +382,32 @@ int LaunchWgmmaSmallBatchForward(const Params& p, int64_t N, int64_t KB, double 
         ChooseSplit(KB, steps, static_cast<int64_t>(per_sm) * di.sm_count, di,
                     kSmallBatchMaxSplit) > 1)
       return LaunchWgmmaForwardNarrow<T, FA, 32, Cfg>(p, N, KB, device, di, s, steps);
-    return LaunchWgmmaForwardNarrow<T, FA, 32, SmallBatchFwdCfg32>(p, N, KB, device, di, s);
+    return LaunchWgmmaForwardNarrow<T, FA, 32, typename Cfgs::Bs32>(p, N, KB, device, di, s);
   }
+}
+
+template <typename T, int FA, int BS>
+int LaunchWgmmaSmallBatchForward(const Params& p, int64_t N, int64_t KB, double blocks_per_col,
+                                 int device, const DeviceInfo& di, cudaStream_t s) {
+  static_assert(BS == 32 || BS == 64, "bs 16 keeps the mma.sync tiles");
+  NarrowParams np{p, {}, {}};
+  if (CopyEngineEnabled() &&
+      blocks_per_col >= (BS == 64 ? kCopyEngineMinBlocks64 : kCopyEngineMinBlocks32) &&
+      EncodeNarrowMaps<T, FA, BS, 64>(&np))
+    return LaunchSmallBatchCfgs<T, FA, BS, SmallBatchCfgs<true>>(np, N, KB, blocks_per_col,
+                                                                device, di, s);
+  return LaunchSmallBatchCfgs<T, FA, BS, SmallBatchCfgs<false>>(np, N, KB, blocks_per_col,
+                                                               device, di, s);
+}
+
+// The bs-16 / bs-32 forward with N > 64.
+template <typename T, int FA, int BS>
+int LaunchWgmmaForwardLong(const Params& p, int64_t N, int64_t KB, int device,
+                           const DeviceInfo& di, cudaStream_t s) {
+  NarrowParams np{p, {}, {}};
+  if (CopyEngineEnabled() && EncodeNarrowMaps<T, FA, BS, 256>(&np))
+    return LaunchWgmmaForwardNarrow<T, FA, BS, NarrowFwdCfgOf<BS, true>>(np, N, KB, device, di, s);
+  return LaunchWgmmaForwardNarrow<T, FA, BS, NarrowFwdCfgOf<BS, false>>(np, N, KB, device, di, s);
 }
 
 // dW (16-bit, sm_90): groups of up to G x 64 / bs blocks of one block column per
@@ -440,7 +509,7 @@ int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int dev
     const bool full_columns =
         BS == 16 && blocks_per_col > kWgmmaBs16MaxColumnFill * static_cast<double>(p.C / BS);
     if (UseWgmma(N, di) && !full_columns)
-      return LaunchWgmmaForwardNarrow<T, FA, BS>(p, N, KB, device, di, s);
+      return LaunchWgmmaForwardLong<T, FA, BS>(p, N, KB, device, di, s);
   }
   if constexpr (sizeof(T) == 2 && BS >= 32) {
     if (N <= kSmallBatch && WgmmaEnabled(di) && SmallBatchWgmmaFits(di))

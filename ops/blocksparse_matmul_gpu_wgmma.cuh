@@ -6,7 +6,8 @@
 // Why: the mma.sync kernels issue one instruction per 16 x 8 x 16 product plus the ldmatrix
 // loads that feed it, and measured on an H200 they are bound by instruction issue (see
 // docs/benchmarks_gpu.md).  One wgmma multiplies 64 x N x 16 with both operands read from
-// shared memory.
+// shared memory.  The narrow forward (below) copies through the copy engine where it can
+// (blocksparse_matmul_gpu_tma.cuh); the others copy with cp.async.
 //
 // bs-64 forward: the product is computed transposed, y^T = W^T x^T, so that the 64 x 64 weight
 // block is the 64-row A operand and 128 batch rows are wgmma's N: one warpgroup (the CTA)
@@ -35,6 +36,7 @@
 #include <type_traits>
 
 #include "ops/blocksparse_matmul_gpu_mma.cuh"
+#include "ops/blocksparse_matmul_gpu_tma.cuh"
 
 namespace blocksparse {
 namespace gpu {
@@ -438,11 +440,19 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
 // cluster dimension `split`): rank r sums the r-th of `split` runs of the column's list, the
 // partial sums are staged as float and each rank adds them in rank order for its share of the
 // output, so the result does not depend on timing.  With feature axis 0, N % 8 == 0.
-template <int BST, int kStagesT, int kBMT, int kBlocksPerStepT = 1>
+// With kTensorMapCopies, a fifth warp issues the copies on the copy engine (per block one
+// instruction for the weights and one per x tile: one, or one per row group with feature
+// axis 0; into the same swizzled layouts) from the
+// tensor maps in Params, each stage guarded by a `full` mbarrier (its bytes landed) and an
+// `empty` one (the wgmma group that read it is done), so copies run up to kStages steps ahead
+// and the four MMA warps only wait, multiply and release.
+template <int BST, int kStagesT, int kBMT, int kBlocksPerStepT = 1, bool kTensorMapCopiesT = false>
 struct NarrowFwdCfg {
   static constexpr int BS = BST;
   static constexpr int kBM = kBMT;  // batch rows per CTA
-  static constexpr int kThreads = 128;
+  static constexpr bool kTensorMapCopies = kTensorMapCopiesT;
+  static constexpr int kMmaThreads = 128;  // the warpgroup that multiplies
+  static constexpr int kThreads = kMmaThreads + (kTensorMapCopies ? 32 : 0);
   static constexpr int kStages = kStagesT;
   static constexpr int kBlocksPerStep = kBlocksPerStepT;  // a step's x tiles, then its blocks
   static constexpr int kXBytes = kBM * BS * 2;
@@ -455,7 +465,10 @@ struct NarrowFwdCfg {
   static constexpr int kStageLd1 = BS + 8, kStageLd0 = kBM + 8;
   // A tile split over a cluster stages float partial sums, rows of BS + 4 floats.
   static constexpr int kSplitLd = BS + 4;
-  static constexpr int kSmemBytes = 1024 + kStages * kStageBytes;
+  // The mbarriers (full, then empty, 8 bytes each) follow the stages.
+  static constexpr int kBarrierOffset = kStages * kStageBytes;
+  static constexpr int kSmemBytes = 1024 + kStages * kStageBytes + (kTensorMapCopies ? 16 * kStages : 0);
+  static_assert(32 % kBlocksPerStep == 0, "steps do not straddle the copy warp's index batches");
   static_assert(kBM * kSplitLd * 4 <= kStages * kStageBytes, "partial sums fit the pipeline");
   static_assert(BS == 16 || BS == 32 || BS == 64, "block sizes");
   static_assert(kBM % 64 == 0 && kXBytes % 1024 == 0, "x tiles on 1024-byte boundaries");
@@ -466,8 +479,17 @@ struct NarrowFwdCfg {
 };
 
 // Needs sm_90a.
+// The narrow forward's parameters: the products' Params and the copy engine's tensor maps of x
+// and w (filled on the host by EncodeNarrowMaps; unused with cp.async copies).  Passed as a
+// __grid_constant__, so the maps are read where the launch put them.
+struct NarrowParams {
+  Params base;
+  tma::TensorMap x_map, w_map;
+};
+
 template <typename T, int FA, class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const Params p) {
+__global__ void __launch_bounds__(Cfg::kThreads)
+    WgmmaForwardNarrowKernel(const __grid_constant__ NarrowParams np) {
 #if BSMM_HAS_WGMMA
   constexpr int BS = Cfg::BS, kBM = Cfg::kBM, kStages = Cfg::kStages, kGroups = kBM / 64;
   constexpr int P = Cfg::kBlocksPerStep;
@@ -477,6 +499,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
   uint32_t smem_base;  // shared-memory address of smem
   unsigned char* smem = Align1024(smem_raw, &smem_base);
 
+  const Params& p = np.base;
   const T* __restrict__ gx = static_cast<const T*>(p.x);
   const T* __restrict__ gw = static_cast<const T*>(p.w);
   T* __restrict__ gy = static_cast<T*>(p.y);
@@ -492,103 +515,14 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
   const int col_blocks = col_beg + (rank + 1) * col_count / split - pbeg;
   const int steps = (col_blocks + P - 1) / P;
 
-  // Copies.  W: the first kWCopies threads (bs 64: all, in kWPasses passes), row
-  // tid / (BS / 8), chunk tid % (BS / 8).
-  // x, feature axis 1: batch rows tid / kChunks + kRowStep j, chunk tid % kChunks; feature
-  // axis 0: feature rows tid / kChunks + kRowStep j, 16-byte chunk tid % kChunks of the kBM
-  // batch entries (row group chunk / 8, chunk % 8 inside its atom).
-  constexpr int kWCopies = BS * BS * 2 / 16;
-  // bs 64: four passes of 16 rows (the swizzle repeats every 8 rows).
-  constexpr int kWPasses = (kWCopies + Cfg::kThreads - 1) / Cfg::kThreads;
-  constexpr int kWPassRows = Cfg::kThreads / (BS / 8);
-  static_assert(kWCopies <= Cfg::kThreads || kWCopies % Cfg::kThreads == 0, "whole passes");
-  const int w_chunk = tid % (BS / 8), w_row = tid / (BS / 8);
-  const T* const w_src = gw + w_row * BS + w_chunk * 8;
-  const int w_dst = P * Cfg::kXBytes + SwizzledR<kWRowBytes>(w_row, w_chunk);
-  constexpr int kChunks = FA == 1 ? BS / 8 : kBM / 8;  // per copied x row
-  constexpr int kRowStep = Cfg::kThreads / kChunks;
-  constexpr int kXCopies = (FA == 1 ? kBM : BS) / kRowStep;
-  static_assert(Cfg::kThreads % kChunks == 0 && kXCopies * kRowStep == (FA == 1 ? kBM : BS),
-                "whole rows per pass");
-  // The swizzles repeat every 8 rows: x_dst_base[e] serves the rows r with r % 8 ==
-  // x_row0 % 8 + 4 e (kRowStep is a multiple of 4), less r times the row bytes.
-  constexpr int kRowBytes = FA == 1 ? BS * 2 : 128;
-  static_assert(kRowStep % 4 == 0, "two swizzle phases");
-  const int x_chunk = tid % kChunks, x_row0 = tid / kChunks;
-  int x_dst_base[2];
-#pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    const int r = x_row0 + 4 * e;
-    x_dst_base[e] = (FA == 1 ? SwizzledR<kRowBytes>(r, x_chunk)
-                             : (x_chunk >> 3) * kGroupBytes + SwizzledR<128>(r, x_chunk & 7)) -
-                    r * kRowBytes;
-  }
-  auto x_dst = [&](int j) {  // j is a compile-time constant after unrolling
-    return x_dst_base[((kRowStep * j) >> 2) & 1] + (x_row0 + kRowStep * j) * kRowBytes;
-  };
-  // This thread's first x element of block row 0 and, with feature axis 1, its rows left.
-  const T* const x_src = FA == 1 ? gx + (n0 + x_row0) * C + x_chunk * 8
-                                 : gx + static_cast<int64_t>(x_row0) * N + n0 + x_chunk * 8;
-  const int64_t x_rows_left = N - n0 - x_row0;
-  const bool x_chunk_valid = n0 + x_chunk * 8 < N;  // feature axis 0
-  // Block q of a step: x tile at q kXBytes, weights at P kXBytes + q kWBytes.
-  auto load_block = [&](int c, int b, int buf, int q) {
-    unsigned char* st = smem + buf * Cfg::kStageBytes;
-#pragma unroll
-    for (int j = 0; j < kWPasses; ++j)
-      if (kWCopies >= Cfg::kThreads || tid < kWCopies)
-        CpAsync16(st + w_dst + q * Cfg::kWBytes + j * kWPassRows * kWRowBytes,
-                  w_src + static_cast<int64_t>(b) * (BS * BS) + j * kWPassRows * BS, true);
-    st += q * Cfg::kXBytes;
-    // Rows (feature axis 1) or chunks (feature axis 0) at or past N are zero-filled.
-    const T* xsrc = x_src + static_cast<int64_t>(c) * BS * (FA == 1 ? 1 : N);
-#pragma unroll
-    for (int j = 0; j < kXCopies; ++j) {
-      const bool v = FA == 1 ? kRowStep * j < x_rows_left : x_chunk_valid;
-      CpAsync16(st + x_dst(j),
-                v ? xsrc + static_cast<int64_t>(kRowStep * j) * (FA == 1 ? C : N) : gx, v);
-    }
-  };
-
   float acc[kGroups][BS / 2];
 #pragma unroll
   for (int h = 0; h < kGroups; ++h)
 #pragma unroll
     for (int e = 0; e < BS / 2; ++e) acc[h][e] = 0.f;
-
-  // Step s's block rows and blocks; the loop reads them one step ahead of their copies, so the
-  // copies (issued before each step's wgmma) never wait for these loads.  The last step may
-  // hold fewer than P blocks.
-  int nc[P] = {}, nb[P] = {};
-  auto index = [&](int s) {
-#pragma unroll
-    for (int q = 0; q < P; ++q)
-      if (s * P + q < col_blocks) {
-        nc[q] = __ldg(p.col_row + pbeg + s * P + q);
-        nb[q] = __ldg(p.col_block + pbeg + s * P + q);
-      }
-  };
-  auto load_step = [&](int s, int buf) {
-#pragma unroll
-    for (int q = 0; q < P; ++q)
-      if (s * P + q < col_blocks) load_block(nc[q], nb[q], buf, q);
-  };
-#pragma unroll
-  for (int s = 0; s < kStages - 2; ++s) {
-    index(s);
-    if (s < steps) load_step(s, s);
-    CpAsyncCommit();  // one group per step, empty or not, so the waits count steps
-  }
-  index(kStages - 2);
-  for (int s = 0; s < steps; ++s) {
-    CpAsyncWait<kStages - 3>();  // this thread's copies of step s have landed
-    FenceSharedForAsyncProxy();
-    __syncthreads();  // everyone's have; and step s - 2's wgmma (waited below) is done
-    const int nxt = s + kStages - 2;
-    if (nxt < steps) load_step(nxt, nxt % kStages);  // into the stage step s - 2 read
-    CpAsyncCommit();
-    index(nxt + 1);
-    const uint32_t stage = smem_base + (s % kStages) * Cfg::kStageBytes;
+  constexpr int kRowBytes = FA == 1 ? BS * 2 : 128;  // x tile rows
+  // Step s's wgmma group on the stage at shared address `stage`.
+  auto multiply_step = [&](int s, uint32_t stage) {
     WgmmaFence();
 #pragma unroll
     for (int q = 0; q < P; ++q) {
@@ -612,33 +546,206 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
       }
     }
     WgmmaCommit();
-    WgmmaWait<1>();  // step s - 1's group is done; step s's may still run
+  };
+
+  if constexpr (Cfg::kTensorMapCopies) {
+    // Barriers: full[i] (one arrival, the copy warp's, plus the stage's bytes) at
+    // bars + 8 i, empty[i] (one arrival per MMA warp) at bars + 8 (kStages + i).
+    const uint32_t bars = smem_base + Cfg::kBarrierOffset;
+    if (tid == 0) {
+      for (int i = 0; i < kStages; ++i) {
+        tma::MbarInit(bars + 8 * i, 1);
+        tma::MbarInit(bars + 8 * (kStages + i), Cfg::kMmaThreads / 32);
+      }
+      tma::FenceMbarInit();
+    }
+    __syncthreads();
+    const int lane = tid & 31;
+    // Rows past N arrive as zeros.  A single 64-row tile's box (feature axis 1) holds only the
+    // batch rows rounded up to 8; the rows past it keep stale data, which reaches only output
+    // rows that are never stored (the box sizes are those of EncodeNarrowMaps).
+    const int x_rows =
+        FA == 1 && kBM == 64 ? static_cast<int>(N >= 64 ? 64 : (N + 7) / 8 * 8) : kBM;
+    const uint32_t step_bytes = x_rows * BS * 2 + Cfg::kWBytes;  // per block
+    if (tid >= Cfg::kMmaThreads) {
+      // The copy warp: indices for 32 blocks at a time (one per lane), lane 0 issues a step's
+      // copies once the wgmma group that read its stage kStages steps ago is done.
+      if (lane == 0) {
+        tma::PrefetchTensorMap(&np.x_map);
+        tma::PrefetchTensorMap(&np.w_map);
+      }
+      for (int base = 0; base < col_blocks; base += 32) {
+        int my_c = 0, my_b = 0;
+        if (base + lane < col_blocks) {
+          my_c = __ldg(p.col_row + pbeg + base + lane);
+          my_b = __ldg(p.col_block + pbeg + base + lane);
+        }
+        const int batch = min(32, col_blocks - base);
+        for (int i = 0; i < batch; i += P) {
+          int c[P], b[P];
+#pragma unroll
+          for (int q = 0; q < P; ++q) {
+            c[q] = __shfl_sync(0xffffffffu, my_c, i + q);
+            b[q] = __shfl_sync(0xffffffffu, my_b, i + q);
+          }
+          if (lane == 0) {
+            const int s = (base + i) / P, buf = s % kStages;
+            const int count = min(P, batch - i);
+            if (s >= kStages) tma::MbarWait(bars + 8 * (kStages + buf), ((s / kStages) + 1) & 1);
+            tma::MbarArriveExpectTx(bars + 8 * buf, count * step_bytes);
+            const uint32_t stage = smem_base + buf * Cfg::kStageBytes;
+            for (int q = 0; q < count; ++q) {
+              if constexpr (FA == 1) {
+                tma::CopyTile2D(stage + q * Cfg::kXBytes, &np.x_map, c[q] * BS,
+                                static_cast<int>(n0), bars + 8 * buf);
+              } else {
+#pragma unroll
+                for (int h = 0; h < kGroups; ++h)
+                  tma::CopyTile2D(stage + q * Cfg::kXBytes + h * kGroupBytes, &np.x_map,
+                                  static_cast<int>(n0) + 64 * h, c[q] * BS, bars + 8 * buf);
+              }
+              tma::CopyTile2D(stage + P * Cfg::kXBytes + q * Cfg::kWBytes, &np.w_map, 0,
+                              b[q] * BS, bars + 8 * buf);
+            }
+          }
+          __syncwarp();
+        }
+      }
+    } else {
+      for (int s = 0; s < steps; ++s) {
+        const int buf = s % kStages;
+        tma::MbarWait(bars + 8 * buf, (s / kStages) & 1);
+        multiply_step(s, smem_base + buf * Cfg::kStageBytes);
+        WgmmaWait<1>();  // step s - 1's group is done: its stage may be refilled
+        if (s > 0 && lane == 0) tma::MbarArrive(bars + 8 * (kStages + (s - 1) % kStages));
+      }
+      WgmmaWait<0>();
+    }
+    __syncthreads();  // every copy landed and was read; the stages may now stage the output
+  } else {  // cp.async copies, issued by the MMA warps between their steps
+    // Copies.  W: the first kWCopies threads (bs 64: all, in kWPasses passes), row
+    // tid / (BS / 8), chunk tid % (BS / 8).
+    // x, feature axis 1: batch rows tid / kChunks + kRowStep j, chunk tid % kChunks; feature
+    // axis 0: feature rows tid / kChunks + kRowStep j, 16-byte chunk tid % kChunks of the kBM
+    // batch entries (row group chunk / 8, chunk % 8 inside its atom).
+    constexpr int kWCopies = BS * BS * 2 / 16;
+    // bs 64: four passes of 16 rows (the swizzle repeats every 8 rows).
+    constexpr int kWPasses = (kWCopies + Cfg::kThreads - 1) / Cfg::kThreads;
+    constexpr int kWPassRows = Cfg::kThreads / (BS / 8);
+    static_assert(kWCopies <= Cfg::kThreads || kWCopies % Cfg::kThreads == 0, "whole passes");
+    const int w_chunk = tid % (BS / 8), w_row = tid / (BS / 8);
+    const T* const w_src = gw + w_row * BS + w_chunk * 8;
+    const int w_dst = P * Cfg::kXBytes + SwizzledR<kWRowBytes>(w_row, w_chunk);
+    constexpr int kChunks = FA == 1 ? BS / 8 : kBM / 8;  // per copied x row
+    constexpr int kRowStep = Cfg::kThreads / kChunks;
+    constexpr int kXCopies = (FA == 1 ? kBM : BS) / kRowStep;
+    static_assert(Cfg::kThreads % kChunks == 0 && kXCopies * kRowStep == (FA == 1 ? kBM : BS),
+                  "whole rows per pass");
+    // The swizzles repeat every 8 rows: x_dst_base[e] serves the rows r with r % 8 ==
+    // x_row0 % 8 + 4 e (kRowStep is a multiple of 4), less r times the row bytes.
+    static_assert(kRowStep % 4 == 0, "two swizzle phases");
+    const int x_chunk = tid % kChunks, x_row0 = tid / kChunks;
+    int x_dst_base[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int r = x_row0 + 4 * e;
+      x_dst_base[e] = (FA == 1 ? SwizzledR<kRowBytes>(r, x_chunk)
+                               : (x_chunk >> 3) * kGroupBytes + SwizzledR<128>(r, x_chunk & 7)) -
+                      r * kRowBytes;
+    }
+    auto x_dst = [&](int j) {  // j is a compile-time constant after unrolling
+      return x_dst_base[((kRowStep * j) >> 2) & 1] + (x_row0 + kRowStep * j) * kRowBytes;
+    };
+    // This thread's first x element of block row 0 and, with feature axis 1, its rows left.
+    const T* const x_src = FA == 1 ? gx + (n0 + x_row0) * C + x_chunk * 8
+                                   : gx + static_cast<int64_t>(x_row0) * N + n0 + x_chunk * 8;
+    const int64_t x_rows_left = N - n0 - x_row0;
+    const bool x_chunk_valid = n0 + x_chunk * 8 < N;  // feature axis 0
+    // Block q of a step: x tile at q kXBytes, weights at P kXBytes + q kWBytes.
+    auto load_block = [&](int c, int b, int buf, int q) {
+      unsigned char* st = smem + buf * Cfg::kStageBytes;
+#pragma unroll
+      for (int j = 0; j < kWPasses; ++j)
+        if (kWCopies >= Cfg::kThreads || tid < kWCopies)
+          CpAsync16(st + w_dst + q * Cfg::kWBytes + j * kWPassRows * kWRowBytes,
+                    w_src + static_cast<int64_t>(b) * (BS * BS) + j * kWPassRows * BS, true);
+      st += q * Cfg::kXBytes;
+      // Rows (feature axis 1) or chunks (feature axis 0) at or past N are zero-filled.
+      const T* xsrc = x_src + static_cast<int64_t>(c) * BS * (FA == 1 ? 1 : N);
+#pragma unroll
+      for (int j = 0; j < kXCopies; ++j) {
+        const bool v = FA == 1 ? kRowStep * j < x_rows_left : x_chunk_valid;
+        CpAsync16(st + x_dst(j),
+                  v ? xsrc + static_cast<int64_t>(kRowStep * j) * (FA == 1 ? C : N) : gx, v);
+      }
+    };
+
+    // Step s's block rows and blocks; the loop reads them one step ahead of their copies, so the
+    // copies (issued before each step's wgmma) never wait for these loads.  The last step may
+    // hold fewer than P blocks.
+    int nc[P] = {}, nb[P] = {};
+    auto index = [&](int s) {
+#pragma unroll
+      for (int q = 0; q < P; ++q)
+        if (s * P + q < col_blocks) {
+          nc[q] = __ldg(p.col_row + pbeg + s * P + q);
+          nb[q] = __ldg(p.col_block + pbeg + s * P + q);
+        }
+    };
+    auto load_step = [&](int s, int buf) {
+#pragma unroll
+      for (int q = 0; q < P; ++q)
+        if (s * P + q < col_blocks) load_block(nc[q], nb[q], buf, q);
+    };
+#pragma unroll
+    for (int s = 0; s < kStages - 2; ++s) {
+      index(s);
+      if (s < steps) load_step(s, s);
+      CpAsyncCommit();  // one group per step, empty or not, so the waits count steps
+    }
+    index(kStages - 2);
+    for (int s = 0; s < steps; ++s) {
+      CpAsyncWait<kStages - 3>();  // this thread's copies of step s have landed
+      FenceSharedForAsyncProxy();
+      __syncthreads();  // everyone's have; and step s - 2's wgmma (waited below) is done
+      const int nxt = s + kStages - 2;
+      if (nxt < steps) load_step(nxt, nxt % kStages);  // into the stage step s - 2 read
+      CpAsyncCommit();
+      index(nxt + 1);
+      multiply_step(s, smem_base + (s % kStages) * Cfg::kStageBytes);
+      WgmmaWait<1>();  // step s - 1's group is done; step s's may still run
+    }
+    WgmmaWait<0>();
+    CpAsyncWait<0>();
+    __syncthreads();
   }
-  WgmmaWait<0>();
-  CpAsyncWait<0>();
-  __syncthreads();
 
   // Epilogue: group h holds y rows 64 h + r0 (+ 8), columns 8 i + c0 (+ 1) in
-  // acc[h][4 i .. 4 i + 3].
+  // acc[h][4 i .. 4 i + 3].  Only the MMA warps hold sums (the copy warp, if any, only joins the
+  // barriers).
   const int lane = tid & 31;
+  const bool mma_thread = tid < Cfg::kMmaThreads;
   if (split > 1) {
     // Stage the float partial sums as (batch row, feature); each rank adds the cluster's
     // partials in rank order for its share of the output's 16-byte chunks.
     constexpr int L = Cfg::kSplitLd;
     float* Cf = reinterpret_cast<float*>(smem);
     const int r0 = 16 * (tid >> 5) + (lane >> 2), c0 = 2 * (lane & 3);
+    if (mma_thread) {
 #pragma unroll
-    for (int h = 0; h < kGroups; ++h)
+      for (int h = 0; h < kGroups; ++h)
 #pragma unroll
-      for (int i = 0; i < BS / 8; ++i) {
-        float* r = Cf + (64 * h + r0) * L + 8 * i + c0;
-        *reinterpret_cast<float2*>(r) = make_float2(acc[h][4 * i], acc[h][4 * i + 1]);
-        *reinterpret_cast<float2*>(r + 8 * L) = make_float2(acc[h][4 * i + 2], acc[h][4 * i + 3]);
-      }
+        for (int i = 0; i < BS / 8; ++i) {
+          float* r = Cf + (64 * h + r0) * L + 8 * i + c0;
+          *reinterpret_cast<float2*>(r) = make_float2(acc[h][4 * i], acc[h][4 * i + 1]);
+          *reinterpret_cast<float2*>(r + 8 * L) =
+              make_float2(acc[h][4 * i + 2], acc[h][4 * i + 3]);
+        }
+    }
     mma_impl::ClusterSync();
     constexpr int kChunks = kBM * BS / 8;
     const int qbeg = rank * kChunks / split, qend = (rank + 1) * kChunks / split;
-    for (int q = qbeg + tid; q < qend; q += Cfg::kThreads) {
+    for (int q = qbeg + tid; mma_thread && q < qend; q += Cfg::kMmaThreads) {
       // Feature axis 1: chunk q is batch row q / (BS / 8), features 8 (q % (BS / 8)) ..;
       // feature axis 0: feature q / (kBM / 8), batch rows 8 (q % (kBM / 8)) ...
       const int row = FA == 1 ? q / (BS / 8) : 8 * (q % (kBM / 8));
@@ -663,41 +770,47 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardNarrowKernel(const 
   if constexpr (FA == 1) {  // y (N, K): staged rows are batch rows
     constexpr int L = Cfg::kStageLd1;
     const int r0 = 16 * (tid >> 5) + (lane >> 2), c0 = 2 * (lane & 3);
+    if (mma_thread) {
 #pragma unroll
-    for (int h = 0; h < kGroups; ++h)
+      for (int h = 0; h < kGroups; ++h)
 #pragma unroll
-      for (int i = 0; i < BS / 8; ++i) {
-        T* r = Cs + (64 * h + r0) * L + 8 * i + c0;
-        *reinterpret_cast<uint32_t*>(r) = PackPair<T>(acc[h][4 * i], acc[h][4 * i + 1]);
-        *reinterpret_cast<uint32_t*>(r + 8 * L) =
-            PackPair<T>(acc[h][4 * i + 2], acc[h][4 * i + 3]);
-      }
+        for (int i = 0; i < BS / 8; ++i) {
+          T* r = Cs + (64 * h + r0) * L + 8 * i + c0;
+          *reinterpret_cast<uint32_t*>(r) = PackPair<T>(acc[h][4 * i], acc[h][4 * i + 1]);
+          *reinterpret_cast<uint32_t*>(r + 8 * L) =
+              PackPair<T>(acc[h][4 * i + 2], acc[h][4 * i + 3]);
+        }
+    }
     __syncthreads();
-    CopyOutStagedTile<T, 1, kBM, BS, L, Cfg::kThreads>(Cs, gy, tid, n0, N, K,
-                                                       static_cast<int64_t>(kcol) * BS);
+    if (mma_thread)
+      CopyOutStagedTile<T, 1, kBM, BS, L, Cfg::kMmaThreads>(Cs, gy, tid, n0, N, K,
+                                                            static_cast<int64_t>(kcol) * BS);
   } else {  // y (K, N): staged rows are output features
     // stmatrix.trans turns the fragments' 8 x 8 (batch x feature) pieces around; call q of
     // group h stores features 16 q .. 16 q + 15 (lane 8 m + j: feature 16 q + 8 (m / 2) + j,
     // batch rows + 8 (m % 2) of the warp's 16).
     constexpr int L = Cfg::kStageLd0;
     const int m = lane >> 3, j = lane & 7;
+    if (mma_thread) {
 #pragma unroll
-    for (int h = 0; h < kGroups; ++h)
+      for (int h = 0; h < kGroups; ++h)
 #pragma unroll
-      for (int q = 0; q < BS / 16; ++q) {
-        const float* a = acc[h] + 8 * q;
-        const int feature = 16 * q + 8 * (m >> 1) + j;
-        const int batch = 64 * h + 16 * (tid >> 5) + 8 * (m & 1);
-        StoreMatrixX4Trans(smem_base + 2 * (feature * L + batch), PackPair<T>(a[0], a[1]),
-                           PackPair<T>(a[2], a[3]), PackPair<T>(a[4], a[5]),
-                           PackPair<T>(a[6], a[7]));
-      }
+        for (int q = 0; q < BS / 16; ++q) {
+          const float* a = acc[h] + 8 * q;
+          const int feature = 16 * q + 8 * (m >> 1) + j;
+          const int batch = 64 * h + 16 * (tid >> 5) + 8 * (m & 1);
+          StoreMatrixX4Trans(smem_base + 2 * (feature * L + batch), PackPair<T>(a[0], a[1]),
+                             PackPair<T>(a[2], a[3]), PackPair<T>(a[4], a[5]),
+                             PackPair<T>(a[6], a[7]));
+        }
+    }
     __syncthreads();
-    CopyOutStagedTile<T, 0, BS, kBM, L, Cfg::kThreads>(Cs, gy, tid, n0, N, K,
-                                                       static_cast<int64_t>(kcol) * BS);
+    if (mma_thread)
+      CopyOutStagedTile<T, 0, BS, kBM, L, Cfg::kMmaThreads>(Cs, gy, tid, n0, N, K,
+                                                            static_cast<int64_t>(kcol) * BS);
   }
 #else
-  (void)p;
+  (void)np;
   __trap();
 #endif
 }

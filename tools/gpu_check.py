@@ -45,9 +45,11 @@ class Lib:
         self.lib.bsmm_gpu_selected_path.restype = I
         self.lib.bsmm_gpu_set_tuning.argtypes = [I]
         self.lib.bsmm_gpu_set_tuning.restype = None
+        self.tuning = 0
 
     def set_tuning(self, v):
         self.lib.bsmm_gpu_set_tuning(v)
+        self.tuning = v
 
     def _call(self, f, dt, a, b, out, N, fa, L, stream=None, raw_ptrs=None):
         s = torch.cuda.current_stream().cuda_stream if stream is None else stream
@@ -252,12 +254,28 @@ def correctness(lib, res, quick=False, race=False):
         for N in ([17, 64] if quick or race else [1, 17, 32, 40, 64]):
             for fa in (1, 0):
                 run_case(lib, res, "bfloat16", bs, L, N, fa, gen, ops=("fwd", "dx", "dw"))
+        if is_hopper() and lib.tuning == 0 and not race:
+            # Those forwards copy on the copy engine; SetTuning(6) runs their cp.async copies.
+            lib.set_tuning(6)
+            for N in [17, 64] if quick else [1, 40, 64]:
+                for fa in (1, 0):
+                    run_case(lib, res, "bfloat16", bs, L, N, fa, gen, ops=("fwd", "dx"))
+            lib.set_tuning(0)
         if not (quick or race):
             run_case(lib, res, "float16", bs, L, 64, 1, gen, ops=("fwd", "dx", "dw"))
         if bs == 32 and not quick:  # the float32 small-batch dW (3xTF32)
             for N in ([64] if race else [1, 20, 32, 64]):
                 for fa in (1, 0):
                     run_case(lib, res, "float32", bs, L, N, fa, gen, ops=("dw",))
+    if is_hopper() and lib.tuning == 0 and not (quick or race):
+        # The bs-16 / bs-32 forward with N > 64 copies on the copy engine too: its cp.async copies.
+        lib.set_tuning(6)
+        for bs in (16, 32):
+            L = random_layout(20, 9, bs, 0.65, rng, empty_cols=[4])
+            for N in (130, 1000):
+                for fa in (1, 0):
+                    run_case(lib, res, "bfloat16", bs, L, N, fa, gen, ops=("fwd", "dx"))
+        lib.set_tuning(0)
     # Long batches: the bs-16 column groups of 16 blocks (Hopper, 16-bit, N >= 8192), several
     # groups per column and a partial last one, a ragged last step.
     if not race:
@@ -502,25 +520,20 @@ def benchmark(lib, res, out_md, quick=False):
                 tgm = bench(lambda: lib.grad_w(dt, x, dy, dw, N, fa, L))
                 lib.set_tuning(0)
             del ref
+            # The narrow wgmma forwards (16-bit: bs 16 / 32 with N > 64, bs 32 / 64 with
+            # N <= 64) with cp.async copies (SetTuning(6)) where the copy engine is the default:
+            # the same sums, bit for bit.
+            fwd = lambda out: lib.forward(dt, x, w, out, N, fa, L)
+            tc = float("nan")
+            if dt != "float32" and is_hopper() and (bs >= 32 if N <= 64 else bs <= 32):
+                tc = time_variant(lib, res, 6, fwd, y, y, f"tuning-6 forward equals the default "
+                                  f"{dt} N={N} bs={bs} d={d}")
             if dt != "float32" and bs >= 32 and N > 64:
-                lib.set_tuning(1)
-                y2 = torch.full_like(y, float("nan"))
-                rc3 = lib.forward(dt, x, w, y2, N, fa, L)
-                torch.cuda.synchronize()
-                res.check(rc3 == 0 and torch.equal(y2, y_mma),
-                          f"tuning-1 forward equals mma.sync default {dt} N={N} bs={bs} d={d}")
-                tw = bench(lambda: lib.forward(dt, x, w, y2, N, fa, L))
-                lib.set_tuning(0)
+                tw = time_variant(lib, res, 1, fwd, y, y_mma, f"tuning-1 forward equals mma.sync "
+                                  f"default {dt} N={N} bs={bs} d={d}")
                 if bs == 64:
-                    lib.set_tuning(2)
-                    y2.fill_(float("nan"))
-                    rc3 = lib.forward(dt, x, w, y2, N, fa, L)
-                    torch.cuda.synchronize()
-                    res.check(rc3 == 0 and torch.equal(y2, y_mma),
-                              f"tuning-2 forward equals mma.sync default {dt} N={N} bs={bs} d={d}")
-                    tw2 = bench(lambda: lib.forward(dt, x, w, y2, N, fa, L))
-                    lib.set_tuning(0)
-                del y2
+                    tw2 = time_variant(lib, res, 2, fwd, y, y_mma, f"tuning-2 forward equals "
+                                       f"mma.sync default {dt} N={N} bs={bs} d={d}")
             # PyTorch BSR: y^T = (W^T as BSR) @ x^T, the same work.
             tb = float("nan")
             try:
@@ -538,7 +551,7 @@ def benchmark(lib, res, out_md, quick=False):
             wbytes = L.blocks * bs * bs * x.element_size()
             row = dict(dt=dt, fa=fa, N=N, CK=CK, bs=bs, d=dens, tf=tf, eff=eff, dense_tf=tdf,
                        dense_tflops=dense_tflops, speed=tdf / tf, frac=eff / dense_tflops,
-                       bsr=tb, vs_bsr=tb / tf, tm=tm, tgm=tgm, tw=tw, tw2=tw2, tg=tg, effg=effg, dense_tg=tdg,
+                       bsr=tb, vs_bsr=tb / tf, tm=tm, tgm=tgm, tw=tw, tw2=tw2, tc=tc, tg=tg, effg=effg, dense_tg=tdg,
                        speed_g=tdg / tg, g_over_f=tg / tf,
                        wbw=wbytes / tf / 1e6, wbw_frac=wbytes / tf / 1e6 / hbm)
             rows.append(row)
@@ -559,12 +572,14 @@ def benchmark(lib, res, out_md, quick=False):
              "'dW ms, mma.sync' likewise for dW, and with N <= 64 the mma.sync dW tiles "
              "where the small-batch dW is the default; "
              "'tuning 1/2' = the mma.sync forward with alternative tile configurations "
-             "(SetTuning); in these four columns x = that column's time / the default's.",
+             "(SetTuning); 'fwd ms, cp.async' = the narrow wgmma forwards with cp.async "
+             "copies (SetTuning(6)) where they copy on the copy engine by default; "
+             "in these five columns x = that column's time / the default's.",
              "",
              "| dtype | fa | N | C=K | bs | density | fwd ms | eff TFLOP/s | frac | x dense | "
              "x BSR | dW ms | dW x dense | dW/fwd | W GB/s | fwd ms, mma.sync | dW ms, mma.sync | "
-             "fwd ms, tuning 1 | fwd ms, tuning 2 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fwd ms, tuning 1 | fwd ms, tuning 2 | fwd ms, cp.async |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['dt']} | {r['fa']} | {r['N']} | {r['CK']} | {r['bs']} | {r['d']*100:.0f}% | "
@@ -572,7 +587,8 @@ def benchmark(lib, res, out_md, quick=False):
             f"{r['vs_bsr']:.2f} | {r['tg']:.4f} | {r['speed_g']:.2f} | {r['g_over_f']:.2f} | "
             f"{r['wbw']:.0f} ({r['wbw_frac']*100:.0f}%) | "
             + " | ".join(against_default(r[k], r[base])
-                         for k, base in (("tm", "tf"), ("tgm", "tg"), ("tw", "tf"), ("tw2", "tf")))
+                         for k, base in (("tm", "tf"), ("tgm", "tg"), ("tw", "tf"), ("tw2", "tf"),
+                                         ("tc", "tf")))
             + " |")
     lines.append("")
     lines.append("Dense references (ms, TFLOP/s): " + "; ".join(
@@ -588,6 +604,19 @@ def benchmark(lib, res, out_md, quick=False):
         except Exception as ex:  # plotting is optional
             print(f"plot skipped: {type(ex).__name__}: {ex}")
     return md
+
+
+def time_variant(lib, res, tuning, call, like, expected, what):
+    """Benchmark time (ms) of call(out) under SetTuning(tuning), after checking that its output
+    equals `expected` bit for bit; the default setting is restored."""
+    lib.set_tuning(tuning)
+    out = torch.full_like(like, float("nan"))
+    rc = call(out)
+    torch.cuda.synchronize()
+    res.check(rc == 0 and torch.equal(out, expected), what)
+    t = bench(lambda: call(out))
+    lib.set_tuning(0)
+    return t
 
 
 def against_default(t, default):
@@ -634,7 +663,7 @@ def fmt_row(r):
             f"fwd {r['tf']:.4f} ms eff {r['eff']:6.1f} TF/s ({r['frac']*100:3.0f}% dense) "
             f"x{r['speed']:.2f} dense, x{r['vs_bsr']:.2f} BSR | dW {r['tg']:.4f} ms "
             f"x{r['speed_g']:.2f} dense, dW/fwd {r['g_over_f']:.2f} | W {r['wbw']:.0f} GB/s | mma.sync {r['tm']:.4f} "
-            f"dW {r['tgm']:.4f}")
+            f"dW {r['tgm']:.4f} | cp.async {r['tc']:.4f}")
 
 
 def main():

@@ -328,7 +328,8 @@ bool SmallBatchCfgsFit(const DeviceInfo& di) {
          di.max_smem_optin >= C::Bs32Split::kSmemBytes && di.max_smem_optin >= C::Bs64::kSmemBytes;
 }
 inline bool SmallBatchWgmmaFits(const DeviceInfo& di) {
-  return SmallBatchCfgsFit<SmallBatchCfgs<false>>(di) && SmallBatchCfgsFit<SmallBatchCfgs<true>>(di);
+  return SmallBatchCfgsFit<SmallBatchCfgs<false>>(di) &&
+         SmallBatchCfgsFit<SmallBatchCfgs<true>>(di);
 }
 
 // The narrow wgmma forwards copy on the copy engine (ops/blocksparse_matmul_gpu_tma.cuh) where

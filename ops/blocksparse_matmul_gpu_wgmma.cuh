@@ -467,7 +467,8 @@ struct NarrowFwdCfg {
   static constexpr int kSplitLd = BS + 4;
   // The mbarriers (full, then empty, 8 bytes each) follow the stages.
   static constexpr int kBarrierOffset = kStages * kStageBytes;
-  static constexpr int kSmemBytes = 1024 + kStages * kStageBytes + (kTensorMapCopies ? 16 * kStages : 0);
+  static constexpr int kSmemBytes =
+      1024 + kStages * kStageBytes + (kTensorMapCopies ? 16 * kStages : 0);
   static_assert(32 % kBlocksPerStep == 0, "steps do not straddle the copy warp's index batches");
   static_assert(kBM * kSplitLd * 4 <= kStages * kStageBytes, "partial sums fit the pipeline");
   static_assert(BS == 16 || BS == 32 || BS == 64, "block sizes");

@@ -551,7 +551,8 @@ def benchmark(lib, res, out_md, quick=False):
             wbytes = L.blocks * bs * bs * x.element_size()
             row = dict(dt=dt, fa=fa, N=N, CK=CK, bs=bs, d=dens, tf=tf, eff=eff, dense_tf=tdf,
                        dense_tflops=dense_tflops, speed=tdf / tf, frac=eff / dense_tflops,
-                       bsr=tb, vs_bsr=tb / tf, tm=tm, tgm=tgm, tw=tw, tw2=tw2, tc=tc, tg=tg, effg=effg, dense_tg=tdg,
+                       bsr=tb, vs_bsr=tb / tf, tm=tm, tgm=tgm, tw=tw, tw2=tw2, tc=tc, tg=tg,
+                       effg=effg, dense_tg=tdg,
                        speed_g=tdg / tg, g_over_f=tg / tf,
                        wbw=wbytes / tf / 1e6, wbw_frac=wbytes / tf / 1e6 / hbm)
             rows.append(row)

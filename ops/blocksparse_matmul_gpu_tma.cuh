@@ -17,7 +17,6 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include <atomic>
 #include <cstring>
 
 namespace blocksparse {
@@ -39,24 +38,20 @@ using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t
                                    const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
                                    CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 
-// The driver's encoder, or null where the driver lacks it (callers then keep cp.async).
+// The driver's encoder, or null where the driver lacks it (callers then keep cp.async); looked
+// up once per process.
 inline EncodeTiledFn EncodeTiled() {
-  static std::atomic<int> state{0};  // 0: not looked up, 1: found, 2: missing
-  static std::atomic<EncodeTiledFn> fn{nullptr};
-  if (state.load() == 0) {
+  static const EncodeTiledFn fn = [] {
     void* f = nullptr;
     cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
     const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000,
                                                            cudaEnableDefault, &found);
-    if (e == cudaSuccess && found == cudaDriverEntryPointSuccess && f) {
-      fn.store(reinterpret_cast<EncodeTiledFn>(f));
-      state.store(1);
-    } else {
-      cudaGetLastError();  // clear the lookup's error, if any
-      state.store(2);
-    }
-  }
-  return fn.load();
+    if (e == cudaSuccess && found == cudaDriverEntryPointSuccess && f)
+      return reinterpret_cast<EncodeTiledFn>(f);
+    cudaGetLastError();  // clear the lookup's error, if any
+    return static_cast<EncodeTiledFn>(nullptr);
+  }();
+  return fn;
 }
 
 // A map of the 16-bit row-major array base[outer][inner] (rows row_bytes apart, a multiple of

@@ -304,9 +304,10 @@ int LaunchWgmmaForwardNarrow(const NarrowParams& p, int64_t N, int64_t KB, int d
 // density, variants alternated in one process, fastest of three medians) against one block per
 // step with 16 stages (bs 32) and the mma.sync small-batch tiles (bs 64):
 // docs/benchmarks_gpu.md.  Chosen:
-//   bs 32: 8 blocks per step, 4 stages (193 KiB) below kSmallBatchSplitBlocks32 blocks per
-//     column; from there 4 blocks per step, 4 stages (97 KiB), split (at 50-100% density
-//     1.25-1.59x the previous default, where the 8-block steps unsplit made 1.26-1.43x);
+//   bs 32: 8 blocks per step, 4 stages (193 KiB; 197 with the copy engine's zero tile) below
+//     kSmallBatchSplitBlocks32 blocks per column; from there 4 blocks per step, 4 stages
+//     (97 KiB), split (at 50-100% density 1.25-1.59x the previous default, where the 8-block
+//     steps unsplit made 1.26-1.43x);
 //   bs 64: 2 blocks per step, 7 stages (225 KiB), split from kSmallBatchSplitBlocks64 blocks
 //     per column.  Clusters of four (97 KiB configurations) ran up to 2.4x slower at 10%
 //     density, so splits stop at two.
@@ -320,8 +321,17 @@ struct SmallBatchCfgs {
                                          wgmma_impl::NarrowFwdCfg<64, 7, 64, 2>>::type;
 };
 constexpr double kSmallBatchSplitBlocks32 = 64, kSmallBatchSplitBlocks64 = 32;
-// Their shared memory is within every sm_90 GPU's opt-in limit (227 KiB); checked anyway, so
-// a GPU with less keeps the mma.sync tiles.
+// Their shared memory fits every sm_90 GPU's opt-in limit (227 KiB): asserted here, so that a
+// configuration outgrowing it fails to compile instead of silently falling back; checked at
+// run time too, so a GPU with less keeps the mma.sync tiles.
+template <class C>
+constexpr bool SmallBatchCfgsFitSm90() {
+  return C::Bs32::kSmemBytes <= 227 * 1024 && C::Bs32Split::kSmemBytes <= 227 * 1024 &&
+         C::Bs64::kSmemBytes <= 227 * 1024;
+}
+static_assert(SmallBatchCfgsFitSm90<SmallBatchCfgs<false>>() &&
+                  SmallBatchCfgsFitSm90<SmallBatchCfgs<true>>(),
+              "the small-batch wgmma forwards fit an sm_90 GPU's shared memory");
 template <class C>
 bool SmallBatchCfgsFit(const DeviceInfo& di) {
   return di.max_smem_optin >= C::Bs32::kSmemBytes &&
@@ -429,10 +439,25 @@ template <> struct ColumnGradCfgOf<64> { using type = wgmma_impl::ColumnGradCfg<
 // N = 1000 0.96-1.05x, so only from kColumnGradBs16LongBatch rows.
 using ColumnGradCfgBs16Long = wgmma_impl::ColumnGradCfg<16, 4, 64, 3>;
 constexpr int64_t kColumnGradBs16LongBatch = 8192;
-// bs 32 with fewer blocks per column than this keeps the mma.sync dW (one block per tile),
-// measured 1.16-1.24x faster than the column groups at 2.6 blocks per column and 1.05x at 5.1
-// (2% density); at 6.4 (5%) 0.90x with bf16, N = 4096 and 1.07x with fp16, N = 1000.
-constexpr double kColumnGradBs32MinBlocksPerColumn = 6.0;
+// bs 32: groups as long as the columns are, on average: 8 blocks from 8 blocks per column, else
+// 4 blocks (2 packs, 4 stages: 81 KiB) from 4, else 2 (1 pack, 6 stages: 73 KiB).  Shorter
+// columns in 8-block groups leave pack slots empty (their wgmmas still run) and few CTAs
+// (a cluster split then shares a group); in shorter groups the columns' CTAs are more and
+// shallower, with more stages.  Measured on an H200 (bf16, the variants alternated in one
+// process; dW us, 8-block groups or, below 6 blocks per column, the mma.sync dW that ran there
+// before -> the configuration chosen here):
+//   about 2.6 blocks per column (2% density, C = K = 4096): N = 1000 14.9 -> 12.3, N = 4096
+//     44.5 -> 31.8 (4-block groups: 19.2 and 44.2);
+//   5.1 (2%, C = K = 8192): N = 4096 162.5 -> 89.1, N = 16384 636.0 -> 348.8;
+//   6.4 (5%, C = K = 4096): N = 1000 27.2 -> 16.2, N = 4096 75.6 -> 45.0 (feature axis 0 88.0
+//     -> 44.6; 2-block groups 22.1 and 66.2);
+//   12.8 (10% at C = K = 4096, 5% at 8192) and longer, 8-block groups stay: 4-block ones
+//     measured 0.77-1.14x their speed at N = 1000 / 4096 (median 0.93) and 0.71-0.95x at
+//     N = 16384.
+// Until then bs 32 below 6 blocks per column ran the mma.sync dW.
+using ColumnGradCfgBs32Four = wgmma_impl::ColumnGradCfg<32, 2, 64, 4>;
+using ColumnGradCfgBs32Two = wgmma_impl::ColumnGradCfg<32, 1, 64, 6>;
+constexpr double kColumnGradBs32EightBlocks = 8.0, kColumnGradBs32FourBlocks = 4.0;
 
 template <typename T, int FA, int BS, class Cfg = typename ColumnGradCfgOf<BS>::type>
 int LaunchWgmmaGradWColumns(const Params& p, int64_t N, int64_t blocks, int device,
@@ -569,12 +594,18 @@ int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const Dev
       return LaunchSmallBatchGradW<T, FA, BS>(p, N, blocks, device, di, s);
   }
   if constexpr (sizeof(T) == 2) {
-    const bool columns =
-        N > kSmallBatch && (BS != 32 || per_col >= kColumnGradBs32MinBlocksPerColumn);
-    if (WgmmaEnabled(di) && columns) {
+    if (WgmmaEnabled(di) && N > kSmallBatch) {
       if constexpr (BS == 16) {
         if (N >= kColumnGradBs16LongBatch)
           return LaunchWgmmaGradWColumns<T, FA, 16, ColumnGradCfgBs16Long>(p, N, blocks, device,
+                                                                           di, s);
+      }
+      if constexpr (BS == 32) {
+        if (per_col < kColumnGradBs32FourBlocks)
+          return LaunchWgmmaGradWColumns<T, FA, 32, ColumnGradCfgBs32Two>(p, N, blocks, device,
+                                                                          di, s);
+        if (per_col < kColumnGradBs32EightBlocks)
+          return LaunchWgmmaGradWColumns<T, FA, 32, ColumnGradCfgBs32Four>(p, N, blocks, device,
                                                                            di, s);
       }
       return LaunchWgmmaGradWColumns<T, FA, BS>(p, N, blocks, device, di, s);

@@ -465,14 +465,22 @@ struct NarrowFwdCfg {
   static constexpr int kStageLd1 = BS + 8, kStageLd0 = kBM + 8;
   // A tile split over a cluster stages float partial sums, rows of BS + 4 floats.
   static constexpr int kSplitLd = BS + 4;
-  // The mbarriers (full, then empty, 8 bytes each) follow the stages.
-  static constexpr int kBarrierOffset = kStages * kStageBytes;
+  // With copy-engine copies and several blocks per step, a zero-filled x tile follows the
+  // stages: a last step's missing blocks multiply it (x and w operands alike) instead of being
+  // skipped, since there a data-dependent branch makes ptxas serialize the wgmmas (info C7520).
+  // (The cp.async configurations skip them: no such report, and no room for the tile in the
+  // bs-64 one.)
+  static constexpr int kZeroOffset = kStages * kStageBytes;
+  static constexpr int kZeroBytes = kBlocksPerStep > 1 && kTensorMapCopies ? kXBytes : 0;
+  // The mbarriers (full, then empty, 8 bytes each) follow.
+  static constexpr int kBarrierOffset = kZeroOffset + kZeroBytes;
   static constexpr int kSmemBytes =
-      1024 + kStages * kStageBytes + (kTensorMapCopies ? 16 * kStages : 0);
+      1024 + kBarrierOffset + (kTensorMapCopies ? 16 * kStages : 0);
   static_assert(32 % kBlocksPerStep == 0, "steps do not straddle the copy warp's index batches");
   static_assert(kBM * kSplitLd * 4 <= kStages * kStageBytes, "partial sums fit the pipeline");
   static_assert(BS == 16 || BS == 32 || BS == 64, "block sizes");
   static_assert(kBM % 64 == 0 && kXBytes % 1024 == 0, "x tiles on 1024-byte boundaries");
+  static_assert(kWBytes <= kXBytes, "the zero tile also serves as a weight block");
   static_assert(kBM * kStageLd1 * 2 <= kStages * kStageBytes &&
                     BS * kStageLd0 * 2 <= kStages * kStageBytes,
                 "the output tile is staged in the drained pipeline");
@@ -521,17 +529,26 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   for (int h = 0; h < kGroups; ++h)
 #pragma unroll
     for (int e = 0; e < BS / 2; ++e) acc[h][e] = 0.f;
+  const uint32_t zero_tile = smem_base + Cfg::kZeroOffset;
+  if constexpr (Cfg::kZeroBytes > 0) {
+    // Visible to the wgmmas after the barrier that precedes the first step's multiply.
+    for (int i = tid; i < Cfg::kZeroBytes / 16; i += Cfg::kThreads)
+      reinterpret_cast<uint4*>(smem + Cfg::kZeroOffset)[i] = make_uint4(0, 0, 0, 0);
+    FenceSharedForAsyncProxy();
+  }
   constexpr int kRowBytes = FA == 1 ? BS * 2 : 128;  // x tile rows
   // Step s's wgmma group on the stage at shared address `stage`.
   auto multiply_step = [&](int s, uint32_t stage) {
     WgmmaFence();
 #pragma unroll
     for (int q = 0; q < P; ++q) {
-      // Uniform over the CTA.  (ptxas then fences the wgmmas with warpgroup.arrive, info C7519;
-      // the timings in docs/benchmarks_gpu.md include it.)
-      if (P > 1 && s * P + q >= col_blocks) break;
-      const uint32_t x_base = stage + q * Cfg::kXBytes;
-      const uint32_t w_base = stage + P * Cfg::kXBytes + q * Cfg::kWBytes;
+      // A last step's missing blocks are skipped (uniform over the CTA) or multiply the zero
+      // tile: adding zero products leaves the sums bitwise as they were.
+      if constexpr (Cfg::kZeroBytes == 0)
+        if (P > 1 && s * P + q >= col_blocks) break;
+      const bool stored = Cfg::kZeroBytes == 0 || s * P + q < col_blocks;
+      const uint32_t x_base = stored ? stage + q * Cfg::kXBytes : zero_tile;
+      const uint32_t w_base = stored ? stage + P * Cfg::kXBytes + q * Cfg::kWBytes : zero_tile;
 #pragma unroll
       for (int kk = 0; kk < BS / 16; ++kk) {
         const uint64_t bd = DescriptorR<kWRowBytes>(w_base + kk * 16 * kWRowBytes);

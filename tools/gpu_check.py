@@ -225,6 +225,15 @@ def correctness(lib, res, quick=False, race=False):
         for fa in (1, 0):
             run_case(lib, res, "bfloat16", bs, L, 136 if quick or race else 264, fa, gen,
                      ops=("dw",))
+    # bs-32 dW groups sized by the columns' average length (Hopper, 16-bit, N > 64): about 5
+    # blocks per column (groups of 4) and about 2 (groups of 2), several groups in the longer
+    # columns, an empty column.
+    for CB in (12, 5):
+        L = random_layout(CB, 7, 32, 0.5, rng, empty_cols=[3])
+        for dt in (["bfloat16"] if quick or race else ["bfloat16", "float16"]):
+            for N in ([136] if quick else [1000] if race else [130, 1000]):
+                for fa in (1, 0):
+                    run_case(lib, res, dt, 32, L, N, fa, gen, ops=("dw",))
     # Small batches with full bs-16 columns: dW streams runs of a column's blocks through one
     # CTA (Hopper, 16-bit, at least 6 blocks per column; several runs per column).
     L = random_layout(48, 3, 16, 0.9, rng, empty_cols=[1])

@@ -49,13 +49,20 @@ def machine_description():
                 cpu = line.split(":", 1)[1].strip()
     except OSError:
         pass
+    generation = ""
     try:
-        flags = open("/proc/cpuinfo").read()
-        simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
+        info = open("/proc/cpuinfo").read()
+        simd = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "SSE"
+        # Virtual machines often report a bare model name ("AMD EPYC"); the family and model
+        # numbers tell the processor generation apart (AMD family 25: Zen 3/4, 26: Zen 5).
+        fields = dict(line.split(":", 1) for line in info.splitlines()[:30] if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "cpu family" in fields and "model" in fields:
+            generation = f", family {fields['cpu family']} model {fields['model']}"
     except OSError:
         simd = "unknown SIMD"
-    return (f"{cpu} ({simd}), {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
-            f"TensorFlow {tf.__version__}")
+    return (f"{cpu} ({simd}{generation}), {os.cpu_count()} cores, {platform.system()} "
+            f"{platform.machine()}, TensorFlow {tf.__version__}")
 
 
 def write_section(path, title, body):

@@ -233,13 +233,30 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
 // bs 8 against 200-205 / 220-245 repacked; N = 512 102-118 / 110-121 against 112-114 /
 // 107-112 (no gain: there bs 8 runs on transposed copies); N = 64 22.6-22.9 / 28.5-30.5
 // against 25.9-26.0 / 31.8-37.8 (a loss); N = 256 within the noise.
+// Full layouts of 16-wide blocks likewise run on 64- or 32-wide ones where AVX-512 runs at full
+// width: a 16-wide block is one vector, so its register tiles (12 rows x 1 vector) issue a
+// broadcast per multiply-add, and a processor with two 512-bit FMA units runs out of issue
+// slots before arithmetic; the 32-wide tiles (12 x 2) issue one per two.  Measured on a 2-core
+// Zen 5, C = K = 4096, N = 1024, the two libraries in six alternating processes each (fastest
+// of five calls per process, ms): forward 122.0-134.9 with the 16-wide blocks against
+// 93.0-112.8 repacked (one outlier each left out, 212.3 and 166.7), forward and both
+// gradients 336-450 against 304-400.  On Zen 4, whose 512-bit FMAs
+// are two 256-bit halves, the 16-wide tiles keep up (bs 16 183.7 ms against bs 64 198.3 for
+// full layouts in the same table), so there bs 16 keeps its blocks.
 constexpr int64_t kCoarsenMinRows = 1024;
 
-// The block size a full layout of 8-wide blocks runs with over N rows, or 0 to keep its own.
+// Whether full layouts of bs-wide blocks are worth repacking into wider blocks here.
+bool CoarsenFullLayouts(int64_t bs) {
+  if (bs == 8) return true;
+  return bs == 16 && Kernels().vector_width == 16 && !Avx512RunsAsHalves();
+}
+
+// The block size a full layout of 8-wide (or, see CoarsenFullLayouts, 16-wide) blocks runs
+// with over N rows, or 0 to keep its own.
 int64_t CoarseBlockSize(int64_t CB, int64_t KB, int64_t block_size, int64_t blocks, int64_t N) {
-  if (block_size != 8 || blocks != CB * KB || N < kCoarsenMinRows) return 0;
+  if (!CoarsenFullLayouts(block_size) || blocks != CB * KB || N < kCoarsenMinRows) return 0;
   for (int64_t bs : {64, 32, 16})
-    if (CB * block_size % bs == 0 && KB * block_size % bs == 0) return bs;
+    if (bs > block_size && CB * block_size % bs == 0 && KB * block_size % bs == 0) return bs;
   return 0;
 }
 int64_t CoarseBlockSize(const BlockLayout& layout, int64_t N) {
@@ -384,9 +401,11 @@ const char* BlocksparseCpuIsa() { return Kernels().isa; }
 // For Python (ctypes): the instruction set of the CPU kernels in use.
 extern "C" const char* blocksparse_tf_cpu_isa() { return blocksparse::BlocksparseCpuIsa(); }
 // For tests (ctypes): the block size the CPU products of a layout with these sizes run with
-// over N rows (its own, or a wider one for full layouts of 8-wide blocks).
+// over N rows (its own, or a wider one for full layouts of 8- or 16-wide blocks), and whether
+// full layouts of 16-wide blocks are repacked on this processor.
 extern "C" int64_t blocksparse_tf_cpu_product_block_size(int64_t CB, int64_t KB, int64_t bs,
                                                           int64_t blocks, int64_t N) {
   const int64_t coarse = blocksparse::CoarseBlockSize(CB, KB, bs, blocks, N);
   return coarse != 0 ? coarse : bs;
 }
+extern "C" int blocksparse_tf_cpu_coarsens_bs16() { return blocksparse::CoarsenFullLayouts(16); }

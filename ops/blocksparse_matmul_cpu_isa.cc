@@ -265,14 +265,14 @@ void ForwardAxis1(const float* panels, const float* w, float* y, int64_t rows,
 
 // Rows [j0, j0 + MR) of y's block row k, columns [n0, n1), stepping `chunk` columns at a time.
 template <int MR, typename V, int NV>
-inline int64_t ForwardAxis0Columns(const float* x, const float* w, float* y, int64_t N,
-                                   const LayoutView& l, int64_t k, int64_t j0, int64_t n0,
-                                   int64_t n1) {
+inline int64_t ForwardAxis0Columns(const float* x, int64_t x_rs, const float* w, float* y,
+                                   int64_t N, const LayoutView& l, int64_t k, int64_t j0,
+                                   int64_t n0, int64_t n1) {
   constexpr int64_t chunk = Width<V>() * NV;
   const int64_t bs = l.block_size;
   for (; n0 + chunk <= n1; n0 += chunk) {
-    const auto pairs = PairsOfColumn<true>(l, k, x + n0, bs * N, w + j0, bs * bs);
-    Tile<MR, NV, V>(pairs, bs, bs, N, y + (k * bs + j0) * N + n0, N, MR);
+    const auto pairs = PairsOfColumn<true>(l, k, x + n0, bs * x_rs, w + j0, bs * bs);
+    Tile<MR, NV, V>(pairs, bs, bs, x_rs, y + (k * bs + j0) * N + n0, N, MR);
   }
   return n0;
 }
@@ -280,21 +280,22 @@ inline int64_t ForwardAxis0Columns(const float* x, const float* w, float* y, int
 // feature_axis 0, y (K, N):  A = w block read transposed (A[i][j] = w[i*bs + j]),
 // B = x rows of block row c, C = y rows of block row k.  Vectors run along N.
 template <int MR>
-void ForwardAxis0Rows(const float* x, const float* w, float* y, int64_t N, const LayoutView& l,
-                      int64_t k, int64_t n_begin, int64_t n_end) {
+void ForwardAxis0Rows(const float* x, int64_t x_rs, const float* w, float* y, int64_t N,
+                      const LayoutView& l, int64_t k, int64_t n_begin, int64_t n_end) {
   for (int64_t j0 = 0; j0 < l.block_size; j0 += MR) {
-    int64_t n = ForwardAxis0Columns<MR, VecWide, kMaxNV>(x, w, y, N, l, k, j0, n_begin, n_end);
-    n = ForwardAxis0Columns<MR, VecWide, 1>(x, w, y, N, l, k, j0, n, n_end);
-    ForwardAxis0Columns<MR, float, 1>(x, w, y, N, l, k, j0, n, n_end);
+    int64_t n =
+        ForwardAxis0Columns<MR, VecWide, kMaxNV>(x, x_rs, w, y, N, l, k, j0, n_begin, n_end);
+    n = ForwardAxis0Columns<MR, VecWide, 1>(x, x_rs, w, y, N, l, k, j0, n, n_end);
+    ForwardAxis0Columns<MR, float, 1>(x, x_rs, w, y, N, l, k, j0, n, n_end);
   }
 }
 
-void ForwardAxis0(const float* x, const float* w, float* y, int64_t N, const LayoutView* layout,
-                  int64_t k, int64_t n_begin, int64_t n_end) {
+void ForwardAxis0(const float* x, int64_t x_rs, const float* w, float* y, int64_t N,
+                  const LayoutView* layout, int64_t k, int64_t n_begin, int64_t n_end) {
   if (layout->block_size == 1) {
-    ForwardAxis0Rows<1>(x, w, y, N, *layout, k, n_begin, n_end);
+    ForwardAxis0Rows<1>(x, x_rs, w, y, N, *layout, k, n_begin, n_end);
   } else {  // block sizes 8..64 are multiples of kGradRows
-    ForwardAxis0Rows<kGradRows>(x, w, y, N, *layout, k, n_begin, n_end);
+    ForwardAxis0Rows<kGradRows>(x, x_rs, w, y, N, *layout, k, n_begin, n_end);
   }
 }
 

@@ -35,8 +35,9 @@ struct CpuKernels {
   // whole tiles (rows past `rows` are computed, never stored).  bs is 8, 16, 32 or 64.
   void (*forward_axis1)(const float* panels, const float* w, float* y, int64_t rows,
                         const LayoutView* layout, int64_t k_begin, int64_t k_end);
-  // y[k-block, n_begin:n_end] (feature_axis 0).
-  void (*forward_axis0)(const float* x, const float* w, float* y, int64_t N,
+  // y[k-block, n_begin:n_end] (feature_axis 0; y (K, N)) from x (C, N) with row stride
+  // x_rs >= N.
+  void (*forward_axis0)(const float* x, int64_t x_rs, const float* w, float* y, int64_t N,
                         const LayoutView* layout, int64_t k, int64_t n_begin, int64_t n_end);
   // y[r, 0:bs) += x[r, 0:bs) . b for the `count` rows r listed in `rows`; x and y have row
   // strides x_rs and y_rs, b is bs x bs with row stride b_rs (sparse_dot's masked product).

@@ -119,7 +119,7 @@ def test_full_layouts_of_8_wide_blocks_over_many_rows(CB, KB, feature_axis):
     """Full layouts of 8-wide blocks with N >= 1024 run on the widest of 64 / 32 / 16 dividing
     C and K (w repacked; the weight gradient computed in the wide blocks and copied back)."""
     N = 1031
-    bsmm, layout = check_full_layout_products(CB, KB, 8, feature_axis, N)
+    bsmm = check_products(np.ones((CB, KB)), 8, feature_axis, N)
     # The kernels' choice: the widest block size dividing C and K, for full layouts over at
     # least 1024 rows only.
     wide = max(b for b in (16, 32, 64) if bsmm.C % b == 0 and bsmm.K % b == 0)
@@ -135,7 +135,7 @@ def test_full_layouts_of_16_wide_blocks_over_many_rows(CB, KB, feature_axis):
     and K where AVX-512 runs at full width (not on Zen 4, nor with 8-float vectors); the results
     are right either way."""
     N = 1031
-    bsmm, layout = check_full_layout_products(CB, KB, 16, feature_axis, N)
+    bsmm = check_products(np.ones((CB, KB)), 16, feature_axis, N)
     wide = max([b for b in (32, 64) if bsmm.C % b == 0 and bsmm.K % b == 0], default=16)
     expected = wide if coarsens_bs16() else 16
     assert product_block_size(CB, KB, 16, CB * KB, N) == expected
@@ -143,9 +143,21 @@ def test_full_layouts_of_16_wide_blocks_over_many_rows(CB, KB, feature_axis):
     assert product_block_size(CB, KB, 16, CB * KB - 1, N) == 16
 
 
-def check_full_layout_products(CB, KB, bs, feature_axis, N):
-    """Forward, dx and dW of a full layout over N rows against float64."""
-    layout = np.ones((CB, KB))
+@pytest.mark.parametrize("bs,feature_axis", [(32, 0), (8, 0), (8, 1), (1, 1)])
+@pytest.mark.parametrize("N", [256, 512])
+def test_batches_of_a_multiple_of_256_rows(bs, feature_axis, N):
+    """With feature_axis=0 (and on the transposed copies that bs 1 and most bs-8 layouts take
+    with feature_axis=1), x's rows are read with a stride that is not a multiple of 1 KiB:
+    N = 256 and 512 take that copy, with empty block rows and columns in the layout."""
+    layout = RNG.random((12, 10)) < 0.4
+    layout[3, :] = False
+    layout[:, 4] = False
+    layout[0, 0] = True
+    check_products(layout, bs, feature_axis, N)
+
+
+def check_products(layout, bs, feature_axis, N):
+    """Forward, dx and dW of a layout over N rows against float64; returns the op."""
     bsmm = BlocksparseMatMul(layout, block_size=bs, feature_axis=feature_axis)
     x = RNG.standard_normal(bsmm.i_shape(N)).astype(np.float32)
     w = RNG.standard_normal(bsmm.w_shape).astype(np.float32)
@@ -156,7 +168,7 @@ def check_full_layout_products(CB, KB, bs, feature_axis, N):
     assert rel_err(y, rows(rows(x) @ W)) < 1e-5
     assert rel_err(dx, rows(rows(dy) @ W.T)) < 1e-5
     assert rel_err(dw, bsmm.from_dense(rows(x).T @ rows(dy))) < 1e-5
-    return bsmm, layout
+    return bsmm
 
 
 def loaded_library():

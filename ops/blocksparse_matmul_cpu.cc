@@ -250,9 +250,9 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
 // Zen 5, C = K = 4096, N = 1024, the two libraries in six alternating processes each (fastest
 // of five calls per process, ms): forward 122.0-134.9 with the 16-wide blocks against
 // 93.0-112.8 repacked (one outlier each left out, 212.3 and 166.7), forward and both
-// gradients 336-450 against 304-400.  On Zen 4, whose 512-bit FMAs
-// are two 256-bit halves, the 16-wide tiles keep up (bs 16 183.7 ms against bs 64 198.3 for
-// full layouts in the same table), so there bs 16 keeps its blocks.
+// gradients 336-450 against 304-400.  On Zen 4, whose 512-bit FMAs are two 256-bit halves,
+// the 16-wide tiles keep up (full layouts at N = 1024 in one table: bs 16 183.7 ms, bs 64
+// 198.3), so there bs 16 keeps its blocks.
 constexpr int64_t kCoarsenMinRows = 1024;
 
 // Whether full layouts of bs-wide blocks are worth repacking into wider blocks here.

@@ -324,22 +324,19 @@ constexpr double kSmallBatchSplitBlocks32 = 64, kSmallBatchSplitBlocks64 = 32;
 // Their shared memory fits every sm_90 GPU's opt-in limit (227 KiB): asserted here, so that a
 // configuration outgrowing it fails to compile instead of silently falling back; checked at
 // run time too, so a GPU with less keeps the mma.sync tiles.
-template <class C>
-constexpr bool SmallBatchCfgsFitSm90() {
-  return C::Bs32::kSmemBytes <= 227 * 1024 && C::Bs32Split::kSmemBytes <= 227 * 1024 &&
-         C::Bs64::kSmemBytes <= 227 * 1024;
+constexpr bool SmallBatchWgmmaFits(int64_t smem_limit) {
+  using CE = SmallBatchCfgs<true>;
+  using Async = SmallBatchCfgs<false>;
+  for (int64_t bytes : {CE::Bs32::kSmemBytes, CE::Bs32Split::kSmemBytes, CE::Bs64::kSmemBytes,
+                        Async::Bs32::kSmemBytes, Async::Bs32Split::kSmemBytes,
+                        Async::Bs64::kSmemBytes})
+    if (bytes > smem_limit) return false;
+  return true;
 }
-static_assert(SmallBatchCfgsFitSm90<SmallBatchCfgs<false>>() &&
-                  SmallBatchCfgsFitSm90<SmallBatchCfgs<true>>(),
+static_assert(SmallBatchWgmmaFits(227 * 1024),
               "the small-batch wgmma forwards fit an sm_90 GPU's shared memory");
-template <class C>
-bool SmallBatchCfgsFit(const DeviceInfo& di) {
-  return di.max_smem_optin >= C::Bs32::kSmemBytes &&
-         di.max_smem_optin >= C::Bs32Split::kSmemBytes && di.max_smem_optin >= C::Bs64::kSmemBytes;
-}
 inline bool SmallBatchWgmmaFits(const DeviceInfo& di) {
-  return SmallBatchCfgsFit<SmallBatchCfgs<false>>(di) &&
-         SmallBatchCfgsFit<SmallBatchCfgs<true>>(di);
+  return SmallBatchWgmmaFits(di.max_smem_optin);
 }
 
 // The narrow wgmma forwards copy on the copy engine (ops/blocksparse_matmul_gpu_tma.cuh) where

@@ -15,10 +15,11 @@ namespace blocksparse {
 // (example, input block, output block) triples where both masks are active: cost ~ sum over
 // examples of active_in x active_out x bs^2.  Every element of y is written; the sum over input
 // blocks runs in increasing block order, one thread per output block column, so results are
-// deterministic.
+// deterministic.  `threads`: how many threads parallel_for runs tasks on; the output columns are
+// split into tasks by it, the results are the same whatever it is.
 void SparseDotCpu(const float* x, const float* w, const float* in_mask, const float* out_mask,
                   float* y, int64_t n, int64_t m, int64_t p, int64_t bs, bool transpose_w,
-                  const ParallelFor& parallel_for);
+                  int64_t threads, const ParallelFor& parallel_for);
 
 // The weight gradient dw = (x * expand(in_mask))^T (dy * expand(out_mask)), (m, p), with x
 // (n, m), dy (n, p) and the masks as above.  Block (c, k) of dw sums x[r, c-block]^T dy[r, k-block]

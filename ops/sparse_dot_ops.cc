@@ -126,7 +126,7 @@ class SparseDotOp : public SparseDotKernelBase {
     InFloat32<T>(ctx, ctx->input(0), ctx->input(1), y, [&](const float* xf, const float* wf, float* yf) {
       RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator&) {
         SparseDotCpu(xf, wf, InMask(ctx), OutMask(ctx), yf, n, m, p, block_size_, transpose_w_,
-                     parallel_for);
+                     ctx->device()->tensorflow_cpu_worker_threads()->num_threads, parallel_for);
         return true;
       });
     });

@@ -18,7 +18,7 @@ namespace {
 // in alternating processes, four rounds, median forward ms): 512 features and at least 8 tasks
 // against 1024 features (4 tasks): 25%/25% bs 16 35.0 -> 31.0, bs 32 22.5 -> 19.2, bs 64
 // 15.1 -> 14.6; 25% in / 100% out bs 64 33.5 -> 31.0; 100% in / 25% out bs 64 32.8 -> 30.6;
-// 10%/10% within 2%.  2048 features (2 tasks) measured slower at 50%/50% (bs 32 42.7 -> 60.1).
+// 10%/10% within 3%.  2048 features (2 tasks) measured slower at 50%/50% (bs 32 42.7 -> 60.1).
 constexpr int64_t kOutputFeaturesPerTask = 1024;
 constexpr int64_t kForwardTasksPerThread = 2;
 // Input features the forward visits together for each output block when w is read transposed.

@@ -238,11 +238,16 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
 // of 64 / 32 / 16 that divides C and K: the 8-wide kernels fill only half an AVX-512 vector or
 // need transposed copies of x and y.  Repacking w into the wider blocks costs one pass over it
 // (C K floats of scratch; the weight gradient is computed there and copied back), which pays
-// off from about kCoarsenMinRows rows.  Measured on a 2-core Zen 4, C = K = 4096, the two
+// off from about CoarsenMinRows rows.  Measured on a 2-core Zen 4, C = K = 4096, the two
 // libraries alternated twice (ms, forward / weight gradient): N = 1024 335-348 / 269-281 with
 // bs 8 against 200-205 / 220-245 repacked; N = 512 102-118 / 110-121 against 112-114 /
 // 107-112 (no gain: there bs 8 runs on transposed copies); N = 64 22.6-22.9 / 28.5-30.5
-// against 25.9-26.0 / 31.8-37.8 (a loss); N = 256 within the noise.
+// against 25.9-26.0 / 31.8-37.8 (a loss); N = 256 within the noise.  On a 2-core Zen 5 (two
+// 512-bit FMA units), the two libraries in three alternating processes each (median ms,
+// forward / input gradient / weight gradient, bs 8 against repacked): N = 512 86.7 / 73.8 /
+// 130.2 against 61.5 / 74.4 / 56.3; N = 256 54.9 / 60.3 / 63.8 against 36.7 / 49.3 / 35.2;
+// N = 128 29.6 / 35.7 / 36.4 against 26.3 / 40.0 / 25.6 (the input gradient slower); N = 64
+// 24.3 / 31.4 / 30.4 against 21.5 / 37.3 / 22.2.  So bs 8 repacks from 256 rows.
 // Full layouts of 16-wide blocks likewise run on 64- or 32-wide ones where AVX-512 runs at full
 // width: a 16-wide block is one vector, so its register tiles (12 rows x 1 vector) issue a
 // broadcast per multiply-add, and a processor with two 512-bit FMA units runs out of issue
@@ -252,8 +257,10 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
 // 93.0-112.8 repacked (one outlier each left out, 212.3 and 166.7), forward and both
 // gradients 336-450 against 304-400.  On Zen 4, whose 512-bit FMAs are two 256-bit halves,
 // the 16-wide tiles keep up (full layouts at N = 1024 in one table: bs 16 183.7 ms, bs 64
-// 198.3), so there bs 16 keeps its blocks.
-constexpr int64_t kCoarsenMinRows = 1024;
+// 198.3), so there bs 16 keeps its blocks.  Over fewer rows it did not pay overall on Zen 5
+// (medians as above, bs 16 against repacked: N = 64 11.3 / 19.9 / 10.1 against 15.0 / 25.3 /
+// 15.7; N = 512 68.5 / 71.1 / 55.7 against 61.2 / 77.3 / 50.8).
+int64_t CoarsenMinRows(int64_t bs) { return bs == 8 ? 256 : 1024; }
 
 // Whether full layouts of bs-wide blocks are worth repacking into wider blocks here.
 bool CoarsenFullLayouts(int64_t bs) {
@@ -264,7 +271,9 @@ bool CoarsenFullLayouts(int64_t bs) {
 // The block size a full layout of 8-wide (or, see CoarsenFullLayouts, 16-wide) blocks runs
 // with over N rows, or 0 to keep its own.
 int64_t CoarseBlockSize(int64_t CB, int64_t KB, int64_t block_size, int64_t blocks, int64_t N) {
-  if (!CoarsenFullLayouts(block_size) || blocks != CB * KB || N < kCoarsenMinRows) return 0;
+  if (!CoarsenFullLayouts(block_size) || blocks != CB * KB || N < CoarsenMinRows(block_size)) {
+    return 0;
+  }
   for (int64_t bs : {64, 32, 16})
     if (bs > block_size && CB * block_size % bs == 0 && KB * block_size % bs == 0) return bs;
   return 0;

@@ -116,15 +116,16 @@ def test_forward_with_rows_wider_than_a_row_group():
 @pytest.mark.parametrize("CB,KB", [(16, 24), (12, 20), (6, 10)])  # run as bs 64, 32, 16
 @pytest.mark.parametrize("feature_axis", [1, 0])
 def test_full_layouts_of_8_wide_blocks_over_many_rows(CB, KB, feature_axis):
-    """Full layouts of 8-wide blocks with N >= 1024 run on the widest of 64 / 32 / 16 dividing
+    """Full layouts of 8-wide blocks with N >= 256 run on the widest of 64 / 32 / 16 dividing
     C and K (w repacked; the weight gradient computed in the wide blocks and copied back)."""
-    N = 1031
+    N = 263
     bsmm = check_products(np.ones((CB, KB)), 8, feature_axis, N)
     # The kernels' choice: the widest block size dividing C and K, for full layouts over at
-    # least 1024 rows only.
+    # least 256 rows only.
     wide = max(b for b in (16, 32, 64) if bsmm.C % b == 0 and bsmm.K % b == 0)
     assert product_block_size(CB, KB, 8, CB * KB, N) == wide == {16: 64, 12: 32, 6: 16}[CB]
-    assert product_block_size(CB, KB, 8, CB * KB, 1023) == 8
+    assert product_block_size(CB, KB, 8, CB * KB, 1031) == wide
+    assert product_block_size(CB, KB, 8, CB * KB, 255) == 8
     assert product_block_size(CB, KB, 8, CB * KB - 1, N) == 8
 
 

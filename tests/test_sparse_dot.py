@@ -263,8 +263,9 @@ def test_fully_active_chunks_give_the_block_pairs_sums(bs, transpose_w):
     what the block pairs compute elsewhere.  Three chunks (1024, 1024 and 65 examples): the
     first fully active; in the second one output block of one example is off, so that task's
     pairs take the general path while its other tasks are dense; in the third one input block
-    of one example is off (all its tasks general).  2624 outputs: tasks of 320 (bs 16, 64) or
-    328 (bs 8) features, computed in two passes of packed weight columns, the second narrower."""
+    of one example is off (all its tasks general).  2624 outputs: tasks wider than 256 features
+    (640-1024, by the thread count), computed in passes of 256 features of packed weight
+    columns, the last one narrower."""
     n, m, p = 2113, 640, 2624
     x = RNG.standard_normal((n, m)).astype(np.float32)
     w = RNG.standard_normal((m, p)).astype(np.float32)

@@ -596,7 +596,13 @@ inline void TransposeTile(VecWide (&t)[Width<VecWide>()]) {
 
 // packed (bs x bs, row stride bs) = the block at src (row stride src_rs), or its transpose.
 // The source rows are short runs far apart, out of the hardware prefetchers' sight, so the
-// rows of the block at `next` (same stride; the caller packs it next) are fetched meanwhile.
+// rows of the block at `next` (same stride; the caller packs it next) are fetched meanwhile,
+// into L2 (kNextBlockLocality: prefetcht1): its up to 256 lines requested at once into L1 held
+// up the copy behind them.  Measured on a 2-core Zen 5 (sparse_dot, 1024 x 4096 x 4096, the
+// two versions in alternating processes, five rounds, median ms, into L1 -> into L2): 10%/10%
+// bs 32 8.2 -> 7.1, its transposed product 10.5 -> 7.1, bs 64 6.1 -> 5.8, 25%/25% bs 64
+// 14.1 -> 12.6, bs 32 17.8 -> 17.3; bs 16 within 3%.
+constexpr int kNextBlockLocality = 2;
 void PackBlock(const float* src, int64_t src_rs, int64_t bs, bool transpose, const float* next,
                float* packed, int64_t packed_rs) {
   constexpr int64_t kFloatsPerLine = 16;
@@ -604,7 +610,9 @@ void PackBlock(const float* src, int64_t src_rs, int64_t bs, bool transpose, con
   if (transpose && bs % W == 0) {
     for (int64_t r0 = 0; r0 < bs; r0 += W) {
       for (int64_t r = r0; r < r0 + W; ++r) {
-        for (int64_t c = 0; c < bs; c += kFloatsPerLine) __builtin_prefetch(next + r * src_rs + c);
+        for (int64_t c = 0; c < bs; c += kFloatsPerLine) {
+          __builtin_prefetch(next + r * src_rs + c, 0, kNextBlockLocality);
+        }
       }
       for (int64_t c0 = 0; c0 < bs; c0 += W) {
         VecWide t[W];
@@ -618,7 +626,9 @@ void PackBlock(const float* src, int64_t src_rs, int64_t bs, bool transpose, con
     return;
   }
   for (int64_t r = 0; r < bs; ++r, src += src_rs, next += src_rs) {
-    for (int64_t c = 0; c < bs; c += kFloatsPerLine) __builtin_prefetch(next + c);
+    for (int64_t c = 0; c < bs; c += kFloatsPerLine) {
+      __builtin_prefetch(next + c, 0, kNextBlockLocality);
+    }
     if (transpose) {
       for (int64_t c = 0; c < bs; ++c) packed[c * packed_rs + r] = src[c];
     } else {

@@ -118,8 +118,8 @@ class ActiveExamples {
   // returns how many.  A plain array, not push_back, so the loop stays in registers.  Each
   // word's first kBranchlessBits entries are written whether or not the word has that many
   // examples (an entry is kept by advancing the count only where the word had one; the others
-  // stay within the word's own 64 places and are overwritten): at low activity most words hold
-  // none or one example, at random, and a loop over their bits mispredicts its branches.
+  // stay within the word's own 64 places, overwritten or past the count): at low activity most
+  // words hold none or one example, at random, and a loop over their bits mispredicts.
   template <int kBranchlessBits = 0>
   int64_t ActiveInBoth(int64_t b, const ActiveExamples& other, int64_t other_b, int64_t w0,
                        int64_t w1, int32_t* rows) const {

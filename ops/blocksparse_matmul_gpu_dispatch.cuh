@@ -70,8 +70,19 @@ template <typename T, int FA> struct GradCfg<T, FA, 16, false> { using type = Co
 template <typename T, int FA> struct GradCfg<T, FA, 32, false> { using type = Config<T, kGradW, FA, 32, 64, 32, 64, 2, 2, 2, 4>; };
 template <typename T, int FA> struct GradCfg<T, FA, 64, false> { using type = Config<T, kGradW, FA, 64, 128, 64, 64, 4, 2, 1, 3>; };
 template <typename T, int FA> struct GradCfg<T, FA, 16, true> { using type = Config<T, kGradW, FA, 16, 64, 16, 32, 4, 1, 2, 4>; };
-template <typename T, int FA> struct GradCfg<T, FA, 32, true> { using type = Config<T, kGradW, FA, 32, 64, 32, 32, 2, 2, 2, 3>; };
+template <typename T, int FA> struct GradCfg<T, FA, 32, true> { using type = Config<T, kGradW, FA, 32, 64, 32, 64, 2, 1, 2, 3>; };
 template <typename T, int FA> struct GradCfg<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 128, 64, 32, 4, 2, 1, 3>; };
+
+// float32 bs 32 (3xTF32) uses 32 x 32 warp tiles in both: each warp splits every operand
+// fragment it loads into two TF32 parts, and a 32 x 32 tile (2 x 4 MMA tiles) does 24 MMAs per
+// 16 fragments split where 16 x 16 or 32 x 16 tiles did 6 per 8 or 12 per 12.  Measured on an
+// H200 (C = K = 4096, dW time over the forward's, both feature axes, the tile sets alternated
+// in one process), against 16 x 16 warp tiles (one block) and 32 x 16 (groups of two): N = 4096
+// at 5 / 10 / 25 / 50 / 100% density, feature axis 1: 1.41 / 1.49 / 1.56 / 1.39 / 1.30 ->
+// 1.01 / 1.02 / 1.08 / 1.09 / 1.09; feature axis 0: 1.27 / 1.34 / 1.41 / 1.22 / 1.22 -> 1.00 /
+// 1.05 / 1.07 / 1.06 / 1.05.  Single blocks split each 64-row step over 4 warps, 2 stages (3
+// stages, 4, or 32-row steps took up to 1.18x, 1.48x, 1.15x as long); groups of 4 blocks were
+// 1-2% faster at 100% but 7-14% slower at 25-50% (docs/benchmarks_gpu.md).
 
 // Ungrouped (one stored block per tile): better when block columns hold few blocks, since a
 // grouped tile whose blocks fall in different columns makes one pass per column.
@@ -81,7 +92,7 @@ template <typename T, int FA> struct GradCfgSingle<T, FA, 16, false> { using typ
 template <typename T, int FA> struct GradCfgSingle<T, FA, 32, false> { using type = Config<T, kGradW, FA, 32, 32, 32, 64, 2, 2, 2, 4>; };
 template <typename T, int FA> struct GradCfgSingle<T, FA, 64, false> { using type = Config<T, kGradW, FA, 64, 64, 64, 64, 2, 2, 2, 3>; };
 template <typename T, int FA> struct GradCfgSingle<T, FA, 16, true> { using type = Config<T, kGradW, FA, 16, 16, 16, 64, 1, 1, 4, 4>; };
-template <typename T, int FA> struct GradCfgSingle<T, FA, 32, true> { using type = Config<T, kGradW, FA, 32, 32, 32, 64, 2, 2, 2, 3>; };
+template <typename T, int FA> struct GradCfgSingle<T, FA, 32, true> { using type = Config<T, kGradW, FA, 32, 32, 32, 64, 1, 1, 4, 2>; };
 template <typename T, int FA> struct GradCfgSingle<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 64, 64, 32, 2, 2, 2, 3>; };
 // Average blocks per block column from which grouped tiles were faster (H200 measurements in
 // docs/benchmarks_gpu.md).

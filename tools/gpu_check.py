@@ -436,7 +436,7 @@ def bench(fn, min_ms=150.0, max_reps=40, min_reps=5):
     return statistics.median(ts)
 
 
-def benchmark(lib, res, out_md, quick=False):
+def benchmark(lib, res, out_md, quick=False, dtypes=None):
     dev_name = torch.cuda.get_device_name()
     rng = np.random.default_rng(7)
     # Ceilings measured now: device-to-device copy (bytes read + written), dense bf16 GEMM.
@@ -460,6 +460,8 @@ def benchmark(lib, res, out_md, quick=False):
     if quick:
         configs = [c for c in configs if c[0] == "bfloat16" and c[2] == 4096 and c[3] != 16]
         densities = [0.05, 0.25]
+    if dtypes:
+        configs = [c for c in configs if c[0] in dtypes]
 
     rows = []
     dense_cache = {}
@@ -685,6 +687,8 @@ def main():
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out-md", default=None)
+    ap.add_argument("--dtypes", default=None,
+                    help="comma-separated dtypes the benchmark times (default: all)")
     ap.add_argument("--tuning", type=int, default=0,
                     help="tile-configuration variant (SetTuning) for the checks")
     args = ap.parse_args()
@@ -700,7 +704,8 @@ def main():
         correctness(lib, res, quick=args.quick)
     print(f"checks: {res.passed} passed, {len(res.failed)} failed", flush=True)
     if args.bench:
-        md = benchmark(lib, res, args.out_md, quick=args.quick)
+        md = benchmark(lib, res, args.out_md, quick=args.quick,
+                       dtypes=args.dtypes.split(",") if args.dtypes else None)
         print(md)
         print(f"checks incl. benchmark spot checks: {res.passed} passed, {len(res.failed)} failed")
     if res.failed:

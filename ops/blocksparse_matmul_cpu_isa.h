@@ -21,6 +21,9 @@ struct LayoutView {
   const int32_t* col_block;
 };
 
+// Entries list_in_both may write past the examples it lists.
+constexpr int64_t kRowListSlack = 16;
+
 struct CpuKernels {
   const char* isa;
   // Floats per vector register.  Blocks narrower than this (bs 1; bs 8 under AVX-512 unless
@@ -86,6 +89,12 @@ struct CpuKernels {
   void (*full_rows_forward)(const float* x_panels, int64_t pitch, int64_t in_blocks, int64_t bs,
                             const float* packed, int64_t width, float* y, int64_t y_rs,
                             int64_t rows);
+  // rows[0:count) = 64 q + t for each bit t set in both a[q] and b[q], q < words, in
+  // increasing order; returns count.  May write kRowListSlack entries past the count (rows
+  // needs room for 64 words + kRowListSlack).  For sparse_dot's block pairs that share many
+  // examples; null where the instruction set has no vector compress (AVX-512's vpcompressd),
+  // and sparse_dot then lists them with scalar code.
+  int64_t (*list_in_both)(const uint64_t* a, const uint64_t* b, int64_t words, int32_t* rows);
 };
 
 // The micro-kernels of the block-sparse convolution (ops/blocksparse_conv_cpu.cc).

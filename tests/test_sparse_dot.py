@@ -193,6 +193,25 @@ def test_grad_w_never_reads_inactive_entries():
     assert rel_err(dw, dw_ref) < 1e-5
 
 
+@pytest.mark.parametrize("keep", [0.04, 0.3, 0.97])
+@pytest.mark.parametrize("bs", [8, 32])
+def test_examples_listed_at_every_activity(keep, bs):
+    """Block pairs' examples are listed by a scalar loop where pairs share under two examples per
+    64 rows on average and by a vector compress from there (up to 64 per word, a partial last
+    word): the products must not depend on which."""
+    n, m, p = 300, 12 * bs, 9 * bs
+    x = RNG.standard_normal((n, m)).astype(np.float32)
+    dy = RNG.standard_normal((n, p)).astype(np.float32)
+    w = RNG.standard_normal((m, p)).astype(np.float32)
+    in_mask, out_mask = random_masks(n, 12, 9, "both", keep=keep)
+    y = ops().blocksparse_sparse_dot(x, w, in_mask, out_mask, block_size=bs).numpy()
+    dw = ops().blocksparse_sparse_dot_grad_w(x, dy, in_mask, out_mask, block_size=bs).numpy()
+    dw_ref, _ = grad_references(x, dy, w, in_mask, out_mask, bs)
+    y_ref = reference(x, w, in_mask, out_mask, None, bs)[0]
+    assert rel_err(y, y_ref) < 1e-5
+    assert rel_err(dw, dw_ref) < 1e-5
+
+
 @pytest.mark.parametrize("bs", [8, 16, 64])
 @pytest.mark.parametrize("transpose_w", [False, True])
 def test_many_examples_per_block_pair(bs, transpose_w):

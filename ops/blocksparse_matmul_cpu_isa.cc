@@ -279,10 +279,10 @@ inline int64_t ForwardAxis0Columns(const float* x, int64_t x_rs, const float* w,
 
 // Vectors along N in the feature_axis=0 forward's register tiles of kGradRows rows, so that
 // their accumulators fill the registers the row-major tiles use (kRowTile x kMaxNV).
-// Measured on a 2-core Zen 5 (N = 1024, C = K = 4096, the two versions in alternating
-// processes, median ms of 6-8 rounds, 2 vectors -> 3): bs 8 (feature_axis 1, through the
-// transposed copies) at 10% 25.8 -> 24.3 and 28.7 -> 22.7, at 25% 52.0 -> 49.2 and 52.0 -> 41.6;
-// feature_axis 0, bs 16 at 10% 15.2 -> 14.2, bs 32 and 64 at 50% within 5%.
+// Measured on a 2-core Zen 5 (N = 1024, C = K = 4096, the two libraries in six alternating
+// processes, median ms, 2 vectors -> 3): bs 8 (feature_axis 1, through the transposed copies)
+// at 10% 29.3 -> 25.6, 25% 56.5 -> 47.3, 50% 119.7 -> 92.6; feature_axis 0 at 10% bs 8 25.2 ->
+// 15.4, bs 16 15.9 -> 13.3, bs 32 13.5 -> 11.9, and bs 32 at 50% 64.2 -> 55.1.
 constexpr int kAxis0NV = kRowTile * kMaxNV / kGradRows;
 static_assert(kAxis0NV * kGradRows == kRowTile * kMaxNV, "as many accumulators as kRowTile's");
 

@@ -323,6 +323,17 @@ struct GradWOp {
     const float* xb = x_panels + l->block_row[b] * N * bs;
     const float* dyb = dy_panels + l->block_col[b] * N * bs;
     float* out = dw + b * bs * bs;
+    // A block one vector wide and 2 MR rows tall (bs 16 under AVX-512, bs 8 under AVX2) is one
+    // tile of all its rows: twice the accumulators, each dy vector loaded once per step instead
+    // of twice (the same sums).  Measured on a 2-core Zen 5 (N = 1024, C = K = 4096, bs 16,
+    // the two versions in alternating processes, eight rounds, median ms): 5% 11.5 -> 10.4,
+    // 10% 20.0 -> 17.6, 25% 39.6 -> 33.3, 50% 72.1 -> 61.7.
+    if constexpr (NV == 1) {
+      if (bs == 2 * MR && chunk == bs) {
+        Tile<2 * MR, 1, V>(SinglePair{xb, dyb}, N, bs, bs, out, bs, 2 * MR);
+        return;
+      }
+    }
     for (int64_t i0 = 0; i0 < bs; i0 += MR)
       for (int64_t j0 = 0; j0 < bs; j0 += chunk)
         Tile<MR, NV, V>(SinglePair{xb + i0, dyb + j0}, N, bs, bs, out + i0 * bs + j0, bs, MR);

@@ -81,6 +81,13 @@ constexpr int kForwardBranchlessBits = 4;
 // 24.4; 0.64 per word (10%/10%) slower: forward bs 16 10.0 -> 10.8, weight gradient 8.1 -> 10.7.
 constexpr double kCompressedListMinPerWord = 2.0;
 
+// Whether block pairs that share per_pair examples on average over `words` mask words are
+// listed by kernels.list_in_both (see kCompressedListMinPerWord).
+bool ListsCompressed(const CpuKernels& kernels, double per_pair, int64_t words) {
+  return kernels.list_in_both != nullptr &&
+         per_pair >= kCompressedListMinPerWord * static_cast<double>(words);
+}
+
 // For every block column of a mask, the examples where it is active, as 64-bit words of bits.
 class ActiveExamples {
  public:
@@ -382,8 +389,7 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
       const double per_pair =
           ExamplesPerPair(active_in, 0, in_blocks, active_out, j0, j1, w0, w1, r1 - r0);
       const bool panels = per_pair >= kMinExamplesPerPairForPanels;
-      const bool compressed_lists = kernels.list_in_both != nullptr &&
-          per_pair >= kCompressedListMinPerWord * static_cast<double>(w1 - w0);
+      const bool compressed_lists = ListsCompressed(kernels, per_pair, w1 - w0);
       // Every example of the chunk active in every input block, or else in every output block
       // of the task (x in the shared panels either way): see the products below.
       const bool in_full = panels && shared && active_in.AllActive(0, in_blocks, r0, r1);
@@ -542,10 +548,8 @@ void SparseDotGradWCpu(const float* x, const float* dy, const float* in_mask,
     const int64_t words = active_in.words();
     std::vector<int32_t>& rows = scratch->rows;
     rows.resize(words * 64 + kRowListSlack);
-    const bool compressed_lists =
-        kernels.list_in_both != nullptr &&
-        ExamplesPerPair(active_in, i0, i1, active_out, j0, j1, 0, words, n) >=
-            kCompressedListMinPerWord * static_cast<double>(words);
+    const bool compressed_lists = ListsCompressed(
+        kernels, ExamplesPerPair(active_in, i0, i1, active_out, j0, j1, 0, words, n), words);
     std::vector<float>& x_panel = scratch->x_panel;
     std::vector<float>& dy_panel = scratch->dy_panel;
     // Every example active in every block of the tile: each block's rows are gathered once

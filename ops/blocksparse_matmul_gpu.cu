@@ -40,7 +40,8 @@ int GetDeviceInfo(DeviceInfo* out, int* device) {
         (e = cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, dev)) ||
         (e = cudaDeviceGetAttribute(&d.cc_minor, cudaDevAttrComputeCapabilityMinor, dev)) ||
         (e = cudaDeviceGetAttribute(&d.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                    dev))) {
+                                    dev)) ||
+        (e = cudaDeviceGetAttribute(&d.l2_bytes, cudaDevAttrL2CacheSize, dev))) {
       return e;
     }
     infos[dev] = d;

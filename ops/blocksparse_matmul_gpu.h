@@ -100,6 +100,10 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //   2: 32 x 32 instead of 64 x 32 mma.sync warp tiles for the 16-bit bs-64 forward, N > 64.
 //   6: the narrow wgmma forwards (16-bit bs 16 / 32 with N > 64, bs 32 / 64 with N <= 64) copy
 //      with cp.async, not the copy engine (the same results bit for bit).
+//   7: the wgmma dW with one column group per CTA everywhere (the default paces persistent
+//      CTAs over the groups for bs 16, feature axis 1, N >= 8192 where x is several times
+//      the L2 and density <= 50%; the same results bit for bit).
+//   8: that pacing wherever the groups outnumber the CTAs that fit (for tests).
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
 // give variant 3's results bit for bit where neither splits a tile over a cluster (a split
 // changes the order of the sums; splits depend on the tile count).  All are deterministic.

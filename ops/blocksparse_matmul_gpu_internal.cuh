@@ -14,7 +14,7 @@ namespace internal {
 
 // Device attributes, queried with cudaDeviceGetAttribute once per device.
 struct DeviceInfo {
-  int sm_count = 0, cc_major = 0, cc_minor = 0, max_smem_optin = 0;
+  int sm_count = 0, cc_major = 0, cc_minor = 0, max_smem_optin = 0, l2_bytes = 0;
 };
 
 // Tile-configuration variant for benchmarking (0 = default); see SetTuning in the header.

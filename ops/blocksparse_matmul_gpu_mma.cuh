@@ -45,6 +45,10 @@ struct Params {
   int64_t blocks;       // number of stored blocks
   int64_t n_tile_base;  // forward: first batch tile of this launch (grids are split at 65535)
   int64_t run_blocks = 0;  // small-batch dW: blocks of a column per CTA (see its kernel)
+  // wgmma dW with more column groups than fit on the GPU: a counter per epoch of batch steps
+  // (null: one group per CTA; see WgmmaGradWColumnKernel) and how many epochs there are.
+  uint32_t* epoch_arrivals = nullptr;
+  int64_t epochs = 0;
 };
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
@@ -264,14 +268,16 @@ __device__ __forceinline__ const float* ClusterPeer(float* p, int rank) {
 #endif
 }
 
-// Finds run `g` of the column view, where every block column's list is cut into runs of `per`
-// consecutive blocks, in column order: sets s_run = {column, first position, end position}
-// (column -1 when g is past the last run).  All threads of the CTA call it.
-__device__ __forceinline__ void FindColumnRun(const int32_t* __restrict__ col_ptr, int64_t KB,
-                                              int64_t g, int per, int* s_run, int* s_warp) {
+// Scans the column view for run `g` among the runs that runs_of(blocks in the column) gives:
+// {how many, index of the first (in runs of `per` from the column's start)}.  Runs count in
+// column order, then position.  If found, sets s_run = {column, first position, end position}
+// and returns true; else returns false with g reduced by the runs scanned.  All threads of the
+// CTA call it, with s_run[0] = -1 and a barrier before.
+template <class RunsOf>
+__device__ __forceinline__ bool ScanColumnRuns(const int32_t* __restrict__ col_ptr, int64_t KB,
+                                               int64_t& g, int per, RunsOf runs_of, int* s_run,
+                                               int* s_warp) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
-  if (tid == 0) s_run[0] = -1;
-  __syncthreads();
   int64_t before = 0;  // runs in the columns already scanned
   for (int64_t base = 0; base < KB; base += blockDim.x) {
     const int64_t k = base + tid;
@@ -280,7 +286,8 @@ __device__ __forceinline__ void FindColumnRun(const int32_t* __restrict__ col_pt
       beg = __ldg(col_ptr + k);
       end = __ldg(col_ptr + k + 1);
     }
-    const int runs = (end - beg + per - 1) / per;
+    const int2 rf = runs_of(end - beg);
+    const int runs = rf.x;
     int incl = runs;  // inclusive scan over the CTA: warps, then warp totals
 #pragma unroll
     for (int d = 1; d < 32; d <<= 1) {
@@ -297,14 +304,51 @@ __device__ __forceinline__ void FindColumnRun(const int32_t* __restrict__ col_pt
     }
     const int64_t first = before + incl - runs;
     if (g >= first && g < first + runs) {
-      const int b = beg + static_cast<int>(g - first) * per;
+      const int b = beg + (rf.y + static_cast<int>(g - first)) * per;
       s_run[0] = static_cast<int>(k);
       s_run[1] = b;
       s_run[2] = min(end, b + per);
     }
     __syncthreads();  // s_run is final for this pass; s_warp may be rewritten
-    if (s_run[0] >= 0) return;
+    if (s_run[0] >= 0) return true;
     before += total;
+  }
+  g -= before;
+  return false;
+}
+
+// Finds run `g` of the column view, where every block column's list is cut into runs of `per`
+// consecutive blocks, in column order: sets s_run = {column, first position, end position}
+// (column -1 when g is past the last run).  All threads of the CTA call it.
+__device__ __forceinline__ void FindColumnRun(const int32_t* __restrict__ col_ptr, int64_t KB,
+                                              int64_t g, int per, int* s_run, int* s_warp) {
+  if (threadIdx.x == 0) s_run[0] = -1;
+  __syncthreads();
+  ScanColumnRuns(
+      col_ptr, KB, g, per, [per](int n) { return make_int2((n + per - 1) / per, 0); }, s_run,
+      s_warp);
+}
+
+// The same runs, ordered by their length in packs of `pack` blocks, longest first: the whole
+// runs in column order, then the columns' last, partial runs of per / pack packs (as long as
+// whole ones), then those of per / pack - 1 packs, and so on.  For the paced wgmma dW (see
+// LaunchPacedColumnGroups), whose CTAs wait for each other every few batch steps: the runs
+// they take at the same time are then about equally long, so they wait little.
+__device__ __forceinline__ void FindColumnRunLongestFirst(const int32_t* __restrict__ col_ptr,
+                                                          int64_t KB, int64_t g, int per,
+                                                          int pack, int* s_run, int* s_warp) {
+  if (threadIdx.x == 0) s_run[0] = -1;
+  __syncthreads();
+  const int packs = per / pack;
+  if (ScanColumnRuns(
+          col_ptr, KB, g, per, [per](int n) { return make_int2(n / per, 0); }, s_run, s_warp))
+    return;
+  for (int q = packs; q >= 1; --q) {
+    const auto partial_of_q = [per, pack, q](int n) {
+      const int rest = n % per;
+      return make_int2(rest > 0 && (rest + pack - 1) / pack == q ? 1 : 0, n / per);
+    };
+    if (ScanColumnRuns(col_ptr, KB, g, per, partial_of_q, s_run, s_warp)) return;
   }
 }
 

@@ -46,6 +46,7 @@ using mma_impl::CpAsync16;
 using mma_impl::CpAsyncCommit;
 using mma_impl::CpAsyncWait;
 using mma_impl::FindColumnRun;
+using mma_impl::FindColumnRunLongestFirst;
 using mma_impl::FromF;
 using mma_impl::PackPair;
 using mma_impl::Params;
@@ -833,6 +834,47 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 #endif
 }
 
+// Keeps the CTAs of a persistent grid within a few batch steps of each other.  Time is
+// counted in batch steps t over all of a CTA's groups (every group has the same steps), cut
+// into epochs of kEpochSteps; arrivals[e] counts the CTAs that have finished epoch e.  A CTA
+// starting epoch e arrives for e - 1, then waits (thread 0 polls) until every CTA has
+// arrived for e - 1 - kSlack, so it runs at most about kSlack + 1 epochs ahead of the
+// slowest.  It only paces the CTAs: the sums do not depend on it.  A wait gives up after
+// about kSpinLimit polls (a CTA that never got an SM, say) and the CTA runs on unpaced, so
+// it never hangs.  A CTA out of groups arrives for all later epochs.
+struct EpochThrottle {
+  static constexpr int kEpochSteps = 4;
+  static constexpr int kSlack = 1;
+  static constexpr int kSpinLimit = 1 << 14;
+  uint32_t* arrivals;
+  int64_t epochs;
+  bool paced;  // thread 0: still waiting for the others
+  __device__ EpochThrottle(uint32_t* a, int64_t e) : arrivals(a), epochs(e), paced(true) {}
+
+  __device__ __forceinline__ void AtStep(int64_t t) {
+    if (arrivals == nullptr || threadIdx.x != 0 || t % kEpochSteps != 0 || t == 0) return;
+    const int64_t done = t / kEpochSteps - 1;  // the epoch just finished
+    if (done >= epochs) return;
+    atomicAdd(arrivals + done, 1u);
+    const int64_t wait_for = done - kSlack;
+    if (!paced || wait_for < 0) return;
+    int spins = 0;
+    while (*reinterpret_cast<const volatile uint32_t*>(arrivals + wait_for) < gridDim.x) {
+      if (++spins == kSpinLimit) {
+        paced = false;
+        break;
+      }
+      __nanosleep(64);
+    }
+  }
+  // After the CTA's last group, t being its steps in all; every thread calls it.
+  __device__ __forceinline__ void Finish(int64_t t) {
+    if (arrivals == nullptr) return;
+    const int64_t first = t > 0 ? (t - 1) / kEpochSteps : 0;  // not yet arrived for
+    for (int64_t e = first + threadIdx.x; e < epochs; e += blockDim.x) atomicAdd(arrivals + e, 1u);
+  }
+};
+
 // ---- dW by block-column groups ----
 // dw[b] = x[:, c-block]^T dy[:, k-block] (feature axis 1; x[c-block, :] dy[k-block, :]^T with
 // feature axis 0) for the stored blocks, 16-bit, bs 16 / 32 / 64.  The blocks of each block
@@ -876,7 +918,7 @@ struct ColumnGradCfg {
   static_assert(kStages >= 3, "one wgmma group in flight needs a third stage");
 };
 
-template <typename T, int FA, class Cfg>
+template <typename T, int FA, class Cfg, bool kPaced = false>
 __global__ void __launch_bounds__(Cfg::kThreads) WgmmaGradWColumnKernel(const Params p) {
 #if BSMM_HAS_WGMMA
   constexpr int BS = Cfg::BS, G = Cfg::kPacks, P = Cfg::kPerPack, kStages = Cfg::kStages;
@@ -894,174 +936,186 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaGradWColumnKernel(const Pa
   const int tid = threadIdx.x;
   int split, rank;
   mma_impl::ClusterInfo(split, rank);
-  FindColumnRun(p.col_ptr, K / BS, blockIdx.x / split, Cfg::kGroupBlocks, s_run, s_warp);
-  const int kcol = s_run[0];
-  if (kcol < 0) return;  // uniform over the cluster: its CTAs share blockIdx.x / split
-  const int pbeg = s_run[1], nblk = s_run[2] - s_run[1];
-  if (tid < Cfg::kGroupBlocks) {
-    const bool v = tid < nblk;
-    s_b[tid] = v ? __ldg(p.col_block + pbeg + tid) : 0;
-    s_c[tid] = v ? __ldg(p.col_row + pbeg + tid) : -1;
-  }
-  __syncthreads();
-  const int packs = (nblk + P - 1) / P;
   const int64_t total_steps = (N + Cfg::kRows - 1) / Cfg::kRows;
   const int steps = static_cast<int>((total_steps - rank + split - 1) / split);
-
-  // Copies: 16-byte chunk tid % kChunks of rows tid / kChunks + (128 / kChunks) i, kChunks
-  // being the chunks of a tile row.  Pack tiles: kRows batch rows of 128 bytes (feature axis
-  // 1) or 64 feature rows of 2 kRows bytes (feature axis 0); dy tiles: kRows rows of 2 BS
-  // bytes or BS rows of 2 kRows bytes.
-  constexpr int kRows = Cfg::kRows;
-  constexpr int kPackRowBytes = FA == 1 ? 128 : 2 * kRows;
-  constexpr int kXChunks = kPackRowBytes / 16, kXRowStep = Cfg::kThreads / kXChunks;
-  constexpr int kXPasses = (FA == 1 ? kRows : 64) / kXRowStep;
-  constexpr int kDyChunks = kDyRowBytes / 16, kDyRowStep = Cfg::kThreads / kDyChunks;
-  constexpr int kDyTileRows = FA == 1 ? kRows : BS;
-  constexpr int kDyPasses = (kDyTileRows + kDyRowStep - 1) / kDyRowStep;
-  static_assert(kXPasses * kXRowStep == (FA == 1 ? kRows : 64), "whole pack rows per pass");
-  const int q = tid % kXChunks, r0 = tid / kXChunks;
-  const int dq = tid % kDyChunks, dr0 = tid / kDyChunks;
-  const T* const dy_src = FA == 1
-                              ? gdy + dr0 * K + static_cast<int64_t>(kcol) * BS + dq * 8
-                              : gdy + (static_cast<int64_t>(kcol) * BS + dr0) * N + dq * 8;
-  // This thread's x chunks, worked out once: pack j's block at slot s (feature axis 1: the
-  // slot of chunk q; feature axis 0: rows r0 + kXRowStep i lie in slot kXRowStep i / BS, as
-  // r0 < kXRowStep and BS is a multiple of kXRowStep) starts at x_src[j][s] for batch row 0
-  // (null for a slot past the group's end).  The swizzle repeats every 8 rows, so rows
-  // r0 + kXRowStep i land at x_dst0 plus whole rows.
-  static_assert(kXRowStep % 8 == 0 && (FA == 1 || BS % kXRowStep == 0),
-                "each pass's rows keep the swizzle phase and lie in one slot");
-  constexpr int kSlots = FA == 1 ? 1 : P;
-  const T* x_src[G][kSlots];
-#pragma unroll
-  for (int j = 0; j < G; ++j)
-#pragma unroll
-    for (int e = 0; e < kSlots; ++e) {
-      const int slot = FA == 1 ? q / (BS / 8) : e;
-      const int c = s_c[j * P + slot];
-      x_src[j][e] = c < 0 ? nullptr
-                    : FA == 1 ? gx + r0 * C + static_cast<int64_t>(c) * BS + (q % (BS / 8)) * 8
-                              : gx + (static_cast<int64_t>(c) * BS + r0) * N + q * 8;
+  EpochThrottle throttle(p.epoch_arrivals, p.epochs);
+  int64_t t0 = 0;  // this CTA's steps in earlier groups
+  // One group per CTA, or (kPaced: a persistent grid, split 1) groups blockIdx.x + i gridDim.x.
+  for (int64_t group = blockIdx.x / split;; group += gridDim.x / split, t0 += steps) {
+    if (kPaced && group != blockIdx.x) __syncthreads();  // the last group's epilogue is done
+    if (kPaced)  // a wave's CTAs then take equally long per step (see the function)
+      FindColumnRunLongestFirst(p.col_ptr, K / BS, group, Cfg::kGroupBlocks, P, s_run, s_warp);
+    else
+      FindColumnRun(p.col_ptr, K / BS, group, Cfg::kGroupBlocks, s_run, s_warp);
+    const int kcol = s_run[0];
+    if (kcol < 0) break;  // uniform over the cluster: its CTAs share blockIdx.x / split
+    const int pbeg = s_run[1], nblk = s_run[2] - s_run[1];
+    if (tid < Cfg::kGroupBlocks) {
+      const bool v = tid < nblk;
+      s_b[tid] = v ? __ldg(p.col_block + pbeg + tid) : 0;
+      s_c[tid] = v ? __ldg(p.col_row + pbeg + tid) : -1;
     }
-  const int x_dst0 = SwizzledR<kPackRowBytes>(r0, q);
-  auto load_step = [&](int s, int buf) {
-    const int64_t n0 = (static_cast<int64_t>(s) * split + rank) * kRows;
-    unsigned char* st = smem + buf * Cfg::kStageBytes;
-    unsigned char* dys = st + G * Cfg::kPackBytes;
-#pragma unroll
-    for (int i = 0; i < kDyPasses; ++i) {
-      const int r = dr0 + kDyRowStep * i;
-      if (kDyTileRows % kDyRowStep != 0 && r >= kDyTileRows) break;
-      bool v;
-      int64_t off;
-      if constexpr (FA == 1) {
-        v = n0 + r < N;
-        off = (n0 + kDyRowStep * i) * K;
-      } else {
-        v = n0 + dq * 8 < N;
-        off = static_cast<int64_t>(kDyRowStep * i) * N + n0;
-      }
-      CpAsync16(dys + SwizzledR<kDyRowBytes>(r, dq), v ? dy_src + off : gdy, v);
-    }
-    const int64_t x_step = FA == 1 ? n0 * C : n0;
-    const bool x_chunk_valid = n0 + q * 8 < N;  // feature axis 0
-#pragma unroll
-    for (int j = 0; j < G; ++j) {
-      if (j >= packs) break;
-#pragma unroll
-      for (int i = 0; i < kXPasses; ++i) {
-        const T* base = x_src[j][FA == 1 ? 0 : kXRowStep * i / BS];
-        if (base == nullptr) continue;  // a slot past the group's end
-        // Rows (feature axis 1) or chunks (feature axis 0) at or past N are zero-filled.
-        const bool v = FA == 1 ? kXRowStep * i < N - n0 - r0 : x_chunk_valid;
-        const int64_t off = FA == 1 ? x_step + static_cast<int64_t>(kXRowStep * i) * C
-                                    : x_step + static_cast<int64_t>(kXRowStep * i % BS) * N;
-        CpAsync16(st + j * Cfg::kPackBytes + x_dst0 + kXRowStep * i * kPackRowBytes,
-                  v ? base + off : gx, v);
-      }
-    }
-  };
+    __syncthreads();
+    const int packs = (nblk + P - 1) / P;
 
-  float acc[G][BS / 2];
-#pragma unroll
-  for (int j = 0; j < G; ++j)
-#pragma unroll
-    for (int e = 0; e < BS / 2; ++e) acc[j][e] = 0.f;
-
-#pragma unroll
-  for (int s = 0; s < kStages - 2; ++s) {
-    if (s < steps) load_step(s, s);
-    CpAsyncCommit();  // one group per step, empty or not, so the waits count steps
-  }
-  for (int s = 0; s < steps; ++s) {
-    CpAsyncWait<kStages - 3>();  // this thread's copies of step s have landed
-    FenceSharedForAsyncProxy();
-    __syncthreads();  // everyone's have; and step s - 2's wgmma (waited below) is done
-    const int nxt = s + kStages - 2;
-    if (nxt < steps) load_step(nxt, nxt % kStages);  // into the stage step s - 2 read
-    CpAsyncCommit();
-    const uint32_t st = smem_base + (s % kStages) * Cfg::kStageBytes;
-    const uint32_t dys = st + G * Cfg::kPackBytes;
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kRows / 16; ++kk) {
-      // A k16 slice is 16 rows on (feature axis 1) or 32 bytes into the rows (feature axis 0).
-      const uint64_t bd =
-          DescriptorR<kDyRowBytes>(dys + (FA == 1 ? kk * 16 * kDyRowBytes : kk * 32));
-#pragma unroll
-      for (int j = 0; j < G; ++j) {
-        const uint32_t a = st + j * Cfg::kPackBytes + (FA == 1 ? kk * 16 * 128 : kk * 32);
-        Wgmma<T, BS, FA == 1, FA == 1>(acc[j], DescriptorR<kPackRowBytes>(a), bd);
-      }
-    }
-    WgmmaCommit();
-    WgmmaWait<1>();  // step s - 1's group is done; step s's may still run
-  }
-  WgmmaWait<0>();
-  CpAsyncWait<0>();
-  __syncthreads();
-
-  // Epilogue: pack j's acc holds rows 16 warp + lane / 4 (+ 8) (block slot row / BS, its
-  // feature row % BS), columns 8 i + 2 (lane % 4) (+ 1) of dw.  Stage the float partial sums
-  // as rows 64 j + row, then each rank of the cluster sums (in rank order) and writes its
-  // share of the 16-byte output chunks.
-  float* Cs = reinterpret_cast<float*>(smem);
-  {
-    const int lane = tid & 31, row = 16 * (tid >> 5) + (lane >> 2), col = 2 * (lane & 3);
+    // Copies: 16-byte chunk tid % kChunks of rows tid / kChunks + (128 / kChunks) i, kChunks
+    // being the chunks of a tile row.  Pack tiles: kRows batch rows of 128 bytes (feature axis
+    // 1) or 64 feature rows of 2 kRows bytes (feature axis 0); dy tiles: kRows rows of 2 BS
+    // bytes or BS rows of 2 kRows bytes.
+    constexpr int kRows = Cfg::kRows;
+    constexpr int kPackRowBytes = FA == 1 ? 128 : 2 * kRows;
+    constexpr int kXChunks = kPackRowBytes / 16, kXRowStep = Cfg::kThreads / kXChunks;
+    constexpr int kXPasses = (FA == 1 ? kRows : 64) / kXRowStep;
+    constexpr int kDyChunks = kDyRowBytes / 16, kDyRowStep = Cfg::kThreads / kDyChunks;
+    constexpr int kDyTileRows = FA == 1 ? kRows : BS;
+    constexpr int kDyPasses = (kDyTileRows + kDyRowStep - 1) / kDyRowStep;
+    static_assert(kXPasses * kXRowStep == (FA == 1 ? kRows : 64), "whole pack rows per pass");
+    const int q = tid % kXChunks, r0 = tid / kXChunks;
+    const int dq = tid % kDyChunks, dr0 = tid / kDyChunks;
+    const T* const dy_src = FA == 1
+                                ? gdy + dr0 * K + static_cast<int64_t>(kcol) * BS + dq * 8
+                                : gdy + (static_cast<int64_t>(kcol) * BS + dr0) * N + dq * 8;
+    // This thread's x chunks, worked out once: pack j's block at slot s (feature axis 1: the
+    // slot of chunk q; feature axis 0: rows r0 + kXRowStep i lie in slot kXRowStep i / BS, as
+    // r0 < kXRowStep and BS is a multiple of kXRowStep) starts at x_src[j][s] for batch row 0
+    // (null for a slot past the group's end).  The swizzle repeats every 8 rows, so rows
+    // r0 + kXRowStep i land at x_dst0 plus whole rows.
+    static_assert(kXRowStep % 8 == 0 && (FA == 1 || BS % kXRowStep == 0),
+                  "each pass's rows keep the swizzle phase and lie in one slot");
+    constexpr int kSlots = FA == 1 ? 1 : P;
+    const T* x_src[G][kSlots];
 #pragma unroll
     for (int j = 0; j < G; ++j)
 #pragma unroll
-      for (int i = 0; i < BS / 8; ++i) {
-        float* r = Cs + (64 * j + row) * Cfg::kCLd + 8 * i + col;
-        *reinterpret_cast<float2*>(r) = make_float2(acc[j][4 * i], acc[j][4 * i + 1]);
-        *reinterpret_cast<float2*>(r + 8 * Cfg::kCLd) =
-            make_float2(acc[j][4 * i + 2], acc[j][4 * i + 3]);
+      for (int e = 0; e < kSlots; ++e) {
+        const int slot = FA == 1 ? q / (BS / 8) : e;
+        const int c = s_c[j * P + slot];
+        x_src[j][e] = c < 0 ? nullptr
+                      : FA == 1 ? gx + r0 * C + static_cast<int64_t>(c) * BS + (q % (BS / 8)) * 8
+                                : gx + (static_cast<int64_t>(c) * BS + r0) * N + q * 8;
       }
-  }
-  if (split > 1) {
-    mma_impl::ClusterSync();
-  } else {
-    __syncthreads();
-  }
-  const int chunks = nblk * BS * (BS / 8);
-  const int qbeg = rank * chunks / split, qend = (rank + 1) * chunks / split;
-  for (int cq = qbeg + tid; cq < qend; cq += Cfg::kThreads) {
-    const int row = cq / (BS / 8), c8 = (cq % (BS / 8)) * 8;
-    float v[8];
+    const int x_dst0 = SwizzledR<kPackRowBytes>(r0, q);
+    auto load_step = [&](int s, int buf) {
+      const int64_t n0 = (static_cast<int64_t>(s) * split + rank) * kRows;
+      unsigned char* st = smem + buf * Cfg::kStageBytes;
+      unsigned char* dys = st + G * Cfg::kPackBytes;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = 0.f;
-    for (int src = 0; src < split; ++src) {
-      const float* Cq = split > 1 ? mma_impl::ClusterPeer(Cs, src) : Cs;
-      const float4 lo = *reinterpret_cast<const float4*>(Cq + row * Cfg::kCLd + c8);
-      const float4 hi = *reinterpret_cast<const float4*>(Cq + row * Cfg::kCLd + c8 + 4);
-      v[0] += lo.x; v[1] += lo.y; v[2] += lo.z; v[3] += lo.w;
-      v[4] += hi.x; v[5] += hi.y; v[6] += hi.z; v[7] += hi.w;
+      for (int i = 0; i < kDyPasses; ++i) {
+        const int r = dr0 + kDyRowStep * i;
+        if (kDyTileRows % kDyRowStep != 0 && r >= kDyTileRows) break;
+        bool v;
+        int64_t off;
+        if constexpr (FA == 1) {
+          v = n0 + r < N;
+          off = (n0 + kDyRowStep * i) * K;
+        } else {
+          v = n0 + dq * 8 < N;
+          off = static_cast<int64_t>(kDyRowStep * i) * N + n0;
+        }
+        CpAsync16(dys + SwizzledR<kDyRowBytes>(r, dq), v ? dy_src + off : gdy, v);
+      }
+      const int64_t x_step = FA == 1 ? n0 * C : n0;
+      const bool x_chunk_valid = n0 + q * 8 < N;  // feature axis 0
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        if (j >= packs) break;
+#pragma unroll
+        for (int i = 0; i < kXPasses; ++i) {
+          const T* base = x_src[j][FA == 1 ? 0 : kXRowStep * i / BS];
+          if (base == nullptr) continue;  // a slot past the group's end
+          // Rows (feature axis 1) or chunks (feature axis 0) at or past N are zero-filled.
+          const bool v = FA == 1 ? kXRowStep * i < N - n0 - r0 : x_chunk_valid;
+          const int64_t off = FA == 1 ? x_step + static_cast<int64_t>(kXRowStep * i) * C
+                                      : x_step + static_cast<int64_t>(kXRowStep * i % BS) * N;
+          CpAsync16(st + j * Cfg::kPackBytes + x_dst0 + kXRowStep * i * kPackRowBytes,
+                    v ? base + off : gx, v);
+        }
+      }
+    };
+
+    float acc[G][BS / 2];
+#pragma unroll
+    for (int j = 0; j < G; ++j)
+#pragma unroll
+      for (int e = 0; e < BS / 2; ++e) acc[j][e] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < kStages - 2; ++s) {
+      if (s < steps) load_step(s, s);
+      CpAsyncCommit();  // one group per step, empty or not, so the waits count steps
     }
-    const int b = s_b[row / BS];
-    StoreChunk<T>(gdw + (static_cast<int64_t>(b) * BS + row % BS) * BS + c8, v);
-  }
-  if (split > 1) mma_impl::ClusterSync();  // peers may still be reading this shared memory
+    for (int s = 0; s < steps; ++s) {
+      CpAsyncWait<kStages - 3>();  // this thread's copies of step s have landed
+      FenceSharedForAsyncProxy();
+      if (kPaced) throttle.AtStep(t0 + s);
+      __syncthreads();  // everyone's have; and step s - 2's wgmma (waited below) is done
+      const int nxt = s + kStages - 2;
+      if (nxt < steps) load_step(nxt, nxt % kStages);  // into the stage step s - 2 read
+      CpAsyncCommit();
+      const uint32_t st = smem_base + (s % kStages) * Cfg::kStageBytes;
+      const uint32_t dys = st + G * Cfg::kPackBytes;
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < kRows / 16; ++kk) {
+        // A k16 slice is 16 rows on (feature axis 1) or 32 bytes into the rows (feature axis 0).
+        const uint64_t bd =
+            DescriptorR<kDyRowBytes>(dys + (FA == 1 ? kk * 16 * kDyRowBytes : kk * 32));
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+          const uint32_t a = st + j * Cfg::kPackBytes + (FA == 1 ? kk * 16 * 128 : kk * 32);
+          Wgmma<T, BS, FA == 1, FA == 1>(acc[j], DescriptorR<kPackRowBytes>(a), bd);
+        }
+      }
+      WgmmaCommit();
+      WgmmaWait<1>();  // step s - 1's group is done; step s's may still run
+    }
+    WgmmaWait<0>();
+    CpAsyncWait<0>();
+    __syncthreads();
+
+    // Epilogue: pack j's acc holds rows 16 warp + lane / 4 (+ 8) (block slot row / BS, its
+    // feature row % BS), columns 8 i + 2 (lane % 4) (+ 1) of dw.  Stage the float partial sums
+    // as rows 64 j + row, then each rank of the cluster sums (in rank order) and writes its
+    // share of the 16-byte output chunks.
+    float* Cs = reinterpret_cast<float*>(smem);
+    {
+      const int lane = tid & 31, row = 16 * (tid >> 5) + (lane >> 2), col = 2 * (lane & 3);
+#pragma unroll
+      for (int j = 0; j < G; ++j)
+#pragma unroll
+        for (int i = 0; i < BS / 8; ++i) {
+          float* r = Cs + (64 * j + row) * Cfg::kCLd + 8 * i + col;
+          *reinterpret_cast<float2*>(r) = make_float2(acc[j][4 * i], acc[j][4 * i + 1]);
+          *reinterpret_cast<float2*>(r + 8 * Cfg::kCLd) =
+              make_float2(acc[j][4 * i + 2], acc[j][4 * i + 3]);
+        }
+    }
+    if (split > 1) {
+      mma_impl::ClusterSync();
+    } else {
+      __syncthreads();
+    }
+    const int chunks = nblk * BS * (BS / 8);
+    const int qbeg = rank * chunks / split, qend = (rank + 1) * chunks / split;
+    for (int cq = qbeg + tid; cq < qend; cq += Cfg::kThreads) {
+      const int row = cq / (BS / 8), c8 = (cq % (BS / 8)) * 8;
+      float v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = 0.f;
+      for (int src = 0; src < split; ++src) {
+        const float* Cq = split > 1 ? mma_impl::ClusterPeer(Cs, src) : Cs;
+        const float4 lo = *reinterpret_cast<const float4*>(Cq + row * Cfg::kCLd + c8);
+        const float4 hi = *reinterpret_cast<const float4*>(Cq + row * Cfg::kCLd + c8 + 4);
+        v[0] += lo.x; v[1] += lo.y; v[2] += lo.z; v[3] += lo.w;
+        v[4] += hi.x; v[5] += hi.y; v[6] += hi.z; v[7] += hi.w;
+      }
+      const int b = s_b[row / BS];
+      StoreChunk<T>(gdw + (static_cast<int64_t>(b) * BS + row % BS) * BS + c8, v);
+    }
+    if (split > 1) mma_impl::ClusterSync();  // peers may still be reading this shared memory
+    if (!kPaced) break;
+  }  // groups
+  if (kPaced) throttle.Finish(t0);
 #else
   (void)p;
   __trap();

@@ -225,6 +225,25 @@ def correctness(lib, res, quick=False, race=False):
         for fa in (1, 0):
             run_case(lib, res, "bfloat16", bs, L, 136 if quick or race else 264, fa, gen,
                      ops=("dw",))
+    # Far more column groups than CTAs fit on the GPU (Hopper, 16-bit dW, N > 64): many waves
+    # of one group per CTA.
+    for bs in ([16] if quick or race else [16, 32]):
+        L = random_layout(64, 640, bs, 0.45, rng, empty_cols=[5, 600])
+        for fa in (1, 0):
+            run_case(lib, res, "bfloat16", bs, L, 136 if quick or race else 264, fa, gen,
+                     ops=("dw",))
+    # The same, paced (Hopper, bs 16, feature axis 1, N >= 8192; SetTuning(8) paces even
+    # where x fits in L2): a persistent grid whose CTAs take several groups each, longest
+    # first (whole ones, then the partial last ones of the columns by their length), the
+    # last of them past the last group.
+    # (Not under racecheck: at 8200 rows over a grid of that size it ran past 3 minutes.)
+    if is_hopper() and lib.tuning == 0 and not race:
+        lib.set_tuning(8)
+        L = random_layout(40, 100 if quick else 300, 16, 0.9, rng, empty_cols=[3])
+        run_case(lib, res, "bfloat16", 16, L, 8200, 1, gen, ops=("dw",))
+        if not quick:
+            run_case(lib, res, "float16", 16, L, 8192, 1, gen, ops=("dw",))
+        lib.set_tuning(0)
     # bs-32 dW groups sized by the columns' average length (Hopper, 16-bit, N > 64): about 5
     # blocks per column (groups of 4) and about 2 (groups of 2), several groups in the longer
     # columns, an empty column.

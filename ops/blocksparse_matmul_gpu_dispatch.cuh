@@ -527,24 +527,25 @@ int LaunchWgmmaGradWColumns(const Params& p, int64_t N, int64_t blocks, int devi
   const int64_t expected = filled * ((per_col + per - 1) / per);
   const double steps = static_cast<double>((N + Cfg::kRows - 1) / Cfg::kRows);
   if constexpr (kMayPace) {
-    using PacedTag = KernelTag<T, Cfg, 40 + FA>;
-    const auto paced = wgmma_impl::WgmmaGradWColumnKernel<T, FA, Cfg, true>;
     const double density = static_cast<double>(blocks) / (static_cast<double>(p.C / BS) * KB);
     const double x_bytes = static_cast<double>(N) * p.C * sizeof(T);
-    int per_sm = 0;
-    const int e = PrepareKernel<PacedTag>(paced, Cfg::kThreads, Cfg::kSmemBytes, device, di,
-                                          &per_sm);
-    if (e != cudaSuccess) return e;
-    const int64_t resident = static_cast<int64_t>(per_sm) * di.sm_count;
     const bool pays =
         density <= kPacedColumnGroupsMaxDensity &&
         x_bytes >= static_cast<double>(kPacedColumnGroupsMinL2Multiple) * di.l2_bytes;
-    if ((Tuning() == 8 || (Tuning() != 7 && pays)) && bound > resident &&
-        ChooseSplit(expected, steps, resident, di) == 1) {
-      bool launched = false;
-      const int r = LaunchPacedColumnGroups<Cfg>(paced, p, bound, resident,
-                                                 static_cast<int64_t>(steps), s, &launched);
-      if (launched || r != cudaSuccess) return r;
+    if (Tuning() == 8 || (Tuning() != 7 && pays)) {
+      const auto paced = wgmma_impl::WgmmaGradWColumnKernel<T, FA, Cfg, true>;
+      int per_sm = 0;
+      const int e = PrepareKernel<KernelTag<T, Cfg, 40 + FA>>(paced, Cfg::kThreads,
+                                                              Cfg::kSmemBytes, device, di,
+                                                              &per_sm);
+      if (e != cudaSuccess) return e;
+      const int64_t resident = static_cast<int64_t>(per_sm) * di.sm_count;
+      if (bound > resident && ChooseSplit(expected, steps, resident, di) == 1) {
+        bool launched = false;
+        const int r = LaunchPacedColumnGroups<Cfg>(paced, p, bound, resident,
+                                                   static_cast<int64_t>(steps), s, &launched);
+        if (launched || r != cudaSuccess) return r;
+      }
     }
   }
   return LaunchTiles<KernelTag<T, Cfg, 20 + FA>>(

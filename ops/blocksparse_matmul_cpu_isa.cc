@@ -80,7 +80,9 @@ inline void StreamStore(float* p, V v) {
 // or A is an MR x P row-major block of row stride kARs (a_cs 1, every one of its MR rows
 // readable): a compile-time stride, so the MR row offsets need no registers.
 // With kStream, C is written by StreamStore (so each of its rows must be aligned to V).
-template <int MR, int NV, typename V, typename Pairs, bool kStream = false, int kARs = 1>
+// With kAccumulate the sums start from C's values (its `rows` rows) instead of zero.
+template <int MR, int NV, typename V, typename Pairs, bool kStream = false, int kARs = 1,
+          bool kAccumulate = false>
 inline void Tile(const Pairs& pairs, int64_t P, int64_t a_cs, int64_t b_rs, float* c,
                  int64_t c_rs, int64_t rows) {
   constexpr int W = Width<V>();
@@ -88,7 +90,8 @@ inline void Tile(const Pairs& pairs, int64_t P, int64_t a_cs, int64_t b_rs, floa
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[m][v] = V{};
+    for (int v = 0; v < NV; ++v)
+      acc[m][v] = kAccumulate && m < rows ? Load<V>(c + m * c_rs + v * W) : V{};
   const int64_t count = pairs.size();
   for (int64_t q = 0; q < count; ++q) {
     const float* a = pairs.a(q);
@@ -557,14 +560,20 @@ struct PanelPairs {
 struct FullRowsOp {
   template <typename V, int NV>
   static void Run(const float* x_panels, int64_t pitch, int64_t in_blocks, int64_t bs,
-                  const float* packed, int64_t width, float* y, int64_t y_rs, int64_t rows) {
+                  const float* packed, int64_t width, float* y, int64_t y_rs, int64_t rows,
+                  bool accumulate) {
     WithPanelBlockSize(bs, [&](auto kBs) {
-      RunBlockSize<V, NV, decltype(kBs)::value>(x_panels, pitch, in_blocks, packed, width, y,
-                                                y_rs, rows);
+      if (accumulate) {
+        RunBlockSize<V, NV, decltype(kBs)::value, true>(x_panels, pitch, in_blocks, packed,
+                                                        width, y, y_rs, rows);
+      } else {
+        RunBlockSize<V, NV, decltype(kBs)::value, false>(x_panels, pitch, in_blocks, packed,
+                                                         width, y, y_rs, rows);
+      }
     });
   }
 
-  template <typename V, int NV, int kBs>
+  template <typename V, int NV, int kBs, bool kAccumulate>
   static void RunBlockSize(const float* x_panels, int64_t pitch, int64_t in_blocks,
                            const float* packed, int64_t width, float* y, int64_t y_rs,
                            int64_t rows) {
@@ -573,7 +582,7 @@ struct FullRowsOp {
       for (int64_t j0 = 0; j0 < width; j0 += chunk) {
         const PanelPairs pairs{x_panels + m0 * kBs, pitch * kBs, packed + j0, kBs * width,
                                in_blocks};
-        Tile<decltype(kMR)::value, NV, V, PanelPairs, false, kBs>(
+        Tile<decltype(kMR)::value, NV, V, PanelPairs, false, kBs, kAccumulate>(
             pairs, kBs, 1, width, y + m0 * y_rs + j0, y_rs, count);
       }
     });
@@ -581,9 +590,10 @@ struct FullRowsOp {
 };
 
 void FullRowsForward(const float* x_panels, int64_t pitch, int64_t in_blocks, int64_t bs,
-                     const float* packed, int64_t width, float* y, int64_t y_rs, int64_t rows) {
+                     const float* packed, int64_t width, float* y, int64_t y_rs, int64_t rows,
+                     bool accumulate) {
   DispatchBlockColumns<FullRowsOp>(width, x_panels, pitch, in_blocks, bs, packed, width, y, y_rs,
-                                   rows);
+                                   rows, accumulate);
 }
 
 void ExactRowsAccumulate(const float* x, int64_t x_rs, const int32_t* rows, int64_t count,

@@ -83,12 +83,14 @@ struct CpuKernels {
   // y[r, 0:width) (row stride y_rs) = sum over q < in_blocks, in increasing q, of
   // x_panels[(q * pitch + r) * bs ..][0:bs) . packed[q * bs * width ..] (bs x width, row stride
   // width), for r < rows: sparse_dot's forward where every example is active in every block,
-  // the sums of exact_rows_accumulate from zero kept in registers across input blocks.  Tiles
-  // of row_tile rows read whole: the last block's panel must be readable row_tile - 1 rows past
-  // `rows`.  bs is 8, 16, 32 or 64; width a multiple of 8.
+  // the sums of exact_rows_accumulate from zero kept in registers across input blocks (with
+  // accumulate, from y's values: a call continuing an earlier call's sums, the same sums as
+  // one call over both calls' blocks).  Tiles of row_tile rows read whole: the last block's
+  // panel must be readable row_tile - 1 rows past `rows`.  bs is 8, 16, 32 or 64; width a
+  // multiple of 8.
   void (*full_rows_forward)(const float* x_panels, int64_t pitch, int64_t in_blocks, int64_t bs,
                             const float* packed, int64_t width, float* y, int64_t y_rs,
-                            int64_t rows);
+                            int64_t rows, bool accumulate);
   // rows[0:count) = 64 q + t for each bit t set in both a[q] and b[q], q < words, in
   // increasing order; returns count.  May write kRowListSlack entries past the count (rows
   // needs room for 64 words + kRowListSlack).  For sparse_dot's block pairs that share many

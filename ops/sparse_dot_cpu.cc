@@ -40,13 +40,23 @@ constexpr int64_t kMinExamplesPerPairForPanels = 24;
 // at 25%/25% 26.3 -> 24.7, bs 64 at 100% in / 25% out 57.3 -> 54.4.
 constexpr int64_t kSharedPanelsMaxBytes = int64_t{64} << 20;
 // Output features the forward computes together where every example of a row chunk is active
-// in every block (their weight columns packed, all input features deep).  A row tile's x rows
+// in every block (their weight columns packed).  A row tile's x rows
 // then go through all of them from L2 before the next tile's are fetched: x streams from L3 or
 // memory once per this many features.  Measured on a 2-core Zen 5 (1024 x 4096 x 4096, every
 // block active; the settings in alternating processes, three rounds; median ms for bs 16, 32
 // and 64): 32 features (one block for bs 64) 160, 116, 101; 128 110, 105, 96; 256 99, 98, 92;
 // 512 113, 110, 100.
 constexpr int64_t kFullRowsFeatures = 256;
+// Input features each such pass covers per call of the product: the packed columns of a call
+// (256 x 512 floats, 512 KiB) then stay in L2 while every row tile of the chunk goes through
+// them, where all input features (4 MiB at 4096) streamed from L3 for each row tile; the sums
+// go on from y's values in the next call, the same sums in the same order.  Measured on a
+// 2-core Intel Xeon (AVX-512, 2 MiB of L2 per core; 1024 x 4096 x 4096, every block active,
+// forward, the settings in alternating processes, three rounds, fastest ms): bs 32 316 / 347 /
+// 324 -> 175 / 236 / 249, bs 16 345 / 350 / 330 -> 255 / 237 / 235; 1024 features per call
+// 283 / 233 / 239 and 233 / 248 / 236; 64 output features over all inputs 257 / 240 / 181 and
+// 249 / 254 / 205.  Not measured on the Zen 5 that chose kFullRowsFeatures.
+constexpr int64_t kFullRowsInputFeatures = 512;
 // At most this much packed weight columns per thread (kFullRowsFeatures fewer where x is wide);
 // at least one block or 32 features, so that 8- and 16-wide blocks still fill a register tile.
 constexpr int64_t kFullRowsColumnsMaxBytes = int64_t{16} << 20;
@@ -377,12 +387,18 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
             kFullRowsColumnsMaxBytes / static_cast<int64_t>(sizeof(float) * m),
             kFullRowsMinFeatures, kFullRowsFeatures);
         const int64_t per_pass = std::max<int64_t>(1, features / bs);
-        float* const columns = scratch->columns.Get(m * per_pass * bs);
+        // Input blocks per call (see kFullRowsInputFeatures).
+        const int64_t depth =
+            std::min(in_blocks, std::max<int64_t>(1, kFullRowsInputFeatures / bs));
+        float* const columns = scratch->columns.Get(depth * bs * per_pass * bs);
         for (int64_t ja = j0; ja < j1; ja += per_pass) {
           const int64_t jb = std::min(j1, ja + per_pass), width = (jb - ja) * bs;
-          weights.PackRange(kernels, 0, in_blocks, ja, jb, columns);
-          kernels.full_rows_forward(shared + r0 * bs, n, in_blocks, bs, columns, width,
-                                    y + r0 * p + ja * bs, p, r1 - r0);
+          for (int64_t g0 = 0; g0 < in_blocks; g0 += depth) {
+            const int64_t g1 = std::min(in_blocks, g0 + depth);
+            weights.PackRange(kernels, g0, g1, ja, jb, columns);
+            kernels.full_rows_forward(shared + (g0 * n + r0) * bs, n, g1 - g0, bs, columns, width,
+                                      y + r0 * p + ja * bs, p, r1 - r0, g0 > 0);
+          }
         }
         continue;
       }

@@ -284,7 +284,8 @@ def test_fully_active_chunks_give_the_block_pairs_sums(bs, transpose_w):
     pairs take the general path while its other tasks are dense; in the third one input block
     of one example is off (all its tasks general).  2624 outputs: tasks wider than 256 features
     (640-1024, by the thread count), computed in passes of 256 features of packed weight
-    columns, the last one narrower."""
+    columns, the last one narrower; 640 inputs: each pass in two calls (512 and 128 input
+    features), the second going on from the first's sums."""
     n, m, p = 2113, 640, 2624
     x = RNG.standard_normal((n, m)).astype(np.float32)
     w = RNG.standard_normal((m, p)).astype(np.float32)

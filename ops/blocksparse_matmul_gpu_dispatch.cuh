@@ -512,6 +512,8 @@ int LaunchPacedColumnGroups(Kernel kernel, const Params& p0, int64_t groups, int
 // 0.69-0.87x; those keep one group per CTA.
 constexpr double kPacedColumnGroupsMaxDensity = 0.5;
 constexpr int64_t kPacedColumnGroupsMinL2Multiple = 4;
+// The paced grid under SetTuning(9) (tests): small enough for racecheck.
+constexpr int64_t kRaceCheckPacedCtas = 3;
 
 template <typename T, int FA, int BS, class Cfg = typename ColumnGradCfgOf<BS>::type,
           bool kMayPace = false>
@@ -532,14 +534,15 @@ int LaunchWgmmaGradWColumns(const Params& p, int64_t N, int64_t blocks, int devi
     const bool pays =
         density <= kPacedColumnGroupsMaxDensity &&
         x_bytes >= static_cast<double>(kPacedColumnGroupsMinL2Multiple) * di.l2_bytes;
-    if (Tuning() == 8 || (Tuning() != 7 && pays)) {
+    if (Tuning() == 8 || Tuning() == 9 || (Tuning() != 7 && pays)) {
       const auto paced = wgmma_impl::WgmmaGradWColumnKernel<T, FA, Cfg, true>;
       int per_sm = 0;
       const int e = PrepareKernel<KernelTag<T, Cfg, 40 + FA>>(paced, Cfg::kThreads,
                                                               Cfg::kSmemBytes, device, di,
                                                               &per_sm);
       if (e != cudaSuccess) return e;
-      const int64_t resident = static_cast<int64_t>(per_sm) * di.sm_count;
+      int64_t resident = static_cast<int64_t>(per_sm) * di.sm_count;
+      if (Tuning() == 9 && resident > kRaceCheckPacedCtas) resident = kRaceCheckPacedCtas;
       if (bound > resident && ChooseSplit(expected, steps, resident, di) == 1) {
         bool launched = false;
         const int r = LaunchPacedColumnGroups<Cfg>(paced, p, bound, resident,

@@ -57,10 +57,6 @@ constexpr int64_t kFullRowsFeatures = 256;
 // 283 / 233 / 239 and 233 / 248 / 236; 64 output features over all inputs 257 / 240 / 181 and
 // 249 / 254 / 205.  Not measured on the Zen 5 that chose kFullRowsFeatures.
 constexpr int64_t kFullRowsInputFeatures = 512;
-// At most this much packed weight columns per thread (kFullRowsFeatures fewer where x is wide);
-// at least one block or 32 features, so that 8- and 16-wide blocks still fill a register tile.
-constexpr int64_t kFullRowsColumnsMaxBytes = int64_t{16} << 20;
-constexpr int64_t kFullRowsMinFeatures = 32;
 // Input features a call of the forward covers at once where every example of a row chunk is
 // active in every input block (x's panel rows of those blocks, and their weight blocks packed
 // one under another): y's rows go through registers once per kFusedInputFeatures instead of
@@ -383,10 +379,7 @@ void SparseDotCpu(const float* x, const float* w, const float* in_mask, const fl
       if (dense_tiles && shared && active_in.AllActive(0, in_blocks, r0, r1) &&
           active_out.AllActive(j0, j1, r0, r1)) {
         // Output blocks side by side, kFullRowsFeatures at a time (see there).
-        const int64_t features = std::clamp<int64_t>(
-            kFullRowsColumnsMaxBytes / static_cast<int64_t>(sizeof(float) * m),
-            kFullRowsMinFeatures, kFullRowsFeatures);
-        const int64_t per_pass = std::max<int64_t>(1, features / bs);
+        const int64_t per_pass = std::max<int64_t>(1, kFullRowsFeatures / bs);
         // Input blocks per call (see kFullRowsInputFeatures).
         const int64_t depth =
             std::min(in_blocks, std::max<int64_t>(1, kFullRowsInputFeatures / bs));

@@ -883,12 +883,13 @@ void GatherRows(const float* src, int64_t src_rs, const int32_t* rows, int64_t c
 // element past the block is read).
 template <int MR, int NV, typename V, bool kStream>
 inline void PanelGradWRest(int64_t rows, const float* a, const float* b, int64_t count,
-                           int64_t bs, float* c, int64_t c_rs) {
+                           int64_t a_cs, int64_t b_rs, float* c, int64_t c_rs) {
   if constexpr (MR > 1) {
     if (rows == MR - 1) {
-      Tile<MR - 1, NV, V, SinglePair, kStream>(SinglePair{a, b}, count, bs, bs, c, c_rs, MR - 1);
+      Tile<MR - 1, NV, V, SinglePair, kStream>(SinglePair{a, b}, count, a_cs, b_rs, c, c_rs,
+                                               MR - 1);
     } else {
-      PanelGradWRest<MR - 1, NV, V, kStream>(rows, a, b, count, bs, c, c_rs);
+      PanelGradWRest<MR - 1, NV, V, kStream>(rows, a, b, count, a_cs, b_rs, c, c_rs);
     }
   }
 }
@@ -899,19 +900,19 @@ inline void PanelGradWRest(int64_t rows, const float* a, const float* b, int64_t
 template <bool kStream>
 struct PanelGradWOp {
   template <typename V, int NV>
-  static void Run(const float* x_panel, const float* dy_panel, int64_t count, int64_t bs,
-                  float* dw, int64_t dw_rs) {
+  static void Run(const float* x_panel, const float* dy_panel, int64_t dy_rs, int64_t width,
+                  int64_t count, int64_t bs, float* dw, int64_t dw_rs) {
     constexpr int MR = PackedRows(NV);
     constexpr int64_t chunk = Width<V>() * NV;
-    for (int64_t j0 = 0; j0 < bs; j0 += chunk) {
+    for (int64_t j0 = 0; j0 < width; j0 += chunk) {
       int64_t i0 = 0;
       for (; i0 + MR <= bs; i0 += MR) {
         Tile<MR, NV, V, SinglePair, kStream>(SinglePair{x_panel + i0, dy_panel + j0}, count, bs,
-                                             bs, dw + i0 * dw_rs + j0, dw_rs, MR);
+                                             dy_rs, dw + i0 * dw_rs + j0, dw_rs, MR);
       }
       if (i0 < bs) {
         PanelGradWRest<MR, NV, V, kStream>(bs - i0, x_panel + i0, dy_panel + j0, count, bs,
-                                           dw + i0 * dw_rs + j0, dw_rs);
+                                           dy_rs, dw + i0 * dw_rs + j0, dw_rs);
       }
     }
   }
@@ -924,13 +925,15 @@ bool RowsAlignedForStreaming(const float* p, int64_t rs, int64_t bs) {
   return reinterpret_cast<uintptr_t>(p) % vector_bytes == 0 && rs * 4 % vector_bytes == 0;
 }
 
-void PanelGradW(const float* x_panel, const float* dy_panel, int64_t count, int64_t bs,
-                float* dw, int64_t dw_rs) {
-  if (RowsAlignedForStreaming(dw, dw_rs, bs)) {
-    DispatchPanelColumns<PanelGradWOp<true>>(bs, x_panel, dy_panel, count, bs, dw, dw_rs);
+void PanelGradW(const float* x_panel, const float* dy_panel, int64_t dy_rs, int64_t width,
+                int64_t count, int64_t bs, float* dw, int64_t dw_rs) {
+  if (RowsAlignedForStreaming(dw, dw_rs, width)) {
+    DispatchPanelColumns<PanelGradWOp<true>>(width, x_panel, dy_panel, dy_rs, width, count, bs,
+                                             dw, dw_rs);
     _mm_sfence();  // the streamed stores reach memory before anything after this call
   } else {
-    DispatchPanelColumns<PanelGradWOp<false>>(bs, x_panel, dy_panel, count, bs, dw, dw_rs);
+    DispatchPanelColumns<PanelGradWOp<false>>(width, x_panel, dy_panel, dy_rs, width, count, bs,
+                                              dw, dw_rs);
   }
 }
 

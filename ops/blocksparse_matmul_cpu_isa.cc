@@ -371,9 +371,9 @@ struct GradWOp {
     }
     const int64_t tiles = bs / MR * (bs / chunk);
     const int64_t lines_per_tile = (lines + tiles - 1) / tiles;
-    int64_t first = 0;  // the first line the tile fetches
+    int64_t first = 0;  // the first line the tile fetches (the last tiles may fetch none)
     for (int64_t i0 = 0; i0 < bs; i0 += MR)
-      for (int64_t j0 = 0; j0 < bs; j0 += chunk, first += lines_per_tile) {
+      for (int64_t j0 = 0; j0 < bs; j0 += chunk, first = Min(lines, first + lines_per_tile)) {
         const SinglePairFetchingAhead pair{xb + i0, dyb + j0, next_x + first * kLine,
                                            next_dy + first * kLine,
                                            Min(lines_per_tile, lines - first)};

@@ -96,9 +96,21 @@ void WithConstantBlockSize(int64_t bs, F&& f) {
 void PackBlockColumn(const float* x, int64_t N, int64_t F, int64_t bs, int feature_axis,
                      int64_t c, float* panel) {
   if (feature_axis == 1) {
+    // Each row's piece lies on a page of its own (rows of F floats), out of the hardware
+    // prefetchers' reach: the piece kPackRowsAhead rows on is fetched while this one is copied.
+    // Measured on a 2-core Intel Xeon (the weight gradient, C = K = 4096, N = 1024, the two
+    // settings in alternating processes, four rounds, fastest ms, without -> with): bs 32 at 2%
+    // 10.7-11.6 -> 8.8-9.9, 5% 17.6-18.7 -> 14.1-17.2, 10% 27.4-29.4 -> 22.4-26.8, 50%
+    // 117.8-144.1 -> 107.0-115.0; bs 64 at 10% 23.1-29.1 -> 22.3-25.8 (24 rows ahead: no gain).
+    constexpr int64_t kPackRowsAhead = 8;
     WithConstantBlockSize(bs, [&](auto kBs) {
-      for (int64_t n = 0; n < N; ++n)
+      for (int64_t n = 0; n < N; ++n) {
+        if (n + kPackRowsAhead < N) {
+          const float* ahead = x + (n + kPackRowsAhead) * F + c * kBs;
+          for (int64_t k = 0; k < kBs; k += 16) __builtin_prefetch(ahead + k);
+        }
         std::memcpy(panel + n * kBs, x + n * F + c * kBs, kBs * sizeof(float));
+      }
     });
   } else {
     constexpr int64_t kChunk = 64;  // columns of x per pass, to keep writes in cache

@@ -107,7 +107,7 @@ void PackBlockColumn(const float* x, int64_t N, int64_t F, int64_t bs, int featu
       for (int64_t n = 0; n < N; ++n) {
         if (n + kPackRowsAhead < N) {
           const float* ahead = x + (n + kPackRowsAhead) * F + c * kBs;
-          for (int64_t k = 0; k < kBs; k += 16) __builtin_prefetch(ahead + k);
+          for (int64_t k = 0; k < kBs; k += kLineFloats) __builtin_prefetch(ahead + k);
         }
         std::memcpy(panel + n * kBs, x + n * F + c * kBs, kBs * sizeof(float));
       }

@@ -78,7 +78,6 @@ inline void StreamStore(float* p, V v) {
 // One pair, and while it computes, step p < lines fetches line p of two other ranges into L2
 // (the next product's operands).
 struct SinglePairFetchingAhead {
-  static constexpr int64_t kLineFloats = 64 / sizeof(float);
   const float* a_ptr;
   const float* b_ptr;
   const float* ahead_a;
@@ -119,8 +118,7 @@ inline void Tile(const Pairs& pairs, int64_t P, int64_t a_cs, int64_t b_rs, floa
       if (prefetch) {
         if constexpr (kARs != 1) {
           // The next A block is MR * kARs contiguous floats: one of its cache lines per p.
-          constexpr int64_t kLine = 64 / sizeof(float);
-          if (p * kLine < MR * kARs) __builtin_prefetch(a_next - p + p * kLine);
+          if (p * kLineFloats < MR * kARs) __builtin_prefetch(a_next - p + p * kLineFloats);
         } else {
           __builtin_prefetch(a_next);
         }
@@ -131,8 +129,8 @@ inline void Tile(const Pairs& pairs, int64_t P, int64_t a_cs, int64_t b_rs, floa
       // its calls.
       if constexpr (std::is_same_v<Pairs, SinglePairFetchingAhead>) {
         if (p < pairs.lines) {
-          __builtin_prefetch(pairs.ahead_a + p * Pairs::kLineFloats, 0, 2);
-          __builtin_prefetch(pairs.ahead_b + p * Pairs::kLineFloats, 0, 2);
+          __builtin_prefetch(pairs.ahead_a + p * kLineFloats, 0, 2);
+          __builtin_prefetch(pairs.ahead_b + p * kLineFloats, 0, 2);
         }
       }
       V bv[NV];
@@ -351,12 +349,13 @@ struct GradWOp {
   static void Run(const float* x_panels, const float* dy_panels, float* dw, int64_t N,
                   const LayoutView* l, int64_t b, const float* next_x, const float* next_dy,
                   bool fetch_next) {
-    constexpr int64_t chunk = Width<V>() * NV, kLine = SinglePairFetchingAhead::kLineFloats;
+    constexpr int64_t chunk = Width<V>() * NV;
     const int64_t bs = l->block_size;
     const float* xb = x_panels + l->block_row[b] * N * bs;
     const float* dyb = dy_panels + l->block_col[b] * N * bs;
     float* out = dw + b * bs * bs;
-    const int64_t lines = fetch_next ? (N * bs + kLine - 1) / kLine : 0;  // of a panel
+    // The lines of a panel to fetch.
+    const int64_t lines = fetch_next ? (N * bs + kLineFloats - 1) / kLineFloats : 0;
     // A block one vector wide and 2 MR rows tall (bs 16 under AVX-512, bs 8 under AVX2) is one
     // tile of all its rows: twice the accumulators, each dy vector loaded once per step instead
     // of twice (the same sums).  Measured on a 2-core Zen 5 (N = 1024, C = K = 4096, bs 16,
@@ -374,8 +373,8 @@ struct GradWOp {
     int64_t first = 0;  // the first line the tile fetches (the last tiles may fetch none)
     for (int64_t i0 = 0; i0 < bs; i0 += MR)
       for (int64_t j0 = 0; j0 < bs; j0 += chunk, first = Min(lines, first + lines_per_tile)) {
-        const SinglePairFetchingAhead pair{xb + i0, dyb + j0, next_x + first * kLine,
-                                           next_dy + first * kLine,
+        const SinglePairFetchingAhead pair{xb + i0, dyb + j0, next_x + first * kLineFloats,
+                                           next_dy + first * kLineFloats,
                                            Min(lines_per_tile, lines - first)};
         Tile<MR, NV, V>(pair, N, bs, bs, out + i0 * bs + j0, bs, MR);
       }
@@ -683,12 +682,11 @@ inline void TransposeTile(VecWide (&t)[Width<VecWide>()]) {
 constexpr int kNextBlockLocality = 2;
 void PackBlock(const float* src, int64_t src_rs, int64_t bs, bool transpose, const float* next,
                float* packed, int64_t packed_rs) {
-  constexpr int64_t kFloatsPerLine = 16;
   constexpr int W = Width<VecWide>();
   if (transpose && bs % W == 0) {
     for (int64_t r0 = 0; r0 < bs; r0 += W) {
       for (int64_t r = r0; r < r0 + W; ++r) {
-        for (int64_t c = 0; c < bs; c += kFloatsPerLine) {
+        for (int64_t c = 0; c < bs; c += kLineFloats) {
           __builtin_prefetch(next + r * src_rs + c, 0, kNextBlockLocality);
         }
       }
@@ -704,7 +702,7 @@ void PackBlock(const float* src, int64_t src_rs, int64_t bs, bool transpose, con
     return;
   }
   for (int64_t r = 0; r < bs; ++r, src += src_rs, next += src_rs) {
-    for (int64_t c = 0; c < bs; c += kFloatsPerLine) {
+    for (int64_t c = 0; c < bs; c += kLineFloats) {
       __builtin_prefetch(next + c, 0, kNextBlockLocality);
     }
     if (transpose) {

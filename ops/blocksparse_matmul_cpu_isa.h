@@ -23,6 +23,8 @@ struct LayoutView {
 
 // Entries list_in_both may write past the examples it lists.
 constexpr int64_t kRowListSlack = 16;
+// Floats per 64-byte cache line: the step of the kernels' prefetches.
+constexpr int64_t kLineFloats = 64 / sizeof(float);
 
 struct CpuKernels {
   const char* isa;

@@ -198,13 +198,12 @@ void GatherActiveBlocks(const float* x, int64_t n, int64_t m, int64_t bs,
 class AlignedFloats {
  public:
   float* Get(int64_t count) {
-    constexpr int64_t kLine = 16;
-    if (capacity_ < count + kLine) {
-      storage_.reset(new float[count + kLine]);
-      capacity_ = count + kLine;
+    if (capacity_ < count + kLineFloats) {
+      storage_.reset(new float[count + kLineFloats]);
+      capacity_ = count + kLineFloats;
     }
     const uintptr_t address = reinterpret_cast<uintptr_t>(storage_.get());
-    return storage_.get() + (-(address / sizeof(float)) & (kLine - 1));
+    return storage_.get() + (-(address / sizeof(float)) & (kLineFloats - 1));
   }
 
  private:
@@ -289,9 +288,8 @@ constexpr int64_t kRowsReadInPlace = 4;
 
 // Asks for the bs rows (stride rs) of the block at src to be brought into the cache.
 void PrefetchBlock(const float* src, int64_t rs, int64_t bs) {
-  constexpr int64_t kFloatsPerLine = 16;
   for (int64_t r = 0; r < bs; ++r, src += rs) {
-    for (int64_t c = 0; c < bs; c += kFloatsPerLine) __builtin_prefetch(src + c);
+    for (int64_t c = 0; c < bs; c += kLineFloats) __builtin_prefetch(src + c);
   }
 }
 

@@ -77,12 +77,14 @@ struct CpuKernels {
   void (*gather_rows)(const float* src, int64_t src_rs, const int32_t* rows, int64_t count,
                       int64_t bs, float* panel);
   // dw[0:bs, 0:width) (row stride dw_rs) = sum over q < count, in that order, of
-  // x_panel[q]^T dy_panel[q] (gathered_rows_grad_w's sums, read from contiguous panels):
-  // x_panel's rows bs floats apart (as gather_rows makes them), dy_panel's dy_rs apart, of
-  // which width are read (bs, or a multiple of both bs and 8: output blocks side by side).
-  // dw is stored past the caches where its rows are aligned for it, fenced before returning.
+  // x_panel[q]^T dy_row(q) (gathered_rows_grad_w's sums, read from panels): x_panel's rows bs
+  // floats apart (as gather_rows makes them); dy_row(q) is dy_panel + q dy_rs, or with dy_rows
+  // dy_panel + dy_rows[q] dy_rs; width of its floats are read (bs, or a multiple of both bs
+  // and 8: output blocks side by side).  With stream, dw is stored past the caches where its
+  // rows are aligned for it, fenced before returning (for results not read again soon).
   void (*panel_grad_w)(const float* x_panel, const float* dy_panel, int64_t dy_rs,
-                       int64_t width, int64_t count, int64_t bs, float* dw, int64_t dw_rs);
+                       const int32_t* dy_rows, int64_t width, int64_t count, int64_t bs,
+                       float* dw, int64_t dw_rs, bool stream);
   // y[r, 0:width) (row stride y_rs) = sum over q < in_blocks, in increasing q, of
   // x_panels[(q * pitch + r) * bs ..][0:bs) . packed[q * bs * width ..] (bs x width, row stride
   // width), for r < rows: sparse_dot's forward where every example is active in every block,

@@ -193,6 +193,91 @@ def test_grad_w_never_reads_inactive_entries():
     assert rel_err(dw, dw_ref) < 1e-5
 
 
+def masks_with_quiet_blocks(n, in_blocks, out_blocks, in_keep, out_keep, quiet, quiet_keep):
+    """Random masks active at in_keep / out_keep, except input and output blocks 0 .. quiet - 1,
+    active for round(quiet_keep n) examples each."""
+    in_mask = (RNG.random((n, in_blocks)) < in_keep).astype(np.float32)
+    out_mask = (RNG.random((n, out_blocks)) < out_keep).astype(np.float32)
+    for mask in (in_mask, out_mask):
+        for b in range(quiet):
+            mask[:, b] = 0
+            mask[RNG.choice(n, round(quiet_keep * n), replace=False), b] = 1
+    return in_mask, out_mask
+
+
+@pytest.mark.parametrize("bs,quiet_keep", [(8, 0.1), (16, 0.2)])
+@pytest.mark.parametrize("wider", ["outputs", "inputs"])
+def test_masked_wide_weight_gradient_gives_the_block_pairs_sums(bs, quiet_keep, wider):
+    """Where one side of a tile of dw is active enough (from 20% of its entries for bs 8, 40% for
+    bs 16), each block of the other side is one product over its examples against the wide
+    side's blocks side by side, inactive ones zeroed: right against float64 (with NaNs in the
+    inactive entries, which must never count), and bitwise equal to the block pairs' sums.  A
+    pair of blocks (i, j) alone, both quiet, takes the block pairs.  The wider side decides
+    which side's blocks the products run over (with inputs wider, dy's: products of dw's
+    blocks turned around).  20 x 18 blocks: tiles of 256 features and partial ones; 300
+    examples: a partial last mask word."""
+    n, in_blocks, out_blocks, quiet = 300, 20, 18, 2
+    keeps = (0.5, 0.75) if wider == "outputs" else (0.75, 0.5)
+    in_mask, out_mask = masks_with_quiet_blocks(n, in_blocks, out_blocks, *keeps, quiet, quiet_keep)
+    x = RNG.standard_normal((n, in_blocks * bs)).astype(np.float32)
+    dy = RNG.standard_normal((n, out_blocks * bs)).astype(np.float32)
+    x_bad, dy_bad = x.copy(), dy.copy()
+    x_bad[np.repeat(in_mask == 0, bs, axis=1)] = np.nan
+    dy_bad[np.repeat(out_mask == 0, bs, axis=1)] = np.inf
+    dw = ops().blocksparse_sparse_dot_grad_w(x_bad, dy_bad, in_mask, out_mask,
+                                             block_size=bs).numpy()
+    dw_ref, _ = grad_references(x, dy, np.zeros((x.shape[1], dy.shape[1])), in_mask, out_mask, bs)
+    assert rel_err(dw, dw_ref) < 1e-5
+    for i in range(quiet):
+        for j in range(quiet):
+            cols_i, cols_j = slice(i * bs, (i + 1) * bs), slice(j * bs, (j + 1) * bs)
+            pair = ops().blocksparse_sparse_dot_grad_w(
+                x[:, cols_i], dy[:, cols_j], in_mask[:, i:i + 1], out_mask[:, j:j + 1],
+                block_size=bs).numpy()
+            assert np.array_equal(dw[cols_i, cols_j], pair)
+
+
+@pytest.mark.parametrize("bs", [1, 8, 16])
+@pytest.mark.parametrize("wider", ["outputs", "inputs"])
+def test_masked_wide_weight_gradient_with_non_finite_active_entries(bs, wider):
+    """An infinity in an active entry of the less active side would meet the zeros of the wide
+    side's inactive blocks (infinity times zero is NaN): dw must still be what the block pairs
+    give, non-finite only in the blocks where the infinity's example is active on both sides."""
+    n, in_blocks, out_blocks = 70, 40, 36
+    keeps = (0.5, 0.75) if wider == "outputs" else (0.75, 0.5)
+    in_mask = (RNG.random((n, in_blocks)) < keeps[0]).astype(np.float32)
+    out_mask = (RNG.random((n, out_blocks)) < keeps[1]).astype(np.float32)
+    x = RNG.standard_normal((n, in_blocks * bs)).astype(np.float32)
+    dy = RNG.standard_normal((n, out_blocks * bs)).astype(np.float32)
+    r = 5
+    if wider == "outputs":  # the products run over x's blocks
+        b = int(np.flatnonzero(in_mask[r])[0])
+        x_bad, dy_bad = x.copy(), dy.copy()
+        x_bad[r, b * bs] = np.inf
+        hit = np.zeros((in_blocks, out_blocks), bool)
+        hit[b] = out_mask[r] != 0
+    else:  # over dy's blocks
+        b = int(np.flatnonzero(out_mask[r])[0])
+        x_bad, dy_bad = x.copy(), dy.copy()
+        dy_bad[r, b * bs] = -np.inf
+        hit = np.zeros((in_blocks, out_blocks), bool)
+        hit[:, b] = in_mask[r] != 0
+    dw = ops().blocksparse_sparse_dot_grad_w(x_bad, dy_bad, in_mask, out_mask,
+                                             block_size=bs).numpy()
+    dw_ref, _ = grad_references(x, dy, np.zeros((x.shape[1], dy.shape[1])), in_mask, out_mask, bs)
+    hit_entries = np.kron(hit, np.ones((bs, bs))).astype(bool)
+    assert np.all(np.isfinite(dw[~hit_entries]))
+    assert not np.all(np.isfinite(dw[hit_entries]))
+    # Away from the infinity's row and column of blocks nothing changes.
+    rows = np.ones(in_blocks * bs, bool)
+    cols = np.ones(out_blocks * bs, bool)
+    if wider == "outputs":
+        rows[b * bs:(b + 1) * bs] = False
+    else:
+        cols[b * bs:(b + 1) * bs] = False
+    assert rel_err(dw[np.ix_(rows, cols)], dw_ref[np.ix_(rows, cols)]) < 1e-5
+
+
 @pytest.mark.parametrize("keep", [0.04, 0.3, 0.97])
 @pytest.mark.parametrize("bs", [8, 32])
 def test_examples_listed_at_every_activity(keep, bs):

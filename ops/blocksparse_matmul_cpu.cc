@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -71,9 +72,6 @@ bool NarrowBlocksInPlace(const BlockLayout& layout, int64_t N) {
   return density < kNarrowBlocksInPlaceDensityOnHalves ||
          copy_bytes > kTransposedCopiesInCacheBytes;
 }
-
-// Columns of y one feature_axis=0 task covers.
-constexpr int64_t kColumnsPerTask = 256;
 
 // Calls f(std::integral_constant<int64_t, bs>{}) for the supported block sizes: copies of one
 // block's row then compile to a few vector moves instead of a library call each.  Any other
@@ -145,43 +143,85 @@ void PackRowTilePanels(const float* x, int64_t m0, int64_t m1, int64_t C, int64_
 }
 
 // out (cols, rows; row stride out_rs >= rows) = in (rows, cols)^T, in tiles so both sides
-// stay in cache.
+// stay in cache.  With slab_rows (a multiple of the tile), in's rows [s slab_rows,
+// (s + 1) slab_rows) go to the columns of out + s slab_pitch instead, counted from the slab's
+// first.
 void Transpose(const float* in, int64_t rows, int64_t cols, float* out, int64_t out_rs,
-               const ParallelFor& parallel_for) {
+               const ParallelFor& parallel_for,
+               int64_t slab_rows = std::numeric_limits<int64_t>::max(), int64_t slab_pitch = 0) {
   constexpr int64_t kTile = 32;
   const int64_t row_tiles = (rows + kTile - 1) / kTile;
   parallel_for(row_tiles, kTile * cols * 2, [&](int64_t begin, int64_t end) {
     for (int64_t r0 = begin * kTile; r0 < std::min(rows, end * kTile); r0 += kTile) {
-      const int64_t r1 = std::min(rows, r0 + kTile);
+      const int64_t r1 = std::min(rows, r0 + kTile), slab = r0 / slab_rows;
+      float* const slab_out = out + slab * slab_pitch - slab * slab_rows;
       for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
         const int64_t c1 = std::min(cols, c0 + kTile);
         // Contiguous writes; the tile's reads stay in L1 across its columns.
         for (int64_t c = c0; c < c1; ++c)
-          for (int64_t r = r0; r < r1; ++r) out[c * out_rs + r] = in[r * cols + c];
+          for (int64_t r = r0; r < r1; ++r) slab_out[c * out_rs + r] = in[r * cols + c];
       }
     }
   });
 }
 
-// The feature_axis=0 product reads x's rows (C of them, N floats each) a block row at a time,
-// bs rows one after another.  Rows a multiple of 1 KiB apart fall into at most 8 of L1's 64
-// cache sets, and then evict each other: x is read with this row stride instead where it is
-// copied anyway (the transposed path) or copied for the purpose (Forward).
-// Measured on a 2-core Zen 5 (bs 32, 50% density, C = K = 4096, x (C, N) read in place,
-// ms): N = 1024 97.8, N = 1040 45.1, N = 1056 55.9 (a second pass: 158.8, 90.3, 89.8).
-int64_t UnaliasedRowStride(int64_t n) { return n % 256 == 0 && n > 0 ? n + 16 : n; }
+// The feature_axis=0 product (y (K, N) = W^T x, x (C, N)) reads x in slabs of kSlabColumns
+// columns: slab s holds columns [s kSlabColumns, (s + 1) kSlabColumns) of all C rows, row c at
+// c kSlabRowStride, and its tasks (every block column of y over those columns) follow each
+// other, so that the slab (C x 112 floats, 1.75 MiB at C = 4096) stays in L2 while they pass.
+// Read in place, x's rows are N floats apart: a block's bs rows are a page or more apart (each
+// taking a TLB entry), and at N a multiple of 256 they fall into the same L1 cache sets.
+// Measured on the Intel Xeon (2 MiB of L2 per core; one core, the kernel alone, bs 8, C = K =
+// 4096, N = 1024, GFLOP/s): rows of 1040 floats read in place 33-36 at 10% density, 30 at 5%
+// and 25%, 21 at 50%; slabs of 96 columns 59-62, 67, 74, 71 (48 columns 55-63, 71, 59, 59;
+// 256 columns 47-48 at 10%); bs 16 and 32 at 10% 43-46 -> 69-71.
+constexpr int64_t kSlabColumns = 96;
+constexpr int64_t kSlabRowStride = kSlabColumns + 16;  // rows 448 bytes apart: unaliased
 
-void ForwardFeatureAxis0(const float* x, int64_t x_rs, const float* w, float* y, int64_t N,
+// Where x (C, N) lies for the feature_axis=0 product: slab s at data + s * C * row_stride.
+struct Slabs {
+  const float* data;
+  int64_t row_stride;
+  int64_t columns;  // per slab
+};
+
+int64_t SlabCount(int64_t N) { return (N + kSlabColumns - 1) / kSlabColumns; }
+
+// x (C, N) copied into slabs at out (SlabCount(N) * C * kSlabRowStride floats).
+Slabs CopyToSlabs(const float* x, int64_t C, int64_t N, float* out,
+                  const ParallelFor& parallel_for) {
+  const int64_t slabs = SlabCount(N);
+  parallel_for(slabs * C, 2 * kSlabColumns, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / C, c = task % C, n0 = s * kSlabColumns;
+      std::memcpy(out + (s * C + c) * kSlabRowStride, x + c * N + n0,
+                  std::min(kSlabColumns, N - n0) * sizeof(float));
+    }
+  });
+  return {out, kSlabRowStride, kSlabColumns};
+}
+
+// x (N, C) transposed into slabs at out, as CopyToSlabs would lay x^T.
+Slabs TransposeToSlabs(const float* x, int64_t N, int64_t C, float* out,
+                       const ParallelFor& parallel_for) {
+  Transpose(x, N, C, out, kSlabRowStride, parallel_for, kSlabColumns, C * kSlabRowStride);
+  return {out, kSlabRowStride, kSlabColumns};
+}
+
+void ForwardFeatureAxis0(const Slabs& x, const float* w, float* y, int64_t N,
                          const BlockLayout& layout, const ParallelFor& parallel_for) {
   const CpuKernels& kernels = Kernels();
   const LayoutView view = ViewOf(layout);
-  const int64_t bs = layout.block_size, KB = layout.KB;
-  const int64_t column_tasks = std::max<int64_t>(1, (N + kColumnsPerTask - 1) / kColumnsPerTask);
-  const int64_t cost = 2 * kColumnsPerTask * bs * bs * std::max<int64_t>(1, layout.blocks / KB);
-  parallel_for(KB * column_tasks, cost, [&](int64_t begin, int64_t end) {
+  const int64_t bs = layout.block_size, KB = layout.KB, C = layout.CB * bs;
+  const int64_t slabs = (N + x.columns - 1) / x.columns;
+  const int64_t cost = 2 * x.columns * bs * bs * std::max<int64_t>(1, layout.blocks / KB);
+  parallel_for(slabs * KB, cost, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t k = task / column_tasks, n0 = (task % column_tasks) * kColumnsPerTask;
-      kernels.forward_axis0(x, x_rs, w, y, N, &view, k, n0, std::min(N, n0 + kColumnsPerTask));
+      const int64_t s = task / KB, k = task % KB, n0 = s * x.columns;
+      // The kernel adds n0 to x for the slab's first column.
+      const float* slab = x.data + s * C * x.row_stride - n0;
+      kernels.forward_axis0(slab, x.row_stride, w, y, N, &view, k, n0,
+                            std::min(N, n0 + x.columns));
     }
   });
 }
@@ -196,12 +236,11 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
   // transposes; unless NarrowBlocksInPlace: the transposes would cost more than the product
   // itself, and bs 8 runs on half-width vectors in place.
   if (bs < kernels.vector_width && !NarrowBlocksInPlace(layout, N)) {
-    const int64_t x_rs = UnaliasedRowStride(N);
-    float* const x_t = scratch(x_rs * C);
+    float* const x_t = scratch(SlabCount(N) * C * kSlabRowStride);
     float* const y_t = scratch(N * K);
     if (x_t == nullptr || y_t == nullptr) return false;
-    Transpose(x, N, C, x_t, x_rs, parallel_for);
-    ForwardFeatureAxis0(x_t, x_rs, w, y_t, N, layout, parallel_for);
+    ForwardFeatureAxis0(TransposeToSlabs(x, N, C, x_t, parallel_for), w, y_t, N, layout,
+                        parallel_for);
     Transpose(y_t, K, N, y, K, parallel_for);
     return true;
   }
@@ -333,20 +372,16 @@ bool Forward(const float* x, const float* w, float* y, int64_t N, int feature_ax
              const BlockLayout& layout, const ParallelFor& parallel_for,
              const ScratchAllocator& scratch) {
   if (feature_axis == 1) return ForwardFeatureAxis1(x, w, y, N, layout, parallel_for, scratch);
-  const int64_t x_rs = UnaliasedRowStride(N);
-  if (x_rs == N) {
-    ForwardFeatureAxis0(x, N, w, y, N, layout, parallel_for);
+  // Up to one slab's columns x is a slab where it lies (rows at most 384 bytes apart).
+  if (N <= kSlabColumns) {
+    ForwardFeatureAxis0({x, N, N}, w, y, N, layout, parallel_for);
     return true;
   }
-  // x's rows copied with a stride that spreads them over the cache sets.
   const int64_t C = layout.CB * layout.block_size;
-  float* const x_copy = scratch(x_rs * C);
-  if (x_copy == nullptr) return false;
-  parallel_for(C, 2 * N, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      std::memcpy(x_copy + r * x_rs, x + r * N, N * sizeof(float));
-  });
-  ForwardFeatureAxis0(x_copy, x_rs, w, y, N, layout, parallel_for);
+  float* const x_slabs = scratch(SlabCount(N) * C * kSlabRowStride);
+  if (x_slabs == nullptr) return false;
+  ForwardFeatureAxis0(CopyToSlabs(x, C, N, x_slabs, parallel_for), w, y, N, layout,
+                      parallel_for);
   return true;
 }
 

@@ -404,6 +404,19 @@ struct GradSide {
   int64_t b0, b1;
 };
 
+// Columns of dw each panel_grad_w call of a weight-gradient tile covers, where its output
+// blocks' dy rows lie side by side (width floats): 8- and 16-wide blocks as one product over
+// the whole width, since a bs-16 block alone is one AVX-512 vector wide and takes a broadcast
+// per multiply-add; wider blocks block by block.  Measured on a 2-core Intel Xeon (every
+// example active, 1024 x 4096 x 4096, the weight gradient alone, fastest ms of alternating
+// processes, block by block -> wide): bs 8 552-612 -> 445-474, bs 16 377-393 -> 285-331; bs 32
+// 252-285 -> 301-309, bs 64 260-268 -> 281-301 (their register tiles are already two vectors
+// wide, and the wide ones read twice the bytes per multiply-add).  The kernel's widths are
+// multiples of 8 or one block.
+int64_t GradWColumnsPerCall(int64_t bs, int64_t width) {
+  return bs < 32 && width % 8 == 0 ? width : bs;
+}
+
 // The share of active entries on one side of a weight-gradient tile from which the tile runs
 // as MaskedWideGradW's products rather than block pairs (above 1: never).  Measured on a
 // 2-core Intel Xeon (1024 x 4096 x 4096, the weight gradient alone, both masks at the given
@@ -447,8 +460,7 @@ void MaskedWideGradW(const CpuKernels& kernels, const GradSide& narrow,
     scratch->masked_key[1] = key[1];
   }
   std::vector<int32_t>& rows = scratch->rows;
-  // As in the fully active tiles: bs-8/16 blocks as one product over the whole width.
-  const int64_t step = bs < 32 && width % 8 == 0 ? width : bs;
+  const int64_t step = GradWColumnsPerCall(bs, width);
   for (int64_t b = narrow.b0; b < narrow.b1; ++b) {
     int64_t count = 0;
     ForEachSetBit(
@@ -772,13 +784,7 @@ void SparseDotGradWCpu(const float* x, const float* dy, const float* in_mask,
       for (int64_t r = 0; r < n; ++r) {
         std::copy_n(dy + r * p + j0 * bs, width, dy_panel.data() + r * width);
       }
-      // Measured on a 2-core Intel Xeon (every example active, 1024 x 4096 x 4096, the weight
-      // gradient alone, fastest ms of alternating processes, block by block -> wide): bs 8
-      // 552-612 -> 445-474, bs 16 377-393 -> 285-331.  Blocks of 32 or more columns keep their
-      // own products (wide: bs 32 252-285 -> 301-309, bs 64 260-268 -> 281-301): their
-      // register tiles are already two vectors wide, and the wide ones read twice the bytes
-      // per multiply-add.  (The kernel's widths are multiples of 8 or one block.)
-      const int64_t step = bs < 32 && width % 8 == 0 ? width : bs;
+      const int64_t step = GradWColumnsPerCall(bs, width);
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t c = 0; c < width; c += step) {
           kernels.panel_grad_w(x_panel.data() + (i - i0) * n * bs, dy_panel.data() + c, width,
@@ -820,7 +826,7 @@ void SparseDotGradWCpu(const float* x, const float* dy, const float* in_mask,
                              /*stream=*/true);
       }
     }
-  }, /*columns_outer=*/over_x);
+  }, /*columns_outer=*/masked_wide && over_x);
 }
 
 }  // namespace blocksparse

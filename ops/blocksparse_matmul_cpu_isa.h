@@ -26,6 +26,13 @@ constexpr int64_t kRowListSlack = 16;
 // Floats per 64-byte cache line: the step of the kernels' prefetches.
 constexpr int64_t kLineFloats = 64 / sizeof(float);
 
+// Where x[n][i] (i < 8) of a bs-8 block column sits in a row-pairs panel: rows n and n + 1 (n
+// even) interleaved, so that one 16-float vector holds x[n][i] and x[n + 1][i] side by side for
+// every i.
+inline int64_t RowPairsPanelOffset(int64_t n, int64_t i) {
+  return (n & ~int64_t{1}) * 8 + 2 * i + (n & 1);
+}
+
 struct CpuKernels {
   const char* isa;
   // Floats per vector register.  Blocks narrower than this (bs 1; bs 8 under AVX-512 unless
@@ -49,10 +56,15 @@ struct CpuKernels {
   void (*gathered_rows_accumulate)(const float* x, int64_t x_rs, const int32_t* rows,
                                    int64_t count, const float* b, int64_t b_rs, int64_t bs,
                                    float* y, int64_t y_rs);
-  // dw for the block at position q of the column-ordered index, from block-column panels:
-  // x_panels[(c * N + n) * bs + i] = x[n, c*bs + i], and likewise dy_panels for dy.
-  void (*grad_w)(const float* x_panels, const float* dy_panels, float* dw, int64_t N,
-                 const LayoutView* layout, int64_t q);
+  // dw of block b from block-column panels of `rows` rows each: x_panels[(c * rows + n) * bs +
+  // i] = x[n, c*bs + i], and likewise dy_panels for dy; the panels of block `next` (none if
+  // negative), computed next, are fetched into L2 meanwhile.  With bs ==
+  // row_pairs_block_size the panels hold rows in interleaved pairs instead (see
+  // RowPairsPanelOffset; rows even, an odd N's last pair completed by a zero row).
+  void (*grad_w)(const float* x_panels, const float* dy_panels, float* dw, int64_t rows,
+                 const LayoutView* layout, int64_t b, int64_t next);
+  // The block size whose weight-gradient panels grad_w reads as row pairs (0: none).
+  int64_t row_pairs_block_size;
   // dw[0:bs, 0:bs) = sum over the `count` rows r listed in `rows`, in that order, of
   // x[r, 0:bs)^T dy[r, 0:bs); x, dy and dw have row strides x_rs, dy_rs and dw_rs
   // (sparse_dot's weight gradient, over the examples active in both masks only).

@@ -157,6 +157,25 @@ def test_batches_of_a_multiple_of_256_rows(bs, feature_axis, N):
     check_products(layout, bs, feature_axis, N)
 
 
+@pytest.mark.parametrize("bs,N", [(8, 1025), (8, 64), (1, 1025), (1, 83)])
+@pytest.mark.parametrize("feature_axis", [1, 0])
+def test_weight_gradient_over_many_block_columns(bs, N, feature_axis):
+    """The weight gradient of bs 1 and 8 runs its blocks in groups of block columns whose dy
+    panels fill about 1 MiB, block row by block row within a group, with panels packed several
+    at a time; bs 8 reads rows in interleaved pairs (an odd N's last with zeros), bs 1 sums
+    vectors along N (N = 1025 and 83: whole and partial steps of four vectors, then one float at
+    a time).  Layouts of several groups (by counting blocks per row, or by sorting where a
+    group has fewer blocks than the layout has rows), with empty block rows and columns."""
+    CB, KB, density = {8: (20, 70, 0.3), 1: (3000, 600, 0.001)}[bs]
+    layout = RNG.random((CB, KB)) < density
+    layout[:, 7] = False
+    layout[5, :] = False
+    layout[0, 0] = True
+    check_products(layout, bs, feature_axis, N)
+    if bs == 1:
+        check_products(RNG.random((50, 600)) < 0.05, 1, feature_axis, N)
+
+
 def check_products(layout, bs, feature_axis, N):
     """Forward, dx and dW of a layout over N rows against float64; returns the op."""
     bsmm = BlocksparseMatMul(layout, block_size=bs, feature_axis=feature_axis)

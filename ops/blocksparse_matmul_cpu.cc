@@ -326,8 +326,8 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
   return true;
 }
 
-// Full layouts (every block present) of 8-wide blocks run as the same product on the widest
-// of 64 / 32 / 16 that divides C and K: the 8-wide kernels fill only half an AVX-512 vector or
+// Full layouts (every block present) of 8-wide blocks run as the same product on 32-wide blocks
+// where 32 divides C and K, else 16-wide: the 8-wide kernels fill only half an AVX-512 vector or
 // need transposed copies of x and y.  Repacking w into the wider blocks costs one pass over it
 // (C K floats of scratch; the weight gradient is computed there and copied back), which pays
 // off from about CoarsenMinRows rows.  Measured on a 2-core Zen 4, C = K = 4096, the two
@@ -340,7 +340,7 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
 // 130.2 against 61.5 / 74.4 / 56.3; N = 256 54.9 / 60.3 / 63.8 against 36.7 / 49.3 / 35.2;
 // N = 128 29.6 / 35.7 / 36.4 against 26.3 / 40.0 / 25.6 (the input gradient slower); N = 64
 // 24.3 / 31.4 / 30.4 against 21.5 / 37.3 / 22.2.  So bs 8 repacks from 256 rows.
-// Full layouts of 16-wide blocks likewise run on 64- or 32-wide ones where AVX-512 runs at full
+// Full layouts of 16-wide blocks likewise run on 32-wide ones where AVX-512 runs at full
 // width: a 16-wide block is one vector, so its register tiles (12 rows x 1 vector) issue a
 // broadcast per multiply-add, and a processor with two 512-bit FMA units runs out of issue
 // slots before arithmetic; the 32-wide tiles (12 x 2) issue one per two.  Measured on a 2-core
@@ -352,6 +352,12 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
 // 198.3), so there bs 16 keeps its blocks.  Over fewer rows it did not pay overall on Zen 5
 // (medians as above, bs 16 against repacked: N = 64 11.3 / 19.9 / 10.1 against 15.0 / 25.3 /
 // 15.7; N = 512 68.5 / 71.1 / 55.7 against 61.2 / 77.3 / 50.8).
+// 32-wide blocks rather than 64-wide ones (both divide C and K in the benchmarks): on the 2-core
+// Intel Xeon, C = K = 4096, N = 1024, full layouts, the two libraries in six alternating
+// processes (fastest ms, forward / input gradient / weight gradient, as bs 64 -> as bs 32): bs 8
+// 298-348 / 319-407 / 235-263 -> 228-289 / 244-302 / 242-274, bs 16 263-367 / 262-413 /
+// 210-299 -> 246-290 / 244-294 / 214-283; the 64-wide forward of a full layout is the slower
+// of the two there (in the benchmark's table of the same day, bs 32 213 ms, bs 64 258).
 int64_t CoarsenMinRows(int64_t bs) { return bs == 8 ? 256 : 1024; }
 
 // Whether full layouts of bs-wide blocks are worth repacking into wider blocks here.
@@ -366,7 +372,7 @@ int64_t CoarseBlockSize(int64_t CB, int64_t KB, int64_t block_size, int64_t bloc
   if (!CoarsenFullLayouts(block_size) || blocks != CB * KB || N < CoarsenMinRows(block_size)) {
     return 0;
   }
-  for (int64_t bs : {64, 32, 16})
+  for (int64_t bs : {32, 16})
     if (bs > block_size && CB * block_size % bs == 0 && KB * block_size % bs == 0) return bs;
   return 0;
 }

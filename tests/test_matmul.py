@@ -113,31 +113,31 @@ def test_forward_with_rows_wider_than_a_row_group():
     assert rel_err(y, x.astype(np.float64) @ dense_reference(layout, bs, w.astype(np.float64))) < 1e-5
 
 
-@pytest.mark.parametrize("CB,KB", [(16, 24), (12, 20), (6, 10)])  # run as bs 64, 32, 16
+@pytest.mark.parametrize("CB,KB", [(16, 24), (12, 20), (6, 10)])  # run as bs 32, 32, 16
 @pytest.mark.parametrize("feature_axis", [1, 0])
 def test_full_layouts_of_8_wide_blocks_over_many_rows(CB, KB, feature_axis):
-    """Full layouts of 8-wide blocks with N >= 256 run on the widest of 64 / 32 / 16 dividing
-    C and K (w repacked; the weight gradient computed in the wide blocks and copied back)."""
+    """Full layouts of 8-wide blocks with N >= 256 run on 32-wide blocks where 32 divides C and
+    K (64 too, for the first layout), else on 16-wide ones (w repacked; the weight gradient
+    computed in the wide blocks and copied back)."""
     N = 263
     bsmm = check_products(np.ones((CB, KB)), 8, feature_axis, N)
-    # The kernels' choice: the widest block size dividing C and K, for full layouts over at
-    # least 256 rows only.
-    wide = max(b for b in (16, 32, 64) if bsmm.C % b == 0 and bsmm.K % b == 0)
-    assert product_block_size(CB, KB, 8, CB * KB, N) == wide == {16: 64, 12: 32, 6: 16}[CB]
+    # The kernels' choice, for full layouts over at least 256 rows only.
+    wide = 32 if bsmm.C % 32 == 0 and bsmm.K % 32 == 0 else 16
+    assert product_block_size(CB, KB, 8, CB * KB, N) == wide == {16: 32, 12: 32, 6: 16}[CB]
     assert product_block_size(CB, KB, 8, CB * KB, 1031) == wide
     assert product_block_size(CB, KB, 8, CB * KB, 255) == 8
     assert product_block_size(CB, KB, 8, CB * KB - 1, N) == 8
 
 
-@pytest.mark.parametrize("CB,KB", [(8, 12), (6, 10), (3, 5)])  # bs 64, 32, none wider
+@pytest.mark.parametrize("CB,KB", [(8, 12), (6, 10), (3, 5)])  # bs 32 (64 dividing too), 32, 16
 @pytest.mark.parametrize("feature_axis", [1, 0])
 def test_full_layouts_of_16_wide_blocks_over_many_rows(CB, KB, feature_axis):
-    """Full layouts of 16-wide blocks with N >= 1024 run on the widest of 64 / 32 dividing C
-    and K where AVX-512 runs at full width (not on Zen 4, nor with 8-float vectors); the results
+    """Full layouts of 16-wide blocks with N >= 1024 run on 32-wide blocks where 32 divides C
+    and K and AVX-512 runs at full width (not on Zen 4, nor with 8-float vectors); the results
     are right either way."""
     N = 1031
     bsmm = check_products(np.ones((CB, KB)), 16, feature_axis, N)
-    wide = max([b for b in (32, 64) if bsmm.C % b == 0 and bsmm.K % b == 0], default=16)
+    wide = 32 if bsmm.C % 32 == 0 and bsmm.K % 32 == 0 else 16
     expected = wide if coarsens_bs16() else 16
     assert product_block_size(CB, KB, 16, CB * KB, N) == expected
     assert product_block_size(CB, KB, 16, CB * KB, 1023) == 16

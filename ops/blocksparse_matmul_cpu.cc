@@ -498,13 +498,32 @@ bool GradW(const float* x, const float* dy, float* dw, int64_t N, int feature_ax
     PackBlockColumns(src, N, F, bs, feature_axis, row_pairs, p * per_pack,
                      std::min(blocks, (p + 1) * per_pack), rows, panels);
   };
-  parallel_for(layout.blocks, 2 * N * bs * bs, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t b = order[q];
-      const int64_t xp = layout.block_row[b] / per_pack, dyp = layout.block_col[b] / per_pack;
+  // Tiles: runs of up to max_shared_row_tile consecutive blocks of one block row in that
+  // order, computed together (they share x's panel).  Chosen here, by the layout alone, since
+  // a block's sums depend on its tile (see CpuKernels::grad_w).
+  const int64_t most = row_pairs ? kernels.max_shared_row_tile : 1;
+  std::vector<int32_t> tile_start;
+  tile_start.reserve(layout.blocks + 1);
+  for (int64_t q = 0; q < layout.blocks;) {
+    tile_start.push_back(static_cast<int32_t>(q));
+    const int32_t row = layout.block_row[order[q]];
+    const int64_t last = std::min(layout.blocks, q + most);
+    for (++q; q < last && layout.block_row[order[q]] == row;) ++q;
+  }
+  const int64_t tiles = static_cast<int64_t>(tile_start.size());
+  tile_start.push_back(static_cast<int32_t>(layout.blocks));
+  const int64_t cost = 2 * N * bs * bs * layout.blocks / std::max<int64_t>(1, tiles);
+  parallel_for(tiles, cost, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t q = tile_start[t], count = tile_start[t + 1] - q, b = order[q];
+      const int64_t xp = layout.block_row[b] / per_pack;
       std::call_once(x_packed[xp], [&] { pack(x, C, layout.CB, xp, x_panels); });
-      std::call_once(dy_packed[dyp], [&] { pack(dy, K, layout.KB, dyp, dy_panels); });
-      kernels.grad_w(x_panels, dy_panels, dw, rows, &view, b, q + 1 < end ? order[q + 1] : -1);
+      for (int64_t i = q; i < q + count; ++i) {
+        const int64_t dyp = layout.block_col[order[i]] / per_pack;
+        std::call_once(dy_packed[dyp], [&] { pack(dy, K, layout.KB, dyp, dy_panels); });
+      }
+      const int64_t next = t + 1 < end ? order[tile_start[t + 1]] : -1;
+      kernels.grad_w(x_panels, dy_panels, dw, rows, &view, order.data() + q, count, next);
     }
   });
   return true;

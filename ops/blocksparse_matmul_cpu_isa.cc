@@ -418,6 +418,7 @@ struct GradWOp {
 // 43-56 -> 31-42, 10% 71-82 -> 42-58, 25% 150-170 -> 91-109, 50% 335-360 -> 172-207; N = 64
 // at 10% 6.5-6.8 -> 3.8-4.0.
 constexpr int64_t kRowPairsBlockSize = 8;
+constexpr int64_t kMaxSharedRowTile = 3;
 typedef double VecWideD __attribute__((vector_size(kVectorBytes)));
 
 inline VecWide PairSplat(const float* pair) {
@@ -426,13 +427,29 @@ inline VecWide PairSplat(const float* pair) {
   return reinterpret_cast<VecWide>(both - VecWideD{});  // folds to vbroadcastsd
 }
 
+// dw rows 2r and 2r + 1 are 16 contiguous floats: the sums of lanes 2j and 2j + 1 of row
+// sums[2r], then of sums[2r + 1].
+inline void StoreRowPairSums(const VecWide* sums, float* out) {
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r) {
+    const VecWide a = sums[2 * r], b = sums[2 * r + 1];
+    const VecWide lo = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
+                                               24, 26, 28, 30);
+    const VecWide hi = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23,
+                                               25, 27, 29, 31);
+    Store<VecWide>(out + 16 * r, lo + hi);
+  }
+}
+
+constexpr int64_t kPairFloats = 16;  // one pair step of a panel: one vector, one line
+
+// One block alone: pair steps alternate between two sets of sums.
 void GradWRowPairs(const float* xb, const float* dyb, int64_t pairs, float* out,
                    const float* next_x, const float* next_dy, bool fetch_next) {
-  constexpr int64_t kPairFloats = 16;  // one pair step of a panel: one vector, one line
   VecWide even[8] = {}, odd[8] = {};
   int64_t t = 0;
   for (; t + 1 < pairs; t += 2, xb += 2 * kPairFloats, dyb += 2 * kPairFloats) {
-    if (fetch_next) {  // the next block's panels, a line of each per step
+    if (fetch_next) {  // the next tile's panels, a line of each per step
       const int64_t ahead = t * kPairFloats;
       __builtin_prefetch(next_x + ahead, 0, 2);
       __builtin_prefetch(next_dy + ahead, 0, 2);
@@ -451,19 +468,41 @@ void GradWRowPairs(const float* xb, const float* dyb, int64_t pairs, float* out,
     if (t < pairs) even[i] += PairSplat(xb + 2 * i) * Load<VecWide>(dyb);
     even[i] += odd[i];
   }
-  // Rows 2r and 2r + 1 of dw are 16 contiguous floats: the sums of lanes 2j and 2j + 1.
+  StoreRowPairSums(even, out);
+}
+
+// KC blocks of one block row (2 or 3), sharing each broadcast of x: one set of sums per block,
+// 8 KC independent chains.  One core, the kernels alone (bs 8, N = 1024, C = K = 4096, the
+// blocks in GradWOrder's groups, GFLOP/s, blocks one by one -> up to three of a row together):
+// 5% 51-54 -> 61-63, 10% 57-59 -> 71-75, 25% 65-75 -> 85-92.  In the op (the two libraries in
+// alternating processes, weight gradient, fastest ms): 2% 18-25 -> 15-19, 5% 28-42 -> 21-28,
+// 10% 43-64 -> 29-36, 25% 68-123 -> 52-67, 50% 143-162 -> 88-111.
+template <int KC>
+void GradWRowPairsShared(const float* xb, const float* const* dyb, int64_t pairs,
+                         float* const* out, const float* next_x, const float* next_dy,
+                         bool fetch_next) {
+  VecWide sums[KC][8] = {};
+  for (int64_t t = 0; t < pairs; ++t, xb += kPairFloats) {
+    if (fetch_next) {
+      __builtin_prefetch(next_x + t * kPairFloats, 0, 2);
+      __builtin_prefetch(next_dy + t * kPairFloats, 0, 2);
+    }
+    VecWide d[KC];
 #pragma GCC unroll 4
-  for (int r = 0; r < 4; ++r) {
-    const VecWide a = even[2 * r], b = even[2 * r + 1];
-    const VecWide lo = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
-                                               24, 26, 28, 30);
-    const VecWide hi = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23,
-                                               25, 27, 29, 31);
-    Store<VecWide>(out + 16 * r, lo + hi);
+    for (int k = 0; k < KC; ++k) d[k] = Load<VecWide>(dyb[k] + t * kPairFloats);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const VecWide x = PairSplat(xb + 2 * i);
+#pragma GCC unroll 4
+      for (int k = 0; k < KC; ++k) sums[k][i] += x * d[k];
+    }
   }
+#pragma GCC unroll 4
+  for (int k = 0; k < KC; ++k) StoreRowPairSums(sums[k], out[k]);
 }
 #else
 constexpr int64_t kRowPairsBlockSize = 0;
+constexpr int64_t kMaxSharedRowTile = 1;
 #endif
 
 // bs 1: a block's dw is the dot product of two panels of N floats (a column of x, one of dy).
@@ -498,24 +537,35 @@ float GradWDot(const float* x, const float* dy, int64_t N, const float* next_x,
 }
 
 void GradW(const float* x_panels, const float* dy_panels, float* dw, int64_t rows,
-           const LayoutView* layout, int64_t b, int64_t next) {
-  const int64_t bs = layout->block_size;
+           const LayoutView* layout, const int32_t* tile, int64_t count, int64_t next) {
+  const int64_t bs = layout->block_size, b = tile[0];
   const bool fetch_next = next >= 0;
   if (!fetch_next) next = b;
   const int64_t panel = rows * bs;
   const float* next_x = x_panels + layout->block_row[next] * panel;
   const float* next_dy = dy_panels + layout->block_col[next] * panel;
+  const float* xb = x_panels + layout->block_row[b] * panel;
 #if defined(__AVX512F__)
   if (bs == kRowPairsBlockSize) {
-    GradWRowPairs(x_panels + layout->block_row[b] * panel,
-                  dy_panels + layout->block_col[b] * panel, rows / 2, dw + b * bs * bs, next_x,
-                  next_dy, fetch_next);
+    if (count == 1) {
+      GradWRowPairs(xb, dy_panels + layout->block_col[b] * panel, rows / 2, dw + b * bs * bs,
+                    next_x, next_dy, fetch_next);
+      return;
+    }
+    const float* dyb[kMaxSharedRowTile];
+    float* out[kMaxSharedRowTile];
+    for (int64_t k = 0; k < count; ++k) {
+      dyb[k] = dy_panels + layout->block_col[tile[k]] * panel;
+      out[k] = dw + tile[k] * bs * bs;
+    }
+    auto shared = count == 2 ? GradWRowPairsShared<2> : GradWRowPairsShared<3>;
+    shared(xb, dyb, rows / 2, out, next_x, next_dy, fetch_next);
     return;
   }
 #endif
   if (bs == 1) {
-    dw[b] = GradWDot(x_panels + layout->block_row[b] * rows,
-                     dy_panels + layout->block_col[b] * rows, rows, next_x, next_dy, fetch_next);
+    dw[b] = GradWDot(xb, dy_panels + layout->block_col[b] * rows, rows, next_x, next_dy,
+                     fetch_next);
     return;
   }
   // block sizes 8..64 are multiples of kGradRows
@@ -1113,7 +1163,8 @@ extern const ConvKernels kConvKernels = {kRowTile, GatheredTaps, SegmentOuterSum
 #define BSMM_STRINGIFY(s) BSMM_STRINGIFY2(s)
 extern const CpuKernels kKernels = {BSMM_STRINGIFY(BSMM_ISA), Width<VecWide>(), kRowTile, ForwardAxis1, ForwardAxis0,
                                     GatheredRowsAccumulate,
-                                    GradW, kRowPairsBlockSize, GatheredRowsGradW,
+                                    GradW, kRowPairsBlockSize, kMaxSharedRowTile,
+                                    GatheredRowsGradW,
                                     ExactRowsAccumulate, PackBlock,
                                     GatherRows, PanelGradW, FullRowsForward, kListInBoth};
 

@@ -56,15 +56,21 @@ struct CpuKernels {
   void (*gathered_rows_accumulate)(const float* x, int64_t x_rs, const int32_t* rows,
                                    int64_t count, const float* b, int64_t b_rs, int64_t bs,
                                    float* y, int64_t y_rs);
-  // dw of block b from block-column panels of `rows` rows each: x_panels[(c * rows + n) * bs +
-  // i] = x[n, c*bs + i], and likewise dy_panels for dy; the panels of block `next` (none if
-  // negative), computed next, are fetched into L2 meanwhile.  With bs ==
-  // row_pairs_block_size the panels hold rows in interleaved pairs instead (see
-  // RowPairsPanelOffset; rows even, an odd N's last pair completed by a zero row).
+  // dw of the `count` blocks tile[0 .. count) (count <= max_shared_row_tile; more than one
+  // only with bs == row_pairs_block_size, all of one block row) from block-column panels of
+  // `rows` rows each: x_panels[(c * rows + n) * bs + i] = x[n, c*bs + i], and likewise
+  // dy_panels for dy; the panels of block `next` (none if negative), computed next, are
+  // fetched into L2 meanwhile.  With bs == row_pairs_block_size the panels hold rows in
+  // interleaved pairs instead (see RowPairsPanelOffset; rows even, an odd N's last pair
+  // completed by a zero row), and a block's sums are added in an order that depends on count
+  // (so the caller must choose the tiles by the layout alone, for results independent of the
+  // threads).
   void (*grad_w)(const float* x_panels, const float* dy_panels, float* dw, int64_t rows,
-                 const LayoutView* layout, int64_t b, int64_t next);
+                 const LayoutView* layout, const int32_t* tile, int64_t count, int64_t next);
   // The block size whose weight-gradient panels grad_w reads as row pairs (0: none).
   int64_t row_pairs_block_size;
+  // The most blocks of one block row a grad_w call takes at once (1 or 3).
+  int64_t max_shared_row_tile;
   // dw[0:bs, 0:bs) = sum over the `count` rows r listed in `rows`, in that order, of
   // x[r, 0:bs)^T dy[r, 0:bs); x, dy and dw have row strides x_rs, dy_rs and dw_rs
   // (sparse_dot's weight gradient, over the examples active in both masks only).

@@ -441,10 +441,10 @@ bool Forward(const float* x, const float* w, float* y, int64_t N, int feature_ax
 // Measured on the 2-core Intel Xeon (C = K = 4096, N = 1024, bs 1, the two orders in
 // alternating processes, fastest ms): 1% 225-271 -> 190-201, 5% 880-1045 -> 763-816.  Groups
 // of 0.5 / 1 / 2 / 4 MiB (bs 8 with its shared-row tiles, and bs 1; the settings alternated,
-// 1 and 2 MiB in six rounds, the others in three; fastest ms): bs 8 at 2% 15.7-18.4 / 15.4-20.6 / 13.6-20.7 / 14.6-16.0, 5%
-// 24.8-28.6 / 22.7-28.3 / 21.1-25.6 / 21.7-22.9, 10% 37.4-41.3 / 31.2-40.4 / 28.8-35.8 /
-// 31.5-39.0, 25% 70.9-74.2 / 54.1-69.5 / 52.4-65.2 / 62.9-66.3; bs 1 at 1% 61-70 / 54-60 /
-// 60-62 (1, 2, 4 MiB).
+// 1 and 2 MiB in six rounds, the others in three; fastest ms): bs 8 at 2% 15.7-18.4 /
+// 15.4-20.6 / 13.6-20.7 / 14.6-16.0, 5% 24.8-28.6 / 22.7-28.3 / 21.1-25.6 / 21.7-22.9, 10%
+// 37.4-41.3 / 31.2-40.4 / 28.8-35.8 / 31.5-39.0, 25% 70.9-74.2 / 54.1-69.5 / 52.4-65.2 /
+// 62.9-66.3; bs 1 at 1% (1 / 2 / 4 MiB) 61-70 / 54-60 / 60-62.
 std::vector<int32_t> GradWOrder(const BlockLayout& layout, int64_t panel_bytes) {
   constexpr int64_t kGroupBytes = int64_t{2} << 20;
   const int64_t group = std::max<int64_t>(1, kGroupBytes / std::max<int64_t>(1, panel_bytes));

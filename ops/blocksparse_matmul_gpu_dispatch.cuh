@@ -55,7 +55,12 @@ template <typename T, int FA> struct FwdCfgWide<T, FA, 64> { using type = Config
 // (4 warps, 4 stages; measured equal to 10% faster on an H200).
 template <typename T, int FA> struct FwdCfgWarp64 { using type = Config<T, kForward, FA, 64, 128, 64, 1, 4, 2, 1, 3>; };
 // float32 (3xTF32, m16n8k8).
-template <typename T, int FA> struct FwdCfg<T, FA, 16, false, true> { using type = Config<T, kForward, FA, 16, 128, 16, 2, 4, 1, 1, 4>; };
+// bs 16: 256 batch rows, one block per step, 64 x 16 warp tiles, two stages.  Measured on an
+// H200 (N = 4096, C = K = 4096, the tile sets alternated in one process, fastest of three
+// medians; docs/benchmarks_gpu.md) against 128 rows, two blocks per step, 32 x 16 warp tiles
+// and four stages: 1.21-1.53x faster with feature axis 1 and 1.17-1.48x with feature axis 0 at
+// 2-100% density (a warp's weight fragments, split into TF32 parts, serve 64 rows, not 32).
+template <typename T, int FA> struct FwdCfg<T, FA, 16, false, true> { using type = Config<T, kForward, FA, 16, 256, 16, 1, 4, 1, 1, 2>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 16, true, true> { using type = Config<T, kForward, FA, 16, 64, 16, 2, 4, 1, 1, 4>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 32, false, true> { using type = Config<T, kForward, FA, 32, 128, 32, 1, 4, 1, 1, 4>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 32, true, true> { using type = Config<T, kForward, FA, 32, 64, 32, 1, 2, 2, 1, 3>; };
@@ -69,7 +74,7 @@ struct GradCfg;
 template <typename T, int FA> struct GradCfg<T, FA, 16, false> { using type = Config<T, kGradW, FA, 16, 64, 16, 64, 4, 1, 2, 4>; };
 template <typename T, int FA> struct GradCfg<T, FA, 32, false> { using type = Config<T, kGradW, FA, 32, 64, 32, 64, 2, 2, 2, 4>; };
 template <typename T, int FA> struct GradCfg<T, FA, 64, false> { using type = Config<T, kGradW, FA, 64, 128, 64, 64, 4, 2, 1, 3>; };
-template <typename T, int FA> struct GradCfg<T, FA, 16, true> { using type = Config<T, kGradW, FA, 16, 64, 16, 32, 4, 1, 2, 4>; };
+template <typename T, int FA> struct GradCfg<T, FA, 16, true> { using type = Config<T, kGradW, FA, 16, 64, 16, 32, 2, 1, 2, 4>; };
 template <typename T, int FA> struct GradCfg<T, FA, 32, true> { using type = Config<T, kGradW, FA, 32, 64, 32, 64, 2, 1, 2, 3>; };
 template <typename T, int FA> struct GradCfg<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 128, 64, 32, 4, 2, 1, 3>; };
 
@@ -98,8 +103,19 @@ template <typename T, int FA> struct GradCfgSingle<T, FA, 64, true> { using type
 // docs/benchmarks_gpu.md).
 template <typename T, int BS>
 constexpr double GroupedGradMinBlocksPerColumn() {
-  return sizeof(T) == 4 ? 48.0 : (BS == 16 ? 8.0 : 24.0);
+  if (sizeof(T) == 4) return BS == 16 ? 20.0 : 48.0;
+  return BS == 16 ? 8.0 : 24.0;
 }
+
+// float32 bs 16: groups of four blocks on warp tiles of 32 x 16 (two blocks; four warps, a
+// step's batch rows split between two), and from 96 blocks per column groups of eight on four
+// warps of 32 x 16.  Measured on an H200 (N = 4096, C = K = 4096, the tile sets alternated in
+// one process; time against the default of then: single blocks below 48 blocks per column,
+// else groups of four on eight warps of 16 x 16): four-block groups 1.11-1.17x faster at 10% density (25.6 blocks per
+// column), 1.23-1.31x at 25%, 0.90-0.96x at 5%; eight-block groups 1.27-1.31x at 50% and
+// 1.32-1.40x at 100%, against 1.15-1.27x for the four-block groups there.
+template <typename T, int FA> struct GradCfgF32Bs16Group8 { using type = Config<T, kGradW, FA, 16, 128, 16, 32, 4, 1, 1, 3>; };
+constexpr double kGradF32Bs16Group8MinBlocksPerColumn = 96.0;
 
 // 16-bit bs 32 with dense columns: four blocks of a column per tile (five slabs read for four
 // blocks instead of four for two).  Measured on an H200 (bf16, feature axis 1), dW time over
@@ -700,6 +716,13 @@ int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const Dev
   if constexpr (sizeof(T) == 2 && BS == 32) {
     if (per_col >= kGradGroup4MinBlocksPerColumn) {
       using Cfg = typename GradCfgGroup4<T, FA>::type;
+      return LaunchMma<Cfg>(p, (blocks + Cfg::kGroup - 1) / Cfg::kGroup, 1,
+                            static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS), device, di, s);
+    }
+  }
+  if constexpr (sizeof(T) == 4 && BS == 16) {
+    if (per_col >= kGradF32Bs16Group8MinBlocksPerColumn) {
+      using Cfg = typename GradCfgF32Bs16Group8<T, FA>::type;
       return LaunchMma<Cfg>(p, (blocks + Cfg::kGroup - 1) / Cfg::kGroup, 1,
                             static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS), device, di, s);
     }

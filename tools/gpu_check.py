@@ -211,6 +211,10 @@ def correctness(lib, res, quick=False, race=False):
             L = random_layout(64, 4, bs, 0.9, rng, empty_cols=[1])
             for fa in (1, 0):
                 run_case(lib, res, "bfloat16", bs, L, 264, fa, gen, ops=("dw",))
+        # The float32 bs-16 forward's two-stage pipeline (256-row tiles), wrapping around.
+        L = random_layout(64, 4, 16, 0.5, rng)
+        for fa in (1, 0):
+            run_case(lib, res, "float32", 16, L, 300, fa, gen, ops=("fwd",))
     # Many more output tiles than resident CTAs, so the persistent wgmma forward (Hopper,
     # 16-bit bs 64) takes several tiles per CTA, some with no blocks, and ragged last tiles.
     L = random_layout(16, 160, 64, 0.3, rng, empty_cols=[0, 7, 100, 159])

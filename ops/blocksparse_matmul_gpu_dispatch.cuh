@@ -55,12 +55,15 @@ template <typename T, int FA> struct FwdCfgWide<T, FA, 64> { using type = Config
 // (4 warps, 4 stages; measured equal to 10% faster on an H200).
 template <typename T, int FA> struct FwdCfgWarp64 { using type = Config<T, kForward, FA, 64, 128, 64, 1, 4, 2, 1, 3>; };
 // float32 (3xTF32, m16n8k8).
-// bs 16: 256 batch rows, one block per step, 64 x 16 warp tiles, two stages.  Measured on an
-// H200 (N = 4096, C = K = 4096, the tile sets alternated in one process, fastest of three
-// medians; docs/benchmarks_gpu.md) against 128 rows, two blocks per step, 32 x 16 warp tiles
-// and four stages: 1.21-1.53x faster with feature axis 1 and 1.17-1.48x with feature axis 0 at
-// 2-100% density (a warp's weight fragments, split into TF32 parts, serve 64 rows, not 32).
-template <typename T, int FA> struct FwdCfg<T, FA, 16, false, true> { using type = Config<T, kForward, FA, 16, 256, 16, 1, 4, 1, 1, 2>; };
+template <typename T, int FA> struct FwdCfg<T, FA, 16, false, true> { using type = Config<T, kForward, FA, 16, 128, 16, 2, 4, 1, 1, 4>; };
+// bs 16 with more than kF32Bs16WideMinBatch rows: 256 batch rows, one block per step, 64 x 16
+// warp tiles, two stages.  Measured on an H200 (C = K = 4096, the tile sets alternated in one
+// process; docs/benchmarks_gpu.md) against the 128-row tiles above: N = 4096, 1.21-1.53x
+// faster with feature axis 1 and 1.17-1.48x with feature axis 0 at 2-100% density (a warp's
+// weight fragments, split into TF32 parts, serve 64 rows, not 32); N = 192 to 1024 at 10% and
+// 50%, 1.00-1.30x; but N = 80 and 128, 0.63-0.85x (most of a 256-row tile computes nothing).
+template <typename T, int FA> struct FwdCfgF32Bs16Wide { using type = Config<T, kForward, FA, 16, 256, 16, 1, 4, 1, 1, 2>; };
+constexpr int64_t kF32Bs16WideMinBatch = 128;
 template <typename T, int FA> struct FwdCfg<T, FA, 16, true, true> { using type = Config<T, kForward, FA, 16, 64, 16, 2, 4, 1, 1, 4>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 32, false, true> { using type = Config<T, kForward, FA, 32, 128, 32, 1, 4, 1, 1, 4>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 32, true, true> { using type = Config<T, kForward, FA, 32, 64, 32, 1, 2, 2, 1, 3>; };
@@ -641,6 +644,13 @@ int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int dev
     using Cfg = typename FwdCfg<T, FA, BS, true>::type;
     return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
                           blocks_per_col / Cfg::kBPS, device, di, s);
+  }
+  if constexpr (sizeof(T) == 4 && BS == 16) {
+    if (N > kF32Bs16WideMinBatch) {
+      using Cfg = typename FwdCfgF32Bs16Wide<T, FA>::type;
+      return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
+                            blocks_per_col / Cfg::kBPS, device, di, s);
+    }
   }
   // Very sparse columns (about two steps per tile or fewer): a deep pipeline only costs
   // shared memory; two stages let twice as many CTAs share an SM and overlap their latency.

@@ -110,13 +110,14 @@ constexpr double GroupedGradMinBlocksPerColumn() {
   return BS == 16 ? 8.0 : 24.0;
 }
 
-// float32 bs 16: groups of four blocks on warp tiles of 32 x 16 (two blocks; four warps, a
-// step's batch rows split between two), and from 96 blocks per column groups of eight on four
-// warps of 32 x 16.  Measured on an H200 (N = 4096, C = K = 4096, the tile sets alternated in
-// one process; time against the default of then: single blocks below 48 blocks per column,
-// else groups of four on eight warps of 16 x 16): four-block groups 1.11-1.17x faster at 10% density (25.6 blocks per
-// column), 1.23-1.31x at 25%, 0.90-0.96x at 5%; eight-block groups 1.27-1.31x at 50% and
-// 1.32-1.40x at 100%, against 1.15-1.27x for the four-block groups there.
+// float32 bs 16 (GradCfg above): groups of four blocks on warp tiles of 32 x 16 (two blocks;
+// four warps, a step's batch rows split between two), and from 96 blocks per column groups of
+// eight on four warps of 32 x 16.  Measured on an H200 (N = 4096, C = K = 4096, the tile sets
+// alternated in one process; time against the default of then: single blocks below 48 blocks
+// per column, else groups of four on eight warps of 16 x 16): four-block groups 1.11-1.17x
+// faster at 10% density (25.6 blocks per column), 1.23-1.31x at 25%, 0.90-0.96x at 5%;
+// eight-block groups 1.27-1.31x at 50% and 1.32-1.40x at 100%, against 1.15-1.27x for the
+// four-block groups there.
 template <typename T, int FA> struct GradCfgF32Bs16Group8 { using type = Config<T, kGradW, FA, 16, 128, 16, 32, 4, 1, 1, 3>; };
 constexpr double kGradF32Bs16Group8MinBlocksPerColumn = 96.0;
 

@@ -253,6 +253,27 @@ int LaunchMma(const Params& p, int64_t tiles, int64_t batch_tiles, double avg_st
                           tiles, batch_tiles, avg_steps, p, device, di, s);
 }
 
+// The mma.sync forward: one CTA per (output tile, batch tile), an output tile BN columns of one
+// block column.
+template <typename Cfg>
+int LaunchMmaForward(const Params& p, int64_t N, int64_t KB, double blocks_per_col, int device,
+                     const DeviceInfo& di, cudaStream_t s) {
+  return LaunchMma<Cfg>(p, KB * (Cfg::kBS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
+                        blocks_per_col / Cfg::kBPS, device, di, s);
+}
+
+// The mma.sync dW: one CTA per tile, a tile kGroup stored blocks (grouped configurations) or a
+// BM x BN part of one block, its steps walking the batch.
+template <typename Cfg>
+int LaunchMmaGradW(const Params& p, int64_t N, int64_t blocks, int device, const DeviceInfo& di,
+                   cudaStream_t s) {
+  const int64_t tiles = Cfg::kGroup > 1
+                            ? (blocks + Cfg::kGroup - 1) / Cfg::kGroup
+                            : blocks * (Cfg::kBS / Cfg::kBM) * (Cfg::kBS / Cfg::kBN);
+  return LaunchMma<Cfg>(p, tiles, 1, static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS), device,
+                        di, s);
+}
+
 // The wgmma kernels (ops/blocksparse_matmul_gpu_wgmma.cuh): 16-bit, on sm_90; N > 64 but for
 // the bs-16 dW with full columns and the bs-32 / bs-64 forwards.
 // bs-64 forward: one warpgroup per 128 batch rows and 4 stages (97 KiB of shared memory, so two
@@ -643,14 +664,12 @@ int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int dev
   }
   if (N <= kSmallBatch) {
     using Cfg = typename FwdCfg<T, FA, BS, true>::type;
-    return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
-                          blocks_per_col / Cfg::kBPS, device, di, s);
+    return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
   }
   if constexpr (sizeof(T) == 4 && BS == 16) {
     if (N > kF32Bs16WideMinBatch) {
       using Cfg = typename FwdCfgF32Bs16Wide<T, FA>::type;
-      return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
-                            blocks_per_col / Cfg::kBPS, device, di, s);
+      return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
     }
   }
   // Very sparse columns (about two steps per tile or fewer): a deep pipeline only costs
@@ -658,27 +677,23 @@ int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int dev
   using Base = typename FwdCfg<T, FA, BS, false>::type;
   if ((Tuning() == 0 || Tuning() >= 3) && blocks_per_col / Base::kBPS <= 2.5) {
     using Cfg = typename WithStages<Base, 2>::type;
-    return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
-                          blocks_per_col / Cfg::kBPS, device, di, s);
+    return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
   }
   if constexpr (sizeof(T) == 2 && BS == 64) {
     if (Tuning() == 2) {
       using Cfg = typename FwdCfgWarp64<T, FA>::type;
-      return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
-                            blocks_per_col / Cfg::kBPS, device, di, s);
+      return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
     }
   }
   if constexpr (sizeof(T) == 2 && BS >= 32) {
     const bool wide_default = FA == 1 && BS == 32;
     if (wide_default != (Tuning() == 1)) {
       using Cfg = typename FwdCfgWide<T, FA, BS>::type;
-      return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
-                            blocks_per_col / Cfg::kBPS, device, di, s);
+      return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
     }
   }
   using Cfg = typename FwdCfg<T, FA, BS, false>::type;
-  return LaunchMma<Cfg>(p, KB * (BS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
-                        blocks_per_col / Cfg::kBPS, device, di, s);
+  return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
 }
 
 template <typename T, int FA>
@@ -720,33 +735,27 @@ int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const Dev
   }
   if (N <= kShortGradBatch && !(sizeof(T) == 2 && BS >= 32)) {
     using Cfg = typename GradCfgShort<T, FA, BS>::type;
-    const int64_t sub = (BS / Cfg::kBM) * (BS / Cfg::kBN);
-    return LaunchMma<Cfg>(p, blocks * sub, 1, static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS),
-                          device, di, s);
+    return LaunchMmaGradW<Cfg>(p, N, blocks, device, di, s);
   }
   if constexpr (sizeof(T) == 2 && BS == 32) {
     if (per_col >= kGradGroup4MinBlocksPerColumn) {
       using Cfg = typename GradCfgGroup4<T, FA>::type;
-      return LaunchMma<Cfg>(p, (blocks + Cfg::kGroup - 1) / Cfg::kGroup, 1,
-                            static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS), device, di, s);
+      return LaunchMmaGradW<Cfg>(p, N, blocks, device, di, s);
     }
   }
   if constexpr (sizeof(T) == 4 && BS == 16) {
     if (per_col >= kGradF32Bs16Group8MinBlocksPerColumn) {
       using Cfg = typename GradCfgF32Bs16Group8<T, FA>::type;
-      return LaunchMma<Cfg>(p, (blocks + Cfg::kGroup - 1) / Cfg::kGroup, 1,
-                            static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS), device, di, s);
+      return LaunchMmaGradW<Cfg>(p, N, blocks, device, di, s);
     }
   }
   if (per_col < GroupedGradMinBlocksPerColumn<T, BS>()) {
     using Cfg = typename GradCfgSingle<T, FA, BS>::type;
-    return LaunchMma<Cfg>(p, blocks, 1, static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS),
-                          device, di, s);
+    return LaunchMmaGradW<Cfg>(p, N, blocks, device, di, s);
   }
   using Cfg = typename GradCfg<T, FA, BS>::type;
   static_assert(Cfg::kGroup > 1, "long-batch gradw tiles group blocks");
-  return LaunchMma<Cfg>(p, (blocks + Cfg::kGroup - 1) / Cfg::kGroup, 1,
-                        static_cast<double>((N + Cfg::kKS - 1) / Cfg::kKS), device, di, s);
+  return LaunchMmaGradW<Cfg>(p, N, blocks, device, di, s);
 }
 
 template <typename T, int FA>

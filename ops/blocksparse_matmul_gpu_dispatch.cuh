@@ -64,7 +64,27 @@ template <typename T, int FA> struct FwdCfg<T, FA, 16, false, true> { using type
 // 50%, 1.00-1.30x; but N = 80 and 128, 0.63-0.85x (most of a 256-row tile computes nothing).
 template <typename T, int FA> struct FwdCfgF32Bs16Wide { using type = Config<T, kForward, FA, 16, 256, 16, 1, 4, 1, 1, 2>; };
 constexpr int64_t kF32Bs16WideMinBatch = 128;
+// bs 16 with 65 to kF32Bs16WideMinBatch rows, feature axis 1: 128 rows, two blocks per step,
+// four warps of 64 x 16 (two row halves, each block of a step to its own warp, their sums
+// added at the end), three stages.  Measured on an H200 (C = K = 4096, 2-100% density, the
+// tile sets alternated in one process) against the 128-row tiles of four warps of 32 x 16:
+// N = 80 1.10-1.20x faster, N = 128 1.10-1.15x.  With feature axis 0 it measured 0.96-1.04x,
+// so that axis keeps the 32 x 16 warps.
+template <typename T, int FA> struct FwdCfgF32Bs16Mid { using type = Config<T, kForward, FA, 16, 128, 16, 2, 2, 1, 2, 3>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 16, true, true> { using type = Config<T, kForward, FA, 16, 64, 16, 2, 4, 1, 1, 4>; };
+// bs 16 with small batches (N <= kSmallBatch), the default above (four warps of 16 x 16) but:
+// from kF32Bs16SmallDenseMinBlocksPerColumn blocks per column, two warps of 64 x 16, each
+// taking one block of a step (FwdCfgF32Bs16SmallDense); below that with feature axis 0, four
+// warps of 32 x 16 taking two of a step's four blocks each, three stages
+// (FwdCfgF32Bs16SmallFa0).  Measured on an H200 (C = K = 4096, N = 16 / 32 / 64, the tile sets
+// alternated in one process) against the default: the first 1.07-1.31x faster with feature axis
+// 1 and 1.12-1.19x with feature axis 0 at 25-100% density (64 and more blocks per column), but
+// 0.88-1.08x at 2-10%; the second 1.02-1.12x with feature axis 0 at 2-10% but for one cell
+// (0.96x).  With feature axis 1 at 2-10% none of five tile sets beat the default by more than
+// 1.08x in every cell.
+template <typename T, int FA> struct FwdCfgF32Bs16SmallDense { using type = Config<T, kForward, FA, 16, 64, 16, 2, 1, 1, 2, 4>; };
+template <typename T, int FA> struct FwdCfgF32Bs16SmallFa0 { using type = Config<T, kForward, FA, 16, 64, 16, 4, 2, 1, 2, 3>; };
+constexpr double kF32Bs16SmallDenseMinBlocksPerColumn = 40.0;
 template <typename T, int FA> struct FwdCfg<T, FA, 32, false, true> { using type = Config<T, kForward, FA, 32, 128, 32, 1, 4, 1, 1, 4>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 32, true, true> { using type = Config<T, kForward, FA, 32, 64, 32, 1, 2, 2, 1, 3>; };
 template <typename T, int FA> struct FwdCfg<T, FA, 64, false, true> { using type = Config<T, kForward, FA, 64, 64, 64, 1, 2, 2, 1, 3>; };
@@ -106,7 +126,7 @@ template <typename T, int FA> struct GradCfgSingle<T, FA, 64, true> { using type
 // docs/benchmarks_gpu.md).
 template <typename T, int BS>
 constexpr double GroupedGradMinBlocksPerColumn() {
-  if (sizeof(T) == 4) return BS == 16 ? 20.0 : 48.0;
+  if (sizeof(T) == 4) return BS == 16 ? 40.0 : 48.0;
   return BS == 16 ? 8.0 : 24.0;
 }
 
@@ -117,9 +137,21 @@ constexpr double GroupedGradMinBlocksPerColumn() {
 // per column, else groups of four on eight warps of 16 x 16): four-block groups 1.11-1.17x
 // faster at 10% density (25.6 blocks per column), 1.23-1.31x at 25%, 0.90-0.96x at 5%;
 // eight-block groups 1.27-1.31x at 50% and 1.32-1.40x at 100%, against 1.15-1.27x for the
-// four-block groups there.
+// four-block groups there.  The four-block groups start at 40 blocks per column, since pairs
+// (below) measured faster at 10% and 15% density.
 template <typename T, int FA> struct GradCfgF32Bs16Group8 { using type = Config<T, kGradW, FA, 16, 128, 16, 32, 4, 1, 1, 3>; };
 constexpr double kGradF32Bs16Group8MinBlocksPerColumn = 96.0;
+// float32 bs 16 from kGradF32Bs16PairMinBlocksPerColumn blocks per column to the grouped
+// tiles' threshold: pairs of blocks of a column on one warp tile of 32 x 16, four warps
+// splitting each step's 64 batch rows, three stages.  Measured on an H200 (N = 4096, C = K =
+// 4096, the tile sets alternated in one process) against single blocks at 5% density (12.8
+// blocks per column), 1.11x faster with feature axis 1 and 1.18x with 0, and against groups of
+// four at 10% (25.6), 1.08x and 1.02x; at 2% (5.1) 0.80-0.83x the singles' speed, at 25% (64)
+// 0.94-0.95x the groups of four.  A sweep of 2-25% density (N = 4096 and 512, both feature
+// axes) placed the changes between 5.1 and 10.2 blocks per column (even at 7.7) and between
+// 38 and 51.
+template <typename T, int FA> struct GradCfgF32Bs16Pair { using type = Config<T, kGradW, FA, 16, 32, 16, 64, 1, 1, 4, 3>; };
+constexpr double kGradF32Bs16PairMinBlocksPerColumn = 8.0;
 
 // 16-bit bs 32 with dense columns: four blocks of a column per tile (five slabs read for four
 // blocks instead of four for two).  Measured on an H200 (bf16, feature axis 1), dW time over
@@ -645,6 +677,31 @@ int LaunchSmallBatchGradW(const Params& p, int64_t N, int64_t blocks, int device
   return LaunchSmallBatchGradWCfg<T, FA, SmallGradCfg<T, BS, 64>>(p, blocks, device, di, s);
 }
 
+// The float32 bs-16 forward's tiles by batch size (configurations above); with 65 to
+// kF32Bs16WideMinBatch rows and feature axis 0, ForwardMmaBs's defaults.
+template <typename T, int FA>
+int ForwardF32Bs16(const Params& p, int64_t N, int64_t KB, double blocks_per_col, int device,
+                   const DeviceInfo& di, cudaStream_t s) {
+  if (N <= kSmallBatch) {
+    if (blocks_per_col >= kF32Bs16SmallDenseMinBlocksPerColumn) {
+      using Cfg = typename FwdCfgF32Bs16SmallDense<T, FA>::type;
+      return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
+    }
+    if (FA == 0) {
+      using Cfg = typename FwdCfgF32Bs16SmallFa0<T, FA>::type;
+      return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
+    }
+    using Cfg = typename FwdCfg<T, FA, 16, true>::type;
+    return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
+  }
+  if (N > kF32Bs16WideMinBatch) {
+    using Cfg = typename FwdCfgF32Bs16Wide<T, FA>::type;
+    return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
+  }
+  using Cfg = typename FwdCfgF32Bs16Mid<T, FA>::type;
+  return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
+}
+
 template <typename T, int FA, int BS>
 int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int device,
                  const DeviceInfo& di, cudaStream_t s) {
@@ -662,15 +719,13 @@ int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int dev
     if (N <= kSmallBatch && WgmmaEnabled(di) && SmallBatchWgmmaFits(di))
       return LaunchWgmmaSmallBatchForward<T, FA, BS>(p, N, KB, blocks_per_col, device, di, s);
   }
+  if constexpr (sizeof(T) == 4 && BS == 16) {
+    if (N <= kSmallBatch || N > kF32Bs16WideMinBatch || FA == 1)
+      return ForwardF32Bs16<T, FA>(p, N, KB, blocks_per_col, device, di, s);
+  }
   if (N <= kSmallBatch) {
     using Cfg = typename FwdCfg<T, FA, BS, true>::type;
     return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
-  }
-  if constexpr (sizeof(T) == 4 && BS == 16) {
-    if (N > kF32Bs16WideMinBatch) {
-      using Cfg = typename FwdCfgF32Bs16Wide<T, FA>::type;
-      return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
-    }
   }
   // Very sparse columns (about two steps per tile or fewer): a deep pipeline only costs
   // shared memory; two stages let twice as many CTAs share an SM and overlap their latency.
@@ -746,6 +801,11 @@ int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const Dev
   if constexpr (sizeof(T) == 4 && BS == 16) {
     if (per_col >= kGradF32Bs16Group8MinBlocksPerColumn) {
       using Cfg = typename GradCfgF32Bs16Group8<T, FA>::type;
+      return LaunchMmaGradW<Cfg>(p, N, blocks, device, di, s);
+    }
+    if (per_col >= kGradF32Bs16PairMinBlocksPerColumn &&
+        per_col < GroupedGradMinBlocksPerColumn<T, BS>()) {
+      using Cfg = typename GradCfgF32Bs16Pair<T, FA>::type;
       return LaunchMmaGradW<Cfg>(p, N, blocks, device, di, s);
     }
   }

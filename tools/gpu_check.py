@@ -215,6 +215,18 @@ def correctness(lib, res, quick=False, race=False):
         L = random_layout(64, 4, 16, 0.5, rng)
         for fa in (1, 0):
             run_case(lib, res, "float32", 16, L, 300, fa, gen, ops=("fwd",))
+    # The float32 bs-16 tiles chosen by batch size and column length: small batches with long
+    # columns (two 64-row warps, each a block of a step) and short ones (feature axis 0: a
+    # step's blocks split between warps), 65-128 rows (feature axis 1: the same split), and the
+    # dW's pairs of blocks (8 to 40 blocks per column); pipelines wrapping around.
+    f32_bs16_layouts = [random_layout(64, 4, 16, 0.9, rng, empty_cols=[2]),  # ~58 per column
+                        random_layout(20, 9, 16, 0.65, rng, empty_cols=[4])]  # ~13
+    for L in f32_bs16_layouts:
+        for N in ([64, 100] if race else [1, 40, 64, 65, 100, 128] if not quick else [64, 100]):
+            for fa in (1, 0):
+                run_case(lib, res, "float32", 16, L, N, fa, gen, ops=("fwd",))
+        for fa in (1, 0):
+            run_case(lib, res, "float32", 16, L, 264, fa, gen, ops=("dw",))
     # Many more output tiles than resident CTAs, so the persistent wgmma forward (Hopper,
     # 16-bit bs 64) takes several tiles per CTA, some with no blocks, and ragged last tiles.
     L = random_layout(16, 160, 64, 0.3, rng, empty_cols=[0, 7, 100, 159])

@@ -342,6 +342,24 @@ def check_forward_never_reads_inactive(x, w, in_mask, out_mask, bs, transpose_w)
     assert np.all(y[out_e == 0] == 0)
 
 
+@pytest.mark.parametrize("bs", [8, 16, 32])
+def test_output_blocks_in_passes(bs):
+    """A layer wide enough that each forward task takes its output blocks in several passes
+    (their active rows of y's panels fitting in 512 KiB each, input blocks outside): every
+    output block once, whatever pass it falls in; output blocks active nowhere, for one example
+    or for all of them, on pass boundaries or not.  NaN wherever a mask is off."""
+    n, m, p = 1024, 64, 4096
+    x = RNG.standard_normal((n, m)).astype(np.float32)
+    w = RNG.standard_normal((m, p)).astype(np.float32)
+    in_mask = (RNG.random((n, m // bs)) < 0.5).astype(np.float32)
+    out_mask = (RNG.random((n, p // bs)) < 0.5).astype(np.float32)
+    out_mask[:, [3, 17, p // bs - 1]] = 0
+    out_mask[:, [5, 40]] = 1
+    out_mask[:, 41] = 0
+    out_mask[7, 41] = 1
+    check_forward_never_reads_inactive(x, w, in_mask, out_mask, bs, False)
+
+
 @pytest.mark.parametrize("transpose_w", [False, True])
 def test_batches_longer_than_one_row_chunk(transpose_w):
     """More examples than the forward works on at a time (1024): three chunks, the last partial

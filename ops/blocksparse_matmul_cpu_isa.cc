@@ -691,6 +691,13 @@ inline void PackedRowsTile(const float* const* x_row, float* const* y_row, const
     for (int64_t p = 0; p < bs; ++p, bp += b_rs) step(p);
   } else {
     for (int64_t q = 0, x0 = 0; q < blocks; ++q, x0 += x_pitch) {
+      // The next block's x rows lie in another panel (x_pitch on), beyond the hardware
+      // prefetchers' streams: asked for ahead, sparse_dot's forward with every input active
+      // and 25% of the outputs ran 1.05-1.10x faster (bs 16 / 32 / 64, 2-core Intel Xeon).
+      if (q + 1 < blocks) {
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; ++m) __builtin_prefetch(x_row[m] + x0 + x_pitch, 0, 3);
+      }
       for (int64_t p = x0; p < x0 + bs; ++p, bp += b_rs) step(p);
     }
   }

@@ -227,6 +227,12 @@ def correctness(lib, res, quick=False, race=False):
                 run_case(lib, res, "float32", 16, L, N, fa, gen, ops=("fwd",))
         for fa in (1, 0):
             run_case(lib, res, "float32", 16, L, 264, fa, gen, ops=("dw",))
+    # float32 bs 32 (two stages) and bs 64 from 2048 rows (128-row tiles, two stages): the
+    # pipelines wrapping around, a ragged last row tile, an empty block column.
+    for bs, N in ((32, 1000), (64, 2048 if race else 2100)):
+        L = random_layout(20, 9, bs, 0.65, rng, empty_cols=[4])
+        for fa in (1, 0):
+            run_case(lib, res, "float32", bs, L, N, fa, gen, ops=("fwd",))
     # Many more output tiles than resident CTAs, so the persistent wgmma forward (Hopper,
     # 16-bit bs 64) takes several tiles per CTA, some with no blocks, and ragged last tiles.
     L = random_layout(16, 160, 64, 0.3, rng, empty_cols=[0, 7, 100, 159])

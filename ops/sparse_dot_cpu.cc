@@ -184,8 +184,8 @@ class ActiveExamples {
 // 104-115 -> 81-88, 35%/35% 58-59 -> 49-52, 25%/25% 37-39 -> 31-36; bs 8 at 50%/50% 196-205 ->
 // 148-159, 25%/25% 70-71 -> 63-65; bs 32 at 50%/50% 59-63 -> 53-59.  bs 64 measured 0.91-1.00x
 // (its pairs' products are longer per row of y), and passes of 256 KiB or 1 MiB no better.
-// With w read transposed the input blocks already go in groups (kTransposedInputFeaturesPerGroup),
-// and passes measured no faster there.
+// With w read transposed the input blocks already go in groups
+// (kTransposedInputFeaturesPerGroup), and passes measured no faster there.
 constexpr int64_t kPairPassBytes = int64_t{512} << 10;
 constexpr int64_t kPairPassMaxBlockSize = 32;
 
@@ -201,7 +201,6 @@ int64_t PairPassEnd(const ActiveExamples& out, int64_t ja, int64_t j1, int64_t w
   }
   return jb;
 }
-
 
 // Calls f(r) for every set bit r of the `count` words word(0), word(1), ... (bit r % 64 of
 // word r / 64), in increasing r.

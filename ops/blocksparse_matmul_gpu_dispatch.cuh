@@ -110,7 +110,13 @@ template <typename T, int FA> struct GradCfg<T, FA, 32, false> { using type = Co
 template <typename T, int FA> struct GradCfg<T, FA, 64, false> { using type = Config<T, kGradW, FA, 64, 128, 64, 64, 4, 2, 1, 3>; };
 template <typename T, int FA> struct GradCfg<T, FA, 16, true> { using type = Config<T, kGradW, FA, 16, 64, 16, 32, 2, 1, 2, 4>; };
 template <typename T, int FA> struct GradCfg<T, FA, 32, true> { using type = Config<T, kGradW, FA, 32, 64, 32, 64, 2, 1, 2, 3>; };
-template <typename T, int FA> struct GradCfg<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 128, 64, 32, 4, 2, 1, 3>; };
+// float32 bs 64: four warps of 64 x 32 for pairs of blocks (grouped) and of 32 x 32 for single
+// blocks, where eight warps (pairs: 32 x 32 tiles; singles: two splitting each step's rows) ran
+// before.  Measured on an H200 (C = K = 4096, dW, the tile sets alternated in one process):
+// pairs at 100% density 1.21x faster with feature axis 1 and 1.12x with 0 at N = 4096, 1.19-1.24x
+// at N = 512 / 1000; singles 1.06-1.10x at 5-50% density with feature axis 1, 1.07-1.12x with 0,
+// 1.39-1.43x at 2%, 1.08-1.14x at N = 512 / 1000 / 16384 (64-row steps or two stages: within 3%).
+template <typename T, int FA> struct GradCfg<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 128, 64, 32, 2, 2, 1, 3>; };
 
 // float32 bs 32 (3xTF32) uses 32 x 32 warp tiles in both: each warp splits every operand
 // fragment it loads into two TF32 parts, and a 32 x 32 tile (2 x 4 MMA tiles) does 24 MMAs per
@@ -132,7 +138,7 @@ template <typename T, int FA> struct GradCfgSingle<T, FA, 32, false> { using typ
 template <typename T, int FA> struct GradCfgSingle<T, FA, 64, false> { using type = Config<T, kGradW, FA, 64, 64, 64, 64, 2, 2, 2, 3>; };
 template <typename T, int FA> struct GradCfgSingle<T, FA, 16, true> { using type = Config<T, kGradW, FA, 16, 16, 16, 64, 1, 1, 4, 4>; };
 template <typename T, int FA> struct GradCfgSingle<T, FA, 32, true> { using type = Config<T, kGradW, FA, 32, 32, 32, 64, 1, 1, 4, 2>; };
-template <typename T, int FA> struct GradCfgSingle<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 64, 64, 32, 2, 2, 2, 3>; };
+template <typename T, int FA> struct GradCfgSingle<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 64, 64, 32, 2, 2, 1, 3>; };
 // Average blocks per block column from which grouped tiles were faster (H200 measurements in
 // docs/benchmarks_gpu.md).
 template <typename T, int BS>

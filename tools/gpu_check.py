@@ -211,6 +211,10 @@ def correctness(lib, res, quick=False, race=False):
             L = random_layout(64, 4, bs, 0.9, rng, empty_cols=[1])
             for fa in (1, 0):
                 run_case(lib, res, "bfloat16", bs, L, 264, fa, gen, ops=("dw",))
+                if bs == 64:  # the float32 bs-64 dW on four warps: pairs, then single blocks
+                    run_case(lib, res, "float32", 64, L, 264, fa, gen, ops=("dw",))
+                    run_case(lib, res, "float32", 64, random_layout(14, 9, 64, 0.65, rng),
+                             200, fa, gen, ops=("dw",))
         # The float32 bs-16 forward's two-stage pipeline (256-row tiles), wrapping around.
         L = random_layout(64, 4, 16, 0.5, rng)
         for fa in (1, 0):

@@ -114,7 +114,7 @@ template <typename T, int FA> struct GradCfg<T, FA, 32, true> { using type = Con
 // blocks, where eight warps (pairs: 32 x 32 tiles; singles: two splitting each step's rows) ran
 // before.  Measured on an H200 (C = K = 4096, dW, the tile sets alternated in one process):
 // pairs at 100% density 1.21x faster with feature axis 1 and 1.12x with 0 at N = 4096, 1.19-1.24x
-// at N = 512 / 1000; singles 1.06-1.10x at 5-50% density with feature axis 1, 1.07-1.12x with 0,
+// at N = 512 / 1000; singles 1.07-1.09x at 5-50% density with feature axis 1, 1.07-1.12x with 0,
 // 1.39-1.43x at 2%, 1.08-1.14x at N = 512 / 1000 / 16384 (64-row steps or two stages: within 3%).
 template <typename T, int FA> struct GradCfg<T, FA, 64, true> { using type = Config<T, kGradW, FA, 64, 128, 64, 32, 2, 2, 1, 3>; };
 

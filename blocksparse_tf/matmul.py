@@ -298,10 +298,12 @@ class BlocksparseMatMul:
                 f"blocks={self.blocks}, density={self.density:.3g}, feature_axis={self.feature_axis})")
 
 
-def blocksparse_matmul(x, w, layout, block_size, C, K, feature_axis=1):
-    """Raw op: y = x . W for w (blocks, bs, bs) and int32 layout coordinates (blocks, 2)."""
+def blocksparse_matmul(x, w, layout, block_size, C, K, feature_axis=1, transpose_w=False):
+    """Raw op: y = x . W for w (blocks, bs, bs) and int32 layout coordinates (blocks, 2).
+
+    With ``transpose_w``, y = x . W^T (x has K features, y has C), reading w as stored."""
     return ops().blocksparse_matmul(x, w, layout, block_size=block_size, C=C, K=K,
-                                    feature_axis=feature_axis)
+                                    feature_axis=feature_axis, transpose_w=transpose_w)
 
 
 def blocksparse_matmul_grad_w(x, dy, layout, block_size, C, K, feature_axis=1):
@@ -314,18 +316,17 @@ def _attrs(op):
     return {name: op.get_attr(name) for name in ("block_size", "C", "K", "feature_axis")}
 
 
-def _transposed(w, layout):
-    """The same blocks as W^T: each block transposed, block coordinates swapped."""
-    return tf.transpose(w, [0, 2, 1]), tf.reverse(layout, axis=[1])
-
-
 @tf.RegisterGradient("BlocksparseMatmul")
 def _blocksparse_matmul_grad(op, dy):
     x, w, layout = op.inputs
     a = _attrs(op)
-    w_t, layout_t = _transposed(w, layout)
-    dx = blocksparse_matmul(dy, w_t, layout_t, a["block_size"], a["K"], a["C"], a["feature_axis"])
-    dw = blocksparse_matmul_grad_w(x, dy, layout, **a)
+    if op.get_attr("transpose_w"):
+        # y = x . W^T: dx = dy . W, and dW = (x^T dy)^T = dy^T x at W's blocks.
+        dx = blocksparse_matmul(dy, w, layout, **a)
+        dw = blocksparse_matmul_grad_w(dy, x, layout, **a)
+    else:
+        dx = blocksparse_matmul(dy, w, layout, **a, transpose_w=True)
+        dw = blocksparse_matmul_grad_w(x, dy, layout, **a)
     return dx, dw, None
 
 
@@ -334,7 +335,6 @@ def _blocksparse_matmul_grad_w_grad(op, ddw):
     # dw = x^T dy is bilinear: its gradients are block-sparse products with ddw as the weights.
     x, dy, layout = op.inputs
     a = _attrs(op)
-    ddw_t, layout_t = _transposed(ddw, layout)
-    dx = blocksparse_matmul(dy, ddw_t, layout_t, a["block_size"], a["K"], a["C"], a["feature_axis"])
+    dx = blocksparse_matmul(dy, ddw, layout, **a, transpose_w=True)
     ddy = blocksparse_matmul(x, ddw, layout, **a)
     return dx, ddy, None

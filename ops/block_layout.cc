@@ -1,7 +1,9 @@
 #include "ops/block_layout.h"
 
+#include <algorithm>
 #include <new>
 #include <string>
+#include <vector>
 
 namespace blocksparse {
 
@@ -78,6 +80,27 @@ std::string BuildBlockLayout(const int32_t* coords, int64_t blocks, int64_t CB, 
     return "the lookup tables of a layout of shape (" + std::to_string(CB) + ", " +
            std::to_string(KB) + ") blocks do not fit in memory";
   }
+}
+
+std::string BuildTransposedBlockLayout(const int32_t* coords, int64_t blocks, int64_t CB,
+                                       int64_t KB, int64_t block_size, BlockLayout* layout) {
+  std::vector<int32_t> swapped;
+  try {
+    swapped.resize(2 * std::max<int64_t>(blocks, 0));
+  } catch (const std::bad_alloc&) {
+    return "a transposed copy of a layout of " + std::to_string(blocks) +
+           " blocks does not fit in memory";
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    swapped[2 * b] = coords[2 * b + 1];
+    swapped[2 * b + 1] = coords[2 * b];
+  }
+  const std::string error = BuildBlockLayout(swapped.data(), blocks, KB, CB, block_size, layout);
+  if (error.empty()) return error;
+  // Checked again as given, so that the message names W's coordinates and shape.
+  BlockLayout as_given;
+  const std::string named = BuildBlockLayout(coords, blocks, CB, KB, block_size, &as_given);
+  return named.empty() ? error : named;
 }
 
 }  // namespace blocksparse

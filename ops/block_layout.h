@@ -30,6 +30,12 @@ struct BlockLayout {
 std::string BuildBlockLayout(const int32_t* coords, int64_t blocks, int64_t CB, int64_t KB,
                              int64_t block_size, BlockLayout* layout);
 
+// The tables of the transpose's layout (W^T, K x C: every (c, k) read as (k, c)) from W's
+// `blocks` (c, k) pairs, W having CB x KB blocks; block b keeps its index.  Errors name the
+// entries as given, in W's coordinates.
+std::string BuildTransposedBlockLayout(const int32_t* coords, int64_t blocks, int64_t CB,
+                                       int64_t KB, int64_t block_size, BlockLayout* layout);
+
 }  // namespace blocksparse
 
 #endif  // BLOCKSPARSE_OPS_BLOCK_LAYOUT_H_

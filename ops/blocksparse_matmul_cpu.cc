@@ -26,6 +26,41 @@ LayoutView ViewOf(const BlockLayout& l) {
                     l.col_block.data()};
 }
 
+// Transposes the blocks col_block[q], q in [begin, end), of w into out: each to its own
+// place (block b at out + b bs bs), or with column_order one after another from out (the
+// block of entry q at out + (q - begin) bs bs); fetches each next one meanwhile.
+void TransposeBlocksOf(const BlockLayout& layout, int64_t begin, int64_t end, const float* w,
+                       float* out, bool column_order = false) {
+  const int64_t bs = layout.block_size, area = bs * bs;
+  for (int64_t q = begin; q < end; ++q) {
+    const int64_t b = layout.col_block[q], next = layout.col_block[std::min(q + 1, end - 1)];
+    float* const to = out + (column_order ? q - begin : b) * area;
+    Kernels().pack_block(w + b * area, bs, bs, true, w + next * area, to, bs);
+  }
+}
+
+// At least `count` floats, 64-byte aligned, of a buffer this thread keeps for its next call
+// (warm in cache then, with no fresh pages to fault in).
+float* ThreadBuffer(int64_t count) {
+  thread_local std::vector<float> buffer;
+  constexpr int64_t kAlign = 16;  // floats
+  if (static_cast<int64_t>(buffer.size()) < count + kAlign) buffer.resize(count + kAlign);
+  const uintptr_t address = reinterpret_cast<uintptr_t>(buffer.data());
+  return buffer.data() + (-(address / sizeof(float))) % kAlign;
+}
+
+// Every block of w transposed, into scratch (nullptr if it could not be had).
+const float* TransposedBlocks(const float* w, const BlockLayout& layout,
+                              const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
+  const int64_t bs = layout.block_size;
+  float* const out = scratch(layout.blocks * bs * bs);
+  if (out == nullptr) return nullptr;
+  parallel_for(layout.blocks, 2 * bs * bs, [&](int64_t begin, int64_t end) {
+    TransposeBlocksOf(layout, begin, end, w, out);
+  });
+  return out;
+}
+
 // At most this many rows of x, and at most kGroupBytes of them, make one task's row group,
 // which stays in a core's L2 while every weight column streams past it.
 constexpr int64_t kRowsPerGroup = 96;
@@ -267,9 +302,70 @@ void ForwardFeatureAxis0(const Slabs& x, const float* w, float* y, int64_t N,
   });
 }
 
+// The weights of the feature_axis=1 product's tasks where w holds the transposes of the
+// product's blocks (w_transposed), transposed by the tasks themselves so that w is read once,
+// and the transposed blocks from L2, where a copy made beforehand would be written out to
+// memory and read back.  With one row group (N <= 96 at C = 4096) each task transposes its
+// range's blocks into a buffer of its thread, one after another in column order, the view's
+// col_block then counting a range's blocks from its first (local_block); with several groups
+// the first task over a range transposes its blocks into a copy of w that the others share.
+class TransposedWeights {
+ public:
+  TransposedWeights(const BlockLayout& layout, bool w_transposed, int64_t groups,
+                    int64_t per_range, const ScratchAllocator& scratch)
+      : layout_(layout), area_(layout.block_size * layout.block_size) {
+    if (!w_transposed) return;
+    const int64_t ranges = (layout.KB + per_range - 1) / per_range;
+    int64_t most = 0;  // blocks in a range
+    for (int64_t k0 = 0; k0 < layout.KB; k0 += per_range)
+      most = std::max<int64_t>(most, layout.col_ptr[std::min(layout.KB, k0 + per_range)] -
+                                         layout.col_ptr[k0]);
+    if (groups == 1 && most * area_ * sizeof(float) <= kThreadBufferBytes) {
+      local_block_.resize(layout.blocks);
+      for (int64_t k0 = 0; k0 < layout.KB; k0 += per_range) {
+        const int64_t q0 = layout.col_ptr[k0];
+        for (int64_t q = q0; q < layout.col_ptr[std::min(layout.KB, k0 + per_range)]; ++q)
+          local_block_[q] = static_cast<int32_t>(q - q0);
+      }
+      return;
+    }
+    shared_ = scratch(layout.blocks * area_);
+    once_.reset(new std::once_flag[ranges]);
+    ok_ = shared_ != nullptr;
+  }
+
+  bool ok() const { return ok_; }
+
+  // The weights for range r (block columns [k0, k1)), to be read through *view (whose
+  // col_block this points at local_block_ where they lie in column order).
+  const float* Of(const float* w, int64_t r, int64_t k0, int64_t k1, LayoutView* view) const {
+    const int64_t q0 = layout_.col_ptr[k0], q1 = layout_.col_ptr[k1];
+    if (!local_block_.empty()) {
+      float* const buffer = ThreadBuffer((q1 - q0) * area_);
+      TransposeBlocksOf(layout_, q0, q1, w, buffer, true);
+      view->col_block = local_block_.data();
+      return buffer;
+    }
+    if (shared_ == nullptr) return w;
+    std::call_once(once_[r], [&] { TransposeBlocksOf(layout_, q0, q1, w, shared_); });
+    return shared_;
+  }
+
+ private:
+  // Column-ordered ranges fill L2 no more than this.
+  static constexpr int64_t kThreadBufferBytes = int64_t{2} << 20;
+
+  const BlockLayout& layout_;
+  const int64_t area_;
+  bool ok_ = true;
+  std::vector<int32_t> local_block_;
+  float* shared_ = nullptr;
+  std::unique_ptr<std::once_flag[]> once_;
+};
+
 bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
                          const BlockLayout& layout, const ParallelFor& parallel_for,
-                         const ScratchAllocator& scratch) {
+                         const ScratchAllocator& scratch, bool w_transposed) {
   const CpuKernels& kernels = Kernels();
   const int64_t bs = layout.block_size, C = layout.CB * bs, K = layout.KB * bs;
   // Blocks narrower than a vector (bs 1, and bs 8 under AVX-512) fill only part of each
@@ -277,6 +373,9 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
   // transposes; unless NarrowBlocksInPlace: the transposes would cost more than the product
   // itself, and bs 8 runs on half-width vectors in place.
   if (bs < kernels.vector_width && !NarrowBlocksInPlace(layout, N)) {
+    if (w_transposed && (w = TransposedBlocks(w, layout, parallel_for, scratch)) == nullptr) {
+      return false;
+    }
     float* const x_t = scratch(SlabCount(N) * C * kSlabRowStride);
     float* const y_t = scratch(N * K);
     if (x_t == nullptr || y_t == nullptr) return false;
@@ -313,6 +412,8 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
   // A group's panels are packed by the first task that needs them, just before use, so they
   // are read back from cache rather than from memory.
   std::unique_ptr<std::once_flag[]> packed(new std::once_flag[groups]);
+  const TransposedWeights transposed(layout, w_transposed, groups, per_range, scratch);
+  if (!transposed.ok()) return false;
   parallel_for(groups * ranges, cost, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / ranges, r = task % ranges;
@@ -320,7 +421,9 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
       const int64_t k0 = r * per_range, k1 = std::min(KB, k0 + per_range);
       std::call_once(packed[g],
                      [&] { PackRowTilePanels(x, m0, m1, C, bs, tile, panels + m0 * C); });
-      kernels.forward_axis1(panels + m0 * C, w, y + m0 * K, m1 - m0, &view, k0, k1);
+      LayoutView task_view = view;
+      const float* const task_w = transposed.Of(w, r, k0, k1, &task_view);
+      kernels.forward_axis1(panels + m0 * C, task_w, y + m0 * K, m1 - m0, &task_view, k0, k1);
     }
   });
   return true;
@@ -417,8 +520,13 @@ void ForEachFullLayoutPiece(const BlockLayout& fine, int64_t coarse_bs,
 
 bool Forward(const float* x, const float* w, float* y, int64_t N, int feature_axis,
              const BlockLayout& layout, const ParallelFor& parallel_for,
-             const ScratchAllocator& scratch) {
-  if (feature_axis == 1) return ForwardFeatureAxis1(x, w, y, N, layout, parallel_for, scratch);
+             const ScratchAllocator& scratch, bool w_transposed) {
+  if (feature_axis == 1) {
+    return ForwardFeatureAxis1(x, w, y, N, layout, parallel_for, scratch, w_transposed);
+  }
+  if (w_transposed && (w = TransposedBlocks(w, layout, parallel_for, scratch)) == nullptr) {
+    return false;
+  }
   // Up to one slab's columns x is a slab where it lies (rows at most 384 bytes apart).
   if (N <= kSlabColumns) {
     ForwardFeatureAxis0({x, N, N}, w, y, N, layout, parallel_for);
@@ -562,18 +670,21 @@ const CpuKernels& BestCpuKernels() {
 
 bool BlocksparseMatmulCpu(const float* x, const float* w, float* y, int64_t N, int feature_axis,
                           const BlockLayout& layout, const ParallelFor& parallel_for,
-                          const ScratchAllocator& scratch) {
+                          const ScratchAllocator& scratch, bool w_transposed) {
   if (const int64_t coarse_bs = CoarseBlockSize(layout, N)) {
     const int64_t bs = layout.block_size;
     const BlockLayout coarse = FullLayout(layout.CB * bs, layout.KB * bs, coarse_bs);
+    if (w_transposed && (w = TransposedBlocks(w, layout, parallel_for, scratch)) == nullptr) {
+      return false;
+    }
     float* const wc = scratch(layout.blocks * bs * bs);
     if (wc == nullptr) return false;
     ForEachFullLayoutPiece(layout, coarse_bs, parallel_for, [&](int64_t fine, int64_t coarse) {
       std::memcpy(wc + coarse, w + fine, bs * sizeof(float));
     });
-    return Forward(x, wc, y, N, feature_axis, coarse, parallel_for, scratch);
+    return Forward(x, wc, y, N, feature_axis, coarse, parallel_for, scratch, false);
   }
-  return Forward(x, w, y, N, feature_axis, layout, parallel_for, scratch);
+  return Forward(x, w, y, N, feature_axis, layout, parallel_for, scratch, w_transposed);
 }
 
 bool BlocksparseMatmulGradWCpu(const float* x, const float* dy, float* dw, int64_t N,

@@ -28,11 +28,13 @@ using ScratchAllocator = std::function<float*(int64_t count)>;
 
 // y = x . W where W (C x K) holds the layout's blocks, w has shape (blocks, bs, bs).
 // feature_axis 1: x is (N, C), y is (N, K).  feature_axis 0: x is (C, N), y is (K, N).
-// The input gradient dx = dy . W^T is this same product on the transposed layout.
-// Returns false, writing nothing, if scratch memory could not be had.
+// The input gradient dx = dy . W^T is this same product on the transposed layout: with
+// w_transposed, block b of w holds the transpose of the product's block b (W's blocks as
+// stored, `layout` being W^T's; see BuildTransposedBlockLayout), and each is transposed on
+// the way in.  Returns false, writing nothing, if scratch memory could not be had.
 bool BlocksparseMatmulCpu(const float* x, const float* w, float* y, int64_t N, int feature_axis,
                           const BlockLayout& layout, const ParallelFor& parallel_for,
-                          const ScratchAllocator& scratch);
+                          const ScratchAllocator& scratch, bool w_transposed = false);
 
 // dw[b] = x[:, c-block]^T . dy[:, k-block] for every stored block b = (c, k) only.
 // feature_axis as above: x is (N, C) / (C, N), dy is (N, K) / (K, N); dw is (blocks, bs, bs).

@@ -211,7 +211,85 @@ int GradWTyped(const void* x, const void* dy, void* dw, int64_t N, int fa, const
   return LaunchGradWSimple<T>(x, dy, dw, N, fa, L, di, s);
 }
 
+// ------------------------------------------------------------------------------------------
+// Per-block transposes (BlocksparseMatmul's transpose_w), moving elements of E's size.
+// Blocks of 32 and more: 32 x 32 tiles through shared memory, so reads and writes both run
+// along rows.  grid = (blocks, tiles per block), 32 x 8 threads.
+template <typename E>
+__global__ void TransposeBlockTiles(const E* __restrict__ w, E* __restrict__ w_t, int bs) {
+  __shared__ E tile[32][33];  // a padding column: the column reads hit distinct banks
+  const int tiles = bs / 32;
+  const int ti = blockIdx.y / tiles, tj = blockIdx.y % tiles;
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * bs * bs;
+  for (int r = threadIdx.y; r < 32; r += 8)
+    tile[r][threadIdx.x] = w[base + (ti * 32 + r) * bs + tj * 32 + threadIdx.x];
+  __syncthreads();
+  for (int r = threadIdx.y; r < 32; r += 8)
+    w_t[base + (tj * 32 + r) * bs + ti * 32 + threadIdx.x] = tile[threadIdx.x][r];
+}
+
+// Smaller blocks: kSmallRun / (BS BS) whole blocks per CTA, read and written as one
+// contiguous run of kSmallRun elements each way, transposed in shared memory (each block's
+// rows padded by one element so that the column reads hit distinct banks).  256 threads,
+// each with 16 loads in flight.
+constexpr int kSmallRun = 4096;
+template <typename E, int BS>
+__global__ void __launch_bounds__(256) TransposeSmallBlocks(const E* __restrict__ w,
+                                                            E* __restrict__ w_t,
+                                                            int64_t elements) {
+  constexpr int kArea = BS * BS, kPadded = BS * (BS + 1);
+  __shared__ E staged[kSmallRun / kArea * kPadded];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kSmallRun;
+#pragma unroll
+  for (int e = threadIdx.x; e < kSmallRun; e += 256) {
+    const int b = e / kArea, i = e % kArea / BS, j = e % BS;
+    if (base + e < elements) staged[b * kPadded + i * (BS + 1) + j] = w[base + e];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int e = threadIdx.x; e < kSmallRun; e += 256) {
+    const int b = e / kArea, j = e % kArea / BS, i = e % BS;  // w_t[b][j][i] = w[b][i][j]
+    if (base + e < elements) w_t[base + e] = staged[b * kPadded + i * (BS + 1) + j];
+  }
+}
+
+template <typename E>
+int TransposeBlocksTyped(const void* w, void* w_t, int64_t blocks, int64_t bs,
+                         cudaStream_t s) {
+  const E* in = static_cast<const E*>(w);
+  E* out = static_cast<E*>(w_t);
+  if (bs >= 32) {
+    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((bs / 32) * (bs / 32)));
+    TransposeBlockTiles<E><<<grid, dim3(32, 8), 0, s>>>(in, out, static_cast<int>(bs));
+  } else {
+    const int64_t elements = blocks * bs * bs;
+    const unsigned grid = static_cast<unsigned>((elements + kSmallRun - 1) / kSmallRun);
+    if (bs == 1) {  // 1 x 1 blocks are their own transposes
+      return cudaMemcpyAsync(out, in, elements * sizeof(E), cudaMemcpyDeviceToDevice, s);
+    }
+    if (bs == 8) TransposeSmallBlocks<E, 8><<<grid, 256, 0, s>>>(in, out, elements);
+    if (bs == 16) TransposeSmallBlocks<E, 16><<<grid, 256, 0, s>>>(in, out, elements);
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+int LaunchTransposeBlocks(DType dtype, const void* w, void* w_t, int64_t blocks, int64_t bs,
+                          CUstream_st* stream) {
+  if (blocks < 0 || blocks > INT32_MAX ||
+      !(bs == 1 || bs == 8 || bs == 16 || bs == 32 || bs == 64))
+    return cudaErrorInvalidValue;
+  if (blocks == 0) return cudaSuccess;
+  if (!w || !w_t) return cudaErrorInvalidValue;
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat32: return TransposeBlocksTyped<uint32_t>(w, w_t, blocks, bs, s);
+    case DType::kFloat16:
+    case DType::kBFloat16: return TransposeBlocksTyped<uint16_t>(w, w_t, blocks, bs, s);
+  }
+  return cudaErrorInvalidValue;
+}
 
 int LaunchForward(DType dtype, const void* x, const void* w, void* y, int64_t N,
                   int feature_axis, const DeviceLayout& layout, CUstream_st* stream) {

@@ -16,7 +16,7 @@
 //     feature_axis == 0: x (C, N), y (K, N), y = W^T @ x
 //     Output columns (rows for feature_axis 0) with no blocks are written as zeros; every
 //     element of y is written.  dx is this same product on the transposed problem (the caller
-//     passes per-block-transposed weights and the swapped layout).
+//     passes per-block-transposed weights, see LaunchTransposeBlocks, and the swapped layout).
 //   LaunchGradW (only the stored blocks, never C x K):
 //     feature_axis == 1: x (N, C), dy (N, K): dw[b] = x[:, c-block]^T @ dy[:, k-block]
 //     feature_axis == 0: x (C, N), dy (K, N): dw[b] = x[c-block, :] @ dy[k-block, :]^T
@@ -83,6 +83,11 @@ int LaunchForward(DType dtype, const void* x, const void* w, void* y, int64_t N,
 // blocks of a column through the column view).
 int LaunchGradW(DType dtype, const void* x, const void* dy, void* dw, int64_t N,
                 int feature_axis, const DeviceLayout& layout, CUstream_st* stream);
+
+// w_t[b] = w[b]^T for each of the `blocks` (bs x bs) blocks (the input gradient's weights,
+// dx = dy . W^T, for LaunchForward on the swapped layout).  w and w_t must not overlap.
+int LaunchTransposeBlocks(DType dtype, const void* w, void* w_t, int64_t blocks, int64_t bs,
+                          CUstream_st* stream);
 
 // Human-readable name of a code returned above ("no error" for 0).
 const char* ErrorString(int code);

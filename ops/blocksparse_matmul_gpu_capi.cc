@@ -51,6 +51,13 @@ int bsmm_gpu_grad_w(int dtype, const void* x, const void* dy, void* dw, int64_t 
       static_cast<CUstream_st*>(stream));
 }
 
+int bsmm_gpu_transpose_blocks(int dtype, const void* w, void* w_t, int64_t blocks, int64_t bs,
+                              void* stream) {
+  return blocksparse::gpu::LaunchTransposeBlocks(static_cast<blocksparse::gpu::DType>(dtype), w,
+                                                 w_t, blocks, bs,
+                                                 static_cast<CUstream_st*>(stream));
+}
+
 const char* bsmm_gpu_error_string(int code) { return blocksparse::gpu::ErrorString(code); }
 
 int bsmm_gpu_selected_path(int dtype, int64_t N, int feature_axis, int64_t bs, int grad_w) {

@@ -109,9 +109,20 @@ class BlocksparseMatmulGpuOp : public BlocksparseOpBase {
     Tensor* y;
     OP_REQUIRES_OK(ctx, CheckForwardShapes(ctx, device_layout.blocks, &N, &y));
     if (N == 0) return;
+    const Tensor& w = ctx->input(1);
+    // With transpose_w the layout is W^T's, and the kernels read its blocks from a
+    // transposed copy, made on the stream first.
+    Tensor w_t;
+    if (transpose_w_) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(w.dtype(), w.shape(), &w_t));
+      OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchTransposeBlocks(kDType<T>, w.data(), w_t.data(),
+                                                                device_layout.blocks,
+                                                                block_size_, TfCudaStream(ctx)),
+                                     "BlocksparseMatmul (transposing w)"));
+    }
     OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchForward(kDType<T>, ctx->input(0).data(),
-                                                      ctx->input(1).data(), y->data(), N,
-                                                      feature_axis_, device_layout,
+                                                      transpose_w_ ? w_t.data() : w.data(),
+                                                      y->data(), N, feature_axis_, device_layout,
                                                       TfCudaStream(ctx)),
                                    "BlocksparseMatmul"));
   }

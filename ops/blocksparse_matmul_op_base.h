@@ -35,15 +35,18 @@ inline absl::Status CheckAttrs(int64_t block_size, int64_t C, int64_t K, int64_t
   return absl::OkStatus();
 }
 
-// Validates a layout input (blocks, 2) of block coordinates and builds its lookup tables.
+// Validates a layout input (blocks, 2) of block coordinates and builds its lookup tables:
+// those of the transpose's layout (K x C) with `transposed`.
 inline absl::Status LayoutFromTensor(const Tensor& t, int64_t CB, int64_t KB, int64_t block_size,
-                                     BlockLayout* layout) {
+                                     BlockLayout* layout, bool transposed = false) {
   if (t.dims() != 2 || t.dim_size(1) != 2) {
     return absl::InvalidArgumentError("layout must have shape (blocks, 2); got " +
                                       t.shape().DebugString());
   }
+  const int32_t* coords = t.flat<int32_t>().data();
   const std::string error =
-      BuildBlockLayout(t.flat<int32_t>().data(), t.dim_size(0), CB, KB, block_size, layout);
+      transposed ? BuildTransposedBlockLayout(coords, t.dim_size(0), CB, KB, block_size, layout)
+                 : BuildBlockLayout(coords, t.dim_size(0), CB, KB, block_size, layout);
   if (!error.empty()) return absl::InvalidArgumentError(error);
   return absl::OkStatus();
 }
@@ -58,12 +61,15 @@ class BlocksparseOpBase : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("K", &K_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("feature_axis", &feature_axis_));
     OP_REQUIRES_OK(ctx, CheckAttrs(block_size_, C_, K_, feature_axis_));
+    if (ctx->HasAttr("transpose_w")) OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_w", &transpose_w_));
   }
 
  protected:
-  // Validates the layout input and builds its lookup tables.
+  // Validates the layout input and builds the lookup tables of the product's weights: W's,
+  // or with transpose_w those of W^T (block b then holds the transpose of W^T's block b).
   absl::Status BuildLayout(const Tensor& t, BlockLayout* layout) const {
-    return LayoutFromTensor(t, C_ / block_size_, K_ / block_size_, block_size_, layout);
+    return LayoutFromTensor(t, C_ / block_size_, K_ / block_size_, block_size_, layout,
+                            transpose_w_);
   }
 
   // Number of feature vectors N in x, after checking its feature dimension equals `features`.
@@ -104,9 +110,10 @@ class BlocksparseOpBase : public OpKernel {
           ", " + std::to_string(block_size_) + ", " + std::to_string(block_size_) + "); got " +
           w.shape().DebugString());
     }
-    TF_RETURN_IF_ERROR(RowsOf("x", x, C_, N));
+    // y = x . W^T with transpose_w: x has K features and y C.
+    TF_RETURN_IF_ERROR(RowsOf("x", x, transpose_w_ ? K_ : C_, N));
     TensorShape y_shape = x.shape();
-    y_shape.set_dim(feature_axis_ == 1 ? x.dims() - 1 : 0, K_);
+    y_shape.set_dim(feature_axis_ == 1 ? x.dims() - 1 : 0, transpose_w_ ? C_ : K_);
     return ctx->allocate_output(0, y_shape, y);
   }
 
@@ -135,6 +142,7 @@ class BlocksparseOpBase : public OpKernel {
   }
 
   int64_t block_size_, C_, K_, feature_axis_;
+  bool transpose_w_ = false;  // BlocksparseMatmul's attribute (the other ops have none)
 };
 
 }  // namespace blocksparse

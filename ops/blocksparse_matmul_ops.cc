@@ -1,6 +1,6 @@
 // TensorFlow registration of the block-sparse matrix product and its weight gradient.
 //
-//   BlocksparseMatmul:      y = x . W            (also dx = dy . W^T, on the transposed layout)
+//   BlocksparseMatmul:      y = x . W, or with transpose_w y = x . W^T (the input gradient)
 //   BlocksparseMatmulGradW: dw = x^T . dy        for the stored blocks only
 //
 // W (C x K) is given by w (blocks, bs, bs) and `layout` (blocks, 2): block b sits at block row
@@ -85,18 +85,24 @@ REGISTER_OP("BlocksparseMatmul")
     .Attr("C: int")
     .Attr("K: int")
     .Attr("feature_axis: int = 1")
+    .Attr("transpose_w: bool = false")
     .SetShapeFn([](InferenceContext* c) {
       OpAttrs a;
       TF_RETURN_IF_ERROR(GetAttrs(c, &a));
+      bool transpose_w;
+      TF_RETURN_IF_ERROR(c->GetAttr("transpose_w", &transpose_w));
       ShapeHandle w, y;
       TF_RETURN_IF_ERROR(WeightShape(c, 1, 2, a.block_size, &w));
-      TF_RETURN_IF_ERROR(FeatureShape(c, 0, a.C, a.feature_axis, a.K, &y));
+      TF_RETURN_IF_ERROR(FeatureShape(c, 0, transpose_w ? a.K : a.C, a.feature_axis,
+                                      transpose_w ? a.C : a.K, &y));
       c->set_output(0, y);
       return absl::OkStatus();
     })
     .Doc(R"doc(
 Block-sparse product y = x . W, W of shape (C, K) stored as its nonzero (bs x bs) blocks.
 feature_axis=1: x (..., C) -> y (..., K).  feature_axis=0: x (C, N) -> y (K, N).
+transpose_w: y = x . W^T instead (x (..., K) -> y (..., C)), reading w as stored: the input
+gradient dy . W^T with no transposed copy of w made beforehand.
 )doc");
 
 REGISTER_OP("BlocksparseMatmulGradW")
@@ -145,7 +151,8 @@ class BlocksparseMatmulOp : public BlocksparseOpBase {
     if (!ctx->status().ok()) return;
     WriteAsT<T>(ctx, y, [&](float* yf) {
       RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
-        return BlocksparseMatmulCpu(xf, wf, yf, N, feature_axis_, layout, parallel_for, scratch);
+        return BlocksparseMatmulCpu(xf, wf, yf, N, feature_axis_, layout, parallel_for, scratch,
+                                    transpose_w_);
       });
     });
   }

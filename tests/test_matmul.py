@@ -99,6 +99,77 @@ def test_forward_over_many_row_groups_and_column_ranges(bs, N, density):
     assert np.all(y[:, 5 * bs:6 * bs] == 0)
 
 
+def transposed_product(layout, bs, N, feature_axis=1, dtype=np.float32):
+    """y = x . W^T from the raw op with transpose_w, and its float64 reference."""
+    bsmm = BlocksparseMatMul(layout, block_size=bs, feature_axis=feature_axis)
+    x = RNG.standard_normal((N, bsmm.K))
+    w = RNG.standard_normal(bsmm.w_shape)
+    x_in = x if feature_axis == 1 else x.T
+    y = blocksparse_matmul(tf.constant(x_in, dtype), tf.constant(w, dtype),
+                           tf.constant(bsmm.coords), bs, bsmm.C, bsmm.K, feature_axis,
+                           transpose_w=True)
+    ref = x.astype(dtype).astype(np.float64) @ dense_reference(
+        layout, bs, w.astype(dtype).astype(np.float64)).T
+    return y.numpy(), ref if feature_axis == 1 else ref.T
+
+
+@pytest.mark.parametrize("bs", BLOCK_SIZES)
+@pytest.mark.parametrize("feature_axis", [1, 0])
+@pytest.mark.parametrize("N,density", [(7, 0.4), (64, 0.02), (250, 0.4), (130, 1.0), (300, 1.0)])
+def test_transposed_product_reads_w_as_stored(bs, feature_axis, N, density):
+    """transpose_w on every path of the CPU forward: one row group (each task transposes its
+    column range), several (a shared transposed copy), 8-wide blocks in place (2%) and on
+    transposed operands, full layouts repacked into wider blocks (N = 300), and feature_axis 0
+    with x read in place (N <= 96) or in slabs."""
+    CB, KB = (24, 16) if bs > 1 else (70, 45)
+    layout = RNG.random((CB, KB)) < density
+    layout[0, 1] = 1
+    if density < 1:
+        layout[2, :] = 0  # an empty block row: columns of y that must be exactly zero
+    y, ref = transposed_product(layout, bs, N, feature_axis)
+    assert y.shape == ref.shape
+    assert rel_err(y, ref) < 1e-5
+    if density < 1:
+        y_rows = y if feature_axis == 1 else y.T
+        assert np.all(y_rows[:, 2 * bs:3 * bs] == 0)
+
+
+def test_transposed_product_of_columns_wider_than_a_thread_buffer():
+    """A column of more than 2 MiB of 64-wide blocks: one row group, yet a shared copy."""
+    layout = np.ones((130, 2), bool)
+    y, ref = transposed_product(layout, 64, 5)
+    assert rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float16, 2e-3), (tf.bfloat16.as_numpy_dtype, 1e-2)])
+def test_transposed_product_in_half_precision(dtype, tol):
+    y, ref = transposed_product(rect_layout(), 16, 9, dtype=dtype)
+    assert rel_err(y.astype(np.float64), ref) < tol
+
+
+def test_gradients_of_the_transposed_product():
+    """The op with transpose_w has gradients of its own (dx = dy . W, dW = dy^T x), checked
+    by finite differences; y = x . W^T is checked against the reference on the way."""
+    layout = rect_layout()
+    bsmm = BlocksparseMatMul(layout, block_size=8)
+    x = tf.constant(RNG.standard_normal((4, bsmm.K)), tf.float64)
+    w = tf.constant(RNG.standard_normal(bsmm.w_shape), tf.float64)
+    coords = tf.constant(bsmm.coords)
+
+    def product(a, b):
+        # float64 in, through the float32 op
+        y = blocksparse_matmul(tf.cast(a, tf.float32), tf.cast(b, tf.float32), coords, 8,
+                               bsmm.C, bsmm.K, transpose_w=True)
+        return tf.cast(y, tf.float64)
+
+    W = dense_reference(layout, 8, w.numpy())
+    assert rel_err(product(x, w), x.numpy() @ W.T) < 1e-5
+    theoretical, numerical = tf.test.compute_gradient(product, [x, w], delta=1e-3)
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, rtol=1e-3, atol=1e-3)
+        assert np.abs(t).max() > 0.1
+
+
 def test_forward_with_rows_wider_than_a_row_group():
     """x rows of 2^15 + 64 features: a row group is then a single register tile (its rows
     alone about fill the group's L2 budget)."""
@@ -564,6 +635,12 @@ def test_kernel_validates_inputs_itself():
         (lambda: blocksparse_matmul(x, w, good, 8, 20, 16), "multiples of block_size"),
         (lambda: blocksparse_matmul(x, w, tf.zeros((0, 2), tf.int32), 8, 16, 16), "no blocks"),
         (lambda: blocksparse_matmul(x, w, good, 8, 16, 16, feature_axis=3), "feature_axis"),
+        # transpose_w: x has K features, and layout errors name W's coordinates as given.
+        (lambda: blocksparse_matmul(x, w, good, 8, 16, 24, transpose_w=True), r"x must have shape \(\.\.\., 24\)"),
+        (lambda: blocksparse_matmul(tf.ones((2, 24)), w, tf.constant([[0, 0], [2, 1]]), 8, 16, 24,
+                                    transpose_w=True), r"\(2, 1\) outside the layout shape \(2, 3\)"),
+        (lambda: blocksparse_matmul(tf.ones((2, 24)), w, tf.constant([[1, 2], [1, 2]]), 8, 16, 24,
+                                    transpose_w=True), r"at \(1, 2\) appears twice"),
         (lambda: blocksparse_matmul_grad_w(x, tf.ones((3, 16)), good, 8, 16, 16), "same number of rows"),
         # A K no int32 block coordinate can address: an error, not an allocation that ends the
         # process.

@@ -43,6 +43,8 @@ class Lib:
         self.lib.bsmm_gpu_error_string.restype = ctypes.c_char_p
         self.lib.bsmm_gpu_selected_path.argtypes = [I, I64, I, I64, I]
         self.lib.bsmm_gpu_selected_path.restype = I
+        self.lib.bsmm_gpu_transpose_blocks.argtypes = [I, P, P, I64, I64, P]
+        self.lib.bsmm_gpu_transpose_blocks.restype = I
         self.lib.bsmm_gpu_set_tuning.argtypes = [I]
         self.lib.bsmm_gpu_set_tuning.restype = None
         self.tuning = 0
@@ -64,6 +66,11 @@ class Lib:
 
     def grad_w(self, dt, x, dy, dw, N, fa, L, **kw):
         return self._call(self.lib.bsmm_gpu_grad_w, dt, x, dy, dw, N, fa, L, **kw)
+
+    def transpose_blocks(self, dt, w, w_t, blocks, bs):
+        return self.lib.bsmm_gpu_transpose_blocks(DTYPES[dt][0], w.data_ptr(), w_t.data_ptr(),
+                                                  blocks, bs,
+                                                  torch.cuda.current_stream().cuda_stream)
 
     def err(self, code):
         return self.lib.bsmm_gpu_error_string(code).decode()
@@ -183,15 +190,20 @@ def run_case(lib, res, dt, bs, L, N, fa, gen, ops=("fwd", "dw")):
         e = rel_err(dw, ref) if rc == 0 else float("inf")
         res.check(rc == 0 and e <= TOL[dt],
                   f"grad_w  {tag} rc={rc} relerr={e:.3g} path={lib.path(dt, N, fa, bs, 1)}")
-    if "dx" in ops and fa == 1:
-        # dx = dy @ W^T: the forward on per-block-transposed weights and the swapped layout.
-        dy = torch.randn(N, K, generator=gen, device=dev).to(tdt)
+    if "dx" in ops:
+        # dx = dy . W^T as the TensorFlow op computes it (transpose_w): the blocks transposed
+        # on the GPU (exactly: a copy), then the forward on the swapped layout.
+        dy = torch.randn(*ys, generator=gen, device=dev).to(tdt)
         LT = L.transposed()
-        wT = w.transpose(1, 2).contiguous()
-        dx = torch.full((N, C), float("nan"), dtype=tdt, device=dev)
-        rc = lib.forward(dt, dy, wT, dx, N, 1, LT)
+        wT = torch.full_like(w, float("nan"))
+        rc = lib.transpose_blocks(dt, w, wT, L.blocks, bs)
         torch.cuda.synchronize()
-        ref = dy.double() @ W64.t()
+        res.check(rc == 0 and torch.equal(wT, w.transpose(1, 2)),
+                  f"transpose_blocks {tag} rc={rc}")
+        dx = torch.full(xs, float("nan"), dtype=tdt, device=dev)
+        rc = lib.forward(dt, dy, wT, dx, N, fa, LT)
+        torch.cuda.synchronize()
+        ref = dy.double() @ W64.t() if fa == 1 else W64 @ dy.double()
         e = rel_err(dx, ref) if rc == 0 else float("inf")
         res.check(rc == 0 and e <= TOL[dt], f"dx      {tag} rc={rc} relerr={e:.3g}")
 

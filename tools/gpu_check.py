@@ -7,6 +7,7 @@ No TensorFlow.  Modes:
                   float64 references; run-to-run bitwise determinism; argument validation.
   --check         a small subset, meant to run under compute-sanitizer.
   --bench         timing table against dense cuBLAS (torch.matmul) and PyTorch BSR.
+  --bench-transpose  timing of the input gradient's block transposes (LaunchTransposeBlocks).
 Exits non-zero on any failure.
 """
 import argparse
@@ -219,6 +220,14 @@ def correctness(lib, res, quick=False, race=False):
         bss, Ns, dts = [1, 16, 32, 64], [17, 136], ["float32", "bfloat16"]
     if race:  # the subset run under racecheck: tensor-core kernels, pipelines wrapping around
         bss, Ns, dts = [16, 32, 64], [64, 1000], ["bfloat16"]  # small- and long-batch tiles
+        for dt in ("bfloat16", "float32"):  # the block transposes (shared-memory tiles)
+            for bs in (1, 8, 16, 32, 64):
+                w = torch.randn(37, bs, bs, generator=gen, device="cuda").to(DTYPES[dt][1])
+                w_t = torch.full_like(w, float("nan"))
+                rc = lib.transpose_blocks(dt, w, w_t, 37, bs)
+                torch.cuda.synchronize()
+                res.check(rc == 0 and torch.equal(w_t, w.transpose(1, 2)),
+                          f"transpose_blocks {dt} bs={bs} rc={rc}")
         for bs in bss:  # grouped dW tiles
             L = random_layout(64, 4, bs, 0.9, rng, empty_cols=[1])
             for fa in (1, 0):
@@ -698,6 +707,31 @@ def benchmark(lib, res, out_md, quick=False, dtypes=None):
     return md
 
 
+def bench_transpose(lib, res):
+    """Table: LaunchTransposeBlocks (the input gradient's copy of w) against the forward at
+    N = 64 and PyTorch's transposed copy, C = K = 4096; the results checked bit for bit."""
+    rng = np.random.default_rng(3)
+    lines = ["| dtype | bs | density | forward, N = 64 us | LaunchTransposeBlocks us | "
+             "PyTorch w.transpose(1, 2) copy us |", "|---|---|---|---|---|---|"]
+    for dt in ("bfloat16", "float32"):
+        for bs in (8, 16, 32, 64):
+            for density in (0.1, 0.5):
+                L = random_layout(4096 // bs, 4096 // bs, bs, density, rng)
+                tdt = DTYPES[dt][1]
+                w = torch.randn(L.blocks, bs, bs, device="cuda").to(tdt)
+                w_t = torch.empty_like(w)
+                x = torch.randn(64, 4096, device="cuda").to(tdt)
+                y = torch.empty(64, 4096, device="cuda").to(tdt)
+                t_fwd = bench(lambda: lib.forward(dt, x, w, y, 64, 1, L))
+                t_tr = bench(lambda: lib.transpose_blocks(dt, w, w_t, L.blocks, bs))
+                res.check(torch.equal(w_t, w.transpose(1, 2)), f"transpose_blocks {dt} bs={bs}")
+                t_copy = bench(lambda: w_t.copy_(w.transpose(1, 2)))
+                lines.append(f"| {dt} | {bs} | {density:.0%} | {t_fwd * 1e3:.1f} | "
+                             f"{t_tr * 1e3:.1f} | {t_copy * 1e3:.1f} |")
+                print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def time_variant(lib, res, tuning, call, like, expected, what):
     """Benchmark time (ms) of call(out) under SetTuning(tuning), after checking that its output
     equals `expected` bit for bit; the default setting is restored."""
@@ -766,6 +800,8 @@ def main():
     ap.add_argument("--race", action="store_true", help="tiny subset for racecheck")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--bench-transpose", action="store_true",
+                    help="time the input gradient's block transposes (LaunchTransposeBlocks)")
     ap.add_argument("--out-md", default=None)
     ap.add_argument("--dtypes", default=None,
                     help="comma-separated dtypes the benchmark times (default: all)")
@@ -783,6 +819,8 @@ def main():
     if args.correctness:
         correctness(lib, res, quick=args.quick)
     print(f"checks: {res.passed} passed, {len(res.failed)} failed", flush=True)
+    if args.bench_transpose:
+        bench_transpose(lib, res)
     if args.bench:
         md = benchmark(lib, res, args.out_md, quick=args.quick,
                        dtypes=args.dtypes.split(",") if args.dtypes else None)

@@ -40,7 +40,8 @@ void TransposeBlocksOf(const BlockLayout& layout, int64_t begin, int64_t end, co
 }
 
 // At least `count` floats, 64-byte aligned, of a buffer this thread keeps for its next call
-// (warm in cache then, with no fresh pages to fault in).
+// (warm in cache then, with no fresh pages to fault in).  Its only caller asks for at most
+// 2 MiB (TransposedWeights::kThreadBufferBytes), so a thread keeps no more than that.
 float* ThreadBuffer(int64_t count) {
   thread_local std::vector<float> buffer;
   constexpr int64_t kAlign = 16;  // floats
@@ -311,6 +312,9 @@ void ForwardFeatureAxis0(const Slabs& x, const float* w, float* y, int64_t N,
 // the first task over a range transposes its blocks into a copy of w that the others share.
 class TransposedWeights {
  public:
+  // Column-ordered ranges fill L2 no more than this (and each thread keeps a buffer of it).
+  static constexpr int64_t kThreadBufferBytes = int64_t{2} << 20;
+
   TransposedWeights(const BlockLayout& layout, bool w_transposed, int64_t groups,
                     int64_t per_range, const ScratchAllocator& scratch)
       : layout_(layout), area_(layout.block_size * layout.block_size) {
@@ -352,9 +356,6 @@ class TransposedWeights {
   }
 
  private:
-  // Column-ordered ranges fill L2 no more than this.
-  static constexpr int64_t kThreadBufferBytes = int64_t{2} << 20;
-
   const BlockLayout& layout_;
   const int64_t area_;
   bool ok_ = true;

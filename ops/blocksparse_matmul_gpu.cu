@@ -187,15 +187,20 @@ int CheckCommon(DType dt, int64_t N, int fa, const DeviceLayout& L) {
   return cudaSuccess;
 }
 
+// With w_transposed (w holds the transposes of the product's blocks), only the tensor-core
+// kernels that read them so launch; otherwise internal::kNeedsTransposedCopy, nothing launched.
 template <typename T>
 int ForwardTyped(const void* x, const void* w, void* y, int64_t N, int fa, const DeviceLayout& L,
-                 int device, const DeviceInfo& di, cudaStream_t s, DType dt) {
+                 int device, const DeviceInfo& di, cudaStream_t s, DType dt,
+                 bool w_transposed = false) {
   const bool aligned = Aligned16(x) && Aligned16(w) && Aligned16(y);
   if (aligned && MmaEligible(dt, N, fa, L.block_size, di)) {
     mma_impl::Params p{x, w, y, N, L.CB * L.block_size, L.KB * L.block_size, L.col_ptr,
                        L.col_row, L.col_block, L.block_row, L.block_col, L.blocks, 0};
-    return internal::ForwardMma<T>(p, fa, N, L.block_size, L.KB, L.blocks, device, di, s);
+    return internal::ForwardMma<T>(p, fa, N, L.block_size, L.KB, L.blocks, device, di, s,
+                                   w_transposed);
   }
+  if (w_transposed) return internal::kNeedsTransposedCopy;
   return LaunchForwardSimple<T>(x, w, y, N, fa, L, di, s);
 }
 
@@ -291,24 +296,54 @@ int LaunchTransposeBlocks(DType dtype, const void* w, void* w_t, int64_t blocks,
   return cudaErrorInvalidValue;
 }
 
-int LaunchForward(DType dtype, const void* x, const void* w, void* y, int64_t N,
-                  int feature_axis, const DeviceLayout& layout, CUstream_st* stream) {
+namespace {
+int LaunchForwardImpl(DType dtype, const void* x, const void* w, void* y, int64_t N,
+                      int feature_axis, const DeviceLayout& layout, CUstream_st* stream,
+                      void* transposed_copy) {
   int e = CheckCommon(dtype, N, feature_axis, layout);
   if (e) return e;
   if (N == 0) return cudaSuccess;  // y is empty
   if (!x || !y || !layout.col_ptr) return cudaErrorInvalidValue;
   if (layout.blocks > 0 && (!w || !layout.col_row || !layout.col_block))
     return cudaErrorInvalidValue;
+  const bool w_transposed = transposed_copy != nullptr;
   DeviceInfo di;
   int device = 0;
   if ((e = GetDeviceInfo(&di, &device))) return e;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::kFloat32: return ForwardTyped<float>(x, w, y, N, feature_axis, layout, device, di, s, dtype);
-    case DType::kFloat16: return ForwardTyped<__half>(x, w, y, N, feature_axis, layout, device, di, s, dtype);
-    case DType::kBFloat16: return ForwardTyped<__nv_bfloat16>(x, w, y, N, feature_axis, layout, device, di, s, dtype);
-  }
-  return cudaErrorInvalidValue;
+  auto run = [&](const void* weights, bool transposed) {
+    switch (dtype) {
+      case DType::kFloat32:
+        return ForwardTyped<float>(x, weights, y, N, feature_axis, layout, device, di, s, dtype,
+                                   transposed);
+      case DType::kFloat16:
+        return ForwardTyped<__half>(x, weights, y, N, feature_axis, layout, device, di, s,
+                                    dtype, transposed);
+      case DType::kBFloat16:
+        return ForwardTyped<__nv_bfloat16>(x, weights, y, N, feature_axis, layout, device, di,
+                                           s, dtype, transposed);
+    }
+    return static_cast<int>(cudaErrorInvalidValue);
+  };
+  e = run(w, w_transposed);
+  if (e != internal::kNeedsTransposedCopy) return e;
+  if ((e = LaunchTransposeBlocks(dtype, w, transposed_copy, layout.blocks, layout.block_size,
+                                 stream)))
+    return e;
+  return run(transposed_copy, false);
+}
+}  // namespace
+
+int LaunchForward(DType dtype, const void* x, const void* w, void* y, int64_t N,
+                  int feature_axis, const DeviceLayout& layout, CUstream_st* stream) {
+  return LaunchForwardImpl(dtype, x, w, y, N, feature_axis, layout, stream, nullptr);
+}
+
+int LaunchForwardTransposedW(DType dtype, const void* x, const void* w, void* y, int64_t N,
+                             int feature_axis, const DeviceLayout& layout, void* workspace,
+                             CUstream_st* stream) {
+  if (!workspace) return cudaErrorInvalidValue;
+  return LaunchForwardImpl(dtype, x, w, y, N, feature_axis, layout, stream, workspace);
 }
 
 int LaunchGradW(DType dtype, const void* x, const void* dy, void* dw, int64_t N,

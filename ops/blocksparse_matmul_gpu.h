@@ -15,8 +15,8 @@
 //     feature_axis == 1: x (N, C), y (N, K), y = x @ W
 //     feature_axis == 0: x (C, N), y (K, N), y = W^T @ x
 //     Output columns (rows for feature_axis 0) with no blocks are written as zeros; every
-//     element of y is written.  dx is this same product on the transposed problem (the caller
-//     passes per-block-transposed weights, see LaunchTransposeBlocks, and the swapped layout).
+//     element of y is written.  dx is this same product on the transposed problem: the swapped
+//     layout and W's blocks transposed (LaunchForwardTransposedW reads them as stored).
 //   LaunchGradW (only the stored blocks, never C x K):
 //     feature_axis == 1: x (N, C), dy (N, K): dw[b] = x[:, c-block]^T @ dy[:, k-block]
 //     feature_axis == 0: x (C, N), dy (K, N): dw[b] = x[c-block, :] @ dy[k-block, :]^T
@@ -88,6 +88,16 @@ int LaunchGradW(DType dtype, const void* x, const void* dy, void* dw, int64_t N,
 // dx = dy . W^T, for LaunchForward on the swapped layout).  w and w_t must not overlap.
 int LaunchTransposeBlocks(DType dtype, const void* w, void* w_t, int64_t blocks, int64_t bs,
                           CUstream_st* stream);
+
+// LaunchForward where block b of w holds the transpose of the product's block b (`layout` is
+// the product's: the input gradient dx = dy . W^T passes W's blocks as stored and W^T's
+// layout).  The 16-bit small-batch kernels on sm_90 (N <= 64, bs 32 and 64) read the blocks
+// transposed as they load them; every other case transposes them into `workspace` (device
+// memory for blocks * bs * bs elements of dtype, not overlapping the others) first.  The
+// results are those of LaunchForward on transposed copies, bit for bit.
+int LaunchForwardTransposedW(DType dtype, const void* x, const void* w, void* y, int64_t N,
+                             int feature_axis, const DeviceLayout& layout, void* workspace,
+                             CUstream_st* stream);
 
 // Human-readable name of a code returned above ("no error" for 0).
 const char* ErrorString(int code);

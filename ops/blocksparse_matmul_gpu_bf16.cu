@@ -9,7 +9,7 @@ namespace gpu {
 namespace internal {
 
 template int ForwardMma<__nv_bfloat16>(const mma_impl::Params&, int, int64_t, int64_t, int64_t, int64_t,
-                             int, const DeviceInfo&, cudaStream_t);
+                             int, const DeviceInfo&, cudaStream_t, bool);
 template int GradWMma<__nv_bfloat16>(const mma_impl::Params&, int, int64_t, int64_t, int64_t, int,
                            const DeviceInfo&, cudaStream_t);
 

@@ -414,12 +414,14 @@ int LaunchWgmmaForwardNarrow(const NarrowParams& p, int64_t N, int64_t KB, int d
 //     density, so splits stop at two.
 // With copy-engine copies (kCopyEngine) bs 64 takes one block per step and 12 stages (193 KiB)
 // instead of two blocks and 7.
-template <bool kCopyEngine>
+// kTransW: the weights read transposed as stored (see NarrowFwdCfg).
+template <bool kCopyEngine, bool kTransW = false>
 struct SmallBatchCfgs {
-  using Bs32 = wgmma_impl::NarrowFwdCfg<32, 4, 64, 8, kCopyEngine>;
-  using Bs32Split = wgmma_impl::NarrowFwdCfg<32, 4, 64, 4, kCopyEngine>;
-  using Bs64 = typename std::conditional<kCopyEngine, wgmma_impl::NarrowFwdCfg<64, 12, 64, 1, true>,
-                                         wgmma_impl::NarrowFwdCfg<64, 7, 64, 2>>::type;
+  using Bs32 = wgmma_impl::NarrowFwdCfg<32, 4, 64, 8, kCopyEngine, kTransW>;
+  using Bs32Split = wgmma_impl::NarrowFwdCfg<32, 4, 64, 4, kCopyEngine, kTransW>;
+  using Bs64 = typename std::conditional<
+      kCopyEngine, wgmma_impl::NarrowFwdCfg<64, 12, 64, 1, true, kTransW>,
+      wgmma_impl::NarrowFwdCfg<64, 7, 64, 2, false, kTransW>>::type;
 };
 constexpr double kSmallBatchSplitBlocks32 = 64, kSmallBatchSplitBlocks64 = 32;
 // Their shared memory fits every sm_90 GPU's opt-in limit (227 KiB): asserted here, so that a
@@ -495,7 +497,7 @@ int LaunchSmallBatchCfgs(const NarrowParams& p, int64_t N, int64_t KB, double bl
   }
 }
 
-template <typename T, int FA, int BS>
+template <typename T, int FA, int BS, bool kTransW = false>
 int LaunchWgmmaSmallBatchForward(const Params& p, int64_t N, int64_t KB, double blocks_per_col,
                                  int device, const DeviceInfo& di, cudaStream_t s) {
   static_assert(BS == 32 || BS == 64, "bs 16 keeps the mma.sync tiles");
@@ -503,10 +505,10 @@ int LaunchWgmmaSmallBatchForward(const Params& p, int64_t N, int64_t KB, double 
   if (CopyEngineEnabled() &&
       blocks_per_col >= (BS == 64 ? kCopyEngineMinBlocks64 : kCopyEngineMinBlocks32) &&
       EncodeNarrowMaps<T, FA, BS, 64>(&np))
-    return LaunchSmallBatchCfgs<T, FA, BS, SmallBatchCfgs<true>>(np, N, KB, blocks_per_col,
-                                                                device, di, s);
-  return LaunchSmallBatchCfgs<T, FA, BS, SmallBatchCfgs<false>>(np, N, KB, blocks_per_col,
-                                                               device, di, s);
+    return LaunchSmallBatchCfgs<T, FA, BS, SmallBatchCfgs<true, kTransW>>(
+        np, N, KB, blocks_per_col, device, di, s);
+  return LaunchSmallBatchCfgs<T, FA, BS, SmallBatchCfgs<false, kTransW>>(
+      np, N, KB, blocks_per_col, device, di, s);
 }
 
 // The bs-16 / bs-32 forward with N > 64.
@@ -719,10 +721,21 @@ int ForwardF32Bs16(const Params& p, int64_t N, int64_t KB, double blocks_per_col
   return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
 }
 
+// w_transposed: p.w holds the transposes of the product's blocks.  Only the small-batch wgmma
+// forward reads them so (with the same sums as on a transposed copy); elsewhere this returns
+// kNeedsTransposedCopy, having launched nothing.
 template <typename T, int FA, int BS>
 int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int device,
-                 const DeviceInfo& di, cudaStream_t s) {
+                 const DeviceInfo& di, cudaStream_t s, bool w_transposed) {
   const double blocks_per_col = static_cast<double>(blocks) / static_cast<double>(KB);
+  if (w_transposed) {
+    if constexpr (sizeof(T) == 2 && BS >= 32) {
+      if (N <= kSmallBatch && WgmmaEnabled(di) && SmallBatchWgmmaFits(di))
+        return LaunchWgmmaSmallBatchForward<T, FA, BS, true>(p, N, KB, blocks_per_col, device,
+                                                             di, s);
+    }
+    return kNeedsTransposedCopy;
+  }
   if constexpr (sizeof(T) == 2 && BS == 64) {
     if (UseWgmma(N, di)) return LaunchWgmmaForward<T, FA>(p, N, KB, device, di, s);
   }
@@ -776,11 +789,11 @@ int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int dev
 
 template <typename T, int FA>
 int ForwardMmaFa(const Params& p, int64_t N, int64_t bs, int64_t KB, int64_t blocks, int device,
-                 const DeviceInfo& di, cudaStream_t s) {
+                 const DeviceInfo& di, cudaStream_t s, bool w_transposed) {
   switch (bs) {
-    case 16: return ForwardMmaBs<T, FA, 16>(p, N, KB, blocks, device, di, s);
-    case 32: return ForwardMmaBs<T, FA, 32>(p, N, KB, blocks, device, di, s);
-    case 64: return ForwardMmaBs<T, FA, 64>(p, N, KB, blocks, device, di, s);
+    case 16: return ForwardMmaBs<T, FA, 16>(p, N, KB, blocks, device, di, s, w_transposed);
+    case 32: return ForwardMmaBs<T, FA, 32>(p, N, KB, blocks, device, di, s, w_transposed);
+    case 64: return ForwardMmaBs<T, FA, 64>(p, N, KB, blocks, device, di, s, w_transposed);
   }
   return cudaErrorInvalidValue;
 }
@@ -854,9 +867,11 @@ int GradWMmaFa(const Params& p, int64_t N, int64_t bs, int64_t blocks, int devic
 
 template <typename T>
 int ForwardMma(const Params& p, int feature_axis, int64_t N, int64_t bs, int64_t KB,
-               int64_t blocks, int device, const DeviceInfo& di, cudaStream_t stream) {
-  return feature_axis == 1 ? ForwardMmaFa<T, 1>(p, N, bs, KB, blocks, device, di, stream)
-                           : ForwardMmaFa<T, 0>(p, N, bs, KB, blocks, device, di, stream);
+               int64_t blocks, int device, const DeviceInfo& di, cudaStream_t stream,
+               bool w_transposed) {
+  return feature_axis == 1
+             ? ForwardMmaFa<T, 1>(p, N, bs, KB, blocks, device, di, stream, w_transposed)
+             : ForwardMmaFa<T, 0>(p, N, bs, KB, blocks, device, di, stream, w_transposed);
 }
 
 template <typename T>

@@ -9,7 +9,7 @@ namespace gpu {
 namespace internal {
 
 template int ForwardMma<float>(const mma_impl::Params&, int, int64_t, int64_t, int64_t, int64_t,
-                             int, const DeviceInfo&, cudaStream_t);
+                             int, const DeviceInfo&, cudaStream_t, bool);
 template int GradWMma<float>(const mma_impl::Params&, int, int64_t, int64_t, int64_t, int,
                            const DeviceInfo&, cudaStream_t);
 

@@ -109,22 +109,24 @@ class BlocksparseMatmulGpuOp : public BlocksparseOpBase {
     Tensor* y;
     OP_REQUIRES_OK(ctx, CheckForwardShapes(ctx, device_layout.blocks, &N, &y));
     if (N == 0) return;
+    const Tensor& x = ctx->input(0);
     const Tensor& w = ctx->input(1);
-    // With transpose_w the layout is W^T's, and the kernels read its blocks from a
-    // transposed copy, made on the stream first.
-    Tensor w_t;
-    if (transpose_w_) {
-      OP_REQUIRES_OK(ctx, ctx->allocate_temp(w.dtype(), w.shape(), &w_t));
-      OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchTransposeBlocks(kDType<T>, w.data(), w_t.data(),
-                                                                device_layout.blocks,
-                                                                block_size_, TfCudaStream(ctx)),
-                                     "BlocksparseMatmul (transposing w)"));
+    if (!transpose_w_) {
+      OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchForward(kDType<T>, x.data(), w.data(), y->data(),
+                                                        N, feature_axis_, device_layout,
+                                                        TfCudaStream(ctx)),
+                                     "BlocksparseMatmul"));
+      return;
     }
-    OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchForward(kDType<T>, ctx->input(0).data(),
-                                                      transpose_w_ ? w_t.data() : w.data(),
-                                                      y->data(), N, feature_axis_, device_layout,
-                                                      TfCudaStream(ctx)),
-                                   "BlocksparseMatmul"));
+    // The layout is W^T's; the kernels read w's blocks transposed, or from a transposed copy
+    // in this workspace.
+    Tensor workspace;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(w.dtype(), w.shape(), &workspace));
+    OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchForwardTransposedW(
+                                       kDType<T>, x.data(), w.data(), y->data(), N,
+                                       feature_axis_, device_layout, workspace.data(),
+                                       TfCudaStream(ctx)),
+                                   "BlocksparseMatmul (transpose_w)"));
   }
 
  private:

@@ -447,9 +447,14 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
 // tensor maps in Params, each stage guarded by a `full` mbarrier (its bytes landed) and an
 // `empty` one (the wgmma group that read it is done), so copies run up to kStages steps ahead
 // and the four MMA warps only wait, multiply and release.
-template <int BST, int kStagesT, int kBMT, int kBlocksPerStepT = 1, bool kTensorMapCopiesT = false>
+// With kTransW each stored block holds the transpose of the product's block (the input
+// gradient's weights, read as stored): the same copies, the weight operand read K-contiguous
+// (its rows are the product's output features) instead of N-contiguous, the same sums.
+template <int BST, int kStagesT, int kBMT, int kBlocksPerStepT = 1, bool kTensorMapCopiesT = false,
+          bool kTransWT = false>
 struct NarrowFwdCfg {
   static constexpr int BS = BST;
+  static constexpr bool kTransW = kTransWT;
   static constexpr int kBM = kBMT;  // batch rows per CTA
   static constexpr bool kTensorMapCopies = kTensorMapCopiesT;
   static constexpr int kMmaThreads = 128;  // the warpgroup that multiplies
@@ -552,14 +557,17 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       const uint32_t w_base = stored ? stage + P * Cfg::kXBytes + q * Cfg::kWBytes : zero_tile;
 #pragma unroll
       for (int kk = 0; kk < BS / 16; ++kk) {
-        const uint64_t bd = DescriptorR<kWRowBytes>(w_base + kk * 16 * kWRowBytes);
+        // k16 slice kk of the weights: 16 rows on (N-contiguous), or with kTransW 32 bytes
+        // into every row (K-contiguous, as x's rows with feature axis 1).
+        const uint64_t bd = DescriptorR<kWRowBytes>(
+            w_base + (Cfg::kTransW ? kk * 32 : kk * 16 * kWRowBytes));
 #pragma unroll
         for (int h = 0; h < kGroups; ++h) {
           if constexpr (FA == 1)
-            Wgmma<T, BS, false, true>(
+            Wgmma<T, BS, false, !Cfg::kTransW>(
                 acc[h], DescriptorR<kRowBytes>(x_base + h * kGroupBytes + kk * 32), bd);
           else
-            Wgmma<T, BS, true, true>(
+            Wgmma<T, BS, true, !Cfg::kTransW>(
                 acc[h], DescriptorR<128>(x_base + h * kGroupBytes + kk * 2048), bd);
         }
       }

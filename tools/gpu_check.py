@@ -44,6 +44,8 @@ class Lib:
         self.lib.bsmm_gpu_error_string.restype = ctypes.c_char_p
         self.lib.bsmm_gpu_selected_path.argtypes = [I, I64, I, I64, I]
         self.lib.bsmm_gpu_selected_path.restype = I
+        self.lib.bsmm_gpu_forward_transposed_w.argtypes = sig[:-1] + [P, P]
+        self.lib.bsmm_gpu_forward_transposed_w.restype = I
         self.lib.bsmm_gpu_transpose_blocks.argtypes = [I, P, P, I64, I64, P]
         self.lib.bsmm_gpu_transpose_blocks.restype = I
         self.lib.bsmm_gpu_set_tuning.argtypes = [I]
@@ -67,6 +69,13 @@ class Lib:
 
     def grad_w(self, dt, x, dy, dw, N, fa, L, **kw):
         return self._call(self.lib.bsmm_gpu_grad_w, dt, x, dy, dw, N, fa, L, **kw)
+
+    def forward_transposed_w(self, dt, x, w, y, N, fa, L, workspace):
+        """y = x . W where w holds the transposes of the blocks of L (the product's layout)."""
+        s = torch.cuda.current_stream().cuda_stream
+        return self.lib.bsmm_gpu_forward_transposed_w(
+            DTYPES[dt][0], x.data_ptr(), w.data_ptr(), y.data_ptr(), N, fa, *L.ptrs(), L.CB,
+            L.KB, L.bs, L.blocks, workspace.data_ptr(), s)
 
     def transpose_blocks(self, dt, w, w_t, blocks, bs):
         return self.lib.bsmm_gpu_transpose_blocks(DTYPES[dt][0], w.data_ptr(), w_t.data_ptr(),
@@ -207,6 +216,17 @@ def run_case(lib, res, dt, bs, L, N, fa, gen, ops=("fwd", "dw")):
         ref = dy.double() @ W64.t() if fa == 1 else W64 @ dy.double()
         e = rel_err(dx, ref) if rc == 0 else float("inf")
         res.check(rc == 0 and e <= TOL[dt], f"dx      {tag} rc={rc} relerr={e:.3g}")
+        # The same product reading w as stored (the op's transpose_w): bit for bit the same,
+        # whether the kernel reads the blocks transposed or copies them first.
+        dx2 = torch.full_like(dx, float("nan"))
+        workspace = torch.full_like(w, float("nan"))
+        rc = lib.forward_transposed_w(dt, dy, w, dx2, N, fa, LT, workspace)
+        torch.cuda.synchronize()
+        res.check(rc == 0 and torch.equal(dx2.view(torch.int16 if dx.element_size() == 2 else
+                                                     torch.int32),
+                                          dx.view(torch.int16 if dx.element_size() == 2 else
+                                                  torch.int32)),
+                  f"dx reading w transposed {tag} rc={rc}")
 
 
 def correctness(lib, res, quick=False, race=False):
@@ -711,8 +731,9 @@ def bench_transpose(lib, res):
     """Table: LaunchTransposeBlocks (the input gradient's copy of w) against the forward at
     N = 64 and PyTorch's transposed copy, C = K = 4096; the results checked bit for bit."""
     rng = np.random.default_rng(3)
-    lines = ["| dtype | bs | density | forward, N = 64 us | LaunchTransposeBlocks us | "
-             "PyTorch w.transpose(1, 2) copy us |", "|---|---|---|---|---|---|"]
+    lines = ["| dtype | bs | density | forward, N = 64 us | forward reading w transposed "
+             "(LaunchForwardTransposedW), N = 64 us | LaunchTransposeBlocks us | "
+             "PyTorch w.transpose(1, 2) copy us |", "|---|---|---|---|---|---|---|"]
     for dt in ("bfloat16", "float32"):
         for bs in (8, 16, 32, 64):
             for density in (0.1, 0.5):
@@ -723,11 +744,16 @@ def bench_transpose(lib, res):
                 x = torch.randn(64, 4096, device="cuda").to(tdt)
                 y = torch.empty(64, 4096, device="cuda").to(tdt)
                 t_fwd = bench(lambda: lib.forward(dt, x, w, y, 64, 1, L))
+                workspace = torch.empty_like(w)
+                y_t = torch.empty_like(y)
+                LT = L.transposed()
+                t_fwd_t = bench(lambda: lib.forward_transposed_w(dt, x, w, y_t, 64, 1, LT,
+                                                                 workspace))
                 t_tr = bench(lambda: lib.transpose_blocks(dt, w, w_t, L.blocks, bs))
                 res.check(torch.equal(w_t, w.transpose(1, 2)), f"transpose_blocks {dt} bs={bs}")
                 t_copy = bench(lambda: w_t.copy_(w.transpose(1, 2)))
                 lines.append(f"| {dt} | {bs} | {density:.0%} | {t_fwd * 1e3:.1f} | "
-                             f"{t_tr * 1e3:.1f} | {t_copy * 1e3:.1f} |")
+                             f"{t_fwd_t * 1e3:.1f} | {t_tr * 1e3:.1f} | {t_copy * 1e3:.1f} |")
                 print(lines[-1], flush=True)
     return "\n".join(lines)
 

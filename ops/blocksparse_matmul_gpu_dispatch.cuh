@@ -331,7 +331,8 @@ int LaunchMmaGradW(const Params& p, int64_t N, int64_t blocks, int device, const
 using WgmmaFwdCfg = wgmma_impl::FwdCfg<4>;
 // Keys the per-device caches of PrepareKernel / LaunchTiles for kernels that are not
 // BlocksparseMmaKernel: element type, configuration, and a kind (the feature axis plus 0 for
-// the bs-64 wgmma forward, 10 the narrow wgmma forward, 20 the wgmma dW, 30 the small-batch dW).
+// the bs-64 wgmma forward, 10 the narrow wgmma forward, 20 the wgmma dW, 30 the small-batch dW,
+// 40 the bs-64 wgmma forward reading w transposed).
 template <typename T, class Cfg, int kKind>
 struct KernelTag {};
 
@@ -352,12 +353,12 @@ inline bool UseWgmma(int64_t N, const DeviceInfo& di) {
 // SetTuning(5) launches one CTA per tile everywhere.  Results are the same either way.
 constexpr int64_t kWgmmaPersistentMaxWaves = 16;
 
-template <typename T, int FA>
+template <typename T, int FA, bool kTransW = false>
 int LaunchWgmmaForward(const Params& p, int64_t N, int64_t KB, int device, const DeviceInfo& di,
                        cudaStream_t s) {
   using Cfg = WgmmaFwdCfg;
-  using Tag = KernelTag<T, Cfg, FA>;
-  auto kernel = wgmma_impl::WgmmaForwardKernel<T, FA, Cfg>;
+  using Tag = KernelTag<T, Cfg, (kTransW ? 40 : 0) + FA>;
+  auto kernel = wgmma_impl::WgmmaForwardKernel<T, FA, Cfg, kTransW>;
   const int64_t tiles = KB * ((N + Cfg::kBM - 1) / Cfg::kBM);
   int per_sm = 0;
   const int e = PrepareKernel<Tag>(kernel, Cfg::kThreads, Cfg::kSmemBytes, device, di, &per_sm);
@@ -384,8 +385,8 @@ int LaunchWgmmaForward(const Params& p, int64_t N, int64_t KB, int device, const
 // between the measured 50% and 100%).
 constexpr double kWgmmaBs16MaxColumnFill = 0.75;
 constexpr int kSmallBatchMaxSplit = 2;  // see LaunchWgmmaSmallBatchForward
-template <int BS, bool kCopyEngine>
-using NarrowFwdCfgOf = wgmma_impl::NarrowFwdCfg<BS, BS == 32 ? 3 : 4, 256, 1, kCopyEngine>;
+template <int BS, bool kCopyEngine, bool kTransW = false>
+using NarrowFwdCfgOf = wgmma_impl::NarrowFwdCfg<BS, BS == 32 ? 3 : 4, 256, 1, kCopyEngine, kTransW>;
 using wgmma_impl::NarrowParams;
 template <typename T, int FA, int BS, class Cfg>
 int LaunchWgmmaForwardNarrow(const NarrowParams& p, int64_t N, int64_t KB, int device,
@@ -512,13 +513,15 @@ int LaunchWgmmaSmallBatchForward(const Params& p, int64_t N, int64_t KB, double 
 }
 
 // The bs-16 / bs-32 forward with N > 64.
-template <typename T, int FA, int BS>
+template <typename T, int FA, int BS, bool kTransW = false>
 int LaunchWgmmaForwardLong(const Params& p, int64_t N, int64_t KB, int device,
                            const DeviceInfo& di, cudaStream_t s) {
   NarrowParams np{p, {}, {}};
   if (CopyEngineEnabled() && EncodeNarrowMaps<T, FA, BS, 256>(&np))
-    return LaunchWgmmaForwardNarrow<T, FA, BS, NarrowFwdCfgOf<BS, true>>(np, N, KB, device, di, s);
-  return LaunchWgmmaForwardNarrow<T, FA, BS, NarrowFwdCfgOf<BS, false>>(np, N, KB, device, di, s);
+    return LaunchWgmmaForwardNarrow<T, FA, BS, NarrowFwdCfgOf<BS, true, kTransW>>(np, N, KB,
+                                                                                 device, di, s);
+  return LaunchWgmmaForwardNarrow<T, FA, BS, NarrowFwdCfgOf<BS, false, kTransW>>(np, N, KB,
+                                                                                device, di, s);
 }
 
 // dW (16-bit, sm_90): groups of up to G x 64 / bs blocks of one block column per
@@ -721,34 +724,41 @@ int ForwardF32Bs16(const Params& p, int64_t N, int64_t KB, double blocks_per_col
   return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
 }
 
-// w_transposed: p.w holds the transposes of the product's blocks.  Only the small-batch wgmma
-// forward reads them so (with the same sums as on a transposed copy); elsewhere this returns
-// kNeedsTransposedCopy, having launched nothing.
-template <typename T, int FA, int BS>
-int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int device,
-                 const DeviceInfo& di, cudaStream_t s, bool w_transposed) {
-  const double blocks_per_col = static_cast<double>(blocks) / static_cast<double>(KB);
-  if (w_transposed) {
-    if constexpr (sizeof(T) == 2 && BS >= 32) {
-      if (N <= kSmallBatch && WgmmaEnabled(di) && SmallBatchWgmmaFits(di))
-        return LaunchWgmmaSmallBatchForward<T, FA, BS, true>(p, N, KB, blocks_per_col, device,
-                                                             di, s);
-    }
-    return kNeedsTransposedCopy;
-  }
+// The wgmma forwards (16-bit, sm_90), where one applies: launches it and returns its status,
+// else kNoWgmma.  kTransW: p.w holds the transposes of the product's blocks, read so.
+constexpr int kNoWgmma = -2;
+template <typename T, int FA, int BS, bool kTransW>
+int ForwardWgmmaBs(const Params& p, int64_t N, int64_t KB, double blocks_per_col, int device,
+                   const DeviceInfo& di, cudaStream_t s) {
   if constexpr (sizeof(T) == 2 && BS == 64) {
-    if (UseWgmma(N, di)) return LaunchWgmmaForward<T, FA>(p, N, KB, device, di, s);
+    if (UseWgmma(N, di)) return LaunchWgmmaForward<T, FA, kTransW>(p, N, KB, device, di, s);
   }
   if constexpr (sizeof(T) == 2 && BS <= 32) {
     const bool full_columns =
         BS == 16 && blocks_per_col > kWgmmaBs16MaxColumnFill * static_cast<double>(p.C / BS);
     if (UseWgmma(N, di) && !full_columns)
-      return LaunchWgmmaForwardLong<T, FA, BS>(p, N, KB, device, di, s);
+      return LaunchWgmmaForwardLong<T, FA, BS, kTransW>(p, N, KB, device, di, s);
   }
   if constexpr (sizeof(T) == 2 && BS >= 32) {
     if (N <= kSmallBatch && WgmmaEnabled(di) && SmallBatchWgmmaFits(di))
-      return LaunchWgmmaSmallBatchForward<T, FA, BS>(p, N, KB, blocks_per_col, device, di, s);
+      return LaunchWgmmaSmallBatchForward<T, FA, BS, kTransW>(p, N, KB, blocks_per_col, device,
+                                                              di, s);
   }
+  return kNoWgmma;
+}
+
+// w_transposed: p.w holds the transposes of the product's blocks.  Only the wgmma forwards
+// read them so (with the same sums as on a transposed copy); elsewhere this returns
+// kNeedsTransposedCopy, having launched nothing.
+template <typename T, int FA, int BS>
+int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int device,
+                 const DeviceInfo& di, cudaStream_t s, bool w_transposed) {
+  const double blocks_per_col = static_cast<double>(blocks) / static_cast<double>(KB);
+  const int wgmma =
+      w_transposed ? ForwardWgmmaBs<T, FA, BS, true>(p, N, KB, blocks_per_col, device, di, s)
+                   : ForwardWgmmaBs<T, FA, BS, false>(p, N, KB, blocks_per_col, device, di, s);
+  if (wgmma != kNoWgmma) return wgmma;
+  if (w_transposed) return kNeedsTransposedCopy;
   if constexpr (sizeof(T) == 4 && BS == 16) {
     if (N <= kSmallBatch || N > kF32Bs16WideMinBatch || FA == 1)
       return ForwardF32Bs16<T, FA>(p, N, KB, blocks_per_col, device, di, s);

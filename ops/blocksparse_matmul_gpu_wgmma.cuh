@@ -258,7 +258,10 @@ __device__ __forceinline__ void CopyOutStagedTile(const T* Cs, T* gy, int tid, i
 // steps, copies are in flight into stages g .. g + kStages - 3 (mod kStages), so stage
 // g + kStages - 1 is free and stages the tile's output (as T: rounded exactly as stored).
 // Needs sm_90a; with feature axis 0, N % 8 == 0 (as for the mma.sync kernels).
-template <typename T, int FA, class Cfg>
+// With kTransW each stored block holds the transpose of the product's block (the input
+// gradient's weights, read as stored): the same copies, A (W^T) read K-contiguous (32 bytes
+// into its rows per k16 slice) instead of M-contiguous, the same sums.
+template <typename T, int FA, class Cfg, bool kTransW = false>
 __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params p) {
 #if BSMM_HAS_WGMMA
   constexpr int kBM = Cfg::kBM, kStages = Cfg::kStages;
@@ -370,12 +373,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
       WgmmaFence();
 #pragma unroll
       for (int kk = 0; kk < kBS / 16; ++kk) {
+        const uint64_t ad = Descriptor(w_base + (kTransW ? kk * 32 : kk * 2048));
         if constexpr (FA == 1)
-          Wgmma<T, kBM, true, false>(acc, Descriptor(w_base + kk * 2048),
-                                     Descriptor(x_base + kk * 32));
+          Wgmma<T, kBM, !kTransW, false>(acc, ad, Descriptor(x_base + kk * 32));
         else
-          Wgmma<T, kBM, true, true>(acc, Descriptor(w_base + kk * 2048),
-                                    Descriptor(x_base + kk * 2048, kBS * 128));
+          Wgmma<T, kBM, !kTransW, true>(acc, ad, Descriptor(x_base + kk * 2048, kBS * 128));
       }
       WgmmaCommit();
       WgmmaWait<1>();  // step g - 1's group is done; step g's may still run

@@ -418,7 +418,8 @@ def correctness(lib, res, quick=False, race=False):
                         if L.CB == 64 and N not in (17, 264, 1000):
                             continue
                         run_case(lib, res, dt, bs, L, N, fa, gen,
-                                 ops=("fwd", "dw", "dx") if N in (17, 64) else ("fwd", "dw"))
+                                 ops=("fwd", "dw", "dx") if N in (17, 64, 136, 264)
+                                 else ("fwd", "dw"))
     if quick or race:
         return
     # Long reductions (4096 products per output; 8192 batch rows for dW): float32 accuracy
@@ -728,32 +729,35 @@ def benchmark(lib, res, out_md, quick=False, dtypes=None):
 
 
 def bench_transpose(lib, res):
-    """Table: LaunchTransposeBlocks (the input gradient's copy of w) against the forward at
-    N = 64 and PyTorch's transposed copy, C = K = 4096; the results checked bit for bit."""
+    """Table: the forward reading w transposed (LaunchForwardTransposedW, the input gradient's
+    product) against the forward, at N = 64 and 4096, and the block transposes alone
+    (LaunchTransposeBlocks) against PyTorch's transposed copy; C = K = 4096, feature axis 1.
+    The transposes are checked bit for bit."""
     rng = np.random.default_rng(3)
-    lines = ["| dtype | bs | density | forward, N = 64 us | forward reading w transposed "
-             "(LaunchForwardTransposedW), N = 64 us | LaunchTransposeBlocks us | "
-             "PyTorch w.transpose(1, 2) copy us |", "|---|---|---|---|---|---|---|"]
+    lines = ["| dtype | bs | density | forward, N = 64 us | reading w transposed, N = 64 us | "
+             "forward, N = 4096 us | reading w transposed, N = 4096 us | "
+             "LaunchTransposeBlocks us | PyTorch w.transpose(1, 2) copy us |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for dt in ("bfloat16", "float32"):
         for bs in (8, 16, 32, 64):
             for density in (0.1, 0.5):
                 L = random_layout(4096 // bs, 4096 // bs, bs, density, rng)
+                LT = L.transposed()
                 tdt = DTYPES[dt][1]
                 w = torch.randn(L.blocks, bs, bs, device="cuda").to(tdt)
                 w_t = torch.empty_like(w)
-                x = torch.randn(64, 4096, device="cuda").to(tdt)
-                y = torch.empty(64, 4096, device="cuda").to(tdt)
-                t_fwd = bench(lambda: lib.forward(dt, x, w, y, 64, 1, L))
-                workspace = torch.empty_like(w)
-                y_t = torch.empty_like(y)
-                LT = L.transposed()
-                t_fwd_t = bench(lambda: lib.forward_transposed_w(dt, x, w, y_t, 64, 1, LT,
-                                                                 workspace))
-                t_tr = bench(lambda: lib.transpose_blocks(dt, w, w_t, L.blocks, bs))
+                times = []
+                for N in (64, 4096):
+                    x = torch.randn(N, 4096, device="cuda").to(tdt)
+                    y = torch.empty(N, 4096, device="cuda").to(tdt)
+                    times.append(bench(lambda: lib.forward(dt, x, w, y, N, 1, L)))
+                    times.append(bench(lambda: lib.forward_transposed_w(dt, x, w, y, N, 1, LT,
+                                                                        w_t)))
+                times.append(bench(lambda: lib.transpose_blocks(dt, w, w_t, L.blocks, bs)))
                 res.check(torch.equal(w_t, w.transpose(1, 2)), f"transpose_blocks {dt} bs={bs}")
-                t_copy = bench(lambda: w_t.copy_(w.transpose(1, 2)))
-                lines.append(f"| {dt} | {bs} | {density:.0%} | {t_fwd * 1e3:.1f} | "
-                             f"{t_fwd_t * 1e3:.1f} | {t_tr * 1e3:.1f} | {t_copy * 1e3:.1f} |")
+                times.append(bench(lambda: w_t.copy_(w.transpose(1, 2))))
+                lines.append(f"| {dt} | {bs} | {density:.0%} | " +
+                             " | ".join(f"{t * 1e3:.1f}" for t in times) + " |")
                 print(lines[-1], flush=True)
     return "\n".join(lines)
 

@@ -297,16 +297,18 @@ int LaunchTransposeBlocks(DType dtype, const void* w, void* w_t, int64_t blocks,
 }
 
 namespace {
+// w_transposed: w holds the transposes of the product's blocks, and transposed_copy room for
+// a transposed copy of them where the kernel that runs cannot read them so.
 int LaunchForwardImpl(DType dtype, const void* x, const void* w, void* y, int64_t N,
                       int feature_axis, const DeviceLayout& layout, CUstream_st* stream,
-                      void* transposed_copy) {
+                      bool w_transposed, void* transposed_copy) {
   int e = CheckCommon(dtype, N, feature_axis, layout);
   if (e) return e;
   if (N == 0) return cudaSuccess;  // y is empty
   if (!x || !y || !layout.col_ptr) return cudaErrorInvalidValue;
   if (layout.blocks > 0 && (!w || !layout.col_row || !layout.col_block))
     return cudaErrorInvalidValue;
-  const bool w_transposed = transposed_copy != nullptr;
+  if (w_transposed && layout.blocks > 0 && !transposed_copy) return cudaErrorInvalidValue;
   DeviceInfo di;
   int device = 0;
   if ((e = GetDeviceInfo(&di, &device))) return e;
@@ -336,14 +338,13 @@ int LaunchForwardImpl(DType dtype, const void* x, const void* w, void* y, int64_
 
 int LaunchForward(DType dtype, const void* x, const void* w, void* y, int64_t N,
                   int feature_axis, const DeviceLayout& layout, CUstream_st* stream) {
-  return LaunchForwardImpl(dtype, x, w, y, N, feature_axis, layout, stream, nullptr);
+  return LaunchForwardImpl(dtype, x, w, y, N, feature_axis, layout, stream, false, nullptr);
 }
 
 int LaunchForwardTransposedW(DType dtype, const void* x, const void* w, void* y, int64_t N,
                              int feature_axis, const DeviceLayout& layout, void* workspace,
                              CUstream_st* stream) {
-  if (!workspace) return cudaErrorInvalidValue;
-  return LaunchForwardImpl(dtype, x, w, y, N, feature_axis, layout, stream, workspace);
+  return LaunchForwardImpl(dtype, x, w, y, N, feature_axis, layout, stream, true, workspace);
 }
 
 int LaunchGradW(DType dtype, const void* x, const void* dy, void* dw, int64_t N,

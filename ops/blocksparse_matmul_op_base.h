@@ -61,7 +61,9 @@ class BlocksparseOpBase : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("K", &K_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("feature_axis", &feature_axis_));
     OP_REQUIRES_OK(ctx, CheckAttrs(block_size_, C_, K_, feature_axis_));
-    if (ctx->HasAttr("transpose_w")) OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_w", &transpose_w_));
+    if (ctx->HasAttr("transpose_w")) {
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_w", &transpose_w_));
+    }
   }
 
  protected:

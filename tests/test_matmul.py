@@ -636,7 +636,8 @@ def test_kernel_validates_inputs_itself():
         (lambda: blocksparse_matmul(x, w, tf.zeros((0, 2), tf.int32), 8, 16, 16), "no blocks"),
         (lambda: blocksparse_matmul(x, w, good, 8, 16, 16, feature_axis=3), "feature_axis"),
         # transpose_w: x has K features, and layout errors name W's coordinates as given.
-        (lambda: blocksparse_matmul(x, w, good, 8, 16, 24, transpose_w=True), r"x must have shape \(\.\.\., 24\)"),
+        (lambda: blocksparse_matmul(x, w, good, 8, 16, 24, transpose_w=True),
+         r"x must have shape \(\.\.\., 24\)"),
         (lambda: blocksparse_matmul(tf.ones((2, 24)), w, tf.constant([[0, 0], [2, 1]]), 8, 16, 24,
                                     transpose_w=True), r"\(2, 1\) outside the layout shape \(2, 3\)"),
         (lambda: blocksparse_matmul(tf.ones((2, 24)), w, tf.constant([[1, 2], [1, 2]]), 8, 16, 24,

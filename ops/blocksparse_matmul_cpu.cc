@@ -11,6 +11,7 @@
 #include <mutex>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "ops/blocksparse_matmul_cpu_isa.h"
@@ -320,17 +321,16 @@ class TransposedWeights {
       : layout_(layout), area_(layout.block_size * layout.block_size) {
     if (!w_transposed) return;
     const int64_t ranges = (layout.KB + per_range - 1) / per_range;
-    int64_t most = 0;  // blocks in a range
-    for (int64_t k0 = 0; k0 < layout.KB; k0 += per_range)
-      most = std::max<int64_t>(most, layout.col_ptr[std::min(layout.KB, k0 + per_range)] -
-                                         layout.col_ptr[k0]);
+    std::vector<int32_t> local_block(layout.blocks);  // each block's place in its range
+    int64_t most = 0;                                  // blocks in a range
+    for (int64_t k0 = 0; k0 < layout.KB; k0 += per_range) {
+      const int64_t q0 = layout.col_ptr[k0];
+      const int64_t q1 = layout.col_ptr[std::min(layout.KB, k0 + per_range)];
+      most = std::max(most, q1 - q0);
+      for (int64_t q = q0; q < q1; ++q) local_block[q] = static_cast<int32_t>(q - q0);
+    }
     if (groups == 1 && most * area_ * sizeof(float) <= kThreadBufferBytes) {
-      local_block_.resize(layout.blocks);
-      for (int64_t k0 = 0; k0 < layout.KB; k0 += per_range) {
-        const int64_t q0 = layout.col_ptr[k0];
-        for (int64_t q = q0; q < layout.col_ptr[std::min(layout.KB, k0 + per_range)]; ++q)
-          local_block_[q] = static_cast<int32_t>(q - q0);
-      }
+      local_block_ = std::move(local_block);
       return;
     }
     shared_ = scratch(layout.blocks * area_);

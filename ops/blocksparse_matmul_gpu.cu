@@ -163,6 +163,10 @@ int LaunchGradWSimple(const void* x, const void* dy, void* dw, int64_t N, int fa
 // ------------------------------------------------------------------------------------------
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+bool IsSupportedBlockSize(int64_t bs) {
+  return bs == 1 || bs == 8 || bs == 16 || bs == 32 || bs == 64;
+}
+
 bool MmaEligible(DType dt, int64_t N, int fa, int64_t bs, const DeviceInfo& di) {
   if (bs != 16 && bs != 32 && bs != 64) return false;
   if (di.cc_major < 8) return false;
@@ -177,7 +181,7 @@ int CheckCommon(DType dt, int64_t N, int fa, const DeviceLayout& L) {
   if (fa != 0 && fa != 1) return cudaErrorInvalidValue;
   if (N < 0) return cudaErrorInvalidValue;
   const int64_t bs = L.block_size;
-  if (bs != 1 && bs != 8 && bs != 16 && bs != 32 && bs != 64) return cudaErrorInvalidValue;
+  if (!IsSupportedBlockSize(bs)) return cudaErrorInvalidValue;
   if (L.CB < 1 || L.KB < 1 || L.blocks < 0 || L.blocks > L.CB * L.KB) return cudaErrorInvalidValue;
   if (L.blocks > INT32_MAX || L.CB * bs > (int64_t(1) << 40) || L.KB * bs > (int64_t(1) << 40))
     return cudaErrorInvalidValue;
@@ -282,9 +286,7 @@ int TransposeBlocksTyped(const void* w, void* w_t, int64_t blocks, int64_t bs,
 
 int LaunchTransposeBlocks(DType dtype, const void* w, void* w_t, int64_t blocks, int64_t bs,
                           CUstream_st* stream) {
-  if (blocks < 0 || blocks > INT32_MAX ||
-      !(bs == 1 || bs == 8 || bs == 16 || bs == 32 || bs == 64))
-    return cudaErrorInvalidValue;
+  if (blocks < 0 || blocks > INT32_MAX || !IsSupportedBlockSize(bs)) return cudaErrorInvalidValue;
   if (blocks == 0) return cudaSuccess;
   if (!w || !w_t) return cudaErrorInvalidValue;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);

@@ -57,13 +57,33 @@ int GetDeviceInfo(DeviceInfo* out, int* device) {
 using mma_impl::FromF;
 using mma_impl::ToF;
 
+// The 8 elements at p (16-byte aligned) as floats, in 16-byte loads.
+template <typename T>
+__device__ __forceinline__ void LoadEight(const T* p, float (&out)[8]) {
+  const uint4* v = reinterpret_cast<const uint4*>(p);
+  uint4 raw[sizeof(T) / 2] = {v[0]};
+  if constexpr (sizeof(T) == 4) raw[1] = v[1];
+  const T* e = reinterpret_cast<const T*>(raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = ToF(e[i]);
+}
+
+bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
 // y[n, col] (feature axis 1, index n*K + col) or y[col, n] (feature axis 0, index col*N + n).
+// w_transposed: each stored block holds the transpose of the product's block (element (i, j)
+// of the product's block at j*bs + i), read so: a thread's weights are then one stored row,
+// which with bs 8 and aligned blocks (rows_of_8) it loads whole, not element by element with
+// the warp's threads a row apart.  The same sums in the same order either way.
 template <typename T, int FA>
 __global__ void ForwardSimpleKernel(const T* __restrict__ x, const T* __restrict__ w,
                                     T* __restrict__ y, int64_t N, int64_t C, int64_t K, int bs,
+                                    bool w_transposed, bool rows_of_8,
                                     const int32_t* __restrict__ col_ptr,
                                     const int32_t* __restrict__ col_row,
                                     const int32_t* __restrict__ col_block) {
+  const int64_t w_row_step = w_transposed ? 1 : bs;  // from element (i, j) to (i + 1, j)
+  const int64_t x_row_step = FA == 1 ? 1 : N;        // from input feature i to i + 1
   const int64_t total = N * K;
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
        idx += (int64_t)gridDim.x * blockDim.x) {
@@ -81,13 +101,16 @@ __global__ void ForwardSimpleKernel(const T* __restrict__ x, const T* __restrict
     const int pend = col_ptr[kb + 1];
     for (int pi = col_ptr[kb]; pi < pend; ++pi) {
       const int64_t c = col_row[pi];
-      const T* wb = w + (int64_t)col_block[pi] * bs * bs + j;
-      if (FA == 1) {
-        const T* xr = x + n * C + c * bs;
-        for (int i = 0; i < bs; ++i) acc = fmaf(ToF(xr[i]), ToF(wb[(int64_t)i * bs]), acc);
+      const T* wb = w + (int64_t)col_block[pi] * bs * bs + (w_transposed ? j * bs : j);
+      const T* xb = FA == 1 ? x + n * C + c * bs : x + c * bs * N + n;
+      if (rows_of_8) {
+        float wr[8];
+        LoadEight(wb, wr);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc = fmaf(ToF(xb[i * x_row_step]), wr[i], acc);
       } else {
-        const T* xc = x + c * bs * N + n;
-        for (int i = 0; i < bs; ++i) acc = fmaf(ToF(xc[i * N]), ToF(wb[(int64_t)i * bs]), acc);
+        for (int i = 0; i < bs; ++i)
+          acc = fmaf(ToF(xb[i * x_row_step]), ToF(wb[i * w_row_step]), acc);
       }
     }
     y[idx] = FromF<T>(acc);
@@ -126,18 +149,20 @@ int SimpleGrid(int64_t total, const DeviceInfo& di) {
 
 template <typename T>
 int LaunchForwardSimple(const void* x, const void* w, void* y, int64_t N, int fa,
-                        const DeviceLayout& L, const DeviceInfo& di, cudaStream_t s) {
+                        const DeviceLayout& L, bool w_transposed, const DeviceInfo& di,
+                        cudaStream_t s) {
   const int64_t C = L.CB * L.block_size, K = L.KB * L.block_size;
   const int grid = SimpleGrid(N * K, di);
   const int bs = static_cast<int>(L.block_size);
+  const bool rows_of_8 = w_transposed && bs == 8 && Aligned16(w);
   if (fa == 1) {
     ForwardSimpleKernel<T, 1><<<grid, 256, 0, s>>>(
         static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), N, C, K, bs,
-        L.col_ptr, L.col_row, L.col_block);
+        w_transposed, rows_of_8, L.col_ptr, L.col_row, L.col_block);
   } else {
     ForwardSimpleKernel<T, 0><<<grid, 256, 0, s>>>(
         static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), N, C, K, bs,
-        L.col_ptr, L.col_row, L.col_block);
+        w_transposed, rows_of_8, L.col_ptr, L.col_row, L.col_block);
   }
   return cudaGetLastError();
 }
@@ -161,8 +186,6 @@ int LaunchGradWSimple(const void* x, const void* dy, void* dw, int64_t N, int fa
 }
 
 // ------------------------------------------------------------------------------------------
-bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 bool IsSupportedBlockSize(int64_t bs) {
   return bs == 1 || bs == 8 || bs == 16 || bs == 32 || bs == 64;
 }
@@ -191,8 +214,7 @@ int CheckCommon(DType dt, int64_t N, int fa, const DeviceLayout& L) {
   return cudaSuccess;
 }
 
-// With w_transposed (w holds the transposes of the product's blocks), only the tensor-core
-// kernels that read them so launch; otherwise internal::kNeedsTransposedCopy, nothing launched.
+// w_transposed: w holds the transposes of the product's blocks; every kernel reads them so.
 template <typename T>
 int ForwardTyped(const void* x, const void* w, void* y, int64_t N, int fa, const DeviceLayout& L,
                  int device, const DeviceInfo& di, cudaStream_t s, DType dt,
@@ -204,8 +226,7 @@ int ForwardTyped(const void* x, const void* w, void* y, int64_t N, int fa, const
     return internal::ForwardMma<T>(p, fa, N, L.block_size, L.KB, L.blocks, device, di, s,
                                    w_transposed);
   }
-  if (w_transposed) return internal::kNeedsTransposedCopy;
-  return LaunchForwardSimple<T>(x, w, y, N, fa, L, di, s);
+  return LaunchForwardSimple<T>(x, w, y, N, fa, L, w_transposed, di, s);
 }
 
 template <typename T>
@@ -220,133 +241,44 @@ int GradWTyped(const void* x, const void* dy, void* dw, int64_t N, int fa, const
   return LaunchGradWSimple<T>(x, dy, dw, N, fa, L, di, s);
 }
 
-// ------------------------------------------------------------------------------------------
-// Per-block transposes (BlocksparseMatmul's transpose_w), moving elements of E's size.
-// Blocks of 32 and more: 32 x 32 tiles through shared memory, so reads and writes both run
-// along rows.  grid = (blocks, tiles per block), 32 x 8 threads.
-template <typename E>
-__global__ void TransposeBlockTiles(const E* __restrict__ w, E* __restrict__ w_t, int bs) {
-  __shared__ E tile[32][33];  // a padding column: the column reads hit distinct banks
-  const int tiles = bs / 32;
-  const int ti = blockIdx.y / tiles, tj = blockIdx.y % tiles;
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * bs * bs;
-  for (int r = threadIdx.y; r < 32; r += 8)
-    tile[r][threadIdx.x] = w[base + (ti * 32 + r) * bs + tj * 32 + threadIdx.x];
-  __syncthreads();
-  for (int r = threadIdx.y; r < 32; r += 8)
-    w_t[base + (tj * 32 + r) * bs + ti * 32 + threadIdx.x] = tile[threadIdx.x][r];
-}
-
-// Smaller blocks: kSmallRun / (BS BS) whole blocks per CTA, read and written as one
-// contiguous run of kSmallRun elements each way, transposed in shared memory (each block's
-// rows padded by one element so that the column reads hit distinct banks).  256 threads,
-// each with 16 loads in flight.
-constexpr int kSmallRun = 4096;
-template <typename E, int BS>
-__global__ void __launch_bounds__(256) TransposeSmallBlocks(const E* __restrict__ w,
-                                                            E* __restrict__ w_t,
-                                                            int64_t elements) {
-  constexpr int kArea = BS * BS, kPadded = BS * (BS + 1);
-  __shared__ E staged[kSmallRun / kArea * kPadded];
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * kSmallRun;
-#pragma unroll
-  for (int e = threadIdx.x; e < kSmallRun; e += 256) {
-    const int b = e / kArea, i = e % kArea / BS, j = e % BS;
-    if (base + e < elements) staged[b * kPadded + i * (BS + 1) + j] = w[base + e];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int e = threadIdx.x; e < kSmallRun; e += 256) {
-    const int b = e / kArea, j = e % kArea / BS, i = e % BS;  // w_t[b][j][i] = w[b][i][j]
-    if (base + e < elements) w_t[base + e] = staged[b * kPadded + i * (BS + 1) + j];
-  }
-}
-
-template <typename E>
-int TransposeBlocksTyped(const void* w, void* w_t, int64_t blocks, int64_t bs,
-                         cudaStream_t s) {
-  const E* in = static_cast<const E*>(w);
-  E* out = static_cast<E*>(w_t);
-  if (bs >= 32) {
-    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((bs / 32) * (bs / 32)));
-    TransposeBlockTiles<E><<<grid, dim3(32, 8), 0, s>>>(in, out, static_cast<int>(bs));
-  } else {
-    const int64_t elements = blocks * bs * bs;
-    const unsigned grid = static_cast<unsigned>((elements + kSmallRun - 1) / kSmallRun);
-    if (bs == 1) {  // 1 x 1 blocks are their own transposes
-      return cudaMemcpyAsync(out, in, elements * sizeof(E), cudaMemcpyDeviceToDevice, s);
-    }
-    if (bs == 8) TransposeSmallBlocks<E, 8><<<grid, 256, 0, s>>>(in, out, elements);
-    if (bs == 16) TransposeSmallBlocks<E, 16><<<grid, 256, 0, s>>>(in, out, elements);
-  }
-  return cudaGetLastError();
-}
-
-}  // namespace
-
-int LaunchTransposeBlocks(DType dtype, const void* w, void* w_t, int64_t blocks, int64_t bs,
-                          CUstream_st* stream) {
-  if (blocks < 0 || blocks > INT32_MAX || !IsSupportedBlockSize(bs)) return cudaErrorInvalidValue;
-  if (blocks == 0) return cudaSuccess;
-  if (!w || !w_t) return cudaErrorInvalidValue;
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::kFloat32: return TransposeBlocksTyped<uint32_t>(w, w_t, blocks, bs, s);
-    case DType::kFloat16:
-    case DType::kBFloat16: return TransposeBlocksTyped<uint16_t>(w, w_t, blocks, bs, s);
-  }
-  return cudaErrorInvalidValue;
-}
-
-namespace {
-// w_transposed: w holds the transposes of the product's blocks, and transposed_copy room for
-// a transposed copy of them where the kernel that runs cannot read them so.
+// w_transposed: w holds the transposes of the product's blocks.
 int LaunchForwardImpl(DType dtype, const void* x, const void* w, void* y, int64_t N,
                       int feature_axis, const DeviceLayout& layout, CUstream_st* stream,
-                      bool w_transposed, void* transposed_copy) {
+                      bool w_transposed) {
   int e = CheckCommon(dtype, N, feature_axis, layout);
   if (e) return e;
   if (N == 0) return cudaSuccess;  // y is empty
   if (!x || !y || !layout.col_ptr) return cudaErrorInvalidValue;
   if (layout.blocks > 0 && (!w || !layout.col_row || !layout.col_block))
     return cudaErrorInvalidValue;
-  if (w_transposed && layout.blocks > 0 && !transposed_copy) return cudaErrorInvalidValue;
   DeviceInfo di;
   int device = 0;
   if ((e = GetDeviceInfo(&di, &device))) return e;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  auto run = [&](const void* weights, bool transposed) {
-    switch (dtype) {
-      case DType::kFloat32:
-        return ForwardTyped<float>(x, weights, y, N, feature_axis, layout, device, di, s, dtype,
-                                   transposed);
-      case DType::kFloat16:
-        return ForwardTyped<__half>(x, weights, y, N, feature_axis, layout, device, di, s,
-                                    dtype, transposed);
-      case DType::kBFloat16:
-        return ForwardTyped<__nv_bfloat16>(x, weights, y, N, feature_axis, layout, device, di,
-                                           s, dtype, transposed);
-    }
-    return static_cast<int>(cudaErrorInvalidValue);
-  };
-  e = run(w, w_transposed);
-  if (e != internal::kNeedsTransposedCopy) return e;
-  if ((e = LaunchTransposeBlocks(dtype, w, transposed_copy, layout.blocks, layout.block_size,
-                                 stream)))
-    return e;
-  return run(transposed_copy, false);
+  switch (dtype) {
+    case DType::kFloat32:
+      return ForwardTyped<float>(x, w, y, N, feature_axis, layout, device, di, s, dtype,
+                                 w_transposed);
+    case DType::kFloat16:
+      return ForwardTyped<__half>(x, w, y, N, feature_axis, layout, device, di, s, dtype,
+                                  w_transposed);
+    case DType::kBFloat16:
+      return ForwardTyped<__nv_bfloat16>(x, w, y, N, feature_axis, layout, device, di, s, dtype,
+                                         w_transposed);
+  }
+  return cudaErrorInvalidValue;
 }
+
 }  // namespace
 
 int LaunchForward(DType dtype, const void* x, const void* w, void* y, int64_t N,
                   int feature_axis, const DeviceLayout& layout, CUstream_st* stream) {
-  return LaunchForwardImpl(dtype, x, w, y, N, feature_axis, layout, stream, false, nullptr);
+  return LaunchForwardImpl(dtype, x, w, y, N, feature_axis, layout, stream, false);
 }
 
 int LaunchForwardTransposedW(DType dtype, const void* x, const void* w, void* y, int64_t N,
-                             int feature_axis, const DeviceLayout& layout, void* workspace,
-                             CUstream_st* stream) {
-  return LaunchForwardImpl(dtype, x, w, y, N, feature_axis, layout, stream, true, workspace);
+                             int feature_axis, const DeviceLayout& layout, CUstream_st* stream) {
+  return LaunchForwardImpl(dtype, x, w, y, N, feature_axis, layout, stream, true);
 }
 
 int LaunchGradW(DType dtype, const void* x, const void* dy, void* dw, int64_t N,

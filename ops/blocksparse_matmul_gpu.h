@@ -49,8 +49,7 @@
 // for bad arguments, which are checked before anything is launched).  ErrorString(code)
 // names it.  The kernels use the current CUDA device; device attributes (SM count, compute
 // capability, shared-memory limit) are queried with cudaDeviceGetAttribute and cached per
-// device (at most 64 devices).  The calls are thread-safe and need no workspace (but for
-// LaunchForwardTransposedW's).
+// device (at most 64 devices).  The calls are thread-safe and need no workspace.
 // Measured performance (H200): docs/benchmarks_gpu.md; tests: tools/gpu_check.sh.
 #ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
 #define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
@@ -85,21 +84,12 @@ int LaunchForward(DType dtype, const void* x, const void* w, void* y, int64_t N,
 int LaunchGradW(DType dtype, const void* x, const void* dy, void* dw, int64_t N,
                 int feature_axis, const DeviceLayout& layout, CUstream_st* stream);
 
-// w_t[b] = w[b]^T for each of the `blocks` (bs x bs) blocks (the input gradient's weights,
-// dx = dy . W^T, for LaunchForward on the swapped layout).  w and w_t must not overlap.
-int LaunchTransposeBlocks(DType dtype, const void* w, void* w_t, int64_t blocks, int64_t bs,
-                          CUstream_st* stream);
-
 // LaunchForward where block b of w holds the transpose of the product's block b (`layout` is
 // the product's: the input gradient dx = dy . W^T passes W's blocks as stored and W^T's
-// layout).  The 16-bit wgmma kernels on sm_90 (bs 64 with N > 64; bs 16 and 32 with N > 64;
-// bs 32 and 64 with N <= 64) read the blocks transposed as they multiply them; every other
-// case transposes them into `workspace` (device memory for blocks * bs * bs elements of dtype,
-// not overlapping the others; may be null only if the layout has no blocks) first.  The
-// results are those of LaunchForward on transposed copies, bit for bit.
+// layout).  Every kernel reads the blocks transposed as it multiplies them (no copy, no
+// workspace); the results are those of LaunchForward on transposed copies, bit for bit.
 int LaunchForwardTransposedW(DType dtype, const void* x, const void* w, void* y, int64_t N,
-                             int feature_axis, const DeviceLayout& layout, void* workspace,
-                             CUstream_st* stream);
+                             int feature_axis, const DeviceLayout& layout, CUstream_st* stream);
 
 // Human-readable name of a code returned above ("no error" for 0).
 const char* ErrorString(int code);

@@ -55,19 +55,11 @@ int bsmm_gpu_forward_transposed_w(int dtype, const void* x, const void* w, void*
                                   int feature_axis, const int32_t* col_ptr,
                                   const int32_t* col_row, const int32_t* col_block,
                                   const int32_t* block_row, const int32_t* block_col, int64_t CB,
-                                  int64_t KB, int64_t bs, int64_t blocks, void* workspace,
-                                  void* stream) {
+                                  int64_t KB, int64_t bs, int64_t blocks, void* stream) {
   return blocksparse::gpu::LaunchForwardTransposedW(
       static_cast<blocksparse::gpu::DType>(dtype), x, w, y, N, feature_axis,
       MakeLayout(col_ptr, col_row, col_block, block_row, block_col, CB, KB, bs, blocks),
-      workspace, static_cast<CUstream_st*>(stream));
-}
-
-int bsmm_gpu_transpose_blocks(int dtype, const void* w, void* w_t, int64_t blocks, int64_t bs,
-                              void* stream) {
-  return blocksparse::gpu::LaunchTransposeBlocks(static_cast<blocksparse::gpu::DType>(dtype), w,
-                                                 w_t, blocks, bs,
-                                                 static_cast<CUstream_st*>(stream));
+      static_cast<CUstream_st*>(stream));
 }
 
 const char* bsmm_gpu_error_string(int code) { return blocksparse::gpu::ErrorString(code); }

@@ -200,9 +200,17 @@ constexpr int64_t kShortGradBatch = 64;
 template <typename C, int NS>
 struct WithStages;
 template <typename T, int M, int F, int B, int BM, int BN, int KS, int WM, int WN, int WK, int ST,
-          int NS>
-struct WithStages<Config<T, M, F, B, BM, BN, KS, WM, WN, WK, ST>, NS> {
-  using type = Config<T, M, F, B, BM, BN, KS, WM, WN, WK, NS>;
+          bool TW, int NS>
+struct WithStages<Config<T, M, F, B, BM, BN, KS, WM, WN, WK, ST, TW>, NS> {
+  using type = Config<T, M, F, B, BM, BN, KS, WM, WN, WK, NS, TW>;
+};
+// The same forward tiles reading w's blocks transposed as stored (kTransW), or as they are.
+template <typename C, bool kTransW>
+struct WithTransposedW;
+template <typename T, int M, int F, int B, int BM, int BN, int KS, int WM, int WN, int WK, int ST,
+          bool TW, bool kTransW>
+struct WithTransposedW<Config<T, M, F, B, BM, BN, KS, WM, WN, WK, ST, TW>, kTransW> {
+  using type = Config<T, M, F, B, BM, BN, KS, WM, WN, WK, ST, kTransW>;
 };
 
 // Cluster split: with too few tiles to fill the GPU, let 2, 4 or 8 CTAs share each tile, as
@@ -303,12 +311,13 @@ int LaunchMma(const Params& p, int64_t tiles, int64_t batch_tiles, double avg_st
 }
 
 // The mma.sync forward: one CTA per (output tile, batch tile), an output tile BN columns of one
-// block column.
-template <typename Cfg>
+// block column.  kTransW: p.w holds the transposes of the product's blocks, read so.
+template <typename Cfg, bool kTransW>
 int LaunchMmaForward(const Params& p, int64_t N, int64_t KB, double blocks_per_col, int device,
                      const DeviceInfo& di, cudaStream_t s) {
-  return LaunchMma<Cfg>(p, KB * (Cfg::kBS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
-                        blocks_per_col / Cfg::kBPS, device, di, s);
+  using Tiles = typename WithTransposedW<Cfg, kTransW>::type;
+  return LaunchMma<Tiles>(p, KB * (Cfg::kBS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
+                          blocks_per_col / Cfg::kBPS, device, di, s);
 }
 
 // The mma.sync dW: one CTA per tile, a tile kGroup stored blocks (grouped configurations) or a
@@ -701,27 +710,27 @@ int LaunchSmallBatchGradW(const Params& p, int64_t N, int64_t blocks, int device
 
 // The float32 bs-16 forward's tiles by batch size (configurations above); with 65 to
 // kF32Bs16WideMinBatch rows and feature axis 0, ForwardMmaBs's defaults.
-template <typename T, int FA>
+template <typename T, int FA, bool kTransW>
 int ForwardF32Bs16(const Params& p, int64_t N, int64_t KB, double blocks_per_col, int device,
                    const DeviceInfo& di, cudaStream_t s) {
   if (N <= kSmallBatch) {
     if (blocks_per_col >= kF32Bs16SmallDenseMinBlocksPerColumn) {
       using Cfg = typename FwdCfgF32Bs16SmallDense<T, FA>::type;
-      return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
+      return LaunchMmaForward<Cfg, kTransW>(p, N, KB, blocks_per_col, device, di, s);
     }
     if (FA == 0) {
       using Cfg = typename FwdCfgF32Bs16SmallFa0<T, FA>::type;
-      return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
+      return LaunchMmaForward<Cfg, kTransW>(p, N, KB, blocks_per_col, device, di, s);
     }
     using Cfg = typename FwdCfg<T, FA, 16, true>::type;
-    return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
+    return LaunchMmaForward<Cfg, kTransW>(p, N, KB, blocks_per_col, device, di, s);
   }
   if (N > kF32Bs16WideMinBatch) {
     using Cfg = typename FwdCfgF32Bs16Wide<T, FA>::type;
-    return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
+    return LaunchMmaForward<Cfg, kTransW>(p, N, KB, blocks_per_col, device, di, s);
   }
   using Cfg = typename FwdCfgF32Bs16Mid<T, FA>::type;
-  return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
+  return LaunchMmaForward<Cfg, kTransW>(p, N, KB, blocks_per_col, device, di, s);
 }
 
 // The wgmma forwards (16-bit, sm_90), where one applies: launches it and returns its status,
@@ -747,63 +756,59 @@ int ForwardWgmmaBs(const Params& p, int64_t N, int64_t KB, double blocks_per_col
   return kNoWgmma;
 }
 
-// w_transposed: p.w holds the transposes of the product's blocks.  Only the wgmma forwards
-// read them so (with the same sums as on a transposed copy); elsewhere this returns
-// kNeedsTransposedCopy, having launched nothing.
-template <typename T, int FA, int BS>
+// kTransW: p.w holds the transposes of the product's blocks; every kernel reads them so, with
+// the same sums as on a transposed copy.
+template <typename T, int FA, int BS, bool kTransW>
 int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int device,
-                 const DeviceInfo& di, cudaStream_t s, bool w_transposed) {
+                 const DeviceInfo& di, cudaStream_t s) {
   const double blocks_per_col = static_cast<double>(blocks) / static_cast<double>(KB);
-  const int wgmma =
-      w_transposed ? ForwardWgmmaBs<T, FA, BS, true>(p, N, KB, blocks_per_col, device, di, s)
-                   : ForwardWgmmaBs<T, FA, BS, false>(p, N, KB, blocks_per_col, device, di, s);
+  const int wgmma = ForwardWgmmaBs<T, FA, BS, kTransW>(p, N, KB, blocks_per_col, device, di, s);
   if (wgmma != kNoWgmma) return wgmma;
-  if (w_transposed) return kNeedsTransposedCopy;
   if constexpr (sizeof(T) == 4 && BS == 16) {
     if (N <= kSmallBatch || N > kF32Bs16WideMinBatch || FA == 1)
-      return ForwardF32Bs16<T, FA>(p, N, KB, blocks_per_col, device, di, s);
+      return ForwardF32Bs16<T, FA, kTransW>(p, N, KB, blocks_per_col, device, di, s);
   }
   if (N <= kSmallBatch) {
     using Cfg = typename FwdCfg<T, FA, BS, true>::type;
-    return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
+    return LaunchMmaForward<Cfg, kTransW>(p, N, KB, blocks_per_col, device, di, s);
   }
   // Very sparse columns (about two steps per tile or fewer): a deep pipeline only costs
   // shared memory; two stages let twice as many CTAs share an SM and overlap their latency.
   using Base = typename FwdCfg<T, FA, BS, false>::type;
   if ((Tuning() == 0 || Tuning() >= 3) && blocks_per_col / Base::kBPS <= 2.5) {
     using Cfg = typename WithStages<Base, 2>::type;
-    return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
+    return LaunchMmaForward<Cfg, kTransW>(p, N, KB, blocks_per_col, device, di, s);
   }
   if constexpr (sizeof(T) == 4 && BS == 64) {
     if (N >= kF32Bs64TallMinBatch) {
       using Cfg = typename FwdCfgF32Bs64Tall<T, FA>::type;
-      return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
+      return LaunchMmaForward<Cfg, kTransW>(p, N, KB, blocks_per_col, device, di, s);
     }
   }
   if constexpr (sizeof(T) == 2 && BS == 64) {
     if (Tuning() == 2) {
       using Cfg = typename FwdCfgWarp64<T, FA>::type;
-      return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
+      return LaunchMmaForward<Cfg, kTransW>(p, N, KB, blocks_per_col, device, di, s);
     }
   }
   if constexpr (sizeof(T) == 2 && BS >= 32) {
     const bool wide_default = FA == 1 && BS == 32;
     if (wide_default != (Tuning() == 1)) {
       using Cfg = typename FwdCfgWide<T, FA, BS>::type;
-      return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
+      return LaunchMmaForward<Cfg, kTransW>(p, N, KB, blocks_per_col, device, di, s);
     }
   }
   using Cfg = typename FwdCfg<T, FA, BS, false>::type;
-  return LaunchMmaForward<Cfg>(p, N, KB, blocks_per_col, device, di, s);
+  return LaunchMmaForward<Cfg, kTransW>(p, N, KB, blocks_per_col, device, di, s);
 }
 
-template <typename T, int FA>
+template <typename T, int FA, bool kTransW>
 int ForwardMmaFa(const Params& p, int64_t N, int64_t bs, int64_t KB, int64_t blocks, int device,
-                 const DeviceInfo& di, cudaStream_t s, bool w_transposed) {
+                 const DeviceInfo& di, cudaStream_t s) {
   switch (bs) {
-    case 16: return ForwardMmaBs<T, FA, 16>(p, N, KB, blocks, device, di, s, w_transposed);
-    case 32: return ForwardMmaBs<T, FA, 32>(p, N, KB, blocks, device, di, s, w_transposed);
-    case 64: return ForwardMmaBs<T, FA, 64>(p, N, KB, blocks, device, di, s, w_transposed);
+    case 16: return ForwardMmaBs<T, FA, 16, kTransW>(p, N, KB, blocks, device, di, s);
+    case 32: return ForwardMmaBs<T, FA, 32, kTransW>(p, N, KB, blocks, device, di, s);
+    case 64: return ForwardMmaBs<T, FA, 64, kTransW>(p, N, KB, blocks, device, di, s);
   }
   return cudaErrorInvalidValue;
 }
@@ -879,9 +884,12 @@ template <typename T>
 int ForwardMma(const Params& p, int feature_axis, int64_t N, int64_t bs, int64_t KB,
                int64_t blocks, int device, const DeviceInfo& di, cudaStream_t stream,
                bool w_transposed) {
-  return feature_axis == 1
-             ? ForwardMmaFa<T, 1>(p, N, bs, KB, blocks, device, di, stream, w_transposed)
-             : ForwardMmaFa<T, 0>(p, N, bs, KB, blocks, device, di, stream, w_transposed);
+  if (w_transposed) {
+    return feature_axis == 1 ? ForwardMmaFa<T, 1, true>(p, N, bs, KB, blocks, device, di, stream)
+                             : ForwardMmaFa<T, 0, true>(p, N, bs, KB, blocks, device, di, stream);
+  }
+  return feature_axis == 1 ? ForwardMmaFa<T, 1, false>(p, N, bs, KB, blocks, device, di, stream)
+                           : ForwardMmaFa<T, 0, false>(p, N, bs, KB, blocks, device, di, stream);
 }
 
 template <typename T>

@@ -23,9 +23,8 @@ int Tuning();
 // Tensor-core launches, one explicit instantiation per element type (float, __half,
 // __nv_bfloat16) in blocksparse_matmul_gpu_{f32,f16,bf16}.cu.  `blocks` is the number of
 // stored blocks (forward uses it to size the split over clusters).
-// With w_transposed, p.w holds the transposes of the product's blocks: read so where a kernel
-// can (the same sums as on a transposed copy), else kNeedsTransposedCopy and nothing launched.
-constexpr int kNeedsTransposedCopy = -1;
+// With w_transposed, p.w holds the transposes of the product's blocks, and every kernel reads
+// them so (the same sums as on a transposed copy).
 template <typename T>
 int ForwardMma(const mma_impl::Params& p, int feature_axis, int64_t N, int64_t bs, int64_t KB,
                int64_t blocks, int device, const DeviceInfo& di, cudaStream_t stream,

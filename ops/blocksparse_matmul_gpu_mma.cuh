@@ -357,8 +357,11 @@ __device__ __forceinline__ void FindColumnRunLongestFirst(const int32_t* __restr
 //   tile.  KSTEP: forward: blocks per step (BPS); gradw: batch rows per step (BK).
 //   WM x WN x WK warps: WM x WN split the tile, WK split each step's K slices (their partial
 //   sums are added in a fixed order at the end, so results stay deterministic).
+//   TRANSW (forward only): each stored block holds the transpose of the product's block (the
+//   input gradient's dy . W^T from w as stored), so the weight tiles are K-contiguous, read
+//   like the dW's dy with feature axis 0: the same products and sums as on a transposed copy.
 template <typename T, int MODE, int FA, int BS, int BM, int BN, int KSTEP, int WM, int WN,
-          int WK, int STAGES>
+          int WK, int STAGES, bool TRANSW = false>
 struct Config {
   using Elem = T;
   static constexpr bool kF32 = sizeof(T) == 4;
@@ -376,7 +379,7 @@ struct Config {
   static constexpr int kMT = kWTM / 16, kNT = kWTN / 8;
   // Operand layouts in memory (and in shared memory).
   static constexpr bool kAMContig = (MODE == kForward && FA == 0) || (MODE == kGradW && FA == 1);
-  static constexpr bool kBKContig = (MODE == kGradW && FA == 0);
+  static constexpr bool kBKContig = (MODE == kGradW && FA == 0) || (MODE == kForward && TRANSW);
   static constexpr bool kCMContig = (MODE == kForward && FA == 0);
   // Row padding: K-contiguous rows (read with ldmatrix) by 16 bytes; M/N-contiguous rows by
   // 8 elements (16 bytes for ldmatrix.trans; 32 bytes for float32 scalar fragment loads).
@@ -393,6 +396,7 @@ struct Config {
   static_assert(BM % (16 * WM) == 0 && BN % (16 * WN) == 0, "warp tile must be 16-aligned");
   static_assert(kKS % (kKSlice * WK) == 0, "each K slice group needs whole MMA slices");
   static_assert(BS % BN == 0, "column split must divide the block");
+  static_assert(MODE == kForward || !TRANSW, "only the forward reads w transposed");
   static_assert(MODE == kForward || BS % BM == 0 || (BM % BS == 0 && BN == BS),
                 "gradw: row split must divide the block, or whole blocks be grouped");
 };
@@ -553,8 +557,24 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           }
         }
       }
-      // B: the blocks themselves, rows i, columns n_off .. n_off+BN: tile [KS][BN].
-      {
+      // B: the blocks themselves, rows i, columns n_off .. n_off+BN: tile [KS][BN]; or, with
+      // the blocks stored transposed, their rows n_off .. n_off+BN: tile [BN][KS], K
+      // contiguous.  Consecutive threads copy consecutive chunks of one stored block (its BN
+      // rows of BS elements lie one after another), each row into the step's columns of it.
+      if constexpr (kBKC) {
+        constexpr int kBlkCh = BS / CE, kTotal = BPS * BN * kBlkCh;
+#pragma unroll
+        for (int q0 = 0; q0 < kTotal; q0 += NTH) {
+          const int q = q0 + tid;
+          if (kTotal % NTH == 0 || q < kTotal) {
+            const int g = q / (BN * kBlkCh), o = q / kBlkCh % BN, i = q % kBlkCh * CE;
+            const int b = PickReg(ib, g);
+            const bool vb = b >= 0;
+            const T* src = vb ? gw + ((int64_t)b * BS + n_off + o) * BS + i : gw;
+            CpAsync16(Bs + o * Cfg::kBLd + g * BS + i, src, vb);
+          }
+        }
+      } else {
         constexpr int kTotal = KS * kWCh;
         T* dst = Bs + (tid / kWCh) * Cfg::kBLd + (tid % kWCh) * CE;
 #pragma unroll

@@ -118,14 +118,10 @@ class BlocksparseMatmulGpuOp : public BlocksparseOpBase {
                                      "BlocksparseMatmul"));
       return;
     }
-    // The layout is W^T's; the kernels read w's blocks transposed, or from a transposed copy
-    // in this workspace.
-    Tensor workspace;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(w.dtype(), w.shape(), &workspace));
+    // The layout is W^T's; the kernels read w's blocks transposed as stored.
     OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchForwardTransposedW(
                                        kDType<T>, x.data(), w.data(), y->data(), N,
-                                       feature_axis_, device_layout, workspace.data(),
-                                       TfCudaStream(ctx)),
+                                       feature_axis_, device_layout, TfCudaStream(ctx)),
                                    "BlocksparseMatmul (transpose_w)"));
   }
 

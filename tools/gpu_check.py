@@ -7,7 +7,7 @@ No TensorFlow.  Modes:
                   float64 references; run-to-run bitwise determinism; argument validation.
   --check         a small subset, meant to run under compute-sanitizer.
   --bench         timing table against dense cuBLAS (torch.matmul) and PyTorch BSR.
-  --bench-transpose  timing of the input gradient's block transposes (LaunchTransposeBlocks).
+  --bench-transpose  timing of the forward reading w's blocks transposed (the input gradient).
 Exits non-zero on any failure.
 """
 import argparse
@@ -44,10 +44,8 @@ class Lib:
         self.lib.bsmm_gpu_error_string.restype = ctypes.c_char_p
         self.lib.bsmm_gpu_selected_path.argtypes = [I, I64, I, I64, I]
         self.lib.bsmm_gpu_selected_path.restype = I
-        self.lib.bsmm_gpu_forward_transposed_w.argtypes = sig[:-1] + [P, P]
+        self.lib.bsmm_gpu_forward_transposed_w.argtypes = sig
         self.lib.bsmm_gpu_forward_transposed_w.restype = I
-        self.lib.bsmm_gpu_transpose_blocks.argtypes = [I, P, P, I64, I64, P]
-        self.lib.bsmm_gpu_transpose_blocks.restype = I
         self.lib.bsmm_gpu_set_tuning.argtypes = [I]
         self.lib.bsmm_gpu_set_tuning.restype = None
         self.tuning = 0
@@ -70,17 +68,9 @@ class Lib:
     def grad_w(self, dt, x, dy, dw, N, fa, L, **kw):
         return self._call(self.lib.bsmm_gpu_grad_w, dt, x, dy, dw, N, fa, L, **kw)
 
-    def forward_transposed_w(self, dt, x, w, y, N, fa, L, workspace):
+    def forward_transposed_w(self, dt, x, w, y, N, fa, L, **kw):
         """y = x . W where w holds the transposes of the blocks of L (the product's layout)."""
-        s = torch.cuda.current_stream().cuda_stream
-        return self.lib.bsmm_gpu_forward_transposed_w(
-            DTYPES[dt][0], x.data_ptr(), w.data_ptr(), y.data_ptr(), N, fa, *L.ptrs(), L.CB,
-            L.KB, L.bs, L.blocks, workspace.data_ptr(), s)
-
-    def transpose_blocks(self, dt, w, w_t, blocks, bs):
-        return self.lib.bsmm_gpu_transpose_blocks(DTYPES[dt][0], w.data_ptr(), w_t.data_ptr(),
-                                                  blocks, bs,
-                                                  torch.cuda.current_stream().cuda_stream)
+        return self._call(self.lib.bsmm_gpu_forward_transposed_w, dt, x, w, y, N, fa, L, **kw)
 
     def err(self, code):
         return self.lib.bsmm_gpu_error_string(code).decode()
@@ -201,32 +191,23 @@ def run_case(lib, res, dt, bs, L, N, fa, gen, ops=("fwd", "dw")):
         res.check(rc == 0 and e <= TOL[dt],
                   f"grad_w  {tag} rc={rc} relerr={e:.3g} path={lib.path(dt, N, fa, bs, 1)}")
     if "dx" in ops:
-        # dx = dy . W^T as the TensorFlow op computes it (transpose_w): the blocks transposed
-        # on the GPU (exactly: a copy), then the forward on the swapped layout.
+        # dx = dy . W^T as the TensorFlow op computes it (transpose_w): the forward on the
+        # swapped layout, reading w's blocks transposed as stored.
         dy = torch.randn(*ys, generator=gen, device=dev).to(tdt)
         LT = L.transposed()
-        wT = torch.full_like(w, float("nan"))
-        rc = lib.transpose_blocks(dt, w, wT, L.blocks, bs)
-        torch.cuda.synchronize()
-        res.check(rc == 0 and torch.equal(wT, w.transpose(1, 2)),
-                  f"transpose_blocks {tag} rc={rc}")
         dx = torch.full(xs, float("nan"), dtype=tdt, device=dev)
-        rc = lib.forward(dt, dy, wT, dx, N, fa, LT)
+        rc = lib.forward_transposed_w(dt, dy, w, dx, N, fa, LT)
         torch.cuda.synchronize()
         ref = dy.double() @ W64.t() if fa == 1 else W64 @ dy.double()
         e = rel_err(dx, ref) if rc == 0 else float("inf")
         res.check(rc == 0 and e <= TOL[dt], f"dx      {tag} rc={rc} relerr={e:.3g}")
-        # The same product reading w as stored (the op's transpose_w): bit for bit the same,
-        # whether the kernel reads the blocks transposed or copies them first.
-        dx2 = torch.full_like(dx, float("nan"))
-        workspace = torch.full_like(w, float("nan"))
-        rc = lib.forward_transposed_w(dt, dy, w, dx2, N, fa, LT, workspace)
+        # Bit for bit the forward on a transposed copy of the blocks (PyTorch's).
+        dx_copy = torch.full_like(dx, float("nan"))
+        rc = lib.forward(dt, dy, w.transpose(1, 2).contiguous(), dx_copy, N, fa, LT)
         torch.cuda.synchronize()
-        res.check(rc == 0 and torch.equal(dx2.view(torch.int16 if dx.element_size() == 2 else
-                                                     torch.int32),
-                                          dx.view(torch.int16 if dx.element_size() == 2 else
-                                                  torch.int32)),
-                  f"dx reading w transposed {tag} rc={rc}")
+        bits = torch.int16 if dx.element_size() == 2 else torch.int32
+        res.check(rc == 0 and torch.equal(dx.view(bits), dx_copy.view(bits)),
+                  f"dx reading w transposed = forward on a copy {tag} rc={rc}")
 
 
 def correctness(lib, res, quick=False, race=False):
@@ -240,14 +221,16 @@ def correctness(lib, res, quick=False, race=False):
         bss, Ns, dts = [1, 16, 32, 64], [17, 136], ["float32", "bfloat16"]
     if race:  # the subset run under racecheck: tensor-core kernels, pipelines wrapping around
         bss, Ns, dts = [16, 32, 64], [64, 1000], ["bfloat16"]  # small- and long-batch tiles
-        for dt in ("bfloat16", "float32"):  # the block transposes (shared-memory tiles)
-            for bs in (1, 8, 16, 32, 64):
-                w = torch.randn(37, bs, bs, generator=gen, device="cuda").to(DTYPES[dt][1])
-                w_t = torch.full_like(w, float("nan"))
-                rc = lib.transpose_blocks(dt, w, w_t, 37, bs)
-                torch.cuda.synchronize()
-                res.check(rc == 0 and torch.equal(w_t, w.transpose(1, 2)),
-                          f"transpose_blocks {dt} bs={bs} rc={rc}")
+        # The mma.sync forwards reading w's blocks transposed (the input gradient): float32,
+        # and bfloat16 with the wgmma kernels off (SetTuning(3)).
+        tuning = lib.tuning
+        for dt, tune, N in (("float32", tuning, 136), ("bfloat16", 3, 64), ("bfloat16", 3, 264)):
+            lib.set_tuning(tune)
+            for bs in bss:
+                L = random_layout(24, 6, bs, 0.5, rng, empty_cols=[1])
+                for fa in (1, 0):
+                    run_case(lib, res, dt, bs, L, N, fa, gen, ops=("dx",))
+        lib.set_tuning(tuning)
         for bs in bss:  # grouped dW tiles
             L = random_layout(64, 4, bs, 0.9, rng, empty_cols=[1])
             for fa in (1, 0):
@@ -445,6 +428,28 @@ def correctness(lib, res, quick=False, race=False):
         torch.cuda.synchronize()
         e = rel_err(y, x.double() @ L.dense(w).double())
         res.check(rc == 0 and e <= TOL[dt], f"unaligned x forward {dt} rc={rc} relerr={e:.3g}")
+    # The input gradient's product with w's blocks at an odd element offset (the CUDA-core
+    # kernel, reading element by element rather than whole rows), bit for bit the forward on
+    # a transposed copy at the same offset.
+    for dt, bs in (("float32", 8), ("bfloat16", 8), ("bfloat16", 32)):
+        N = 70
+        L = random_layout(4, 3, bs, 0.8, rng)
+        LT = L.transposed()
+        tdt = DTYPES[dt][1]
+        buf = torch.randn(L.blocks * bs * bs + 1, generator=gen, device="cuda").to(tdt)
+        w = buf[1:].view(L.blocks, bs, bs)
+        dy = torch.randn(N, 3 * bs, generator=gen, device="cuda").to(tdt)
+        dx = torch.full((N, 4 * bs), float("nan"), dtype=tdt, device="cuda")
+        rc = lib.forward_transposed_w(dt, dy, w, dx, N, 1, LT)
+        dx_copy = torch.full_like(dx, float("nan"))
+        copy_buf = torch.full_like(buf, float("nan"))
+        w_copy = copy_buf[1:].view(L.blocks, bs, bs)
+        w_copy.copy_(w.transpose(1, 2))
+        rc2 = lib.forward(dt, dy, w_copy, dx_copy, N, 1, LT)
+        torch.cuda.synchronize()
+        bits = torch.int16 if dx.element_size() == 2 else torch.int32
+        res.check(rc == 0 and rc2 == 0 and torch.equal(dx.view(bits), dx_copy.view(bits)),
+                  f"unaligned w, transposed read {dt} bs={bs} rc={rc}")
     # Determinism on larger problems, both paths and products (16-bit with N > 64: the wgmma
     # forwards on Hopper).
     for dt, bs, fa, N in [("bfloat16", 32, 1, 4096), ("float16", 64, 0, 2048),
@@ -730,14 +735,15 @@ def benchmark(lib, res, out_md, quick=False, dtypes=None):
 
 def bench_transpose(lib, res):
     """Table: the forward reading w transposed (LaunchForwardTransposedW, the input gradient's
-    product) against the forward, at N = 64 and 4096, and the block transposes alone
-    (LaunchTransposeBlocks) against PyTorch's transposed copy; C = K = 4096, feature axis 1.
-    The transposes are checked bit for bit."""
+    product) against the forward, at N = 64 and 4096, and what a transposed copy of the blocks
+    would add (PyTorch's); C = K = 4096, feature axis 1."""
     rng = np.random.default_rng(3)
-    lines = ["| dtype | bs | density | forward, N = 64 us | reading w transposed, N = 64 us | "
+    lines = [f"tuning {lib.tuning}",
+             "| dtype | bs | density | forward, N = 64 us | reading w transposed, N = 64 us | "
              "forward, N = 4096 us | reading w transposed, N = 4096 us | "
-             "LaunchTransposeBlocks us | PyTorch w.transpose(1, 2) copy us |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "PyTorch w.transpose(1, 2) copy us |",
+             "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     for dt in ("bfloat16", "float32"):
         for bs in (8, 16, 32, 64):
             for density in (0.1, 0.5):
@@ -751,10 +757,7 @@ def bench_transpose(lib, res):
                     x = torch.randn(N, 4096, device="cuda").to(tdt)
                     y = torch.empty(N, 4096, device="cuda").to(tdt)
                     times.append(bench(lambda: lib.forward(dt, x, w, y, N, 1, L)))
-                    times.append(bench(lambda: lib.forward_transposed_w(dt, x, w, y, N, 1, LT,
-                                                                        w_t)))
-                times.append(bench(lambda: lib.transpose_blocks(dt, w, w_t, L.blocks, bs)))
-                res.check(torch.equal(w_t, w.transpose(1, 2)), f"transpose_blocks {dt} bs={bs}")
+                    times.append(bench(lambda: lib.forward_transposed_w(dt, x, w, y, N, 1, LT)))
                 times.append(bench(lambda: w_t.copy_(w.transpose(1, 2))))
                 lines.append(f"| {dt} | {bs} | {density:.0%} | " +
                              " | ".join(f"{t * 1e3:.1f}" for t in times) + " |")
@@ -831,7 +834,7 @@ def main():
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--bench-transpose", action="store_true",
-                    help="time the input gradient's block transposes (LaunchTransposeBlocks)")
+                    help="time the forward reading w's blocks transposed (the input gradient)")
     ap.add_argument("--out-md", default=None)
     ap.add_argument("--dtypes", default=None,
                     help="comma-separated dtypes the benchmark times (default: all)")

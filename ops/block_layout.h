@@ -9,6 +9,12 @@
 
 namespace blocksparse {
 
+// Block sizes every product is built for (the CPU micro-kernels' vector widths and the GPU
+// kernels' tiles assume them); CPU and GPU checks share this one list.
+constexpr bool IsSupportedBlockSize(int64_t bs) {
+  return bs == 1 || bs == 8 || bs == 16 || bs == 32 || bs == 64;
+}
+
 // Block b of the compressed weight tensor w (shape (blocks, bs, bs)) sits at block row
 // block_row[b] (input features c*bs .. c*bs+bs-1) and block column block_col[b] (output
 // features k*bs .. k*bs+bs-1).  The column-major index lists, for every output block

@@ -13,11 +13,6 @@ namespace blocksparse {
 // Runs work(begin, end) over [0, tasks) on some threads; cost_per_task is a hint in flops.
 // Results never depend on how the range is split: every output element is written by
 // exactly one task, summing in a fixed order, so the products are bitwise deterministic.
-// Block sizes the kernels are built for (the micro-kernels' vector widths assume them).
-constexpr bool IsSupportedBlockSize(int64_t bs) {
-  return bs == 1 || bs == 8 || bs == 16 || bs == 32 || bs == 64;
-}
-
 using ParallelFor = std::function<void(int64_t tasks, int64_t cost_per_task,
                                        const std::function<void(int64_t, int64_t)>& work)>;
 

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <mutex>
 
+#include "ops/block_layout.h"
 #include "ops/blocksparse_matmul_gpu_internal.cuh"
 
 namespace blocksparse {
@@ -186,10 +187,6 @@ int LaunchGradWSimple(const void* x, const void* dy, void* dw, int64_t N, int fa
 }
 
 // ------------------------------------------------------------------------------------------
-bool IsSupportedBlockSize(int64_t bs) {
-  return bs == 1 || bs == 8 || bs == 16 || bs == 32 || bs == 64;
-}
-
 bool MmaEligible(DType dt, int64_t N, int fa, int64_t bs, const DeviceInfo& di) {
   if (bs != 16 && bs != 32 && bs != 64) return false;
   if (di.cc_major < 8) return false;

@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "ops/block_layout.h"
 #include "ops/blocksparse_matmul_gpu_mma.cuh"
 
 namespace blocksparse {
@@ -743,7 +744,7 @@ int ElementBytes(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
 int CheckArgs(DType dt, int64_t n, int64_t m, int64_t p, int64_t bs, int64_t workspace_bytes) {
   if (dt != DType::kFloat32 && dt != DType::kFloat16 && dt != DType::kBFloat16)
     return cudaErrorInvalidValue;
-  if (bs != 1 && bs != 8 && bs != 16 && bs != 32 && bs != 64) return cudaErrorInvalidValue;
+  if (!IsSupportedBlockSize(bs)) return cudaErrorInvalidValue;
   if (n < 0 || m < 0 || p < 0 || m % bs != 0 || p % bs != 0) return cudaErrorInvalidValue;
   if (n > INT32_MAX) return cudaErrorInvalidValue;  // example lists are int32
   const int64_t kLimit = int64_t(1) << 40;

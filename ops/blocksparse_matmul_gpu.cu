@@ -73,14 +73,11 @@ bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 // y[n, col] (feature axis 1, index n*K + col) or y[col, n] (feature axis 0, index col*N + n).
 // w_transposed: each stored block holds the transpose of the product's block (element (i, j)
-// of the product's block at j*bs + i), read so: a thread's weights are then one stored row,
-// which with bs 8 and aligned blocks (rows_of_8) it loads whole, not element by element with
-// the warp's threads a row apart.  The same sums in the same order either way.
+// of the product's block at j*bs + i), read so: the same sums in the same order.
 template <typename T, int FA>
 __global__ void ForwardSimpleKernel(const T* __restrict__ x, const T* __restrict__ w,
                                     T* __restrict__ y, int64_t N, int64_t C, int64_t K, int bs,
-                                    bool w_transposed, bool rows_of_8,
-                                    const int32_t* __restrict__ col_ptr,
+                                    bool w_transposed, const int32_t* __restrict__ col_ptr,
                                     const int32_t* __restrict__ col_row,
                                     const int32_t* __restrict__ col_block) {
   const int64_t w_row_step = w_transposed ? 1 : bs;  // from element (i, j) to (i + 1, j)
@@ -104,17 +101,71 @@ __global__ void ForwardSimpleKernel(const T* __restrict__ x, const T* __restrict
       const int64_t c = col_row[pi];
       const T* wb = w + (int64_t)col_block[pi] * bs * bs + (w_transposed ? j * bs : j);
       const T* xb = FA == 1 ? x + n * C + c * bs : x + c * bs * N + n;
-      if (rows_of_8) {
-        float wr[8];
-        LoadEight(wb, wr);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc = fmaf(ToF(xb[i * x_row_step]), wr[i], acc);
-      } else {
-        for (int i = 0; i < bs; ++i)
-          acc = fmaf(ToF(xb[i * x_row_step]), ToF(wb[i * w_row_step]), acc);
-      }
+      for (int i = 0; i < bs; ++i)
+        acc = fmaf(ToF(xb[i * x_row_step]), ToF(wb[i * w_row_step]), acc);
     }
     y[idx] = FromF<T>(acc);
+  }
+}
+
+// bs 8 with 16-byte-aligned x, w and y: one thread per (example n, block column kb) computes
+// the column's 8 outputs for that example, loading each block's 64 weights as 16-byte rows
+// and, with feature axis 1, the example's 8 inputs likewise: 64 multiply-adds per block for 9
+// (16-bit) or 18 (float32) loads, where ForwardSimpleKernel's thread makes 8 per 16 loads.  Consecutive threads take
+// consecutive examples of one block column, so a warp reads the same blocks (broadcast) and
+// walks one column list.  Each output sums the same products in the same order as
+// ForwardSimpleKernel's (blocks in column order, input features ascending), bit for bit.
+template <typename T, int FA>
+__global__ void ForwardBs8Kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                 T* __restrict__ y, int64_t N, int64_t C, int64_t K,
+                                 bool w_transposed, const int32_t* __restrict__ col_ptr,
+                                 const int32_t* __restrict__ col_row,
+                                 const int32_t* __restrict__ col_block) {
+  const int64_t total = N * (K / 8);
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
+       idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t n = idx % N, kb = idx / N;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    const int pend = col_ptr[kb + 1];
+    for (int pi = col_ptr[kb]; pi < pend; ++pi) {
+      const int64_t c = col_row[pi];
+      const T* wb = w + (int64_t)col_block[pi] * 64;
+      float xv[8];
+      if (FA == 1) {
+        LoadEight(x + n * C + c * 8, xv);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xv[i] = ToF(x[(c * 8 + i) * N + n]);
+      }
+      float wr[8];
+      if (!w_transposed) {  // stored row i: the weights from input i to outputs 0..7
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          LoadEight(wb + i * 8, wr);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[j] = fmaf(xv[i], wr[j], acc[j]);
+        }
+      } else {  // stored row j: the weights from inputs 0..7 to output j
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          LoadEight(wb + j * 8, wr);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[j] = fmaf(xv[i], wr[i], acc[j]);
+        }
+      }
+    }
+    if (FA == 1) {
+      T* dst = y + n * K + kb * 8;
+      if constexpr (sizeof(T) == 4) {
+        mma_impl::StoreChunk<T>(dst, acc);
+        mma_impl::StoreChunk<T>(dst + 4, acc + 4);
+      } else {
+        mma_impl::StoreChunk<T>(dst, acc);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) y[(kb * 8 + j) * N + n] = FromF<T>(acc[j]);
+    }
   }
 }
 
@@ -155,15 +206,27 @@ int LaunchForwardSimple(const void* x, const void* w, void* y, int64_t N, int fa
   const int64_t C = L.CB * L.block_size, K = L.KB * L.block_size;
   const int grid = SimpleGrid(N * K, di);
   const int bs = static_cast<int>(L.block_size);
-  const bool rows_of_8 = w_transposed && bs == 8 && Aligned16(w);
+  if (bs == 8 && Aligned16(x) && Aligned16(w) && Aligned16(y)) {
+    const int grid8 = SimpleGrid(N * L.KB, di);
+    if (fa == 1) {
+      ForwardBs8Kernel<T, 1><<<grid8, 256, 0, s>>>(
+          static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), N, C, K,
+          w_transposed, L.col_ptr, L.col_row, L.col_block);
+    } else {
+      ForwardBs8Kernel<T, 0><<<grid8, 256, 0, s>>>(
+          static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), N, C, K,
+          w_transposed, L.col_ptr, L.col_row, L.col_block);
+    }
+    return cudaGetLastError();
+  }
   if (fa == 1) {
     ForwardSimpleKernel<T, 1><<<grid, 256, 0, s>>>(
         static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), N, C, K, bs,
-        w_transposed, rows_of_8, L.col_ptr, L.col_row, L.col_block);
+        w_transposed, L.col_ptr, L.col_row, L.col_block);
   } else {
     ForwardSimpleKernel<T, 0><<<grid, 256, 0, s>>>(
         static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), N, C, K, bs,
-        w_transposed, rows_of_8, L.col_ptr, L.col_row, L.col_block);
+        w_transposed, L.col_ptr, L.col_row, L.col_block);
   }
   return cudaGetLastError();
 }

@@ -39,9 +39,10 @@
 //   their own (fixed) order of sums; on sm_90 the dW with N <= 64 and at least 6 blocks per
 //   column (16-bit; float32 with bs 16 / 32) streams each column's blocks through one CTA
 //   (mma.sync, dy kept in registers).
-//   Everything else runs on CUDA cores: bs 8 with 16-byte aligned pointers on a kernel of its
-//   own (a thread per example and block column, blocks loaded in 16-byte rows); bs 1,
-//   unaligned pointers and ragged feature_axis-0 batches on a simpler one.  Results are bitwise reproducible from run to run on the same
+//   Everything else runs on CUDA cores: bs 8 with 16-byte aligned pointers on kernels of its
+//   own (forward: a thread per example and block column, blocks loaded in 16-byte rows; dW with
+//   feature_axis 1: a thread per block row); bs 1, unaligned pointers and ragged feature_axis-0
+//   batches on simpler ones.  Results are bitwise reproducible from run to run on the same
 //   device; different GPUs may choose different splits and differ in the last bits.
 //   Inputs and outputs must not overlap.  Launches are asynchronous on `stream`; the layout
 //   arrays must stay valid until the work completes.

@@ -193,11 +193,13 @@ __global__ void GradWSimpleKernel(const T* __restrict__ x, const T* __restrict__
   }
 }
 
-// bs 8, feature axis 1, 16-byte-aligned x, dy and dw: one thread per (stored block b, row i)
-// computes dw[b, i, 0..7]: per example one input and dy's 8 outputs in a 16-byte load (eight
-// threads share it), 8 multiply-adds per 2 or 3 loads where GradWSimpleKernel's threads make
-// 1 per 2.  Each sum runs over the examples in order, as GradWSimpleKernel's, bit for bit.
-template <typename T>
+// bs 8 with 16-byte-aligned x, dy and dw (and, with feature axis 0, N a multiple of 8): one
+// thread per (stored block b, row i) computes dw[b, i, 0..7].  Feature axis 1: per example one
+// input and dy's 8 outputs in a 16-byte load (eight threads share it); feature axis 0: per 8
+// examples the input row's 8 values and each of dy's 8 rows' 8 in 16-byte loads.  8 or 64
+// multiply-adds per 2 or 9 loads (16-bit) where GradWSimpleKernel's threads make 1 per 2.  Each
+// sum runs over the examples in order, as GradWSimpleKernel's, bit for bit.
+template <typename T, int FA>
 __global__ void GradWBs8Kernel(const T* __restrict__ x, const T* __restrict__ dy,
                                T* __restrict__ dw, int64_t N, int64_t C, int64_t K,
                                int64_t blocks, const int32_t* __restrict__ block_row,
@@ -205,16 +207,28 @@ __global__ void GradWBs8Kernel(const T* __restrict__ x, const T* __restrict__ dy
   const int64_t total = blocks * 8;
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
        idx += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t b = idx / 8;
-    const T* xr = x + (int64_t)block_row[b] * 8 + idx % 8;
-    const T* dr = dy + (int64_t)block_col[b] * 8;
+    const int64_t b = idx / 8, xc = (int64_t)block_row[b] * 8 + idx % 8;
+    const int64_t dc = (int64_t)block_col[b] * 8;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int64_t n = 0; n < N; ++n) {
-      const float xv = ToF(xr[n * C]);
-      float dv[8];
-      LoadEight(dr + n * K, dv);
+    if (FA == 1) {
+      for (int64_t n = 0; n < N; ++n) {
+        const float xv = ToF(x[n * C + xc]);
+        float dv[8];
+        LoadEight(dy + n * K + dc, dv);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) acc[j] = fmaf(xv, dv[j], acc[j]);
+        for (int j = 0; j < 8; ++j) acc[j] = fmaf(xv, dv[j], acc[j]);
+      }
+    } else {
+      for (int64_t n = 0; n < N; n += 8) {
+        float xv[8], dv[8];
+        LoadEight(x + xc * N + n, xv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          LoadEight(dy + (dc + j) * N + n, dv);
+#pragma unroll
+          for (int t = 0; t < 8; ++t) acc[j] = fmaf(xv[t], dv[t], acc[j]);
+        }
+      }
     }
     T* dst = dw + idx * 8;
     mma_impl::StoreChunk<T>(dst, acc);
@@ -265,10 +279,17 @@ int LaunchGradWSimple(const void* x, const void* dy, void* dw, int64_t N, int fa
                       const DeviceLayout& L, const DeviceInfo& di, cudaStream_t s) {
   const int64_t C = L.CB * L.block_size, K = L.KB * L.block_size;
   const int bs = static_cast<int>(L.block_size);
-  if (bs == 8 && fa == 1 && Aligned16(x) && Aligned16(dy) && Aligned16(dw)) {
-    GradWBs8Kernel<T><<<SimpleGrid(L.blocks * 8, di), 256, 0, s>>>(
-        static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), N, C, K,
-        L.blocks, L.block_row, L.block_col);
+  if (bs == 8 && (fa == 1 || N % 8 == 0) && Aligned16(x) && Aligned16(dy) && Aligned16(dw)) {
+    const int grid8 = SimpleGrid(L.blocks * 8, di);
+    if (fa == 1) {
+      GradWBs8Kernel<T, 1><<<grid8, 256, 0, s>>>(
+          static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), N, C, K,
+          L.blocks, L.block_row, L.block_col);
+    } else {
+      GradWBs8Kernel<T, 0><<<grid8, 256, 0, s>>>(
+          static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), N, C, K,
+          L.blocks, L.block_row, L.block_col);
+    }
     return cudaGetLastError();
   }
   const int grid = SimpleGrid(L.blocks * L.block_size * L.block_size, di);

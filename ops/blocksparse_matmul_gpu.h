@@ -40,9 +40,9 @@
 //   column (16-bit; float32 with bs 16 / 32) streams each column's blocks through one CTA
 //   (mma.sync, dy kept in registers).
 //   Everything else runs on CUDA cores: bs 8 with 16-byte aligned pointers on kernels of its
-//   own (forward: a thread per example and block column, blocks loaded in 16-byte rows; dW with
-//   feature_axis 1: a thread per block row); bs 1, unaligned pointers and ragged feature_axis-0
-//   batches on simpler ones.  Results are bitwise reproducible from run to run on the same
+//   own (forward: a thread per example and block column, blocks loaded in 16-byte rows; dW: a
+//   thread per block row, with feature_axis 0 for N % 8 == 0); bs 1, unaligned pointers and
+//   ragged feature_axis-0 batches on simpler ones.  Results are bitwise reproducible from run to run on the same
 //   device; different GPUs may choose different splits and differ in the last bits.
 //   Inputs and outputs must not overlap.  Launches are asynchronous on `stream`; the layout
 //   arrays must stay valid until the work completes.

@@ -69,6 +69,13 @@ __device__ __forceinline__ void LoadEight(const T* p, float (&out)[8]) {
   for (int i = 0; i < 8; ++i) out[i] = ToF(e[i]);
 }
 
+// Stores 8 floats at p (16-byte aligned) as elements of T, in 16-byte stores.
+template <typename T>
+__device__ __forceinline__ void StoreEight(T* p, const float (&v)[8]) {
+  mma_impl::StoreChunk<T>(p, v);
+  if constexpr (sizeof(T) == 4) mma_impl::StoreChunk<T>(p + 4, v + 4);
+}
+
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // y[n, col] (feature axis 1, index n*K + col) or y[col, n] (feature axis 0, index col*N + n).
@@ -111,10 +118,10 @@ __global__ void ForwardSimpleKernel(const T* __restrict__ x, const T* __restrict
 // bs 8 with 16-byte-aligned x, w and y: one thread per (example n, block column kb) computes
 // the column's 8 outputs for that example, loading each block's 64 weights as 16-byte rows
 // and, with feature axis 1, the example's 8 inputs likewise: 64 multiply-adds per block for 9
-// (16-bit) or 18 (float32) loads, where ForwardSimpleKernel's thread makes 8 per 16 loads.  Consecutive threads take
-// consecutive examples of one block column, so a warp reads the same blocks (broadcast) and
-// walks one column list.  Each output sums the same products in the same order as
-// ForwardSimpleKernel's (blocks in column order, input features ascending), bit for bit.
+// (16-bit) or 18 (float32) loads, where ForwardSimpleKernel's thread makes 8 per 16 loads.
+// Consecutive threads take consecutive examples of one block column, so a warp reads the same
+// blocks (broadcast) and walks one column list.  Each output sums the same products in the same
+// order as ForwardSimpleKernel's (blocks in column order, input features ascending), bit for bit.
 template <typename T, int FA>
 __global__ void ForwardBs8Kernel(const T* __restrict__ x, const T* __restrict__ w,
                                  T* __restrict__ y, int64_t N, int64_t C, int64_t K,
@@ -155,13 +162,7 @@ __global__ void ForwardBs8Kernel(const T* __restrict__ x, const T* __restrict__ 
       }
     }
     if (FA == 1) {
-      T* dst = y + n * K + kb * 8;
-      if constexpr (sizeof(T) == 4) {
-        mma_impl::StoreChunk<T>(dst, acc);
-        mma_impl::StoreChunk<T>(dst + 4, acc + 4);
-      } else {
-        mma_impl::StoreChunk<T>(dst, acc);
-      }
+      StoreEight(y + n * K + kb * 8, acc);
     } else {
 #pragma unroll
       for (int j = 0; j < 8; ++j) y[(kb * 8 + j) * N + n] = FromF<T>(acc[j]);
@@ -230,9 +231,7 @@ __global__ void GradWBs8Kernel(const T* __restrict__ x, const T* __restrict__ dy
         }
       }
     }
-    T* dst = dw + idx * 8;
-    mma_impl::StoreChunk<T>(dst, acc);
-    if constexpr (sizeof(T) == 4) mma_impl::StoreChunk<T>(dst + 4, acc + 4);
+    StoreEight(dw + idx * 8, acc);
   }
 }
 

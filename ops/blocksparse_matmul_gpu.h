@@ -42,8 +42,9 @@
 //   Everything else runs on CUDA cores: bs 8 with 16-byte aligned pointers on kernels of its
 //   own (forward: a thread per example and block column, blocks loaded in 16-byte rows; dW: a
 //   thread per block row, with feature_axis 0 for N % 8 == 0); bs 1, unaligned pointers and
-//   ragged feature_axis-0 batches on simpler ones.  Results are bitwise reproducible from run to run on the same
-//   device; different GPUs may choose different splits and differ in the last bits.
+//   ragged feature_axis-0 batches on simpler ones.  Results are bitwise reproducible from run
+//   to run on the same device; different GPUs may choose different splits and differ in the
+//   last bits.
 //   Inputs and outputs must not overlap.  Launches are asynchronous on `stream`; the layout
 //   arrays must stay valid until the work completes.
 //

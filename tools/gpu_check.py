@@ -137,6 +137,12 @@ def exact_layout(CB, KB, bs, density, rng):
     return Layout(np.stack([flat // KB, flat % KB], 1), CB, KB, bs)
 
 
+def same_bits(a, b):
+    """Whether two tensors of one element type hold the same bits, element for element."""
+    kind = torch.int16 if a.element_size() == 2 else torch.int32
+    return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(kind), b.reshape(-1).view(kind))
+
+
 def rel_err(out, ref):
     out = out.double()
     if out.numel() == 0:
@@ -205,8 +211,7 @@ def run_case(lib, res, dt, bs, L, N, fa, gen, ops=("fwd", "dw")):
         dx_copy = torch.full_like(dx, float("nan"))
         rc = lib.forward(dt, dy, w.transpose(1, 2).contiguous(), dx_copy, N, fa, LT)
         torch.cuda.synchronize()
-        bits = torch.int16 if dx.element_size() == 2 else torch.int32
-        res.check(rc == 0 and torch.equal(dx.view(bits), dx_copy.view(bits)),
+        res.check(rc == 0 and same_bits(dx, dx_copy),
                   f"dx reading w transposed = forward on a copy {tag} rc={rc}")
 
 
@@ -447,8 +452,7 @@ def correctness(lib, res, quick=False, race=False):
         w_copy.copy_(w.transpose(1, 2))
         rc2 = lib.forward(dt, dy, w_copy, dx_copy, N, 1, LT)
         torch.cuda.synchronize()
-        bits = torch.int16 if dx.element_size() == 2 else torch.int32
-        res.check(rc == 0 and rc2 == 0 and torch.equal(dx.view(bits), dx_copy.view(bits)),
+        res.check(rc == 0 and rc2 == 0 and same_bits(dx, dx_copy),
                   f"unaligned w, transposed read {dt} bs={bs} rc={rc}")
     # Determinism on larger problems, both paths and products (16-bit with N > 64: the wgmma
     # forwards on Hopper).
@@ -473,9 +477,8 @@ def correctness(lib, res, quick=False, race=False):
             rc2 = lib.grad_w(dt, x, dy, dw, N, fa, L)
             torch.cuda.synchronize()
             outs.append((rc1, rc2, y, dw))
-        bits = lambda t: t.reshape(-1).view(torch.int16 if tdt != torch.float32 else torch.int32)
-        same = all(o[0] == 0 and o[1] == 0 and torch.equal(bits(o[2]), bits(outs[0][2]))
-                   and torch.equal(bits(o[3]), bits(outs[0][3])) for o in outs)
+        same = all(o[0] == 0 and o[1] == 0 and same_bits(o[2], outs[0][2])
+                   and same_bits(o[3], outs[0][3]) for o in outs)
         res.check(same, f"determinism {dt} bs={bs} fa={fa} N={N}")
     # Determinism of the small-batch forward split over a cluster (bs 32 / 64, 16-bit, Hopper).
     for bs, L in small_batch_layouts[1::2]:

@@ -130,7 +130,8 @@ inline void Tile(const Pairs& pairs, int64_t P, int64_t a_cs, int64_t b_rs, floa
     const bool prefetch = q + 1 < count;
     const float* a_next = prefetch ? pairs.a(q + 1) : a;
     const float* b_next = prefetch ? pairs.b(q + 1) : b;
-    for (int64_t p = 0; p < P; ++p, a += a_cs, b += b_rs, a_next += a_cs, b_next += b_rs) {
+    // Step p of the sum; then a, b, a_next and b_next move on to step p + 1.
+    auto step = [&](int64_t p) __attribute__((always_inline)) {
       if (prefetch) {
         if constexpr (kARs != 1) {
           // The next A block is MR * kARs contiguous floats: one of its cache lines per p.
@@ -166,7 +167,23 @@ inline void Tile(const Pairs& pairs, int64_t P, int64_t a_cs, int64_t b_rs, floa
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
       }
+      a += a_cs;
+      b += b_rs;
+      a_next += a_cs;
+      b_next += b_rs;
+    };
+    int64_t p = 0;
+    // The weight gradient's long sums (P = N) take four steps per loop iteration: the loop's
+    // own counting, compares and branches otherwise take issue slots from the multiply-adds
+    // (LIBXSMM's generated GEMM kernels step four at a time too; benchmarks/bench_libxsmm.py).
+    // The same sums in the same order.  Products over one block (P = bs) loop as before.
+    if constexpr (std::is_same_v<Pairs, SinglePairFetchingAhead>) {
+      for (; p + 4 <= P; p += 4) {
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) step(p + u);
+      }
     }
+    for (; p < P; ++p) step(p);
   }
   // Constant trip counts everywhere, so acc lives in registers (a runtime bound on m would
   // force it onto the stack).

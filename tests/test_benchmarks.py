@@ -3,9 +3,11 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import bench_matmul, bench_sparse_dot  # noqa: E402
+from benchmarks import bench_libxsmm, bench_matmul, bench_sparse_dot  # noqa: E402
 
 
 def test_benchmarks_write_their_sections(tmp_path):
@@ -21,3 +23,14 @@ def test_benchmarks_write_their_sections(tmp_path):
     assert report.count("## CPU: BlocksparseMatMul against dense tf.matmul") == 1
     assert report.count("## CPU: sparse_dot (conditional computation)") == 1
     assert report.count("| 8 | 32 | ") == 2 and (tmp_path / "benchmark_cpu_speedup.png").exists()
+
+
+@pytest.mark.skipif(not bench_libxsmm.libxsmm_available(),
+                    reason="LIBXSMM's headers (apt-get install libxsmm-dev) or g++ missing")
+def test_libxsmm_comparison_agrees_with_the_kernels():
+    # LIBXSMM's kernels are an independent implementation of the same products: the script
+    # raises if the two results differ beyond float32 rounding.
+    rows = bench_libxsmm.main(["--quick", "--repeats", "1"])
+    assert {(r["product"], r["bs"]) for r in rows} == {
+        ("forward", 16), ("forward", 32), ("grad_w", 16), ("grad_w", 32)}
+    assert all(r["ours_ms"] > 0 and r["libxsmm_ms"] > 0 for r in rows)

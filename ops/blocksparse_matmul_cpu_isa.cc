@@ -76,6 +76,15 @@ inline void StreamStore(float* p, V v) {
   }
 }
 
+// One pair (A, B): the weight gradients' products, each a sum over many rows.
+struct SinglePair {
+  const float* a_ptr;
+  const float* b_ptr;
+  int64_t size() const { return 1; }
+  const float* a(int64_t) const { return a_ptr; }
+  const float* b(int64_t) const { return b_ptr; }
+};
+
 // One pair, and while it computes, step p < lines fetches line p of two other ranges into L2
 // (the next product's operands).
 struct SinglePairFetchingAhead {
@@ -173,11 +182,14 @@ inline void Tile(const Pairs& pairs, int64_t P, int64_t a_cs, int64_t b_rs, floa
       b_next += b_rs;
     };
     int64_t p = 0;
-    // The weight gradient's long sums (P = N) take four steps per loop iteration: the loop's
-    // own counting, compares and branches otherwise take issue slots from the multiply-adds
-    // (LIBXSMM's generated GEMM kernels step four at a time too; benchmarks/bench_libxsmm.py).
-    // The same sums in the same order.  Products over one block (P = bs) loop as before.
-    if constexpr (std::is_same_v<Pairs, SinglePairFetchingAhead>) {
+    // The weight gradients' long sums (one pair, P = its rows) take four steps per loop
+    // iteration: the loop's own counting, compares and branches otherwise take issue slots
+    // from the multiply-adds (LIBXSMM's generated GEMM kernels step four at a time too;
+    // benchmarks/bench_libxsmm.py).  The same sums in the same order.  Products over blocks
+    // (P = bs) loop as before.
+    if constexpr (std::is_same_v<Pairs, SinglePair> ||
+                  std::is_same_v<Pairs, SinglePairFetchingAhead> ||
+                  std::is_same_v<Pairs, SinglePairListedB>) {
       for (; p + 4 <= P; p += 4) {
 #pragma GCC unroll 4
         for (int u = 0; u < 4; ++u) step(p + u);
@@ -218,14 +230,6 @@ struct ColumnPairs {
   const float* w(int64_t q) const { return w_base + blocks[q] * w_stride; }
   const float* a(int64_t q) const { return kAIsWeight ? w(q) : x(q); }
   const float* b(int64_t q) const { return kAIsWeight ? x(q) : w(q); }
-};
-
-struct SinglePair {
-  const float* a_ptr;
-  const float* b_ptr;
-  int64_t size() const { return 1; }
-  const float* a(int64_t) const { return a_ptr; }
-  const float* b(int64_t) const { return b_ptr; }
 };
 
 template <bool kAIsWeight>

@@ -224,7 +224,8 @@ bool FitsInLastLevelCache(int64_t bytes) {
 // packing took a third as long as the products when each panel was packed just before its
 // first use.
 void PackNeededBlockColumns(const float* x, const float* dy, int64_t N, int64_t C, int64_t K,
-                            int64_t bs, const std::vector<char>& x_needed,
+                            int64_t bs, bool row_pairs, int64_t rows,
+                            const std::vector<char>& x_needed,
                             const std::vector<char>& dy_needed, float* x_panels,
                             float* dy_panels, const ParallelFor& parallel_for) {
   constexpr int64_t kRowsPerPackTask = 32;
@@ -248,9 +249,20 @@ void PackNeededBlockColumns(const float* x, const float* dy, int64_t N, int64_t 
         float* const panels = of_x ? x_panels : dy_panels;
         const int64_t n0 = (of_x ? task : task - chunks) * kRowsPerPackTask;
         const int64_t n1 = std::min(N, n0 + kRowsPerPackTask);
-        for (const int32_t c : of_x ? x_columns : dy_columns)
-          for (int64_t n = n0; n < n1; ++n)
-            std::memcpy(panels + (c * N + n) * kBs, src + n * F + c * kBs, kBs * sizeof(float));
+        for (const int32_t c : of_x ? x_columns : dy_columns) {
+          if (row_pairs) {  // bs 8, rows n and n + 1 interleaved (kRowsPerPackTask is even)
+            static const float kZeros[8] = {};
+            for (int64_t n = n0; n < n1; n += 2) {
+              const float* first = src + n * F + c * 8;
+              InterleaveRowPair(first, n + 1 < N ? first + F : kZeros,
+                                panels + (c * rows + n) * 8);
+            }
+          } else {
+            for (int64_t n = n0; n < n1; ++n)
+              std::memcpy(panels + (c * rows + n) * kBs, src + n * F + c * kBs,
+                          kBs * sizeof(float));
+          }
+        }
       }
     });
   });
@@ -668,13 +680,16 @@ bool GradW(const float* x, const float* dy, float* dw, int64_t N, int feature_ax
     PackBlockColumns(src, N, F, bs, feature_axis, row_pairs, p * per_pack,
                      std::min(blocks, (p + 1) * per_pack), rows, panels);
   };
-  // Rows of x and dy (feature_axis 1) are packed into every needed panel first, row by row,
-  // where each panel's pieces lie a row apart (see PackNeededBlockColumns), if the panels stay
-  // in the cache until their products; the grouped order (blocks of 8 or less) packs its
-  // pieces of 256 bytes as it goes.
+  // Rows of x and dy (feature_axis 1, bs >= 8) are packed into every needed panel first, row
+  // by row, where each panel's pieces lie a row apart (see PackNeededBlockColumns), if the
+  // panels stay in the cache until their products.  Otherwise (and for feature_axis 0, whose
+  // panels' rows are contiguous in x, and bs 1) each pack is made just before its first use.
+  // bs 8 (2-core Intel Xeon, the two libraries in three alternating processes, N = 1024, C = K
+  // = 4096, fastest ms, packs of eight panels as they go -> first): 2% 8.4-9.0 -> 6.8-7.0, 10%
+  // 19.3-21.3 -> 16.6-17.8, 50% 64.5-68.2 -> 59.1-62.8; N = 64 within the noise.
   std::vector<char> x_needed, dy_needed;
   int64_t needed_bytes = 0;
-  if (!grouped && feature_axis == 1) {
+  if (bs >= 8 && feature_axis == 1) {
     x_needed.assign(layout.CB, 0);
     dy_needed.assign(layout.KB, 0);
     for (int64_t b = 0; b < layout.blocks; ++b) {
@@ -687,8 +702,8 @@ bool GradW(const float* x, const float* dy, float* dw, int64_t N, int feature_ax
   }
   const bool packed_first = !x_needed.empty() && FitsInLastLevelCache(needed_bytes);
   if (packed_first) {
-    PackNeededBlockColumns(x, dy, N, C, K, bs, x_needed, dy_needed, x_panels, dy_panels,
-                           parallel_for);
+    PackNeededBlockColumns(x, dy, N, C, K, bs, row_pairs, rows, x_needed, dy_needed, x_panels,
+                           dy_panels, parallel_for);
   }
   // Tiles: runs of up to max_shared_row_tile consecutive blocks of one block row in that
   // order, computed together (they share x's panel).  Chosen here, by the layout alone, since

@@ -233,7 +233,7 @@ def test_batches_of_a_multiple_of_256_rows(bs, feature_axis, N):
 def test_weight_gradient_over_many_block_columns(bs, N, feature_axis):
     """The weight gradient of bs 1 and 8 runs its blocks in groups of block columns whose dy
     panels fill about 2 MiB, block row by block row within a group, with panels packed several
-    at a time; bs 8 reads rows in interleaved pairs (an odd N's last with zeros), bs 1 sums
+    at a time (bs 8 with feature_axis 1: all first, row by row); bs 8 reads rows in interleaved pairs (an odd N's last with zeros), bs 1 sums
     vectors along N (N = 1025 and 83: whole and partial steps of four vectors, then one float at
     a time).  Layouts of several groups (by counting blocks per row, or by sorting where a
     group has fewer blocks than the layout has rows), with empty block rows and columns."""

@@ -49,18 +49,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def libxsmm_available():
-    return os.path.exists(LIBXSMM_HEADER) and shutil.which("g++") is not None
-
-
 def instruction_set():
-    """The kernel namespace this processor runs (as ops/blocksparse_matmul_cpu.cc picks it)."""
-    flags = open("/proc/cpuinfo").read()
-    if "avx512f" in flags:
+    """The kernel namespace this processor runs (as ops/blocksparse_matmul_cpu.cc picks it) and
+    its compiler flags, or None without AVX2."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    if "avx512f" in flags and "avx512vl" in flags:
         return "avx512", ["-mavx512f", "-mavx512vl", "-mfma"]
-    if "avx2" in flags:
+    if "avx2" in flags and "fma" in flags:
         return "avx2", ["-mavx2", "-mfma"]
-    raise SystemExit("the comparison needs AVX2 or AVX-512")
+    return None
+
+
+def libxsmm_available():
+    """Whether the comparison can run here: LIBXSMM's headers, g++, and AVX2 or AVX-512."""
+    return (os.path.exists(LIBXSMM_HEADER) and shutil.which("g++") is not None
+            and instruction_set() is not None)
 
 
 def build(workdir):
@@ -118,8 +124,8 @@ def table(rows):
 def main(argv=None):
     args = parse_args(argv)
     if not libxsmm_available():
-        print("LIBXSMM's headers (apt-get install libxsmm-dev) or g++ are missing: nothing to "
-              "compare")
+        print("LIBXSMM's headers (apt-get install libxsmm-dev), g++ or an AVX2 processor are "
+              "missing: nothing to compare")
         return []
     with tempfile.TemporaryDirectory() as workdir:
         program, isa = build(workdir)

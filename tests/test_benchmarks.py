@@ -26,7 +26,7 @@ def test_benchmarks_write_their_sections(tmp_path):
 
 
 @pytest.mark.skipif(not bench_libxsmm.libxsmm_available(),
-                    reason="LIBXSMM's headers (apt-get install libxsmm-dev) or g++ missing")
+                    reason="needs LIBXSMM's headers (apt-get install libxsmm-dev), g++ and AVX2")
 def test_libxsmm_comparison_agrees_with_the_kernels():
     # LIBXSMM's kernels are an independent implementation of the same products: the script
     # raises if the two results differ beyond float32 rounding.

@@ -214,8 +214,9 @@ bool FitsInLastLevelCache(int64_t bytes) {
   return bytes <= kCacheBytes / 2;
 }
 
-// The block-column panels (as PackBlockColumns lays them, rows = N) of x (N, C) and dy (N, K)
-// for the block columns with x_needed[c] and dy_needed[k], all at once: tasks of
+// The block-column panels (as PackBlockColumns lays them, `rows` rows each; with row_pairs, bs
+// 8's interleaved row pairs) of x (N, C) and dy (N, K) for the block columns with x_needed[c]
+// and dy_needed[k], all at once: tasks of
 // kRowsPerPackTask consecutive rows of x or dy, each copying its rows' pieces of every needed
 // panel.  A task reads whole rows, a few pages between them, where packing panel by panel
 // visits every row's page once per panel (at 4096 features, a page per 16 KiB row for its 64

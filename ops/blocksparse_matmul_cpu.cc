@@ -184,6 +184,17 @@ void PackBlockColumns(const float* x, int64_t N, int64_t F, int64_t bs, int feat
     });
     return;
   }
+  const CpuKernels& kernels = Kernels();
+  if (!row_pairs && bs % kernels.vector_width == 0) {
+    // Panel c is x's rows c bs .. c bs + bs - 1 (N floats each) transposed, in squares of a
+    // vector's width turned around in registers.  One thread, the weight gradient alone
+    // through the plain C++ interface (2-core Intel Xeon, C = K = 4096, N = 1024, 10%, fastest
+    // ms, one float at a time -> squares): bs 16 37.2 -> 28.4, bs 32 37.6 -> 26.2, bs 64
+    // 38.1 -> 26.8, as fast as with feature_axis 1.
+    for (int64_t c = c0; c < c1; ++c)
+      kernels.transpose_rect(x + c * bs * N, N, bs, N, panels + c * rows * bs, bs);
+    return;
+  }
   for (int64_t c = c0; c < c1; ++c) {
     float* const panel = panels + c * rows * bs;
     constexpr int64_t kChunk = 64;  // columns of x per pass, to keep writes in cache

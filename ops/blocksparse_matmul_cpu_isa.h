@@ -120,6 +120,9 @@ struct CpuKernels {
   // examples; null where the instruction set has no vector compress (AVX-512's vpcompressd),
   // and sparse_dot then lists them with scalar code.
   int64_t (*list_in_both)(const uint64_t* a, const uint64_t* b, int64_t words, int32_t* rows);
+  // out[c * out_rs + r] = in[r * in_rs + c] for r < rows, c < cols.
+  void (*transpose_rect)(const float* in, int64_t in_rs, int64_t rows, int64_t cols, float* out,
+                         int64_t out_rs);
 };
 
 // The micro-kernels of the block-sparse convolution (ops/blocksparse_conv_cpu.cc).

@@ -226,8 +226,8 @@ bool FitsInLastLevelCache(int64_t bytes) {
 }
 
 // The block-column panels (as PackBlockColumns lays them, `rows` rows each; with row_pairs, bs
-// 8's interleaved row pairs) of x (N, C) and dy (N, K) for the block columns with x_needed[c]
-// and dy_needed[k], all at once: tasks of
+// 8's interleaved row pairs; for bs 1 every column, the transposes) of x (N, C) and dy (N, K)
+// for the block columns with x_needed[c] and dy_needed[k], all at once: tasks of
 // kRowsPerPackTask consecutive rows of x or dy, each copying its rows' pieces of every needed
 // panel.  A task reads whole rows, a few pages between them, where packing panel by panel
 // visits every row's page once per panel (at 4096 features, a page per 16 KiB row for its 64
@@ -261,6 +261,10 @@ void PackNeededBlockColumns(const float* x, const float* dy, int64_t N, int64_t 
         float* const panels = of_x ? x_panels : dy_panels;
         const int64_t n0 = (of_x ? task : task - chunks) * kRowsPerPackTask;
         const int64_t n1 = std::min(N, n0 + kRowsPerPackTask);
+        if (bs == 1) {  // the panels are the transpose: every column, in register squares
+          Kernels().transpose_rect(src + n0 * F, F, n1 - n0, F, panels + n0, rows);
+          continue;
+        }
         for (const int32_t c : of_x ? x_columns : dy_columns) {
           if (row_pairs) {  // bs 8, rows n and n + 1 interleaved (kRowsPerPackTask is even)
             static const float kZeros[8] = {};
@@ -692,16 +696,18 @@ bool GradW(const float* x, const float* dy, float* dw, int64_t N, int feature_ax
     PackBlockColumns(src, N, F, bs, feature_axis, row_pairs, p * per_pack,
                      std::min(blocks, (p + 1) * per_pack), rows, panels);
   };
-  // Rows of x and dy (feature_axis 1, bs >= 8) are packed into every needed panel first, row
-  // by row, where each panel's pieces lie a row apart (see PackNeededBlockColumns), if the
-  // panels stay in the cache until their products.  Otherwise (and for feature_axis 0, whose
-  // panels' rows are contiguous in x, and bs 1) each pack is made just before its first use.
+  // Rows of x and dy (feature_axis 1) are packed into every needed panel first, row by row,
+  // where each panel's pieces lie a row apart (see PackNeededBlockColumns), if the panels stay
+  // in the cache until their products.  Otherwise (and for feature_axis 0, whose panels' rows
+  // are contiguous in x) each pack is made just before its first use.  bs 1 (the panels are
+  // x's and dy's transposes; C = K = 16384 with 4 inputs per output, N = 256, alternating
+  // processes, fastest ms): 30.4-31.3 -> 12.5-12.9; 100,000 neurons, N = 64: 77 -> 55-59.
   // bs 8 (2-core Intel Xeon, the two libraries in three alternating processes, N = 1024, C = K
   // = 4096, fastest ms, packs of eight panels as they go -> first): 2% 8.4-9.0 -> 6.8-7.0, 10%
   // 19.3-21.3 -> 16.6-17.8, 50% 64.5-68.2 -> 59.1-62.8; N = 64 within the noise.
   std::vector<char> x_needed, dy_needed;
   int64_t needed_bytes = 0;
-  if (bs >= 8 && feature_axis == 1) {
+  if (feature_axis == 1) {
     x_needed.assign(layout.CB, 0);
     dy_needed.assign(layout.KB, 0);
     for (int64_t b = 0; b < layout.blocks; ++b) {

@@ -312,6 +312,7 @@ void Transpose(const float* in, int64_t rows, int64_t cols, float* out, int64_t 
                const ParallelFor& parallel_for,
                int64_t slab_rows = std::numeric_limits<int64_t>::max(), int64_t slab_pitch = 0) {
   constexpr int64_t kTile = 32;
+  const CpuKernels& kernels = Kernels();
   const int64_t row_tiles = (rows + kTile - 1) / kTile;
   parallel_for(row_tiles, kTile * cols * 2, [&](int64_t begin, int64_t end) {
     for (int64_t r0 = begin * kTile; r0 < std::min(rows, end * kTile); r0 += kTile) {
@@ -319,9 +320,8 @@ void Transpose(const float* in, int64_t rows, int64_t cols, float* out, int64_t 
       float* const slab_out = out + slab * slab_pitch - slab * slab_rows;
       for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
         const int64_t c1 = std::min(cols, c0 + kTile);
-        // Contiguous writes; the tile's reads stay in L1 across its columns.
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t r = r0; r < r1; ++r) slab_out[c * out_rs + r] = in[r * cols + c];
+        kernels.transpose_rect(in + r0 * cols + c0, cols, r1 - r0, c1 - c0,
+                               slab_out + c0 * out_rs + r0, out_rs);
       }
     }
   });

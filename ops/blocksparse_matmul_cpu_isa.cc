@@ -900,8 +900,9 @@ void TransposeRect(const float* in, int64_t in_rs, int64_t rows, int64_t cols, f
                    int64_t out_rs) {
   constexpr int W = Width<VecWide>();
   const int64_t full_rows = rows / W * W, full_cols = cols / W * W;
-  for (int64_t r0 = 0; r0 < full_rows; r0 += W) {
-    for (int64_t c0 = 0; c0 < full_cols; c0 += W)
+  // Squares down a column of them first: out's lines are then completed one after another.
+  for (int64_t c0 = 0; c0 < full_cols; c0 += W) {
+    for (int64_t r0 = 0; r0 < full_rows; r0 += W)
       TransposeSquare(in + r0 * in_rs + c0, in_rs, out + c0 * out_rs + r0, out_rs);
   }
   for (int64_t c = 0; c < cols; ++c) {

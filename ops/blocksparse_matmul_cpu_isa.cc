@@ -883,6 +883,7 @@ inline void TransposeTile(VecWide (&t)[Width<VecWide>()]) {
 // bs 32 8.2 -> 7.1, its transposed product 10.5 -> 7.1, bs 64 6.1 -> 5.8, 25%/25% bs 64
 // 14.1 -> 12.6, bs 32 17.8 -> 17.3; bs 16 within 3%.
 constexpr int kNextBlockLocality = 2;
+
 // out[c * out_rs + r] = in[r * in_rs + c] for r, c < a vector's width, in registers.
 inline void TransposeSquare(const float* in, int64_t in_rs, float* out, int64_t out_rs) {
   constexpr int W = Width<VecWide>();

@@ -714,8 +714,10 @@ bool GradW(const float* x, const float* dy, float* dw, int64_t N, int feature_ax
       x_needed[layout.block_row[b]] = 1;
       dy_needed[layout.block_col[b]] = 1;
     }
-    const int64_t panels = std::count(x_needed.begin(), x_needed.end(), 1) +
-                           std::count(dy_needed.begin(), dy_needed.end(), 1);
+    // bs 1 packs every column (PackNeededBlockColumns transposes x and dy whole).
+    const int64_t panels = bs == 1 ? layout.CB + layout.KB
+                                   : std::count(x_needed.begin(), x_needed.end(), 1) +
+                                         std::count(dy_needed.begin(), dy_needed.end(), 1);
     needed_bytes = panels * rows * bs * static_cast<int64_t>(sizeof(float));
   }
   const bool packed_first = !x_needed.empty() && FitsInLastLevelCache(needed_bytes);

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -266,8 +267,12 @@ class ConvOpBase : public OpKernel {
  protected:
   int64_t bs() const { return attrs_.block_size; }
 
-  absl::Status BuildLayout(const Tensor& t, BlockLayout* layout) const {
-    return LayoutFromTensor(t, attrs_.C / bs(), attrs_.K / bs(), bs(), layout);
+  // The layout input's tables (checked), built again only where it differs from the last
+  // call's (see LayoutCache).
+  absl::Status CachedLayout(const Tensor& t, std::shared_ptr<const BlockLayout>* layout) {
+    return layouts_.Get(t, [&](BlockLayout* l) {
+      return LayoutFromTensor(t, attrs_.C / bs(), attrs_.K / bs(), bs(), l);
+    }, layout);
   }
 
   // Kernel size from w, which must be (blocks, kh, kw, bs, bs).
@@ -327,6 +332,9 @@ class ConvOpBase : public OpKernel {
   }
 
   ConvAttrs attrs_;
+
+ private:
+  LayoutCache<BlockLayout> layouts_;
 };
 
 template <typename T>
@@ -337,10 +345,10 @@ class BlocksparseConv2DOp : public ConvOpBase {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
     const Tensor& w = ctx->input(1);
-    BlockLayout layout;
+    std::shared_ptr<const BlockLayout> layout;
     ConvGeometry g;
-    OP_REQUIRES_OK(ctx, BuildLayout(ctx->input(2), &layout));
-    OP_REQUIRES_OK(ctx, KernelSizeOf(w, layout, &g));
+    OP_REQUIRES_OK(ctx, CachedLayout(ctx->input(2), &layout));
+    OP_REQUIRES_OK(ctx, KernelSizeOf(w, *layout, &g));
     OP_REQUIRES_OK(ctx, SetInputShape(x.shape(), &g));
     TensorShape y_shape;
     OP_REQUIRES_OK(ctx, OutputTensorShape(g, &y_shape));
@@ -353,7 +361,7 @@ class BlocksparseConv2DOp : public ConvOpBase {
     if (!ctx->status().ok()) return;
     WriteAsT<T>(ctx, y, [&](float* yf) {
       RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
-        return BlocksparseConv2DCpu(xf, wf, yf, g, layout, parallel_for, scratch);
+        return BlocksparseConv2DCpu(xf, wf, yf, g, *layout, parallel_for, scratch);
       });
     });
   }
@@ -368,10 +376,10 @@ class BlocksparseConv2DGradInputOp : public ConvOpBase {
     const Tensor& sizes = ctx->input(0);
     const Tensor& w = ctx->input(1);
     const Tensor& dy = ctx->input(2);
-    BlockLayout layout;
+    std::shared_ptr<const BlockLayout> layout;
     ConvGeometry g;
-    OP_REQUIRES_OK(ctx, BuildLayout(ctx->input(3), &layout));
-    OP_REQUIRES_OK(ctx, KernelSizeOf(w, layout, &g));
+    OP_REQUIRES_OK(ctx, CachedLayout(ctx->input(3), &layout));
+    OP_REQUIRES_OK(ctx, KernelSizeOf(w, *layout, &g));
     TensorShape x_shape;
     OP_REQUIRES_OK(ctx, InputShapeOf(sizes, &x_shape));
     OP_REQUIRES_OK(ctx, SetInputShape(x_shape, &g));
@@ -385,7 +393,7 @@ class BlocksparseConv2DGradInputOp : public ConvOpBase {
     if (!ctx->status().ok()) return;
     WriteAsT<T>(ctx, dx, [&](float* dxf) {
       RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
-        return BlocksparseConv2DGradInputCpu(dyf, wf, dxf, g, layout, parallel_for, scratch);
+        return BlocksparseConv2DGradInputCpu(dyf, wf, dxf, g, *layout, parallel_for, scratch);
       });
     });
   }
@@ -411,15 +419,15 @@ class BlocksparseConv2DGradKernelOp : public ConvOpBase {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
     const Tensor& dy = ctx->input(1);
-    BlockLayout layout;
+    std::shared_ptr<const BlockLayout> layout;
     ConvGeometry g;
-    OP_REQUIRES_OK(ctx, BuildLayout(ctx->input(2), &layout));
+    OP_REQUIRES_OK(ctx, CachedLayout(ctx->input(2), &layout));
     OP_REQUIRES_OK(ctx, KernelSizeFrom(ctx->input(3), &g));
     OP_REQUIRES_OK(ctx, SetInputShape(x.shape(), &g));
     OP_REQUIRES_OK(ctx, CheckOutputGradient(dy, g));
     TensorShape dw_shape;
     OP_REQUIRES_OK(ctx, ShapeOf("dw's shape (blocks, kh, kw, block_size, block_size)",
-                                {layout.blocks, g.kernel_height, g.kernel_width, bs(), bs()},
+                                {layout->blocks, g.kernel_height, g.kernel_width, bs(), bs()},
                                 &dw_shape));
     Tensor* dw;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, dw_shape, &dw));
@@ -429,7 +437,7 @@ class BlocksparseConv2DGradKernelOp : public ConvOpBase {
     if (!ctx->status().ok()) return;
     WriteAsT<T>(ctx, dw, [&](float* dwf) {
       RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
-        return BlocksparseConv2DGradKernelCpu(xf, dyf, dwf, g, layout, parallel_for, scratch);
+        return BlocksparseConv2DGradKernelCpu(xf, dyf, dwf, g, *layout, parallel_for, scratch);
       });
     });
   }

@@ -11,7 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -54,57 +54,42 @@ absl::Status UploadLayout(OpKernelContext* ctx, const BlockLayout& l, Tensor* st
   return absl::OkStatus();
 }
 
-// The device tables of the last layout a kernel saw.  A layer's layout is normally the same
-// on every call, so the tables are built on the host and copied to the GPU once, not per call.
-// The cache is keyed by the layout's coordinates, compared in full.  Get() hands out a
-// reference to the device buffer that the caller holds while it enqueues its kernels: if
-// another call swaps in a new layout meanwhile, the old buffer is released only after this
-// caller's launches are on the stream (TensorFlow's GPU allocator orders reuse on the stream).
-class DeviceLayoutCache {
- public:
-  template <typename Build>
-  absl::Status Get(OpKernelContext* ctx, const Tensor& coords, const Build& build,
-                   Tensor* storage, gpu::DeviceLayout* out) {
-    const int32_t* begin = coords.flat<int32_t>().data();
-    const int32_t* end = begin + coords.NumElements();
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!valid_ || coords.shape() != shape_ || !std::equal(begin, end, key_.begin())) {
-      BlockLayout layout;
-      TF_RETURN_IF_ERROR(build(&layout));  // validates the coordinates
-      Tensor fresh;
-      gpu::DeviceLayout fresh_layout;
-      TF_RETURN_IF_ERROR(UploadLayout(ctx, layout, &fresh, &fresh_layout));
-      key_.assign(begin, end);
-      shape_ = coords.shape();
-      storage_ = fresh;
-      layout_ = fresh_layout;
-      valid_ = true;
-    }
-    *storage = storage_;
-    *out = layout_;
-    return absl::OkStatus();
-  }
-
- private:
-  std::mutex mu_;
-  bool valid_ = false;
-  TensorShape shape_;
-  std::vector<int32_t> key_;
-  Tensor storage_;
-  gpu::DeviceLayout layout_;
+// A layout's tables in device memory: the buffer (kept alive while a call holds it) and the
+// view the kernels take.
+struct DeviceTables {
+  Tensor storage;
+  gpu::DeviceLayout layout;
 };
 
-template <typename T>
-class BlocksparseMatmulGpuOp : public BlocksparseOpBase {
+// Base of the GPU kernels: the layout's device tables, built on the host and copied to the
+// GPU only where the layout differs from the last call's (see LayoutCache).
+class BlocksparseGpuOpBase : public BlocksparseOpBase {
  public:
   using BlocksparseOpBase::BlocksparseOpBase;
 
+ protected:
+  absl::Status DeviceTablesOf(OpKernelContext* ctx, const Tensor& coords,
+                              std::shared_ptr<const DeviceTables>* out) {
+    return device_tables_.Get(coords, [&](DeviceTables* tables) {
+      BlockLayout layout;
+      TF_RETURN_IF_ERROR(BuildLayout(coords, &layout));  // validates the coordinates
+      return UploadLayout(ctx, layout, &tables->storage, &tables->layout);
+    }, out);
+  }
+
+ private:
+  LayoutCache<DeviceTables> device_tables_;
+};
+
+template <typename T>
+class BlocksparseMatmulGpuOp : public BlocksparseGpuOpBase {
+ public:
+  using BlocksparseGpuOpBase::BlocksparseGpuOpBase;
+
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& coords = ctx->input(2);
-    Tensor storage;
-    gpu::DeviceLayout device_layout;
-    OP_REQUIRES_OK(ctx, cache_.Get(ctx, coords, [&](BlockLayout* l) { return BuildLayout(coords, l); },
-                                   &storage, &device_layout));
+    std::shared_ptr<const DeviceTables> tables;
+    OP_REQUIRES_OK(ctx, DeviceTablesOf(ctx, ctx->input(2), &tables));
+    const gpu::DeviceLayout& device_layout = tables->layout;
     int64_t N;
     Tensor* y;
     OP_REQUIRES_OK(ctx, CheckForwardShapes(ctx, device_layout.blocks, &N, &y));
@@ -124,22 +109,17 @@ class BlocksparseMatmulGpuOp : public BlocksparseOpBase {
                                        feature_axis_, device_layout, TfCudaStream(ctx)),
                                    "BlocksparseMatmul (transpose_w)"));
   }
-
- private:
-  DeviceLayoutCache cache_;
 };
 
 template <typename T>
-class BlocksparseMatmulGradWGpuOp : public BlocksparseOpBase {
+class BlocksparseMatmulGradWGpuOp : public BlocksparseGpuOpBase {
  public:
-  using BlocksparseOpBase::BlocksparseOpBase;
+  using BlocksparseGpuOpBase::BlocksparseGpuOpBase;
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& coords = ctx->input(2);
-    Tensor storage;
-    gpu::DeviceLayout device_layout;
-    OP_REQUIRES_OK(ctx, cache_.Get(ctx, coords, [&](BlockLayout* l) { return BuildLayout(coords, l); },
-                                   &storage, &device_layout));
+    std::shared_ptr<const DeviceTables> tables;
+    OP_REQUIRES_OK(ctx, DeviceTablesOf(ctx, ctx->input(2), &tables));
+    const gpu::DeviceLayout& device_layout = tables->layout;
     int64_t N;
     Tensor* dw;
     OP_REQUIRES_OK(ctx, CheckGradWShapes(ctx, device_layout.blocks, &N, &dw));
@@ -149,9 +129,6 @@ class BlocksparseMatmulGradWGpuOp : public BlocksparseOpBase {
                                                     TfCudaStream(ctx)),
                                    "BlocksparseMatmulGradW"));
   }
-
- private:
-  DeviceLayoutCache cache_;
 };
 
 #define REGISTER_GPU(T)                                                                   \

@@ -8,6 +8,7 @@
 // registers the gradients.
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "ops/block_layout.h"
@@ -138,7 +139,7 @@ class BlocksparseMatmulOp : public BlocksparseOpBase {
   using BlocksparseOpBase::BlocksparseOpBase;
 
   void Compute(OpKernelContext* ctx) override {
-    BlockLayout layout;
+    std::shared_ptr<const BlockLayout> layout;
     int64_t N;
     Tensor* y;
     OP_REQUIRES_OK(ctx, PrepareForward(ctx, &layout, &N, &y));
@@ -151,8 +152,8 @@ class BlocksparseMatmulOp : public BlocksparseOpBase {
     if (!ctx->status().ok()) return;
     WriteAsT<T>(ctx, y, [&](float* yf) {
       RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
-        return BlocksparseMatmulCpu(xf, wf, yf, N, feature_axis_, layout, parallel_for, scratch,
-                                    transpose_w_);
+        return BlocksparseMatmulCpu(xf, wf, yf, N, feature_axis_, *layout, parallel_for,
+                                    scratch, transpose_w_);
       });
     });
   }
@@ -164,7 +165,7 @@ class BlocksparseMatmulGradWOp : public BlocksparseOpBase {
   using BlocksparseOpBase::BlocksparseOpBase;
 
   void Compute(OpKernelContext* ctx) override {
-    BlockLayout layout;
+    std::shared_ptr<const BlockLayout> layout;
     int64_t N;
     Tensor* dw;
     OP_REQUIRES_OK(ctx, PrepareGradW(ctx, &layout, &N, &dw));
@@ -176,7 +177,7 @@ class BlocksparseMatmulGradWOp : public BlocksparseOpBase {
     if (!ctx->status().ok()) return;
     WriteAsT<T>(ctx, dw, [&](float* dwf) {
       RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
-        return BlocksparseMatmulGradWCpu(xf, dyf, dwf, N, feature_axis_, layout, parallel_for,
+        return BlocksparseMatmulGradWCpu(xf, dyf, dwf, N, feature_axis_, *layout, parallel_for,
                                          scratch);
       });
     });

@@ -78,7 +78,7 @@ def test_forward_and_gradients_match_float64(bs, feature_axis, N):
 
 
 @pytest.mark.parametrize("bs", [8, 16, 32, 64])
-@pytest.mark.parametrize("N", [97, 250])
+@pytest.mark.parametrize("N", [96, 97, 250])
 @pytest.mark.parametrize("density", [0.4, 0.02])
 def test_forward_over_many_row_groups_and_column_ranges(bs, N, density):
     """Batches that the CPU forward splits into several row groups (last register tile
@@ -650,6 +650,41 @@ def test_kernel_validates_inputs_itself():
     for call, message in cases:
         with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=message):
             call()
+
+
+@pytest.mark.parametrize("bs, N", [(1, 96), (1, 97), (8, 3), (32, 40)])
+def test_one_kernel_fed_different_layouts(bs, N):
+    """The kernels keep the tables of the last layout they saw.  One kernel (eager calls with the
+    same attributes; one graph with the layout as an argument) fed layouts of the same shape in
+    turn, a bad one between them, must use each call's own layout."""
+    CB, KB = 6, 5
+    C, K = CB * bs, KB * bs
+    layouts = []
+    for _ in range(3):
+        layout = np.zeros((CB, KB), bool)
+        layout.flat[RNG.permutation(CB * KB)[:9]] = True  # 9 blocks each: same coords shape
+        layouts.append(layout)
+    graph = tf.function(lambda x, w, coords, dy: (
+        blocksparse_matmul(x, w, coords, bs, C, K),
+        blocksparse_matmul(dy, w, coords, bs, C, K, transpose_w=True),
+        blocksparse_matmul_grad_w(x, dy, coords, bs, C, K)))
+    eager = lambda *args: graph.python_function(*args)
+    bad = tf.constant(np.repeat([[0, 0]], 9, axis=0).astype(np.int32))
+    for run in (eager, graph, eager, graph):
+        for layout in layouts:
+            coords = np.argwhere(layout).astype(np.int32)
+            x = RNG.standard_normal((N, C)).astype(np.float32)
+            dy = RNG.standard_normal((N, K)).astype(np.float32)
+            w = RNG.standard_normal((9, bs, bs)).astype(np.float32)
+            W = dense_reference(layout, bs, w.astype(np.float64))
+            y, dx, dw = run(x, w, tf.constant(coords), dy)
+            assert rel_err(y, x.astype(np.float64) @ W) < 1e-5
+            assert rel_err(dx, dy.astype(np.float64) @ W.T) < 1e-5
+            dW = x.astype(np.float64).T @ dy.astype(np.float64)
+            ref = np.stack([dW[c * bs:(c + 1) * bs, k * bs:(k + 1) * bs] for c, k in coords])
+            assert rel_err(dw, ref) < 1e-5
+            with pytest.raises(tf.errors.InvalidArgumentError, match="appears twice"):
+                run(x, w, bad, dy)
 
 
 def test_empty_batch():

@@ -371,7 +371,8 @@ Slabs TransposeToSlabs(const float* x, int64_t N, int64_t C, float* out,
 }
 
 void ForwardFeatureAxis0(const Slabs& x, const float* w, float* y, int64_t N,
-                         const BlockLayout& layout, const ParallelFor& parallel_for) {
+                         const BlockLayout& layout, const ParallelFor& parallel_for,
+                         bool w_transposed) {
   const CpuKernels& kernels = Kernels();
   const LayoutView view = ViewOf(layout);
   const int64_t bs = layout.block_size, KB = layout.KB, C = layout.CB * bs;
@@ -383,7 +384,7 @@ void ForwardFeatureAxis0(const Slabs& x, const float* w, float* y, int64_t N,
       // The kernel adds n0 to x for the slab's first column.
       const float* slab = x.data + s * C * x.row_stride - n0;
       kernels.forward_axis0(slab, x.row_stride, w, y, N, &view, k, n0,
-                            std::min(N, n0 + x.columns));
+                            std::min(N, n0 + x.columns), w_transposed);
     }
   });
 }
@@ -458,14 +459,16 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
   // transposes; unless NarrowBlocksInPlace: the transposes would cost more than the product
   // itself, and bs 8 runs on half-width vectors in place.
   if (bs < kernels.vector_width && !NarrowBlocksInPlace(layout, N)) {
-    if (w_transposed && (w = TransposedBlocks(w, layout, parallel_for, scratch)) == nullptr) {
-      return false;
-    }
-    float* const x_t = scratch(SlabCount(N) * C * kSlabRowStride);
+    // Up to one slab's columns x^T is the slab, its rows N floats apart, as Forward reads a
+    // feature_axis=0 x in place; padded slab rows would hold one float per cache line at N = 1.
+    const bool one_slab = N <= kSlabColumns;
+    float* const x_t = scratch(one_slab ? N * C : SlabCount(N) * C * kSlabRowStride);
     float* const y_t = scratch(N * K);
     if (x_t == nullptr || y_t == nullptr) return false;
-    ForwardFeatureAxis0(TransposeToSlabs(x, N, C, x_t, parallel_for), w, y_t, N, layout,
-                        parallel_for);
+    if (one_slab) Transpose(x, N, C, x_t, N, parallel_for);
+    const Slabs slabs =
+        one_slab ? Slabs{x_t, N, N} : TransposeToSlabs(x, N, C, x_t, parallel_for);
+    ForwardFeatureAxis0(slabs, w, y_t, N, layout, parallel_for, w_transposed);
     Transpose(y_t, K, N, y, K, parallel_for);
     return true;
   }
@@ -609,19 +612,16 @@ bool Forward(const float* x, const float* w, float* y, int64_t N, int feature_ax
   if (feature_axis == 1) {
     return ForwardFeatureAxis1(x, w, y, N, layout, parallel_for, scratch, w_transposed);
   }
-  if (w_transposed && (w = TransposedBlocks(w, layout, parallel_for, scratch)) == nullptr) {
-    return false;
-  }
   // Up to one slab's columns x is a slab where it lies (rows at most 384 bytes apart).
   if (N <= kSlabColumns) {
-    ForwardFeatureAxis0({x, N, N}, w, y, N, layout, parallel_for);
+    ForwardFeatureAxis0({x, N, N}, w, y, N, layout, parallel_for, w_transposed);
     return true;
   }
   const int64_t C = layout.CB * layout.block_size;
   float* const x_slabs = scratch(SlabCount(N) * C * kSlabRowStride);
   if (x_slabs == nullptr) return false;
   ForwardFeatureAxis0(CopyToSlabs(x, C, N, x_slabs, parallel_for), w, y, N, layout,
-                      parallel_for);
+                      parallel_for, w_transposed);
   return true;
 }
 

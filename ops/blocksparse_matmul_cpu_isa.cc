@@ -332,15 +332,20 @@ void ForwardAxis1(const float* panels, const float* w, float* y, int64_t rows,
 }
 
 // Rows [j0, j0 + MR) of y's block row k, columns [n0, n1), stepping `chunk` columns at a time.
-template <int MR, typename V, int NV>
+// kWRs 1: w holds the product's blocks, A[p][m] = w[p bs + j0 + m]; kWRs = bs: w holds their
+// transposes (the input gradient's w read as stored), A[p][m] = w[(j0 + m) bs + p], MR rows of
+// a compile-time stride.
+template <int MR, typename V, int NV, int kWRs>
 inline int64_t ForwardAxis0Columns(const float* x, int64_t x_rs, const float* w, float* y,
                                    int64_t N, const LayoutView& l, int64_t k, int64_t j0,
                                    int64_t n0, int64_t n1) {
   constexpr int64_t chunk = Width<V>() * NV;
   const int64_t bs = l.block_size;
+  const float* const a = kWRs == 1 ? w + j0 : w + j0 * bs;
   for (; n0 + chunk <= n1; n0 += chunk) {
-    const auto pairs = PairsOfColumn<true>(l, k, x + n0, bs * x_rs, w + j0, bs * bs);
-    Tile<MR, NV, V>(pairs, bs, bs, x_rs, y + (k * bs + j0) * N + n0, N, MR);
+    const auto pairs = PairsOfColumn<true>(l, k, x + n0, bs * x_rs, a, bs * bs);
+    Tile<MR, NV, V, decltype(pairs), false, kWRs>(pairs, bs, kWRs == 1 ? bs : 1, x_rs,
+                                                  y + (k * bs + j0) * N + n0, N, MR);
   }
   return n0;
 }
@@ -354,28 +359,36 @@ inline int64_t ForwardAxis0Columns(const float* x, int64_t x_rs, const float* w,
 constexpr int kAxis0NV = kRowTile * kMaxNV / kGradRows;
 static_assert(kAxis0NV * kGradRows == kRowTile * kMaxNV, "as many accumulators as kRowTile's");
 
-// feature_axis 0, y (K, N):  A = w block read transposed (A[i][j] = w[i*bs + j]),
-// B = x rows of block row c, C = y rows of block row k.  Vectors run along N.
-template <int MR>
+// feature_axis 0, y (K, N):  A = w block read transposed (A[i][j] = w[i*bs + j]; with kWRs =
+// bs, w holding the transposes, read as stored), B = x rows of block row c, C = y rows of
+// block row k.  Vectors run along N.
+template <int MR, int kWRs = 1>
 void ForwardAxis0Rows(const float* x, int64_t x_rs, const float* w, float* y, int64_t N,
                       const LayoutView& l, int64_t k, int64_t n_begin, int64_t n_end) {
   for (int64_t j0 = 0; j0 < l.block_size; j0 += MR) {
     int64_t n = n_begin;
     if constexpr (MR == kGradRows) {
-      n = ForwardAxis0Columns<MR, VecWide, kAxis0NV>(x, x_rs, w, y, N, l, k, j0, n, n_end);
+      n = ForwardAxis0Columns<MR, VecWide, kAxis0NV, kWRs>(x, x_rs, w, y, N, l, k, j0, n, n_end);
     }
-    n = ForwardAxis0Columns<MR, VecWide, kMaxNV>(x, x_rs, w, y, N, l, k, j0, n, n_end);
-    n = ForwardAxis0Columns<MR, VecWide, 1>(x, x_rs, w, y, N, l, k, j0, n, n_end);
-    ForwardAxis0Columns<MR, float, 1>(x, x_rs, w, y, N, l, k, j0, n, n_end);
+    n = ForwardAxis0Columns<MR, VecWide, kMaxNV, kWRs>(x, x_rs, w, y, N, l, k, j0, n, n_end);
+    n = ForwardAxis0Columns<MR, VecWide, 1, kWRs>(x, x_rs, w, y, N, l, k, j0, n, n_end);
+    ForwardAxis0Columns<MR, float, 1, kWRs>(x, x_rs, w, y, N, l, k, j0, n, n_end);
   }
 }
 
 void ForwardAxis0(const float* x, int64_t x_rs, const float* w, float* y, int64_t N,
-                  const LayoutView* layout, int64_t k, int64_t n_begin, int64_t n_end) {
-  if (layout->block_size == 1) {
+                  const LayoutView* layout, int64_t k, int64_t n_begin, int64_t n_end,
+                  bool w_transposed) {
+  const int64_t bs = layout->block_size;
+  if (bs == 1) {  // a 1 x 1 block is its own transpose
     ForwardAxis0Rows<1>(x, x_rs, w, y, N, *layout, k, n_begin, n_end);
-  } else {  // block sizes 8..64 are multiples of kGradRows
+  } else if (!w_transposed) {  // block sizes 8..64 are multiples of kGradRows
     ForwardAxis0Rows<kGradRows>(x, x_rs, w, y, N, *layout, k, n_begin, n_end);
+  } else {
+    WithPanelBlockSize(bs, [&](auto kBs) {
+      ForwardAxis0Rows<kGradRows, decltype(kBs)::value>(x, x_rs, w, y, N, *layout, k, n_begin,
+                                                         n_end);
+    });
   }
 }
 

@@ -563,9 +563,11 @@ float GradWDot(const float* x, const float* dy, int64_t N, const float* next_x,
       acc[v] += Load<VecWide>(x + n + v * W) * Load<VecWide>(dy + n + v * W);
   }
   for (; n + W <= N; n += W) acc[0] += Load<VecWide>(x + n) * Load<VecWide>(dy + n);
-  const VecWide sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   float total = 0.0f;
-  for (int lane = 0; lane < W; ++lane) total += sum[lane];
+  if (n > 0) {  // below one vector the lanes hold zeros: their sum (a chain of W adds) is 0
+    const VecWide sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (int lane = 0; lane < W; ++lane) total += sum[lane];
+  }
   for (; n < N; ++n) total += x[n] * dy[n];
   return total;
 }

@@ -235,8 +235,7 @@ def test_weight_gradient_over_many_block_columns(bs, N, feature_axis):
     panels fill about 2 MiB, block row by block row within a group, with panels packed several
     at a time (bs 8 with feature_axis 1: all first, row by row); bs 8 reads rows in interleaved pairs (an odd N's last with zeros), bs 1 sums
     vectors along N (N = 1025 and 83: whole and partial steps of four vectors, then one float at
-    a time).  Layouts of several groups (by counting blocks per row, or by sorting where a
-    group has fewer blocks than the layout has rows), with empty block rows and columns."""
+    a time).  Layouts of one group and of several, with empty block rows and columns."""
     CB, KB, density = {8: (20, 70, 0.3), 1: (3000, 600, 0.001)}[bs]
     layout = RNG.random((CB, KB)) < density
     layout[:, 7] = False

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import bench_libxsmm, bench_matmul, bench_sparse_dot  # noqa: E402
+from benchmarks import bench_libxsmm, bench_matmul, bench_neurons, bench_sparse_dot  # noqa: E402
 
 
 def test_benchmarks_write_their_sections(tmp_path):
@@ -23,6 +23,17 @@ def test_benchmarks_write_their_sections(tmp_path):
     assert report.count("## CPU: BlocksparseMatMul against dense tf.matmul") == 1
     assert report.count("## CPU: sparse_dot (conditional computation)") == 1
     assert report.count("| 8 | 32 | ") == 2 and (tmp_path / "benchmark_cpu_speedup.png").exists()
+
+
+def test_neuron_level_benchmark_agrees_with_tf_sparse(tmp_path):
+    rows = bench_neurons.main(["--units", "600", "--fan-in", "3", "--batches", "1", "5",
+                               "--repeats", "1", "--out", str(tmp_path)])
+    assert [(r["n"], r["fan_in"], r["N"]) for r in rows] == [(600, 3, 1), (600, 3, 5)]
+    # tf.sparse is an independent implementation of the same three products.
+    assert all(r["err"] < 1e-5 for r in rows)
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert report.count("## CPU: neuron-level layers (block size 1)") == 1
+    assert "| 600 | 3 | 5 |" in report
 
 
 @pytest.mark.skipif(not bench_libxsmm.libxsmm_available(),

@@ -53,6 +53,25 @@ inline void Store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 template <typename V>
 inline V Splat(float a) { return a - V{}; }  // x - 0 == x exactly, so this folds to a broadcast
 inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// a * b + c as the register tiles compute it: one fused multiply-add where the instruction set
+// has one (spelt out: the compiler may otherwise vectorize the products of a loop apart from
+// its sums, rounding each product, and the sums would differ from the tiles' in the last bit).
+inline float MulAdd(float a, float b, float c) {
+#if defined(__FMA__)
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+// The same for a tile's vectors (GCC fuses a vector multiply and add), and for its one-float
+// columns spelt out: an unrolled tile of one-float accumulators may otherwise be vectorized
+// with its products apart from its sums.
+template <typename V>
+inline V MulAdd(V a, V b, V c) {
+  return a * b + c;
+}
+
 // A store that bypasses the caches (no read of the line first): for results written once and
 // not read again soon.  p must be aligned to sizeof(V); the caller fences before anyone reads.
 template <typename V>
@@ -174,7 +193,7 @@ inline void Tile(const Pairs& pairs, int64_t P, int64_t a_cs, int64_t b_rs, floa
       for (int m = 0; m < MR; ++m) {
         const V av = Splat<V>(a[m * kARs]);
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+        for (int v = 0; v < NV; ++v) acc[m][v] = MulAdd(av, bv[v], acc[m][v]);
       }
       a += a_cs;
       b += b_rs;
@@ -568,7 +587,7 @@ float GradWDot(const float* x, const float* dy, int64_t N, const float* next_x,
     const VecWide sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     for (int lane = 0; lane < W; ++lane) total += sum[lane];
   }
-  for (; n < N; ++n) total += x[n] * dy[n];
+  for (; n < N; ++n) total = MulAdd(x[n], dy[n], total);
   return total;
 }
 
@@ -645,7 +664,7 @@ struct GatheredRowsOp {
           for (int m = 0; m < MR; ++m) {
             const V av = Splat<V>(x_row[m][p]);
 #pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+            for (int v = 0; v < NV; ++v) acc[m][v] = MulAdd(av, bv[v], acc[m][v]);
           }
         }
 #pragma GCC unroll 16
@@ -720,7 +739,7 @@ inline void PackedRowsTile(const float* const* x_row, float* const* y_row, const
     for (int m = 0; m < MR; ++m) {
       const V av = Splat<V>(x_row[m][p]);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+      for (int v = 0; v < NV; ++v) acc[m][v] = MulAdd(av, bv[v], acc[m][v]);
     }
   };
   if constexpr (kOneBlock) {
@@ -990,7 +1009,7 @@ struct GatheredTapsOp {
             for (int m = 0; m < MR; ++m) {
               const V av = Splat<V>(x_row[m][p]);
 #pragma GCC unroll 8
-              for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+              for (int v = 0; v < NV; ++v) acc[m][v] = MulAdd(av, bv[v], acc[m][v]);
             }
           }
         }
@@ -1228,13 +1247,43 @@ extern const ConvKernels kConvKernels = {kRowTile, GatheredTaps, SegmentOuterSum
 
 #define BSMM_STRINGIFY2(s) #s
 #define BSMM_STRINGIFY(s) BSMM_STRINGIFY2(s)
+void NeuronColumns(const float* x, int64_t x_ns, int64_t x_cs, const float* w, float* y,
+                   int64_t y_ns, int64_t y_ks, int64_t N, const LayoutView* layout,
+                   int64_t k_begin, int64_t k_end) {
+  const LayoutView& l = *layout;
+  for (int64_t k = k_begin; k < k_end; ++k) {
+    const int64_t q0 = l.col_ptr[k], q1 = l.col_ptr[k + 1];
+    for (int64_t n = 0; n < N; ++n) {
+      const float* const xn = x + n * x_ns;
+      float sum = 0.0f;  // as Tile's one-float accumulator: from zero, a multiply-add per entry
+      for (int64_t q = q0; q < q1; ++q) {
+        sum = MulAdd(w[l.col_block[q]], xn[l.col_row[q] * x_cs], sum);
+      }
+      y[n * y_ns + k * y_ks] = sum;
+    }
+  }
+}
+
+void NeuronGradW(const float* x, int64_t x_ns, int64_t x_cs, const float* dy, int64_t dy_ns,
+                 int64_t dy_ks, int64_t N, const LayoutView* layout, int64_t b_begin,
+                 int64_t b_end, float* dw) {
+  const LayoutView& l = *layout;
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const float* const xc = x + l.block_row[b] * x_cs;
+    const float* const dyk = dy + l.block_col[b] * dy_ks;
+    float sum = 0.0f;  // as GradWDot below one vector: from zero, in increasing n
+    for (int64_t n = 0; n < N; ++n) sum = MulAdd(xc[n * x_ns], dyk[n * dy_ns], sum);
+    dw[b] = sum;
+  }
+}
+
 extern const CpuKernels kKernels = {BSMM_STRINGIFY(BSMM_ISA), Width<VecWide>(), kRowTile, ForwardAxis1, ForwardAxis0,
                                     GatheredRowsAccumulate,
                                     GradW, kRowPairsBlockSize, kMaxSharedRowTile,
                                     GatheredRowsGradW,
                                     ExactRowsAccumulate, PackBlock,
                                     GatherRows, PanelGradW, FullRowsForward, kListInBoth,
-                                    TransposeRect};
+                                    TransposeRect, NeuronColumns, NeuronGradW};
 
 }  // namespace BSMM_ISA
 }  // namespace blocksparse

@@ -125,6 +125,19 @@ struct CpuKernels {
   // out[c * out_rs + r] = in[r * in_rs + c] for r < rows, c < cols.
   void (*transpose_rect)(const float* in, int64_t in_rs, int64_t rows, int64_t cols, float* out,
                          int64_t out_rs);
+  // Neuron level (bs 1), a few rows, operands where they lie: x(n, c) is x[n x_ns + c x_cs],
+  // y(n, k) is y[n y_ns + k y_ks] (either feature axis).  For k in [k_begin, k_end), n < N:
+  // y(n, k) = the sum over column k's entries q, in their order, of w[col_block[q]] x(n,
+  // col_row[q]) (forward_axis0's sums for bs 1).
+  void (*neuron_columns)(const float* x, int64_t x_ns, int64_t x_cs, const float* w, float* y,
+                         int64_t y_ns, int64_t y_ks, int64_t N, const LayoutView* layout,
+                         int64_t k_begin, int64_t k_end);
+  // Likewise for the weight gradient: dw[b] = the sum over n < N, in increasing n, of
+  // x(n, block_row[b]) dy(n, block_col[b]), for b in [b_begin, b_end) (grad_w's sums for
+  // bs 1 when N < vector_width).
+  void (*neuron_grad_w)(const float* x, int64_t x_ns, int64_t x_cs, const float* dy,
+                        int64_t dy_ns, int64_t dy_ks, int64_t N, const LayoutView* layout,
+                        int64_t b_begin, int64_t b_end, float* dw);
 };
 
 // The micro-kernels of the block-sparse convolution (ops/blocksparse_conv_cpu.cc).

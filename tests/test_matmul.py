@@ -686,6 +686,36 @@ def test_one_kernel_fed_different_layouts(bs, N):
                 run(x, w, bad, dy)
 
 
+@pytest.mark.parametrize("bs", [1, 8, 32])
+@pytest.mark.parametrize("feature_axis", [1, 0])
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_a_rows_product_does_not_depend_on_its_batch(bs, feature_axis, transpose_w):
+    """Every path sums each output over the same blocks in the same order, so a row's product
+    alone (bs 1 below one vector of rows reads x and y where they lie) or in a batch of 3 is
+    bitwise the same row of a batch of 40 (transposed copies, vectors along the rows)."""
+    CB, KB = {1: (900, 700), 8: (40, 30), 32: (12, 10)}[bs]
+    layout = RNG.random((CB, KB)) < (0.01 if bs == 1 else 0.3)
+    layout[3, :] = False
+    layout[0, 0] = True
+    coords = np.argwhere(layout).astype(np.int32)
+    C, K = (KB * bs, CB * bs) if transpose_w else (CB * bs, KB * bs)
+    x = RNG.standard_normal((40, C)).astype(np.float32)
+    w = tf.constant(RNG.standard_normal((len(coords), bs, bs)).astype(np.float32))
+
+    def product(rows):
+        x_in = rows if feature_axis == 1 else rows.T
+        y = blocksparse_matmul(tf.constant(x_in), w, tf.constant(coords), bs, CB * bs, KB * bs,
+                               feature_axis, transpose_w=transpose_w).numpy()
+        return y if feature_axis == 1 else y.T
+
+    batch = product(x)
+    W = dense_reference(layout, bs, w.numpy().astype(np.float64))
+    assert rel_err(batch, x.astype(np.float64) @ (W.T if transpose_w else W)) < 1e-5
+    for n in (0, 17, 39):
+        np.testing.assert_array_equal(product(x[n:n + 1])[0], batch[n])
+    np.testing.assert_array_equal(product(x[5:8]), batch[5:8])
+
+
 def test_empty_batch():
     bsmm = BlocksparseMatMul(rect_layout(), block_size=8)
     w = tf.ones(bsmm.w_shape)

@@ -12,7 +12,7 @@ updat the products x[:, c] * dy[:, k] of each connection summed over the batch (
 gradient of sparse_dense_matmul computes for its values).  Every product is checked against
 tf.sparse's.  The table, the machine, the date and the command go to docs/benchmarks.md.
 
-    python benchmarks/bench_neurons.py            # n in {16384, 100000}, fan_in {4, 32}, N {1, 64, 256}
+    python benchmarks/bench_neurons.py            # n 16384 and 100000, fan_in 4 and 32, N 1/64/256
     python benchmarks/bench_neurons.py --quick    # a small grid, printed only
 """
 
@@ -137,7 +137,8 @@ def write_report(results, args, argv):
         f"{args.repeats} runs after a warm-up. `x` = tf.sparse time / ours. max err: the largest "
         "relative difference between the two, over the three products.",
         "",
-        "| n | fan_in | N | fprop ms | fprop x | bprop ms | bprop x | updat ms | updat x | max err |",
+        "| n | fan_in | N | fprop ms | fprop x | bprop ms | bprop x | updat ms | updat x "
+        "| max err |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

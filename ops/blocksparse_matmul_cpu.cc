@@ -71,9 +71,13 @@ constexpr int64_t kGroupBytes = 1536 * 1024;
 // Weight bytes of the output block columns one feature_axis=1 task covers.
 constexpr int64_t kWeightBytesPerRange = 512 * 1024;
 // Density below which 8-wide blocks run on half-width AVX-512 vectors rather than on
-// transposed operands: the measured crossover (2-core AVX-512 Xeon, C = K = 4096, N = 64 and
-// 1024; see the notes under the CPU table of docs/benchmarks.md) lies between 3.5% and 7%.
-constexpr double kNarrowBlocksInPlaceDensity = 0.04;
+// transposed operands.  Measured on the 2-core AVX-512 Xeon (C = K = 4096, fastest ms, in place
+// / transposed), since the transposed path reads w's blocks where they lie for the input
+// gradient and x^T of up to 96 rows in place: N = 64 at 1% 0.43-0.50 / 0.44-0.47, 2% 0.64-0.65
+// / 0.52-0.54, 3% 0.78-0.80 / 0.63-0.68; N = 1024 at 1% 3.9 / 5.0-5.3, 1.5% 4.6-4.7 / 5.6-5.8,
+// 2% 6.2-6.3 / 6.0-6.3, 3% 8.8-9.0 / 7.0-7.3.  (Before that the crossover lay between 3.5%
+// and 7%; see the notes under the CPU table of docs/benchmarks.md.)
+constexpr double kNarrowBlocksInPlaceDensity = 0.02;
 // Processors that execute 512-bit vector instructions as two 256-bit halves (AMD Zen 4) do as
 // much arithmetic per cycle on half-width vectors, so there the in-place product wins up to
 // a higher density, and at every density once the two transposed copies (N (C + K) floats)

@@ -354,7 +354,11 @@ void ForwardAxis1(const float* panels, const float* w, float* y, int64_t rows,
 // kWRs 1: w holds the product's blocks, A[p][m] = w[p bs + j0 + m]; kWRs = bs: w holds their
 // transposes (the input gradient's w read as stored), A[p][m] = w[(j0 + m) bs + p], MR rows of
 // a compile-time stride.
-template <int MR, typename V, int NV, int kWRs>
+// With kYRows y is (N, K) instead: each tile's MR x chunk sums are turned around on the way out.
+template <int MR, int kCols>
+inline void StoreTransposed(const float* tile, float* out, int64_t out_rs);
+
+template <int MR, typename V, int NV, int kWRs, bool kYRows>
 inline int64_t ForwardAxis0Columns(const float* x, int64_t x_rs, const float* w, float* y,
                                    int64_t N, const LayoutView& l, int64_t k, int64_t j0,
                                    int64_t n0, int64_t n1) {
@@ -363,8 +367,16 @@ inline int64_t ForwardAxis0Columns(const float* x, int64_t x_rs, const float* w,
   const float* const a = kWRs == 1 ? w + j0 : w + j0 * bs;
   for (; n0 + chunk <= n1; n0 += chunk) {
     const auto pairs = PairsOfColumn<true>(l, k, x + n0, bs * x_rs, a, bs * bs);
-    Tile<MR, NV, V, decltype(pairs), false, kWRs>(pairs, bs, kWRs == 1 ? bs : 1, x_rs,
-                                                  y + (k * bs + j0) * N + n0, N, MR);
+    if constexpr (kYRows) {
+      alignas(64) float tile[MR * chunk];
+      Tile<MR, NV, V, decltype(pairs), false, kWRs>(pairs, bs, kWRs == 1 ? bs : 1, x_rs, tile,
+                                                    chunk, MR);
+      const int64_t K = l.KB * bs;
+      StoreTransposed<MR, chunk>(tile, y + n0 * K + k * bs + j0, K);
+    } else {
+      Tile<MR, NV, V, decltype(pairs), false, kWRs>(pairs, bs, kWRs == 1 ? bs : 1, x_rs,
+                                                    y + (k * bs + j0) * N + n0, N, MR);
+    }
   }
   return n0;
 }
@@ -381,34 +393,44 @@ static_assert(kAxis0NV * kGradRows == kRowTile * kMaxNV, "as many accumulators a
 // feature_axis 0, y (K, N):  A = w block read transposed (A[i][j] = w[i*bs + j]; with kWRs =
 // bs, w holding the transposes, read as stored), B = x rows of block row c, C = y rows of
 // block row k.  Vectors run along N.
-template <int MR, int kWRs = 1>
+template <int MR, int kWRs = 1, bool kYRows = false>
 void ForwardAxis0Rows(const float* x, int64_t x_rs, const float* w, float* y, int64_t N,
                       const LayoutView& l, int64_t k, int64_t n_begin, int64_t n_end) {
   for (int64_t j0 = 0; j0 < l.block_size; j0 += MR) {
     int64_t n = n_begin;
     if constexpr (MR == kGradRows) {
-      n = ForwardAxis0Columns<MR, VecWide, kAxis0NV, kWRs>(x, x_rs, w, y, N, l, k, j0, n, n_end);
+      n = ForwardAxis0Columns<MR, VecWide, kAxis0NV, kWRs, kYRows>(x, x_rs, w, y, N, l, k, j0, n,
+                                                                    n_end);
     }
-    n = ForwardAxis0Columns<MR, VecWide, kMaxNV, kWRs>(x, x_rs, w, y, N, l, k, j0, n, n_end);
-    n = ForwardAxis0Columns<MR, VecWide, 1, kWRs>(x, x_rs, w, y, N, l, k, j0, n, n_end);
-    ForwardAxis0Columns<MR, float, 1, kWRs>(x, x_rs, w, y, N, l, k, j0, n, n_end);
+    n = ForwardAxis0Columns<MR, VecWide, kMaxNV, kWRs, kYRows>(x, x_rs, w, y, N, l, k, j0, n,
+                                                                n_end);
+    n = ForwardAxis0Columns<MR, VecWide, 1, kWRs, kYRows>(x, x_rs, w, y, N, l, k, j0, n, n_end);
+    ForwardAxis0Columns<MR, float, 1, kWRs, kYRows>(x, x_rs, w, y, N, l, k, j0, n, n_end);
+  }
+}
+
+template <bool kYRows>
+void ForwardAxis0Of(const float* x, int64_t x_rs, const float* w, float* y, int64_t N,
+                    const LayoutView* layout, int64_t k, int64_t n_begin, int64_t n_end,
+                    bool w_transposed) {
+  const int64_t bs = layout->block_size;
+  if (bs == 1) {  // a 1 x 1 block is its own transpose
+    ForwardAxis0Rows<1, 1, kYRows>(x, x_rs, w, y, N, *layout, k, n_begin, n_end);
+  } else if (!w_transposed) {  // block sizes 8..64 are multiples of kGradRows
+    ForwardAxis0Rows<kGradRows, 1, kYRows>(x, x_rs, w, y, N, *layout, k, n_begin, n_end);
+  } else {
+    WithPanelBlockSize(bs, [&](auto kBs) {
+      ForwardAxis0Rows<kGradRows, decltype(kBs)::value, kYRows>(x, x_rs, w, y, N, *layout, k,
+                                                                 n_begin, n_end);
+    });
   }
 }
 
 void ForwardAxis0(const float* x, int64_t x_rs, const float* w, float* y, int64_t N,
                   const LayoutView* layout, int64_t k, int64_t n_begin, int64_t n_end,
-                  bool w_transposed) {
-  const int64_t bs = layout->block_size;
-  if (bs == 1) {  // a 1 x 1 block is its own transpose
-    ForwardAxis0Rows<1>(x, x_rs, w, y, N, *layout, k, n_begin, n_end);
-  } else if (!w_transposed) {  // block sizes 8..64 are multiples of kGradRows
-    ForwardAxis0Rows<kGradRows>(x, x_rs, w, y, N, *layout, k, n_begin, n_end);
-  } else {
-    WithPanelBlockSize(bs, [&](auto kBs) {
-      ForwardAxis0Rows<kGradRows, decltype(kBs)::value>(x, x_rs, w, y, N, *layout, k, n_begin,
-                                                         n_end);
-    });
-  }
+                  bool w_transposed, bool y_rows) {
+  auto run = y_rows ? ForwardAxis0Of<true> : ForwardAxis0Of<false>;
+  run(x, x_rs, w, y, N, layout, k, n_begin, n_end, w_transposed);
 }
 
 // dw of one block (c, k) from block-column panels (panel[n][i] = x[n, c*bs + i], likewise dy):
@@ -927,6 +949,25 @@ inline void TransposeSquare(const float* in, int64_t in_rs, float* out, int64_t 
   TransposeTile(t);
 #pragma GCC unroll 16
   for (int c = 0; c < W; ++c) Store<VecWide>(out + c * out_rs, t[c]);
+}
+
+// out[j * out_rs + m] = tile[m * cols + j] for m < MR, j < cols: squares of a vector's width
+// (MR of their rows in use) turned around in registers, MR floats stored per row of out.
+template <int MR, int kCols>
+inline void StoreTransposed(const float* tile, float* out, int64_t out_rs) {
+  constexpr int W = Width<VecWide>();
+  constexpr int kSquares = MR > 1 && MR <= W ? kCols / W : 0;
+  for (int s = 0; s < kSquares; ++s) {
+    VecWide t[W];
+#pragma GCC unroll 16
+    for (int r = 0; r < W; ++r) t[r] = r < MR ? Load<VecWide>(tile + r * kCols + s * W) : VecWide{};
+    TransposeTile(t);
+#pragma GCC unroll 16
+    for (int c = 0; c < W; ++c) std::memcpy(out + (s * W + c) * out_rs, &t[c], MR * sizeof(float));
+  }
+  for (int j = kSquares * W; j < kCols; ++j) {
+    for (int m = 0; m < MR; ++m) out[j * out_rs + m] = tile[m * kCols + j];
+  }
 }
 
 // out[c * out_rs + r] = in[r * in_rs + c] for r < rows, c < cols: squares of a vector's width

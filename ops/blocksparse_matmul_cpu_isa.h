@@ -49,10 +49,11 @@ struct CpuKernels {
                         const LayoutView* layout, int64_t k_begin, int64_t k_end);
   // y[k-block, n_begin:n_end] (feature_axis 0; y (K, N)) from x (C, N) with row stride
   // x_rs >= N.  With w_transposed w holds the transposes of the product's blocks (as the
-  // input gradient reads w), read where they lie.
+  // input gradient reads w), read where they lie.  With y_rows y is (N, K) instead, written
+  // turned around (feature_axis 1's products on transposed operands: no transpose of y after).
   void (*forward_axis0)(const float* x, int64_t x_rs, const float* w, float* y, int64_t N,
                         const LayoutView* layout, int64_t k, int64_t n_begin, int64_t n_end,
-                        bool w_transposed);
+                        bool w_transposed, bool y_rows);
   // y[r, 0:bs) += x[r, 0:bs) . b for the `count` rows r listed in `rows`; x and y have row
   // strides x_rs and y_rs, b is bs x bs with row stride b_rs (sparse_dot's masked product).
   void (*gathered_rows_accumulate)(const float* x, int64_t x_rs, const int32_t* rows,

@@ -28,7 +28,8 @@ sys.path.insert(0, ROOT)
 from blocksparse_tf.layers.conv import BlockSparseConv2D  # noqa: E402
 
 IMPLEMENTATIONS = ("fused", "im2col")  # rows alternate in this order
-from benchmarks.report import best_time, machine_description, write_section  # noqa: E402
+from benchmarks.report import (best_time, command_line, machine_description,  # noqa: E402
+                               write_section)
 
 TITLE = "CPU: BlockSparseConv2D against tf.nn.conv2d"
 
@@ -119,15 +120,11 @@ def main(argv=None):
                       f"{row['fwd']:6.2f} {row['bwd_ms']:8.1f} {row['bwd']:6.2f} {err:8.1e}",
                       flush=True)
     if not args.quick:
-        given = list(sys.argv[1:] if argv is None else argv)
-        if "--out" in given:  # where the report goes is not part of the measurement
-            i = given.index("--out")
-            del given[i:i + 2]
-        command = "python benchmarks/bench_conv.py " + " ".join(given)
+        command = command_line("bench_conv.py", argv)
         lines = [
             f"- Machine: {machine_description()}",
             f"- Date: {datetime.date.today().isoformat()}",
-            f"- Command: `{command.strip()}`",
+            f"- Command: `{command}`",
             f"- x ({N}, {S}, {S}, {C}), {k}x{k} kernel, {C} -> {K} channels, stride 1, SAME, float32, "
             f"no bias; random block layouts with exactly the given fraction of blocks; every side in "
             f"`tf.function`; fastest of {args.repeats} runs (synchronous calls, no host copy of "

@@ -25,7 +25,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.report import machine_description, write_section  # noqa: E402
+from benchmarks.report import command_line, machine_description, write_section  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBXSMM_HEADER = "/usr/include/libxsmm.h"
@@ -135,10 +135,10 @@ def main(argv=None):
     text = table(rows)
     print(text)
     if not args.quick:
-        command = "python benchmarks/bench_libxsmm.py " + " ".join(argv or sys.argv[1:])
+        command = command_line("bench_libxsmm.py", argv)
         body = (f"- Machine: {machine_description()}\n"
                 f"- Date: {datetime.date.today().isoformat()}\n"
-                f"- Command: `{command.strip()}`\n"
+                f"- Command: `{command}`\n"
                 f"- One thread, C = K = 4096, random layouts, {isa} kernels, LIBXSMM 1.17 "
                 f"(Debian); fastest of {args.repeats} runs. `LIBXSMM time / ours` above 1: "
                 "ours is faster.\n\n" + text)

@@ -22,7 +22,8 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from blocksparse_tf import BlocksparseMatMul  # noqa: E402
 from blocksparse_tf.matmul import blocksparse_matmul, blocksparse_matmul_grad_w  # noqa: E402
-from benchmarks.report import best_time, machine_description, write_section  # noqa: E402
+from benchmarks.report import (best_time, command_line, machine_description,  # noqa: E402
+                               write_section)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,12 +81,12 @@ def run_case(N, bs, density, hidden, repeats, sparse_max_density, rng):
     return bsmm, t
 
 
-def write_markdown(rows, args, path, plot_name):
-    command = "python benchmarks/bench_matmul.py " + " ".join(sys.argv[1:])
+def write_markdown(rows, args, path, plot_name, argv=None):
+    command = command_line("bench_matmul.py", argv)
     lines = [
         f"- Machine: {machine_description()}",
         f"- Date: {datetime.date.today().isoformat()}",
-        f"- Command: `{command.strip()}`",
+        f"- Command: `{command}`",
         f"- C = K = {args.hidden}, float32, random layouts; fastest of {args.repeats} runs after a warm-up"
         f"{f' in each of {args.rounds} passes over the whole grid' if args.rounds > 1 else ''} (eager "
         "calls, synchronous; no host copy of the result; garbage collector off while timing). Speedup = dense time / block-sparse time on the same masked "
@@ -168,7 +169,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         plot_name = "benchmark_cpu_speedup.png"
         plot(rows, os.path.join(args.out, plot_name))
-        write_markdown(rows, args, os.path.join(args.out, "benchmarks.md"), plot_name)
+        write_markdown(rows, args, os.path.join(args.out, "benchmarks.md"), plot_name, argv)
         print(f"wrote {os.path.join(args.out, 'benchmarks.md')}")
     return rows
 

@@ -26,7 +26,8 @@ import tensorflow as tf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.report import best_time, machine_description, write_section  # noqa: E402
+from benchmarks.report import (best_time, command_line, machine_description,  # noqa: E402
+                               write_section)
 from blocksparse_tf import BlocksparseMatMul  # noqa: E402
 from blocksparse_tf.matmul import blocksparse_matmul, blocksparse_matmul_grad_w  # noqa: E402
 
@@ -119,11 +120,7 @@ def main(argv=None):
 
 
 def write_report(results, args, argv):
-    given = list(sys.argv[1:] if argv is None else argv)
-    if "--out" in given:  # where the report goes is not part of the measurement
-        i = given.index("--out")
-        del given[i:i + 2]
-    command = ("python benchmarks/bench_neurons.py " + " ".join(given)).strip()
+    command = command_line("bench_neurons.py", argv)
     lines = [
         f"- Machine: {machine_description()}",
         f"- Date: {datetime.date.today().isoformat()}",

@@ -25,7 +25,8 @@ import tensorflow as tf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from blocksparse_tf import sparse_dot  # noqa: E402
-from benchmarks.report import best_time, machine_description, write_section  # noqa: E402
+from benchmarks.report import (best_time, command_line, machine_description,  # noqa: E402
+                               write_section)
 
 FRACTIONS = [(0.1, 0.1), (0.25, 0.25), (0.5, 0.5), (1.0, 1.0), (1.0, 0.25), (0.25, 1.0)]
 
@@ -115,11 +116,11 @@ def main(argv=None):
                   f"{row['bwd']:6.2f} {row['train_ms']:8.1f} {row['train']:6.2f} {target:6.2f}",
                   flush=True)
     if not args.quick:
-        command = "python benchmarks/bench_sparse_dot.py " + " ".join(sys.argv[1:])
+        command = command_line("bench_sparse_dot.py", argv)
         lines = [
             f"- Machine: {machine_description()}",
             f"- Date: {datetime.date.today().isoformat()}",
-            f"- Command: `{command.strip()}`",
+            f"- Command: `{command}`",
             f"- x ({N}, {C}), dense w ({C}, {K}), float32; random per-example masks with the given "
             f"active fractions; fastest of {args.repeats} runs (synchronous calls, no host copy of "
             "the results, garbage collector off while timing)"

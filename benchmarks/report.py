@@ -4,6 +4,7 @@ import gc
 import os
 import platform
 import subprocess
+import sys
 import time
 
 import tensorflow as tf
@@ -38,6 +39,21 @@ def best_time(fn, repeats):
         if collecting:
             gc.enable()
     return min(times)
+
+
+def command_line(script, argv=None):
+    """How a benchmark ran, for its report: `python benchmarks/<script> <its arguments>` (argv, or
+    the process's own), without --out and its folder: where the report goes is not part of the
+    measurement."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    kept = []
+    while given:
+        arg = given.pop(0)
+        if arg == "--out":
+            given = given[1:]
+        elif not arg.startswith("--out="):
+            kept.append(arg)
+    return " ".join(["python", f"benchmarks/{script}"] + kept)
 
 
 def machine_description():
@@ -79,5 +95,6 @@ def write_section(path, title, body):
     if title not in sections:
         order.append(title)
     sections[title] = f"## {title}\n\n{body.strip()}\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write(HEADER + "\n".join(sections[name] for name in order))

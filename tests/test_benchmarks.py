@@ -23,6 +23,8 @@ def test_benchmarks_write_their_sections(tmp_path):
     assert report.count("## CPU: BlocksparseMatMul against dense tf.matmul") == 1
     assert report.count("## CPU: sparse_dot (conditional computation)") == 1
     assert report.count("| 8 | 32 | ") == 2 and (tmp_path / "benchmark_cpu_speedup.png").exists()
+    assert ("- Command: `python benchmarks/bench_matmul.py --hidden 256 --batches 8 --block-sizes 32 "
+            "--densities 0.5 1.0 --repeats 1`") in report
 
 
 def test_neuron_level_benchmark_agrees_with_tf_sparse(tmp_path):
@@ -34,6 +36,9 @@ def test_neuron_level_benchmark_agrees_with_tf_sparse(tmp_path):
     report = (tmp_path / "benchmarks.md").read_text()
     assert report.count("## CPU: neuron-level layers (block size 1)") == 1
     assert "| 600 | 3 | 5 |" in report
+    # The command as given, without the report's folder.
+    assert ("- Command: `python benchmarks/bench_neurons.py --units 600 --fan-in 3 --batches 1 5 "
+            "--repeats 1`") in report
 
 
 @pytest.mark.skipif(not bench_libxsmm.libxsmm_available(),

@@ -459,9 +459,9 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
   const CpuKernels& kernels = Kernels();
   const int64_t bs = layout.block_size, C = layout.CB * bs, K = layout.KB * bs;
   // Blocks narrower than a vector (bs 1, and bs 8 under AVX-512) fill only part of each
-  // vector: compute y^T = W^T x^T instead, with vectors along N, at the price of two
-  // transposes; unless NarrowBlocksInPlace: the transposes would cost more than the product
-  // itself, and bs 8 runs on half-width vectors in place.
+  // vector: compute y^T = W^T x^T instead, with vectors along N, at the price of transposing
+  // x (and for bs 1, y^T back); unless NarrowBlocksInPlace: the transposes would cost more than
+  // the product itself, and bs 8 runs on half-width vectors in place.
   if (bs < kernels.vector_width && !NarrowBlocksInPlace(layout, N)) {
     // Up to one slab's columns x^T is the slab, its rows N floats apart, as Forward reads a
     // feature_axis=0 x in place; padded slab rows would hold one float per cache line at N = 1.

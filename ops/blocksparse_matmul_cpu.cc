@@ -367,9 +367,20 @@ Slabs CopyToSlabs(const float* x, int64_t C, int64_t N, float* out,
   return {out, kSlabRowStride, kSlabColumns};
 }
 
-// x (N, C) transposed into slabs at out, as CopyToSlabs would lay x^T.
+// Floats of scratch TransposeToSlabs needs for an x of N rows and C features.
+int64_t TransposedSlabsFloats(int64_t N, int64_t C) {
+  return N <= kSlabColumns ? N * C : SlabCount(N) * C * kSlabRowStride;
+}
+
+// x (N, C) transposed into slabs at out, as CopyToSlabs would lay x^T.  Up to one slab's
+// columns x^T is the slab, its rows N floats apart, as Forward reads a feature_axis=0 x in
+// place: padded slab rows would hold one float per cache line at N = 1.
 Slabs TransposeToSlabs(const float* x, int64_t N, int64_t C, float* out,
                        const ParallelFor& parallel_for) {
+  if (N <= kSlabColumns) {
+    Transpose(x, N, C, out, N, parallel_for);
+    return {out, N, N};
+  }
   Transpose(x, N, C, out, kSlabRowStride, parallel_for, kSlabColumns, C * kSlabRowStride);
   return {out, kSlabRowStride, kSlabColumns};
 }
@@ -463,10 +474,7 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
   // x (and for bs 1, y^T back); unless NarrowBlocksInPlace: the transposes would cost more than
   // the product itself, and bs 8 runs on half-width vectors in place.
   if (bs < kernels.vector_width && !NarrowBlocksInPlace(layout, N)) {
-    // Up to one slab's columns x^T is the slab, its rows N floats apart, as Forward reads a
-    // feature_axis=0 x in place; padded slab rows would hold one float per cache line at N = 1.
-    const bool one_slab = N <= kSlabColumns;
-    float* const x_t = scratch(one_slab ? N * C : SlabCount(N) * C * kSlabRowStride);
+    float* const x_t = scratch(TransposedSlabsFloats(N, C));
     // bs 8's register tiles store y turned around, eight outputs of a row at a time, where
     // y^T was written whole and transposed after (2-core Intel Xeon, C = K = 4096, fastest ms,
     // three alternating rounds: N = 1024 forward at 5% 11.3-11.9 -> 10.5-11.2, 10% 20.5-21.2
@@ -476,10 +484,8 @@ bool ForwardFeatureAxis1(const float* x, const float* w, float* y, int64_t N,
     const bool y_rows = bs > 1;
     float* const y_t = y_rows ? y : scratch(N * K);
     if (x_t == nullptr || y_t == nullptr) return false;
-    if (one_slab) Transpose(x, N, C, x_t, N, parallel_for);
-    const Slabs slabs =
-        one_slab ? Slabs{x_t, N, N} : TransposeToSlabs(x, N, C, x_t, parallel_for);
-    ForwardFeatureAxis0(slabs, w, y_t, N, layout, parallel_for, w_transposed, y_rows);
+    ForwardFeatureAxis0(TransposeToSlabs(x, N, C, x_t, parallel_for), w, y_t, N, layout,
+                        parallel_for, w_transposed, y_rows);
     if (!y_rows) Transpose(y_t, K, N, y, K, parallel_for);
     return true;
   }

@@ -367,15 +367,13 @@ inline int64_t ForwardAxis0Columns(const float* x, int64_t x_rs, const float* w,
   const float* const a = kWRs == 1 ? w + j0 : w + j0 * bs;
   for (; n0 + chunk <= n1; n0 += chunk) {
     const auto pairs = PairsOfColumn<true>(l, k, x + n0, bs * x_rs, a, bs * bs);
+    alignas(64) float tile[kYRows ? MR * chunk : 1];
+    float* const c = kYRows ? tile : y + (k * bs + j0) * N + n0;
+    Tile<MR, NV, V, decltype(pairs), false, kWRs>(pairs, bs, kWRs == 1 ? bs : 1, x_rs, c,
+                                                  kYRows ? chunk : N, MR);
     if constexpr (kYRows) {
-      alignas(64) float tile[MR * chunk];
-      Tile<MR, NV, V, decltype(pairs), false, kWRs>(pairs, bs, kWRs == 1 ? bs : 1, x_rs, tile,
-                                                    chunk, MR);
       const int64_t K = l.KB * bs;
       StoreTransposed<MR, chunk>(tile, y + n0 * K + k * bs + j0, K);
-    } else {
-      Tile<MR, NV, V, decltype(pairs), false, kWRs>(pairs, bs, kWRs == 1 ? bs : 1, x_rs,
-                                                    y + (k * bs + j0) * N + n0, N, MR);
     }
   }
   return n0;

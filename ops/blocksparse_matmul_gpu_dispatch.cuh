@@ -570,6 +570,18 @@ constexpr int64_t kColumnGradBs16LongBatch = 8192;
 using ColumnGradCfgBs32Four = wgmma_impl::ColumnGradCfg<32, 2, 64, 4>;
 using ColumnGradCfgBs32Two = wgmma_impl::ColumnGradCfg<32, 1, 64, 6>;
 constexpr double kColumnGradBs32EightBlocks = 8.0, kColumnGradBs32FourBlocks = 4.0;
+// With feature axis 0 (x (C, N), each block's x rows N long) 4-block groups are faster than
+// 8-block ones over long batches on long columns: from 4096 batch rows where a column's
+// blocks times the batch rows reach kColumnGradBs32FourBlocksAxis0Work.  Measured on an H200
+// (bf16 unless noted, the group sizes alternated in one process, dW us, 8 -> 4-block groups;
+// the same results bit for bit): N = 4096, C = K = 4096 at 25% 200.1 -> 174.5 (fp16 198.3 ->
+// 181.2), 50% 347.3 -> 300.8, 100% 592.6 -> 574.2 (fp16 618.7 -> 578.7), but 10% 68.9 -> 74.7;
+// N = 16384, C = K = 8192 at 5% 626.6 -> 564.8, 10% 1220.0 -> 1019.7, 25% 2980.0 -> 2553.5;
+// N = 1000 at 10-50% 0.99-1.05x.  With feature axis 1 they were slower (N = 4096: 10% 1.20x,
+// 100% 1.19x the time; N = 16384, C = K = 8192: 10% 1.21x, 25% 1.50x) except N = 16384 at 5%
+// (0.84x).
+constexpr int64_t kColumnGradBs32FourBlocksAxis0Rows = 4096;
+constexpr double kColumnGradBs32FourBlocksAxis0Work = 24.0 * 4096;
 
 // The wgmma dW with more column groups (`groups`, a bound) than CTAs fit on the GPU at once
 // (`resident`): a persistent grid of `resident` CTAs, each taking groups blockIdx.x + i
@@ -829,10 +841,12 @@ int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const Dev
               p, N, blocks, device, di, s);
       }
       if constexpr (BS == 32) {
-        if (per_col < kColumnGradBs32FourBlocks)
+        if (per_col < kColumnGradBs32FourBlocks || Tuning() == 12)
           return LaunchWgmmaGradWColumns<T, FA, 32, ColumnGradCfgBs32Two>(p, N, blocks, device,
                                                                           di, s);
-        if (per_col < kColumnGradBs32EightBlocks)
+        const bool long_axis0 = FA == 0 && N >= kColumnGradBs32FourBlocksAxis0Rows &&
+                                per_col * N >= kColumnGradBs32FourBlocksAxis0Work;
+        if (per_col < kColumnGradBs32EightBlocks || long_axis0 || Tuning() == 11)
           return LaunchWgmmaGradWColumns<T, FA, 32, ColumnGradCfgBs32Four>(p, N, blocks, device,
                                                                            di, s);
       }

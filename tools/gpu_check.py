@@ -419,6 +419,13 @@ def correctness(lib, res, quick=False, race=False):
             for fa in (1, 0):
                 run_case(lib, res, dt, bs, Lf, 64, fa, gen, ops=("fwd",))
                 run_case(lib, res, dt, bs, Lg, 8192, fa, gen, ops=("dw",))
+    # 16-bit bs-32 dW with feature axis 0 over long batches: 4-block groups (Hopper; see
+    # kColumnGradBs32FourBlocksAxis0Work), columns of about 30 blocks, ragged last groups and
+    # a ragged last batch step; feature axis 1 (8-block groups) beside it.
+    Lh = random_layout(40, 3, 32, 0.75, rng)
+    for dt in ("float16", "bfloat16"):
+        for fa in (0, 1):
+            run_case(lib, res, dt, 32, Lh, 4100, fa, gen, ops=("dw",))
     # Unaligned pointers (a view at an odd element offset) must fall back and stay correct.
     for dt in ("float16", "bfloat16"):
         bs, N = 32, 70

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Side-by-side timings of the CUDA kernels' tuning variants (SetTuning) on chosen cells.
+
+Each cell is dtype:feature_axis:N:C:bs:density:op (op fwd or dw, C = K); each variant's
+output is first checked bit for bit against the default's, then the variants are timed in
+alternating rounds (medians of CUDA-event timings, L2 flushed before each run, as in
+tools/gpu_check.py), and the fastest round of each is printed with its ratio to the default.
+
+    python3 tools/gpu_variants.py --variants 0 11 12 \\
+        --cells bfloat16:1:4096:4096:32:0.25:dw bfloat16:1:4096:4096:32:0.25:fwd
+Needs the library built by tools/gpu_check.sh (build/libbsmm_gpu.so).  Exits non-zero if a
+variant's output differs from the default's.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_check import DTYPES, ROOT, Lib, Results, bench, exact_layout  # noqa: E402
+
+
+def parse_cell(text):
+    dt, fa, N, C, bs, d, op = text.split(":")
+    if dt not in DTYPES or op not in ("fwd", "dw"):
+        raise argparse.ArgumentTypeError(f"bad cell {text!r}")
+    return dt, int(fa), int(N), int(C), int(bs), float(d), op
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lib", default=os.path.join(ROOT, "build", "libbsmm_gpu.so"))
+    ap.add_argument("--variants", type=int, nargs="+", default=[0])
+    ap.add_argument("--cells", type=parse_cell, nargs="+", required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    lib, res = Lib(args.lib), Results()
+    rng = np.random.default_rng(7)
+    for dt, fa, N, C, bs, d, op in args.cells:
+        tdt = DTYPES[dt][1]
+        L = exact_layout(C // bs, C // bs, bs, d, rng)
+        x = torch.randn(*((N, C) if fa else (C, N)), device="cuda").to(tdt)
+        if op == "fwd":
+            b = torch.randn(L.blocks, bs, bs, device="cuda").to(tdt)
+            out = torch.empty(*((N, C) if fa else (C, N)), dtype=tdt, device="cuda")
+            call = lambda o: lib.forward(dt, x, b, o, N, fa, L)
+        else:
+            b = torch.randn(*((N, C) if fa else (C, N)), device="cuda").to(tdt)
+            out = torch.empty(L.blocks, bs, bs, dtype=tdt, device="cuda")
+            call = lambda o: lib.grad_w(dt, x, b, o, N, fa, L)
+        outs = {}
+        for v in args.variants:
+            lib.set_tuning(v)
+            outs[v] = torch.full_like(out, float("nan"))
+            rc = call(outs[v])
+            torch.cuda.synchronize()
+            res.check(rc == 0 and torch.equal(outs[v], outs[args.variants[0]]),
+                      f"variant {v} equals variant {args.variants[0]}: {dt} fa {fa} N {N} "
+                      f"C {C} bs {bs} {d:.0%} {op}")
+        best = {v: float("inf") for v in args.variants}
+        for _ in range(args.rounds):
+            for v in args.variants:
+                lib.set_tuning(v)
+                best[v] = min(best[v], bench(lambda: call(outs[v])))
+        lib.set_tuning(0)
+        base = best[args.variants[0]]
+        cells = "  ".join(f"{v}: {best[v] * 1e3:8.1f} us (x{best[v] / base:.2f})"
+                          for v in args.variants)
+        print(f"{dt} fa {fa} N {N:5d} C=K {C} bs {bs:2d} {L.blocks / (L.CB * L.KB):5.1%} "
+              f"{op:3s}  {cells}", flush=True)
+        del x, b, out, outs
+    print(f"checks: {res.passed} passed, {len(res.failed)} failed", flush=True)
+    sys.exit(1 if res.failed else 0)
+
+
+if __name__ == "__main__":
+    main()

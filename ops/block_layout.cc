@@ -66,6 +66,16 @@ std::string BuildTables(const int32_t* coords, int64_t blocks, int64_t CB, int64
     layout->col_row[pos] = layout->block_row[b];
     layout->col_block[pos] = b;
   }
+  // The row-major view: the blocks in column order, stably sorted by row (row_ptr now holds
+  // each row's end, from the pass above).
+  layout->row_ptr.assign(CB + 1, 0);
+  for (int64_t c = 0; c < CB; ++c) layout->row_ptr[c + 1] = row_ptr[c];
+  std::vector<int32_t>& row_fill = row_ptr;
+  std::copy(layout->row_ptr.begin(), layout->row_ptr.end() - 1, row_fill.begin());
+  layout->row_block.resize(blocks);
+  for (int64_t q = 0; q < blocks; ++q) {
+    layout->row_block[row_fill[layout->col_row[q]]++] = layout->col_block[q];
+  }
   return "";
 }
 

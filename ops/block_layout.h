@@ -19,7 +19,9 @@ constexpr bool IsSupportedBlockSize(int64_t bs) {
 // block_row[b] (input features c*bs .. c*bs+bs-1) and block column block_col[b] (output
 // features k*bs .. k*bs+bs-1).  The column-major index lists, for every output block
 // column k, its blocks in increasing block row: entries col_ptr[k] .. col_ptr[k+1]-1 of
-// col_row / col_block.  Every product kernel walks one of these two views.
+// col_row / col_block.  Every product kernel walks one of these two views.  The row-major
+// index lists, for every input block row c, its blocks in increasing block column: entries
+// row_ptr[c] .. row_ptr[c+1]-1 of row_block (the weight gradient's block order starts there).
 struct BlockLayout {
   int64_t CB = 0;          // input block rows    (C / bs)
   int64_t KB = 0;          // output block columns (K / bs)
@@ -28,6 +30,8 @@ struct BlockLayout {
   std::vector<int32_t> block_row, block_col;     // per block: (c, k)
   std::vector<int32_t> col_ptr;                  // KB + 1 offsets
   std::vector<int32_t> col_row, col_block;       // blocks entries, grouped by column
+  std::vector<int32_t> row_ptr;                  // CB + 1 offsets
+  std::vector<int32_t> row_block;                // blocks entries, grouped by row
 };
 
 // Builds the tables from `blocks` (c, k) pairs stored row after row in `coords`.

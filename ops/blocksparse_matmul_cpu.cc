@@ -716,21 +716,15 @@ bool Forward(const float* x, const float* w, float* y, int64_t N, int feature_ax
 std::vector<int32_t> GradWOrder(const BlockLayout& layout, int64_t panel_bytes) {
   constexpr int64_t kGroupBytes = int64_t{2} << 20;
   const int64_t group = std::max<int64_t>(1, kGroupBytes / std::max<int64_t>(1, panel_bytes));
-  // Two stable counting sorts, linear in blocks + CB: the blocks in column order sorted by
-  // block row, then by group.  A sort of each group's blocks took a quarter of a bs-1 weight
-  // gradient's time (100,000 neurons, 4 inputs each, N = 64: groups of 32,768 blocks).
-  std::vector<int32_t> next(std::max(layout.CB, layout.KB / group + 1) + 1, 0);
-  for (int32_t row : layout.col_row) ++next[row + 1];
-  for (int64_t c = 0; c < layout.CB; ++c) next[c + 1] += next[c];
-  std::vector<int32_t> by_row(layout.blocks);
-  for (int64_t q = 0; q < layout.blocks; ++q) {
-    by_row[next[layout.col_row[q]]++] = layout.col_block[q];
-  }
-  if (group >= layout.KB) return by_row;
+  if (group >= layout.KB) return layout.row_block;
+  // The layout's row-major order (kept with its tables: sorting the blocks by row on every call
+  // took a third of a bs-1 weight gradient's time, 100,000 neurons with 4 inputs each, N = 64),
+  // stably sorted by group: a counting sort over few groups, linear in blocks.
+  std::vector<int32_t> next(layout.KB / group + 1);
   // Group g's blocks start where its first block column's do.
   for (int64_t g = 0; g * group < layout.KB; ++g) next[g] = layout.col_ptr[g * group];
   std::vector<int32_t> order(layout.blocks);
-  for (int32_t b : by_row) order[next[layout.block_col[b] / group]++] = b;
+  for (int32_t b : layout.row_block) order[next[layout.block_col[b] / group]++] = b;
   return order;
 }
 
@@ -780,12 +774,12 @@ bool GradW(const float* x, const float* dy, float* dw, int64_t N, int feature_ax
   std::vector<char> x_needed, dy_needed;
   int64_t needed_bytes = 0;
   if (feature_axis == 1) {
-    x_needed.assign(layout.CB, 0);
-    dy_needed.assign(layout.KB, 0);
-    for (int64_t b = 0; b < layout.blocks; ++b) {
-      x_needed[layout.block_row[b]] = 1;
-      dy_needed[layout.block_col[b]] = 1;
-    }
+    x_needed.resize(layout.CB);
+    dy_needed.resize(layout.KB);
+    for (int64_t c = 0; c < layout.CB; ++c)
+      x_needed[c] = layout.row_ptr[c + 1] > layout.row_ptr[c];
+    for (int64_t k = 0; k < layout.KB; ++k)
+      dy_needed[k] = layout.col_ptr[k + 1] > layout.col_ptr[k];
     // bs 1 packs every column (PackNeededBlockColumns transposes x and dy whole).
     const int64_t panels = bs == 1 ? layout.CB + layout.KB
                                    : std::count(x_needed.begin(), x_needed.end(), 1) +

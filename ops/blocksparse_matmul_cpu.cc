@@ -717,9 +717,10 @@ std::vector<int32_t> GradWOrder(const BlockLayout& layout, int64_t panel_bytes) 
   constexpr int64_t kGroupBytes = int64_t{2} << 20;
   const int64_t group = std::max<int64_t>(1, kGroupBytes / std::max<int64_t>(1, panel_bytes));
   if (group >= layout.KB) return layout.row_block;
-  // The layout's row-major order (kept with its tables: sorting the blocks by row on every call
-  // took a third of a bs-1 weight gradient's time, 100,000 neurons with 4 inputs each, N = 64),
-  // stably sorted by group: a counting sort over few groups, linear in blocks.
+  // The layout's row-major order, kept with its tables, stably sorted by group: a counting
+  // sort over few groups, linear in blocks.  (Sorting every block by row on each call, a
+  // scatter over all block rows, cost 100,000 neurons with 4 inputs each at N = 64 15.4-16.7
+  // ms against 13.2-14.2 with the kept order; with 32 inputs 128.9 against 77.5.)
   std::vector<int32_t> next(layout.KB / group + 1);
   // Group g's blocks start where its first block column's do.
   for (int64_t g = 0; g * group < layout.KB; ++g) next[g] = layout.col_ptr[g * group];

@@ -750,12 +750,12 @@ inline void PackedRowsTile(const float* const* x_row, float* const* y_row, const
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[m][v] = Load<V>(y_row[m] + j0 + v * W);
-  // A block has at least one row: without this GCC keeps a copy of every accumulator on the
-  // stack for a loop that runs no step (48 stack loads and stores a tile of 6 x 4 vectors).
-  // sparse_dot's forward, 1024 x 4096 x 4096 on the 2-core Intel Xeon (the two libraries in
-  // alternating processes, three rounds, fastest ms): bs 32 at 50%/50% 43.0-45.0 -> 40.9-41.7;
-  // bs 16 and 64 within the noise.
-  if (bs < 1) __builtin_unreachable();
+  // A call has a block and a block a row: without this GCC keeps a copy of every accumulator
+  // on the stack for loops that run no step (48 stack loads and stores a tile of 6 x 4
+  // vectors).  sparse_dot's forward, 1024 x 4096 x 4096 on the 2-core Intel Xeon (the two
+  // libraries in alternating processes, three rounds, fastest ms): bs 32 at 50%/50% 43.0-45.0
+  // -> 40.9-41.7; bs 16 and 64, and one side full, within the noise.
+  if (bs < 1 || blocks < 1) __builtin_unreachable();
   const float* bp = b + j0;
   auto step = [&](int64_t p) {  // x's column p times b's row at bp
     V bv[NV];

@@ -578,8 +578,8 @@ constexpr double kColumnGradBs32EightBlocks = 8.0, kColumnGradBs32FourBlocks = 4
 // 181.2), 50% 347.3 -> 300.8, 100% 592.6 -> 574.2 (fp16 618.7 -> 578.7), but 10% 68.9 -> 74.7;
 // N = 16384, C = K = 8192 at 5% 626.6 -> 564.8, 10% 1220.0 -> 1019.7, 25% 2980.0 -> 2553.5;
 // N = 1000 at 10-50% 0.99-1.05x.  With feature axis 1 they were slower (N = 4096: 10% 1.20x,
-// 100% 1.19x the time; N = 16384, C = K = 8192: 10% 1.21x, 25% 1.50x) except N = 16384 at 5%
-// (0.84x).
+// 100% 1.19x the time; N = 16384, C = K = 8192: 10% 1.21x, 25% 1.50x; at 5% 0.84x in one run
+// and 1.11x in another, on another random layout).
 constexpr int64_t kColumnGradBs32FourBlocksAxis0Rows = 4096;
 constexpr double kColumnGradBs32FourBlocksAxis0Work = 24.0 * 4096;
 

@@ -36,8 +36,8 @@ inline int64_t RowPairsPanelOffset(int64_t n, int64_t i) {
 struct CpuKernels {
   const char* isa;
   // Floats per vector register.  Blocks narrower than this (bs 1; bs 8 under AVX-512 unless
-  // the layout is very sparse) run the feature_axis=0 kernel on transposed operands, whose
-  // vectors run along N instead.
+  // the layout is very sparse), and blocks this wide from moderate densities, run the
+  // feature_axis=0 kernel on transposed operands, whose vectors run along N instead.
   int vector_width;
   // Rows of x (and y) one register tile of the feature_axis=1 forward product covers.
   int row_tile;

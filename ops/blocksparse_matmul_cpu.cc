@@ -102,12 +102,17 @@ bool Avx512RunsAsHalves() {
   return halves;
 }
 
+// The fraction of the layout's blocks that are stored.
+double Density(const BlockLayout& layout) {
+  return static_cast<double>(layout.blocks) /
+         (static_cast<double>(layout.CB) * static_cast<double>(layout.KB));
+}
+
 // Whether blocks narrower than a vector run in place on half-width vectors rather than as the
 // transposed product (see ForwardFeatureAxis1).
 bool NarrowBlocksInPlace(const BlockLayout& layout, int64_t N) {
   if (layout.block_size == 1) return false;
-  const double density = static_cast<double>(layout.blocks) /
-                          (static_cast<double>(layout.CB) * static_cast<double>(layout.KB));
+  const double density = Density(layout);
   if (density < kNarrowBlocksInPlaceDensity) return true;
   if (!Avx512RunsAsHalves()) return false;
   const int64_t copy_bytes = N * (layout.CB + layout.KB) * layout.block_size * 4;
@@ -115,25 +120,24 @@ bool NarrowBlocksInPlace(const BlockLayout& layout, int64_t N) {
          copy_bytes > kTransposedCopiesInCacheBytes;
 }
 
-// Blocks one vector wide (bs 16 under AVX-512, 8 under AVX2) fill the in-place register tiles
-// only 12 rows x 1 vector, one broadcast per multiply-add; on transposed operands (as the
-// narrower blocks run) their tiles take 8 rows x 3 vectors along N, one broadcast per three,
-// which pays for transposing x from these densities (N up to one slab of kSlabColumns rows,
-// whose transpose is cheapest, and more) short of full layouts.  Measured on the 2-core Intel
-// Xeon (C = K = 4096, feature_axis 1, the two paths in alternating processes, three rounds,
-// fastest ms, in place -> transposed), bs 16 under AVX-512: N = 1024 at 2% 4.1-4.2 -> 6.5-7.2, 5% 8.3-8.8 ->
-// 10.2-11.1, 7% 12.2-12.7 -> 13.5-14.2, 10% 16.2-16.9 -> 15.4-17.3, 15% 24.4-25.8 ->
-// 23.2-23.9, 25% 37.1-38.1 -> 31.6-35.2, 50% 80.4-82.3 -> 66.6-70.5 (input gradient at 50%
-// 78.9-81.7 -> 64.5-68.1); N = 64 at 5% 0.71-0.73 -> 0.78-0.85, 7% 1.08-1.20 -> 0.99-1.06, 10%
-// 1.35-1.43 -> 1.19-1.24, 25% 2.38-2.56 -> 2.21-2.41 (input gradient 3.09-3.20 -> 2.31-2.36),
-// 50% 5.06-5.60 -> 4.40-4.74; then (two rounds) N = 64 at 6% 0.85-0.87 -> 0.90-0.92, input
-// gradient at 10% 1.67-1.71 -> 1.19-1.23; N = 256 at 50% 21.7-22.3 -> 19.6-20.1, but full
-// layouts 43.4-45.6 -> 47.7-49.7 (N = 64: 10.5-11.6 -> 10.8-10.9); N = 1024, input gradient at
-// 25% 39.1-40.2 -> 33.7-34.5.  bs 8 under AVX2 (two rounds): N = 1024 at 5% 17.2-18.4 ->
-// 17.9-18.2, 10% 35.4-36.4 -> 30.9-32.2, 50% 176-182 -> 151-153; N = 64 at 10% 2.58-2.59 ->
-// 2.06-2.11, 50% 13.0-13.7 -> 10.0-11.8.  The same sums in the same order (bitwise the same
-// results).  Not measured where AVX-512 runs as halves (Zen 4), whose one-vector tiles were
-// found to keep up (see CoarsenFullLayouts).
+// Blocks one vector wide (bs 16 under AVX-512, 8 under AVX2) fill the in-place register tiles only
+// 12 rows x 1 vector, one broadcast per multiply-add; on transposed operands (as the narrower
+// blocks run) their tiles take 8 rows x 3 vectors along N, one broadcast per three, which pays for
+// transposing x from these densities (N up to one slab of kSlabColumns rows, whose transpose is
+// cheapest, and more) short of full layouts.  Measured on the 2-core Intel Xeon (C = K = 4096,
+// feature_axis 1, the two paths in alternating processes, three rounds, fastest ms, in place ->
+// transposed), bs 16 under AVX-512: N = 1024 at 2% 4.1-4.2 -> 6.5-7.2, 5% 8.3-8.8 -> 10.2-11.1, 7%
+// 12.2-12.7 -> 13.5-14.2, 10% 16.2-16.9 -> 15.4-17.3, 15% 24.4-25.8 -> 23.2-23.9, 25% 37.1-38.1 ->
+// 31.6-35.2, 50% 80.4-82.3 -> 66.6-70.5 (input gradient at 50% 78.9-81.7 -> 64.5-68.1); N = 64 at
+// 5% 0.71-0.73 -> 0.78-0.85, 7% 1.08-1.20 -> 0.99-1.06, 10% 1.35-1.43 -> 1.19-1.24, 25% 2.38-2.56
+// -> 2.21-2.41 (input gradient 3.09-3.20 -> 2.31-2.36), 50% 5.06-5.60 -> 4.40-4.74; then (two
+// rounds) N = 64 at 6% 0.85-0.87 -> 0.90-0.92, input gradient at 10% 1.67-1.71 -> 1.19-1.23; N =
+// 256 at 50% 21.7-22.3 -> 19.6-20.1, but full layouts 43.4-45.6 -> 47.7-49.7 (N = 64: 10.5-11.6 ->
+// 10.8-10.9); N = 1024, input gradient at 25% 39.1-40.2 -> 33.7-34.5.  bs 8 under AVX2 (two
+// rounds): N = 1024 at 5% 17.2-18.4 -> 17.9-18.2, 10% 35.4-36.4 -> 30.9-32.2, 50% 176-182 ->
+// 151-153; N = 64 at 10% 2.58-2.59 -> 2.06-2.11, 50% 13.0-13.7 -> 10.0-11.8.  The same sums in the
+// same order (bitwise the same results).  Not measured where AVX-512 runs as halves (Zen 4), whose
+// one-vector tiles were found to keep up (see CoarsenFullLayouts).
 constexpr double kOneVectorBlocksTransposedDensity = 0.12;
 constexpr double kOneVectorBlocksTransposedDensityOneSlab = 0.07;
 
@@ -373,10 +377,8 @@ bool OneVectorBlocksTransposed(const BlockLayout& layout, int64_t N, int vector_
       layout.blocks == layout.CB * layout.KB) {
     return false;
   }
-  const double density = static_cast<double>(layout.blocks) /
-                          (static_cast<double>(layout.CB) * static_cast<double>(layout.KB));
-  return density >= (N <= kSlabColumns ? kOneVectorBlocksTransposedDensityOneSlab
-                                       : kOneVectorBlocksTransposedDensity);
+  return Density(layout) >= (N <= kSlabColumns ? kOneVectorBlocksTransposedDensityOneSlab
+                                               : kOneVectorBlocksTransposedDensity);
 }
 
 // Where x (C, N) lies for the feature_axis=0 product: slab s at data + s * C * row_stride.

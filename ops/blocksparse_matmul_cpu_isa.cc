@@ -1290,8 +1290,6 @@ constexpr int64_t (*kListInBoth)(const uint64_t*, const uint64_t*, int64_t, int3
 
 extern const ConvKernels kConvKernels = {kRowTile, GatheredTaps, SegmentOuterSum};
 
-#define BSMM_STRINGIFY2(s) #s
-#define BSMM_STRINGIFY(s) BSMM_STRINGIFY2(s)
 void NeuronColumns(const float* x, int64_t x_ns, int64_t x_cs, const float* w, float* y,
                    int64_t y_ns, int64_t y_ks, int64_t N, const LayoutView* layout,
                    int64_t k_begin, int64_t k_end) {
@@ -1322,6 +1320,8 @@ void NeuronGradW(const float* x, int64_t x_ns, int64_t x_cs, const float* dy, in
   }
 }
 
+#define BSMM_STRINGIFY2(s) #s
+#define BSMM_STRINGIFY(s) BSMM_STRINGIFY2(s)
 extern const CpuKernels kKernels = {BSMM_STRINGIFY(BSMM_ISA), Width<VecWide>(), kRowTile, ForwardAxis1, ForwardAxis0,
                                     GatheredRowsAccumulate,
                                     GradW, kRowPairsBlockSize, kMaxSharedRowTile,

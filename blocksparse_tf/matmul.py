@@ -178,7 +178,7 @@ class BlocksparseMatMul:
                                  f"got {gate.shape}")
             w = w * tf.reshape(tf.cast(gate, w.dtype), [-1, 1, 1])
         return blocksparse_matmul(x, w, self._layout_tensor(), self.block_size, self.C, self.K,
-                                  self.feature_axis)
+                                  self.feature_axis, constant_layout=True)
 
     def _layout_tensor(self):
         """The block coordinates as an int32 tensor: made once for eager calls (making it took
@@ -298,22 +298,30 @@ class BlocksparseMatMul:
                 f"blocks={self.blocks}, density={self.density:.3g}, feature_axis={self.feature_axis})")
 
 
-def blocksparse_matmul(x, w, layout, block_size, C, K, feature_axis=1, transpose_w=False):
+def blocksparse_matmul(x, w, layout, block_size, C, K, feature_axis=1, transpose_w=False,
+                       constant_layout=False):
     """Raw op: y = x . W for w (blocks, bs, bs) and int32 layout coordinates (blocks, 2).
 
-    With ``transpose_w``, y = x . W^T (x has K features, y has C), reading w as stored."""
+    With ``transpose_w``, y = x . W^T (x has K features, y has C), reading w as stored.
+    ``constant_layout`` promises that ``layout``'s memory is never written in place (true of
+    constants and of results of ops; not of TF1 reference variables): the kernel then knows a
+    layout it has seen by its address instead of comparing every coordinate on each call."""
     return ops().blocksparse_matmul(x, w, layout, block_size=block_size, C=C, K=K,
-                                    feature_axis=feature_axis, transpose_w=transpose_w)
+                                    feature_axis=feature_axis, transpose_w=transpose_w,
+                                    constant_layout=constant_layout)
 
 
-def blocksparse_matmul_grad_w(x, dy, layout, block_size, C, K, feature_axis=1):
+def blocksparse_matmul_grad_w(x, dy, layout, block_size, C, K, feature_axis=1,
+                              constant_layout=False):
     """Raw op: dw = x^T . dy at the stored blocks, shape (blocks, bs, bs)."""
     return ops().blocksparse_matmul_grad_w(x, dy, layout, block_size=block_size, C=C, K=K,
-                                           feature_axis=feature_axis)
+                                           feature_axis=feature_axis,
+                                           constant_layout=constant_layout)
 
 
 def _attrs(op):
-    return {name: op.get_attr(name) for name in ("block_size", "C", "K", "feature_axis")}
+    return {name: op.get_attr(name)
+            for name in ("block_size", "C", "K", "feature_axis", "constant_layout")}
 
 
 @tf.RegisterGradient("BlocksparseMatmul")

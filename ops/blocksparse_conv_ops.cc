@@ -267,10 +267,10 @@ class ConvOpBase : public OpKernel {
  protected:
   int64_t bs() const { return attrs_.block_size; }
 
-  // The layout input's tables (checked), built again only where it differs from the last
-  // call's (see LayoutCache).
+  // The layout input's tables (checked), built only for a layout none of the recent calls
+  // had (see LayoutCache).
   absl::Status CachedLayout(const Tensor& t, std::shared_ptr<const BlockLayout>* layout) {
-    return layouts_.Get(t, [&](BlockLayout* l) {
+    return layouts_.Get(t, /*constant=*/false, [&](BlockLayout* l) {
       return LayoutFromTensor(t, attrs_.C / bs(), attrs_.K / bs(), bs(), l);
     }, layout);
   }

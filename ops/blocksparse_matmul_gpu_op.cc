@@ -62,7 +62,7 @@ struct DeviceTables {
 };
 
 // Base of the GPU kernels: the layout's device tables, built on the host and copied to the
-// GPU only where the layout differs from the last call's (see LayoutCache).
+// GPU only for a layout none of the recent calls had (see LayoutCache).
 class BlocksparseGpuOpBase : public BlocksparseOpBase {
  public:
   using BlocksparseOpBase::BlocksparseOpBase;
@@ -70,7 +70,7 @@ class BlocksparseGpuOpBase : public BlocksparseOpBase {
  protected:
   absl::Status DeviceTablesOf(OpKernelContext* ctx, const Tensor& coords,
                               std::shared_ptr<const DeviceTables>* out) {
-    return device_tables_.Get(coords, [&](DeviceTables* tables) {
+    return device_tables_.Get(coords, constant_layout_, [&](DeviceTables* tables) {
       BlockLayout layout;
       TF_RETURN_IF_ERROR(BuildLayout(coords, &layout));  // validates the coordinates
       return UploadLayout(ctx, layout, &tables->storage, &tables->layout);

@@ -57,35 +57,64 @@ inline absl::Status LayoutFromTensor(const Tensor& t, int64_t CB, int64_t KB, in
 }
 
 // What a kernel derives from a layout input (its lookup tables; on the GPU their copy in device
-// memory), kept for the layout it saw last.  A layer passes the same layout on every call, and
-// building the tables (two counting sorts over the blocks, with their checks) can cost more
+// memory), kept for the last few layouts it saw.  A layer passes the same layout on every call,
+// and building the tables (two counting sorts over the blocks, with their checks) can cost more
 // than the product: a forward of 64 rows through a 100,000-neuron bs-1 layer with 4 inputs per
-// neuron spent about a quarter of its time there, one row more than half.  The key is the
-// layout's coordinates, compared in full on every call (one pass over them, no sorting).
-// Get() hands out shared ownership: a call that swaps in another layout meanwhile leaves the
-// value in use alive until its users let go (on the GPU, until their kernels are enqueued:
-// TensorFlow's GPU allocator orders the reuse of freed memory on the stream).
+// neuron spent about a quarter of its time there, one row more than half.  Several layouts:
+// in eager mode TensorFlow gives every call with the same attributes the same kernel, so the
+// layers of a model whose shapes agree share one, and with the last layout alone each call
+// rebuilt the tables of the layer before (two such 100,000-neuron layers took 7.6 ms a call
+// instead of 0.8).
+//
+// The key is the layout's coordinates, compared in full (one pass over them; another layout's
+// comparison ends at its first difference), unless the op was told its layout input is never
+// written in place (the constant_layout attribute, which the package's own classes set for the
+// constants they make): then the same memory seen again is the same layout.  The entry holds a
+// reference to that tensor's buffer, so the memory cannot be freed and given to another layout
+// meanwhile; the full comparison of a 100,000-neuron layer with 32 inputs per neuron (25 MiB of
+// coordinates) took 2-3 ms, longer than its one-row product.  Get() hands out shared ownership:
+// a call that evicts a layout meanwhile leaves the value in use alive until its users let go
+// (on the GPU, until their kernels are enqueued: TensorFlow's GPU allocator orders the reuse of
+// freed memory on the stream).
 template <typename Value>
 class LayoutCache {
  public:
+  // At most this many layouts, and beyond the newest one at most kMaxKeyBytes of coordinates
+  // (about five times that in tables: a few million blocks in all).
+  static constexpr size_t kMaxEntries = 16;
+  static constexpr size_t kMaxKeyBytes = size_t{16} << 20;
+
   // *out = the value for the layout `coords` (an int32 tensor), made by make(Value*) where
-  // it differs from the last one seen; make's errors are returned and nothing is kept.
+  // none is kept for it; make's errors are returned and nothing is kept.  With `constant`, the
+  // caller vouches that coords' memory is never written while the tensor lives.
   template <typename Make>
-  absl::Status Get(const Tensor& coords, const Make& make, std::shared_ptr<const Value>* out) {
+  absl::Status Get(const Tensor& coords, bool constant, const Make& make,
+                   std::shared_ptr<const Value>* out) {
     std::shared_ptr<const Entry> entry;
+    std::vector<std::shared_ptr<const Entry>> entries;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      entry = last_;
+      if (constant) entry = SameMemory(coords);
+      if (entry == nullptr) entries = entries_;
     }
-    if (entry == nullptr || !entry->Matches(coords)) {
+    for (const auto& e : entries) {  // most recently used first
+      if (e->Matches(coords)) {
+        entry = e;
+        break;
+      }
+    }
+    if (entry == nullptr) {
       auto fresh = std::make_shared<Entry>();
       TF_RETURN_IF_ERROR(make(&fresh->value));
       fresh->shape = coords.shape();
       const int32_t* begin = coords.flat<int32_t>().data();
       fresh->key.assign(begin, begin + coords.NumElements());
       entry = std::move(fresh);
+    }
+    {
       std::lock_guard<std::mutex> lock(mu_);
-      last_ = entry;
+      if (constant) entry->constant_memory = coords;
+      MoveToFront(entry);
     }
     const Value* value = &entry->value;
     *out = std::shared_ptr<const Value>(std::move(entry), value);
@@ -97,6 +126,9 @@ class LayoutCache {
     TensorShape shape;
     std::vector<int32_t> key;
     Value value;
+    // The last constant tensor seen with this layout (guarded by mu_): a reference that keeps
+    // its memory from being reused.
+    mutable Tensor constant_memory;
 
     bool Matches(const Tensor& coords) const {
       const int32_t* begin = coords.flat<int32_t>().data();
@@ -104,8 +136,34 @@ class LayoutCache {
     }
   };
 
+  // The entry whose constant tensor is `coords`' memory (same address and shape), if any.
+  std::shared_ptr<const Entry> SameMemory(const Tensor& coords) const {
+    const char* data = coords.tensor_data().data();
+    for (const auto& e : entries_) {
+      const Tensor& held = e->constant_memory;
+      if (held.IsInitialized() && held.tensor_data().data() == data &&
+          held.shape() == coords.shape()) {
+        return e;
+      }
+    }
+    return nullptr;
+  }
+
+  // Puts `entry` first (adding it if absent) and drops the least recently used past the bounds.
+  void MoveToFront(const std::shared_ptr<const Entry>& entry) {
+    auto it = std::find(entries_.begin(), entries_.end(), entry);
+    if (it != entries_.end()) entries_.erase(it);
+    entries_.insert(entries_.begin(), entry);
+    size_t key_bytes = 0, keep = 1;
+    for (; keep < entries_.size() && keep < kMaxEntries; ++keep) {
+      key_bytes += entries_[keep]->key.size() * sizeof(int32_t);
+      if (key_bytes > kMaxKeyBytes) break;
+    }
+    entries_.resize(keep);
+  }
+
   std::mutex mu_;
-  std::shared_ptr<const Entry> last_;
+  std::vector<std::shared_ptr<const Entry>> entries_;  // most recently used first
 };
 
 // Base of every block-sparse kernel: reads and checks the attributes, checks the layout
@@ -121,6 +179,9 @@ class BlocksparseOpBase : public OpKernel {
     if (ctx->HasAttr("transpose_w")) {
       OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_w", &transpose_w_));
     }
+    if (ctx->HasAttr("constant_layout")) {
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("constant_layout", &constant_layout_));
+    }
   }
 
  protected:
@@ -131,9 +192,10 @@ class BlocksparseOpBase : public OpKernel {
                             transpose_w_);
   }
 
-  // BuildLayout's tables, built again only where the layout differs from the last call's.
+  // BuildLayout's tables, built only for a layout none of the recent calls had.
   absl::Status CachedLayout(const Tensor& t, std::shared_ptr<const BlockLayout>* layout) {
-    return layouts_.Get(t, [&](BlockLayout* l) { return BuildLayout(t, l); }, layout);
+    return layouts_.Get(t, constant_layout_, [&](BlockLayout* l) { return BuildLayout(t, l); },
+                        layout);
   }
 
   // Number of feature vectors N in x, after checking its feature dimension equals `features`.
@@ -207,6 +269,7 @@ class BlocksparseOpBase : public OpKernel {
 
   int64_t block_size_, C_, K_, feature_axis_;
   bool transpose_w_ = false;  // BlocksparseMatmul's attribute (the other ops have none)
+  bool constant_layout_ = false;  // the matmul ops' attribute: see LayoutCache
 
  private:
   LayoutCache<BlockLayout> layouts_;

@@ -87,6 +87,7 @@ REGISTER_OP("BlocksparseMatmul")
     .Attr("K: int")
     .Attr("feature_axis: int = 1")
     .Attr("transpose_w: bool = false")
+    .Attr("constant_layout: bool = false")
     .SetShapeFn([](InferenceContext* c) {
       OpAttrs a;
       TF_RETURN_IF_ERROR(GetAttrs(c, &a));
@@ -104,6 +105,9 @@ Block-sparse product y = x . W, W of shape (C, K) stored as its nonzero (bs x bs
 feature_axis=1: x (..., C) -> y (..., K).  feature_axis=0: x (C, N) -> y (K, N).
 transpose_w: y = x . W^T instead (x (..., K) -> y (..., C)), reading w as stored: the input
 gradient dy . W^T with no transposed copy of w made beforehand.
+constant_layout: the caller promises that the layout tensor's memory is never written while
+the tensor lives (true of constants), so the kernel knows a layout it has seen by its address
+instead of comparing every coordinate on each call.
 )doc");
 
 REGISTER_OP("BlocksparseMatmulGradW")
@@ -116,6 +120,7 @@ REGISTER_OP("BlocksparseMatmulGradW")
     .Attr("C: int")
     .Attr("K: int")
     .Attr("feature_axis: int = 1")
+    .Attr("constant_layout: bool = false")
     .SetShapeFn([](InferenceContext* c) {
       OpAttrs a;
       TF_RETURN_IF_ERROR(GetAttrs(c, &a));
@@ -129,6 +134,7 @@ REGISTER_OP("BlocksparseMatmulGradW")
     })
     .Doc(R"doc(
 Weight gradient of BlocksparseMatmul for the stored blocks only: dw[b] = x[:, c]^T . dy[:, k].
+constant_layout: as BlocksparseMatmul's.
 )doc");
 
 namespace {

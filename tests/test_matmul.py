@@ -653,38 +653,80 @@ def test_kernel_validates_inputs_itself():
 
 
 @pytest.mark.parametrize("bs, N", [(1, 96), (1, 97), (8, 3), (32, 40)])
-def test_one_kernel_fed_different_layouts(bs, N):
-    """The kernels keep the tables of the last layout they saw.  One kernel (eager calls with the
-    same attributes; one graph with the layout as an argument) fed layouts of the same shape in
-    turn, a bad one between them, must use each call's own layout."""
+@pytest.mark.parametrize("constant_layout", [False, True])
+def test_one_kernel_fed_different_layouts(bs, N, constant_layout):
+    """The kernels keep the tables of the last 16 layouts they saw.  One kernel (eager calls with
+    the same attributes; one graph with the layout as an argument) fed layouts of the same shape
+    in turn (a few alternating, then more than it keeps, two of them alike but for their last
+    block; each layout's tensor used again, or a new copy of it), a bad one between them, must
+    use each call's own layout."""
     CB, KB = 6, 5
     C, K = CB * bs, KB * bs
     layouts = []
-    for _ in range(3):
+    for _ in range(18):
         layout = np.zeros((CB, KB), bool)
         layout.flat[RNG.permutation(CB * KB)[:9]] = True  # 9 blocks each: same coords shape
         layouts.append(layout)
+    layouts[0] = np.zeros((CB, KB), bool)
+    layouts[0].flat[RNG.permutation(CB * KB - 1)[:9]] = True  # the last cell empty
+    layouts[1] = layouts[0].copy()  # its last block moved to the last cell
+    layouts[1].flat[np.flatnonzero(layouts[0])[-1]] = False
+    layouts[1].flat[-1] = True
+    tensors = [tf.constant(np.argwhere(layout).astype(np.int32)) for layout in layouts]
+    flags = dict(constant_layout=constant_layout)
     graph = tf.function(lambda x, w, coords, dy: (
-        blocksparse_matmul(x, w, coords, bs, C, K),
-        blocksparse_matmul(dy, w, coords, bs, C, K, transpose_w=True),
-        blocksparse_matmul_grad_w(x, dy, coords, bs, C, K)))
+        blocksparse_matmul(x, w, coords, bs, C, K, **flags),
+        blocksparse_matmul(dy, w, coords, bs, C, K, transpose_w=True, **flags),
+        blocksparse_matmul_grad_w(x, dy, coords, bs, C, K, **flags)))
     eager = lambda *args: graph.python_function(*args)
     bad = tf.constant(np.repeat([[0, 0]], 9, axis=0).astype(np.int32))
-    for run in (eager, graph, eager, graph):
-        for layout in layouts:
-            coords = np.argwhere(layout).astype(np.int32)
-            x = RNG.standard_normal((N, C)).astype(np.float32)
-            dy = RNG.standard_normal((N, K)).astype(np.float32)
-            w = RNG.standard_normal((9, bs, bs)).astype(np.float32)
-            W = dense_reference(layout, bs, w.astype(np.float64))
-            y, dx, dw = run(x, w, tf.constant(coords), dy)
-            assert rel_err(y, x.astype(np.float64) @ W) < 1e-5
-            assert rel_err(dx, dy.astype(np.float64) @ W.T) < 1e-5
-            dW = x.astype(np.float64).T @ dy.astype(np.float64)
-            ref = np.stack([dW[c * bs:(c + 1) * bs, k * bs:(k + 1) * bs] for c, k in coords])
-            assert rel_err(dw, ref) < 1e-5
+    order = [0, 1, 2, 0, 1, 2, 1] + list(range(18)) + [0, 17, 3]
+    for i, (run, which) in enumerate((run, which) for run in (eager, graph) for which in order):
+        layout = layouts[which]
+        coords = np.argwhere(layout).astype(np.int32)
+        x = RNG.standard_normal((N, C)).astype(np.float32)
+        dy = RNG.standard_normal((N, K)).astype(np.float32)
+        w = RNG.standard_normal((9, bs, bs)).astype(np.float32)
+        W = dense_reference(layout, bs, w.astype(np.float64))
+        y, dx, dw = run(x, w, tf.constant(coords) if i % 3 == 2 else tensors[which], dy)
+        assert rel_err(y, x.astype(np.float64) @ W) < 1e-5
+        assert rel_err(dx, dy.astype(np.float64) @ W.T) < 1e-5
+        dW = x.astype(np.float64).T @ dy.astype(np.float64)
+        ref = np.stack([dW[c * bs:(c + 1) * bs, k * bs:(k + 1) * bs] for c, k in coords])
+        assert rel_err(dw, ref) < 1e-5
+        if i % 8 == 0:
             with pytest.raises(tf.errors.InvalidArgumentError, match="appears twice"):
                 run(x, w, bad, dy)
+
+
+def test_a_layout_rewritten_in_place_is_seen():
+    """Without constant_layout (the raw ops' default) the kernels compare the coordinates on
+    every call: a TF1 reference variable's memory is written in place by an assignment, so
+    the same memory then holds another layout."""
+    rng = np.random.default_rng(7)
+    first, second = np.array([[0, 0], [1, 1]], np.int32), np.array([[0, 1], [1, 0]], np.int32)
+    x_value = rng.standard_normal((3, 16)).astype(np.float32)
+    w_value = rng.standard_normal((2, 8, 8)).astype(np.float32)
+    with tf.Graph().as_default():
+        coords = tf.compat.v1.Variable(first, use_resource=False)
+        x, w = tf.constant(x_value), tf.constant(w_value)
+        y = blocksparse_matmul(x, w, coords, 8, 16, 16)
+        dx = blocksparse_matmul(x, w, coords, 8, 16, 16, transpose_w=True)
+        dw = blocksparse_matmul_grad_w(x, x, coords, 8, 16, 16)
+        rewrite = tf.compat.v1.assign(coords, second)
+        with tf.compat.v1.Session() as sess:
+            sess.run(coords.initializer)
+            for layout_coords in (first, second):
+                layout = np.zeros((2, 2), bool)
+                layout[tuple(layout_coords.T)] = True
+                W = dense_reference(layout, 8, w_value.astype(np.float64))
+                got = sess.run([y, dx, dw])
+                assert rel_err(got[0], x_value @ W) < 1e-5
+                assert rel_err(got[1], x_value @ W.T) < 1e-5
+                xx = x_value.astype(np.float64).T @ x_value
+                ref = np.stack([xx[c * 8:c * 8 + 8, k * 8:k * 8 + 8] for c, k in layout_coords])
+                assert rel_err(got[2], ref) < 1e-5
+                sess.run(rewrite)
 
 
 @pytest.mark.parametrize("bs", [1, 8, 16, 32])

@@ -277,7 +277,7 @@ def lstm_sequence(cell, zx, h0, c0, w, mask=None):
                   for shape in (h0.shape, c0.shape, zx.shape[1:])]
 
         def body(t, h, c, hs, cs, zs):
-            z = zx[t] + blocksparse_matmul(h, w, coords, bs, H, K)
+            z = zx[t] + blocksparse_matmul(h, w, coords, bs, H, K, constant_layout=True)
             h_new, c_new = cell.update(z, c, params)
             if mask is not None:  # masked steps carry the state unchanged
                 keep = mask[t][:, None]
@@ -308,7 +308,7 @@ def lstm_sequence(cell, zx, h0, c0, w, mask=None):
             dz, dc_prev, *dp = tape.gradient(
                 [h_new, c_new], [z, c_prev, *params], output_gradients=[dh_step, dc_step],
                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            dh_prev = blocksparse_matmul(dz, w_t, coords_t, bs, K, H)
+            dh_prev = blocksparse_matmul(dz, w_t, coords_t, bs, K, H, constant_layout=True)
             if mask is not None:
                 dh_prev = tf.where(keep, dh_prev, dh)
                 dc_prev = tf.where(keep, dc_prev, dc)
@@ -320,7 +320,7 @@ def lstm_sequence(cell, zx, h0, c0, w, mask=None):
         dzs = dzs.stack()
         h_prev = tf.concat([h0[None], hs[:-1]], axis=0)
         dw = blocksparse_matmul_grad_w(tf.reshape(h_prev, [-1, H]), tf.reshape(dzs, [-1, K]),
-                                       coords, bs, H, K)
+                                       coords, bs, H, K, constant_layout=True)
         # z_t = zx_t + h_{t-1} W, so dL/dzx_t is dz_t itself.
         return dzs, dh0, dc0, dw, d_params
 
@@ -347,7 +347,8 @@ def _plain_loop(cell, zx, h0, c0, w, params, mask, dims):
     hs = tf.TensorArray(zx.dtype, size=T, element_shape=h0.shape)
 
     def body(t, h, c, hs):
-        zh = blocksparse_matmul(h, w, coords, bs, H, K)  # registered gradient: dW per step
+        # The registered gradient: dW per step.
+        zh = blocksparse_matmul(h, w, coords, bs, H, K, constant_layout=True)
         h_new, c_new = cell.update(zx[t] + zh, c, params)
         if mask is not None:
             keep = mask[t][:, None]

@@ -125,7 +125,7 @@ class BlocksparseMatMul:
         self.w_shape = (self.blocks, self.block_size, self.block_size)
         self.density = self.blocks / float(self.CB * self.KB)
         self.sparsity = 1.0 - self.density
-        self._eager_coords = None
+        self._eager_coords = {}  # made once for eager calls: {transposed: int32 tensor}
 
     # ---- layout ------------------------------------------------------------------------
     @property
@@ -180,15 +180,18 @@ class BlocksparseMatMul:
         return blocksparse_matmul(x, w, self._layout_tensor(), self.block_size, self.C, self.K,
                                   self.feature_axis, constant_layout=True)
 
-    def _layout_tensor(self):
-        """The block coordinates as an int32 tensor: made once for eager calls (making it took
-        about 10 us per call, a tenth of the smallest products), afresh in each graph built."""
+    def _layout_tensor(self, transposed=False):
+        """The block coordinates as an int32 tensor ((k, c) pairs, W^T's layout, with
+        ``transposed``): made once for eager calls (making it took about 10 us per call, a
+        tenth of the smallest products; and the kernels keep a layout's tables while its tensor
+        lives), afresh in each graph built."""
+        coords = self._coords[:, ::-1] if transposed else self._coords
         if not tf.executing_eagerly():
-            return tf.constant(self._coords)
-        if self._eager_coords is None:
+            return tf.constant(coords)
+        if transposed not in self._eager_coords:
             with tf.device("CPU:0"):  # the kernels read the layout on the host
-                self._eager_coords = tf.constant(self._coords)
-        return self._eager_coords
+                self._eager_coords[transposed] = tf.constant(np.ascontiguousarray(coords))
+        return self._eager_coords[transposed]
 
     def _check_operands(self, x, w):
         if x.dtype not in FLOAT_DTYPES:

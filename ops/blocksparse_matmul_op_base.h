@@ -3,6 +3,7 @@
 #define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_OP_BASE_H_
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -56,33 +57,92 @@ inline absl::Status LayoutFromTensor(const Tensor& t, int64_t CB, int64_t KB, in
   return absl::OkStatus();
 }
 
+// Counters of LayoutCache's tables, read by the tests (blocksparse_tf_layout_tables_* in
+// blocksparse_matmul_ops.cc): how many were built, and how many are alive now.
+inline std::atomic<int64_t> g_layout_tables_built{0};
+inline std::atomic<int64_t> g_layout_tables_alive{0};
+
+// Every LayoutCache of the library, so that a kernel building tables can drop those that other
+// kernels keep for layouts no longer alive (see LayoutCache).  Lock order: the registry, then
+// one cache at a time.
+class LayoutCacheBase {
+ public:
+  virtual ~LayoutCacheBase() = default;
+
+ protected:
+  // Called by the derived class once it is whole, and before it comes apart: a sweep may run
+  // on another thread at any time.
+  void Register() {
+    std::lock_guard<std::mutex> lock(RegistryMutex());
+    Registry().push_back(this);
+  }
+  void Unregister() {
+    std::lock_guard<std::mutex> lock(RegistryMutex());
+    auto& all = Registry();
+    all.erase(std::find(all.begin(), all.end(), this));
+  }
+
+  virtual void DropDeadLayouts() = 0;
+
+  static void DropDeadLayoutsEverywhere() {
+    std::lock_guard<std::mutex> lock(RegistryMutex());
+    for (LayoutCacheBase* cache : Registry()) cache->DropDeadLayouts();
+  }
+
+ private:
+  // Never destroyed: kernels may outlive static destruction at exit.
+  static std::mutex& RegistryMutex() {
+    static auto* mu = new std::mutex;
+    return *mu;
+  }
+  static std::vector<LayoutCacheBase*>& Registry() {
+    static auto* caches = new std::vector<LayoutCacheBase*>;
+    return *caches;
+  }
+};
+
 // What a kernel derives from a layout input (its lookup tables; on the GPU their copy in device
-// memory), kept for the last few layouts it saw.  A layer passes the same layout on every call,
-// and building the tables (two counting sorts over the blocks, with their checks) can cost more
+// memory), kept for the layouts it has seen.  A layer passes the same layout on every call, and
+// building the tables (two counting sorts over the blocks, with their checks) can cost more
 // than the product: a forward of 64 rows through a 100,000-neuron bs-1 layer with 4 inputs per
-// neuron spent about a quarter of its time there, one row more than half.  Several layouts:
-// in eager mode TensorFlow gives every call with the same attributes the same kernel, so the
-// layers of a model whose shapes agree share one, and with the last layout alone each call
-// rebuilt the tables of the layer before (two such 100,000-neuron layers took 7.6 ms a call
-// instead of 0.8).
+// neuron spent about a quarter of its time there, one row more than half.  Several layouts: in
+// eager mode TensorFlow gives every call with the same attributes the same kernel, so the layers
+// of a model whose shapes agree share one, and with the last layout alone each call rebuilt the
+// tables of the layer before (two such 100,000-neuron layers took 8.4 ms a call instead of 0.7).
 //
-// The key is the layout's coordinates, compared in full (one pass over them; another layout's
+// A layout is found by its coordinates, compared in full (one pass over them; another layout's
 // comparison ends at its first difference), unless the op was told its layout input is never
 // written in place (the constant_layout attribute, which the package's own classes set for the
 // constants they make): then the same memory seen again is the same layout.  The entry holds a
-// reference to that tensor's buffer, so the memory cannot be freed and given to another layout
-// meanwhile; the full comparison of a 100,000-neuron layer with 32 inputs per neuron (25 MiB of
-// coordinates) took 2-3 ms, longer than its one-row product.  Get() hands out shared ownership:
-// a call that evicts a layout meanwhile leaves the value in use alive until its users let go
-// (on the GPU, until their kernels are enqueued: TensorFlow's GPU allocator orders the reuse of
-// freed memory on the stream).
+// reference to that tensor, so its memory cannot be freed and given to another layout meanwhile
+// (the full comparison of a 100,000-neuron layer with 32 inputs per neuron, 25 MiB of
+// coordinates, took 2-3 ms, longer than its one-row product).  That reference also tells when
+// the layout's owner (a layer's constant) is gone: only the cache holds the tensor then, and the
+// tables are dropped, here or by the next kernel of the library that builds tables (a deleted
+// layer's tables would otherwise stay as long as its kernel, which in eager mode is the process).
+// Layouts whose owner lives are kept up to kMaxHeldEntries (they are the model's own, a few int32
+// per block); others, the last kMaxEntries and kMaxKeyBytes of them.
+//
+// Get() hands out shared ownership: a call that drops a layout meanwhile leaves the value in use
+// alive until its users let go (on the GPU, until their kernels are enqueued: TensorFlow's GPU
+// allocator orders the reuse of freed memory on the stream).
 template <typename Value>
-class LayoutCache {
+class LayoutCache : public LayoutCacheBase {
  public:
-  // At most this many layouts, and beyond the newest one at most kMaxKeyBytes of coordinates
-  // (about five times that in tables: a few million blocks in all).
+  // Layouts not held alive by a constant: at most this many besides the newest one, and at
+  // most kMaxKeyBytes of their coordinates (about five times that in tables).
   static constexpr size_t kMaxEntries = 16;
   static constexpr size_t kMaxKeyBytes = size_t{16} << 20;
+  // Layouts held alive by a constant: a bound all the same, since TensorFlow itself keeps a
+  // reference to some tensors for a while (in eager mode, a few of twenty layers' freed layout
+  // constants still looked shared, at random).
+  static constexpr size_t kMaxHeldEntries = 64;
+  static constexpr size_t kMaxHeldKeyBytes = size_t{256} << 20;
+
+  LayoutCache() { Register(); }
+  ~LayoutCache() override { Unregister(); }
+  LayoutCache(const LayoutCache&) = delete;
+  LayoutCache& operator=(const LayoutCache&) = delete;
 
   // *out = the value for the layout `coords` (an int32 tensor), made by make(Value*) where
   // none is kept for it; make's errors are returned and nothing is kept.  With `constant`, the
@@ -103,19 +163,23 @@ class LayoutCache {
         break;
       }
     }
-    if (entry == nullptr) {
+    entries.clear();
+    const bool built = entry == nullptr;
+    if (built) {
       auto fresh = std::make_shared<Entry>();
       TF_RETURN_IF_ERROR(make(&fresh->value));
       fresh->shape = coords.shape();
       const int32_t* begin = coords.flat<int32_t>().data();
       fresh->key.assign(begin, begin + coords.NumElements());
       entry = std::move(fresh);
+      ++g_layout_tables_built;
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (constant) entry->constant_memory = coords;
+      if (constant) entry->held = coords;
       MoveToFront(entry);
     }
+    if (built) DropDeadLayoutsEverywhere();
     const Value* value = &entry->value;
     *out = std::shared_ptr<const Value>(std::move(entry), value);
     return absl::OkStatus();
@@ -123,43 +187,64 @@ class LayoutCache {
 
  private:
   struct Entry {
+    Entry() { ++g_layout_tables_alive; }
+    ~Entry() { --g_layout_tables_alive; }
     TensorShape shape;
     std::vector<int32_t> key;
     Value value;
     // The last constant tensor seen with this layout (guarded by mu_): a reference that keeps
-    // its memory from being reused.
-    mutable Tensor constant_memory;
+    // its memory from being reused, and the only one left once the layout's owner is gone.
+    mutable Tensor held;
 
     bool Matches(const Tensor& coords) const {
       const int32_t* begin = coords.flat<int32_t>().data();
       return coords.shape() == shape && std::equal(key.begin(), key.end(), begin);
     }
+    bool Held() const { return held.IsInitialized() && !held.RefCountIsOne(); }
+    bool Dead() const { return held.IsInitialized() && held.RefCountIsOne(); }
   };
 
   // The entry whose constant tensor is `coords`' memory (same address and shape), if any.
   std::shared_ptr<const Entry> SameMemory(const Tensor& coords) const {
     const char* data = coords.tensor_data().data();
     for (const auto& e : entries_) {
-      const Tensor& held = e->constant_memory;
-      if (held.IsInitialized() && held.tensor_data().data() == data &&
-          held.shape() == coords.shape()) {
+      if (e->held.IsInitialized() && e->held.tensor_data().data() == data &&
+          e->held.shape() == coords.shape()) {
         return e;
       }
     }
     return nullptr;
   }
 
-  // Puts `entry` first (adding it if absent) and drops the least recently used past the bounds.
+  // Puts `entry` first (adding it if absent) and drops dead layouts and, past the bounds, the
+  // least recently used of the others.
   void MoveToFront(const std::shared_ptr<const Entry>& entry) {
     auto it = std::find(entries_.begin(), entries_.end(), entry);
     if (it != entries_.end()) entries_.erase(it);
-    entries_.insert(entries_.begin(), entry);
-    size_t key_bytes = 0, keep = 1;
-    for (; keep < entries_.size() && keep < kMaxEntries; ++keep) {
-      key_bytes += entries_[keep]->key.size() * sizeof(int32_t);
-      if (key_bytes > kMaxKeyBytes) break;
+    std::vector<std::shared_ptr<const Entry>> kept{entry};
+    size_t free_count = 0, free_bytes = 0, held_count = 0, held_bytes = 0;
+    for (auto& e : entries_) {
+      if (e->Dead()) continue;
+      const size_t bytes = e->key.size() * sizeof(int32_t);
+      size_t& count = e->Held() ? held_count : free_count;
+      size_t& total = e->Held() ? held_bytes : free_bytes;
+      const size_t max_count = e->Held() ? kMaxHeldEntries : kMaxEntries;
+      const size_t max_bytes = e->Held() ? kMaxHeldKeyBytes : kMaxKeyBytes;
+      if (count + 1 > max_count || total + bytes > max_bytes) continue;
+      ++count;
+      total += bytes;
+      kept.push_back(std::move(e));
     }
-    entries_.resize(keep);
+    entries_ = std::move(kept);
+  }
+
+  void DropDeadLayouts() override {
+    std::vector<std::shared_ptr<const Entry>> dropped;  // freed after the lock is let go
+    std::lock_guard<std::mutex> lock(mu_);
+    auto dead = [](const std::shared_ptr<const Entry>& e) { return e->Dead(); };
+    for (auto& e : entries_)
+      if (dead(e)) dropped.push_back(e);
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), dead), entries_.end());
   }
 
   std::mutex mu_;

@@ -204,3 +204,12 @@ REGISTER_CPU(Eigen::bfloat16);
 
 }  // namespace
 }  // namespace blocksparse
+
+// For the tests (through ctypes): layout tables built so far, and alive now, by every kernel
+// of the library (LayoutCache).
+extern "C" int64_t blocksparse_tf_layout_tables_built() {
+  return blocksparse::g_layout_tables_built.load();
+}
+extern "C" int64_t blocksparse_tf_layout_tables_alive() {
+  return blocksparse::g_layout_tables_alive.load();
+}

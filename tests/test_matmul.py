@@ -1,6 +1,7 @@
 """BlocksparseMatMul against independent float64 numpy references."""
 
 import ctypes
+import gc
 import json
 
 import numpy as np
@@ -697,6 +698,44 @@ def test_one_kernel_fed_different_layouts(bs, N, constant_layout):
         if i % 8 == 0:
             with pytest.raises(tf.errors.InvalidArgumentError, match="appears twice"):
                 run(x, w, bad, dy)
+
+
+def _layout_tables(counter):
+    fn = getattr(loaded_library(), f"blocksparse_tf_layout_tables_{counter}")
+    fn.restype = ctypes.c_int64
+    return fn()
+
+
+def test_layers_of_one_shape_keep_their_tables_in_eager_mode():
+    """In eager mode every call with the same attributes runs one kernel: twenty layers of one
+    shape must each find their tables on a second pass (none built again), and the tables of
+    deleted layers must be dropped once a kernel builds tables again."""
+    rng = np.random.default_rng(11)
+
+    def layer(CB, KB):
+        layout = rng.random((CB, KB)) < 0.5
+        layout[0, 0] = True
+        return BlocksparseMatMul(layout, block_size=8)
+
+    layers = [layer(6, 5) for _ in range(20)]
+    x = tf.constant(rng.standard_normal((3, 48)).astype(np.float32))
+    ws = [rng.standard_normal(m.w_shape).astype(np.float32) for m in layers]
+    built = _layout_tables("built")
+    for m, w in zip(layers, ws):
+        m(x, w)
+    assert _layout_tables("built") - built == 20
+    alive = _layout_tables("alive")
+    built = _layout_tables("built")
+    for m, w in zip(layers, ws):
+        y = m(x, w).numpy()
+        assert rel_err(y, m.fprop_test(x.numpy(), w)) < 1e-5
+    assert _layout_tables("built") == built
+    del layers, m
+    gc.collect()
+    other = layer(7, 3)  # another shape: another kernel, whose tables are built
+    other(tf.ones((1, 56)), np.ones(other.w_shape, np.float32))
+    # TensorFlow keeps some freed tensors referenced for a while: most, not all, are dropped.
+    assert _layout_tables("alive") <= alive + 1 - 10
 
 
 def test_a_layout_rewritten_in_place_is_seen():

@@ -261,8 +261,8 @@ def lstm_sequence(cell, zx, h0, c0, w, mask=None):
     """
     bsmm = cell.recurrent_bsmm
     bs, H, K = bsmm.block_size, bsmm.C, bsmm.K
-    coords = tf.constant(bsmm.coords)
-    coords_t = tf.reverse(coords, axis=[1])
+    coords = bsmm._layout_tensor()
+    coords_t = bsmm._layout_tensor(transposed=True)
     params = cell.gate_params()
     mask = None if mask is None else tf.cast(mask, tf.bool)
 

@@ -130,7 +130,7 @@ template <typename Value>
 class LayoutCache : public LayoutCacheBase {
  public:
   // Layouts not held alive by a constant: at most this many besides the newest one, and at
-  // most kMaxKeyBytes of their coordinates (about five times that in tables).
+  // most kMaxKeyBytes of their coordinates (two and a half times that in tables).
   static constexpr size_t kMaxEntries = 16;
   static constexpr size_t kMaxKeyBytes = size_t{16} << 20;
   // Layouts held alive by a constant: a bound all the same, since TensorFlow itself keeps a

@@ -214,16 +214,16 @@ class _SparseVDMixin:
         return _report_row(self.name, mask.size, int(mask.sum()))
 
     def _kernels(self, training):
-        """(mean kernel, variance kernel or None) for this call."""
+        """(mean kernel, variance kernel or None, log_alpha) for this call."""
+        la = self.log_alpha()  # once per call, for the kernels and the KL term
         if training:
-            la = self.log_alpha()
-            return self.theta, ops.exp(la) * ops.square(self.theta)
-        mask = ops.cast(self.log_alpha() < self.threshold, self.theta.dtype)
-        return self.theta * mask, None
+            return self.theta, ops.exp(la) * ops.square(self.theta), la
+        mask = ops.cast(la < self.threshold, self.theta.dtype)
+        return self.theta * mask, None, la
 
-    def _finish(self, mean, var):
+    def _finish(self, mean, var, log_alpha):
         """Adds the KL loss, samples (when var is given), adds bias and activation."""
-        self.add_loss(self.kl_weight * self.kl())
+        self.add_loss(self.kl_weight * ops.sum(kl_approx(log_alpha)))  # self.kl()'s value
         y = mean
         if var is not None:
             noise = keras.random.normal(ops.shape(mean), seed=self.seed_generator)
@@ -289,10 +289,10 @@ class SparseVDDense(_SparseVDMixin, keras.layers.Layer):
 
     def call(self, inputs, training=None):
         x = ops.cast(inputs, self.compute_dtype)
-        w_mean, w_var = self._kernels(bool(training))
+        w_mean, w_var, log_alpha = self._kernels(bool(training))
         mean = ops.matmul(x, w_mean)
         var = None if w_var is None else ops.matmul(ops.square(x), w_var)
-        return self._finish(mean, var)
+        return self._finish(mean, var, log_alpha)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
@@ -352,10 +352,10 @@ class SparseVDConv2D(_SparseVDMixin, keras.layers.Layer):
 
     def call(self, inputs, training=None):
         x = ops.cast(inputs, self.compute_dtype)
-        w_mean, w_var = self._kernels(bool(training))
+        w_mean, w_var, log_alpha = self._kernels(bool(training))
         mean = self._conv(x, w_mean)
         var = None if w_var is None else self._conv(ops.square(x), w_var)
-        return self._finish(mean, var)
+        return self._finish(mean, var, log_alpha)
 
     def compute_output_shape(self, input_shape):
         dims = []

@@ -263,7 +263,7 @@ class BlockSparseConv2D(keras.layers.Layer):
             # tf.pad applies them, the op pads nothing more.
             x, pads = self._pad(x, pads), [(0, 0), (0, 0)]
         return conv_ops.blocksparse_conv2d(
-            x, kernel, tf.constant(self.bsmm.coords, tf.int32), self.block_size, self.bsmm.C,
+            x, kernel, self.bsmm._layout_tensor(), self.block_size, self.bsmm.C,
             self.bsmm.K, strides=self.strides, dilations=self.dilation_rate,
             padding=[*pads[0], *pads[1]])
 

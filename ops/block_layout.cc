@@ -76,6 +76,16 @@ std::string BuildTables(const int32_t* coords, int64_t blocks, int64_t CB, int64
   for (int64_t q = 0; q < blocks; ++q) {
     layout->row_block[row_fill[layout->col_row[q]]++] = layout->col_block[q];
   }
+  bool flat_columns = block_size == 1 && blocks <= kFlatColumnEntries * KB;
+  for (int64_t q = 0; q < blocks && flat_columns; ++q) flat_columns = layout->col_block[q] == q;
+  if (flat_columns) {
+    layout->col_of_entry.resize(blocks + 1);
+    for (int64_t k = 0; k < KB; ++k) {
+      std::fill(layout->col_of_entry.begin() + layout->col_ptr[k],
+                layout->col_of_entry.begin() + layout->col_ptr[k + 1], static_cast<int32_t>(k));
+    }
+    layout->col_of_entry[blocks] = -1;
+  }
   return "";
 }
 

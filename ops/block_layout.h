@@ -32,7 +32,15 @@ struct BlockLayout {
   std::vector<int32_t> col_row, col_block;       // blocks entries, grouped by column
   std::vector<int32_t> row_ptr;                  // CB + 1 offsets
   std::vector<int32_t> row_block;                // blocks entries, grouped by row
+  // The column of each column-major entry, then -1 (blocks + 1 entries), so that a loop over
+  // the entries knows where each column ends without a branch.  Kept only where the one-row
+  // product runs that loop (see NeuronColumnsFlat in blocksparse_matmul_cpu.cc): bs 1, columns
+  // of at most kFlatColumnEntries entries on average, and the blocks stored column after column
+  // (col_block[q] == q: W^T's layout when W's blocks are stored row after row); else empty.
+  std::vector<int32_t> col_of_entry;
 };
+
+constexpr int64_t kFlatColumnEntries = 8;
 
 // Builds the tables from `blocks` (c, k) pairs stored row after row in `coords`.
 // Returns "" on success, otherwise a message naming the offending entry (coordinate out

@@ -19,6 +19,7 @@ struct LayoutView {
   const int32_t* col_ptr;
   const int32_t* col_row;
   const int32_t* col_block;
+  const int32_t* col_of_entry;  // bs 1 only (BlockLayout's)
 };
 
 // Entries list_in_both may write past the examples it lists.
@@ -133,6 +134,12 @@ struct CpuKernels {
   void (*neuron_columns)(const float* x, int64_t x_ns, int64_t x_cs, const float* w, float* y,
                          int64_t y_ns, int64_t y_ks, int64_t N, const LayoutView* layout,
                          int64_t k_begin, int64_t k_end);
+  // The same sums for one row (N = 1), in one flat loop over the entries with no branch at
+  // the columns' ends (layout->col_of_entry needed): a column of a few entries made the
+  // per-column loops mispredict their exits.
+  void (*neuron_columns_one_row)(const float* x, int64_t x_cs, const float* w, float* y,
+                                 int64_t y_ks, const LayoutView* layout, int64_t k_begin,
+                                 int64_t k_end);
   // Likewise for the weight gradient: dw[b] = the sum over n < N, in increasing n, of
   // x(n, block_row[b]) dy(n, block_col[b]), for b in [b_begin, b_end) (grad_w's sums for
   // bs 1 when N < vector_width).

@@ -76,6 +76,9 @@ std::string BuildTables(const int32_t* coords, int64_t blocks, int64_t CB, int64
   for (int64_t q = 0; q < blocks; ++q) {
     layout->row_block[row_fill[layout->col_row[q]]++] = layout->col_block[q];
   }
+  layout->rows_in_block_order = true;
+  for (int64_t q = 0; q < blocks && layout->rows_in_block_order; ++q)
+    layout->rows_in_block_order = layout->row_block[q] == q;
   bool flat_columns = block_size == 1 && blocks <= kFlatColumnEntries * KB;
   for (int64_t q = 0; q < blocks && flat_columns; ++q) flat_columns = layout->col_block[q] == q;
   if (flat_columns) {

@@ -38,6 +38,9 @@ struct BlockLayout {
   // of at most kFlatColumnEntries entries on average, and the blocks stored column after column
   // (col_block[q] == q: W^T's layout when W's blocks are stored row after row); else empty.
   std::vector<int32_t> col_of_entry;
+  // Whether row_block[q] == q for every entry: the blocks stored row after row (as
+  // BlocksparseMatMul stores them), so that block order is row-major order.
+  bool rows_in_block_order = false;
 };
 
 constexpr int64_t kFlatColumnEntries = 8;

@@ -1345,6 +1345,16 @@ void NeuronColumnsOneRow(const float* x, int64_t x_cs, const float* w, float* y,
   }
 }
 
+void NeuronRowsOneRow(const float* x, int64_t x_cs, const float* w, float* y, int64_t y_ks,
+                      const LayoutView* layout) {
+  const LayoutView& l = *layout;
+  for (int64_t k = 0; k < l.KB; ++k) y[k * y_ks] = 0.0f;
+  for (int64_t b = 0; b < l.blocks; ++b) {
+    float* const out = y + l.block_col[b] * y_ks;
+    *out = MulAdd(w[b], x[l.block_row[b] * x_cs], *out);
+  }
+}
+
 void NeuronGradW(const float* x, int64_t x_ns, int64_t x_cs, const float* dy, int64_t dy_ns,
                  int64_t dy_ks, int64_t N, const LayoutView* layout, int64_t b_begin,
                  int64_t b_end, float* dw) {
@@ -1367,7 +1377,7 @@ extern const CpuKernels kKernels = {BSMM_STRINGIFY(BSMM_ISA), Width<VecWide>(), 
                                     ExactRowsAccumulate, PackBlock,
                                     GatherRows, PanelGradW, FullRowsForward, kListInBoth,
                                     TransposeRect, NeuronColumns, NeuronColumnsOneRow,
-                                    NeuronGradW};
+                                    NeuronRowsOneRow, NeuronGradW};
 
 }  // namespace BSMM_ISA
 }  // namespace blocksparse

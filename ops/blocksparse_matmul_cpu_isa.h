@@ -140,6 +140,12 @@ struct CpuKernels {
   void (*neuron_columns_one_row)(const float* x, int64_t x_cs, const float* w, float* y,
                                  int64_t y_ks, const LayoutView* layout, int64_t k_begin,
                                  int64_t k_end);
+  // The same sums for one row by a single pass over the blocks in their order, each adding
+  // w[b] x(0, block_row[b]) into y(0, block_col[b]); for layouts stored row after row, whose
+  // block order then adds every output's terms in increasing c, as neuron_columns does (w and
+  // x read in order, y at random, where neuron_columns reads w at random).
+  void (*neuron_rows_one_row)(const float* x, int64_t x_cs, const float* w, float* y,
+                              int64_t y_ks, const LayoutView* layout);
   // Likewise for the weight gradient: dw[b] = the sum over n < N, in increasing n, of
   // x(n, block_row[b]) dy(n, block_col[b]), for b in [b_begin, b_end) (grad_w's sums for
   // bs 1 when N < vector_width).

@@ -38,14 +38,15 @@ def expand_mask(mask, block_size):
     """Repeats each mask entry over its block: (n, blocks) -> (n, blocks * block_size)."""
     # A broadcast and a reshape (three ops) rather than tf.repeat, whose many small ops took
     # about 0.5 ms per eager call, more than a small layer's product.
-    shape = _static_or_dynamic_shape(mask)
-    expanded = tf.broadcast_to(mask[:, :, None], [shape[0], shape[1], block_size])
-    return tf.reshape(expanded, [shape[0], shape[1] * block_size])
+    rows, blocks = _matrix_dims(mask)
+    expanded = tf.broadcast_to(mask[:, :, None], [rows, blocks, block_size])
+    return tf.reshape(expanded, [rows, blocks * block_size])
 
 
-def _static_or_dynamic_shape(t):
-    """t's shape as Python ints where known, else scalar tensors (few ops when eager)."""
-    static = t.shape.as_list()
+def _matrix_dims(t):
+    """The two dimensions of matrix t: Python ints where known (no ops when eager), else scalar
+    tensors (also where the rank is unknown until run time)."""
+    static = [_static_dim(t, i) for i in (0, 1)]
     if None not in static:
         return static
     dynamic = tf.shape(t)
@@ -100,7 +101,7 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
         if in_m is None and out_m is None:  # nothing to skip: the dense product is best
             y = tf.matmul(x, w, transpose_b=transpose_w)
             return y if bias is None else y + _check_bias(bias, x.dtype, p)
-        x_shape, w_shape = _static_or_dynamic_shape(x), _static_or_dynamic_shape(w)
+        x_shape, w_shape = _matrix_dims(x), _matrix_dims(w)
         if in_m is None:
             in_m = tf.ones([x_shape[0], x_shape[1] // block_size], tf.float32)
         if out_m is None:

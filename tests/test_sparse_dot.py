@@ -53,6 +53,24 @@ def test_forward_and_gradients(bs, masks, n):
         assert np.all(y.numpy()[out_e == 0] == 0)
 
 
+@pytest.mark.parametrize("which", ["in", "out"])
+def test_shapes_known_only_when_run(which):
+    """In a graph whose x and mask shapes (even their ranks) are unknown until run time, the
+    absent mask, the output mask's expansion and the bias still follow the inputs."""
+    bs, n, m, p = 8, 5, 24, 16
+    x = RNG.standard_normal((n, m)).astype(np.float32)
+    w = RNG.standard_normal((m, p)).astype(np.float32)
+    bias = RNG.standard_normal(p).astype(np.float32)
+    mask = (RNG.random((n, (m if which == "in" else p) // bs)) < 0.5).astype(np.float32)
+    unknown = tf.TensorSpec(None, tf.float32)
+    f = tf.function(lambda x, mask: sparse_dot(x, w, bias=bias, block_size=bs,
+                                               **{which + "_mask": mask}),
+                    input_signature=[tf.TensorSpec((None, m), tf.float32), unknown])
+    ref, _, _ = reference(x, w, mask if which == "in" else None,
+                          mask if which == "out" else None, bias, bs)
+    assert rel_err(f(x, mask), ref) < 1e-5
+
+
 def test_inactive_inputs_are_never_read():
     bs, n = 8, 6
     x = RNG.standard_normal((n, 4 * bs)).astype(np.float32)

@@ -56,6 +56,30 @@ def test_first_layer_input_not_a_multiple_of_block_size():
                    lambda z: np.maximum(z, 0))
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
     assert layer.kernel.shape == (13, 16)
+    # Gradients, the padded inputs' rows of the kernel included: against the float64
+    # reference's, for a loss weighting every output differently.
+    x_t = tf.constant(x)
+    weights = RNG.standard_normal(ref.shape)
+    with tf.GradientTape() as tape:
+        tape.watch(x_t)
+        loss = tf.reduce_sum(layer(x_t, out_mask=out_mask)[0] * weights)
+    dx, dk, db = tape.gradient(loss, [x_t, layer.kernel, layer.bias])
+    w64, b64 = layer.kernel.numpy().astype(np.float64), layer.bias.numpy().astype(np.float64)
+    dz = weights * (x @ w64 + b64 > 0) * np.repeat(out_mask, bs, axis=1)
+    np.testing.assert_allclose(dx.numpy(), dz @ w64.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dk.numpy(), x.astype(np.float64).T @ dz, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(db.numpy(), dz.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_first_layer_fewer_inputs_than_a_block():
+    bs, n = 8, 4
+    layer = CondDense(16, block_size=bs, bias_initializer="random_normal")
+    x = RNG.standard_normal((n, 5)).astype(np.float32)
+    out_mask = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], np.float32)
+    y, _ = layer(x, out_mask=out_mask)
+    ref = np_layer(x, layer.kernel.numpy(), layer.bias.numpy(), None, out_mask, bs,
+                   lambda z: np.maximum(z, 0))
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_policy_probabilities_and_inference_modes():

@@ -81,9 +81,26 @@ def machine_description():
             f"{platform.machine()}, TensorFlow {tf.__version__}")
 
 
+HISTORY_FILE = "benchmark_history.md"
+
+
+def markdown_anchor(title):
+    """The anchor GitHub gives a heading: lower case, spaces as hyphens, other punctuation
+    (but hyphens and underscores) dropped."""
+    kept = "".join(ch for ch in title.lower() if ch.isalnum() or ch in " -_")
+    return kept.replace(" ", "-")
+
+
+def history_link(title):
+    """The line that ends each section: where its earlier tables and the measurements behind
+    each change are kept (a hand-written file the scripts never touch)."""
+    return (f"Earlier tables and the before/after measurements of each change: "
+            f"[{HISTORY_FILE}]({HISTORY_FILE}#{markdown_anchor(title)})")
+
+
 def write_section(path, title, body):
-    """Puts `## title` + body into the Markdown file at path, replacing that section if present
-    and keeping every other section."""
+    """Puts `## title` + body (+ the history link) into the Markdown file at path, replacing
+    that section if present and keeping every other section."""
     sections = {}
     order = []
     if os.path.exists(path):
@@ -94,7 +111,7 @@ def write_section(path, title, body):
             order.append(name)
     if title not in sections:
         order.append(title)
-    sections[title] = f"## {title}\n\n{body.strip()}\n"
+    sections[title] = f"## {title}\n\n{body.strip()}\n\n{history_link(title)}\n"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write(HEADER + "\n".join(sections[name] for name in order))

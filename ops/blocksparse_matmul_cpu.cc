@@ -76,7 +76,7 @@ constexpr int64_t kWeightBytesPerRange = 512 * 1024;
 // gradient and x^T of up to 96 rows in place: N = 64 at 1% 0.43-0.50 / 0.44-0.47, 2% 0.64-0.65
 // / 0.52-0.54, 3% 0.78-0.80 / 0.63-0.68; N = 1024 at 1% 3.9 / 5.0-5.3, 1.5% 4.6-4.7 / 5.6-5.8,
 // 2% 6.2-6.3 / 6.0-6.3, 3% 8.8-9.0 / 7.0-7.3.  (Before that the crossover lay between 3.5%
-// and 7%; see the notes under the CPU table of docs/benchmarks.md.)
+// and 7%; see docs/benchmark_history.md, section "CPU: BlocksparseMatMul".)
 constexpr double kNarrowBlocksInPlaceDensity = 0.02;
 // Processors that execute 512-bit vector instructions as two 256-bit halves (AMD Zen 4) do as
 // much arithmetic per cycle on half-width vectors, so there the in-place product wins up to

@@ -25,6 +25,10 @@ def test_benchmarks_write_their_sections(tmp_path):
     assert report.count("| 8 | 32 | ") == 2 and (tmp_path / "benchmark_cpu_speedup.png").exists()
     assert ("- Command: `python benchmarks/bench_matmul.py --hidden 256 --batches 8 --block-sizes 32 "
             "--densities 0.5 1.0 --repeats 1`") in report
+    # Each section ends by pointing at its history, which the scripts never write.
+    assert ("[benchmark_history.md](benchmark_history.md#cpu-blocksparsematmul-against-dense-tfmatmul)"
+            in report)
+    assert report.count("[benchmark_history.md](") == 2
 
 
 def test_neuron_level_benchmark_agrees_with_tf_sparse(tmp_path):

@@ -6,7 +6,8 @@ models" (arXiv 1511.06297)::
     O = (dot(x * expand(in_mask), w) + bias) * expand(out_mask)
 
 For an (n, m) matrix a mask has shape (n, m / block_size) and ``expand`` repeats each entry over
-its block of features.  The kernel skips every (example, input block, output block) triple with
+its block of features.  An entry is active where it is nonzero (or True): masks are 0/1, and any
+other value counts as 1, not as a scale.  The kernel skips every (example, input block, output block) triple with
 an inactive mask entry, so the cost follows the active fractions.
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from blocksparse_tf._ops import ops
-from blocksparse_tf.matmul import BLOCK_SIZES, FLOAT_DTYPES
+from blocksparse_tf.matmul import FLOAT_DTYPES, check_block_size
 
 
 def _static_dim(t, i):
@@ -31,7 +32,8 @@ def _check_mask(mask, name, rows, features, block_size):
             mask.shape.rank != 2 or not mask.shape.is_compatible_with(expected)):
         raise ValueError(f"{name} must have shape (n, {'m' if name == 'in_mask' else 'p'} / block_size)"
                          f" = {expected}; got {mask.shape}")
-    return tf.cast(tf.not_equal(mask, 0), tf.float32)
+    active = mask if mask.dtype == tf.bool else tf.not_equal(mask, 0)
+    return tf.cast(active, tf.float32)
 
 
 def expand_mask(mask, block_size):
@@ -85,10 +87,9 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
             raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype.name}")
         if w.dtype != x.dtype:
             raise ValueError(f"w dtype {w.dtype.name} does not match x dtype {x.dtype.name}")
-        if x.shape.rank != 2 or w.shape.rank != 2:
+        if x.shape.rank not in (None, 2) or w.shape.rank not in (None, 2):  # else checked when run
             raise ValueError(f"x (n, m) and w {w_dims} must be matrices; got x {x.shape}, w {w.shape}")
-        if block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
+        check_block_size(block_size)
         m_axis = 1 if transpose_w else 0  # w's axis of length m
         n, m, p = _static_dim(x, 0), _static_dim(x, 1), _static_dim(w, 1 - m_axis)
         if m is not None and _static_dim(w, m_axis) not in (None, m):

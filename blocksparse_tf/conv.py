@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from blocksparse_tf._ops import ops
-from blocksparse_tf.matmul import BLOCK_SIZES, FLOAT_DTYPES
+from blocksparse_tf.matmul import FLOAT_DTYPES, check_block_size, coords_tensor, int32_tensor
 
 
 def conv_padding(size, kernel, stride, dilation, padding):
@@ -51,8 +51,7 @@ def _int_list(values, length, least, what):
 
 
 def _check_attrs(block_size, C, K, strides, dilations, padding):
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
+    check_block_size(block_size)
     for name, value in (("C", C), ("K", K)):
         if not isinstance(value, (int, np.integer)) or value < 1 or value % block_size:
             raise ValueError(f"{name} must be a positive multiple of block_size={block_size}; "
@@ -72,7 +71,7 @@ def _check_image(t, name, channels):
 
 
 def _check_layout(layout):
-    layout = tf.convert_to_tensor(layout, tf.int32)
+    layout = coords_tensor(layout)
     if layout.shape.rank is not None and (layout.shape.rank != 2 or layout.shape[1] not in (None, 2)):
         raise ValueError(f"layout must have shape (blocks, 2); got {layout.shape}")
     return layout
@@ -107,8 +106,8 @@ def blocksparse_conv2d_grad_input(input_sizes, w, dy, layout, block_size, C, K, 
     layout = _check_layout(layout)
     _check_image(dy, "dy", attrs["K"])
     _check_kernel(w, dy, layout, attrs["block_size"])
-    return ops().blocksparse_conv2d_grad_input(tf.cast(input_sizes, tf.int32), w, dy, layout,
-                                               **attrs)
+    return ops().blocksparse_conv2d_grad_input(int32_tensor(input_sizes, "input_sizes"), w, dy,
+                                               layout, **attrs)
 
 
 def _check_kernel_size(kernel_size):
@@ -116,7 +115,7 @@ def _check_kernel_size(kernel_size):
     if tf.is_tensor(kernel_size):
         if not kernel_size.dtype.is_integer or not kernel_size.shape.is_compatible_with([2]):
             raise ValueError(f"kernel_size must be a vector of 2 integers; got {kernel_size!r}")
-        return tf.cast(kernel_size, tf.int32)
+        return int32_tensor(kernel_size, "kernel_size")
     return tf.constant(_int_list(kernel_size, 2, 1, "kernel_size"), tf.int32)
 
 

@@ -30,7 +30,7 @@ import tensorflow as tf
 from blocksparse_tf import layouts
 from blocksparse_tf.layers.dense import BlockSparseDense
 from blocksparse_tf.layers.sparse_vd import SparseVDConv2D, SparseVDDense
-from blocksparse_tf.matmul import BLOCK_SIZES
+from blocksparse_tf.matmul import check_block_size
 
 #: Activations that mix units, so cannot be applied to zero-padded outputs.
 _NON_ELEMENTWISE = ("softmax", "log_softmax")
@@ -169,8 +169,7 @@ def to_block_sparse(layer_or_weights, block_size, density=None, *, bias=None, ac
         surviving weight is kept), ``stored_weights`` (blocks * bs^2) and, with ``inputs``,
         ``max_abs_diff``, ``rel_error``, ``dense_ms``, ``sparse_ms`` and ``speedup``.
     """
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
+    check_block_size(block_size)
     _check_density(density)
     if norm not in ("l2", "max"):
         raise ValueError(f"norm must be 'l2' or 'max'; got {norm!r}")
@@ -251,8 +250,7 @@ def convert_model(model, block_size, density=None, *, norm="l2", pad=True, x=Non
         ``dense_ms``, ``sparse_ms``, ``speedup``; with ``y``: ``error_before``,
         ``error_after``, ``error_change``.
     """
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
+    check_block_size(block_size)
     _check_density(density)
     _check_model(model)
     reports = []

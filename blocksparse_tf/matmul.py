@@ -21,6 +21,49 @@ BLOCK_SIZES = (1, 8, 16, 32, 64)
 FLOAT_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
 
 
+INT32_MAX = 2**31 - 1
+
+
+def check_block_size(block_size):
+    """block_size as an int; ValueError unless it is one of BLOCK_SIZES (a bool is not 1)."""
+    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
+    return int(block_size)
+
+
+def int32_tensor(values, what):
+    """Integer `values` (an array, a list or an integer tensor) as an int32 tensor.
+
+    A float, or an integer past int32's range, would otherwise be truncated or wrap around
+    without a word (a block coordinate to another block, a size to a smaller one): arrays and
+    lists must hold integers in range, and tensors have an integer dtype, range-checked when
+    run unless already int32 (which pass through as they are)."""
+    if tf.is_tensor(values) or isinstance(values, tf.Variable):
+        dtype = values.dtype.base_dtype
+        if not dtype.is_integer:
+            raise ValueError(f"{what} must be integers; got dtype {dtype.name}")
+        if dtype == tf.int32:
+            return values
+        in_range = tf.logical_and(tf.reduce_all(values >= -INT32_MAX - 1),
+                                  tf.reduce_all(values <= INT32_MAX))
+        with tf.control_dependencies([tf.debugging.Assert(in_range,
+                                                          [f"{what} must fit in int32"])]):
+            return tf.cast(values, tf.int32)
+    array = np.asarray(values)
+    if array.size and not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
+        raise ValueError(f"{what} must be integers; got dtype {array.dtype}")
+    if array.size and (array.min() < -INT32_MAX - 1 or array.max() > INT32_MAX):
+        raise ValueError(f"{what} must fit in int32; got values from {array.min()} to "
+                         f"{array.max()}")
+    return tf.constant(array.astype(np.int32))
+
+
+def coords_tensor(coords):
+    """The raw ops' layout input, (blocks, 2) block coordinates, as an int32 tensor (see
+    int32_tensor; the kernels know a constant int32 layout by its tensor, passed through)."""
+    return int32_tensor(coords, "layout coordinates")
+
+
 def _check_binary(values):
     """Raises unless every value is 0 or 1."""
     bad = values[(values != 0) & (values != 1)]
@@ -36,6 +79,10 @@ def _coords_of_pairs(coords, shape):
         raise ValueError(f"block coordinates must have shape (blocks, 2); got {coords.shape}")
     if not np.issubdtype(coords.dtype, np.integer):
         raise ValueError(f"block coordinates must be integers; got dtype {coords.dtype}")
+    shape = tuple(shape)
+    if len(shape) != 2 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+                                  and s <= INT32_MAX for s in shape):
+        raise ValueError(f"layout shape must be two integers of at most {INT32_MAX}; got {shape}")
     return coords, tuple(int(s) for s in shape)
 
 
@@ -111,9 +158,8 @@ class BlocksparseMatMul:
     """
 
     def __init__(self, layout, block_size=32, feature_axis=1, name=None):
-        if block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
-        if feature_axis not in (0, 1):
+        check_block_size(block_size)
+        if isinstance(feature_axis, bool) or feature_axis not in (0, 1):
             raise ValueError(f"feature_axis must be 0 or 1; got {feature_axis!r}")
         self._coords, (self.CB, self.KB) = _layout_coords(layout)
         self.block_size = int(block_size)
@@ -173,9 +219,11 @@ class BlocksparseMatMul:
         self._check_operands(x, w)
         if gate is not None:
             gate = tf.convert_to_tensor(gate)
-            if gate.shape.rank is not None and gate.shape.as_list() != [self.blocks]:
+            if not gate.shape.is_compatible_with([self.blocks]):
                 raise ValueError(f"gate must have shape ({self.blocks},), one value per block; "
                                  f"got {gate.shape}")
+            if not gate.shape.is_fully_defined():  # known only when run: checked then
+                gate = tf.ensure_shape(gate, [self.blocks])
             w = w * tf.reshape(tf.cast(gate, w.dtype), [-1, 1, 1])
         return blocksparse_matmul(x, w, self._layout_tensor(), self.block_size, self.C, self.K,
                                   self.feature_axis, constant_layout=True)
@@ -309,15 +357,16 @@ def blocksparse_matmul(x, w, layout, block_size, C, K, feature_axis=1, transpose
     ``constant_layout`` promises that ``layout``'s memory is never written in place (true of
     constants and of results of ops; not of TF1 reference variables): the kernel then knows a
     layout it has seen by its address instead of comparing every coordinate on each call."""
-    return ops().blocksparse_matmul(x, w, layout, block_size=block_size, C=C, K=K,
-                                    feature_axis=feature_axis, transpose_w=transpose_w,
+    return ops().blocksparse_matmul(x, w, coords_tensor(layout), block_size=block_size, C=C,
+                                    K=K, feature_axis=feature_axis, transpose_w=transpose_w,
                                     constant_layout=constant_layout)
 
 
 def blocksparse_matmul_grad_w(x, dy, layout, block_size, C, K, feature_axis=1,
                               constant_layout=False):
     """Raw op: dw = x^T . dy at the stored blocks, shape (blocks, bs, bs)."""
-    return ops().blocksparse_matmul_grad_w(x, dy, layout, block_size=block_size, C=C, K=K,
+    return ops().blocksparse_matmul_grad_w(x, dy, coords_tensor(layout), block_size=block_size,
+                                           C=C, K=K,
                                            feature_axis=feature_axis,
                                            constant_layout=constant_layout)
 

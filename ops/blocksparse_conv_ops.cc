@@ -291,11 +291,17 @@ class ConvOpBase : public OpKernel {
 
   // Fills the input and output sizes from the NHWC input shape (batch, H, W, C) once the
   // kernel size is known; the padded input must hold the dilated kernel.
+  // An image of `channels` channels, NHWC.  Checked before the layout's tables are built:
+  // they take memory in proportion to C and K, which a wrong input should not get to allocate.
+  static absl::Status CheckChannels(const std::string& name, const TensorShape& t,
+                                    int64_t channels) {
+    if (t.dims() == 4 && t.dim_size(3) == channels) return absl::OkStatus();
+    return absl::InvalidArgumentError(name + " must have shape (batch, height, width, " +
+                                      std::to_string(channels) + "); got " + t.DebugString());
+  }
+
   absl::Status SetInputShape(const TensorShape& x, ConvGeometry* g) const {
-    if (x.dims() != 4 || x.dim_size(3) != attrs_.C) {
-      return absl::InvalidArgumentError("the input must have shape (batch, height, width, " +
-                                        std::to_string(attrs_.C) + "); got " + x.DebugString());
-    }
+    TF_RETURN_IF_ERROR(CheckChannels("the input", x, attrs_.C));
     const std::vector<int64_t>& s = attrs_.strides;
     const std::vector<int64_t>& d = attrs_.dilations;
     const std::vector<int64_t>& p = attrs_.padding;
@@ -347,6 +353,7 @@ class BlocksparseConv2DOp : public ConvOpBase {
     const Tensor& w = ctx->input(1);
     std::shared_ptr<const BlockLayout> layout;
     ConvGeometry g;
+    OP_REQUIRES_OK(ctx, CheckChannels("the input", x.shape(), attrs_.C));
     OP_REQUIRES_OK(ctx, CachedLayout(ctx->input(2), &layout));
     OP_REQUIRES_OK(ctx, KernelSizeOf(w, *layout, &g));
     OP_REQUIRES_OK(ctx, SetInputShape(x.shape(), &g));
@@ -378,6 +385,7 @@ class BlocksparseConv2DGradInputOp : public ConvOpBase {
     const Tensor& dy = ctx->input(2);
     std::shared_ptr<const BlockLayout> layout;
     ConvGeometry g;
+    OP_REQUIRES_OK(ctx, CheckChannels("dy", dy.shape(), attrs_.K));
     OP_REQUIRES_OK(ctx, CachedLayout(ctx->input(3), &layout));
     OP_REQUIRES_OK(ctx, KernelSizeOf(w, *layout, &g));
     TensorShape x_shape;
@@ -421,6 +429,8 @@ class BlocksparseConv2DGradKernelOp : public ConvOpBase {
     const Tensor& dy = ctx->input(1);
     std::shared_ptr<const BlockLayout> layout;
     ConvGeometry g;
+    OP_REQUIRES_OK(ctx, CheckChannels("the input", x.shape(), attrs_.C));
+    OP_REQUIRES_OK(ctx, CheckChannels("dy", dy.shape(), attrs_.K));
     OP_REQUIRES_OK(ctx, CachedLayout(ctx->input(2), &layout));
     OP_REQUIRES_OK(ctx, KernelSizeFrom(ctx->input(3), &g));
     OP_REQUIRES_OK(ctx, SetInputShape(x.shape(), &g));

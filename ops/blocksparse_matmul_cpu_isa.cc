@@ -261,17 +261,18 @@ ColumnPairs<kAIsWeight> PairsOfColumn(const LayoutView& l, int64_t k, const floa
 }
 
 // Runs Op::Run<V, NV>(args...) with the vector type and count covering one chunk of a
-// block's bs columns (bs is always a multiple of the chunk width).
+// block's bs columns (bs is always a multiple of the chunk width).  A width that no vector
+// divides (possible only where an op's width is not a block's) runs one column at a time.
 template <typename Op, typename... Args>
 inline void DispatchBlockColumns(int64_t bs, Args... args) {
-  if (bs == 1) {
-    Op::template Run<float, 1>(args...);
-  } else if (bs % (Width<VecWide>() * kMaxNV) == 0) {
+  if (bs % (Width<VecWide>() * kMaxNV) == 0) {
     Op::template Run<VecWide, kMaxNV>(args...);
   } else if (bs % Width<VecWide>() == 0) {
     Op::template Run<VecWide, 1>(args...);
-  } else if constexpr (kVectorBytes > 32) {  // bs 8 is half an AVX-512 register
-    Op::template Run<Vec8, 1>(args...);
+  } else if (kVectorBytes > 32 && bs % 8 == 0) {  // bs 8 is half an AVX-512 register
+    if constexpr (kVectorBytes > 32) Op::template Run<Vec8, 1>(args...);
+  } else {
+    Op::template Run<float, 1>(args...);
   }
 }
 
@@ -906,8 +907,19 @@ void FullRowsForward(const float* x_panels, int64_t pitch, int64_t in_blocks, in
 void ExactRowsAccumulate(const float* x, int64_t x_rs, const int32_t* rows, int64_t count,
                          const float* b, int64_t b_rs, int64_t bs, float* y, int64_t y_rs,
                          int64_t blocks, int64_t x_pitch, int64_t width) {
-  DispatchPanelColumns<PackedRowsOp>(width, x, x_rs, rows, count, b, b_rs, bs, y, y_rs, blocks,
-                                     x_pitch, width);
+  // The width is any number of columns where sparse_dot's forward runs a task's bs-1 output
+  // blocks side by side: whole vectors first, then the columns past them one at a time (each
+  // column's sums are the same either way).
+  const int64_t vectors = width == 1 ? 0 : width / Width<VecWide>() * Width<VecWide>();
+  const int64_t rest = width % 8 == 0 ? 0 : width - vectors;
+  if (width > rest) {
+    DispatchPanelColumns<PackedRowsOp>(width - rest, x, x_rs, rows, count, b, b_rs, bs, y, y_rs,
+                                       blocks, x_pitch, width - rest);
+  }
+  if (rest > 0) {
+    PackedRowsOp::Run<float, 1>(x, x_rs, rows, count, b + width - rest, b_rs, bs,
+                                y + width - rest, y_rs, blocks, x_pitch, rest);
+  }
 }
 
 // The transpose of a W x W tile (W = the vector width) in registers: log2(W) rounds, round d

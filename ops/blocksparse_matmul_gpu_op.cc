@@ -88,9 +88,11 @@ class BlocksparseMatmulGpuOp : public BlocksparseGpuOpBase {
 
   void Compute(OpKernelContext* ctx) override {
     std::shared_ptr<const DeviceTables> tables;
+    int64_t N;
+    // x before the layout, whose tables take memory in proportion to C and K.
+    OP_REQUIRES_OK(ctx, RowsOf("x", ctx->input(0), transpose_w_ ? K_ : C_, &N));
     OP_REQUIRES_OK(ctx, DeviceTablesOf(ctx, ctx->input(2), &tables));
     const gpu::DeviceLayout& device_layout = tables->layout;
-    int64_t N;
     Tensor* y;
     OP_REQUIRES_OK(ctx, CheckForwardShapes(ctx, device_layout.blocks, &N, &y));
     if (N == 0) return;
@@ -118,9 +120,10 @@ class BlocksparseMatmulGradWGpuOp : public BlocksparseGpuOpBase {
 
   void Compute(OpKernelContext* ctx) override {
     std::shared_ptr<const DeviceTables> tables;
+    int64_t N;
+    OP_REQUIRES_OK(ctx, CheckRowsOfBoth(ctx->input(0), ctx->input(1), &N));  // as in the forward
     OP_REQUIRES_OK(ctx, DeviceTablesOf(ctx, ctx->input(2), &tables));
     const gpu::DeviceLayout& device_layout = tables->layout;
-    int64_t N;
     Tensor* dw;
     OP_REQUIRES_OK(ctx, CheckGradWShapes(ctx, device_layout.blocks, &N, &dw));
     OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchGradW(kDType<T>, ctx->input(0).data(),

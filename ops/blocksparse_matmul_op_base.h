@@ -306,6 +306,9 @@ class BlocksparseOpBase : public OpKernel {
   // Checks BlocksparseMatmul's inputs (x, w, layout); gives the layout and N, and allocates y.
   absl::Status PrepareForward(OpKernelContext* ctx, std::shared_ptr<const BlockLayout>* layout,
                               int64_t* N, Tensor** y) {
+    // x first: a layout's tables take memory in proportion to C and K, which a wrong x
+    // should not get to allocate.
+    TF_RETURN_IF_ERROR(RowsOf("x", ctx->input(0), transpose_w_ ? K_ : C_, N));
     TF_RETURN_IF_ERROR(CachedLayout(ctx->input(2), layout));
     return CheckForwardShapes(ctx, (*layout)->blocks, N, y);
   }
@@ -332,6 +335,7 @@ class BlocksparseOpBase : public OpKernel {
   // allocates dw.
   absl::Status PrepareGradW(OpKernelContext* ctx, std::shared_ptr<const BlockLayout>* layout,
                             int64_t* N, Tensor** dw) {
+    TF_RETURN_IF_ERROR(CheckRowsOfBoth(ctx->input(0), ctx->input(1), N));  // as in the forward
     TF_RETURN_IF_ERROR(CachedLayout(ctx->input(2), layout));
     return CheckGradWShapes(ctx, (*layout)->blocks, N, dw);
   }
@@ -339,17 +343,28 @@ class BlocksparseOpBase : public OpKernel {
   // The same checks given the number of blocks of an already validated layout.
   absl::Status CheckGradWShapes(OpKernelContext* ctx, int64_t blocks, int64_t* N,
                                 Tensor** dw) const {
-    const Tensor& x = ctx->input(0);
-    const Tensor& dy = ctx->input(1);
+    TF_RETURN_IF_ERROR(CheckRowsOfBoth(ctx->input(0), ctx->input(1), N));
+    return ctx->allocate_output(0, TensorShape({blocks, block_size_, block_size_}), dw);
+  }
+
+  // x's and dy's feature dimensions, and that their rows pair up: the same leading dimensions
+  // (feature_axis 1) or the same N (feature_axis 0).
+  absl::Status CheckRowsOfBoth(const Tensor& x, const Tensor& dy, int64_t* N) const {
     int64_t N_dy;
     TF_RETURN_IF_ERROR(RowsOf("x", x, C_, N));
     TF_RETURN_IF_ERROR(RowsOf("dy", dy, K_, &N_dy));
-    if (*N != N_dy || (feature_axis_ == 1 && x.dims() != dy.dims())) {
-      return absl::InvalidArgumentError("x " + x.shape().DebugString() + " and dy " +
-                                        dy.shape().DebugString() +
-                                        " must hold the same number of rows");
+    bool same_rows = *N == N_dy;
+    if (feature_axis_ == 1) {
+      same_rows = x.dims() == dy.dims();
+      for (int d = 0; same_rows && d + 1 < x.dims(); ++d) {
+        same_rows = x.dim_size(d) == dy.dim_size(d);
+      }
     }
-    return ctx->allocate_output(0, TensorShape({blocks, block_size_, block_size_}), dw);
+    if (same_rows) return absl::OkStatus();
+    return absl::InvalidArgumentError(
+        "x " + x.shape().DebugString() + " and dy " + dy.shape().DebugString() +
+        (feature_axis_ == 1 ? " must have the same leading dimensions (one row of dy per row of x)"
+                            : " must hold the same number of rows N"));
   }
 
   int64_t block_size_, C_, K_, feature_axis_;

@@ -5,10 +5,12 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "ops/blocksparse_matmul_cpu.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
 
 namespace blocksparse {
 
@@ -23,7 +25,11 @@ inline std::string ShapeOf(const Tensor& t) { return t.shape().DebugString(); }
 // Kernel check: mask is (n, features / bs); `features` names the dimension in the message.
 inline absl::Status CheckMask(const Tensor& mask, const char* name, int64_t n, int64_t blocks,
                               const char* features) {
-  if (mask.shape() == TensorShape({n, blocks})) return absl::OkStatus();
+  // Compared dimension by dimension: a TensorShape of (n, blocks) aborts the process where
+  // their product overflows.
+  if (mask.dims() == 2 && mask.dim_size(0) == n && mask.dim_size(1) == blocks) {
+    return absl::OkStatus();
+  }
   return absl::InvalidArgumentError(std::string(name) + " must have shape (n, " + features +
                                     " / block_size) = (" + std::to_string(n) + ", " +
                                     std::to_string(blocks) + "); got " + ShapeOf(mask));
@@ -44,6 +50,21 @@ inline absl::Status CheckBlocksAndMasks(const Tensor& x, const Tensor& other,
   TF_RETURN_IF_ERROR(CheckMask(out_mask, "out_mask", n, p / bs, "p"));
   if (n >= INT32_MAX) return absl::InvalidArgumentError("x has too many rows: " + ShapeOf(x));
   return absl::OkStatus();
+}
+
+// Allocates output 0 as a (rows, cols) matrix, or says why it cannot be one (more elements
+// than a tensor can hold) where TensorShape's constructor would abort the process.
+inline absl::Status AllocateMatrix(OpKernelContext* ctx, const char* name, int64_t rows,
+                                   int64_t cols, Tensor** out) {
+  TensorShape shape;
+  const absl::Status status =
+      ::tensorflow::TensorShapeUtils::MakeShape(std::vector<int64_t>{rows, cols}, &shape);
+  if (!status.ok()) {
+    return absl::InvalidArgumentError(std::string(name) + " would have shape (" +
+                                      std::to_string(rows) + ", " + std::to_string(cols) +
+                                      "), too many elements for a tensor");
+  }
+  return ctx->allocate_output(0, shape, out);
 }
 
 // Sizes of one call: x (n, m), y or dy (n, p), w or dw (m, p).
@@ -78,7 +99,7 @@ class SparseDotKernelBase : public OpKernel {
     sz->p = w.dim_size(1 - m_axis);
     TF_RETURN_IF_ERROR(CheckBlocksAndMasks(x, w, "w", ctx->input(2), ctx->input(3), sz->n,
                                            sz->m, sz->p, block_size_));
-    return ctx->allocate_output(0, TensorShape({sz->n, sz->p}), y);
+    return AllocateMatrix(ctx, "y", sz->n, sz->p, y);
   }
 
   // BlocksparseSparseDotGradW: x (n, m), dy (n, p), masks; dw (m, p).
@@ -95,7 +116,7 @@ class SparseDotKernelBase : public OpKernel {
     sz->p = dy.dim_size(1);
     TF_RETURN_IF_ERROR(CheckBlocksAndMasks(x, dy, "dy", ctx->input(2), ctx->input(3), sz->n,
                                            sz->m, sz->p, block_size_));
-    return ctx->allocate_output(0, TensorShape({sz->m, sz->p}), dw);
+    return AllocateMatrix(ctx, "dw", sz->m, sz->p, dw);
   }
 
   // The masks' data (inputs 2 and 3, float32, already checked).

@@ -368,7 +368,8 @@ DY = np.ones((1, 5, 5, 16), np.float32)
      r"got shape \[3\]"),
     (lambda: ops().blocksparse_conv2d_grad_kernel(X, DY[..., :8], LAYOUT, [3, 3],
                                                   **_raw_attrs()),
-     r"dy must have the output shape \[1,5,5,16\]; got \[1,5,5,8\]"),
+     # The channels are checked before the layout's tables are built.
+     r"dy must have shape \(batch, height, width, 16\); got \[1,5,5,8\]"),
     (lambda: ops().blocksparse_conv2d_grad_kernel(X, DY, LAYOUT, [0, 3], **_raw_attrs()),
      r"kernel_size must be 2 positive integers; got \[0, 3\]"),
     (lambda: ops().blocksparse_conv2d_grad_kernel(X, DY, LAYOUT, [3, 3, 1], **_raw_attrs()),
@@ -510,7 +511,22 @@ def test_kernel_checks_run_time_shapes():
     (lambda: blocksparse_conv2d_grad_kernel(X, DY.astype(np.float16), LAYOUT, (3, 3), 8, 16, 16),
      "dtype"),
     (lambda: conv_padding(5, 3, 1, 1, "causal"), "padding"),
+    (lambda: blocksparse_conv2d(X, W, LAYOUT.astype(np.float32) + 0.5, 8, 16, 16),
+     "layout coordinates must be integers"),
+    (lambda: blocksparse_conv2d(X, W, LAYOUT, True, 16, 16), "block_size"),
+    (lambda: blocksparse_conv2d_grad_input(np.array([1, 2**32 + 6, 6, 16]), W, DY, LAYOUT, 8, 16,
+                                           16), "input_sizes must fit in int32"),
 ])
 def test_python_wrappers_reject_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_integer_tensors_past_int32_raise_when_run():
+    """A height of 2**32 + 6 given as an int64 tensor is not taken for 6."""
+    with pytest.raises(tf.errors.InvalidArgumentError, match="input_sizes must fit in int32"):
+        blocksparse_conv2d_grad_input(tf.constant([1, 2**32 + 6, 6, 16], tf.int64), W, DY, LAYOUT,
+                                      8, 16, 16)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="kernel_size must fit in int32"):
+        blocksparse_conv2d_grad_kernel(X, DY, LAYOUT, tf.constant([3, 2**32 + 3], tf.int64), 8,
+                                       16, 16)

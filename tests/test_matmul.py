@@ -587,6 +587,8 @@ def test_initializers():
     (([[0, 0], [0, 0]], (2, 2)), "duplicates"),
     (([[0, 5]], (2, 2)), "inside the layout"),
     (([[0, 0, 1]], (2, 2)), r"\(blocks, 2\)"),
+    (([[0, 0]], (2.9, 3)), "two integers"),  # not truncated to 2
+    (([[0, 0]], (2**33, 1)), "two integers"),  # coordinates past int32 would wrap around
 ])
 def test_bad_layouts_raise(layout, message):
     with pytest.raises(ValueError, match=message):
@@ -599,6 +601,10 @@ def test_bad_arguments_raise():
         BlocksparseMatMul(layout, block_size=12)
     with pytest.raises(ValueError, match="feature_axis must be 0 or 1"):
         BlocksparseMatMul(layout, block_size=8, feature_axis=2)
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        BlocksparseMatMul(layout, block_size=True)  # not taken for 1
+    with pytest.raises(ValueError, match="feature_axis must be 0 or 1"):
+        BlocksparseMatMul(layout, block_size=8, feature_axis=True)
     bsmm = BlocksparseMatMul(layout, block_size=8)
     w = tf.zeros(bsmm.w_shape) + 1.0
     with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., C=40\)"):
@@ -643,7 +649,18 @@ def test_kernel_validates_inputs_itself():
                                     transpose_w=True), r"\(2, 1\) outside the layout shape \(2, 3\)"),
         (lambda: blocksparse_matmul(tf.ones((2, 24)), w, tf.constant([[1, 2], [1, 2]]), 8, 16, 24,
                                     transpose_w=True), r"at \(1, 2\) appears twice"),
-        (lambda: blocksparse_matmul_grad_w(x, tf.ones((3, 16)), good, 8, 16, 16), "same number of rows"),
+        (lambda: blocksparse_matmul_grad_w(x, tf.ones((3, 16)), good, 8, 16, 16),
+         "same leading dimensions"),
+        # Six rows each, but not the same rows.
+        (lambda: blocksparse_matmul_grad_w(tf.ones((2, 3, 16)), tf.ones((3, 2, 16)), good, 8, 16,
+                                           16), "same leading dimensions"),
+        (lambda: blocksparse_matmul_grad_w(tf.ones((2, 3, 16)), tf.ones((6, 16)), good, 8, 16, 16),
+         "same leading dimensions"),
+        # x is checked before the layout's tables, which would take memory in proportion to C.
+        (lambda: blocksparse_matmul(tf.ones((1, 8)), tf.ones((1, 1, 1)), good[:1], 1, 2**31 - 1, 8),
+         "x must have shape"),
+        (lambda: blocksparse_matmul_grad_w(tf.ones((1, 8)), tf.ones((1, 8)), good[:1], 1,
+                                           2**31 - 1, 8), "x must have shape"),
         # A K no int32 block coordinate can address: an error, not an allocation that ends the
         # process.
         (lambda: blocksparse_matmul(x, w, good, 8, 16, 8 * 2 ** 40), "larger than int32"),
@@ -651,6 +668,39 @@ def test_kernel_validates_inputs_itself():
     for call, message in cases:
         with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=message):
             call()
+
+
+def test_raw_ops_take_only_integer_coordinates():
+    """A float coordinate, or an integer past int32's range, would be truncated or wrap around to
+    another block; integer tensors of another width are range-checked when run."""
+    x, w = tf.ones((2, 16)), tf.ones((2, 8, 8))
+    with pytest.raises(ValueError, match="layout coordinates must be integers"):
+        blocksparse_matmul(x, w, np.array([[0, 0], [1, 0.7]]), 8, 16, 16)
+    with pytest.raises(ValueError, match="must fit in int32"):
+        blocksparse_matmul(x, w, np.array([[0, 0], [1, 2**32 + 1]]), 8, 16, 16)
+    with pytest.raises(ValueError, match="must be integers"):
+        blocksparse_matmul_grad_w(x, x, tf.constant([[0.0, 0.0]]), 8, 16, 16)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must fit in int32"):
+        blocksparse_matmul(x, w, tf.constant([[0, 0], [1, 2**32 + 1]], tf.int64), 8, 16, 16)
+    y = blocksparse_matmul(x, w, tf.constant([[0, 0], [1, 1]], tf.int64), 8, 16, 16)
+    expected = blocksparse_matmul(x, w, np.array([[0, 0], [1, 1]]), 8, 16, 16)
+    np.testing.assert_array_equal(y.numpy(), expected.numpy())
+
+
+def test_gate_of_shape_known_only_when_run():
+    bsmm = BlocksparseMatMul(rect_layout(), block_size=8)
+    x = RNG.standard_normal((3, bsmm.C)).astype(np.float32)
+    w = RNG.standard_normal(bsmm.w_shape).astype(np.float32)
+    gate = RNG.random(bsmm.blocks).astype(np.float32)
+    run = tf.function(lambda g: bsmm(x, w, gate=g), input_signature=[tf.TensorSpec([None])])
+    W = dense_reference(bsmm.layout, 8, w.astype(np.float64) * gate[:, None, None])
+    assert rel_err(run(gate), x.astype(np.float64) @ W) < 1e-5
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        run(gate[:1])  # one value would broadcast over every block without the check
+    unknown_rank = tf.function(lambda g: bsmm(x, w, gate=g),
+                               input_signature=[tf.TensorSpec(None)])
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        unknown_rank(gate[:1])
 
 
 @pytest.mark.parametrize("bs, N", [(1, 96), (1, 97), (8, 3), (32, 40)])

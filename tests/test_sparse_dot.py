@@ -477,6 +477,42 @@ def test_fully_active_side_gives_the_block_pairs_sums(bs, transpose_w, full_side
     assert np.array_equal(y_full[rows], y_pairs[rows])
 
 
+@pytest.mark.parametrize("p", [3, 20, 39])
+@pytest.mark.parametrize("out_mask_given", [False, True])
+def test_neuron_level_outputs_side_by_side_at_any_width(p, out_mask_given):
+    """bs 1 with every output active: a task's outputs go side by side through one product
+    whose width is the task's output count, any number (whole vectors, then single columns).
+    Such widths once ran vectors past the panel's end (corrupting the heap) under AVX-512 and
+    computed nothing under AVX2.  Right against float64, bitwise the pairs' sums, and the input
+    gradient (the same product on dy with the masks' roles swapped) right too."""
+    n, m = 300, 38
+    x = RNG.standard_normal((n, m)).astype(np.float32)
+    w = RNG.standard_normal((m, p)).astype(np.float32)
+    in_mask = (RNG.random((n, m)) < 0.5).astype(np.float32)
+    full = np.ones((n, p), np.float32)
+    out_mask = full if out_mask_given else None
+    for _ in range(20):  # a write past the end shows up as a wrong value or a crash, in time
+        y = sparse_dot(x, w, in_mask, out_mask, block_size=1).numpy()
+        y_ref, _, _ = reference(x, w, in_mask, None, None, 1)
+        assert rel_err(y, y_ref) < 1e-5
+    one_off = full.copy()
+    one_off[7, 2] = 0
+    y_pairs = sparse_dot(x, w, in_mask, one_off, block_size=1).numpy()
+    rows = np.arange(n) != 7
+    assert np.array_equal(y[rows], y_pairs[rows])
+    # The input gradient with only an output mask: the product of dy and w^T, every one of its
+    # m = 38 outputs active, side by side.
+    dy = RNG.standard_normal((n, p)).astype(np.float32)
+    out_mask = (RNG.random((n, p)) < 0.5).astype(np.float32)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        z = sparse_dot(xt, w, None, out_mask, block_size=1)
+    dx = tape.gradient(z, xt, output_gradients=tf.constant(dy))
+    out_e = out_mask != 0
+    assert rel_err(dx, (dy.astype(np.float64) * out_e) @ w.astype(np.float64).T) < 1e-5
+
+
 @pytest.mark.parametrize("transpose_w", [False, True])
 def test_panels_gathered_per_task(transpose_w):
     """Output activity concentrated in the first task's output blocks: over the whole product
@@ -645,6 +681,36 @@ def test_bad_inputs_to_grad_w_op_raise():
         grad_w(x, dy, tf.ones((4, 8)), tf.ones((4, 4)), block_size=4)
     with pytest.raises(tf.errors.InvalidArgumentError, match="block_size must be one of"):
         grad_w(tf.ones((4, 32), tf.float16), tf.ones((4, 16), tf.float16), in_m, out_m, block_size=12)
+
+
+def test_outputs_too_large_for_a_tensor_raise_instead_of_aborting():
+    """Empty operands whose products' shapes have more elements than a tensor can hold: an
+    error, where building such a TensorShape ends the process."""
+    with pytest.raises(tf.errors.InvalidArgumentError, match="too many elements"):
+        ops().blocksparse_sparse_dot_grad_w(tf.zeros((0, 2**40)), tf.zeros((0, 2**34)),
+                                            tf.zeros((0, 2**34)), tf.zeros((0, 2**28)),
+                                            block_size=64)
+    # The forward's output (2**30, 2**40) needs an out_mask no tensor can be: its check, which
+    # compared against such a shape, says so.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="mask must have shape"):
+        ops().blocksparse_sparse_dot(tf.zeros((2**30, 0)), tf.zeros((0, 2**40)),
+                                     tf.zeros((2**30, 0)), tf.zeros((1, 1)), block_size=64)
+
+
+def test_masks_of_any_dtype_and_operands_of_unknown_rank():
+    """Bool masks work as 0/1 ones do; x and w of a rank unknown until run are checked then."""
+    n, m, p, bs = 6, 32, 16, 8
+    x = RNG.standard_normal((n, m)).astype(np.float32)
+    w = RNG.standard_normal((m, p)).astype(np.float32)
+    in_mask = RNG.random((n, m // bs)) < 0.5
+    out_mask = RNG.random((n, p // bs)) < 0.5
+    y_ref, _, _ = reference(x, w, in_mask, out_mask, None, bs)
+    assert rel_err(sparse_dot(x, w, in_mask, out_mask, block_size=bs), y_ref) < 1e-5
+    run = tf.function(lambda a, b: sparse_dot(a, b, in_mask, out_mask, block_size=bs),
+                      input_signature=[tf.TensorSpec(None), tf.TensorSpec(None)])
+    assert rel_err(run(x, w), y_ref) < 1e-5
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be matrices"):
+        run(x[None], w)
 
 
 def test_bad_inputs_to_transposed_product_raise():

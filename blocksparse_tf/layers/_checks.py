@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from blocksparse_tf.matmul import BLOCK_SIZES
+from blocksparse_tf.matmul import check_block_size
 
 
 def positive_int(value, name):
@@ -14,9 +14,8 @@ def positive_int(value, name):
 
 def width_in_blocks(width, block_size, name="units"):
     """(width, block_size) as ints, if block_size is supported and divides width."""
-    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
+    block_size = check_block_size(block_size)
     width = positive_int(width, name)
     if width % block_size:
         raise ValueError(f"{name}={width} must be a multiple of block_size={block_size}")
-    return width, int(block_size)
+    return width, block_size

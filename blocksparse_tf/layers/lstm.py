@@ -402,6 +402,13 @@ class BlockSparseLSTM(keras.layers.RNN):
                          zero_output_for_mask=zero_output_for_mask, **kwargs)
         self.fused = bool(fused)
 
+    def build(self, sequences_shape, initial_state_shape=None):
+        # Keras' RNN would otherwise fail inside the first call with an index error.
+        if len(sequences_shape) != 3:
+            raise ValueError(f"{self.name}: inputs must be sequences (batch, time, features); "
+                             f"got shape {tuple(sequences_shape)}")
+        super().build(sequences_shape, initial_state_shape)
+
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if not self.fused:
             return super().inner_loop(sequences, initial_state, mask, training=training)

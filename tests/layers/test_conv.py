@@ -230,6 +230,15 @@ def test_bad_inputs_raise():
         layer(np.zeros((1, 7, 9, 8), np.float32))
 
 
+@pytest.mark.parametrize("implementation", ["fused", "im2col"])
+def test_input_smaller_than_kernel_raises_when_sizes_known_only_when_run(implementation):
+    layer = BlockSparseConv2D(24, 3, block_size=8, padding="valid", implementation=implementation)
+    run = tf.function(layer, input_signature=[tf.TensorSpec([None, None, None, 16])])
+    assert run(tf.ones((1, 5, 5, 16))).shape == (1, 3, 3, 24)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="smaller than|output"):
+        run(tf.ones((1, 2, 2, 16)))
+
+
 def test_auto_implementation_is_fused_on_cpu():
     layer = BlockSparseConv2D(16, 3, block_size=8)
     assert layer.implementation == "auto"

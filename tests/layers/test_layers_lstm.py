@@ -188,6 +188,11 @@ def test_bad_arguments(kwargs, message):
         BlockSparseLSTM(block_size=BS, **kwargs)
 
 
+def test_inputs_must_be_sequences():
+    with pytest.raises(ValueError, match=r"sequences \(batch, time, features\); got shape \(4, 16\)"):
+        BlockSparseLSTM(H, block_size=BS)(np.zeros((4, 16), np.float32))
+
+
 def test_sparse_input_needs_divisible_input():
     layer = BlockSparseLSTM(H, block_size=BS, sparse_input=True)
     with pytest.raises(ValueError, match="sparse_input needs"):

@@ -7,8 +7,8 @@ models" (arXiv 1511.06297)::
 
 For an (n, m) matrix a mask has shape (n, m / block_size) and ``expand`` repeats each entry over
 its block of features.  An entry is active where it is nonzero (or True): masks are 0/1, and any
-other value counts as 1, not as a scale.  The kernel skips every (example, input block, output block) triple with
-an inactive mask entry, so the cost follows the active fractions.
+other value counts as 1, not as a scale.  The kernel skips every (example, input block, output
+block) triple with an inactive mask entry, so the cost follows the active fractions.
 """
 
 import numpy as np

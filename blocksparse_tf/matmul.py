@@ -50,7 +50,7 @@ def int32_tensor(values, what):
                                                           [f"{what} must fit in int32"])]):
             return tf.cast(values, tf.int32)
     array = np.asarray(values)
-    if array.size and not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
+    if array.size and not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"{what} must be integers; got dtype {array.dtype}")
     if array.size and (array.min() < -INT32_MAX - 1 or array.max() > INT32_MAX):
         raise ValueError(f"{what} must fit in int32; got values from {array.min()} to "
@@ -366,8 +366,7 @@ def blocksparse_matmul_grad_w(x, dy, layout, block_size, C, K, feature_axis=1,
                               constant_layout=False):
     """Raw op: dw = x^T . dy at the stored blocks, shape (blocks, bs, bs)."""
     return ops().blocksparse_matmul_grad_w(x, dy, coords_tensor(layout), block_size=block_size,
-                                           C=C, K=K,
-                                           feature_axis=feature_axis,
+                                           C=C, K=K, feature_axis=feature_axis,
                                            constant_layout=constant_layout)
 
 

@@ -289,8 +289,6 @@ class ConvOpBase : public OpKernel {
     return absl::OkStatus();
   }
 
-  // Fills the input and output sizes from the NHWC input shape (batch, H, W, C) once the
-  // kernel size is known; the padded input must hold the dilated kernel.
   // An image of `channels` channels, NHWC.  Checked before the layout's tables are built:
   // they take memory in proportion to C and K, which a wrong input should not get to allocate.
   static absl::Status CheckChannels(const std::string& name, const TensorShape& t,
@@ -300,6 +298,8 @@ class ConvOpBase : public OpKernel {
                                       std::to_string(channels) + "); got " + t.DebugString());
   }
 
+  // Fills the input and output sizes from the NHWC input shape (batch, H, W, C) once the
+  // kernel size is known; the padded input must hold the dilated kernel.
   absl::Status SetInputShape(const TensorShape& x, ConvGeometry* g) const {
     TF_RETURN_IF_ERROR(CheckChannels("the input", x, attrs_.C));
     const std::vector<int64_t>& s = attrs_.strides;

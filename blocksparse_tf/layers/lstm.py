@@ -428,8 +428,13 @@ class BlockSparseLSTM(keras.layers.RNN):
         w = ops.cast(cell.recurrent_kernel, cell.compute_dtype)
         hs, c = lstm_sequence(cell, zx, h0, c0, w, mask_tm)
         h = hs[-1]
-        if mask_tm is not None and self.zero_output_for_mask:
-            hs = hs * tf.cast(mask_tm[..., None], hs.dtype)
+        if mask_tm is not None:
+            # A masked step's output is the previous step's output, as Keras' RNN gives it: the
+            # carried state from an unmasked step on, zeros before the first one (not the
+            # initial state); zeros everywhere it is masked with zero_output_for_mask.
+            keep = mask_tm if self.zero_output_for_mask else tf.cumsum(
+                tf.cast(mask_tm, tf.int32), axis=0) > 0
+            hs = hs * tf.cast(keep[..., None], hs.dtype)
         outputs = tf.transpose(hs, [1, 0, 2])
         return outputs[:, -1], outputs, [h, c]
 

@@ -74,18 +74,26 @@ def test_matches_dense_lstm_with_gradients(fused, options):
         np.testing.assert_allclose(g.numpy(), r, rtol=1e-4, atol=1e-4)
 
 
-def test_masking_matches_dense_lstm():
+@pytest.mark.parametrize("initial_state", [False, True])
+def test_masking_matches_dense_lstm(initial_state):
+    """Masked steps carry the state and repeat the previous output: zeros before the first
+    unmasked step, whatever the initial state (Keras' rule)."""
     x = _data(2)
     mask = np.ones((B, T), bool)
     mask[0, 4:] = False   # padded at the end
     mask[1, :2] = False   # padded at the start
+    mask[2, :] = False    # nothing but padding
     layer = BlockSparseLSTM(H, block_size=BS, return_sequences=True, return_state=True)
     layer(x)
     _randomize(layer)
     ref = _reference(layer)
+    rng = np.random.default_rng(5)
+    state = [rng.standard_normal((B, H)).astype(np.float32) for _ in range(2)]
+    given = dict(initial_state=state) if initial_state else {}
+    given_ref = dict(initial_state=[s.astype(np.float64) for s in state]) if initial_state else {}
     with tf.GradientTape(persistent=True) as tape:
-        out = layer(x, mask=mask)
-        out_ref = ref(x.astype(np.float64), mask=mask)
+        out = layer(x, mask=mask, **given)
+        out_ref = ref(x.astype(np.float64), mask=mask, **given_ref)
         loss = tf.reduce_sum(tf.cast(out[0], tf.float64) ** 2)
         loss_ref = tf.reduce_sum(out_ref[0] ** 2)
     for o, r in zip(out, out_ref):
@@ -93,6 +101,23 @@ def test_masking_matches_dense_lstm():
     dw = tape.gradient(loss, layer.cell.recurrent_kernel).numpy()
     dW = tape.gradient(loss_ref, ref.cell.recurrent_kernel).numpy()
     np.testing.assert_allclose(dw, layer.cell.recurrent_bsmm.from_dense(dW), rtol=1e-4, atol=1e-4)
+
+
+def test_zero_output_for_mask_as_keras_gives_it():
+    x = _data(3)
+    mask = np.ones((B, T), bool)
+    mask[0, 4:] = False
+    mask[1, :2] = False
+    state = [np.full((B, H), 0.5, np.float32)] * 2
+    outs = []
+    for fused in (True, False):  # fused=False runs Keras' own RNN loop over the same cell
+        layer = BlockSparseLSTM(H, block_size=BS, fused=fused, return_sequences=True,
+                                return_state=True, zero_output_for_mask=True)
+        layer(x)
+        _randomize(layer)
+        outs.append([o.numpy() for o in layer(x, mask=mask, initial_state=state)])
+    for o, r in zip(*outs):
+        np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-6)
 
 
 def _numpy_ln_lstm(x, kernel, recurrent, bias, gamma, eps):

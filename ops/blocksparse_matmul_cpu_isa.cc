@@ -910,7 +910,7 @@ void ExactRowsAccumulate(const float* x, int64_t x_rs, const int32_t* rows, int6
   // The width is any number of columns where sparse_dot's forward runs a task's bs-1 output
   // blocks side by side: whole vectors first, then the columns past them one at a time (each
   // column's sums are the same either way).
-  const int64_t vectors = width == 1 ? 0 : width / Width<VecWide>() * Width<VecWide>();
+  const int64_t vectors = width / Width<VecWide>() * Width<VecWide>();
   const int64_t rest = width % 8 == 0 ? 0 : width - vectors;
   if (width > rest) {
     DispatchPanelColumns<PackedRowsOp>(width - rest, x, x_rs, rows, count, b, b_rs, bs, y, y_rs,

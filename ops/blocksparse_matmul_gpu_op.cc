@@ -89,12 +89,11 @@ class BlocksparseMatmulGpuOp : public BlocksparseGpuOpBase {
   void Compute(OpKernelContext* ctx) override {
     std::shared_ptr<const DeviceTables> tables;
     int64_t N;
-    // x before the layout, whose tables take memory in proportion to C and K.
-    OP_REQUIRES_OK(ctx, RowsOf("x", ctx->input(0), transpose_w_ ? K_ : C_, &N));
+    OP_REQUIRES_OK(ctx, ForwardRows(ctx, &N));  // before the layout, as PrepareForward does
     OP_REQUIRES_OK(ctx, DeviceTablesOf(ctx, ctx->input(2), &tables));
     const gpu::DeviceLayout& device_layout = tables->layout;
     Tensor* y;
-    OP_REQUIRES_OK(ctx, CheckForwardShapes(ctx, device_layout.blocks, &N, &y));
+    OP_REQUIRES_OK(ctx, CheckWAndAllocateY(ctx, device_layout.blocks, &y));
     if (N == 0) return;
     const Tensor& x = ctx->input(0);
     const Tensor& w = ctx->input(1);
@@ -121,11 +120,11 @@ class BlocksparseMatmulGradWGpuOp : public BlocksparseGpuOpBase {
   void Compute(OpKernelContext* ctx) override {
     std::shared_ptr<const DeviceTables> tables;
     int64_t N;
-    OP_REQUIRES_OK(ctx, CheckRowsOfBoth(ctx->input(0), ctx->input(1), &N));  // as in the forward
+    OP_REQUIRES_OK(ctx, GradWRows(ctx, &N));  // before the layout, as PrepareGradW does
     OP_REQUIRES_OK(ctx, DeviceTablesOf(ctx, ctx->input(2), &tables));
     const gpu::DeviceLayout& device_layout = tables->layout;
     Tensor* dw;
-    OP_REQUIRES_OK(ctx, CheckGradWShapes(ctx, device_layout.blocks, &N, &dw));
+    OP_REQUIRES_OK(ctx, AllocateDw(ctx, device_layout.blocks, &dw));
     OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchGradW(kDType<T>, ctx->input(0).data(),
                                                     ctx->input(1).data(), dw->data(), N,
                                                     feature_axis_, device_layout,

@@ -304,18 +304,23 @@ class BlocksparseOpBase : public OpKernel {
   }
 
   // Checks BlocksparseMatmul's inputs (x, w, layout); gives the layout and N, and allocates y.
+  // x first (ForwardRows): a layout's tables take memory in proportion to C and K, which a
+  // wrong x should not get to allocate.
   absl::Status PrepareForward(OpKernelContext* ctx, std::shared_ptr<const BlockLayout>* layout,
                               int64_t* N, Tensor** y) {
-    // x first: a layout's tables take memory in proportion to C and K, which a wrong x
-    // should not get to allocate.
-    TF_RETURN_IF_ERROR(RowsOf("x", ctx->input(0), transpose_w_ ? K_ : C_, N));
+    TF_RETURN_IF_ERROR(ForwardRows(ctx, N));
     TF_RETURN_IF_ERROR(CachedLayout(ctx->input(2), layout));
-    return CheckForwardShapes(ctx, (*layout)->blocks, N, y);
+    return CheckWAndAllocateY(ctx, (*layout)->blocks, y);
   }
 
-  // The same checks given the number of blocks of an already validated layout.
-  absl::Status CheckForwardShapes(OpKernelContext* ctx, int64_t blocks, int64_t* N,
-                                  Tensor** y) const {
+  // BlocksparseMatmul's N, after checking x's feature dimension (K with transpose_w, else C).
+  absl::Status ForwardRows(OpKernelContext* ctx, int64_t* N) const {
+    return RowsOf("x", ctx->input(0), transpose_w_ ? K_ : C_, N);
+  }
+
+  // After ForwardRows, given the number of blocks of an already validated layout: w's shape,
+  // and y allocated.
+  absl::Status CheckWAndAllocateY(OpKernelContext* ctx, int64_t blocks, Tensor** y) const {
     const Tensor& x = ctx->input(0);
     const Tensor& w = ctx->input(1);
     if (w.shape() != TensorShape({blocks, block_size_, block_size_})) {
@@ -325,7 +330,6 @@ class BlocksparseOpBase : public OpKernel {
           w.shape().DebugString());
     }
     // y = x . W^T with transpose_w: x has K features and y C.
-    TF_RETURN_IF_ERROR(RowsOf("x", x, transpose_w_ ? K_ : C_, N));
     TensorShape y_shape = x.shape();
     y_shape.set_dim(feature_axis_ == 1 ? x.dims() - 1 : 0, transpose_w_ ? C_ : K_);
     return ctx->allocate_output(0, y_shape, y);
@@ -335,27 +339,27 @@ class BlocksparseOpBase : public OpKernel {
   // allocates dw.
   absl::Status PrepareGradW(OpKernelContext* ctx, std::shared_ptr<const BlockLayout>* layout,
                             int64_t* N, Tensor** dw) {
-    TF_RETURN_IF_ERROR(CheckRowsOfBoth(ctx->input(0), ctx->input(1), N));  // as in the forward
+    TF_RETURN_IF_ERROR(GradWRows(ctx, N));  // as in the forward
     TF_RETURN_IF_ERROR(CachedLayout(ctx->input(2), layout));
-    return CheckGradWShapes(ctx, (*layout)->blocks, N, dw);
+    return AllocateDw(ctx, (*layout)->blocks, dw);
   }
 
-  // The same checks given the number of blocks of an already validated layout.
-  absl::Status CheckGradWShapes(OpKernelContext* ctx, int64_t blocks, int64_t* N,
-                                Tensor** dw) const {
-    TF_RETURN_IF_ERROR(CheckRowsOfBoth(ctx->input(0), ctx->input(1), N));
+  // dw (blocks, bs, bs), for an already validated layout of `blocks` blocks.
+  absl::Status AllocateDw(OpKernelContext* ctx, int64_t blocks, Tensor** dw) const {
     return ctx->allocate_output(0, TensorShape({blocks, block_size_, block_size_}), dw);
   }
 
-  // x's and dy's feature dimensions, and that their rows pair up: the same leading dimensions
-  // (feature_axis 1) or the same N (feature_axis 0).
-  absl::Status CheckRowsOfBoth(const Tensor& x, const Tensor& dy, int64_t* N) const {
+  // BlocksparseMatmulGradW's N, after checking x's and dy's feature dimensions and that their
+  // rows pair up: the same leading dimensions (feature_axis 1) or the same N (feature_axis 0).
+  absl::Status GradWRows(OpKernelContext* ctx, int64_t* N) const {
+    const Tensor& x = ctx->input(0);
+    const Tensor& dy = ctx->input(1);
     int64_t N_dy;
     TF_RETURN_IF_ERROR(RowsOf("x", x, C_, N));
     TF_RETURN_IF_ERROR(RowsOf("dy", dy, K_, &N_dy));
     bool same_rows = *N == N_dy;
-    if (feature_axis_ == 1) {
-      same_rows = x.dims() == dy.dims();
+    if (feature_axis_ == 1) {  // not only as many rows: the same leading dimensions
+      same_rows = same_rows && x.dims() == dy.dims();
       for (int d = 0; same_rows && d + 1 < x.dims(); ++d) {
         same_rows = x.dim_size(d) == dy.dim_size(d);
       }

@@ -341,7 +341,7 @@ using WgmmaFwdCfg = wgmma_impl::FwdCfg<4>;
 // Keys the per-device caches of PrepareKernel / LaunchTiles for kernels that are not
 // BlocksparseMmaKernel: element type, configuration, and a kind (the feature axis plus 0 for
 // the bs-64 wgmma forward, 10 the narrow wgmma forward, 20 the wgmma dW, 30 the small-batch dW,
-// 40 the bs-64 wgmma forward reading w transposed).
+// 40 the bs-64 wgmma forward reading w transposed, 50 the wgmma dW on the copy engine).
 template <typename T, class Cfg, int kKind>
 struct KernelTag {};
 
@@ -583,6 +583,33 @@ constexpr double kColumnGradBs32EightBlocks = 8.0, kColumnGradBs32FourBlocks = 4
 constexpr int64_t kColumnGradBs32FourBlocksAxis0Rows = 4096;
 constexpr double kColumnGradBs32FourBlocksAxis0Work = 24.0 * 4096;
 
+// The wgmma dW on the copy engine: the same configuration with a copy warp, where the driver
+// encodes the tensor maps (x and dy 16-byte aligned, and with feature axis 0 N a multiple of
+// 8).  Bit for bit the results of its cp.async copies.  Opt-in (SetTuning(13)) until its speed
+// has been measured against them on a GPU.
+inline bool CopyEngineGradW() { return Tuning() == 13; }
+template <class Cfg>
+struct ColumnGradOnCopyEngine {
+  using type = wgmma_impl::ColumnGradCfg<Cfg::BS, Cfg::kPacks, Cfg::kRows, Cfg::kStages, true>;
+};
+// Fills np's tensor maps for it: boxes of kRows batch rows by one block's BS features (feature
+// axis 0: BS feature rows of kRows batch entries), of x (x_map) and of dy (w_map).  False where
+// the copy engine cannot serve.
+template <typename T, int FA, int BS, int kRows>
+bool EncodeColumnGradMaps(NarrowParams* np) {
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  const Params& p = np->base;
+  const uint64_t N = p.N, C = p.C, K = p.K;
+  if (reinterpret_cast<uintptr_t>(p.x) % 16 || reinterpret_cast<uintptr_t>(p.w) % 16 ||
+      N >= (1ull << 31) || C >= (1ull << 31) || K >= (1ull << 31))
+    return false;
+  if (FA == 1)
+    return tma::EncodeTiles16(&np->x_map, kBf16, p.x, C, N, C * 2, BS, kRows) &&
+           tma::EncodeTiles16(&np->w_map, kBf16, p.w, K, N, K * 2, BS, kRows);
+  return N % 8 == 0 && tma::EncodeTiles16(&np->x_map, kBf16, p.x, N, C, N * 2, kRows, BS) &&
+         tma::EncodeTiles16(&np->w_map, kBf16, p.w, N, K, N * 2, kRows, BS);
+}
+
 // The wgmma dW with more column groups (`groups`, a bound) than CTAs fit on the GPU at once
 // (`resident`): a persistent grid of `resident` CTAs, each taking groups blockIdx.x + i
 // resident, paced by per-epoch counters (wgmma_impl::EpochThrottle) so that all of them move
@@ -666,6 +693,14 @@ int LaunchWgmmaGradWColumns(const Params& p, int64_t N, int64_t blocks, int devi
         if (launched || r != cudaSuccess) return r;
       }
     }
+  }
+  {
+    using OnCopyEngine = typename ColumnGradOnCopyEngine<Cfg>::type;
+    NarrowParams np{p, {}, {}};
+    if (CopyEngineGradW() && EncodeColumnGradMaps<T, FA, BS, Cfg::kRows>(&np))
+      return LaunchTiles<KernelTag<T, OnCopyEngine, 50 + FA>>(
+          wgmma_impl::WgmmaGradWColumnKernel<T, FA, OnCopyEngine>, OnCopyEngine::kThreads,
+          OnCopyEngine::kSmemBytes, bound, 1, steps, np, device, di, s, expected);
   }
   return LaunchTiles<KernelTag<T, Cfg, 20 + FA>>(
       wgmma_impl::WgmmaGradWColumnKernel<T, FA, Cfg>, Cfg::kThreads, Cfg::kSmemBytes, bound, 1,

@@ -907,17 +907,30 @@ struct EpochThrottle {
 // stored.  With too few groups to fill the GPU, `split` CTAs of a cluster share a group (rank
 // r takes steps r, r + split, ..) and the partial sums are added in rank order through
 // distributed shared memory, so results do not depend on timing.
-template <int BST, int kPacksT, int kRowsT, int kStagesT>
+// With kTensorMapCopies, a fifth warp issues the copies on the copy engine, one per x slab and
+// one for the dy slab, from the tensor maps of NarrowParams (x_map; w_map maps dy), with the
+// narrow forward's full / empty mbarriers per stage.  Feature axis 0: a slab is BS rows of
+// 128 bytes, so the pack is as above.  Feature axis 1: the copy engine writes a box of kRows
+// rows of one block's 2 BS bytes in the 2 BS-byte swizzle, so a pack holds its P slabs one
+// after another (kSlabBytes apart) instead of side by side in 128-byte rows, and the pack's
+// descriptor steps from one slab to the next along the 64 features by its leading offset.
+// Same products in the same order: the same sums.
+template <int BST, int kPacksT, int kRowsT, int kStagesT, bool kTensorMapCopiesT = false>
 struct ColumnGradCfg {
   static constexpr int BS = BST;
   static constexpr int kPerPack = 64 / BS;                // blocks per pack
   static constexpr int kPacks = kPacksT;                  // G
   static constexpr int kGroupBlocks = kPacks * kPerPack;  // blocks per CTA at most
-  static constexpr int kThreads = 128;
+  static constexpr bool kTensorMapCopies = kTensorMapCopiesT;
+  static constexpr int kMmaThreads = 128;  // the warpgroup that multiplies
+  static constexpr int kThreads = kMmaThreads + (kTensorMapCopies ? 32 : 0);
   static constexpr int kStages = kStagesT;
   static constexpr int kRows = kRowsT;  // batch rows per step
   static constexpr int kPackBytes = kRows * 64 * 2;
+  static constexpr int kSlabBytes = kRows * BS * 2;  // one block's x slab (copy engine)
   static constexpr int kDyBytes = kRows * BS * 2;
+  // The kernel's parameters: with the copy engine, the products' Params and the tensor maps.
+  using KernelParams = std::conditional_t<kTensorMapCopies, NarrowParams, Params>;
   static constexpr int kStageBytes = kPacks * kPackBytes + (kDyBytes + 1023) / 1024 * 1024;
   static constexpr int kCLd = BS + 4;  // staged partial sums (float), padded
   static constexpr int kPipeBytes = kStages * kStageBytes;
@@ -928,16 +941,35 @@ struct ColumnGradCfg {
   static_assert(kStages >= 3, "one wgmma group in flight needs a third stage");
 };
 
+// Descriptor of an M-contiguous pack of 64 / BS slabs, each BS features (one swizzle atom of
+// kRowBytes = 2 BS bytes) by its rows, kAtomBytes apart (the leading offset); 8-row groups are
+// 8 kRowBytes apart (the stride offset).
+template <int kRowBytes, int kAtomBytes>
+__device__ __forceinline__ uint64_t DescriptorAtoms(uint32_t smem_addr) {
+  static_assert(kAtomBytes % 16 == 0 && (kAtomBytes >> 4) <= 0x3FFF, "leading offset fits");
+  constexpr uint64_t kGroup = (8 * kRowBytes) >> 4;
+  constexpr uint64_t kMode = kRowBytes == 128 ? 1 : kRowBytes == 64 ? 2 : 3;
+  return (static_cast<uint64_t>(smem_addr >> 4) & 0x3FFF) |
+         (static_cast<uint64_t>(kAtomBytes >> 4) << 16) | (kGroup << 32) | (kMode << 62);
+}
+
+__device__ __forceinline__ const Params& ParamsOf(const Params& p) { return p; }
+__device__ __forceinline__ const Params& ParamsOf(const NarrowParams& np) { return np.base; }
+
 template <typename T, int FA, class Cfg, bool kPaced = false>
-__global__ void __launch_bounds__(Cfg::kThreads) WgmmaGradWColumnKernel(const Params p) {
+__global__ void __launch_bounds__(Cfg::kThreads)
+    WgmmaGradWColumnKernel(const __grid_constant__ typename Cfg::KernelParams kp) {
 #if BSMM_HAS_WGMMA
   constexpr int BS = Cfg::BS, G = Cfg::kPacks, P = Cfg::kPerPack, kStages = Cfg::kStages;
   constexpr int kDyRowBytes = FA == 1 ? BS * 2 : 2 * Cfg::kRows;
+  static_assert(!Cfg::kTensorMapCopies || !kPaced, "copy-engine copies: one group per CTA");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int s_run[3], s_warp[Cfg::kThreads / 32];
   __shared__ int s_c[Cfg::kGroupBlocks], s_b[Cfg::kGroupBlocks];
+  __shared__ __align__(8) uint64_t s_bars[2 * kStages];  // copy engine: full, then empty
   uint32_t smem_base;  // shared-memory address of smem
   unsigned char* smem = Align1024(smem_raw, &smem_base);
+  const Params& p = ParamsOf(kp);
 
   const T* __restrict__ gx = static_cast<const T*>(p.x);
   const T* __restrict__ gdy = static_cast<const T*>(p.w);
@@ -966,129 +998,201 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaGradWColumnKernel(const Pa
       s_c[tid] = v ? __ldg(p.col_row + pbeg + tid) : -1;
     }
     __syncthreads();
-    const int packs = (nblk + P - 1) / P;
-
-    // Copies: 16-byte chunk tid % kChunks of rows tid / kChunks + (128 / kChunks) i, kChunks
-    // being the chunks of a tile row.  Pack tiles: kRows batch rows of 128 bytes (feature axis
-    // 1) or 64 feature rows of 2 kRows bytes (feature axis 0); dy tiles: kRows rows of 2 BS
-    // bytes or BS rows of 2 kRows bytes.
-    constexpr int kRows = Cfg::kRows;
-    constexpr int kPackRowBytes = FA == 1 ? 128 : 2 * kRows;
-    constexpr int kXChunks = kPackRowBytes / 16, kXRowStep = Cfg::kThreads / kXChunks;
-    constexpr int kXPasses = (FA == 1 ? kRows : 64) / kXRowStep;
-    constexpr int kDyChunks = kDyRowBytes / 16, kDyRowStep = Cfg::kThreads / kDyChunks;
-    constexpr int kDyTileRows = FA == 1 ? kRows : BS;
-    constexpr int kDyPasses = (kDyTileRows + kDyRowStep - 1) / kDyRowStep;
-    static_assert(kXPasses * kXRowStep == (FA == 1 ? kRows : 64), "whole pack rows per pass");
-    const int q = tid % kXChunks, r0 = tid / kXChunks;
-    const int dq = tid % kDyChunks, dr0 = tid / kDyChunks;
-    const T* const dy_src = FA == 1
-                                ? gdy + dr0 * K + static_cast<int64_t>(kcol) * BS + dq * 8
-                                : gdy + (static_cast<int64_t>(kcol) * BS + dr0) * N + dq * 8;
-    // This thread's x chunks, worked out once: pack j's block at slot s (feature axis 1: the
-    // slot of chunk q; feature axis 0: rows r0 + kXRowStep i lie in slot kXRowStep i / BS, as
-    // r0 < kXRowStep and BS is a multiple of kXRowStep) starts at x_src[j][s] for batch row 0
-    // (null for a slot past the group's end).  The swizzle repeats every 8 rows, so rows
-    // r0 + kXRowStep i land at x_dst0 plus whole rows.
-    static_assert(kXRowStep % 8 == 0 && (FA == 1 || BS % kXRowStep == 0),
-                  "each pass's rows keep the swizzle phase and lie in one slot");
-    constexpr int kSlots = FA == 1 ? 1 : P;
-    const T* x_src[G][kSlots];
-#pragma unroll
-    for (int j = 0; j < G; ++j)
-#pragma unroll
-      for (int e = 0; e < kSlots; ++e) {
-        const int slot = FA == 1 ? q / (BS / 8) : e;
-        const int c = s_c[j * P + slot];
-        x_src[j][e] = c < 0 ? nullptr
-                      : FA == 1 ? gx + r0 * C + static_cast<int64_t>(c) * BS + (q % (BS / 8)) * 8
-                                : gx + (static_cast<int64_t>(c) * BS + r0) * N + q * 8;
-      }
-    const int x_dst0 = SwizzledR<kPackRowBytes>(r0, q);
-    auto load_step = [&](int s, int buf) {
-      const int64_t n0 = (static_cast<int64_t>(s) * split + rank) * kRows;
-      unsigned char* st = smem + buf * Cfg::kStageBytes;
-      unsigned char* dys = st + G * Cfg::kPackBytes;
-#pragma unroll
-      for (int i = 0; i < kDyPasses; ++i) {
-        const int r = dr0 + kDyRowStep * i;
-        if (kDyTileRows % kDyRowStep != 0 && r >= kDyTileRows) break;
-        bool v;
-        int64_t off;
-        if constexpr (FA == 1) {
-          v = n0 + r < N;
-          off = (n0 + kDyRowStep * i) * K;
-        } else {
-          v = n0 + dq * 8 < N;
-          off = static_cast<int64_t>(kDyRowStep * i) * N + n0;
-        }
-        CpAsync16(dys + SwizzledR<kDyRowBytes>(r, dq), v ? dy_src + off : gdy, v);
-      }
-      const int64_t x_step = FA == 1 ? n0 * C : n0;
-      const bool x_chunk_valid = n0 + q * 8 < N;  // feature axis 0
-#pragma unroll
-      for (int j = 0; j < G; ++j) {
-        if (j >= packs) break;
-#pragma unroll
-        for (int i = 0; i < kXPasses; ++i) {
-          const T* base = x_src[j][FA == 1 ? 0 : kXRowStep * i / BS];
-          if (base == nullptr) continue;  // a slot past the group's end
-          // Rows (feature axis 1) or chunks (feature axis 0) at or past N are zero-filled.
-          const bool v = FA == 1 ? kXRowStep * i < N - n0 - r0 : x_chunk_valid;
-          const int64_t off = FA == 1 ? x_step + static_cast<int64_t>(kXRowStep * i) * C
-                                      : x_step + static_cast<int64_t>(kXRowStep * i % BS) * N;
-          CpAsync16(st + j * Cfg::kPackBytes + x_dst0 + kXRowStep * i * kPackRowBytes,
-                    v ? base + off : gx, v);
-        }
-      }
-    };
-
     float acc[G][BS / 2];
 #pragma unroll
     for (int j = 0; j < G; ++j)
 #pragma unroll
       for (int e = 0; e < BS / 2; ++e) acc[j][e] = 0.f;
 
+    if constexpr (Cfg::kTensorMapCopies) {
+      const uint32_t bars = SmemAddr(s_bars);  // full[i] at bars + 8 i, empty[i] + 8 kStages
+      if (tid == 0) {
+        for (int i = 0; i < kStages; ++i) {
+          tma::MbarInit(bars + 8 * i, 1);
+          tma::MbarInit(bars + 8 * (kStages + i), Cfg::kMmaThreads / 32);
+        }
+        tma::FenceMbarInit();
+      }
+      __syncthreads();
+      const int lane = tid & 31;
+      if (tid >= Cfg::kMmaThreads) {
+        // The copy warp's lane 0 fills a stage once the wgmma group that read it is done.
+        // Rows past N arrive as zeros (and count as bytes); slots past the group's end are not
+        // copied: they keep stale data, which reaches only accumulator rows never stored.
+        if (lane == 0) {
+          tma::PrefetchTensorMap(&kp.x_map);
+          tma::PrefetchTensorMap(&kp.w_map);
+          const uint32_t step_bytes = (nblk + 1) * Cfg::kSlabBytes;
+          for (int s = 0; s < steps; ++s) {
+            const int buf = s % kStages;
+            const uint32_t full = bars + 8 * buf;
+            if (s >= kStages) tma::MbarWait(bars + 8 * (kStages + buf), ((s / kStages) + 1) & 1);
+            tma::MbarArriveExpectTx(full, step_bytes);
+            const int n0 = static_cast<int>((static_cast<int64_t>(s) * split + rank) * Cfg::kRows);
+            const uint32_t st = smem_base + buf * Cfg::kStageBytes;
+            // Box coordinates (inner, outer): (feature, batch row), or (batch, feature) with
+            // feature axis 0.
+            for (int b = 0; b < nblk; ++b) {
+              const uint32_t dst = st + (b / P) * Cfg::kPackBytes + (b % P) * Cfg::kSlabBytes;
+              if constexpr (FA == 1)
+                tma::CopyTile2D(dst, &kp.x_map, s_c[b] * BS, n0, full);
+              else
+                tma::CopyTile2D(dst, &kp.x_map, n0, s_c[b] * BS, full);
+            }
+            if constexpr (FA == 1)
+              tma::CopyTile2D(st + G * Cfg::kPackBytes, &kp.w_map, kcol * BS, n0, full);
+            else
+              tma::CopyTile2D(st + G * Cfg::kPackBytes, &kp.w_map, n0, kcol * BS, full);
+          }
+        }
+        __syncwarp();
+      } else {
+        for (int s = 0; s < steps; ++s) {
+          const int buf = s % kStages;
+          tma::MbarWait(bars + 8 * buf, (s / kStages) & 1);
+          const uint32_t st = smem_base + buf * Cfg::kStageBytes;
+          const uint32_t dys = st + G * Cfg::kPackBytes;
+          WgmmaFence();
 #pragma unroll
-    for (int s = 0; s < kStages - 2; ++s) {
-      if (s < steps) load_step(s, s);
-      CpAsyncCommit();  // one group per step, empty or not, so the waits count steps
-    }
-    for (int s = 0; s < steps; ++s) {
-      CpAsyncWait<kStages - 3>();  // this thread's copies of step s have landed
-      FenceSharedForAsyncProxy();
-      if (kPaced) throttle.AtStep(t0 + s);
-      __syncthreads();  // everyone's have; and step s - 2's wgmma (waited below) is done
-      const int nxt = s + kStages - 2;
-      if (nxt < steps) load_step(nxt, nxt % kStages);  // into the stage step s - 2 read
-      CpAsyncCommit();
-      const uint32_t st = smem_base + (s % kStages) * Cfg::kStageBytes;
-      const uint32_t dys = st + G * Cfg::kPackBytes;
-      WgmmaFence();
+          for (int kk = 0; kk < Cfg::kRows / 16; ++kk) {
+            // As with cp.async but for feature axis 1's packs, whose slabs lie one after another.
+            const uint64_t bd =
+                DescriptorR<kDyRowBytes>(dys + (FA == 1 ? kk * 16 * kDyRowBytes : kk * 32));
 #pragma unroll
-      for (int kk = 0; kk < kRows / 16; ++kk) {
-        // A k16 slice is 16 rows on (feature axis 1) or 32 bytes into the rows (feature axis 0).
-        const uint64_t bd =
-            DescriptorR<kDyRowBytes>(dys + (FA == 1 ? kk * 16 * kDyRowBytes : kk * 32));
+            for (int j = 0; j < G; ++j) {
+              const uint32_t a =
+                  st + j * Cfg::kPackBytes + (FA == 1 ? kk * 16 * (2 * BS) : kk * 32);
+              const uint64_t ad = FA == 1 ? DescriptorAtoms<2 * BS, Cfg::kSlabBytes>(a)
+                                          : DescriptorR<2 * Cfg::kRows>(a);
+              Wgmma<T, BS, FA == 1, FA == 1>(acc[j], ad, bd);
+            }
+          }
+          WgmmaCommit();
+          WgmmaWait<1>();  // step s - 1's group is done: its stage may be refilled
+          if (s > 0 && lane == 0) tma::MbarArrive(bars + 8 * (kStages + (s - 1) % kStages));
+        }
+        WgmmaWait<0>();
+      }
+      __syncthreads();  // every copy landed and was read: the stages may stage the sums
+    } else {
+      const int packs = (nblk + P - 1) / P;
+
+      // Copies: 16-byte chunk tid % kChunks of rows tid / kChunks + (128 / kChunks) i, kChunks
+      // being the chunks of a tile row.  Pack tiles: kRows batch rows of 128 bytes (feature axis
+      // 1) or 64 feature rows of 2 kRows bytes (feature axis 0); dy tiles: kRows rows of 2 BS
+      // bytes or BS rows of 2 kRows bytes.
+      constexpr int kRows = Cfg::kRows;
+      constexpr int kPackRowBytes = FA == 1 ? 128 : 2 * kRows;
+      constexpr int kXChunks = kPackRowBytes / 16, kXRowStep = Cfg::kMmaThreads / kXChunks;
+      constexpr int kXPasses = (FA == 1 ? kRows : 64) / kXRowStep;
+      constexpr int kDyChunks = kDyRowBytes / 16, kDyRowStep = Cfg::kMmaThreads / kDyChunks;
+      constexpr int kDyTileRows = FA == 1 ? kRows : BS;
+      constexpr int kDyPasses = (kDyTileRows + kDyRowStep - 1) / kDyRowStep;
+      static_assert(kXPasses * kXRowStep == (FA == 1 ? kRows : 64), "whole pack rows per pass");
+      const int q = tid % kXChunks, r0 = tid / kXChunks;
+      const int dq = tid % kDyChunks, dr0 = tid / kDyChunks;
+      const T* const dy_src = FA == 1
+                                  ? gdy + dr0 * K + static_cast<int64_t>(kcol) * BS + dq * 8
+                                  : gdy + (static_cast<int64_t>(kcol) * BS + dr0) * N + dq * 8;
+      // This thread's x chunks, worked out once: pack j's block at slot s (feature axis 1: the
+      // slot of chunk q; feature axis 0: rows r0 + kXRowStep i lie in slot kXRowStep i / BS, as
+      // r0 < kXRowStep and BS is a multiple of kXRowStep) starts at x_src[j][s] for batch row 0
+      // (null for a slot past the group's end).  The swizzle repeats every 8 rows, so rows
+      // r0 + kXRowStep i land at x_dst0 plus whole rows.
+      static_assert(kXRowStep % 8 == 0 && (FA == 1 || BS % kXRowStep == 0),
+                    "each pass's rows keep the swizzle phase and lie in one slot");
+      constexpr int kSlots = FA == 1 ? 1 : P;
+      const T* x_src[G][kSlots];
+#pragma unroll
+      for (int j = 0; j < G; ++j)
+#pragma unroll
+        for (int e = 0; e < kSlots; ++e) {
+          const int slot = FA == 1 ? q / (BS / 8) : e;
+          const int c = s_c[j * P + slot];
+          x_src[j][e] = c < 0 ? nullptr
+                        : FA == 1 ? gx + r0 * C + static_cast<int64_t>(c) * BS + (q % (BS / 8)) * 8
+                                  : gx + (static_cast<int64_t>(c) * BS + r0) * N + q * 8;
+        }
+      const int x_dst0 = SwizzledR<kPackRowBytes>(r0, q);
+      auto load_step = [&](int s, int buf) {
+        const int64_t n0 = (static_cast<int64_t>(s) * split + rank) * kRows;
+        unsigned char* st = smem + buf * Cfg::kStageBytes;
+        unsigned char* dys = st + G * Cfg::kPackBytes;
+#pragma unroll
+        for (int i = 0; i < kDyPasses; ++i) {
+          const int r = dr0 + kDyRowStep * i;
+          if (kDyTileRows % kDyRowStep != 0 && r >= kDyTileRows) break;
+          bool v;
+          int64_t off;
+          if constexpr (FA == 1) {
+            v = n0 + r < N;
+            off = (n0 + kDyRowStep * i) * K;
+          } else {
+            v = n0 + dq * 8 < N;
+            off = static_cast<int64_t>(kDyRowStep * i) * N + n0;
+          }
+          CpAsync16(dys + SwizzledR<kDyRowBytes>(r, dq), v ? dy_src + off : gdy, v);
+        }
+        const int64_t x_step = FA == 1 ? n0 * C : n0;
+        const bool x_chunk_valid = n0 + q * 8 < N;  // feature axis 0
 #pragma unroll
         for (int j = 0; j < G; ++j) {
-          const uint32_t a = st + j * Cfg::kPackBytes + (FA == 1 ? kk * 16 * 128 : kk * 32);
-          Wgmma<T, BS, FA == 1, FA == 1>(acc[j], DescriptorR<kPackRowBytes>(a), bd);
+          if (j >= packs) break;
+#pragma unroll
+          for (int i = 0; i < kXPasses; ++i) {
+            const T* base = x_src[j][FA == 1 ? 0 : kXRowStep * i / BS];
+            if (base == nullptr) continue;  // a slot past the group's end
+            // Rows (feature axis 1) or chunks (feature axis 0) at or past N are zero-filled.
+            const bool v = FA == 1 ? kXRowStep * i < N - n0 - r0 : x_chunk_valid;
+            const int64_t off = FA == 1 ? x_step + static_cast<int64_t>(kXRowStep * i) * C
+                                        : x_step + static_cast<int64_t>(kXRowStep * i % BS) * N;
+            CpAsync16(st + j * Cfg::kPackBytes + x_dst0 + kXRowStep * i * kPackRowBytes,
+                      v ? base + off : gx, v);
+          }
         }
+      };
+
+#pragma unroll
+      for (int s = 0; s < kStages - 2; ++s) {
+        if (s < steps) load_step(s, s);
+        CpAsyncCommit();  // one group per step, empty or not, so the waits count steps
       }
-      WgmmaCommit();
-      WgmmaWait<1>();  // step s - 1's group is done; step s's may still run
-    }
-    WgmmaWait<0>();
-    CpAsyncWait<0>();
-    __syncthreads();
+      for (int s = 0; s < steps; ++s) {
+        CpAsyncWait<kStages - 3>();  // this thread's copies of step s have landed
+        FenceSharedForAsyncProxy();
+        if (kPaced) throttle.AtStep(t0 + s);
+        __syncthreads();  // everyone's have; and step s - 2's wgmma (waited below) is done
+        const int nxt = s + kStages - 2;
+        if (nxt < steps) load_step(nxt, nxt % kStages);  // into the stage step s - 2 read
+        CpAsyncCommit();
+        const uint32_t st = smem_base + (s % kStages) * Cfg::kStageBytes;
+        const uint32_t dys = st + G * Cfg::kPackBytes;
+        WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < kRows / 16; ++kk) {
+          // A k16 slice is 16 rows on (feature axis 1) or 32 bytes into the rows (feature axis 0).
+          const uint64_t bd =
+              DescriptorR<kDyRowBytes>(dys + (FA == 1 ? kk * 16 * kDyRowBytes : kk * 32));
+#pragma unroll
+          for (int j = 0; j < G; ++j) {
+            const uint32_t a = st + j * Cfg::kPackBytes + (FA == 1 ? kk * 16 * 128 : kk * 32);
+            Wgmma<T, BS, FA == 1, FA == 1>(acc[j], DescriptorR<kPackRowBytes>(a), bd);
+          }
+        }
+        WgmmaCommit();
+        WgmmaWait<1>();  // step s - 1's group is done; step s's may still run
+      }
+      WgmmaWait<0>();
+      CpAsyncWait<0>();
+      __syncthreads();
+    }  // cp.async copies
 
     // Epilogue: pack j's acc holds rows 16 warp + lane / 4 (+ 8) (block slot row / BS, its
     // feature row % BS), columns 8 i + 2 (lane % 4) (+ 1) of dw.  Stage the float partial sums
     // as rows 64 j + row, then each rank of the cluster sums (in rank order) and writes its
     // share of the 16-byte output chunks.
     float* Cs = reinterpret_cast<float*>(smem);
-    {
+    if (tid < Cfg::kMmaThreads) {
       const int lane = tid & 31, row = 16 * (tid >> 5) + (lane >> 2), col = 2 * (lane & 3);
 #pragma unroll
       for (int j = 0; j < G; ++j)
@@ -1127,7 +1231,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaGradWColumnKernel(const Pa
   }  // groups
   if (kPaced) throttle.Finish(t0);
 #else
-  (void)p;
+  (void)kp;
   __trap();
 #endif
 }

@@ -128,6 +128,16 @@ __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
   }
 #endif
 }
+// A pipeline's barriers at bars: full[i] (one arrival, the copy warp's, plus the stage's
+// bytes) at bars + 8 i, empty[i] (one arrival per consuming warp) at bars + 8 (stages + i).
+// Called by thread 0 before a barrier of the whole CTA.
+__device__ __forceinline__ void InitStageBarriers(uint32_t bars, int stages, int consumer_warps) {
+  for (int i = 0; i < stages; ++i) {
+    MbarInit(bars + 8 * i, 1);
+    MbarInit(bars + 8 * (stages + i), consumer_warps);
+  }
+  FenceMbarInit();
+}
 // Starts fetching the tensor map at `map` (a kernel parameter) before its first copy.
 __device__ __forceinline__ void PrefetchTensorMap(const TensorMap* map) {
 #if BSMM_HAS_TMA

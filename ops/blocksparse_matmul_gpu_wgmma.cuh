@@ -578,16 +578,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   };
 
   if constexpr (Cfg::kTensorMapCopies) {
-    // Barriers: full[i] (one arrival, the copy warp's, plus the stage's bytes) at
-    // bars + 8 i, empty[i] (one arrival per MMA warp) at bars + 8 (kStages + i).
+    // Barriers: full[i] at bars + 8 i, empty[i] at bars + 8 (kStages + i).
     const uint32_t bars = smem_base + Cfg::kBarrierOffset;
-    if (tid == 0) {
-      for (int i = 0; i < kStages; ++i) {
-        tma::MbarInit(bars + 8 * i, 1);
-        tma::MbarInit(bars + 8 * (kStages + i), Cfg::kMmaThreads / 32);
-      }
-      tma::FenceMbarInit();
-    }
+    if (tid == 0) tma::InitStageBarriers(bars, kStages, Cfg::kMmaThreads / 32);
     __syncthreads();
     const int lane = tid & 31;
     // Rows past N arrive as zeros.  A single 64-row tile's box (feature axis 1) holds only the
@@ -1006,13 +999,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 
     if constexpr (Cfg::kTensorMapCopies) {
       const uint32_t bars = SmemAddr(s_bars);  // full[i] at bars + 8 i, empty[i] + 8 kStages
-      if (tid == 0) {
-        for (int i = 0; i < kStages; ++i) {
-          tma::MbarInit(bars + 8 * i, 1);
-          tma::MbarInit(bars + 8 * (kStages + i), Cfg::kMmaThreads / 32);
-        }
-        tma::FenceMbarInit();
-      }
+      if (tid == 0) tma::InitStageBarriers(bars, kStages, Cfg::kMmaThreads / 32);
       __syncthreads();
       const int lane = tid & 31;
       if (tid >= Cfg::kMmaThreads) {

@@ -118,8 +118,10 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //      several groups per CTA (what racecheck can afford to run).
 //  11: 16-bit bs 32 dW (N > 64) in groups of 4 blocks wherever columns average 4 or more.
 //  12: 16-bit bs 32 dW (N > 64) in groups of 2 blocks everywhere.
-//  13: the wgmma dW (16-bit, N > 64, where not paced) copies x and dy on the copy engine, not
-//      with cp.async (the same results bit for bit).
+//  13: the wgmma dW (16-bit, N > 64, where not paced) copies x and dy on the copy engine
+//      wherever it can (the default does so with feature axis 1 for bs 64, and for bs 32 where
+//      x fits in the L2); the same results bit for bit.
+//  14: that dW copies with cp.async everywhere.
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
 // give variant 3's results bit for bit where neither splits a tile over a cluster (a split
 // changes the order of the sums; splits depend on the tile count).  All are deterministic.

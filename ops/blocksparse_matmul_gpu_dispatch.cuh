@@ -585,9 +585,20 @@ constexpr double kColumnGradBs32FourBlocksAxis0Work = 24.0 * 4096;
 
 // The wgmma dW on the copy engine: the same configuration with a copy warp, where the driver
 // encodes the tensor maps (x and dy 16-byte aligned, and with feature axis 0 N a multiple of
-// 8).  Bit for bit the results of its cp.async copies.  Opt-in (SetTuning(13)) until its speed
-// has been measured against them on a GPU.
-inline bool CopyEngineGradW() { return Tuning() == 13; }
+// 8).  Bit for bit the results of its cp.async copies.  Measured on an H200 (bf16 unless
+// noted, dW us, cp.async -> copy engine, the two alternated in one process): feature axis 1,
+// N = 4096, C = K = 4096: bs 32 at 2% 32.3 -> 31.2, 10% 148.8 -> 100.5, 25% 245.4 -> 175.4
+// (fp16 249.5 -> 177.0), 100% 723.1 -> 569.6; bs 64 at 2% 22.4 -> 23.0, 10% 54.0 -> 41.6, 25%
+// 129.4 -> 100.5, 100% 402.7 -> 332.1; N = 16384, C = K = 8192: bs 64 at 10% 769.6 -> 626.8,
+// but bs 32 at 2% 338.4 -> 492.3 and 10% 1685.1 -> 2021.7, its x eight times the L2; bs 16
+// slower (25% 515.4 -> 548.3, 100% 1071.5 -> 2040.0); feature axis 0 0.95-1.14x the time.  So
+// by default with feature axis 1 for bs 64, and for bs 32 where x fits in the L2; SetTuning(13)
+// takes it wherever it can serve, SetTuning(14) nowhere.
+template <int FA, int BS>
+bool CopyEngineGradW(double x_bytes, const DeviceInfo& di) {
+  if (Tuning() == 13 || Tuning() == 14) return Tuning() == 13;
+  return FA == 1 && (BS == 64 || (BS == 32 && x_bytes <= static_cast<double>(di.l2_bytes)));
+}
 template <class Cfg>
 struct ColumnGradOnCopyEngine {
   using type = wgmma_impl::ColumnGradCfg<Cfg::BS, Cfg::kPacks, Cfg::kRows, Cfg::kStages, true>;
@@ -671,9 +682,9 @@ int LaunchWgmmaGradWColumns(const Params& p, int64_t N, int64_t blocks, int devi
   const int64_t per_col = filled > 0 ? (blocks + filled - 1) / filled : 0;
   const int64_t expected = filled * ((per_col + per - 1) / per);
   const double steps = static_cast<double>((N + Cfg::kRows - 1) / Cfg::kRows);
+  const double x_bytes = static_cast<double>(N) * p.C * sizeof(T);
   if constexpr (kMayPace) {
     const double density = static_cast<double>(blocks) / (static_cast<double>(p.C / BS) * KB);
-    const double x_bytes = static_cast<double>(N) * p.C * sizeof(T);
     const bool pays =
         density <= kPacedColumnGroupsMaxDensity &&
         x_bytes >= static_cast<double>(kPacedColumnGroupsMinL2Multiple) * di.l2_bytes;
@@ -697,7 +708,8 @@ int LaunchWgmmaGradWColumns(const Params& p, int64_t N, int64_t blocks, int devi
   {
     using OnCopyEngine = typename ColumnGradOnCopyEngine<Cfg>::type;
     NarrowParams np{p, {}, {}};
-    if (CopyEngineGradW() && EncodeColumnGradMaps<T, FA, BS, Cfg::kRows>(&np))
+    if (CopyEngineGradW<FA, BS>(x_bytes, di) &&
+        EncodeColumnGradMaps<T, FA, BS, Cfg::kRows>(&np))
       return LaunchTiles<KernelTag<T, OnCopyEngine, 50 + FA>>(
           wgmma_impl::WgmmaGradWColumnKernel<T, FA, OnCopyEngine>, OnCopyEngine::kThreads,
           OnCopyEngine::kSmemBytes, bound, 1, steps, np, device, di, s, expected);

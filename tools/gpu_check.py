@@ -333,10 +333,11 @@ def correctness(lib, res, quick=False, race=False):
                 for fa in (1, 0):
                     run_case(lib, res, dt, 32, L, N, fa, gen, ops=("dw",))
     # The wgmma dW with x and dy copied on the copy engine (SetTuning(13); Hopper, with feature
-    # axis 0 where N % 8 == 0) makes the same sums in the same order as with its cp.async
-    # copies, bit for bit: bs 16 / 32 / 64 (8-, 4- and 2-block groups for bs 32), columns whose
-    # last group is partial, an empty column, a ragged last batch step, few columns that a
-    # cluster splits.
+    # axis 0 where N % 8 == 0; the default for feature axis 1 with bs 64, and bs 32 where x fits
+    # in the L2) makes the same sums in the same order as with its cp.async copies
+    # (SetTuning(14)), bit for bit: bs 16 / 32 / 64 (8-, 4- and 2-block groups for bs 32),
+    # columns whose last group is partial, an empty column, a ragged last batch step, few
+    # columns that a cluster splits.
     if is_hopper() and lib.tuning == 0:
         cases = [(16, random_layout(20, 9, 16, 0.7, rng, empty_cols=[4]), 1000),
                  (32, random_layout(24, 9, 32, 0.5, rng, empty_cols=[2]), 1000),
@@ -354,7 +355,7 @@ def correctness(lib, res, quick=False, race=False):
                 dy = torch.randn(*((N, L.KB * bs) if fa else (L.KB * bs, N)), generator=gen,
                                  device="cuda").to(tdt)
                 outs = []
-                for tuning in (13, 0):
+                for tuning in (13, 14):
                     lib.set_tuning(tuning)
                     dw = torch.full((L.blocks, bs, bs), float("nan"), dtype=tdt, device="cuda")
                     rc = lib.grad_w(dt, x, dy, dw, N, fa, L)

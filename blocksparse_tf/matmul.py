@@ -73,8 +73,8 @@ def _check_binary(values):
 
 def _coords_of_pairs(coords, shape):
     coords = np.asarray(coords)
-    if coords.size == 0:
-        coords = coords.reshape(0, 2)
+    if coords.size == 0:  # no blocks (said below), whatever dtype numpy gave the empty list
+        coords = coords.reshape(0, 2).astype(np.int64)
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise ValueError(f"block coordinates must have shape (blocks, 2); got {coords.shape}")
     if not np.issubdtype(coords.dtype, np.integer):
@@ -108,7 +108,8 @@ def _coords_of_array(layout):
 def _layout_coords(layout):
     """Returns ((blocks, 2) int32 coordinates in row-major order, (CB, KB)) for any layout form."""
     if (isinstance(layout, tuple) and len(layout) == 2 and np.shape(layout[1]) == (2,)
-            and np.ndim(layout[0]) != 1):  # (coords, (CB, KB)), not a 2-row nested-tuple layout
+            and (np.ndim(layout[0]) != 1 or np.size(layout[0]) == 0)):
+        # (coords, (CB, KB)), not a 2-row nested-tuple layout (whose rows are never empty)
         coords, shape = _coords_of_pairs(*layout)
     elif scipy.sparse.issparse(layout):
         coords, shape = _coords_of_sparse(layout)
@@ -127,12 +128,27 @@ def _layout_coords(layout):
 
 
 class _InitialWeights(np.ndarray):
-    """A numpy array of w_shape that is also a Keras initializer: ``init(shape, dtype)``."""
+    """A numpy array of w_shape that is also a Keras initializer: ``init(shape, dtype)``.
+
+    ``recipe`` says how it was made (see BlocksparseMatMul.initial_weights_from_recipe), so a
+    layer given it as an initializer can be saved: its config holds the recipe, not the
+    values.  Arrays derived from it (slices, arithmetic) have no recipe."""
+
+    recipe = None
+
+    def __array_finalize__(self, obj):
+        self.recipe = None
 
     def __call__(self, shape=None, dtype=None, **kwargs):
         if shape is not None and tuple(shape) != self.shape:
             raise ValueError(f"initializer holds weights of shape {self.shape}; asked for {tuple(shape)}")
         return tf.constant(np.asarray(self), dtype=dtype or tf.float32)
+
+
+def _with_recipe(w, bsmm, method, **arguments):
+    w = w.view(_InitialWeights)
+    w.recipe = {"matmul": bsmm.get_config(), "method": method, "arguments": arguments}
+    return w
 
 
 class BlocksparseMatMul:
@@ -223,7 +239,7 @@ class BlocksparseMatMul:
                 raise ValueError(f"gate must have shape ({self.blocks},), one value per block; "
                                  f"got {gate.shape}")
             if not gate.shape.is_fully_defined():  # known only when run: checked then
-                gate = tf.ensure_shape(gate, [self.blocks])
+                gate = _gate_checked_when_run(gate, self.blocks)
             w = w * tf.reshape(tf.cast(gate, w.dtype), [-1, 1, 1])
         return blocksparse_matmul(x, w, self._layout_tensor(), self.block_size, self.C, self.K,
                                   self.feature_axis, constant_layout=True)
@@ -264,6 +280,9 @@ class BlocksparseMatMul:
         """Dense (C, K) matrix holding the blocks of ``w`` (numpy in, numpy out; tensor in, tensor out)."""
         bs, c, k = self.block_size, self._coords[:, 0], self._coords[:, 1]
         if isinstance(w, (tf.Tensor, tf.Variable)):
+            if not w.shape.is_compatible_with(self.w_shape):
+                raise ValueError(f"w must have shape w_shape={self.w_shape}; got {w.shape}")
+            w = tf.ensure_shape(w, self.w_shape)  # a shape known only when run: checked then
             grid = tf.scatter_nd(self._coords, w, (self.CB, self.KB, bs, bs))
             return tf.reshape(tf.transpose(grid, [0, 2, 1, 3]), (self.C, self.K))
         w = np.asarray(w)
@@ -277,6 +296,9 @@ class BlocksparseMatMul:
         """Blocks (blocks, bs, bs) of a dense (C, K) matrix at this layout's positions."""
         bs = self.block_size
         if isinstance(W, (tf.Tensor, tf.Variable)):
+            if not W.shape.is_compatible_with((self.C, self.K)):
+                raise ValueError(f"W must have shape (C, K)=({self.C}, {self.K}); got {W.shape}")
+            W = tf.ensure_shape(W, (self.C, self.K))  # a shape known only when run: checked then
             grid = tf.transpose(tf.reshape(W, (self.CB, bs, self.KB, bs)), [0, 2, 1, 3])
             return tf.gather_nd(grid, self._coords)
         W = np.asarray(W)
@@ -315,7 +337,7 @@ class BlocksparseMatMul:
         """
         w = np.zeros(self.w_shape, dtype=np.float32)
         w[self._coords[:, 0] == self._coords[:, 1]] = scale * np.eye(self.block_size, dtype=np.float32)
-        return w.view(_InitialWeights)
+        return _with_recipe(w, self, "identity_init", scale=float(scale))
 
     def ortho_init(self, seed=None):
         """Random orthogonal blocks, scaled by 1/sqrt(blocks in the block column).
@@ -328,7 +350,19 @@ class BlocksparseMatMul:
         q *= np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
         fan_in_blocks = np.bincount(self._coords[:, 1], minlength=self.KB)[self._coords[:, 1]]
         w = q / np.sqrt(fan_in_blocks)[:, None, None]
-        return w.astype(np.float32).view(_InitialWeights)
+        w = w.astype(np.float32)
+        if seed is not None and not isinstance(seed, (int, np.integer)):
+            return w.view(_InitialWeights)  # a generator's state: no recipe to save
+        return _with_recipe(w, self, "ortho_init", seed=None if seed is None else int(seed))
+
+    @staticmethod
+    def initial_weights_from_recipe(recipe):
+        """The weights an ``identity_init`` / ``ortho_init`` result's ``recipe`` describes (the
+        same values, unless made with seed=None)."""
+        if recipe.get("method") not in ("identity_init", "ortho_init"):
+            raise ValueError(f"unknown initial-weights recipe {recipe!r}")
+        bsmm = BlocksparseMatMul.from_config(recipe["matmul"])
+        return getattr(bsmm, recipe["method"])(**recipe["arguments"])
 
     # ---- serialisation -----------------------------------------------------------------
     def get_config(self):
@@ -347,6 +381,18 @@ class BlocksparseMatMul:
     def __repr__(self):
         return (f"BlocksparseMatMul(C={self.C}, K={self.K}, block_size={self.block_size}, "
                 f"blocks={self.blocks}, density={self.density:.3g}, feature_axis={self.feature_axis})")
+
+
+def _gate_checked_when_run(gate, blocks):
+    """gate, checked to have shape (blocks,) when run (an error that names the gate, where
+    tf.ensure_shape names only the tensor) and given that static shape."""
+    message = f"gate must have shape ({blocks},), one value per block"
+    checks = [tf.debugging.assert_rank(gate, 1, message=message),
+              tf.debugging.assert_equal(tf.size(gate), blocks, message=message)]
+    with tf.control_dependencies(checks):
+        gate = tf.identity(gate)
+    gate.set_shape([blocks])
+    return gate
 
 
 def blocksparse_matmul(x, w, layout, block_size, C, K, feature_axis=1, transpose_w=False,

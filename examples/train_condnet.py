@@ -50,11 +50,22 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(ROOT, "docs"),
                    help="folder for condnet_results*.md and condnet_accuracy_vs_active*.png")
-    p.add_argument("--quick", action="store_true", help="tiny models, a few epochs (seconds)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny models, a few epochs (seconds); sets --hidden, --block-size, "
+                   "--taus, --epochs and --timing-repeats itself")
     args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.block_size, args.taus, args.epochs = "64,64", 16, "0.5,0.75", 3
         args.timing_repeats = 3
+    if args.block_size not in (1, 8, 16, 32, 64):
+        p.error(f"--block-size must be one of 1, 8, 16, 32, 64; got {args.block_size}")
+    try:
+        hidden = [int(v) for v in args.hidden.split(",")]
+    except ValueError:
+        hidden = []
+    if not hidden or any(h <= 0 or h % args.block_size for h in hidden):
+        p.error(f"--hidden must be comma-separated positive multiples of --block-size "
+                f"({args.block_size}); got {args.hidden!r}")
     return args
 
 

@@ -51,13 +51,20 @@ def parse_args(argv=None):
                    help="examples per timed inference call (test set tiled)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls (median)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a few epochs, small timing (seconds)")
+    p.add_argument("--quick", action="store_true",
+                   help="a few epochs, small timing (seconds); sets the epochs, warm-up, block "
+                   "sizes and timing options itself")
     args = p.parse_args(argv)
     if args.quick:
         args.dense_epochs, args.epochs, args.warmup = 2, 3, "1,2"
         args.block_sizes, args.timing_batch, args.repeats = "8,32", 256, 3
     args.warmup = tuple(int(v) for v in args.warmup.split(","))
-    args.block_sizes = [int(v) for v in args.block_sizes.split(",")]
+    try:
+        args.block_sizes = [int(v) for v in args.block_sizes.split(",")]
+    except ValueError:
+        p.error(f"--block-sizes must be comma-separated integers; got {args.block_sizes!r}")
+    if not set(args.block_sizes) <= {1, 8, 16, 32, 64}:
+        p.error(f"--block-sizes must be among 1, 8, 16, 32, 64; got {args.block_sizes}")
     args.nets = [n.strip() for n in args.nets.split(",") if n.strip()]
     if len(args.warmup) != 2 or not set(args.nets) <= {"lenet300", "lenet5"}:
         p.error("--warmup takes A,B and --nets lenet300 and/or lenet5")
@@ -165,8 +172,6 @@ def conversion_rows(name, svd, test, args):
     if args.density is not None:
         settings += [(bs, args.density) for bs in args.block_sizes]
     for bs, density in settings:
-        if bs not in (1, 8, 16, 32, 64):
-            continue
         new, rep = convert_model(svd, bs, density=density, x=x_time, repeats=args.repeats)
         _, acc = convert_model(svd, bs, density=density, x=x_te, y=y_te, repeats=1)
         blocks = sum(r["blocks"] for r in rep["layers"])

@@ -1,5 +1,10 @@
 """From trained sparse / dense Keras layers to BlockSparseDense (blocksparse_tf.convert)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -151,6 +156,19 @@ def test_padded_model_saves_and_loads(tmp_path):
     loaded = keras.models.load_model(path)
     x = rng.normal(size=(4, 64)).astype(np.float32)
     assert np.allclose(_np(loaded(x)), _np(model(x)), atol=1e-5)
+    # A fresh process that imports only blocksparse_tf.layers (as docs/layers.md says is
+    # enough) loads it too: the padding layers register with them.
+    x_path = str(tmp_path / "x.npy")
+    np.save(x_path, x)
+    script = ("import json, sys, keras, numpy as np; import blocksparse_tf.layers; "
+              "m = keras.models.load_model(sys.argv[1]); "
+              "print(json.dumps(np.asarray(m(np.load(sys.argv[2]))).tolist()))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script, path, x_path], cwd=root,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(np.array(json.loads(result.stdout.strip().splitlines()[-1])),
+                               _np(loaded(x)), rtol=1e-6, atol=1e-6)
 
 
 def test_convert_model_rejects_3d_inputs_and_no_pad():
@@ -163,15 +181,15 @@ def test_convert_model_rejects_3d_inputs_and_no_pad():
         convert_model(model, 8, pad=False)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"block_size": 3},
-    {"block_size": 8, "density": 0.0},
-    {"block_size": 8, "density": 1.5},
-    {"block_size": 8, "norm": "l1"},
+@pytest.mark.parametrize("kwargs,message", [
+    ({"block_size": 3}, r"block_size must be one of \(1, 8, 16, 32, 64\); got 3"),
+    ({"block_size": 8, "density": 0.0}, r"density must be None or a number in \(0, 1\]; got 0\.0"),
+    ({"block_size": 8, "density": 1.5}, r"density must be None or a number in \(0, 1\]; got 1\.5"),
+    ({"block_size": 8, "norm": "l1"}, r"norm must be 'l2' or 'max'; got 'l1'"),
 ])
-def test_bad_arguments_raise(kwargs):
+def test_bad_arguments_raise(kwargs, message):
     W = np.ones((16, 16), np.float32)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         to_block_sparse(W, **kwargs)
 
 
@@ -188,9 +206,9 @@ def test_bad_inputs_raise():
         convert_model("model", 8)
     with pytest.raises(ValueError, match="inputs"):
         to_block_sparse(np.ones((16, 16), np.float32), 8, inputs=np.ones((2, 5)))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"pad must be an integer >= 0; got -1"):
         PadFeatures(-1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"units must be a positive integer; got 0"):
         SliceFeatures(0)
 
 

@@ -11,6 +11,8 @@ import tensorflow as tf
 
 from blocksparse_tf import BlocksparseMatMul
 from blocksparse_tf.matmul import blocksparse_matmul, blocksparse_matmul_grad_w
+from tests.half_precision import (matmul_summed_in, product_and_bound_inputs,
+                                  within_float32_accumulation)
 
 BLOCK_SIZES = (1, 8, 16, 32, 64)
 RNG = np.random.default_rng(1234)
@@ -101,17 +103,17 @@ def test_forward_over_many_row_groups_and_column_ranges(bs, N, density):
     assert np.all(y[:, 5 * bs:6 * bs] == 0)
 
 
-def transposed_product(layout, bs, N, feature_axis=1, dtype=np.float32):
+def transposed_product(layout, bs, N, feature_axis=1):
     """y = x . W^T from the raw op with transpose_w, and its float64 reference."""
     bsmm = BlocksparseMatMul(layout, block_size=bs, feature_axis=feature_axis)
     x = RNG.standard_normal((N, bsmm.K))
     w = RNG.standard_normal(bsmm.w_shape)
     x_in = x if feature_axis == 1 else x.T
-    y = blocksparse_matmul(tf.constant(x_in, dtype), tf.constant(w, dtype),
+    y = blocksparse_matmul(tf.constant(x_in, tf.float32), tf.constant(w, tf.float32),
                            tf.constant(bsmm.coords), bs, bsmm.C, bsmm.K, feature_axis,
                            transpose_w=True)
-    ref = x.astype(dtype).astype(np.float64) @ dense_reference(
-        layout, bs, w.astype(dtype).astype(np.float64)).T
+    ref = x.astype(np.float32).astype(np.float64) @ dense_reference(
+        layout, bs, w.astype(np.float32).astype(np.float64)).T
     return y.numpy(), ref if feature_axis == 1 else ref.T
 
 
@@ -143,10 +145,23 @@ def test_transposed_product_of_columns_wider_than_a_thread_buffer():
     assert rel_err(y, ref) < 1e-5
 
 
-@pytest.mark.parametrize("dtype,tol", [(np.float16, 2e-3), (tf.bfloat16.as_numpy_dtype, 1e-2)])
-def test_transposed_product_in_half_precision(dtype, tol):
-    y, ref = transposed_product(rect_layout(), 16, 9, dtype=dtype)
-    assert rel_err(y.astype(np.float64), ref) < tol
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+@pytest.mark.parametrize("feature_axis", [1, 0])
+def test_transposed_product_accumulates_in_float32(dtype, feature_axis):
+    """y = x . W^T in float16 / bfloat16: float32 sums rounded once (tests/half_precision.py)."""
+    layout, bs, N = rect_layout(), 16, 9
+    bsmm = BlocksparseMatMul(layout, block_size=bs, feature_axis=feature_axis)
+    np_dtype = dtype.as_numpy_dtype
+    x = RNG.standard_normal((N, bsmm.K)).astype(np_dtype)
+    w = RNG.standard_normal(bsmm.w_shape).astype(np_dtype)
+    y = blocksparse_matmul(tf.constant(x if feature_axis == 1 else x.T), tf.constant(w),
+                           tf.constant(bsmm.coords), bs, bsmm.C, bsmm.K, feature_axis,
+                           transpose_w=True).numpy()
+    assert y.dtype == np_dtype
+    WT = dense_reference(layout, bs, w.astype(np.float64)).T
+    exact, abs_sum = product_and_bound_inputs(x.astype(np.float64), WT)
+    assert within_float32_accumulation(y if feature_axis == 1 else y.T, exact, abs_sum, bsmm.K,
+                                       np_dtype)
 
 
 def test_gradients_of_the_transposed_product():
@@ -301,33 +316,59 @@ def test_leading_batch_dims(bs):
     assert rel_err(dw, bsmm.from_dense(dW)) < 1e-5
 
 
-@pytest.mark.parametrize("dtype,tol", [(tf.float16, 2e-3), (tf.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
 @pytest.mark.parametrize("feature_axis", [1, 0])
-def test_half_precision(dtype, tol, feature_axis):
+def test_half_precision_accumulates_in_float32(dtype, feature_axis):
+    """float16 / bfloat16 y, dx and dw are float32 sums of the (exact) half-precision inputs
+    rounded once: each element within the bound of tests/half_precision.py of the float64
+    sums, which the same sums kept in half precision miss."""
     layout = rect_layout()
-    bsmm = BlocksparseMatMul(layout, block_size=16, feature_axis=feature_axis)
-    x = RNG.standard_normal(bsmm.i_shape(9))
-    w = RNG.standard_normal(bsmm.w_shape)
-    dy = RNG.standard_normal(bsmm.o_shape(9))
-    # References from the values the op actually sees (rounded to the dtype).
-    xr, wr, dyr = (tf.cast(tf.constant(a, tf.float32), dtype) for a in (x, w, dy))
-    y, dx, dw = products(bsmm, xr, wr, dyr)
-    x64, w64, dy64 = (tf.cast(a, tf.float64).numpy() for a in (xr, wr, dyr))
-    assert y.dtype == dtype.as_numpy_dtype
-    assert rel_err(y, bsmm.fprop_test(x64, w64)) < tol
-    assert rel_err(dx, bsmm.bprop_test(dy64, w64)) < tol
-    assert rel_err(dw, bsmm.updat_test(x64, dy64)) < tol
+    bs, N = 16, 9
+    bsmm = BlocksparseMatMul(layout, block_size=bs, feature_axis=feature_axis)
+    np_dtype = dtype.as_numpy_dtype
+    x, dy = (RNG.standard_normal(shape).astype(np_dtype) for shape in (bsmm.i_shape(N),
+                                                                       bsmm.o_shape(N)))
+    w = RNG.standard_normal(bsmm.w_shape).astype(np_dtype)
+    y, dx, dw = products(bsmm, x, w, dy)
+    assert y.dtype == dx.dtype == dw.dtype == np_dtype
+    def rows(a):  # (batch, features) float64
+        return a.astype(np.float64) if feature_axis == 1 else a.astype(np.float64).T
+
+    W = dense_reference(layout, bs, w.astype(np.float64))
+    block_mask = dense_reference(layout, bs, np.ones(bsmm.w_shape)) != 0
+    checks = [(y, rows(x), W, bsmm.C), (dx, rows(dy), W.T, bsmm.K)]
+    for actual, a, b, terms in checks:
+        exact, abs_sum = product_and_bound_inputs(a, b)
+        assert within_float32_accumulation(rows(actual), exact, abs_sum, terms, np_dtype)
+    exact, abs_sum = product_and_bound_inputs(rows(x).T, rows(dy))
+    assert within_float32_accumulation(bsmm.to_dense(dw.astype(np.float64))[block_mask],
+                                       exact[block_mask], abs_sum[block_mask], N, np_dtype)
+    # The bound tells half-precision sums apart.
+    assert not within_float32_accumulation(matmul_summed_in(np_dtype, rows(x), W),
+                                           *product_and_bound_inputs(rows(x), W), bsmm.C,
+                                           np_dtype)
 
 
-def test_numpy_references_agree_with_independent_reference():
+@pytest.mark.parametrize("feature_axis,batch", [(1, (4,)), (1, (2, 3)), (0, (4,))])
+def test_numpy_references_agree_with_independent_reference(feature_axis, batch):
+    """fprop_test / bprop_test / updat_test (used as references by other tests) against dense
+    float64 products, for both feature axes and leading batch dimensions."""
     layout = rect_layout()
-    bsmm = BlocksparseMatMul(layout, block_size=8)
-    x, dy = RNG.standard_normal((4, bsmm.C)), RNG.standard_normal((4, bsmm.K))
+    bsmm = BlocksparseMatMul(layout, block_size=8, feature_axis=feature_axis)
+    rows = int(np.prod(batch))
+    x, dy = RNG.standard_normal((rows, bsmm.C)), RNG.standard_normal((rows, bsmm.K))
     w = RNG.standard_normal(bsmm.w_shape)
     W = dense_reference(layout, 8, w)
-    np.testing.assert_allclose(bsmm.fprop_test(x, w), x @ W, rtol=1e-12)
-    np.testing.assert_allclose(bsmm.bprop_test(dy, w), dy @ W.T, rtol=1e-12)
-    np.testing.assert_allclose(bsmm.to_dense(bsmm.updat_test(x, dy)),
+
+    def as_input(a):  # (rows, features) in the layout the op takes
+        return a.reshape(*batch, -1) if feature_axis == 1 else a.T
+
+    def as_rows(a):
+        return a.reshape(rows, -1) if feature_axis == 1 else a.T
+
+    np.testing.assert_allclose(as_rows(bsmm.fprop_test(as_input(x), w)), x @ W, rtol=1e-12)
+    np.testing.assert_allclose(as_rows(bsmm.bprop_test(as_input(dy), w)), dy @ W.T, rtol=1e-12)
+    np.testing.assert_allclose(bsmm.to_dense(bsmm.updat_test(as_input(x), as_input(dy))),
                                (x.T @ dy) * (W != 0), rtol=1e-12, atol=1e-12)
 
 
@@ -346,10 +387,11 @@ def test_finite_difference_gradients(feature_axis):
         assert np.abs(t).max() > 0.1  # the check is not vacuous
 
 
-def test_second_order_gradient():
+@pytest.mark.parametrize("feature_axis", [1, 0])
+def test_second_order_gradient(feature_axis):
     layout = np.array([[1, 1], [0, 1]])
-    bsmm = BlocksparseMatMul(layout, block_size=8)
-    x = tf.constant(RNG.standard_normal((3, bsmm.C)).astype(np.float32))
+    bsmm = BlocksparseMatMul(layout, block_size=8, feature_axis=feature_axis)
+    x = tf.constant(RNG.standard_normal(bsmm.i_shape(3)).astype(np.float32))
     w = tf.constant(RNG.standard_normal(bsmm.w_shape).astype(np.float32))
 
     def grad_norm(a, b):  # depends on x and w through BlocksparseMatmulGradW
@@ -362,6 +404,7 @@ def test_second_order_gradient():
     theoretical, numerical = tf.test.compute_gradient(grad_norm, [x, w], delta=1e-2)
     for t, n in zip(theoretical, numerical):
         np.testing.assert_allclose(t, n, rtol=5e-2, atol=5e-2)
+        assert np.abs(t).max() > 1.0  # the check is not vacuous
 
 
 def test_tf_function_and_shape_inference():
@@ -544,6 +587,19 @@ def test_dense_round_trips():
     np.testing.assert_array_equal(bsmm.from_dense(W), w)
     np.testing.assert_array_equal(bsmm.to_dense(tf.constant(w)).numpy(), W)
     np.testing.assert_array_equal(bsmm.from_dense(tf.constant(W)).numpy(), w)
+    # Wrong shapes raise, numpy or tensor, even where the element count is right (W^T).
+    w_message = r"w must have shape w_shape=\(6, 8, 8\); got"
+    W_message = r"W must have shape \(C, K\)=\(40, 24\); got"
+    for convert, message, bad in [(bsmm.from_dense, W_message, W.T),
+                                  (bsmm.to_dense, w_message, w.reshape(8, 6, 8))]:
+        with pytest.raises(ValueError, match=message):
+            convert(bad)
+        with pytest.raises(ValueError, match=message):
+            convert(tf.constant(bad))
+    unknown = tf.function(bsmm.from_dense, input_signature=[tf.TensorSpec(None)])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not compatible with expected shape"):
+        unknown(W.T)
+    np.testing.assert_array_equal(unknown(W).numpy(), w)
 
 
 def test_config_and_npz_round_trips(tmp_path):
@@ -582,6 +638,7 @@ def test_initializers():
     (np.array([[1, 0.5]]), "0 or 1"),
     (scipy.sparse.csr_matrix(np.array([[2.0, 0.0], [0.0, 1.0]])), "0 or 1"),
     (np.zeros((3, 3)), "no nonzero blocks"),
+    (([], (2, 2)), r"layout of shape \(2, 2\) has no nonzero blocks"),
     (np.zeros((0, 3)), "at least"),
     (np.array([["a"]]), "0/1 numbers"),
     (([[0, 0], [0, 0]], (2, 2)), "duplicates"),
@@ -695,12 +752,16 @@ def test_gate_of_shape_known_only_when_run():
     run = tf.function(lambda g: bsmm(x, w, gate=g), input_signature=[tf.TensorSpec([None])])
     W = dense_reference(bsmm.layout, 8, w.astype(np.float64) * gate[:, None, None])
     assert rel_err(run(gate), x.astype(np.float64) @ W) < 1e-5
-    with pytest.raises(tf.errors.InvalidArgumentError):
+    message = rf"gate must have shape \({bsmm.blocks},\), one value per block"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         run(gate[:1])  # one value would broadcast over every block without the check
     unknown_rank = tf.function(lambda g: bsmm(x, w, gate=g),
                                input_signature=[tf.TensorSpec(None)])
-    with pytest.raises(tf.errors.InvalidArgumentError):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         unknown_rank(gate[:1])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        unknown_rank(gate.reshape(2, -1))  # every value, but not as a vector
+    assert rel_err(unknown_rank(gate), x.astype(np.float64) @ W) < 1e-5
 
 
 @pytest.mark.parametrize("bs, N", [(1, 96), (1, 97), (8, 3), (32, 40)])
@@ -850,12 +911,17 @@ def test_a_rows_product_does_not_depend_on_its_batch(bs, feature_axis, transpose
     np.testing.assert_array_equal(product(x[5:8]), batch[5:8])
 
 
-def test_empty_batch():
-    bsmm = BlocksparseMatMul(rect_layout(), block_size=8)
-    w = tf.ones(bsmm.w_shape)
-    x = tf.zeros((0, bsmm.C))
+@pytest.mark.parametrize("bs", [1, 8, 32])
+@pytest.mark.parametrize("feature_axis", [1, 0])
+def test_empty_batch(bs, feature_axis):
+    """No examples: empty y and dx of the right shapes, and a weight gradient of zeros."""
+    bsmm = BlocksparseMatMul(rect_layout(), block_size=bs, feature_axis=feature_axis)
+    w = tf.constant(RNG.standard_normal(bsmm.w_shape).astype(np.float32))
+    x = tf.zeros(bsmm.i_shape(0))
     with tf.GradientTape() as tape:
-        tape.watch(w)
+        tape.watch([x, w])
         y = bsmm(x, w)
-    assert y.shape == (0, bsmm.K)
-    np.testing.assert_array_equal(tape.gradient(y, w).numpy(), np.zeros(bsmm.w_shape))
+    assert y.shape == bsmm.o_shape(0)
+    dx, dw = tape.gradient(y, [x, w], output_gradients=tf.zeros(bsmm.o_shape(0)))
+    assert dx.shape == bsmm.i_shape(0)
+    np.testing.assert_array_equal(dw.numpy(), np.zeros(bsmm.w_shape))

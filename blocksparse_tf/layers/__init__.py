@@ -24,6 +24,10 @@ from blocksparse_tf.layers.lstm import BlockSparseLSTM, BlockSparseLSTMCell
 from blocksparse_tf.layers.sparse_vd import (KLWarmup, SparseVDConv2D, SparseVDDense, kl_scale,
                                              kl_warmup, sparsity_report)
 
+# The padding layers that blocksparse_tf.convert puts around converted layers register with
+# these, so that a converted model loads after this import alone.
+from blocksparse_tf import convert as _convert  # noqa: E402,F401  (after the layers it uses)
+
 __all__ = ["BlockSparseDense", "BlockSparseConv2D", "BlockSparseLSTM", "BlockSparseLSTMCell", "CondDense",
            "CondNetModel", "SparseVDDense", "SparseVDConv2D", "KLWarmup", "kl_scale", "kl_warmup",
            "sparsity_report"]

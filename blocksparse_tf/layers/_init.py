@@ -9,6 +9,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from blocksparse_tf.matmul import BlocksparseMatMul
+
 BLOCK_INITIALIZERS = ("block_glorot_uniform", "block_orthogonal")
 
 
@@ -56,10 +58,34 @@ def get_initializer(value, coords, CB, KB, bs):
     return keras.initializers.get(value)
 
 
+@keras.saving.register_keras_serializable(package="blocksparse_tf")
+class BlocksparseInitialWeights(keras.initializers.Initializer):
+    """The weights of a ``BlocksparseMatMul.identity_init`` / ``ortho_init`` result, rebuilt
+    from its recipe (the layout, the method and its arguments): what a layer given such an
+    array as its initializer saves in its config."""
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+
+    def __call__(self, shape, dtype=None):
+        return BlocksparseMatMul.initial_weights_from_recipe(self.recipe)(shape, dtype)
+
+    def get_config(self):
+        return {"recipe": self.recipe}
+
+
 def serialize_initializer(value):
-    """Config form: block initializer names stay strings; others go through Keras."""
+    """Config form: block initializer names stay strings; the arrays of identity_init /
+    ortho_init become their recipes; others go through Keras."""
     if isinstance(value, str):
         return value
+    if isinstance(value, np.ndarray):
+        if getattr(value, "recipe", None) is None:
+            raise ValueError("an array of initial weights can be saved in a layer's config only "
+                             "as returned by BlocksparseMatMul.identity_init or ortho_init "
+                             "(seed None or an integer; not derived from one); pass an "
+                             "initializer instead")
+        value = BlocksparseInitialWeights(value.recipe)
     return keras.initializers.serialize(value)
 
 

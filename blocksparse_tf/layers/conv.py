@@ -232,15 +232,16 @@ class BlockSparseConv2D(keras.layers.Layer):
                                                   dil, self.padding))
             padded = (size if size is not None else dynamic[d]) + sum(pads[-1])
             o = (padded - ((k - 1) * dil + 1)) // s + 1
-            too_small = (f"input of spatial shape {tuple(static[1:3])} is smaller than the "
-                         f"dilated kernel {self.kernel_size} (dilation {self.dilation_rate}) "
-                         f"with padding 'valid'")
+            too_small = (f"is smaller than the dilated kernel {self.kernel_size} (dilation "
+                         f"{self.dilation_rate}) with padding 'valid'")
             if isinstance(o, int) and o < 1:
-                raise ValueError(too_small)
+                raise ValueError(f"input of spatial shape {tuple(static[1:3])} {too_small}")
             if not isinstance(o, int):
-                # A size known only when run: checked then (the im2col slices would otherwise
-                # give an empty output; the fused op checks it itself).
-                tf.debugging.assert_positive(o, message=too_small)
+                # A size known only when run: checked then, the sizes named in the error (the
+                # im2col slices would otherwise give an empty output; the fused op checks it
+                # itself).
+                tf.debugging.Assert(o > 0, [f"input {too_small}; the input's height and width:",
+                                            dynamic[1:3]])
             out.append(o)
         return pads, out
 

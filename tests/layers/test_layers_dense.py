@@ -80,13 +80,40 @@ def test_parameter_count_in_summary():
     assert f"{total:,}" in "\n".join(lines)
 
 
-def test_gate_scales_blocks():
+def _blocks_scattered(layer, blocks):
+    """(C, K) float64 matrix with `blocks` (one bs x bs block per layout coordinate) in place,
+    built from the layout's coordinates without the layer's own conversions."""
+    bs = layer.block_size
+    dense = np.zeros((layer.bsmm.C, layer.bsmm.K))
+    for (c, k), block in zip(layer.bsmm.coords, blocks):
+        dense[c * bs:(c + 1) * bs, k * bs:(k + 1) * bs] = block
+    return dense
+
+
+def test_gate_scales_each_block_and_gets_its_gradient():
+    """A different gate per block scales that block alone; the gate's gradient is the sum over
+    its block of the weight times the weight gradient."""
+    rng = np.random.default_rng(1)
     layer = BlockSparseDense(32, block_size=8, gate=True, use_bias=False, layout="random")
-    x = np.random.default_rng(1).standard_normal((5, 32)).astype(np.float32)
-    y1 = layer(x).numpy()
-    layer.block_gate.assign(np.full(layer.bsmm.blocks, 2.0, np.float32))
-    np.testing.assert_allclose(layer(x).numpy(), 2 * y1, rtol=1e-6)
-    np.testing.assert_allclose(layer(x).numpy(), x @ layer.dense_kernel(), rtol=1e-5, atol=1e-5)
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    layer.build(x.shape)
+    gate = rng.uniform(0.5, 1.5, layer.bsmm.blocks).astype(np.float32)
+    layer.block_gate.assign(gate)
+    dy = rng.standard_normal((5, 32))
+    with tf.GradientTape() as tape:
+        y = layer(x)
+        loss = tf.reduce_sum(tf.cast(y, tf.float64) * dy)
+    dgate = tape.gradient(loss, layer.block_gate).numpy()
+    w = keras.ops.convert_to_numpy(layer.kernel).astype(np.float64)
+    W_gated = _blocks_scattered(layer, w * gate[:, None, None])
+    y_ref = x.astype(np.float64) @ W_gated
+    np.testing.assert_allclose(y.numpy(), y_ref, rtol=1e-5, atol=1e-5 * np.abs(y_ref).max())
+    dW = x.astype(np.float64).T @ dy  # the gradient of the whole dense matrix
+    bs = layer.block_size
+    dgate_ref = [np.sum(w[b] * dW[c * bs:(c + 1) * bs, k * bs:(k + 1) * bs])
+                 for b, (c, k) in enumerate(layer.bsmm.coords)]
+    np.testing.assert_allclose(dgate, dgate_ref, rtol=1e-5, atol=1e-5 * np.abs(dgate_ref).max())
+    np.testing.assert_allclose(layer.dense_kernel(), W_gated, rtol=1e-6)
 
 
 def test_fit_tf_function_and_strategy_scope():
@@ -114,17 +141,40 @@ def test_fit_tf_function_and_strategy_scope():
     np.testing.assert_allclose(fn(x).numpy(), base(x).numpy(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("policy,compute", [("mixed_float16", "float16"),
-                                            ("mixed_bfloat16", "bfloat16")])
-def test_mixed_precision(policy, compute):
+@pytest.mark.parametrize("policy,compute,tol", [("mixed_float16", "float16", 2e-3),
+                                                ("mixed_bfloat16", "bfloat16", 1e-2)])
+def test_mixed_precision(policy, compute, tol):
+    """Under a mixed policy the layer computes in the half type from its float32 variables:
+    y, dx and the kernel and bias gradients match float64 products of the inputs and
+    variables rounded to the half type, to within a few roundings (relative to the largest)."""
     keras.config.set_dtype_policy(policy)
-    layer = BlockSparseDense(64, block_size=16)
-    x = np.random.default_rng(3).standard_normal((8, 64)).astype(np.float32)
-    y = layer(x)
+    rng = np.random.default_rng(3)
+    layer = BlockSparseDense(64, block_size=16, bias_initializer="random_normal")
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    dy = rng.standard_normal((8, 64))
+    layer.build(x.shape)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt)
+        loss = tf.reduce_sum(tf.cast(y, tf.float64) * dy)
+    dx, dkernel, dbias = tape.gradient(loss, [xt, layer.kernel, layer.bias])
     assert layer.kernel.dtype == "float32" and y.dtype == compute
-    expected = x @ layer.dense_kernel() + keras.ops.convert_to_numpy(layer.bias)
-    tol = 2e-2 if compute == "float16" else 1e-1
-    np.testing.assert_allclose(np.asarray(tf.cast(y, tf.float32)), expected, rtol=tol, atol=tol)
+    assert dkernel.dtype == tf.float32 and dbias.dtype == tf.float32
+    half = lambda a: np.asarray(tf.cast(tf.cast(a, compute), tf.float64))  # noqa: E731
+    kernel = half(keras.ops.convert_to_numpy(layer.kernel))
+    W = _blocks_scattered(layer, kernel)
+    dy_half = half(dy)
+    bias = half(keras.ops.convert_to_numpy(layer.bias))
+    present = W != 0
+
+    def rel(a, ref):
+        return np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max()
+
+    assert rel(tf.cast(y, tf.float64), half(x) @ W + bias) < tol
+    assert rel(dx, dy_half @ W.T) < tol
+    assert rel(layer.bsmm.to_dense(dkernel.numpy())[present], (half(x).T @ dy_half)[present]) < tol
+    assert rel(dbias, dy_half.sum(axis=0)) < tol
     model = keras.Sequential([keras.Input((64,)), layer, keras.layers.Dense(1, dtype="float32")])
     model.compile(keras.optimizers.SGD(0.01), "mse")
     history = model.fit(x, x[:, :1], epochs=2, verbose=0)

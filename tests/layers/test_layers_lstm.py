@@ -42,6 +42,63 @@ def _randomize(layer, seed=1):
                        for w in layer.get_weights()])
 
 
+def _states(seed):
+    """Two different random initial states [h0, c0] (a swap or a mix-up of them shows)."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((B, H)).astype(np.float32) for _ in range(2)]
+
+
+def _weighted_sum(outputs, seed=7):
+    """sum_k <W_k, outputs_k> in float64 with fixed random W_k: every entry of every output
+    (sequence, final h, final c) reaches the gradients, each with its own weight."""
+    rng = np.random.default_rng(seed)
+    return sum(tf.reduce_sum(tf.cast(o, tf.float64) * rng.standard_normal(o.shape))
+               for o in tf.nest.flatten(outputs))
+
+
+def _assert_close(actual, expected, tol=1e-5):
+    """float32 result against a float64 reference: within tol relative to the largest
+    magnitude of the reference (entries near zero get no looser bound), which is not zero."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    scale = np.abs(expected).max()
+    assert scale > 0
+    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
+
+
+def _check_against_reference(layer, x, mask=None, state=None, **ref_kwargs):
+    """The outputs of ``layer`` and the gradients of ``_weighted_sum`` of them with respect to
+    x, the initial states (when given) and the weights against ``_reference(layer)``."""
+    ref = _reference(layer, **ref_kwargs)
+    with tf.GradientTape(persistent=True) as tape:
+        xt, x64 = tf.constant(x), tf.constant(x, tf.float64)
+        s32 = [] if state is None else [tf.constant(s) for s in state]
+        s64 = [] if state is None else [tf.constant(s, tf.float64) for s in state]
+        tape.watch([xt, x64, *s32, *s64])
+        given = dict(initial_state=s32) if s32 else {}
+        given_ref = dict(initial_state=s64) if s64 else {}
+        out = layer(xt, mask=mask, **given)
+        out_ref = ref(x64, mask=mask, **given_ref)
+        loss, loss_ref = _weighted_sum(out), _weighted_sum(out_ref)
+    for o, r in zip(tf.nest.flatten(out), tf.nest.flatten(out_ref)):
+        _assert_close(o.numpy(), r.numpy())
+    cell = layer.cell
+    grads = tape.gradient(loss, [xt, *s32, cell.kernel, cell.recurrent_kernel, cell.bias])
+    grads_ref = [g.numpy() for g in tape.gradient(loss_ref, [x64, *s64,
+                                                             *ref.cell.trainable_weights])]
+    n = 1 + len(s32)  # x and the states, then kernel, recurrent kernel, bias
+    if cell.input_bsmm is not None:
+        grads_ref[n] = cell.input_bsmm.from_dense(grads_ref[n])
+    grads_ref[n + 1] = cell.recurrent_bsmm.from_dense(grads_ref[n + 1])
+    names = ["x", "h0", "c0"][:n] + ["kernel", "recurrent_kernel", "bias"]
+    for name, g, r in zip(names, grads, grads_ref):
+        assert g is not None, name
+        np.testing.assert_equal(g.shape, r.shape)
+        try:
+            _assert_close(g.numpy(), r)
+        except AssertionError as e:
+            raise AssertionError(f"gradient of {name}: {e}") from None
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("options", [{"return_sequences": True},
                                      {"return_state": True, "go_backwards": True},
@@ -74,97 +131,98 @@ def test_matches_dense_lstm_with_gradients(fused, options):
         np.testing.assert_allclose(g.numpy(), r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("initial_state", [False, True])
-def test_masking_matches_dense_lstm(initial_state):
+def test_masking_matches_dense_lstm(initial_state, fused):
     """Masked steps carry the state and repeat the previous output: zeros before the first
-    unmasked step, whatever the initial state (Keras' rule)."""
+    unmasked step, whatever the initial state (Keras' rule).  Outputs, final states and the
+    gradients of a random weighting of all of them with respect to x, h0 and c0 (two different
+    random states; the row of padding only passes them straight to the final states) and the
+    three weights, against Keras' LSTM: the fused path's hand-written backward included."""
     x = _data(2)
     mask = np.ones((B, T), bool)
     mask[0, 4:] = False   # padded at the end
     mask[1, :2] = False   # padded at the start
     mask[2, :] = False    # nothing but padding
-    layer = BlockSparseLSTM(H, block_size=BS, return_sequences=True, return_state=True)
+    layer = BlockSparseLSTM(H, block_size=BS, fused=fused, return_sequences=True,
+                            return_state=True)
     layer(x)
     _randomize(layer)
-    ref = _reference(layer)
-    rng = np.random.default_rng(5)
-    state = [rng.standard_normal((B, H)).astype(np.float32) for _ in range(2)]
-    given = dict(initial_state=state) if initial_state else {}
-    given_ref = dict(initial_state=[s.astype(np.float64) for s in state]) if initial_state else {}
-    with tf.GradientTape(persistent=True) as tape:
-        out = layer(x, mask=mask, **given)
-        out_ref = ref(x.astype(np.float64), mask=mask, **given_ref)
-        loss = tf.reduce_sum(tf.cast(out[0], tf.float64) ** 2)
-        loss_ref = tf.reduce_sum(out_ref[0] ** 2)
-    for o, r in zip(out, out_ref):
-        np.testing.assert_allclose(o.numpy(), r.numpy(), rtol=1e-5, atol=1e-5)
-    dw = tape.gradient(loss, layer.cell.recurrent_kernel).numpy()
-    dW = tape.gradient(loss_ref, ref.cell.recurrent_kernel).numpy()
-    np.testing.assert_allclose(dw, layer.cell.recurrent_bsmm.from_dense(dW), rtol=1e-4, atol=1e-4)
+    _check_against_reference(layer, x, mask, _states(5) if initial_state else None)
 
 
-def test_zero_output_for_mask_as_keras_gives_it():
+@pytest.mark.parametrize("fused", [True, False])
+def test_zero_output_for_mask_as_keras_gives_it(fused):
+    """zero_output_for_mask=True: zeros at every masked step (after an unmasked one too), the
+    states carried through them.  Outputs and gradients (x, h0, c0, weights) against Keras'
+    LSTM with the same option, from two different random initial states, with a row of
+    padding only (its final states are the initial ones)."""
     x = _data(3)
     mask = np.ones((B, T), bool)
     mask[0, 4:] = False
     mask[1, :2] = False
-    state = [np.full((B, H), 0.5, np.float32)] * 2
-    outs = []
-    for fused in (True, False):  # fused=False runs Keras' own RNN loop over the same cell
-        layer = BlockSparseLSTM(H, block_size=BS, fused=fused, return_sequences=True,
-                                return_state=True, zero_output_for_mask=True)
-        layer(x)
-        _randomize(layer)
-        outs.append([o.numpy() for o in layer(x, mask=mask, initial_state=state)])
-    for o, r in zip(*outs):
-        np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-6)
+    mask[2, :] = False
+    layer = BlockSparseLSTM(H, block_size=BS, fused=fused, return_sequences=True,
+                            return_state=True, zero_output_for_mask=True)
+    layer(x)
+    _randomize(layer)
+    _check_against_reference(layer, x, mask, _states(6), zero_output_for_mask=True)
 
 
-def _numpy_ln_lstm(x, kernel, recurrent, bias, gamma, eps):
-    """float64 numpy reference of the layer-normalised LSTM (gates i, f, g, o)."""
-    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
-    h = np.zeros((x.shape[0], H))
-    c = np.zeros((x.shape[0], H))
+def _reference_ln_lstm(x, kernel, recurrent, bias, gamma, eps):
+    """float64 reference of the layer-normalised LSTM (gates i, f, g, o) in plain TF ops on
+    dense weights, differentiated by TF's autodiff (none of the library's code)."""
+    h = c = tf.zeros((x.shape[0], H), tf.float64)
     outs = []
     for t in range(x.shape[1]):
-        z = (x[:, t] @ kernel + h @ recurrent).reshape(-1, 4, H)
-        z = (z - z.mean(-1, keepdims=True)) / np.sqrt(z.var(-1, keepdims=True) + eps)
-        z = z.reshape(-1, 4 * H) * gamma + bias
-        i, f, g, o = np.split(z, 4, axis=-1)
-        c = sig(f) * c + sig(i) * np.tanh(g)
-        h = sig(o) * np.tanh(c)
+        z = tf.reshape(x[:, t] @ kernel + h @ recurrent, (-1, 4, H))
+        mean, var = tf.nn.moments(z, axes=[-1], keepdims=True)
+        z = tf.reshape((z - mean) / tf.sqrt(var + eps), (-1, 4 * H)) * gamma + bias
+        i, f, g, o = tf.split(z, 4, axis=-1)
+        c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+        h = tf.sigmoid(o) * tf.tanh(c)
         outs.append(h)
-    return np.stack(outs, 1)
+    return tf.stack(outs, 1)
 
 
-def test_layer_norm_matches_numpy_and_fused_gradients_match_stepwise():
+@pytest.mark.parametrize("fused", [True, False])
+def test_layer_norm_matches_float64_reference_with_gradients(fused):
+    """layer_norm=True: the outputs and the gradients of a random weighting of them with
+    respect to x, kernel, recurrent kernel, bias and ln_gamma against a float64 reference of
+    the layer-normalised cell (``_reference_ln_lstm``), for the fused backward (whose
+    per-step maths differentiates the norm) and for Keras' step loop."""
     x = _data(3)
-    layers = [BlockSparseLSTM(H, block_size=BS, layer_norm=True, return_sequences=True,
-                              fused=fused) for fused in (True, False)]
-    for layer in layers:
-        layer(x)
-        _randomize(layer)
-    cell = layers[0].cell
-    kernel, recurrent, bias = _dense_weights(layers[0])
-    gamma = keras.ops.convert_to_numpy(cell.ln_gamma)
-    expected = _numpy_ln_lstm(x.astype(np.float64), kernel, recurrent, bias, gamma,
-                              cell.layer_norm_epsilon)
-    grads = []
-    for layer in layers:
-        with tf.GradientTape() as tape:
-            y = layer(x)
-            loss = tf.reduce_sum(y * tf.range(H, dtype=tf.float32) / H)
-        np.testing.assert_allclose(y.numpy(), expected, rtol=1e-4, atol=1e-5)
-        grads.append(tape.gradient(loss, layer.trainable_weights))
-    for g_fused, g_step in zip(*grads):
-        assert np.abs(g_step.numpy()).max() > 0
-        np.testing.assert_allclose(g_fused.numpy(), g_step.numpy(), rtol=1e-4, atol=1e-5)
+    layer = BlockSparseLSTM(H, block_size=BS, layer_norm=True, return_sequences=True,
+                            fused=fused)
+    layer(x)
+    _randomize(layer)
+    cell = layer.cell
+    dense = [tf.constant(w.astype(np.float64))
+             for w in _dense_weights(layer) + [keras.ops.convert_to_numpy(cell.ln_gamma)]]
+    with tf.GradientTape(persistent=True) as tape:
+        xt, x64 = tf.constant(x), tf.constant(x, tf.float64)
+        tape.watch([xt, x64, *dense])
+        y = layer(xt)
+        y_ref = _reference_ln_lstm(x64, *dense, cell.layer_norm_epsilon)
+        loss, loss_ref = _weighted_sum(y), _weighted_sum(y_ref)
+    _assert_close(y.numpy(), y_ref.numpy())
+    grads = tape.gradient(loss, [xt, cell.kernel, cell.recurrent_kernel, cell.bias,
+                                 cell.ln_gamma])
+    grads_ref = [g.numpy() for g in tape.gradient(loss_ref, [x64, *dense])]
+    grads_ref[2] = cell.recurrent_bsmm.from_dense(grads_ref[2])
+    for name, g, r in zip(["x", "kernel", "recurrent_kernel", "bias", "ln_gamma"], grads,
+                          grads_ref):
+        try:
+            _assert_close(g.numpy(), r)
+        except AssertionError as e:
+            raise AssertionError(f"gradient of {name}: {e}") from None
 
 
 def test_stateful_continues_from_last_state():
     x = _data(4)
     layer = BlockSparseLSTM(H, block_size=BS, stateful=True, return_sequences=True)
     model = keras.Sequential([keras.Input(batch_shape=(B, None, D)), layer])
+    _randomize(layer)
     whole = BlockSparseLSTM(H, block_size=BS, return_sequences=True)
     whole(x)
     whole.set_weights(layer.get_weights())

@@ -8,6 +8,7 @@ import textwrap
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from blocksparse_tf.layers import BlockSparseDense, BlockSparseLSTM, BlockSparseLSTMCell
@@ -88,3 +89,31 @@ def test_saved_model_serves_in_fresh_process(tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.load(tmp_path / "y_sig.npy"), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_initial_weights_of_the_matmul_class_save_as_their_recipe(tmp_path):
+    """identity_init / ortho_init arrays given as initializers: the layers save (their configs
+    hold how the arrays were made, not the values), load, and rebuild the same weights from
+    the config alone; an array derived from one cannot be saved that way and says so."""
+    from blocksparse_tf import BlocksparseMatMul
+    layout = np.eye(4, dtype=int) | np.eye(4, k=1, dtype=int)
+    bsmm = BlocksparseMatMul(layout, block_size=8)
+    inits = {"ortho": bsmm.ortho_init(seed=3), "identity": bsmm.identity_init(0.5)}
+    for name, init in inits.items():
+        model = keras.Sequential([keras.Input((32,)),
+                                  BlockSparseDense(32, block_size=8, layout=layout,
+                                                   kernel_initializer=init)])
+        np.testing.assert_array_equal(model.layers[0].kernel.numpy(), init)
+        path = tmp_path / f"{name}.keras"
+        model.save(path)
+        loaded = keras.models.load_model(path)
+        for a, b in zip(model.get_weights(), loaded.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        config = json.loads(json.dumps(model.layers[0].get_config()))
+        fresh = BlockSparseDense.from_config(config)
+        fresh.build((None, 32))
+        np.testing.assert_array_equal(fresh.kernel.numpy(), init)
+    derived = inits["ortho"] * 2
+    layer = BlockSparseDense(32, block_size=8, layout=layout, kernel_initializer=derived)
+    with pytest.raises(ValueError, match="only as returned by BlocksparseMatMul.identity_init"):
+        layer.get_config()

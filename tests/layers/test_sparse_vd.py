@@ -180,22 +180,24 @@ def test_save_load_round_trip(tmp_path):
     assert float(keras.ops.convert_to_numpy(loaded.layers[3].kl_weight)) == 0.25
 
 
-@pytest.mark.parametrize("make", [
-    lambda: SparseVDDense(0),
-    lambda: SparseVDDense(3.5),
-    lambda: SparseVDDense(3, threshold="high"),
-    lambda: SparseVDDense(3, kl_weight=-1.0),
-    lambda: SparseVDDense(3, log_sigma2_init=float("nan")),
-    lambda: SparseVDConv2D(0, 3),
-    lambda: SparseVDConv2D(4, (3, 0)),
-    lambda: SparseVDConv2D(4, 3, padding="causal"),
-    lambda: SparseVDConv2D(4, 3, strides=(1, 2, 3)),
-    lambda: kl_scale(0),
-    lambda: kl_warmup(3, start=10, end=5),
-    lambda: KLWarmup(dataset_size=-5),
+@pytest.mark.parametrize("make,message", [
+    (lambda: SparseVDDense(0), r"units must be a positive integer; got 0"),
+    (lambda: SparseVDDense(3.5), r"units must be a positive integer; got 3\.5"),
+    (lambda: SparseVDDense(3, threshold="high"), r"threshold must be a number; got 'high'"),
+    (lambda: SparseVDDense(3, kl_weight=-1.0), r"kl_weight must be a finite number >= 0"),
+    (lambda: SparseVDDense(3, log_sigma2_init=float("nan")),
+     r"log_sigma2_init must be a finite number; got nan"),
+    (lambda: SparseVDConv2D(0, 3), r"filters must be a positive integer; got 0"),
+    (lambda: SparseVDConv2D(4, (3, 0)), r"kernel_size must be a positive integer or a pair"),
+    (lambda: SparseVDConv2D(4, 3, padding="causal"), r"padding must be 'valid' or 'same'"),
+    (lambda: SparseVDConv2D(4, 3, strides=(1, 2, 3)),
+     r"strides must be a positive integer or a pair of them; got \(1, 2, 3\)"),
+    (lambda: kl_scale(0), r"dataset_size must be a positive integer; got 0"),
+    (lambda: kl_warmup(3, start=10, end=5), r"end \(5\) must be >= start \(10\)"),
+    (lambda: KLWarmup(dataset_size=-5), r"dataset_size must be a positive integer; got -5"),
 ])
-def test_bad_arguments_raise(make):
-    with pytest.raises(ValueError):
+def test_bad_arguments_raise(make, message):
+    with pytest.raises(ValueError, match=message):
         make()
 
 

@@ -42,12 +42,12 @@ def parse_args(argv=None):
     p.add_argument("--lambda-v", type=float, default=5.0, help="variance term weight")
     p.add_argument("--baseline", default="batch", choices=["none", "batch", "moving_average"],
                    help="REINFORCE baseline")
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=40, help="training epochs per model")
     p.add_argument("--batch", type=int, default=64, help="training batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--timing-repeats", type=int, default=30,
                    help="timed forward passes per model (the median is reported)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (data split, weights, masks)")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"),
                    help="folder for condnet_results*.md and condnet_accuracy_vs_active*.png")
     p.add_argument("--quick", action="store_true",

@@ -45,15 +45,15 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=16,
                    help="block size of the block-sparse convolutions (divides --dense-width)")
     p.add_argument("--layers", type=int, default=2, help="3x3 convolutions in the body")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=15, help="training epochs per model")
     p.add_argument("--batch", type=int, default=64, help="training batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     p.add_argument("--timing-repeats", type=int, default=20,
                    help="timed forward passes of the test set per model (the median is reported)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (data split, weights)")
     p.add_argument("--out", default=None,
-                   help="Markdown file for the results table (default: docs/conv_results.md; "
-                        "with --quick, docs/conv_results_quick.md)")
+                   help="Markdown file for the results table; None means docs/conv_results.md "
+                        "(docs/conv_results_quick.md with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny networks, 2 epochs (seconds)")
     args = p.parse_args(argv)
     if args.out is None:  # a smoke test leaves the committed results alone

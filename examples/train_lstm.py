@@ -42,19 +42,19 @@ def parse_args(argv=None):
     p.add_argument("--max-chars", type=int, default=0, help="use only the first N characters "
                    "(0: all)")
     p.add_argument("--sparse-units", type=int, default=1536, help="block-sparse LSTM width")
-    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=32, help="block size of the sparse weights")
     p.add_argument("--density", type=float, default=1 / 16,
                    help="density of the Watts-Strogatz recurrent layout")
     p.add_argument("--sparse-input", action=argparse.BooleanOptionalAction, default=True,
                    help="block-sparse input projection too (bipartite small world)")
     p.add_argument("--embed", type=int, default=64, help="character embedding size")
-    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=64, help="characters per training sequence")
     p.add_argument("--batch", type=int, default=32, help="global batch size")
     p.add_argument("--steps", type=int, default=1200, help="training steps per model")
     p.add_argument("--eval-every", type=int, default=100, help="steps between validations")
     p.add_argument("--val-batches", type=int, default=20, help="held-out batches per validation")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (weights, layout, batches)")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"),
                    help="folder for lstm_results.md and lstm_bpc.png")
     p.add_argument("--quick", action="store_true", help="tiny models, a few steps (seconds)")

@@ -32,14 +32,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mnist", metavar="DIR", help="folder with the MNIST IDX files "
-                   "(default: scikit-learn's digits)")
+    p.add_argument("--mnist", metavar="DIR", help="folder with the MNIST IDX files; None means "
+                   "scikit-learn's digits")
     p.add_argument("--nets", default="lenet300,lenet5", help="comma-separated: lenet300, lenet5")
     p.add_argument("--dense-epochs", type=int, default=60, help="epochs of the dense baseline")
     p.add_argument("--epochs", type=int, default=200, help="epochs of SparseVD training")
     p.add_argument("--warmup", default="5,20", help="KL weight: 0 before epoch A, linear to 1 "
                    "at epoch B (A,B)")
-    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--batch", type=int, default=100, help="training batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--threshold", type=float, default=3.0, help="prune log_alpha >= this")
     p.add_argument("--from-scratch", action="store_true",
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--timing-batch", type=int, default=2048,
                    help="examples per timed inference call (test set tiled)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls (median)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (data split, weights)")
     p.add_argument("--quick", action="store_true",
                    help="a few epochs, small timing (seconds); sets the epochs, warm-up, block "
                    "sizes and timing options itself")

@@ -1,6 +1,9 @@
 #include "ops/block_layout.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <limits>
 #include <new>
 #include <string>
 #include <vector>
@@ -8,6 +11,18 @@
 namespace blocksparse {
 
 namespace {
+
+// Bytes of lookup tables a layout may take: half of this machine's memory.  Larger ones are
+// refused with an error naming the shape: with the usual overcommit of memory, allocating them
+// would succeed and filling them would get the process killed, with no error at all.
+double MaxTableBytes() {
+  static const double bytes = [] {
+    const long pages = sysconf(_SC_PHYS_PAGES), page_size = sysconf(_SC_PAGE_SIZE);
+    if (pages <= 0 || page_size <= 0) return std::numeric_limits<double>::infinity();
+    return 0.5 * static_cast<double>(pages) * static_cast<double>(page_size);
+  }();
+  return bytes;
+}
 
 std::string BuildTables(const int32_t* coords, int64_t blocks, int64_t CB, int64_t KB,
                         int64_t block_size, BlockLayout* layout) {
@@ -24,6 +39,15 @@ std::string BuildTables(const int32_t* coords, int64_t blocks, int64_t CB, int64
   if (blocks > CB * KB || blocks > INT32_MAX) {
     return "layout has " + std::to_string(blocks) + " blocks, more than its " +
            std::to_string(CB) + " x " + std::to_string(KB) + " shape holds";
+  }
+  // The tables below and their temporaries: two int32 per block row, two per block column
+  // and at most seven per block.
+  const double table_bytes = 4.0 * (2.0 * (CB + 1) + 2.0 * (KB + 1) + 7.0 * (blocks + 1));
+  if (table_bytes > MaxTableBytes()) {
+    return "the lookup tables of a layout of shape (" + std::to_string(CB) + ", " +
+           std::to_string(KB) + ") blocks with " + std::to_string(blocks) + " blocks would take " +
+           std::to_string(static_cast<int64_t>(table_bytes / (1 << 20))) +
+           " MiB, more than half of this machine's memory";
   }
   layout->CB = CB;
   layout->KB = KB;

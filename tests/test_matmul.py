@@ -3,6 +3,7 @@
 import ctypes
 import gc
 import json
+import os
 
 import numpy as np
 import pytest
@@ -725,6 +726,21 @@ def test_kernel_validates_inputs_itself():
     for call, message in cases:
         with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=message):
             call()
+
+
+def test_layout_tables_beyond_half_the_memory_raise():
+    """A layout whose lookup tables would take more than half of the machine's memory (here
+    2^31 - 1 block rows, one block, no examples) is refused with an error naming its shape:
+    allocating them would succeed and filling them would get the process killed."""
+    block_rows = 2**31 - 1
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if 8 * block_rows <= memory / 2:
+        pytest.skip("this machine's memory holds such tables")
+    bsmm = BlocksparseMatMul(([[0, 0]], (block_rows, 1)), block_size=64, feature_axis=0)
+    message = (r"the lookup tables of a layout of shape \(2147483647, 1\) blocks with 1 blocks "
+               r"would take \d+ MiB, more than half of this machine's memory")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        bsmm(tf.zeros((bsmm.C, 0)), tf.ones(bsmm.w_shape))
 
 
 def test_raw_ops_take_only_integer_coordinates():

@@ -27,6 +27,9 @@ def _check_mask(mask, name, rows, features, block_size):
     if mask is None:
         return None
     mask = tf.convert_to_tensor(mask)
+    if not (mask.dtype.is_bool or mask.dtype.is_integer or mask.dtype.is_floating):
+        raise ValueError(f"{name} must hold numbers or booleans (nonzero: active); got dtype "
+                         f"{mask.dtype.name}")
     expected = (rows, features // block_size if features is not None else None)
     if mask.shape.rank is not None and (
             mask.shape.rank != 2 or not mask.shape.is_compatible_with(expected)):

@@ -159,6 +159,8 @@ def test_bad_arguments_raise():
         sparse_dot(x, w, in_mask=np.ones((4, 3)), block_size=8)
     with pytest.raises(ValueError, match=r"out_mask must have shape \(n, p / block_size\) = \(4, 2\)"):
         sparse_dot(x, w, out_mask=np.ones((5, 2)), block_size=8)
+    with pytest.raises(ValueError, match=r"in_mask must hold numbers or booleans .*; got dtype string"):
+        sparse_dot(x, w, in_mask=np.full((4, 4), "1"), block_size=8)
     with pytest.raises(ValueError, match="block_size 16 must divide p = 24"):
         sparse_dot(x, tf.ones((32, 24)), block_size=16)
     for bad in (4, 12, 0, 2.5):

@@ -326,7 +326,7 @@ for case in [(16, 4, 4, 2, 23, 21, (3, 3), (1, 1), (1, 1), "same", 0.5),
 def test_bitwise_deterministic_whatever_the_thread_count(outputs_across_thread_counts):
     outputs = outputs_across_thread_counts(DETERMINISM_SCRIPT)
     assert outputs[0].count("\n") == 2
-    assert outputs[0] == outputs[1] == outputs[2]
+    assert len(outputs) >= 2 and all(out == outputs[0] for out in outputs)
 
 
 def _raw_attrs(**overrides):

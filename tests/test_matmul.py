@@ -516,7 +516,7 @@ for axis, bs, shape in ((1, 32, (16, 12)), (0, 32, (16, 12)), (1, 8, (40, 70)), 
 def test_bitwise_deterministic_across_runs_and_thread_counts(outputs_across_thread_counts):
     outputs = outputs_across_thread_counts(DETERMINISM_SCRIPT)
     assert outputs[0].count("\n") == 4
-    assert outputs[0] == outputs[1] == outputs[2]
+    assert len(outputs) >= 2 and all(out == outputs[0] for out in outputs)
 
 
 def test_repeated_calls_are_bitwise_identical():

@@ -701,7 +701,7 @@ for transpose_w, keep_in, keep_out in [(False, 0.5, 0.5), (True, 0.5, 0.5), (Fal
 def test_gradients_bitwise_deterministic_across_thread_counts(outputs_across_thread_counts):
     outputs = outputs_across_thread_counts(DETERMINISM_SCRIPT)
     assert outputs[0].count("\n") == 5
-    assert outputs[0] == outputs[1] == outputs[2]
+    assert len(outputs) >= 2 and all(out == outputs[0] for out in outputs)
 
 
 def test_bad_inputs_to_grad_w_op_raise():

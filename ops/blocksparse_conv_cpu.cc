@@ -191,16 +191,18 @@ bool BlocksparseConv2DGradInputCpu(const float* dy, const float* w, float* dx,
   // With a column stride s, the input columns of one residue mod s are reached by the same
   // taps: ordering each image row by residue gives tiles whose pixels share their taps, so
   // gathered_taps skips the taps that reach none of them.
+  // The first width % sw residues have width / sw + 1 columns, the others width / sw: found
+  // by division (a walk over the residues cost width x min(width, sw) per image row).
   const int64_t width = g.in_width, sw = g.stride_w;
-  const auto by_residue = [width, sw](int64_t index) {
-    const int64_t row = index / width;
-    int64_t r = index % width, residue = 0;
-    for (; residue < sw; ++residue) {
-      const int64_t columns = (width - residue + sw - 1) / sw;
-      if (r < columns) break;
-      r -= columns;
-    }
-    return row * width + residue + r * sw;
+  const int64_t per_residue = width / sw, longer = width % sw;
+  const int64_t in_longer = (per_residue + 1) * longer;  // the columns of the longer residues
+  const auto by_residue = [width, sw, per_residue, longer, in_longer](int64_t index) {
+    const int64_t row = index / width, r = index % width;
+    const int64_t residue =
+        r < in_longer ? r / (per_residue + 1) : longer + (r - in_longer) / per_residue;
+    const int64_t column =
+        r < in_longer ? r % (per_residue + 1) : (r - in_longer) % per_residue;
+    return row * width + residue + column * sw;
   };
   // Input pixel (n, h, v) received tap (i, j) from output pixel (p, q) where
   // p * stride_h + i * dilation_h - pad_top = h, and likewise for q, if that pixel exists.

@@ -189,6 +189,26 @@ def test_empty_block_row_gets_zero_input_gradient():
     assert np.all(dx[..., :8] != 0)
 
 
+@pytest.mark.parametrize("width,stride", [(2**20, 2**20), (2**20 + 3, 1000), (9, 4)])
+def test_input_gradient_of_long_horizontal_strides(width, stride):
+    """1 x 1 taps strided far along the rows: dx holds each output pixel's sum at its input
+    column and zeros between.  Its pixels are ordered by column residue mod the stride in
+    time proportional to the pixels (a walk over the residues for each pixel took about an
+    hour for the first case)."""
+    rng = np.random.default_rng(11)
+    bs = 8
+    coords = np.array([[0, 0]], np.int32)
+    w = rng.standard_normal((1, 1, 1, bs, bs)).astype(np.float32)
+    out_width = (width - 1) // stride + 1
+    dy = rng.standard_normal((1, 2, out_width, bs)).astype(np.float32)
+    dx = blocksparse_conv2d_grad_input((1, 2, width, bs), w, dy, coords, block_size=bs, C=bs,
+                                       K=bs, strides=(1, stride)).numpy()
+    expected = np.zeros((1, 2, width, bs))
+    expected[:, :, ::stride] = dy.astype(np.float64) @ w[0, 0, 0].astype(np.float64).T
+    _close(dx, expected)
+    assert not np.any(np.delete(dx, np.s_[::stride], axis=2))
+
+
 SMALL = (8, 2, 2, 1, 5, 4, (3, 2), (2, 1), (1, 2), "same")
 
 

@@ -6,10 +6,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v bazel-4 >/dev/null 2>&1; then
+# Debian's bazel-bootstrap, and LIBXSMM's headers: an independent implementation of the CPU
+# micro-kernels' products that tests/test_benchmarks.py checks them against (optional: that
+# comparison is skipped without it).
+packages=()
+command -v bazel-4 >/dev/null 2>&1 || packages+=(bazel-bootstrap)
+[ -e /usr/include/libxsmm.h ] || packages+=(libxsmm-dev)
+if [ ${#packages[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq bazel-bootstrap >/dev/null
+  for package in "${packages[@]}"; do
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$package" >/dev/null ||
+      [ "$package" = libxsmm-dev ] || exit 1
+  done
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

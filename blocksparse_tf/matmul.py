@@ -280,9 +280,7 @@ class BlocksparseMatMul:
         """Dense (C, K) matrix holding the blocks of ``w`` (numpy in, numpy out; tensor in, tensor out)."""
         bs, c, k = self.block_size, self._coords[:, 0], self._coords[:, 1]
         if isinstance(w, (tf.Tensor, tf.Variable)):
-            if not w.shape.is_compatible_with(self.w_shape):
-                raise ValueError(f"w must have shape w_shape={self.w_shape}; got {w.shape}")
-            w = tf.ensure_shape(w, self.w_shape)  # a shape known only when run: checked then
+            w = _with_checked_shape(w, self.w_shape, f"w must have shape w_shape={self.w_shape}")
             grid = tf.scatter_nd(self._coords, w, (self.CB, self.KB, bs, bs))
             return tf.reshape(tf.transpose(grid, [0, 2, 1, 3]), (self.C, self.K))
         w = np.asarray(w)
@@ -296,9 +294,8 @@ class BlocksparseMatMul:
         """Blocks (blocks, bs, bs) of a dense (C, K) matrix at this layout's positions."""
         bs = self.block_size
         if isinstance(W, (tf.Tensor, tf.Variable)):
-            if not W.shape.is_compatible_with((self.C, self.K)):
-                raise ValueError(f"W must have shape (C, K)=({self.C}, {self.K}); got {W.shape}")
-            W = tf.ensure_shape(W, (self.C, self.K))  # a shape known only when run: checked then
+            W = _with_checked_shape(W, (self.C, self.K),
+                                    f"W must have shape (C, K)=({self.C}, {self.K})")
             grid = tf.transpose(tf.reshape(W, (self.CB, bs, self.KB, bs)), [0, 2, 1, 3])
             return tf.gather_nd(grid, self._coords)
         W = np.asarray(W)
@@ -381,6 +378,14 @@ class BlocksparseMatMul:
     def __repr__(self):
         return (f"BlocksparseMatMul(C={self.C}, K={self.K}, block_size={self.block_size}, "
                 f"blocks={self.blocks}, density={self.density:.3g}, feature_axis={self.feature_axis})")
+
+
+def _with_checked_shape(t, shape, requirement):
+    """Tensor t, which must have `shape`: a ValueError stating the requirement where its static
+    shape already differs, else checked when run (a shape known only then)."""
+    if not t.shape.is_compatible_with(shape):
+        raise ValueError(f"{requirement}; got {t.shape}")
+    return tf.ensure_shape(t, shape)
 
 
 def _gate_checked_when_run(gate, blocks):

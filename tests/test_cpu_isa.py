@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import blocksparse_tf
+from tests.conftest import THREAD_COUNTS_VARIABLE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_TESTS = ["tests/test_matmul.py", "tests/test_sparse_dot.py", "tests/test_conv_ops.py"]
@@ -44,7 +45,7 @@ def test_kernel_tests_pass_with_narrower_instruction_sets(isa):
     if probe.stdout.strip() != isa:
         pytest.skip(f"this processor has no {isa}")
     # The determinism checks with one thread and three (an uneven split) only, for time.
-    env = dict(os.environ, BLOCKSPARSE_TF_CPU_ISA=isa, BLOCKSPARSE_TF_TEST_THREAD_COUNTS="1,3")
+    env = dict(os.environ, BLOCKSPARSE_TF_CPU_ISA=isa, **{THREAD_COUNTS_VARIABLE: "1,3"})
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", SELECTION]
         + KERNEL_TESTS, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from blocksparse_tf.layers import _checks
+from blocksparse_tf.layers import _checks, _xla
 from blocksparse_tf.conditional import expand_mask, sparse_dot
 
 #: Values accepted for ``inference``.
@@ -128,6 +128,7 @@ class CondDense(keras.layers.Layer):
                  policy_kernel_initializer=None, policy_bias_initializer=None, seed=None,
                  **kwargs):
         super().__init__(**kwargs)
+        _xla.run_without_xla(self)
         self.units, self.block_size = _checks.width_in_blocks(units, block_size)
         self.blocks = self.units // self.block_size
         self.activation = keras.activations.get(activation)

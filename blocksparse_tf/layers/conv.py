@@ -31,7 +31,7 @@ import tensorflow as tf
 from keras import ops
 
 from blocksparse_tf import conv as conv_ops
-from blocksparse_tf.layers import _checks, _init, _layout
+from blocksparse_tf.layers import _checks, _init, _layout, _xla
 from blocksparse_tf.matmul import BlocksparseMatMul
 
 #: Density of the default layout (a bipartite small world, as for ``BlockSparseDense``).
@@ -148,6 +148,7 @@ class BlockSparseConv2D(keras.layers.Layer):
                  kernel_regularizer=None, bias_regularizer=None, kernel_constraint=None,
                  bias_constraint=None, implementation="auto", **kwargs):
         super().__init__(**kwargs)
+        _xla.run_without_xla(self)
         self.filters, self.block_size = _checks.width_in_blocks(filters, block_size, "filters")
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.strides = _pair(strides, "strides")

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from blocksparse_tf.layers import _checks, _init, _layout
+from blocksparse_tf.layers import _checks, _init, _layout, _xla
 from blocksparse_tf.matmul import BlocksparseMatMul
 
 #: Density of the default layout (a bipartite small world, see ``BlockSparseDense``).
@@ -53,6 +53,7 @@ class BlockSparseDense(keras.layers.Layer):
                  kernel_regularizer=None, bias_regularizer=None, kernel_constraint=None,
                  bias_constraint=None, gate=False, **kwargs):
         super().__init__(**kwargs)
+        _xla.run_without_xla(self)
         self.units, self.block_size = _checks.width_in_blocks(units, block_size)
         self.layout_spec = _layout.spec_for_outputs(layout, self.units, self.block_size, "units")
         self.activation = keras.activations.get(activation)

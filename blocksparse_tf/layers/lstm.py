@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from blocksparse_tf.layers import _checks, _init, _layout
+from blocksparse_tf.layers import _checks, _init, _layout, _xla
 from blocksparse_tf.matmul import (BlocksparseMatMul, blocksparse_matmul,
                                    blocksparse_matmul_grad_w)
 
@@ -82,6 +82,7 @@ class BlockSparseLSTMCell(keras.layers.Layer):
                  layer_norm_epsilon=1e-3, kernel_regularizer=None, recurrent_regularizer=None,
                  bias_regularizer=None, **kwargs):
         super().__init__(**kwargs)
+        _xla.run_without_xla(self)
         units, block_size = _checks.width_in_blocks(units, block_size)
         if not layer_norm_epsilon > 0:
             raise ValueError(f"layer_norm_epsilon must be > 0; got {layer_norm_epsilon!r}")
@@ -400,6 +401,7 @@ class BlockSparseLSTM(keras.layers.RNN):
         super().__init__(cell, return_sequences=return_sequences, return_state=return_state,
                          go_backwards=go_backwards, stateful=stateful, unroll=unroll,
                          zero_output_for_mask=zero_output_for_mask, **kwargs)
+        _xla.run_without_xla(self)
         self.fused = bool(fused)
 
     def build(self, sequences_shape, initial_state_shape=None):

@@ -955,6 +955,27 @@ bool BlocksparseMatmulGradWCpu(const float* x, const float* dy, float* dw, int64
   return GradW(x, dy, dw, N, feature_axis, layout, parallel_for, scratch);
 }
 
+// Runs convert(begin, count) over [0, n) in chunks of 64 KiB of floats.
+template <typename Convert>
+void InChunks(int64_t n, const ParallelFor& parallel_for, Convert&& convert) {
+  constexpr int64_t kChunk = 16384;
+  parallel_for((n + kChunk - 1) / kChunk, kChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) convert(c * kChunk, std::min(kChunk, n - c * kChunk));
+  });
+}
+
+void BFloat16ToFloat(const uint16_t* in, float* out, int64_t n, const ParallelFor& parallel_for) {
+  InChunks(n, parallel_for, [&](int64_t i, int64_t count) {
+    Kernels().bfloat16_to_float(in + i, out + i, count);
+  });
+}
+
+void FloatToBFloat16(const float* in, uint16_t* out, int64_t n, const ParallelFor& parallel_for) {
+  InChunks(n, parallel_for, [&](int64_t i, int64_t count) {
+    Kernels().float_to_bfloat16(in + i, out + i, count);
+  });
+}
+
 const char* BlocksparseCpuIsa() { return Kernels().isa; }
 
 }  // namespace blocksparse

@@ -37,6 +37,12 @@ bool BlocksparseMatmulGradWCpu(const float* x, const float* dy, float* dw, int64
                                int feature_axis, const BlockLayout& layout,
                                const ParallelFor& parallel_for, const ScratchAllocator& scratch);
 
+// out[i] = in[i] for i < n: bfloat16 (as its bits) widened to float32, exactly, and float32
+// narrowed to bfloat16, rounded to nearest even (a NaN to the quiet NaN of its sign), as
+// Eigen converts them; in tasks of parallel_for, vectorized for the kernels' instruction set.
+void BFloat16ToFloat(const uint16_t* in, float* out, int64_t n, const ParallelFor& parallel_for);
+void FloatToBFloat16(const float* in, uint16_t* out, int64_t n, const ParallelFor& parallel_for);
+
 // Name of the instruction set of the kernels in use ("avx512", "avx2", "generic"): the best
 // this processor has, or a narrower one named by BLOCKSPARSE_TF_CPU_ISA, read on first use.
 const char* BlocksparseCpuIsa();

@@ -152,6 +152,10 @@ struct CpuKernels {
   void (*neuron_grad_w)(const float* x, int64_t x_ns, int64_t x_cs, const float* dy,
                         int64_t dy_ns, int64_t dy_ks, int64_t N, const LayoutView* layout,
                         int64_t b_begin, int64_t b_end, float* dw);
+  // out[i] = in[i] for i < n, bfloat16 (as its bits) to float32 and back (see
+  // BFloat16ToFloat in blocksparse_matmul_cpu.h).
+  void (*bfloat16_to_float)(const uint16_t* in, float* out, int64_t n);
+  void (*float_to_bfloat16)(const float* in, uint16_t* out, int64_t n);
 };
 
 // The micro-kernels of the block-sparse convolution (ops/blocksparse_conv_cpu.cc).

@@ -99,6 +99,20 @@ inline void RunProduct(OpKernelContext* ctx, Product&& product) {
   }
 }
 
+// TensorFlow's thread pool as a ParallelFor, for work that cannot fail (the conversions below).
+inline ParallelFor PoolParallelFor(OpKernelContext* ctx) {
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  return [workers](int64_t tasks, int64_t cost,
+                   const std::function<void(int64_t, int64_t)>& work) {
+    workers->ParallelFor(tasks, cost, work);
+  };
+}
+
+// The bits of a bfloat16 tensor's elements.
+inline const uint16_t* BFloat16Bits(const Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.flat<Eigen::bfloat16>().data());
+}
+
 // Float32 views of an input: the tensor itself, or a float copy of a half/bfloat16 one.
 template <typename T>
 inline const float* AsFloat(OpKernelContext* ctx, const Tensor& t, Tensor* scratch) {
@@ -110,9 +124,14 @@ inline const float* AsFloat(OpKernelContext* ctx, const Tensor& t, Tensor* scrat
       ctx->CtxFailure(__FILE__, __LINE__, status);
       return nullptr;
     }
-    scratch->flat<float>().device(ctx->eigen_device<Eigen::ThreadPoolDevice>()) =
-        t.flat<T>().template cast<float>();
-    return scratch->flat<float>().data();
+    float* const out = scratch->flat<float>().data();
+    if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
+      BFloat16ToFloat(BFloat16Bits(t), out, t.NumElements(), PoolParallelFor(ctx));
+    } else {
+      scratch->flat<float>().device(ctx->eigen_device<Eigen::ThreadPoolDevice>()) =
+          t.flat<T>().template cast<float>();
+    }
+    return out;
   }
 }
 
@@ -125,8 +144,15 @@ inline void WriteAsT(OpKernelContext* ctx, Tensor* out, Fn&& fn) {
     Tensor scratch;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, out->shape(), &scratch));
     fn(scratch.flat<float>().data());
-    out->flat<T>().device(ctx->eigen_device<Eigen::ThreadPoolDevice>()) =
-        scratch.flat<float>().template cast<T>();
+    if (!ctx->status().ok()) return;
+    if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
+      FloatToBFloat16(scratch.flat<float>().data(),
+                      reinterpret_cast<uint16_t*>(out->flat<Eigen::bfloat16>().data()),
+                      out->NumElements(), PoolParallelFor(ctx));
+    } else {
+      out->flat<T>().device(ctx->eigen_device<Eigen::ThreadPoolDevice>()) =
+          scratch.flat<float>().template cast<T>();
+    }
   }
 }
 

@@ -350,6 +350,63 @@ def test_half_precision_accumulates_in_float32(dtype, feature_axis):
                                            np_dtype)
 
 
+def _same_values(a, b):
+    """Bitwise equal, NaN for NaN (a NaN's sign and payload aside)."""
+    a, b = np.asarray(a), np.asarray(b)
+    nan = np.isnan(a.astype(np.float32))
+    return (np.array_equal(nan, np.isnan(b.astype(np.float32)))
+            and np.array_equal(a[~nan].view(np.uint16), b[~nan].view(np.uint16)))
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+@pytest.mark.parametrize("bs", [8, 32])
+def test_half_precision_is_the_float32_product_rounded_once(dtype, bs):
+    """y, dx and dw in half precision are, bit for bit, the float32 op on the inputs widened
+    and its results narrowed by tf.cast (round to nearest even), with infinities, NaN,
+    subnormals and values past the largest finite one among the inputs."""
+    layout = rect_layout()
+    bsmm = BlocksparseMatMul(layout, block_size=bs)
+    N = 37
+    x = RNG.standard_normal((N, bsmm.C)).astype(np.float32)
+    dy = RNG.standard_normal((N, bsmm.K)).astype(np.float32)
+    largest, smallest_normal = ((65504.0, 2.0 ** -14) if dtype == tf.float16
+                                else (float(tf.bfloat16.max), 2.0 ** -126))
+    x[0, :4] = [np.inf, -np.inf, np.nan, 0.0]
+    x[1, :3] = [largest, -largest, smallest_normal / 4]  # the last one subnormal
+    x[2] *= 1e4  # sums past the largest finite half-precision value
+    x, dy = tf.cast(x, dtype), tf.cast(dy, dtype)
+    w = tf.cast(RNG.standard_normal(bsmm.w_shape), dtype)
+    wide = [tf.cast(t, tf.float32) for t in (x, w, dy)]
+    args = dict(block_size=bs, C=bsmm.C, K=bsmm.K)
+    coords = tf.constant(bsmm.coords)
+    for half, single in [
+            (blocksparse_matmul(x, w, coords, **args),
+             blocksparse_matmul(wide[0], wide[1], coords, **args)),
+            (blocksparse_matmul(dy, w, coords, **args, transpose_w=True),
+             blocksparse_matmul(wide[2], wide[1], coords, **args, transpose_w=True)),
+            (blocksparse_matmul_grad_w(x, dy, coords, **args),
+             blocksparse_matmul_grad_w(wide[0], wide[2], coords, **args))]:
+        assert half.dtype == dtype
+        assert _same_values(half.numpy(), tf.cast(single, dtype).numpy())
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+def test_half_precision_rounds_ties_to_even(dtype):
+    """Sums exactly halfway between two neighbours of the half-precision type round to the
+    one with an even last bit: y = x_0 + x_1 with x_0 = 1 + m ulp and x_1 = ulp / 2."""
+    bits = 10 if dtype == tf.float16 else 7  # explicit mantissa bits
+    ulp = 2.0 ** -bits
+    m = np.arange(64)
+    x = np.zeros((64, 8), np.float32)
+    x[:, 0], x[:, 1] = 1 + m * ulp, ulp / 2
+    w = np.zeros((1, 8, 8), np.float32)
+    w[0, 0, 0] = w[0, 1, 0] = 1.0
+    y = blocksparse_matmul(tf.cast(x, dtype), tf.cast(w, dtype), tf.constant([[0, 0]], tf.int32),
+                           block_size=8, C=8, K=8).numpy()
+    expected = 1 + (m + m % 2) * ulp
+    np.testing.assert_array_equal(y[:, 0].astype(np.float64), expected)
+
+
 @pytest.mark.parametrize("feature_axis,batch", [(1, (4,)), (1, (2, 3)), (0, (4,))])
 def test_numpy_references_agree_with_independent_reference(feature_axis, batch):
     """fprop_test / bprop_test / updat_test (used as references by other tests) against dense

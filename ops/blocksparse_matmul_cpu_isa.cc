@@ -1380,8 +1380,6 @@ void NeuronGradW(const float* x, int64_t x_ns, int64_t x_cs, const float* dy, in
   }
 }
 
-#define BSMM_STRINGIFY2(s) #s
-#define BSMM_STRINGIFY(s) BSMM_STRINGIFY2(s)
 // The conversions of half-precision staging, written as plain loops that the compiler
 // vectorizes for this file's instruction set (TensorFlow's Eigen casts, compiled for baseline
 // x86-64 in the op files, ran one element at a time: a third of a bfloat16 product's time at
@@ -1400,6 +1398,8 @@ void FloatToBFloat16(const float* in, uint16_t* out, int64_t n) {
   }
 }
 
+#define BSMM_STRINGIFY2(s) #s
+#define BSMM_STRINGIFY(s) BSMM_STRINGIFY2(s)
 extern const CpuKernels kKernels = {BSMM_STRINGIFY(BSMM_ISA), Width<VecWide>(), kRowTile, ForwardAxis1, ForwardAxis0,
                                     GatheredRowsAccumulate,
                                     GradW, kRowPairsBlockSize, kMaxSharedRowTile,

@@ -43,13 +43,22 @@ inline void CatchProductFailure(std::atomic<ProductFailure>* failure, F&& f) {
   }
 }
 
-// TensorFlow's thread pool as a ParallelFor.  A task that fails (say, a kernel's per-thread
-// buffer cannot be allocated) records it in *failure; the remaining tasks are skipped.
-inline ParallelFor CpuParallelFor(OpKernelContext* ctx, std::atomic<ProductFailure>* failure) {
+// TensorFlow's thread pool as a ParallelFor, for work that cannot fail (the conversions of
+// half-precision staging below).
+inline ParallelFor PoolParallelFor(OpKernelContext* ctx) {
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  return [workers, failure](int64_t tasks, int64_t cost,
-                            const std::function<void(int64_t, int64_t)>& work) {
-    workers->ParallelFor(tasks, cost, [&](int64_t begin, int64_t end) {
+  return [workers](int64_t tasks, int64_t cost,
+                   const std::function<void(int64_t, int64_t)>& work) {
+    workers->ParallelFor(tasks, cost, work);
+  };
+}
+
+// The same for the products: a task that fails (say, a kernel's per-thread buffer cannot be
+// allocated) records it in *failure; the remaining tasks are skipped.
+inline ParallelFor CpuParallelFor(OpKernelContext* ctx, std::atomic<ProductFailure>* failure) {
+  return [pool = PoolParallelFor(ctx), failure](
+             int64_t tasks, int64_t cost, const std::function<void(int64_t, int64_t)>& work) {
+    pool(tasks, cost, [&](int64_t begin, int64_t end) {
       if (failure->load() != ProductFailure::kNone) return;
       CatchProductFailure(failure, [&] { work(begin, end); });
     });
@@ -97,15 +106,6 @@ inline void RunProduct(OpKernelContext* ctx, Product&& product) {
       ctx->SetStatus(absl::InternalError("the block-sparse product's CPU kernel failed"));
       break;
   }
-}
-
-// TensorFlow's thread pool as a ParallelFor, for work that cannot fail (the conversions below).
-inline ParallelFor PoolParallelFor(OpKernelContext* ctx) {
-  auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  return [workers](int64_t tasks, int64_t cost,
-                   const std::function<void(int64_t, int64_t)>& work) {
-    workers->ParallelFor(tasks, cost, work);
-  };
 }
 
 // The bits of a bfloat16 tensor's elements.

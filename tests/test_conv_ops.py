@@ -193,8 +193,8 @@ def test_empty_block_row_gets_zero_input_gradient():
 def test_input_gradient_of_long_horizontal_strides(width, stride):
     """1 x 1 taps strided far along the rows: dx holds each output pixel's sum at its input
     column and zeros between.  Its pixels are ordered by column residue mod the stride in
-    time proportional to the pixels (a walk over the residues for each pixel took about an
-    hour for the first case)."""
+    time proportional to the pixels (a walk over the residues for each pixel: 8.1 s at 65,536
+    columns, about half an hour estimated for the first case)."""
     rng = np.random.default_rng(11)
     bs = 8
     coords = np.array([[0, 0]], np.int32)

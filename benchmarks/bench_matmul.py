@@ -9,6 +9,8 @@ date and the command go to docs/benchmarks.md, a plot of speedup against density
     python benchmarks/bench_matmul.py                 # the full grid (about 10 minutes on 2 cores)
     python benchmarks/bench_matmul.py --rounds 2      # twice over, the fastest of both counting
     python benchmarks/bench_matmul.py --quick         # a small grid, printed only
+    python benchmarks/bench_matmul.py --dtype bfloat16 --block-sizes 16 32 64
+                                          # bfloat16 against dense bfloat16 (a section of its own)
 """
 
 import argparse
@@ -20,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from blocksparse_tf import BlocksparseMatMul  # noqa: E402
+from blocksparse_tf import BlocksparseMatMul, cpu_isa  # noqa: E402
 from blocksparse_tf.matmul import blocksparse_matmul, blocksparse_matmul_grad_w  # noqa: E402
 from benchmarks.report import (best_time, command_line, machine_description,  # noqa: E402
                                write_section)
@@ -41,6 +43,9 @@ def parse_args(argv=None):
                    help="passes over the whole grid (same layouts and inputs each pass); the fastest "
                         "time of all passes counts, so one noisy stretch on a shared machine does not "
                         "decide a cell")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the products' dtype, dense tf.matmul's too (bfloat16 gets a section and "
+                        "plot of its own)")
     p.add_argument("--quick", action="store_true", help="N=64 only, bs 32, densities 0.1 and 1; no files")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"), help="where benchmarks.md and the plot go")
     return p.parse_args(argv)
@@ -48,16 +53,21 @@ def parse_args(argv=None):
 
 
 
-def run_case(N, bs, density, hidden, repeats, sparse_max_density, rng):
+SECTIONS = {"float32": "CPU: BlocksparseMatMul against dense tf.matmul",
+            "bfloat16": "CPU: BlocksparseMatMul in bfloat16 against dense bfloat16 tf.matmul"}
+PLOTS = {"float32": "benchmark_cpu_speedup.png", "bfloat16": "benchmark_cpu_speedup_bfloat16.png"}
+
+
+def run_case(N, bs, density, hidden, repeats, sparse_max_density, rng, dtype=tf.float32):
     blocks_per_side = hidden // bs
     layout = rng.random((blocks_per_side, blocks_per_side)) < density
     if not layout.any():
         layout[0, 0] = True
     bsmm = BlocksparseMatMul(layout, block_size=bs)
-    x = tf.constant(rng.standard_normal((N, hidden)).astype(np.float32))
-    dy = tf.constant(rng.standard_normal((N, hidden)).astype(np.float32))
-    w = tf.constant(rng.standard_normal(bsmm.w_shape).astype(np.float32))
-    W = tf.constant(bsmm.to_dense(w.numpy()))
+    x = tf.cast(rng.standard_normal((N, hidden)).astype(np.float32), dtype)
+    dy = tf.cast(rng.standard_normal((N, hidden)).astype(np.float32), dtype)
+    w = tf.cast(rng.standard_normal(bsmm.w_shape).astype(np.float32), dtype)
+    W = tf.cast(bsmm.to_dense(tf.cast(w, tf.float32).numpy()), dtype)
     coords = tf.constant(bsmm.coords)
     args = dict(block_size=bs, C=hidden, K=hidden, constant_layout=True)  # as bsmm(x, w) runs
 
@@ -72,7 +82,7 @@ def run_case(N, bs, density, hidden, repeats, sparse_max_density, rng):
     t["dense_fprop"] = best_time(lambda: tf.matmul(x, W), repeats)
     t["dense_bprop"] = best_time(lambda: tf.matmul(dy, W, transpose_b=True), repeats)
     t["dense_updat"] = best_time(lambda: tf.matmul(x, dy, transpose_a=True), repeats)
-    if density <= sparse_max_density:
+    if density <= sparse_max_density and dtype == tf.float32:
         W_sparse = tf.sparse.from_dense(W)
         # (W^T x^T)^T: the sparse operand first, as tf.sparse.sparse_dense_matmul wants.
         t["sparse_fprop"] = best_time(
@@ -87,13 +97,16 @@ def write_markdown(rows, args, path, plot_name, argv=None):
         f"- Machine: {machine_description()}",
         f"- Date: {datetime.date.today().isoformat()}",
         f"- Command: `{command}`",
-        f"- C = K = {args.hidden}, float32, random layouts; fastest of {args.repeats} runs after a warm-up"
+        f"- C = K = {args.hidden}, {args.dtype}, random layouts; fastest of {args.repeats} runs after a warm-up"
         f"{f' in each of {args.rounds} passes over the whole grid' if args.rounds > 1 else ''} (eager "
         "calls, synchronous; no host copy of the result; garbage collector off while timing). Speedup = dense time / block-sparse time on the same masked "
         "weights (dense does the full C x K product whatever the density). `sparse` is "
         "tf.sparse.sparse_dense_matmul (element-level sparse W) forward, as speedup over dense, "
         f"timed up to {args.sparse_max_density:.0%} density. Target: >= 0.8/density for bs >= 32, "
-        ">= 0.5/density for bs 8 and 16 (densities <= 50%), >= 0.67 at 100%.",
+        ">= 0.5/density for bs 8 and 16 (densities <= 50%), >= 0.67 at 100%"
+        + (" (float32's, shown for comparison)." if args.dtype != "float32" else ".")
+        + (f" Kernels: `{cpu_isa()}` (`blocksparse_tf.cpu_isa()`)." if args.dtype != "float32"
+           else ""),
         "",
         "| N | bs | density | fprop ms | fprop x | bprop x | updat x | target x | dense fprop ms | sparse x | GFLOP/s fprop |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -105,10 +118,10 @@ def write_markdown(rows, args, path, plot_name, argv=None):
             f"{r['bprop']:.2f} | {r['updat']:.2f} | {r['target']:.2f} | {r['dense_ms']:.2f} | {sparse} | "
             f"{r['gflops']:.0f} |")
     lines += ["", f"![speedup against density]({plot_name})", ""]
-    write_section(path, "CPU: BlocksparseMatMul against dense tf.matmul", "\n".join(lines))
+    write_section(path, SECTIONS[args.dtype], "\n".join(lines))
 
 
-def plot(rows, path):
+def plot(rows, path, dtype="float32"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -126,7 +139,7 @@ def plot(rows, path):
         ax.set_yscale("log")
         ax.set_xlabel("density (fraction of blocks present)")
         ax.set_ylabel("speedup over dense tf.matmul")
-        ax.set_title(f"CPU, C = K = 4096, N = {N}")
+        ax.set_title(f"CPU, {dtype}, C = K = 4096, N = {N}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -147,7 +160,8 @@ def main(argv=None):
             N, bs, density = case
             # One seed per case: every pass sees the same layout and inputs.
             rng = np.random.default_rng([N, bs, round(density * 1e6)])
-            bsmm, t = run_case(N, bs, density, args.hidden, args.repeats, args.sparse_max_density, rng)
+            bsmm, t = run_case(N, bs, density, args.hidden, args.repeats, args.sparse_max_density, rng,
+                               tf.as_dtype(args.dtype))
             best = fastest.setdefault(case, (bsmm, t))[1]
             for key, value in t.items():
                 best[key] = min(best[key], value)
@@ -167,8 +181,8 @@ def main(argv=None):
                       f"{row['bprop']:8.2f} {row['updat']:8.2f} {target:7.2f} {sparse}", flush=True)
     if not args.quick:
         os.makedirs(args.out, exist_ok=True)
-        plot_name = "benchmark_cpu_speedup.png"
-        plot(rows, os.path.join(args.out, plot_name))
+        plot_name = PLOTS[args.dtype]
+        plot(rows, os.path.join(args.out, plot_name), args.dtype)
         write_markdown(rows, args, os.path.join(args.out, "benchmarks.md"), plot_name, argv)
         print(f"wrote {os.path.join(args.out, 'benchmarks.md')}")
     return rows

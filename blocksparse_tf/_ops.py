@@ -13,7 +13,7 @@ _isa = None
 # BLOCKSPARSE_TF_CPU_ISA selects the CPU kernels of a narrower instruction set than the
 # processor's best (to test or compare them); unset, the best one runs.
 ISA_VARIABLE = "BLOCKSPARSE_TF_CPU_ISA"
-ISA_NAMES = ("avx512", "avx2", "generic")
+ISA_NAMES = ("amx", "avx512", "avx2", "generic")
 
 
 def _candidate_paths():
@@ -47,7 +47,10 @@ def ops():
 
 @tf.autograph.experimental.do_not_convert
 def cpu_isa():
-    """Name of the instruction set whose CPU kernels run: "avx512", "avx2" or "generic".
+    """Name of the instruction set whose CPU kernels run: "amx", "avx512", "avx2" or "generic".
+
+    "amx" is the AVX-512 kernels with Intel AMX tiles for bfloat16 products (feature_axis 1,
+    bs 16, 32 and 64); BLOCKSPARSE_TF_CPU_ISA=avx512 turns the tiles off.
 
     The best the processor supports, unless the environment variable BLOCKSPARSE_TF_CPU_ISA
     named a narrower one when the library was loaded (the first use of any op)."""

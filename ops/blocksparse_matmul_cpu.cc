@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "ops/blocksparse_matmul_amx.h"
 #include "ops/blocksparse_matmul_cpu_isa.h"
 
 namespace blocksparse {
@@ -911,6 +912,8 @@ const CpuKernels& BestCpuKernels() {
     if (name == "generic") return &generic::kKernels;
     if (name == "avx2" && has_avx2) return &avx2::kKernels;
     if (name == "avx512" && has_avx512) return &avx512::kKernels;
+    // AMX serves bfloat16 products only (blocksparse_matmul_amx.cc); the rest run AVX-512's.
+    if (name == "amx" && AmxBf16Enabled()) return &avx512::kKernels;
     std::fprintf(stderr,
                  "blocksparse_tf: BLOCKSPARSE_TF_CPU_ISA=%s is not available on this processor; "
                  "using %s\n", requested, best->isa);
@@ -976,7 +979,7 @@ void FloatToBFloat16(const float* in, uint16_t* out, int64_t n, const ParallelFo
   });
 }
 
-const char* BlocksparseCpuIsa() { return Kernels().isa; }
+const char* BlocksparseCpuIsa() { return AmxBf16Enabled() ? "amx" : Kernels().isa; }
 
 }  // namespace blocksparse
 

@@ -43,8 +43,9 @@ bool BlocksparseMatmulGradWCpu(const float* x, const float* dy, float* dw, int64
 void BFloat16ToFloat(const uint16_t* in, float* out, int64_t n, const ParallelFor& parallel_for);
 void FloatToBFloat16(const float* in, uint16_t* out, int64_t n, const ParallelFor& parallel_for);
 
-// Name of the instruction set of the kernels in use ("avx512", "avx2", "generic"): the best
-// this processor has, or a narrower one named by BLOCKSPARSE_TF_CPU_ISA, read on first use.
+// Name of the instruction set of the kernels in use ("amx", "avx512", "avx2", "generic"): the
+// best this processor has, or a narrower one named by BLOCKSPARSE_TF_CPU_ISA, read on first
+// use.  "amx" is AVX-512's kernels with AMX tiles for bfloat16 products (blocksparse_matmul_amx.h).
 const char* BlocksparseCpuIsa();
 
 }  // namespace blocksparse

@@ -10,8 +10,10 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <type_traits>
 
 #include "ops/block_layout.h"
+#include "ops/blocksparse_matmul_amx.h"
 #include "ops/blocksparse_matmul_cpu.h"
 #include "ops/blocksparse_matmul_op_base.h"
 #include "ops/cpu_kernel_util.h"
@@ -152,6 +154,15 @@ class BlocksparseMatmulOp : public BlocksparseOpBase {
     if (N == 0) return;
     const Tensor& x = ctx->input(0);
     const Tensor& w = ctx->input(1);
+    if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
+      if (AmxBf16Serves(feature_axis_, layout->block_size)) {
+        RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
+          return BlocksparseMatmulAmxBf16(BFloat16Bits(x), BFloat16Bits(w), MutableBFloat16Bits(y),
+                                          N, *layout, parallel_for, scratch, transpose_w_);
+        });
+        return;
+      }
+    }
     Tensor x_scratch, w_scratch;
     const float* xf = AsFloat<T>(ctx, x, &x_scratch);
     const float* wf = AsFloat<T>(ctx, w, &w_scratch);
@@ -177,6 +188,16 @@ class BlocksparseMatmulGradWOp : public BlocksparseOpBase {
     OP_REQUIRES_OK(ctx, PrepareGradW(ctx, &layout, &N, &dw));
     const Tensor& x = ctx->input(0);
     const Tensor& dy = ctx->input(1);
+    if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
+      if (AmxBf16Serves(feature_axis_, layout->block_size)) {
+        RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
+          return BlocksparseMatmulGradWAmxBf16(BFloat16Bits(x), BFloat16Bits(dy),
+                                               MutableBFloat16Bits(dw), N, *layout,
+                                               parallel_for, scratch);
+        });
+        return;
+      }
+    }
     Tensor x_scratch, dy_scratch;
     const float* xf = AsFloat<T>(ctx, x, &x_scratch);
     const float* dyf = AsFloat<T>(ctx, dy, &dy_scratch);

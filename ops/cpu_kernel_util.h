@@ -113,6 +113,10 @@ inline const uint16_t* BFloat16Bits(const Tensor& t) {
   return reinterpret_cast<const uint16_t*>(t.flat<Eigen::bfloat16>().data());
 }
 
+inline uint16_t* MutableBFloat16Bits(Tensor* t) {
+  return reinterpret_cast<uint16_t*>(t->flat<Eigen::bfloat16>().data());
+}
+
 // Float32 views of an input: the tensor itself, or a float copy of a half/bfloat16 one.
 template <typename T>
 inline const float* AsFloat(OpKernelContext* ctx, const Tensor& t, Tensor* scratch) {
@@ -147,7 +151,7 @@ inline void WriteAsT(OpKernelContext* ctx, Tensor* out, Fn&& fn) {
     if (!ctx->status().ok()) return;
     if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
       FloatToBFloat16(scratch.flat<float>().data(),
-                      reinterpret_cast<uint16_t*>(out->flat<Eigen::bfloat16>().data()),
+                      MutableBFloat16Bits(out),
                       out->NumElements(), PoolParallelFor(ctx));
     } else {
       out->flat<T>().device(ctx->eigen_device<Eigen::ThreadPoolDevice>()) =

@@ -7,6 +7,9 @@ output (1e-2 for bfloat16) passed either.
 """
 
 import numpy as np
+import tensorflow as tf
+
+import blocksparse_tf
 
 FLOAT32_UNIT_ROUNDOFF = 2.0 ** -24
 
@@ -47,3 +50,10 @@ def matmul_summed_in(np_dtype, a, b):
     for k in range(a.shape[1]):
         total = (total.astype(np.float32) + a[:, k:k + 1] * b[k:k + 1, :]).astype(np_dtype)
     return total
+
+
+def amx_serves(dtype, bs, feature_axis):
+    """Whether this product runs on AMX tiles here (ops/blocksparse_matmul_amx.h): bfloat16,
+    feature_axis 1, bs 16, 32 or 64, on a processor with AMX."""
+    return (dtype == tf.bfloat16 and feature_axis == 1 and bs in (16, 32, 64)
+            and blocksparse_tf.cpu_isa() == "amx")

@@ -29,6 +29,15 @@ def test_benchmarks_write_their_sections(tmp_path):
     assert ("[benchmark_history.md](benchmark_history.md#cpu-blocksparsematmul-against-dense-tfmatmul)"
             in report)
     assert report.count("[benchmark_history.md](") == 2
+    # bfloat16 gets a section and a plot of its own beside float32's.
+    rows = bench_matmul.main(["--hidden", "256", "--batches", "8", "--block-sizes", "32",
+                              "--densities", "0.5", "--repeats", "1", "--dtype", "bfloat16",
+                              "--out", str(tmp_path)])
+    assert len(rows) == 1 and rows[0]["fprop"] > 0
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert report.count("## CPU: BlocksparseMatMul in bfloat16 against dense bfloat16") == 1
+    assert report.count("## CPU: BlocksparseMatMul against dense tf.matmul") == 1
+    assert (tmp_path / "benchmark_cpu_speedup_bfloat16.png").exists()
 
 
 def test_neuron_level_benchmark_agrees_with_tf_sparse(tmp_path):

@@ -29,13 +29,13 @@ def run_python(code, isa):
 
 
 def test_default_is_a_known_instruction_set():
-    assert blocksparse_tf.cpu_isa() in ("avx512", "avx2", "generic")
+    assert blocksparse_tf.cpu_isa() in ("amx", "avx512", "avx2", "generic")
 
 
 def test_unknown_instruction_set_name_raises():
     result = run_python("import blocksparse_tf; blocksparse_tf.cpu_isa()", "avx1024")
     assert result.returncode != 0
-    assert "BLOCKSPARSE_TF_CPU_ISA='avx1024' is not one of avx512, avx2, generic" in result.stderr
+    assert "BLOCKSPARSE_TF_CPU_ISA='avx1024' is not one of amx, avx512, avx2, generic" in result.stderr
 
 
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
@@ -49,5 +49,22 @@ def test_kernel_tests_pass_with_narrower_instruction_sets(isa):
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", SELECTION]
         + KERNEL_TESTS, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert " passed" in result.stdout.splitlines()[-1]
+
+
+def test_bfloat16_tests_pass_with_avx512_where_amx_is_the_default():
+    """On a processor with AMX, bfloat16 products run on its tiles; BLOCKSPARSE_TF_CPU_ISA=
+    avx512 turns them off, and the half-precision tests then check the float32 kernels'
+    bfloat16 products (rounded once, bit for bit) on the same processor."""
+    if blocksparse_tf.cpu_isa() != "amx":
+        pytest.skip("this processor has no AMX")
+    probe = run_python("import blocksparse_tf; print(blocksparse_tf.cpu_isa())", "avx512")
+    assert probe.stdout.strip() == "avx512", probe.stderr[-2000:]
+    env = dict(os.environ, BLOCKSPARSE_TF_CPU_ISA="avx512")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+         "half or bfloat16", "tests/test_matmul.py"],
+        cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:]
     assert " passed" in result.stdout.splitlines()[-1]

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from blocksparse_tf import BlocksparseMatMul
 from blocksparse_tf.matmul import blocksparse_matmul, blocksparse_matmul_grad_w
-from tests.half_precision import (matmul_summed_in, product_and_bound_inputs,
+from tests.half_precision import (amx_serves, matmul_summed_in, product_and_bound_inputs,
                                   within_float32_accumulation)
 
 BLOCK_SIZES = (1, 8, 16, 32, 64)
@@ -319,12 +319,13 @@ def test_leading_batch_dims(bs):
 
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
 @pytest.mark.parametrize("feature_axis", [1, 0])
-def test_half_precision_accumulates_in_float32(dtype, feature_axis):
+@pytest.mark.parametrize("bs,N", [(16, 9), (32, 70), (64, 33)])
+def test_half_precision_accumulates_in_float32(dtype, feature_axis, bs, N):
     """float16 / bfloat16 y, dx and dw are float32 sums of the (exact) half-precision inputs
     rounded once: each element within the bound of tests/half_precision.py of the float64
-    sums, which the same sums kept in half precision miss."""
+    sums, which the same sums kept in half precision miss (bfloat16 with feature_axis 1 on AMX
+    tiles too, whose rows go 32 at a time: N = 70 and 33 end in a part of one)."""
     layout = rect_layout()
-    bs, N = 16, 9
     bsmm = BlocksparseMatMul(layout, block_size=bs, feature_axis=feature_axis)
     np_dtype = dtype.as_numpy_dtype
     x, dy = (RNG.standard_normal(shape).astype(np_dtype) for shape in (bsmm.i_shape(N),
@@ -358,12 +359,72 @@ def _same_values(a, b):
             and np.array_equal(a[~nan].view(np.uint16), b[~nan].view(np.uint16)))
 
 
+def test_bfloat16_on_amx_counts_subnormal_inputs_and_sums_as_zero():
+    """On AMX tiles, as in dense bfloat16 products there, subnormal inputs count as zero and
+    so do subnormal float32 sums (where the float32 kernels would keep them)."""
+    if not amx_serves(tf.bfloat16, 16, 1):
+        pytest.skip("this processor has no AMX")
+    x = np.zeros((5, 16), np.float32)
+    x[:, 0] = 2.0 ** -128  # subnormal in bfloat16
+    x[:, 1] = 2.0 ** -70
+    x[:, 2] = 3.0
+    w = np.zeros((1, 16, 16), np.float32)
+    w[0, 0, 0] = 1.0
+    w[0, 1, 1] = 2.0 ** -70  # 2^-140: a subnormal product
+    w[0, 2, 2] = 0.5
+    y = blocksparse_matmul(tf.cast(x, tf.bfloat16), tf.cast(w, tf.bfloat16),
+                           tf.constant([[0, 0]], tf.int32), block_size=16, C=16, K=16).numpy()
+    expected = np.zeros((5, 16), np.float32)
+    expected[:, 2] = 1.5
+    np.testing.assert_array_equal(y.astype(np.float32), expected)
+
+
+@pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float32])
+def test_bfloat16_products_over_several_ranges_of_columns(dtype):
+    """On AMX tiles the forward products go over ranges of output columns whose blocks fit in
+    a core's cache (1 MiB, 128 blocks of 64 x 64): a column of 160 blocks, alone in its range,
+    between columns of a few blocks and an empty one; rows in two panels and a part of one.
+    float32 as the control."""
+    CB, bs, N = 160, 64, 70
+    layout = np.zeros((CB, 4), bool)
+    layout[:, 1] = True
+    layout[::7, 0] = layout[::5, 3] = True
+    bsmm = BlocksparseMatMul(layout, block_size=bs)
+    np_dtype = dtype.as_numpy_dtype
+    x = RNG.standard_normal((N, bsmm.C)).astype(np_dtype)
+    dy = RNG.standard_normal((N, bsmm.K)).astype(np_dtype)
+    w = RNG.standard_normal(bsmm.w_shape).astype(np_dtype)
+    y, dx, dw = products(bsmm, x, w, dy)
+    W = bsmm.to_dense(w.astype(np.float64))
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    for actual, a, b, terms in [(y, x64, W, bsmm.C), (dx, dy64, W.T, bsmm.K)]:
+        assert within_float32_accumulation(actual, *product_and_bound_inputs(a, b), terms,
+                                           np_dtype)
+    exact, abs_sum = product_and_bound_inputs(x64.T, dy64)
+    assert within_float32_accumulation(dw, bsmm.from_dense(exact), bsmm.from_dense(abs_sum), N,
+                                       np_dtype)
+
+
+def _overflowing_terms(a, b):
+    """Whether any product a[i, p] b[p, j] of the sums a @ b lies past float32's range."""
+    big = np.float64(np.finfo(np.float32).max)
+    a, b = np.abs(np.asarray(a, np.float64)), np.abs(np.asarray(b, np.float64))
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.array([[np.any(a[i] * b[:, j] > big) for j in range(b.shape[1])]
+                         for i in range(a.shape[0])])
+
+
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
 @pytest.mark.parametrize("bs", [8, 32])
 def test_half_precision_is_the_float32_product_rounded_once(dtype, bs):
     """y, dx and dw in half precision are, bit for bit, the float32 op on the inputs widened
     and its results narrowed by tf.cast (round to nearest even), with infinities, NaN,
-    subnormals and values past the largest finite one among the inputs."""
+    subnormals and values past the largest finite one among the inputs.  On AMX tiles
+    (bfloat16, bs 32 here) the float32 sums are added in the hardware's order, so the finite
+    results are float32 sums rounded once (within the bound of tests/half_precision.py) but
+    not always the float32 op's bits; infinities and NaN come out where the float32 op's do,
+    except that the products are not fused into the sums: a sum with a product past float32's
+    range is infinite or NaN there."""
     layout = rect_layout()
     bsmm = BlocksparseMatMul(layout, block_size=bs)
     N = 37
@@ -379,30 +440,51 @@ def test_half_precision_is_the_float32_product_rounded_once(dtype, bs):
     wide = [tf.cast(t, tf.float32) for t in (x, w, dy)]
     args = dict(block_size=bs, C=bsmm.C, K=bsmm.K)
     coords = tf.constant(bsmm.coords)
-    for half, single in [
+    W = bsmm.to_dense(wide[1].numpy())
+    x64, dy64 = (t.numpy().astype(np.float64) for t in wide[::2])
+    on_amx, overflowed = amx_serves(dtype, bs, 1), 0
+    for half, single, (a, b, terms) in [
             (blocksparse_matmul(x, w, coords, **args),
-             blocksparse_matmul(wide[0], wide[1], coords, **args)),
+             blocksparse_matmul(wide[0], wide[1], coords, **args), (x64, W, bsmm.C)),
             (blocksparse_matmul(dy, w, coords, **args, transpose_w=True),
-             blocksparse_matmul(wide[2], wide[1], coords, **args, transpose_w=True)),
+             blocksparse_matmul(wide[2], wide[1], coords, **args, transpose_w=True),
+             (dy64, W.T, bsmm.K)),
             (blocksparse_matmul_grad_w(x, dy, coords, **args),
-             blocksparse_matmul_grad_w(wide[0], wide[2], coords, **args))]:
+             blocksparse_matmul_grad_w(wide[0], wide[2], coords, **args), (x64.T, dy64, N))]:
         assert half.dtype == dtype
-        assert _same_values(half.numpy(), tf.cast(single, dtype).numpy())
+        half, single = half.numpy(), tf.cast(single, dtype).numpy()
+        if not on_amx:
+            assert _same_values(half, single)
+            continue
+        as_stored = (lambda m: bsmm.from_dense(m)) if half.ndim == 3 else (lambda m: m)
+        overflowing = as_stored(_overflowing_terms(a, b).astype(np.float64)) != 0
+        assert overflowing.mean() < 0.2  # most elements still compared
+        assert not np.isfinite(half[overflowing].astype(np.float32)).any()
+        overflowed += overflowing.sum()
+        finite = np.isfinite(single.astype(np.float32)) & ~overflowing
+        assert _same_values(half[~finite & ~overflowing], single[~finite & ~overflowing])
+        # A finite result has no infinity or NaN among its terms' inputs (where W is stored).
+        exact, abs_sum = (as_stored(m) for m in product_and_bound_inputs(
+            *(np.where(np.isfinite(m), m, 0.0) for m in (a, b))))
+        assert within_float32_accumulation(half[finite], exact[finite], abs_sum[finite], terms,
+                                           np.dtype(half.dtype))
+    assert overflowed > 0 or not on_amx
 
 
-@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
-def test_half_precision_rounds_ties_to_even(dtype):
+@pytest.mark.parametrize("dtype,bs", [(tf.float16, 8), (tf.bfloat16, 8), (tf.bfloat16, 16)])
+def test_half_precision_rounds_ties_to_even(dtype, bs):
     """Sums exactly halfway between two neighbours of the half-precision type round to the
-    one with an even last bit: y = x_0 + x_1 with x_0 = 1 + m ulp and x_1 = ulp / 2."""
+    one with an even last bit: y = x_0 + x_1 with x_0 = 1 + m ulp and x_1 = ulp / 2 (bfloat16
+    bs 16 runs on AMX tiles where the processor has them)."""
     bits = 10 if dtype == tf.float16 else 7  # explicit mantissa bits
     ulp = 2.0 ** -bits
     m = np.arange(64)
-    x = np.zeros((64, 8), np.float32)
+    x = np.zeros((64, bs), np.float32)
     x[:, 0], x[:, 1] = 1 + m * ulp, ulp / 2
-    w = np.zeros((1, 8, 8), np.float32)
+    w = np.zeros((1, bs, bs), np.float32)
     w[0, 0, 0] = w[0, 1, 0] = 1.0
     y = blocksparse_matmul(tf.cast(x, dtype), tf.cast(w, dtype), tf.constant([[0, 0]], tf.int32),
-                           block_size=8, C=8, K=8).numpy()
+                           block_size=bs, C=bs, K=bs).numpy()
     expected = 1 + (m + m % 2) * ulp
     np.testing.assert_array_equal(y[:, 0].astype(np.float64), expected)
 
@@ -553,11 +635,14 @@ tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
 sys.path.insert(0, sys.argv[2])
 from blocksparse_tf import BlocksparseMatMul
 rng = np.random.default_rng(7)
-# bs 8 and 1: weight-gradient tiles of several blocks of a row, in column groups.
-for axis, bs, shape in ((1, 32, (16, 12)), (0, 32, (16, 12)), (1, 8, (40, 70)), (1, 1, (300, 200))):
+# bs 8 and 1: weight-gradient tiles of several blocks of a row, in column groups.  bfloat16
+# with bs 32: AMX tiles where the processor has them, over two ranges of columns.
+for axis, bs, shape, dtype in ((1, 32, (16, 12), tf.float32), (0, 32, (16, 12), tf.float32),
+                               (1, 8, (40, 70), tf.float32), (1, 1, (300, 200), tf.float32),
+                               (1, 32, (60, 40), tf.bfloat16)):
     bsmm = BlocksparseMatMul(rng.random(shape) < 0.4, block_size=bs, feature_axis=axis)
-    x = tf.constant(rng.standard_normal(bsmm.i_shape(300)).astype(np.float32))
-    w = tf.constant(rng.standard_normal(bsmm.w_shape).astype(np.float32))
+    x = tf.cast(rng.standard_normal(bsmm.i_shape(300)).astype(np.float32), dtype)
+    w = tf.cast(rng.standard_normal(bsmm.w_shape).astype(np.float32), dtype)
     with tf.GradientTape() as t:
         t.watch([x, w])
         y = bsmm(x, w)
@@ -572,7 +657,7 @@ for axis, bs, shape in ((1, 32, (16, 12)), (0, 32, (16, 12)), (1, 8, (40, 70)), 
 
 def test_bitwise_deterministic_across_runs_and_thread_counts(outputs_across_thread_counts):
     outputs = outputs_across_thread_counts(DETERMINISM_SCRIPT)
-    assert outputs[0].count("\n") == 4
+    assert outputs[0].count("\n") == 5
     assert len(outputs) >= 2 and all(out == outputs[0] for out in outputs)
 
 

@@ -979,6 +979,18 @@ void FloatToBFloat16(const float* in, uint16_t* out, int64_t n, const ParallelFo
   });
 }
 
+void HalfToFloat(const uint16_t* in, float* out, int64_t n, const ParallelFor& parallel_for) {
+  InChunks(n, parallel_for, [&](int64_t i, int64_t count) {
+    Kernels().half_to_float(in + i, out + i, count);
+  });
+}
+
+void FloatToHalf(const float* in, uint16_t* out, int64_t n, const ParallelFor& parallel_for) {
+  InChunks(n, parallel_for, [&](int64_t i, int64_t count) {
+    Kernels().float_to_half(in + i, out + i, count);
+  });
+}
+
 const char* BlocksparseCpuIsa() { return AmxBf16Enabled() ? "amx" : Kernels().isa; }
 
 }  // namespace blocksparse

@@ -42,6 +42,10 @@ bool BlocksparseMatmulGradWCpu(const float* x, const float* dy, float* dw, int64
 // Eigen converts them; in tasks of parallel_for, vectorized for the kernels' instruction set.
 void BFloat16ToFloat(const uint16_t* in, float* out, int64_t n, const ParallelFor& parallel_for);
 void FloatToBFloat16(const float* in, uint16_t* out, int64_t n, const ParallelFor& parallel_for);
+// The same for float16: widened exactly, narrowed to nearest even (subnormal results kept,
+// infinity past the largest finite value, a NaN to a NaN of its sign), as Eigen converts them.
+void HalfToFloat(const uint16_t* in, float* out, int64_t n, const ParallelFor& parallel_for);
+void FloatToHalf(const float* in, uint16_t* out, int64_t n, const ParallelFor& parallel_for);
 
 // Name of the instruction set of the kernels in use ("amx", "avx512", "avx2", "generic"): the
 // best this processor has, or a narrower one named by BLOCKSPARSE_TF_CPU_ISA, read on first

@@ -1398,6 +1398,59 @@ void FloatToBFloat16(const float* in, uint16_t* out, int64_t n) {
   }
 }
 
+// float16 likewise.  Widening is exact; narrowing rounds to nearest even (subnormal results
+// kept, whatever the flush-to-zero flags), infinity past the largest finite value, and a NaN
+// stays a NaN of its sign (its payload may differ from Eigen's).  Under AVX-512 by the
+// processor's conversions (VCVTPH2PS / VCVTPS2PH), elsewhere by the same rules in integers.
+float HalfBitsToFloat(uint16_t h) {
+  const uint32_t sign = uint32_t{h & 0x8000u} << 16, exponent = (h >> 10) & 0x1fu;
+  const uint32_t mantissa = h & 0x3ffu;
+  if (exponent == 0) {  // zero or subnormal: mantissa x 2^-24, exact in float32
+    const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;
+    return __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, magnitude) | sign);
+  }
+  const uint32_t wide_exponent = exponent == 0x1f ? 0xffu : exponent + 112;
+  return __builtin_bit_cast(float, sign | wide_exponent << 23 | mantissa << 13);
+}
+
+uint16_t FloatToHalfBits(float f) {
+  const uint32_t bits = __builtin_bit_cast(uint32_t, f);
+  const uint32_t sign = (bits >> 16) & 0x8000u, magnitude = bits & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (magnitude >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520
+  if (magnitude < 0x38800000u) {  // below 2^-14: a multiple of 2^-24, rounded to even
+    const float scaled = __builtin_bit_cast(float, magnitude) * 0x1p24f;
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(__builtin_rintf(scaled)));
+  }
+  const uint32_t odd = (magnitude >> 13) & 1u;
+  return static_cast<uint16_t>(sign | (magnitude - (112u << 23) + 0xfffu + odd) >> 13);
+}
+
+void HalfToFloat(const uint16_t* in, float* out, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    // The masked forms (every lane kept): the plain ones leave their pass-through operand
+    // undefined, which GCC 12 warns of.
+    _mm512_storeu_ps(out + i, _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(
+                                  reinterpret_cast<const __m256i*>(in + i))));
+  }
+#endif
+  for (; i < n; ++i) out[i] = HalfBitsToFloat(in[i]);
+}
+
+void FloatToHalf(const float* in, uint16_t* out, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm512_maskz_cvtps_ph(0xffff, _mm512_loadu_ps(in + i),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#endif
+  for (; i < n; ++i) out[i] = FloatToHalfBits(in[i]);
+}
+
 #define BSMM_STRINGIFY2(s) #s
 #define BSMM_STRINGIFY(s) BSMM_STRINGIFY2(s)
 extern const CpuKernels kKernels = {BSMM_STRINGIFY(BSMM_ISA), Width<VecWide>(), kRowTile, ForwardAxis1, ForwardAxis0,
@@ -1408,7 +1461,7 @@ extern const CpuKernels kKernels = {BSMM_STRINGIFY(BSMM_ISA), Width<VecWide>(), 
                                     GatherRows, PanelGradW, FullRowsForward, kListInBoth,
                                     TransposeRect, NeuronColumns, NeuronColumnsOneRow,
                                     NeuronRowsOneRow, NeuronGradW,
-                                    BFloat16ToFloat, FloatToBFloat16};
+                                    BFloat16ToFloat, FloatToBFloat16, HalfToFloat, FloatToHalf};
 
 }  // namespace BSMM_ISA
 }  // namespace blocksparse

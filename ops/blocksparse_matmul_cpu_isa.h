@@ -156,6 +156,9 @@ struct CpuKernels {
   // BFloat16ToFloat in blocksparse_matmul_cpu.h).
   void (*bfloat16_to_float)(const uint16_t* in, float* out, int64_t n);
   void (*float_to_bfloat16)(const float* in, uint16_t* out, int64_t n);
+  // The same for float16 (see HalfToFloat in blocksparse_matmul_cpu.h).
+  void (*half_to_float)(const uint16_t* in, float* out, int64_t n);
+  void (*float_to_half)(const float* in, uint16_t* out, int64_t n);
 };
 
 // The micro-kernels of the block-sparse convolution (ops/blocksparse_conv_cpu.cc).

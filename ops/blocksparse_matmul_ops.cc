@@ -157,7 +157,7 @@ class BlocksparseMatmulOp : public BlocksparseOpBase {
     if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
       if (AmxBf16Serves(feature_axis_, layout->block_size)) {
         RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
-          return BlocksparseMatmulAmxBf16(BFloat16Bits(x), BFloat16Bits(w), MutableBFloat16Bits(y),
+          return BlocksparseMatmulAmxBf16(HalfBits<T>(x), HalfBits<T>(w), HalfBits<T>(y),
                                           N, *layout, parallel_for, scratch, transpose_w_);
         });
         return;
@@ -191,8 +191,8 @@ class BlocksparseMatmulGradWOp : public BlocksparseOpBase {
     if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
       if (AmxBf16Serves(feature_axis_, layout->block_size)) {
         RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
-          return BlocksparseMatmulGradWAmxBf16(BFloat16Bits(x), BFloat16Bits(dy),
-                                               MutableBFloat16Bits(dw), N, *layout,
+          return BlocksparseMatmulGradWAmxBf16(HalfBits<T>(x), HalfBits<T>(dy), HalfBits<T>(dw),
+                                               N, *layout,
                                                parallel_for, scratch);
         });
         return;

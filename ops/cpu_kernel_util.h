@@ -108,13 +108,14 @@ inline void RunProduct(OpKernelContext* ctx, Product&& product) {
   }
 }
 
-// The bits of a bfloat16 tensor's elements.
-inline const uint16_t* BFloat16Bits(const Tensor& t) {
-  return reinterpret_cast<const uint16_t*>(t.flat<Eigen::bfloat16>().data());
+// The bits of a float16 or bfloat16 tensor's elements (T: Eigen::half or Eigen::bfloat16).
+template <typename T>
+inline const uint16_t* HalfBits(const Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.flat<T>().data());
 }
-
-inline uint16_t* MutableBFloat16Bits(Tensor* t) {
-  return reinterpret_cast<uint16_t*>(t->flat<Eigen::bfloat16>().data());
+template <typename T>
+inline uint16_t* HalfBits(Tensor* t) {
+  return reinterpret_cast<uint16_t*>(t->flat<T>().data());
 }
 
 // Float32 views of an input: the tensor itself, or a float copy of a half/bfloat16 one.
@@ -130,10 +131,9 @@ inline const float* AsFloat(OpKernelContext* ctx, const Tensor& t, Tensor* scrat
     }
     float* const out = scratch->flat<float>().data();
     if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
-      BFloat16ToFloat(BFloat16Bits(t), out, t.NumElements(), PoolParallelFor(ctx));
+      BFloat16ToFloat(HalfBits<T>(t), out, t.NumElements(), PoolParallelFor(ctx));
     } else {
-      scratch->flat<float>().device(ctx->eigen_device<Eigen::ThreadPoolDevice>()) =
-          t.flat<T>().template cast<float>();
+      HalfToFloat(HalfBits<T>(t), out, t.NumElements(), PoolParallelFor(ctx));
     }
     return out;
   }
@@ -149,13 +149,12 @@ inline void WriteAsT(OpKernelContext* ctx, Tensor* out, Fn&& fn) {
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, out->shape(), &scratch));
     fn(scratch.flat<float>().data());
     if (!ctx->status().ok()) return;
+    uint16_t* const bits = HalfBits<T>(out);
     if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
-      FloatToBFloat16(scratch.flat<float>().data(),
-                      MutableBFloat16Bits(out),
-                      out->NumElements(), PoolParallelFor(ctx));
+      FloatToBFloat16(scratch.flat<float>().data(), bits, out->NumElements(),
+                      PoolParallelFor(ctx));
     } else {
-      out->flat<T>().device(ctx->eigen_device<Eigen::ThreadPoolDevice>()) =
-          scratch.flat<float>().template cast<T>();
+      FloatToHalf(scratch.flat<float>().data(), bits, out->NumElements(), PoolParallelFor(ctx));
     }
   }
 }

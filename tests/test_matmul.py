@@ -489,6 +489,28 @@ def test_half_precision_rounds_ties_to_even(dtype, bs):
     np.testing.assert_array_equal(y[:, 0].astype(np.float64), expected)
 
 
+def test_float16_rounds_subnormal_and_overflowing_sums_to_nearest_even():
+    """float16 results below its smallest normal value (multiples of 2^-24) and past its
+    largest finite one: y = x_0 + x_1 w with x_0 = m 2^-24, and x_1 w a quarter, a half or
+    three quarters of 2^-24 (ties to the even neighbour); 65504 + 16 (a tie) and + 15 round to
+    infinity and back to 65504."""
+    m = np.arange(1, 41)
+    offsets = np.array([0.25, 0.5, 0.75])
+    x = np.zeros((len(m) * len(offsets) + 2, 8), np.float32)
+    w = np.zeros((1, 8, 8), np.float32)
+    w[0, 0, 0], w[0, 1, 0], w[0, 2, 0] = 1.0, 2.0 ** -24, 1.0
+    x[:-2, 0] = np.repeat(m, len(offsets)) * 2.0 ** -24
+    x[:-2, 1] = np.tile(offsets, len(m))  # x_1 w: offset x 2^-24, exact in float32
+    x[-2:, 0] = 65504.0
+    x[-2:, 2] = [16.0, 15.0]
+    y = blocksparse_matmul(tf.constant(x, tf.float16), tf.constant(w, tf.float16),
+                           tf.constant([[0, 0]], tf.int32), block_size=8, C=8, K=8).numpy()
+    exact = np.repeat(m, len(offsets)) + np.tile(offsets, len(m))
+    nearest_even = np.where(exact % 1 == 0.5, 2 * np.round(exact / 2), np.round(exact))
+    np.testing.assert_array_equal(y[:-2, 0].astype(np.float64), nearest_even * 2.0 ** -24)
+    assert y[-2, 0] == np.inf and y[-1, 0] == 65504.0
+
+
 @pytest.mark.parametrize("feature_axis,batch", [(1, (4,)), (1, (2, 3)), (0, (4,))])
 def test_numpy_references_agree_with_independent_reference(feature_axis, batch):
     """fprop_test / bprop_test / updat_test (used as references by other tests) against dense

@@ -463,6 +463,21 @@ inline bool SmallBatchWgmmaFits(const DeviceInfo& di) {
 constexpr double kCopyEngineMinBlocks32 = 24, kCopyEngineMinBlocks64 = 6;
 inline bool CopyEngineEnabled() { return Tuning() != 6; }
 
+// A map of the activation matrix `a` (x or dy) for copies of box_batch batch rows by one
+// block's BS features: a is (N, features) with feature axis 1, else (features, N), and its
+// boxes then BS feature rows of box_batch batch entries.  False where the copy engine cannot
+// serve: a not 16-byte aligned, a dimension of 2^31 or more, or (feature axis 0) rows whose
+// bytes are not a multiple of 16.
+template <typename T, int FA, int BS>
+bool EncodeActivationMap(tma::TensorMap* map, const void* a, uint64_t features, uint64_t N,
+                         uint32_t box_batch) {
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  if (reinterpret_cast<uintptr_t>(a) % 16 || N >= (1ull << 31) || features >= (1ull << 31))
+    return false;
+  if (FA == 1) return tma::EncodeTiles16(map, kBf16, a, features, N, features * 2, BS, box_batch);
+  return N % 8 == 0 && tma::EncodeTiles16(map, kBf16, a, N, features, N * 2, box_batch, BS);
+}
+
 // Fills p's tensor maps for the copy-engine narrow forward with kBM batch rows per tile: x
 // boxes of kBM batch rows x BS features (feature axis 1; a single 64-row tile only the rows up
 // to N rounded to 8) or BS features x 64 batch entries (feature axis 0, one per row group), and
@@ -471,15 +486,13 @@ template <typename T, int FA, int BS, int kBM>
 bool EncodeNarrowMaps(NarrowParams* np) {
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   const Params& p = np->base;
-  const uint64_t N = p.N, C = p.C, rows = static_cast<uint64_t>(p.blocks) * BS;
-  if (reinterpret_cast<uintptr_t>(p.x) % 16 || reinterpret_cast<uintptr_t>(p.w) % 16 ||
-      p.blocks <= 0 || N >= (1ull << 31) || C >= (1ull << 31) || rows >= (1ull << 31))
+  const uint64_t N = p.N, rows = static_cast<uint64_t>(p.blocks) * BS;
+  if (reinterpret_cast<uintptr_t>(p.w) % 16 || p.blocks <= 0 || rows >= (1ull << 31))
     return false;
-  const uint32_t box_rows = kBM == 64 && N < 64 ? static_cast<uint32_t>((N + 7) / 8 * 8) : kBM;
-  const bool x_ok =
-      FA == 1 ? tma::EncodeTiles16(&np->x_map, kBf16, p.x, C, N, C * 2, BS, box_rows)
-              : N % 8 == 0 && tma::EncodeTiles16(&np->x_map, kBf16, p.x, N, C, N * 2, 64, BS);
-  return x_ok && tma::EncodeTiles16(&np->w_map, kBf16, p.w, BS, rows, BS * 2, BS, BS);
+  const uint32_t x_batch =
+      FA == 0 ? 64 : kBM == 64 && N < 64 ? static_cast<uint32_t>((N + 7) / 8 * 8) : kBM;
+  return EncodeActivationMap<T, FA, BS>(&np->x_map, p.x, p.C, N, x_batch) &&
+         tma::EncodeTiles16(&np->w_map, kBf16, p.w, BS, rows, BS * 2, BS, BS);
 }
 
 template <typename T, int FA, int BS, class Cfgs>
@@ -591,13 +604,25 @@ constexpr double kColumnGradBs32FourBlocksAxis0Work = 24.0 * 4096;
 // (fp16 249.5 -> 177.0), 100% 723.1 -> 569.6; bs 64 at 2% 22.4 -> 23.0, 10% 54.0 -> 41.6, 25%
 // 129.4 -> 100.5, 100% 402.7 -> 332.1; N = 16384, C = K = 8192: bs 64 at 10% 769.6 -> 626.8,
 // but bs 32 at 2% 338.4 -> 492.3 and 10% 1685.1 -> 2021.7, its x eight times the L2; bs 16
-// slower (25% 515.4 -> 548.3, 100% 1071.5 -> 2040.0); feature axis 0 0.95-1.14x the time.  So
-// by default with feature axis 1 for bs 64, and for bs 32 where x fits in the L2; SetTuning(13)
-// takes it wherever it can serve, SetTuning(14) nowhere.
+// slower (25% 515.4 -> 548.3, 100% 1071.5 -> 2040.0); feature axis 0 0.95-1.14x the time.
+// Later (H200, bf16 bs 32 at 10% unless noted, dW us, default / copy engine / cp.async, the
+// three alternated in one process; x's size in brackets, the L2 being 50 MB): C = K = 4096,
+// N = 2048 (16 MB) 36.7 / 36.8 / 45.2, N = 4096 (32 MB) 65.0 / 64.9 / 85.4, N = 8192 (64 MB)
+// 298.5 / 188.1 / 299.4 (123.1 / 123.2 / 164.8 in another run; fp16 123.4 / 123.3 / 163.9),
+// N = 16384 (128 MB) 328.9 / 241.0 / 329.1, N = 32768 (256 MB, paced) 684.6 / 512.3 / 686.1;
+// C = K = 8192, N = 4096 (64 MB) 352.9 / 259.5 / 352.7, but N = 12288 (192 MB) 1410.9 with
+// the copy engine against 1181.3, and N = 16384 (256 MB, paced) 1613.3 / 2039.1 / 1613.0, at
+// 2% 336.5 / 484.8 / 335.7.  So by default with feature axis 1 for bs 64, and for bs 32 where x
+// is under kCopyEngineGradWBs32MaxL2Multiple times the L2 (every such cell measured faster;
+// the first slower one, C = K = 8192, at 3.8 times); SetTuning(13) takes it wherever it can
+// serve, SetTuning(14) nowhere.
+constexpr double kCopyEngineGradWBs32MaxL2Multiple = 3.0;
 template <int FA, int BS>
 bool CopyEngineGradW(double x_bytes, const DeviceInfo& di) {
   if (Tuning() == 13 || Tuning() == 14) return Tuning() == 13;
-  return FA == 1 && (BS == 64 || (BS == 32 && x_bytes <= static_cast<double>(di.l2_bytes)));
+  return FA == 1 &&
+         (BS == 64 || (BS == 32 && x_bytes < kCopyEngineGradWBs32MaxL2Multiple *
+                                                 static_cast<double>(di.l2_bytes)));
 }
 template <class Cfg>
 struct ColumnGradOnCopyEngine {
@@ -608,17 +633,9 @@ struct ColumnGradOnCopyEngine {
 // the copy engine cannot serve.
 template <typename T, int FA, int BS, int kRows>
 bool EncodeColumnGradMaps(NarrowParams* np) {
-  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   const Params& p = np->base;
-  const uint64_t N = p.N, C = p.C, K = p.K;
-  if (reinterpret_cast<uintptr_t>(p.x) % 16 || reinterpret_cast<uintptr_t>(p.w) % 16 ||
-      N >= (1ull << 31) || C >= (1ull << 31) || K >= (1ull << 31))
-    return false;
-  if (FA == 1)
-    return tma::EncodeTiles16(&np->x_map, kBf16, p.x, C, N, C * 2, BS, kRows) &&
-           tma::EncodeTiles16(&np->w_map, kBf16, p.w, K, N, K * 2, BS, kRows);
-  return N % 8 == 0 && tma::EncodeTiles16(&np->x_map, kBf16, p.x, N, C, N * 2, kRows, BS) &&
-         tma::EncodeTiles16(&np->w_map, kBf16, p.w, N, K, N * 2, kRows, BS);
+  return EncodeActivationMap<T, FA, BS>(&np->x_map, p.x, p.C, p.N, kRows) &&
+         EncodeActivationMap<T, FA, BS>(&np->w_map, p.w, p.K, p.N, kRows);
 }
 
 // The wgmma dW with more column groups (`groups`, a bound) than CTAs fit on the GPU at once

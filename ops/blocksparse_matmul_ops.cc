@@ -192,8 +192,7 @@ class BlocksparseMatmulGradWOp : public BlocksparseOpBase {
       if (AmxBf16Serves(feature_axis_, layout->block_size)) {
         RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
           return BlocksparseMatmulGradWAmxBf16(HalfBits<T>(x), HalfBits<T>(dy), HalfBits<T>(dw),
-                                               N, *layout,
-                                               parallel_for, scratch);
+                                               N, *layout, parallel_for, scratch);
         });
         return;
       }

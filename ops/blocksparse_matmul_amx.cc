@@ -370,8 +370,8 @@ bool BlocksparseMatmulAmxBf16(const uint16_t* x, const uint16_t* w, uint16_t* y,
   const int64_t bs = layout.block_size, C = layout.CB * bs, K = layout.KB * bs;
   const int64_t area = bs * bs;
   const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
-  uint16_t* const wv = Bf16Scratch(scratch, std::max<int64_t>(layout.blocks * area, 1));
-  uint16_t* const xp = Bf16Scratch(scratch, std::max<int64_t>(panels * kPanelRows * C, 1));
+  uint16_t* const wv = Bf16Scratch(scratch, layout.blocks * area);
+  uint16_t* const xp = Bf16Scratch(scratch, panels * kPanelRows * C);
   if (wv == nullptr || xp == nullptr) return false;
   // In column order, the order the tasks read them: a column's blocks one after another.
   parallel_for(layout.blocks, 4 * area, [&](int64_t begin, int64_t end) {
@@ -408,8 +408,8 @@ bool BlocksparseMatmulGradWAmxBf16(const uint16_t* x, const uint16_t* dy, uint16
                                    const ScratchAllocator& scratch) {
   const int64_t bs = layout.block_size, C = layout.CB * bs, K = layout.KB * bs;
   const int64_t H = (N + 31) / 32;  // chunks of 32 rows
-  uint16_t* const xt = Bf16Scratch(scratch, std::max<int64_t>(C * H * 32, 1));
-  uint16_t* const dyt = Bf16Scratch(scratch, std::max<int64_t>(K * H * 32, 1));
+  uint16_t* const xt = Bf16Scratch(scratch, C * H * 32);
+  uint16_t* const dyt = Bf16Scratch(scratch, K * H * 32);
   if (xt == nullptr || dyt == nullptr) return false;
   parallel_for(C / 16, 32 * 16 * H, [&](int64_t begin, int64_t end) {
     PackTransposedTiles(x, N, C, H, begin, end, xt);

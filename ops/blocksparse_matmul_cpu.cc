@@ -958,37 +958,32 @@ bool BlocksparseMatmulGradWCpu(const float* x, const float* dy, float* dw, int64
   return GradW(x, dy, dw, N, feature_axis, layout, parallel_for, scratch);
 }
 
-// Runs convert(begin, count) over [0, n) in chunks of 64 KiB of floats.
-template <typename Convert>
-void InChunks(int64_t n, const ParallelFor& parallel_for, Convert&& convert) {
+// out[i] = in[i] for i < n by the kernels' conversion `convert`, in tasks of 16384 elements.
+template <typename In, typename Out>
+void ConvertInChunks(void (*CpuKernels::*convert)(const In*, Out*, int64_t), const In* in,
+                     Out* out, int64_t n, const ParallelFor& parallel_for) {
   constexpr int64_t kChunk = 16384;
   parallel_for((n + kChunk - 1) / kChunk, kChunk, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) convert(c * kChunk, std::min(kChunk, n - c * kChunk));
+    for (int64_t i = begin * kChunk; i < n && i < end * kChunk; i += kChunk) {
+      (Kernels().*convert)(in + i, out + i, std::min(kChunk, n - i));
+    }
   });
 }
 
 void BFloat16ToFloat(const uint16_t* in, float* out, int64_t n, const ParallelFor& parallel_for) {
-  InChunks(n, parallel_for, [&](int64_t i, int64_t count) {
-    Kernels().bfloat16_to_float(in + i, out + i, count);
-  });
+  ConvertInChunks(&CpuKernels::bfloat16_to_float, in, out, n, parallel_for);
 }
 
 void FloatToBFloat16(const float* in, uint16_t* out, int64_t n, const ParallelFor& parallel_for) {
-  InChunks(n, parallel_for, [&](int64_t i, int64_t count) {
-    Kernels().float_to_bfloat16(in + i, out + i, count);
-  });
+  ConvertInChunks(&CpuKernels::float_to_bfloat16, in, out, n, parallel_for);
 }
 
 void HalfToFloat(const uint16_t* in, float* out, int64_t n, const ParallelFor& parallel_for) {
-  InChunks(n, parallel_for, [&](int64_t i, int64_t count) {
-    Kernels().half_to_float(in + i, out + i, count);
-  });
+  ConvertInChunks(&CpuKernels::half_to_float, in, out, n, parallel_for);
 }
 
 void FloatToHalf(const float* in, uint16_t* out, int64_t n, const ParallelFor& parallel_for) {
-  InChunks(n, parallel_for, [&](int64_t i, int64_t count) {
-    Kernels().float_to_half(in + i, out + i, count);
-  });
+  ConvertInChunks(&CpuKernels::float_to_half, in, out, n, parallel_for);
 }
 
 const char* BlocksparseCpuIsa() { return AmxBf16Enabled() ? "amx" : Kernels().isa; }

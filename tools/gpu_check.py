@@ -18,6 +18,7 @@ import math
 import os
 import statistics
 import sys
+import time
 
 import numpy as np
 import torch
@@ -157,13 +158,20 @@ def rel_err(out, ref):
 
 # ----------------------------------------------------------------------------------------------
 class Results:
+    """Counts checks; with GPU_CHECK_VERBOSE=1 prints each passing one with its time (to see how
+    far a run under compute-sanitizer got)."""
+
     def __init__(self):
         self.passed = 0
         self.failed = []
+        self.verbose = os.environ.get("GPU_CHECK_VERBOSE") == "1"
+        self.t0 = time.time()
 
     def check(self, ok, what):
         if ok:
             self.passed += 1
+            if self.verbose:
+                print(f"ok {time.time() - self.t0:7.1f}s {what}", flush=True)
         else:
             self.failed.append(what)
             print("FAIL:", what, flush=True)

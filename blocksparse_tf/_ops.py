@@ -49,8 +49,8 @@ def ops():
 def cpu_isa():
     """Name of the instruction set whose CPU kernels run: "amx", "avx512", "avx2" or "generic".
 
-    "amx" is the AVX-512 kernels with Intel AMX tiles for bfloat16 products (feature_axis 1,
-    bs 16, 32 and 64); BLOCKSPARSE_TF_CPU_ISA=avx512 turns the tiles off.
+    "amx" is the AVX-512 kernels with Intel AMX tiles for bfloat16 products (bs 16, 32 and
+    64, either feature axis); BLOCKSPARSE_TF_CPU_ISA=avx512 turns the tiles off.
 
     The best the processor supports, unless the environment variable BLOCKSPARSE_TF_CPU_ISA
     named a narrower one when the library was loaded (the first use of any op)."""

@@ -77,6 +77,60 @@ uint16_t* Bf16Scratch(const ScratchAllocator& scratch, int64_t count) {
   return reinterpret_cast<uint16_t*>(scratch((count + 1) / 2));
 }
 
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw")))
+
+// GCC 12 warns of the undefined pass-through operand inside its own AVX-512 intrinsics (the
+// masked loads, the casts between vector types) when they are inlined into functions compiled
+// for AVX-512 by attribute (a false positive).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+// 16 bfloat16 zeros: the rows past N.
+constexpr uint16_t kZeroRow[16] = {};
+
+// (a[0], b[0], a[1], b[1], ... a[15], b[15]): two rows of 16 bfloat16 interleaved, the VNNI
+// pairs of rows a and b; only the elements in `loaded` read (the others zero).
+AVX512_TARGET __m512i InterleaveRows(const uint16_t* a, const uint16_t* b,
+                                     __mmask32 loaded = 0xFFFF) {
+  // Element 2 j from a[j], 2 j + 1 from b[j] (index 32 + j: the second operand's).
+  alignas(64) static constexpr uint16_t kOrder[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                      37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                      11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  return _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi16(loaded, a),
+                                   _mm512_load_si512(kOrder),
+                                   _mm512_maskz_loadu_epi16(loaded, b));
+}
+
+// v[r][p] (32-bit elements) = v[p][r] before, for p, r < 16.  Inlined, so v stays in
+// registers (called, it went through memory: 7% of feature axis 0's forward).
+AVX512_TARGET inline __attribute__((always_inline)) void Transpose16x16(__m512i v[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  // Each 128-bit lane L of v[4 i + m] now holds column 4 L + m of rows 4 i .. 4 i + 3.
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // Row 4 L + m: lane L of v[m], v[4 + m], v[8 + m], v[12 + m].
+  for (int m = 0; m < 4; ++m) {
+    const __m512i low01 = _mm512_shuffle_i32x4(v[m], v[4 + m], 0x44);
+    const __m512i low23 = _mm512_shuffle_i32x4(v[8 + m], v[12 + m], 0x44);
+    const __m512i high01 = _mm512_shuffle_i32x4(v[m], v[4 + m], 0xEE);
+    const __m512i high23 = _mm512_shuffle_i32x4(v[8 + m], v[12 + m], 0xEE);
+    t[m] = _mm512_shuffle_i32x4(low01, low23, 0x88);
+    t[4 + m] = _mm512_shuffle_i32x4(low01, low23, 0xDD);
+    t[8 + m] = _mm512_shuffle_i32x4(high01, high23, 0x88);
+    t[12 + m] = _mm512_shuffle_i32x4(high01, high23, 0xDD);
+  }
+  for (int r = 0; r < 16; ++r) v[r] = t[r];
+}
+
 // The product's block b (W's rows i, columns j) in VNNI order: out[(p bs + j) 2 + e] =
 // W_b[2p + e][j].  With transposed, w's block holds W_b^T, whose rows hold the pairs already.
 void PackBlockVnni(const uint16_t* w, int64_t bs, bool transposed, uint16_t* out) {
@@ -112,6 +166,31 @@ void StoreRowsAsBFloat16(const float* buf, int64_t buf_rs, int64_t rows, int64_t
   }
 }
 
+// y[j, 0:rows) (row stride y_rs) = buf[0:rows, j) (row stride buf_rs) rounded to bfloat16,
+// for j < width: the rows of buf (<= 32) are columns of y, feature axis 0's y^T.  width 16 or
+// 32; buf holds 32 rows (those past `rows` are not stored).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void StoreColumnsAsBFloat16(const float* buf, int64_t buf_rs, int64_t rows, int64_t width,
+                            uint16_t* y, int64_t y_rs) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t count = std::min<int64_t>(16, rows - r0);
+    const __mmask16 stored = static_cast<__mmask16>((1u << count) - 1);
+    for (int64_t j0 = 0; j0 < width; j0 += 16) {
+      __m512i v[16];
+      for (int64_t r = 0; r < 16; ++r) {
+        v[r] = _mm512_castps_si512(_mm512_loadu_ps(buf + (r0 + r) * buf_rs + j0));
+      }
+      Transpose16x16(v);  // v[j]: column j0 + j of rows r0 .. r0 + 15
+      for (int64_t j = 0; j < 16; ++j) {
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_castsi512_ps(v[j]));
+        _mm256_mask_storeu_epi16(y + (j0 + j) * y_rs + r0, stored, (__m256i)h);
+      }
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+
 // Fetches `count` bfloat16 from p into L1: the next block's rows of the x panel lie anywhere in
 // it, where no hardware prefetcher would guess them.
 inline void PrefetchLines(const uint16_t* p, int64_t count) {
@@ -119,13 +198,15 @@ inline void PrefetchLines(const uint16_t* p, int64_t count) {
   for (int64_t l = 0; l < count * 2; l += 64) _mm_prefetch(bytes + l, _MM_HINT_T0);
 }
 
-// y's `rows` (<= 32) rows of output blocks [k_begin, k_end) (row stride K) from one panel of
-// x's rows (see PackRowPanels) times the product's blocks in those columns, from wv (every
-// block in VNNI order, in column order: entry q's at wv + q bs bs).  Each output's terms:
-// block after block down the column, each block's in the hardware's order.
+// y's `rows` (<= 32) rows of output blocks [k_begin, k_end) from one panel of x's rows (see
+// PackRowPanels) times the product's blocks in those columns, from wv (every block in VNNI
+// order, in column order: entry q's at wv + q bs bs).  y holds the panel's rows of y (row
+// stride y_rs), or with `columns` its columns of y^T (feature axis 0: the panel's first
+// example's column, row stride y_rs).  Each output's terms: block after block down the
+// column, each block's in the hardware's order.
 AMX_TARGET void ForwardPanel(const uint16_t* panel, const uint16_t* wv, const BlockLayout& layout,
-                             int64_t k_begin, int64_t k_end, uint16_t* y, int64_t K,
-                             int64_t rows) {
+                             int64_t k_begin, int64_t k_end, uint16_t* y, int64_t y_rs,
+                             int64_t rows, bool columns) {
   const int64_t bs = layout.block_size, depth = bs < 32 ? bs : 32;
   const int64_t x_stride = bs * 2, w_stride = bs * 4;
   const bool two_columns = bs >= 32;  // tiles of 32 outputs across (else 16)
@@ -164,7 +245,12 @@ AMX_TARGET void ForwardPanel(const uint16_t* panel, const uint16_t* wv, const Bl
         _tile_stored(1, buf + 16, pass_width * 4);
         _tile_stored(3, buf + 16 * pass_width + 16, pass_width * 4);
       }
-      StoreRowsAsBFloat16(buf, pass_width, rows, pass_width, y + k * bs + j0, K);
+      if (columns) {
+        StoreColumnsAsBFloat16(buf, pass_width, rows, pass_width, y + (k * bs + j0) * y_rs,
+                               y_rs);
+      } else {
+        StoreRowsAsBFloat16(buf, pass_width, rows, pass_width, y + k * bs + j0, y_rs);
+      }
     }
   }
 }
@@ -215,56 +301,9 @@ AMX_TARGET void GradWBlock(const uint16_t* xt, const uint16_t* dyt, int64_t H,
   }
 }
 
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw")))
-
-// GCC 12 warns of the undefined pass-through operand inside its own AVX-512 intrinsics when
-// they are inlined into functions compiled for AVX-512 by attribute (a false positive).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-
-// 16 bfloat16 zeros: the rows past N.
-constexpr uint16_t kZeroRow[16] = {};
-
-// (a[0], b[0], a[1], b[1], ... a[15], b[15]): two rows of 16 bfloat16 interleaved, the VNNI
-// pairs of rows a and b.
-AVX512_TARGET __m512i InterleaveRows(const uint16_t* a, const uint16_t* b) {
-  // Element 2 j from a[j], 2 j + 1 from b[j] (index 32 + j: the second operand's).
-  alignas(64) static constexpr uint16_t kOrder[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
-                                                      37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
-                                                      11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  constexpr __mmask32 kLowHalf = 0xFFFF;
-  return _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi16(kLowHalf, a),
-                                   _mm512_load_si512(kOrder),
-                                   _mm512_maskz_loadu_epi16(kLowHalf, b));
-}
-
-// v[r][p] (32-bit elements) = v[p][r] before, for p, r < 16.
-AVX512_TARGET void Transpose16x16(__m512i v[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
-  }
-  // Each 128-bit lane L of v[4 i + m] now holds column 4 L + m of rows 4 i .. 4 i + 3.
-  for (int i = 0; i < 16; i += 4) {
-    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  // Row 4 L + m: lane L of v[m], v[4 + m], v[8 + m], v[12 + m].
-  for (int m = 0; m < 4; ++m) {
-    const __m512i low01 = _mm512_shuffle_i32x4(v[m], v[4 + m], 0x44);
-    const __m512i low23 = _mm512_shuffle_i32x4(v[8 + m], v[12 + m], 0x44);
-    const __m512i high01 = _mm512_shuffle_i32x4(v[m], v[4 + m], 0xEE);
-    const __m512i high23 = _mm512_shuffle_i32x4(v[8 + m], v[12 + m], 0xEE);
-    t[m] = _mm512_shuffle_i32x4(low01, low23, 0x88);
-    t[4 + m] = _mm512_shuffle_i32x4(low01, low23, 0xDD);
-    t[8 + m] = _mm512_shuffle_i32x4(high01, high23, 0x88);
-    t[12 + m] = _mm512_shuffle_i32x4(high01, high23, 0xDD);
-  }
-  for (int r = 0; r < 16; ++r) v[r] = t[r];
-}
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 // Row n's 16 elements from column 16 g of a matrix with `cols` columns, or zeros past N.
 inline const uint16_t* RowPiece(const uint16_t* m, int64_t n, int64_t N, int64_t cols,
@@ -305,6 +344,83 @@ AVX512_TARGET void PackPairTiles(const uint16_t* dy, int64_t N, int64_t K, int64
         _mm512_storeu_si512(tile + p * 32, InterleaveRows(RowPiece(dy, n, N, K, g),
                                                           RowPiece(dy, n + 1, N, K, g)));
       }
+    }
+  }
+}
+
+// The elements [n0, n0 + width) of a row of N (width <= 32), as a mask of 16-bit lanes: those
+// below N.
+inline __mmask32 LanesBelow(int64_t N, int64_t n0, int64_t width) {
+  const int64_t count = std::clamp<int64_t>(N - n0, 0, width);
+  return count >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint32_t{1} << count) - 1);
+}
+
+// Feature axis 0's x (C, N) in the panels of PackRowPanels: out[((p CB + c) 32 + r) bs + i] =
+// x[c bs + i][32 p + r], zero past N; panels [begin, end).  Pairs of x's rows interleaved
+// make 16 x 16 matrices of 32-bit elements whose transposes are 16 of the panel's rows.
+AVX512_TARGET void PackColumnPanels(const uint16_t* x, int64_t N, int64_t CB, int64_t bs,
+                                    int64_t begin, int64_t end, uint16_t* out) {
+  const int64_t pairs = std::min<int64_t>(16, bs / 2);  // per pass of 32 (bs 16: 16) features
+  for (int64_t p = begin; p < end; ++p) {
+    for (int64_t c = 0; c < CB; ++c) {
+      uint16_t* const to = out + (p * CB + c) * kPanelRows * bs;
+      for (int64_t i0 = 0; i0 < bs; i0 += 2 * pairs) {
+        for (int64_t h = 0; h < kPanelRows; h += 16) {
+          const int64_t n0 = p * kPanelRows + h;
+          const __mmask32 loaded = LanesBelow(N, n0, 16);
+          const uint16_t* const rows = loaded ? x + (c * bs + i0) * N + n0 : x;
+          __m512i v[16];
+          for (int64_t q = 0; q < 16; ++q) {
+            v[q] = q < pairs && loaded ? InterleaveRows(rows + 2 * q * N, rows + (2 * q + 1) * N,
+                                                        loaded)
+                                       : _mm512_setzero_si512();
+          }
+          Transpose16x16(v);  // v[r]: example n0 + r's features i0 .. i0 + 2 pairs - 1
+          for (int64_t r = 0; r < 16; ++r) {
+            uint16_t* const row = to + (h + r) * bs + i0;
+            if (pairs == 16) {
+              _mm512_storeu_si512(row, v[r]);
+            } else {
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(row), _mm512_castsi512_si256(v[r]));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Feature axis 0's x (C, N) in PackTransposedTiles' tiles (x^T's rows are x's): the tile of
+// group g and rows 32 h .. 32 h + 31 holds x[16 g + r][32 h + e] at r 32 + e (zero past N).
+AVX512_TARGET void PackRowTiles(const uint16_t* x, int64_t N, int64_t H, int64_t g_begin,
+                                int64_t g_end, uint16_t* out) {
+  for (int64_t h = 0; h < H; ++h) {
+    const __mmask32 loaded = LanesBelow(N, 32 * h, 32);
+    for (int64_t g = g_begin; g < g_end; ++g) {
+      uint16_t* const tile = out + (g * H + h) * kTileElements;
+      for (int64_t r = 0; r < 16; ++r) {
+        _mm512_storeu_si512(tile + r * 32,
+                            _mm512_maskz_loadu_epi16(loaded, x + (16 * g + r) * N + 32 * h));
+      }
+    }
+  }
+}
+
+// Feature axis 0's dy (K, N) in PackPairTiles' tiles: the tile of group g and rows
+// 32 h .. 32 h + 31 holds dy[16 g + j][32 h + 2 p + e] at p 32 + 2 j + e (zero past N).  A
+// row's consecutive pairs are 32-bit elements: one 16 x 16 transpose makes a tile.
+AVX512_TARGET void PackTransposedPairTiles(const uint16_t* dy, int64_t N, int64_t H,
+                                           int64_t g_begin, int64_t g_end, uint16_t* out) {
+  for (int64_t h = 0; h < H; ++h) {
+    const __mmask32 loaded = LanesBelow(N, 32 * h, 32);
+    for (int64_t g = g_begin; g < g_end; ++g) {
+      __m512i v[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        v[j] = _mm512_maskz_loadu_epi16(loaded, dy + (16 * g + j) * N + 32 * h);
+      }
+      Transpose16x16(v);
+      uint16_t* const tile = out + (g * H + h) * kTileElements;
+      for (int64_t p = 0; p < 16; ++p) _mm512_storeu_si512(tile + p * 32, v[p]);
     }
   }
 }
@@ -360,13 +476,14 @@ bool AmxBf16Enabled() {
   return enabled;
 }
 
-bool AmxBf16Serves(int feature_axis, int64_t bs) {
-  return feature_axis == 1 && (bs == 16 || bs == 32 || bs == 64) && AmxBf16Enabled();
+bool AmxBf16Serves(int64_t bs) {
+  return (bs == 16 || bs == 32 || bs == 64) && AmxBf16Enabled();
 }
 
 bool BlocksparseMatmulAmxBf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t N,
-                              const BlockLayout& layout, const ParallelFor& parallel_for,
-                              const ScratchAllocator& scratch, bool w_transposed) {
+                              int feature_axis, const BlockLayout& layout,
+                              const ParallelFor& parallel_for, const ScratchAllocator& scratch,
+                              bool w_transposed) {
   const int64_t bs = layout.block_size, C = layout.CB * bs, K = layout.KB * bs;
   const int64_t area = bs * bs;
   const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
@@ -379,8 +496,15 @@ bool BlocksparseMatmulAmxBf16(const uint16_t* x, const uint16_t* w, uint16_t* y,
       PackBlockVnni(w + layout.col_block[q] * area, bs, w_transposed, wv + q * area);
     }
   });
+  // Feature axis 0 packs x's columns into the same panels, and its tiles' rows are stored
+  // as y's columns: the products in between are the same.
+  const bool columns = feature_axis == 0;
   parallel_for(panels, 4 * kPanelRows * C, [&](int64_t begin, int64_t end) {
-    PackRowPanels(x, N, layout.CB, bs, begin, end, xp);
+    if (columns) {
+      PackColumnPanels(x, N, layout.CB, bs, begin, end, xp);
+    } else {
+      PackRowPanels(x, N, layout.CB, bs, begin, end, xp);
+    }
   });
   // Tasks: ranges of output block columns whose blocks fit in a core's L2 cache together
   // (read there by every panel of rows), times groups of panels, enough to share out.
@@ -394,8 +518,9 @@ bool BlocksparseMatmulAmxBf16(const uint16_t* x, const uint16_t* w, uint16_t* y,
       const int64_t chunk = t / groups, group = t % groups;
       for (int64_t p = group * panels / groups; p < (group + 1) * panels / groups; ++p) {
         const int64_t rows = std::min(kPanelRows, N - p * kPanelRows);
+        uint16_t* const y_panel = columns ? y + p * kPanelRows : y + p * kPanelRows * K;
         ForwardPanel(xp + p * layout.CB * kPanelRows * bs, wv, layout, column_chunks[chunk],
-                     column_chunks[chunk + 1], y + p * kPanelRows * K, K, rows);
+                     column_chunks[chunk + 1], y_panel, columns ? N : K, rows, columns);
       }
     }
   });
@@ -403,7 +528,7 @@ bool BlocksparseMatmulAmxBf16(const uint16_t* x, const uint16_t* w, uint16_t* y,
 }
 
 bool BlocksparseMatmulGradWAmxBf16(const uint16_t* x, const uint16_t* dy, uint16_t* dw,
-                                   int64_t N, const BlockLayout& layout,
+                                   int64_t N, int feature_axis, const BlockLayout& layout,
                                    const ParallelFor& parallel_for,
                                    const ScratchAllocator& scratch) {
   const int64_t bs = layout.block_size, C = layout.CB * bs, K = layout.KB * bs;
@@ -411,11 +536,21 @@ bool BlocksparseMatmulGradWAmxBf16(const uint16_t* x, const uint16_t* dy, uint16
   uint16_t* const xt = Bf16Scratch(scratch, C * H * 32);
   uint16_t* const dyt = Bf16Scratch(scratch, K * H * 32);
   if (xt == nullptr || dyt == nullptr) return false;
+  // The same tiles from either feature axis: x^T's rows and dy's pairs of rows, 16 features
+  // by 32 examples each.
   parallel_for(C / 16, 32 * 16 * H, [&](int64_t begin, int64_t end) {
-    PackTransposedTiles(x, N, C, H, begin, end, xt);
+    if (feature_axis == 0) {
+      PackRowTiles(x, N, H, begin, end, xt);
+    } else {
+      PackTransposedTiles(x, N, C, H, begin, end, xt);
+    }
   });
   parallel_for(K / 16, 32 * 16 * H, [&](int64_t begin, int64_t end) {
-    PackPairTiles(dy, N, K, H, begin, end, dyt);
+    if (feature_axis == 0) {
+      PackTransposedPairTiles(dy, N, H, begin, end, dyt);
+    } else {
+      PackPairTiles(dy, N, K, H, begin, end, dyt);
+    }
   });
   // Blocks in row order, so that neighbouring tasks read the same tiles of x^T.
   parallel_for(layout.blocks, 2 * 32 * H * bs * bs, [&](int64_t begin, int64_t end) {

@@ -22,20 +22,22 @@ namespace blocksparse {
 // is unset or "amx" (any narrower name turns them off).  Decided once, on first use.
 bool AmxBf16Enabled();
 
-// Whether they serve a product of this kind: enabled, feature_axis 1, bs 16, 32 or 64 (the
-// others run the float32 kernels on widened copies).
-bool AmxBf16Serves(int feature_axis, int64_t bs);
+// Whether they serve a product of block size bs: enabled, and bs 16, 32 or 64 (the others run
+// the float32 kernels on widened copies).
+bool AmxBf16Serves(int64_t bs);
 
-// BlocksparseMatmulCpu for bfloat16 (as its bits) with feature_axis 1: x is (N, C), y (N, K),
-// w (blocks, bs, bs); with w_transposed, the input gradient as there.  Returns false, writing
-// nothing, if scratch memory could not be had.
+// BlocksparseMatmulCpu for bfloat16 (as its bits): with feature_axis 1 x is (N, C) and y
+// (N, K), with 0 x is (C, N) and y (K, N); w (blocks, bs, bs); with w_transposed, the input
+// gradient as there.  Returns false, writing nothing, if scratch memory could not be had.
 bool BlocksparseMatmulAmxBf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t N,
-                              const BlockLayout& layout, const ParallelFor& parallel_for,
-                              const ScratchAllocator& scratch, bool w_transposed);
+                              int feature_axis, const BlockLayout& layout,
+                              const ParallelFor& parallel_for, const ScratchAllocator& scratch,
+                              bool w_transposed);
 
-// BlocksparseMatmulGradWCpu for bfloat16 with feature_axis 1: x (N, C), dy (N, K).
+// BlocksparseMatmulGradWCpu for bfloat16: x (N, C) and dy (N, K) with feature_axis 1, (C, N)
+// and (K, N) with 0.
 bool BlocksparseMatmulGradWAmxBf16(const uint16_t* x, const uint16_t* dy, uint16_t* dw,
-                                   int64_t N, const BlockLayout& layout,
+                                   int64_t N, int feature_axis, const BlockLayout& layout,
                                    const ParallelFor& parallel_for,
                                    const ScratchAllocator& scratch);
 

@@ -155,10 +155,11 @@ class BlocksparseMatmulOp : public BlocksparseOpBase {
     const Tensor& x = ctx->input(0);
     const Tensor& w = ctx->input(1);
     if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
-      if (AmxBf16Serves(feature_axis_, layout->block_size)) {
+      if (AmxBf16Serves(layout->block_size)) {
         RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
           return BlocksparseMatmulAmxBf16(HalfBits<T>(x), HalfBits<T>(w), HalfBits<T>(y),
-                                          N, *layout, parallel_for, scratch, transpose_w_);
+                                          N, feature_axis_, *layout, parallel_for, scratch,
+                                          transpose_w_);
         });
         return;
       }
@@ -189,10 +190,11 @@ class BlocksparseMatmulGradWOp : public BlocksparseOpBase {
     const Tensor& x = ctx->input(0);
     const Tensor& dy = ctx->input(1);
     if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
-      if (AmxBf16Serves(feature_axis_, layout->block_size)) {
+      if (AmxBf16Serves(layout->block_size)) {
         RunProduct(ctx, [&](const ParallelFor& parallel_for, const ScratchAllocator& scratch) {
           return BlocksparseMatmulGradWAmxBf16(HalfBits<T>(x), HalfBits<T>(dy), HalfBits<T>(dw),
-                                               N, *layout, parallel_for, scratch);
+                                               N, feature_axis_, *layout, parallel_for,
+                                               scratch);
         });
         return;
       }

@@ -52,8 +52,7 @@ def matmul_summed_in(np_dtype, a, b):
     return total
 
 
-def amx_serves(dtype, bs, feature_axis):
+def amx_serves(dtype, bs):
     """Whether this product runs on AMX tiles here (ops/blocksparse_matmul_amx.h): bfloat16,
-    feature_axis 1, bs 16, 32 or 64, on a processor with AMX."""
-    return (dtype == tf.bfloat16 and feature_axis == 1 and bs in (16, 32, 64)
-            and blocksparse_tf.cpu_isa() == "amx")
+    bs 16, 32 or 64 (either feature axis), on a processor with AMX."""
+    return dtype == tf.bfloat16 and bs in (16, 32, 64) and blocksparse_tf.cpu_isa() == "amx"

@@ -323,8 +323,9 @@ def test_leading_batch_dims(bs):
 def test_half_precision_accumulates_in_float32(dtype, feature_axis, bs, N):
     """float16 / bfloat16 y, dx and dw are float32 sums of the (exact) half-precision inputs
     rounded once: each element within the bound of tests/half_precision.py of the float64
-    sums, which the same sums kept in half precision miss (bfloat16 with feature_axis 1 on AMX
-    tiles too, whose rows go 32 at a time: N = 70 and 33 end in a part of one)."""
+    sums, which the same sums kept in half precision miss (bfloat16 on AMX tiles too, whose
+    rows go 32 at a time: N = 70 and 33 end in a part of one, N = 9 in a part of 16 examples
+    with feature_axis 0, whose tiles' rows are y's columns)."""
     layout = rect_layout()
     bsmm = BlocksparseMatMul(layout, block_size=bs, feature_axis=feature_axis)
     np_dtype = dtype.as_numpy_dtype
@@ -359,10 +360,11 @@ def _same_values(a, b):
             and np.array_equal(a[~nan].view(np.uint16), b[~nan].view(np.uint16)))
 
 
-def test_bfloat16_on_amx_counts_subnormal_inputs_and_sums_as_zero():
+@pytest.mark.parametrize("feature_axis", [1, 0])
+def test_bfloat16_on_amx_counts_subnormal_inputs_and_sums_as_zero(feature_axis):
     """On AMX tiles, as in dense bfloat16 products there, subnormal inputs count as zero and
     so do subnormal float32 sums (where the float32 kernels would keep them)."""
-    if not amx_serves(tf.bfloat16, 16, 1):
+    if not amx_serves(tf.bfloat16, 16):
         pytest.skip("this processor has no AMX")
     x = np.zeros((5, 16), np.float32)
     x[:, 0] = 2.0 ** -128  # subnormal in bfloat16
@@ -372,15 +374,19 @@ def test_bfloat16_on_amx_counts_subnormal_inputs_and_sums_as_zero():
     w[0, 0, 0] = 1.0
     w[0, 1, 1] = 2.0 ** -70  # 2^-140: a subnormal product
     w[0, 2, 2] = 0.5
+    x = x if feature_axis == 1 else x.T
     y = blocksparse_matmul(tf.cast(x, tf.bfloat16), tf.cast(w, tf.bfloat16),
-                           tf.constant([[0, 0]], tf.int32), block_size=16, C=16, K=16).numpy()
+                           tf.constant([[0, 0]], tf.int32), block_size=16, C=16, K=16,
+                           feature_axis=feature_axis).numpy()
     expected = np.zeros((5, 16), np.float32)
     expected[:, 2] = 1.5
-    np.testing.assert_array_equal(y.astype(np.float32), expected)
+    np.testing.assert_array_equal(y.astype(np.float32),
+                                  expected if feature_axis == 1 else expected.T)
 
 
-@pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float32])
-def test_bfloat16_products_over_several_ranges_of_columns(dtype):
+@pytest.mark.parametrize("dtype,feature_axis",
+                         [(tf.bfloat16, 1), (tf.bfloat16, 0), (tf.float32, 1)])
+def test_bfloat16_products_over_several_ranges_of_columns(dtype, feature_axis):
     """On AMX tiles the forward products go over ranges of output columns whose blocks fit in
     a core's cache (1 MiB, 128 blocks of 64 x 64): a column of 160 blocks, alone in its range,
     between columns of a few blocks and an empty one; rows in two panels and a part of one.
@@ -389,12 +395,14 @@ def test_bfloat16_products_over_several_ranges_of_columns(dtype):
     layout = np.zeros((CB, 4), bool)
     layout[:, 1] = True
     layout[::7, 0] = layout[::5, 3] = True
-    bsmm = BlocksparseMatMul(layout, block_size=bs)
+    bsmm = BlocksparseMatMul(layout, block_size=bs, feature_axis=feature_axis)
     np_dtype = dtype.as_numpy_dtype
     x = RNG.standard_normal((N, bsmm.C)).astype(np_dtype)
     dy = RNG.standard_normal((N, bsmm.K)).astype(np_dtype)
     w = RNG.standard_normal(bsmm.w_shape).astype(np_dtype)
-    y, dx, dw = products(bsmm, x, w, dy)
+    turn = (lambda a: a) if feature_axis == 1 else (lambda a: a.T)  # (N, features) <-> op's
+    y, dx, dw = products(bsmm, turn(x), w, turn(dy))
+    y, dx = turn(y), turn(dx)
     W = bsmm.to_dense(w.astype(np.float64))
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     for actual, a, b, terms in [(y, x64, W, bsmm.C), (dx, dy64, W.T, bsmm.K)]:
@@ -416,7 +424,8 @@ def _overflowing_terms(a, b):
 
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
 @pytest.mark.parametrize("bs", [8, 32])
-def test_half_precision_is_the_float32_product_rounded_once(dtype, bs):
+@pytest.mark.parametrize("feature_axis", [1, 0])
+def test_half_precision_is_the_float32_product_rounded_once(dtype, bs, feature_axis):
     """y, dx and dw in half precision are, bit for bit, the float32 op on the inputs widened
     and its results narrowed by tf.cast (round to nearest even), with infinities, NaN,
     subnormals and values past the largest finite one among the inputs.  On AMX tiles
@@ -438,11 +447,13 @@ def test_half_precision_is_the_float32_product_rounded_once(dtype, bs):
     x, dy = tf.cast(x, dtype), tf.cast(dy, dtype)
     w = tf.cast(RNG.standard_normal(bsmm.w_shape), dtype)
     wide = [tf.cast(t, tf.float32) for t in (x, w, dy)]
-    args = dict(block_size=bs, C=bsmm.C, K=bsmm.K)
+    x64, dy64 = (t.numpy().astype(np.float64) for t in wide[::2])
+    if feature_axis == 0:  # the op's operands (C, N) and (K, N); its y and dx turned back below
+        x, dy, wide[0], wide[2] = (tf.transpose(t) for t in (x, dy, wide[0], wide[2]))
+    args = dict(block_size=bs, C=bsmm.C, K=bsmm.K, feature_axis=feature_axis)
     coords = tf.constant(bsmm.coords)
     W = bsmm.to_dense(wide[1].numpy())
-    x64, dy64 = (t.numpy().astype(np.float64) for t in wide[::2])
-    on_amx, overflowed = amx_serves(dtype, bs, 1), 0
+    on_amx, overflowed = amx_serves(dtype, bs), 0
     for half, single, (a, b, terms) in [
             (blocksparse_matmul(x, w, coords, **args),
              blocksparse_matmul(wide[0], wide[1], coords, **args), (x64, W, bsmm.C)),
@@ -453,6 +464,8 @@ def test_half_precision_is_the_float32_product_rounded_once(dtype, bs):
              blocksparse_matmul_grad_w(wide[0], wide[2], coords, **args), (x64.T, dy64, N))]:
         assert half.dtype == dtype
         half, single = half.numpy(), tf.cast(single, dtype).numpy()
+        if feature_axis == 0 and half.ndim == 2:
+            half, single = half.T, single.T
         if not on_amx:
             assert _same_values(half, single)
             continue
@@ -661,7 +674,7 @@ rng = np.random.default_rng(7)
 # with bs 32: AMX tiles where the processor has them, over two ranges of columns.
 for axis, bs, shape, dtype in ((1, 32, (16, 12), tf.float32), (0, 32, (16, 12), tf.float32),
                                (1, 8, (40, 70), tf.float32), (1, 1, (300, 200), tf.float32),
-                               (1, 32, (60, 40), tf.bfloat16)):
+                               (1, 32, (60, 40), tf.bfloat16), (0, 32, (60, 40), tf.bfloat16)):
     bsmm = BlocksparseMatMul(rng.random(shape) < 0.4, block_size=bs, feature_axis=axis)
     x = tf.cast(rng.standard_normal(bsmm.i_shape(300)).astype(np.float32), dtype)
     w = tf.cast(rng.standard_normal(bsmm.w_shape).astype(np.float32), dtype)
@@ -679,7 +692,7 @@ for axis, bs, shape, dtype in ((1, 32, (16, 12), tf.float32), (0, 32, (16, 12), 
 
 def test_bitwise_deterministic_across_runs_and_thread_counts(outputs_across_thread_counts):
     outputs = outputs_across_thread_counts(DETERMINISM_SCRIPT)
-    assert outputs[0].count("\n") == 5
+    assert outputs[0].count("\n") == 6
     assert len(outputs) >= 2 and all(out == outputs[0] for out in outputs)
 
 

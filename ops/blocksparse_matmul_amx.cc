@@ -6,7 +6,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -468,10 +467,8 @@ void PackRowPanels(const uint16_t* x, int64_t N, int64_t CB, int64_t bs, int64_t
 
 bool AmxBf16Enabled() {
   static const bool enabled = [] {
-    const char* requested = std::getenv("BLOCKSPARSE_TF_CPU_ISA");
-    const bool allowed = requested == nullptr || *requested == '\0' ||
-                         std::string(requested) == "amx";
-    return allowed && ProcessorHasAmxBf16();
+    const std::string& requested = RequestedCpuIsa();
+    return (requested.empty() || requested == "amx") && ProcessorHasAmxBf16();
   }();
   return enabled;
 }

@@ -896,6 +896,14 @@ bool GradW(const float* x, const float* dy, float* dw, int64_t N, int feature_ax
 
 }  // namespace
 
+const std::string& RequestedCpuIsa() {
+  static const std::string name = [] {
+    const char* requested = std::getenv("BLOCKSPARSE_TF_CPU_ISA");
+    return std::string(requested == nullptr ? "" : requested);
+  }();
+  return name;
+}
+
 const CpuKernels& BestCpuKernels() {
   static const CpuKernels* kernels = [] {
     __builtin_cpu_init();
@@ -906,9 +914,8 @@ const CpuKernels& BestCpuKernels() {
     // BLOCKSPARSE_TF_CPU_ISA names a narrower instruction set, to test or compare the kernels
     // of older processors on a newer one (the Python package checks the name, and makes this
     // choice, as it loads the library).
-    const char* requested = std::getenv("BLOCKSPARSE_TF_CPU_ISA");
-    if (requested == nullptr || *requested == '\0') return best;
-    const std::string name(requested);
+    const std::string& name = RequestedCpuIsa();
+    if (name.empty()) return best;
     if (name == "generic") return &generic::kKernels;
     if (name == "avx2" && has_avx2) return &avx2::kKernels;
     if (name == "avx512" && has_avx512) return &avx512::kKernels;
@@ -916,7 +923,7 @@ const CpuKernels& BestCpuKernels() {
     if (name == "amx" && AmxBf16Enabled()) return &avx512::kKernels;
     std::fprintf(stderr,
                  "blocksparse_tf: BLOCKSPARSE_TF_CPU_ISA=%s is not available on this processor; "
-                 "using %s\n", requested, best->isa);
+                 "using %s\n", name.c_str(), best->isa);
     return best;
   }();
   return *kernels;

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 
 #include "ops/block_layout.h"
 
@@ -46,6 +47,10 @@ void FloatToBFloat16(const float* in, uint16_t* out, int64_t n, const ParallelFo
 // infinity past the largest finite value, a NaN to a NaN of its sign), as Eigen converts them.
 void HalfToFloat(const uint16_t* in, float* out, int64_t n, const ParallelFor& parallel_for);
 void FloatToHalf(const float* in, uint16_t* out, int64_t n, const ParallelFor& parallel_for);
+
+// The instruction set named by the environment variable BLOCKSPARSE_TF_CPU_ISA ("" if unset),
+// read once: the one place it is read (BestCpuKernels, AmxBf16Enabled).
+const std::string& RequestedCpuIsa();
 
 // Name of the instruction set of the kernels in use ("amx", "avx512", "avx2", "generic"): the
 // best this processor has, or a narrower one named by BLOCKSPARSE_TF_CPU_ISA, read on first

@@ -384,6 +384,25 @@ def test_bfloat16_on_amx_counts_subnormal_inputs_and_sums_as_zero(feature_axis):
                                   expected if feature_axis == 1 else expected.T)
 
 
+@pytest.mark.parametrize("bs", [16, 32, 64])
+def test_bfloat16_on_amx_feature_axes_give_the_same_bits(bs):
+    """On AMX tiles feature_axis 0 turns x and y around the same tile products as feature_axis
+    1: y, dx and dw bit for bit the other axis's (transposed), over a ragged last panel of
+    rows (N = 37: 32 + 5) and a layout with an empty block row and column."""
+    if not amx_serves(tf.bfloat16, bs):
+        pytest.skip("this processor has no AMX")
+    layout = rect_layout()
+    N = 37
+    x = RNG.standard_normal((N, layout.shape[0] * bs)).astype(np.float32)
+    dy = RNG.standard_normal((N, layout.shape[1] * bs)).astype(np.float32)
+    w = RNG.standard_normal((int(layout.sum()), bs, bs)).astype(np.float32)
+    x, dy, w = (tf.cast(a, tf.bfloat16).numpy() for a in (x, dy, w))
+    rows = products(BlocksparseMatMul(layout, block_size=bs), x, w, dy)
+    columns = products(BlocksparseMatMul(layout, block_size=bs, feature_axis=0), x.T, w, dy.T)
+    for by_rows, by_columns in zip(rows, [columns[0].T, columns[1].T, columns[2]]):
+        assert np.array_equal(by_rows.view(np.uint16), by_columns.view(np.uint16))
+
+
 @pytest.mark.parametrize("dtype,feature_axis",
                          [(tf.bfloat16, 1), (tf.bfloat16, 0), (tf.float32, 1)])
 def test_bfloat16_products_over_several_ranges_of_columns(dtype, feature_axis):

@@ -25,7 +25,10 @@ def float32_accumulation_bound(exact, abs_sum, terms, np_dtype):
     """
     exact = np.asarray(exact, np.float64)
     float32_error = 1.01 * terms * FLOAT32_UNIT_ROUNDOFF * np.asarray(abs_sum, np.float64)
-    largest = (np.abs(exact) + float32_error).astype(np_dtype)
+    # A finite result at the top of np_dtype's range is off by at most half the spacing of its
+    # largest value (past it, the rounding gives infinity, which no finite result is).
+    top = float(tf.as_dtype(np_dtype).max)
+    largest = np.minimum(np.abs(exact) + float32_error, top).astype(np_dtype)
     return float32_error + 0.5 * np.spacing(largest).astype(np.float64)
 
 

@@ -122,6 +122,9 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //      wherever it can (the default does so with feature axis 1 for bs 64, and for bs 32 where
 //      x fits in the L2); the same results bit for bit.
 //  14: that dW copies with cp.async everywhere.
+//  15, 16, 17: the float32 mma.sync forward (feature axis 1, N > 64) computes runs of 2, 4, 8
+//      consecutive block columns per CTA wherever its tiles allow (the default: 2 for bs 32 /
+//      64 from 2048 rows with at most 4 blocks per column); 18: one column per CTA everywhere.
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
 // give variant 3's results bit for bit where neither splits a tile over a cluster (a split
 // changes the order of the sums; splits depend on the tile count).  All are deterministic.

@@ -310,14 +310,53 @@ int LaunchMma(const Params& p, int64_t tiles, int64_t batch_tiles, double avg_st
                           tiles, batch_tiles, avg_steps, p, device, di, s);
 }
 
+// How many consecutive block columns one CTA of the float32 mma.sync forward computes (see
+// BlocksparseMmaKernel; 1: a CTA per output tile).  Tiles that qualify: one block per step,
+// a whole block wide, y (N, K), no split of the steps over warps.  Two columns per CTA for bs
+// 32 / 64 from kColumnRunsMinBatch rows where columns hold at most kColumnRunsMaxBlocks blocks:
+// there a tile's few steps leave its pipeline fill and its stores exposed.  Measured on an H100
+// (C = K = 4096, feature axis 1, the variants alternated in one process, fastest of two
+// medians; us, one column per CTA -> two / four / eight): N = 4096 at 2% bs 32 95.9 -> 85.7 /
+// 87.1 / 91.0, bs 64 92.8 -> 77.4 / 83.8 / 87.9; bs 64 at 5% 176.8 -> 167.9 / 187.1 / 183.8;
+// from 10% within 0.98-1.04x for two columns, up to 1.11x slower for more; bs 16 slower
+// everywhere (two columns 1.00-1.05x the time, eight 1.08-1.52x); N = 1024 bs 32 at 2% 32.8 ->
+// 33.6 (two), N = 512 bs 64 at 5% 38.7 -> 40.0 (too few CTAs to gain); N = 16384, C = K = 8192,
+// bs 32 at 2% 1122 -> 1075.
+constexpr int64_t kColumnRunsMinBatch = 2048;
+constexpr double kColumnRunsMaxBlocks = 4.0;
+template <typename Cfg>
+int64_t ForwardColumnsPerCta(int64_t N, double blocks_per_col) {
+  constexpr bool kQualifies = Cfg::kF32 && Cfg::kBPS == 1 && Cfg::kBN == Cfg::kBS &&
+                              !Cfg::kCMContig && Cfg::kWK == 1;
+  if (!kQualifies) return 1;
+  switch (Tuning()) {
+    case 15: return 2;
+    case 16: return 4;
+    case 17: return 8;
+    case 18: return 1;
+    default:
+      return Cfg::kBS >= 32 && N >= kColumnRunsMinBatch && blocks_per_col <= kColumnRunsMaxBlocks
+                 ? 2
+                 : 1;
+  }
+}
+
 // The mma.sync forward: one CTA per (output tile, batch tile), an output tile BN columns of one
-// block column.  kTransW: p.w holds the transposes of the product's blocks, read so.
+// block column; or one CTA per run of ForwardColumnsPerCta block columns and batch tile.
+// kTransW: p.w holds the transposes of the product's blocks, read so.
 template <typename Cfg, bool kTransW>
 int LaunchMmaForward(const Params& p, int64_t N, int64_t KB, double blocks_per_col, int device,
                      const DeviceInfo& di, cudaStream_t s) {
   using Tiles = typename WithTransposedW<Cfg, kTransW>::type;
-  return LaunchMma<Tiles>(p, KB * (Cfg::kBS / Cfg::kBN), (N + Cfg::kBM - 1) / Cfg::kBM,
-                          blocks_per_col / Cfg::kBPS, device, di, s);
+  const int64_t batch_tiles = (N + Cfg::kBM - 1) / Cfg::kBM;
+  const int64_t runs = ForwardColumnsPerCta<Tiles>(N, blocks_per_col);
+  if (runs > 1) {  // no cluster split (avg_steps 0): the kernel's column runs need split 1
+    Params q = p;
+    q.columns_per_cta = runs;
+    return LaunchMma<Tiles>(q, (KB + runs - 1) / runs, batch_tiles, 0.0, device, di, s);
+  }
+  return LaunchMma<Tiles>(p, KB * (Cfg::kBS / Cfg::kBN), batch_tiles, blocks_per_col / Cfg::kBPS,
+                          device, di, s);
 }
 
 // The mma.sync dW: one CTA per tile, a tile kGroup stored blocks (grouped configurations) or a

@@ -49,6 +49,9 @@ struct Params {
   // (null: one group per CTA; see WgmmaGradWColumnKernel) and how many epochs there are.
   uint32_t* epoch_arrivals = nullptr;
   int64_t epochs = 0;
+  // forward: consecutive block columns one CTA computes, one after another (see
+  // BlocksparseMmaKernel); 1: a CTA per output tile.
+  int64_t columns_per_cta = 1;
 };
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
@@ -228,6 +231,16 @@ __device__ __forceinline__ void StoreChunk(T* dst, const float* v) {
   out.z = PackPair<T>(v[4], v[5]);
   out.w = PackPair<T>(v[6], v[7]);
   *reinterpret_cast<uint4*>(dst) = out;
+}
+
+// Stores two consecutive outputs converted from float.
+template <typename T>
+__device__ __forceinline__ void StorePair(T* dst, float a, float b) {
+  if constexpr (sizeof(T) == 4) {
+    *reinterpret_cast<float2*>(dst) = make_float2(a, b);
+  } else {
+    *reinterpret_cast<uint32_t*>(dst) = PackPair<T>(a, b);
+  }
 }
 
 // Entry g of a small register array, without dynamic indexing (which would spill the array).
@@ -431,6 +444,16 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   int split, rank;
   ClusterInfo(split, rank);
   const int tile = blockIdx.x / split;
+  // Several block columns per CTA (forward, split 1, one block per step, whole blocks wide,
+  // y (N, K)): the CTA's steps are the blocks of columns k_first .. k_end - 1, consecutive in
+  // the column view, and its copies run on from one column into the next, so the next
+  // column's first blocks load while a column ends; each column's sums go from the registers
+  // straight to y as it ends (the shared memory stays with the pipeline).  Each column's sums
+  // are those of a CTA of its own, in the same order.
+  constexpr bool kColumnRunsOK =
+      kFwd && Cfg::kBPS == 1 && BN == BS && !kCMC && Cfg::kWK == 1;
+  const bool column_runs = kColumnRunsOK && p.columns_per_cta > 1;
+  int k_first = 0, k_end = 0;
 
   // ---- what this CTA computes ----
   int64_t n0 = 0;          // forward: first batch row
@@ -444,8 +467,18 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     kcol = tile / kSplit;
     n_off = (tile % kSplit) * BN;
     n0 = (p.n_tile_base + blockIdx.y) * (int64_t)BM;
-    pbeg = __ldg(p.col_ptr + kcol);
-    pend = __ldg(p.col_ptr + kcol + 1);
+    if (column_runs) {
+      const int64_t KB = K / BS;
+      k_first = static_cast<int>(tile * p.columns_per_cta);
+      k_end = static_cast<int>(KB - k_first < p.columns_per_cta ? KB : k_first + p.columns_per_cta);
+      kcol = k_first;
+      n_off = 0;
+      pbeg = __ldg(p.col_ptr + k_first);
+      pend = __ldg(p.col_ptr + k_end);
+    } else {
+      pbeg = __ldg(p.col_ptr + kcol);
+      pend = __ldg(p.col_ptr + kcol + 1);
+    }
     total_steps = (pend - pbeg + BPS - 1) / BPS;
   } else {
     if constexpr (G == 1) {
@@ -744,6 +777,35 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     }
   };
 
+  // Column runs: the sums of column kcol, from the registers to y (rows past N skipped), then
+  // zeroed for the next column.  Each thread writes its fragments' pairs: four threads cover 32
+  // contiguous bytes of a row.
+  auto store_column = [&](int k) {
+    const int grp = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int64_t row = n0 + wm * Cfg::kWTM + mt * 16 + grp;
+        T* dst = gy + row * K + (int64_t)k * BS + wn * Cfg::kWTN + nt * 8 + 2 * tig;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (row + 8 * h < N)
+            StorePair<T>(dst + 8 * h * K, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+          acc[mt][nt][2 * h] = acc[mt][nt][2 * h + 1] = 0.f;
+        }
+      }
+  };
+  // Stores every column of the run that ends at or before column-view entry `done`.
+  int run_col = k_first;
+  int run_col_end = column_runs ? __ldg(p.col_ptr + k_first + 1) : 0;
+  auto store_finished_columns = [&](int done) {
+    while (run_col < k_end && run_col_end <= done) {
+      store_column(run_col);
+      if (++run_col < k_end) run_col_end = __ldg(p.col_ptr + run_col + 1);
+    }
+  };
+
   // gradw with grouped tiles: one pass per block column among the tile's blocks (usually one).
   for (;;) {
   if constexpr (!kFwd && G > 1) {
@@ -772,6 +834,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     CpAsyncCommit();
   }
   if constexpr (kFwd) fetch_idx(Cfg::kStages - 1, ic, ib);
+  if (column_runs) store_finished_columns(pbeg);  // empty columns at the start
   for (int s = 0; s < steps; ++s) {
     CpAsyncWait<Cfg::kStages - 2>();
     __syncthreads();
@@ -782,8 +845,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       if (nxt + 1 < steps) fetch_idx(nxt + 1, ic, ib);  // consumed next iteration
     }
     compute_step(s % Cfg::kStages);
+    if (column_runs) store_finished_columns(pbeg + s + 1);
   }
   CpAsyncWait<0>();
+  if (column_runs) {
+    store_finished_columns(pend);  // empty columns at the end
+    return;
+  }
   __syncthreads();
 
   // ---- epilogue: accumulators -> shared (fp32) -> fixed-order sum over K groups (and over

@@ -375,6 +375,44 @@ def correctness(lib, res, quick=False, race=False):
                 lib.set_tuning(13)
                 run_case(lib, res, dt, bs, L, N, fa, gen, ops=("dw",))
                 lib.set_tuning(0)
+    # Column runs (the float32 mma.sync forward, feature axis 1, N > 64): a CTA computes 2, 4
+    # or 8 consecutive block columns (SetTuning(15), (16), (17); the default takes 2 for bs 32 /
+    # 64 from 2048 rows where columns are short), its copies running on from one column into
+    # the next.  Every run length against the float64 product, and bit for bit the same as the
+    # others (the same sums in the same order; one CTA per column, SetTuning(18), may split a
+    # tile over a cluster, which changes the order); the forward and the input gradient (w read
+    # transposed): empty columns at a run's start, inside it and at its end, a column count no
+    # run length divides, a ragged last row tile; bs 16 (256-row tiles), 32, 64 (64-row tiles
+    # below 2048 rows, 128-row from there).
+    if lib.tuning == 0:
+        runs_cases = [(16, 300), (32, 1000), (32, 2100), (64, 1000), (64, 2100)]
+        if quick or race:
+            runs_cases = [(32, 136)] if race else [(16, 136), (64, 2100)]
+        for bs, N in runs_cases:
+            L = random_layout(9, 21, bs, 0.3, rng, empty_cols=[0, 5, 6, 7, 20])
+            LT = L.transposed()
+            x = torch.randn(N, L.CB * bs, generator=gen, device="cuda")
+            w = torch.randn(L.blocks, bs, bs, generator=gen, device="cuda")
+            dy = torch.randn(N, L.KB * bs, generator=gen, device="cuda")
+            W64 = L.dense(w).double()
+            y_ref, dx_ref = x.double() @ W64, dy.double() @ W64.t()
+            outs = {}
+            for tuning in (15, 16, 17, 0):
+                lib.set_tuning(tuning)
+                y = torch.full((N, L.KB * bs), float("nan"), device="cuda")
+                dx = torch.full((N, L.CB * bs), float("nan"), device="cuda")
+                rc = (lib.forward("float32", x, w, y, N, 1, L),
+                      lib.forward_transposed_w("float32", dy, w, dx, N, 1, LT))
+                torch.cuda.synchronize()
+                outs[tuning] = (y, dx)
+                e = max(rel_err(y, y_ref), rel_err(dx, dx_ref)) if rc == (0, 0) else float("inf")
+                res.check(e <= TOL["float32"], f"float32 forward and dx, tuning {tuning} "
+                          f"(column runs), bs={bs} N={N} KB={L.KB} relerr={e:.3g}")
+            lib.set_tuning(0)
+            for tuning in (16, 17):
+                res.check(all(same_bits(a, b) for a, b in zip(outs[tuning], outs[15])),
+                          f"float32 forward and dx in runs of {2 ** (tuning - 14)} columns "
+                          f"equal runs of 2 bitwise: bs={bs} N={N}")
     # Small batches with full bs-16 columns: dW streams runs of a column's blocks through one
     # CTA (Hopper, 16-bit, at least 6 blocks per column; several runs per column).
     L = random_layout(48, 3, 16, 0.9, rng, empty_cols=[1])

@@ -104,7 +104,7 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
         out_m = _check_mask(out_mask, "out_mask", n, p, block_size)
         if in_m is None and out_m is None:  # nothing to skip: the dense product is best
             y = tf.matmul(x, w, transpose_b=transpose_w)
-            return y if bias is None else y + _check_bias(bias, x.dtype, p)
+            return y if bias is None else y + _check_bias(bias, x.dtype, p, y)
         x_shape, w_shape = _matrix_dims(x), _matrix_dims(w)
         if in_m is None:
             in_m = tf.ones([x_shape[0], x_shape[1] // block_size], tf.float32)
@@ -113,15 +113,24 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
         y = ops().blocksparse_sparse_dot(x, w, in_m, out_m, block_size=block_size,
                                          transpose_w=transpose_w)
         if bias is not None:
-            y += _check_bias(bias, x.dtype, p) * tf.cast(expand_mask(out_m, block_size), x.dtype)
+            y += _check_bias(bias, x.dtype, p, y) * tf.cast(expand_mask(out_m, block_size),
+                                                            x.dtype)
         return y
 
 
-def _check_bias(bias, dtype, p):
+def _check_bias(bias, dtype, p, y):
+    """bias as a tensor, checked to be (p,) for the product y (n, p): now where its shape is
+    known, else when the graph runs (unchecked, a wrong shape would broadcast silently)."""
     bias = tf.convert_to_tensor(bias, dtype=dtype)
     if bias.shape.rank is not None and not bias.shape.is_compatible_with([p]):
         raise ValueError(f"bias must have shape (p,) = ({p},); got {bias.shape}")
-    return bias
+    if p is not None and bias.shape.is_fully_defined():
+        return bias
+    ok = tf.logical_and(tf.equal(tf.rank(bias), 1), tf.equal(tf.size(bias), tf.shape(y)[-1]))
+    check = tf.debugging.Assert(ok, ["bias must have shape (p,) = ", tf.shape(y)[-1:],
+                                     "; got", tf.shape(bias)])
+    with tf.control_dependencies([check]):
+        return tf.ensure_shape(tf.identity(bias), [p])
 
 
 @tf.RegisterGradient("BlocksparseSparseDot")

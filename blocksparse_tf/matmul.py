@@ -95,7 +95,12 @@ def _coords_of_sparse(matrix):
 
 
 def _coords_of_array(layout):
-    array = np.asarray(layout)
+    try:
+        array = np.asarray(layout)
+    except ValueError:  # ragged nesting: none of the forms
+        raise ValueError("layout must be a 2-D 0/1 array of shape (C/bs, K/bs), a scipy.sparse "
+                         "matrix, or (coords, (CB, KB)) with coords a sequence of (c, k) block "
+                         f"coordinates; got {type(layout).__name__} {str(layout)[:80]}") from None
     if array.ndim != 2:
         raise ValueError(f"layout must be a 2-D 0/1 array of shape (C/bs, K/bs); got shape {array.shape}")
     if array.dtype != bool:
@@ -107,9 +112,10 @@ def _coords_of_array(layout):
 
 def _layout_coords(layout):
     """Returns ((blocks, 2) int32 coordinates in row-major order, (CB, KB)) for any layout form."""
-    if (isinstance(layout, tuple) and len(layout) == 2 and np.shape(layout[1]) == (2,)
+    if (isinstance(layout, (tuple, list)) and len(layout) == 2 and np.shape(layout[1]) == (2,)
             and (np.ndim(layout[0]) != 1 or np.size(layout[0]) == 0)):
-        # (coords, (CB, KB)), not a 2-row nested-tuple layout (whose rows are never empty)
+        # (coords, (CB, KB)) or [coords, shape], not a 2 x 2 0/1 layout (whose rows are 1-D
+        # and never empty)
         coords, shape = _coords_of_pairs(*layout)
     elif scipy.sparse.issparse(layout):
         coords, shape = _coords_of_sparse(layout)
@@ -162,8 +168,8 @@ class BlocksparseMatMul:
     ----------
     layout : array_like, scipy.sparse matrix, or (coords, shape)
         Which blocks exist: a 2-D 0/1 array of shape (C / block_size, K / block_size), a
-        scipy.sparse matrix of that shape, or a pair ``(coords, (CB, KB))`` with ``coords``
-        a sequence of (c, k) block coordinates.
+        scipy.sparse matrix of that shape, or a pair ``(coords, (CB, KB))`` (a tuple or a
+        two-item list) with ``coords`` a sequence of (c, k) block coordinates.
     block_size : int
         One of 1, 8, 16, 32, 64.  Default 32.
     feature_axis : int

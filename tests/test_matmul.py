@@ -766,7 +766,7 @@ def test_layout_forms_agree():
     layout = rect_layout()
     coords = np.argwhere(layout)[::-1]  # any order: blocks are numbered row-major
     forms = [layout, layout.astype(bool), scipy.sparse.csr_matrix(layout), (coords, layout.shape),
-             (coords.tolist(), layout.shape)]
+             (coords.tolist(), layout.shape), [coords.tolist(), list(layout.shape)]]
     for form in forms:
         bsmm = BlocksparseMatMul(form, block_size=8)
         assert np.array_equal(bsmm.layout, layout.astype(bool))
@@ -843,6 +843,7 @@ def test_initializers():
     (([[0, 0, 1]], (2, 2)), r"\(blocks, 2\)"),
     (([[0, 0]], (2.9, 3)), "two integers"),  # not truncated to 2
     (([[0, 0]], (2**33, 1)), "two integers"),  # coordinates past int32 would wrap around
+    ([[(0, 0), (1, 1)], (2, 2, 3)], "a 2-D 0/1 array .* a scipy.sparse matrix, or"),  # ragged
 ])
 def test_bad_layouts_raise(layout, message):
     with pytest.raises(ValueError, match=message):

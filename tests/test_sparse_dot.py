@@ -173,6 +173,17 @@ def test_bad_arguments_raise():
     for masks in ({}, {"out_mask": np.ones((4, 2))}):
         with pytest.raises(ValueError, match=r"bias must have shape \(p,\)"):
             sparse_dot(x, w, bias=tf.ones(8), block_size=8, **masks)
+    # Where the shapes are known only when the graph runs, a wrong bias raises then (it would
+    # otherwise broadcast into a wrong output shape).
+    for masks in ({}, {"out_mask": np.ones((4, 2), np.float32)}):
+        f = tf.function(lambda x, w, b: sparse_dot(x, w, bias=b, block_size=8, **masks),
+                        input_signature=[tf.TensorSpec(None)] * 3)
+        for bad in (np.ones((4, 1, 16)), np.ones((4, 16)), np.ones((1, 16)), np.ones(15)):
+            with pytest.raises(tf.errors.InvalidArgumentError, match="bias|compatible"):
+                f(x, w, bad.astype(np.float32))
+        bias = np.arange(16, dtype=np.float32)
+        expected = sparse_dot(x, w, bias=bias, block_size=8, **masks)
+        np.testing.assert_array_equal(f(x, w, bias).numpy(), expected.numpy())
     # The kernel checks too, when called directly.
     for in_m, out_m, message in [(tf.ones((4, 3)), tf.ones((4, 2)), "in_mask must have shape"),
                                  (tf.ones((4, 4)), tf.ones((3, 2)), "out_mask must have shape")]:

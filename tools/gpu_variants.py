@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Side-by-side timings of the CUDA kernels' tuning variants (SetTuning) on chosen cells.
 
-Each cell is dtype:feature_axis:N:C:bs:density:op (op fwd or dw, C = K); each variant's
-output is first checked bit for bit against the default's, then the variants are timed in
-alternating rounds (medians of CUDA-event timings, L2 flushed before each run, as in
+Each cell is dtype:feature_axis:N:C:bs:density:op (op fwd, dx or dw, C = K; dx is the input
+gradient dy . W^T, the forward reading w's blocks transposed on the swapped layout); each
+variant's output is first checked bit for bit against the default's, then the variants are
+timed in alternating rounds (medians of CUDA-event timings, L2 flushed before each run, as in
 tools/gpu_check.py), and the fastest round of each is printed with its ratio to the default.
 
     python3 tools/gpu_variants.py --variants 0 11 12 \\
@@ -24,7 +25,7 @@ from gpu_check import DTYPES, ROOT, Lib, Results, bench, exact_layout  # noqa: E
 
 def parse_cell(text):
     dt, fa, N, C, bs, d, op = text.split(":")
-    if dt not in DTYPES or op not in ("fwd", "dw"):
+    if dt not in DTYPES or op not in ("fwd", "dx", "dw"):
         raise argparse.ArgumentTypeError(f"bad cell {text!r}")
     return dt, int(fa), int(N), int(C), int(bs), float(d), op
 
@@ -47,6 +48,11 @@ def main():
             b = torch.randn(L.blocks, bs, bs, device="cuda").to(tdt)
             out = torch.empty(*((N, C) if fa else (C, N)), dtype=tdt, device="cuda")
             call = lambda o: lib.forward(dt, x, b, o, N, fa, L)
+        elif op == "dx":  # x plays dy (K = C here); the blocks are read transposed
+            LT = L.transposed()
+            b = torch.randn(L.blocks, bs, bs, device="cuda").to(tdt)
+            out = torch.empty(*((N, C) if fa else (C, N)), dtype=tdt, device="cuda")
+            call = lambda o: lib.forward_transposed_w(dt, x, b, o, N, fa, LT)
         else:
             b = torch.randn(*((N, C) if fa else (C, N)), device="cuda").to(tdt)
             out = torch.empty(L.blocks, bs, bs, dtype=tdt, device="cuda")

@@ -52,9 +52,22 @@ def block_initializer(name, coords, CB, KB, bs, seed=None):
 
 
 def get_initializer(value, coords, CB, KB, bs):
-    """A block initializer for a name in BLOCK_INITIALIZERS, else ``keras.initializers.get``."""
+    """A block initializer for a name in BLOCK_INITIALIZERS, else ``keras.initializers.get``.
+    Weights made by ``identity_init`` / ``ortho_init`` for another layout are refused: their
+    block count may match while their blocks belong elsewhere."""
     if isinstance(value, str) and value in BLOCK_INITIALIZERS:
         return block_initializer(value, coords, CB, KB, bs)
+    recipe = getattr(value, "recipe", None)
+    if isinstance(recipe, dict) and "matmul" in recipe:
+        made_for = BlocksparseMatMul.from_config(recipe["matmul"])
+        theirs = (made_for.CB, made_for.KB, made_for.block_size)
+        if theirs != (CB, KB, bs) or not np.array_equal(made_for.coords, coords):
+            how = (f"blocks at other positions of the same {CB} x {KB} grid" if theirs == (CB, KB, bs)
+                   else f"a {theirs[0]} x {theirs[1]} grid of blocks of {theirs[2]}, not "
+                        f"{CB} x {KB} of {bs}")
+            raise ValueError(f"the initial weights were made by {recipe.get('method')} for "
+                             f"another layout than this layer's ({how}); make them with the "
+                             "layer's BlocksparseMatMul")
     return keras.initializers.get(value)
 
 

@@ -178,14 +178,18 @@ class _SparseVDMixin:
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def _add_vd_weights(self, shape):
+        # Read as they are stored (float32) even under a mixed-precision policy: log_alpha and
+        # the KL term are computed in the variables' type (summed over every weight, the KL
+        # would overflow float16, and a small kl_weight would round to zero), and _kernels
+        # casts the product's kernels to the compute type.
         self.theta = self.add_weight(name="theta", shape=shape,
-                                     initializer=self.kernel_initializer)
+                                     initializer=self.kernel_initializer, autocast=False)
         self.log_sigma2 = self.add_weight(
             name="log_sigma2", shape=shape,
-            initializer=keras.initializers.Constant(self.log_sigma2_init))
+            initializer=keras.initializers.Constant(self.log_sigma2_init), autocast=False)
         self.kl_weight = self.add_weight(
             name="kl_weight", shape=(), trainable=False,
-            initializer=keras.initializers.Constant(self.initial_kl_weight))
+            initializer=keras.initializers.Constant(self.initial_kl_weight), autocast=False)
         self.bias = None
         if self.use_bias:
             self.bias = self.add_weight(name="bias", shape=(shape[-1],),
@@ -216,18 +220,21 @@ class _SparseVDMixin:
     def _kernels(self, training):
         """(mean kernel, variance kernel or None, log_alpha) for this call."""
         la = self.log_alpha()  # once per call, for the kernels and the KL term
+        compute = lambda kernel: ops.cast(kernel, self.compute_dtype)  # noqa: E731
         if training:
-            return self.theta, ops.exp(la) * ops.square(self.theta), la
+            return compute(self.theta), compute(ops.exp(la) * ops.square(self.theta)), la
         mask = ops.cast(la < self.threshold, self.theta.dtype)
-        return self.theta * mask, None, la
+        return compute(self.theta * mask), None, la
 
     def _finish(self, mean, var, log_alpha):
         """Adds the KL loss, samples (when var is given), adds bias and activation."""
         self.add_loss(self.kl_weight * ops.sum(kl_approx(log_alpha)))  # self.kl()'s value
         y = mean
         if var is not None:
+            # Drawn in float32 and cast: a half-precision compute type (mixed precision) gets
+            # the draws float32 gets, in its own type.
             noise = keras.random.normal(ops.shape(mean), seed=self.seed_generator)
-            y = mean + ops.sqrt(var + 1e-8) * noise
+            y = mean + ops.sqrt(var + 1e-8) * ops.cast(noise, mean.dtype)
         if self.bias is not None:
             y = y + self.bias
         return self.activation(y) if self.activation is not None else y

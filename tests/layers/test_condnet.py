@@ -316,6 +316,16 @@ def test_layer_bad_masks():
         odd(np.zeros((3, 12), np.float32), in_mask=np.ones((3, 1), np.float32))
 
 
+def test_model_wants_one_mask_per_hidden_layer():
+    model = CondNetModel([16, 16], 3, block_size=8)
+    x = np.zeros((2, 8), np.float32)
+    mask = np.ones((2, 2), np.float32)
+    for masks in ([mask], [mask] * 3):
+        with pytest.raises(ValueError, match="one .* mask per hidden layer, 2 in all; got"):
+            model(x, masks=masks)
+    assert model(x, masks=[mask, mask]).shape == (2, 3)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(hidden_units=[], num_classes=3), "hidden_units"),
     (dict(hidden_units=8, num_classes=3), "hidden_units"),

@@ -117,3 +117,23 @@ def test_initial_weights_of_the_matmul_class_save_as_their_recipe(tmp_path):
     layer = BlockSparseDense(32, block_size=8, layout=layout, kernel_initializer=derived)
     with pytest.raises(ValueError, match="only as returned by BlocksparseMatMul.identity_init"):
         layer.get_config()
+
+
+def test_initial_weights_made_for_another_layout_raise():
+    """identity_init / ortho_init arrays know their layout: given to a layer of another layout
+    (even one with as many blocks) they raise when the layer builds, saved or loaded."""
+    from blocksparse_tf import BlocksparseMatMul
+    mine = np.eye(2, 4, dtype=int)
+    other_positions = BlocksparseMatMul(np.array([[0, 1, 0, 0], [1, 0, 0, 0]]), block_size=16)
+    other_grid = BlocksparseMatMul(np.eye(4, 4, dtype=int)[:2], block_size=16)  # 2 x 4 too
+    other_size = BlocksparseMatMul(np.eye(4, 8, dtype=int), block_size=8)
+    for made_for, match in [(other_positions, "blocks at other positions"),
+                            (other_size, "grid of blocks of 8, not 2 x 4 of 16")]:
+        for init in (made_for.identity_init(), made_for.ortho_init(seed=1)):
+            layer = BlockSparseDense(64, block_size=16, layout=mine, kernel_initializer=init)
+            with pytest.raises(ValueError, match=match):
+                layer.build((None, 32))
+    ok = BlockSparseDense(64, block_size=16, layout=mine,
+                          kernel_initializer=other_grid.identity_init())  # the same layout
+    ok.build((None, 32))
+    np.testing.assert_array_equal(ok.kernel.numpy(), other_grid.identity_init())

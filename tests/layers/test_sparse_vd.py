@@ -213,3 +213,35 @@ def test_example_quick_runs():
                           "--quick"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "SparseVD" in res.stdout and "speedup" in res.stdout
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("conv", [False, True])
+def test_training_under_mixed_precision(policy, conv):
+    """Under a mixed policy the sampled training output is in the half type, its mean over
+    many draws is the mean output x . theta + bias, and a fit step runs."""
+    keras.config.set_dtype_policy(policy)
+    rng = np.random.default_rng(5)
+    shape = (4, 4, 2) if conv else (6,)
+    layer = SparseVDConv2D(3, 2, seed=3) if conv else SparseVDDense(3, seed=3)
+    x = rng.normal(size=(1,) + shape).astype(np.float32)
+    n = 4000
+    y = layer(np.repeat(x, n, axis=0), training=True)
+    compute = policy.split("_")[1]
+    assert keras.backend.standardize_dtype(y.dtype) == compute
+    assert keras.backend.standardize_dtype(layer.theta.dtype) == "float32"
+    theta = keras.ops.convert_to_numpy(layer.theta)
+    bias = keras.ops.convert_to_numpy(layer.bias)
+    expected = _conv_ref(x, theta, bias)[0] if conv else x[0] @ theta + bias
+    got = keras.ops.convert_to_numpy(keras.ops.cast(y, "float32")).mean(0)
+    spread = keras.ops.convert_to_numpy(keras.ops.cast(y, "float32")).std(0).max()
+    assert np.allclose(got, expected, atol=5 * spread / np.sqrt(n) + 0.03 * np.abs(expected).max())
+    keras.config.set_dtype_policy(policy)
+    model = keras.Sequential([keras.Input(shape),
+                              SparseVDConv2D(3, 2, seed=4) if conv else SparseVDDense(3, seed=4),
+                              keras.layers.Flatten()])
+    model.compile(optimizer="sgd", loss="mse")
+    out = model(np.zeros((2,) + shape, np.float32)).shape[1]
+    history = model.fit(rng.normal(size=(8,) + shape).astype(np.float32),
+                        rng.normal(size=(8, out)).astype(np.float32), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])

@@ -77,6 +77,8 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
         Features per mask entry: 1, 8, 16, 32 (default) or 64; must divide m and p.
     transpose_w : bool
         Use w^T (w stored as (p, m)) without a transposed copy.
+    name : str, optional
+        Name scope of the ops (default "sparse_dot").
 
     Returns
     -------

@@ -1,8 +1,9 @@
 """Character-level language model: dense LSTM vs a wider small-world block-sparse LSTM.
 
 Both models are Embedding -> LSTM -> Dense(softmax over characters) with (nearly) the same
-number of parameters: the block-sparse LSTM is wider, and its recurrent (and input) weights
-have a Watts-Strogatz layout of the chosen density; the dense width is then solved for so
+number of parameters: the block-sparse LSTM is wider, its recurrent weights have a
+Watts-Strogatz layout of the chosen density (its input weights a bipartite small-world one,
+or dense with --no-sparse-input); the dense width is then solved for so
 that the two parameter counts match.  The script trains them one after the other on the
 same batches, and reports held-out bits per character, training speed and parameter counts
 in a Markdown table, and a plot of validation bits per character against training steps.

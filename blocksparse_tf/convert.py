@@ -223,7 +223,8 @@ def to_dense_model(model):
 
 def convert_model(model, block_size, density=None, *, norm="l2", pad=True, x=None, y=None,
                   repeats=10):
-    """Converts every Dense-like layer of a Sequential or functional model to block-sparse.
+    """Converts every Dense-like layer of a Sequential or functional model to block-sparse
+    (inside models nested in it too).
 
     ``SparseVDDense`` and ``keras.layers.Dense`` layers become ``BlockSparseDense`` (kept
     blocks as in :func:`to_block_sparse`; with padding, wrapped in a small Sequential
@@ -298,11 +299,15 @@ def _convert_dense(layer, block_size, density, norm, pad):
 
 
 def _clone(model, replace):
-    """clone_model where ``replace(layer)`` gives a built replacement (or None: copy)."""
+    """clone_model where ``replace(layer)`` gives a built replacement (or None: copy).
+    Models nested inside (a Sequential used as a layer) are cloned the same way, so their
+    layers are replaced too."""
     copied = []
 
     def clone_fn(layer):
         new = replace(layer)
+        if new is None and isinstance(layer, keras.Model):
+            new = _clone(layer, replace)
         if new is None:
             new = layer.__class__.from_config(layer.get_config())
             copied.append(layer)

@@ -17,8 +17,11 @@ def load_digits(n_test, seed=0):
     """scikit-learn's digits, split at random: (x_train, y_train, x_test, y_test).
 
     Images are float32 of shape (n, 8, 8) in [0, 1], labels int64.  The first ``n_test``
-    images of a permutation drawn with ``seed`` are the test set.
+    images of a permutation drawn with ``seed`` are the test set; ``n_test`` is an integer
+    from 0 to 1797.
     """
+    if isinstance(n_test, bool) or not isinstance(n_test, (int, np.integer)):
+        raise ValueError(f"n_test must be an integer number of test images; got {n_test!r}")
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError as e:
@@ -27,6 +30,8 @@ def load_digits(n_test, seed=0):
     digits = sklearn_digits()
     x = (digits.images / 16.0).astype(np.float32)
     y = digits.target.astype(np.int64)
+    if not 0 <= n_test <= len(y):
+        raise ValueError(f"n_test must lie in [0, {len(y)}] (the digits there are); got {n_test}")
     order = np.random.default_rng(seed).permutation(len(y))
     test, train = order[:n_test], order[n_test:]
     return x[train], y[train], x[test], y[test]
@@ -40,7 +45,12 @@ def read_idx(path):
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 8:
         raise ValueError(f"{path} is not an IDX file of unsigned bytes")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is cut short: its header names {ndim} dimensions")
     dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + int(np.prod(dims, dtype=np.int64))
+    if len(data) != expected:
+        raise ValueError(f"{path} holds {len(data)} bytes; its header {dims} asks for {expected}")
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -54,6 +64,12 @@ def _mnist_path(folder, stem):
 
 def load_mnist(folder):
     """MNIST as (x_train, y_train, x_test, y_test): float32 images (n, 28, 28) in [0, 1], int64 labels."""
-    arrays = [read_idx(_mnist_path(os.path.expanduser(folder), stem)) for stem in MNIST_FILES]
+    paths = [_mnist_path(os.path.expanduser(folder), stem) for stem in MNIST_FILES]
+    arrays = [read_idx(path) for path in paths]
+    for images, labels, image_path, label_path in ((arrays[0], arrays[1], paths[0], paths[1]),
+                                                   (arrays[2], arrays[3], paths[2], paths[3])):
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(f"{image_path} ({images.shape}) and {label_path} ({labels.shape}) "
+                             "must hold as many (rows, cols) images as labels")
     return (arrays[0].astype(np.float32) / 255.0, arrays[1].astype(np.int64),
             arrays[2].astype(np.float32) / 255.0, arrays[3].astype(np.int64))

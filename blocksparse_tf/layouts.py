@@ -747,7 +747,7 @@ def bipartite_small_world(rows, cols, k, p, seed=None, *, sparse=None):
     return _finish(idx.ravel(), c, (rows, cols), sparse, "bipartite_small_world", params)
 
 
-def tile(layout, rows, cols):
+def tile(layout, rows, cols, *, sparse=None):
     """Repeat a layout to fill a ``(rows, cols)`` shape (cropping the last copies).
 
     Typical use: an input projection from ``2n`` input blocks to ``n`` units that reuses
@@ -759,11 +759,13 @@ def tile(layout, rows, cols):
         The 2-D pattern to repeat.
     rows, cols : int
         Shape of the result in blocks, >= 1 each.
+    sparse : bool or None, optional
+        Return a csr_matrix (True) or a dense array (False); default: the kind of
+        ``layout``, and a csr_matrix above ``SPARSE_THRESHOLD`` blocks.
 
     Returns
     -------
     numpy.ndarray of bool or scipy.sparse.csr_matrix
-        Same kind (dense or sparse) as ``layout``.
 
     Raises
     ------
@@ -778,16 +780,19 @@ def tile(layout, rows, cols):
     src = _check_layout(layout)
     rows = _check_int("rows", rows, 1)
     cols = _check_int("cols", cols, 1)
+    sparse = _check_sparse(sparse)
+    if sparse is None:
+        sparse = sp.issparse(src) or _use_sparse(None, rows, cols)
     R, C = src.shape
     reps = (-(-rows // R), -(-cols // C))
-    if sp.issparse(src):
-        coo = src.tocoo()
+    if sparse or sp.issparse(src):  # from coordinates: never a dense rows x cols detour
+        coo = _to_csr(src).tocoo()
         off_r = np.repeat(np.arange(reps[0], dtype=np.int64) * R, reps[1])
         off_c = np.tile(np.arange(reps[1], dtype=np.int64) * C, reps[0])
         r = (coo.row[None, :] + off_r[:, None]).ravel()
         c = (coo.col[None, :] + off_c[:, None]).ravel()
         keep = (r < rows) & (c < cols)
-        out = _finish(r[keep], c[keep], (rows, cols), True, "tile", {})
+        out = _finish(r[keep], c[keep], (rows, cols), sparse, "tile", {})
     else:
         out = np.ascontiguousarray(np.tile(src, reps)[:rows, :cols])
     params = {"rows": rows, "cols": cols, "source": metadata(layout) or None}
@@ -1017,7 +1022,8 @@ def params_for_density(generator, n, density, *, cols=None, grid=None):
     density : float
         Target density in (0, 1].
     cols : int, optional
-        Block columns for the rectangular generators (default ``n``).
+        Block columns for the rectangular generators (default ``n``); the square ones
+        accept only ``n``.
     grid : tuple of int, optional
         Grid shape ``(h, w)`` for ``"watts_strogatz_2d"`` (default: most square).
 
@@ -1034,7 +1040,8 @@ def params_for_density(generator, n, density, *, cols=None, grid=None):
     Raises
     ------
     ValueError
-        If the generator is unknown, ``density`` is not in (0, 1] or ``n`` is too small.
+        If the generator is unknown, ``density`` is not in (0, 1], ``n`` is too small, or
+        ``cols`` differs from ``n`` for a square generator.
 
     Examples
     --------
@@ -1044,6 +1051,10 @@ def params_for_density(generator, n, density, *, cols=None, grid=None):
     """
     density = _check_density(density)
     n = _check_int("n", n, 1)
+    square = ("banded", "barabasi_albert", "watts_strogatz", "watts_strogatz_2d")
+    if generator in square and cols is not None and cols != n:
+        raise ValueError(f"{generator} makes square layouts (n x n); got cols={cols!r} for "
+                         f"n={n}")
     if generator in ("random", "balanced_random", "bipartite_small_world"):
         cols = n if cols is None else _check_int("cols", cols, 1)
         if generator == "random":
@@ -1518,7 +1529,14 @@ def load(path, *, sparse=None):
     >>> L = load("ws.npz")  # doctest: +SKIP
     """
     sparse = _check_sparse(sparse)
-    with np.load(os.fspath(path), allow_pickle=False) as f:
+    try:
+        archive = np.load(os.fspath(path), allow_pickle=False)
+    except (ValueError, OSError) as err:  # not a numpy file at all (or a pickle)
+        raise ValueError(f"{os.fspath(path)} is not a layout file ({err})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # a single .npy array
+        raise ValueError(f"{os.fspath(path)} is not a layout file (a .npy array, not the "
+                         "archive save() writes)")
+    with archive as f:
         missing = {"shape", "indptr", "indices", "sparse", "metadata"} - set(f.files)
         if missing:
             raise ValueError(f"{os.fspath(path)} is not a layout file (missing {sorted(missing)})")

@@ -147,6 +147,22 @@ def test_branching_functional_model():
     assert np.allclose(_np(new(x)), _np(model(x)), atol=1e-5)
 
 
+def test_layers_of_nested_models_convert_too():
+    """A Sequential used as a layer: its SparseVD layer is converted and reported (it was
+    copied unconverted), and the converted model gives the pruned model's outputs."""
+    rng = np.random.default_rng(8)
+    inner_vd = SparseVDDense(16, activation="relu", name="inner_vd")
+    inner = keras.Sequential([keras.Input((16,)), inner_vd], name="inner")
+    model = keras.Sequential([keras.Input((16,)), inner, SparseVDDense(12, name="outer_vd")])
+    _set_log_alpha(inner_vd, _block_sparse_log_alpha(rng, 16, 16, 8))
+    x = rng.normal(size=(5, 16)).astype(np.float32)
+    new, rep = convert_model(model, 8)
+    assert [r["name"] for r in rep["layers"]] == ["inner_vd", "outer_vd"]
+    assert [type(layer).__name__ for layer in new.layers[0].layers] == ["BlockSparseDense"]
+    assert [type(layer).__name__ for layer in to_dense_model(model).layers[0].layers] == ["Dense"]
+    np.testing.assert_allclose(_np(new(x)), _np(model(x)), atol=1e-5)
+
+
 def test_padded_model_saves_and_loads(tmp_path):
     rng = np.random.default_rng(5)
     model = _lenet(rng)

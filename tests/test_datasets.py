@@ -42,3 +42,27 @@ def test_digits_split():
     assert 0.0 <= x_train.min() and x_train.max() <= 1.0 and set(y_test) <= set(range(10))
     again = datasets.load_digits(n_test=300, seed=1)
     np.testing.assert_array_equal(again[2], x_test)
+    for bad in (None, -5, 1798, 10.0, True):
+        with pytest.raises(ValueError, match="n_test"):
+            datasets.load_digits(n_test=bad)
+    assert datasets.load_digits(n_test=0)[2].shape == (0, 8, 8)
+
+
+def test_damaged_idx_files_raise_naming_the_file(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (3, 28, 28))
+    labels = rng.integers(0, 10, 3)
+    write_idx(tmp_path / "train-images-idx3-ubyte", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 4))  # one label too many
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte .* as many .* images as labels"):
+        datasets.load_mnist(str(tmp_path))
+    short = tmp_path / "short"
+    short.write_bytes((tmp_path / "train-labels-idx1-ubyte").read_bytes()[:-1])
+    with pytest.raises(ValueError, match="short holds 10 bytes; its header .* asks for 11"):
+        datasets.read_idx(str(short))
+    cut = tmp_path / "cut"
+    cut.write_bytes(bytes([0, 0, 8, 3, 0, 0]))
+    with pytest.raises(ValueError, match="cut is cut short"):
+        datasets.read_idx(str(cut))

@@ -162,6 +162,10 @@ def test_params_for_density_reaches_target():
         assert make(params).mean() == pytest.approx(reached), name
     assert L.params_for_density("watts_strogatz", 64, 0.1)[0] == {"n": 64, "k": 6}
     assert L.params_for_density("barabasi_albert", 64, 0.1)[0] == {"n": 64, "m": 3}
+    for name in ("watts_strogatz", "watts_strogatz_2d", "barabasi_albert", "banded"):
+        with pytest.raises(ValueError, match=f"{name} makes square layouts"):
+            L.params_for_density(name, 16, 0.3, cols=5)
+        assert L.params_for_density(name, 16, 0.3, cols=16) == L.params_for_density(name, 16, 0.3)
     params, reached = L.params_for_density("bipartite_small_world", 128, 0.25, cols=32)
     assert params == {"rows": 128, "cols": 32, "k": 32} and reached == 0.25
     # unreachable target: closest reachable value is reported
@@ -185,6 +189,11 @@ def test_rectangular_layouts():
     assert np.array_equal(t[:16], base) and np.array_equal(t[32:], base[:8])
     ts = L.tile(sp.csr_matrix(base), 40, 20)
     assert sp.issparse(ts) and np.array_equal(ts.toarray(), np.tile(base, (3, 2))[:40, :20])
+    forced = L.tile(base, 40, 20, sparse=True)           # either kind on request
+    assert sp.issparse(forced) and np.array_equal(forced.toarray(), ts.toarray())
+    assert np.array_equal(L.tile(sp.csr_matrix(base), 40, 20, sparse=False), ts.toarray())
+    big = L.tile(L.banded(4, 0), 4100, 4100)            # past SPARSE_THRESHOLD: sparse
+    assert sp.issparse(big) and big.nnz == 1025 * 1025 * 4  # 4 blocks in each 4 x 4 copy
     assert L.metadata(t)["params"]["source"]["generator"] == "watts_strogatz"
     assert L.random(8, 24, 0.5, seed=0).shape == (8, 24)
     assert L.balanced_random(24, 8, 0.5, seed=0).shape == (24, 8)
@@ -370,8 +379,11 @@ def test_save_load_round_trip(tmp_path):
     assert L.metadata(plain) == {}
 
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
-    with pytest.raises(ValueError, match="is not a layout file"):
-        L.load(tmp_path / "other.npz")
+    np.save(tmp_path / "array.npy", np.eye(3))
+    (tmp_path / "text.npz").write_text("not numpy at all")
+    for name in ("other.npz", "array.npy", "text.npz"):
+        with pytest.raises(ValueError, match="is not a layout file"):
+            L.load(tmp_path / name)
 
 
 # ---------------------------------------------------------------------------- bad arguments

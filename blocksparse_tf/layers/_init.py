@@ -62,9 +62,11 @@ def get_initializer(value, coords, CB, KB, bs):
         made_for = BlocksparseMatMul.from_config(recipe["matmul"])
         theirs = (made_for.CB, made_for.KB, made_for.block_size)
         if theirs != (CB, KB, bs) or not np.array_equal(made_for.coords, coords):
-            how = (f"blocks at other positions of the same {CB} x {KB} grid" if theirs == (CB, KB, bs)
-                   else f"a {theirs[0]} x {theirs[1]} grid of blocks of {theirs[2]}, not "
-                        f"{CB} x {KB} of {bs}")
+            if theirs == (CB, KB, bs):
+                how = f"blocks at other positions of the same {CB} x {KB} grid"
+            else:
+                how = (f"a {theirs[0]} x {theirs[1]} grid of blocks of {theirs[2]}, not "
+                       f"{CB} x {KB} of {bs}")
             raise ValueError(f"the initial weights were made by {recipe.get('method')} for "
                              f"another layout than this layer's ({how}); make them with the "
                              "layer's BlocksparseMatMul")

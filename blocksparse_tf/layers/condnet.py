@@ -355,11 +355,15 @@ class CondNetModel(keras.Model):
 
     def call(self, inputs, training=False, masks=None, return_all=False):
         h = tf.convert_to_tensor(inputs, self.compute_dtype)
-        if masks is not None and (isinstance(masks, (str, bytes)) or not hasattr(masks, "__len__")
-                                  or len(masks) != len(self.cond_layers)):
-            got = len(masks) if hasattr(masks, "__len__") else type(masks).__name__
-            raise ValueError(f"masks must hold one (n, blocks) mask per hidden layer, "
-                             f"{len(self.cond_layers)} in all; got {got}")
+        if masks is not None:
+            try:
+                got = None if isinstance(masks, (str, bytes)) else len(masks)
+            except TypeError:  # no length (or a tensor of unknown length)
+                got = None
+            if got != len(self.cond_layers):
+                raise ValueError(f"masks must hold one (n, blocks) mask per hidden layer, "
+                                 f"{len(self.cond_layers)} in all; got "
+                                 f"{type(masks).__name__ if got is None else got}")
         in_mask, all_logits, all_masks = None, [], []
         for i, layer in enumerate(self.cond_layers):
             h, in_mask, pl = layer(h, in_mask=in_mask, training=training,

@@ -220,7 +220,10 @@ class _SparseVDMixin:
     def _kernels(self, training):
         """(mean kernel, variance kernel or None, log_alpha) for this call."""
         la = self.log_alpha()  # once per call, for the kernels and the KL term
-        compute = lambda kernel: ops.cast(kernel, self.compute_dtype)  # noqa: E731
+
+        def compute(kernel):  # the variables are float32 (see _add_vd_weights)
+            return ops.cast(kernel, self.compute_dtype)
+
         if training:
             return compute(self.theta), compute(ops.exp(la) * ops.square(self.theta)), la
         mask = ops.cast(la < self.threshold, self.theta.dtype)

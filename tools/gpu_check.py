@@ -543,6 +543,26 @@ def correctness(lib, res, quick=False, race=False):
         torch.cuda.synchronize()
         res.check(rc == 0 and rc2 == 0 and same_bits(dx, dx_copy),
                   f"unaligned w, transposed read {dt} bs={bs} rc={rc}")
+    # float32 with an infinity in x (the tensor-core kernels split each value into a TF32 part
+    # and a residual, here infinity minus infinity): the sums it enters are NaN, as README.md
+    # says, and every other output is finite and within tolerance.
+    for bs in (16, 32, 64):
+        N, CB, KB = 130, 4, 3
+        L = random_layout(CB, KB, bs, 0.8, rng)
+        w = torch.randn(L.blocks, bs, bs, generator=gen, device="cuda")
+        x = torch.randn(N, CB * bs, generator=gen, device="cuda")
+        feature = int(L.block_row[0]) * bs + 3  # an input feature some block reads
+        x[7, feature] = float("inf")
+        y = torch.full((N, KB * bs), float("nan"), device="cuda")
+        rc = lib.forward("float32", x, w, y, N, 1, L)
+        torch.cuda.synchronize()
+        W64 = L.dense(w).double()
+        hit = W64[feature] != 0  # the outputs whose sums take x[7, feature]
+        others = torch.arange(N, device="cuda") != 7
+        e = rel_err(y[others], x[others].double() @ W64)
+        row_ok = bool(torch.isnan(y[7][hit]).all()) and bool(torch.isfinite(y[7][~hit]).all())
+        res.check(rc == 0 and e <= TOL["float32"] and row_ok and bool(hit.any()),
+                  f"float32 infinity in x: NaN where it enters, bs={bs} rc={rc} relerr={e:.3g}")
     # Determinism on larger problems, both paths and products (16-bit with N > 64: the wgmma
     # forwards on Hopper).
     for dt, bs, fa, N in [("bfloat16", 32, 1, 4096), ("float16", 64, 0, 2048),

@@ -94,7 +94,7 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
             raise ValueError(f"w dtype {w.dtype.name} does not match x dtype {x.dtype.name}")
         if x.shape.rank not in (None, 2) or w.shape.rank not in (None, 2):  # else checked when run
             raise ValueError(f"x (n, m) and w {w_dims} must be matrices; got x {x.shape}, w {w.shape}")
-        check_block_size(block_size)
+        block_size = check_block_size(block_size)
         m_axis = 1 if transpose_w else 0  # w's axis of length m
         n, m, p = _static_dim(x, 0), _static_dim(x, 1), _static_dim(w, 1 - m_axis)
         if m is not None and _static_dim(w, m_axis) not in (None, m):
@@ -105,6 +105,8 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
         in_m = _check_mask(in_mask, "in_mask", n, m, block_size)
         out_m = _check_mask(out_mask, "out_mask", n, p, block_size)
         if in_m is None and out_m is None:  # nothing to skip: the dense product is best
+            # tf.matmul would multiply a batch of matrices; the kernel checks the rank itself.
+            x, w = _ensure_matrix(x, "x"), _ensure_matrix(w, "w")
             y = tf.matmul(x, w, transpose_b=transpose_w)
             return y if bias is None else y + _check_bias(bias, x.dtype, p, y)
         x_shape, w_shape = _matrix_dims(x), _matrix_dims(w)
@@ -115,9 +117,21 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
         y = ops().blocksparse_sparse_dot(x, w, in_m, out_m, block_size=block_size,
                                          transpose_w=transpose_w)
         if bias is not None:
-            y += _check_bias(bias, x.dtype, p, y) * tf.cast(expand_mask(out_m, block_size),
-                                                            x.dtype)
+            # Selected, not multiplied by the mask: an infinite or NaN bias times 0 would be NaN
+            # where the output is 0.
+            active = tf.not_equal(expand_mask(out_m, block_size), 0)
+            y += tf.where(active, _check_bias(bias, x.dtype, p, y), tf.zeros([], x.dtype))
         return y
+
+
+def _ensure_matrix(t, what):
+    """t, checked to be a matrix when the graph runs where its rank is unknown until then."""
+    if t.shape.rank is not None:
+        return t
+    check = tf.debugging.Assert(tf.equal(tf.rank(t), 2),
+                                [f"{what} must be a matrix; got shape", tf.shape(t)])
+    with tf.control_dependencies([check]):
+        return tf.ensure_shape(tf.identity(t), [None, None])
 
 
 def _check_bias(bias, dtype, p, y):

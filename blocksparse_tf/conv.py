@@ -41,13 +41,13 @@ MAX_SPATIAL = 2**31 - 1
 
 
 def _int_list(values, length, least, what):
-    values = list(values) if isinstance(values, (tuple, list, np.ndarray)) else None
-    if (values is None or len(values) != length or
+    items = list(values) if isinstance(values, (tuple, list, np.ndarray)) else None
+    if (items is None or len(items) != length or
             not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                    and least <= v <= MAX_SPATIAL for v in values)):
+                    and least <= v <= MAX_SPATIAL for v in items)):
         raise ValueError(f"{what} must be {length} integers in [{least}, {MAX_SPATIAL}]; "
-                         f"got {values!r}")
-    return [int(v) for v in values]
+                         f"got {items if items is not None else values!r}")
+    return [int(v) for v in items]
 
 
 def _check_attrs(block_size, C, K, strides, dilations, padding):

@@ -25,8 +25,10 @@ INT32_MAX = 2**31 - 1
 
 
 def check_block_size(block_size):
-    """block_size as an int; ValueError unless it is one of BLOCK_SIZES (a bool is not 1)."""
-    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
+    """block_size as an int; ValueError unless it is an integer in BLOCK_SIZES (a bool is not
+    1, nor 16.0 16: a float taken here would reach the ops' integer attributes)."""
+    if (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))
+            or block_size not in BLOCK_SIZES):
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
     return int(block_size)
 

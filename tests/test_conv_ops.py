@@ -534,6 +534,11 @@ def test_kernel_checks_run_time_shapes():
     (lambda: blocksparse_conv2d(X, W, LAYOUT.astype(np.float32) + 0.5, 8, 16, 16),
      "layout coordinates must be integers"),
     (lambda: blocksparse_conv2d(X, W, LAYOUT, True, 16, 16), "block_size"),
+    # What was passed is named, not None: an int or a string where a list belongs.
+    (lambda: blocksparse_conv2d(X, W, LAYOUT, 8, 16, 16, strides=2),
+     r"strides must be 2 integers in \[1, 2147483647\]; got 2$"),
+    (lambda: blocksparse_conv2d(X, W, LAYOUT, 8, 16, 16, padding="SAME"),
+     r"padding \(top, bottom, left, right\) must be 4 integers .*; got 'SAME'$"),
     (lambda: blocksparse_conv2d_grad_input(np.array([1, 2**32 + 6, 6, 16]), W, DY, LAYOUT, 8, 16,
                                            16), "input_sizes must fit in int32"),
 ])

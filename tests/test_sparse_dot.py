@@ -163,9 +163,11 @@ def test_bad_arguments_raise():
         sparse_dot(x, w, in_mask=np.full((4, 4), "1"), block_size=8)
     with pytest.raises(ValueError, match="block_size 16 must divide p = 24"):
         sparse_dot(x, tf.ones((32, 24)), block_size=16)
-    for bad in (4, 12, 0, 2.5):
+    for bad in (4, 12, 0, 2.5, 8.0):  # 8.0: a float would reach the op's integer attribute
         with pytest.raises(ValueError, match="block_size must be one of"):
             sparse_dot(x, w, block_size=bad)
+        with pytest.raises(ValueError, match="block_size must be one of"):
+            sparse_dot(x, w, in_mask=np.ones((4, 4)), block_size=bad)
     with pytest.raises(ValueError, match="must agree on m"):
         sparse_dot(x, tf.ones((16, 16)), block_size=8)
     with pytest.raises(ValueError, match="does not match"):
@@ -800,3 +802,35 @@ def test_shape_functions():
             ops().blocksparse_sparse_dot_grad_w(x, dy, tf.ones((4, 3)), tf.ones((4, 2)), block_size=8)
         with pytest.raises(ValueError, match="must be equal"):
             ops().blocksparse_sparse_dot(x, tf.ones((16, 32)), tf.ones((4, 4)), tf.ones((4, 2)), block_size=8)
+
+
+def test_no_masks_with_unknown_rank_still_takes_matrices_only():
+    """Without masks the product is tf.matmul, which would multiply a batch of matrices: an
+    input whose rank is known only when the graph runs is checked then, as the kernel does."""
+    f = tf.function(lambda x, w: sparse_dot(x, w, block_size=16),
+                    input_signature=[tf.TensorSpec(None, tf.float32)] * 2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="compatible|matrix"):
+        f(tf.ones([2, 4, 16]), tf.ones([16, 32]))
+    x, w = np.random.rand(4, 16).astype(np.float32), np.random.rand(16, 32).astype(np.float32)
+    np.testing.assert_allclose(f(x, w).numpy(), x.astype(np.float64) @ w, rtol=1e-5)
+
+
+def test_non_finite_bias_stays_out_of_inactive_outputs():
+    """bias is added only where out_mask is nonzero: where it is 0 the output is exactly 0,
+    even for an infinite or NaN bias (inf * 0 would be NaN), and the bias gradient sums dy
+    over the active rows only."""
+    x = tf.constant(np.random.rand(3, 32), tf.float32)
+    w = tf.constant(np.random.rand(32, 32), tf.float32)
+    out_mask = np.array([[0, 1], [1, 0], [1, 1]], np.float32)
+    for value in (np.inf, np.nan):
+        y = sparse_dot(x, w, out_mask=out_mask, bias=np.full(32, value, np.float32),
+                       block_size=16).numpy()
+        inactive = np.repeat(out_mask, 16, axis=1) == 0
+        assert np.all(y[inactive] == 0)
+        assert np.all(~np.isfinite(y[~inactive]))
+    b = tf.Variable(np.random.rand(32).astype(np.float32))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(sparse_dot(x, w, out_mask=out_mask, bias=b, block_size=16)
+                             * tf.range(32, dtype=tf.float32))
+    expected = (np.repeat(out_mask, 16, axis=1) * np.arange(32)).sum(axis=0)
+    np.testing.assert_allclose(tape.gradient(loss, b).numpy(), expected)

@@ -119,7 +119,12 @@ class CondDense(keras.layers.Layer):
     ``y, out_mask = layer(x, in_mask=None, training=None, out_mask=None)``; with
     ``return_policy=True`` it returns ``(y, out_mask, logits)``, the policy logits (n, blocks).
     Passing ``out_mask`` fixes the mask instead of drawing it.  Masks are float32 0/1 and carry
-    no gradient; the policy reads ``stop_gradient(x)``, so it is trained only by its own losses.
+    no gradient; the policy reads ``stop_gradient(x)``, so it is trained only by its own losses:
+    REINFORCE and the regularizers, which :class:`CondNetModel`'s ``train_step`` adds (the layer
+    adds no loss of its own).  Outside a CondNetModel, ``tau`` and the ``lambda_*`` weights do
+    nothing and the policy keeps its initial weights unless a custom training step trains it
+    as ``CondNetModel.train_step`` does (with :func:`bernoulli_log_prob` and
+    :func:`sparsity_regularizers` on the logits of ``return_policy=True``).
     """
 
     def __init__(self, units, block_size=32, activation="relu", use_bias=True, tau=0.5,

@@ -395,9 +395,12 @@ class BlockSparseLSTM(keras.layers.RNN):
                  return_state=False, go_backwards=False, stateful=False, unroll=False,
                  zero_output_for_mask=False, **kwargs):
         cell_kwargs = {k: kwargs.pop(k) for k in self._CELL_ARGS if k in kwargs}
+        # The cell holds the variables, so it takes the layer's trainable flag (as Keras' LSTM
+        # passes it): a layer made with trainable=False, or loaded frozen, stays frozen.
         cell = BlockSparseLSTMCell(units, block_size=block_size, layout=layout,
-                                   dtype=kwargs.get("dtype"), name="blocksparse_lstm_cell",
-                                   **cell_kwargs)
+                                   dtype=kwargs.get("dtype"),
+                                   trainable=kwargs.get("trainable", True),
+                                   name="blocksparse_lstm_cell", **cell_kwargs)
         super().__init__(cell, return_sequences=return_sequences, return_state=return_state,
                          go_backwards=go_backwards, stateful=stateful, unroll=unroll,
                          zero_output_for_mask=zero_output_for_mask, **kwargs)

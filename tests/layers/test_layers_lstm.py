@@ -259,6 +259,38 @@ def test_fit_and_mixed_precision():
         assert model.evaluate(x, y, verbose=0) < before
 
 
+def test_frozen_layer_stays_frozen_in_fit_and_after_loading(tmp_path):
+    """trainable=False reaches the cell that holds the variables, as Keras' LSTM passes it:
+    fit leaves the weights alone, also for a layer frozen by the setter, saved and loaded."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 3, 16)).astype(np.float32)
+    y = rng.standard_normal((8, 1)).astype(np.float32)
+
+    def fit_changes(model):
+        before = [v.numpy().copy() for v in model.layers[0].weights]
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+        after = [v.numpy() for v in model.layers[0].weights]
+        return any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+    frozen = keras.Sequential([keras.Input((3, 16)),
+                               BlockSparseLSTM(H, block_size=BS, trainable=False),
+                               keras.layers.Dense(1)])
+    assert frozen.layers[0].cell.trainable is False
+    assert not fit_changes(frozen)
+    model = keras.Sequential([keras.Input((3, 16)), BlockSparseLSTM(H, block_size=BS),
+                              keras.layers.Dense(1)])
+    model.layers[0].trainable = False
+    path = str(tmp_path / "frozen.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert not loaded.layers[0].trainable and not loaded.layers[0].cell.trainable
+    assert not fit_changes(loaded)
+    unfrozen = keras.Sequential([keras.Input((3, 16)), BlockSparseLSTM(H, block_size=BS),
+                                 keras.layers.Dense(1)])
+    assert fit_changes(unfrozen)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"units": 60}, "multiple of block_size"),
     ({"units": 64, "layout": np.ones((3, 3))}, "recurrent layout must have shape"),

@@ -27,8 +27,10 @@ namespace {
 using ::tensorflow::DEVICE_GPU;
 
 // Copies the layout tables into one device buffer (kept alive by *storage) and points a
-// DeviceLayout at it.  cudaMemcpyAsync from pageable memory returns once the host data has
-// been staged, so the host vector may go right after.
+// DeviceLayout at it.  The copy is queued on TensorFlow's stream (the buffer may be memory that
+// earlier kernels there still read), and the call waits for it before the host vector goes:
+// cudaMemcpyAsync need not have read its source when it returns (from page-locked memory it
+// reads it later).  This runs only for a layout the kernel has not seen recently.
 absl::Status UploadLayout(OpKernelContext* ctx, const BlockLayout& l, Tensor* storage,
                           gpu::DeviceLayout* out) {
   std::vector<int32_t> packed;
@@ -42,6 +44,8 @@ absl::Status UploadLayout(OpKernelContext* ctx, const BlockLayout& l, Tensor* st
   TF_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(d, packed.data(), packed.size() * sizeof(int32_t),
                                                 cudaMemcpyHostToDevice, TfCudaStream(ctx)),
                                 "copying the layout to the GPU"));
+  TF_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(TfCudaStream(ctx)),
+                                "waiting for the layout's copy to the GPU"));
   out->col_ptr = d;
   out->col_row = out->col_ptr + l.col_ptr.size();
   out->col_block = out->col_row + l.blocks;

@@ -320,8 +320,12 @@ int CheckCommon(DType dt, int64_t N, int fa, const DeviceLayout& L) {
   if (N < 0) return cudaErrorInvalidValue;
   const int64_t bs = L.block_size;
   if (!IsSupportedBlockSize(bs)) return cudaErrorInvalidValue;
-  if (L.CB < 1 || L.KB < 1 || L.blocks < 0 || L.blocks > L.CB * L.KB) return cudaErrorInvalidValue;
-  if (L.blocks > INT32_MAX || L.CB * bs > (int64_t(1) << 40) || L.KB * bs > (int64_t(1) << 40))
+  // Block rows, block columns and blocks are counted in int32 in the kernels, as the layout's
+  // tables store them (a forward step's block index runs up to 64 past the last block).
+  if (L.CB < 1 || L.KB < 1 || L.CB > INT32_MAX || L.KB > INT32_MAX) return cudaErrorInvalidValue;
+  if (L.blocks < 0 || L.blocks > L.CB * L.KB || L.blocks > INT32_MAX - 64)
+    return cudaErrorInvalidValue;
+  if (L.CB * bs > (int64_t(1) << 40) || L.KB * bs > (int64_t(1) << 40))
     return cudaErrorInvalidValue;
   // Element counts must fit in int64 with room to spare.
   const int64_t C = L.CB * bs, K = L.KB * bs;

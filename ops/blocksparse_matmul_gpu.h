@@ -26,7 +26,8 @@
 //   products accumulate in float32, and float32 inputs keep float32 accuracy (no plain TF32).
 //   Results are deterministic: bitwise identical from run to run (no floating-point atomics;
 //   every reduction has a fixed order).
-//   Supported block sizes: 1, 8, 16, 32, 64.  Any N >= 0.
+//   Supported block sizes: 1, 8, 16, 32, 64.  Any N >= 0; block rows, block columns and blocks
+//   each below 2^31 (blocks below 2^31 - 64), C and K at most 2^40.
 //   Kernels: with bs >= 16 on sm_80+ (and 16-byte aligned pointers, and for feature_axis 0 a
 //   batch N that keeps rows 16-byte aligned: N % 8 == 0 for 16-bit types, N % 4 == 0 for
 //   float32) the products run on tensor cores (mma.sync): 16-bit inputs directly, float32 as

@@ -758,8 +758,11 @@ int CheckArgs(DType dt, int64_t n, int64_t m, int64_t p, int64_t bs, int64_t wor
 int Run(DType dt, const Problem& P0, bool grad, void* workspace, CUstream_st* stream_handle) {
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const int64_t W = TileWidth(P0.bs), PJ = (P0.p + W - 1) / W;
-  // Grid x dimensions: tile columns (forward) and 64-feature input tiles (dW).
-  if (PJ > INT32_MAX || (P0.m + kGradM - 1) / kGradM > INT32_MAX) return cudaErrorInvalidValue;
+  // Grid x dimensions: tile columns (forward) and 64-feature input tiles (dW); the forward
+  // lists input tiles of W features as int32 in shared memory.
+  if (PJ > INT32_MAX || (P0.m + kGradM - 1) / kGradM > INT32_MAX ||
+      (P0.m + W - 1) / W > INT32_MAX)
+    return cudaErrorInvalidValue;
   Problem P = P0;
   P.counts = static_cast<const int32_t*>(workspace);
   P.rows = reinterpret_cast<const int32_t*>(static_cast<char*>(workspace) + RoundUp256(PJ * 4));

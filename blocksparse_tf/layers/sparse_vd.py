@@ -75,9 +75,22 @@ def sparse_vd_layers(model):
     if isinstance(model, _SparseVDMixin):
         return [model]
     found = []
-    for layer in getattr(model, "layers", []):
+    for layer in _sublayers(model):
         found += [l for l in sparse_vd_layers(layer) if l not in found]
     return found
+
+
+def _sublayers(obj):
+    """A model's layers, a list's items, or the layers a custom layer holds (which has no
+    ``layers``: without this its SparseVD layers would be missed, and with them their KL
+    weights and reports)."""
+    if hasattr(obj, "layers"):
+        return obj.layers
+    if isinstance(obj, (list, tuple)):
+        return obj
+    if isinstance(obj, keras.layers.Layer):
+        return obj._flatten_layers(include_self=False, recursive=False)
+    return []
 
 
 def set_kl_weight(model, weight):
@@ -237,7 +250,10 @@ class _SparseVDMixin:
             # Drawn in float32 and cast: a half-precision compute type (mixed precision) gets
             # the draws float32 gets, in its own type.
             noise = keras.random.normal(ops.shape(mean), seed=self.seed_generator)
-            y = mean + ops.sqrt(var + 1e-8) * ops.cast(noise, mean.dtype)
+            # The standard deviation in float32: in float16 the 1e-8 rounds to 0, and a zero
+            # variance (an all-zero input row) made sqrt's gradient infinite and the kernels' NaN.
+            std = ops.cast(ops.sqrt(ops.cast(var, "float32") + 1e-8), mean.dtype)
+            y = mean + std * ops.cast(noise, mean.dtype)
         if self.bias is not None:
             y = y + self.bias
         return self.activation(y) if self.activation is not None else y
@@ -266,7 +282,11 @@ class SparseVDDense(_SparseVDMixin, keras.layers.Layer):
     use_bias : bool
         Default True.
     threshold : float
-        Weights with ``log_alpha >= threshold`` are zero at inference (default 3).
+        Weights with ``log_alpha >= threshold`` are zero at inference (default 3).  A Python
+        number, read when a function is traced: after changing ``layer.threshold`` on a model
+        that has already run ``predict``, ``evaluate`` or ``fit``, call ``model.compile`` again
+        so that they use it (eager calls, the reports, ``pruned_kernel`` and ``convert_model``
+        use it at once).
     kl_weight : float
         Initial multiplier of the KL loss (a non-trainable variable; see :class:`KLWarmup`).
         Default 1: give ``kl_scale(N)`` for the paper's objective.

@@ -245,3 +245,50 @@ def test_training_under_mixed_precision(policy, conv):
     history = model.fit(rng.normal(size=(8,) + shape).astype(np.float32),
                         rng.normal(size=(8, out)).astype(np.float32), epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("conv", [False, True])
+def test_zero_inputs_keep_training_gradients_finite(policy, conv):
+    """An all-zero example (a ReLU row, a blank image patch) has zero variance: its sampled
+    output's standard deviation is taken in float32, where in float16 sqrt(0 + 1e-8) was
+    sqrt(0), whose infinite gradient made the kernels' gradients NaN (and fit skip every step)."""
+    import tensorflow as tf
+
+    keras.config.set_dtype_policy(policy)
+    rng = np.random.default_rng(0)
+    if conv:
+        layer, x = SparseVDConv2D(2, 3, padding="same", seed=0), rng.normal(size=(2, 6, 6, 1))
+        x[:, :3, :3] = 0.0
+    else:
+        layer, x = SparseVDDense(3, seed=0), rng.normal(size=(4, 8))
+        x[0] = 0.0
+    x = x.astype(np.float32)
+    layer(x)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.cast(layer(x, training=True), tf.float32))
+    for grad in tape.gradient(loss, [layer.theta, layer.log_sigma2]):
+        assert np.all(np.isfinite(grad.numpy()))
+
+
+def test_layers_nested_in_a_custom_layer_are_found():
+    """SparseVD layers held by a custom layer (which has no ``layers``) get the KL weight and
+    appear in the reports, as those of a Sequential do."""
+
+    class Block(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.first, self.second = SparseVDDense(8, seed=0), SparseVDDense(4, seed=1)
+
+        def call(self, x, training=None):
+            return self.second(self.first(x, training=training), training=training)
+
+    model = keras.Sequential([keras.Input((6,)), Block()])
+    model(np.zeros((1, 6), np.float32))
+    set_kl_weight(model, 0.25)
+    inner = model.layers[0]
+    assert [float(l.kl_weight.numpy()) for l in (inner.first, inner.second)] == [0.25, 0.25]
+    names = [row["name"] for row in sparsity_report(model)]
+    assert names == [inner.first.name, inner.second.name, "total"]
+    expected = float(inner.first.kl().numpy()) + float(inner.second.kl().numpy())
+    assert total_kl(model) == pytest.approx(expected)

@@ -124,14 +124,19 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
         return y
 
 
+def _checked_when_run(t, ok, message, shape):
+    """t once the graph has checked ``ok`` (an InvalidArgumentError with ``message`` if not),
+    with the static ``shape`` the check guarantees."""
+    with tf.control_dependencies([tf.debugging.Assert(ok, message)]):
+        return tf.ensure_shape(tf.identity(t), shape)
+
+
 def _ensure_matrix(t, what):
     """t, checked to be a matrix when the graph runs where its rank is unknown until then."""
     if t.shape.rank is not None:
         return t
-    check = tf.debugging.Assert(tf.equal(tf.rank(t), 2),
-                                [f"{what} must be a matrix; got shape", tf.shape(t)])
-    with tf.control_dependencies([check]):
-        return tf.ensure_shape(tf.identity(t), [None, None])
+    return _checked_when_run(t, tf.equal(tf.rank(t), 2),
+                             [f"{what} must be a matrix; got shape", tf.shape(t)], [None, None])
 
 
 def _check_bias(bias, dtype, p, y):
@@ -143,10 +148,8 @@ def _check_bias(bias, dtype, p, y):
     if p is not None and bias.shape.is_fully_defined():
         return bias
     ok = tf.logical_and(tf.equal(tf.rank(bias), 1), tf.equal(tf.size(bias), tf.shape(y)[-1]))
-    check = tf.debugging.Assert(ok, ["bias must have shape (p,) = ", tf.shape(y)[-1:],
-                                     "; got", tf.shape(bias)])
-    with tf.control_dependencies([check]):
-        return tf.ensure_shape(tf.identity(bias), [p])
+    return _checked_when_run(bias, ok, ["bias must have shape (p,) = ", tf.shape(y)[-1:],
+                                        "; got", tf.shape(bias)], [p])
 
 
 @tf.RegisterGradient("BlocksparseSparseDot")

@@ -81,13 +81,10 @@ def sparse_vd_layers(model):
 
 
 def _sublayers(obj):
-    """A model's layers, a list's items, or the layers a custom layer holds (which has no
-    ``layers``: without this its SparseVD layers would be missed, and with them their KL
-    weights and reports)."""
+    """A model's layers, or the layers a custom layer holds (which has no ``layers``: without
+    this its SparseVD layers would be missed, and with them their KL weights and reports)."""
     if hasattr(obj, "layers"):
         return obj.layers
-    if isinstance(obj, (list, tuple)):
-        return obj
     if isinstance(obj, keras.layers.Layer):
         return obj._flatten_layers(include_self=False, recursive=False)
     return []

@@ -13,7 +13,7 @@ _LAZY = {
     "cpu_isa": "blocksparse_tf._ops",
 }
 
-_SUBMODULES = ("layouts", "layers")
+_SUBMODULES = ("layouts", "layers", "convert", "datasets")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES)
 

@@ -11,6 +11,9 @@ Example::
     y = bsmm(tf.random.normal([64, 4096]), w)     # (64, 4096)
 """
 
+import operator
+import re
+
 import numpy as np
 import scipy.sparse
 import tensorflow as tf
@@ -33,6 +36,40 @@ def check_block_size(block_size):
     return int(block_size)
 
 
+def _is_integer(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_feature_axis(feature_axis):
+    """feature_axis as an int; ValueError unless it is the integer 0 or 1."""
+    if not _is_integer(feature_axis) or feature_axis not in (0, 1):
+        raise ValueError(f"feature_axis must be 0 or 1; got {feature_axis!r}")
+    return int(feature_axis)
+
+
+def _check_op_attrs(block_size, C, K, feature_axis):
+    """The raw ops' integer attributes, checked here: TensorFlow would truncate a float
+    (C=16.9 to 16) or take a bool as 0 or 1 without a word.  Their ranges are the kernels'."""
+    check_block_size(block_size)
+    for name, value in (("C", C), ("K", K)):
+        if not _is_integer(value):
+            raise ValueError(f"{name} must be an integer; got {value!r}")
+    check_feature_axis(feature_axis)
+
+
+# What tf.name_scope accepts as the first name of a graph scope (eagerly it accepts anything,
+# so a bad name would fail only once the product runs inside tf.function).
+_SCOPE_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\\/>-]*$")
+
+
+def check_name(name):
+    """name, or ValueError unless it is None or a valid TensorFlow scope name."""
+    if name is not None and (not isinstance(name, str) or not _SCOPE_NAME.match(name)):
+        raise ValueError("name must start with a letter, digit or '.' and hold only letters, "
+                         f"digits and _ . \\ / > -; got {name!r}")
+    return name
+
+
 def int32_tensor(values, what):
     """Integer `values` (an array, a list or an integer tensor) as an int32 tensor.
 
@@ -46,8 +83,16 @@ def int32_tensor(values, what):
             raise ValueError(f"{what} must be integers; got dtype {dtype.name}")
         if dtype == tf.int32:
             return values
-        in_range = tf.logical_and(tf.reduce_all(values >= -INT32_MAX - 1),
-                                  tf.reduce_all(values <= INT32_MAX))
+        # Only the bounds the dtype can pass are tested (a bound out of the dtype's own range
+        # would wrap around in it: -2^31 as uint32 is 2^31).
+        checks = []
+        if dtype.min < -INT32_MAX - 1:
+            checks.append(tf.reduce_all(values >= tf.constant(-INT32_MAX - 1, dtype)))
+        if dtype.max > INT32_MAX:
+            checks.append(tf.reduce_all(values <= tf.constant(INT32_MAX, dtype)))
+        if not checks:
+            return tf.cast(values, tf.int32)
+        in_range = tf.reduce_all(tf.stack(checks))
         with tf.control_dependencies([tf.debugging.Assert(in_range,
                                                           [f"{what} must fit in int32"])]):
             return tf.cast(values, tf.int32)
@@ -82,9 +127,8 @@ def _coords_of_pairs(coords, shape):
     if not np.issubdtype(coords.dtype, np.integer):
         raise ValueError(f"block coordinates must be integers; got dtype {coords.dtype}")
     shape = tuple(shape)
-    if len(shape) != 2 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
-                                  and s <= INT32_MAX for s in shape):
-        raise ValueError(f"layout shape must be two integers of at most {INT32_MAX}; got {shape}")
+    if len(shape) != 2 or not all(_is_integer(s) for s in shape):
+        raise ValueError(f"layout shape must be two integers; got {shape}")
     return coords, tuple(int(s) for s in shape)
 
 
@@ -125,6 +169,8 @@ def _layout_coords(layout):
         coords, shape = _coords_of_array(layout)
     if shape[0] < 1 or shape[1] < 1:
         raise ValueError(f"layout shape must be at least (1, 1); got {shape}")
+    if max(shape) > INT32_MAX:  # the ops' coordinates are int32
+        raise ValueError(f"layout shape must be at most {INT32_MAX} blocks each way; got {shape}")
     if len(coords) == 0:
         raise ValueError(f"layout of shape {shape} has no nonzero blocks")
     if np.any(coords < 0) or np.any(coords[:, 0] >= shape[0]) or np.any(coords[:, 1] >= shape[1]):
@@ -182,13 +228,10 @@ class BlocksparseMatMul:
     """
 
     def __init__(self, layout, block_size=32, feature_axis=1, name=None):
-        check_block_size(block_size)
-        if isinstance(feature_axis, bool) or feature_axis not in (0, 1):
-            raise ValueError(f"feature_axis must be 0 or 1; got {feature_axis!r}")
+        self.block_size = check_block_size(block_size)
+        self.feature_axis = check_feature_axis(feature_axis)
         self._coords, (self.CB, self.KB) = _layout_coords(layout)
-        self.block_size = int(block_size)
-        self.feature_axis = int(feature_axis)
-        self.name = name or "BlocksparseMatMul"
+        self.name = check_name(name) or "BlocksparseMatMul"
         self.C = self.CB * self.block_size
         self.K = self.KB * self.block_size
         self.blocks = len(self._coords)
@@ -212,6 +255,9 @@ class BlocksparseMatMul:
 
     def block_coord(self, i):
         """(c, k): block row and block column of block ``i``."""
+        if isinstance(i, bool) or not hasattr(i, "__index__"):
+            raise TypeError(f"block index must be an integer; got {i!r}")
+        i = operator.index(i)
         if not -self.blocks <= i < self.blocks:
             raise IndexError(f"block index {i} out of range for {self.blocks} blocks")
         c, k = self._coords[i]
@@ -227,11 +273,12 @@ class BlocksparseMatMul:
 
     def flops(self, N):
         """Floating point operations of one product for a minibatch of N (2 per multiply-add)."""
-        return 2 * N * self.blocks * self.block_size * self.block_size
+        return 2 * int(N) * self.blocks * self.block_size * self.block_size
 
     # ---- the product -------------------------------------------------------------------
     def __call__(self, x, w, gate=None, name=None):
         """y = x . W (times the per-block ``gate``, shape (blocks,), if given)."""
+        check_name(name)
         if tf.executing_eagerly():  # name scopes only name graph ops; eagerly they cost time
             return self._product(x, w, gate)
         with tf.name_scope(name or self.name):
@@ -416,6 +463,7 @@ def blocksparse_matmul(x, w, layout, block_size, C, K, feature_axis=1, transpose
     ``constant_layout`` promises that ``layout``'s memory is never written in place (true of
     constants and of results of ops; not of TF1 reference variables): the kernel then knows a
     layout it has seen by its address instead of comparing every coordinate on each call."""
+    _check_op_attrs(block_size, C, K, feature_axis)
     return ops().blocksparse_matmul(x, w, coords_tensor(layout), block_size=block_size, C=C,
                                     K=K, feature_axis=feature_axis, transpose_w=transpose_w,
                                     constant_layout=constant_layout)
@@ -424,6 +472,7 @@ def blocksparse_matmul(x, w, layout, block_size, C, K, feature_axis=1, transpose
 def blocksparse_matmul_grad_w(x, dy, layout, block_size, C, K, feature_axis=1,
                               constant_layout=False):
     """Raw op: dw = x^T . dy at the stored blocks, shape (blocks, bs, bs)."""
+    _check_op_attrs(block_size, C, K, feature_axis)
     return ops().blocksparse_matmul_grad_w(x, dy, coords_tensor(layout), block_size=block_size,
                                            C=C, K=K, feature_axis=feature_axis,
                                            constant_layout=constant_layout)

@@ -49,6 +49,21 @@ absl::Status FeatureShape(InferenceContext* c, int input, int64_t features, int 
   return c->ReplaceDim(x, 0, c->MakeDim(out_features), out);
 }
 
+// x (input 0) and dy (input 1) of the weight gradient describe the same examples: their
+// dimensions other than the feature dimension must agree (already checked for rank).
+absl::Status BatchDimsAgree(InferenceContext* c, int feature_axis) {
+  ShapeHandle x = c->input(0), dy = c->input(1), unused;
+  if (feature_axis == 0) {
+    DimensionHandle n;
+    return c->Merge(c->Dim(x, 1), c->Dim(dy, 1), &n);
+  }
+  if (!c->RankKnown(x) || !c->RankKnown(dy)) return absl::OkStatus();
+  ShapeHandle x_batch, dy_batch;
+  TF_RETURN_IF_ERROR(c->Subshape(x, 0, -1, &x_batch));
+  TF_RETURN_IF_ERROR(c->Subshape(dy, 0, -1, &dy_batch));
+  return c->Merge(x_batch, dy_batch, &unused);
+}
+
 struct OpAttrs {
   int64_t block_size, C, K, feature_axis;
 };
@@ -129,7 +144,10 @@ REGISTER_OP("BlocksparseMatmulGradW")
       ShapeHandle unused, layout;
       TF_RETURN_IF_ERROR(FeatureShape(c, 0, a.C, a.feature_axis, -1, &unused));
       TF_RETURN_IF_ERROR(FeatureShape(c, 1, a.K, a.feature_axis, -1, &unused));
+      TF_RETURN_IF_ERROR(BatchDimsAgree(c, a.feature_axis));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &layout));
+      DimensionHandle pair;
+      TF_RETURN_IF_ERROR(c->Merge(c->Dim(layout, 1), c->MakeDim(2), &pair));
       c->set_output(0, c->MakeShape({c->Dim(layout, 0), c->MakeDim(a.block_size),
                                      c->MakeDim(a.block_size)}));
       return absl::OkStatus();

@@ -842,7 +842,9 @@ def test_initializers():
     (([[0, 5]], (2, 2)), "inside the layout"),
     (([[0, 0, 1]], (2, 2)), r"\(blocks, 2\)"),
     (([[0, 0]], (2.9, 3)), "two integers"),  # not truncated to 2
-    (([[0, 0]], (2**33, 1)), "two integers"),  # coordinates past int32 would wrap around
+    (([[0, 0]], (2**33, 1)), "at most 2147483647 blocks"),  # past int32 would wrap around
+    (scipy.sparse.coo_matrix(([1.0], ([0], [2**31 + 1])), shape=(1, 2**31 + 5)),
+     "at most 2147483647 blocks"),  # the same for a scipy.sparse layout
     ([[(0, 0), (1, 1)], (2, 2, 3)], "a 2-D 0/1 array .* a scipy.sparse matrix, or"),  # ragged
 ])
 def test_bad_layouts_raise(layout, message):
@@ -955,6 +957,82 @@ def test_raw_ops_take_only_integer_coordinates():
     y = blocksparse_matmul(x, w, tf.constant([[0, 0], [1, 1]], tf.int64), 8, 16, 16)
     expected = blocksparse_matmul(x, w, np.array([[0, 0], [1, 1]]), 8, 16, 16)
     np.testing.assert_array_equal(y.numpy(), expected.numpy())
+
+
+@pytest.mark.parametrize("dtype", [tf.int8, tf.int16, tf.uint8, tf.uint16, tf.uint32,
+                                   tf.uint64, tf.int64])
+def test_raw_ops_take_integer_coordinates_of_any_width(dtype):
+    """The int32 range check must not wrap its own bounds into narrow or unsigned dtypes (-2^31
+    as uint32 is 2^31, and as int8 it is 0: both refused every coordinate)."""
+    x = tf.constant(RNG.standard_normal((3, 16)).astype(np.float32))
+    w = tf.constant(RNG.standard_normal((2, 8, 8)).astype(np.float32))
+    y = blocksparse_matmul(x, w, tf.constant([[0, 0], [1, 1]], dtype), 8, 16, 16)
+    expected = blocksparse_matmul(x, w, np.array([[0, 0], [1, 1]]), 8, 16, 16)
+    np.testing.assert_array_equal(y.numpy(), expected.numpy())
+    if dtype.max > 2**31:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="must fit in int32"):
+            blocksparse_matmul(x, w, tf.constant([[0, 0], [1, 2**31 + 5]], dtype), 8, 16, 16)
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ((8, 16.9, 16, 1), "C must be an integer; got 16.9"),  # TensorFlow would take C=16
+    ((8, 16, 16.0, 1), "K must be an integer; got 16.0"),
+    ((8.7, 16, 16, 1), "block_size must be one of"),
+    ((8, True, 16, 1), "C must be an integer; got True"),
+    ((8, 16, 16, 0.9), "feature_axis must be 0 or 1; got 0.9"),  # would run as 0
+    ((8, 16, 16, 1.0), "feature_axis must be 0 or 1; got 1.0"),
+])
+def test_raw_ops_refuse_non_integer_attributes(attrs, message):
+    x, w, layout = tf.ones((2, 16)), tf.ones((2, 8, 8)), np.array([[0, 0], [1, 1]])
+    with pytest.raises(ValueError, match=message):
+        blocksparse_matmul(x, w, layout, *attrs)
+    with pytest.raises(ValueError, match=message):
+        blocksparse_matmul_grad_w(x, x, layout, *attrs)
+
+
+def test_weight_gradient_shape_function_checks_rows_and_layout():
+    """The raw weight gradient's static shapes: x and dy must describe the same rows, and the
+    layout must be (blocks, 2); found when the graph is built, not when it runs."""
+    layout = np.array([[0, 0], [1, 1]], np.int32)
+
+    def trace(x_shape, dy_shape, layout_shape=(2, 2), feature_axis=1):
+        f = tf.function(lambda x, dy, c: blocksparse_matmul_grad_w(x, dy, c, 8, 16, 16,
+                                                                   feature_axis))
+        return f.get_concrete_function(tf.TensorSpec(x_shape), tf.TensorSpec(dy_shape),
+                                       tf.TensorSpec(layout_shape, tf.int32))
+
+    for x_shape, dy_shape, axis in [((4, 16), (5, 16), 1), ((2, 3, 16), (3, 2, 16), 1),
+                                    ((16, 4), (16, 5), 0)]:
+        with pytest.raises(ValueError, match="must be equal|are not compatible|Dimensions"):
+            trace(x_shape, dy_shape, feature_axis=axis)
+    with pytest.raises(ValueError, match="must be equal|Dimension"):
+        trace((4, 16), (4, 16), layout_shape=(2, 3))
+    ok = trace((None, 16), (4, 16)).structured_outputs
+    assert ok.shape.as_list() == [2, 8, 8]
+    assert trace((2, None, 16), (None, 3, 16)).structured_outputs.shape.as_list() == [2, 8, 8]
+    x = RNG.standard_normal((2, 3, 16)).astype(np.float32)
+    dy = RNG.standard_normal((2, 3, 16)).astype(np.float32)
+    dw = blocksparse_matmul_grad_w(x, dy, layout, 8, 16, 16)
+    x2, dy2 = x.reshape(-1, 16).astype(np.float64), dy.reshape(-1, 16).astype(np.float64)
+    expected = np.stack([x2[:, :8].T @ dy2[:, :8], x2[:, 8:].T @ dy2[:, 8:]])
+    assert rel_err(dw, expected) < 1e-5
+
+
+def test_flops_block_coord_and_name_checks():
+    bsmm = BlocksparseMatMul(np.ones((128, 128)), block_size=32)
+    assert bsmm.flops(np.int32(64)) == 2 * 64 * 4096 * 4096  # not wrapped in int32
+    assert bsmm.block_coord(np.int64(129)) == (1, 1)
+    with pytest.raises(TypeError, match="block index must be an integer; got True"):
+        bsmm.block_coord(True)
+    with pytest.raises(TypeError, match="block index must be an integer; got 1.5"):
+        bsmm.block_coord(1.5)
+    with pytest.raises(ValueError, match="name must start with"):
+        BlocksparseMatMul(np.ones((2, 2)), block_size=8, name="my layer")
+    small = BlocksparseMatMul(np.ones((2, 2)), block_size=8, name="sparse.layer-1")
+    with pytest.raises(ValueError, match="name must start with"):
+        small(tf.ones((1, 16)), tf.ones(small.w_shape), name="bad name")  # eagerly too
+    y = tf.function(lambda x: small(x, tf.ones(small.w_shape)))(tf.ones((1, 16)))
+    np.testing.assert_array_equal(y.numpy(), np.full((1, 16), 16.0, np.float32))
 
 
 def test_gate_of_shape_known_only_when_run():

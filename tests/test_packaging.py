@@ -88,3 +88,22 @@ def test_wheel_without_the_op_library_is_refused(tmp_path):
     assert built.returncode != 0
     assert "_blocksparse_ops.so is missing: build it first" in built.stdout + built.stderr
     assert not glob.glob(str(tmp_path / "dist" / "*.whl"))
+
+
+def test_documented_names_are_reachable():
+    """Names README.md and docs/ present as public: the submodules as attributes of the package
+    (lazily imported), and the helper functions from blocksparse_tf.layers."""
+    # In a fresh interpreter: once imported elsewhere, a submodule is an attribute anyway.
+    probe = ("import blocksparse_tf as b; print(*(getattr(b, n).__name__ for n in "
+             "('layouts', 'layers', 'convert', 'datasets')), sorted(b.__all__))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[:4] == [f"{PACKAGE}.{n}" for n in ("layouts", "layers", "convert", "datasets")]
+    import blocksparse_tf.convert
+    import blocksparse_tf.layers as layers
+
+    for name in ("set_kl_weight", "total_kl", "format_report", "sparsity_report",
+                 "sparsity_regularizers", "bernoulli_log_prob"):
+        assert callable(getattr(layers, name)) and name in layers.__all__
+    assert callable(blocksparse_tf.convert.choose_layout)
+    assert callable(blocksparse_tf.convert.pruned_weights)

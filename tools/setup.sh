@@ -6,11 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian's bazel-bootstrap, and LIBXSMM's headers: an independent implementation of the CPU
+# Debian's bazel-bootstrap, python3-venv where `python3 -m venv` lacks ensurepip (stock
+# Debian and Ubuntu), and LIBXSMM's headers: an independent implementation of the CPU
 # micro-kernels' products that tests/test_benchmarks.py checks them against (optional: that
 # comparison is skipped without it).
 packages=()
 command -v bazel-4 >/dev/null 2>&1 || packages+=(bazel-bootstrap)
+[ -x .venv/bin/python ] || python3 -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
 [ -e /usr/include/libxsmm.h ] || packages+=(libxsmm-dev)
 if [ ${#packages[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

@@ -17,20 +17,23 @@ Importing this module registers the layers with Keras' serialisation (package
 See docs/layers.md.
 """
 
-from blocksparse_tf.layers.condnet import CondDense, CondNetModel
+from blocksparse_tf.layers.condnet import (CondDense, CondNetModel, bernoulli_log_prob,
+                                           sparsity_regularizers)
 from blocksparse_tf.layers.conv import BlockSparseConv2D
 from blocksparse_tf.layers.dense import BlockSparseDense
 from blocksparse_tf.layers.lstm import BlockSparseLSTM, BlockSparseLSTMCell
-from blocksparse_tf.layers.sparse_vd import (KLWarmup, SparseVDConv2D, SparseVDDense, kl_scale,
-                                             kl_warmup, sparsity_report)
+from blocksparse_tf.layers.sparse_vd import (KLWarmup, SparseVDConv2D, SparseVDDense,
+                                             format_report, kl_scale, kl_warmup, set_kl_weight,
+                                             sparsity_report, total_kl)
 
 # The padding layers that blocksparse_tf.convert puts around converted layers register with
 # these, so that a converted model loads after this import alone.
 from blocksparse_tf import convert as _convert  # noqa: E402,F401  (after the layers it uses)
 
-__all__ = ["BlockSparseDense", "BlockSparseConv2D", "BlockSparseLSTM", "BlockSparseLSTMCell", "CondDense",
-           "CondNetModel", "SparseVDDense", "SparseVDConv2D", "KLWarmup", "kl_scale", "kl_warmup",
-           "sparsity_report"]
+__all__ = ["BlockSparseDense", "BlockSparseConv2D", "BlockSparseLSTM", "BlockSparseLSTMCell",
+           "CondDense", "CondNetModel", "bernoulli_log_prob", "sparsity_regularizers",
+           "SparseVDDense", "SparseVDConv2D", "KLWarmup", "kl_scale", "kl_warmup",
+           "set_kl_weight", "total_kl", "sparsity_report", "format_report"]
 
 # Register the C++ ops now, not at first use: a SavedModel that contains them can then be
 # loaded (tf.saved_model.load) in any process that has imported this module.

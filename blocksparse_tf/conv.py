@@ -16,24 +16,30 @@ import numpy as np
 import tensorflow as tf
 
 from blocksparse_tf._ops import ops
-from blocksparse_tf.matmul import FLOAT_DTYPES, check_block_size, coords_tensor, int32_tensor
+from blocksparse_tf.matmul import (FLOAT_DTYPES, check_block_size, coords_tensor, int32_tensor,
+                                   is_integer)
 
 
 def conv_padding(size, kernel, stride, dilation, padding):
     """(before, after) padding of one spatial dimension as tf.nn.conv2d pads it.
 
     ``padding`` is "same" or "valid"; SAME puts the odd extra row or column after.  ``size``
-    is an int, or a scalar tensor (then the amounts are tensors).
+    is an integer (the amounts are then ints), or a scalar integer tensor (then the amounts
+    are tensors of its dtype, computed in int64: int32 sums near 2^31 would wrap).
     """
     if padding == "valid":
         return 0, 0
     if padding != "same":
         raise ValueError(f"padding must be 'same' or 'valid'; got {padding!r}")
-    effective = (kernel - 1) * dilation + 1
-    out = (size + stride - 1) // stride
-    total = (out - 1) * stride + effective - size
-    total = max(total, 0) if isinstance(total, int) else tf.maximum(total, 0)
-    return total // 2, total - total // 2
+    effective = (int(kernel) - 1) * int(dilation) + 1
+    stride = int(stride)
+    if not tf.is_tensor(size):
+        size = int(size)  # a numpy integer's sums could wrap, and max() below wants an int
+        total = max(((size + stride - 1) // stride - 1) * stride + effective - size, 0)
+        return total // 2, total - total // 2
+    wide = tf.cast(size, tf.int64)
+    total = tf.maximum(((wide + stride - 1) // stride - 1) * stride + effective - wide, 0)
+    return tf.cast(total // 2, size.dtype), tf.cast(total - total // 2, size.dtype)
 
 
 #: Largest stride, dilation, padding amount and kernel size the ops take (as their kernels).
@@ -43,8 +49,7 @@ MAX_SPATIAL = 2**31 - 1
 def _int_list(values, length, least, what):
     items = list(values) if isinstance(values, (tuple, list, np.ndarray)) else None
     if (items is None or len(items) != length or
-            not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                    and least <= v <= MAX_SPATIAL for v in items)):
+            not all(is_integer(v) and least <= v <= MAX_SPATIAL for v in items)):
         raise ValueError(f"{what} must be {length} integers in [{least}, {MAX_SPATIAL}]; "
                          f"got {items if items is not None else values!r}")
     return [int(v) for v in items]
@@ -53,7 +58,7 @@ def _int_list(values, length, least, what):
 def _check_attrs(block_size, C, K, strides, dilations, padding):
     check_block_size(block_size)
     for name, value in (("C", C), ("K", K)):
-        if not isinstance(value, (int, np.integer)) or value < 1 or value % block_size:
+        if not is_integer(value) or value < 1 or value % block_size:
             raise ValueError(f"{name} must be a positive multiple of block_size={block_size}; "
                              f"got {value!r}")
     return dict(block_size=int(block_size), C=int(C), K=int(K),

@@ -121,10 +121,17 @@ def _check_seed(seed):
     return int(seed)
 
 
+def _check_bool(name, value):
+    """Return ``value`` as bool; ValueError unless it is a bool (1 or "no" are not)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _check_sparse(sparse):
-    if sparse not in (None, True, False):
+    if sparse is not None and not isinstance(sparse, (bool, np.bool_)):
         raise ValueError(f"sparse must be None, True or False, got {sparse!r}")
-    return sparse
+    return sparse if sparse is None else bool(sparse)
 
 
 def _check_layout(layout, name="layout"):
@@ -133,7 +140,10 @@ def _check_layout(layout, name="layout"):
         if len(layout.shape) != 2:
             raise ValueError(f"{name} must be 2-D (rows, cols), got shape {layout.shape}")
         csr = sp.csr_matrix(layout)
-        out = sp.csr_matrix((csr.data != 0, csr.indices, csr.indptr), shape=csr.shape)
+        # Copies of the index arrays: the matrix made from them is changed in place below
+        # (and sorted by save), and csr_matrix() shares them with the caller's matrix.
+        out = sp.csr_matrix((csr.data != 0, csr.indices.copy(), csr.indptr.copy()),
+                            shape=csr.shape)
         out.eliminate_zeros()
         out.sum_duplicates()
     else:
@@ -281,7 +291,8 @@ def random(rows, cols, density, seed=None, *, sparse=None):
     seed : int or None, optional
         Random seed (non-negative int); the same seed gives the same layout.
     sparse : bool or None, optional
-        See :func:`dense`.
+        See :func:`dense`.  Above 2% density the draw itself takes 8 bytes per possible
+        block (``rows * cols``) for a moment, in either form.
 
     Returns
     -------
@@ -304,7 +315,12 @@ def random(rows, cols, density, seed=None, *, sparse=None):
     seed = _check_seed(seed)
     sparse = _check_sparse(sparse)
     total = rows * cols
+    if total > np.iinfo(np.int64).max:
+        raise ValueError(f"rows * cols = {total} blocks is more than int64 can count")
     nnz = min(total, max(1, int(round(density * total))))
+    # numpy draws more than total / 50 of total without replacement by shuffling all of
+    # 0 .. total - 1 (8 bytes each), also for sparse=True: kept, since another method would
+    # give other layouts for the same seeds.
     lin = _rng(seed).choice(total, size=nnz, replace=False)
     r, c = np.divmod(lin.astype(np.int64), cols)
     params = {"rows": rows, "cols": cols, "density": density, "seed": seed}
@@ -407,6 +423,7 @@ def banded(n, bandwidth, *, periodic=False, sparse=None):
     """
     n = _check_int("n", n, 1)
     bandwidth = _check_int("bandwidth", bandwidth, 0)
+    periodic = _check_bool("periodic", periodic)
     sparse = _check_sparse(sparse)
     b = min(bandwidth, n - 1)
     offsets = np.arange(-b, b + 1, dtype=np.int64)
@@ -838,6 +855,7 @@ def from_graph(G, rows=None, cols=None, *, identity=False, sparse=None):
     """
     if not isinstance(G, nx.Graph):
         raise TypeError(f"G must be a networkx graph, got {type(G).__name__}")
+    identity = _check_bool("identity", identity)
     sparse = _check_sparse(sparse)
     rows = list(G) if rows is None else list(rows)
     cols = rows if cols is None else list(cols)
@@ -909,6 +927,9 @@ def block_norms(W, block_size, norm="l2"):
     W = np.asarray(W)
     if W.ndim != 2:
         raise ValueError(f"W must be a 2-D array (C, K), got an array of shape {W.shape}")
+    if not (np.issubdtype(W.dtype, np.integer) or np.issubdtype(W.dtype, np.floating)
+            or W.dtype == bool):
+        raise ValueError(f"W must hold real numbers, got dtype {W.dtype}")
     block_size = _check_int("block_size", block_size, 1)
     C, K = W.shape
     if C == 0 or K == 0 or C % block_size or K % block_size:
@@ -922,7 +943,9 @@ def block_norms(W, block_size, norm="l2"):
     blocks = W.reshape(C // block_size, block_size, K // block_size, block_size)
     if norm == "l2":
         return np.sqrt(np.square(blocks, dtype=np.float64).sum(axis=(1, 3)))
-    return np.abs(blocks).max(axis=(1, 3)).astype(np.float64)
+    # The largest magnitude from the extremes, in float64: np.abs of int8's -128 is -128.
+    return np.maximum(blocks.max(axis=(1, 3)).astype(np.float64),
+                      -blocks.min(axis=(1, 3)).astype(np.float64))
 
 
 def from_dense_weights(W, block_size, density=None, threshold=None, norm="l2", *, sparse=None):
@@ -1273,9 +1296,9 @@ def _save(fig, path):
 
 def _label(layout):
     meta = metadata(layout)
-    if not meta:
+    if "generator" not in meta:  # nothing recorded, or a loaded file saved without a record
         return "layout"
-    params = meta["params"]
+    params = meta.get("params", {})
     keys = [k for k in ("m", "k", "p", "bandwidth", "density") if params.get(k) is not None]
     detail = ", ".join(f"{k}={params[k]:g}" for k in keys)
     return f"{meta['generator']}({detail})" if detail else meta["generator"]
@@ -1512,6 +1535,7 @@ def load(path, *, sparse=None):
     Parameters
     ----------
     path : str or os.PathLike
+        The file, or the name given to :func:`save` without its ``.npz`` suffix.
     sparse : bool or None, optional
         Return a csr_matrix (True) or a dense array (False); default: as saved.
 
@@ -1523,23 +1547,30 @@ def load(path, *, sparse=None):
     ------
     ValueError
         If the file is not a layout file.
+    FileNotFoundError
+        If there is no such file.
 
     Examples
     --------
     >>> L = load("ws.npz")  # doctest: +SKIP
     """
     sparse = _check_sparse(sparse)
+    path = os.fspath(path)
+    if not os.path.exists(path) and os.path.exists(path + ".npz"):
+        path += ".npz"  # the name given to save(), which appends the suffix
     try:
-        archive = np.load(os.fspath(path), allow_pickle=False)
+        archive = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no layout file {path} (nor {path}.npz)") from None
     except (ValueError, OSError) as err:  # not a numpy file at all (or a pickle)
-        raise ValueError(f"{os.fspath(path)} is not a layout file ({err})") from None
+        raise ValueError(f"{path} is not a layout file ({err})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):  # a single .npy array
-        raise ValueError(f"{os.fspath(path)} is not a layout file (a .npy array, not the "
+        raise ValueError(f"{path} is not a layout file (a .npy array, not the "
                          "archive save() writes)")
     with archive as f:
         missing = {"shape", "indptr", "indices", "sparse", "metadata"} - set(f.files)
         if missing:
-            raise ValueError(f"{os.fspath(path)} is not a layout file (missing {sorted(missing)})")
+            raise ValueError(f"{path} is not a layout file (missing {sorted(missing)})")
         shape = tuple(int(s) for s in f["shape"])
         indptr, indices = f["indptr"], f["indices"]
         was_sparse = bool(f["sparse"])

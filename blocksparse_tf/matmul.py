@@ -36,13 +36,14 @@ def check_block_size(block_size):
     return int(block_size)
 
 
-def _is_integer(value):
+def is_integer(value):
+    """Whether value is a Python or numpy integer, not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def check_feature_axis(feature_axis):
     """feature_axis as an int; ValueError unless it is the integer 0 or 1."""
-    if not _is_integer(feature_axis) or feature_axis not in (0, 1):
+    if not is_integer(feature_axis) or feature_axis not in (0, 1):
         raise ValueError(f"feature_axis must be 0 or 1; got {feature_axis!r}")
     return int(feature_axis)
 
@@ -52,7 +53,7 @@ def _check_op_attrs(block_size, C, K, feature_axis):
     (C=16.9 to 16) or take a bool as 0 or 1 without a word.  Their ranges are the kernels'."""
     check_block_size(block_size)
     for name, value in (("C", C), ("K", K)):
-        if not _is_integer(value):
+        if not is_integer(value):
             raise ValueError(f"{name} must be an integer; got {value!r}")
     check_feature_axis(feature_axis)
 
@@ -127,7 +128,7 @@ def _coords_of_pairs(coords, shape):
     if not np.issubdtype(coords.dtype, np.integer):
         raise ValueError(f"block coordinates must be integers; got dtype {coords.dtype}")
     shape = tuple(shape)
-    if len(shape) != 2 or not all(_is_integer(s) for s in shape):
+    if len(shape) != 2 or not all(is_integer(s) for s in shape):
         raise ValueError(f"layout shape must be two integers; got {shape}")
     return coords, tuple(int(s) for s in shape)
 

@@ -148,6 +148,21 @@ absl::Status KernelShape(InferenceContext* c, int w_input, int layout_input, int
   return absl::OkStatus();
 }
 
+// dy against the output shape that the image x (NHWC) and the kernel (kh, kw; < 0 unknown)
+// give: the same batch, the same output height and width where known, and a kernel that fits
+// the padded image.
+absl::Status OutputGradientMatches(InferenceContext* c, ShapeHandle x, ShapeHandle dy,
+                                   const ConvAttrs& a, int64_t kh, int64_t kw) {
+  ShapeHandle expected, unused;
+  TF_RETURN_IF_ERROR(OutputShape(c, x, a, kh, kw, &expected));
+  if (!c->Merge(dy, expected, &unused).ok()) {
+    return absl::InvalidArgumentError("dy must have the output shape " +
+                                      c->DebugString(expected) + " of the images " +
+                                      c->DebugString(x) + "; got " + c->DebugString(dy));
+  }
+  return absl::OkStatus();
+}
+
 // An NHWC shape whose channel dimension is `channels`.
 absl::Status ImageShape(InferenceContext* c, ShapeHandle in, int64_t channels, ShapeHandle* out) {
   TF_RETURN_IF_ERROR(c->WithRank(in, 4, out));
@@ -206,6 +221,7 @@ REGISTER_OP("BlocksparseConv2DGradInput")
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 1, &sizes));
       TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(0, &dx));
       TF_RETURN_IF_ERROR(ImageShape(c, dx, a.C, &dx));
+      TF_RETURN_IF_ERROR(OutputGradientMatches(c, dx, dy, a, kh, kw));
       c->set_output(0, dx);
       return absl::OkStatus();
     })
@@ -229,8 +245,9 @@ REGISTER_OP("BlocksparseConv2DGradKernel")
       TF_RETURN_IF_ERROR(ImageShape(c, c->input(0), a.C, &x));
       TF_RETURN_IF_ERROR(ImageShape(c, c->input(1), a.K, &dy));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &layout));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 1, &sizes));
       DimensionHandle unused;
+      TF_RETURN_IF_ERROR(c->Merge(c->Dim(layout, 1), c->MakeDim(2), &unused));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 1, &sizes));
       TF_RETURN_IF_ERROR(c->WithValue(c->Dim(sizes, 0), 2, &unused));
       // (kh, kw) as far as kernel_size's value is known (a constant, or the shape of a kernel
       // whose size is known); unknown otherwise.
@@ -242,6 +259,10 @@ REGISTER_OP("BlocksparseConv2DGradKernel")
                                             c->DebugString(kernel));
         }
       }
+      auto known = [&](int d) {
+        return c->ValueKnown(c->Dim(kernel, d)) ? c->Value(c->Dim(kernel, d)) : int64_t{-1};
+      };
+      TF_RETURN_IF_ERROR(OutputGradientMatches(c, x, dy, a, known(0), known(1)));
       const int64_t bs = a.block_size;
       c->set_output(0, c->MakeShape({c->Dim(layout, 0), c->Dim(kernel, 0), c->Dim(kernel, 1),
                                      c->MakeDim(bs), c->MakeDim(bs)}));

@@ -24,11 +24,15 @@ using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 
+// The block sizes every op family takes (their kernels' and the layout tables').
+inline absl::Status CheckBlockSize(int64_t block_size) {
+  if (IsSupportedBlockSize(block_size)) return absl::OkStatus();
+  return absl::InvalidArgumentError("block_size must be one of 1, 8, 16, 32, 64; got " +
+                                    std::to_string(block_size));
+}
+
 inline absl::Status CheckAttrs(int64_t block_size, int64_t C, int64_t K, int64_t feature_axis) {
-  if (!IsSupportedBlockSize(block_size)) {
-    return absl::InvalidArgumentError("block_size must be one of 1, 8, 16, 32, 64; got " +
-                                      std::to_string(block_size));
-  }
+  TF_RETURN_IF_ERROR(CheckBlockSize(block_size));
   if (C < 1 || K < 1 || C % block_size != 0 || K % block_size != 0) {
     return absl::InvalidArgumentError(
         "C and K must be positive multiples of block_size " + std::to_string(block_size) +

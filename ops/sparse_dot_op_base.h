@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "ops/blocksparse_matmul_cpu.h"
+#include "ops/blocksparse_matmul_op_base.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
@@ -77,9 +78,7 @@ class SparseDotKernelBase : public OpKernel {
  public:
   explicit SparseDotKernelBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
-    OP_REQUIRES(ctx, IsSupportedBlockSize(block_size_),
-                absl::InvalidArgumentError("block_size must be one of 1, 8, 16, 32, 64; got " +
-                                           std::to_string(block_size_)));
+    OP_REQUIRES_OK(ctx, CheckBlockSize(block_size_));
   }
 
  protected:

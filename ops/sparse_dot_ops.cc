@@ -3,10 +3,10 @@
 //
 //   y = (x * expand(in_mask)) . w * expand(out_mask)
 //
-// with per-example block masks; inactive blocks cost nothing; and of its weight gradient
-// BlocksparseSparseDotGradW, dw = (x * expand(in_mask))^T . (dy * expand(out_mask)), over the
-// same active blocks.  The Python wrapper (blocksparse_tf/conditional.py) adds the bias and
-// registers the gradients.
+// with per-example block masks (an entry is 1 where nonzero, NaN included, and 0 where zero;
+// inactive blocks cost nothing); and of its weight gradient BlocksparseSparseDotGradW,
+// dw = (x * expand(in_mask))^T . (dy * expand(out_mask)), over the same active blocks.  The
+// Python wrapper (blocksparse_tf/conditional.py) adds the bias and registers the gradients.
 
 #include <cstdint>
 #include <string>
@@ -63,6 +63,7 @@ REGISTER_OP("BlocksparseSparseDot")
       int64_t bs;
       bool transpose_w;
       TF_RETURN_IF_ERROR(c->GetAttr("block_size", &bs));
+      TF_RETURN_IF_ERROR(CheckBlockSize(bs));
       TF_RETURN_IF_ERROR(c->GetAttr("transpose_w", &transpose_w));
       ShapeHandle x, w;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
@@ -76,7 +77,8 @@ REGISTER_OP("BlocksparseSparseDot")
       return absl::OkStatus();
     })
     .Doc(R"doc(
-Per-example block-masked product y = (x * expand(in_mask)) . W * expand(out_mask).
+Per-example block-masked product y = (x * expand(in_mask)) . W * expand(out_mask), a mask
+entry counting as 1 where nonzero (NaN included) and 0 where zero.
 x (n, m), in_mask (n, m / block_size), out_mask (n, p / block_size); W is w (m, p), or w^T for
 w (p, m) when transpose_w.
 )doc");
@@ -92,6 +94,7 @@ REGISTER_OP("BlocksparseSparseDotGradW")
     .SetShapeFn([](InferenceContext* c) {
       int64_t bs;
       TF_RETURN_IF_ERROR(c->GetAttr("block_size", &bs));
+      TF_RETURN_IF_ERROR(CheckBlockSize(bs));
       ShapeHandle x, dy;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &dy));

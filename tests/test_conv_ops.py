@@ -491,6 +491,66 @@ def test_shape_function_rejects_overflowing_sizes():
         fn.get_concrete_function()
 
 
+@pytest.mark.parametrize("which, x_or_sizes, dy, kernel", [
+    ("input", [1, 5, 5, 16], (2, 5, 5, 16), None),  # another batch
+    ("input", [1, 5, 5, 16], (1, 4, 5, 16), None),  # not the output height
+    ("input", [1, 1, 1, 16], (1, 1, 1, 16), None),  # a 5x5 kernel in a padded 3x3 image
+    ("kernel", (1, 5, 5, 16), (2, 5, 5, 16), (3, 3)),
+    ("kernel", (1, 5, 5, 16), (1, 5, 4, 16), (3, 3)),  # not the output width
+    ("kernel", (1, 5, 5, 16), (1, 5, 5, 16), (9, 9)),  # larger than the padded image
+])
+def test_gradient_shape_functions_check_dy_against_the_images(which, x_or_sizes, dy, kernel):
+    """dy's shape must be the output shape the images, the kernel and the attributes give:
+    refused when the graph is built, not only when it runs (nor given a static shape)."""
+    attrs = _raw_attrs()
+    if which == "input":
+        w5 = np.ones((2, 5, 5, 8, 8), np.float32) if x_or_sizes[1] == 1 else W
+        fn = tf.function(lambda d: ops().blocksparse_conv2d_grad_input(
+            tf.constant(x_or_sizes), w5, d, LAYOUT, **attrs))
+    else:
+        fn = tf.function(lambda x, d: ops().blocksparse_conv2d_grad_kernel(
+            x, d, LAYOUT, tf.constant(kernel), **attrs))
+    with pytest.raises(ValueError, match="dy must have the output shape|smaller than"):
+        if which == "input":
+            fn.get_concrete_function(tf.TensorSpec(dy))
+        else:
+            fn.get_concrete_function(tf.TensorSpec(x_or_sizes), tf.TensorSpec(dy))
+
+
+def test_gradient_shape_functions_keep_what_is_consistent():
+    attrs = _raw_attrs()
+    grad_input = tf.function(lambda d: ops().blocksparse_conv2d_grad_input(
+        tf.constant([1, 5, 5, 16]), W, d, LAYOUT, **attrs))
+    out = grad_input.get_concrete_function(tf.TensorSpec((None, 5, None, 16))).structured_outputs
+    assert out.shape.as_list() == [1, 5, 5, 16]
+    grad_kernel = tf.function(lambda x, d: ops().blocksparse_conv2d_grad_kernel(
+        x, d, LAYOUT, tf.constant([3, 3]), **attrs))
+    out = grad_kernel.get_concrete_function(tf.TensorSpec((None, 5, 5, 16)),
+                                            tf.TensorSpec((2, None, 5, 16))).structured_outputs
+    assert out.shape.as_list() == [2, 3, 3, 8, 8]
+    with pytest.raises(ValueError, match="Dimensions must be equal|Dimension"):
+        grad_kernel_bad_layout = tf.function(lambda x, d: ops().blocksparse_conv2d_grad_kernel(
+            x, d, tf.zeros((2, 3), tf.int32), tf.constant([3, 3]), **attrs))
+        grad_kernel_bad_layout.get_concrete_function(tf.TensorSpec(X.shape),
+                                                     tf.TensorSpec(DY.shape))
+
+
+def test_conv_padding_of_numpy_and_wide_sizes():
+    """Numpy integers give ints (tensors before, which the ops' padding refused), and sizes near
+    2^31 do not wrap (int32 tensors are summed in int64)."""
+    assert conv_padding(np.int64(5), 3, 2, 1, "same") == (1, 1)
+    assert all(type(v) is int for v in conv_padding(np.int32(7), 4, 1, 2, "same"))
+    assert conv_padding(np.int32(2**31 - 2), 3, 3, 1, "same") == (0, 0)
+    wide = conv_padding(tf.constant(2**31 - 2), 3, 3, 1, "same")
+    assert [int(v) for v in wide] == [0, 0] and wide[0].dtype == tf.int32
+    for size in range(1, 12):  # against tf.nn.conv2d's SAME output size
+        for kernel, stride, dilation in [(3, 1, 1), (3, 2, 1), (4, 3, 1), (3, 2, 2)]:
+            before, after = conv_padding(size, kernel, stride, dilation, "same")
+            effective = (kernel - 1) * dilation + 1
+            assert (size + before + after - effective) // stride + 1 == -(-size // stride)
+            assert after - before in (0, 1)
+
+
 def test_kernel_checks_run_time_shapes():
     """Checks that the shape functions cannot make (unknown shapes) run in the kernels."""
     fn = tf.function(lambda x, w, layout: ops().blocksparse_conv2d(x, w, layout, **_raw_attrs()),
@@ -534,6 +594,8 @@ def test_kernel_checks_run_time_shapes():
     (lambda: blocksparse_conv2d(X, W, LAYOUT.astype(np.float32) + 0.5, 8, 16, 16),
      "layout coordinates must be integers"),
     (lambda: blocksparse_conv2d(X, W, LAYOUT, True, 16, 16), "block_size"),
+    (lambda: blocksparse_conv2d(X, W, LAYOUT, 8, True, 16), "C must be a positive multiple"),
+    (lambda: blocksparse_conv2d(X, W, LAYOUT, 8, 16, 16.0), "K must be a positive multiple"),
     # What was passed is named, not None: an int or a string where a list belongs.
     (lambda: blocksparse_conv2d(X, W, LAYOUT, 8, 16, 16, strides=2),
      r"strides must be 2 integers in \[1, 2147483647\]; got 2$"),

@@ -504,3 +504,56 @@ def test_layouts_feed_the_op_directly():
             W = sp.csr_matrix((w.ravel(), (bsmm.coords[:, 0], bsmm.coords[:, 1])), shape=(bsmm.C, bsmm.K))
             y_ref = (W.T @ x.astype(np.float64).T).T
         np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_layouts_passed_in_are_left_as_they_were(tmp_path):
+    """describe, save, tile and the checks copy a scipy matrix's index arrays before changing
+    them in place: the caller's matrix (an explicit zero, unsorted indices) is not rewritten."""
+    def caller_matrices():
+        with_zero = sp.csr_matrix((np.array([1.0, 0.0, 1.0]), np.array([0, 1, 2]),
+                                   np.array([0, 2, 3])), shape=(2, 3))
+        unsorted = sp.csr_matrix((np.array([5.0, 7.0]), np.array([1, 0]), np.array([0, 2])),
+                                 shape=(1, 2))
+        return with_zero, unsorted
+
+    for use in (L.describe, lambda m: L.save(tmp_path / "kept", m),
+                lambda m: L.tile(m, 4, 6, sparse=True)):
+        for matrix in caller_matrices():
+            before = matrix.toarray().copy()
+            use(matrix)
+            np.testing.assert_array_equal(matrix.toarray(), before)
+    with_zero, _ = caller_matrices()
+    assert L.describe(with_zero)["blocks"] == 2
+    assert L.describe(with_zero)["blocks"] == 2  # again: the first call changed nothing
+
+
+def test_loaded_layout_without_a_generator_record_plots_and_loads_by_its_save_name(tmp_path):
+    path = L.save(tmp_path / "plain", np.eye(4, dtype=bool))
+    loaded = L.load(tmp_path / "plain")  # the name save() was given, no suffix
+    assert path.endswith(".npz") and L.metadata(loaded)["blocks"] == 4
+    assert L._label(loaded) == "layout"
+    with pytest.raises(FileNotFoundError, match="no layout file"):
+        L.load(tmp_path / "missing")
+
+
+def test_block_norms_max_of_signed_integers():
+    W = np.zeros((4, 4), np.int8)
+    W[:2, :2] = -128
+    W[2:, 2:] = 1
+    assert L.block_norms(W, 2, "max").tolist() == [[128.0, 0.0], [0.0, 1.0]]
+    assert L.from_dense_weights(W, 2, density=0.25, norm="max").tolist() == [[True, False],
+                                                                            [False, False]]
+    with pytest.raises(ValueError, match="real numbers"):
+        L.block_norms(np.ones((2, 2), complex), 1)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: L.banded(8, 2, periodic="no"), "periodic must be True or False"),
+    (lambda: L.banded(8, 2, periodic=1), "periodic must be True or False"),
+    (lambda: L.dense(4, sparse=1), "sparse must be None, True or False"),
+    (lambda: L.from_graph(nx.path_graph(3), identity="yes"), "identity must be True or False"),
+    (lambda: L.random(2**40, 2**24, 1e-19), "more than int64 can count"),
+])
+def test_flags_and_sizes_are_checked(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

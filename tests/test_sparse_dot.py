@@ -736,6 +736,18 @@ def test_bad_inputs_to_grad_w_op_raise():
         grad_w(tf.ones((4, 32), tf.float16), tf.ones((4, 16), tf.float16), in_m, out_m, block_size=12)
 
 
+def test_shape_functions_refuse_unsupported_block_sizes():
+    """Found when the graph is built (as the matmul's shape functions do), not when it runs."""
+    forward = tf.function(lambda: ops().blocksparse_sparse_dot(
+        tf.ones((4, 12)), tf.ones((12, 12)), tf.ones((4, 3)), tf.ones((4, 3)), block_size=4))
+    with pytest.raises(ValueError, match="block_size must be one of 1, 8, 16, 32, 64; got 4"):
+        forward.get_concrete_function()
+    grad_w = tf.function(lambda: ops().blocksparse_sparse_dot_grad_w(
+        tf.ones((4, 12)), tf.ones((4, 12)), tf.ones((4, 3)), tf.ones((4, 3)), block_size=4))
+    with pytest.raises(ValueError, match="block_size must be one of 1, 8, 16, 32, 64; got 4"):
+        grad_w.get_concrete_function()
+
+
 def test_outputs_too_large_for_a_tensor_raise_instead_of_aborting():
     """Empty operands whose products' shapes have more elements than a tensor can hold: an
     error, where building such a TensorShape ends the process."""

@@ -6,6 +6,7 @@ anywhere, and a wheel built before the library would install a package that cann
 ops: that build stops with the command that makes the library.
 """
 
+import filecmp
 import os
 
 from setuptools import setup
@@ -16,8 +17,9 @@ try:
 except ImportError:  # setuptools before 70.1 builds wheels through the wheel package's command
     from wheel.bdist_wheel import bdist_wheel
 
-LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "blocksparse_tf",
-                       "_blocksparse_ops.so")
+ROOT = os.path.dirname(os.path.abspath(__file__))
+LIBRARY = os.path.join(ROOT, "blocksparse_tf", "_blocksparse_ops.so")
+BAZEL_LIBRARY = os.path.join(ROOT, "bazel-bin", "ops", "_blocksparse_ops.so")
 
 
 class WithCompiledLibrary(Distribution):
@@ -34,6 +36,13 @@ class WheelWithLibrary(bdist_wheel):
         if not os.path.exists(LIBRARY):
             raise SystemExit("blocksparse_tf/_blocksparse_ops.so is missing: build it first "
                              "with `bash tools/setup.sh` (see README.md)")
+        # The checkout loads the newer of the two builds (blocksparse_tf/_ops.py); a wheel of
+        # the older one would ship other kernels than those tested.
+        if (os.path.exists(BAZEL_LIBRARY) and os.path.getmtime(BAZEL_LIBRARY) >
+                os.path.getmtime(LIBRARY) and not filecmp.cmp(BAZEL_LIBRARY, LIBRARY, False)):
+            raise SystemExit(f"{BAZEL_LIBRARY} is newer than {LIBRARY}: copy it there first "
+                             f"(install -m 644 {BAZEL_LIBRARY} {LIBRARY}) or run "
+                             "`bash tools/setup.sh`")
         super().run()
 
 

@@ -22,6 +22,23 @@ def _candidate_paths():
     yield os.path.join(os.path.dirname(package_dir), "bazel-bin", "ops", _LIBRARY_NAME)
 
 
+def _load(path):
+    """The op module of the library at path, or an ImportError that says what to do."""
+    try:
+        module = tf.load_op_library(path)
+    except tf.errors.NotFoundError as err:  # unresolved symbols, most often
+        raise ImportError(
+            f"{path} does not load into TensorFlow {tf.__version__} ({err}); it was probably "
+            "built against another TensorFlow: rebuild it with `bash tools/setup.sh`") from err
+    if not hasattr(module, "blocksparse_matmul"):
+        # TensorFlow hands back a module without ops when another copy of the library (from
+        # another path) registered them first in this process.
+        raise ImportError(
+            f"{path} registered no ops: another copy of {_LIBRARY_NAME} was loaded in this "
+            "process before; start a new Python process")
+    return module
+
+
 # Neither loader is converted by AutoGraph when first reached inside a tf.function: converted
 # code does not see this module's globals as plain Python does.
 @tf.autograph.experimental.do_not_convert
@@ -35,7 +52,7 @@ def ops():
         # The newest build wins, so a fresh `bazel build` is used without reinstalling.
         found = sorted((p for p in _candidate_paths() if os.path.exists(p)), key=os.path.getmtime)
         if found:
-            _ops = tf.load_op_library(found[-1])
+            _ops = _load(found[-1])
             _path = found[-1]
             cpu_isa()  # the kernels' instruction set is chosen now, from the checked variable
         else:

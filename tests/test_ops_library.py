@@ -42,3 +42,50 @@ def test_library_first_loaded_inside_tf_function(name, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[:2] == ["(4,", "64)"]
+
+
+def _run(script, tmp_path):
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, str(path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+
+
+@pytest.mark.skipif(subprocess.run(["which", "g++"], capture_output=True).returncode != 0,
+                    reason="needs g++ to build a library with an unresolved symbol")
+def test_library_built_against_another_tensorflow_says_so(tmp_path):
+    """A library that needs a TensorFlow symbol this TensorFlow lacks (what a build against
+    another version gives): an ImportError naming the version and the rebuild command."""
+    source = tmp_path / "stale.cc"
+    source.write_text("namespace tensorflow { void FunctionOfAnotherVersion(); }\n"
+                      "struct Init { Init() { tensorflow::FunctionOfAnotherVersion(); } } init;\n")
+    library = tmp_path / "stale.so"
+    subprocess.run(["g++", "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+    result = _run(f"""
+from blocksparse_tf import _ops
+try:
+    _ops._load({str(library)!r})
+except ImportError as err:
+    print("ImportError", err)
+""", tmp_path)
+    assert "ImportError" in result.stdout, result.stderr[-3000:]
+    assert "built against another TensorFlow" in result.stdout
+    assert "bash tools/setup.sh" in result.stdout
+
+
+def test_second_copy_of_the_library_is_refused_with_a_reason(tmp_path):
+    """TensorFlow gives back a module without ops for a second copy of the library: an
+    ImportError that says why, not an AttributeError at the first op."""
+    result = _run(f"""
+import shutil
+from blocksparse_tf import _ops
+_ops.ops()
+copy = shutil.copy(_ops._path, {str(tmp_path / "copy.so")!r})
+try:
+    _ops._load(copy)
+except ImportError as err:
+    print("ImportError", err)
+""", tmp_path)
+    assert "ImportError" in result.stdout, result.stderr[-3000:]
+    assert "another copy of _blocksparse_ops.so was loaded" in result.stdout

@@ -107,3 +107,19 @@ def test_documented_names_are_reachable():
         assert callable(getattr(layers, name)) and name in layers.__all__
     assert callable(blocksparse_tf.convert.choose_layout)
     assert callable(blocksparse_tf.convert.pruned_weights)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, LIBRARY)),
+                    reason="the op library is not built in the package folder")
+def test_wheel_of_a_library_older_than_bazels_is_refused(tmp_path):
+    """The checkout loads the newer of the package's library and bazel-bin's: a wheel of the
+    older one would ship kernels other than those tested."""
+    source = _source_copy(str(tmp_path / "source"))
+    bazel_copy = tmp_path / "source" / "bazel-bin" / "ops" / "_blocksparse_ops.so"
+    bazel_copy.parent.mkdir(parents=True)
+    bazel_copy.write_bytes(b"a newer build")
+    packaged = os.path.join(source, LIBRARY)
+    os.utime(packaged, (1e9, 1e9))
+    built = _build_wheel(source, str(tmp_path / "dist"))
+    assert built.returncode != 0
+    assert "is newer than" in built.stdout + built.stderr

@@ -3,6 +3,7 @@
 # the pinned TensorFlow, and the op library built into the package folder.  Offline-safe:
 # everything comes from the distribution's and PyPI's package registries.
 #   BLOCKSPARSE_CUDA=0  build without the CUDA kernels even when nvcc is present
+#   BLOCKSPARSE_CUDA=1  fail unless they can be built (nvcc 12 or newer on PATH)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +19,9 @@ if [ ${#packages[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
   for package in "${packages[@]}"; do
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$package" >/dev/null ||
+    # Through env: sudo's env_reset would drop the variable, and a prompt would then wait
+    # unseen (its output goes to /dev/null).
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null ||
       [ "$package" = libxsmm-dev ] || exit 1
   done
 fi
@@ -33,9 +36,19 @@ echo "USE_BAZEL_VERSION=$(command -v bazel-4)" > .bazeliskrc
 
 CONFIG=()
 # With nvcc present the CUDA kernels are compiled too (a compile error fails the build); the
-# library still loads and runs on machines without a GPU.
-if [ "${BLOCKSPARSE_CUDA:-auto}" != 0 ] && command -v nvcc >/dev/null 2>&1; then
-  CONFIG=(--config=cuda)
+# library still loads and runs on machines without a GPU.  The kernels need CUDA 12 or newer
+# (sm_90a): an older nvcc is passed over (BLOCKSPARSE_CUDA=1 makes that an error instead).
+cuda_wanted=${BLOCKSPARSE_CUDA:-auto}
+if [ "$cuda_wanted" != 0 ]; then
+  nvcc_major=$( (nvcc --version 2>/dev/null || true) | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
+  if [ -n "$nvcc_major" ] && [ "$nvcc_major" -ge 12 ]; then
+    CONFIG=(--config=cuda)
+  elif [ -n "$nvcc_major" ] || [ "$cuda_wanted" = 1 ]; then
+    found="no nvcc"; [ -z "$nvcc_major" ] || found="nvcc release $nvcc_major"
+    echo "setup.sh: the CUDA kernels need nvcc 12 or newer; found $found" >&2
+    [ "$cuda_wanted" = 1 ] && exit 1
+    echo "setup.sh: building the CPU kernels only (BLOCKSPARSE_CUDA=0 says so quietly)" >&2
+  fi
 fi
 bazel-4 build "${CONFIG[@]}" //ops:_blocksparse_ops.so
 install -m 644 bazel-bin/ops/_blocksparse_ops.so blocksparse_tf/_blocksparse_ops.so

@@ -12,6 +12,13 @@ def positive_int(value, name):
     return int(value)
 
 
+def flag(value, name):
+    """``value`` as a bool, if it is one (a string such as "False" is truthy: refused)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False; got {value!r}")
+    return bool(value)
+
+
 def width_in_blocks(width, block_size, name="units"):
     """(width, block_size) as ints, if block_size is supported and divides width."""
     block_size = check_block_size(block_size)

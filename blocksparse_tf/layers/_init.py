@@ -57,6 +57,8 @@ def get_initializer(value, coords, CB, KB, bs):
     block count may match while their blocks belong elsewhere."""
     if isinstance(value, str) and value in BLOCK_INITIALIZERS:
         return block_initializer(value, coords, CB, KB, bs)
+    if isinstance(value, dict):  # a config (from_config): its recipe is checked below too
+        value = keras.initializers.get(value)
     recipe = getattr(value, "recipe", None)
     if isinstance(recipe, dict) and "matmul" in recipe:
         made_for = BlocksparseMatMul.from_config(recipe["matmul"])

@@ -47,8 +47,11 @@ def normalize_spec(layout):
         if "generator" in layout:
             return _check_generator_spec(layout)
         if set(layout) == {"shape", "coords"}:
-            return _coords_form(_explicit_coords(
-                (np.asarray(layout["coords"], dtype=np.int64).reshape(-1, 2), layout["shape"])))
+            # Not cast to integers here: the core's check refuses floats and bools, which a
+            # cast would truncate to other blocks.
+            coords = np.asarray(layout["coords"])
+            return _coords_form(_explicit_coords((coords.reshape(-1, 2) if coords.size else
+                                                  coords, layout["shape"])))
         raise ValueError("a layout dict must be a generator spec {'generator': name, ...} or "
                          f"{{'shape': [CB, KB], 'coords': [...]}}; got keys {sorted(layout)}")
     return _coords_form(_explicit_coords(layout))
@@ -138,6 +141,8 @@ def generate(spec, rows, cols, default_density=DEFAULT_DENSITY):
         raise ValueError(f"layout generator {name!r} makes square layouts, but this layer needs "
                          f"{rows} x {cols} blocks; use one of {RECT_GENERATORS} instead")
     density = spec.pop("density", None)
+    if name == "dense" and density not in (None, 1, 1.0):
+        raise ValueError(f"layout generator 'dense' has density 1; got density={density}")
     if density is None and name != "dense" and not {"k", "m", "bandwidth"} & set(spec):
         density = default_density  # a bare generator name: the layer's default density
     if density is not None and name != "dense":
@@ -147,6 +152,10 @@ def generate(spec, rows, cols, default_density=DEFAULT_DENSITY):
         size = {"n": rows}
     else:
         size = {"rows": rows, "cols": cols}
+    chosen = (set(size) - {"n", "rows", "cols"}) & set(spec) if density is not None else set()
+    if chosen:  # the spec's value would silently win over the density's
+        raise ValueError(f"layout generator {name!r}: give 'density' or {sorted(chosen)}, not "
+                         "both (the density sets them)")
     params = {**size, **spec}
     if "p" in takes:
         params.setdefault("p", DEFAULT_P)
@@ -174,3 +183,45 @@ def default_square(n, density):
 def density_of(spec):
     """Density of a coords-form layout."""
     return len(spec["coords"]) / float(spec["shape"][0] * spec["shape"][1])
+
+
+#: The entry beside a layer's weights (save_weights, .keras files) that records its layouts.
+WEIGHTS_LAYOUT_KEY = "block_layouts"
+
+
+def _layouts_record(matmuls):
+    """The layouts of the BlocksparseMatMuls as one int64 array of (2,) rows: per layout
+    (CB, KB), (block_size, blocks), then its block coordinates."""
+    rows = []
+    for bsmm in matmuls:
+        rows += [[bsmm.CB, bsmm.KB], [bsmm.block_size, bsmm.blocks]]
+        rows += bsmm.coords.tolist()
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+
+
+class LayoutCheckedWeights:
+    """Mixin for layers whose kernels are stored as blocks: saving the weights also saves the
+    blocks' layouts, and loading weights saved by a layer of another layout raises.  Their
+    (blocks, bs, bs) arrays alone would load into a layer with as many blocks at other places
+    and compute something else without a word.  Weights saved without the record (by earlier
+    versions) load as before.  ``set_weights`` takes bare arrays: it cannot check.
+
+    The layer defines ``_weight_layouts()``: its BlocksparseMatMuls, in a fixed order."""
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        store[WEIGHTS_LAYOUT_KEY] = _layouts_record(self._weight_layouts())
+
+    def load_own_variables(self, store):
+        keys = list(store.keys())
+        if WEIGHTS_LAYOUT_KEY in keys:
+            saved = np.asarray(store[WEIGHTS_LAYOUT_KEY])
+            mine = _layouts_record(self._weight_layouts())
+            if saved.shape != mine.shape or not np.array_equal(saved, mine):
+                raise ValueError(
+                    f"the weights being loaded into layer {self.name!r} were saved by a layer "
+                    "of another block layout (other block positions, grid or block size); "
+                    "build this layer with the saved layer's layout (its get_config()"
+                    "['layout'])")
+            store = {key: store[key] for key in keys if key != WEIGHTS_LAYOUT_KEY}
+        super().load_own_variables(store)

@@ -137,7 +137,7 @@ class CondDense(keras.layers.Layer):
         self.units, self.block_size = _checks.width_in_blocks(units, block_size)
         self.blocks = self.units // self.block_size
         self.activation = keras.activations.get(activation)
-        self.use_bias = bool(use_bias)
+        self.use_bias = _checks.flag(use_bias, "use_bias")
         self.tau = _open_unit(tau, "tau")
         self.lambda_b = _nonneg_float(lambda_b, "lambda_b")
         self.lambda_e = _nonneg_float(lambda_e, "lambda_e")

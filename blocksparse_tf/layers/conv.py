@@ -25,6 +25,8 @@ im2col path (ask for ``"fused"`` there).  The fused ops have CPU kernels only: w
 warning, copying the activations and gradients between the devices at every call.
 """
 
+import copy
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -96,7 +98,7 @@ def conv_block_initializer(name, coords, CB, KB, bs, taps):
 
 
 @keras.saving.register_keras_serializable(package="blocksparse_tf")
-class BlockSparseConv2D(keras.layers.Layer):
+class BlockSparseConv2D(_layout.LayoutCheckedWeights, keras.layers.Layer):
     """2-D convolution (NHWC) whose (C -> filters) channel mixing is block-sparse.
 
     ``y[b, p, q, :] = activation(sum_{i, j} x_pad[b, p*s + i*d, q*s + j*d, :] . W[i, j] + bias)``
@@ -161,7 +163,7 @@ class BlockSparseConv2D(keras.layers.Layer):
         self.padding = padding.lower()
         self.layout_spec = _layout.spec_for_outputs(layout, self.filters, self.block_size, "filters")
         self.activation = keras.activations.get(activation)
-        self.use_bias = bool(use_bias)
+        self.use_bias = _checks.flag(use_bias, "use_bias")
         self.kernel_initializer = _init.check_initializer(kernel_initializer, "kernel_initializer")
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
@@ -321,13 +323,16 @@ class BlockSparseConv2D(keras.layers.Layer):
         spec = self.layout_spec
         return _layout.density_of(spec) if spec and "coords" in spec else None
 
+    def _weight_layouts(self):
+        return [self.bsmm]
+
     def get_config(self):
         config = super().get_config()
         config.update({
             "filters": self.filters,
             "kernel_size": list(self.kernel_size),
             "block_size": self.block_size,
-            "layout": self.layout_spec,
+            "layout": copy.deepcopy(self.layout_spec),
             "strides": list(self.strides),
             "padding": self.padding,
             "dilation_rate": list(self.dilation_rate),

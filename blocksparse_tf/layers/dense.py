@@ -1,5 +1,7 @@
 """BlockSparseDense: a Keras Dense layer whose kernel is block-sparse."""
 
+import copy
+
 import keras
 import numpy as np
 from keras import ops
@@ -12,7 +14,7 @@ DEFAULT_DENSITY = 0.125
 
 
 @keras.saving.register_keras_serializable(package="blocksparse_tf")
-class BlockSparseDense(keras.layers.Layer):
+class BlockSparseDense(_layout.LayoutCheckedWeights, keras.layers.Layer):
     """``y = activation(x . W + b)`` with W (C, K) stored as its nonzero bs x bs blocks only.
 
     Parameters
@@ -38,7 +40,11 @@ class BlockSparseDense(keras.layers.Layer):
         ``"block_glorot_uniform"`` (default; Glorot with the fans of the sparse matrix),
         ``"block_orthogonal"`` or any Keras initializer, called with shape (blocks, bs, bs).
     bias_initializer, kernel_regularizer, bias_regularizer, kernel_constraint,
-    bias_constraint : as in ``keras.layers.Dense``.
+    bias_constraint : as in ``keras.layers.Dense``, but the kernel's act on its variable of
+        shape (blocks, bs, bs): element-wise ones (``NonNeg``, L1/L2 penalties) as for the
+        dense kernel; norm constraints (``MaxNorm``, ``UnitNorm``, ``MinMaxNorm``) take their
+        ``axis`` in that shape (``axis=0`` runs across blocks, not over an output unit's
+        inputs).
     gate : bool
         Learn one multiplier per block (initialised to 1), applied as the ``gate`` of
         ``BlocksparseMatMul``.  Default False.
@@ -57,8 +63,8 @@ class BlockSparseDense(keras.layers.Layer):
         self.units, self.block_size = _checks.width_in_blocks(units, block_size)
         self.layout_spec = _layout.spec_for_outputs(layout, self.units, self.block_size, "units")
         self.activation = keras.activations.get(activation)
-        self.use_bias = bool(use_bias)
-        self.gate = bool(gate)
+        self.use_bias = _checks.flag(use_bias, "use_bias")
+        self.gate = _checks.flag(gate, "gate")
         self.kernel_initializer = _init.check_initializer(kernel_initializer, "kernel_initializer")
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
@@ -113,6 +119,9 @@ class BlockSparseDense(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
 
+    def _weight_layouts(self):
+        return [self.bsmm]
+
     def dense_kernel(self):
         """The kernel as a dense (C, K) numpy array (block gates folded in), for inspection."""
         w = ops.convert_to_numpy(self.kernel)
@@ -131,7 +140,7 @@ class BlockSparseDense(keras.layers.Layer):
         config.update({
             "units": self.units,
             "block_size": self.block_size,
-            "layout": self.layout_spec,
+            "layout": copy.deepcopy(self.layout_spec),
             "activation": keras.activations.serialize(self.activation),
             "use_bias": self.use_bias,
             "kernel_initializer": _init.serialize_initializer(self.kernel_initializer),

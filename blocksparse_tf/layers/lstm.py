@@ -13,6 +13,8 @@ the stacked (T*B, units) states and (T*B, 4*units) pre-activation gradients.  Th
 projection ``x . W_x`` is likewise done for all timesteps in one product outside the loop.
 """
 
+import copy
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -42,7 +44,7 @@ def _gate_layout(spec, rows, n, default):
 
 
 @keras.saving.register_keras_serializable(package="blocksparse_tf")
-class BlockSparseLSTMCell(keras.layers.Layer):
+class BlockSparseLSTMCell(_layout.LayoutCheckedWeights, keras.layers.Layer):
     """One LSTM step with block-sparse hidden-to-hidden weights (for ``keras.layers.RNN``).
 
     Parameters
@@ -97,19 +99,19 @@ class BlockSparseLSTMCell(keras.layers.Layer):
         if shape is not None and shape not in ((n, n), (n, GATES * n)):
             raise ValueError(f"recurrent layout must have shape ({n}, {n}) or ({n}, {GATES * n}) "
                              f"blocks for units={units}, block_size={block_size}; got {shape}")
-        self.sparse_input = bool(sparse_input)
+        self.sparse_input = _checks.flag(sparse_input, "sparse_input")
         self.input_layout_spec = _layout.normalize_spec(input_layout)
         self.activation = keras.activations.get(activation)
         self.recurrent_activation = keras.activations.get(recurrent_activation)
-        self.use_bias = bool(use_bias)
+        self.use_bias = _checks.flag(use_bias, "use_bias")
         if kernel_initializer is None:
             kernel_initializer = "block_glorot_uniform" if sparse_input else "glorot_uniform"
         self.kernel_initializer = _init.check_initializer(kernel_initializer, "kernel_initializer")
         self.recurrent_initializer = _init.check_initializer(recurrent_initializer,
                                                              "recurrent_initializer")
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.unit_forget_bias = bool(unit_forget_bias)
-        self.layer_norm = bool(layer_norm)
+        self.unit_forget_bias = _checks.flag(unit_forget_bias, "unit_forget_bias")
+        self.layer_norm = _checks.flag(layer_norm, "layer_norm")
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.recurrent_regularizer = keras.regularizers.get(recurrent_regularizer)
@@ -223,14 +225,17 @@ class BlockSparseLSTMCell(keras.layers.Layer):
     def get_initial_state(self, batch_size=None):
         return [ops.zeros((batch_size, self.units), dtype=self.compute_dtype) for _ in range(2)]
 
+    def _weight_layouts(self):
+        return [m for m in (self.recurrent_bsmm, self.input_bsmm) if m is not None]
+
     def get_config(self):
         config = super().get_config()
         config.update({
             "units": self.units,
             "block_size": self.block_size,
-            "layout": self.layout_spec,
+            "layout": copy.deepcopy(self.layout_spec),
             "sparse_input": self.sparse_input,
-            "input_layout": self.input_layout_spec,
+            "input_layout": copy.deepcopy(self.input_layout_spec),
             "activation": keras.activations.serialize(self.activation),
             "recurrent_activation": keras.activations.serialize(self.recurrent_activation),
             "use_bias": self.use_bias,
@@ -405,7 +410,7 @@ class BlockSparseLSTM(keras.layers.RNN):
                          go_backwards=go_backwards, stateful=stateful, unroll=unroll,
                          zero_output_for_mask=zero_output_for_mask, **kwargs)
         _xla.run_without_xla(self)
-        self.fused = bool(fused)
+        self.fused = _checks.flag(fused, "fused")
 
     def build(self, sequences_shape, initial_state_shape=None):
         # Keras' RNN would otherwise fail inside the first call with an index error.

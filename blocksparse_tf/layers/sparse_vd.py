@@ -181,7 +181,7 @@ class _SparseVDMixin:
         self.initial_kl_weight = float(kl_weight)
         self.log_sigma2_init = float(log_sigma2_init)
         self.activation = keras.activations.get(activation)
-        self.use_bias = bool(use_bias)
+        self.use_bias = _checks.flag(use_bias, "use_bias")
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.seed = seed

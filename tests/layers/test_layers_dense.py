@@ -191,6 +191,11 @@ def test_mixed_precision(policy, compute, tol):
     ({"units": 32, "layout": np.ones((2, 3))}, "block columns"),
     ({"units": 32, "layout": np.full((2, 2), 2)}, "0 or 1"),
     ({"units": 32, "kernel_initializer": "no_such_init"}, "kernel_initializer"),
+    # Block coordinates are not truncated to other blocks, nor flags taken for truthy strings.
+    ({"units": 32, "layout": {"shape": [2, 2], "coords": [[0.5, 1.9]]}}, "must be integers"),
+    ({"units": 32, "layout": {"shape": [2, 2], "coords": [[True, False]]}}, "must be integers"),
+    ({"units": 32, "use_bias": "False"}, "use_bias must be True or False"),
+    ({"units": 32, "gate": "no"}, "gate must be True or False"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -201,6 +206,10 @@ def test_bad_arguments(kwargs, message):
     (None, (None, 40), "multiple of block_size"),
     (np.ones((3, 2)), (None, 64), r"\(4, 2\)"),
     ("watts_strogatz", (None, 64), "square layouts"),
+    # A density beside the parameter it sets would be ignored (k=1 won over density=0.9).
+    ({"generator": "bipartite_small_world", "density": 0.9, "k": 1}, (None, 64),
+     r"give 'density' or \['k'\], not both"),
+    ({"generator": "dense", "density": 0.25}, (None, 64), "'dense' has density 1"),
 ])
 def test_bad_build(layout, shape, message):
     layer = BlockSparseDense(32, block_size=16, layout=layout)

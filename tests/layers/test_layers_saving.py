@@ -137,3 +137,76 @@ def test_initial_weights_made_for_another_layout_raise():
                           kernel_initializer=other_grid.identity_init())  # the same layout
     ok.build((None, 32))
     np.testing.assert_array_equal(ok.kernel.numpy(), other_grid.identity_init())
+    # The same check where the initializer comes as a config (from_config, or the serialized
+    # dict passed to the constructor): the recipe is read from the dict too.
+    init = other_positions.identity_init()
+    config = BlockSparseDense(64, block_size=16, layout=other_positions.layout,
+                              kernel_initializer=init).get_config()
+    config["layout"] = {"shape": [2, 4], "coords": [[0, 0], [1, 1]]}
+    with pytest.raises(ValueError, match="blocks at other positions"):
+        BlockSparseDense.from_config(config).build((None, 32))
+
+
+def _saved_weights_of(make, seed, path, x):
+    model = make(seed)
+    model(x)
+    model.save_weights(path)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv", "lstm"])
+def test_weights_of_another_layout_do_not_load(kind, tmp_path):
+    """Saved weights record the block layout: loading them into a layer of another layout
+    with as many blocks (whose kernel has the same shape) raises, and into a layer of the
+    same layout gives the same outputs."""
+    from blocksparse_tf.layers import BlockSparseConv2D
+    rng = np.random.default_rng(5)
+    if kind == "dense":
+        x = rng.standard_normal((3, 64)).astype(np.float32)
+        make = lambda seed: keras.Sequential([keras.Input((64,)), BlockSparseDense(
+            64, block_size=16, layout={"generator": "random", "density": 0.5, "seed": seed})])
+    elif kind == "conv":
+        x = rng.standard_normal((2, 5, 5, 32)).astype(np.float32)
+        make = lambda seed: keras.Sequential([keras.Input((5, 5, 32)), BlockSparseConv2D(
+            32, 3, block_size=8, padding="same",
+            layout={"generator": "random", "density": 0.5, "seed": seed})])
+    else:
+        x = rng.standard_normal((2, 4, 32)).astype(np.float32)
+        make = lambda seed: keras.Sequential([keras.Input((4, 32)), BlockSparseLSTM(
+            32, block_size=8, layout={"generator": "watts_strogatz", "density": 0.5,
+                                      "seed": seed})])
+    path = str(tmp_path / "a.weights.h5")
+    saved = _saved_weights_of(make, 1, path, x)
+    other = make(2)
+    other(x)
+    ours, theirs = saved.layers[0], other.layers[0]
+    ours, theirs = getattr(ours, "cell", ours), getattr(theirs, "cell", theirs)
+    assert [w.shape for w in ours.weights] == [w.shape for w in theirs.weights]
+    layout_of = lambda layer: (layer.bsmm if hasattr(layer, "bsmm") else layer.recurrent_bsmm)
+    assert not np.array_equal(layout_of(ours).coords, layout_of(theirs).coords)
+    with pytest.raises(ValueError, match="saved by a layer of another block layout"):
+        other.load_weights(path)
+    same = make(1)
+    same(x)
+    same.load_weights(path)
+    np.testing.assert_array_equal(same(x).numpy(), saved(x).numpy())
+
+
+def test_weights_saved_without_a_layout_record_still_load(tmp_path):
+    """Files written before the record (the variables only) load as before."""
+    model = keras.Sequential([keras.Input((32,)), BlockSparseDense(32, block_size=8)])
+    layer = model.layers[0]
+    store = {}
+    keras.layers.Layer.save_own_variables(layer, store)  # what earlier versions wrote
+    fresh = keras.Sequential([keras.Input((32,)), BlockSparseDense(32, block_size=8)])
+    fresh.layers[0].load_own_variables(store)
+    for a, b in zip(layer.get_weights(), fresh.layers[0].get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_get_config_returns_a_copy_of_the_layout():
+    layer = BlockSparseDense(16, block_size=8, layout=np.array([[1, 0], [0, 1]]))
+    config = layer.get_config()
+    config["layout"]["coords"].append([0, 1])
+    assert layer.get_config()["layout"]["coords"] == [[0, 0], [1, 1]]
+    assert layer.density == 0.5

@@ -84,6 +84,16 @@ def test_padding_of_sizes_not_multiple_of_block_size():
         to_block_sparse(W, 8, activation="softmax", pad=True)
 
 
+def _random_biases(model, rng):
+    """Nonzero biases in every layer that has one (nested models too): a conversion that
+    dropped or misplaced a bias would otherwise compute the same outputs."""
+    for layer in model._flatten_layers(include_self=False):
+        bias = getattr(layer, "bias", None)
+        if bias is not None:
+            bias.assign(rng.normal(size=bias.shape).astype(np.float32))
+    return model
+
+
 def _lenet(rng, n_in=64):
     model = keras.Sequential([
         keras.Input((n_in,)),
@@ -94,7 +104,7 @@ def _lenet(rng, n_in=64):
     for layer in model.layers:
         C, K = layer.theta.shape
         _set_log_alpha(layer, _block_sparse_log_alpha(rng, C, K, 16))
-    return model
+    return _random_biases(model, rng)
 
 
 @pytest.mark.parametrize("block_size", [8, 16, 32])
@@ -122,6 +132,7 @@ def test_convert_functional_model_with_conv_and_plain_dense(tmp_path):
     out = SparseVDDense(16)(h)
     model = keras.Model(inp, out)
     _set_log_alpha(model.layers[1], rng.uniform(-2, 6, size=(3, 3, 1, 4)))
+    _random_biases(model, rng)
     x = rng.normal(size=(6, 8, 8, 1)).astype(np.float32)
     new, rep = convert_model(model, 16)
     assert type(new.layers[1]) is keras.layers.Conv2D
@@ -140,7 +151,7 @@ def test_branching_functional_model():
     a = keras.layers.Dense(24, activation="relu")(inp)
     b = SparseVDDense(24)(inp)
     out = keras.layers.Dense(8)(keras.layers.Add()([a, b]))
-    model = keras.Model(inp, out)
+    model = _random_biases(keras.Model(inp, out), rng)
     x = rng.normal(size=(5, 16)).astype(np.float32)
     new, rep = convert_model(model, 8)
     assert len(rep["layers"]) == 3
@@ -155,6 +166,7 @@ def test_layers_of_nested_models_convert_too():
     inner = keras.Sequential([keras.Input((16,)), inner_vd], name="inner")
     model = keras.Sequential([keras.Input((16,)), inner, SparseVDDense(12, name="outer_vd")])
     _set_log_alpha(inner_vd, _block_sparse_log_alpha(rng, 16, 16, 8))
+    _random_biases(model, rng)
     x = rng.normal(size=(5, 16)).astype(np.float32)
     new, rep = convert_model(model, 8)
     assert [r["name"] for r in rep["layers"]] == ["inner_vd", "outer_vd"]

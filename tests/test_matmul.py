@@ -886,7 +886,17 @@ def test_bad_arguments_raise():
 
 
 def test_kernel_validates_inputs_itself():
-    """The C++ kernels check everything too: raw op calls bypassing the Python checks."""
+    """The C++ kernels check everything too: the ops called directly, past every Python check
+    (the wrappers would raise ValueError themselves for some of these)."""
+    from blocksparse_tf._ops import ops
+
+    def blocksparse_matmul(x, w, layout, block_size, C, K, feature_axis=1, transpose_w=False):
+        return ops().blocksparse_matmul(x, w, layout, block_size=block_size, C=C, K=K,
+                                        feature_axis=feature_axis, transpose_w=transpose_w)
+
+    def blocksparse_matmul_grad_w(x, dy, layout, block_size, C, K):
+        return ops().blocksparse_matmul_grad_w(x, dy, layout, block_size=block_size, C=C, K=K)
+
     x, w = tf.ones((2, 16)), tf.ones((2, 8, 8))
     good = tf.constant([[0, 0], [1, 1]], tf.int32)
     cases = [
@@ -923,7 +933,7 @@ def test_kernel_validates_inputs_itself():
         (lambda: blocksparse_matmul(x, w, good, 8, 16, 8 * 2 ** 40), "larger than int32"),
     ]
     for call, message in cases:
-        with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=message):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
             call()
 
 
@@ -954,9 +964,7 @@ def test_raw_ops_take_only_integer_coordinates():
         blocksparse_matmul_grad_w(x, x, tf.constant([[0.0, 0.0]]), 8, 16, 16)
     with pytest.raises(tf.errors.InvalidArgumentError, match="must fit in int32"):
         blocksparse_matmul(x, w, tf.constant([[0, 0], [1, 2**32 + 1]], tf.int64), 8, 16, 16)
-    y = blocksparse_matmul(x, w, tf.constant([[0, 0], [1, 1]], tf.int64), 8, 16, 16)
-    expected = blocksparse_matmul(x, w, np.array([[0, 0], [1, 1]]), 8, 16, 16)
-    np.testing.assert_array_equal(y.numpy(), expected.numpy())
+    # Integer tensors of other widths give the same product: the next test.
 
 
 @pytest.mark.parametrize("dtype", [tf.int8, tf.int16, tf.uint8, tf.uint16, tf.uint32,
@@ -964,11 +972,14 @@ def test_raw_ops_take_only_integer_coordinates():
 def test_raw_ops_take_integer_coordinates_of_any_width(dtype):
     """The int32 range check must not wrap its own bounds into narrow or unsigned dtypes (-2^31
     as uint32 is 2^31, and as int8 it is 0: both refused every coordinate)."""
-    x = tf.constant(RNG.standard_normal((3, 16)).astype(np.float32))
-    w = tf.constant(RNG.standard_normal((2, 8, 8)).astype(np.float32))
-    y = blocksparse_matmul(x, w, tf.constant([[0, 0], [1, 1]], dtype), 8, 16, 16)
-    expected = blocksparse_matmul(x, w, np.array([[0, 0], [1, 1]]), 8, 16, 16)
-    np.testing.assert_array_equal(y.numpy(), expected.numpy())
+    x = RNG.standard_normal((3, 24)).astype(np.float32)
+    w = RNG.standard_normal((2, 8, 8)).astype(np.float32)
+    coords = np.array([[0, 1], [2, 0]])  # neither symmetric nor in order: a swap would show
+    y = blocksparse_matmul(x, w, tf.constant(coords, dtype), 8, 24, 24)
+    W = np.zeros((24, 24))
+    for (c, k), block in zip(coords, w.astype(np.float64)):
+        W[c * 8:(c + 1) * 8, k * 8:(k + 1) * 8] = block
+    assert rel_err(y, x.astype(np.float64) @ W) < 1e-5
     if dtype.max > 2**31:
         with pytest.raises(tf.errors.InvalidArgumentError, match="must fit in int32"):
             blocksparse_matmul(x, w, tf.constant([[0, 0], [1, 2**31 + 5]], dtype), 8, 16, 16)
@@ -1031,8 +1042,10 @@ def test_flops_block_coord_and_name_checks():
     small = BlocksparseMatMul(np.ones((2, 2)), block_size=8, name="sparse.layer-1")
     with pytest.raises(ValueError, match="name must start with"):
         small(tf.ones((1, 16)), tf.ones(small.w_shape), name="bad name")  # eagerly too
-    y = tf.function(lambda x: small(x, tf.ones(small.w_shape)))(tf.ones((1, 16)))
-    np.testing.assert_array_equal(y.numpy(), np.full((1, 16), 16.0, np.float32))
+    x = RNG.standard_normal((2, 16)).astype(np.float32)
+    w = RNG.standard_normal(small.w_shape).astype(np.float32)
+    y = tf.function(lambda x: small(x, w))(x)  # the scope name is used in a graph
+    assert rel_err(y, x.astype(np.float64) @ dense_reference(small.layout, 8, w)) < 1e-5
 
 
 def test_gate_of_shape_known_only_when_run():

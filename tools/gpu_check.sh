@@ -22,6 +22,9 @@ if [ -z "$NVCC" ]; then
 fi
 SANITIZER=$(dirname "$("$NVCC" --version >/dev/null 2>&1 && command -v "$NVCC")")/compute-sanitizer
 [ -x "$SANITIZER" ] || SANITIZER=compute-sanitizer
+# Under compute-sanitizer PyTorch allocates every tensor on its own (no caching pool), so a
+# read or write past a tensor's end is an error rather than a touch of the pool's next block.
+SANITIZE=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER")
 export PYTHONUNBUFFERED=1
 status=0
 
@@ -79,12 +82,12 @@ if [ "$MODE" = all ] || [ "$MODE" = correctness ] || [ "$MODE" = quick ]; then
   run sparse_dot_correctness python3 tools/gpu_check_sparse_dot.py --correctness
 fi
 if [ "$MODE" = all ] || [ "$MODE" = check ]; then
-  run memcheck "$SANITIZER" --tool memcheck --error-exitcode 3 python3 tools/gpu_check.py --check
-  run racecheck "$SANITIZER" --tool racecheck --racecheck-report hazard --error-exitcode 3 \
+  run memcheck "${SANITIZE[@]}" --tool memcheck --error-exitcode 3 python3 tools/gpu_check.py --check
+  run racecheck "${SANITIZE[@]}" --tool racecheck --racecheck-report hazard --error-exitcode 3 \
     python3 tools/gpu_check.py --race
-  run sparse_dot_memcheck "$SANITIZER" --tool memcheck --error-exitcode 3 \
+  run sparse_dot_memcheck "${SANITIZE[@]}" --tool memcheck --error-exitcode 3 \
     python3 tools/gpu_check_sparse_dot.py --check
-  run sparse_dot_racecheck "$SANITIZER" --tool racecheck --racecheck-report hazard \
+  run sparse_dot_racecheck "${SANITIZE[@]}" --tool racecheck --racecheck-report hazard \
     --error-exitcode 3 python3 tools/gpu_check_sparse_dot.py --race
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
@@ -94,9 +97,9 @@ if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
 fi
 if [ "$MODE" = sparse_dot ]; then
   run sparse_dot_correctness python3 tools/gpu_check_sparse_dot.py --correctness
-  run sparse_dot_memcheck "$SANITIZER" --tool memcheck --error-exitcode 3 \
+  run sparse_dot_memcheck "${SANITIZE[@]}" --tool memcheck --error-exitcode 3 \
     python3 tools/gpu_check_sparse_dot.py --check
-  run sparse_dot_racecheck "$SANITIZER" --tool racecheck --racecheck-report hazard \
+  run sparse_dot_racecheck "${SANITIZE[@]}" --tool racecheck --racecheck-report hazard \
     --error-exitcode 3 python3 tools/gpu_check_sparse_dot.py --race
   run sparse_dot_bench python3 tools/gpu_check_sparse_dot.py --bench \
     --out-md "$LOG_DIR/bench_sparse_dot.md"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_check import DTYPES, ROOT, TOL, Results, bench, rel_err  # noqa: E402
+from gpu_check import DTYPES, ROOT, TOL, Results, bench, rel_err, same_bits  # noqa: E402
 
 
 class SparseDotLib:
@@ -61,11 +61,19 @@ class SparseDotLib:
 
 
 def expand(mask, bs):
-    return mask.double().repeat_interleave(bs, dim=1)
+    """The mask as 0/1 over features: an entry is active where nonzero (NaN included), whatever
+    its value (the op's contract; a kernel that scaled by the value would fail the checks)."""
+    return (mask != 0).double().repeat_interleave(bs, dim=1)
+
+
+# Values of active mask entries: not only 1, so that gating is told apart from scaling.
+ACTIVE_VALUES = (1.0, 0.5, -2.0, 7.0, float("nan"))
 
 
 def random_mask(n, blocks, active, gen, zero_rows=()):
-    mask = (torch.rand(n, blocks, generator=gen, device="cuda") < active).float()
+    on = torch.rand(n, blocks, generator=gen, device="cuda") < active
+    pick = torch.randint(len(ACTIVE_VALUES), (n, blocks), generator=gen, device="cuda")
+    mask = torch.where(on, torch.tensor(ACTIVE_VALUES, device="cuda")[pick], 0.0)
     for r in zero_rows:
         if r < n:
             mask[r] = 0
@@ -112,8 +120,8 @@ def check_case(lib, res, dt, bs, n, m, p, a_in, a_out, gen, transpose_w=False, m
     e = rel_err(outs_dw[0], ref_dw) if rc_g == 0 else float("inf")
     res.check(rc_g == 0 and e <= TOL[dt], f"sparse_dot dW  {tag} rc={rc_g} relerr={e:.3g}")
     if repeat > 1:
-        same = all(torch.equal(o, outs_y[0]) for o in outs_y[1:])
-        same_dw = all(torch.equal(o, outs_dw[0]) for o in outs_dw[1:])
+        same = all(same_bits(o, outs_y[0]) for o in outs_y[1:])
+        same_dw = all(same_bits(o, outs_dw[0]) for o in outs_dw[1:])
         res.check(same and same_dw, f"sparse_dot bitwise determinism {tag}")
 
 
@@ -207,9 +215,10 @@ def benchmark(lib, res, out_md, quick=False):
                 for a_in, a_out in fractions:
                     in_m = random_mask(n, m // bs, a_in, gen)
                     out_m = random_mask(n, p // bs, a_out, gen)
-                    y = torch.empty(n, p, dtype=tdt, device="cuda")
-                    dx = torch.empty(n, m, dtype=tdt, device="cuda")
-                    dw = torch.empty(m, p, dtype=tdt, device="cuda")
+                    nan = float("nan")  # unwritten elements fail the spot check
+                    y = torch.full((n, p), nan, dtype=tdt, device="cuda")
+                    dx = torch.full((n, m), nan, dtype=tdt, device="cuda")
+                    dw = torch.full((m, p), nan, dtype=tdt, device="cuda")
                     rcs = [lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs),
                            lib.forward(dt, dy, wt, out_m, in_m, dx, n, p, m, bs, True),
                            lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs)]

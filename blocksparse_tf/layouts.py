@@ -1561,7 +1561,8 @@ def load(path, *, sparse=None):
     try:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no layout file {path} (nor {path}.npz)") from None
+        also = "" if path.endswith(".npz") else f" (nor {path}.npz)"
+        raise FileNotFoundError(f"no layout file {path}{also}") from None
     except (ValueError, OSError) as err:  # not a numpy file at all (or a pickle)
         raise ValueError(f"{path} is not a layout file ({err})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):  # a single .npy array

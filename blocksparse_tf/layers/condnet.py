@@ -294,7 +294,8 @@ class CondNetModel(keras.Model):
     activation, inference, threshold, seed : passed to the layers (seed + layer index).
 
     ``model(x)`` returns logits (inference masks); :meth:`forward` returns ``(logits,
-    policy_logits, masks)``, the policies' logits and the masks used besides; :meth:`compute_condnet_loss` gives every term of the training loss.  Compile with an
+    policy_logits, masks)``, the policies' logits and the masks used besides;
+    :meth:`compute_condnet_loss` gives every term of the training loss.  Compile with an
     optimizer only: ``model.compile(optimizer="adam")``; the loss is built in.  Metrics:
     ``loss``, ``task_loss``, ``accuracy``, ``active_fraction`` (mean over hidden layers).
     """

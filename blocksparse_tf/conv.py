@@ -33,12 +33,13 @@ def conv_padding(size, kernel, stride, dilation, padding):
         raise ValueError(f"padding must be 'same' or 'valid'; got {padding!r}")
     effective = (int(kernel) - 1) * int(dilation) + 1
     stride = int(stride)
+    # A numpy integer's sums could wrap, and so could an int32 tensor's: Python ints, int64.
+    wide = tf.cast(size, tf.int64) if tf.is_tensor(size) else int(size)
+    total = ((wide + stride - 1) // stride - 1) * stride + effective - wide
     if not tf.is_tensor(size):
-        size = int(size)  # a numpy integer's sums could wrap, and max() below wants an int
-        total = max(((size + stride - 1) // stride - 1) * stride + effective - size, 0)
+        total = max(total, 0)
         return total // 2, total - total // 2
-    wide = tf.cast(size, tf.int64)
-    total = tf.maximum(((wide + stride - 1) // stride - 1) * stride + effective - wide, 0)
+    total = tf.maximum(total, 0)
     return tf.cast(total // 2, size.dtype), tf.cast(total - total // 2, size.dtype)
 
 

@@ -1,22 +1,19 @@
 """Argument checks shared by the layers: each raises a ValueError that names the argument."""
 
-import numpy as np
-
-from blocksparse_tf.matmul import check_block_size
+from blocksparse_tf.layouts import _check_bool
+from blocksparse_tf.matmul import check_block_size, is_integer
 
 
 def positive_int(value, name):
     """``value`` as a Python int, if it is an integer >= 1 (bools are not integers here)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
     return int(value)
 
 
 def flag(value, name):
     """``value`` as a bool, if it is one (a string such as "False" is truthy: refused)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False; got {value!r}")
-    return bool(value)
+    return _check_bool(name, value)
 
 
 def width_in_blocks(width, block_size, name="units"):

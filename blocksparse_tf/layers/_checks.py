@@ -16,6 +16,13 @@ def flag(value, name):
     return _check_bool(name, value)
 
 
+def optional_int(value, name):
+    """``value`` as a Python int, or None; bools refused."""
+    if value is not None and not is_integer(value):
+        raise ValueError(f"{name} must be an integer or None; got {value!r}")
+    return None if value is None else int(value)
+
+
 def width_in_blocks(width, block_size, name="units"):
     """(width, block_size) as ints, if block_size is supported and divides width."""
     block_size = check_block_size(block_size)

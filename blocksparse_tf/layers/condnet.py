@@ -146,9 +146,7 @@ class CondDense(keras.layers.Layer):
             raise ValueError(f"inference must be one of {INFERENCE_MODES}; got {inference!r}")
         self.inference = inference
         self.threshold = _open_unit(threshold, "threshold")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise ValueError(f"seed must be an integer or None; got {seed!r}")
-        self.seed = None if seed is None else int(seed)
+        self.seed = _checks.optional_int(seed, "seed")
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.policy_kernel_initializer = keras.initializers.get(
@@ -201,10 +199,18 @@ class CondDense(keras.layers.Layer):
         return tf.cast(probs > self.threshold, tf.float32)
 
     def _check_mask(self, mask, name, blocks):
+        """A given mask as 0/1 float32 (active where nonzero, as sparse_dot reads it)."""
         mask = tf.convert_to_tensor(mask)
-        if mask.shape.rank != 2 or mask.shape[-1] not in (None, blocks):
+        if not (mask.dtype.is_bool or mask.dtype.is_floating or mask.dtype.is_integer):
+            raise ValueError(f"{self.name}: {name} must be a bool, integer or float mask; got "
+                             f"dtype {mask.dtype.name}")
+        # Unknown rank (a tf.function's TensorSpec(None)) is left to sparse_dot's run-time check.
+        if mask.shape.rank not in (None, 2) or (mask.shape.rank == 2
+                                                and mask.shape[-1] not in (None, blocks)):
             raise ValueError(f"{self.name}: {name} must have shape (n, {blocks}); got {mask.shape}")
-        return tf.cast(tf.not_equal(mask, 0), tf.float32)
+        if mask.dtype.is_bool:
+            return tf.cast(mask, tf.float32)
+        return tf.cast(tf.not_equal(mask, tf.zeros((), mask.dtype)), tf.float32)
 
     def call(self, inputs, in_mask=None, training=None, out_mask=None, return_policy=False):
         x = tf.convert_to_tensor(inputs, self.compute_dtype)
@@ -240,9 +246,19 @@ class CondDense(keras.layers.Layer):
                  - self.lambda_v * terms["variance"])
         return total, terms
 
-    def compute_output_shape(self, input_shape, **kwargs):
-        return (tuple(input_shape[:-1]) + (self.units,),
-                tuple(input_shape[:-1]) + (self.blocks,))
+    def compute_output_shape(self, input_shape, return_policy=False):
+        """Shapes of (y, out_mask) and, with return_policy, of the policy logits."""
+        lead = tuple(input_shape[:-1])
+        shapes = (lead + (self.units,), lead + (self.blocks,))
+        return shapes + (lead + (self.blocks,),) if return_policy else shapes
+
+    def compute_output_spec(self, inputs, in_mask=None, training=None, out_mask=None,
+                            return_policy=False):
+        # Keras passes compute_output_shape only the inputs' shapes, which would drop the
+        # policy logits that return_policy adds; the masks are float32 whatever the policy.
+        shapes = self.compute_output_shape(inputs.shape, return_policy=return_policy)
+        dtypes = (self.compute_dtype, "float32", self.compute_dtype)
+        return tuple(keras.KerasTensor(shape, dtype=dtype) for shape, dtype in zip(shapes, dtypes))
 
     def get_config(self):
         config = super().get_config()
@@ -325,12 +341,12 @@ class CondNetModel(keras.Model):
         self.activation = activation
         self.inference = inference
         self.threshold = threshold
-        self.seed = seed
+        self.seed = _checks.optional_int(seed, "seed")
         self.cond_layers = [
             CondDense(u, self.block_size, activation=activation, tau=self.tau[i],
                       lambda_b=self.lambda_b[i], lambda_e=self.lambda_e[i],
                       lambda_v=self.lambda_v[i], inference=inference, threshold=threshold,
-                      seed=None if seed is None else seed + i, name=f"cond_dense_{i}")
+                      seed=None if self.seed is None else self.seed + i, name=f"cond_dense_{i}")
             for i, u in enumerate(self.hidden_units)]
         self.classifier = keras.layers.Dense(self.num_classes, name="classifier")
         self.reward_average = self.add_weight(name="reward_average", shape=(),
@@ -429,12 +445,23 @@ class CondNetModel(keras.Model):
     def metrics(self):
         return list(self._trackers.values()) + [self._accuracy]
 
+    @staticmethod
+    def _unpack(data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if sample_weight is not None:  # rather than train on an unweighted loss without a word
+            raise ValueError("CondNetModel does not take sample_weight or class_weight: its "
+                             "REINFORCE reward is the unweighted per-example loss")
+        return x, y
+
     def train_step(self, data):
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        x, y = self._unpack(data)
         with tf.GradientTape() as tape:
             terms = self.compute_condnet_loss(x, y, training=True)
+            # A LossScaleOptimizer (mixed_float16) divides the gradients by its scale: they
+            # must come from the loss it scaled.
+            scaled_loss = self.optimizer.scale_loss(terms["loss"])
         variables = self.trainable_variables
-        grads = tape.gradient(terms["loss"], variables)
+        grads = tape.gradient(scaled_loss, variables)
         self.optimizer.apply(grads, variables)
         if self.baseline == "moving_average":
             mom = self.baseline_momentum
@@ -443,7 +470,7 @@ class CondNetModel(keras.Model):
         return self._update_metrics(terms, y)
 
     def test_step(self, data):
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        x, y = self._unpack(data)
         return self._update_metrics(self.compute_condnet_loss(x, y, training=False), y)
 
     def get_config(self):

@@ -272,6 +272,14 @@ def test_save_and_load_round_trip(tmp_path):
                          baseline="moving_average", threshold=0.45, seed=2)
     model.compile(optimizer="adam")
     model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    # Policies that switch some blocks on and some off at inference, in both layers, so that the
+    # predictions depend on every layer's weights.
+    rng = np.random.default_rng(5)
+    for layer in model.cond_layers:
+        layer.policy_kernel.assign(rng.standard_normal(layer.policy_kernel.shape))
+        layer.policy_bias.assign(rng.standard_normal(layer.policy_bias.shape))
+    fractions = [float(f) for f in model.active_fractions(model.forward(x)[2])]
+    assert all(0.1 < f < 0.9 for f in fractions), fractions
     path = str(tmp_path / "condnet.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
@@ -280,6 +288,8 @@ def test_save_and_load_round_trip(tmp_path):
     for a, b in zip(model.weights, loaded.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     np.testing.assert_array_equal(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
+    for a, b in zip(model.forward(x)[2], loaded.forward(x)[2]):
+        np.testing.assert_array_equal(a, b)
     layer = CondDense(16, block_size=8, tau=0.3, lambda_e=0.2, inference="sample", seed=9,
                       activation="tanh")
     clone = CondDense.from_config(layer.get_config())
@@ -298,6 +308,7 @@ def test_save_and_load_round_trip(tmp_path):
     (dict(units=8, block_size=8, inference="mean"), "inference"),
     (dict(units=8, block_size=8, threshold=1.0), "threshold"),
     (dict(units=8, block_size=8, seed=1.5), "seed"),
+    (dict(units=8, block_size=8, seed=True), "seed"),
 ])
 def test_layer_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -314,6 +325,62 @@ def test_layer_bad_masks():
     odd = CondDense(16, block_size=8)
     with pytest.raises(ValueError, match="multiple of block_size"):
         odd(np.zeros((3, 12), np.float32), in_mask=np.ones((3, 1), np.float32))
+
+
+def test_layer_takes_bool_and_integer_masks_as_sparse_dot_does():
+    layer = CondDense(16, block_size=8, seed=1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    out_mask = rng.random((5, 2)) < 0.5
+    in_mask = rng.random((5, 2)) < 0.5
+    want_y, want_mask = layer(x, in_mask=in_mask.astype(np.float32),
+                              out_mask=out_mask.astype(np.float32))
+    for dtype in (bool, np.int32, np.float64):
+        y, mask = layer(x, in_mask=in_mask.astype(dtype), out_mask=out_mask.astype(dtype))
+        np.testing.assert_array_equal(y, want_y)
+        np.testing.assert_array_equal(mask, want_mask)
+    with pytest.raises(ValueError, match="out_mask must be a bool, integer or float mask"):
+        layer(x, out_mask=np.full((5, 2), "1"))
+
+
+def test_functional_model_keeps_the_policy_logits():
+    inputs = keras.Input((16,))
+    outputs = CondDense(16, block_size=8)(inputs, return_policy=True)
+    assert len(outputs) == 3
+    assert [tuple(o.shape) for o in outputs] == [(None, 16), (None, 2), (None, 2)]
+    assert outputs[1].dtype == "float32"
+    model = keras.Model(inputs, list(outputs))
+    y, mask, logits = model(np.ones((3, 16), np.float32))
+    assert logits.shape == (3, 2) and mask.shape == (3, 2) and y.shape == (3, 16)
+
+
+def test_fit_takes_a_step_of_the_same_size_under_mixed_float16():
+    """A LossScaleOptimizer divides the gradients by its loss scale: the step must be taken on
+    the loss it scaled, else the weights barely move."""
+    x, y = _toy_data(n=64)
+    moves = {}
+    for policy in ("float32", "mixed_float16"):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            model = CondNetModel([32], 4, block_size=8, seed=0, lambda_b=0.0,
+                                 reinforce_weight=0.0)
+            model.compile(optimizer=keras.optimizers.SGD(0.1))
+            model(x[:2])
+            before = model.classifier.kernel.numpy().copy()
+            model.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False)
+            moves[policy] = np.abs(model.classifier.kernel.numpy() - before).max()
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+    assert moves["float32"] > 1e-3
+    assert 0.5 < moves["mixed_float16"] / moves["float32"] < 2.0, moves
+
+
+def test_fit_refuses_sample_weights():
+    x, y = _toy_data(n=16)
+    model = CondNetModel([16], 4, block_size=8)
+    model.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match="sample_weight"):
+        model.fit(x, y, sample_weight=np.ones(16), epochs=1, verbose=0)
 
 
 def test_model_wants_one_mask_per_hidden_layer():
@@ -333,6 +400,7 @@ def test_model_wants_one_mask_per_hidden_layer():
     (dict(hidden_units=[8], num_classes=0), "num_classes"),
     (dict(hidden_units=[8], num_classes=3, baseline="mean"), "baseline"),
     (dict(hidden_units=[8], num_classes=3, baseline_momentum=1.0), "baseline_momentum"),
+    (dict(hidden_units=[8], num_classes=3, seed=True), "seed"),
     (dict(hidden_units=[8], num_classes=3, reinforce_weight=-1), "reinforce_weight"),
     (dict(hidden_units=[12], num_classes=3, block_size=8), "multiple of block_size"),
 ])

@@ -32,8 +32,13 @@ from blocksparse_tf.layers.dense import BlockSparseDense
 from blocksparse_tf.layers.sparse_vd import SparseVDConv2D, SparseVDDense
 from blocksparse_tf.matmul import check_block_size
 
-#: Activations that mix units, so cannot be applied to zero-padded outputs.
-_NON_ELEMENTWISE = ("softmax", "log_softmax")
+#: Keras' activations that act on each unit alone, so may run on zero-padded outputs (the
+#: others, softmax, log_softmax, sparsemax and glu, mix units or change the width).
+_ELEMENTWISE = frozenset((
+    "celu", "elu", "exponential", "gelu", "hard_shrink", "hard_sigmoid", "hard_silu",
+    "hard_swish", "hard_tanh", "leaky_relu", "linear", "log_sigmoid", "mish", "relu", "relu6",
+    "selu", "sigmoid", "silu", "soft_shrink", "softplus", "softsign", "sparse_plus",
+    "sparse_sigmoid", "squareplus", "swish", "tanh", "tanh_shrink", "threshold"))
 
 
 @keras.saving.register_keras_serializable(package="blocksparse_tf")
@@ -180,10 +185,13 @@ def to_block_sparse(layer_or_weights, block_size, density=None, *, bias=None, ac
         if not pad:
             raise ValueError(f"kernel shape {(C, K)} is not a multiple of block_size="
                              f"{block_size}: pass pad=True to pad it with zeros to {(Cp, Kp)}")
-        if Kp != K and _activation_name(act) in _NON_ELEMENTWISE:
-            raise ValueError(f"cannot pad the outputs of a {_activation_name(act)} layer "
-                             "(it mixes units): use convert_model, which slices before the "
-                             "activation, or a block size dividing the output size")
+        if Kp != K and _activation_name(act) not in _ELEMENTWISE:
+            # A custom callable may mix units too: only Keras' element-wise ones are trusted.
+            raise ValueError(f"cannot pad the outputs of a layer with activation "
+                             f"{_activation_name(act) or act!r} (not one of Keras' element-wise "
+                             "activations, so the padded units could change the others): use "
+                             "convert_model, which slices before the activation, or a block "
+                             "size dividing the output size")
     Wp = np.zeros((Cp, Kp), np.float32)
     Wp[:C, :K] = W
     layout = choose_layout(Wp, block_size, density, norm)

@@ -80,8 +80,13 @@ def test_padding_of_sizes_not_multiple_of_block_size():
     y = _np(bsd(pad_features(x, 4)))
     assert np.allclose(y[:, :12], np.maximum(x @ W + b, 0), atol=1e-5)
     assert np.all(y[:, 12:] == 0)
-    with pytest.raises(ValueError, match="softmax"):
-        to_block_sparse(W, 8, activation="softmax", pad=True)
+    for mixing in ("softmax", "log_softmax", "sparsemax", "glu", lambda z: z - z[:, :1]):
+        with pytest.raises(ValueError, match="element-wise"):
+            to_block_sparse(W, 8, activation=mixing, pad=True)
+    for elementwise in ("tanh", "gelu", "leaky_relu"):  # padded, then sliced: the same values
+        bsd, _ = to_block_sparse(W, 8, bias=b, activation=elementwise, pad=True)
+        want = keras.activations.get(elementwise)(x @ W + b)
+        np.testing.assert_allclose(_np(bsd(pad_features(x, 4)))[:, :12], want, atol=1e-5)
 
 
 def _random_biases(model, rng):

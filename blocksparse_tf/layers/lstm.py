@@ -21,7 +21,7 @@ import tensorflow as tf
 from keras import ops
 
 from blocksparse_tf.layers import _checks, _init, _layout, _xla
-from blocksparse_tf.matmul import (BlocksparseMatMul, blocksparse_matmul,
+from blocksparse_tf.matmul import (FLOAT_DTYPES, BlocksparseMatMul, blocksparse_matmul,
                                    blocksparse_matmul_grad_w)
 
 #: Density of the default recurrent layout (Watts-Strogatz, p = 0.1; see docs/layers.md).
@@ -56,8 +56,9 @@ class BlockSparseLSTMCell(_layout.LayoutCheckedWeights, keras.layers.Layer):
     layout : array, str, dict or None
         Recurrent layout, (units/bs, units/bs) blocks, shared by the four gates, or
         (units/bs, 4*units/bs) for one layout per gate.  Same forms as for
-        ``BlockSparseDense``.  None: ``watts_strogatz`` at density 1/8, p = 0.1, seed 0
-        (all blocks when units/bs < 3).
+        ``BlockSparseDense``.  None: ``watts_strogatz`` at the density closest to 1/8 it
+        reaches, p = 0.1, seed 0: at least 3 blocks per row (0.375 at units/bs = 8, all
+        blocks up to 3).
     sparse_input : bool
         Make the input projection block-sparse too (input size a multiple of bs).
         Default False: a dense ``kernel`` of shape (input_dim, 4*units).
@@ -123,6 +124,9 @@ class BlockSparseLSTMCell(_layout.LayoutCheckedWeights, keras.layers.Layer):
 
     # ---- weights -------------------------------------------------------------------------
     def build(self, input_shape):
+        if tf.as_dtype(self.compute_dtype) not in FLOAT_DTYPES:  # before the fused loop's ops
+            raise ValueError(f"{self.name}: the block-sparse kernels compute in float32, float16 "
+                             f"or bfloat16; got dtype {self.compute_dtype}")
         D = input_shape[-1]
         if D is None:
             raise ValueError(f"the input feature size must be known; got shape {input_shape}")

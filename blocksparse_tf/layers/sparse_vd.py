@@ -188,10 +188,11 @@ class _SparseVDMixin:
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def _add_vd_weights(self, shape):
-        # Read as they are stored (float32) even under a mixed-precision policy: log_alpha and
-        # the KL term are computed in the variables' type (summed over every weight, the KL
-        # would overflow float16, and a small kl_weight would round to zero), and _kernels
-        # casts the product's kernels to the compute type.
+        # Read as they are stored even under a mixed-precision policy: log_alpha and the KL
+        # term are computed in float32 whatever the variables' type (in float16 the 1e-8 of
+        # log_alpha rounds to 0, the KL summed over every weight overflows, and a small
+        # kl_weight rounds to zero), and _kernels casts the product's kernels to the compute
+        # type.
         self.theta = self.add_weight(name="theta", shape=shape,
                                      initializer=self.kernel_initializer, autocast=False)
         self.log_sigma2 = self.add_weight(
@@ -207,7 +208,8 @@ class _SparseVDMixin:
 
     def log_alpha(self):
         """``log(sigma^2 / theta^2)`` per weight, clipped to [-8, 8] (a tensor)."""
-        la = self.log_sigma2 - ops.log(ops.square(self.theta) + 1e-8)
+        theta = ops.cast(self.theta, "float32")
+        la = ops.cast(self.log_sigma2, "float32") - ops.log(ops.square(theta) + 1e-8)
         return ops.clip(la, LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
     def kl(self):
@@ -231,17 +233,19 @@ class _SparseVDMixin:
         """(mean kernel, variance kernel or None, log_alpha) for this call."""
         la = self.log_alpha()  # once per call, for the kernels and the KL term
 
-        def compute(kernel):  # the variables are float32 (see _add_vd_weights)
+        def compute(kernel):
             return ops.cast(kernel, self.compute_dtype)
 
         if training:
-            return compute(self.theta), compute(ops.exp(la) * ops.square(self.theta)), la
+            variance = ops.exp(la) * ops.square(ops.cast(self.theta, "float32"))
+            return compute(self.theta), compute(variance), la
         mask = ops.cast(la < self.threshold, self.theta.dtype)
         return compute(self.theta * mask), None, la
 
     def _finish(self, mean, var, log_alpha):
         """Adds the KL loss, samples (when var is given), adds bias and activation."""
-        self.add_loss(self.kl_weight * ops.sum(kl_approx(log_alpha)))  # self.kl()'s value
+        kl_weight = ops.cast(self.kl_weight, "float32")
+        self.add_loss(kl_weight * ops.sum(kl_approx(log_alpha)))  # self.kl()'s value
         y = mean
         if var is not None:
             # Drawn in float32 and cast: a half-precision compute type (mixed precision) gets

@@ -245,6 +245,27 @@ def test_default_layout_is_watts_strogatz_per_gate():
     assert tiny.recurrent_bsmm.layout.all()
 
 
+def test_bias_starts_with_the_forget_gate_open():
+    """Gates in Keras' order (i, f, g, o): unit_forget_bias adds 1 to f's bias only."""
+    H = 16
+    for init, base in (("zeros", 0.0), (keras.initializers.Constant(0.25), 0.25)):
+        cell = BlockSparseLSTMCell(H, block_size=8, bias_initializer=init)
+        cell.build((None, 8))
+        want = np.full(4 * H, base, np.float32)
+        want[H:2 * H] += 1.0
+        np.testing.assert_array_equal(cell.bias.numpy(), want)
+    cell = BlockSparseLSTMCell(H, block_size=8, unit_forget_bias=False)
+    cell.build((None, 8))
+    np.testing.assert_array_equal(cell.bias.numpy(), np.zeros(4 * H, np.float32))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_float64_is_refused_by_name(fused):
+    layer = BlockSparseLSTM(16, block_size=8, fused=fused, dtype="float64")
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16; got dtype float64"):
+        layer(np.zeros((2, 3, 8)))
+
+
 def test_fit_and_mixed_precision():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((16, T, D)).astype(np.float32)

@@ -247,6 +247,31 @@ def test_training_under_mixed_precision(policy, conv):
     assert np.isfinite(history.history["loss"][0])
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_variables_keep_the_kl_in_float32(dtype):
+    """A layer whose variables are themselves 16-bit (dtype="float16", not a mixed policy):
+    log_alpha and the KL are computed in float32, where in float16 the 1e-8 under the log
+    rounds to 0 and the KL summed over many weights overflows to inf."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 784)).astype(np.float32)
+    half = SparseVDDense(300, dtype=dtype, seed=1)
+    ref = SparseVDDense(300, seed=1)
+    half(x), ref(x)
+    theta = rng.normal(scale=0.05, size=(784, 300)).astype(np.float32)
+    theta[0, :10] = 1e-5  # |theta| whose square underflows float16
+    half.theta.assign(theta.astype(dtype))
+    ref.theta.assign(keras.ops.convert_to_numpy(keras.ops.cast(half.theta, "float32")))
+    want = float(ref.kl())
+    assert np.isfinite(float(half.kl()))
+    np.testing.assert_allclose(float(half.kl()), want, rtol=1e-3)
+    with tf.GradientTape() as tape:
+        loss = half.kl() + tf.reduce_sum(tf.cast(half(x, training=True), tf.float32))
+    for grad in tape.gradient(loss, [half.theta, half.log_sigma2]):
+        assert np.all(np.isfinite(keras.ops.convert_to_numpy(keras.ops.cast(grad, "float32"))))
+
+
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("conv", [False, True])
 def test_zero_inputs_keep_training_gradients_finite(policy, conv):

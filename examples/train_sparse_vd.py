@@ -80,16 +80,18 @@ def build_net(name, image_shape, sparse, threshold, seed):
     import keras
     from blocksparse_tf.layers.sparse_vd import SparseVDConv2D, SparseVDDense
 
+    seeds = iter(range(seed, seed + 100))  # a seed of its own per layer: independent noise
+
     def dense(units, act=None):
         if sparse:
             return SparseVDDense(units, activation=act, threshold=threshold, kl_weight=0.0,
-                                 seed=seed)
+                                 seed=next(seeds))
         return keras.layers.Dense(units, activation=act)
 
     def conv(filters, pad):
         if sparse:
             return SparseVDConv2D(filters, 5, padding=pad, activation="relu",
-                                  threshold=threshold, kl_weight=0.0, seed=seed)
+                                  threshold=threshold, kl_weight=0.0, seed=next(seeds))
         return keras.layers.Conv2D(filters, 5, padding=pad, activation="relu")
 
     if name == "lenet300":

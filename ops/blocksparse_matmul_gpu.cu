@@ -24,6 +24,7 @@ namespace {
 // Device attributes, queried once per device.
 using internal::DeviceInfo;
 constexpr int kMaxDevices = 64;
+constexpr int kTuningAsSm86 = 19;  // see SetTuning
 
 int GetDeviceInfo(DeviceInfo* out, int* device) {
   static std::mutex mu;
@@ -49,7 +50,15 @@ int GetDeviceInfo(DeviceInfo* out, int* device) {
     known[dev] = true;
   }
   *out = infos[dev];
-  return cudaSuccess;
+  if (internal::Tuning() == kTuningAsSm86) {  // tests: run as a compute capability 8.6 GPU
+    out->cc_major = 8;
+    out->cc_minor = 6;
+    if (out->max_smem_optin > internal::kSmallestSmemOptin)
+      out->max_smem_optin = internal::kSmallestSmemOptin;
+  }
+  // No kernel image is built below compute capability 8.0 (sm_80, sm_90a; see
+  // third_party/cuda/cuda.bzl): refuse before any launch.
+  return out->cc_major < 8 ? cudaErrorNoKernelImageForDevice : cudaSuccess;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -431,6 +440,11 @@ int Tuning() { return g_tuning.load(std::memory_order_relaxed); }
 void SetTuning(int variant) { internal::g_tuning.store(variant, std::memory_order_relaxed); }
 
 const char* ErrorString(int code) {
+  if (code == cudaErrorNoKernelImageForDevice) {
+    return "no kernel image for this GPU: the GPU kernels are built for compute capability 8.0 "
+           "and newer (Ampere, Ada, Hopper); on older GPUs place the op on the CPU "
+           "(with tf.device('/CPU:0'))";
+  }
   return cudaGetErrorString(static_cast<cudaError_t>(code));
 }
 

@@ -53,7 +53,12 @@
 // for bad arguments, which are checked before anything is launched).  ErrorString(code)
 // names it.  The kernels use the current CUDA device; device attributes (SM count, compute
 // capability, shared-memory limit) are queried with cudaDeviceGetAttribute and cached per
-// device (at most 64 devices).  The calls are thread-safe and need no workspace.
+// device (at most 64 devices).  GPUs below compute capability 8.0 get
+// cudaErrorNoKernelImageForDevice (no kernel image is built for them), which ErrorString
+// explains.  The calls are thread-safe and take no workspace from the caller; the one
+// exception, the paced 16-bit bs-16 weight gradient of long batches, takes a few bytes per
+// pacing epoch with cudaMallocAsync on `stream` (freed there), and where that fails runs
+// unpaced (the same results).
 // Measured performance (H200): docs/benchmarks_gpu.md; tests: tools/gpu_check.sh.
 #ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
 #define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
@@ -123,6 +128,9 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //      wherever it can (the default does so with feature axis 1 for bs 64, and for bs 32 where
 //      x fits in the L2); the same results bit for bit.
 //  14: that dW copies with cp.async everywhere.
+//  19: run as a GPU of compute capability 8.6 (RTX 30 / A10 / A40): 99 KiB of shared memory
+//      per CTA, no wgmma, no clusters; the bs-64 mma.sync tiles that need more take fewer
+//      pipeline stages (the same results bit for bit as variant 3 where it splits no tile).
 //  15, 16, 17: the float32 mma.sync forward (feature axis 1, N > 64) computes runs of 2, 4, 8
 //      consecutive block columns per CTA wherever its tiles allow (the default: 2 for bs 32 /
 //      64 from 2048 rows with at most 4 blocks per column); 18: one column per CTA everywhere.

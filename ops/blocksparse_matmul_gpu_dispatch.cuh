@@ -303,9 +303,19 @@ int LaunchTiles(void (*kernel)(KernelParams), int threads, int smem, int64_t til
   return cudaSuccess;
 }
 
+// Launches the mma.sync tiles Cfg; on a GPU that allows a CTA less shared memory than Cfg's
+// pipeline takes (some bs-64 tiles need 104-108 KiB), the same tiles with one stage fewer, down
+// to two.  Only tiles above kSmallestSmemOptin get the shallower copies compiled.  Fewer
+// stages change when data arrives, not the sums: the results are the same bit for bit.
 template <typename Cfg>
 int LaunchMma(const Params& p, int64_t tiles, int64_t batch_tiles, double avg_steps,
               int device, const DeviceInfo& di, cudaStream_t s) {
+  if constexpr (Cfg::kStages > 2 && Cfg::kSmemBytes > kSmallestSmemOptin) {
+    if (Cfg::kSmemBytes > di.max_smem_optin) {
+      return LaunchMma<typename WithStages<Cfg, Cfg::kStages - 1>::type>(
+          p, tiles, batch_tiles, avg_steps, device, di, s);
+    }
+  }
   return LaunchTiles<Cfg>(mma_impl::BlocksparseMmaKernel<Cfg>, Cfg::kThreads, Cfg::kSmemBytes,
                           tiles, batch_tiles, avg_steps, p, device, di, s);
 }
@@ -895,8 +905,10 @@ int ForwardMmaBs(const Params& p, int64_t N, int64_t KB, int64_t blocks, int dev
     return LaunchMmaForward<Cfg, kTransW>(p, N, KB, blocks_per_col, device, di, s);
   }
   if constexpr (sizeof(T) == 4 && BS == 64) {
-    if (N >= kF32Bs64TallMinBatch) {
-      using Cfg = typename FwdCfgF32Bs64Tall<T, FA>::type;
+    using Tall = typename FwdCfgF32Bs64Tall<T, FA>::type;
+    // Two stages already: where its 104 KiB do not fit, the 64-row tiles below.
+    if (N >= kF32Bs64TallMinBatch && Tall::kSmemBytes <= di.max_smem_optin) {
+      using Cfg = Tall;
       return LaunchMmaForward<Cfg, kTransW>(p, N, KB, blocks_per_col, device, di, s);
     }
   }

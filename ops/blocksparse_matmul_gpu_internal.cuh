@@ -17,6 +17,10 @@ struct DeviceInfo {
   int sm_count = 0, cc_major = 0, cc_minor = 0, max_smem_optin = 0, l2_bytes = 0;
 };
 
+// The least shared memory a CTA may opt in to among the GPUs the kernels are built for:
+// compute capability 8.6, 8.9 and 12.x allow 99 KiB (8.0 163 KiB, 9.0 227 KiB).
+constexpr int kSmallestSmemOptin = 99 * 1024;
+
 // Tile-configuration variant for benchmarking (0 = default); see SetTuning in the header.
 int Tuning();
 

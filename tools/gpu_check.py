@@ -224,6 +224,57 @@ def run_case(lib, res, dt, bs, L, N, fa, gen, ops=("fwd", "dw")):
                   f"dx reading w transposed = forward on a copy {tag} rc={rc}")
 
 
+def empty_layout_checks(lib, res, quick):
+    """A layout without blocks (w may then be null, as TensorFlow passes an empty tensor's): the
+    forward writes zeros over every output, whatever path the batch size picks; the weight
+    gradient has nothing to write and leaves its (empty) output alone."""
+    for dt, bs, fa, N in itertools.product(DTYPES, [1, 16, 64] if quick else [1, 8, 16, 32, 64],
+                                           (1, 0), [17, 64] if quick else [1, 17, 64, 1000]):
+        tdt = DTYPES[dt][1]
+        L = Layout(np.zeros((0, 2), np.int64), 3, 5, bs)
+        C, K = L.CB * bs, L.KB * bs
+        x = torch.randn(*((N, C) if fa else (C, N)), device="cuda").to(tdt)
+        y = torch.full((N, K) if fa else (K, N), float("nan"), dtype=tdt, device="cuda")
+        rc = lib.forward(dt, x, None, y, N, fa, L, raw_ptrs=(x.data_ptr(), None, y.data_ptr()))
+        torch.cuda.synchronize()
+        res.check(rc == 0 and bool((y == 0).all()),
+                  f"empty layout: forward writes zeros {dt} bs={bs} fa={fa} N={N} rc={rc}")
+        dy = torch.randn(*((N, K) if fa else (K, N)), device="cuda").to(tdt)
+        rc = lib.grad_w(dt, x, dy, None, N, fa, L, raw_ptrs=(x.data_ptr(), dy.data_ptr(), None))
+        torch.cuda.synchronize()
+        res.check(rc == 0, f"empty layout: grad_w does nothing {dt} bs={bs} fa={fa} N={N} rc={rc}")
+
+
+def smaller_shared_memory_checks(lib, res, gen, rng):
+    """SetTuning(19) runs as a compute capability 8.6 GPU (99 KiB of shared memory per CTA):
+    the bs-64 mma.sync forwards whose tiles need 104-108 KiB take one pipeline stage fewer (else
+    their launch fails).  Against the float64 reference, and bit for bit against the same tiles
+    at full depth (SetTuning(3)) where there are tiles enough that neither splits one over a
+    cluster."""
+    L = random_layout(40, 32, 64, 0.3, rng, empty_cols=[5])
+    for dt, fa in itertools.product(DTYPES, (1, 0)):
+        tdt = DTYPES[dt][1]
+        lib.set_tuning(19)
+        for N in (64, 136, 2048):  # small-batch, long-batch and (float32) 128-row tiles
+            run_case(lib, res, dt, 64, L, N, fa, gen, ops=("fwd", "dx"))
+        N = 1000  # below the float32 bs-64 128-row tiles, which need 104 KiB at two stages
+        x = torch.randn(*((N, L.CB * 64) if fa else (L.CB * 64, N)), generator=gen,
+                        device="cuda").to(tdt)
+        w = torch.randn(L.blocks, 64, 64, generator=gen, device="cuda").to(tdt)
+        outs = []
+        for tuning in (19, 3):
+            lib.set_tuning(tuning)
+            y = torch.full((N, L.KB * 64) if fa else (L.KB * 64, N), float("nan"), dtype=tdt,
+                           device="cuda")
+            rc = lib.forward(dt, x, w, y, N, fa, L)
+            torch.cuda.synchronize()
+            outs.append((rc, y))
+        res.check(all(rc == 0 for rc, _ in outs) and same_bits(outs[0][1], outs[1][1]),
+                  f"99 KiB of shared memory: the bs-64 forward with fewer stages equals full "
+                  f"depth bitwise, {dt} fa={fa} N={N} rc={[rc for rc, _ in outs]}")
+    lib.set_tuning(0)
+
+
 def correctness(lib, res, quick=False, race=False):
     rng = np.random.default_rng(1234)
     gen = torch.Generator(device="cuda")
@@ -345,12 +396,13 @@ def correctness(lib, res, quick=False, race=False):
     # in the L2) makes the same sums in the same order as with its cp.async copies
     # (SetTuning(14)), bit for bit: bs 16 / 32 / 64 (8-, 4- and 2-block groups for bs 32),
     # columns whose last group is partial, an empty column, a ragged last batch step, few
-    # columns that a cluster splits.
+    # columns that a cluster splits.  Every N is a multiple of 8, so that feature axis 0 too
+    # takes the copy engine under SetTuning(13) (else both runs would be the same kernel).
     if is_hopper() and lib.tuning == 0:
         cases = [(16, random_layout(20, 9, 16, 0.7, rng, empty_cols=[4]), 1000),
                  (32, random_layout(24, 9, 32, 0.5, rng, empty_cols=[2]), 1000),
-                 (32, random_layout(12, 7, 32, 0.5, rng, empty_cols=[3]), 130),
-                 (32, random_layout(5, 7, 32, 0.6, rng), 4100),
+                 (32, random_layout(12, 7, 32, 0.5, rng, empty_cols=[3]), 136),
+                 (32, random_layout(5, 7, 32, 0.6, rng), 4104),
                  (64, random_layout(20, 5, 64, 0.6, rng, empty_cols=[1]), 1000),
                  (32, random_layout(64, 2, 32, 0.9, rng), 8200)]
         if race:  # small enough for racecheck: pipelines wrapping around, a partial group
@@ -608,6 +660,9 @@ def correctness(lib, res, quick=False, race=False):
                 ys.append((rc, y.view(torch.int16)))
             res.check(all(rc == 0 and same_bits(y, ys[0][1]) for rc, y in ys),
                       f"determinism small-batch split bfloat16 bs={bs} fa={fa} N=64")
+    empty_layout_checks(lib, res, quick or race)
+    if lib.tuning == 0 and not race:
+        smaller_shared_memory_checks(lib, res, gen, rng)
     # Argument validation: errors come back as codes, nothing is launched.
     L = random_layout(4, 3, 16, 0.8, rng)
     x = torch.randn(8, 64, device="cuda").half()

@@ -79,6 +79,8 @@ if [ "$MODE" = all ] || [ "$MODE" = correctness ] || [ "$MODE" = quick ]; then
   run correctness python3 tools/gpu_check.py --correctness
   # The mma.sync kernels where Hopper takes wgmma by default (what sm_80 GPUs run).
   run correctness_mma_sync python3 tools/gpu_check.py --correctness --tuning 3
+  # As a compute capability 8.6 GPU (99 KiB of shared memory per CTA, no wgmma, no clusters).
+  run correctness_sm86 python3 tools/gpu_check.py --correctness --quick --tuning 19
   run sparse_dot_correctness python3 tools/gpu_check_sparse_dot.py --correctness
 fi
 if [ "$MODE" = all ] || [ "$MODE" = check ]; then

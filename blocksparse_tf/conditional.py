@@ -22,7 +22,7 @@ def _static_dim(t, i):
     return t.shape[i] if t.shape.rank is not None else None
 
 
-def _check_mask(mask, name, rows, features, block_size):
+def check_mask(mask, name, rows, features, block_size):
     """Float32 0/1 mask of shape (rows, features / block_size), or all ones if mask is None."""
     if mask is None:
         return None
@@ -102,8 +102,8 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
         for dim, label in ((m, "m"), (p, "p")):
             if dim is not None and dim % block_size:
                 raise ValueError(f"block_size {block_size} must divide {label} = {dim}")
-        in_m = _check_mask(in_mask, "in_mask", n, m, block_size)
-        out_m = _check_mask(out_mask, "out_mask", n, p, block_size)
+        in_m = check_mask(in_mask, "in_mask", n, m, block_size)
+        out_m = check_mask(out_mask, "out_mask", n, p, block_size)
         if in_m is None and out_m is None:  # nothing to skip: the dense product is best
             # tf.matmul would multiply a batch of matrices; the kernel checks the rank itself.
             x, w = _ensure_matrix(x, "x"), _ensure_matrix(w, "w")

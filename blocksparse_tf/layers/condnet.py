@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from blocksparse_tf.layers import _checks, _xla
-from blocksparse_tf.conditional import expand_mask, sparse_dot
+from blocksparse_tf.conditional import check_mask, expand_mask, sparse_dot
 
 #: Values accepted for ``inference``.
 INFERENCE_MODES = ("threshold", "sample")
@@ -198,20 +198,6 @@ class CondDense(keras.layers.Layer):
             return tf.cast(u < probs, tf.float32)
         return tf.cast(probs > self.threshold, tf.float32)
 
-    def _check_mask(self, mask, name, blocks):
-        """A given mask as 0/1 float32 (active where nonzero, as sparse_dot reads it)."""
-        mask = tf.convert_to_tensor(mask)
-        if not (mask.dtype.is_bool or mask.dtype.is_floating or mask.dtype.is_integer):
-            raise ValueError(f"{self.name}: {name} must be a bool, integer or float mask; got "
-                             f"dtype {mask.dtype.name}")
-        # Unknown rank (a tf.function's TensorSpec(None)) is left to sparse_dot's run-time check.
-        if mask.shape.rank not in (None, 2) or (mask.shape.rank == 2
-                                                and mask.shape[-1] not in (None, blocks)):
-            raise ValueError(f"{self.name}: {name} must have shape (n, {blocks}); got {mask.shape}")
-        if mask.dtype.is_bool:
-            return tf.cast(mask, tf.float32)
-        return tf.cast(tf.not_equal(mask, tf.zeros((), mask.dtype)), tf.float32)
-
     def call(self, inputs, in_mask=None, training=None, out_mask=None, return_policy=False):
         x = tf.convert_to_tensor(inputs, self.compute_dtype)
         if x.shape.rank != 2:
@@ -220,7 +206,7 @@ class CondDense(keras.layers.Layer):
         if out_mask is None:
             out_mask = self.choose_mask(logits, training=bool(training))
         else:
-            out_mask = self._check_mask(out_mask, "out_mask", self.blocks)
+            out_mask = check_mask(out_mask, "out_mask", x.shape[0], self.units, self.block_size)
         out_mask = tf.stop_gradient(out_mask)
         kernel = tf.cast(self.kernel, x.dtype)
         bs = self.block_size
@@ -233,7 +219,8 @@ class CondDense(keras.layers.Layer):
             if self.input_dim % bs:
                 raise ValueError(f"{self.name}: an in_mask needs an input size that is a multiple "
                                  f"of block_size={bs}; got {self.input_dim}")
-            in_mask = tf.stop_gradient(self._check_mask(in_mask, "in_mask", self.input_dim // bs))
+            in_mask = tf.stop_gradient(check_mask(in_mask, "in_mask", x.shape[0], self.input_dim,
+                                                  bs))
         bias = tf.cast(self.bias, x.dtype) if self.bias is not None else None
         z = sparse_dot(x, kernel, in_mask=in_mask, out_mask=out_mask, bias=bias, block_size=bs)
         y = self.activation(z) * tf.cast(expand_mask(out_mask, bs), z.dtype)

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from blocksparse_tf._ops import ops
-from blocksparse_tf.matmul import FLOAT_DTYPES, check_block_size
+from blocksparse_tf.matmul import check_block_size, check_float_dtype
 
 
 def _static_dim(t, i):
@@ -88,8 +88,7 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
         x = tf.convert_to_tensor(x)
         w = tf.convert_to_tensor(w, dtype=x.dtype if isinstance(w, np.ndarray) else None)
         w_dims = "(p, m)" if transpose_w else "(m, p)"
-        if x.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype.name}")
+        check_float_dtype(x.dtype, "x")
         if w.dtype != x.dtype:
             raise ValueError(f"w dtype {w.dtype.name} does not match x dtype {x.dtype.name}")
         if x.shape.rank not in (None, 2) or w.shape.rank not in (None, 2):  # else checked when run

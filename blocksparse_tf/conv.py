@@ -16,8 +16,8 @@ import numpy as np
 import tensorflow as tf
 
 from blocksparse_tf._ops import ops
-from blocksparse_tf.matmul import (FLOAT_DTYPES, check_block_size, coords_tensor, int32_tensor,
-                                   is_integer)
+from blocksparse_tf.matmul import (check_block_size, check_float_dtype, coords_tensor,
+                                   int32_tensor, is_integer)
 
 
 def conv_padding(size, kernel, stride, dilation, padding):
@@ -69,8 +69,7 @@ def _check_attrs(block_size, C, K, strides, dilations, padding):
 
 
 def _check_image(t, name, channels):
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, float16 or bfloat16; got {t.dtype.name}")
+    check_float_dtype(t.dtype, name)
     if t.shape.rank is not None and (t.shape.rank != 4 or t.shape[-1] not in (None, channels)):
         raise ValueError(f"{name} must have shape (batch, height, width, {channels}); "
                          f"got {t.shape}")

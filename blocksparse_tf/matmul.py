@@ -24,6 +24,13 @@ BLOCK_SIZES = (1, 8, 16, 32, 64)
 FLOAT_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
 
 
+def check_float_dtype(dtype, what):
+    """ValueError naming `what` unless dtype is one the kernels compute in (FLOAT_DTYPES)."""
+    dtype = tf.as_dtype(dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{what} must be float32, float16 or bfloat16; got {dtype.name}")
+
+
 INT32_MAX = 2**31 - 1
 
 
@@ -314,8 +321,7 @@ class BlocksparseMatMul:
         return self._eager_coords[transposed]
 
     def _check_operands(self, x, w):
-        if x.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype.name}")
+        check_float_dtype(x.dtype, "x")
         if w.dtype != x.dtype:
             raise ValueError(f"w dtype {w.dtype.name} does not match x dtype {x.dtype.name}")
         if w.shape.rank is not None and tuple(w.shape) != self.w_shape:

@@ -21,8 +21,8 @@ import tensorflow as tf
 from keras import ops
 
 from blocksparse_tf.layers import _checks, _init, _layout, _xla
-from blocksparse_tf.matmul import (FLOAT_DTYPES, BlocksparseMatMul, blocksparse_matmul,
-                                   blocksparse_matmul_grad_w)
+from blocksparse_tf.matmul import (BlocksparseMatMul, blocksparse_matmul,
+                                   blocksparse_matmul_grad_w, check_float_dtype)
 
 #: Density of the default recurrent layout (Watts-Strogatz, p = 0.1; see docs/layers.md).
 DEFAULT_DENSITY = 0.125
@@ -124,9 +124,8 @@ class BlockSparseLSTMCell(_layout.LayoutCheckedWeights, keras.layers.Layer):
 
     # ---- weights -------------------------------------------------------------------------
     def build(self, input_shape):
-        if tf.as_dtype(self.compute_dtype) not in FLOAT_DTYPES:  # before the fused loop's ops
-            raise ValueError(f"{self.name}: the block-sparse kernels compute in float32, float16 "
-                             f"or bfloat16; got dtype {self.compute_dtype}")
+        # Before the fused loop's ops, which would fail in TensorFlow's attribute check.
+        check_float_dtype(self.compute_dtype, f"{self.name}: the compute dtype")
         D = input_shape[-1]
         if D is None:
             raise ValueError(f"the input feature size must be known; got shape {input_shape}")

@@ -262,7 +262,7 @@ def test_bias_starts_with_the_forget_gate_open():
 @pytest.mark.parametrize("fused", [True, False])
 def test_float64_is_refused_by_name(fused):
     layer = BlockSparseLSTM(16, block_size=8, fused=fused, dtype="float64")
-    with pytest.raises(ValueError, match="float32, float16 or bfloat16; got dtype float64"):
+    with pytest.raises(ValueError, match="compute dtype must be float32, float16 or bfloat16; got float64"):
         layer(np.zeros((2, 3, 8)))
 
 

@@ -114,8 +114,8 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //      persistent for problems of up to 16 waves of tiles).
 //   1: swap 128- and 256-row mma.sync forward tiles for 16-bit inputs, bs 32 / 64, N > 64.
 //   2: 32 x 32 instead of 64 x 32 mma.sync warp tiles for the 16-bit bs-64 forward, N > 64.
-//   6: the narrow wgmma forwards (16-bit bs 16 / 32 with N > 64, bs 32 / 64 with N <= 64) copy
-//      with cp.async, not the copy engine (the same results bit for bit).
+//   6: the narrow wgmma forwards (16-bit bs 16 / 32 with N > 64, bs 32 / 64 with N <= 64, bs 64
+//      from 512 rows) copy with cp.async, not the copy engine (the same results bit for bit).
 //   7: the wgmma dW with one column group per CTA everywhere (the default paces persistent
 //      CTAs over the groups for bs 16, feature axis 1, N >= 8192 where x is several times
 //      the L2 and density <= 50%; the same results bit for bit).
@@ -131,6 +131,11 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //  19: run as a GPU of compute capability 8.6 (RTX 30 / A10 / A40): 99 KiB of shared memory
 //      per CTA, no wgmma, no clusters; the bs-64 mma.sync tiles that need more take fewer
 //      pipeline stages (the same results bit for bit as variant 3 where it splits no tile).
+//  20: the 16-bit bs-64 forward with N > 64 on the transposed wgmma kernel everywhere (the
+//      default runs the narrow kernel from 512 rows; other sums, as accurate).
+//  21, 22: that forward on the narrow kernel wherever N > 64, with 128-row tiles of 4 stages /
+//      192-row tiles of 3 (the default picks among these and 128 x 3; the same results bit for
+//      bit as the default's narrow kernel).
 //  15, 16, 17: the float32 mma.sync forward (feature axis 1, N > 64) computes runs of 2, 4, 8
 //      consecutive block columns per CTA wherever its tiles allow (the default: 2 for bs 32 /
 //      64 from 2048 rows with at most 4 blocks per column); 18: one column per CTA everywhere.

@@ -383,9 +383,10 @@ int LaunchMmaGradW(const Params& p, int64_t N, int64_t blocks, int device, const
 
 // The wgmma kernels (ops/blocksparse_matmul_gpu_wgmma.cuh): 16-bit, on sm_90; N > 64 but for
 // the bs-16 dW with full columns and the bs-32 / bs-64 forwards.
-// bs-64 forward: one warpgroup per 128 batch rows and 4 stages (97 KiB of shared memory, so two
-// CTAs share an SM) measured fastest on an H200 (bf16, feature axis 1) among 128 / 256 rows
-// per warpgroup, one or two warpgroups, and 4 or 5 stages.
+// bs-64 forward with 64 < N < kBs64NarrowMinBatch (above that the narrow kernel runs it, see
+// LaunchWgmmaForwardBs64Narrow): one warpgroup per 128 batch rows and 4 stages (97 KiB of
+// shared memory, so two CTAs share an SM) measured fastest on an H200 (bf16, feature axis 1)
+// among 128 / 256 rows per warpgroup, one or two warpgroups, and 4 or 5 stages.
 using WgmmaFwdCfg = wgmma_impl::FwdCfg<4>;
 // Keys the per-device caches of PrepareKernel / LaunchTiles for kernels that are not
 // BlocksparseMmaKernel: element type, configuration, and a kind (the feature axis plus 0 for
@@ -593,6 +594,53 @@ int LaunchWgmmaForwardLong(const Params& p, int64_t N, int64_t KB, int device,
                                                                                  device, di, s);
   return LaunchWgmmaForwardNarrow<T, FA, BS, NarrowFwdCfgOf<BS, false, kTransW>>(np, N, KB,
                                                                                 device, di, s);
+}
+
+// The bs-64 forward from kBs64NarrowMinBatch rows: the narrow kernel (not transposed: x's
+// 64-row groups are wgmma's A, the weight block its B), one CTA per tile of kBM batch rows,
+// copies on the copy engine.  Measured on an H100 (2026-12-06, `tools/gpu_variants.py --close`,
+// the configurations alternated in one process, fastest of two medians, bf16 unless noted,
+// C = K = 4096, us, transposed persistent kernel -> this): N = 4096, feature axis 1, 2% 26.5
+// -> 24.7, 5% 38.1 -> 33.7, 10% 54.8 -> 49.5, 25% 115.4 -> 104.9, 50% 208.8 -> 194.4, 100%
+// 350.0 -> 294.1; feature axis 0 and fp16 alike (0.84-0.99x the time); N = 16384, C = K = 8192,
+// 2% 243.7 -> 206.7, 10% 666.9 -> 601.8, 100% 6685 -> 5576; N = 1000, 100% 93.5 -> 77.8; N = 512,
+// 100% 47.9 -> 35.7; the input gradient alike.  Below 512 rows (N = 130, 264) the transposed
+// persistent kernel was 1.07-1.43x faster than the 128- to 256-row configurations (64 rows:
+// 1.03x slower and 0.96x).  Among the
+// configurations (64 / 128 / 192 / 256 rows, 3-6 stages): 128 rows x 3 stages (72 KiB, three
+// CTAs per SM) for columns of at most kBs64NarrowFewBlocks blocks; else 192 rows x 3 stages
+// (96 KiB) from kBs64NarrowTallMinBatch rows, 128 x 4 below (a 192-row tile of N = 1000 is
+// 15% padding).  Every configuration, and the cp.async copies that serve where the copy engine
+// cannot, sums the same products in the same order: the results are the same bit for bit.
+constexpr int64_t kBs64NarrowMinBatch = 512, kBs64NarrowTallMinBatch = 4096;
+constexpr double kBs64NarrowFewBlocks = 6.0;
+template <bool kCopyEngine, bool kTransW, int kBM = 128, int kStages = 3>
+using Bs64NarrowCfg = wgmma_impl::NarrowFwdCfg<64, kStages, kBM, 1, kCopyEngine, kTransW>;
+
+template <typename T, int FA, class Cfg>
+int LaunchBs64NarrowCopyEngine(const Params& p, int64_t N, int64_t KB, int device,
+                               const DeviceInfo& di, cudaStream_t s) {
+  NarrowParams np{p, {}, {}};
+  if (!CopyEngineEnabled() || !EncodeNarrowMaps<T, FA, 64, Cfg::kBM>(&np)) {
+    using CpAsync = Bs64NarrowCfg<false, Cfg::kTransW>;
+    return LaunchWgmmaForwardNarrow<T, FA, 64, CpAsync>(np, N, KB, device, di, s);
+  }
+  return LaunchWgmmaForwardNarrow<T, FA, 64, Cfg>(np, N, KB, device, di, s);
+}
+
+// SetTuning(21) / (22) force the 128 x 4 / 192 x 3 configurations wherever N > 64 (tests).
+template <typename T, int FA, bool kTransW>
+int LaunchWgmmaForwardBs64Narrow(const Params& p, int64_t N, int64_t KB, double blocks_per_col,
+                                 int device, const DeviceInfo& di, cudaStream_t s) {
+  using Rows128Stages3 = Bs64NarrowCfg<true, kTransW, 128, 3>;
+  using Rows128Stages4 = Bs64NarrowCfg<true, kTransW, 128, 4>;
+  using Rows192Stages3 = Bs64NarrowCfg<true, kTransW, 192, 3>;
+  const bool few_blocks = blocks_per_col <= kBs64NarrowFewBlocks;
+  if (Tuning() == 21 || (Tuning() != 22 && !few_blocks && N < kBs64NarrowTallMinBatch))
+    return LaunchBs64NarrowCopyEngine<T, FA, Rows128Stages4>(p, N, KB, device, di, s);
+  if (Tuning() == 22 || !few_blocks)
+    return LaunchBs64NarrowCopyEngine<T, FA, Rows192Stages3>(p, N, KB, device, di, s);
+  return LaunchBs64NarrowCopyEngine<T, FA, Rows128Stages3>(p, N, KB, device, di, s);
 }
 
 // dW (16-bit, sm_90): groups of up to G x 64 / bs blocks of one block column per
@@ -865,6 +913,11 @@ template <typename T, int FA, int BS, bool kTransW>
 int ForwardWgmmaBs(const Params& p, int64_t N, int64_t KB, double blocks_per_col, int device,
                    const DeviceInfo& di, cudaStream_t s) {
   if constexpr (sizeof(T) == 2 && BS == 64) {
+    const bool narrow = Tuning() == 21 || Tuning() == 22 ||
+                        (Tuning() != 20 && N >= kBs64NarrowMinBatch);
+    if (UseWgmma(N, di) && narrow)
+      return LaunchWgmmaForwardBs64Narrow<T, FA, kTransW>(p, N, KB, blocks_per_col, device, di,
+                                                          s);
     if (UseWgmma(N, di)) return LaunchWgmmaForward<T, FA, kTransW>(p, N, KB, device, di, s);
   }
   if constexpr (sizeof(T) == 2 && BS <= 32) {

@@ -1,7 +1,8 @@
 // Block-sparse products on Hopper's warpgroup MMA (wgmma, sm_90a) for 16-bit inputs: the
 // forward for both feature axes with N > 64 (the dispatch's default on sm_90; dx is this same
-// product) for bs 64 (below) and bs 16 / 32 (WgmmaForwardNarrowKernel, which also runs bs 32
-// and 64 with N <= 64), and dW for bs 16 / 32 / 64, both feature axes (WgmmaGradWColumnKernel).
+// product) for bs 64 below 512 rows (below) and bs 16 / 32 (WgmmaForwardNarrowKernel, which
+// also runs bs 32 and 64 with N <= 64 and bs 64 from 512 rows), and dW for bs 16 / 32 / 64, both
+// feature axes (WgmmaGradWColumnKernel).
 //
 // Why: the mma.sync kernels issue one instruction per 16 x 8 x 16 product plus the ldmatrix
 // loads that feed it, and measured on an H200 they are bound by instruction issue (see
@@ -423,10 +424,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
 #endif
 }
 
-// ---- bs-16 / bs-32 forward (and bs 32 / 64 with small batches) ----
-// 16-bit, both feature axes: bs 16 or 32 with N > 64, and bs 32 or 64 with N <= 64 (one
-// 64-row tile per block column).  A bs 16 / 32 block is too short for wgmma's 64-row operand,
-// so this product is not transposed: per stored block of the column, in the list's order,
+// ---- bs-16 / bs-32 forward (and bs 32 / 64 with small batches, bs 64 with long ones) ----
+// 16-bit, both feature axes: bs 16 or 32 with N > 64, bs 32 or 64 with N <= 64 (one 64-row
+// tile per block column), and bs 64 from 512 rows (the dispatch's choice: there it ran faster
+// than the transposed bs-64 kernel above).  A bs 16 / 32 block is too short for wgmma's 64-row
+// operand, so this product is not transposed: per stored block of the column, in the list's order,
 //   y[n0 + 64 h .., k-block] += x[n0 + 64 h .., c-block] (A: 64 batch rows x BS)
 //                              * W(c, k) (B: BS x BS, N-contiguous: the transpose flag)
 // as BS / 16 m64nBSk16 slices, for the kBM / 64 row groups h of the CTA (which share each

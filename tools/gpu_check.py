@@ -275,6 +275,43 @@ def smaller_shared_memory_checks(lib, res, gen, rng):
     lib.set_tuning(0)
 
 
+def bs64_narrow_checks(lib, res, gen, rng, quick):
+    """The 16-bit bs-64 forward from 512 rows runs the narrow wgmma kernel (Hopper): 128-row
+    tiles of 3 stages for columns of at most 6 blocks, else 192-row tiles of 3 from 4096 rows
+    and 128-row tiles of 4 below.  Forward and dx against float64 (ragged last tiles: 520 and
+    4104 rows), and bit for bit between those configurations (SetTuning(21), (22)) and the
+    cp.async copies (SetTuning(6)); the transposed kernel they replace (SetTuning(20)) against
+    float64 at 1000 rows."""
+    if not is_hopper() or lib.tuning != 0:
+        return
+    layouts = [random_layout(24, 5, 64, 0.5, rng, empty_cols=[2]),    # ~12 blocks per column
+               random_layout(24, 5, 64, 0.15, rng, empty_cols=[3])]   # ~4
+    Ns = [520] if quick else [520, 1000, 4104]
+    for dt in (["bfloat16"] if quick else ["bfloat16", "float16"]):
+        tdt = DTYPES[dt][1]
+        for L, N, fa in itertools.product(layouts, Ns, (1, 0)):
+            run_case(lib, res, dt, 64, L, N, fa, gen, ops=("fwd", "dx"))
+            x = torch.randn(*((N, L.CB * 64) if fa else (L.CB * 64, N)), generator=gen,
+                            device="cuda").to(tdt)
+            w = torch.randn(L.blocks, 64, 64, generator=gen, device="cuda").to(tdt)
+            outs = []
+            for tuning in ([0, 6] if quick else [0, 21, 22, 6]):
+                lib.set_tuning(tuning)
+                y = torch.full((N, L.KB * 64) if fa else (L.KB * 64, N), float("nan"),
+                               dtype=tdt, device="cuda")
+                outs.append((tuning, lib.forward(dt, x, w, y, N, fa, L), y))
+                torch.cuda.synchronize()
+            lib.set_tuning(0)
+            res.check(all(rc == 0 and same_bits(y, outs[0][2]) for _, rc, y in outs),
+                      f"bs-64 narrow forward: tunings {[t for t, _, _ in outs]} equal bit for "
+                      f"bit, {dt} fa={fa} N={N} blocks={L.blocks} rc={[rc for _, rc, _ in outs]}")
+    if not quick:
+        lib.set_tuning(20)
+        for L, fa in itertools.product(layouts, (1, 0)):
+            run_case(lib, res, "bfloat16", 64, L, 1000, fa, gen, ops=("fwd", "dx"))
+        lib.set_tuning(0)
+
+
 def correctness(lib, res, quick=False, race=False):
     rng = np.random.default_rng(1234)
     gen = torch.Generator(device="cuda")
@@ -327,12 +364,21 @@ def correctness(lib, res, quick=False, race=False):
         for fa in (1, 0):
             run_case(lib, res, "float32", bs, L, N, fa, gen, ops=("fwd",))
     # Many more output tiles than resident CTAs, so the persistent wgmma forward (Hopper,
-    # 16-bit bs 64) takes several tiles per CTA, some with no blocks, and ragged last tiles.
+    # 16-bit bs 64) takes several tiles per CTA, some with no blocks, and ragged last tiles
+    # (from 512 rows the narrow kernel is the default: SetTuning(20) keeps this one).
     L = random_layout(16, 160, 64, 0.3, rng, empty_cols=[0, 7, 100, 159])
+    tuning = lib.tuning
+    if tuning == 0:
+        lib.set_tuning(20)
     for dt in (["bfloat16"] if quick or race else ["bfloat16", "float16"]):
         for fa in (1, 0):
             run_case(lib, res, dt, 64, L, 1000 if quick or race else 2000, fa, gen,
                      ops=("fwd",))
+    lib.set_tuning(tuning)
+    # The same layout on the narrow kernel's 192-row tiles (many CTAs, one tile each).
+    if tuning == 0 and not (quick or race):
+        for fa in (1, 0):
+            run_case(lib, res, "bfloat16", 64, L, 4104, fa, gen, ops=("fwd",))
     # More block columns than a CTA has threads, so the column-group dW (Hopper, 16-bit)
     # scans the column list in several passes to find its group; empty columns in between.
     for bs in ([16] if quick or race else [16, 32]):
@@ -542,6 +588,9 @@ def correctness(lib, res, quick=False, race=False):
                         run_case(lib, res, dt, bs, L, N, fa, gen,
                                  ops=("fwd", "dw", "dx") if N in (17, 64, 136, 264)
                                  else ("fwd", "dw"))
+    empty_layout_checks(lib, res, quick or race)
+    if not race:
+        bs64_narrow_checks(lib, res, gen, rng, quick)
     if quick or race:
         return
     # Long reductions (4096 products per output; 8192 batch rows for dW): float32 accuracy
@@ -660,8 +709,7 @@ def correctness(lib, res, quick=False, race=False):
                 ys.append((rc, y.view(torch.int16)))
             res.check(all(rc == 0 and same_bits(y, ys[0][1]) for rc, y in ys),
                       f"determinism small-batch split bfloat16 bs={bs} fa={fa} N=64")
-    empty_layout_checks(lib, res, quick or race)
-    if lib.tuning == 0 and not race:
+    if lib.tuning == 0:
         smaller_shared_memory_checks(lib, res, gen, rng)
     # Argument validation: errors come back as codes, nothing is launched.
     L = random_layout(4, 3, 16, 0.8, rng)
@@ -819,11 +867,12 @@ def benchmark(lib, res, out_md, quick=False, dtypes=None):
                 lib.set_tuning(0)
             del ref
             # The narrow wgmma forwards (16-bit: bs 16 / 32 with N > 64, bs 32 / 64 with
-            # N <= 64) with cp.async copies (SetTuning(6)) where the copy engine is the default:
-            # the same sums, bit for bit.
+            # N <= 64, bs 64 from 512 rows) with cp.async copies (SetTuning(6)) where the copy
+            # engine is the default: the same sums, bit for bit.
             fwd = lambda out: lib.forward(dt, x, w, out, N, fa, L)
             tc = float("nan")
-            if dt != "float32" and is_hopper() and (bs >= 32 if N <= 64 else bs <= 32):
+            if dt != "float32" and is_hopper() and (bs >= 32 if N <= 64 else
+                                                     bs <= 32 or N >= 512):
                 tc = time_variant(lib, res, 6, fwd, y, y, f"tuning-6 forward equals the default "
                                   f"{dt} N={N} bs={bs} d={d}")
             if dt != "float32" and bs >= 32 and N > 64:

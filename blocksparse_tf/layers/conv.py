@@ -236,15 +236,22 @@ class BlockSparseConv2D(_layout.LayoutCheckedWeights, keras.layers.Layer):
             padded = (size if size is not None else dynamic[d]) + sum(pads[-1])
             o = (padded - ((k - 1) * dil + 1)) // s + 1
             too_small = (f"is smaller than the dilated kernel {self.kernel_size} (dilation "
-                         f"{self.dilation_rate}) with padding 'valid'")
+                         f"{self.dilation_rate}) with padding '{self.padding}'")
+            if size == 0:  # SAME pads nothing there: an empty image is refused under either
+                raise ValueError(f"input of spatial shape {tuple(static[1:3])} has no rows or "
+                                 f"no columns; BlockSparseConv2D needs at least one of each")
             if isinstance(o, int) and o < 1:
                 raise ValueError(f"input of spatial shape {tuple(static[1:3])} {too_small}")
             if not isinstance(o, int):
                 # A size known only when run: checked then, the sizes named in the error (the
-                # im2col slices would otherwise give an empty output; the fused op checks it
-                # itself).
-                tf.debugging.Assert(o > 0, [f"input {too_small}; the input's height and width:",
-                                            dynamic[1:3]])
+                # fused op checks it itself).  The output size waits for the check, so that the
+                # im2col slices, which a negative size would turn into windows of unequal
+                # sizes, are not cut before it.
+                check = tf.debugging.Assert(
+                    o > 0, [f"input {too_small} or has no rows or no columns; the input's "
+                            f"height and width:", dynamic[1:3]])
+                with tf.control_dependencies([check]):
+                    o = tf.identity(o)
             out.append(o)
         return pads, out
 

@@ -243,6 +243,27 @@ def test_input_smaller_than_kernel_raises_when_sizes_known_only_when_run(impleme
         run(tf.ones((1, 2, 2, 16)))
 
 
+@pytest.mark.parametrize("implementation", ["fused", "im2col"])
+def test_input_two_smaller_than_kernel_names_the_kernel_when_sizes_known_only_when_run(
+        implementation):
+    # A 5-tap kernel over 3 rows: the output size is negative, which turned the im2col slices'
+    # stops negative (counted from the end) and failed in their concat, not in the size check.
+    layer = BlockSparseConv2D(16, 5, block_size=8, padding="valid", implementation=implementation)
+    run = tf.function(layer, input_signature=[tf.TensorSpec([None, None, None, 16])])
+    assert run(tf.ones((1, 6, 7, 16))).shape == (1, 2, 3, 16)
+    message = (r"input is smaller than the dilated kernel \(5, 5\).*height and width:\] \[3 7\]"
+               r"|the input height 3 padded by 0 \+ 0 is smaller than the dilated kernel height")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        run(tf.ones((1, 3, 7, 16)))
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_empty_image_raises_naming_it(padding):
+    layer = BlockSparseConv2D(16, 3, block_size=8, layout="dense", padding=padding)
+    with pytest.raises(ValueError, match=r"spatial shape \(0, 5\) has no rows or no columns"):
+        layer(tf.zeros((2, 0, 5, 16)))
+
+
 def test_auto_implementation_is_fused_on_cpu():
     layer = BlockSparseConv2D(16, 3, block_size=8)
     assert layer.implementation == "auto"

@@ -67,8 +67,10 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
     x : tensor (n, m)
     w : tensor (m, p), dense; (p, m) with transpose_w, which then multiplies by w^T
     in_mask : (n, m / block_size), optional
-        Nonzero where an input block of an example takes part; absent means all do.  The
-        product never reads x where the mask is 0.
+        Nonzero where an input block of an example takes part (NaN too; a subnormal counts as
+        zero); absent means all do.  The product never reads x where the mask is 0.  With
+        neither mask the product is tf.matmul's, whose rounding may change with the thread
+        count and the batch; the kernels' sums, which do not, run wherever a mask is given.
     out_mask : (n, p / block_size), optional
         Nonzero where an output block of an example is computed; elsewhere the output is 0.
     bias : (p,), optional
@@ -104,8 +106,13 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
         in_m = check_mask(in_mask, "in_mask", n, m, block_size)
         out_m = check_mask(out_mask, "out_mask", n, p, block_size)
         if in_m is None and out_m is None:  # nothing to skip: the dense product is best
-            # tf.matmul would multiply a batch of matrices; the kernel checks the rank itself.
+            # tf.matmul would multiply a batch of matrices, and multiply sizes that block_size
+            # does not divide; the kernel checks both itself.
             x, w = _ensure_matrix(x, "x"), _ensure_matrix(w, "w")
+            if m is None:
+                x = _divisible_when_run(x, 1, block_size, "m")
+            if p is None:
+                w = _divisible_when_run(w, 1 - m_axis, block_size, "p")
             y = tf.matmul(x, w, transpose_b=transpose_w)
             return y if bias is None else y + _check_bias(bias, x.dtype, p, y)
         x_shape, w_shape = _matrix_dims(x), _matrix_dims(w)
@@ -128,6 +135,13 @@ def _checked_when_run(t, ok, message, shape):
     with the static ``shape`` the check guarantees."""
     with tf.control_dependencies([tf.debugging.Assert(ok, message)]):
         return tf.ensure_shape(tf.identity(t), shape)
+
+
+def _divisible_when_run(t, axis, block_size, label):
+    """t, checked when the graph runs to have a size along `axis` that block_size divides."""
+    size = tf.shape(t)[axis]
+    return _checked_when_run(t, tf.equal(size % block_size, 0),
+                             [f"block_size {block_size} must divide {label} =", size], t.shape)
 
 
 def _ensure_matrix(t, what):

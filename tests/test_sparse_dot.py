@@ -838,6 +838,31 @@ def test_no_masks_with_unknown_rank_still_takes_matrices_only():
     np.testing.assert_allclose(f(x, w).numpy(), x.astype(np.float64) @ w, rtol=1e-5)
 
 
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_no_masks_with_sizes_known_only_when_run_still_need_block_size_to_divide(transpose_w):
+    """Eagerly a block size that does not divide m or p raises; in a graph that learns the sizes
+    only when it runs, the dense product without masks must refuse them too (it multiplied)."""
+    f = tf.function(lambda x, w: sparse_dot(x, w, block_size=32, transpose_w=transpose_w),
+                    input_signature=[tf.TensorSpec([None, None], tf.float32)] * 2)
+    w_of = (lambda m, p: tf.ones([p, m])) if transpose_w else (lambda m, p: tf.ones([m, p]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"block_size 32 must divide m =\] \[40\]"):
+        f(tf.ones([4, 40]), w_of(40, 64))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"block_size 32 must divide p =\] \[48\]"):
+        f(tf.ones([4, 64]), w_of(64, 48))
+    assert f(tf.ones([4, 64]), w_of(64, 96)).shape == (4, 96)
+
+
+def test_mask_entries_active_where_nonzero_subnormals_counting_as_zero():
+    """As documented: NaN, infinities and negative values are active; a subnormal entry counts
+    as zero (TensorFlow's CPU comparisons flush it), in float32 and float64 masks alike."""
+    x, w = tf.ones([1, 32]), tf.ones([32, 8])
+    for value, dtype, active in ((np.nan, np.float32, True), (-np.inf, np.float32, True),
+                                 (-2.0, np.float32, True), (1e-45, np.float32, False),
+                                 (1e-310, np.float64, False), (1e-30, np.float32, True)):
+        y = sparse_dot(x, w, in_mask=np.array([[value, 0, 0, 0]], dtype), block_size=8)
+        np.testing.assert_array_equal(y.numpy(), np.full((1, 8), 8.0 if active else 0.0))
+
+
 def test_non_finite_bias_stays_out_of_inactive_outputs():
     """bias is added only where out_mask is nonzero: where it is 0 the output is exactly 0,
     even for an infinite or NaN bias (inf * 0 would be NaN), and the bias gradient sums dy

@@ -99,9 +99,13 @@ def pruned_weights(layer_or_weights, bias=None, activation=None):
     ``Dense`` its kernel; a 2-D array is the kernel itself, with ``bias`` and ``activation``.
     """
     obj = layer_or_weights
-    if isinstance(obj, (SparseVDDense, keras.layers.Dense)):
+    if _is_dense_like(obj):
         if not obj.built:
             raise ValueError(f"layer {obj.name!r} is not built: call it on data first")
+        if getattr(obj, "quantization_mode", None) is not None:
+            # Its kernel holds the quantized codes, not the weights (they need its scales).
+            raise ValueError(f"layer {obj.name!r} is quantized ({obj.quantization_mode}): "
+                             "convert the float model, then quantize")
         if isinstance(obj, SparseVDDense):
             W = obj.pruned_kernel()
         else:
@@ -110,7 +114,8 @@ def pruned_weights(layer_or_weights, bias=None, activation=None):
         return W.astype(np.float32), b, obj.activation
     if isinstance(obj, keras.layers.Layer):
         raise ValueError("to_block_sparse converts SparseVDDense or keras.layers.Dense layers "
-                         f"(or a (C, K) kernel); got a {type(obj).__name__}")
+                         f"(or a (C, K) kernel); got a {type(obj).__name__} (a subclass of "
+                         "Dense may compute something else in its call)")
     W = np.asarray(obj)
     if W.ndim != 2 or not np.issubdtype(W.dtype, np.number) or min(W.shape) < 1:
         raise ValueError(f"weights must be a non-empty 2-D numeric array (C, K); got shape "
@@ -120,6 +125,12 @@ def pruned_weights(layer_or_weights, bias=None, activation=None):
         if bias.shape != (W.shape[1],):
             raise ValueError(f"bias must have shape ({W.shape[1]},); got {bias.shape}")
     return W.astype(np.float32), bias, keras.activations.get(activation)
+
+
+def _is_dense_like(layer):
+    """A SparseVDDense or a keras.layers.Dense itself: a subclass of Dense may compute
+    something else in its call, which the converted layer would not."""
+    return isinstance(layer, SparseVDDense) or type(layer) is keras.layers.Dense
 
 
 def choose_layout(W, block_size, density=None, norm="l2"):
@@ -179,6 +190,19 @@ def to_block_sparse(layer_or_weights, block_size, density=None, *, bias=None, ac
     if norm not in ("l2", "max"):
         raise ValueError(f"norm must be 'l2' or 'max'; got {norm!r}")
     W, b, act = pruned_weights(layer_or_weights, bias, activation)
+    if name is None:
+        base = getattr(layer_or_weights, "name", None)
+        name = f"{base}_bs" if isinstance(base, str) else None
+    layer, report = _block_sparse_dense(W, b, act, block_size, density, norm, pad, name,
+                                        _policy_of(layer_or_weights))
+    if inputs is not None:
+        report.update(_measure_layer(W, b, act, layer, inputs, repeats))
+    return layer, report
+
+
+def _block_sparse_dense(W, b, act, block_size, density, norm, pad, name, policy):
+    """(BlockSparseDense holding kernel W (C, K) and bias b, report): see to_block_sparse;
+    ``policy``: keyword arguments of the new layer (its dtype policy, trainable flag)."""
     C, K = W.shape
     Cp, Kp = _round_up(C, block_size), _round_up(K, block_size)
     if (Cp, Kp) != (C, K):
@@ -195,21 +219,23 @@ def to_block_sparse(layer_or_weights, block_size, density=None, *, bias=None, ac
     Wp = np.zeros((Cp, Kp), np.float32)
     Wp[:C, :K] = W
     layout = choose_layout(Wp, block_size, density, norm)
-    if name is None:
-        base = getattr(layer_or_weights, "name", None)
-        name = f"{base}_bs" if isinstance(base, str) else None
     layer = BlockSparseDense(Kp, block_size=block_size, layout=np.asarray(layout).astype(np.int8),
-                             activation=act, use_bias=b is not None, name=name)
+                             activation=act, use_bias=b is not None, name=name, **policy)
     layer.build((None, Cp))
     layer.kernel.assign(layer.bsmm.from_dense(Wp))
     if b is not None:
         bp = np.zeros(Kp, np.float32)
         bp[:K] = b
         layer.bias.assign(bp)
-    report = _layer_report(W, Wp, layer, block_size)
-    if inputs is not None:
-        report.update(_measure_layer(W, b, act, layer, inputs, repeats))
-    return layer, report
+    return layer, _layer_report(W, Wp, layer, block_size)
+
+
+def _policy_of(old):
+    """Keyword arguments giving a replacement layer the dtype policy and trainable flag of
+    the layer it replaces (nothing for a bare kernel: the global policy, trainable)."""
+    if not isinstance(old, keras.layers.Layer):
+        return {}
+    return {"dtype": old.dtype_policy, "trainable": old.trainable}
 
 
 def to_dense_model(model):
@@ -220,7 +246,8 @@ def to_dense_model(model):
     def replace(layer):
         if isinstance(layer, SparseVDDense):
             new = keras.layers.Dense(layer.units, activation=layer.activation,
-                                     use_bias=layer.use_bias, name=layer.name)
+                                     use_bias=layer.use_bias, name=layer.name,
+                                     **_policy_of(layer))
             return _built(new, layer, [layer.pruned_kernel()] + _bias_list(layer))
         if isinstance(layer, SparseVDConv2D):
             return _plain_conv(layer)
@@ -265,7 +292,7 @@ def convert_model(model, block_size, density=None, *, norm="l2", pad=True, x=Non
     reports = []
 
     def replace(layer):
-        if isinstance(layer, (SparseVDDense, keras.layers.Dense)):
+        if _is_dense_like(layer):
             new, rep = _convert_dense(layer, block_size, density, norm, pad)
             reports.append({"name": layer.name, **rep})
             return new
@@ -273,6 +300,9 @@ def convert_model(model, block_size, density=None, *, norm="l2", pad=True, x=Non
             return _plain_conv(layer)
         return None
 
+    if x is not None and (len(model.inputs) != 1 or len(model.outputs) != 1):
+        raise ValueError(f"x (and y) measure models of one input and one output; this one has "
+                         f"{len(model.inputs)} and {len(model.outputs)}: convert without them")
     new_model = _clone(model, replace)
     report = {"layers": reports}
     if x is not None:
@@ -294,44 +324,50 @@ def _convert_dense(layer, block_size, density, norm, pad):
         raise ValueError(f"layer {layer.name!r}: kernel shape {(C, K)} is not a multiple of "
                          f"block_size={block_size}; pass pad=True")
     W, b, act = pruned_weights(layer)
-    bsd, rep = to_block_sparse(W, block_size, density, bias=b, norm=norm, pad=True,
-                               name=f"{layer.name}_bs")
+    policy = _policy_of(layer)
+    bsd, rep = _block_sparse_dense(W, b, None, block_size, density, norm, True,
+                                   f"{layer.name}_bs", policy)
     parts = [keras.Input((C,))]
     if bsd.bsmm.C != C:
-        parts.append(PadFeatures(bsd.bsmm.C - C, name=f"{layer.name}_pad"))
+        parts.append(PadFeatures(bsd.bsmm.C - C, name=f"{layer.name}_pad", **policy))
     parts.append(bsd)
     if bsd.units != K:
-        parts.append(SliceFeatures(K, name=f"{layer.name}_slice"))
-    parts.append(keras.layers.Activation(act, name=f"{layer.name}_act"))
-    return keras.Sequential(parts, name=layer.name), rep
+        parts.append(SliceFeatures(K, name=f"{layer.name}_slice", **policy))
+    parts.append(keras.layers.Activation(act, name=f"{layer.name}_act", **policy))
+    return keras.Sequential(parts, name=layer.name, trainable=layer.trainable), rep
 
 
-def _clone(model, replace):
+def _clone(model, replace, made=None):
     """clone_model where ``replace(layer)`` gives a built replacement (or None: copy).
     Models nested inside (a Sequential used as a layer) are cloned the same way, so their
-    layers are replaced too."""
+    layers are replaced too; ``made`` maps each layer already cloned (by id) to its clone,
+    across the nested models, so that a layer shared by several of them stays one layer."""
+    made = {} if made is None else made
     copied = []
 
     def clone_fn(layer):
+        if id(layer) in made:
+            return made[id(layer)]
         new = replace(layer)
         if new is None and isinstance(layer, keras.Model):
-            new = _clone(layer, replace)
+            new = _clone(layer, replace, made)
         if new is None:
             new = layer.__class__.from_config(layer.get_config())
-            copied.append(layer)
+            copied.append((layer, new))
+        made[id(layer)] = new
         return new
 
     new_model = keras.models.clone_model(model, clone_function=clone_fn)
-    for old in copied:
+    for old, new in copied:
         if old.weights:
-            new_model.get_layer(old.name).set_weights(old.get_weights())
+            new.set_weights(old.get_weights())
     return new_model
 
 
 def _plain_conv(layer):
     new = keras.layers.Conv2D(layer.filters, layer.kernel_size, strides=layer.strides,
                               padding=layer.padding, activation=layer.activation,
-                              use_bias=layer.use_bias, name=layer.name)
+                              use_bias=layer.use_bias, name=layer.name, **_policy_of(layer))
     return _built(new, layer, [layer.pruned_kernel()] + _bias_list(layer))
 
 
@@ -346,11 +382,19 @@ def _bias_list(layer):
 
 
 def _input_shape(layer):
+    """The layer's input shape, the same at every call of it in the model (a layer shared by
+    inputs of other ranks, e.g. 2-D and 3-D, has none)."""
     try:
-        return tuple(layer.input.shape)
+        shape = tuple(layer.input.shape)
     except (AttributeError, ValueError) as err:
         raise ValueError(f"layer {layer.name!r} has no single input shape (is the model "
                          f"built, and is the layer used once?): {err}") from None
+    for node in getattr(layer, "_inbound_nodes", []):  # where the layer is called again
+        for tensor in getattr(node, "input_tensors", []):
+            if len(tensor.shape) != len(shape) or tensor.shape[-1] != shape[-1]:
+                raise ValueError(f"layer {layer.name!r} is called on inputs of shapes {shape} "
+                                 f"and {tuple(tensor.shape)}; convert_model needs one")
+    return shape
 
 
 def _check_model(model):

@@ -248,3 +248,76 @@ def test_bad_inputs_raise():
 def test_all_zero_kernel_keeps_one_zero_block():
     bsd, rep = to_block_sparse(np.zeros((16, 16), np.float32), 8)
     assert rep["blocks"] == 1 and not np.any(bsd.dense_kernel())
+
+
+def _dense_model(*layers, width=16):
+    return keras.Sequential([keras.Input((width,)), *layers])
+
+
+def test_quantized_dense_is_refused():
+    # Its kernel holds int8 codes, not weights: converted, they gave outputs 300x too large.
+    model = _dense_model(keras.layers.Dense(16))
+    model.quantize("int8")
+    with pytest.raises(ValueError, match="'dense.*' is quantized \\(int8\\): convert the float"):
+        convert_model(model, 8)
+
+
+def test_dense_subclass_is_copied_not_replaced():
+    """A subclass of Dense may compute something else in its call: it is copied with its
+    weights (it was replaced by a plain BlockSparseDense, dropping its call), and
+    to_block_sparse refuses it."""
+
+    class Scaled(keras.layers.Dense):
+        def call(self, inputs):
+            return 2.0 * super().call(inputs)
+
+    model = _dense_model(Scaled(16, name="scaled"), keras.layers.Dense(8, name="plain"))
+    x = np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)
+    new, rep = convert_model(model, 8)
+    assert [r["name"] for r in rep["layers"]] == ["plain"]
+    assert type(new.get_layer("scaled")) is Scaled
+    np.testing.assert_allclose(_np(new(x)), _np(model(x)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="got a Scaled"):
+        to_block_sparse(model.get_layer("scaled"), 8)
+
+
+def test_layer_shared_by_nested_and_outer_model_stays_shared():
+    shared = keras.layers.Dense(16, name="shared")
+    inner = keras.Sequential([keras.Input((16,)), shared], name="inner")
+    inputs = keras.Input((16,))
+    model = keras.Model(inputs, shared(inner(inputs)))
+    new, rep = convert_model(model, 8)
+    assert [r["name"] for r in rep["layers"]] == ["shared"]
+    assert new.get_layer("inner").get_layer("shared") is new.get_layer("shared")
+    assert new.count_params() == model.count_params() == 16 * 16 + 16
+    x = np.random.default_rng(1).normal(size=(3, 16)).astype(np.float32)
+    np.testing.assert_allclose(_np(new(x)), _np(model(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [16, 12])  # 12: padded (a Sequential of the same name)
+def test_trainable_flags_and_dtype_policies_carry_over(width):
+    model = _dense_model(keras.layers.Dense(16, trainable=False, dtype="mixed_float16", name="a"),
+                         keras.layers.Dense(8, dtype="bfloat16", name="b"), width=width)
+    new, _ = convert_model(model, 8)
+    assert [new.get_layer(n).trainable for n in "ab"] == [False, True]
+    assert len(new.trainable_weights) == 2  # b's blocks and bias
+    bs_layers = [layer for layer in new._flatten_layers() if isinstance(layer, BlockSparseDense)]
+    assert [layer.dtype_policy.name for layer in bs_layers] == ["mixed_float16", "bfloat16"]
+    x = np.ones((2, width), np.float32)
+    assert new(x).dtype == model(x).dtype == "bfloat16"
+
+
+def test_measuring_needs_one_input_and_one_output():
+    a, b = keras.Input((16,)), keras.Input((16,))
+    model = keras.Model([a, b], keras.layers.Dense(8)(keras.layers.Add()([a, b])))
+    x = np.ones((2, 16), np.float32)
+    with pytest.raises(ValueError, match="one input and one output; this one has 2 and 1"):
+        convert_model(model, 8, x=[x, x])
+    assert len(convert_model(model, 8)[1]["layers"]) == 1  # without x it converts
+
+
+def test_layer_called_on_inputs_of_other_ranks_is_refused():
+    dense = keras.layers.Dense(5)
+    a, b = keras.Input((7,)), keras.Input((3, 7))
+    with pytest.raises(ValueError, match=r"called on inputs of shapes \(None, 7\) and \(None, 3, 7\)"):
+        convert_model(keras.Model([a, b], [dense(a), dense(b)]), 8)

@@ -206,17 +206,22 @@ class LayoutCheckedWeights:
     and compute something else without a word.  Weights saved without the record (by earlier
     versions) load as before.  ``set_weights`` takes bare arrays: it cannot check.
 
-    The layer defines ``_weight_layouts()``: its BlocksparseMatMuls, in a fixed order."""
+    The layer defines ``_weight_layouts()``: its BlocksparseMatMuls, in a fixed order, None
+    for one it has not made (not built yet, or not used)."""
 
     def save_own_variables(self, store):
         super().save_own_variables(store)
-        store[WEIGHTS_LAYOUT_KEY] = _layouts_record(self._weight_layouts())
+        if self._built_layouts():  # an unbuilt layer has neither weights nor layouts
+            store[WEIGHTS_LAYOUT_KEY] = _layouts_record(self._built_layouts())
+
+    def _built_layouts(self):
+        return [bsmm for bsmm in self._weight_layouts() if bsmm is not None]
 
     def load_own_variables(self, store):
         keys = list(store.keys())
         if WEIGHTS_LAYOUT_KEY in keys:
             saved = np.asarray(store[WEIGHTS_LAYOUT_KEY])
-            mine = _layouts_record(self._weight_layouts())
+            mine = _layouts_record(self._built_layouts())
             if saved.shape != mine.shape or not np.array_equal(saved, mine):
                 raise ValueError(
                     f"the weights being loaded into layer {self.name!r} were saved by a layer "

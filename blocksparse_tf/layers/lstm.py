@@ -229,7 +229,7 @@ class BlockSparseLSTMCell(_layout.LayoutCheckedWeights, keras.layers.Layer):
         return [ops.zeros((batch_size, self.units), dtype=self.compute_dtype) for _ in range(2)]
 
     def _weight_layouts(self):
-        return [m for m in (self.recurrent_bsmm, self.input_bsmm) if m is not None]
+        return [self.recurrent_bsmm, self.input_bsmm]
 
     def get_config(self):
         config = super().get_config()

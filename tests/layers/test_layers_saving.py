@@ -210,3 +210,11 @@ def test_get_config_returns_a_copy_of_the_layout():
     config["layout"]["coords"].append([0, 1])
     assert layer.get_config()["layout"]["coords"] == [[0, 0], [1, 1]]
     assert layer.density == 0.5
+
+
+def test_unbuilt_model_saves_and_loads(tmp_path):
+    # Saving read the layout of a layer not built yet (AttributeError on None).
+    path = str(tmp_path / "unbuilt.keras")
+    keras.Sequential([BlockSparseDense(16, block_size=8)]).save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded(np.ones((2, 16), np.float32)).shape == (2, 16)

@@ -99,6 +99,8 @@ def pruned_weights(layer_or_weights, bias=None, activation=None):
     ``Dense`` its kernel; a 2-D array is the kernel itself, with ``bias`` and ``activation``.
     """
     obj = layer_or_weights
+    if isinstance(obj, keras.layers.Layer) and (bias is not None or activation is not None):
+        raise ValueError("bias and activation are for a bare kernel: a layer gives its own")
     if _is_dense_like(obj):
         if not obj.built:
             raise ValueError(f"layer {obj.name!r} is not built: call it on data first")
@@ -117,8 +119,9 @@ def pruned_weights(layer_or_weights, bias=None, activation=None):
                          f"(or a (C, K) kernel); got a {type(obj).__name__} (a subclass of "
                          "Dense may compute something else in its call)")
     W = np.asarray(obj)
-    if W.ndim != 2 or not np.issubdtype(W.dtype, np.number) or min(W.shape) < 1:
-        raise ValueError(f"weights must be a non-empty 2-D numeric array (C, K); got shape "
+    if (W.ndim != 2 or not np.issubdtype(W.dtype, np.number) or np.iscomplexobj(W)
+            or min(W.shape) < 1):
+        raise ValueError(f"weights must be a non-empty 2-D real array (C, K); got shape "
                          f"{W.shape} and dtype {W.dtype}")
     if bias is not None:
         bias = np.asarray(bias, dtype=np.float32)
@@ -189,6 +192,7 @@ def to_block_sparse(layer_or_weights, block_size, density=None, *, bias=None, ac
     _check_density(density)
     if norm not in ("l2", "max"):
         raise ValueError(f"norm must be 'l2' or 'max'; got {norm!r}")
+    _check_pad(pad)
     W, b, act = pruned_weights(layer_or_weights, bias, activation)
     if name is None:
         base = getattr(layer_or_weights, "name", None)
@@ -288,6 +292,7 @@ def convert_model(model, block_size, density=None, *, norm="l2", pad=True, x=Non
     """
     check_block_size(block_size)
     _check_density(density)
+    _check_pad(pad)
     _check_model(model)
     reports = []
 
@@ -410,6 +415,11 @@ def _check_density(density):
     if (isinstance(density, bool) or not isinstance(density, (int, float, np.floating))
             or not 0.0 < density <= 1.0):
         raise ValueError(f"density must be None or a number in (0, 1]; got {density!r}")
+
+
+def _check_pad(pad):
+    if not isinstance(pad, (bool, np.bool_)):
+        raise ValueError(f"pad must be True or False; got {pad!r}")
 
 
 def _round_up(n, m):

@@ -243,6 +243,16 @@ def test_bad_inputs_raise():
         PadFeatures(-1)
     with pytest.raises(ValueError, match=r"units must be a positive integer; got 0"):
         SliceFeatures(0)
+    with pytest.raises(ValueError, match="pad must be True or False; got 'no'"):
+        to_block_sparse(np.ones((12, 12)), 8, pad="no")  # a truthy string padded
+    with pytest.raises(ValueError, match="pad must be True or False"):
+        convert_model(_dense_model(keras.layers.Dense(8)), 8, pad=0)
+    dense = keras.layers.Dense(8)
+    dense.build((None, 16))
+    with pytest.raises(ValueError, match="bias and activation are for a bare kernel"):
+        to_block_sparse(dense, 8, activation="relu")  # was ignored
+    with pytest.raises(ValueError, match="real array"):
+        to_block_sparse(np.ones((16, 16)) * 1j, 8)  # the imaginary part was dropped
 
 
 def test_all_zero_kernel_keeps_one_zero_block():

@@ -78,8 +78,9 @@ class BlockSparseDense(_layout.LayoutCheckedWeights, keras.layers.Layer):
         C = input_shape[-1]
         if C is None:
             raise ValueError(f"the last input dimension must be known; got shape {input_shape}")
-        if C % self.block_size:
-            raise ValueError(f"input size {C} must be a multiple of block_size={self.block_size}")
+        if C < 1 or C % self.block_size:
+            raise ValueError(f"input size {C} must be a positive multiple of block_size="
+                             f"{self.block_size}")
         self.layout_spec = _layout.resolve(self.layout_spec, C // self.block_size,
                                            self.units // self.block_size,
                                            _layout.default_rect(DEFAULT_DENSITY))

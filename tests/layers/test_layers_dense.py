@@ -204,6 +204,7 @@ def test_bad_arguments(kwargs, message):
 
 @pytest.mark.parametrize("layout,shape,message", [
     (None, (None, 40), "multiple of block_size"),
+    (None, (None, 0), "input size 0 must be a positive multiple"),  # named the generator's n
     (np.ones((3, 2)), (None, 64), r"\(4, 2\)"),
     ("watts_strogatz", (None, 64), "square layouts"),
     # A density beside the parameter it sets would be ignored (k=1 won over density=0.9).

@@ -190,8 +190,7 @@ def to_block_sparse(layer_or_weights, block_size, density=None, *, bias=None, ac
     """
     check_block_size(block_size)
     _check_density(density)
-    if norm not in ("l2", "max"):
-        raise ValueError(f"norm must be 'l2' or 'max'; got {norm!r}")
+    _check_norm(norm)
     _check_pad(pad)
     W, b, act = pruned_weights(layer_or_weights, bias, activation)
     if name is None:
@@ -292,6 +291,7 @@ def convert_model(model, block_size, density=None, *, norm="l2", pad=True, x=Non
     """
     check_block_size(block_size)
     _check_density(density)
+    _check_norm(norm)
     _check_pad(pad)
     _check_model(model)
     reports = []
@@ -415,6 +415,11 @@ def _check_density(density):
     if (isinstance(density, bool) or not isinstance(density, (int, float, np.floating))
             or not 0.0 < density <= 1.0):
         raise ValueError(f"density must be None or a number in (0, 1]; got {density!r}")
+
+
+def _check_norm(norm):
+    if norm not in ("l2", "max"):
+        raise ValueError(f"norm must be 'l2' or 'max'; got {norm!r}")
 
 
 def _check_pad(pad):

@@ -247,6 +247,8 @@ def test_bad_inputs_raise():
         to_block_sparse(np.ones((12, 12)), 8, pad="no")  # a truthy string padded
     with pytest.raises(ValueError, match="pad must be True or False"):
         convert_model(_dense_model(keras.layers.Dense(8)), 8, pad=0)
+    with pytest.raises(ValueError, match="norm must be 'l2' or 'max'; got 'l1'"):
+        convert_model(_dense_model(keras.layers.Dense(12), width=12), 8, norm="l1")  # padded
     dense = keras.layers.Dense(8)
     dense.build((None, 16))
     with pytest.raises(ValueError, match="bias and activation are for a bare kernel"):

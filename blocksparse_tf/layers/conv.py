@@ -298,6 +298,16 @@ class BlockSparseConv2D(_layout.LayoutCheckedWeights, keras.layers.Layer):
     def call(self, inputs):
         dtype = self.compute_dtype
         x = tf.cast(inputs, dtype)
+        if x.shape[-1] is None:
+            # Keras checks the channels where they are known when traced; else here, since the
+            # im2col product would name its concatenated taps' size instead.
+            channels = self.bsmm.CB * self.block_size
+            check = tf.debugging.Assert(
+                tf.equal(tf.shape(x)[-1], channels),
+                [f"BlockSparseConv2D {self.name!r} takes {channels} input channels; got input "
+                 "shape", tf.shape(x)], summarize=4)
+            with tf.control_dependencies([check]):
+                x = tf.identity(x)
         kernel = tf.cast(self.kernel, dtype)
         if self.uses_fused_ops():
             y = self._call_fused(x, kernel)

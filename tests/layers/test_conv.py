@@ -257,6 +257,18 @@ def test_input_two_smaller_than_kernel_names_the_kernel_when_sizes_known_only_wh
         run(tf.ones((1, 3, 7, 16)))
 
 
+@pytest.mark.parametrize("implementation", ["fused", "im2col"])
+def test_wrong_channel_count_known_only_when_run_is_named(implementation):
+    # im2col named the size of its concatenated taps (144 = 9 taps x 16) instead.
+    layer = BlockSparseConv2D(16, 3, block_size=8, implementation=implementation)
+    layer.build((None, None, None, 16))
+    run = tf.function(layer, input_signature=[tf.TensorSpec([None, None, None, None])])
+    assert run(tf.ones((1, 5, 5, 16))).shape == (1, 3, 3, 16)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="takes 16 input channels; got input "
+                                                             r"shape\] \[1 5 5 24\]"):
+        run(tf.ones((1, 5, 5, 24)))
+
+
 @pytest.mark.parametrize("padding", ["same", "valid"])
 def test_empty_image_raises_naming_it(padding):
     layer = BlockSparseConv2D(16, 3, block_size=8, layout="dense", padding=padding)

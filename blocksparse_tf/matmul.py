@@ -213,6 +213,15 @@ def _with_recipe(w, bsmm, method, **arguments):
     return w
 
 
+def _minibatch(N, unknown=False):
+    """N as an int, if it is an integer >= 0 (a minibatch size); None too with ``unknown``."""
+    if N is None and unknown:
+        return None
+    if not is_integer(N) or N < 0:
+        raise ValueError(f"N must be an integer >= 0 (the minibatch size); got {N!r}")
+    return int(N)
+
+
 class BlocksparseMatMul:
     """Product of activations with a block-sparse weight matrix W of shape (C, K).
 
@@ -272,16 +281,18 @@ class BlocksparseMatMul:
         return int(c), int(k)
 
     def i_shape(self, N):
-        """Shape of x for a minibatch of N."""
+        """Shape of x for a minibatch of N (None: unknown, e.g. for a placeholder)."""
+        N = _minibatch(N, unknown=True)
         return (N, self.C) if self.feature_axis == 1 else (self.C, N)
 
     def o_shape(self, N):
-        """Shape of y for a minibatch of N."""
+        """Shape of y for a minibatch of N (None: unknown)."""
+        N = _minibatch(N, unknown=True)
         return (N, self.K) if self.feature_axis == 1 else (self.K, N)
 
     def flops(self, N):
         """Floating point operations of one product for a minibatch of N (2 per multiply-add)."""
-        return 2 * int(N) * self.blocks * self.block_size * self.block_size
+        return 2 * _minibatch(N) * self.blocks * self.block_size * self.block_size
 
     # ---- the product -------------------------------------------------------------------
     def __call__(self, x, w, gate=None, name=None):
@@ -298,6 +309,8 @@ class BlocksparseMatMul:
         self._check_operands(x, w)
         if gate is not None:
             gate = tf.convert_to_tensor(gate)
+            if not (gate.dtype.is_floating or gate.dtype.is_integer or gate.dtype.is_bool):
+                raise ValueError(f"gate must hold real numbers; got dtype {gate.dtype.name}")
             if not gate.shape.is_compatible_with([self.blocks]):
                 raise ValueError(f"gate must have shape ({self.blocks},), one value per block; "
                                  f"got {gate.shape}")
@@ -394,6 +407,9 @@ class BlocksparseMatMul:
 
         The result is a numpy array that is also a Keras initializer.
         """
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(scale):
+            raise ValueError(f"scale must be a finite number; got {scale!r}")
         w = np.zeros(self.w_shape, dtype=np.float32)
         w[self._coords[:, 0] == self._coords[:, 1]] = scale * np.eye(self.block_size, dtype=np.float32)
         return _with_recipe(w, self, "identity_init", scale=float(scale))
@@ -404,6 +420,8 @@ class BlocksparseMatMul:
         Each output unit then sums its inputs with unit-norm weight rows, so activations keep
         their scale through the layer.  A numpy array that is also a Keras initializer.
         """
+        if isinstance(seed, bool):  # default_rng takes it as 0 or 1
+            raise ValueError(f"seed must be None, an integer or a numpy Generator; got {seed!r}")
         rng = np.random.default_rng(seed)
         q, r = np.linalg.qr(rng.standard_normal((self.blocks, self.block_size, self.block_size)))
         q *= np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]

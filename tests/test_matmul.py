@@ -1048,6 +1048,25 @@ def test_flops_block_coord_and_name_checks():
     assert rel_err(y, x.astype(np.float64) @ dense_reference(small.layout, 8, w)) < 1e-5
 
 
+def test_minibatch_sizes_scales_seeds_and_gates_are_checked():
+    bsmm = BlocksparseMatMul(np.eye(2), block_size=8)
+    assert bsmm.i_shape(None) == (None, 16) and bsmm.o_shape(np.int64(3)) == (3, 16)
+    for bad in (1.5, -2, True, "4"):  # flops(1.5) counted one row, flops(-2) was negative
+        with pytest.raises(ValueError, match="N must be an integer >= 0"):
+            bsmm.flops(bad)
+        with pytest.raises(ValueError, match="N must be an integer >= 0"):
+            bsmm.i_shape(bad)
+    with pytest.raises(ValueError, match="N must be an integer >= 0"):
+        bsmm.flops(None)
+    for bad in (float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            bsmm.identity_init(bad)
+    with pytest.raises(ValueError, match="seed must be None, an integer or a numpy Generator"):
+        bsmm.ortho_init(True)  # was seed 1
+    with pytest.raises(ValueError, match="gate must hold real numbers; got dtype complex64"):
+        bsmm(tf.ones((1, 16)), tf.ones(bsmm.w_shape), gate=tf.constant([1j, 1j], tf.complex64))
+
+
 def test_gate_of_shape_known_only_when_run():
     bsmm = BlocksparseMatMul(rect_layout(), block_size=8)
     x = RNG.standard_normal((3, bsmm.C)).astype(np.float32)

@@ -377,6 +377,12 @@ def _saving():
     return save_context.in_save_context()
 
 
+def _shape_of(value):
+    """The shape of a tensor, array or nested list, as a tuple."""
+    shape = getattr(value, "shape", None)
+    return tuple(shape) if shape is not None else np.shape(value)
+
+
 @keras.saving.register_keras_serializable(package="blocksparse_tf")
 class BlockSparseLSTM(keras.layers.RNN):
     """LSTM layer with block-sparse small-world recurrent weights (cell: BlockSparseLSTMCell).
@@ -421,6 +427,37 @@ class BlockSparseLSTM(keras.layers.RNN):
             raise ValueError(f"{self.name}: inputs must be sequences (batch, time, features); "
                              f"got shape {tuple(sequences_shape)}")
         super().build(sequences_shape, initial_state_shape)
+
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        # Keras' RNN would fail inside the loop with TensorFlow's own shape errors instead.
+        if initial_state is not None:
+            self._check_initial_state(initial_state, sequences)
+        if mask is not None:
+            self._check_mask(mask, sequences)
+        return super().call(sequences, initial_state=initial_state, mask=mask,
+                            training=training)
+
+    def _check_initial_state(self, initial_state, sequences):
+        states = initial_state if isinstance(initial_state, (list, tuple)) else [initial_state]
+        if len(states) != 2:
+            raise ValueError(f"{self.name}: initial_state must be [h, c], two states; got "
+                             f"{len(states)}")
+        batch = sequences.shape[0]
+        for which, state in zip("hc", states):
+            shape = _shape_of(state)
+            if len(shape) != 2 or shape[1] not in (None, self.units) or \
+                    None not in (batch, shape[0]) and shape[0] != batch:
+                raise ValueError(f"{self.name}: initial state {which} must have shape "
+                                 f"(batch, units) = ({batch}, {self.units}); got {shape}")
+
+    def _check_mask(self, mask, sequences):
+        shape = given = _shape_of(mask)
+        expected = tuple(sequences.shape[:2])
+        if len(shape) == 3 and shape[2] == 1:
+            shape = shape[:2]
+        if len(shape) != 2 or any(None not in (a, b) and a != b for a, b in zip(shape, expected)):
+            raise ValueError(f"{self.name}: mask must have shape (batch, time) = {expected}; got "
+                             f"{given}")
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if not self.fused:

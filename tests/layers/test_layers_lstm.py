@@ -333,3 +333,26 @@ def test_sparse_input_needs_divisible_input():
     layer = BlockSparseLSTM(H, block_size=BS, sparse_input=True)
     with pytest.raises(ValueError, match="sparse_input needs"):
         layer(np.zeros((2, 3, 12), np.float32))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_initial_states_and_masks_of_wrong_shape_are_named(fused):
+    """They failed inside the loop with TensorFlow's own shape errors (MatMul, Mul, an
+    unpacking), not naming the argument."""
+    layer = BlockSparseLSTM(16, block_size=8, fused=fused)
+    x = tf.ones((2, 3, 8))
+    good = [tf.zeros((2, 16)), tf.zeros((2, 16))]
+    assert layer(x, initial_state=good, mask=np.ones((2, 3), bool)).shape == (2, 16)
+    assert layer(x, mask=tf.ones((2, 3, 1), bool)).shape == (2, 16)
+    cases = [
+        (dict(initial_state=[tf.zeros((2, 8)), tf.zeros((2, 16))]),
+         r"initial state h must have shape \(batch, units\) = \(2, 16\); got \(2, 8\)"),
+        (dict(initial_state=[tf.zeros((2, 16)), np.zeros((3, 16), np.float32)]),
+         r"initial state c must have shape \(batch, units\) = \(2, 16\); got \(3, 16\)"),
+        (dict(initial_state=[tf.zeros((2, 16))]), r"initial_state must be \[h, c\], two states; got 1"),
+        (dict(mask=tf.ones((2, 4), bool)), r"mask must have shape \(batch, time\) = \(2, 3\); got \(2, 4\)"),
+        (dict(mask=[[1, 1, 1]]), r"mask must have shape \(batch, time\) = \(2, 3\); got \(1, 3\)"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            layer(x, **kwargs)

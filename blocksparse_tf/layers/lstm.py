@@ -378,9 +378,11 @@ def _saving():
 
 
 def _shape_of(value):
-    """The shape of a tensor, array or nested list, as a tuple."""
+    """The shape of a tensor, array or nested list, as a tuple (None: rank unknown)."""
     shape = getattr(value, "shape", None)
-    return tuple(shape) if shape is not None else np.shape(value)
+    if shape is None:
+        return np.shape(value)
+    return None if getattr(shape, "rank", 0) is None else tuple(shape)
 
 
 @keras.saving.register_keras_serializable(package="blocksparse_tf")
@@ -445,6 +447,8 @@ class BlockSparseLSTM(keras.layers.RNN):
         batch = sequences.shape[0]
         for which, state in zip("hc", states):
             shape = _shape_of(state)
+            if shape is None:
+                continue
             if len(shape) != 2 or shape[1] not in (None, self.units) or \
                     None not in (batch, shape[0]) and shape[0] != batch:
                 raise ValueError(f"{self.name}: initial state {which} must have shape "
@@ -452,6 +456,8 @@ class BlockSparseLSTM(keras.layers.RNN):
 
     def _check_mask(self, mask, sequences):
         shape = given = _shape_of(mask)
+        if shape is None:
+            return
         expected = tuple(sequences.shape[:2])
         if len(shape) == 3 and shape[2] == 1:
             shape = shape[:2]

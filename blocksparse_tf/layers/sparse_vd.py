@@ -184,8 +184,8 @@ class _SparseVDMixin:
         self.use_bias = _checks.flag(use_bias, "use_bias")
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed = _checks.optional_int(seed, "seed")
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
 
     def _add_vd_weights(self, shape):
         # Read as they are stored even under a mixed-precision policy: log_alpha and the KL
@@ -199,7 +199,7 @@ class _SparseVDMixin:
             name="log_sigma2", shape=shape,
             initializer=keras.initializers.Constant(self.log_sigma2_init), autocast=False)
         self.kl_weight = self.add_weight(
-            name="kl_weight", shape=(), trainable=False,
+            name="kl_weight", shape=(), trainable=False, dtype="float32",
             initializer=keras.initializers.Constant(self.initial_kl_weight), autocast=False)
         self.bias = None
         if self.use_bias:
@@ -382,6 +382,7 @@ class SparseVDConv2D(_SparseVDMixin, keras.layers.Layer):
                         data_format="channels_last")
 
     def call(self, inputs, training=None):
+        self.compute_output_shape(tuple(inputs.shape))  # checks sizes known when traced
         x = ops.cast(inputs, self.compute_dtype)
         w_mean, w_var, log_alpha = self._kernels(bool(training))
         mean = self._conv(x, w_mean)
@@ -397,6 +398,10 @@ class SparseVDConv2D(_SparseVDMixin, keras.layers.Layer):
                 dims.append(-(-size // s))
             else:
                 dims.append((size - k) // s + 1)
+                if dims[-1] < 1:
+                    raise ValueError(f"{self.name}: input of spatial shape "
+                                     f"{tuple(input_shape[1:3])} is smaller than the kernel "
+                                     f"{self.kernel_size} with padding 'valid'")
         return (input_shape[0], *dims, self.filters)
 
     def get_config(self):

@@ -317,3 +317,23 @@ def test_layers_nested_in_a_custom_layer_are_found():
     assert names == [inner.first.name, inner.second.name, "total"]
     expected = float(inner.first.kl().numpy()) + float(inner.second.kl().numpy())
     assert total_kl(model) == pytest.approx(expected)
+
+
+def test_conv_kernel_larger_than_input_and_bool_seed_are_named():
+    # TensorFlow's conv op error (eagerly) and "Cannot convert (None, -1, -1, 2)" (symbolically)
+    # before; a bool seed reached Keras' seed generator.
+    for make in (lambda: SparseVDConv2D(2, 7)(np.ones((1, 5, 5, 2), np.float32)),
+                 lambda: keras.Sequential([keras.Input((5, 5, 2)), SparseVDConv2D(2, 7)])):
+        with pytest.raises(ValueError, match=r"input of spatial shape \(5, 5\) is smaller than "
+                                             r"the kernel \(7, 7\) with padding 'valid'"):
+            make()
+    assert SparseVDConv2D(2, 7, padding="same")(np.ones((1, 5, 5, 2), np.float32)).shape == (1, 5, 5, 2)
+    with pytest.raises(ValueError, match="seed must be an integer or None; got True"):
+        SparseVDDense(2, seed=True)
+
+
+def test_kl_weight_is_float32_with_float16_variables():
+    # A float16 kl_weight stored 1e-8 as 0 (and 1e-6 1.3% off).
+    layer = SparseVDDense(2, dtype="float16", kl_weight=1e-8)
+    layer.build((None, 3))
+    assert layer.kl_weight.dtype == "float32" and float(layer.kl_weight.numpy()) == np.float32(1e-8)

@@ -172,6 +172,8 @@ class CondDense(keras.layers.Layer):
                                              initializer=self.policy_kernel_initializer)
         self.policy_bias = self.add_weight(name="policy_bias", shape=(self.blocks,),
                                            initializer=self.policy_bias_initializer)
+        # Keras then names a wrong input size (else the policy's matmul failed on it).
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: self.input_dim})
 
     @property
     def policy_variables(self):
@@ -431,6 +433,17 @@ class CondNetModel(keras.Model):
     @property
     def metrics(self):
         return list(self._trackers.values()) + [self._accuracy]
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        # Refused before Keras traces its train step: refused inside it, the trace would stop
+        # before the optimizer made its variables, and every later fit would fail on making
+        # them in a second trace.
+        weighted = kwargs.get("sample_weight") is not None or kwargs.get("class_weight")
+        if isinstance(x, tf.data.Dataset) and isinstance(x.element_spec, tuple):
+            weighted = weighted or len(x.element_spec) == 3
+        if weighted:
+            self._unpack((x, y, True))
+        return super().fit(x, y, *args, **kwargs)
 
     @staticmethod
     def _unpack(data):

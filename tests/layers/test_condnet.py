@@ -392,6 +392,21 @@ def test_fit_refuses_sample_weights():
     model.compile(optimizer="sgd")
     with pytest.raises(ValueError, match="sample_weight"):
         model.fit(x, y, sample_weight=np.ones(16), epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="class_weight"):
+        model.fit(x, y, class_weight={c: 1.0 for c in range(4)}, epochs=1, verbose=0)
+    weighted = tf.data.Dataset.from_tensor_slices((x, y, np.ones(16, np.float32))).batch(8)
+    with pytest.raises(ValueError, match="sample_weight"):
+        model.fit(weighted, epochs=1, verbose=0)
+    # Refused inside the first trace of the train step, the refusal left the optimizer without
+    # its variables and every later fit failed ("Creating variables on a non-first call").
+    assert np.isfinite(model.fit(x, y, epochs=1, verbose=0).history["loss"][0])
+
+
+def test_cond_dense_names_a_wrong_input_size():
+    layer = CondDense(32, block_size=16)
+    layer(np.zeros((4, 64), np.float32))
+    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 64"):
+        layer(np.zeros((4, 48), np.float32))  # failed in the policy's matmul
 
 
 def test_model_wants_one_mask_per_hidden_layer():

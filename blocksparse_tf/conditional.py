@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from blocksparse_tf._ops import ops
-from blocksparse_tf.matmul import check_block_size, check_float_dtype
+from blocksparse_tf.matmul import check_block_size, check_float_dtype, checked_when_run
 
 
 def _static_dim(t, i):
@@ -133,8 +133,7 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
 def _checked_when_run(t, ok, message, shape):
     """t once the graph has checked ``ok`` (an InvalidArgumentError with ``message`` if not),
     with the static ``shape`` the check guarantees."""
-    with tf.control_dependencies([tf.debugging.Assert(ok, message)]):
-        return tf.ensure_shape(tf.identity(t), shape)
+    return tf.ensure_shape(checked_when_run(t, ok, message), shape)
 
 
 def _divisible_when_run(t, axis, block_size, label):

@@ -191,7 +191,7 @@ def to_block_sparse(layer_or_weights, block_size, density=None, *, bias=None, ac
     check_block_size(block_size)
     _check_density(density)
     _check_norm(norm)
-    _check_pad(pad)
+    layouts._check_bool("pad", pad)
     W, b, act = pruned_weights(layer_or_weights, bias, activation)
     if name is None:
         base = getattr(layer_or_weights, "name", None)
@@ -292,7 +292,7 @@ def convert_model(model, block_size, density=None, *, norm="l2", pad=True, x=Non
     check_block_size(block_size)
     _check_density(density)
     _check_norm(norm)
-    _check_pad(pad)
+    layouts._check_bool("pad", pad)
     _check_model(model)
     reports = []
 
@@ -420,11 +420,6 @@ def _check_density(density):
 def _check_norm(norm):
     if norm not in ("l2", "max"):
         raise ValueError(f"norm must be 'l2' or 'max'; got {norm!r}")
-
-
-def _check_pad(pad):
-    if not isinstance(pad, (bool, np.bool_)):
-        raise ValueError(f"pad must be True or False; got {pad!r}")
 
 
 def _round_up(n, m):

@@ -31,6 +31,23 @@ def check_float_dtype(dtype, what):
         raise ValueError(f"{what} must be float32, float16 or bfloat16; got {dtype.name}")
 
 
+def check_number(value, name, low=None):
+    """ValueError naming ``name`` unless value is a finite real number (not a bool), at least
+    ``low`` if given."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number; got {value!r}")
+    if not np.isfinite(float(value)) or (low is not None and value < low):
+        bound = f" >= {low}" if low is not None else ""
+        raise ValueError(f"{name} must be a finite number{bound}; got {value!r}")
+
+
+def checked_when_run(t, ok, message, summarize=None):
+    """t (same static shape) once the graph has checked ``ok``: an InvalidArgumentError with
+    ``message`` (a list of strings and tensors) if not, before anything that reads t."""
+    with tf.control_dependencies([tf.debugging.Assert(ok, message, summarize=summarize)]):
+        return tf.identity(t)
+
+
 INT32_MAX = 2**31 - 1
 
 
@@ -407,9 +424,7 @@ class BlocksparseMatMul:
 
         The result is a numpy array that is also a Keras initializer.
         """
-        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(scale):
-            raise ValueError(f"scale must be a finite number; got {scale!r}")
+        check_number(scale, "scale")
         w = np.zeros(self.w_shape, dtype=np.float32)
         w[self._coords[:, 0] == self._coords[:, 1]] = scale * np.eye(self.block_size, dtype=np.float32)
         return _with_recipe(w, self, "identity_init", scale=float(scale))

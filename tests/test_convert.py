@@ -243,7 +243,7 @@ def test_bad_inputs_raise():
         PadFeatures(-1)
     with pytest.raises(ValueError, match=r"units must be a positive integer; got 0"):
         SliceFeatures(0)
-    with pytest.raises(ValueError, match="pad must be True or False; got 'no'"):
+    with pytest.raises(ValueError, match="pad must be True or False, got 'no'"):
         to_block_sparse(np.ones((12, 12)), 8, pad="no")  # a truthy string padded
     with pytest.raises(ValueError, match="pad must be True or False"):
         convert_model(_dense_model(keras.layers.Dense(8)), 8, pad=0)

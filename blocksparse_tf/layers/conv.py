@@ -34,7 +34,7 @@ from keras import ops
 
 from blocksparse_tf import conv as conv_ops
 from blocksparse_tf.layers import _checks, _init, _layout, _xla
-from blocksparse_tf.matmul import BlocksparseMatMul
+from blocksparse_tf.matmul import BlocksparseMatMul, checked_when_run
 
 #: Density of the default layout (a bipartite small world, as for ``BlockSparseDense``).
 DEFAULT_DENSITY = 0.125
@@ -247,11 +247,9 @@ class BlockSparseConv2D(_layout.LayoutCheckedWeights, keras.layers.Layer):
                 # fused op checks it itself).  The output size waits for the check, so that the
                 # im2col slices, which a negative size would turn into windows of unequal
                 # sizes, are not cut before it.
-                check = tf.debugging.Assert(
-                    o > 0, [f"input {too_small} or has no rows or no columns; the input's "
-                            f"height and width:", dynamic[1:3]])
-                with tf.control_dependencies([check]):
-                    o = tf.identity(o)
+                o = checked_when_run(o, o > 0, [f"input {too_small} or has no rows or no "
+                                                 f"columns; the input's height and width:",
+                                                 dynamic[1:3]])
             out.append(o)
         return pads, out
 
@@ -302,12 +300,10 @@ class BlockSparseConv2D(_layout.LayoutCheckedWeights, keras.layers.Layer):
             # Keras checks the channels where they are known when traced; else here, since the
             # im2col product would name its concatenated taps' size instead.
             channels = self.bsmm.CB * self.block_size
-            check = tf.debugging.Assert(
-                tf.equal(tf.shape(x)[-1], channels),
+            x = checked_when_run(
+                x, tf.equal(tf.shape(x)[-1], channels),
                 [f"BlockSparseConv2D {self.name!r} takes {channels} input channels; got input "
                  "shape", tf.shape(x)], summarize=4)
-            with tf.control_dependencies([check]):
-                x = tf.identity(x)
         kernel = tf.cast(self.kernel, dtype)
         if self.uses_fused_ops():
             y = self._call_fused(x, kernel)

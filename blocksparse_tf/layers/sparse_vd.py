@@ -26,6 +26,7 @@ import numpy as np
 from keras import ops
 
 from blocksparse_tf.layers import _checks
+from blocksparse_tf.matmul import check_number
 
 #: Constants of the KL approximation (Molchanov et al. 2017, eq. 14).
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
@@ -53,14 +54,14 @@ def kl_scale(dataset_size, rw=1.0):
     examples.  Returns ``rw / N``.
     """
     _checks.positive_int(dataset_size, "dataset_size")
-    _check_number(rw, "rw", low=0.0)
+    check_number(rw, "rw", low=0.0)
     return float(rw) / int(dataset_size)
 
 
 def kl_warmup(epoch, start=5, end=20):
     """Warm-up factor rw at ``epoch`` (0-based): 0 before ``start``, linear to 1 at ``end``."""
-    _check_number(start, "start", low=0.0)
-    _check_number(end, "end", low=0.0)
+    check_number(start, "start", low=0.0)
+    check_number(end, "end", low=0.0)
     if end < start:
         raise ValueError(f"end ({end}) must be >= start ({start})")
     if epoch < start:
@@ -92,7 +93,7 @@ def _sublayers(obj):
 
 def set_kl_weight(model, weight):
     """Sets ``kl_weight`` of every SparseVD layer of ``model`` (e.g. ``kl_scale(N, rw)``)."""
-    _check_number(weight, "weight", low=0.0)
+    check_number(weight, "weight", low=0.0)
     for layer in sparse_vd_layers(model):
         layer.kl_weight.assign(float(weight))
 
@@ -143,7 +144,7 @@ class KLWarmup(keras.callbacks.Callback):
     def __init__(self, dataset_size, start=5, end=20, scale=1.0):
         super().__init__()
         _checks.positive_int(dataset_size, "dataset_size")
-        _check_number(scale, "scale", low=0.0)
+        check_number(scale, "scale", low=0.0)
         kl_warmup(0, start, end)  # checks start/end
         self.dataset_size, self.start, self.end, self.scale = int(dataset_size), start, end, scale
         self.history = []
@@ -161,22 +162,14 @@ def _report_row(name, n, kept):
             "compression": n / kept if kept else math.inf}
 
 
-def _check_number(value, name, low=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number; got {value!r}")
-    if not math.isfinite(float(value)) or (low is not None and value < low):
-        bound = f" >= {low}" if low is not None else ""
-        raise ValueError(f"{name} must be a finite number{bound}; got {value!r}")
-
-
 class _SparseVDMixin:
     """What SparseVDDense and SparseVDConv2D share: log_alpha, KL, masks, report, config."""
 
     def _init_vd(self, threshold, kl_weight, log_sigma2_init, activation, use_bias,
                  kernel_initializer, bias_initializer, seed):
-        _check_number(threshold, "threshold")
-        _check_number(kl_weight, "kl_weight", low=0.0)
-        _check_number(log_sigma2_init, "log_sigma2_init")
+        check_number(threshold, "threshold")
+        check_number(kl_weight, "kl_weight", low=0.0)
+        check_number(log_sigma2_init, "log_sigma2_init")
         self.threshold = float(threshold)
         self.initial_kl_weight = float(kl_weight)
         self.log_sigma2_init = float(log_sigma2_init)

@@ -136,6 +136,12 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //  21, 22: that forward on the narrow kernel wherever N > 64, with 128-row tiles of 4 stages /
 //      192-row tiles of 3 (the default picks among these and 128 x 3; the same results bit for
 //      bit as the default's narrow kernel).
+//  23: the 16-bit bs-64 dW (N > 64) in groups of 2 blocks everywhere (the default, with
+//      feature axis 1, takes groups of 8 on two warpgroups where x is four times the L2 or more
+//      and the columns average 12 blocks, and of 4 on columns of 40 blocks or more on average).
+//  24, 25: that dW in groups of 8 (on two warpgroups) / 4 blocks everywhere; 26, 27: the same
+//      with cp.async copies (the same sums in the same order as 23's, bit for bit where no
+//      group is split over a cluster).
 //  15, 16, 17: the float32 mma.sync forward (feature axis 1, N > 64) computes runs of 2, 4, 8
 //      consecutive block columns per CTA wherever its tiles allow (the default: 2 for bs 32 /
 //      64 from 2048 rows with at most 4 blocks per column); 18: one column per CTA everywhere.

@@ -693,6 +693,36 @@ constexpr double kColumnGradBs32EightBlocks = 8.0, kColumnGradBs32FourBlocks = 4
 constexpr int64_t kColumnGradBs32FourBlocksAxis0Rows = 4096;
 constexpr double kColumnGradBs32FourBlocksAxis0Work = 24.0 * 4096;
 
+// bs 64 (2-block groups above), feature axis 1: where x is several times the L2
+// (kColumnGradBs64EightL2Multiple) and columns average 12 blocks or more (shorter ones leave
+// many of a group's slots empty), groups of 8 blocks on two warpgroups (4 each, sharing every
+// step's dy slab), 64-row steps, 3 stages (217 KiB); on long columns elsewhere
+// (kColumnGradBs64FourBlocks), groups of 4 on one warpgroup, 32-row steps, 5 stages (101 KiB).
+// Every block reads its x slab once per step whatever the group; dy's slab is read once per
+// group: 1.5 slab reads per block with 2-block groups, 1.25 and 1.125 with these, against the
+// forward's one.  With feature axis 0 they ran slower or even.  The same sums in the same
+// order (bit for bit the 2-block groups' where no group is split over a cluster).  Measured:
+// docs/benchmark_history_gpu.md, section "bs-64 dW in groups of 4 and 8 blocks".
+using ColumnGradCfgBs64Eight = wgmma_impl::ColumnGradCfg<64, 8, 64, 3, false, 2>;
+using ColumnGradCfgBs64Four = wgmma_impl::ColumnGradCfg<64, 4, 32, 5>;
+constexpr double kColumnGradBs64EightL2Multiple = 4.0;
+constexpr double kColumnGradBs64EightBlocks = 12.0, kColumnGradBs64FourBlocks = 40.0;
+// Blocks per group of the 16-bit bs-64 wgmma dW (N > 64): 8, 4 or 2.  SetTuning(23): 2
+// everywhere; (24) / (26): 8 everywhere, (25) / (27): 4 everywhere (26 and 27 copying with
+// cp.async).
+template <typename T, int FA>
+int Bs64GradGroupBlocks(int64_t N, int64_t C, double per_col, const DeviceInfo& di) {
+  const int t = Tuning();
+  if (t == 23) return 2;
+  const double x_bytes = static_cast<double>(N) * static_cast<double>(C) * sizeof(T);
+  const bool x_far_over_l2 =
+      x_bytes >= kColumnGradBs64EightL2Multiple * static_cast<double>(di.l2_bytes);
+  if (t == 24 || t == 26 || (FA == 1 && x_far_over_l2 && per_col >= kColumnGradBs64EightBlocks))
+    return 8;
+  if (t == 25 || t == 27 || (FA == 1 && per_col >= kColumnGradBs64FourBlocks)) return 4;
+  return 2;
+}
+
 // The wgmma dW on the copy engine: the same configuration with a copy warp, where the driver
 // encodes the tensor maps (x and dy 16-byte aligned, and with feature axis 0 N a multiple of
 // 8).  Bit for bit the results of its cp.async copies.  Measured on an H200 (bf16 unless
@@ -717,13 +747,15 @@ constexpr double kCopyEngineGradWBs32MaxL2Multiple = 3.0;
 template <int FA, int BS>
 bool CopyEngineGradW(double x_bytes, const DeviceInfo& di) {
   if (Tuning() == 13 || Tuning() == 14) return Tuning() == 13;
+  if (Tuning() == 26 || Tuning() == 27) return false;
   return FA == 1 &&
          (BS == 64 || (BS == 32 && x_bytes < kCopyEngineGradWBs32MaxL2Multiple *
                                                  static_cast<double>(di.l2_bytes)));
 }
 template <class Cfg>
 struct ColumnGradOnCopyEngine {
-  using type = wgmma_impl::ColumnGradCfg<Cfg::BS, Cfg::kPacks, Cfg::kRows, Cfg::kStages, true>;
+  using type = wgmma_impl::ColumnGradCfg<Cfg::BS, Cfg::kPacks, Cfg::kRows, Cfg::kStages, true,
+                                          Cfg::kConsumers>;
 };
 // Fills np's tensor maps for it: boxes of kRows batch rows by one block's BS features (feature
 // axis 0: BS feature rows of kRows batch entries), of x (x_map) and of dy (w_map).  False where
@@ -1017,6 +1049,15 @@ int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const Dev
         if (per_col < kColumnGradBs32EightBlocks || long_axis0 || Tuning() == 11)
           return LaunchWgmmaGradWColumns<T, FA, 32, ColumnGradCfgBs32Four>(p, N, blocks, device,
                                                                            di, s);
+      }
+      if constexpr (BS == 64) {
+        const int group = Bs64GradGroupBlocks<T, FA>(N, p.C, per_col, di);
+        if (group == 8)
+          return LaunchWgmmaGradWColumns<T, FA, 64, ColumnGradCfgBs64Eight>(p, N, blocks,
+                                                                            device, di, s);
+        if (group == 4)
+          return LaunchWgmmaGradWColumns<T, FA, 64, ColumnGradCfgBs64Four>(p, N, blocks,
+                                                                           device, di, s);
       }
       return LaunchWgmmaGradWColumns<T, FA, BS>(p, N, blocks, device, di, s);
     }

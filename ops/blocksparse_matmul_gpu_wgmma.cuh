@@ -910,14 +910,20 @@ struct EpochThrottle {
 // after another (kSlabBytes apart) instead of side by side in 128-byte rows, and the pack's
 // descriptor steps from one slab to the next along the 64 features by its leading offset.
 // Same products in the same order: the same sums.
-template <int BST, int kPacksT, int kRowsT, int kStagesT, bool kTensorMapCopiesT = false>
+// With kConsumers warpgroups, warpgroup w multiplies packs w G / kConsumers .. (w + 1) G /
+// kConsumers - 1 of every stage (their accumulators split between them), all reading the same
+// dy slab: a group of more blocks than one warpgroup's registers hold.
+template <int BST, int kPacksT, int kRowsT, int kStagesT, bool kTensorMapCopiesT = false,
+          int kConsumersT = 1>
 struct ColumnGradCfg {
   static constexpr int BS = BST;
   static constexpr int kPerPack = 64 / BS;                // blocks per pack
   static constexpr int kPacks = kPacksT;                  // G
   static constexpr int kGroupBlocks = kPacks * kPerPack;  // blocks per CTA at most
   static constexpr bool kTensorMapCopies = kTensorMapCopiesT;
-  static constexpr int kMmaThreads = 128;  // the warpgroup that multiplies
+  static constexpr int kConsumers = kConsumersT;        // warpgroups that multiply
+  static constexpr int kPacksPerConsumer = kPacks / kConsumers;
+  static constexpr int kMmaThreads = 128 * kConsumers;
   static constexpr int kThreads = kMmaThreads + (kTensorMapCopies ? 32 : 0);
   static constexpr int kStages = kStagesT;
   static constexpr int kRows = kRowsT;  // batch rows per step
@@ -934,6 +940,7 @@ struct ColumnGradCfg {
   static_assert(BS == 16 || BS == 32 || BS == 64, "tensor-core block sizes");
   static_assert(kRows == 32 || kRows == 64, "steps of two or four k16 slices");
   static_assert(kStages >= 3, "one wgmma group in flight needs a third stage");
+  static_assert(kPacks % kConsumers == 0, "each warpgroup multiplies as many packs");
 };
 
 // Descriptor of an M-contiguous pack of 64 / BS slabs, each BS features (one swizzle atom of
@@ -956,6 +963,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     WgmmaGradWColumnKernel(const __grid_constant__ typename Cfg::KernelParams kp) {
 #if BSMM_HAS_WGMMA
   constexpr int BS = Cfg::BS, G = Cfg::kPacks, P = Cfg::kPerPack, kStages = Cfg::kStages;
+  constexpr int GW = Cfg::kPacksPerConsumer;  // packs per warpgroup
   constexpr int kDyRowBytes = FA == 1 ? BS * 2 : 2 * Cfg::kRows;
   static_assert(!Cfg::kTensorMapCopies || !kPaced, "copy-engine copies: one group per CTA");
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -971,6 +979,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   T* __restrict__ gdw = static_cast<T*>(p.y);
   const int64_t N = p.N, C = p.C, K = p.K;
   const int tid = threadIdx.x;
+  const int pack0 = tid < Cfg::kMmaThreads ? (tid / 128) * GW : 0;  // this warpgroup's first
   int split, rank;
   mma_impl::ClusterInfo(split, rank);
   const int64_t total_steps = (N + Cfg::kRows - 1) / Cfg::kRows;
@@ -993,9 +1002,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       s_c[tid] = v ? __ldg(p.col_row + pbeg + tid) : -1;
     }
     __syncthreads();
-    float acc[G][BS / 2];
+    float acc[GW][BS / 2];
 #pragma unroll
-    for (int j = 0; j < G; ++j)
+    for (int j = 0; j < GW; ++j)
 #pragma unroll
       for (int e = 0; e < BS / 2; ++e) acc[j][e] = 0.f;
 
@@ -1048,9 +1057,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
             const uint64_t bd =
                 DescriptorR<kDyRowBytes>(dys + (FA == 1 ? kk * 16 * kDyRowBytes : kk * 32));
 #pragma unroll
-            for (int j = 0; j < G; ++j) {
+            for (int j = 0; j < GW; ++j) {
               const uint32_t a =
-                  st + j * Cfg::kPackBytes + (FA == 1 ? kk * 16 * (2 * BS) : kk * 32);
+                  st + (pack0 + j) * Cfg::kPackBytes + (FA == 1 ? kk * 16 * (2 * BS) : kk * 32);
               const uint64_t ad = FA == 1 ? DescriptorAtoms<2 * BS, Cfg::kSlabBytes>(a)
                                           : DescriptorR<2 * Cfg::kRows>(a);
               Wgmma<T, BS, FA == 1, FA == 1>(acc[j], ad, bd);
@@ -1163,8 +1172,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           const uint64_t bd =
               DescriptorR<kDyRowBytes>(dys + (FA == 1 ? kk * 16 * kDyRowBytes : kk * 32));
 #pragma unroll
-          for (int j = 0; j < G; ++j) {
-            const uint32_t a = st + j * Cfg::kPackBytes + (FA == 1 ? kk * 16 * 128 : kk * 32);
+          for (int j = 0; j < GW; ++j) {
+            const uint32_t a =
+                st + (pack0 + j) * Cfg::kPackBytes + (FA == 1 ? kk * 16 * 128 : kk * 32);
             Wgmma<T, BS, FA == 1, FA == 1>(acc[j], DescriptorR<kPackRowBytes>(a), bd);
           }
         }
@@ -1176,18 +1186,19 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       __syncthreads();
     }  // cp.async copies
 
-    // Epilogue: pack j's acc holds rows 16 warp + lane / 4 (+ 8) (block slot row / BS, its
-    // feature row % BS), columns 8 i + 2 (lane % 4) (+ 1) of dw.  Stage the float partial sums
-    // as rows 64 j + row, then each rank of the cluster sums (in rank order) and writes its
-    // share of the 16-byte output chunks.
+    // Epilogue: pack pack0 + j's acc holds rows 16 warp + lane / 4 (+ 8) (warp within the
+    // warpgroup; block slot row / BS, its feature row % BS), columns 8 i + 2 (lane % 4) (+ 1)
+    // of dw.  Stage the float partial sums as rows 64 (pack0 + j) + row, then each rank of the
+    // cluster sums (in rank order) and writes its share of the 16-byte output chunks.
     float* Cs = reinterpret_cast<float*>(smem);
     if (tid < Cfg::kMmaThreads) {
-      const int lane = tid & 31, row = 16 * (tid >> 5) + (lane >> 2), col = 2 * (lane & 3);
+      const int lane = tid & 31, row = 16 * ((tid & 127) >> 5) + (lane >> 2);
+      const int col = 2 * (lane & 3);
 #pragma unroll
-      for (int j = 0; j < G; ++j)
+      for (int j = 0; j < GW; ++j)
 #pragma unroll
         for (int i = 0; i < BS / 8; ++i) {
-          float* r = Cs + (64 * j + row) * Cfg::kCLd + 8 * i + col;
+          float* r = Cs + (64 * (pack0 + j) + row) * Cfg::kCLd + 8 * i + col;
           *reinterpret_cast<float2*>(r) = make_float2(acc[j][4 * i], acc[j][4 * i + 1]);
           *reinterpret_cast<float2*>(r + 8 * Cfg::kCLd) =
               make_float2(acc[j][4 * i + 2], acc[j][4 * i + 3]);

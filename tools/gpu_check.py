@@ -473,6 +473,46 @@ def correctness(lib, res, quick=False, race=False):
                 lib.set_tuning(13)
                 run_case(lib, res, dt, bs, L, N, fa, gen, ops=("dw",))
                 lib.set_tuning(0)
+    # bs-64 dW groups (Hopper, 16-bit, N > 64): 8 blocks on two warpgroups (SetTuning(24); the
+    # default with feature axis 1 where x is several times the L2) and 4 on one (SetTuning(25);
+    # the default on long columns), and the same with cp.async copies (SetTuning(26), (27)),
+    # against float64: columns of about 19 blocks (8 under racecheck) with an empty one
+    # (partial last groups; groups few enough for a cluster to split them), a ragged last batch
+    # step.  Then, on 100 columns (too many groups for a split), bit for bit against the
+    # 2-block groups (SetTuning(23)): the same sums in the same order.
+    if is_hopper() and lib.tuning == 0:
+        L = random_layout(10 if race else 24, 2 if race else 6, 64, 0.8, rng, empty_cols=[1])
+        N = 136 if race else 4104
+        for tuning, fa in itertools.product((24, 25, 26, 27), (1, 0)):
+            lib.set_tuning(tuning)
+            for dt in ["bfloat16"] if quick or race else ["bfloat16", "float16"]:
+                run_case(lib, res, dt, 64, L, N, fa, gen, ops=("dw",))
+        lib.set_tuning(0)
+        if not race:
+            L = random_layout(20, 100, 64, 0.6, rng, empty_cols=[7])
+            N = 1000
+            for fa in (1, 0):
+                x = torch.randn(*((N, L.CB * 64) if fa else (L.CB * 64, N)), generator=gen,
+                                device="cuda").bfloat16()
+                dy = torch.randn(*((N, L.KB * 64) if fa else (L.KB * 64, N)), generator=gen,
+                                 device="cuda").bfloat16()
+                outs = []
+                for tuning in (23, 24, 25, 26, 27):
+                    lib.set_tuning(tuning)
+                    dw = torch.full((L.blocks, 64, 64), float("nan"), dtype=torch.bfloat16,
+                                    device="cuda")
+                    rc = lib.grad_w("bfloat16", x, dy, dw, N, fa, L)
+                    torch.cuda.synchronize()
+                    outs.append((rc, dw.view(torch.int16)))
+                lib.set_tuning(0)
+                res.check(all(rc == 0 for rc, _ in outs) and
+                          all(same_bits(outs[0][1], o) for _, o in outs[1:]),
+                          f"bs-64 dW groups of 2 / 8 / 4 blocks (copy engine, cp.async) equal "
+                          f"bitwise: blocks={L.blocks} N={N} fa={fa}")
+        if not quick and not race:
+            # The default's 8-block groups: x (16384 x 8192) over four times the L2.
+            L = random_layout(128, 3, 64, 0.5, rng)
+            run_case(lib, res, "bfloat16", 64, L, 16384, 1, gen, ops=("dw",))
     # Column runs (the float32 mma.sync forward, feature axis 1, N > 64): a CTA computes 2, 4
     # or 8 consecutive block columns (SetTuning(15), (16), (17); the default takes 2 for bs 32 /
     # 64 from 2048 rows where columns are short), its copies running on from one column into

@@ -273,6 +273,19 @@ def _per_layer(value, n, name, check):
     return [check(value, name)] * n
 
 
+def _check_class_labels(shape):
+    """Raises ValueError unless `shape` (of a batch of labels; None: unknown) fits integer class
+    labels, one per example: (n,) or (n, 1) (a scalar for a single example)."""
+    if shape is None or tf.TensorShape(shape).rank is None:
+        return
+    dims = tf.TensorShape(shape).as_list()
+    if len(dims) <= 1 or (len(dims) == 2 and dims[1] in (1, None)):
+        return
+    hint = " (one-hot labels? pass their argmax over the last axis)" if len(dims) == 2 else ""
+    raise ValueError(f"CondNetModel takes integer class labels of shape (n,) or (n, 1), got "
+                     f"shape {tuple(dims)}{hint}")
+
+
 @keras.saving.register_keras_serializable(package="blocksparse_tf")
 class CondNetModel(keras.Model):
     """A condnet classifier: ``CondDense`` hidden layers (masks passed layer to layer) and a
@@ -301,8 +314,9 @@ class CondNetModel(keras.Model):
     ``model(x)`` returns logits (inference masks); :meth:`forward` returns ``(logits,
     policy_logits, masks)``, the policies' logits and the masks used besides;
     :meth:`compute_condnet_loss` gives every term of the training loss.  Compile with an
-    optimizer only: ``model.compile(optimizer="adam")``; the loss is built in.  Metrics:
-    ``loss``, ``task_loss``, ``accuracy``, ``active_fraction`` (mean over hidden layers).
+    optimizer only: ``model.compile(optimizer="adam")``; the loss is built in.  Labels: integer
+    class indices, shape (n,) or (n, 1); no sample or class weights.  Metrics: ``loss``,
+    ``task_loss``, ``accuracy``, ``active_fraction`` (mean over hidden layers).
     """
 
     def __init__(self, hidden_units, num_classes, block_size=32, tau=0.5, lambda_b=1.0,
@@ -395,7 +409,11 @@ class CondNetModel(keras.Model):
         reinforce_weight * reinforce + regularization; plus ``logits``, ``probs``, ``masks``.
         """
         logits, policy_logits, used = self.forward(x, training=training, masks=masks)
+        y = tf.convert_to_tensor(y)
+        _check_class_labels(y.shape)
         y = tf.reshape(tf.cast(y, tf.int32), [-1])
+        tf.debugging.assert_equal(tf.size(y), tf.shape(logits)[0],
+                                  message="CondNetModel: one class label per example")
         task = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=tf.cast(
             logits, tf.float32))
         reward = -task
@@ -443,7 +461,41 @@ class CondNetModel(keras.Model):
             weighted = weighted or len(x.element_spec) == 3
         if weighted:
             self._unpack((x, y, True))
+        self._check_data(x, y)
         return super().fit(x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        self._check_data(x, y)
+        return super().evaluate(x, y, *args, **kwargs)
+
+    def predict(self, x, *args, **kwargs):
+        self._build_from_data(x)
+        return super().predict(x, *args, **kwargs)
+
+    def _check_data(self, x, y):
+        """Checks the labels' shape and builds the model, before Keras traces a step."""
+        if isinstance(x, tf.data.Dataset) and isinstance(x.element_spec, tuple):
+            if len(x.element_spec) >= 2:
+                _check_class_labels(getattr(x.element_spec[1], "shape", None))
+        _check_class_labels(getattr(y, "shape", None))
+        self._build_from_data(x)
+
+    def _build_from_data(self, x):
+        """Builds the layers eagerly from the data's feature size.  Built inside Keras' first
+        traced step instead, a step that then failed to trace (say, on labels of the wrong
+        shape) left the variables uninitialized, and every later call failed with an unrelated
+        MatMul error."""
+        if self.built:
+            return
+        spec = x.element_spec if isinstance(x, tf.data.Dataset) else x
+        if isinstance(spec, tuple) and spec:
+            spec = spec[0]
+        shape = getattr(spec, "shape", None)
+        if shape is None or tf.TensorShape(shape).rank is None:
+            return
+        dims = tf.TensorShape(shape).as_list()
+        if len(dims) >= 2 and dims[-1] is not None:
+            self.build((None,) + tuple(dims[1:]))
 
     @staticmethod
     def _unpack(data):

@@ -402,6 +402,45 @@ def test_fit_refuses_sample_weights():
     assert np.isfinite(model.fit(x, y, epochs=1, verbose=0).history["loss"][0])
 
 
+def test_labels_must_be_class_indices():
+    x, y = _toy_data(n=16)
+    one_hot = np.eye(4, dtype=np.float32)[y]
+    model = CondNetModel([16], 4, block_size=8)
+    model.compile(optimizer="sgd")
+    # One-hot labels were flattened into 4 labels per example: TensorFlow's shape error from
+    # inside the cross-entropy.
+    with pytest.raises(ValueError, match=r"shape \(n,\) or \(n, 1\), got shape \(16, 4\) "
+                                         r"\(one-hot labels\?"):
+        model.fit(x, one_hot, epochs=1, verbose=0)
+    dataset = tf.data.Dataset.from_tensor_slices((x, one_hot)).batch(8)
+    with pytest.raises(ValueError, match="one-hot labels"):
+        model.fit(dataset, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="one-hot labels"):
+        model.evaluate(x, one_hot, verbose=0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="one class label per example"):
+        model.compute_condnet_loss(x, y[:12])
+    # Refused before the train step's first trace, so later fits still work; (n, 1) labels too.
+    history = model.fit(x, y[:, None], epochs=1, verbose=0).history
+    assert np.isfinite(history["loss"][0])
+
+
+def test_a_step_that_fails_to_trace_leaves_the_model_usable():
+    # Built inside Keras' first traced step, the model kept variables that were never
+    # initialized when that trace failed: every later call raised "In[1] ndims must be >= 2".
+    x, y = _toy_data(n=16)
+    model = CondNetModel([16], 4, block_size=8)
+    model.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match="sample_weight"):  # refused inside the test step
+        model.evaluate(x, y, sample_weight=np.ones(16), verbose=0)
+    assert model.built
+    assert np.isfinite(model.compute_condnet_loss(x, y)["loss"].numpy())
+    assert np.isfinite(model.evaluate(x, y, verbose=0)[0])
+    assert model.predict(x, verbose=0).shape == (16, 4)
+    fresh = CondNetModel([16], 4, block_size=8)
+    fresh.predict(tf.data.Dataset.from_tensor_slices(x).batch(8), verbose=0)
+    assert fresh.built
+
+
 def test_cond_dense_names_a_wrong_input_size():
     layer = CondDense(32, block_size=16)
     layer(np.zeros((4, 64), np.float32))

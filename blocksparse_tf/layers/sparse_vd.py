@@ -371,8 +371,19 @@ class SparseVDConv2D(_SparseVDMixin, keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: C})
 
     def _conv(self, x, kernel):
-        return ops.conv(x, kernel, strides=self.strides, padding=self.padding,
-                        data_format="channels_last")
+        y = ops.conv(x, kernel, strides=self.strides, padding=self.padding,
+                     data_format="channels_last")
+        # TensorFlow's CPU convolution gives a batch of no images the input's shape, not the
+        # output's (keras.layers.Conv2D fails on it too); an empty tensor takes any shape with
+        # no elements, and any other already has this one.
+        shape = ops.shape(x)
+        size = [self._output_size(shape[1 + i], i) for i in range(2)]
+        return ops.reshape(y, (shape[0], size[0], size[1], self.filters))
+
+    def _output_size(self, size, axis):
+        """Output size along spatial axis `axis` (0: height, 1: width) for an input `size`."""
+        k, s = self.kernel_size[axis], self.strides[axis]
+        return (size + s - 1) // s if self.padding == "same" else (size - k) // s + 1
 
     def call(self, inputs, training=None):
         self.compute_output_shape(tuple(inputs.shape))  # checks sizes known when traced
@@ -384,13 +395,11 @@ class SparseVDConv2D(_SparseVDMixin, keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         dims = []
-        for size, k, s in zip(input_shape[1:3], self.kernel_size, self.strides):
+        for axis, size in enumerate(input_shape[1:3]):
             if size is None:
                 dims.append(None)
-            elif self.padding == "same":
-                dims.append(-(-size // s))
             else:
-                dims.append((size - k) // s + 1)
+                dims.append(self._output_size(size, axis))
                 if dims[-1] < 1:
                     raise ValueError(f"{self.name}: input of spatial shape "
                                      f"{tuple(input_shape[1:3])} is smaller than the kernel "

@@ -332,6 +332,22 @@ def test_conv_kernel_larger_than_input_and_bool_seed_are_named():
         SparseVDDense(2, seed=True)
 
 
+def test_conv_on_a_batch_of_no_images():
+    # TensorFlow's CPU convolution gave an empty batch the input's shape, and the bias add then
+    # failed ("Incompatible shapes: [0,8,8,2] vs. [4]").
+    import tensorflow as tf
+    for padding, strides, want in (("valid", 1, (0, 6, 6, 4)), ("same", 2, (0, 4, 4, 4))):
+        layer = SparseVDConv2D(4, 3, padding=padding, strides=strides)
+        x = np.zeros((0, 8, 8, 2), np.float32)
+        for training in (True, False):
+            assert tuple(layer(x, training=training).shape) == want
+        run = tf.function(lambda t: layer(t, training=True),
+                          input_signature=[tf.TensorSpec((None, None, None, 2))])
+        assert tuple(run(x).shape) == want
+        x1 = np.random.default_rng(0).standard_normal((1, 8, 8, 2)).astype(np.float32)
+        assert tuple(run(x1).shape) == (1,) + want[1:]
+
+
 def test_kl_weight_is_float32_with_float16_variables():
     # A float16 kl_weight stored 1e-8 as 0 (and 1e-6 1.3% off).
     layer = SparseVDDense(2, dtype="float16", kl_weight=1e-8)

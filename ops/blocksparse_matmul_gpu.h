@@ -117,9 +117,11 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //   6: the narrow wgmma forwards (16-bit bs 16 / 32 with N > 64, bs 32 / 64 with N <= 64, bs 64
 //      from 512 rows) copy with cp.async, not the copy engine (the same results bit for bit).
 //   7: the wgmma dW with one column group per CTA everywhere (the default paces persistent
-//      CTAs over the groups for bs 16, feature axis 1, N >= 8192 where x is several times
-//      the L2 and density <= 50%; the same results bit for bit).
-//   8: that pacing wherever the groups outnumber the CTAs that fit (for tests).
+//      CTAs over the groups with feature axis 1 where x is several times the L2: bs 16 with
+//      N >= 8192 and density <= 50%, bs 32 (8-block groups) up to 75% where the groups are
+//      six times the CTAs that fit or more; the same results bit for bit).
+//   8: that pacing (bs 16, and bs 32's 8-block groups) wherever the groups outnumber the
+//      CTAs that fit (for tests).
 //   9: as 8 over a grid of at most 3 CTAs, so that a small problem takes the paced kernel with
 //      several groups per CTA (what racecheck can afford to run).
 //  11: 16-bit bs 32 dW (N > 64) in groups of 4 blocks wherever columns average 4 or more.

@@ -777,7 +777,7 @@ bool EncodeColumnGradMaps(NarrowParams* np) {
 // Sets *launched = false (nothing launched) where the counters cannot be allocated.
 template <class Cfg, typename Kernel>
 int LaunchPacedColumnGroups(Kernel kernel, const Params& p0, int64_t groups, int64_t resident,
-                            int64_t steps, cudaStream_t s, bool* launched) {
+                            int64_t steps, int slack, cudaStream_t s, bool* launched) {
   constexpr int64_t kE = wgmma_impl::EpochThrottle::kEpochSteps;
   *launched = false;
   if (resident > 0x7fffffffLL) return cudaSuccess;
@@ -793,6 +793,7 @@ int LaunchPacedColumnGroups(Kernel kernel, const Params& p0, int64_t groups, int
   Params p = p0;
   p.epoch_arrivals = static_cast<uint32_t*>(arrivals);
   p.epochs = epochs;
+  p.epoch_slack = slack;
   cudaError_t e = cudaMemsetAsync(arrivals, 0, bytes, s);
   if (e == cudaSuccess) {
     kernel<<<static_cast<unsigned>(resident), Cfg::kThreads, Cfg::kSmemBytes, s>>>(p);
@@ -812,6 +813,20 @@ int LaunchPacedColumnGroups(Kernel kernel, const Params& p0, int64_t groups, int
 // 0.69-0.87x; those keep one group per CTA.
 constexpr double kPacedColumnGroupsMaxDensity = 0.5;
 constexpr int64_t kPacedColumnGroupsMinL2Multiple = 4;
+// bs 32 (8-block groups) pays where the groups are at least kPacedBs32MinRounds times the CTAs
+// that fit (so that unpaced, CTAs of many waves would drift apart), up to 75% density, with x
+// as above; its CTAs may run kPacedBs32Slack epochs ahead of the slowest (bs 16: one).
+// Measured on an H100 (bf16, feature axis 1, one group per CTA -> paced with a slack of 4,
+// 2026-12-06, dW us; about 264 CTAs fit): N = 16384, C = K = 8192 (x five times the L2) at 15%
+// density (4.8 rounds of groups) 2775 -> 2600, 20% (6.8) 4260 -> 3037, 25% 5230 -> 3832 (fp16
+// 4952 -> 3866), 35% 7261 -> 5375, 50% 10186 -> 7486, 75% 12916 -> 10876, but 100% 9744 ->
+// 13940, 10% (3.9 rounds) 1419 -> 1843 and 5% 1050 -> 1316; N = 8192, C = K = 16384 at 10%
+// (25 rounds) 5191 -> 3399, 25% 12529 -> 8403; N = 32768, C = K = 4096 at 25% (1.9 rounds)
+// 1746 -> 2509 and 50% (3.9) 3103 -> 4162.  A slack of 1 / 8 / 16 epochs at N = 16384, C = K
+// = 8192: 25% 4297 / 4188 / 4030 against 4201 with 4, 50% 8035 / 7896 / 7760 against 7366.
+constexpr double kPacedBs32MaxDensity = 0.75;
+constexpr double kPacedBs32MinRounds = 6.0;
+constexpr int kPacedBs32Slack = 4;
 // The paced grid under SetTuning(9) (tests): small enough for racecheck.
 constexpr int64_t kRaceCheckPacedCtas = 3;
 
@@ -831,10 +846,13 @@ int LaunchWgmmaGradWColumns(const Params& p, int64_t N, int64_t blocks, int devi
   const double x_bytes = static_cast<double>(N) * p.C * sizeof(T);
   if constexpr (kMayPace) {
     const double density = static_cast<double>(blocks) / (static_cast<double>(p.C / BS) * KB);
-    const bool pays =
-        density <= kPacedColumnGroupsMaxDensity &&
+    const bool x_far_over_l2 =
         x_bytes >= static_cast<double>(kPacedColumnGroupsMinL2Multiple) * di.l2_bytes;
-    if (Tuning() == 8 || Tuning() == 9 || (Tuning() != 7 && pays)) {
+    const bool forced = Tuning() == 8 || Tuning() == 9;
+    const bool may_pay =
+        Tuning() != 7 && x_far_over_l2 &&
+        density <= (BS == 16 ? kPacedColumnGroupsMaxDensity : kPacedBs32MaxDensity);
+    if (forced || may_pay) {
       const auto paced = wgmma_impl::WgmmaGradWColumnKernel<T, FA, Cfg, true>;
       int per_sm = 0;
       const int e = PrepareKernel<KernelTag<T, Cfg, 40 + FA>>(paced, Cfg::kThreads,
@@ -843,10 +861,14 @@ int LaunchWgmmaGradWColumns(const Params& p, int64_t N, int64_t blocks, int devi
       if (e != cudaSuccess) return e;
       int64_t resident = static_cast<int64_t>(per_sm) * di.sm_count;
       if (Tuning() == 9 && resident > kRaceCheckPacedCtas) resident = kRaceCheckPacedCtas;
-      if (bound > resident && ChooseSplit(expected, steps, resident, di) == 1) {
+      const bool pays = BS == 16 || static_cast<double>(expected) >=
+                                        kPacedBs32MinRounds * static_cast<double>(resident);
+      if ((forced || pays) && bound > resident && ChooseSplit(expected, steps, resident, di) == 1) {
         bool launched = false;
+        const int slack = BS == 16 ? wgmma_impl::EpochThrottle::kSlack : kPacedBs32Slack;
         const int r = LaunchPacedColumnGroups<Cfg>(paced, p, bound, resident,
-                                                   static_cast<int64_t>(steps), s, &launched);
+                                                   static_cast<int64_t>(steps), slack, s,
+                                                   &launched);
         if (launched || r != cudaSuccess) return r;
       }
     }
@@ -1059,6 +1081,9 @@ int GradWMmaBs(const Params& p, int64_t N, int64_t blocks, int device, const Dev
           return LaunchWgmmaGradWColumns<T, FA, 64, ColumnGradCfgBs64Four>(p, N, blocks,
                                                                            device, di, s);
       }
+      if constexpr (BS == 32)  // 8-block groups, paced over long batches (feature axis 1)
+        return LaunchWgmmaGradWColumns<T, FA, 32, typename ColumnGradCfgOf<32>::type, FA == 1>(
+            p, N, blocks, device, di, s);
       return LaunchWgmmaGradWColumns<T, FA, BS>(p, N, blocks, device, di, s);
     }
   }

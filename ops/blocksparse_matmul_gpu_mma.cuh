@@ -49,6 +49,7 @@ struct Params {
   // (null: one group per CTA; see WgmmaGradWColumnKernel) and how many epochs there are.
   uint32_t* epoch_arrivals = nullptr;
   int64_t epochs = 0;
+  int epoch_slack = 1;  // epochs a CTA may run ahead of the slowest (EpochThrottle)
   // forward: consecutive block columns one CTA computes, one after another (see
   // BlocksparseMmaKernel); 1: a CTA per output tile.
   int64_t columns_per_cta = 1;

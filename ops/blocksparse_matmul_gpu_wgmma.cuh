@@ -843,25 +843,28 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 // counted in batch steps t over all of a CTA's groups (every group has the same steps), cut
 // into epochs of kEpochSteps; arrivals[e] counts the CTAs that have finished epoch e.  A CTA
 // starting epoch e arrives for e - 1, then waits (thread 0 polls) until every CTA has
-// arrived for e - 1 - kSlack, so it runs at most about kSlack + 1 epochs ahead of the
-// slowest.  It only paces the CTAs: the sums do not depend on it.  A wait gives up after
-// about kSpinLimit polls (a CTA that never got an SM, say) and the CTA runs on unpaced, so
-// it never hangs.  A CTA out of groups arrives for all later epochs.
+// arrived for e - 1 - slack, so it runs at most about slack + 1 epochs ahead of the slowest
+// (slack: Params::epoch_slack, kSlack by default).  It only paces the CTAs: the sums do not
+// depend on it.  A wait gives up after about kSpinLimit polls (a CTA that never got an SM,
+// say) and the CTA runs on unpaced, so it never hangs.  A CTA out of groups arrives for all
+// later epochs.
 struct EpochThrottle {
   static constexpr int kEpochSteps = 4;
   static constexpr int kSlack = 1;
   static constexpr int kSpinLimit = 1 << 14;
   uint32_t* arrivals;
   int64_t epochs;
+  int slack;
   bool paced;  // thread 0: still waiting for the others
-  __device__ EpochThrottle(uint32_t* a, int64_t e) : arrivals(a), epochs(e), paced(true) {}
+  __device__ EpochThrottle(uint32_t* a, int64_t e, int sl = kSlack)
+      : arrivals(a), epochs(e), slack(sl), paced(true) {}
 
   __device__ __forceinline__ void AtStep(int64_t t) {
     if (arrivals == nullptr || threadIdx.x != 0 || t % kEpochSteps != 0 || t == 0) return;
     const int64_t done = t / kEpochSteps - 1;  // the epoch just finished
     if (done >= epochs) return;
     atomicAdd(arrivals + done, 1u);
-    const int64_t wait_for = done - kSlack;
+    const int64_t wait_for = done - slack;
     if (!paced || wait_for < 0) return;
     int spins = 0;
     while (*reinterpret_cast<const volatile uint32_t*>(arrivals + wait_for) < gridDim.x) {
@@ -984,7 +987,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   mma_impl::ClusterInfo(split, rank);
   const int64_t total_steps = (N + Cfg::kRows - 1) / Cfg::kRows;
   const int steps = static_cast<int>((total_steps - rank + split - 1) / split);
-  EpochThrottle throttle(p.epoch_arrivals, p.epochs);
+  EpochThrottle throttle(p.epoch_arrivals, p.epochs, p.epoch_slack);
   int64_t t0 = 0;  // this CTA's steps in earlier groups
   // One group per CTA, or (kPaced: a persistent grid, split 1) groups blockIdx.x + i gridDim.x.
   for (int64_t group = blockIdx.x / split;; group += gridDim.x / split, t0 += steps) {

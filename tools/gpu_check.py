@@ -399,35 +399,47 @@ def correctness(lib, res, quick=False, race=False):
     # last of them past the last group.
     # (Not under racecheck: at 8200 rows over a grid of that size it ran past 3 minutes; the
     # next case stands in for it there.)
+    # bs 32's 8-block groups are paced too (from 75% density down where the groups are many).
     if is_hopper() and lib.tuning == 0 and not race:
-        lib.set_tuning(8)
-        L = random_layout(40, 100 if quick else 300, 16, 0.9, rng, empty_cols=[3])
-        run_case(lib, res, "bfloat16", 16, L, 8200, 1, gen, ops=("dw",))
-        if not quick:
-            run_case(lib, res, "float16", 16, L, 8192, 1, gen, ops=("dw",))
-            # Paced and one group per CTA (SetTuning(7)) make the same sums, bit for bit: the
-            # unpaced groups are too many here for a cluster split (which changes the order).
-            N = 8200
-            x = torch.randn(N, L.CB * 16, generator=gen, device="cuda").bfloat16()
-            dy = torch.randn(N, L.KB * 16, generator=gen, device="cuda").bfloat16()
-            outs = []
-            for tuning in (8, 7):
-                lib.set_tuning(tuning)
-                dw = torch.full((L.blocks, 16, 16), float("nan"), dtype=torch.bfloat16,
-                                device="cuda")
-                outs.append((lib.grad_w("bfloat16", x, dy, dw, N, 1, L), dw.view(torch.int16)))
-                torch.cuda.synchronize()
-            res.check(all(rc == 0 for rc, _ in outs) and same_bits(outs[0][1], outs[1][1]),
-                      f"paced dW (tuning 8) equals unpaced (tuning 7) bitwise, N={N}")
+        for bs in (16, 32):
+            lib.set_tuning(8)
+            L = random_layout(40 * 16 // bs, 100 if quick else 300, bs, 0.9, rng,
+                              empty_cols=[3])
+            run_case(lib, res, "bfloat16", bs, L, 8200, 1, gen, ops=("dw",))
+            if not quick:
+                run_case(lib, res, "float16", bs, L, 8192, 1, gen, ops=("dw",))
+                # Paced and one group per CTA (SetTuning(7)) make the same sums, bit for bit:
+                # the unpaced groups are too many here for a cluster split (which changes the
+                # order).
+                N = 8200
+                x = torch.randn(N, L.CB * bs, generator=gen, device="cuda").bfloat16()
+                dy = torch.randn(N, L.KB * bs, generator=gen, device="cuda").bfloat16()
+                outs = []
+                for tuning in (8, 7):
+                    lib.set_tuning(tuning)
+                    dw = torch.full((L.blocks, bs, bs), float("nan"), dtype=torch.bfloat16,
+                                    device="cuda")
+                    outs.append((lib.grad_w("bfloat16", x, dy, dw, N, 1, L),
+                                 dw.view(torch.int16)))
+                    torch.cuda.synchronize()
+                res.check(all(rc == 0 for rc, _ in outs) and same_bits(outs[0][1], outs[1][1]),
+                          f"paced dW (tuning 8) equals unpaced (tuning 7) bitwise, bs={bs} N={N}")
         lib.set_tuning(0)
     # The paced kernel on a grid of 3 CTAs (SetTuning(9)), small enough for racecheck: about
-    # 9 groups (two whole and one partial per non-empty column), 3 or more per CTA.
+    # 9 groups (two whole and one partial per non-empty column), 3 or more per CTA (bs 32 over
+    # 2048 rows under racecheck, which with 8192 ran the subset past five minutes).
     if is_hopper() and lib.tuning == 0:
         lib.set_tuning(9)
-        L = random_layout(40, 4, 16, 0.9, rng, empty_cols=[2])
-        N = 8192 if race else 8200
-        run_case(lib, res, "bfloat16", 16, L, N, 1, gen, ops=("dw",))
+        for bs in (16, 32):
+            L = random_layout(40 * 16 // bs, 4, bs, 0.9, rng, empty_cols=[2])
+            N = (8192 if bs == 16 else 2048) if race else 8200
+            run_case(lib, res, "bfloat16", bs, L, N, 1, gen, ops=("dw",))
         lib.set_tuning(0)
+    # The default's paced bs-32 dW: x (16384 x 8192) over four times the L2, 25% density, the
+    # groups (about 2000) many times the CTAs that fit.
+    if is_hopper() and lib.tuning == 0 and not quick and not race:
+        L = random_layout(256, 256, 32, 0.25, rng)
+        run_case(lib, res, "bfloat16", 32, L, 16384, 1, gen, ops=("dw",))
     # bs-32 dW groups sized by the columns' average length (Hopper, 16-bit, N > 64): about 5
     # blocks per column (groups of 4) and about 2 (groups of 2), several groups in the longer
     # columns, an empty column.

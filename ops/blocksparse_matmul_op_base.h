@@ -105,6 +105,47 @@ class LayoutCacheBase {
   }
 };
 
+// One reference to a constant layout tensor's memory for the whole library, shared by the cache
+// entries every kernel makes for that memory (a training step's forward, input-gradient and
+// weight-gradient kernels all see the layer's layout constant).  Only this reference left means
+// the layout's owner is gone.  (With a reference per entry, the kernels of a training step kept
+// each other's counts above one, and no layout used in training was ever dropped: on the GPU,
+// its device tables stayed until the caches' bounds pushed them out.)
+class HeldLayout {
+ public:
+  explicit HeldLayout(const Tensor& t) : tensor_(t) {}
+  HeldLayout(const HeldLayout&) = delete;
+  HeldLayout& operator=(const HeldLayout&) = delete;
+
+  bool OwnerGone() const { return tensor_.RefCountIsOne(); }
+  // Whether `coords` is this memory (the same address and shape): while held, the memory cannot
+  // have been freed and given to another tensor.
+  bool Is(const Tensor& coords) const {
+    return tensor_.tensor_data().data() == coords.tensor_data().data() &&
+           tensor_.shape() == coords.shape();
+  }
+
+  // The HeldLayout of coords' memory: the one alive, else a new one.
+  static std::shared_ptr<HeldLayout> Of(const Tensor& coords) {
+    static auto* mu = new std::mutex;  // never destroyed: kernels may outlive static destruction
+    static auto* all = new std::vector<std::weak_ptr<HeldLayout>>;
+    std::lock_guard<std::mutex> lock(*mu);
+    all->erase(std::remove_if(all->begin(), all->end(),
+                              [](const std::weak_ptr<HeldLayout>& h) { return h.expired(); }),
+               all->end());
+    for (const auto& weak : *all) {
+      std::shared_ptr<HeldLayout> h = weak.lock();
+      if (h != nullptr && h->Is(coords)) return h;
+    }
+    auto fresh = std::make_shared<HeldLayout>(coords);
+    all->push_back(fresh);
+    return fresh;
+  }
+
+ private:
+  Tensor tensor_;
+};
+
 // What a kernel derives from a layout input (its lookup tables; on the GPU their copy in device
 // memory), kept for the layouts it has seen.  A layer passes the same layout on every call, and
 // building the tables (two counting sorts over the blocks, with their checks) can cost more
@@ -118,7 +159,8 @@ class LayoutCacheBase {
 // comparison ends at its first difference), unless the op was told its layout input is never
 // written in place (the constant_layout attribute, which the package's own classes set for the
 // constants they make): then the same memory seen again is the same layout.  The entry holds a
-// reference to that tensor, so its memory cannot be freed and given to another layout meanwhile
+// reference to that tensor (HeldLayout), so its memory cannot be freed and given to another
+// layout meanwhile
 // (the full comparison of a 100,000-neuron layer with 32 inputs per neuron, 25 MiB of
 // coordinates, took 2-3 ms, longer than its one-row product).  That reference also tells when
 // the layout's owner (a layer's constant) is gone: only the cache holds the tensor then, and the
@@ -161,6 +203,7 @@ class LayoutCache : public LayoutCacheBase {
       if (constant) entry = SameMemory(coords);
       if (entry == nullptr) entries = entries_;
     }
+    const bool same_memory = entry != nullptr;
     for (const auto& e : entries) {  // most recently used first
       if (e->Matches(coords)) {
         entry = e;
@@ -178,9 +221,11 @@ class LayoutCache : public LayoutCacheBase {
       entry = std::move(fresh);
       ++g_layout_tables_built;
     }
+    std::shared_ptr<HeldLayout> held;  // taken outside mu_ (HeldLayout::Of has its own lock)
+    if (constant && !same_memory) held = HeldLayout::Of(coords);
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (constant) entry->held = coords;
+      if (held != nullptr) entry->held = std::move(held);
       MoveToFront(entry);
     }
     if (built) DropDeadLayoutsEverywhere();
@@ -196,26 +241,22 @@ class LayoutCache : public LayoutCacheBase {
     TensorShape shape;
     std::vector<int32_t> key;
     Value value;
-    // The last constant tensor seen with this layout (guarded by mu_): a reference that keeps
-    // its memory from being reused, and the only one left once the layout's owner is gone.
-    mutable Tensor held;
+    // The last constant tensor seen with this layout (guarded by mu_): it keeps its memory
+    // from being reused, and tells when the layout's owner is gone.
+    mutable std::shared_ptr<HeldLayout> held;
 
     bool Matches(const Tensor& coords) const {
       const int32_t* begin = coords.flat<int32_t>().data();
       return coords.shape() == shape && std::equal(key.begin(), key.end(), begin);
     }
-    bool Held() const { return held.IsInitialized() && !held.RefCountIsOne(); }
-    bool Dead() const { return held.IsInitialized() && held.RefCountIsOne(); }
+    bool Held() const { return held != nullptr && !held->OwnerGone(); }
+    bool Dead() const { return held != nullptr && held->OwnerGone(); }
   };
 
   // The entry whose constant tensor is `coords`' memory (same address and shape), if any.
   std::shared_ptr<const Entry> SameMemory(const Tensor& coords) const {
-    const char* data = coords.tensor_data().data();
     for (const auto& e : entries_) {
-      if (e->held.IsInitialized() && e->held.tensor_data().data() == data &&
-          e->held.shape() == coords.shape()) {
-        return e;
-      }
+      if (e->held != nullptr && e->held->Is(coords)) return e;
     }
     return nullptr;
   }

@@ -10,6 +10,8 @@
 #error "define EIGEN_USE_GPU before including TensorFlow or Eigen headers"
 #endif
 
+#include <cuda_runtime.h>
+
 #include <string>
 
 #include "ops/blocksparse_matmul_gpu.h"
@@ -23,14 +25,27 @@ inline CUstream_st* TfCudaStream(tensorflow::OpKernelContext* ctx) {
 }
 
 // The kernels' dtype code for a TensorFlow element type.
-template <typename T> constexpr gpu::DType kDType = gpu::DType::kFloat32;
-template <> constexpr gpu::DType kDType<Eigen::half> = gpu::DType::kFloat16;
-template <> constexpr gpu::DType kDType<Eigen::bfloat16> = gpu::DType::kBFloat16;
+template <typename T> inline constexpr gpu::DType kDType = gpu::DType::kFloat32;
+template <> inline constexpr gpu::DType kDType<Eigen::half> = gpu::DType::kFloat16;
+template <> inline constexpr gpu::DType kDType<Eigen::bfloat16> = gpu::DType::kBFloat16;
 
-// OK for code 0, else an internal error naming `what` and the CUDA error.
+// OK for code 0, else an error naming `what` and the CUDA error: InvalidArgument for the launch
+// interfaces' refusals of their arguments (sizes past their limits), FailedPrecondition where
+// this GPU or driver cannot run the kernels, else Internal.  The thread's last CUDA error is
+// cleared, so that it does not surface again in the next call's launch check.
 inline absl::Status CudaStatus(int code, const char* what) {
   if (code == 0) return absl::OkStatus();
-  return absl::InternalError(std::string(what) + " failed: " + gpu::ErrorString(code));
+  cudaGetLastError();
+  const std::string message = std::string(what) + " failed: " + gpu::ErrorString(code);
+  switch (code) {
+    case cudaErrorInvalidValue:
+      return absl::InvalidArgumentError(message);
+    case cudaErrorNoKernelImageForDevice:
+    case cudaErrorInsufficientDriver:
+      return absl::FailedPreconditionError(message);
+    default:
+      return absl::InternalError(message);
+  }
 }
 
 }  // namespace blocksparse

@@ -1175,6 +1175,39 @@ def test_layers_of_one_shape_keep_their_tables_in_eager_mode():
     assert _layout_tables("alive") <= alive + 1 - 10
 
 
+def test_layouts_used_in_training_are_dropped_with_their_layers():
+    """A training step runs the forward, input-gradient and weight-gradient kernels on one
+    layout constant.  Each kernel's cache held its own reference to it, so the constant never
+    looked unowned and no table of a layer used in training was dropped after the layer."""
+    rng = np.random.default_rng(13)
+
+    def layer(CB, KB):
+        layout = rng.random((CB, KB)) < 0.5
+        layout[0, 0] = True
+        return BlocksparseMatMul(layout, block_size=8)
+
+    layers = [layer(5, 6) for _ in range(20)]
+    x = tf.constant(rng.standard_normal((3, 40)).astype(np.float32))
+    ws = [tf.Variable(rng.standard_normal(m.w_shape).astype(np.float32)) for m in layers]
+    start = _layout_tables("alive")
+    for m, w in zip(layers, ws):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(m(x, w) ** 2)
+        dx, dw = tape.gradient(loss, [x, w])
+        assert rel_err(dx.numpy(), m.bprop_test(2 * m.fprop_test(x.numpy(), w.numpy()),
+                                                w.numpy())) < 1e-5
+    alive = _layout_tables("alive")
+    assert alive - start >= 50  # three kernels' tables per layer (a few may be pushed out)
+    del layers, m, ws, w, tape
+    gc.collect()
+    other = layer(7, 3)  # another shape: another kernel, whose tables are built
+    other(tf.ones((1, 56)), np.ones(other.w_shape, np.float32))
+    # TensorFlow keeps some freed tensors referenced for a while: most, not all, are dropped
+    # (none were before).
+    assert _layout_tables("alive") <= alive + 1 - 30
+
+
 def test_a_layout_rewritten_in_place_is_seen():
     """Without constant_layout (the raw ops' default) the kernels compare the coordinates on
     every call: a TF1 reference variable's memory is written in place by an assignment, so

@@ -1,6 +1,7 @@
 """BlocksparseMatMul against independent float64 numpy references."""
 
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -1143,17 +1144,19 @@ def _layout_tables(counter):
     return fn()
 
 
+def _half_full_bs8_layer(rng, CB, KB):
+    """A BlocksparseMatMul of bs 8 on a random layout of about half the blocks (block 0 kept)."""
+    layout = rng.random((CB, KB)) < 0.5
+    layout[0, 0] = True
+    return BlocksparseMatMul(layout, block_size=8)
+
+
 def test_layers_of_one_shape_keep_their_tables_in_eager_mode():
     """In eager mode every call with the same attributes runs one kernel: twenty layers of one
     shape must each find their tables on a second pass (none built again), and the tables of
     deleted layers must be dropped once a kernel builds tables again."""
     rng = np.random.default_rng(11)
-
-    def layer(CB, KB):
-        layout = rng.random((CB, KB)) < 0.5
-        layout[0, 0] = True
-        return BlocksparseMatMul(layout, block_size=8)
-
+    layer = functools.partial(_half_full_bs8_layer, rng)
     layers = [layer(6, 5) for _ in range(20)]
     x = tf.constant(rng.standard_normal((3, 48)).astype(np.float32))
     ws = [rng.standard_normal(m.w_shape).astype(np.float32) for m in layers]
@@ -1180,12 +1183,7 @@ def test_layouts_used_in_training_are_dropped_with_their_layers():
     layout constant.  Each kernel's cache held its own reference to it, so the constant never
     looked unowned and no table of a layer used in training was dropped after the layer."""
     rng = np.random.default_rng(13)
-
-    def layer(CB, KB):
-        layout = rng.random((CB, KB)) < 0.5
-        layout[0, 0] = True
-        return BlocksparseMatMul(layout, block_size=8)
-
+    layer = functools.partial(_half_full_bs8_layer, rng)
     layers = [layer(5, 6) for _ in range(20)]
     x = tf.constant(rng.standard_normal((3, 40)).astype(np.float32))
     ws = [tf.Variable(rng.standard_normal(m.w_shape).astype(np.float32)) for m in layers]

@@ -6,6 +6,7 @@
 
 import gzip
 import os
+import zlib
 
 import numpy as np
 
@@ -38,10 +39,15 @@ def load_digits(n_test, seed=0):
 
 
 def read_idx(path):
-    """The array stored in one IDX file (the MNIST format), plain or gzipped."""
+    """The array stored in one IDX file (the MNIST format), plain or gzipped (a name ending in
+    .gz).  ``path``: a string or path-like."""
+    path = os.fspath(path)
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # not gzip, or cut short
+        raise ValueError(f"{path} is not a readable gzip file: {e}") from e
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 8:
         raise ValueError(f"{path} is not an IDX file of unsigned bytes")
     ndim = data[3]
@@ -55,21 +61,30 @@ def read_idx(path):
 
 
 def _mnist_path(folder, stem):
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"no MNIST folder {folder}")
     for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
         path = os.path.join(folder, name)
         if os.path.exists(path):
             return path
-    raise FileNotFoundError(f"no {stem} (or {stem}.gz) in {folder}")
+    dotted = stem.replace("-idx", ".idx")
+    raise FileNotFoundError(f"no {stem} (or {stem}.gz, {dotted}, {dotted}.gz) in {folder}")
 
 
 def load_mnist(folder):
-    """MNIST as (x_train, y_train, x_test, y_test): float32 images (n, 28, 28) in [0, 1], int64 labels."""
-    paths = [_mnist_path(os.path.expanduser(folder), stem) for stem in MNIST_FILES]
+    """MNIST as (x_train, y_train, x_test, y_test): float32 images (n, 28, 28) in [0, 1], int64
+    labels 0-9.  Training and test images must be of one size."""
+    paths = [_mnist_path(os.path.expanduser(os.fspath(folder)), stem) for stem in MNIST_FILES]
     arrays = [read_idx(path) for path in paths]
     for images, labels, image_path, label_path in ((arrays[0], arrays[1], paths[0], paths[1]),
                                                    (arrays[2], arrays[3], paths[2], paths[3])):
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(f"{image_path} ({images.shape}) and {label_path} ({labels.shape}) "
                              "must hold as many (rows, cols) images as labels")
+        if labels.size and labels.max() > 9:
+            raise ValueError(f"{label_path} holds label {int(labels.max())}; MNIST's are 0-9")
+    if arrays[0].shape[1:] != arrays[2].shape[1:]:
+        raise ValueError(f"{paths[0]} holds {arrays[0].shape[1:]} images but {paths[2]} "
+                         f"{arrays[2].shape[1:]}: training and test images must be of one size")
     return (arrays[0].astype(np.float32) / 255.0, arrays[1].astype(np.int64),
             arrays[2].astype(np.float32) / 255.0, arrays[3].astype(np.int64))

@@ -66,3 +66,34 @@ def test_damaged_idx_files_raise_naming_the_file(tmp_path):
     cut.write_bytes(bytes([0, 0, 8, 3, 0, 0]))
     with pytest.raises(ValueError, match="cut is cut short"):
         datasets.read_idx(str(cut))
+
+
+def test_mnist_files_that_do_not_fit_together_are_refused(tmp_path):
+    rng = np.random.default_rng(2)
+    write_idx(tmp_path / "train-images-idx3-ubyte", rng.integers(0, 256, (3, 28, 28)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", rng.integers(0, 10, 3))
+    # Test images of another size loaded, and the conv example reported accuracy on them.
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (2, 8, 8)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 2))
+    with pytest.raises(ValueError, match=r"\(28, 28\) images but .*t10k-images-idx3-ubyte "
+                                         r"\(8, 8\): training and test images must be of one"):
+        datasets.load_mnist(tmp_path)  # a path-like folder
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (2, 28, 28)))
+    # A label of 200: the examples trained 201 classes.
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([3, 200]))
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte holds label 200; MNIST's are 0-9"):
+        datasets.load_mnist(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no MNIST folder .*missing"):
+        datasets.load_mnist(str(tmp_path / "missing"))
+
+
+def test_unreadable_gzip_files_are_named(tmp_path):
+    plain = tmp_path / "train-images-idx3-ubyte.gz"  # not gzipped: gzip.BadGzipFile
+    plain.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 1, 7]))
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz is not a readable gzip file"):
+        datasets.read_idx(plain)  # a path-like file: its .endswith failed
+    truncated = tmp_path / "labels.gz"  # cut short: EOFError
+    write_idx(truncated, np.arange(100) % 10, compress=True)
+    truncated.write_bytes(truncated.read_bytes()[:-12])
+    with pytest.raises(ValueError, match="labels.gz is not a readable gzip file"):
+        datasets.read_idx(str(truncated))

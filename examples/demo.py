@@ -10,27 +10,20 @@ then times the block-sparse op against dense tf.matmul.
 import argparse
 import math
 import os
+import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from blocksparse_tf import BlocksparseMatMul  # noqa: E402
+from examples.cli import fraction, positive_int  # noqa: E402
 
 BLOCK_SIZES = (1, 8, 16, 32, 64)
-
-
-def positive_int(text):
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
-    return value
 
 
 def parse_args(argv=None):
@@ -39,7 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES,
                         help="block size, dividing --hidden (default 32)")
     parser.add_argument("--batch", type=positive_int, default=64, help="minibatch N (default 64)")
-    parser.add_argument("--density", type=float, default=None,
+    parser.add_argument("--density", type=fraction, default=None,
                         help="fraction of blocks present, in (0, 1] (default: np.random.randint(2), "
                              "about 0.5)")
     parser.add_argument("--repeats", type=positive_int, default=10,
@@ -48,8 +41,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.hidden % args.block_size:
         parser.error(f"--block-size {args.block_size} must divide --hidden {args.hidden}")
-    if args.density is not None and not 0 < args.density <= 1:
-        parser.error(f"--density must be in (0, 1]; got {args.density}")
     return args
 
 

@@ -15,11 +15,9 @@ import argparse
 import os
 import sys
 
-try:
-    from blocksparse_tf import layouts
-except ImportError:  # running from a source checkout without installing the package
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-    from blocksparse_tf import layouts
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from blocksparse_tf import layouts  # noqa: E402
+from examples.cli import fraction, number  # noqa: E402
 
 
 def build(n, density, p, seed):
@@ -53,14 +51,36 @@ def _file_name(label):
     return label.split(" ")[0] + ".png"
 
 
-def main(argv=None):
+def _check_out(parser, out):
+    """Creates the output folder now, so that a path that cannot be one fails before the
+    layouts are computed."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {out!r}: cannot create the folder ({e.strerror or e})")
+    if not os.access(out, os.W_OK | os.X_OK):
+        parser.error(f"--out {out!r}: the folder is not writable")
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=64, help="blocks per side (default 64)")
-    parser.add_argument("--density", type=float, default=0.1, help="target density (0.1)")
-    parser.add_argument("--p", type=float, default=0.1, help="Watts-Strogatz rewiring (0.1)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    # Watts-Strogatz, the most demanding generator, needs n >= 3.
+    parser.add_argument("--n", type=number(int, lambda v: v >= 3, ">= 3"), default=64,
+                        help="blocks per side, at least 3 (default 64)")
+    parser.add_argument("--density", type=fraction,
+                        default=0.1, help="target density (0.1)")
+    parser.add_argument("--p", type=number(float, lambda v: 0 <= v <= 1, "in [0, 1]"),
+                        default=0.1, help="Watts-Strogatz rewiring (0.1)")
+    parser.add_argument("--seed", type=number(int, lambda v: v >= 0, ">= 0"), default=0,
+                        help="random seed (0)")
     parser.add_argument("--out", default="layout_plots", help="output folder (./layout_plots)")
     args = parser.parse_args(argv)
+    _check_out(parser, args.out)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     built = build(args.n, args.density, args.p, args.seed)
     stats = {name: layouts.describe(layout) for name, layout in built.items()}

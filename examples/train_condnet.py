@@ -25,7 +25,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from examples.cli import positive_int  # noqa: E402
 from blocksparse_tf import datasets  # noqa: E402
+
+
+def parse_taus(text):
+    """The comma-separated target active fractions as floats, or None unless each is a number
+    strictly between 0 and 1."""
+    try:
+        taus = [float(v) for v in text.split(",")]
+    except ValueError:
+        return None
+    return taus if all(0 < t < 1 for t in taus) else None
 
 
 def parse_args(argv=None):
@@ -43,11 +54,12 @@ def parse_args(argv=None):
     p.add_argument("--baseline", default="batch", choices=["none", "batch", "moving_average"],
                    help="REINFORCE baseline")
     p.add_argument("--epochs", type=int, default=40, help="training epochs per model")
-    p.add_argument("--batch", type=int, default=64, help="training batch size")
+    p.add_argument("--batch", type=positive_int, default=64, help="training batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--timing-repeats", type=int, default=30,
+    p.add_argument("--timing-repeats", type=positive_int, default=30,
                    help="timed forward passes per model (the median is reported)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (data split, weights, masks)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed (weights, masks); not the train/test split, which is fixed")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"),
                    help="folder for condnet_results*.md and condnet_accuracy_vs_active*.png")
     p.add_argument("--quick", action="store_true",
@@ -66,6 +78,11 @@ def parse_args(argv=None):
     if not hidden or any(h <= 0 or h % args.block_size for h in hidden):
         p.error(f"--hidden must be comma-separated positive multiples of --block-size "
                 f"({args.block_size}); got {args.hidden!r}")
+    taus = parse_taus(args.taus)
+    if taus is None:
+        p.error(f"--taus must be comma-separated numbers strictly between 0 and 1; "
+                f"got {args.taus!r}")
+    args.taus = taus
     return args
 
 
@@ -108,7 +125,6 @@ def main(argv=None):
     from blocksparse_tf.layers.condnet import CondNetModel
 
     hidden = [int(h) for h in args.hidden.split(",")]
-    taus = [float(t) for t in args.taus.split(",")]
     xtr, ytr, xte, yte, data_name = load_data(args)
     classes = int(max(ytr.max(), yte.max()) + 1)
     print(f"{data_name}: {len(xtr)} training, {len(xte)} test examples, {xtr.shape[1]} features, "
@@ -131,7 +147,7 @@ def main(argv=None):
                      ms=ms, train_s=train_s, err_s=None, active_s=None))
     print(f"dense: test error {rows[-1]['err']:.2f}%, {ms:.2f} ms")
 
-    for tau in taus:
+    for tau in args.taus:
         keras.utils.set_random_seed(args.seed)
         model = CondNetModel(hidden, classes, block_size=args.block_size, tau=tau,
                              lambda_b=args.lambda_b, lambda_e=args.lambda_e,

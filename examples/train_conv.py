@@ -31,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from examples.cli import positive_int  # noqa: E402
 from blocksparse_tf import datasets  # noqa: E402
 
 
@@ -39,22 +40,27 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--mnist", metavar="DIR", default=None,
                    help="use MNIST from the IDX files in DIR instead of the bundled digits")
-    p.add_argument("--dense-width", type=int, default=64, help="channels of the dense network")
-    p.add_argument("--sparse-width", type=int, default=256,
+    p.add_argument("--dense-width", type=positive_int, default=64,
+                   help="channels of the dense network")
+    p.add_argument("--sparse-width", type=positive_int, default=256,
                    help="channels of the block-sparse network")
     p.add_argument("--block-size", type=int, default=16,
                    help="block size of the block-sparse convolutions (divides --dense-width)")
-    p.add_argument("--layers", type=int, default=2, help="3x3 convolutions in the body")
+    p.add_argument("--layers", type=positive_int, default=2, help="3x3 convolutions in the body")
     p.add_argument("--epochs", type=int, default=15, help="training epochs per model")
-    p.add_argument("--batch", type=int, default=64, help="training batch size")
+    p.add_argument("--batch", type=positive_int, default=64, help="training batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
-    p.add_argument("--timing-repeats", type=int, default=20,
+    p.add_argument("--timing-repeats", type=positive_int, default=20,
                    help="timed forward passes of the test set per model (the median is reported)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (data split, weights)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed (weights, layouts, shuffling); not the train/test split, "
+                   "which is fixed")
     p.add_argument("--out", default=None,
                    help="Markdown file for the results table; None means docs/conv_results.md "
                         "(docs/conv_results_quick.md with --quick)")
-    p.add_argument("--quick", action="store_true", help="tiny networks, 2 epochs (seconds)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny networks, 2 epochs (seconds); sets --dense-width, --sparse-width, "
+                   "--block-size, --layers, --epochs and --timing-repeats itself")
     args = p.parse_args(argv)
     if args.out is None:  # a smoke test leaves the committed results alone
         name = "conv_results_quick.md" if args.quick else "conv_results.md"
@@ -62,10 +68,14 @@ def parse_args(argv=None):
     if args.quick:
         args.dense_width, args.sparse_width, args.block_size, args.layers = 16, 32, 8, 1
         args.epochs, args.timing_repeats = 2, 3
+    if args.block_size not in (1, 8, 16, 32, 64):
+        p.error(f"--block-size must be one of 1, 8, 16, 32, 64; got {args.block_size}")
     if args.dense_width % args.block_size or args.sparse_width % args.block_size:
-        p.error("--block-size must divide --dense-width and --sparse-width")
+        p.error(f"--block-size ({args.block_size}) must divide --dense-width "
+                f"({args.dense_width}) and --sparse-width ({args.sparse_width})")
     if args.sparse_width < args.dense_width:
-        p.error("--sparse-width must be at least --dense-width")
+        p.error(f"--sparse-width ({args.sparse_width}) must be at least --dense-width "
+                f"({args.dense_width})")
     return args
 
 

@@ -33,7 +33,16 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from examples.cli import positive_int  # noqa: E402
 DEFAULT_DATA = os.path.join(ROOT, "data", "kjv.txt.xz")
+MIN_CHARS = 10_000  # the least text read_text takes
+
+
+def held_out_chars(n):
+    """Characters in the held-out part (the last 5%) of a text of n characters."""
+    return n - int(n * 0.95)
 
 
 def parse_args(argv=None):
@@ -42,23 +51,30 @@ def parse_args(argv=None):
     p.add_argument("--data", default=DEFAULT_DATA, help="text file (plain, .gz, .bz2, .xz)")
     p.add_argument("--max-chars", type=int, default=0, help="use only the first N characters "
                    "(0: all)")
-    p.add_argument("--sparse-units", type=int, default=1536, help="block-sparse LSTM width")
+    p.add_argument("--sparse-units", type=positive_int, default=1536,
+                   help="block-sparse LSTM width")
     p.add_argument("--block-size", type=int, default=32, help="block size of the sparse weights")
     p.add_argument("--density", type=float, default=1 / 16,
                    help="density of the Watts-Strogatz recurrent layout")
     p.add_argument("--sparse-input", action=argparse.BooleanOptionalAction, default=True,
                    help="block-sparse input projection too (bipartite small world)")
-    p.add_argument("--embed", type=int, default=64, help="character embedding size")
-    p.add_argument("--seq-len", type=int, default=64, help="characters per training sequence")
-    p.add_argument("--batch", type=int, default=32, help="global batch size")
-    p.add_argument("--steps", type=int, default=1200, help="training steps per model")
-    p.add_argument("--eval-every", type=int, default=100, help="steps between validations")
-    p.add_argument("--val-batches", type=int, default=20, help="held-out batches per validation")
+    p.add_argument("--embed", type=positive_int, default=64, help="character embedding size")
+    p.add_argument("--seq-len", type=positive_int, default=64,
+                   help="characters per training sequence")
+    p.add_argument("--batch", type=positive_int, default=32, help="global batch size")
+    p.add_argument("--steps", type=positive_int, default=1200, help="training steps per model")
+    p.add_argument("--eval-every", type=positive_int, default=100,
+                   help="steps between validations")
+    p.add_argument("--val-batches", type=positive_int, default=20,
+                   help="held-out batches per validation")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="random seed (weights, layout, batches)")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"),
                    help="folder for lstm_results.md and lstm_bpc.png")
-    p.add_argument("--quick", action="store_true", help="tiny models, a few steps (seconds)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny models, a few steps (seconds); sets --sparse-units, --block-size, "
+                   "--embed, --density, --seq-len, --batch, --steps, --eval-every, "
+                   "--val-batches and --max-chars itself")
     p.add_argument("--multi-worker", action="store_true",
                    help="train under MultiWorkerMirroredStrategy (TF_CONFIG must be set)")
     p.add_argument("--compare-fused", action="store_true",
@@ -69,13 +85,25 @@ def parse_args(argv=None):
         args.density = 0.25
         args.seq_len, args.batch, args.steps = 16, 8, 6
         args.eval_every, args.val_batches, args.max_chars = 3, 2, 200_000
-    for name in ("steps", "eval_every", "batch", "seq_len", "val_batches", "embed"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.block_size not in (1, 8, 16, 32, 64):
+        p.error(f"--block-size must be one of 1, 8, 16, 32, 64; got {args.block_size}")
     if args.sparse_units % args.block_size:
-        p.error("--sparse-units must be a multiple of --block-size")
+        p.error(f"--sparse-units ({args.sparse_units}) must be a multiple of --block-size "
+                f"({args.block_size})")
     if not 0 < args.density <= 1:
-        p.error("--density must be in (0, 1]")
+        p.error(f"--density must be in (0, 1]; got {args.density:g}")
+    if args.max_chars < 0:
+        p.error(f"--max-chars must be >= 0 (0: all); got {args.max_chars}")
+    if not args.compare_fused:  # the timing of --compare-fused reads no text
+        if 0 < args.max_chars < MIN_CHARS:
+            p.error(f"--max-chars must be 0 (all) or at least {MIN_CHARS:,}; "
+                    f"got {args.max_chars}")
+        if args.max_chars and held_out_chars(args.max_chars) <= args.seq_len + 1:
+            p.error(f"--max-chars {args.max_chars} holds out {held_out_chars(args.max_chars)} "
+                    f"characters (the last 5%), which must be more than --seq-len + 1 "
+                    f"({args.seq_len + 1})")
+        if not os.path.isfile(args.data):
+            p.error(f"--data: no such file: {args.data!r}")
     return args
 
 
@@ -86,8 +114,8 @@ def read_text(path, max_chars=0):
         os.path.splitext(path)[1], open)
     with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         text = f.read(max_chars) if max_chars else f.read()
-    if len(text) < 10_000:
-        raise SystemExit(f"{path}: only {len(text)} characters; need at least 10,000")
+    if len(text) < MIN_CHARS:
+        raise SystemExit(f"{path}: only {len(text)} characters; need at least {MIN_CHARS:,}")
     return text
 
 
@@ -354,12 +382,15 @@ def compare_fused(args, vocab=96):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.path.insert(0, ROOT)
     if args.compare_fused:
         compare_fused(args)
         return
     text = read_text(args.data, args.max_chars)
     ids, chars = encode(text)
+    if held_out_chars(len(ids)) <= args.seq_len + 1:
+        raise SystemExit(f"{args.data}: the held-out last 5% of its {len(ids):,} characters "
+                         f"({held_out_chars(len(ids))}) must be more than --seq-len + 1 "
+                         f"({args.seq_len + 1}); use a longer text or a shorter --seq-len")
     split = int(len(ids) * 0.95)
     train_ids, val_ids = ids[:split], ids[split:]
     strategy = make_strategy(args.multi_worker)

@@ -27,6 +27,9 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from examples.cli import fraction, positive_int  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -39,17 +42,17 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=200, help="epochs of SparseVD training")
     p.add_argument("--warmup", default="5,20", help="KL weight: 0 before epoch A, linear to 1 "
                    "at epoch B (A,B)")
-    p.add_argument("--batch", type=int, default=100, help="training batch size")
+    p.add_argument("--batch", type=positive_int, default=100, help="training batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--threshold", type=float, default=3.0, help="prune log_alpha >= this")
     p.add_argument("--from-scratch", action="store_true",
                    help="do not initialise SparseVD from the dense baseline")
     p.add_argument("--block-sizes", default="1,8,16,32", help="block sizes of the conversion")
-    p.add_argument("--density", type=float, default=None, help="also convert keeping this "
+    p.add_argument("--density", type=fraction, default=None, help="also convert keeping this "
                    "fraction of blocks (largest norms)")
-    p.add_argument("--timing-batch", type=int, default=2048,
+    p.add_argument("--timing-batch", type=positive_int, default=2048,
                    help="examples per timed inference call (test set tiled)")
-    p.add_argument("--repeats", type=int, default=20, help="timed calls (median)")
+    p.add_argument("--repeats", type=positive_int, default=20, help="timed calls (median)")
     p.add_argument("--seed", type=int, default=0, help="random seed (data split, weights)")
     p.add_argument("--quick", action="store_true",
                    help="a few epochs, small timing (seconds); sets the epochs, warm-up, block "
@@ -58,16 +61,23 @@ def parse_args(argv=None):
     if args.quick:
         args.dense_epochs, args.epochs, args.warmup = 2, 3, "1,2"
         args.block_sizes, args.timing_batch, args.repeats = "8,32", 256, 3
-    args.warmup = tuple(int(v) for v in args.warmup.split(","))
+    try:
+        warmup = tuple(int(v) for v in args.warmup.split(","))
+    except ValueError:
+        warmup = ()
+    if len(warmup) != 2 or not 0 <= warmup[0] <= warmup[1]:
+        p.error(f"--warmup must be two integers A,B with 0 <= A <= B; got {args.warmup!r}")
+    args.warmup = warmup
     try:
         args.block_sizes = [int(v) for v in args.block_sizes.split(",")]
     except ValueError:
         p.error(f"--block-sizes must be comma-separated integers; got {args.block_sizes!r}")
     if not set(args.block_sizes) <= {1, 8, 16, 32, 64}:
         p.error(f"--block-sizes must be among 1, 8, 16, 32, 64; got {args.block_sizes}")
-    args.nets = [n.strip() for n in args.nets.split(",") if n.strip()]
-    if len(args.warmup) != 2 or not set(args.nets) <= {"lenet300", "lenet5"}:
-        p.error("--warmup takes A,B and --nets lenet300 and/or lenet5")
+    nets = [n.strip() for n in args.nets.split(",") if n.strip()]
+    if not nets or not set(nets) <= {"lenet300", "lenet5"}:
+        p.error(f"--nets must name lenet300 and/or lenet5, comma-separated; got {args.nets!r}")
+    args.nets = nets
     return args
 
 
@@ -208,7 +218,6 @@ def print_tables(train_rows, conv_rows, args, data_name, n_train, n_test):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.path.insert(0, ROOT)
     import tensorflow as tf
 
     from blocksparse_tf import datasets

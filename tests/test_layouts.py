@@ -1,6 +1,5 @@
 """Tests of blocksparse_tf.layouts (no TensorFlow needed)."""
 
-import importlib.util
 import json
 import os
 import sys
@@ -11,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from blocksparse_tf import layouts as L
+from tests.example_scripts import assert_refused, example
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -336,17 +336,46 @@ def test_plot_and_plot_mixing(tmp_path):
     assert _is_png(tmp_path / "mix2.png")
 
 
+
+
 def test_example_script_runs(tmp_path, capsys):
-    path = os.path.join(ROOT, "examples", "plot_layouts.py")
-    spec = importlib.util.spec_from_file_location("plot_layouts_example", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    written = module.main(["--n", "32", "--density", "0.15", "--out", str(tmp_path)])
+    written = example("plot_layouts").main(["--n", "32", "--density", "0.15",
+                                            "--out", str(tmp_path)])
     names = {os.path.basename(p) for p in written}
     assert {"mixing.png", "overview.png", "banded.png", "watts_strogatz.png"} <= names
     assert all(_is_png(p) for p in written)
     out = capsys.readouterr().out
     assert "watts_strogatz" in out and "t90" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n", "2"], "argument --n: must be >= 3; got 2"),
+    (["--n", "-1"], "argument --n: must be >= 3; got -1"),
+    (["--n", "8.5"], "argument --n: invalid int value: '8.5'"),
+    (["--density", "0"], "argument --density: must be in (0, 1]; got 0"),
+    (["--density", "1.5"], "argument --density: must be in (0, 1]; got 1.5"),
+    (["--density", "nan"], "argument --density: must be in (0, 1]; got nan"),
+    (["--p", "-0.1"], "argument --p: must be in [0, 1]; got -0.1"),
+    (["--p", "2"], "argument --p: must be in [0, 1]; got 2"),
+    (["--seed", "-1"], "argument --seed: must be >= 0; got -1"),
+])
+def test_example_script_refuses_bad_arguments(argv, message, tmp_path, capsys):
+    assert_refused(example("plot_layouts").main, argv + ["--out", str(tmp_path / "out")], message, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_example_script_checks_its_output_folder_first(tmp_path, capsys, monkeypatch):
+    module = example("plot_layouts")
+    built = []
+    monkeypatch.setattr(module, "build", lambda *a: built.append(a))  # must not be reached
+    (tmp_path / "file").write_text("")
+    out = str(tmp_path / "file" / "plots")
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--out", out])
+    assert exc.value.code == 2 and not built
+    assert f"--out {out!r}: cannot create the folder" in capsys.readouterr().err
+    args = module.parse_args(["--out", str(tmp_path / "new" / "plots")])  # made up front
+    assert os.path.isdir(args.out)
 
 
 # ---------------------------------------------------------------------------- storage

@@ -13,6 +13,7 @@ import tensorflow as tf
 from blocksparse_tf.layers import condnet
 from blocksparse_tf.layers.condnet import (CondDense, CondNetModel, bernoulli_log_prob,
                                            sparsity_regularizers)
+from tests.example_scripts import assert_refused, example
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "examples", "train_condnet.py")
@@ -500,3 +501,24 @@ def test_example_help():
     run = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 0 and "--quick" in run.stdout and "--mnist" in run.stdout
+
+
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--taus", "abc"], "--taus must be comma-separated numbers strictly between 0 and 1; "
+                        "got 'abc'"),
+    (["--taus", ""], "strictly between 0 and 1; got ''"),
+    (["--taus", "0.5,0"], "strictly between 0 and 1; got '0.5,0'"),
+    (["--taus", "1.5"], "strictly between 0 and 1; got '1.5'"),
+    (["--taus", "1"], "strictly between 0 and 1; got '1'"),
+    (["--timing-repeats", "0"], "argument --timing-repeats: must be >= 1; got 0"),
+    (["--batch", "0"], "argument --batch: must be >= 1; got 0"),
+    (["--batch", "x"], "argument --batch: invalid int value: 'x'"),
+])
+def test_example_refuses_bad_arguments(argv, message, capsys):
+    assert_refused(example("train_condnet").parse_args, argv, message, capsys)
+
+
+def test_example_parses_taus():
+    assert example("train_condnet").parse_args(["--taus", "0.125, 0.5"]).taus == [0.125, 0.5]

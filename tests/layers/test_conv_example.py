@@ -11,6 +11,7 @@ SCRIPT = os.path.join(ROOT, "examples", "train_conv.py")
 sys.path.insert(0, ROOT)
 
 from benchmarks import bench_conv  # noqa: E402
+from tests.example_scripts import assert_refused, example  # noqa: E402
 
 
 def test_example_quick_mode_writes_its_table(tmp_path):
@@ -65,3 +66,24 @@ def test_benchmark_writes_its_section(tmp_path):
 def test_benchmark_quick_writes_nothing(tmp_path):
     rows = bench_conv.main(["--quick", "--out", str(tmp_path)])
     assert len(rows) == 4 and not os.listdir(tmp_path)  # 2 layouts x 2 implementations
+
+
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--block-size", "0"], "--block-size must be one of 1, 8, 16, 32, 64; got 0"),
+    (["--block-size", "4"], "--block-size must be one of 1, 8, 16, 32, 64; got 4"),
+    (["--block-size", "32", "--dense-width", "48"],
+     "--block-size (32) must divide --dense-width (48) and --sparse-width (256)"),
+    (["--dense-width", "128", "--sparse-width", "64"],
+     "--sparse-width (64) must be at least --dense-width (128)"),
+    (["--dense-width", "0"], "argument --dense-width: must be >= 1; got 0"),
+    (["--sparse-width", "-16"], "argument --sparse-width: must be >= 1; got -16"),
+    (["--layers", "-1"], "argument --layers: must be >= 1; got -1"),
+    (["--layers", "0"], "argument --layers: must be >= 1; got 0"),
+    (["--timing-repeats", "0"], "argument --timing-repeats: must be >= 1; got 0"),
+    (["--batch", "0"], "argument --batch: must be >= 1; got 0"),
+    (["--batch", "1.5"], "argument --batch: invalid int value: '1.5'"),
+])
+def test_example_refuses_bad_arguments(argv, message, capsys):
+    assert_refused(example("train_conv").parse_args, argv, message, capsys)

@@ -12,6 +12,7 @@ from scipy import integrate, stats
 from blocksparse_tf.layers.sparse_vd import (KLWarmup, SparseVDConv2D, SparseVDDense,
                                              format_report, kl_approx, kl_scale, kl_warmup,
                                              set_kl_weight, sparsity_report, total_kl)
+from tests.example_scripts import assert_refused, example
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -353,3 +354,30 @@ def test_kl_weight_is_float32_with_float16_variables():
     layer = SparseVDDense(2, dtype="float16", kl_weight=1e-8)
     layer.build((None, 3))
     assert layer.kl_weight.dtype == "float32" and float(layer.kl_weight.numpy()) == np.float32(1e-8)
+
+
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--warmup", "a,b"], "--warmup must be two integers A,B with 0 <= A <= B; got 'a,b'"),
+    (["--warmup", "20,5"], "--warmup must be two integers A,B with 0 <= A <= B; got '20,5'"),
+    (["--warmup", "5"], "--warmup must be two integers A,B with 0 <= A <= B; got '5'"),
+    (["--warmup=-1,5"], "--warmup must be two integers A,B with 0 <= A <= B; got '-1,5'"),
+    (["--density", "2"], "argument --density: must be in (0, 1]; got 2"),
+    (["--density", "0"], "argument --density: must be in (0, 1]; got 0"),
+    (["--density", "x"], "argument --density: invalid float value: 'x'"),
+    (["--timing-batch", "0"], "argument --timing-batch: must be >= 1; got 0"),
+    (["--repeats", "0"], "argument --repeats: must be >= 1; got 0"),
+    (["--batch", "0"], "argument --batch: must be >= 1; got 0"),
+    (["--batch", "-5"], "argument --batch: must be >= 1; got -5"),
+    (["--nets", ""], "--nets must name lenet300 and/or lenet5, comma-separated; got ''"),
+    (["--nets", " , "], "--nets must name lenet300 and/or lenet5, comma-separated; got ' , '"),
+    (["--nets", "lenet300,vgg"], "got 'lenet300,vgg'"),
+])
+def test_example_refuses_bad_arguments(argv, message, capsys):
+    assert_refused(example("train_sparse_vd").parse_args, argv, message, capsys)
+
+
+def test_example_parses_its_lists():
+    args = example("train_sparse_vd").parse_args(["--warmup", "3,3", "--nets", "lenet5", "--density", "0.5"])
+    assert args.warmup == (3, 3) and args.nets == ["lenet5"] and args.density == 0.5

@@ -1,0 +1,26 @@
+"""Argument types shared by the example scripts (argparse ``type=`` callables).
+
+Each converts the text and refuses values out of range with a message naming both, which
+argparse prints after the option's name (``argument --batch: must be >= 1; got 0``).
+"""
+import argparse
+
+
+def number(convert, ok, what):
+    """A type: ``convert(text)`` (int or float), refused unless ``ok(value)``; ``what`` names
+    the range (``">= 1"``, ``"in (0, 1]"``)."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid {convert.__name__} value: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}; got {text}")
+        return value
+    parse.__name__ = convert.__name__  # argparse names the type by it in its messages
+    return parse
+
+
+positive_int = number(int, lambda v: v >= 1, ">= 1")
+fraction = number(float, lambda v: 0 < v <= 1, "in (0, 1]")

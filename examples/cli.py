@@ -23,4 +23,5 @@ def number(convert, ok, what):
 
 
 positive_int = number(int, lambda v: v >= 1, ">= 1")
+seed = number(int, lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)")  # what numpy and Keras take
 fraction = number(float, lambda v: 0 < v <= 1, "in (0, 1]")

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from blocksparse_tf import layouts  # noqa: E402
-from examples.cli import fraction, number  # noqa: E402
+from examples.cli import fraction, number, seed  # noqa: E402
 
 
 def build(n, density, p, seed):
@@ -71,7 +71,7 @@ def parse_args(argv=None):
                         default=0.1, help="target density (0.1)")
     parser.add_argument("--p", type=number(float, lambda v: 0 <= v <= 1, "in [0, 1]"),
                         default=0.1, help="Watts-Strogatz rewiring (0.1)")
-    parser.add_argument("--seed", type=number(int, lambda v: v >= 0, ">= 0"), default=0,
+    parser.add_argument("--seed", type=seed, default=0,
                         help="random seed (0)")
     parser.add_argument("--out", default="layout_plots", help="output folder (./layout_plots)")
     args = parser.parse_args(argv)

@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from examples.cli import positive_int  # noqa: E402
+from examples.cli import positive_int, seed  # noqa: E402
 from blocksparse_tf import datasets  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--timing-repeats", type=positive_int, default=30,
                    help="timed forward passes per model (the median is reported)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed, default=0,
                    help="random seed (weights, masks); not the train/test split, which is fixed")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"),
                    help="folder for condnet_results*.md and condnet_accuracy_vs_active*.png")

@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from examples.cli import positive_int  # noqa: E402
+from examples.cli import positive_int, seed  # noqa: E402
 from blocksparse_tf import datasets  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     p.add_argument("--timing-repeats", type=positive_int, default=20,
                    help="timed forward passes of the test set per model (the median is reported)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed, default=0,
                    help="random seed (weights, layouts, shuffling); not the train/test split, "
                    "which is fixed")
     p.add_argument("--out", default=None,

@@ -35,7 +35,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from examples.cli import positive_int  # noqa: E402
+from examples.cli import positive_int, seed  # noqa: E402
 DEFAULT_DATA = os.path.join(ROOT, "data", "kjv.txt.xz")
 MIN_CHARS = 10_000  # the least text read_text takes
 
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--val-batches", type=positive_int, default=20,
                    help="held-out batches per validation")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0, help="random seed (weights, layout, batches)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (weights, layout, batches)")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"),
                    help="folder for lstm_results.md and lstm_bpc.png")
     p.add_argument("--quick", action="store_true",
@@ -320,7 +320,7 @@ def write_results(rows, curves, layouts_text, args, text_len, vocab):
         lines.append(f"| {row['model']} | {row['units']} | {lay} | {row['params']:,} | "
                      f"{row['bpc']:.4f} | {row['best_bpc']:.4f} | {row['chars_per_s']:,.0f} |")
     table = "\n".join(lines)
-    command = "python examples/train_lstm.py " + " ".join(sys.argv[1:])
+    command = "python examples/train_lstm.py " + " ".join(args.given)
     data_name = os.path.relpath(args.data, ROOT) if args.data.startswith(ROOT) else \
         os.path.basename(args.data)
     report = "\n".join([
@@ -381,6 +381,7 @@ def compare_fused(args, vocab=96):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.given = list(sys.argv[1:] if argv is None else argv)  # for the report's command line
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.compare_fused:
         compare_fused(args)

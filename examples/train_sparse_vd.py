@@ -29,7 +29,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from examples.cli import fraction, positive_int  # noqa: E402
+from examples.cli import fraction, positive_int, seed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--timing-batch", type=positive_int, default=2048,
                    help="examples per timed inference call (test set tiled)")
     p.add_argument("--repeats", type=positive_int, default=20, help="timed calls (median)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (data split, weights)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (data split, weights)")
     p.add_argument("--quick", action="store_true",
                    help="a few epochs, small timing (seconds); sets the epochs, warm-up, block "
                    "sizes and timing options itself")

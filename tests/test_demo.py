@@ -14,6 +14,7 @@ demo = example("demo")
     (["--block-size", "4"], "invalid choice: 4"),
     (["--density", "2"], "--density: must be in (0, 1]; got 2"),  # accepted silently
     (["--density", "0"], "--density: must be in (0, 1]; got 0"),
+    (["--seed", "-1"], "--seed: must be in [0, 2**32); got -1"),  # numpy's seed error
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
     assert_refused(demo.parse_args, argv, message, capsys)

@@ -357,7 +357,7 @@ def test_example_script_runs(tmp_path, capsys):
     (["--density", "nan"], "argument --density: must be in (0, 1]; got nan"),
     (["--p", "-0.1"], "argument --p: must be in [0, 1]; got -0.1"),
     (["--p", "2"], "argument --p: must be in [0, 1]; got 2"),
-    (["--seed", "-1"], "argument --seed: must be >= 0; got -1"),
+    (["--seed", "-1"], "argument --seed: must be in [0, 2**32); got -1"),
 ])
 def test_example_script_refuses_bad_arguments(argv, message, tmp_path, capsys):
     assert_refused(example("plot_layouts").main, argv + ["--out", str(tmp_path / "out")], message, capsys)

@@ -83,6 +83,7 @@ def test_benchmark_quick_writes_nothing(tmp_path):
     (["--layers", "0"], "argument --layers: must be >= 1; got 0"),
     (["--timing-repeats", "0"], "argument --timing-repeats: must be >= 1; got 0"),
     (["--batch", "0"], "argument --batch: must be >= 1; got 0"),
+    (["--seed", "-3"], "argument --seed: must be in [0, 2**32); got -3"),  # Keras' error
     (["--batch", "1.5"], "argument --batch: invalid int value: '1.5'"),
 ])
 def test_example_refuses_bad_arguments(argv, message, capsys):

@@ -18,6 +18,7 @@ def test_quick_run_writes_table_and_plot(tmp_path):
                          capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     report = (tmp_path / "lstm_results_quick.md").read_text()
+    assert f"command: `python examples/train_lstm.py --quick --out {tmp_path}`" in report
     rows = [line for line in report.splitlines() if line.startswith("| dense")
             or line.startswith("| sparse")]
     assert len(rows) == 2

@@ -26,6 +26,8 @@ import tensorflow as tf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from blocksparse_tf.layers.conv import BlockSparseConv2D  # noqa: E402
+from blocksparse_tf.matmul import BLOCK_SIZES  # noqa: E402
+from examples.cli import fraction, positive_int, seed  # noqa: E402
 
 IMPLEMENTATIONS = ("fused", "im2col")  # rows alternate in this order
 from benchmarks.report import (best_time, command_line, machine_description,  # noqa: E402
@@ -36,22 +38,29 @@ TITLE = "CPU: BlockSparseConv2D against tf.nn.conv2d"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=32, help="images per batch N")
-    p.add_argument("--size", type=int, default=32, help="image height = width")
-    p.add_argument("--channels", type=int, nargs=2, default=[256, 256], metavar=("C", "K"),
-                   help="input and output channels")
-    p.add_argument("--kernel", type=int, default=3, help="kernel height = width")
-    p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 32])
-    p.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.10, 0.25, 0.50])
-    p.add_argument("--repeats", type=int, default=3, help="timed runs; the fastest counts")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=positive_int, default=32, help="images per batch N")
+    p.add_argument("--size", type=positive_int, default=32, help="image height = width")
+    p.add_argument("--channels", type=positive_int, nargs=2, default=[256, 256], metavar=("C", "K"),
+                   help="input and output channels; every block size must divide both")
+    p.add_argument("--kernel", type=positive_int, default=3, help="kernel height = width")
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 32], choices=BLOCK_SIZES)
+    p.add_argument("--densities", type=fraction, nargs="+", default=[0.05, 0.10, 0.25, 0.50])
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs; the fastest counts")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--quick", action="store_true",
-                   help="batch 2, 8x8 images, 64 -> 64 channels, bs 16; no files written")
+                   help="batch 2, 8x8 images, 64 -> 64 channels, bs 16, densities 0.25 and 0.5, "
+                        "one run each (overriding --batch, --size, --channels, --block-sizes, "
+                        "--densities and --repeats); no files written")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"), help="folder of benchmarks.md")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.size, args.channels, args.block_sizes = 2, 8, [64, 64], [16]
         args.densities, args.repeats = [0.25, 0.5], 1
+    C, K = args.channels
+    bad = [bs for bs in args.block_sizes if C % bs or K % bs]
+    if bad:
+        p.error(f"--block-sizes {', '.join(map(str, bad))} must divide both --channels "
+                f"({C} and {K})")
     return args
 
 

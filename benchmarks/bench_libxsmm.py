@@ -26,6 +26,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.report import command_line, machine_description, write_section  # noqa: E402
+from examples.cli import fraction, positive_int  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBXSMM_HEADER = "/usr/include/libxsmm.h"
@@ -38,15 +39,21 @@ TOLERANCE = 1e-5
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--block-sizes", type=int, nargs="+", default=[8, 16, 32, 64])
-    p.add_argument("--densities", type=float, nargs="+", default=[0.02, 0.10, 0.50])
-    p.add_argument("--forward-rows", type=int, default=96,
+    # The block sizes the comparison program takes (LIBXSMM has no kernels of bs 1 here).
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[8, 16, 32, 64],
+                   choices=(8, 16, 32, 64))
+    p.add_argument("--densities", type=fraction, nargs="+", default=[0.02, 0.10, 0.50])
+    p.add_argument("--forward-rows", type=positive_int, default=96,
                    help="rows of the forward (the op's row group at C = 4096: 96)")
-    p.add_argument("--grad-rows", type=int, default=1024, help="rows of the weight gradient")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs; the fastest counts")
-    p.add_argument("--quick", action="store_true", help="bs 16 and 32 at 10%%; no files")
+    p.add_argument("--grad-rows", type=positive_int, default=1024, help="rows of the weight gradient")
+    p.add_argument("--repeats", type=positive_int, default=10, help="timed runs; the fastest counts")
+    p.add_argument("--quick", action="store_true",
+                   help="bs 16 and 32 at 10%% (overriding --block-sizes and --densities); no files")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"), help="where benchmarks.md goes")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.block_sizes, args.densities = [16, 32], [0.10]
+    return args
 
 
 def instruction_set():
@@ -99,13 +106,11 @@ def run_case(program, product, bs, density, rows, repeats):
 
 
 def cases(args, row_pairs_block_size):
-    block_sizes = [16, 32] if args.quick else args.block_sizes
-    densities = [0.10] if args.quick else args.densities
     for product, rows in (("forward", args.forward_rows), ("grad_w", args.grad_rows)):
-        for bs in block_sizes:
+        for bs in args.block_sizes:
             if product == "grad_w" and bs == row_pairs_block_size:
                 continue  # its panels interleave rows, which LIBXSMM's GEMM does not read
-            for density in densities:
+            for density in args.densities:
                 yield product, bs, density, rows
 
 

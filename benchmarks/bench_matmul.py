@@ -23,7 +23,9 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from blocksparse_tf import BlocksparseMatMul, cpu_isa  # noqa: E402
-from blocksparse_tf.matmul import blocksparse_matmul, blocksparse_matmul_grad_w  # noqa: E402
+from blocksparse_tf.matmul import (BLOCK_SIZES, blocksparse_matmul,  # noqa: E402
+                                   blocksparse_matmul_grad_w)
+from examples.cli import fraction, number, positive_int  # noqa: E402
 from benchmarks.report import (best_time, command_line, machine_description,  # noqa: E402
                                write_section)
 
@@ -32,23 +34,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=4096, help="C = K (default 4096)")
-    p.add_argument("--batches", type=int, nargs="+", default=[64, 1024])
-    p.add_argument("--block-sizes", type=int, nargs="+", default=[8, 16, 32, 64])
-    p.add_argument("--densities", type=float, nargs="+", default=[0.02, 0.05, 0.10, 0.25, 0.50, 1.00])
-    p.add_argument("--sparse-max-density", type=float, default=0.10,
-                   help="time tf.sparse.sparse_dense_matmul only up to this density (it is slow)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the fastest counts")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--hidden", type=positive_int, default=4096,
+                   help="C = K (default 4096); every block size must divide it")
+    p.add_argument("--batches", type=positive_int, nargs="+", default=[64, 1024])
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[8, 16, 32, 64], choices=BLOCK_SIZES)
+    p.add_argument("--densities", type=fraction, nargs="+", default=[0.02, 0.05, 0.10, 0.25, 0.50, 1.00])
+    p.add_argument("--sparse-max-density", type=number(float, lambda v: 0 <= v <= 1, "in [0, 1]"),
+                   default=0.10,
+                   help="time tf.sparse.sparse_dense_matmul only up to this density (it is slow; "
+                        "0: never)")
+    p.add_argument("--repeats", type=positive_int, default=5,
+                   help="timed runs per measurement; the fastest counts")
+    p.add_argument("--rounds", type=positive_int, default=1,
                    help="passes over the whole grid (same layouts and inputs each pass); the fastest "
                         "time of all passes counts, so one noisy stretch on a shared machine does not "
                         "decide a cell")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="the products' dtype, dense tf.matmul's too (bfloat16 gets a section and "
                         "plot of its own)")
-    p.add_argument("--quick", action="store_true", help="N=64 only, bs 32, densities 0.1 and 1; no files")
+    p.add_argument("--quick", action="store_true",
+                   help="N=64 only, bs 32, densities 0.1 and 1 (overriding --batches, --block-sizes "
+                        "and --densities); no files")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"), help="where benchmarks.md and the plot go")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batches, args.block_sizes, args.densities = [64], [32], [0.1, 1.0]
+    bad = [bs for bs in args.block_sizes if args.hidden % bs]
+    if bad:
+        p.error(f"--block-sizes {', '.join(map(str, bad))} must divide --hidden ({args.hidden})")
+    return args
 
 
 
@@ -148,8 +162,6 @@ def plot(rows, path, dtype="float32"):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.quick:
-        args.batches, args.block_sizes, args.densities = [64], [32], [0.1, 1.0]
     rows = []
     print(f"{'N':>5} {'bs':>3} {'density':>7} {'fprop ms':>9} {'fprop x':>8} {'bprop x':>8} "
           f"{'updat x':>8} {'target':>7} {'sparse x':>8}")

@@ -30,6 +30,7 @@ from benchmarks.report import (best_time, command_line, machine_description,  # 
                                write_section)
 from blocksparse_tf import BlocksparseMatMul  # noqa: E402
 from blocksparse_tf.matmul import blocksparse_matmul, blocksparse_matmul_grad_w  # noqa: E402
+from examples.cli import positive_int, seed  # noqa: E402
 
 TITLE = "CPU: neuron-level layers (block size 1) against tf.sparse"
 PRODUCTS = ("fprop", "bprop", "updat")
@@ -38,18 +39,22 @@ PRODUCTS = ("fprop", "bprop", "updat")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--units", type=int, nargs="+", default=[16384, 100000], help="n = C = K")
-    p.add_argument("--fan-in", type=int, nargs="+", default=[4, 32],
-                   help="inputs per unit (connections per column of W)")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256], help="N")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs; the fastest counts")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--units", type=positive_int, nargs="+", default=[16384, 100000], help="n = C = K")
+    p.add_argument("--fan-in", type=positive_int, nargs="+", default=[4, 32],
+                   help="inputs per unit (connections per column of W); at most the fewest --units")
+    p.add_argument("--batches", type=positive_int, nargs="+", default=[1, 64, 256], help="N")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs; the fastest counts")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--quick", action="store_true",
-                   help="n 2048, fan_in 4, N 1 and 16, one run each; no files written")
+                   help="n 2048, fan_in 4, N 1 and 16, one run each (overriding --units, --fan-in, "
+                        "--batches and --repeats); no files written")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"), help="folder of benchmarks.md")
     args = p.parse_args(argv)
     if args.quick:
         args.units, args.fan_in, args.batches, args.repeats = [2048], [4], [1, 16], 1
+    if max(args.fan_in) > min(args.units):
+        p.error(f"--fan-in ({max(args.fan_in)}) must be at most --units ({min(args.units)}): "
+                "each unit's inputs are distinct")
     return args
 
 

@@ -25,6 +25,8 @@ import tensorflow as tf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from blocksparse_tf import sparse_dot  # noqa: E402
+from blocksparse_tf.matmul import BLOCK_SIZES  # noqa: E402
+from examples.cli import positive_int  # noqa: E402
 from benchmarks.report import (best_time, command_line, machine_description,  # noqa: E402
                                write_section)
 
@@ -33,16 +35,26 @@ FRACTIONS = [(0.1, 0.1), (0.25, 0.25), (0.5, 0.5), (1.0, 1.0), (1.0, 0.25), (0.2
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", type=int, nargs=3, default=[1024, 4096, 4096], metavar=("N", "C", "K"))
-    p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 32, 64])
-    p.add_argument("--repeats", type=int, default=5, help="timed runs; the fastest counts")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--shape", type=positive_int, nargs=3, default=[1024, 4096, 4096],
+                   metavar=("N", "C", "K"), help="every block size must divide C and K")
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 32, 64], choices=BLOCK_SIZES)
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs; the fastest counts")
+    p.add_argument("--rounds", type=positive_int, default=1,
                    help="passes over the whole grid (same masks and inputs each pass); the fastest "
                         "time of all passes counts, so one noisy stretch on a shared machine does not "
                         "decide a cell")
-    p.add_argument("--quick", action="store_true", help="bs 32 and 3 mask settings; no files written")
+    p.add_argument("--quick", action="store_true",
+                   help="bs 32 (overriding --block-sizes) and 3 mask settings; no files written")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.block_sizes = [32]
+    N, C, K = args.shape
+    bad = [bs for bs in args.block_sizes if C % bs or K % bs]
+    if bad:
+        p.error(f"--block-sizes {', '.join(map(str, bad))} must divide C ({C}) and K ({K}) "
+                "of --shape")
+    return args
 
 
 
@@ -61,7 +73,7 @@ def training_step(product):
 def main(argv=None):
     args = parse_args(argv)
     fractions = FRACTIONS[:3] if args.quick else FRACTIONS
-    block_sizes = [32] if args.quick else args.block_sizes
+    block_sizes = args.block_sizes
     N, C, K = args.shape
     rng = np.random.default_rng(0)
     x = tf.constant(rng.standard_normal((N, C)).astype(np.float32))

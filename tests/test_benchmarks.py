@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_libxsmm, bench_matmul, bench_neurons, bench_sparse_dot  # noqa: E402
+from tests.example_scripts import assert_refused  # noqa: E402
 
 
 def test_benchmarks_write_their_sections(tmp_path):
@@ -63,3 +64,41 @@ def test_libxsmm_comparison_agrees_with_the_kernels():
     assert {(r["product"], r["bs"]) for r in rows} == {
         ("forward", 16), ("forward", 32), ("grad_w", 16), ("grad_w", 32)}
     assert all(r["ours_ms"] > 0 and r["libxsmm_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    (bench_matmul, ["--repeats", "0", "--quick"], "argument --repeats: must be >= 1; got 0"),
+    (bench_matmul, ["--rounds", "0"], "argument --rounds: must be >= 1; got 0"),
+    (bench_matmul, ["--hidden", "-8"], "argument --hidden: must be >= 1; got -8"),
+    (bench_matmul, ["--batches", "64", "0"], "argument --batches: must be >= 1; got 0"),
+    (bench_matmul, ["--block-sizes", "4"], "argument --block-sizes: invalid choice: 4"),
+    (bench_matmul, ["--densities", "0"], "argument --densities: must be in (0, 1]; got 0"),
+    (bench_matmul, ["--densities", "1.5"], "argument --densities: must be in (0, 1]; got 1.5"),
+    (bench_matmul, ["--sparse-max-density", "-0.1"],
+     "argument --sparse-max-density: must be in [0, 1]; got -0.1"),
+    (bench_matmul, ["--hidden", "100"], "--block-sizes 8, 16, 32, 64 must divide --hidden (100)"),
+    (bench_matmul, ["--hidden", "100", "--quick"], "--block-sizes 32 must divide --hidden (100)"),
+    (bench_sparse_dot, ["--shape", "16", "0", "64"], "argument --shape: must be >= 1; got 0"),
+    (bench_sparse_dot, ["--repeats", "0"], "argument --repeats: must be >= 1; got 0"),
+    (bench_sparse_dot, ["--rounds", "-1"], "argument --rounds: must be >= 1; got -1"),
+    (bench_sparse_dot, ["--block-sizes", "2"], "argument --block-sizes: invalid choice: 2"),
+    (bench_sparse_dot, ["--shape", "16", "128", "48", "--block-sizes", "16", "32"],
+     "--block-sizes 32 must divide C (128) and K (48) of --shape"),
+    (bench_sparse_dot, ["--shape", "16", "48", "48", "--quick"],
+     "--block-sizes 32 must divide C (48) and K (48) of --shape"),
+    (bench_neurons, ["--units", "0"], "argument --units: must be >= 1; got 0"),
+    (bench_neurons, ["--fan-in", "0"], "argument --fan-in: must be >= 1; got 0"),
+    (bench_neurons, ["--batches", "1", "-5"], "argument --batches: must be >= 1; got -5"),
+    (bench_neurons, ["--repeats", "0"], "argument --repeats: must be >= 1; got 0"),
+    (bench_neurons, ["--seed", "-1"], "argument --seed: must be in [0, 2**32); got -1"),
+    (bench_neurons, ["--units", "600", "3", "--fan-in", "4"],
+     "--fan-in (4) must be at most --units (3)"),
+    (bench_libxsmm, ["--block-sizes", "1"], "argument --block-sizes: invalid choice: 1"),
+    (bench_libxsmm, ["--densities", "0.1", "0"], "argument --densities: must be in (0, 1]; got 0"),
+    (bench_libxsmm, ["--forward-rows", "0"], "argument --forward-rows: must be >= 1; got 0"),
+    (bench_libxsmm, ["--grad-rows", "0"], "argument --grad-rows: must be >= 1; got 0"),
+    (bench_libxsmm, ["--repeats", "0"], "argument --repeats: must be >= 1; got 0"),
+    (bench_libxsmm, ["--repeats", "1.5"], "argument --repeats: invalid int value: '1.5'"),
+])
+def test_benchmarks_refuse_bad_arguments(script, argv, message, capsys):
+    assert_refused(script.parse_args, argv, message, capsys)

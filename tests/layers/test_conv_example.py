@@ -68,6 +68,23 @@ def test_benchmark_quick_writes_nothing(tmp_path):
     assert len(rows) == 4 and not os.listdir(tmp_path)  # 2 layouts x 2 implementations
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "argument --batch: must be >= 1; got 0"),
+    (["--size", "0"], "argument --size: must be >= 1; got 0"),
+    (["--kernel", "-3"], "argument --kernel: must be >= 1; got -3"),
+    (["--channels", "64", "0"], "argument --channels: must be >= 1; got 0"),
+    (["--block-sizes", "12"], "argument --block-sizes: invalid choice: 12"),
+    (["--densities", "0.5", "0"], "argument --densities: must be in (0, 1]; got 0"),
+    (["--repeats", "0"], "argument --repeats: must be >= 1; got 0"),
+    (["--seed", "-1"], "argument --seed: must be in [0, 2**32); got -1"),
+    (["--channels", "48", "64"], "--block-sizes 32 must divide both --channels (48 and 64)"),
+    (["--channels", "40", "40", "--block-sizes", "8", "16", "32"],
+     "--block-sizes 16, 32 must divide both --channels (40 and 40)"),
+])
+def test_benchmark_refuses_bad_arguments(argv, message, capsys):
+    assert_refused(bench_conv.parse_args, argv, message, capsys)
+
+
 
 
 @pytest.mark.parametrize("argv, message", [

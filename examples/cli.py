@@ -18,7 +18,6 @@ def number(convert, ok, what):
         if not ok(value):
             raise argparse.ArgumentTypeError(f"must be {what}; got {text}")
         return value
-    parse.__name__ = convert.__name__  # argparse names the type by it in its messages
     return parse
 
 

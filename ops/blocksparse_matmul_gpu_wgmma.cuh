@@ -844,10 +844,10 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 // into epochs of kEpochSteps; arrivals[e] counts the CTAs that have finished epoch e.  A CTA
 // starting epoch e arrives for e - 1, then waits (thread 0 polls) until every CTA has
 // arrived for e - 1 - slack, so it runs at most about slack + 1 epochs ahead of the slowest
-// (slack: Params::epoch_slack, kSlack by default).  It only paces the CTAs: the sums do not
-// depend on it.  A wait gives up after about kSpinLimit polls (a CTA that never got an SM,
-// say) and the CTA runs on unpaced, so it never hangs.  A CTA out of groups arrives for all
-// later epochs.
+// (slack: Params::epoch_slack, which the launch sets; kSlack for bs 16).  It only paces the
+// CTAs: the sums do not depend on it.  A wait gives up after about kSpinLimit polls (a CTA
+// that never got an SM, say) and the CTA runs on unpaced, so it never hangs.  A CTA out of
+// groups arrives for all later epochs.
 struct EpochThrottle {
   static constexpr int kEpochSteps = 4;
   static constexpr int kSlack = 1;
@@ -856,7 +856,7 @@ struct EpochThrottle {
   int64_t epochs;
   int slack;
   bool paced;  // thread 0: still waiting for the others
-  __device__ EpochThrottle(uint32_t* a, int64_t e, int sl = kSlack)
+  __device__ EpochThrottle(uint32_t* a, int64_t e, int sl)
       : arrivals(a), epochs(e), slack(sl), paced(true) {}
 
   __device__ __forceinline__ void AtStep(int64_t t) {

@@ -457,9 +457,7 @@ class CondNetModel(keras.Model):
         # before the optimizer made its variables, and every later fit would fail on making
         # them in a second trace.
         weighted = kwargs.get("sample_weight") is not None or kwargs.get("class_weight")
-        if isinstance(x, tf.data.Dataset) and isinstance(x.element_spec, tuple):
-            weighted = weighted or len(x.element_spec) == 3
-        if weighted:
+        if weighted or self._data_parts(x, y)[2] == 3:
             self._unpack((x, y, True))
         self._check_data(x, y)
         return super().fit(x, y, *args, **kwargs)
@@ -469,28 +467,35 @@ class CondNetModel(keras.Model):
         return super().evaluate(x, y, *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
-        self._build_from_data(x)
+        self._build_from(self._data_parts(x, None)[0])
         return super().predict(x, *args, **kwargs)
+
+    @staticmethod
+    def _data_parts(x, y):
+        """(features, labels, parts) of the data given to fit / evaluate / predict: for a dataset,
+        its element specs (features, labels[, sample weights]) and how many; else x (the first
+        of a tuple), y and 0."""
+        if isinstance(x, tf.data.Dataset):
+            spec = x.element_spec
+            if not isinstance(spec, tuple):
+                return spec, None, 1
+            return spec[0], spec[1] if len(spec) >= 2 else None, len(spec)
+        return (x[0] if isinstance(x, tuple) and x else x), y, 0
 
     def _check_data(self, x, y):
         """Checks the labels' shape and builds the model, before Keras traces a step."""
-        if isinstance(x, tf.data.Dataset) and isinstance(x.element_spec, tuple):
-            if len(x.element_spec) >= 2:
-                _check_class_labels(getattr(x.element_spec[1], "shape", None))
-        _check_class_labels(getattr(y, "shape", None))
-        self._build_from_data(x)
+        features, labels, _ = self._data_parts(x, y)
+        _check_class_labels(getattr(labels, "shape", None))
+        self._build_from(features)
 
-    def _build_from_data(self, x):
-        """Builds the layers eagerly from the data's feature size.  Built inside Keras' first
-        traced step instead, a step that then failed to trace (say, on labels of the wrong
-        shape) left the variables uninitialized, and every later call failed with an unrelated
-        MatMul error."""
+    def _build_from(self, features):
+        """Builds the layers eagerly from the features' size (an array, tensor or spec).  Built
+        inside Keras' first traced step instead, a step that then failed to trace (say, on
+        labels of the wrong shape) left the variables uninitialized, and every later call failed
+        with an unrelated MatMul error."""
         if self.built:
             return
-        spec = x.element_spec if isinstance(x, tf.data.Dataset) else x
-        if isinstance(spec, tuple) and spec:
-            spec = spec[0]
-        shape = getattr(spec, "shape", None)
+        shape = getattr(features, "shape", None)
         if shape is None or tf.TensorShape(shape).rank is None:
             return
         dims = tf.TensorShape(shape).as_list()

@@ -36,7 +36,9 @@
 //   thread-block cluster and reduced through distributed shared memory in a fixed order, and
 //   the 16-bit forward and dW with N > 64 (bs 16, 32, 64; either feature axis; so also dx;
 //   the forward at bs 16 only where columns are at most 75% full, dW at bs 32 only with at
-//   least 6 blocks per column on average) run on Hopper's warpgroup MMA (wgmma, sm_90a), with
+//   least 6 blocks per column on average), and the 16-bit forward with N <= 64 (bs 32, 64;
+//   bs 16 but with feature_axis 1 for columns over 75% full where N > 16 and columns under 32
+//   blocks where N <= 16), run on Hopper's warpgroup MMA (wgmma, sm_90a), with
 //   their own (fixed) order of sums; on sm_90 the dW with N <= 64 and at least 6 blocks per
 //   column (16-bit; float32 with bs 16 / 32) streams each column's blocks through one CTA
 //   (mma.sync, dy kept in registers).
@@ -114,7 +116,7 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //      persistent for problems of up to 16 waves of tiles).
 //   1: swap 128- and 256-row mma.sync forward tiles for 16-bit inputs, bs 32 / 64, N > 64.
 //   2: 32 x 32 instead of 64 x 32 mma.sync warp tiles for the 16-bit bs-64 forward, N > 64.
-//   6: the narrow wgmma forwards (16-bit bs 16 / 32 with N > 64, bs 32 / 64 with N <= 64, bs 64
+//   6: the narrow wgmma forwards (16-bit bs 16 / 32 with N > 64, bs 16-64 with N <= 64, bs 64
 //      from 512 rows) copy with cp.async, not the copy engine (the same results bit for bit).
 //   7: the wgmma dW with one column group per CTA everywhere (the default paces persistent
 //      CTAs over the groups with feature axis 1 where x is several times the L2: bs 16 with

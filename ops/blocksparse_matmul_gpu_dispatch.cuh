@@ -456,7 +456,7 @@ int LaunchWgmmaForwardNarrow(const NarrowParams& p, int64_t N, int64_t KB, int d
                                                 device, di, s, -1, kSmallBatchMaxSplit);
 }
 
-// bs 32 / 64 with small batches (N <= kSmallBatch, 16-bit, Hopper): the same kernel with one
+// bs 16 / 32 / 64 with small batches (N <= kSmallBatch, 16-bit, Hopper): the same kernel with one
 // 64-row tile per block column, so a CTA streams its column's weights, several blocks per
 // pipeline step (fewer waits and barriers per block; at N = 64 a step, not the MMAs, set the
 // pace).  Long columns are split over a cluster of two CTAs (half the steps each; partial
@@ -474,9 +474,24 @@ int LaunchWgmmaForwardNarrow(const NarrowParams& p, int64_t N, int64_t KB, int d
 //     density, so splits stop at two.
 // With copy-engine copies (kCopyEngine) bs 64 takes one block per step and 12 stages (193 KiB)
 // instead of two blocks and 7.
+// bs 16 (from 2026-12-06; the mma.sync small-batch tiles before), where Bs16SmallBatchOnWgmma
+// says: 8 blocks per step, 4 stages (81-83 KiB, two CTAs per SM), one CTA per column; or 4
+// blocks per step, 4 stages (41-43 KiB), split over a cluster of two where the GPU has room
+// (SplitsBs16SmallBatch); copies as bs 32's (copy engine from kCopyEngineMinBlocks32 blocks
+// per column).  Measured on an
+// H100 (C = K = 4096 and 1024, N = 16 / 32 / 64, bf16 and fp16, forward and dx, 2-100%
+// density, eight configurations alternated in one process, against the mma.sync tiles;
+// docs/benchmark_history_gpu.md "bs-16 forward with small batches on wgmma"): feature axis 0
+// split 0.59-0.97x the time (0.68x at 50%, 0.59x at 100%); feature axis 1 with N = 64 unsplit
+// 0.79-0.90x at 10-75% density, but 1.09x at 100%, where the mma.sync kernel's several blocks
+// per step read x rows in contiguous 64-128-byte pieces (one bs-16 block row is 32 bytes): so
+// full columns (kWgmmaBs16MaxColumnFill) keep the mma.sync tiles there, as with N > 64; with
+// N = 16 split 0.89x at 50% and 0.93x at 100% (unsplit 1.09-1.13x there).
 // kTransW: the weights read transposed as stored (see NarrowFwdCfg).
 template <bool kCopyEngine, bool kTransW = false>
 struct SmallBatchCfgs {
+  using Bs16 = wgmma_impl::NarrowFwdCfg<16, 4, 64, 8, kCopyEngine, kTransW>;
+  using Bs16Split = wgmma_impl::NarrowFwdCfg<16, 4, 64, 4, kCopyEngine, kTransW>;
   using Bs32 = wgmma_impl::NarrowFwdCfg<32, 4, 64, 8, kCopyEngine, kTransW>;
   using Bs32Split = wgmma_impl::NarrowFwdCfg<32, 4, 64, 4, kCopyEngine, kTransW>;
   using Bs64 = typename std::conditional<
@@ -484,15 +499,34 @@ struct SmallBatchCfgs {
       wgmma_impl::NarrowFwdCfg<64, 7, 64, 2, false, kTransW>>::type;
 };
 constexpr double kSmallBatchSplitBlocks32 = 64, kSmallBatchSplitBlocks64 = 32;
+// The bs-16 small-batch forward's split configuration serves feature axis 0 (x tiles of 16
+// feature rows, each 2 * N contiguous bytes) and batches of at most this many rows.
+constexpr int64_t kSmallBatchBs16SplitMaxRows = 16;
+constexpr bool SplitsBs16SmallBatch(int FA, int64_t N) {
+  return FA == 0 || N <= kSmallBatchBs16SplitMaxRows;
+}
+// Where the bs-16 small-batch forward runs the wgmma kernel, else the mma.sync tiles: feature
+// axis 0 always; feature axis 1 with N > 16 where columns are not full, and with N <= 16 from
+// kSmallBatchBs16FewRowsMinBlocks blocks per column (N = 16 on an H100: 0.92x and 0.97x the
+// mma.sync tiles' speed at 2% and 10% density, about 5 and 26 blocks per column, 1.07-1.10x
+// at 50-100%).
+constexpr double kSmallBatchBs16FewRowsMinBlocks = 32;
+constexpr bool Bs16SmallBatchOnWgmma(int FA, int64_t N, double blocks_per_col,
+                                     bool full_columns) {
+  if (FA == 0) return true;
+  if (N <= kSmallBatchBs16SplitMaxRows) return blocks_per_col >= kSmallBatchBs16FewRowsMinBlocks;
+  return !full_columns;
+}
 // Their shared memory fits every sm_90 GPU's opt-in limit (227 KiB): asserted here, so that a
 // configuration outgrowing it fails to compile instead of silently falling back; checked at
 // run time too, so a GPU with less keeps the mma.sync tiles.
 constexpr bool SmallBatchWgmmaFits(int64_t smem_limit) {
   using CE = SmallBatchCfgs<true>;
   using Async = SmallBatchCfgs<false>;
-  for (int64_t bytes : {CE::Bs32::kSmemBytes, CE::Bs32Split::kSmemBytes, CE::Bs64::kSmemBytes,
-                        Async::Bs32::kSmemBytes, Async::Bs32Split::kSmemBytes,
-                        Async::Bs64::kSmemBytes})
+  for (int64_t bytes : {CE::Bs16::kSmemBytes, CE::Bs16Split::kSmemBytes, CE::Bs32::kSmemBytes,
+                        CE::Bs32Split::kSmemBytes, CE::Bs64::kSmemBytes, Async::Bs16::kSmemBytes,
+                        Async::Bs16Split::kSmemBytes, Async::Bs32::kSmemBytes,
+                        Async::Bs32Split::kSmemBytes, Async::Bs64::kSmemBytes})
     if (bytes > smem_limit) return false;
   return true;
 }
@@ -548,7 +582,14 @@ bool EncodeNarrowMaps(NarrowParams* np) {
 template <typename T, int FA, int BS, class Cfgs>
 int LaunchSmallBatchCfgs(const NarrowParams& p, int64_t N, int64_t KB, double blocks_per_col,
                          int device, const DeviceInfo& di, cudaStream_t s) {
-  if constexpr (BS == 64) {
+  if constexpr (BS == 16) {
+    if (SplitsBs16SmallBatch(FA, N)) {
+      using Cfg = typename Cfgs::Bs16Split;
+      return LaunchWgmmaForwardNarrow<T, FA, 16, Cfg>(p, N, KB, device, di, s,
+                                                      blocks_per_col / Cfg::kBlocksPerStep);
+    }
+    return LaunchWgmmaForwardNarrow<T, FA, 16, typename Cfgs::Bs16>(p, N, KB, device, di, s);
+  } else if constexpr (BS == 64) {
     using Cfg = typename Cfgs::Bs64;
     const bool split = blocks_per_col >= kSmallBatchSplitBlocks64;
     return LaunchWgmmaForwardNarrow<T, FA, 64, Cfg>(
@@ -573,7 +614,6 @@ int LaunchSmallBatchCfgs(const NarrowParams& p, int64_t N, int64_t KB, double bl
 template <typename T, int FA, int BS, bool kTransW = false>
 int LaunchWgmmaSmallBatchForward(const Params& p, int64_t N, int64_t KB, double blocks_per_col,
                                  int device, const DeviceInfo& di, cudaStream_t s) {
-  static_assert(BS == 32 || BS == 64, "bs 16 keeps the mma.sync tiles");
   NarrowParams np{p, {}, {}};
   if (CopyEngineEnabled() &&
       blocks_per_col >= (BS == 64 ? kCopyEngineMinBlocks64 : kCopyEngineMinBlocks32) &&
@@ -974,14 +1014,15 @@ int ForwardWgmmaBs(const Params& p, int64_t N, int64_t KB, double blocks_per_col
                                                           s);
     if (UseWgmma(N, di)) return LaunchWgmmaForward<T, FA, kTransW>(p, N, KB, device, di, s);
   }
+  const bool full_columns =
+      BS == 16 && blocks_per_col > kWgmmaBs16MaxColumnFill * static_cast<double>(p.C / BS);
   if constexpr (sizeof(T) == 2 && BS <= 32) {
-    const bool full_columns =
-        BS == 16 && blocks_per_col > kWgmmaBs16MaxColumnFill * static_cast<double>(p.C / BS);
     if (UseWgmma(N, di) && !full_columns)
       return LaunchWgmmaForwardLong<T, FA, BS, kTransW>(p, N, KB, device, di, s);
   }
-  if constexpr (sizeof(T) == 2 && BS >= 32) {
-    if (N <= kSmallBatch && WgmmaEnabled(di) && SmallBatchWgmmaFits(di))
+  if constexpr (sizeof(T) == 2 && BS >= 16) {
+    if (N <= kSmallBatch && WgmmaEnabled(di) && SmallBatchWgmmaFits(di) &&
+        (BS >= 32 || Bs16SmallBatchOnWgmma(FA, N, blocks_per_col, full_columns)))
       return LaunchWgmmaSmallBatchForward<T, FA, BS, kTransW>(p, N, KB, blocks_per_col, device,
                                                               di, s);
   }

@@ -571,25 +571,29 @@ def correctness(lib, res, quick=False, race=False):
             run_case(lib, res, "bfloat16", 16, L, N, fa, gen, ops=("dw",))
             if not quick:
                 run_case(lib, res, "float32", 16, L, N, fa, gen, ops=("dw",))
-    # Small batches with bs 32 / 64: the forward streams each block column through its
+    # Small batches with bs 16 / 32 / 64: the forward streams each block column through its
     # pipeline, several blocks per step (Hopper, 16-bit), and so does dW (runs of a column's
     # blocks per CTA).  Columns long enough that the pipelines wrap around, a last step with
     # fewer blocks; from 64 (bs 32) or 32 (bs 64) blocks per column on average over the
-    # layout, every forward column is split over a cluster of two CTAs (the second and fourth
-    # layouts: an empty column and a one-block column, whose ranks get no blocks, among full
-    # ones).
+    # layout, and for bs 16 with feature axis 0 or N <= 16, every forward column is split over
+    # a cluster of two CTAs where the GPU has room (the even-numbered layouts: an empty column
+    # and a one-block column, whose ranks get no blocks, among full ones).  bs 16 with feature
+    # axis 1 keeps the mma.sync tiles with N > 16 and columns over 75% full (the second
+    # layout), and with N <= 16 and fewer than 32 blocks per column (the first).
     def columns_layout(CB, counts, bs):
         coords = [(c, k) for k, count in enumerate(counts) for c in range(count)]
         return Layout(coords, CB, len(counts), bs)
 
     small_batch_layouts = [
+        (16, random_layout(64, 3, 16, 0.5, rng, empty_cols=[1])),  # ~32 per non-empty column
+        (16, columns_layout(64, [64, 64, 1, 64, 64, 0, 64, 64, 64, 64], 16)),  # 90% full
         (32, random_layout(48, 3, 32, 0.9, rng, empty_cols=[1])),  # ~43 per non-empty column
         (32, columns_layout(128, [128, 1, 0, 128], 32)),  # 64.25: split
         (64, random_layout(40, 3, 64, 0.5, rng, empty_cols=[1])),  # ~20 per non-empty column
         (64, columns_layout(64, [64, 0, 64, 1], 64)),  # 32.25: split
     ]
     for bs, L in small_batch_layouts:
-        for N in ([17, 64] if quick or race else [1, 17, 32, 40, 64]):
+        for N in ([16, 17, 64] if quick or race else [1, 16, 17, 32, 40, 64]):
             for fa in (1, 0):
                 run_case(lib, res, "bfloat16", bs, L, N, fa, gen, ops=("fwd", "dx", "dw"))
         if is_hopper() and lib.tuning == 0 and not race:
@@ -746,21 +750,22 @@ def correctness(lib, res, quick=False, race=False):
         same = all(o[0] == 0 and o[1] == 0 and same_bits(o[2], outs[0][2])
                    and same_bits(o[3], outs[0][3]) for o in outs)
         res.check(same, f"determinism {dt} bs={bs} fa={fa} N={N}")
-    # Determinism of the small-batch forward split over a cluster (bs 32 / 64, 16-bit, Hopper).
+    # Determinism of the small-batch forward split over a cluster (16-bit, Hopper): bs 32 / 64,
+    # and bs 16 with feature axis 0 or N <= 16.
     for bs, L in small_batch_layouts[1::2]:
-        for fa in (1, 0):
-            x = torch.randn(*((64, L.CB * bs) if fa else (L.CB * bs, 64)), device="cuda").to(
+        for fa, N in [(1, 64), (0, 64)] + ([(1, 16)] if bs == 16 else []):
+            x = torch.randn(*((N, L.CB * bs) if fa else (L.CB * bs, N)), device="cuda").to(
                 torch.bfloat16)
             w = torch.randn(L.blocks, bs, bs, device="cuda").to(torch.bfloat16)
             ys = []
             for run in range(3):
-                y = torch.full((64, L.KB * bs) if fa else (L.KB * bs, 64), run + 0.5,
+                y = torch.full((N, L.KB * bs) if fa else (L.KB * bs, N), run + 0.5,
                                dtype=torch.bfloat16, device="cuda")
-                rc = lib.forward("bfloat16", x, w, y, 64, fa, L)
+                rc = lib.forward("bfloat16", x, w, y, N, fa, L)
                 torch.cuda.synchronize()
                 ys.append((rc, y.view(torch.int16)))
             res.check(all(rc == 0 and same_bits(y, ys[0][1]) for rc, y in ys),
-                      f"determinism small-batch split bfloat16 bs={bs} fa={fa} N=64")
+                      f"determinism small-batch split bfloat16 bs={bs} fa={fa} N={N}")
     if lib.tuning == 0:
         smaller_shared_memory_checks(lib, res, gen, rng)
     # Argument validation: errors come back as codes, nothing is launched.
@@ -894,13 +899,13 @@ def benchmark(lib, res, out_md, quick=False, dtypes=None):
             res.check(e <= TOL[dt], f"bench dW spot check {dt} N={N} bs={bs} d={d} relerr={e:.3g}")
             tf = bench(lambda: lib.forward(dt, x, w, y, N, fa, L))
             tg = bench(lambda: lib.grad_w(dt, x, dy, dw, N, fa, L))
-            # The mma.sync forward (SetTuning(3)) where wgmma is the default: Hopper, 16-bit,
-            # N > 64.  The alternative tiles of SetTuning(1), (2) are mma.sync
+            # The mma.sync forward and dW (SetTuning(3)) where wgmma or the small-batch dW is
+            # the default: Hopper, 16-bit.  The alternative tiles of SetTuning(1), (2) are mma.sync
             # tiles: they must equal its result bit for bit (at these batch sizes no tile is
             # split over a cluster, which would change the order of the sums).
             tm = tw = tw2 = tgm = float("nan")
             y_mma = y
-            if dt != "float32" and N > 64 and is_hopper():
+            if dt != "float32" and is_hopper():
                 lib.set_tuning(3)
                 y_mma = torch.full_like(y, float("nan"))
                 rc3 = lib.forward(dt, x, w, y_mma, N, fa, L)
@@ -911,20 +916,19 @@ def benchmark(lib, res, out_md, quick=False, dtypes=None):
                 tm = bench(lambda: lib.forward(dt, x, w, y_mma, N, fa, L))
                 tgm = bench(lambda: lib.grad_w(dt, x, dy, dw, N, fa, L))  # the mma.sync dW
                 lib.set_tuning(0)
-            elif N <= 64 and (dt != "float32" or bs <= 32) and is_hopper():
-                # The mma.sync dW where the small-batch dW is the default (from 6 blocks per
-                # column; below that both settings run the same tiles).
+            elif N <= 64 and bs <= 32 and is_hopper():
+                # The mma.sync dW where the float32 small-batch dW is the default (from 6
+                # blocks per column; below that both settings run the same tiles).
                 lib.set_tuning(3)
                 tgm = bench(lambda: lib.grad_w(dt, x, dy, dw, N, fa, L))
                 lib.set_tuning(0)
             del ref
-            # The narrow wgmma forwards (16-bit: bs 16 / 32 with N > 64, bs 32 / 64 with
+            # The narrow wgmma forwards (16-bit: bs 16 / 32 with N > 64, every bs with
             # N <= 64, bs 64 from 512 rows) with cp.async copies (SetTuning(6)) where the copy
             # engine is the default: the same sums, bit for bit.
             fwd = lambda out: lib.forward(dt, x, w, out, N, fa, L)
             tc = float("nan")
-            if dt != "float32" and is_hopper() and (bs >= 32 if N <= 64 else
-                                                     bs <= 32 or N >= 512):
+            if dt != "float32" and is_hopper() and (N <= 64 or bs <= 32 or N >= 512):
                 tc = time_variant(lib, res, 6, fwd, y, y, f"tuning-6 forward equals the default "
                                   f"{dt} N={N} bs={bs} d={d}")
             if dt != "float32" and bs >= 32 and N > 64:
@@ -967,10 +971,10 @@ def benchmark(lib, res, out_md, quick=False, dtypes=None):
              "of CUDA-event timings with the L2 flushed before each run.  eff TFLOP/s = "
              "2*N*C*K*density/time; 'frac' = eff / dense TFLOP/s (same dtype); 'x dense' = "
              "dense time / our time; 'x BSR' = PyTorch BSR time / our time; 'W GB/s' = weight "
-             "bytes / forward time (with % of copy bandwidth); 'mma.sync' = the forward without "
-             "wgmma (SetTuning(3), what pre-Hopper GPUs run) where wgmma is the default; "
-             "'dW ms, mma.sync' likewise for dW, and with N <= 64 the mma.sync dW tiles "
-             "where the small-batch dW is the default; "
+             "bytes / forward time (with % of copy bandwidth); 'mma.sync' = the 16-bit forward "
+             "without wgmma (SetTuning(3), what pre-Hopper GPUs run; the same kernel where "
+             "wgmma is not the default); 'dW ms, mma.sync' likewise for dW, and with N <= 64 "
+             "the mma.sync dW tiles where the small-batch dW is the default; "
              "'tuning 1/2' = the mma.sync forward with alternative tile configurations "
              "(SetTuning); 'fwd ms, cp.async' = the narrow wgmma forwards with cp.async "
              "copies (SetTuning(6)) where they copy on the copy engine by default; "

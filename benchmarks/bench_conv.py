@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from blocksparse_tf.layers.conv import BlockSparseConv2D  # noqa: E402
 from blocksparse_tf.matmul import BLOCK_SIZES  # noqa: E402
-from examples.cli import fraction, positive_int, seed  # noqa: E402
+from examples.cli import fraction, positive_int, refuse_nondividing, seed  # noqa: E402
 
 IMPLEMENTATIONS = ("fused", "im2col")  # rows alternate in this order
 from benchmarks.report import (best_time, command_line, machine_description,  # noqa: E402
@@ -57,10 +57,8 @@ def parse_args(argv=None):
         args.batch, args.size, args.channels, args.block_sizes = 2, 8, [64, 64], [16]
         args.densities, args.repeats = [0.25, 0.5], 1
     C, K = args.channels
-    bad = [bs for bs in args.block_sizes if C % bs or K % bs]
-    if bad:
-        p.error(f"--block-sizes {', '.join(map(str, bad))} must divide both --channels "
-                f"({C} and {K})")
+    refuse_nondividing(p, "--block-sizes", args.block_sizes, [C, K],
+                       f"both --channels ({C} and {K})")
     return args
 
 

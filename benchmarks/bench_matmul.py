@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from blocksparse_tf import BlocksparseMatMul, cpu_isa  # noqa: E402
 from blocksparse_tf.matmul import (BLOCK_SIZES, blocksparse_matmul,  # noqa: E402
                                    blocksparse_matmul_grad_w)
-from examples.cli import fraction, number, positive_int  # noqa: E402
+from examples.cli import fraction, number, positive_int, refuse_nondividing  # noqa: E402
 from benchmarks.report import (best_time, command_line, machine_description,  # noqa: E402
                                write_section)
 
@@ -59,9 +59,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.block_sizes, args.densities = [64], [32], [0.1, 1.0]
-    bad = [bs for bs in args.block_sizes if args.hidden % bs]
-    if bad:
-        p.error(f"--block-sizes {', '.join(map(str, bad))} must divide --hidden ({args.hidden})")
+    refuse_nondividing(p, "--block-sizes", args.block_sizes, [args.hidden],
+                       f"--hidden ({args.hidden})")
     return args
 
 

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from blocksparse_tf import sparse_dot  # noqa: E402
 from blocksparse_tf.matmul import BLOCK_SIZES  # noqa: E402
-from examples.cli import positive_int  # noqa: E402
+from examples.cli import positive_int, refuse_nondividing  # noqa: E402
 from benchmarks.report import (best_time, command_line, machine_description,  # noqa: E402
                                write_section)
 
@@ -50,10 +50,8 @@ def parse_args(argv=None):
     if args.quick:
         args.block_sizes = [32]
     N, C, K = args.shape
-    bad = [bs for bs in args.block_sizes if C % bs or K % bs]
-    if bad:
-        p.error(f"--block-sizes {', '.join(map(str, bad))} must divide C ({C}) and K ({K}) "
-                "of --shape")
+    refuse_nondividing(p, "--block-sizes", args.block_sizes, [C, K],
+                       f"C ({C}) and K ({K}) of --shape")
     return args
 
 

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from blocksparse_tf import BlocksparseMatMul  # noqa: E402
-from examples.cli import fraction, positive_int, seed  # noqa: E402
+from examples.cli import fraction, positive_int, refuse_nondividing, seed  # noqa: E402
 
 BLOCK_SIZES = (1, 8, 16, 32, 64)
 
@@ -39,8 +39,8 @@ def parse_args(argv=None):
                         help="timed runs per product (default 10)")
     parser.add_argument("--seed", type=seed, default=0, help="seed of the layout, weights and inputs")
     args = parser.parse_args(argv)
-    if args.hidden % args.block_size:
-        parser.error(f"--block-size {args.block_size} must divide --hidden {args.hidden}")
+    refuse_nondividing(parser, "--block-size", [args.block_size], [args.hidden],
+                       f"--hidden ({args.hidden})")
     return args
 
 

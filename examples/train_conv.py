@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from examples.cli import positive_int, seed  # noqa: E402
+from examples.cli import positive_int, refuse_nondividing, seed  # noqa: E402
 from blocksparse_tf import datasets  # noqa: E402
 
 
@@ -70,9 +70,9 @@ def parse_args(argv=None):
         args.epochs, args.timing_repeats = 2, 3
     if args.block_size not in (1, 8, 16, 32, 64):
         p.error(f"--block-size must be one of 1, 8, 16, 32, 64; got {args.block_size}")
-    if args.dense_width % args.block_size or args.sparse_width % args.block_size:
-        p.error(f"--block-size ({args.block_size}) must divide --dense-width "
-                f"({args.dense_width}) and --sparse-width ({args.sparse_width})")
+    refuse_nondividing(p, "--block-size", [args.block_size], [args.dense_width, args.sparse_width],
+                       f"--dense-width ({args.dense_width}) and --sparse-width "
+                       f"({args.sparse_width})")
     if args.sparse_width < args.dense_width:
         p.error(f"--sparse-width ({args.sparse_width}) must be at least --dense-width "
                 f"({args.dense_width})")

@@ -35,7 +35,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from examples.cli import positive_int, seed  # noqa: E402
+from examples.cli import positive_int, refuse_nondividing, seed  # noqa: E402
 DEFAULT_DATA = os.path.join(ROOT, "data", "kjv.txt.xz")
 MIN_CHARS = 10_000  # the least text read_text takes
 
@@ -87,9 +87,8 @@ def parse_args(argv=None):
         args.eval_every, args.val_batches, args.max_chars = 3, 2, 200_000
     if args.block_size not in (1, 8, 16, 32, 64):
         p.error(f"--block-size must be one of 1, 8, 16, 32, 64; got {args.block_size}")
-    if args.sparse_units % args.block_size:
-        p.error(f"--sparse-units ({args.sparse_units}) must be a multiple of --block-size "
-                f"({args.block_size})")
+    refuse_nondividing(p, "--block-size", [args.block_size], [args.sparse_units],
+                       f"--sparse-units ({args.sparse_units})")
     if not 0 < args.density <= 1:
         p.error(f"--density must be in (0, 1]; got {args.density:g}")
     if args.max_chars < 0:

@@ -10,7 +10,7 @@ demo = example("demo")
     (["--batch", "0"], "must be >= 1; got 0"),  # ran, and its NaN errors passed the check
     (["--repeats", "0"], "must be >= 1; got 0"),  # min() of an empty sequence
     (["--hidden", "-64"], "must be >= 1; got -64"),  # numpy's negative dimensions
-    (["--hidden", "100"], "--block-size 32 must divide --hidden 100"),  # the op's shape error
+    (["--hidden", "100"], "--block-size 32 must divide --hidden (100)"),  # the op's shape error
     (["--block-size", "4"], "invalid choice: 4"),
     (["--density", "2"], "--density: must be in (0, 1]; got 2"),  # accepted silently
     (["--density", "0"], "--density: must be in (0, 1]; got 0"),

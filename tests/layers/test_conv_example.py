@@ -91,7 +91,7 @@ def test_benchmark_refuses_bad_arguments(argv, message, capsys):
     (["--block-size", "0"], "--block-size must be one of 1, 8, 16, 32, 64; got 0"),
     (["--block-size", "4"], "--block-size must be one of 1, 8, 16, 32, 64; got 4"),
     (["--block-size", "32", "--dense-width", "48"],
-     "--block-size (32) must divide --dense-width (48) and --sparse-width (256)"),
+     "--block-size 32 must divide --dense-width (48) and --sparse-width (256)"),
     (["--dense-width", "128", "--sparse-width", "64"],
      "--sparse-width (64) must be at least --dense-width (128)"),
     (["--dense-width", "0"], "argument --dense-width: must be >= 1; got 0"),

@@ -43,7 +43,7 @@ def test_help():
     (["--block-size", "0"], "--block-size must be one of 1, 8, 16, 32, 64; got 0"),
     (["--block-size", "4"], "--block-size must be one of 1, 8, 16, 32, 64; got 4"),
     (["--block-size", "64", "--sparse-units", "96"],
-     "--sparse-units (96) must be a multiple of --block-size (64)"),
+     "--block-size 64 must divide --sparse-units (96)"),
     (["--sparse-units", "0"], "argument --sparse-units: must be >= 1; got 0"),
     (["--seq-len", "0"], "argument --seq-len: must be >= 1; got 0"),
     (["--steps", "-2"], "argument --steps: must be >= 1; got -2"),

@@ -35,7 +35,15 @@ def check_mask(mask, name, rows, features, block_size):
             mask.shape.rank != 2 or not mask.shape.is_compatible_with(expected)):
         raise ValueError(f"{name} must have shape (n, {'m' if name == 'in_mask' else 'p'} / block_size)"
                          f" = {expected}; got {mask.shape}")
-    active = mask if mask.dtype == tf.bool else tf.not_equal(mask, 0)
+    if mask.dtype == tf.bool:
+        active = mask
+    elif mask.dtype == tf.float16:
+        # TensorFlow compares float16 without flushing subnormals to zero, as float32,
+        # bfloat16 and float64 comparisons here do: a float16 subnormal counts as zero too (and
+        # NaN, which no comparison holds for, as active).
+        active = tf.logical_not(tf.abs(mask) < np.finfo(np.float16).tiny)
+    else:
+        active = tf.not_equal(mask, 0)
     return tf.cast(active, tf.float32)
 
 
@@ -54,7 +62,7 @@ def _matrix_dims(t):
     static = [_static_dim(t, i) for i in (0, 1)]
     if None not in static:
         return static
-    dynamic = tf.shape(t)
+    dynamic = tf.shape(t, out_type=tf.int64)  # int32 would fail from 2**31 (zero-sized t)
     return [d if d is not None else dynamic[i] for i, d in enumerate(static)]
 
 
@@ -115,11 +123,14 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
                 w = _divisible_when_run(w, 1 - m_axis, block_size, "p")
             y = tf.matmul(x, w, transpose_b=transpose_w)
             return y if bias is None else y + _check_bias(bias, x.dtype, p, y)
-        x_shape, w_shape = _matrix_dims(x), _matrix_dims(w)
-        if in_m is None:
-            in_m = tf.ones([x_shape[0], x_shape[1] // block_size], tf.float32)
-        if out_m is None:
-            out_m = tf.ones([x_shape[0], w_shape[1 - m_axis] // block_size], tf.float32)
+        if in_m is None or out_m is None:
+            # The missing mask's shape is read from x and w, so their rank is checked first.
+            x, w = _ensure_matrix(x, "x"), _ensure_matrix(w, "w")
+            x_shape, w_shape = _matrix_dims(x), _matrix_dims(w)
+            if in_m is None:
+                in_m = tf.ones([x_shape[0], x_shape[1] // block_size], tf.float32)
+            if out_m is None:
+                out_m = tf.ones([x_shape[0], w_shape[1 - m_axis] // block_size], tf.float32)
         y = ops().blocksparse_sparse_dot(x, w, in_m, out_m, block_size=block_size,
                                          transpose_w=transpose_w)
         if bias is not None:
@@ -138,7 +149,7 @@ def _checked_when_run(t, ok, message, shape):
 
 def _divisible_when_run(t, axis, block_size, label):
     """t, checked when the graph runs to have a size along `axis` that block_size divides."""
-    size = tf.shape(t)[axis]
+    size = tf.shape(t, out_type=tf.int64)[axis]
     return _checked_when_run(t, tf.equal(size % block_size, 0),
                              [f"block_size {block_size} must divide {label} =", size], t.shape)
 
@@ -159,9 +170,11 @@ def _check_bias(bias, dtype, p, y):
         raise ValueError(f"bias must have shape (p,) = ({p},); got {bias.shape}")
     if p is not None and bias.shape.is_fully_defined():
         return bias
-    ok = tf.logical_and(tf.equal(tf.rank(bias), 1), tf.equal(tf.size(bias), tf.shape(y)[-1]))
-    return _checked_when_run(bias, ok, ["bias must have shape (p,) = ", tf.shape(y)[-1:],
-                                        "; got", tf.shape(bias)], [p])
+    p_now = tf.shape(y, out_type=tf.int64)[-1:]
+    ok = tf.logical_and(tf.equal(tf.rank(bias), 1),
+                        tf.equal(tf.size(bias, out_type=tf.int64), p_now[0]))
+    return _checked_when_run(bias, ok, ["bias must have shape (p,) = ", p_now, "; got",
+                                        tf.shape(bias, out_type=tf.int64)], [p])
 
 
 @tf.RegisterGradient("BlocksparseSparseDot")
@@ -169,6 +182,12 @@ def _sparse_dot_grad(op, dy):
     x, w, in_m, out_m = op.inputs
     bs = op.get_attr("block_size")
     transpose_w = op.get_attr("transpose_w")
+    # The products below would name a wrong dy after the roles it plays there (x, in_mask).
+    y_shape = op.outputs[0].shape
+    if dy.shape.rank is not None and y_shape.rank is not None and (
+            not dy.shape.is_compatible_with(y_shape)):
+        raise ValueError(f"sparse_dot's output gradient must have its output's shape (n, p) = "
+                         f"{y_shape}; got {dy.shape}")
     # dx: the same masked product backwards, output masks becoming input masks and vice versa,
     # reading w the other way round in place (no transposed copy).
     dx = ops().blocksparse_sparse_dot(dy, w, out_m, in_m, block_size=bs, transpose_w=not transpose_w)

@@ -858,9 +858,49 @@ def test_mask_entries_active_where_nonzero_subnormals_counting_as_zero():
     x, w = tf.ones([1, 32]), tf.ones([32, 8])
     for value, dtype, active in ((np.nan, np.float32, True), (-np.inf, np.float32, True),
                                  (-2.0, np.float32, True), (1e-45, np.float32, False),
-                                 (1e-310, np.float64, False), (1e-30, np.float32, True)):
+                                 (1e-310, np.float64, False), (1e-30, np.float32, True),
+                                 (1e-7, np.float16, False), (6.2e-5, np.float16, True),
+                                 (np.nan, np.float16, True), (-np.inf, np.float16, True)):
         y = sparse_dot(x, w, in_mask=np.array([[value, 0, 0, 0]], dtype), block_size=8)
-        np.testing.assert_array_equal(y.numpy(), np.full((1, 8), 8.0 if active else 0.0))
+        np.testing.assert_array_equal(y.numpy(), np.full((1, 8), 8.0 if active else 0.0),
+                                      err_msg=f"{value} as {np.dtype(dtype).name}")
+
+
+def test_one_mask_with_operands_of_unknown_rank():
+    """The missing mask is made from x's and w's shapes: a vector among them, known only when
+    the graph runs, is refused as one (not an out-of-range slice of its shape)."""
+    for masks in ({"out_mask": tf.ones((4, 2))}, {"in_mask": tf.ones((4, 4))}):
+        f = tf.function(lambda x, w: sparse_dot(x, w, block_size=8, **masks),
+                        input_signature=[tf.TensorSpec(None)] * 2)
+        for x, w, bad in ((tf.ones(32), tf.ones((32, 16)), "x"), (tf.ones((4, 32)), tf.ones(32), "w")):
+            with pytest.raises(tf.errors.InvalidArgumentError, match=f"tensor {bad} .* expected shape"):
+                f(x, w)
+        assert f(tf.ones((4, 32)), tf.ones((32, 16))).shape == (4, 16)
+
+
+def test_sizes_of_2_to_the_31_or_more_known_only_when_run():
+    """Zero-sized operands with a dimension of 2**31 or more: a graph reading their shapes as
+    int32 failed where eager calls gave (0, 0)."""
+    spec = [tf.TensorSpec([None, None])] * 3
+    with_mask = tf.function(lambda x, w, m: sparse_dot(x, w, in_mask=m, block_size=64),
+                            input_signature=spec)
+    without = tf.function(lambda x, w: sparse_dot(x, w, block_size=64), input_signature=spec[:2])
+    x, w = tf.zeros((0, 2 ** 40)), tf.zeros((2 ** 40, 0))
+    assert with_mask(x, w, tf.zeros((0, 2 ** 34))).shape == (0, 0)
+    assert without(x, w).shape == (0, 0)
+
+
+def test_output_gradient_of_the_wrong_shape_is_named_as_such():
+    """The gradient runs the product backwards with dy as its x and out_mask as its in_mask: a
+    wrong dy was reported as a wrong in_mask."""
+    x, w = tf.ones((4, 32)), tf.ones((32, 16))
+    for dy in (tf.ones((5, 16)), tf.ones((4, 8))):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = sparse_dot(x, w, np.ones((4, 4)), block_size=8)
+        with pytest.raises(ValueError, match=r"output gradient must have its output's shape "
+                                             r"\(n, p\) = \(4, 16\); got \(" + str(dy.shape[0])):
+            tape.gradient(y, x, output_gradients=dy)
 
 
 def test_non_finite_bias_stays_out_of_inactive_outputs():

@@ -23,16 +23,21 @@ from blocksparse_tf.matmul import (check_block_size, check_float_dtype, coords_t
 def conv_padding(size, kernel, stride, dilation, padding):
     """(before, after) padding of one spatial dimension as tf.nn.conv2d pads it.
 
-    ``padding`` is "same" or "valid"; SAME puts the odd extra row or column after.  ``size``
-    is an integer (the amounts are then ints), or a scalar integer tensor (then the amounts
-    are tensors of its dtype, computed in int64: int32 sums near 2^31 would wrap).
+    ``padding`` is "same" or "valid" (either case); SAME puts the odd extra row or column
+    after.  ``size`` is an integer >= 0 (the amounts are then ints), or a scalar integer tensor
+    (then the amounts are tensors of its dtype, computed in int64: int32 sums near 2^31 would
+    wrap).  ``kernel``, ``stride`` and ``dilation`` are integers >= 1.
     """
+    padding = _padding_name(padding)
+    kernel, stride, dilation = _int_list((kernel, stride, dilation), 3, 1,
+                                         "kernel, stride and dilation")
+    if not tf.is_tensor(size) and not (is_integer(size) and size >= 0):
+        raise ValueError(f"size must be an integer >= 0 or an integer tensor; got {size!r}")
+    if tf.is_tensor(size) and not size.dtype.is_integer:
+        raise ValueError(f"size must be an integer tensor; got dtype {size.dtype.name}")
     if padding == "valid":
         return 0, 0
-    if padding != "same":
-        raise ValueError(f"padding must be 'same' or 'valid'; got {padding!r}")
-    effective = (int(kernel) - 1) * int(dilation) + 1
-    stride = int(stride)
+    effective = (kernel - 1) * dilation + 1
     # A numpy integer's sums could wrap, and so could an int32 tensor's: Python ints, int64.
     wide = tf.cast(size, tf.int64) if tf.is_tensor(size) else int(size)
     total = ((wide + stride - 1) // stride - 1) * stride + effective - wide
@@ -41,6 +46,14 @@ def conv_padding(size, kernel, stride, dilation, padding):
         return total // 2, total - total // 2
     total = tf.maximum(total, 0)
     return tf.cast(total // 2, size.dtype), tf.cast(total - total // 2, size.dtype)
+
+
+def _padding_name(padding):
+    """'same' or 'valid' from either case; ValueError otherwise."""
+    name = padding.lower() if isinstance(padding, str) else None
+    if name not in ("same", "valid"):
+        raise ValueError(f"padding must be 'same' or 'valid'; got {padding!r}")
+    return name
 
 
 #: Largest stride, dilation, padding amount and kernel size the ops take (as their kernels).
@@ -116,7 +129,10 @@ def blocksparse_conv2d_grad_input(input_sizes, w, dy, layout, block_size, C, K, 
 
 
 def _check_kernel_size(kernel_size):
-    """(kh, kw) as an int32 tensor, from two ints or an integer tensor such as tf.shape(w)[1:3]."""
+    """(kh, kw) as an int32 tensor, from two ints, a TensorShape such as w.shape[1:3] (known
+    then), or an integer tensor such as tf.shape(w)[1:3]."""
+    if isinstance(kernel_size, tf.TensorShape) and kernel_size.is_fully_defined():
+        kernel_size = kernel_size.as_list()
     if tf.is_tensor(kernel_size):
         if not kernel_size.dtype.is_integer or not kernel_size.shape.is_compatible_with([2]):
             raise ValueError(f"kernel_size must be a vector of 2 integers; got {kernel_size!r}")

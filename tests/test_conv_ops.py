@@ -13,6 +13,7 @@ import tensorflow as tf
 from blocksparse_tf._ops import ops
 from blocksparse_tf.conv import (blocksparse_conv2d, blocksparse_conv2d_grad_input,
                                  blocksparse_conv2d_grad_kernel, conv_padding)
+from blocksparse_tf.layers.conv import conv_output_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,6 +122,9 @@ def _check_against_reference(rng, coords, w, x, attrs):
     dw = blocksparse_conv2d_grad_kernel(x, dy, coords, w.shape[1:3], **attrs)
     assert dw.shape == w.shape
     _close(dw, _blocks_of(dW_ref, coords, bs))
+    # A tensor's static shape as kernel_size (refused before as not two integers).
+    dw_shape = blocksparse_conv2d_grad_kernel(x, dy, coords, tf.constant(w).shape[1:3], **attrs)
+    assert np.array_equal(dw_shape.numpy(), dw.numpy())
     # The gradients registered for the op are the same ops.
     xt, wt = tf.constant(x), tf.constant(w)
     with tf.GradientTape() as tape:
@@ -533,6 +537,24 @@ def test_gradient_shape_functions_keep_what_is_consistent():
             x, d, tf.zeros((2, 3), tf.int32), tf.constant([3, 3]), **attrs))
         grad_kernel_bad_layout.get_concrete_function(tf.TensorSpec(X.shape),
                                                      tf.TensorSpec(DY.shape))
+
+
+def test_conv_padding_and_output_size_check_their_arguments():
+    """Either case of padding (as tf.nn.conv2d writes it); a stride of 0, a fractional or
+    negative size refused (a ZeroDivisionError, a truncated size and a padding before)."""
+    assert conv_padding(7, 4, 1, 1, "SAME") == conv_padding(7, 4, 1, 1, "same") == (1, 2)
+    assert conv_padding(7, 4, 1, 1, "VALID") == (0, 0)
+    assert conv_output_size(7, 3, 1, 1, "SAME") == 7 and conv_output_size(7, 3, 1, 1, "VALID") == 5
+    for args, message in (((5, 3, 0, 1, "same"), "kernel, stride and dilation must be 3 integers"),
+                          ((5, 0, 1, 1, "valid"), "kernel, stride and dilation must be 3 integers"),
+                          ((5.7, 3, 2, 1, "same"), "size must be an integer >= 0"),
+                          ((-5, 3, 2, 1, "same"), "size must be an integer >= 0"),
+                          ((tf.constant(5.0), 3, 2, 1, "same"), "size must be an integer tensor"),
+                          ((5, 3, 1, 1, "full"), "padding must be 'same' or 'valid'")):
+        with pytest.raises(ValueError, match=message):
+            conv_padding(*args)
+    with pytest.raises(ValueError, match="padding must be 'same' or 'valid'"):
+        conv_output_size(7, 3, 1, 1, "causal")
 
 
 def test_conv_padding_of_numpy_and_wide_sizes():

@@ -53,7 +53,10 @@ def _pair(value, what):
 
 
 def conv_output_size(size, kernel, stride, dilation, padding):
-    """Output length of one spatial dimension (None stays None), as tf.nn.conv2d computes it."""
+    """Output length of one spatial dimension (None stays None), as tf.nn.conv2d computes it
+    (0 where the input is smaller than the dilated kernel); padding "same" or "valid", either
+    case."""
+    padding = conv_ops._padding_name(padding)
     if size is None:
         return None
     effective = (kernel - 1) * dilation + 1
@@ -235,23 +238,30 @@ class BlockSparseConv2D(_layout.LayoutCheckedWeights, keras.layers.Layer):
                                                   dil, self.padding))
             padded = (size if size is not None else dynamic[d]) + sum(pads[-1])
             o = (padded - ((k - 1) * dil + 1)) // s + 1
-            too_small = (f"is smaller than the dilated kernel {self.kernel_size} (dilation "
-                         f"{self.dilation_rate}) with padding '{self.padding}'")
-            if size == 0:  # SAME pads nothing there: an empty image is refused under either
-                raise ValueError(f"input of spatial shape {tuple(static[1:3])} has no rows or "
-                                 f"no columns; BlockSparseConv2D needs at least one of each")
-            if isinstance(o, int) and o < 1:
-                raise ValueError(f"input of spatial shape {tuple(static[1:3])} {too_small}")
+            self._refuse_static_size(static[1:3], size, o)
             if not isinstance(o, int):
                 # A size known only when run: checked then, the sizes named in the error (the
                 # fused op checks it itself).  The output size waits for the check, so that the
                 # im2col slices, which a negative size would turn into windows of unequal
                 # sizes, are not cut before it.
-                o = checked_when_run(o, o > 0, [f"input {too_small} or has no rows or no "
+                o = checked_when_run(o, o > 0, [f"input {self._too_small()} or has no rows or no "
                                                  f"columns; the input's height and width:",
                                                  dynamic[1:3]])
             out.append(o)
         return pads, out
+
+    def _too_small(self):
+        return (f"is smaller than the dilated kernel {self.kernel_size} (dilation "
+                f"{self.dilation_rate}) with padding '{self.padding}'")
+
+    def _refuse_static_size(self, spatial, size, out):
+        """ValueError where one spatial dimension of an input of spatial shape ``spatial``, its
+        ``size`` known, has no entries or gives an output size ``out`` below 1."""
+        if size == 0:  # SAME pads nothing there: an empty image is refused under either
+            raise ValueError(f"input of spatial shape {tuple(spatial)} has no rows or no "
+                             f"columns; BlockSparseConv2D needs at least one of each")
+        if isinstance(out, int) and out < 1:
+            raise ValueError(f"input of spatial shape {tuple(spatial)} {self._too_small()}")
 
     @staticmethod
     def _pad(x, pads):
@@ -316,8 +326,14 @@ class BlockSparseConv2D(_layout.LayoutCheckedWeights, keras.layers.Layer):
         return y
 
     def compute_output_shape(self, input_shape):
-        dims = [conv_output_size(size, k, s, d, self.padding) for size, k, s, d in
-                zip(input_shape[1:3], self.kernel_size, self.strides, self.dilation_rate)]
+        # Keras builds symbolic models from this, not from call(): sizes call() would refuse
+        # are refused here too, not passed on as zero-sized outputs.
+        spatial = tuple(input_shape[1:3])
+        dims = []
+        for size, k, s, d in zip(spatial, self.kernel_size, self.strides, self.dilation_rate):
+            dims.append(conv_output_size(size, k, s, d, self.padding))
+            if size is not None:
+                self._refuse_static_size(spatial, size, dims[-1])
         return (input_shape[0], dims[0], dims[1], self.filters)
 
     def densified_kernel(self):

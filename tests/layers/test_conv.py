@@ -276,6 +276,21 @@ def test_empty_image_raises_naming_it(padding):
         layer(tf.zeros((2, 0, 5, 16)))
 
 
+@pytest.mark.parametrize("shape,padding,message", [
+    ((3, 3, 16), "valid", r"spatial shape \(3, 3\) is smaller than the dilated kernel \(5, 5\)"),
+    ((0, 5, 16), "same", r"spatial shape \(0, 5\) has no rows or no columns")])
+def test_symbolic_inputs_the_layer_would_refuse_are_refused_when_the_model_is_built(
+        shape, padding, message):
+    """Keras builds a model on symbolic inputs from compute_output_shape, not call(): sizes
+    call() refuses passed on as zero-sized outputs there (a Dense layer after them then got 0
+    inputs), and failed only when data first flowed."""
+    with pytest.raises(ValueError, match=message):
+        keras.Sequential([keras.Input(shape),
+                          BlockSparseConv2D(16, 5, block_size=8, padding=padding)])
+    layer = BlockSparseConv2D(16, 5, block_size=8, padding=padding)
+    assert layer.compute_output_shape((None, None, 7, 16)) == (None, None, 7 if padding == "same" else 3, 16)
+
+
 def test_auto_implementation_is_fused_on_cpu():
     layer = BlockSparseConv2D(16, 3, block_size=8)
     assert layer.implementation == "auto"

@@ -22,7 +22,7 @@ from keras import ops
 
 from blocksparse_tf.layers import _checks, _init, _layout, _xla
 from blocksparse_tf.matmul import (BlocksparseMatMul, blocksparse_matmul,
-                                   blocksparse_matmul_grad_w, check_float_dtype)
+                                   blocksparse_matmul_grad_w, check_float_dtype, check_number)
 
 #: Density of the default recurrent layout (Watts-Strogatz, p = 0.1; see docs/layers.md).
 DEFAULT_DENSITY = 0.125
@@ -87,6 +87,7 @@ class BlockSparseLSTMCell(_layout.LayoutCheckedWeights, keras.layers.Layer):
         super().__init__(**kwargs)
         _xla.run_without_xla(self)
         units, block_size = _checks.width_in_blocks(units, block_size)
+        check_number(layer_norm_epsilon, "layer_norm_epsilon")
         if not layer_norm_epsilon > 0:
             raise ValueError(f"layer_norm_epsilon must be > 0; got {layer_norm_epsilon!r}")
         if input_layout is not None and not sparse_input:
@@ -417,11 +418,17 @@ class BlockSparseLSTM(keras.layers.RNN):
                                    dtype=kwargs.get("dtype"),
                                    trainable=kwargs.get("trainable", True),
                                    name="blocksparse_lstm_cell", **cell_kwargs)
-        super().__init__(cell, return_sequences=return_sequences, return_state=return_state,
-                         go_backwards=go_backwards, stateful=stateful, unroll=unroll,
-                         zero_output_for_mask=zero_output_for_mask, **kwargs)
+        # Keras' RNN takes any value as these flags (the string "False" as true): refused here,
+        # as the cell's own flags are.
+        flags = {name: _checks.flag(value, name) for name, value in (
+            ("return_sequences", return_sequences), ("return_state", return_state),
+            ("go_backwards", go_backwards), ("stateful", stateful), ("unroll", unroll),
+            ("zero_output_for_mask", zero_output_for_mask))}
+        super().__init__(cell, **flags, **kwargs)
         _xla.run_without_xla(self)
         self.fused = _checks.flag(fused, "fused")
+        # Every call checks the sequences' rank (build checks only the first), as Keras' LSTM.
+        self.input_spec = keras.layers.InputSpec(ndim=3)
 
     def build(self, sequences_shape, initial_state_shape=None):
         # Keras' RNN would otherwise fail inside the first call with an index error.

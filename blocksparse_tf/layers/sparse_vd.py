@@ -95,7 +95,10 @@ def set_kl_weight(model, weight):
     """Sets ``kl_weight`` of every SparseVD layer of ``model`` (e.g. ``kl_scale(N, rw)``)."""
     check_number(weight, "weight", low=0.0)
     for layer in sparse_vd_layers(model):
-        layer.kl_weight.assign(float(weight))
+        if layer.built:
+            layer.kl_weight.assign(float(weight))
+        else:  # a model built by its first batch (KLWarmup's first epoch begins before it)
+            layer._kl_weight_when_built = float(weight)
 
 
 def total_kl(model):
@@ -172,6 +175,7 @@ class _SparseVDMixin:
         check_number(log_sigma2_init, "log_sigma2_init")
         self.threshold = float(threshold)
         self.initial_kl_weight = float(kl_weight)
+        self._kl_weight_when_built = self.initial_kl_weight  # set_kl_weight's before build
         self.log_sigma2_init = float(log_sigma2_init)
         self.activation = keras.activations.get(activation)
         self.use_bias = _checks.flag(use_bias, "use_bias")
@@ -193,14 +197,20 @@ class _SparseVDMixin:
             initializer=keras.initializers.Constant(self.log_sigma2_init), autocast=False)
         self.kl_weight = self.add_weight(
             name="kl_weight", shape=(), trainable=False, dtype="float32",
-            initializer=keras.initializers.Constant(self.initial_kl_weight), autocast=False)
+            initializer=keras.initializers.Constant(self._kl_weight_when_built), autocast=False)
         self.bias = None
         if self.use_bias:
             self.bias = self.add_weight(name="bias", shape=(shape[-1],),
                                         initializer=self.bias_initializer)
 
+    def _require_built(self):
+        if not self.built:
+            raise ValueError(f"{self.name} is not built yet: its weights exist once it has been "
+                             f"called on data (or built with an input shape)")
+
     def log_alpha(self):
         """``log(sigma^2 / theta^2)`` per weight, clipped to [-8, 8] (a tensor)."""
+        self._require_built()
         theta = ops.cast(self.theta, "float32")
         la = ops.cast(self.log_sigma2, "float32") - ops.log(ops.square(theta) + 1e-8)
         return ops.clip(la, LOG_ALPHA_MIN, LOG_ALPHA_MAX)
@@ -215,6 +225,7 @@ class _SparseVDMixin:
 
     def pruned_kernel(self):
         """The inference kernel ``theta * kept_mask()`` as a numpy array."""
+        self._require_built()
         return ops.convert_to_numpy(self.theta) * self.kept_mask()
 
     def sparsity_report(self):

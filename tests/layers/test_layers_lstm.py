@@ -318,6 +318,12 @@ def test_frozen_layer_stays_frozen_in_fit_and_after_loading(tmp_path):
     ({"units": 64, "input_layout": "random"}, "sparse_input=True"),
     ({"units": 64, "layer_norm_epsilon": 0}, "layer_norm_epsilon"),
     ({"units": 64, "recurrent_initializer": "nope"}, "recurrent_initializer"),
+    # Keras' RNN took any value as its flags (the string "False" ran backwards).
+    ({"units": 64, "go_backwards": "False"}, "go_backwards must be True or False, got 'False'"),
+    ({"units": 64, "return_sequences": "yes"}, "return_sequences must be True or False"),
+    ({"units": 64, "stateful": 1}, "stateful must be True or False"),
+    ({"units": 64, "layer_norm_epsilon": "1e-3"}, "layer_norm_epsilon must be a number"),
+    ({"units": 64, "layer_norm_epsilon": float("inf")}, "layer_norm_epsilon must be a finite"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -325,8 +331,17 @@ def test_bad_arguments(kwargs, message):
 
 
 def test_inputs_must_be_sequences():
-    with pytest.raises(ValueError, match=r"sequences \(batch, time, features\); got shape \(4, 16\)"):
+    with pytest.raises(ValueError, match=r"expected ndim=3, found ndim=2\. Full shape received: "
+                                         r"\(4, 16\)"):
         BlockSparseLSTM(H, block_size=BS)(np.zeros((4, 16), np.float32))
+    with pytest.raises(ValueError, match=r"sequences \(batch, time, features\); got shape \(4, 16\)"):
+        BlockSparseLSTM(H, block_size=BS).build((4, 16))
+    # On every call, not only the first (TensorFlow's index and transpose errors after it).
+    layer = BlockSparseLSTM(H, block_size=BS)
+    layer(np.zeros((2, 3, 16), np.float32))
+    for shape in ((4, 16), (2, 3, 16, 1)):
+        with pytest.raises(ValueError, match=f"expected ndim=3, found ndim={len(shape)}"):
+            layer(np.zeros(shape, np.float32))
 
 
 def test_sparse_input_needs_divisible_input():

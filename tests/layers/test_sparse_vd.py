@@ -202,6 +202,29 @@ def test_bad_arguments_raise(make, message):
         make()
 
 
+def test_kl_weight_set_before_the_model_is_built():
+    """A model without keras.Input is built by its first batch, after KLWarmup's first epoch
+    began (set_kl_weight failed on the layers' missing kl_weight); reports on unbuilt layers
+    name the problem."""
+    rng = np.random.default_rng(3)
+    x, y = rng.random((32, 6)).astype("float32"), rng.integers(0, 3, 32)
+    model = keras.Sequential([SparseVDDense(8, activation="relu"), SparseVDDense(3)])
+    with pytest.raises(ValueError, match="is not built yet"):
+        sparsity_report(model)
+    with pytest.raises(ValueError, match="is not built yet"):
+        model.layers[0].pruned_kernel()
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0,
+              callbacks=[KLWarmup(len(x), start=0, end=4)])
+    # Epoch 1 (the second) set kl_warmup(1, 0, 4) / 32 = 0.25 / 32 on the built layers.
+    assert [float(l.kl_weight.numpy()) for l in model.layers] == [0.25 / 32] * 2
+    unbuilt = keras.Sequential([SparseVDDense(4)])
+    set_kl_weight(unbuilt, 0.5)
+    unbuilt.build((None, 6))
+    assert float(unbuilt.layers[0].kl_weight.numpy()) == 0.5
+    assert unbuilt.layers[0].get_config()["kl_weight"] == 1.0  # the constructor's, as before
+
+
 def test_conv_wants_4d_input():
     with pytest.raises(ValueError, match="channels"):
         SparseVDConv2D(2, 3).build((None, 5, 5))

@@ -332,7 +332,14 @@ class BlocksparseMatMul:
                 raise ValueError(f"gate must have shape ({self.blocks},), one value per block; "
                                  f"got {gate.shape}")
             if not gate.shape.is_fully_defined():  # known only when run: checked then
-                gate = _gate_checked_when_run(gate, self.blocks)
+                gate = _shape_checked_when_run(gate, (self.blocks,),
+                                               f"gate must have shape ({self.blocks},), one "
+                                               f"value per block")
+            if not w.shape.is_fully_defined():
+                # The product with the gate would broadcast a wrong w (one block to all, say)
+                # before the kernel could check its shape.
+                w = _shape_checked_when_run(w, self.w_shape,
+                                            f"w must have shape w_shape={self.w_shape}")
             w = w * tf.reshape(tf.cast(gate, w.dtype), [-1, 1, 1])
         return blocksparse_matmul(x, w, self._layout_tensor(), self.block_size, self.C, self.K,
                                   self.feature_axis, constant_layout=True)
@@ -435,7 +442,9 @@ class BlocksparseMatMul:
         Each output unit then sums its inputs with unit-norm weight rows, so activations keep
         their scale through the layer.  A numpy array that is also a Keras initializer.
         """
-        if isinstance(seed, bool):  # default_rng takes it as 0 or 1
+        if isinstance(seed, bool) or not (seed is None or is_integer(seed) or
+                                          isinstance(seed, np.random.Generator)):
+            # (default_rng takes a bool as 0 or 1, and refuses a float with a TypeError.)
             raise ValueError(f"seed must be None, an integer or a numpy Generator; got {seed!r}")
         rng = np.random.default_rng(seed)
         q, r = np.linalg.qr(rng.standard_normal((self.blocks, self.block_size, self.block_size)))
@@ -467,7 +476,12 @@ class BlocksparseMatMul:
         config = dict(config)
         layout = config.pop("layout")
         if isinstance(layout, dict):
-            layout = (np.asarray(layout["coords"], dtype=np.int64).reshape(-1, 2), tuple(layout["shape"]))
+            # Not cast to integers here: the constructor refuses fractional coordinates (a
+            # cast truncated them), and a list that is not of pairs.
+            coords = np.asarray(layout["coords"])
+            if coords.size == 0:
+                coords = np.zeros((0, 2), np.int64)
+            layout = (coords, tuple(layout["shape"]))
         return cls(layout, **config)
 
     def __repr__(self):
@@ -483,16 +497,17 @@ def _with_checked_shape(t, shape, requirement):
     return tf.ensure_shape(t, shape)
 
 
-def _gate_checked_when_run(gate, blocks):
-    """gate, checked to have shape (blocks,) when run (an error that names the gate, where
+def _shape_checked_when_run(t, shape, message):
+    """t, checked to have `shape` when run (an InvalidArgumentError with `message`, where
     tf.ensure_shape names only the tensor) and given that static shape."""
-    message = f"gate must have shape ({blocks},), one value per block"
-    checks = [tf.debugging.assert_rank(gate, 1, message=message),
-              tf.debugging.assert_equal(tf.size(gate), blocks, message=message)]
-    with tf.control_dependencies(checks):
-        gate = tf.identity(gate)
-    gate.set_shape([blocks])
-    return gate
+    rank = tf.debugging.assert_rank(t, len(shape), message=message)
+    with tf.control_dependencies([rank]):  # the sizes compared only once the ranks agree
+        sizes = tf.debugging.assert_equal(tf.shape(t, out_type=tf.int64),
+                                          tf.constant(shape, tf.int64), message=message)
+    with tf.control_dependencies([sizes]):
+        t = tf.identity(t)
+    t.set_shape(shape)
+    return t
 
 
 def blocksparse_matmul(x, w, layout, block_size, C, K, feature_axis=1, transpose_w=False,

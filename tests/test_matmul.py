@@ -805,6 +805,14 @@ def test_config_and_npz_round_trips(tmp_path):
     config = json.loads(json.dumps(bsmm.get_config()))
     again = BlocksparseMatMul.from_config(config)
     assert again.get_config() == bsmm.get_config()
+    # Hand-made configs: coordinates are not truncated to integers nor paired up.
+    for coords, what in (([[0.7, 1.9]], "float64"), ([[True, False]], "bool"), ([["1", "0"]], "<U1")):
+        with pytest.raises(ValueError, match=f"block coordinates must be integers; got dtype {what}"):
+            BlocksparseMatMul.from_config({"layout": {"shape": [2, 2], "coords": coords},
+                                           "block_size": 8})
+    with pytest.raises(ValueError, match="sequence of \\(c, k\\) block coordinates"):
+        BlocksparseMatMul.from_config({"layout": {"shape": [2, 2], "coords": [0, 1, 1, 0]},
+                                       "block_size": 8})
     np.savez(tmp_path / "layout.npz", layout=bsmm.layout)
     loaded = np.load(tmp_path / "layout.npz", allow_pickle=False)["layout"]
     assert np.array_equal(BlocksparseMatMul(loaded, block_size=16).coords, bsmm.coords)
@@ -1065,8 +1073,9 @@ def test_minibatch_sizes_scales_seeds_and_gates_are_checked():
     for bad in (True, "2"):
         with pytest.raises(ValueError, match="scale must be a number"):
             bsmm.identity_init(bad)
-    with pytest.raises(ValueError, match="seed must be None, an integer or a numpy Generator"):
-        bsmm.ortho_init(True)  # was seed 1
+    for bad in (True, 1.5, "3"):  # True was seed 1; 1.5 and "3" numpy's TypeError
+        with pytest.raises(ValueError, match="seed must be None, an integer or a numpy Generator"):
+            bsmm.ortho_init(bad)
     with pytest.raises(ValueError, match="gate must hold real numbers; got dtype complex64"):
         bsmm(tf.ones((1, 16)), tf.ones(bsmm.w_shape), gate=tf.constant([1j, 1j], tf.complex64))
 
@@ -1089,6 +1098,24 @@ def test_gate_of_shape_known_only_when_run():
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         unknown_rank(gate.reshape(2, -1))  # every value, but not as a vector
     assert rel_err(unknown_rank(gate), x.astype(np.float64) @ W) < 1e-5
+
+
+def test_gated_product_checks_a_weight_shape_known_only_when_run():
+    """w times the gate broadcast a wrong w (one block to every block, its gradient summed
+    into it) before the kernel could refuse its shape."""
+    bsmm = BlocksparseMatMul(np.eye(3), block_size=8)
+    x = RNG.standard_normal((2, 24)).astype(np.float32)
+    gate = tf.constant([1.0, 2.0, 3.0])
+    message = r"w must have shape w_shape=\(3, 8, 8\)"
+    for spec, bad in ((tf.TensorSpec([None, 8, 8]), np.ones((1, 8, 8), np.float32)),
+                      (tf.TensorSpec([None, 8, 8]), np.ones((5, 8, 8), np.float32)),
+                      (tf.TensorSpec(None), np.ones((8, 8), np.float32))):
+        run = tf.function(lambda w: bsmm(x, w, gate=gate), input_signature=[spec])
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            run(bad)
+        w = RNG.standard_normal(bsmm.w_shape).astype(np.float32)
+        W = dense_reference(bsmm.layout, 8, w.astype(np.float64) * np.array([1, 2, 3])[:, None, None])
+        assert rel_err(run(w), x.astype(np.float64) @ W) < 1e-5
 
 
 @pytest.mark.parametrize("bs, N", [(1, 96), (1, 97), (8, 3), (32, 40)])

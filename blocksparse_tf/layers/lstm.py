@@ -378,6 +378,31 @@ def _saving():
     return save_context.in_save_context()
 
 
+def _dim(t, axis):
+    """Dimension `axis` of tensor t: an int where static, else a scalar tensor."""
+    size = t.shape[axis]
+    return size if size is not None else tf.shape(t)[axis]
+
+
+def _checked_when_run(value, expected, message):
+    """value, checked when the graph runs to have the shape `expected` (ints and scalar
+    tensors) where its static shape leaves that open (a batch of 1 would broadcast); as it is
+    where the static shape settles it, or where value is not a tensor of a graph."""
+    shape = _shape_of(value)
+    if (shape is not None and len(shape) == len(expected) and
+            all(isinstance(e, int) and s == e for s, e in zip(shape, expected))):
+        return value
+    if not tf.is_tensor(value) or tf.executing_eagerly():
+        return value
+    rank = tf.debugging.assert_rank(value, len(expected), message=message)
+    with tf.control_dependencies([rank]):  # the sizes compared only once the ranks agree
+        sizes = tf.debugging.assert_equal(
+            tf.shape(value, out_type=tf.int64),
+            tf.cast(tf.stack(expected), tf.int64), message=message)
+    with tf.control_dependencies([sizes]):
+        return tf.identity(value)
+
+
 def _shape_of(value):
     """The shape of a tensor, array or nested list, as a tuple (None: rank unknown)."""
     shape = getattr(value, "shape", None)
@@ -440,9 +465,9 @@ class BlockSparseLSTM(keras.layers.RNN):
     def call(self, sequences, initial_state=None, mask=None, training=False):
         # Keras' RNN would fail inside the loop with TensorFlow's own shape errors instead.
         if initial_state is not None:
-            self._check_initial_state(initial_state, sequences)
+            initial_state = self._check_initial_state(initial_state, sequences)
         if mask is not None:
-            self._check_mask(mask, sequences)
+            mask = self._check_mask(mask, sequences)
         return super().call(sequences, initial_state=initial_state, mask=mask,
                             training=training)
 
@@ -452,25 +477,30 @@ class BlockSparseLSTM(keras.layers.RNN):
             raise ValueError(f"{self.name}: initial_state must be [h, c], two states; got "
                              f"{len(states)}")
         batch = sequences.shape[0]
+        checked = []
         for which, state in zip("hc", states):
             shape = _shape_of(state)
-            if shape is None:
-                continue
-            if len(shape) != 2 or shape[1] not in (None, self.units) or \
-                    None not in (batch, shape[0]) and shape[0] != batch:
-                raise ValueError(f"{self.name}: initial state {which} must have shape "
-                                 f"(batch, units) = ({batch}, {self.units}); got {shape}")
+            message = (f"{self.name}: initial state {which} must have shape (batch, units) = "
+                       f"({batch}, {self.units})")
+            if shape is not None and (
+                    len(shape) != 2 or shape[1] not in (None, self.units) or
+                    None not in (batch, shape[0]) and shape[0] != batch):
+                raise ValueError(f"{message}; got {shape}")
+            checked.append(_checked_when_run(state, [_dim(sequences, 0), self.units], message))
+        return checked
 
     def _check_mask(self, mask, sequences):
         shape = given = _shape_of(mask)
         if shape is None:
-            return
+            return mask
         expected = tuple(sequences.shape[:2])
         if len(shape) == 3 and shape[2] == 1:
             shape = shape[:2]
+        message = f"{self.name}: mask must have shape (batch, time) = {expected}"
         if len(shape) != 2 or any(None not in (a, b) and a != b for a, b in zip(shape, expected)):
-            raise ValueError(f"{self.name}: mask must have shape (batch, time) = {expected}; got "
-                             f"{given}")
+            raise ValueError(f"{message}; got {given}")
+        dims = [_dim(sequences, 0), _dim(sequences, 1)] + [1] * (len(given) - 2)
+        return _checked_when_run(mask, dims, message)
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if not self.fused:

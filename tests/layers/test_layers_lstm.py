@@ -344,6 +344,29 @@ def test_inputs_must_be_sequences():
             layer(np.zeros(shape, np.float32))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_states_and_masks_of_shapes_known_only_when_run(fused):
+    """Eagerly a batch-1 state or mask is refused; in a graph with unknown sizes it broadcast
+    over the batch (and a mask longer than the sequences was ignored): checked when run."""
+    layer = BlockSparseLSTM(H, block_size=BS, fused=fused, return_sequences=True)
+    seqs, pair = tf.TensorSpec([None, None, 16]), tf.TensorSpec([None, None])
+    with_state = tf.function(lambda x, h, c: layer(x, initial_state=[h, c]),
+                             input_signature=[seqs, pair, pair])
+    with_mask = tf.function(lambda x, m: layer(x, mask=m),
+                            input_signature=[seqs, tf.TensorSpec([None, None], tf.bool)])
+    x = np.ones((3, 4, 16), np.float32)
+    state = np.zeros((3, H), np.float32)
+    assert with_state(x, state, state).shape == (3, 4, H)
+    assert with_mask(x, np.ones((3, 4), bool)).shape == (3, 4, H)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"initial state h must have shape "
+                                                         r"\(batch, units\)"):
+        with_state(x, state[:1], state)
+    for mask in (np.ones((1, 4), bool), np.ones((3, 6), bool)):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"mask must have shape "
+                                                             r"\(batch, time\)"):
+            with_mask(x, mask)
+
+
 def test_sparse_input_needs_divisible_input():
     layer = BlockSparseLSTM(H, block_size=BS, sparse_input=True)
     with pytest.raises(ValueError, match="sparse_input needs"):

@@ -145,6 +145,13 @@ absl::Status KernelShape(InferenceContext* c, int w_input, int layout_input, int
   TF_RETURN_IF_ERROR(c->Merge(c->Dim(layout, 1), c->MakeDim(2), &unused));
   *kh = c->ValueKnown(c->Dim(w, 1)) ? c->Value(c->Dim(w, 1)) : -1;
   *kw = c->ValueKnown(c->Dim(w, 2)) ? c->Value(c->Dim(w, 2)) : -1;
+  // As the kernels refuse it when run; an empty kernel would also give OutputShape a negative
+  // reach (an output larger than the image).
+  if (*kh == 0 || *kw == 0) {
+    return absl::InvalidArgumentError(
+        "w must have shape (blocks, kh, kw, block_size, block_size) with kh, kw >= 1; got " +
+        c->DebugString(w));
+  }
   return absl::OkStatus();
 }
 

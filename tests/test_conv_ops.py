@@ -539,6 +539,27 @@ def test_gradient_shape_functions_keep_what_is_consistent():
                                                      tf.TensorSpec(DY.shape))
 
 
+def test_shape_functions_refuse_an_empty_kernel():
+    """A w of kernel height or width 0 (which the kernels refuse when run) gave the shape
+    functions an output larger than the image."""
+    attrs = dict(block_size=8, C=16, K=16)
+    layout = tf.TensorSpec([None, 2], tf.int32)
+    message = r"w must have shape \(blocks, kh, kw, block_size, block_size\) with kh, kw >= 1"
+    forward = tf.function(lambda x, w, l: ops().blocksparse_conv2d(x, w, l, **attrs))
+    grad_input = tf.function(lambda w, d, l: ops().blocksparse_conv2d_grad_input(
+        tf.constant([1, 4, 4, 16]), w, d, l, **attrs))
+    for kernel in ([1, 0, 0, 8, 8], [1, 3, 0, 8, 8]):
+        with pytest.raises(ValueError, match=message):
+            forward.get_concrete_function(tf.TensorSpec([1, 4, 4, 16]), tf.TensorSpec(kernel),
+                                          layout)
+        with pytest.raises(ValueError, match=message):
+            grad_input.get_concrete_function(tf.TensorSpec(kernel), tf.TensorSpec([1, 5, 5, 16]),
+                                             layout)
+    assert forward.get_concrete_function(tf.TensorSpec([1, 4, 4, 16]),
+                                         tf.TensorSpec([1, 3, 3, 8, 8]),
+                                         layout).structured_outputs.shape == (1, 2, 2, 16)
+
+
 def test_conv_padding_and_output_size_check_their_arguments():
     """Either case of padding (as tf.nn.conv2d writes it); a stride of 0, a fractional or
     negative size refused (a ZeroDivisionError, a truncated size and a padding before)."""

@@ -31,6 +31,11 @@ def check_mask(mask, name, rows, features, block_size):
         raise ValueError(f"{name} must hold numbers or booleans (nonzero: active); got dtype "
                          f"{mask.dtype.name}")
     expected = (rows, features // block_size if features is not None else None)
+    if mask.shape.rank is None:  # checked when run, before anything reads its columns
+        message = f"{name} must be a matrix (n, blocks)"
+        with tf.control_dependencies([tf.debugging.assert_rank(mask, 2, message=message)]):
+            mask = tf.identity(mask)
+        mask.set_shape([None, None])
     if mask.shape.rank is not None and (
             mask.shape.rank != 2 or not mask.shape.is_compatible_with(expected)):
         raise ValueError(f"{name} must have shape (n, {'m' if name == 'in_mask' else 'p'} / block_size)"

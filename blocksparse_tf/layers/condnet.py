@@ -187,7 +187,7 @@ class CondDense(keras.layers.Layer):
 
     def policy_logits(self, x):
         """Logits (n, blocks) of each block's participation probability, from the input x."""
-        x = tf.stop_gradient(tf.convert_to_tensor(x, self.compute_dtype))
+        x = tf.stop_gradient(_as_compute_tensor(x, self.compute_dtype))
         return tf.matmul(x, tf.cast(self.policy_kernel, x.dtype)) + tf.cast(self.policy_bias,
                                                                           x.dtype)
 
@@ -201,7 +201,7 @@ class CondDense(keras.layers.Layer):
         return tf.cast(probs > self.threshold, tf.float32)
 
     def call(self, inputs, in_mask=None, training=None, out_mask=None, return_policy=False):
-        x = tf.convert_to_tensor(inputs, self.compute_dtype)
+        x = _as_compute_tensor(inputs, self.compute_dtype)
         if x.shape.rank != 2:
             raise ValueError(f"{self.name}: inputs must be (n, features); got {x.shape}")
         logits = self.policy_logits(x)
@@ -264,8 +264,21 @@ class CondDense(keras.layers.Layer):
         return config
 
 
+def _as_compute_tensor(inputs, dtype):
+    """inputs as a tensor of the layer's compute dtype: real or integer inputs (uint8 pixels,
+    say) cast, as Keras' Dense does; other dtypes refused, named."""
+    x = tf.convert_to_tensor(inputs)
+    if x.dtype == dtype:
+        return x
+    if not (x.dtype.is_floating or x.dtype.is_integer or x.dtype.is_bool):
+        raise ValueError(f"inputs must hold real numbers; got dtype {x.dtype.name}")
+    return tf.cast(x, dtype)
+
+
 def _per_layer(value, n, name, check):
     """A scalar broadcast to n layers, or a sequence of n values, each passed through check."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:  # one value, as a 0-d array
+        value = value.item()
     if isinstance(value, (list, tuple, np.ndarray)):
         if len(value) != n:
             raise ValueError(f"{name} needs one value per hidden layer ({n}); got {len(value)}")
@@ -379,7 +392,7 @@ class CondNetModel(keras.Model):
         return self(x, training=training, masks=masks, return_all=True)
 
     def call(self, inputs, training=False, masks=None, return_all=False):
-        h = tf.convert_to_tensor(inputs, self.compute_dtype)
+        h = _as_compute_tensor(inputs, self.compute_dtype)
         if masks is not None:
             try:
                 got = None if isinstance(masks, (str, bytes)) else len(masks)
@@ -408,6 +421,9 @@ class CondNetModel(keras.Model):
         layers of lambda_b L_b + lambda_e L_e - lambda_v L_v; ``loss`` = mean(task_loss) +
         reinforce_weight * reinforce + regularization; plus ``logits``, ``probs``, ``masks``.
         """
+        if y is None:
+            raise ValueError("CondNetModel needs integer class labels y (one per example) to "
+                             "compute its loss; got None")
         logits, policy_logits, used = self.forward(x, training=training, masks=masks)
         y = tf.convert_to_tensor(y)
         _check_class_labels(y.shape)

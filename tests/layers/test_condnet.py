@@ -522,3 +522,37 @@ def test_example_refuses_bad_arguments(argv, message, capsys):
 
 def test_example_parses_taus():
     assert example("train_condnet").parse_args(["--taus", "0.125, 0.5"]).taus == [0.125, 0.5]
+
+
+def test_integer_inputs_are_cast_like_keras_dense():
+    """uint8 pixels or int32 features were refused with a conversion error."""
+    layer = CondDense(16, block_size=8, inference="threshold")
+    x = np.arange(48).reshape(3, 16) % 7
+    y_float = layer(x.astype(np.float32))[0]
+    for dtype in (np.uint8, np.int32, np.int64):
+        np.testing.assert_array_equal(layer(x.astype(dtype))[0].numpy(), y_float.numpy())
+    with pytest.raises(ValueError, match="inputs must hold real numbers; got dtype string"):
+        layer(tf.constant([["a"] * 16] * 3))
+    model = CondNetModel([16], 3, block_size=8)
+    model.compile(optimizer="adam")
+    model.fit(np.zeros((8, 12), np.uint8), np.zeros(8, int), verbose=0)
+
+
+def test_one_value_as_a_0d_array_and_missing_labels():
+    assert CondNetModel([8, 8], 3, block_size=8, tau=np.array(0.3)).tau == [0.3, 0.3]
+    model = CondNetModel([8], 3, block_size=8)
+    model.compile(optimizer="adam")
+    with pytest.raises(ValueError, match=r"needs integer class labels y .*; got None"):
+        model.fit(np.zeros((8, 12), np.float32), None, verbose=0)
+
+
+def test_masks_of_rank_known_only_when_run():
+    """A mask of unknown rank failed on a slice of its shape, not naming it."""
+    layer = CondDense(16, block_size=8)
+    layer(np.ones((3, 16), np.float32))
+    run = tf.function(lambda x, m: layer(x, out_mask=m)[0],
+                      input_signature=[tf.TensorSpec([None, 16]), tf.TensorSpec(None)])
+    for bad in (np.ones(6, np.float32), np.ones((3, 2, 1), np.float32)):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"out_mask must be a matrix"):
+            run(np.ones((3, 16), np.float32), bad)
+    assert run(np.ones((3, 16), np.float32), np.ones((3, 2), np.float32)).shape == (3, 16)

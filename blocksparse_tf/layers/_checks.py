@@ -11,6 +11,16 @@ def positive_int(value, name):
     return int(value)
 
 
+def pair_of_positive_ints(value, name):
+    """An int or a pair of ints (kernel sizes, strides), all >= 1, as a tuple of two Python
+    ints; the ValueError names the value as given."""
+    pair = (value, value) if is_integer(value) else value
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2 or
+            not all(is_integer(v) and v >= 1 for v in pair)):
+        raise ValueError(f"{name} must be a positive integer or a pair of them; got {value!r}")
+    return tuple(int(v) for v in pair)
+
+
 def flag(value, name):
     """``value`` as a bool, if it is one (a string such as "False" is truthy: refused)."""
     return _check_bool(name, value)

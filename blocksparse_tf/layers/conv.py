@@ -43,15 +43,6 @@ CONV_BLOCK_INITIALIZERS = _init.BLOCK_INITIALIZERS
 IMPLEMENTATIONS = ("auto", "fused", "im2col")
 
 
-def _pair(value, what):
-    """An int or a pair of ints, all positive, as a tuple of two Python ints."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        value = (value, value)
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"{what} must be a positive integer or a pair of them; got {value!r}")
-    return tuple(_checks.positive_int(v, what) for v in value)
-
-
 def conv_output_size(size, kernel, stride, dilation, padding):
     """Output length of one spatial dimension (None stays None), as tf.nn.conv2d computes it
     (0 where the input is smaller than the dilated kernel); padding "same" or "valid", either
@@ -155,9 +146,9 @@ class BlockSparseConv2D(_layout.LayoutCheckedWeights, keras.layers.Layer):
         super().__init__(**kwargs)
         _xla.run_without_xla(self)
         self.filters, self.block_size = _checks.width_in_blocks(filters, block_size, "filters")
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.strides = _pair(strides, "strides")
-        self.dilation_rate = _pair(dilation_rate, "dilation_rate")
+        self.kernel_size = _checks.pair_of_positive_ints(kernel_size, "kernel_size")
+        self.strides = _checks.pair_of_positive_ints(strides, "strides")
+        self.dilation_rate = _checks.pair_of_positive_ints(dilation_rate, "dilation_rate")
         if max(self.strides) > 1 and max(self.dilation_rate) > 1:
             raise ValueError(f"strides > 1 cannot be combined with dilation_rate > 1; got "
                              f"strides={self.strides}, dilation_rate={self.dilation_rate}")

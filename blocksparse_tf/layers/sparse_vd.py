@@ -364,8 +364,8 @@ class SparseVDConv2D(_SparseVDMixin, keras.layers.Layer):
                  bias_initializer="zeros", seed=None, **kwargs):
         super().__init__(**kwargs)
         _checks.positive_int(filters, "filters")
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.strides = _pair(strides, "strides")
+        self.kernel_size = _checks.pair_of_positive_ints(kernel_size, "kernel_size")
+        self.strides = _checks.pair_of_positive_ints(strides, "strides")
         if padding not in ("valid", "same"):
             raise ValueError(f"padding must be 'valid' or 'same'; got {padding!r}")
         self._init_vd(threshold, kl_weight, log_sigma2_init, activation, use_bias,
@@ -423,16 +423,3 @@ class SparseVDConv2D(_SparseVDMixin, keras.layers.Layer):
                        "strides": list(self.strides), "padding": self.padding,
                        "seed": self.seed, **self._vd_config()})
         return config
-
-
-def _pair(value, name):
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        value = (value, value)
-    try:
-        pair = tuple(value)
-    except TypeError:
-        pair = ()
-    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                                 and v >= 1 for v in pair):
-        raise ValueError(f"{name} must be a positive integer or a pair of them; got {value!r}")
-    return tuple(int(v) for v in pair)

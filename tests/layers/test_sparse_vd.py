@@ -190,6 +190,8 @@ def test_save_load_round_trip(tmp_path):
      r"log_sigma2_init must be a finite number; got nan"),
     (lambda: SparseVDConv2D(0, 3), r"filters must be a positive integer; got 0"),
     (lambda: SparseVDConv2D(4, (3, 0)), r"kernel_size must be a positive integer or a pair"),
+    (lambda: SparseVDConv2D(4, 3, strides=0),  # the value as given (it said "got (0, 0)")
+     r"strides must be a positive integer or a pair of them; got 0$"),
     (lambda: SparseVDConv2D(4, 3, padding="causal"), r"padding must be 'valid' or 'same'"),
     (lambda: SparseVDConv2D(4, 3, strides=(1, 2, 3)),
      r"strides must be a positive integer or a pair of them; got \(1, 2, 3\)"),

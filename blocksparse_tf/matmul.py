@@ -332,13 +332,13 @@ class BlocksparseMatMul:
                 raise ValueError(f"gate must have shape ({self.blocks},), one value per block; "
                                  f"got {gate.shape}")
             if not gate.shape.is_fully_defined():  # known only when run: checked then
-                gate = _shape_checked_when_run(gate, (self.blocks,),
+                gate = shape_checked_when_run(gate, (self.blocks,),
                                                f"gate must have shape ({self.blocks},), one "
                                                f"value per block")
             if not w.shape.is_fully_defined():
                 # The product with the gate would broadcast a wrong w (one block to all, say)
                 # before the kernel could check its shape.
-                w = _shape_checked_when_run(w, self.w_shape,
+                w = shape_checked_when_run(w, self.w_shape,
                                             f"w must have shape w_shape={self.w_shape}")
             w = w * tf.reshape(tf.cast(gate, w.dtype), [-1, 1, 1])
         return blocksparse_matmul(x, w, self._layout_tensor(), self.block_size, self.C, self.K,
@@ -497,16 +497,22 @@ def _with_checked_shape(t, shape, requirement):
     return tf.ensure_shape(t, shape)
 
 
-def _shape_checked_when_run(t, shape, message):
-    """t, checked to have `shape` when run (an InvalidArgumentError with `message`, where
-    tf.ensure_shape names only the tensor) and given that static shape."""
+def shape_checked_when_run(t, shape, message):
+    """t, checked when the graph runs to have `shape` (ints, or scalar tensors for sizes known
+    only then) where its static shape leaves that open: an InvalidArgumentError with
+    `message` (tf.ensure_shape would name only the tensor), and the static shape set.  Values
+    that are not graph tensors (eager ones, arrays) are returned as they are."""
+    static = [d if isinstance(d, int) else None for d in shape]
+    if not tf.is_tensor(t) or tf.executing_eagerly() or (
+            t.shape.rank == len(shape) and None not in static and t.shape.as_list() == static):
+        return t
     rank = tf.debugging.assert_rank(t, len(shape), message=message)
     with tf.control_dependencies([rank]):  # the sizes compared only once the ranks agree
         sizes = tf.debugging.assert_equal(tf.shape(t, out_type=tf.int64),
-                                          tf.constant(shape, tf.int64), message=message)
+                                          tf.cast(tf.stack(shape), tf.int64), message=message)
     with tf.control_dependencies([sizes]):
         t = tf.identity(t)
-    t.set_shape(shape)
+    t.set_shape(static)
     return t
 
 

@@ -22,7 +22,8 @@ from keras import ops
 
 from blocksparse_tf.layers import _checks, _init, _layout, _xla
 from blocksparse_tf.matmul import (BlocksparseMatMul, blocksparse_matmul,
-                                   blocksparse_matmul_grad_w, check_float_dtype, check_number)
+                                   blocksparse_matmul_grad_w, check_float_dtype, check_number,
+                                   shape_checked_when_run)
 
 #: Density of the default recurrent layout (Watts-Strogatz, p = 0.1; see docs/layers.md).
 DEFAULT_DENSITY = 0.125
@@ -384,25 +385,6 @@ def _dim(t, axis):
     return size if size is not None else tf.shape(t)[axis]
 
 
-def _checked_when_run(value, expected, message):
-    """value, checked when the graph runs to have the shape `expected` (ints and scalar
-    tensors) where its static shape leaves that open (a batch of 1 would broadcast); as it is
-    where the static shape settles it, or where value is not a tensor of a graph."""
-    shape = _shape_of(value)
-    if (shape is not None and len(shape) == len(expected) and
-            all(isinstance(e, int) and s == e for s, e in zip(shape, expected))):
-        return value
-    if not tf.is_tensor(value) or tf.executing_eagerly():
-        return value
-    rank = tf.debugging.assert_rank(value, len(expected), message=message)
-    with tf.control_dependencies([rank]):  # the sizes compared only once the ranks agree
-        sizes = tf.debugging.assert_equal(
-            tf.shape(value, out_type=tf.int64),
-            tf.cast(tf.stack(expected), tf.int64), message=message)
-    with tf.control_dependencies([sizes]):
-        return tf.identity(value)
-
-
 def _shape_of(value):
     """The shape of a tensor, array or nested list, as a tuple (None: rank unknown)."""
     shape = getattr(value, "shape", None)
@@ -486,7 +468,8 @@ class BlockSparseLSTM(keras.layers.RNN):
                     len(shape) != 2 or shape[1] not in (None, self.units) or
                     None not in (batch, shape[0]) and shape[0] != batch):
                 raise ValueError(f"{message}; got {shape}")
-            checked.append(_checked_when_run(state, [_dim(sequences, 0), self.units], message))
+            checked.append(
+                shape_checked_when_run(state, [_dim(sequences, 0), self.units], message))
         return checked
 
     def _check_mask(self, mask, sequences):
@@ -500,7 +483,7 @@ class BlockSparseLSTM(keras.layers.RNN):
         if len(shape) != 2 or any(None not in (a, b) and a != b for a, b in zip(shape, expected)):
             raise ValueError(f"{message}; got {given}")
         dims = [_dim(sequences, 0), _dim(sequences, 1)] + [1] * (len(given) - 2)
-        return _checked_when_run(mask, dims, message)
+        return shape_checked_when_run(mask, dims, message)
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if not self.fused:

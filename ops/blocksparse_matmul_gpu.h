@@ -57,11 +57,23 @@
 // capability, shared-memory limit) are queried with cudaDeviceGetAttribute and cached per
 // device (at most 64 devices).  GPUs below compute capability 8.0 get
 // cudaErrorNoKernelImageForDevice (no kernel image is built for them), which ErrorString
-// explains.  The calls are thread-safe and take no workspace from the caller; the one
-// exception, the paced 16-bit bs-16 weight gradient of long batches, takes a few bytes per
-// pacing epoch with cudaMallocAsync on `stream` (freed there), and where that fails runs
-// unpaced (the same results).
-// Measured performance (H200): docs/benchmarks_gpu.md; tests: tools/gpu_check.sh.
+// explains.  The calls are thread-safe.  The paced 16-bit bs-16 weight gradient of long
+// batches takes a few bytes per pacing epoch with cudaMallocAsync on `stream` (freed there),
+// and where that fails runs unpaced (the same results).
+//
+// Workspace: a layout with every block stored (blocks == CB * KB) of 8-, 16- or 32-wide blocks,
+// with C and K multiples of 64 and enough rows (bs 8: any N; bs 16: N >= 64, float32 128; bs 32:
+// N >= 512, float32 2048 for the products and 1024 for dW; feature_axis 0: N a multiple of 8
+// for 16-bit types, of 4 for float32), runs as the full layout of 64-wide blocks over the same
+// W where the caller passes a workspace of WorkspaceBytes(...) bytes or more (C x K elements
+// and the coarse layout's tables; device memory, 16-byte aligned, any content, in use until
+// the launch's work completes): the blocks are copied into it, the product runs on the bs-64
+// kernels (on an H100 with N = 4096, 16-bit: bs 16 5.8x and bs 32 1.8x faster, bs 8 29x; see
+// docs/benchmarks_gpu.md), and dW's 64-wide blocks are copied back out.  Its sums come in another order than the narrow blocks'
+// (as accurate), so whether a caller passes the workspace decides the last bits: pass it always
+// or never for results that are bitwise the same from call to call.  WorkspaceBytes is 0 where
+// a call takes none.
+// Measured performance (H100, H200): docs/benchmarks_gpu.md; tests: tools/gpu_check.sh.
 #ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
 #define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
 
@@ -85,22 +97,32 @@ struct DeviceLayout {
   int64_t CB = 0, KB = 0, block_size = 0, blocks = 0;
 };
 
+// Bytes of workspace LaunchForward, LaunchForwardTransposedW (grad_w false) or LaunchGradW
+// (true) can use with these arguments (see "Workspace" above); 0 where they take none (also
+// for arguments the launches refuse, or when no CUDA device can be queried).
+int64_t WorkspaceBytes(DType dtype, int64_t N, int feature_axis, const DeviceLayout& layout,
+                       bool grad_w);
+
 // y = x @ W (feature_axis 1) or W^T @ x (feature_axis 0).  x, w, y as described above.
-// Needs col_ptr, col_row, col_block.
+// Needs col_ptr, col_row, col_block (and block_row, block_col to use a workspace).
 int LaunchForward(DType dtype, const void* x, const void* w, void* y, int64_t N,
-                  int feature_axis, const DeviceLayout& layout, CUstream_st* stream);
+                  int feature_axis, const DeviceLayout& layout, CUstream_st* stream,
+                  void* workspace = nullptr, int64_t workspace_bytes = 0);
 
 // dw[b] for every stored block b.  Needs every layout array (the tensor-core kernels group the
 // blocks of a column through the column view).
 int LaunchGradW(DType dtype, const void* x, const void* dy, void* dw, int64_t N,
-                int feature_axis, const DeviceLayout& layout, CUstream_st* stream);
+                int feature_axis, const DeviceLayout& layout, CUstream_st* stream,
+                void* workspace = nullptr, int64_t workspace_bytes = 0);
 
 // LaunchForward where block b of w holds the transpose of the product's block b (`layout` is
 // the product's: the input gradient dx = dy . W^T passes W's blocks as stored and W^T's
-// layout).  Every kernel reads the blocks transposed as it multiplies them (no copy, no
-// workspace); the results are those of LaunchForward on transposed copies, bit for bit.
+// layout).  Every kernel reads the blocks transposed as it multiplies them (no copy); the
+// results are those of LaunchForward on transposed copies, bit for bit (with a workspace, the
+// blocks are copied into it transposed as stored, and read so).
 int LaunchForwardTransposedW(DType dtype, const void* x, const void* w, void* y, int64_t N,
-                             int feature_axis, const DeviceLayout& layout, CUstream_st* stream);
+                             int feature_axis, const DeviceLayout& layout, CUstream_st* stream,
+                             void* workspace = nullptr, int64_t workspace_bytes = 0);
 
 // Human-readable name of a code returned above ("no error" for 0).
 const char* ErrorString(int code);
@@ -149,6 +171,8 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //  15, 16, 17: the float32 mma.sync forward (feature axis 1, N > 64) computes runs of 2, 4, 8
 //      consecutive block columns per CTA wherever its tiles allow (the default: 2 for bs 32 /
 //      64 from 2048 rows with at most 4 blocks per column); 18: one column per CTA everywhere.
+//  28: full layouts run as their blocks even with a workspace; 29: full layouts run as 64-wide
+//      blocks with a workspace from N = 1 (the default: from the rows named under "Workspace").
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
 // give variant 3's results bit for bit where neither splits a tile over a cluster (a split
 // changes the order of the sums; splits depend on the tile count).  All are deterministic.

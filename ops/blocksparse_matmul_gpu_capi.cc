@@ -1,7 +1,8 @@
 // extern "C" shim over blocksparse_matmul_gpu.h and sparse_dot_gpu.h for ctypes
 // (tools/gpu_check.py, tools/gpu_check_sparse_dot.py).
 // dtype: 0 float32, 1 float16, 2 bfloat16.  layout: 5 device pointers (col_ptr, col_row,
-// col_block, block_row, block_col) and 4 sizes (CB, KB, block_size, blocks).
+// col_block, block_row, block_col) and 4 sizes (CB, KB, block_size, blocks).  workspace: a
+// device pointer and its size in bytes (nullptr and 0 for none).
 // Returns 0 or a cudaError_t value.
 #include <cstdint>
 
@@ -33,33 +34,43 @@ int bsmm_gpu_forward(int dtype, const void* x, const void* w, void* y, int64_t N
                      int feature_axis, const int32_t* col_ptr, const int32_t* col_row,
                      const int32_t* col_block, const int32_t* block_row,
                      const int32_t* block_col, int64_t CB, int64_t KB, int64_t bs,
-                     int64_t blocks, void* stream) {
+                     int64_t blocks, void* workspace, int64_t workspace_bytes,
+                    void* stream) {
   return blocksparse::gpu::LaunchForward(
       static_cast<blocksparse::gpu::DType>(dtype), x, w, y, N, feature_axis,
       MakeLayout(col_ptr, col_row, col_block, block_row, block_col, CB, KB, bs, blocks),
-      static_cast<CUstream_st*>(stream));
+      static_cast<CUstream_st*>(stream), workspace, workspace_bytes);
 }
 
 int bsmm_gpu_grad_w(int dtype, const void* x, const void* dy, void* dw, int64_t N,
                     int feature_axis, const int32_t* col_ptr, const int32_t* col_row,
                     const int32_t* col_block, const int32_t* block_row,
                     const int32_t* block_col, int64_t CB, int64_t KB, int64_t bs,
-                    int64_t blocks, void* stream) {
+                    int64_t blocks, void* workspace, int64_t workspace_bytes,
+                    void* stream) {
   return blocksparse::gpu::LaunchGradW(
       static_cast<blocksparse::gpu::DType>(dtype), x, dy, dw, N, feature_axis,
       MakeLayout(col_ptr, col_row, col_block, block_row, block_col, CB, KB, bs, blocks),
-      static_cast<CUstream_st*>(stream));
+      static_cast<CUstream_st*>(stream), workspace, workspace_bytes);
 }
 
 int bsmm_gpu_forward_transposed_w(int dtype, const void* x, const void* w, void* y, int64_t N,
                                   int feature_axis, const int32_t* col_ptr,
                                   const int32_t* col_row, const int32_t* col_block,
                                   const int32_t* block_row, const int32_t* block_col, int64_t CB,
-                                  int64_t KB, int64_t bs, int64_t blocks, void* stream) {
+                                  int64_t KB, int64_t bs, int64_t blocks, void* workspace,
+                                  int64_t workspace_bytes, void* stream) {
   return blocksparse::gpu::LaunchForwardTransposedW(
       static_cast<blocksparse::gpu::DType>(dtype), x, w, y, N, feature_axis,
       MakeLayout(col_ptr, col_row, col_block, block_row, block_col, CB, KB, bs, blocks),
-      static_cast<CUstream_st*>(stream));
+      static_cast<CUstream_st*>(stream), workspace, workspace_bytes);
+}
+
+int64_t bsmm_gpu_workspace_bytes(int dtype, int64_t N, int feature_axis, int64_t CB, int64_t KB,
+                                 int64_t bs, int64_t blocks, int grad_w) {
+  return blocksparse::gpu::WorkspaceBytes(
+      static_cast<blocksparse::gpu::DType>(dtype), N, feature_axis,
+      MakeLayout(nullptr, nullptr, nullptr, nullptr, nullptr, CB, KB, bs, blocks), grad_w != 0);
 }
 
 const char* bsmm_gpu_error_string(int code) { return blocksparse::gpu::ErrorString(code); }

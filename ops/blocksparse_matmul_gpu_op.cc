@@ -58,6 +58,21 @@ absl::Status UploadLayout(OpKernelContext* ctx, const BlockLayout& l, Tensor* st
   return absl::OkStatus();
 }
 
+// Device scratch for a call that runs a full layout as 64-wide blocks (gpu::WorkspaceBytes);
+// none (nullptr, 0) where the call takes none.  Always passed where asked for, so that a
+// call's results never depend on whether memory was at hand (out of memory is an error).
+absl::Status AllocateWorkspace(OpKernelContext* ctx, gpu::DType dtype, int64_t N,
+                               int feature_axis, const gpu::DeviceLayout& layout, bool grad_w,
+                               Tensor* storage, void** workspace, int64_t* bytes) {
+  *workspace = nullptr;
+  *bytes = gpu::WorkspaceBytes(dtype, N, feature_axis, layout, grad_w);
+  if (*bytes == 0) return absl::OkStatus();
+  TF_RETURN_IF_ERROR(
+      ctx->allocate_temp(tensorflow::DT_INT8, TensorShape({*bytes}), storage));
+  *workspace = storage->data();
+  return absl::OkStatus();
+}
+
 // A layout's tables in device memory: the buffer (kept alive while a call holds it) and the
 // view the kernels take.
 struct DeviceTables {
@@ -101,17 +116,24 @@ class BlocksparseMatmulGpuOp : public BlocksparseGpuOpBase {
     if (N == 0) return;
     const Tensor& x = ctx->input(0);
     const Tensor& w = ctx->input(1);
+    Tensor workspace_storage;
+    void* workspace;
+    int64_t workspace_bytes;
+    OP_REQUIRES_OK(ctx, AllocateWorkspace(ctx, kDType<T>, N, feature_axis_, device_layout, false,
+                                          &workspace_storage, &workspace, &workspace_bytes));
     if (!transpose_w_) {
       OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchForward(kDType<T>, x.data(), w.data(), y->data(),
                                                         N, feature_axis_, device_layout,
-                                                        TfCudaStream(ctx)),
+                                                        TfCudaStream(ctx), workspace,
+                                                        workspace_bytes),
                                      "BlocksparseMatmul"));
       return;
     }
     // The layout is W^T's; the kernels read w's blocks transposed as stored.
     OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchForwardTransposedW(
                                        kDType<T>, x.data(), w.data(), y->data(), N,
-                                       feature_axis_, device_layout, TfCudaStream(ctx)),
+                                       feature_axis_, device_layout, TfCudaStream(ctx),
+                                       workspace, workspace_bytes),
                                    "BlocksparseMatmul (transpose_w)"));
   }
 };
@@ -129,10 +151,16 @@ class BlocksparseMatmulGradWGpuOp : public BlocksparseGpuOpBase {
     const gpu::DeviceLayout& device_layout = tables->layout;
     Tensor* dw;
     OP_REQUIRES_OK(ctx, AllocateDw(ctx, device_layout.blocks, &dw));
+    Tensor workspace_storage;
+    void* workspace;
+    int64_t workspace_bytes;
+    OP_REQUIRES_OK(ctx, AllocateWorkspace(ctx, kDType<T>, N, feature_axis_, device_layout, true,
+                                          &workspace_storage, &workspace, &workspace_bytes));
     OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchGradW(kDType<T>, ctx->input(0).data(),
                                                     ctx->input(1).data(), dw->data(), N,
                                                     feature_axis_, device_layout,
-                                                    TfCudaStream(ctx)),
+                                                    TfCudaStream(ctx), workspace,
+                                                    workspace_bytes),
                                    "BlocksparseMatmulGradW"));
   }
 };

@@ -37,7 +37,7 @@ class Lib:
     def __init__(self, path):
         self.lib = ctypes.CDLL(path)
         P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        sig = [I, P, P, P, I64, I, P, P, P, P, P, I64, I64, I64, I64, P]
+        sig = [I, P, P, P, I64, I, P, P, P, P, P, I64, I64, I64, I64, P, I64, P]
         for name in ("bsmm_gpu_forward", "bsmm_gpu_grad_w"):
             f = getattr(self.lib, name)
             f.argtypes = sig
@@ -50,25 +50,48 @@ class Lib:
         self.lib.bsmm_gpu_forward_transposed_w.restype = I
         self.lib.bsmm_gpu_set_tuning.argtypes = [I]
         self.lib.bsmm_gpu_set_tuning.restype = None
+        self.lib.bsmm_gpu_workspace_bytes.argtypes = [I, I64, I, I64, I64, I64, I64, I]
+        self.lib.bsmm_gpu_workspace_bytes.restype = I64
         self.tuning = 0
+        # Every call passes the workspace it asks for, as the TensorFlow op does (one buffer,
+        # grown as needed; the calls run on one stream).  False: none.
+        self.use_workspace = True
+        self._workspace = None
 
     def set_tuning(self, v):
         self.lib.bsmm_gpu_set_tuning(v)
         self.tuning = v
 
-    def _call(self, f, dt, a, b, out, N, fa, L, stream=None, raw_ptrs=None):
+    def workspace_bytes(self, dt, N, fa, L, grad_w):
+        return self.lib.bsmm_gpu_workspace_bytes(DTYPES[dt][0], N, fa, L.CB, L.KB, L.bs,
+                                                 L.blocks, int(grad_w))
+
+    def _workspace_for(self, dt, N, fa, L, grad_w):
+        if not self.use_workspace:
+            return None, 0
+        nbytes = self.workspace_bytes(dt, N, fa, L, grad_w)
+        if nbytes == 0:
+            return None, 0
+        if self._workspace is None or self._workspace.numel() < nbytes:
+            self._workspace = None
+            self._workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        return self._workspace.data_ptr(), nbytes
+
+    def _call(self, f, dt, a, b, out, N, fa, L, stream=None, raw_ptrs=None, grad_w=False):
         s = torch.cuda.current_stream().cuda_stream if stream is None else stream
         ptrs = raw_ptrs or (a.data_ptr() if a is not None else None,
                             b.data_ptr() if b is not None else None,
                             out.data_ptr() if out is not None else None)
+        ws, ws_bytes = self._workspace_for(dt, N, fa, L, grad_w)
         return f(DTYPES[dt][0], ptrs[0], ptrs[1], ptrs[2], N, fa, *L.ptrs(), L.CB, L.KB, L.bs,
-                 L.blocks, s)
+                 L.blocks, ws, ws_bytes, s)
 
     def forward(self, dt, x, w, y, N, fa, L, **kw):
         return self._call(self.lib.bsmm_gpu_forward, dt, x, w, y, N, fa, L, **kw)
 
     def grad_w(self, dt, x, dy, dw, N, fa, L, **kw):
-        return self._call(self.lib.bsmm_gpu_grad_w, dt, x, dy, dw, N, fa, L, **kw)
+        return self._call(self.lib.bsmm_gpu_grad_w, dt, x, dy, dw, N, fa, L, grad_w=True,
+                          **kw)
 
     def forward_transposed_w(self, dt, x, w, y, N, fa, L, **kw):
         """y = x . W where w holds the transposes of the blocks of L (the product's layout)."""
@@ -310,6 +333,46 @@ def bs64_narrow_checks(lib, res, gen, rng, quick):
         for L, fa in itertools.product(layouts, (1, 0)):
             run_case(lib, res, "bfloat16", 64, L, 1000, fa, gen, ops=("fwd", "dx"))
         lib.set_tuning(0)
+
+
+def full_layout_checks(lib, res, gen, rng, quick=False, race=False):
+    """Full layouts of 8-, 16- and 32-wide blocks (stored in random order), which run as 64-wide
+    blocks with a workspace: that large batches ask for one (C and K multiples of 64);
+    forward, input gradient and dW against float64 from N = 16 (SetTuning(29) takes the
+    workspace from N = 1), on a rectangular W and ragged batches; the same results twice, bit
+    for bit; and a full layout that 64-wide blocks do not cover (no workspace, its blocks as
+    they are).  Under another --tuning (3: the mma.sync kernels) the default's rule runs."""
+    dts = ["bfloat16"] if race else list(DTYPES)
+    tuning = lib.tuning
+    for dt, bs in itertools.product(dts, [16] if race else [8, 16, 32]):
+        L = random_layout(128 // bs, 192 // bs, bs, 1.1, rng)  # every block, in random order
+        for grad_w in (False, True):
+            ws = lib.workspace_bytes(dt, 4096, 1, L, grad_w)
+            res.check(ws >= 128 * 192 * DTYPES[dt][1].itemsize,
+                      f"full layout asks for a workspace: {dt} bs={bs} grad_w={grad_w} ({ws} B)")
+        if tuning == 0:
+            lib.set_tuning(29)
+        cases = ((1, 264), (0, 264)) if quick or race else (
+            (1, 264), (0, 264), (1, 300), (1, 17), (0, 16))
+        if tuning != 0:
+            cases = ((1, 2056), (0, 2056))
+        for fa, N in cases:
+            run_case(lib, res, dt, bs, L, N, fa, gen, ops=("fwd", "dw", "dx"))
+        if not (quick or race):
+            x = torch.randn(264, 128, generator=gen, device="cuda").to(DTYPES[dt][1])
+            w = torch.randn(L.blocks, bs, bs, generator=gen, device="cuda").to(DTYPES[dt][1])
+            ys = [torch.full((264, 192), float("nan"), dtype=x.dtype, device="cuda")
+                  for _ in (0, 1)]
+            rcs = [lib.forward(dt, x, w, y, 264, 1, L) for y in ys]
+            torch.cuda.synchronize()
+            res.check(rcs == [0, 0] and same_bits(ys[0], ys[1]),
+                      f"full layout as 64-wide blocks deterministic: {dt} bs={bs}")
+        lib.set_tuning(tuning)
+    if not race:  # 96 x 160 features: 64-wide blocks do not cover them
+        L = random_layout(96 // 16, 160 // 16, 16, 1.1, rng)
+        res.check(lib.workspace_bytes("bfloat16", 4096, 1, L, False) == 0,
+                  "no workspace for a full layout 64-wide blocks do not divide")
+        run_case(lib, res, "bfloat16", 16, L, 264, 1, gen, ops=("fwd", "dw", "dx"))
 
 
 def correctness(lib, res, quick=False, race=False):
@@ -645,6 +708,7 @@ def correctness(lib, res, quick=False, race=False):
                                  ops=("fwd", "dw", "dx") if N in (17, 64, 136, 264)
                                  else ("fwd", "dw"))
     empty_layout_checks(lib, res, quick or race)
+    full_layout_checks(lib, res, gen, rng, quick, race)
     if not race:
         bs64_narrow_checks(lib, res, gen, rng, quick)
     if quick or race:

@@ -150,4 +150,29 @@ std::string BuildTransposedBlockLayout(const int32_t* coords, int64_t blocks, in
   return named.empty() ? error : named;
 }
 
+bool CoarseLayoutOf(const BlockLayout& fine, int64_t coarse_bs, BlockLayout* coarse) {
+  const int64_t bs = fine.block_size;
+  if (bs < 1 || coarse_bs <= bs || coarse_bs % bs != 0) return false;
+  const int64_t f = coarse_bs / bs;
+  if (fine.CB % f != 0 || fine.KB % f != 0) return false;
+  const int64_t KBc = fine.KB / f;
+  try {
+    std::vector<int64_t> keys(fine.blocks);  // row-major position on the coarse grid
+    for (int64_t b = 0; b < fine.blocks; ++b)
+      keys[b] = fine.block_row[b] / f * KBc + fine.block_col[b] / f;
+    std::sort(keys.begin(), keys.end());
+    keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+    std::vector<int32_t> coords(2 * keys.size());
+    for (size_t q = 0; q < keys.size(); ++q) {
+      coords[2 * q] = static_cast<int32_t>(keys[q] / KBc);
+      coords[2 * q + 1] = static_cast<int32_t>(keys[q] % KBc);
+    }
+    return BuildBlockLayout(coords.data(), static_cast<int64_t>(keys.size()), fine.CB / f, KBc,
+                            coarse_bs, coarse)
+        .empty();
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+}
+
 }  // namespace blocksparse

@@ -57,6 +57,12 @@ std::string BuildBlockLayout(const int32_t* coords, int64_t blocks, int64_t CB, 
 std::string BuildTransposedBlockLayout(const int32_t* coords, int64_t blocks, int64_t CB,
                                        int64_t KB, int64_t block_size, BlockLayout* layout);
 
+// The layout of coarse_bs-wide blocks (a multiple of fine's block size that divides C and K)
+// that covers fine's blocks: a block wherever any of the (coarse_bs / bs)^2 narrow blocks it
+// spans is stored, stored in row-major order of its grid.  False where coarse_bs does not fit
+// (or the tables do not fit in memory).
+bool CoarseLayoutOf(const BlockLayout& fine, int64_t coarse_bs, BlockLayout* coarse);
+
 }  // namespace blocksparse
 
 #endif  // BLOCKSPARSE_OPS_BLOCK_LAYOUT_H_

@@ -370,24 +370,26 @@ int GradWTyped(const void* x, const void* dy, void* dw, int64_t N, int fa, const
 }
 
 // ------------------------------------------------------------------------------------------
-// Full layouts of narrow blocks as 64-wide blocks.
+// Narrow blocks as 64-wide blocks.
 //
-// A layout with every block stored (a dense W cut into blocks) of 8-, 16- or 32-wide blocks is
-// multiplied as the full layout of 64-wide blocks over the same W: its blocks are copied into
-// those (a workspace of C x K elements from the caller), the product runs on the bs-64
-// kernels, and dW's 64-wide blocks are copied back out.  The narrow blocks' kernels fetch an x
-// tile from L2 for every block they multiply, each used for only bs output features; the bs-64
-// kernels use theirs for 64 (see docs/benchmark_history_gpu.md, "Full layouts as 64-wide
-// blocks", for the measurements).
+// A layout of 8-, 16- or 32-wide blocks whose 64-wide cover (layout.coarse: a 64-wide block
+// wherever any of the narrow blocks it spans is stored) is full enough is multiplied on that
+// cover: the narrow blocks are copied into a caller's workspace as 64-wide blocks (zeros where
+// none is stored), the product runs on the bs-64 kernels, and dW's 64-wide blocks are copied
+// back out.  The narrow blocks' kernels fetch an x tile from L2 for every block they multiply,
+// each used for only bs output features; the bs-64 kernels use theirs for 64 (and bs 8 leaves
+// the CUDA cores).  See docs/benchmark_history_gpu.md, "Narrow blocks as 64-wide blocks", for
+// the measurements behind CoarseMinRows and CoarseMinFill.
 constexpr int64_t kCoarseBs = 64;
 constexpr int kTuningNoCoarse = 28, kTuningAlwaysCoarse = 29;  // see SetTuning
-// Batch rows from which a full layout runs as 64-wide blocks (16-bit / float32 inputs): with
-// fewer the narrow blocks' kernels stream the weights about as fast, and the copy into the
-// workspace costs extra.  Measured on an H100 (C = K = 4096, either way in alternating rounds;
-// docs/benchmark_history_gpu.md): bs 8 runs on CUDA cores and gains 3-10x from 16 rows; bs 16
-// gains from 64 rows (16-bit: forward 1.0x, dW 1.25x there, 1.1-1.4x at 128 rows) and 128
-// (float32: 1.4x slower at 64 rows); bs 32 16-bit from 512 rows (0.9-0.95x at 256), float32's
-// forward from 2048 (0.83-0.98x up to 1024) and its dW from 1024.
+
+// Batch rows from which a layout runs as 64-wide blocks (16-bit / float32 inputs): with fewer
+// the narrow blocks' kernels stream the weights about as fast, and the copy into the workspace
+// costs extra.  Measured on an H100 with full layouts (C = K = 4096, either way in alternating
+// rounds): bs 8 runs on CUDA cores and gains 3-10x from 16 rows; bs 16 gains from 64 rows
+// (16-bit: forward 1.0x, dW 1.25x there, 1.1-1.4x at 128 rows) and 128 (float32: 1.4x slower at
+// 64 rows); bs 32 16-bit from 512 rows (0.9-0.95x at 256), float32's forward from 2048
+// (0.83-0.98x up to 1024) and its dW from 1024.
 int64_t CoarseMinRows(DType dt, int64_t bs, bool grad_w) {
   if (bs == 8) return 1;
   const bool f32 = dt == DType::kFloat32;
@@ -395,76 +397,82 @@ int64_t CoarseMinRows(DType dt, int64_t bs, bool grad_w) {
   return f32 ? (grad_w ? 1024 : 2048) : 512;
 }
 
-// Where a full layout's coarse copy lives in the workspace: the 64-wide blocks (row-major
-// over the coarse grid), then the coarse layout's tables.
+// The least share of the cover's area that the narrow blocks fill for the cover to be used:
+// the bs-64 kernels then do 1 / fill times the multiply-adds, at a higher rate.
+double CoarseMinFill(DType dt, int64_t bs) {
+  const bool f32 = dt == DType::kFloat32;
+  if (bs == 8) return f32 ? 0.15 : 0.05;
+  if (bs == 16) return f32 ? 0.6 : 0.2;
+  return f32 ? 0.9 : 0.55;
+}
+
+// Where a layout's 64-wide copy lives in the workspace (its blocks in the cover's order).
 struct CoarsePlan {
-  int64_t CB = 0, KB = 0, blocks = 0;  // of the coarse layout
-  int64_t tables_offset = 0, bytes = 0;
+  const DeviceLayout* coarse = nullptr;  // null: run the blocks as they are
+  bool full = false;                     // the cover is completely filled (no zeros to write)
+  int64_t weight_bytes = 0;
 };
 
-// The plan for running `L` as 64-wide blocks, or blocks == 0 where it runs as it is (not a
-// full layout of 8-, 16- or 32-wide blocks whose coarse grid divides it, too few rows, a batch
-// the bs-64 tensor-core kernels cannot take, unaligned pointers).
+// The plan for running `L` on its cover, or coarse == null (no cover, or one of another grid,
+// too few rows or too thin a fill, a batch the bs-64 tensor-core kernels cannot take,
+// unaligned pointers).
 CoarsePlan PlanCoarse(DType dt, int64_t N, int fa, const DeviceLayout& L, bool grad_w,
                       const DeviceInfo& di, const void* a, const void* b, const void* out) {
   CoarsePlan plan;
   const int64_t bs = L.block_size;
-  if (internal::Tuning() == kTuningNoCoarse) return plan;
+  const DeviceLayout* c = L.coarse;
+  if (c == nullptr || internal::Tuning() == kTuningNoCoarse) return plan;
   if (bs != 8 && bs != 16 && bs != 32) return plan;
-  if (L.blocks != L.CB * L.KB) return plan;
   const int64_t f = kCoarseBs / bs;
-  if (L.CB % f != 0 || L.KB % f != 0) return plan;
-  if (N < CoarseMinRows(dt, bs, grad_w) && internal::Tuning() != kTuningAlwaysCoarse)
+  if (c->block_size != kCoarseBs || c->CB * f != L.CB || c->KB * f != L.KB) return plan;
+  if (c->blocks < 1 || c->blocks > c->CB * c->KB || c->blocks * f * f < L.blocks) return plan;
+  if (!c->col_ptr || !c->col_row || !c->col_block || !c->block_row || !c->block_col)
+    return plan;
+  const double fill = static_cast<double>(L.blocks) / static_cast<double>(c->blocks * f * f);
+  if (internal::Tuning() != kTuningAlwaysCoarse &&
+      (N < CoarseMinRows(dt, bs, grad_w) || fill < CoarseMinFill(dt, bs)))
     return plan;
   if (N < 1 || !MmaEligible(dt, N, fa, kCoarseBs, di)) return plan;
   if (!Aligned16(a) || !Aligned16(b) || !Aligned16(out)) return plan;
-  plan.CB = L.CB / f;
-  plan.KB = L.KB / f;
-  plan.blocks = plan.CB * plan.KB;
-  const int64_t elem = dt == DType::kFloat32 ? 4 : 2;
-  plan.tables_offset = (plan.blocks * kCoarseBs * kCoarseBs * elem + 255) / 256 * 256;
-  plan.bytes = plan.tables_offset + (plan.KB + 1 + 4 * plan.blocks) * int64_t{sizeof(int32_t)};
+  plan.coarse = c;
+  plan.full = c->blocks * f * f == L.blocks;
+  plan.weight_bytes = c->blocks * kCoarseBs * kCoarseBs * (dt == DType::kFloat32 ? 4 : 2);
   return plan;
 }
 
-// The tables of the full layout of CB x KB blocks, block i at (i / KB, i % KB).
-__global__ void FullLayoutTablesKernel(int32_t* col_ptr, int32_t* col_row, int32_t* col_block,
-                                       int32_t* block_row, int32_t* block_col, int64_t CB,
-                                       int64_t KB) {
-  const int64_t blocks = CB * KB;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i <= blocks;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    if (i <= KB) col_ptr[i] = static_cast<int32_t>(i * CB);
-    if (i < blocks) {
-      const int64_t k = i / CB, c = i % CB;  // entry i of the column view
-      col_row[i] = static_cast<int32_t>(c);
-      col_block[i] = static_cast<int32_t>(c * KB + k);
-      block_row[i] = static_cast<int32_t>(i / KB);
-      block_col[i] = static_cast<int32_t>(i % KB);
-    }
-  }
-}
-
-// Copies every fine block (bs x bs, at block_row[b], block_col[b]) into its place in the 64 x 64
-// blocks of `coarse` (kToCoarse) or back out of it: sub-block (c % f, k % f) of coarse block
-// (c / f) KBc + k / f, f = 64 / bs; with `transposed` (blocks holding the transposes of the
-// product's blocks, as LaunchForwardTransposedW reads them) sub-block (k % f, c % f), so that
-// the coarse block holds the transpose of the product's coarse block.  16 bytes per thread.
+// Copies every narrow block (bs x bs, at block_row[b], block_col[b]) into its place in the
+// 64 x 64 blocks of `coarse` (kToCoarse) or back out of it: sub-block (c % f, k % f) of the
+// cover's block at (c / f, k / f), f = 64 / bs, found in the cover's column view; with
+// `transposed` (blocks holding the transposes of the product's blocks, as
+// LaunchForwardTransposedW reads them) sub-block (k % f, c % f), so that the 64-wide block
+// holds the transpose of the product's.  16 bytes per thread.
 template <typename T, bool kToCoarse>
 __global__ void CopyFineBlocksKernel(T* __restrict__ fine, T* __restrict__ coarse,
                                      const int32_t* __restrict__ block_row,
                                      const int32_t* __restrict__ block_col, int64_t blocks,
-                                     int bs, int64_t KBc, bool transposed) {
+                                     int bs, const int32_t* __restrict__ cover_col_ptr,
+                                     const int32_t* __restrict__ cover_col_row,
+                                     const int32_t* __restrict__ cover_col_block,
+                                     bool transposed) {
   constexpr int kPerChunk = 16 / sizeof(T);
   const int f = static_cast<int>(kCoarseBs) / bs, chunks_per_row = bs / kPerChunk;
-  const int64_t chunks_per_block = (int64_t)bs * chunks_per_row, total = blocks * chunks_per_block;
+  const int64_t chunks_per_block = (int64_t)bs * chunks_per_row;
+  const int64_t total = blocks * chunks_per_block;
   for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < total;
        t += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = t / chunks_per_block;
     const int rem = static_cast<int>(t % chunks_per_block);
     const int i = rem / chunks_per_row, q = rem % chunks_per_row;
-    const int64_t c = block_row[b], k = block_col[b];
-    const int64_t cb = (c / f) * KBc + k / f;
+    const int c = block_row[b], k = block_col[b];
+    // The cover's block at (c / f, k / f), by bisection over its column's increasing rows
+    // (a cover without it, which no caller should pass, leaves the block uncopied).
+    int lo = cover_col_ptr[k / f], hi = cover_col_ptr[k / f + 1];
+    while (lo < hi) {
+      const int mid = (lo + hi) >> 1;
+      if (cover_col_row[mid] < c / f) lo = mid + 1; else hi = mid;
+    }
+    if (lo == cover_col_ptr[k / f + 1] || cover_col_row[lo] != c / f) continue;
+    const int64_t cb = cover_col_block[lo];
     const int64_t sub_r = transposed ? k % f : c % f, sub_c = transposed ? c % f : k % f;
     T* fp = fine + (b * bs + i) * bs + q * kPerChunk;
     T* cp = coarse + (cb * kCoarseBs + sub_r * bs + i) * kCoarseBs + sub_c * bs + q * kPerChunk;
@@ -476,52 +484,35 @@ __global__ void CopyFineBlocksKernel(T* __restrict__ fine, T* __restrict__ coars
   }
 }
 
-// The coarse layout of `plan` in the workspace, its tables written (queued on s).
-DeviceLayout CoarseLayout(const CoarsePlan& plan, void* workspace, const DeviceInfo& di,
-                          cudaStream_t s) {
-  int32_t* t = reinterpret_cast<int32_t*>(static_cast<char*>(workspace) + plan.tables_offset);
-  DeviceLayout c;
-  c.col_ptr = t;
-  c.col_row = t + plan.KB + 1;
-  c.col_block = c.col_row + plan.blocks;
-  c.block_row = c.col_block + plan.blocks;
-  c.block_col = c.block_row + plan.blocks;
-  c.CB = plan.CB;
-  c.KB = plan.KB;
-  c.block_size = kCoarseBs;
-  c.blocks = plan.blocks;
-  FullLayoutTablesKernel<<<SimpleGrid(plan.blocks + 1, di), 256, 0, s>>>(
-      t, t + plan.KB + 1, t + plan.KB + 1 + plan.blocks, t + plan.KB + 1 + 2 * plan.blocks,
-      t + plan.KB + 1 + 3 * plan.blocks, plan.CB, plan.KB);
-  return c;
-}
-
 template <typename T, bool kToCoarse>
-void CopyFineBlocks(const void* fine, void* coarse, const DeviceLayout& L, int64_t KBc,
-                    bool transposed, const DeviceInfo& di, cudaStream_t s) {
+void CopyFineBlocks(const void* fine, void* coarse, const DeviceLayout& L,
+                    const DeviceLayout& cover, bool transposed, const DeviceInfo& di,
+                    cudaStream_t s) {
   const int64_t chunks = L.blocks * L.block_size * L.block_size * int64_t{sizeof(T)} / 16;
   CopyFineBlocksKernel<T, kToCoarse><<<SimpleGrid(chunks, di), 256, 0, s>>>(
       const_cast<T*>(static_cast<const T*>(fine)), static_cast<T*>(coarse), L.block_row,
-      L.block_col, L.blocks, static_cast<int>(L.block_size), KBc, transposed);
+      L.block_col, L.blocks, static_cast<int>(L.block_size), cover.col_ptr, cover.col_row,
+      cover.col_block, transposed);
 }
 
 template <typename T>
 int ForwardCoarse(const CoarsePlan& plan, void* workspace, const void* x, const void* w, void* y,
                   int64_t N, int fa, const DeviceLayout& L, int device, const DeviceInfo& di,
                   cudaStream_t s, DType dt, bool w_transposed) {
-  const DeviceLayout coarse = CoarseLayout(plan, workspace, di, s);
-  CopyFineBlocks<T, true>(w, workspace, L, plan.KB, w_transposed, di, s);
+  if (!plan.full) {  // the cover's blocks where no narrow block lies stay zero
+    if (cudaError_t e = cudaMemsetAsync(workspace, 0, plan.weight_bytes, s)) return e;
+  }
+  CopyFineBlocks<T, true>(w, workspace, L, *plan.coarse, w_transposed, di, s);
   if (cudaError_t e = cudaGetLastError()) return e;
-  return ForwardTyped<T>(x, workspace, y, N, fa, coarse, device, di, s, dt, w_transposed);
+  return ForwardTyped<T>(x, workspace, y, N, fa, *plan.coarse, device, di, s, dt, w_transposed);
 }
 
 template <typename T>
 int GradWCoarse(const CoarsePlan& plan, void* workspace, const void* x, const void* dy, void* dw,
                 int64_t N, int fa, const DeviceLayout& L, int device, const DeviceInfo& di,
                 cudaStream_t s, DType dt) {
-  const DeviceLayout coarse = CoarseLayout(plan, workspace, di, s);
-  if (int e = GradWTyped<T>(x, dy, workspace, N, fa, coarse, device, di, s, dt)) return e;
-  CopyFineBlocks<T, false>(dw, workspace, L, plan.KB, false, di, s);
+  if (int e = GradWTyped<T>(x, dy, workspace, N, fa, *plan.coarse, device, di, s, dt)) return e;
+  CopyFineBlocks<T, false>(dw, workspace, L, *plan.coarse, false, di, s);
   return cudaGetLastError();
 }
 
@@ -531,7 +522,7 @@ template <typename T>
 int ForwardAny(const CoarsePlan& plan, void* workspace, int64_t workspace_bytes, const void* x,
                const void* w, void* y, int64_t N, int fa, const DeviceLayout& L, int device,
                const DeviceInfo& di, cudaStream_t s, DType dt, bool w_transposed) {
-  if (plan.blocks > 0 && workspace_bytes >= plan.bytes) {
+  if (plan.coarse != nullptr && workspace_bytes >= plan.weight_bytes) {
     return ForwardCoarse<T>(plan, workspace, x, w, y, N, fa, L, device, di, s, dt, w_transposed);
   }
   return ForwardTyped<T>(x, w, y, N, fa, L, device, di, s, dt, w_transposed);
@@ -541,7 +532,7 @@ template <typename T>
 int GradWAny(const CoarsePlan& plan, void* workspace, int64_t workspace_bytes, const void* x,
              const void* dy, void* dw, int64_t N, int fa, const DeviceLayout& L, int device,
              const DeviceInfo& di, cudaStream_t s, DType dt) {
-  if (plan.blocks > 0 && workspace_bytes >= plan.bytes) {
+  if (plan.coarse != nullptr && workspace_bytes >= plan.weight_bytes) {
     return GradWCoarse<T>(plan, workspace, x, dy, dw, N, fa, L, device, di, s, dt);
   }
   return GradWTyped<T>(x, dy, dw, N, fa, L, device, di, s, dt);
@@ -594,7 +585,7 @@ int64_t WorkspaceBytes(DType dtype, int64_t N, int feature_axis, const DeviceLay
   // The pointers' alignment is checked at the launch: assume aligned ones here.
   static const uint4 aligned{};
   return PlanCoarse(dtype, N, feature_axis, layout, grad_w, di, &aligned, &aligned, &aligned)
-      .bytes;
+      .weight_bytes;
 }
 
 int LaunchForward(DType dtype, const void* x, const void* w, void* y, int64_t N,

@@ -61,19 +61,21 @@
 // batches takes a few bytes per pacing epoch with cudaMallocAsync on `stream` (freed there),
 // and where that fails runs unpaced (the same results).
 //
-// Workspace: a layout with every block stored (blocks == CB * KB) of 8-, 16- or 32-wide blocks,
-// with C and K multiples of 64 and enough rows (bs 8: any N; bs 16: N >= 64, float32 128; bs 32:
-// N >= 512, float32 2048 for the products and 1024 for dW; feature_axis 0: N a multiple of 8
-// for 16-bit types, of 4 for float32), runs as the full layout of 64-wide blocks over the same
-// W where the caller passes a workspace of WorkspaceBytes(...) bytes or more (C x K elements
-// and the coarse layout's tables; device memory, 16-byte aligned, any content, in use until
-// the launch's work completes): the blocks are copied into it, the product runs on the bs-64
-// kernels (on an H100 with N = 4096, 16-bit: bs 16 5.8x and bs 32 1.8x faster, bs 8 29x; see
-// docs/benchmarks_gpu.md), and dW's 64-wide blocks are copied back out.  Its sums come in another order than the narrow blocks'
-// (as accurate), so whether a caller passes the workspace decides the last bits: pass it always
-// or never for results that are bitwise the same from call to call.  WorkspaceBytes is 0 where
-// a call takes none.
-// Measured performance (H100, H200): docs/benchmarks_gpu.md; tests: tools/gpu_check.sh.
+// Workspace: a layout of 8-, 16- or 32-wide blocks that comes with its 64-wide cover
+// (DeviceLayout::coarse) runs as that cover's 64-wide blocks where the narrow blocks fill
+// enough of it (bs 8: 5% of its area, float32 15%; bs 16: 20%, float32 60%; bs 32: 55%,
+// float32 90%; a full layout fills all of it) and the batch has enough rows (bs 8: any N; bs
+// 16: N >= 64, float32 128; bs 32: N >= 512, float32 2048 for the products and 1024 for dW;
+// feature_axis 0: N a multiple of 8 for 16-bit types, of 4 for float32), and the caller passes a
+// workspace of WorkspaceBytes(...) bytes or more (the cover's blocks: device memory, 16-byte
+// aligned, any content, in use until the launch's work completes): the narrow blocks are
+// copied into it (zeros elsewhere), the product runs on the bs-64 kernels (full layouts on an
+// H100 with N = 4096, 16-bit: bs 16 5.8x and bs 32 1.8x faster, bs 8 29x; see
+// docs/benchmarks_gpu.md), and dW's 64-wide blocks are copied back out.  Its sums come in
+// another order than the narrow blocks' (as accurate; zeros added where the cover has no narrow
+// block), so whether a caller passes the workspace decides the last bits: pass it always or
+// never for results that are bitwise the same from call to call.  WorkspaceBytes is 0 where a
+// call takes none.
 #ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
 #define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
 
@@ -95,6 +97,11 @@ struct DeviceLayout {
   const int32_t* block_row = nullptr;
   const int32_t* block_col = nullptr;
   int64_t CB = 0, KB = 0, block_size = 0, blocks = 0;
+  // Optional, for 8-, 16- and 32-wide blocks: the layout of 64-wide blocks that covers this
+  // one (a 64-wide block wherever any narrow block it spans is stored; CoarseLayoutOf in
+  // ops/block_layout.h builds its tables), its tables in device memory too.  Calls given a
+  // workspace may run the product on it (see "Workspace" above).
+  const DeviceLayout* coarse = nullptr;
 };
 
 // Bytes of workspace LaunchForward, LaunchForwardTransposedW (grad_w false) or LaunchGradW

@@ -1,8 +1,9 @@
 // extern "C" shim over blocksparse_matmul_gpu.h and sparse_dot_gpu.h for ctypes
 // (tools/gpu_check.py, tools/gpu_check_sparse_dot.py).
-// dtype: 0 float32, 1 float16, 2 bfloat16.  layout: 5 device pointers (col_ptr, col_row,
-// col_block, block_row, block_col) and 4 sizes (CB, KB, block_size, blocks).  workspace: a
-// device pointer and its size in bytes (nullptr and 0 for none).
+// dtype: 0 float32, 1 float16, 2 bfloat16.  layout: an array of 5 device pointers (col_ptr,
+// col_row, col_block, block_row, block_col) and 4 sizes (CB, KB, block_size, blocks); its
+// 64-wide cover likewise (null for none) with its block count.  workspace: a device pointer and
+// its size in bytes (nullptr and 0 for none).
 // Returns 0 or a cudaError_t value.
 #include <cstdint>
 
@@ -26,51 +27,70 @@ blocksparse::gpu::DeviceLayout MakeLayout(const int32_t* col_ptr, const int32_t*
   L.blocks = blocks;
   return L;
 }
+
+// A layout and its 64-wide cover (tables `cover`: col_ptr, col_row, col_block, block_row,
+// block_col; cover_blocks < 0 or null tables: none).  Lives for one call.
+struct LayoutWithCover {
+  blocksparse::gpu::DeviceLayout layout, cover;
+
+  LayoutWithCover(const int32_t* const* tables, int64_t CB, int64_t KB, int64_t bs,
+                  int64_t blocks, const int32_t* const* cover_tables, int64_t cover_blocks)
+      : layout(MakeLayout(tables[0], tables[1], tables[2], tables[3], tables[4], CB, KB, bs,
+                          blocks)) {
+    if (cover_tables != nullptr && cover_blocks >= 0 && bs > 0 && 64 % bs == 0) {
+      cover = MakeLayout(cover_tables[0], cover_tables[1], cover_tables[2], cover_tables[3],
+                         cover_tables[4], CB / (64 / bs), KB / (64 / bs), 64, cover_blocks);
+      layout.coarse = &cover;
+    }
+  }
+};
 }  // namespace
 
 extern "C" {
 
+// tables: the layout's 5 device pointers; cover: its 64-wide cover's (or null), with
+// cover_blocks blocks.
 int bsmm_gpu_forward(int dtype, const void* x, const void* w, void* y, int64_t N,
-                     int feature_axis, const int32_t* col_ptr, const int32_t* col_row,
-                     const int32_t* col_block, const int32_t* block_row,
-                     const int32_t* block_col, int64_t CB, int64_t KB, int64_t bs,
-                     int64_t blocks, void* workspace, int64_t workspace_bytes,
-                    void* stream) {
-  return blocksparse::gpu::LaunchForward(
-      static_cast<blocksparse::gpu::DType>(dtype), x, w, y, N, feature_axis,
-      MakeLayout(col_ptr, col_row, col_block, block_row, block_col, CB, KB, bs, blocks),
-      static_cast<CUstream_st*>(stream), workspace, workspace_bytes);
+                     int feature_axis, const int32_t* const* tables, int64_t CB, int64_t KB,
+                     int64_t bs, int64_t blocks, const int32_t* const* cover,
+                     int64_t cover_blocks, void* workspace, int64_t workspace_bytes,
+                     void* stream) {
+  const LayoutWithCover L(tables, CB, KB, bs, blocks, cover, cover_blocks);
+  return blocksparse::gpu::LaunchForward(static_cast<blocksparse::gpu::DType>(dtype), x, w, y, N,
+                                         feature_axis, L.layout,
+                                         static_cast<CUstream_st*>(stream), workspace,
+                                         workspace_bytes);
 }
 
 int bsmm_gpu_grad_w(int dtype, const void* x, const void* dy, void* dw, int64_t N,
-                    int feature_axis, const int32_t* col_ptr, const int32_t* col_row,
-                    const int32_t* col_block, const int32_t* block_row,
-                    const int32_t* block_col, int64_t CB, int64_t KB, int64_t bs,
-                    int64_t blocks, void* workspace, int64_t workspace_bytes,
+                    int feature_axis, const int32_t* const* tables, int64_t CB, int64_t KB,
+                    int64_t bs, int64_t blocks, const int32_t* const* cover,
+                    int64_t cover_blocks, void* workspace, int64_t workspace_bytes,
                     void* stream) {
-  return blocksparse::gpu::LaunchGradW(
-      static_cast<blocksparse::gpu::DType>(dtype), x, dy, dw, N, feature_axis,
-      MakeLayout(col_ptr, col_row, col_block, block_row, block_col, CB, KB, bs, blocks),
-      static_cast<CUstream_st*>(stream), workspace, workspace_bytes);
+  const LayoutWithCover L(tables, CB, KB, bs, blocks, cover, cover_blocks);
+  return blocksparse::gpu::LaunchGradW(static_cast<blocksparse::gpu::DType>(dtype), x, dy, dw, N,
+                                       feature_axis, L.layout, static_cast<CUstream_st*>(stream),
+                                       workspace, workspace_bytes);
 }
 
 int bsmm_gpu_forward_transposed_w(int dtype, const void* x, const void* w, void* y, int64_t N,
-                                  int feature_axis, const int32_t* col_ptr,
-                                  const int32_t* col_row, const int32_t* col_block,
-                                  const int32_t* block_row, const int32_t* block_col, int64_t CB,
-                                  int64_t KB, int64_t bs, int64_t blocks, void* workspace,
-                                  int64_t workspace_bytes, void* stream) {
+                                  int feature_axis, const int32_t* const* tables, int64_t CB,
+                                  int64_t KB, int64_t bs, int64_t blocks,
+                                  const int32_t* const* cover, int64_t cover_blocks,
+                                  void* workspace, int64_t workspace_bytes, void* stream) {
+  const LayoutWithCover L(tables, CB, KB, bs, blocks, cover, cover_blocks);
   return blocksparse::gpu::LaunchForwardTransposedW(
-      static_cast<blocksparse::gpu::DType>(dtype), x, w, y, N, feature_axis,
-      MakeLayout(col_ptr, col_row, col_block, block_row, block_col, CB, KB, bs, blocks),
+      static_cast<blocksparse::gpu::DType>(dtype), x, w, y, N, feature_axis, L.layout,
       static_cast<CUstream_st*>(stream), workspace, workspace_bytes);
 }
 
-int64_t bsmm_gpu_workspace_bytes(int dtype, int64_t N, int feature_axis, int64_t CB, int64_t KB,
-                                 int64_t bs, int64_t blocks, int grad_w) {
-  return blocksparse::gpu::WorkspaceBytes(
-      static_cast<blocksparse::gpu::DType>(dtype), N, feature_axis,
-      MakeLayout(nullptr, nullptr, nullptr, nullptr, nullptr, CB, KB, bs, blocks), grad_w != 0);
+int64_t bsmm_gpu_workspace_bytes(int dtype, int64_t N, int feature_axis,
+                                 const int32_t* const* tables, int64_t CB, int64_t KB,
+                                 int64_t bs, int64_t blocks, const int32_t* const* cover,
+                                 int64_t cover_blocks, int grad_w) {
+  const LayoutWithCover L(tables, CB, KB, bs, blocks, cover, cover_blocks);
+  return blocksparse::gpu::WorkspaceBytes(static_cast<blocksparse::gpu::DType>(dtype), N,
+                                          feature_axis, L.layout, grad_w != 0);
 }
 
 const char* bsmm_gpu_error_string(int code) { return blocksparse::gpu::ErrorString(code); }

@@ -26,26 +26,8 @@ namespace {
 
 using ::tensorflow::DEVICE_GPU;
 
-// Copies the layout tables into one device buffer (kept alive by *storage) and points a
-// DeviceLayout at it.  The copy is queued on TensorFlow's stream (the buffer may be memory that
-// earlier kernels there still read), and the call waits for it before the host vector goes:
-// cudaMemcpyAsync need not have read its source when it returns (from page-locked memory it
-// reads it later).  This runs only for a layout the kernel has not seen recently.
-absl::Status UploadLayout(OpKernelContext* ctx, const BlockLayout& l, Tensor* storage,
-                          gpu::DeviceLayout* out) {
-  std::vector<int32_t> packed;
-  packed.reserve(l.col_ptr.size() + 4 * l.blocks);
-  for (const auto* table : {&l.col_ptr, &l.col_row, &l.col_block, &l.block_row, &l.block_col}) {
-    packed.insert(packed.end(), table->begin(), table->end());
-  }
-  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT32,
-                                        TensorShape({(int64_t)packed.size()}), storage));
-  int32_t* d = storage->flat<int32_t>().data();
-  TF_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(d, packed.data(), packed.size() * sizeof(int32_t),
-                                                cudaMemcpyHostToDevice, TfCudaStream(ctx)),
-                                "copying the layout to the GPU"));
-  TF_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(TfCudaStream(ctx)),
-                                "waiting for the layout's copy to the GPU"));
+// The five device tables of `l` at d, in UploadLayout's order; out points at them.
+const int32_t* PointAt(const BlockLayout& l, const int32_t* d, gpu::DeviceLayout* out) {
   out->col_ptr = d;
   out->col_row = out->col_ptr + l.col_ptr.size();
   out->col_block = out->col_row + l.blocks;
@@ -55,10 +37,43 @@ absl::Status UploadLayout(OpKernelContext* ctx, const BlockLayout& l, Tensor* st
   out->KB = l.KB;
   out->block_size = l.block_size;
   out->blocks = l.blocks;
+  return out->block_col + l.blocks;
+}
+
+// Copies the tables of a layout and, if given, of its 64-wide cover into one device buffer
+// (kept alive by *storage) and points DeviceLayouts at them (out->coarse at *out_cover).  The
+// copy is queued on TensorFlow's stream (the buffer may be memory that earlier kernels there
+// still read), and the call waits for it before the host vector goes: cudaMemcpyAsync need not
+// have read its source when it returns (from page-locked memory it reads it later).  This runs
+// only for a layout the kernel has not seen recently.
+absl::Status UploadLayout(OpKernelContext* ctx, const BlockLayout& l, const BlockLayout* cover,
+                          Tensor* storage, gpu::DeviceLayout* out,
+                          gpu::DeviceLayout* out_cover) {
+  std::vector<int32_t> packed;
+  for (const BlockLayout* layout : {&l, cover}) {
+    if (layout == nullptr) continue;
+    for (const auto* table : {&layout->col_ptr, &layout->col_row, &layout->col_block,
+                              &layout->block_row, &layout->block_col}) {
+      packed.insert(packed.end(), table->begin(), table->end());
+    }
+  }
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT32,
+                                        TensorShape({(int64_t)packed.size()}), storage));
+  int32_t* d = storage->flat<int32_t>().data();
+  TF_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(d, packed.data(), packed.size() * sizeof(int32_t),
+                                                cudaMemcpyHostToDevice, TfCudaStream(ctx)),
+                                "copying the layout to the GPU"));
+  TF_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(TfCudaStream(ctx)),
+                                "waiting for the layout's copy to the GPU"));
+  const int32_t* rest = PointAt(l, d, out);
+  if (cover != nullptr) {
+    PointAt(*cover, rest, out_cover);
+    out->coarse = out_cover;
+  }
   return absl::OkStatus();
 }
 
-// Device scratch for a call that runs a full layout as 64-wide blocks (gpu::WorkspaceBytes);
+// Device scratch for a call that runs its layout as 64-wide blocks (gpu::WorkspaceBytes);
 // none (nullptr, 0) where the call takes none.  Always passed where asked for, so that a
 // call's results never depend on whether memory was at hand (out of memory is an error).
 absl::Status AllocateWorkspace(OpKernelContext* ctx, gpu::DType dtype, int64_t N,
@@ -74,10 +89,11 @@ absl::Status AllocateWorkspace(OpKernelContext* ctx, gpu::DType dtype, int64_t N
 }
 
 // A layout's tables in device memory: the buffer (kept alive while a call holds it) and the
-// view the kernels take.
+// view the kernels take, with its 64-wide cover's (layout.coarse points at cover; see
+// gpu::DeviceLayout) for 8-, 16- and 32-wide blocks whose grid 64-wide blocks divide.
 struct DeviceTables {
   Tensor storage;
-  gpu::DeviceLayout layout;
+  gpu::DeviceLayout layout, cover;
 };
 
 // Base of the GPU kernels: the layout's device tables, built on the host and copied to the
@@ -90,9 +106,13 @@ class BlocksparseGpuOpBase : public BlocksparseOpBase {
   absl::Status DeviceTablesOf(OpKernelContext* ctx, const Tensor& coords,
                               std::shared_ptr<const DeviceTables>* out) {
     return device_tables_.Get(coords, constant_layout_, [&](DeviceTables* tables) {
-      BlockLayout layout;
+      BlockLayout layout, cover;
       TF_RETURN_IF_ERROR(BuildLayout(coords, &layout));  // validates the coordinates
-      return UploadLayout(ctx, layout, &tables->storage, &tables->layout);
+      const bool narrow = layout.block_size == 8 || layout.block_size == 16 ||
+                          layout.block_size == 32;
+      const bool covered = narrow && CoarseLayoutOf(layout, 64, &cover);
+      return UploadLayout(ctx, layout, covered ? &cover : nullptr, &tables->storage,
+                          &tables->layout, &tables->cover);
     }, out);
   }
 

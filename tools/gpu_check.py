@@ -37,7 +37,9 @@ class Lib:
     def __init__(self, path):
         self.lib = ctypes.CDLL(path)
         P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        sig = [I, P, P, P, I64, I, P, P, P, P, P, I64, I64, I64, I64, P, I64, P]
+        # dtype, a, b, out, N, feature axis, layout tables, CB, KB, bs, blocks, cover tables,
+        # cover blocks, workspace, workspace bytes, stream
+        sig = [I, P, P, P, I64, I, P, I64, I64, I64, I64, P, I64, P, I64, P]
         for name in ("bsmm_gpu_forward", "bsmm_gpu_grad_w"):
             f = getattr(self.lib, name)
             f.argtypes = sig
@@ -50,12 +52,15 @@ class Lib:
         self.lib.bsmm_gpu_forward_transposed_w.restype = I
         self.lib.bsmm_gpu_set_tuning.argtypes = [I]
         self.lib.bsmm_gpu_set_tuning.restype = None
-        self.lib.bsmm_gpu_workspace_bytes.argtypes = [I, I64, I, I64, I64, I64, I64, I]
+        self.lib.bsmm_gpu_workspace_bytes.argtypes = [I, I64, I, P, I64, I64, I64, I64, P, I64,
+                                                      I]
         self.lib.bsmm_gpu_workspace_bytes.restype = I64
         self.tuning = 0
-        # Every call passes the workspace it asks for, as the TensorFlow op does (one buffer,
-        # grown as needed; the calls run on one stream).  False: none.
-        self.use_workspace = True
+        # Whether every call passes the workspace it asks for, as the TensorFlow op does (one
+        # buffer, grown as needed; the calls run on one stream): on for the benchmark and the
+        # checks of layouts run as 64-wide blocks (full_layout_checks); off for the other
+        # checks, so that they keep testing the kernels of the narrow blocks.
+        self.use_workspace = False
         self._workspace = None
 
     def set_tuning(self, v):
@@ -63,8 +68,7 @@ class Lib:
         self.tuning = v
 
     def workspace_bytes(self, dt, N, fa, L, grad_w):
-        return self.lib.bsmm_gpu_workspace_bytes(DTYPES[dt][0], N, fa, L.CB, L.KB, L.bs,
-                                                 L.blocks, int(grad_w))
+        return self.lib.bsmm_gpu_workspace_bytes(DTYPES[dt][0], N, fa, *L.args(), int(grad_w))
 
     def _workspace_for(self, dt, N, fa, L, grad_w):
         if not self.use_workspace:
@@ -83,8 +87,7 @@ class Lib:
                             b.data_ptr() if b is not None else None,
                             out.data_ptr() if out is not None else None)
         ws, ws_bytes = self._workspace_for(dt, N, fa, L, grad_w)
-        return f(DTYPES[dt][0], ptrs[0], ptrs[1], ptrs[2], N, fa, *L.ptrs(), L.CB, L.KB, L.bs,
-                 L.blocks, ws, ws_bytes, s)
+        return f(DTYPES[dt][0], ptrs[0], ptrs[1], ptrs[2], N, fa, *L.args(), ws, ws_bytes, s)
 
     def forward(self, dt, x, w, y, N, fa, L, **kw):
         return self._call(self.lib.bsmm_gpu_forward, dt, x, w, y, N, fa, L, **kw)
@@ -105,9 +108,11 @@ class Lib:
 
 
 class Layout:
-    """Python mirror of ops/block_layout.cc: block list plus its column view, on the GPU."""
+    """Python mirror of ops/block_layout.cc: block list plus its column view, on the GPU; for
+    8-, 16- and 32-wide blocks whose grid 64-wide blocks divide, also its 64-wide cover
+    (CoarseLayoutOf) in `cover`, which the TensorFlow op passes with every layout."""
 
-    def __init__(self, coords, CB, KB, bs):
+    def __init__(self, coords, CB, KB, bs, cover=True):
         coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         self.CB, self.KB, self.bs, self.blocks = CB, KB, bs, len(coords)
         self.block_row = coords[:, 0].astype(np.int32)
@@ -120,9 +125,21 @@ class Layout:
         dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda()
         self.d = [dev(a) for a in (self.col_ptr, self.col_row, self.col_block, self.block_row,
                                    self.block_col)]
+        self.table_array = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in self.d])
+        self.cover = None
+        f = 64 // bs if bs in (8, 16, 32) else 0
+        if cover and f and CB % f == 0 and KB % f == 0:
+            keys = np.unique(self.block_row.astype(np.int64) // f * (KB // f) +
+                             self.block_col // f)  # row-major on the cover's grid
+            self.cover = Layout(np.stack([keys // (KB // f), keys % (KB // f)], 1), CB // f,
+                                KB // f, 64, cover=False)
 
-    def ptrs(self):
-        return [t.data_ptr() for t in self.d]
+    def args(self):
+        """The shim's layout arguments: tables, CB, KB, bs, blocks, cover tables, cover blocks."""
+        c = self.cover
+        return (ctypes.cast(self.table_array, ctypes.c_void_p), self.CB, self.KB, self.bs,
+                self.blocks, ctypes.cast(c.table_array, ctypes.c_void_p) if c else None,
+                c.blocks if c else -1)
 
     def transposed(self):
         return Layout(np.stack([self.block_col, self.block_row], 1), self.KB, self.CB, self.bs)
@@ -336,43 +353,53 @@ def bs64_narrow_checks(lib, res, gen, rng, quick):
 
 
 def full_layout_checks(lib, res, gen, rng, quick=False, race=False):
-    """Full layouts of 8-, 16- and 32-wide blocks (stored in random order), which run as 64-wide
-    blocks with a workspace: that large batches ask for one (C and K multiples of 64);
-    forward, input gradient and dW against float64 from N = 16 (SetTuning(29) takes the
-    workspace from N = 1), on a rectangular W and ragged batches; the same results twice, bit
-    for bit; and a full layout that 64-wide blocks do not cover (no workspace, its blocks as
-    they are).  Under another --tuning (3: the mma.sync kernels) the default's rule runs."""
+    """Layouts of 8-, 16- and 32-wide blocks run as 64-wide blocks on their cover, with a
+    workspace: full layouts (blocks in random order) and partial ones (the cover's blocks
+    partly zeros; an empty block row and column) on a rectangular W; whether the default's rule
+    asks for the workspace (large batches of full layouts and well-filled covers, not thin
+    ones); forward, input gradient and dW against float64 from N = 16 (SetTuning(29) takes the
+    workspace wherever a cover exists), ragged batches, both feature axes; the same results
+    twice, bit for bit; and a layout 64-wide blocks do not cover (no workspace).  Under another
+    --tuning (3: the mma.sync kernels) the default's rule runs, at 2056 rows."""
     dts = ["bfloat16"] if race else list(DTYPES)
     tuning = lib.tuning
+    lib.use_workspace = True
     for dt, bs in itertools.product(dts, [16] if race else [8, 16, 32]):
-        L = random_layout(128 // bs, 192 // bs, bs, 1.1, rng)  # every block, in random order
+        full = random_layout(128 // bs, 192 // bs, bs, 1.1, rng)  # every block, random order
+        part = random_layout(128 // bs, 192 // bs, bs, 0.45, rng, empty_rows=[1],
+                             empty_cols=[2])
         for grad_w in (False, True):
-            ws = lib.workspace_bytes(dt, 4096, 1, L, grad_w)
+            ws = lib.workspace_bytes(dt, 4096, 1, full, grad_w)
             res.check(ws >= 128 * 192 * DTYPES[dt][1].itemsize,
                       f"full layout asks for a workspace: {dt} bs={bs} grad_w={grad_w} ({ws} B)")
-        if tuning == 0:
-            lib.set_tuning(29)
-        cases = ((1, 264), (0, 264)) if quick or race else (
-            (1, 264), (0, 264), (1, 300), (1, 17), (0, 16))
-        if tuning != 0:
-            cases = ((1, 2056), (0, 2056))
-        for fa, N in cases:
-            run_case(lib, res, dt, bs, L, N, fa, gen, ops=("fwd", "dw", "dx"))
-        if not (quick or race):
-            x = torch.randn(264, 128, generator=gen, device="cuda").to(DTYPES[dt][1])
-            w = torch.randn(L.blocks, bs, bs, generator=gen, device="cuda").to(DTYPES[dt][1])
-            ys = [torch.full((264, 192), float("nan"), dtype=x.dtype, device="cuda")
-                  for _ in (0, 1)]
-            rcs = [lib.forward(dt, x, w, y, 264, 1, L) for y in ys]
-            torch.cuda.synchronize()
-            res.check(rcs == [0, 0] and same_bits(ys[0], ys[1]),
-                      f"full layout as 64-wide blocks deterministic: {dt} bs={bs}")
-        lib.set_tuning(tuning)
+        thin = random_layout(128 // bs, 192 // bs, bs, 0.02, rng)
+        res.check(thin.cover is not None and lib.workspace_bytes(dt, 4096, 1, thin, False) == 0,
+                  f"no workspace for a thinly filled cover: {dt} bs={bs}")
+        for L in ([full] if race else [full, part]):
+            if tuning == 0:
+                lib.set_tuning(29)
+            cases = ((1, 264), (0, 264)) if quick or race else (
+                (1, 264), (0, 264), (1, 300), (1, 17), (0, 16))
+            if tuning != 0:
+                cases = ((1, 2056), (0, 2056))
+            for fa, N in cases:
+                run_case(lib, res, dt, bs, L, N, fa, gen, ops=("fwd", "dw", "dx"))
+            if not (quick or race):
+                x = torch.randn(264, 128, generator=gen, device="cuda").to(DTYPES[dt][1])
+                w = torch.randn(L.blocks, bs, bs, generator=gen, device="cuda").to(x.dtype)
+                ys = [torch.full((264, 192), float("nan"), dtype=x.dtype, device="cuda")
+                      for _ in (0, 1)]
+                rcs = [lib.forward(dt, x, w, y, 264, 1, L) for y in ys]
+                torch.cuda.synchronize()
+                res.check(rcs == [0, 0] and same_bits(ys[0], ys[1]),
+                          f"64-wide blocks deterministic: {dt} bs={bs} blocks={L.blocks}")
+            lib.set_tuning(tuning)
     if not race:  # 96 x 160 features: 64-wide blocks do not cover them
         L = random_layout(96 // 16, 160 // 16, 16, 1.1, rng)
-        res.check(lib.workspace_bytes("bfloat16", 4096, 1, L, False) == 0,
+        res.check(L.cover is None and lib.workspace_bytes("bfloat16", 4096, 1, L, False) == 0,
                   "no workspace for a full layout 64-wide blocks do not divide")
         run_case(lib, res, "bfloat16", 16, L, 264, 1, gen, ops=("fwd", "dw", "dx"))
+    lib.use_workspace = False
 
 
 def correctness(lib, res, quick=False, race=False):
@@ -893,6 +920,7 @@ def bench(fn, min_ms=150.0, max_reps=40, min_reps=5):
 
 def benchmark(lib, res, out_md, quick=False, dtypes=None):
     dev_name = torch.cuda.get_device_name()
+    lib.use_workspace = True  # as the TensorFlow op runs them
     rng = np.random.default_rng(7)
     # Ceilings measured now: device-to-device copy (bytes read + written), dense bf16 GEMM.
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")

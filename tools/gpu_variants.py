@@ -45,6 +45,7 @@ def main():
                          "value) instead of bit for bit")
     args = ap.parse_args()
     lib, res = Lib(args.lib), Results()
+    lib.use_workspace = True  # as the TensorFlow op runs them (SetTuning(28): no 64-wide blocks)
     rng = np.random.default_rng(7)
     for dt, fa, N, C, bs, d, op in args.cells:
         tdt = DTYPES[dt][1]

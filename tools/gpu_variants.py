@@ -43,8 +43,14 @@ def main():
                     help="variants that sum in another order: check each against the default "
                          "within the dtype's tolerance (max abs difference over max abs "
                          "value) instead of bit for bit")
+    ap.add_argument("--workspace", action="store_true",
+                    help="pass the workspace the calls ask for, as the TensorFlow op does (full "
+                         "layouts of 8- to 32-wide blocks then run as 64-wide blocks; "
+                         "SetTuning(28) turns that off); without it the narrow blocks' kernels "
+                         "run, so that their variants are what is compared")
     args = ap.parse_args()
     lib, res = Lib(args.lib), Results()
+    lib.use_workspace = args.workspace
     rng = np.random.default_rng(7)
     for dt, fa, N, C, bs, d, op in args.cells:
         tdt = DTYPES[dt][1]

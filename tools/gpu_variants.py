@@ -43,9 +43,15 @@ def main():
                     help="variants that sum in another order: check each against the default "
                          "within the dtype's tolerance (max abs difference over max abs "
                          "value) instead of bit for bit")
+    ap.add_argument("--workspace", action="store_true",
+                    help="pass the workspace the calls ask for, as the TensorFlow op does "
+                         "(layouts of 8- to 32-wide blocks then run on their 64-wide cover where "
+                         "the default's rule says so; SetTuning(28) turns that off, (29) takes "
+                         "it wherever a cover exists); without it the narrow blocks' kernels "
+                         "run, so that their variants are what is compared")
     args = ap.parse_args()
     lib, res = Lib(args.lib), Results()
-    lib.use_workspace = True  # as the TensorFlow op runs them (SetTuning(28): no 64-wide blocks)
+    lib.use_workspace = args.workspace
     rng = np.random.default_rng(7)
     for dt, fa, N, C, bs, d, op in args.cells:
         tdt = DTYPES[dt][1]

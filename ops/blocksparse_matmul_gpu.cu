@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <mutex>
@@ -406,6 +407,12 @@ double CoarseMinFill(DType dt, int64_t bs) {
   return f32 ? 0.9 : 0.55;
 }
 
+// The most workspace a call takes: twice its weights' bytes, or up to this much however thin
+// the fill (a bs-8 layout at 5% fill covers 20 times its weights), so that a large sparse layer
+// never asks for memory on the scale of its dense matrix.
+constexpr int64_t kCoarseMaxWeightMultiple = 2;
+constexpr int64_t kCoarseAlwaysBytes = int64_t{128} << 20;
+
 // Where a layout's 64-wide copy lives in the workspace (its blocks in the cover's order).
 struct CoarsePlan {
   const DeviceLayout* coarse = nullptr;  // null: run the blocks as they are
@@ -425,7 +432,12 @@ CoarsePlan PlanCoarse(DType dt, int64_t N, int fa, const DeviceLayout& L, bool g
   if (bs != 8 && bs != 16 && bs != 32) return plan;
   const int64_t f = kCoarseBs / bs;
   if (c->block_size != kCoarseBs || c->CB * f != L.CB || c->KB * f != L.KB) return plan;
-  if (c->blocks < 1 || c->blocks > c->CB * c->KB || c->blocks * f * f < L.blocks) return plan;
+  // A cover holds every narrow block (so at least blocks / f^2 and at most `blocks` blocks);
+  // the launches trust the rest of its tables to match the layout's, as the TensorFlow op's
+  // CoarseLayoutOf makes them.
+  if (c->blocks < 1 || c->blocks > c->CB * c->KB || c->blocks > L.blocks ||
+      c->blocks * f * f < L.blocks)
+    return plan;
   if (!c->col_ptr || !c->col_row || !c->col_block || !c->block_row || !c->block_col)
     return plan;
   const double fill = static_cast<double>(L.blocks) / static_cast<double>(c->blocks * f * f);
@@ -434,9 +446,14 @@ CoarsePlan PlanCoarse(DType dt, int64_t N, int fa, const DeviceLayout& L, bool g
     return plan;
   if (N < 1 || !MmaEligible(dt, N, fa, kCoarseBs, di)) return plan;
   if (!Aligned16(a) || !Aligned16(b) || !Aligned16(out)) return plan;
+  const int64_t elem = dt == DType::kFloat32 ? 4 : 2;
+  const int64_t weight_bytes = c->blocks * kCoarseBs * kCoarseBs * elem;
+  if (weight_bytes > std::max(kCoarseMaxWeightMultiple * L.blocks * bs * bs * elem,
+                              kCoarseAlwaysBytes))
+    return plan;
   plan.coarse = c;
   plan.full = c->blocks * f * f == L.blocks;
-  plan.weight_bytes = c->blocks * kCoarseBs * kCoarseBs * (dt == DType::kFloat32 ? 4 : 2);
+  plan.weight_bytes = weight_bytes;
   return plan;
 }
 
@@ -464,17 +481,21 @@ __global__ void CopyFineBlocksKernel(T* __restrict__ fine, T* __restrict__ coars
     const int rem = static_cast<int>(t % chunks_per_block);
     const int i = rem / chunks_per_row, q = rem % chunks_per_row;
     const int c = block_row[b], k = block_col[b];
-    // The cover's block at (c / f, k / f), by bisection over its column's increasing rows
-    // (a cover without it, which no caller should pass, leaves the block uncopied).
+    // The cover's block at (c / f, k / f), by bisection over its column's increasing rows (a
+    // cover without it, which no caller should pass, drops it from the forward and gives it
+    // zeros in dW).
     int lo = cover_col_ptr[k / f], hi = cover_col_ptr[k / f + 1];
     while (lo < hi) {
       const int mid = (lo + hi) >> 1;
       if (cover_col_row[mid] < c / f) lo = mid + 1; else hi = mid;
     }
-    if (lo == cover_col_ptr[k / f + 1] || cover_col_row[lo] != c / f) continue;
+    T* fp = fine + (b * bs + i) * bs + q * kPerChunk;
+    if (lo == cover_col_ptr[k / f + 1] || cover_col_row[lo] != c / f) {
+      if (!kToCoarse) *reinterpret_cast<uint4*>(fp) = uint4{0, 0, 0, 0};  // dW still written
+      continue;
+    }
     const int64_t cb = cover_col_block[lo];
     const int64_t sub_r = transposed ? k % f : c % f, sub_c = transposed ? c % f : k % f;
-    T* fp = fine + (b * bs + i) * bs + q * kPerChunk;
     T* cp = coarse + (cb * kCoarseBs + sub_r * bs + i) * kCoarseBs + sub_c * bs + q * kPerChunk;
     if (kToCoarse) {
       *reinterpret_cast<uint4*>(cp) = *reinterpret_cast<const uint4*>(fp);

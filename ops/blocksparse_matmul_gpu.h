@@ -68,7 +68,8 @@
 // 16: N >= 64, float32 128; bs 32: N >= 512, float32 2048 for the products and 1024 for dW;
 // feature_axis 0: N a multiple of 8 for 16-bit types, of 4 for float32), and the caller passes a
 // workspace of WorkspaceBytes(...) bytes or more (the cover's blocks: device memory, 16-byte
-// aligned, any content, in use until the launch's work completes): the narrow blocks are
+// aligned, any content, in use until the launch's work completes; at most twice the bytes of
+// w or 128 MiB, else the blocks run as they are): the narrow blocks are
 // copied into it (zeros elsewhere), the product runs on the bs-64 kernels (full layouts on an
 // H100 with N = 4096, 16-bit: bs 16 5.8x and bs 32 1.8x faster, bs 8 29x; see
 // docs/benchmarks_gpu.md), and dW's 64-wide blocks are copied back out.  Its sums come in
@@ -178,8 +179,9 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //  15, 16, 17: the float32 mma.sync forward (feature axis 1, N > 64) computes runs of 2, 4, 8
 //      consecutive block columns per CTA wherever its tiles allow (the default: 2 for bs 32 /
 //      64 from 2048 rows with at most 4 blocks per column); 18: one column per CTA everywhere.
-//  28: full layouts run as their blocks even with a workspace; 29: full layouts run as 64-wide
-//      blocks with a workspace from N = 1 (the default: from the rows named under "Workspace").
+//  28: layouts run as their blocks even with a workspace and a cover; 29: layouts with a
+//      cover run on it with a workspace whatever the batch and the fill (the default: from the
+//      rows and fills named under "Workspace"; the same cap on the workspace).
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
 // give variant 3's results bit for bit where neither splits a tile over a cluster (a split
 // changes the order of the sums; splits depend on the tile count).  All are deterministic.

@@ -37,12 +37,14 @@ struct LayoutWithCover {
                   int64_t blocks, const int32_t* const* cover_tables, int64_t cover_blocks)
       : layout(MakeLayout(tables[0], tables[1], tables[2], tables[3], tables[4], CB, KB, bs,
                           blocks)) {
-    if (cover_tables != nullptr && cover_blocks >= 0 && bs > 0 && 64 % bs == 0) {
+    if (cover_tables != nullptr && cover_blocks >= 0 && (bs == 8 || bs == 16 || bs == 32)) {
       cover = MakeLayout(cover_tables[0], cover_tables[1], cover_tables[2], cover_tables[3],
                          cover_tables[4], CB / (64 / bs), KB / (64 / bs), 64, cover_blocks);
       layout.coarse = &cover;
     }
   }
+  LayoutWithCover(const LayoutWithCover&) = delete;  // layout.coarse points into this object
+  LayoutWithCover& operator=(const LayoutWithCover&) = delete;
 };
 }  // namespace
 

@@ -92,6 +92,10 @@ absl::Status AllocateWorkspace(OpKernelContext* ctx, gpu::DType dtype, int64_t N
 // view the kernels take, with its 64-wide cover's (layout.coarse points at cover; see
 // gpu::DeviceLayout) for 8-, 16- and 32-wide blocks whose grid 64-wide blocks divide.
 struct DeviceTables {
+  DeviceTables() = default;
+  DeviceTables(const DeviceTables&) = delete;  // layout.coarse points into this object
+  DeviceTables& operator=(const DeviceTables&) = delete;
+
   Tensor storage;
   gpu::DeviceLayout layout, cover;
 };

@@ -61,6 +61,9 @@ class Lib:
         # checks of layouts run as 64-wide blocks (full_layout_checks); off for the other
         # checks, so that they keep testing the kernels of the narrow blocks.
         self.use_workspace = False
+        # Fill the workspace with NaN bytes before each call (checks: the cover's blocks
+        # without narrow blocks must be written as zeros by the call itself).
+        self.poison_workspace = False
         self._workspace = None
 
     def set_tuning(self, v):
@@ -79,6 +82,8 @@ class Lib:
         if self._workspace is None or self._workspace.numel() < nbytes:
             self._workspace = None
             self._workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        if self.poison_workspace:
+            self._workspace.fill_(255)
         return self._workspace.data_ptr(), nbytes
 
     def _call(self, f, dt, a, b, out, N, fa, L, stream=None, raw_ptrs=None, grad_w=False):
@@ -359,15 +364,17 @@ def full_layout_checks(lib, res, gen, rng, quick=False, race=False):
     asks for the workspace (large batches of full layouts and well-filled covers, not thin
     ones); forward, input gradient and dW against float64 from N = 16 (SetTuning(29) takes the
     workspace wherever a cover exists), ragged batches, both feature axes; the same results
-    twice, bit for bit; and a layout 64-wide blocks do not cover (no workspace).  Under another
-    --tuning (3: the mma.sync kernels) the default's rule runs, at 2056 rows."""
+    twice, bit for bit (the workspace filled with NaN bytes before every call); and a layout
+    64-wide blocks do not cover (no workspace).  Under another --tuning (3: the mma.sync
+    kernels) the default's rule runs, at 2056 rows."""
     dts = ["bfloat16"] if race else list(DTYPES)
     tuning = lib.tuning
-    lib.use_workspace = True
+    lib.use_workspace = lib.poison_workspace = True
     for dt, bs in itertools.product(dts, [16] if race else [8, 16, 32]):
         full = random_layout(128 // bs, 192 // bs, bs, 1.1, rng)  # every block, random order
-        part = random_layout(128 // bs, 192 // bs, bs, 0.45, rng, empty_rows=[1],
-                             empty_cols=[2])
+        f = 64 // bs  # narrow blocks per 64-wide block, each way
+        part = random_layout(128 // bs, 192 // bs, bs, 0.45, rng, empty_rows=range(f, 2 * f),
+                             empty_cols=range(f, 2 * f))  # a cover row and column empty
         for grad_w in (False, True):
             ws = lib.workspace_bytes(dt, 4096, 1, full, grad_w)
             res.check(ws >= 128 * 192 * DTYPES[dt][1].itemsize,
@@ -383,6 +390,12 @@ def full_layout_checks(lib, res, gen, rng, quick=False, race=False):
             if tuning != 0:
                 cases = ((1, 2056), (0, 2056))
             for fa, N in cases:
+                if tuning == 0:  # every product of the case on the cover
+                    asked = [lib.workspace_bytes(dt, N, fa, L, False),
+                             lib.workspace_bytes(dt, N, fa, L, True),
+                             lib.workspace_bytes(dt, N, fa, L.transposed(), False)]
+                    res.check(min(asked) > 0,
+                              f"cover taken: {dt} bs={bs} blocks={L.blocks} N={N} fa={fa} {asked}")
                 run_case(lib, res, dt, bs, L, N, fa, gen, ops=("fwd", "dw", "dx"))
             if not (quick or race):
                 x = torch.randn(264, 128, generator=gen, device="cuda").to(DTYPES[dt][1])
@@ -399,7 +412,7 @@ def full_layout_checks(lib, res, gen, rng, quick=False, race=False):
         res.check(L.cover is None and lib.workspace_bytes("bfloat16", 4096, 1, L, False) == 0,
                   "no workspace for a full layout 64-wide blocks do not divide")
         run_case(lib, res, "bfloat16", 16, L, 264, 1, gen, ops=("fwd", "dw", "dx"))
-    lib.use_workspace = False
+    lib.use_workspace = lib.poison_workspace = False
 
 
 def correctness(lib, res, quick=False, race=False):

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Side-by-side timings of the CUDA kernels' tuning variants (SetTuning) on chosen cells.
 
-Each cell is dtype:feature_axis:N:C:bs:density:op (op fwd, dx or dw, C = K; dx is the input
+Each cell is dtype:feature_axis:N:C:bs:density:op (op fwd, dx or dw, C = K; a density written
+ring0.10 makes a small-world layout of that density instead of a random one; dx is the input
 gradient dy . W^T, the forward reading w's blocks transposed on the swapped layout); each
 variant's output is first checked bit for bit against the first variant's (with --close, for
 variants that sum in another order: within the dtype's tolerance), then the variants are
@@ -21,15 +22,33 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_check import (DTYPES, ROOT, TOL, Lib, Results, bench, exact_layout, rel_err,  # noqa: E402
-                       same_bits)
+from gpu_check import (DTYPES, ROOT, TOL, Layout, Lib, Results, bench, exact_layout,  # noqa: E402
+                       rel_err, same_bits)
 
 
 def parse_cell(text):
     dt, fa, N, C, bs, d, op = text.split(":")
     if dt not in DTYPES or op not in ("fwd", "dx", "dw"):
         raise argparse.ArgumentTypeError(f"bad cell {text!r}")
-    return dt, int(fa), int(N), int(C), int(bs), float(d), op
+    ring = d.startswith("ring")  # e.g. ring0.10: a rewired ring lattice, not a random layout
+    return dt, int(fa), int(N), int(C), int(bs), (ring, float(d[4:] if ring else d)), op
+
+
+def ring_layout(CB, KB, bs, density, rng, rewire=0.1):
+    """A small-world layout as the Watts-Strogatz construction makes one: block row r
+    connects to the block columns near r (a band of the given density, wrapping around), each
+    connection moved to a random free column with probability `rewire`."""
+    half = max(0, int(round((density * KB - 1) / 2)))
+    mask = np.zeros((CB, KB), bool)
+    for r in range(CB):
+        centre = r * KB // CB
+        for c in range(centre - half, centre + half + 1):
+            if rng.random() < rewire:
+                free = np.flatnonzero(~mask[r])
+                mask[r, rng.choice(free)] = True
+            elif not mask[r, c % KB]:
+                mask[r, c % KB] = True
+    return Layout(np.argwhere(mask), CB, KB, bs)
 
 
 def main():
@@ -55,7 +74,8 @@ def main():
     rng = np.random.default_rng(7)
     for dt, fa, N, C, bs, d, op in args.cells:
         tdt = DTYPES[dt][1]
-        L = exact_layout(C // bs, C // bs, bs, d, rng)
+        ring, d = d
+        L = (ring_layout if ring else exact_layout)(C // bs, C // bs, bs, d, rng)
         x = torch.randn(*((N, C) if fa else (C, N)), device="cuda").to(tdt)
         if op == "fwd":
             b = torch.randn(L.blocks, bs, bs, device="cuda").to(tdt)
@@ -91,8 +111,10 @@ def main():
         base = best[args.variants[0]]
         cells = "  ".join(f"{v}: {best[v] * 1e3:8.1f} us (x{best[v] / base:.2f})"
                           for v in args.variants)
-        print(f"{dt} fa {fa} N {N:5d} C=K {C} bs {bs:2d} {L.blocks / (L.CB * L.KB):5.1%} "
-              f"{op:3s}  {cells}", flush=True)
+        cover = (f" cover fill {L.blocks / (L.cover.blocks * (64 // bs) ** 2):4.0%}"
+                 if L.cover is not None else "")
+        print(f"{dt} fa {fa} N {N:5d} C=K {C} bs {bs:2d} {'ring ' if ring else ''}"
+              f"{L.blocks / (L.CB * L.KB):5.1%}{cover} {op:3s}  {cells}", flush=True)
         del x, b, out, outs
     print(f"checks: {res.passed} passed, {len(res.failed)} failed", flush=True)
     sys.exit(1 if res.failed else 0)

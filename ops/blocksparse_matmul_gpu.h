@@ -69,10 +69,10 @@
 // and the coarse layout's tables; device memory, 16-byte aligned, any content, in use until
 // the launch's work completes): the blocks are copied into it, the product runs on the bs-64
 // kernels (on an H100 with N = 4096, 16-bit: bs 16 5.8x and bs 32 1.8x faster, bs 8 29x; see
-// docs/benchmarks_gpu.md), and dW's 64-wide blocks are copied back out.  Its sums come in another order than the narrow blocks'
-// (as accurate), so whether a caller passes the workspace decides the last bits: pass it always
-// or never for results that are bitwise the same from call to call.  WorkspaceBytes is 0 where
-// a call takes none.
+// docs/benchmarks_gpu.md), and dW's 64-wide blocks are copied back out.  Its sums come in
+// another order than the narrow blocks' (as accurate), so whether a caller passes the workspace
+// decides the last bits: pass it always or never for results that are bitwise the same from
+// call to call.  WorkspaceBytes is 0 where a call takes none.
 // Measured performance (H100, H200): docs/benchmarks_gpu.md; tests: tools/gpu_check.sh.
 #ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
 #define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_

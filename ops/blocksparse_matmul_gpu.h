@@ -66,17 +66,19 @@
 // enough of it (bs 8: 5% of its area, float32 15%; bs 16: 20%, float32 60%; bs 32: 55%,
 // float32 90%; a full layout fills all of it) and the batch has enough rows (bs 8: any N; bs
 // 16: N >= 64, float32 128; bs 32: N >= 512, float32 2048 for the products and 1024 for dW;
-// feature_axis 0: N a multiple of 8 for 16-bit types, of 4 for float32), and the caller passes a
-// workspace of WorkspaceBytes(...) bytes or more (the cover's blocks: device memory, 16-byte
-// aligned, any content, in use until the launch's work completes; at most twice the bytes of
-// w or 128 MiB, else the blocks run as they are): the narrow blocks are
-// copied into it (zeros elsewhere), the product runs on the bs-64 kernels (full layouts on an
-// H100 with N = 4096, 16-bit: bs 16 5.8x and bs 32 1.8x faster, bs 8 29x; see
-// docs/benchmarks_gpu.md), and dW's 64-wide blocks are copied back out.  Its sums come in
-// another order than the narrow blocks' (as accurate; zeros added where the cover has no narrow
-// block), so whether a caller passes the workspace decides the last bits: pass it always or
-// never for results that are bitwise the same from call to call.  WorkspaceBytes is 0 where a
-// call takes none.
+// feature_axis 0: N a multiple of 8 for 16-bit types, of 4 for float32), and the caller passes
+// a workspace of WorkspaceBytes(...) bytes or more (the cover's blocks: device memory, 16-byte
+// aligned, any content, in use until the launch's work completes; at most twice the bytes of w
+// or 128 MiB, else the blocks run as they are): the narrow blocks are copied into it (zeros
+// elsewhere), the product runs on the bs-64 kernels (full layouts on an H100 with N = 4096,
+// 16-bit: bs 16 5.8x and bs 32 1.8x faster, bs 8 29x; see docs/benchmarks_gpu.md), and dW's
+// 64-wide blocks are copied back out.  Its sums come in another order than the narrow blocks'
+// (as accurate; zero terms added where the cover has no narrow block, so that an infinity or
+// NaN in x reaches every output of the 64-wide blocks that read it, as in a dense product), so
+// whether a caller passes the workspace decides the last bits: pass it always or never for
+// results that are bitwise the same from call to call.  WorkspaceBytes is 0 where a call takes
+// none.
+// Measured performance (H100, H200): docs/benchmarks_gpu.md; tests: tools/gpu_check.sh.
 #ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
 #define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
 

@@ -479,20 +479,24 @@ __global__ void CopyFineBlocksKernel(T* __restrict__ fine, T* __restrict__ coars
 // The coarse layout of `plan` in the workspace, its tables written (queued on s).
 DeviceLayout CoarseLayout(const CoarsePlan& plan, void* workspace, const DeviceInfo& di,
                           cudaStream_t s) {
-  int32_t* t = reinterpret_cast<int32_t*>(static_cast<char*>(workspace) + plan.tables_offset);
+  int32_t* const col_ptr =
+      reinterpret_cast<int32_t*>(static_cast<char*>(workspace) + plan.tables_offset);
+  int32_t* const col_row = col_ptr + plan.KB + 1;
+  int32_t* const col_block = col_row + plan.blocks;
+  int32_t* const block_row = col_block + plan.blocks;
+  int32_t* const block_col = block_row + plan.blocks;
+  FullLayoutTablesKernel<<<SimpleGrid(plan.blocks + 1, di), 256, 0, s>>>(
+      col_ptr, col_row, col_block, block_row, block_col, plan.CB, plan.KB);
   DeviceLayout c;
-  c.col_ptr = t;
-  c.col_row = t + plan.KB + 1;
-  c.col_block = c.col_row + plan.blocks;
-  c.block_row = c.col_block + plan.blocks;
-  c.block_col = c.block_row + plan.blocks;
+  c.col_ptr = col_ptr;
+  c.col_row = col_row;
+  c.col_block = col_block;
+  c.block_row = block_row;
+  c.block_col = block_col;
   c.CB = plan.CB;
   c.KB = plan.KB;
   c.block_size = kCoarseBs;
   c.blocks = plan.blocks;
-  FullLayoutTablesKernel<<<SimpleGrid(plan.blocks + 1, di), 256, 0, s>>>(
-      t, t + plan.KB + 1, t + plan.KB + 1 + plan.blocks, t + plan.KB + 1 + 2 * plan.blocks,
-      t + plan.KB + 1 + 3 * plan.blocks, plan.CB, plan.KB);
   return c;
 }
 

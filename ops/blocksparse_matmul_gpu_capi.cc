@@ -35,7 +35,7 @@ int bsmm_gpu_forward(int dtype, const void* x, const void* w, void* y, int64_t N
                      const int32_t* col_block, const int32_t* block_row,
                      const int32_t* block_col, int64_t CB, int64_t KB, int64_t bs,
                      int64_t blocks, void* workspace, int64_t workspace_bytes,
-                    void* stream) {
+                     void* stream) {
   return blocksparse::gpu::LaunchForward(
       static_cast<blocksparse::gpu::DType>(dtype), x, w, y, N, feature_axis,
       MakeLayout(col_ptr, col_row, col_block, block_row, block_col, CB, KB, bs, blocks),

@@ -356,7 +356,11 @@ def full_layout_checks(lib, res, gen, rng, quick=False, race=False):
             (1, 264), (0, 264), (1, 300), (1, 17), (0, 16))
         if tuning != 0:
             cases = ((1, 2056), (0, 2056))
-        for fa, N in cases:
+        for fa, N in cases:  # every product of the case on the 64-wide blocks
+            asked = [lib.workspace_bytes(dt, N, fa, L, False),
+                     lib.workspace_bytes(dt, N, fa, L, True),
+                     lib.workspace_bytes(dt, N, fa, L.transposed(), False)]
+            res.check(min(asked) > 0, f"64-wide blocks taken: {dt} bs={bs} N={N} fa={fa} {asked}")
             run_case(lib, res, dt, bs, L, N, fa, gen, ops=("fwd", "dw", "dx"))
         if not (quick or race):
             x = torch.randn(264, 128, generator=gen, device="cuda").to(DTYPES[dt][1])

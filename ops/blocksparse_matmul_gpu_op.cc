@@ -74,17 +74,22 @@ absl::Status UploadLayout(OpKernelContext* ctx, const BlockLayout& l, const Bloc
 }
 
 // Device scratch for a call that runs its layout as 64-wide blocks (gpu::WorkspaceBytes);
-// none (nullptr, 0) where the call takes none.  Always passed where asked for, so that a
-// call's results never depend on whether memory was at hand (out of memory is an error).
+// none (data nullptr, bytes 0) where the call takes none.  Always passed where asked for, so
+// that a call's results never depend on whether memory was at hand (out of memory is an error).
+struct Workspace {
+  Tensor storage;
+  void* data = nullptr;
+  int64_t bytes = 0;
+};
+
 absl::Status AllocateWorkspace(OpKernelContext* ctx, gpu::DType dtype, int64_t N,
                                int feature_axis, const gpu::DeviceLayout& layout, bool grad_w,
-                               Tensor* storage, void** workspace, int64_t* bytes) {
-  *workspace = nullptr;
-  *bytes = gpu::WorkspaceBytes(dtype, N, feature_axis, layout, grad_w);
-  if (*bytes == 0) return absl::OkStatus();
-  TF_RETURN_IF_ERROR(
-      ctx->allocate_temp(tensorflow::DT_INT8, TensorShape({*bytes}), storage));
-  *workspace = storage->data();
+                               Workspace* workspace) {
+  workspace->bytes = gpu::WorkspaceBytes(dtype, N, feature_axis, layout, grad_w);
+  if (workspace->bytes == 0) return absl::OkStatus();
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_INT8, TensorShape({workspace->bytes}),
+                                        &workspace->storage));
+  workspace->data = workspace->storage.data();
   return absl::OkStatus();
 }
 
@@ -140,16 +145,14 @@ class BlocksparseMatmulGpuOp : public BlocksparseGpuOpBase {
     if (N == 0) return;
     const Tensor& x = ctx->input(0);
     const Tensor& w = ctx->input(1);
-    Tensor workspace_storage;
-    void* workspace;
-    int64_t workspace_bytes;
+    Workspace workspace;
     OP_REQUIRES_OK(ctx, AllocateWorkspace(ctx, kDType<T>, N, feature_axis_, device_layout, false,
-                                          &workspace_storage, &workspace, &workspace_bytes));
+                                          &workspace));
     if (!transpose_w_) {
       OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchForward(kDType<T>, x.data(), w.data(), y->data(),
                                                         N, feature_axis_, device_layout,
-                                                        TfCudaStream(ctx), workspace,
-                                                        workspace_bytes),
+                                                        TfCudaStream(ctx), workspace.data,
+                                                        workspace.bytes),
                                      "BlocksparseMatmul"));
       return;
     }
@@ -157,7 +160,7 @@ class BlocksparseMatmulGpuOp : public BlocksparseGpuOpBase {
     OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchForwardTransposedW(
                                        kDType<T>, x.data(), w.data(), y->data(), N,
                                        feature_axis_, device_layout, TfCudaStream(ctx),
-                                       workspace, workspace_bytes),
+                                       workspace.data, workspace.bytes),
                                    "BlocksparseMatmul (transpose_w)"));
   }
 };
@@ -175,16 +178,14 @@ class BlocksparseMatmulGradWGpuOp : public BlocksparseGpuOpBase {
     const gpu::DeviceLayout& device_layout = tables->layout;
     Tensor* dw;
     OP_REQUIRES_OK(ctx, AllocateDw(ctx, device_layout.blocks, &dw));
-    Tensor workspace_storage;
-    void* workspace;
-    int64_t workspace_bytes;
+    Workspace workspace;
     OP_REQUIRES_OK(ctx, AllocateWorkspace(ctx, kDType<T>, N, feature_axis_, device_layout, true,
-                                          &workspace_storage, &workspace, &workspace_bytes));
+                                          &workspace));
     OP_REQUIRES_OK(ctx, CudaStatus(gpu::LaunchGradW(kDType<T>, ctx->input(0).data(),
                                                     ctx->input(1).data(), dw->data(), N,
                                                     feature_axis_, device_layout,
-                                                    TfCudaStream(ctx), workspace,
-                                                    workspace_bytes),
+                                                    TfCudaStream(ctx), workspace.data,
+                                                    workspace.bytes),
                                    "BlocksparseMatmulGradW"));
   }
 };

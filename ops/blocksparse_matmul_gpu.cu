@@ -379,32 +379,51 @@ int GradWTyped(const void* x, const void* dy, void* dw, int64_t N, int fa, const
 // none is stored), the product runs on the bs-64 kernels, and dW's 64-wide blocks are copied
 // back out.  The narrow blocks' kernels fetch an x tile from L2 for every block they multiply,
 // each used for only bs output features; the bs-64 kernels use theirs for 64 (and bs 8 leaves
-// the CUDA cores).  See docs/benchmark_history_gpu.md, "Narrow blocks as 64-wide blocks", for
-// the measurements behind CoarseMinRows and CoarseMinFill.
+// the CUDA cores).  The measurements behind CoarseMinRows and CoarseMinFill are in
+// docs/benchmark_history_gpu.md, sections "Full layouts as 64-wide blocks" and "Partial
+// layouts on their 64-wide cover".
 constexpr int64_t kCoarseBs = 64;
 constexpr int kTuningNoCoarse = 28, kTuningAlwaysCoarse = 29;  // see SetTuning
 
-// Batch rows from which a layout runs as 64-wide blocks (16-bit / float32 inputs): with fewer
-// the narrow blocks' kernels stream the weights about as fast, and the copy into the workspace
-// costs extra.  Measured on an H100 with full layouts (C = K = 4096, either way in alternating
-// rounds): bs 8 runs on CUDA cores and gains 3-10x from 16 rows; bs 16 gains from 64 rows
-// (16-bit: forward 1.0x, dW 1.25x there, 1.1-1.4x at 128 rows) and 128 (float32: 1.4x slower at
-// 64 rows); bs 32 16-bit from 512 rows (0.9-0.95x at 256), float32's forward from 2048
-// (0.83-0.98x up to 1024) and its dW from 1024.
-int64_t CoarseMinRows(DType dt, int64_t bs, bool grad_w) {
-  if (bs == 8) return 1;
+// When a layout runs on its cover.  Where the narrow blocks fill a share `fill` of the cover's
+// area, the bs-64 kernels do 1 / fill times the multiply-adds and stream 1 / fill times the
+// weights, at a higher rate; the gain over the narrow blocks' kernels grows with the batch rows
+// up to the ratio of the two rates.  So a cover is taken where fill >= CoarseMinFill (the rate
+// ratio at long batches, with a margin) and rows x fill^p >= CoarseMinRows (p = 2 for bs 16 /
+// 32, whose kernels stream the weights nearly as fast as bs 64's at few rows; p = 1 for bs 8,
+// whose kernels run on the CUDA cores).  Measured on an H100, C = K = 4096, random and
+// small-world layouts, either way in alternating rounds.
+//
+// Rows, as the full layouts (fill 1) measured them: bs 8's forward gains from 16 rows, its dW
+// at 64 (0.37x; 1.08x slower at 16); bs 16 16-bit from 64 rows (forward 1.0x, dW 1.25x there),
+// float32 from 128 (1.4x slower at 64); bs 32 16-bit from 512 rows (0.9-0.95x at 256),
+// float32's forward from 2048, its dW from 1024.  Partial covers at 16-bit bs 16: fill 0.5
+// gains 0.92-0.94x at 256 rows and loses 1.10x (dW) at 128; fill 0.25 loses 1.36-1.56x at 128
+// and 256 rows.  Feature axis 0's narrow kernels multiply partial layouts' blocks faster than
+// feature axis 1's, so the cover gains less there: 16-bit bs 16 at fill 1 gains from 128 rows
+// (0.85-0.88x; 1.23-1.82x slower at 64), at fill 0.5 loses 1.07x at 512 rows, gains 0.75-0.82x
+// at 1024; 16-bit bs 32 at fill 0.9 and 1024 rows loses 1.11x (forward).
+double CoarseMinRows(DType dt, int64_t bs, int fa, bool grad_w) {
   const bool f32 = dt == DType::kFloat32;
-  if (bs == 16) return f32 ? 128 : 64;
-  return f32 ? (grad_w ? 1024 : 2048) : 512;
+  if (bs == 8) return grad_w ? 32 : 1;
+  if (bs == 16) return f32 ? 128 : (fa == 0 ? 192 : 64);
+  if (f32) return grad_w ? 1024 : 2048;
+  return fa == 0 ? 1024 : 512;
 }
 
-// The least share of the cover's area that the narrow blocks fill for the cover to be used:
-// the bs-64 kernels then do 1 / fill times the multiply-adds, at a higher rate.
-double CoarseMinFill(DType dt, int64_t bs) {
+// Fills at 4096 rows (cover / narrow time): 16-bit bs 8 at feature axis 1 0.93x at fill 0.03,
+// 1.02x at 0.02 (dW 0.22-0.30x there), at feature axis 0 1.36x at 0.03 and 0.69x at 0.05;
+// bs 16 1.16-1.31x at 0.12, 0.59-0.60x at 0.25 (feature axis 0: 1.17-1.24x at 0.25, 0.86-0.90x
+// at 0.35); bs 32 1.10-1.13x at 0.53, 0.84-0.95x at 0.62-0.66, 0.75-0.77x at 0.75 (a
+// small-world layout at 10% density, fill 0.70: 1.01-1.03x).  float32 (whose bs-64 kernels
+// gain least over the narrow ones): bs 8 1.57-1.66x at 0.05, 0.91x at 0.10 (feature axis 0:
+// 1.58x at 0.10, 1.09x at 0.15, 0.58-0.82x at 0.2); bs 16 1.06-1.13x at 0.5, 0.85-0.88x at
+// 0.65; bs 32 1.05-1.07x at 0.75, 0.84-1.03x at 0.9, 0.79-0.88x at 0.95.
+double CoarseMinFill(DType dt, int64_t bs, int fa) {
   const bool f32 = dt == DType::kFloat32;
-  if (bs == 8) return f32 ? 0.15 : 0.05;
-  if (bs == 16) return f32 ? 0.6 : 0.2;
-  return f32 ? 0.9 : 0.55;
+  if (bs == 8) return f32 ? (fa == 0 ? 0.2 : 0.1) : (fa == 0 ? 0.05 : 0.03);
+  if (bs == 16) return f32 ? 0.6 : (fa == 0 ? 0.33 : 0.2);
+  return f32 ? 0.95 : 0.75;
 }
 
 // The most workspace a call takes: twice its weights' bytes, or up to this much however thin
@@ -441,8 +460,9 @@ CoarsePlan PlanCoarse(DType dt, int64_t N, int fa, const DeviceLayout& L, bool g
   if (!c->col_ptr || !c->col_row || !c->col_block || !c->block_row || !c->block_col)
     return plan;
   const double fill = static_cast<double>(L.blocks) / static_cast<double>(c->blocks * f * f);
+  const double weighted_rows = static_cast<double>(N) * (bs == 8 ? fill : fill * fill);
   if (internal::Tuning() != kTuningAlwaysCoarse &&
-      (N < CoarseMinRows(dt, bs, grad_w) || fill < CoarseMinFill(dt, bs)))
+      (fill < CoarseMinFill(dt, bs, fa) || weighted_rows < CoarseMinRows(dt, bs, fa, grad_w)))
     return plan;
   if (N < 1 || !MmaEligible(dt, N, fa, kCoarseBs, di)) return plan;
   if (!Aligned16(a) || !Aligned16(b) || !Aligned16(out)) return plan;

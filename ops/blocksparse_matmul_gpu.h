@@ -62,22 +62,25 @@
 // and where that fails runs unpaced (the same results).
 //
 // Workspace: a layout of 8-, 16- or 32-wide blocks that comes with its 64-wide cover
-// (DeviceLayout::coarse) runs as that cover's 64-wide blocks where the narrow blocks fill
-// enough of it (bs 8: 5% of its area, float32 15%; bs 16: 20%, float32 60%; bs 32: 55%,
-// float32 90%; a full layout fills all of it) and the batch has enough rows (bs 8: any N; bs
-// 16: N >= 64, float32 128; bs 32: N >= 512, float32 2048 for the products and 1024 for dW;
-// feature_axis 0: N a multiple of 8 for 16-bit types, of 4 for float32), and the caller passes
-// a workspace of WorkspaceBytes(...) bytes or more (the cover's blocks: device memory, 16-byte
-// aligned, any content, in use until the launch's work completes; at most twice the bytes of w
-// or 128 MiB, else the blocks run as they are): the narrow blocks are copied into it (zeros
-// elsewhere), the product runs on the bs-64 kernels (full layouts on an H100 with N = 4096,
-// 16-bit: bs 16 5.8x and bs 32 1.8x faster, bs 8 29x; see docs/benchmarks_gpu.md), and dW's
-// 64-wide blocks are copied back out.  Its sums come in another order than the narrow blocks'
-// (as accurate; zero terms added where the cover has no narrow block, so that an infinity or
-// NaN in x reaches every output of the 64-wide blocks that read it, as in a dense product), so
-// whether a caller passes the workspace decides the last bits: pass it always or never for
-// results that are bitwise the same from call to call.  WorkspaceBytes is 0 where a call takes
-// none.
+// (DeviceLayout::coarse) runs as that cover's 64-wide blocks where the narrow blocks fill enough of
+// its area (16-bit / float32: bs 8 3% / 10%, feature_axis 0 5% / 20%; bs 16 20% / 60%, feature_axis
+// 0 33% / 60%; bs 32 75% / 95%; a full layout fills all of it) and the batch is long enough for
+// that fill (N x fill^2 >= 64 rows for 16-bit bs 16, 192 with feature_axis 0, 128 for float32; >=
+// 512 for 16-bit bs 32, 1024 with feature_axis 0, float32 2048 for the products and 1024 for dW; bs
+// 8: N x fill >= 1, 32 for dW; CoarseMinRows and CoarseMinFill in blocksparse_matmul_gpu.cu give
+// the measurements behind these), the inputs suit the bs-64 tensor-core kernels (feature_axis 0: N
+// a multiple of 8 for 16-bit types, of 4 for float32; 16-byte aligned pointers), and the caller
+// passes a workspace of WorkspaceBytes(...) bytes or more (the cover's blocks: device memory,
+// 16-byte aligned, any content, in use until the launch's work completes; at most twice the bytes
+// of w or 128 MiB, else the blocks run as they are): the narrow blocks are copied into it (zeros
+// elsewhere), the product runs on the bs-64 kernels (full layouts on an H100 with N = 4096, 16-bit:
+// bs 16 5.8x and bs 32 1.8x faster, bs 8 29x; bs 16 at 25% random density 1.7x, on a small-world
+// layout of 10% density 2.0x; see docs/benchmarks_gpu.md), and dW's 64-wide blocks are copied back
+// out.  Its sums come in another order than the narrow blocks' (as accurate; zero terms added where
+// the cover has no narrow block, so that an infinity or NaN in x reaches every output of the
+// 64-wide blocks that read it, as in a dense product), so whether a caller passes the workspace
+// decides the last bits: pass it always or never for results that are bitwise the same from call to
+// call.  WorkspaceBytes is 0 where a call takes none.
 // Measured performance (H100, H200): docs/benchmarks_gpu.md; tests: tools/gpu_check.sh.
 #ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
 #define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_

@@ -379,9 +379,14 @@ def full_layout_checks(lib, res, gen, rng, quick=False, race=False):
             ws = lib.workspace_bytes(dt, 4096, 1, full, grad_w)
             res.check(ws >= 128 * 192 * DTYPES[dt][1].itemsize,
                       f"full layout asks for a workspace: {dt} bs={bs} grad_w={grad_w} ({ws} B)")
-        thin = random_layout(128 // bs, 192 // bs, bs, 0.02, rng)
+        # One narrow block in each 64-wide block: a cover filled 1 / f^2, too thin to take.
+        thin = Layout(np.argwhere(np.ones((2, 3), bool)) * f, 128 // bs, 192 // bs, bs)
         res.check(thin.cover is not None and lib.workspace_bytes(dt, 4096, 1, thin, False) == 0,
                   f"no workspace for a thinly filled cover: {dt} bs={bs}")
+        if dt != "float32" and bs == 16:  # a cover filled 0.3-0.6: taken at long batches only
+            res.check(lib.workspace_bytes(dt, 4096, 1, part, False) > 0 and
+                      lib.workspace_bytes(dt, 64, 1, part, False) == 0,
+                      f"workspace for a partial cover at 4096 rows, not at 64: {dt} bs={bs}")
         for L in ([full] if race else [full, part]):
             if tuning == 0:
                 lib.set_tuning(29)

@@ -420,6 +420,55 @@ def full_layout_checks(lib, res, gen, rng, quick=False, race=False):
     lib.use_workspace = lib.poison_workspace = False
 
 
+def transposed_batch_checks(lib, res, gen, rng, quick=False, race=False):
+    """16-bit bs-16 products with feature axis 1 on feature axis 0's kernels (x and dy
+    transposed into the workspace, y transposed back; Hopper's wgmma kernels only): under
+    SetTuning(32), forward, dW and input gradient against float64 on a layout without a cover
+    (10 x 7 blocks, an empty block row and column), the forward in passes of 256 rows (N = 520:
+    two full passes and one of 8 rows), the workspace filled with NaN bytes before every call;
+    bit for bit the products of feature axis 0 on transposed copies (N = 256, one pass); the
+    default's rule (from 256 rows and 4% density, not with float32 or a cover)."""
+    if torch.cuda.get_device_capability()[0] != 9 or lib.tuning != 0:
+        return  # the wgmma kernels are off (SetTuning 1-4) or absent
+    tuning = lib.tuning
+    lib.use_workspace = lib.poison_workspace = True
+    L = random_layout(10, 7, 16, 0.3, rng, empty_rows=[2], empty_cols=[3])
+    C, K = L.CB * 16, L.KB * 16
+    for dt in ["bfloat16"] if race else ["bfloat16", "float16"]:
+        tdt = DTYPES[dt][1]
+        lib.set_tuning(0)
+        asked = [lib.workspace_bytes(dt, N, fa, L, gw) for N, fa, gw in
+                 ((4096, 1, False), (4096, 1, True), (128, 1, False), (4096, 0, False),
+                  (4100, 1, False))]
+        res.check(asked == [(C + K) * 4096 * 2] * 2 + [0, 0, 0],
+                  f"transposed batches asked for at 4096 rows only (feature axis 1, N % 8 == 0): "
+                  f"{dt} {asked}")
+        lib.set_tuning(32)
+        for N in [264] if race or quick else [264, 520, 1000]:
+            res.check(lib.workspace_bytes(dt, N, 1, L, False) == (C + K) * min(N, 256) * 2 and
+                      lib.workspace_bytes(dt, N, 1, L, True) == (C + K) * N * 2,
+                      f"transposed batches under SetTuning(32): {dt} N={N}")
+            run_case(lib, res, dt, 16, L, N, 1, gen, ops=("fwd", "dw", "dx"))
+        if race:
+            continue
+        x = torch.randn(256, C, generator=gen, device="cuda").to(tdt)
+        dy = torch.randn(256, K, generator=gen, device="cuda").to(tdt)
+        w = torch.randn(L.blocks, 16, 16, generator=gen, device="cuda").to(tdt)
+        y = torch.full((256, K), float("nan"), dtype=tdt, device="cuda")
+        y0 = torch.full((K, 256), float("nan"), dtype=tdt, device="cuda")
+        dw = torch.full((L.blocks, 16, 16), float("nan"), dtype=tdt, device="cuda")
+        dw0 = torch.full_like(dw, float("nan"))
+        rcs = [lib.forward(dt, x, w, y, 256, 1, L),
+               lib.forward(dt, x.t().contiguous(), w, y0, 256, 0, L),
+               lib.grad_w(dt, x, dy, dw, 256, 1, L),
+               lib.grad_w(dt, x.t().contiguous(), dy.t().contiguous(), dw0, 256, 0, L)]
+        torch.cuda.synchronize()
+        res.check(rcs == [0] * 4 and same_bits(y, y0.t().contiguous()) and same_bits(dw, dw0),
+                  f"transposed batches = feature axis 0 on transposed copies, bit for bit: {dt}")
+    lib.set_tuning(tuning)
+    lib.use_workspace = lib.poison_workspace = False
+
+
 def correctness(lib, res, quick=False, race=False):
     rng = np.random.default_rng(1234)
     gen = torch.Generator(device="cuda")
@@ -754,6 +803,7 @@ def correctness(lib, res, quick=False, race=False):
                                  else ("fwd", "dw"))
     empty_layout_checks(lib, res, quick or race)
     full_layout_checks(lib, res, gen, rng, quick, race)
+    transposed_batch_checks(lib, res, gen, rng, quick, race)
     if not race:
         bs64_narrow_checks(lib, res, gen, rng, quick)
     if quick or race:

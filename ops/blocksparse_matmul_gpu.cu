@@ -620,7 +620,8 @@ __global__ void __launch_bounds__(256)
   static_assert(sizeof(T) == 2, "16-bit elements");
   constexpr int kTile = 64, kLd = kTile + 2;
   __shared__ uint32_t tile[kTile * kLd / 2];
-  const int64_t tiles_c = (cols + kTile - 1) / kTile, tiles = (rows + kTile - 1) / kTile * tiles_c;
+  const int64_t tiles_c = (cols + kTile - 1) / kTile;
+  const int64_t tiles = (rows + kTile - 1) / kTile * tiles_c;
   const int chunk = threadIdx.x % 8, line = threadIdx.x / 8;  // 8 chunks of 8 per tile row
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t r0 = t / tiles_c * kTile, c0 = t % tiles_c * kTile;
@@ -689,8 +690,6 @@ int GradWTransposed(const TransposedPlan& plan, void* workspace, const void* x, 
   return GradWTyped<T>(xt, dyt, dw, N, 0, L, device, di, s, dt);
 }
 
-// The product on the layout as it is, or on its coarse copy where `plan` says so and the
-// workspace holds it.
 // What a call runs on, given a workspace: its cover, transposed batches, or neither.
 struct WorkspacePlan {
   CoarsePlan coarse;
@@ -710,6 +709,7 @@ WorkspacePlan PlanWorkspace(DType dt, int64_t N, int fa, const DeviceLayout& L, 
   return plan;
 }
 
+// The product on the layout as it is, or as `plan` says where the workspace holds it.
 template <typename T>
 int ForwardAny(const WorkspacePlan& plan, void* workspace, int64_t workspace_bytes,
                const void* x, const void* w, void* y, int64_t N, int fa, const DeviceLayout& L,

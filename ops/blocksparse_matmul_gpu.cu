@@ -567,11 +567,11 @@ int GradWCoarse(const CoarsePlan& plan, void* workspace, const void* x, const vo
 // dW 298 against 141).  So where the caller passes a workspace, those products transpose x
 // (and dy) into it, run on feature axis 0's kernels and transpose y back; the forward in
 // passes of at most `rows` batch rows, so that the workspace stays within
-// kTransposedMaxBytes.  The measurements behind the rule are in
-// docs/benchmark_history_gpu.md, "Feature axis 1 through transposed batches".
+// kTransposedMaxBytes (dW only where the whole batch fits).  kTransposedMinDensity and
+// kTransposedMinRows are provisional: not yet measured on a GPU.
 constexpr int kTuningNoTransposed = 30, kTuningAlwaysTransposed = 31;  // see SetTuning
 constexpr int kTuningTransposedPasses = 32;  // as 31, in passes of kTransposedTestRows
-constexpr int64_t kTransposedMaxBytes = int64_t{512} << 20;
+constexpr int64_t kTransposedMaxBytes = int64_t{256} << 20;
 constexpr int64_t kTransposedTestRows = 256;
 
 // Least density (stored blocks over CB x KB) and batch rows from which the transposes pay.
@@ -599,9 +599,11 @@ TransposedPlan PlanTransposed(DType dt, int64_t N, int fa, const DeviceLayout& L
   if (!always && (density < kTransposedMinDensity || N < kTransposedMinRows)) return plan;
   const int64_t row_bytes = (L.CB + L.KB) * L.block_size * 2;  // one batch row of both
   int64_t rows = N;
-  if (!grad_w) {  // the forward's rows are independent: passes of a multiple of 256 rows
-    const int64_t fit = kTransposedMaxBytes / row_bytes / 256 * 256;
-    rows = std::min(N, passes ? kTransposedTestRows : fit);
+  if (!grad_w) {  // the forward's rows are independent: passes of about equal rows
+    const int64_t fit = kTransposedMaxBytes / row_bytes / 8 * 8;
+    const int64_t count = fit > 0 ? (N + fit - 1) / fit : 1;
+    rows = std::min(fit, ((N + count - 1) / count + 7) / 8 * 8);
+    if (passes) rows = std::min(N, kTransposedTestRows);
   }
   if (rows < 1 || rows * row_bytes > kTransposedMaxBytes) return plan;
   plan.rows = rows;

@@ -84,9 +84,9 @@
 // 8 and above 64, from 256 rows and 4% density) asks for a workspace of (C + K) x rows elements
 // instead: x (and dy) are transposed into it and the product runs on feature_axis 0's kernels,
 // whose copies read whole rows of x^T rather than 32 bytes of every row of x (y transposed
-// back; the forward in passes of `rows` batch rows, at most 512 MiB of workspace; dW only where
+// back; the forward in passes of `rows` batch rows, at most 256 MiB of workspace; dW only where
 // the whole batch fits in that).  Its sums are those of feature_axis 0 on the transposed
-// inputs, bit for bit.  WorkspaceBytes is 0 where a call takes none.
+// inputs, pass by pass, bit for bit.  WorkspaceBytes is 0 where a call takes none.
 // Measured performance (H100, H200): docs/benchmarks_gpu.md; tests: tools/gpu_check.sh.
 #ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
 #define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_

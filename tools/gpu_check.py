@@ -357,6 +357,18 @@ def bs64_narrow_checks(lib, res, gen, rng, quick):
         lib.set_tuning(0)
 
 
+def cover_bytes(lib, dt, N, fa, L, grad_w):
+    """The workspace a call asks for with transposed batches off (SetTuning(30) in place of the
+    default): what its cover alone asks for."""
+    if lib.tuning != 0:
+        return lib.workspace_bytes(dt, N, fa, L, grad_w)
+    lib.set_tuning(30)
+    try:
+        return lib.workspace_bytes(dt, N, fa, L, grad_w)
+    finally:
+        lib.set_tuning(0)
+
+
 def full_layout_checks(lib, res, gen, rng, quick=False, race=False):
     """Layouts of 8-, 16- and 32-wide blocks run as 64-wide blocks on their cover, with a
     workspace: full layouts (blocks in random order) and partial ones (the cover's blocks
@@ -381,11 +393,11 @@ def full_layout_checks(lib, res, gen, rng, quick=False, race=False):
                       f"full layout asks for a workspace: {dt} bs={bs} grad_w={grad_w} ({ws} B)")
         # One narrow block in each 64-wide block: a cover filled 1 / f^2, too thin to take.
         thin = Layout(np.argwhere(np.ones((2, 3), bool)) * f, 128 // bs, 192 // bs, bs)
-        res.check(thin.cover is not None and lib.workspace_bytes(dt, 4096, 1, thin, False) == 0,
+        res.check(thin.cover is not None and cover_bytes(lib, dt, 4096, 1, thin, False) == 0,
                   f"no workspace for a thinly filled cover: {dt} bs={bs}")
         if dt != "float32" and bs == 16:  # a cover filled 0.3-0.6: taken at long batches only
-            res.check(lib.workspace_bytes(dt, 4096, 1, part, False) > 0 and
-                      lib.workspace_bytes(dt, 64, 1, part, False) == 0,
+            res.check(cover_bytes(lib, dt, 4096, 1, part, False) > 0 and
+                      cover_bytes(lib, dt, 64, 1, part, False) == 0,
                       f"workspace for a partial cover at 4096 rows, not at 64: {dt} bs={bs}")
         for L in ([full] if race else [full, part]):
             if tuning == 0:
@@ -414,7 +426,7 @@ def full_layout_checks(lib, res, gen, rng, quick=False, race=False):
             lib.set_tuning(tuning)
     if not race:  # 96 x 160 features: 64-wide blocks do not cover them
         L = random_layout(96 // 16, 160 // 16, 16, 1.1, rng)
-        res.check(L.cover is None and lib.workspace_bytes("bfloat16", 4096, 1, L, False) == 0,
+        res.check(L.cover is None and cover_bytes(lib, "bfloat16", 4096, 1, L, False) == 0,
                   "no workspace for a full layout 64-wide blocks do not divide")
         run_case(lib, res, "bfloat16", 16, L, 264, 1, gen, ops=("fwd", "dw", "dx"))
     lib.use_workspace = lib.poison_workspace = False
@@ -458,12 +470,23 @@ def transposed_batch_checks(lib, res, gen, rng, quick=False, race=False):
         y0 = torch.full((K, 256), float("nan"), dtype=tdt, device="cuda")
         dw = torch.full((L.blocks, 16, 16), float("nan"), dtype=tdt, device="cuda")
         dw0 = torch.full_like(dw, float("nan"))
-        rcs = [lib.forward(dt, x, w, y, 256, 1, L),
-               lib.forward(dt, x.t().contiguous(), w, y0, 256, 0, L),
-               lib.grad_w(dt, x, dy, dw, 256, 1, L),
-               lib.grad_w(dt, x.t().contiguous(), dy.t().contiguous(), dw0, 256, 0, L)]
+        # The workspace, NaN-filled before each call, then holds x^T (and dy^T): the call took
+        # the transposed batches rather than feature axis 1's kernels.
+        ws = lambda rows, off=0: lib._workspace[2 * off * 256:2 * (off + rows) * 256].view(
+            tdt).view(rows, 256)
+        rcs = [lib.forward(dt, x, w, y, 256, 1, L)]
         torch.cuda.synchronize()
-        res.check(rcs == [0] * 4 and same_bits(y, y0.t().contiguous()) and same_bits(dw, dw0),
+        took = [same_bits(ws(C), x.t().contiguous())]
+        rcs.append(lib.grad_w(dt, x, dy, dw, 256, 1, L))
+        torch.cuda.synchronize()
+        took.append(same_bits(ws(C), x.t().contiguous()) and
+                    same_bits(ws(K, C), dy.t().contiguous()))
+        rcs += [lib.forward(dt, x.t().contiguous(), w, y0, 256, 0, L),
+                lib.grad_w(dt, x.t().contiguous(), dy.t().contiguous(), dw0, 256, 0, L)]
+        torch.cuda.synchronize()
+        res.check(rcs == [0] * 4 and took == [True, True],
+                  f"transposed batches taken (x^T, dy^T in the workspace): {dt} {rcs} {took}")
+        res.check(same_bits(y, y0.t().contiguous()) and same_bits(dw, dw0),
                   f"transposed batches = feature axis 0 on transposed copies, bit for bit: {dt}")
     lib.set_tuning(tuning)
     lib.use_workspace = lib.poison_workspace = False

@@ -15,6 +15,11 @@ constexpr bool IsSupportedBlockSize(int64_t bs) {
   return bs == 1 || bs == 8 || bs == 16 || bs == 32 || bs == 64;
 }
 
+// Block sizes whose layouts the GPU kernels may run on their cover of kCoverBlockSize-wide
+// blocks (CoarseLayoutOf below); the TensorFlow op builds the cover for these.
+constexpr int64_t kCoverBlockSize = 64;
+constexpr bool HasCover(int64_t bs) { return bs == 8 || bs == 16 || bs == 32; }
+
 // Block b of the compressed weight tensor w (shape (blocks, bs, bs)) sits at block row
 // block_row[b] (input features c*bs .. c*bs+bs-1) and block column block_col[b] (output
 // features k*bs .. k*bs+bs-1).  The column-major index lists, for every output block

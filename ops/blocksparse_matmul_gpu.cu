@@ -382,7 +382,6 @@ int GradWTyped(const void* x, const void* dy, void* dw, int64_t N, int fa, const
 // the CUDA cores).  The measurements behind CoarseMinRows and CoarseMinFill are in
 // docs/benchmark_history_gpu.md, sections "Full layouts as 64-wide blocks" and "Partial
 // layouts on their 64-wide cover".
-constexpr int64_t kCoarseBs = 64;
 constexpr int kTuningNoCoarse = 28, kTuningAlwaysCoarse = 29;  // see SetTuning
 
 // When a layout runs on its cover.  Where the narrow blocks fill a share `fill` of the cover's
@@ -448,9 +447,9 @@ CoarsePlan PlanCoarse(DType dt, int64_t N, int fa, const DeviceLayout& L, bool g
   const int64_t bs = L.block_size;
   const DeviceLayout* c = L.coarse;
   if (c == nullptr || internal::Tuning() == kTuningNoCoarse) return plan;
-  if (bs != 8 && bs != 16 && bs != 32) return plan;
-  const int64_t f = kCoarseBs / bs;
-  if (c->block_size != kCoarseBs || c->CB * f != L.CB || c->KB * f != L.KB) return plan;
+  if (!HasCover(bs)) return plan;
+  const int64_t f = kCoverBlockSize / bs;
+  if (c->block_size != kCoverBlockSize || c->CB * f != L.CB || c->KB * f != L.KB) return plan;
   // A cover holds every narrow block (so at least blocks / f^2 and at most `blocks` blocks);
   // the launches trust the rest of its tables to match the layout's, as the TensorFlow op's
   // CoarseLayoutOf makes them.
@@ -464,10 +463,10 @@ CoarsePlan PlanCoarse(DType dt, int64_t N, int fa, const DeviceLayout& L, bool g
   if (internal::Tuning() != kTuningAlwaysCoarse &&
       (fill < CoarseMinFill(dt, bs, fa) || weighted_rows < CoarseMinRows(dt, bs, fa, grad_w)))
     return plan;
-  if (N < 1 || !MmaEligible(dt, N, fa, kCoarseBs, di)) return plan;
+  if (N < 1 || !MmaEligible(dt, N, fa, kCoverBlockSize, di)) return plan;
   if (!Aligned16(a) || !Aligned16(b) || !Aligned16(out)) return plan;
   const int64_t elem = dt == DType::kFloat32 ? 4 : 2;
-  const int64_t weight_bytes = c->blocks * kCoarseBs * kCoarseBs * elem;
+  const int64_t weight_bytes = c->blocks * kCoverBlockSize * kCoverBlockSize * elem;
   if (weight_bytes > std::max(kCoarseMaxWeightMultiple * L.blocks * bs * bs * elem,
                               kCoarseAlwaysBytes))
     return plan;
@@ -492,7 +491,7 @@ __global__ void CopyFineBlocksKernel(T* __restrict__ fine, T* __restrict__ coars
                                      const int32_t* __restrict__ cover_col_block,
                                      bool transposed) {
   constexpr int kPerChunk = 16 / sizeof(T);
-  const int f = static_cast<int>(kCoarseBs) / bs, chunks_per_row = bs / kPerChunk;
+  const int f = static_cast<int>(kCoverBlockSize) / bs, chunks_per_row = bs / kPerChunk;
   const int64_t chunks_per_block = (int64_t)bs * chunks_per_row;
   const int64_t total = blocks * chunks_per_block;
   for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < total;
@@ -516,7 +515,8 @@ __global__ void CopyFineBlocksKernel(T* __restrict__ fine, T* __restrict__ coars
     }
     const int64_t cb = cover_col_block[lo];
     const int64_t sub_r = transposed ? k % f : c % f, sub_c = transposed ? c % f : k % f;
-    T* cp = coarse + (cb * kCoarseBs + sub_r * bs + i) * kCoarseBs + sub_c * bs + q * kPerChunk;
+    T* cp = coarse + (cb * kCoverBlockSize + sub_r * bs + i) * kCoverBlockSize + sub_c * bs +
+            q * kPerChunk;
     if (kToCoarse) {
       *reinterpret_cast<uint4*>(cp) = *reinterpret_cast<const uint4*>(fp);
     } else {

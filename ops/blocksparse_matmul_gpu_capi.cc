@@ -7,6 +7,7 @@
 // Returns 0 or a cudaError_t value.
 #include <cstdint>
 
+#include "ops/block_layout.h"
 #include "ops/blocksparse_matmul_gpu.h"
 #include "ops/sparse_dot_gpu.h"
 
@@ -37,9 +38,11 @@ struct LayoutWithCover {
                   int64_t blocks, const int32_t* const* cover_tables, int64_t cover_blocks)
       : layout(MakeLayout(tables[0], tables[1], tables[2], tables[3], tables[4], CB, KB, bs,
                           blocks)) {
-    if (cover_tables != nullptr && cover_blocks >= 0 && (bs == 8 || bs == 16 || bs == 32)) {
+    if (cover_tables != nullptr && cover_blocks >= 0 && blocksparse::HasCover(bs)) {
+      const int64_t f = blocksparse::kCoverBlockSize / bs;
       cover = MakeLayout(cover_tables[0], cover_tables[1], cover_tables[2], cover_tables[3],
-                         cover_tables[4], CB / (64 / bs), KB / (64 / bs), 64, cover_blocks);
+                         cover_tables[4], CB / f, KB / f, blocksparse::kCoverBlockSize,
+                         cover_blocks);
       layout.coarse = &cover;
     }
   }

@@ -117,9 +117,8 @@ class BlocksparseGpuOpBase : public BlocksparseOpBase {
     return device_tables_.Get(coords, constant_layout_, [&](DeviceTables* tables) {
       BlockLayout layout, cover;
       TF_RETURN_IF_ERROR(BuildLayout(coords, &layout));  // validates the coordinates
-      const bool narrow = layout.block_size == 8 || layout.block_size == 16 ||
-                          layout.block_size == 32;
-      const bool covered = narrow && CoarseLayoutOf(layout, 64, &cover);
+      const bool covered =
+          HasCover(layout.block_size) && CoarseLayoutOf(layout, kCoverBlockSize, &cover);
       return UploadLayout(ctx, layout, covered ? &cover : nullptr, &tables->storage,
                           &tables->layout, &tables->cover);
     }, out);

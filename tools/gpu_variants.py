@@ -37,7 +37,9 @@ def parse_cell(text):
 def ring_layout(CB, KB, bs, density, rng, rewire=0.1):
     """A small-world layout as the Watts-Strogatz construction makes one: block row r
     connects to the block columns near r (a band of the given density, wrapping around), each
-    connection moved to a random free column with probability `rewire`."""
+    connection moved to a random free column with probability `rewire`.  (Not
+    blocksparse_tf.layouts.watts_strogatz, which needs networkx and scipy: the GPU tools assume
+    only PyTorch and numpy.)"""
     half = max(0, int(round((density * KB - 1) / 2)))
     mask = np.zeros((CB, KB), bool)
     for r in range(CB):

@@ -1291,6 +1291,8 @@ def main():
     ap.add_argument("--correctness", action="store_true")
     ap.add_argument("--check", action="store_true", help="small subset for compute-sanitizer")
     ap.add_argument("--race", action="store_true", help="tiny subset for racecheck")
+    ap.add_argument("--transposed", action="store_true",
+                    help="only the transposed-batch checks (with --race: their racecheck subset)")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--bench-transpose", action="store_true",
@@ -1305,11 +1307,16 @@ def main():
     res = Results()
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}", flush=True)
     lib.set_tuning(args.tuning)
-    if args.check:
+    if args.transposed:
+        rng = np.random.default_rng(1234)
+        gen = torch.Generator(device="cuda")
+        gen.manual_seed(1234)
+        transposed_batch_checks(lib, res, gen, rng, quick=args.check, race=args.race)
+    elif args.check:
         correctness(lib, res, quick=True)
-    if args.race:
+    if args.race and not args.transposed:
         correctness(lib, res, race=True)
-    if args.correctness:
+    if args.correctness and not args.transposed:
         correctness(lib, res, quick=args.quick)
     print(f"checks: {res.passed} passed, {len(res.failed)} failed", flush=True)
     if args.bench_transpose:

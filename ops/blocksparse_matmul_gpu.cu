@@ -567,16 +567,24 @@ int GradWCoarse(const CoarsePlan& plan, void* workspace, const void* x, const vo
 // dW 298 against 141).  So where the caller passes a workspace, those products transpose x
 // (and dy) into it, run on feature axis 0's kernels and transpose y back; the forward in
 // passes of at most `rows` batch rows, so that the workspace stays within
-// kTransposedMaxBytes (dW only where the whole batch fits).  kTransposedMinDensity and
-// kTransposedMinRows are provisional: not yet measured on a GPU.
+// kTransposedMaxBytes (dW only where the whole batch fits).
 constexpr int kTuningNoTransposed = 30, kTuningAlwaysTransposed = 31;  // see SetTuning
 constexpr int kTuningTransposedPasses = 32;  // as 31, in passes of kTransposedTestRows
 constexpr int64_t kTransposedMaxBytes = int64_t{256} << 20;
 constexpr int64_t kTransposedTestRows = 256;
 
-// Least density (stored blocks over CB x KB) and batch rows from which the transposes pay.
+// Where the transposes pay: (density - kTransposedMinDensity) x N >= kTransposedMinExcess,
+// density the stored blocks over CB x KB.  The transposes cost a pass over x and y (dy) and
+// the products gain in proportion to their blocks, so density decides, and a few launches'
+// fixed cost tips small batches.  Measured side by side on an H100 (bf16, C = K = 4096,
+// random layouts, us, transposes off -> on, forward / dW): N = 4096 at 3% 86.7 -> 105.1 /
+// 108.3 -> 112.6, 5% 128.9 -> 124.9 / 171.0 -> 151.0, 10% 235.1 -> 178.2 / 297.4 -> 200.0;
+// N = 1024 at 5% 38.0 -> 41.8 / 44.7 -> 48.8, 10% 66.5 -> 56.3 / 69.8 -> 62.4; N = 512 at 10%
+// 36.1 -> 33.9 / 38.9 -> 40.8, 15% 50.1 -> 39.8 / 50.3 -> 48.5; N = 256 slower up to 15%
+// (10%: 22.8 -> 30.0), even at 25%.  The whole sweep: docs/benchmark_history_gpu.md, "Feature
+// axis 1 through transposed batches".
 constexpr double kTransposedMinDensity = 0.04;
-constexpr int64_t kTransposedMinRows = 256;
+constexpr double kTransposedMinExcess = 40.0;
 
 struct TransposedPlan {
   int64_t rows = 0;   // batch rows per pass; 0: run as it is
@@ -596,7 +604,8 @@ TransposedPlan PlanTransposed(DType dt, int64_t N, int fa, const DeviceLayout& L
   const bool always = passes || internal::Tuning() == kTuningAlwaysTransposed;
   const double density =
       static_cast<double>(L.blocks) / (static_cast<double>(L.CB) * static_cast<double>(L.KB));
-  if (!always && (density < kTransposedMinDensity || N < kTransposedMinRows)) return plan;
+  const double excess = (density - kTransposedMinDensity) * static_cast<double>(N);
+  if (!always && excess < kTransposedMinExcess) return plan;
   const int64_t row_bytes = (L.CB + L.KB) * L.block_size * 2;  // one batch row of both
   int64_t rows = N;
   if (!grad_w) {  // the forward's rows are independent: passes of about equal rows

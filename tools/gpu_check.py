@@ -439,7 +439,7 @@ def transposed_batch_checks(lib, res, gen, rng, quick=False, race=False):
     (10 x 7 blocks, an empty block row and column), the forward in passes of 256 rows (N = 520:
     two full passes and one of 8 rows), the workspace filled with NaN bytes before every call;
     bit for bit the products of feature axis 0 on transposed copies (N = 256, one pass); the
-    default's rule (from 256 rows and 4% density, not with float32 or a cover)."""
+    default's rule ((density - 0.04) N >= 40 rows, not with float32 or a cover)."""
     if torch.cuda.get_device_capability()[0] != 9 or lib.tuning != 0:
         return  # the wgmma kernels are off (SetTuning 1-4) or absent
     tuning = lib.tuning
@@ -449,12 +449,17 @@ def transposed_batch_checks(lib, res, gen, rng, quick=False, race=False):
     for dt in ["bfloat16"] if race else ["bfloat16", "float16"]:
         tdt = DTYPES[dt][1]
         lib.set_tuning(0)
-        asked = [lib.workspace_bytes(dt, N, fa, L, gw) for N, fa, gw in
-                 ((4096, 1, False), (4096, 1, True), (128, 1, False), (4096, 0, False),
-                  (4100, 1, False))]
-        res.check(asked == [(C + K) * 4096 * 2] * 2 + [0, 0, 0],
-                  f"transposed batches asked for at 4096 rows only (feature axis 1, N % 8 == 0): "
-                  f"{dt} {asked}")
+        # The rule (kTransposedMinDensity, kTransposedMinExcess in blocksparse_matmul_gpu.cu).
+        density = L.blocks / (L.CB * L.KB)
+        cases = [(N, fa, gw) for N in (72, 96, 128, 160, 256, 4096, 4100)
+                 for fa, gw in ((1, False), (1, True), (0, False))]
+        asked = [lib.workspace_bytes(dt, N, fa, L, gw) for N, fa, gw in cases]
+        expected = [(C + K) * N * 2 if fa == 1 and N % 8 == 0 and (density - 0.04) * N >= 40
+                    else 0 for N, fa, gw in cases]
+        declined = [e == 0 for (N, fa, _), e in zip(cases, expected) if fa == 1 and N % 8 == 0]
+        res.check(asked == expected and any(declined) and not all(declined),
+                  f"transposed batches asked for where the rule says (feature axis 1, N % 8 == "
+                  f"0, (density - 0.04) N >= 40): {dt} density {density:.3f} {asked} {expected}")
         lib.set_tuning(32)
         for N in [264] if race or quick else [264, 520, 1000]:
             res.check(lib.workspace_bytes(dt, N, 1, L, False) == (C + K) * min(N, 256) * 2 and

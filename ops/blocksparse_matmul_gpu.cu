@@ -567,10 +567,13 @@ int GradWCoarse(const CoarsePlan& plan, void* workspace, const void* x, const vo
 // dW 298 against 141).  So where the caller passes a workspace, those products transpose x
 // (and dy) into it, run on feature axis 0's kernels and transpose y back; the forward in
 // passes of at most `rows` batch rows, so that the workspace stays within
-// kTransposedMaxBytes (dW only where the whole batch fits).
+// kTransposedMaxBytes.  dW sums over the whole batch in one call, so it transposes the whole
+// batch, where that fits in kTransposedGradWMaxBytes (at N = 16384, C = K = 8192, 16-bit: 512
+// MiB, as much as x and dy themselves).
 constexpr int kTuningNoTransposed = 30, kTuningAlwaysTransposed = 31;  // see SetTuning
 constexpr int kTuningTransposedPasses = 32;  // as 31, in passes of kTransposedTestRows
 constexpr int64_t kTransposedMaxBytes = int64_t{256} << 20;
+constexpr int64_t kTransposedGradWMaxBytes = int64_t{1} << 30;
 constexpr int64_t kTransposedTestRows = 256;
 
 // Where the transposes pay: (density - kTransposedMinDensity) x N >= kTransposedMinExcess,
@@ -614,7 +617,8 @@ TransposedPlan PlanTransposed(DType dt, int64_t N, int fa, const DeviceLayout& L
     rows = std::min(fit, ((N + count - 1) / count + 7) / 8 * 8);
     if (passes) rows = std::min(N, kTransposedTestRows);
   }
-  if (rows < 1 || rows * row_bytes > kTransposedMaxBytes) return plan;
+  if (rows < 1 || rows * row_bytes > (grad_w ? kTransposedGradWMaxBytes : kTransposedMaxBytes))
+    return plan;
   plan.rows = rows;
   plan.bytes = rows * row_bytes;
   return plan;

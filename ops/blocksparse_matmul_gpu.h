@@ -85,8 +85,8 @@
 // 12% at 512) asks for a workspace of (C + K) x rows elements instead: x (and dy) are
 // transposed into it and the product runs on feature_axis 0's kernels, whose copies read whole
 // rows of x^T rather than 32 bytes of every row of x (y transposed back; the forward in passes
-// of `rows` batch rows, at most 256 MiB of workspace; dW only where the whole batch fits in
-// that).  Its sums are those of feature_axis 0 on the transposed
+// of `rows` batch rows within 256 MiB of workspace; dW transposes the whole batch, where that
+// takes at most 1 GiB).  Its sums are those of feature_axis 0 on the transposed
 // inputs, pass by pass, bit for bit.  WorkspaceBytes is 0 where a call takes none.
 // Measured performance (H100, H200): docs/benchmarks_gpu.md; tests: tools/gpu_check.sh.
 #ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_

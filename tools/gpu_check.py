@@ -6,6 +6,8 @@ No TensorFlow.  Modes:
   --correctness   every block size, dtype, feature axis, ragged N, empty rows/columns, against
                   float64 references; run-to-run bitwise determinism; argument validation.
   --check         a small subset, meant to run under compute-sanitizer.
+  --transposed    only the transposed-batch checks (with --check / --race: their sanitizer
+                  subsets), e.g. under racecheck without the whole --race subset.
   --bench         timing table against dense cuBLAS (torch.matmul) and PyTorch BSR.
   --bench-transpose  timing of the forward reading w's blocks transposed (the input gradient).
 Exits non-zero on any failure.

@@ -584,9 +584,16 @@ constexpr int64_t kTransposedTestRows = 256;
 // 108.3 -> 112.6, 5% 128.9 -> 124.9 / 171.0 -> 151.0, 10% 235.1 -> 178.2 / 297.4 -> 200.0;
 // N = 1024 at 5% 38.0 -> 41.8 / 44.7 -> 48.8, 10% 66.5 -> 56.3 / 69.8 -> 62.4; N = 512 at 10%
 // 36.1 -> 33.9 / 38.9 -> 40.8, 15% 50.1 -> 39.8 / 50.3 -> 48.5; N = 256 slower up to 15%
-// (10%: 22.8 -> 30.0), even at 25%.  The whole sweep: docs/benchmark_history_gpu.md, "Feature
-// axis 1 through transposed batches".
+// (10%: 22.8 -> 30.0), even at 25%.  Where x outgrows the L2 (C = K = 4096, N = 4096: x is
+// 0.64 times an H100's L2), feature axis 1's reads of it miss the L2 more often and the
+// transposes pay from lower densities: kTransposedMinDensityFarOverL2 (C = K = 8192; N = 4096,
+// x 1.3 times the L2: 3% 295 -> 258 / 579 -> 292; N = 8192: 2% 414 -> 416 / 742 -> 482, 3%
+// 581 -> 500 / 1303 -> 620; N = 16384: 1% 486 -> 696 / 767 -> 888, 2% 821 -> 831 / 1001 ->
+// 945, 3% forward 1155 -> 999, 5% 1824 -> 1349 / 2142 -> 1660).  The whole sweep:
+// docs/benchmark_history_gpu.md, "Feature axis 1 through transposed batches".
 constexpr double kTransposedMinDensity = 0.04;
+constexpr double kTransposedMinDensityFarOverL2 = 0.015;
+constexpr double kTransposedFarOverL2 = 1.0;
 constexpr double kTransposedMinExcess = 40.0;
 
 struct TransposedPlan {
@@ -607,7 +614,11 @@ TransposedPlan PlanTransposed(DType dt, int64_t N, int fa, const DeviceLayout& L
   const bool always = passes || internal::Tuning() == kTuningAlwaysTransposed;
   const double density =
       static_cast<double>(L.blocks) / (static_cast<double>(L.CB) * static_cast<double>(L.KB));
-  const double excess = (density - kTransposedMinDensity) * static_cast<double>(N);
+  const double x_bytes = static_cast<double>(N) * static_cast<double>(L.CB * L.block_size) * 2;
+  const double least = x_bytes >= kTransposedFarOverL2 * static_cast<double>(di.l2_bytes)
+                           ? kTransposedMinDensityFarOverL2
+                           : kTransposedMinDensity;
+  const double excess = (density - least) * static_cast<double>(N);
   if (!always && excess < kTransposedMinExcess) return plan;
   const int64_t row_bytes = (L.CB + L.KB) * L.block_size * 2;  // one batch row of both
   int64_t rows = N;

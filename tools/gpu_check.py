@@ -441,7 +441,8 @@ def transposed_batch_checks(lib, res, gen, rng, quick=False, race=False):
     (10 x 7 blocks, an empty block row and column), the forward in passes of 256 rows (N = 520:
     two full passes and one of 8 rows), the workspace filled with NaN bytes before every call;
     bit for bit the products of feature axis 0 on transposed copies (N = 256, one pass); the
-    default's rule ((density - 0.04) N >= 40 rows, not with float32 or a cover)."""
+    default's rule ((density - 0.04) N >= 40 rows, 0.015 where x outgrows the L2, not with
+    float32 or a cover)."""
     if torch.cuda.get_device_capability()[0] != 9 or lib.tuning != 0:
         return  # the wgmma kernels are off (SetTuning 1-4) or absent
     tuning = lib.tuning
@@ -462,6 +463,15 @@ def transposed_batch_checks(lib, res, gen, rng, quick=False, race=False):
         res.check(asked == expected and any(declined) and not all(declined),
                   f"transposed batches asked for where the rule says (feature axis 1, N % 8 == "
                   f"0, (density - 0.04) N >= 40): {dt} density {density:.3f} {asked} {expected}")
+        # Where x outgrows the L2 the least density drops from 4% to 1.5%: a 2% layout of C =
+        # K = 8192 at 16384 rows (x 256 MiB), not at 2048 (x 32 MiB).
+        l2 = torch.cuda.get_device_properties(0).L2_cache_size
+        big = random_layout(512, 512, 16, 0.02, rng)
+        asked = [lib.workspace_bytes(dt, N, 1, big, gw) > 0 for N in (2048, 16384)
+                 for gw in (False, True)]
+        applies = 2048 * 8192 * 2 < l2 <= 16384 * 8192 * 2  # the L2 of an H100 or H200
+        res.check(not applies or asked == [False, False, True, True],
+                  f"transposed batches at 2% density where x outgrows the L2: {dt} {asked}")
         lib.set_tuning(32)
         for N in [264] if race or quick else [264, 520, 1000]:
             res.check(lib.workspace_bytes(dt, N, 1, L, False) == (C + K) * min(N, 256) * 2 and

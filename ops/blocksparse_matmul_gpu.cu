@@ -557,24 +557,209 @@ int GradWCoarse(const CoarsePlan& plan, void* workspace, const void* x, const vo
   return cudaGetLastError();
 }
 
-// The product on the layout as it is, or on its coarse copy where `plan` says so and the
-// workspace holds it.
+// ------------------------------------------------------------------------------------------
+// Feature axis 1 on feature axis 0's kernels.
+//
+// With feature axis 1 a bs-16 block's slab of x (or dy) is 32 bytes of every batch row, and
+// the narrow kernels' copies ask the L2 for one 32-byte sector per row: the 16-bit bs-16
+// products ran at about half the speed of feature axis 0's, whose slabs are runs of whole
+// rows of x^T (H100 table, C = K = 4096, N = 4096, 10% density: forward 236 against 117 us,
+// dW 298 against 141).  So where the caller passes a workspace, those products transpose x
+// (and dy) into it, run on feature axis 0's kernels and transpose y back; the forward in
+// passes of at most `rows` batch rows, so that the workspace stays within
+// kTransposedMaxBytes.  dW sums over the whole batch in one call, so it transposes the whole
+// batch, where that fits in kTransposedGradWMaxBytes (at N = 16384, C = K = 8192, 16-bit: 512
+// MiB, as much as x and dy themselves).
+constexpr int kTuningNoTransposed = 30, kTuningAlwaysTransposed = 31;  // see SetTuning
+constexpr int kTuningTransposedPasses = 32;  // as 31, in passes of kTransposedTestRows
+constexpr int64_t kTransposedMaxBytes = int64_t{256} << 20;
+constexpr int64_t kTransposedGradWMaxBytes = int64_t{1} << 30;
+constexpr int64_t kTransposedTestRows = 256;
+
+// Where the transposes pay: (density - kTransposedMinDensity) x N >= kTransposedMinExcess,
+// density the stored blocks over CB x KB.  The transposes cost a pass over x and y (dy) and
+// the products gain in proportion to their blocks, so density decides, and a few launches'
+// fixed cost tips small batches.  Measured side by side on an H100 (bf16, C = K = 4096,
+// random layouts, us, transposes off -> on, forward / dW): N = 4096 at 3% 86.7 -> 105.1 /
+// 108.3 -> 112.6, 5% 128.9 -> 124.9 / 171.0 -> 151.0, 10% 235.1 -> 178.2 / 297.4 -> 200.0;
+// N = 1024 at 5% 38.0 -> 41.8 / 44.7 -> 48.8, 10% 66.5 -> 56.3 / 69.8 -> 62.4; N = 512 at 10%
+// 36.1 -> 33.9 / 38.9 -> 40.8, 15% 50.1 -> 39.8 / 50.3 -> 48.5; N = 256 slower up to 15%
+// (10%: 22.8 -> 30.0), even at 25%.  Where x outgrows the L2 (C = K = 4096, N = 4096: x is
+// 0.64 times an H100's L2), feature axis 1's reads of it miss the L2 more often and the
+// transposes pay from lower densities: kTransposedMinDensityFarOverL2 (C = K = 8192; N = 4096,
+// x 1.3 times the L2: 3% 295 -> 258 / 579 -> 292; N = 8192: 2% 414 -> 416 / 742 -> 482, 3%
+// 581 -> 500 / 1303 -> 620; N = 16384: 1% 486 -> 696 / 767 -> 888, 2% 821 -> 831 / 1001 ->
+// 945, 3% forward 1155 -> 999, 5% 1824 -> 1349 / 2142 -> 1660).  The whole sweep:
+// docs/benchmark_history_gpu.md, "Feature axis 1 through transposed batches".
+constexpr double kTransposedMinDensity = 0.04;
+constexpr double kTransposedMinDensityFarOverL2 = 0.015;
+constexpr double kTransposedFarOverL2 = 1.0;
+constexpr double kTransposedMinExcess = 40.0;
+
+struct TransposedPlan {
+  int64_t rows = 0;   // batch rows per pass; 0: run as it is
+  int64_t bytes = 0;  // workspace: x^T and y^T (dy^T) of one pass
+};
+
+TransposedPlan PlanTransposed(DType dt, int64_t N, int fa, const DeviceLayout& L, bool grad_w,
+                              const DeviceInfo& di, const void* a, const void* b,
+                              const void* out) {
+  TransposedPlan plan;
+  if (fa != 1 || dt == DType::kFloat32 || L.block_size != 16 || L.blocks < 1) return plan;
+  if (internal::Tuning() == kTuningNoTransposed || !internal::WgmmaEnabled(di)) return plan;
+  // Passes of whole 16-byte rows of x^T and y^T, on the tensor-core kernels.
+  if (N % 8 != 0 || N <= 64 || !MmaEligible(dt, N, 0, L.block_size, di)) return plan;
+  if (!Aligned16(a) || !Aligned16(b) || !Aligned16(out)) return plan;
+  const bool passes = internal::Tuning() == kTuningTransposedPasses;
+  const bool always = passes || internal::Tuning() == kTuningAlwaysTransposed;
+  const double density =
+      static_cast<double>(L.blocks) / (static_cast<double>(L.CB) * static_cast<double>(L.KB));
+  const double x_bytes = static_cast<double>(N) * static_cast<double>(L.CB * L.block_size) * 2;
+  const double least = x_bytes >= kTransposedFarOverL2 * static_cast<double>(di.l2_bytes)
+                           ? kTransposedMinDensityFarOverL2
+                           : kTransposedMinDensity;
+  const double excess = (density - least) * static_cast<double>(N);
+  if (!always && excess < kTransposedMinExcess) return plan;
+  const int64_t row_bytes = (L.CB + L.KB) * L.block_size * 2;  // one batch row of both
+  int64_t rows = N;
+  if (!grad_w) {  // the forward's rows are independent: passes of about equal rows
+    const int64_t fit = kTransposedMaxBytes / row_bytes / 8 * 8;
+    const int64_t count = fit > 0 ? (N + fit - 1) / fit : 1;
+    rows = std::min(fit, ((N + count - 1) / count + 7) / 8 * 8);
+    if (passes) rows = std::min(N, kTransposedTestRows);
+  }
+  if (rows < 1 || rows * row_bytes > (grad_w ? kTransposedGradWMaxBytes : kTransposedMaxBytes))
+    return plan;
+  plan.rows = rows;
+  plan.bytes = rows * row_bytes;
+  return plan;
+}
+
+// out (cols x rows, row stride ld_out) = in^T (in: rows x cols, row stride ld_in), for 16-bit
+// elements, rows and cols multiples of 8: 64 x 64 tiles through shared memory, 16-byte
+// copies.  The tile's rows are 33 words apart so that a column's gather hits distinct banks
+// but for pairs.
 template <typename T>
-int ForwardAny(const CoarsePlan& plan, void* workspace, int64_t workspace_bytes, const void* x,
-               const void* w, void* y, int64_t N, int fa, const DeviceLayout& L, int device,
-               const DeviceInfo& di, cudaStream_t s, DType dt, bool w_transposed) {
-  if (plan.coarse != nullptr && workspace_bytes >= plan.weight_bytes) {
-    return ForwardCoarse<T>(plan, workspace, x, w, y, N, fa, L, device, di, s, dt, w_transposed);
+__global__ void __launch_bounds__(256)
+    TransposeKernel(const T* __restrict__ in, T* __restrict__ out, int64_t rows, int64_t cols,
+                    int64_t ld_in, int64_t ld_out) {
+  static_assert(sizeof(T) == 2, "16-bit elements");
+  constexpr int kTile = 64, kLd = kTile + 2;
+  __shared__ uint32_t tile[kTile * kLd / 2];
+  const int64_t tiles_c = (cols + kTile - 1) / kTile;
+  const int64_t tiles = (rows + kTile - 1) / kTile * tiles_c;
+  const int chunk = threadIdx.x % 8, line = threadIdx.x / 8;  // 8 chunks of 8 per tile row
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t r0 = t / tiles_c * kTile, c0 = t % tiles_c * kTile;
+    for (int i = line; i < kTile; i += 32) {
+      const int64_t r = r0 + i, c = c0 + chunk * 8;
+      if (r < rows && c < cols) {
+        const uint4 v = *reinterpret_cast<const uint4*>(in + r * ld_in + c);
+        uint32_t* dst = tile + (i * kLd + chunk * 8) / 2;
+        dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
+      }
+    }
+    __syncthreads();
+    const uint16_t* t16 = reinterpret_cast<const uint16_t*>(tile);
+    for (int j = line; j < kTile; j += 32) {  // output row c0 + j, its rows r0 + chunk * 8..
+      const int64_t c = c0 + j, r = r0 + chunk * 8;
+      if (c < cols && r < rows) {
+        uint32_t packed[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const uint32_t lo = t16[(chunk * 8 + 2 * q) * kLd + j];
+          const uint32_t hi = t16[(chunk * 8 + 2 * q + 1) * kLd + j];
+          packed[q] = lo | hi << 16;
+        }
+        *reinterpret_cast<uint4*>(out + c * ld_out + r) =
+            uint4{packed[0], packed[1], packed[2], packed[3]};
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+int Transpose(const T* in, T* out, int64_t rows, int64_t cols, int64_t ld_in, int64_t ld_out,
+              const DeviceInfo& di, cudaStream_t s) {
+  const int64_t tiles = (rows + 63) / 64 * ((cols + 63) / 64);
+  const int grid = static_cast<int>(std::min<int64_t>(tiles, int64_t{di.sm_count} * 16));
+  TransposeKernel<T><<<grid, 256, 0, s>>>(in, out, rows, cols, ld_in, ld_out);
+  return cudaGetLastError();
+}
+
+template <typename T>
+int ForwardTransposed(const TransposedPlan& plan, void* workspace, const void* x, const void* w,
+                      void* y, int64_t N, const DeviceLayout& L, int device,
+                      const DeviceInfo& di, cudaStream_t s, DType dt, bool w_transposed) {
+  const int64_t C = L.CB * L.block_size, K = L.KB * L.block_size;
+  T* xt = static_cast<T*>(workspace);
+  T* yt = xt + C * plan.rows;
+  for (int64_t n0 = 0; n0 < N; n0 += plan.rows) {
+    const int64_t n = std::min(plan.rows, N - n0);
+    if (int e = Transpose<T>(static_cast<const T*>(x) + n0 * C, xt, n, C, C, n, di, s)) return e;
+    if (int e = ForwardTyped<T>(xt, w, yt, n, 0, L, device, di, s, dt, w_transposed)) return e;
+    if (int e = Transpose<T>(yt, static_cast<T*>(y) + n0 * K, K, n, n, K, di, s)) return e;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+int GradWTransposed(const TransposedPlan& plan, void* workspace, const void* x, const void* dy,
+                    void* dw, int64_t N, const DeviceLayout& L, int device, const DeviceInfo& di,
+                    cudaStream_t s, DType dt) {
+  const int64_t C = L.CB * L.block_size, K = L.KB * L.block_size;
+  T* xt = static_cast<T*>(workspace);
+  T* dyt = xt + C * N;
+  if (int e = Transpose<T>(static_cast<const T*>(x), xt, N, C, C, N, di, s)) return e;
+  if (int e = Transpose<T>(static_cast<const T*>(dy), dyt, N, K, K, N, di, s)) return e;
+  return GradWTyped<T>(xt, dyt, dw, N, 0, L, device, di, s, dt);
+}
+
+// What a call runs on, given a workspace: its cover, transposed batches, or neither.
+struct WorkspacePlan {
+  CoarsePlan coarse;
+  TransposedPlan transposed;
+  int64_t Bytes() const {
+    return coarse.coarse != nullptr ? coarse.weight_bytes : transposed.bytes;
+  }
+};
+
+WorkspacePlan PlanWorkspace(DType dt, int64_t N, int fa, const DeviceLayout& L, bool grad_w,
+                            const DeviceInfo& di, const void* a, const void* b,
+                            const void* out) {
+  WorkspacePlan plan;
+  if (L.block_row && L.block_col) plan.coarse = PlanCoarse(dt, N, fa, L, grad_w, di, a, b, out);
+  if (plan.coarse.coarse == nullptr)
+    plan.transposed = PlanTransposed(dt, N, fa, L, grad_w, di, a, b, out);
+  return plan;
+}
+
+// The product on the layout as it is, or as `plan` says where the workspace holds it.
+template <typename T>
+int ForwardAny(const WorkspacePlan& plan, void* workspace, int64_t workspace_bytes,
+               const void* x, const void* w, void* y, int64_t N, int fa, const DeviceLayout& L,
+               int device, const DeviceInfo& di, cudaStream_t s, DType dt, bool w_transposed) {
+  if (plan.Bytes() > 0 && workspace_bytes >= plan.Bytes()) {
+    if (plan.coarse.coarse != nullptr)
+      return ForwardCoarse<T>(plan.coarse, workspace, x, w, y, N, fa, L, device, di, s, dt,
+                              w_transposed);
+    if constexpr (sizeof(T) == 2)  // PlanTransposed takes 16-bit types only
+      return ForwardTransposed<T>(plan.transposed, workspace, x, w, y, N, L, device, di, s, dt,
+                                  w_transposed);
   }
   return ForwardTyped<T>(x, w, y, N, fa, L, device, di, s, dt, w_transposed);
 }
 
 template <typename T>
-int GradWAny(const CoarsePlan& plan, void* workspace, int64_t workspace_bytes, const void* x,
+int GradWAny(const WorkspacePlan& plan, void* workspace, int64_t workspace_bytes, const void* x,
              const void* dy, void* dw, int64_t N, int fa, const DeviceLayout& L, int device,
              const DeviceInfo& di, cudaStream_t s, DType dt) {
-  if (plan.coarse != nullptr && workspace_bytes >= plan.weight_bytes) {
-    return GradWCoarse<T>(plan, workspace, x, dy, dw, N, fa, L, device, di, s, dt);
+  if (plan.Bytes() > 0 && workspace_bytes >= plan.Bytes()) {
+    if (plan.coarse.coarse != nullptr)
+      return GradWCoarse<T>(plan.coarse, workspace, x, dy, dw, N, fa, L, device, di, s, dt);
+    if constexpr (sizeof(T) == 2)
+      return GradWTransposed<T>(plan.transposed, workspace, x, dy, dw, N, L, device, di, s, dt);
   }
   return GradWTyped<T>(x, dy, dw, N, fa, L, device, di, s, dt);
 }
@@ -598,9 +783,9 @@ int LaunchForwardImpl(DType dtype, const void* x, const void* w, void* y, int64_
   int device = 0;
   if ((e = GetDeviceInfo(&di, &device))) return e;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  CoarsePlan plan;
-  if (UsableWorkspace(workspace, workspace_bytes) && layout.block_row && layout.block_col)
-    plan = PlanCoarse(dtype, N, feature_axis, layout, false, di, x, w, y);
+  WorkspacePlan plan;
+  if (UsableWorkspace(workspace, workspace_bytes))
+    plan = PlanWorkspace(dtype, N, feature_axis, layout, false, di, x, w, y);
   switch (dtype) {
     case DType::kFloat32:
       return ForwardAny<float>(plan, workspace, workspace_bytes, x, w, y, N, feature_axis,
@@ -625,8 +810,8 @@ int64_t WorkspaceBytes(DType dtype, int64_t N, int feature_axis, const DeviceLay
   if (GetDeviceInfo(&di, &device)) return 0;
   // The pointers' alignment is checked at the launch: assume aligned ones here.
   static const uint4 aligned{};
-  return PlanCoarse(dtype, N, feature_axis, layout, grad_w, di, &aligned, &aligned, &aligned)
-      .weight_bytes;
+  return PlanWorkspace(dtype, N, feature_axis, layout, grad_w, di, &aligned, &aligned, &aligned)
+      .Bytes();
 }
 
 int LaunchForward(DType dtype, const void* x, const void* w, void* y, int64_t N,
@@ -657,9 +842,9 @@ int LaunchGradW(DType dtype, const void* x, const void* dy, void* dw, int64_t N,
   int device = 0;
   if ((e = GetDeviceInfo(&di, &device))) return e;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  CoarsePlan plan;
+  WorkspacePlan plan;
   if (UsableWorkspace(workspace, workspace_bytes))
-    plan = PlanCoarse(dtype, N, feature_axis, layout, true, di, x, dy, dw);
+    plan = PlanWorkspace(dtype, N, feature_axis, layout, true, di, x, dy, dw);
   switch (dtype) {
     case DType::kFloat32:
       return GradWAny<float>(plan, workspace, workspace_bytes, x, dy, dw, N, feature_axis,

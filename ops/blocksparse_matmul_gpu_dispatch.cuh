@@ -395,9 +395,6 @@ using WgmmaFwdCfg = wgmma_impl::FwdCfg<4>;
 template <typename T, class Cfg, int kKind>
 struct KernelTag {};
 
-inline bool WgmmaEnabled(const DeviceInfo& di) {
-  return (Tuning() == 0 || Tuning() >= 5) && di.cc_major == 9;
-}
 inline bool UseWgmma(int64_t N, const DeviceInfo& di) {
   return WgmmaEnabled(di) && N > kSmallBatch;
 }

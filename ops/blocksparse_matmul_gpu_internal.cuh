@@ -24,6 +24,11 @@ constexpr int kSmallestSmemOptin = 99 * 1024;
 // Tile-configuration variant for benchmarking (0 = default); see SetTuning in the header.
 int Tuning();
 
+// Whether the 16-bit products may run on Hopper's wgmma kernels (SetTuning 1-4 turn them off).
+inline bool WgmmaEnabled(const DeviceInfo& di) {
+  return (Tuning() == 0 || Tuning() >= 5) && di.cc_major == 9;
+}
+
 // Tensor-core launches, one explicit instantiation per element type (float, __half,
 // __nv_bfloat16) in blocksparse_matmul_gpu_{f32,f16,bf16}.cu.  `blocks` is the number of
 // stored blocks (forward uses it to size the split over clusters).

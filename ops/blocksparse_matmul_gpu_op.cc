@@ -73,9 +73,10 @@ absl::Status UploadLayout(OpKernelContext* ctx, const BlockLayout& l, const Bloc
   return absl::OkStatus();
 }
 
-// Device scratch for a call that runs its layout as 64-wide blocks (gpu::WorkspaceBytes);
-// none (data nullptr, bytes 0) where the call takes none.  Always passed where asked for, so
-// that a call's results never depend on whether memory was at hand (out of memory is an error).
+// Device scratch for a call that runs its layout as 64-wide blocks or on transposed batches
+// (gpu::WorkspaceBytes); none (data nullptr, bytes 0) where the call takes none.  Always
+// passed where asked for, so that a call's results never depend on whether memory was at hand
+// (out of memory is an error).
 struct Workspace {
   Tensor storage;
   void* data = nullptr;

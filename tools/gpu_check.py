@@ -6,6 +6,8 @@ No TensorFlow.  Modes:
   --correctness   every block size, dtype, feature axis, ragged N, empty rows/columns, against
                   float64 references; run-to-run bitwise determinism; argument validation.
   --check         a small subset, meant to run under compute-sanitizer.
+  --transposed    only the transposed-batch checks (with --check / --race: their sanitizer
+                  subsets), e.g. under racecheck without the whole --race subset.
   --bench         timing table against dense cuBLAS (torch.matmul) and PyTorch BSR.
   --bench-transpose  timing of the forward reading w's blocks transposed (the input gradient).
 Exits non-zero on any failure.
@@ -357,6 +359,18 @@ def bs64_narrow_checks(lib, res, gen, rng, quick):
         lib.set_tuning(0)
 
 
+def cover_bytes(lib, dt, N, fa, L, grad_w):
+    """The workspace a call asks for with transposed batches off (SetTuning(30) in place of the
+    default): what its cover alone asks for."""
+    if lib.tuning != 0:
+        return lib.workspace_bytes(dt, N, fa, L, grad_w)
+    lib.set_tuning(30)
+    try:
+        return lib.workspace_bytes(dt, N, fa, L, grad_w)
+    finally:
+        lib.set_tuning(0)
+
+
 def full_layout_checks(lib, res, gen, rng, quick=False, race=False):
     """Layouts of 8-, 16- and 32-wide blocks run as 64-wide blocks on their cover, with a
     workspace: full layouts (blocks in random order) and partial ones (the cover's blocks
@@ -381,11 +395,11 @@ def full_layout_checks(lib, res, gen, rng, quick=False, race=False):
                       f"full layout asks for a workspace: {dt} bs={bs} grad_w={grad_w} ({ws} B)")
         # One narrow block in each 64-wide block: a cover filled 1 / f^2, too thin to take.
         thin = Layout(np.argwhere(np.ones((2, 3), bool)) * f, 128 // bs, 192 // bs, bs)
-        res.check(thin.cover is not None and lib.workspace_bytes(dt, 4096, 1, thin, False) == 0,
+        res.check(thin.cover is not None and cover_bytes(lib, dt, 4096, 1, thin, False) == 0,
                   f"no workspace for a thinly filled cover: {dt} bs={bs}")
         if dt != "float32" and bs == 16:  # a cover filled 0.3-0.6: taken at long batches only
-            res.check(lib.workspace_bytes(dt, 4096, 1, part, False) > 0 and
-                      lib.workspace_bytes(dt, 64, 1, part, False) == 0,
+            res.check(cover_bytes(lib, dt, 4096, 1, part, False) > 0 and
+                      cover_bytes(lib, dt, 64, 1, part, False) == 0,
                       f"workspace for a partial cover at 4096 rows, not at 64: {dt} bs={bs}")
         for L in ([full] if race else [full, part]):
             if tuning == 0:
@@ -414,9 +428,84 @@ def full_layout_checks(lib, res, gen, rng, quick=False, race=False):
             lib.set_tuning(tuning)
     if not race:  # 96 x 160 features: 64-wide blocks do not cover them
         L = random_layout(96 // 16, 160 // 16, 16, 1.1, rng)
-        res.check(L.cover is None and lib.workspace_bytes("bfloat16", 4096, 1, L, False) == 0,
+        res.check(L.cover is None and cover_bytes(lib, "bfloat16", 4096, 1, L, False) == 0,
                   "no workspace for a full layout 64-wide blocks do not divide")
         run_case(lib, res, "bfloat16", 16, L, 264, 1, gen, ops=("fwd", "dw", "dx"))
+    lib.use_workspace = lib.poison_workspace = False
+
+
+def transposed_batch_checks(lib, res, gen, rng, quick=False, race=False):
+    """16-bit bs-16 products with feature axis 1 on feature axis 0's kernels (x and dy
+    transposed into the workspace, y transposed back; Hopper's wgmma kernels only): under
+    SetTuning(32), forward, dW and input gradient against float64 on a layout without a cover
+    (10 x 7 blocks, an empty block row and column), the forward in passes of 256 rows (N = 520:
+    two full passes and one of 8 rows), the workspace filled with NaN bytes before every call;
+    bit for bit the products of feature axis 0 on transposed copies (N = 256, one pass); the
+    default's rule ((density - 0.04) N >= 40 rows, 0.015 where x outgrows the L2, not with
+    float32 or a cover)."""
+    if torch.cuda.get_device_capability()[0] != 9 or lib.tuning != 0:
+        return  # the wgmma kernels are off (SetTuning 1-4) or absent
+    tuning = lib.tuning
+    lib.use_workspace = lib.poison_workspace = True
+    L = random_layout(10, 7, 16, 0.3, rng, empty_rows=[2], empty_cols=[3])
+    C, K = L.CB * 16, L.KB * 16
+    for dt in ["bfloat16"] if race else ["bfloat16", "float16"]:
+        tdt = DTYPES[dt][1]
+        lib.set_tuning(0)
+        # The rule (kTransposedMinDensity, kTransposedMinExcess in blocksparse_matmul_gpu.cu).
+        density = L.blocks / (L.CB * L.KB)
+        cases = [(N, fa, gw) for N in (72, 96, 128, 160, 256, 4096, 4100)
+                 for fa, gw in ((1, False), (1, True), (0, False))]
+        asked = [lib.workspace_bytes(dt, N, fa, L, gw) for N, fa, gw in cases]
+        expected = [(C + K) * N * 2 if fa == 1 and N % 8 == 0 and (density - 0.04) * N >= 40
+                    else 0 for N, fa, gw in cases]
+        declined = [e == 0 for (N, fa, _), e in zip(cases, expected) if fa == 1 and N % 8 == 0]
+        res.check(asked == expected and any(declined) and not all(declined),
+                  f"transposed batches asked for where the rule says (feature axis 1, N % 8 == "
+                  f"0, (density - 0.04) N >= 40): {dt} density {density:.3f} {asked} {expected}")
+        # Where x outgrows the L2 the least density drops from 4% to 1.5%: a 2% layout of C =
+        # K = 8192 at 16384 rows (x 256 MiB), not at 2048 (x 32 MiB).
+        l2 = torch.cuda.get_device_properties(0).L2_cache_size
+        big = random_layout(512, 512, 16, 0.02, rng)
+        asked = [lib.workspace_bytes(dt, N, 1, big, gw) > 0 for N in (2048, 16384)
+                 for gw in (False, True)]
+        applies = 2048 * 8192 * 2 < l2 <= 16384 * 8192 * 2  # the L2 of an H100 or H200
+        res.check(not applies or asked == [False, False, True, True],
+                  f"transposed batches at 2% density where x outgrows the L2: {dt} {asked}")
+        lib.set_tuning(32)
+        for N in [264] if race or quick else [264, 520, 1000]:
+            res.check(lib.workspace_bytes(dt, N, 1, L, False) == (C + K) * min(N, 256) * 2 and
+                      lib.workspace_bytes(dt, N, 1, L, True) == (C + K) * N * 2,
+                      f"transposed batches under SetTuning(32): {dt} N={N}")
+            run_case(lib, res, dt, 16, L, N, 1, gen, ops=("fwd", "dw", "dx"))
+        if race:
+            continue
+        x = torch.randn(256, C, generator=gen, device="cuda").to(tdt)
+        dy = torch.randn(256, K, generator=gen, device="cuda").to(tdt)
+        w = torch.randn(L.blocks, 16, 16, generator=gen, device="cuda").to(tdt)
+        y = torch.full((256, K), float("nan"), dtype=tdt, device="cuda")
+        y0 = torch.full((K, 256), float("nan"), dtype=tdt, device="cuda")
+        dw = torch.full((L.blocks, 16, 16), float("nan"), dtype=tdt, device="cuda")
+        dw0 = torch.full_like(dw, float("nan"))
+        # The workspace, NaN-filled before each call, then holds x^T (and dy^T): the call took
+        # the transposed batches rather than feature axis 1's kernels.
+        ws = lambda rows, off=0: lib._workspace[2 * off * 256:2 * (off + rows) * 256].view(
+            tdt).view(rows, 256)
+        rcs = [lib.forward(dt, x, w, y, 256, 1, L)]
+        torch.cuda.synchronize()
+        took = [same_bits(ws(C), x.t().contiguous())]
+        rcs.append(lib.grad_w(dt, x, dy, dw, 256, 1, L))
+        torch.cuda.synchronize()
+        took.append(same_bits(ws(C), x.t().contiguous()) and
+                    same_bits(ws(K, C), dy.t().contiguous()))
+        rcs += [lib.forward(dt, x.t().contiguous(), w, y0, 256, 0, L),
+                lib.grad_w(dt, x.t().contiguous(), dy.t().contiguous(), dw0, 256, 0, L)]
+        torch.cuda.synchronize()
+        res.check(rcs == [0] * 4 and took == [True, True],
+                  f"transposed batches taken (x^T, dy^T in the workspace): {dt} {rcs} {took}")
+        res.check(same_bits(y, y0.t().contiguous()) and same_bits(dw, dw0),
+                  f"transposed batches = feature axis 0 on transposed copies, bit for bit: {dt}")
+    lib.set_tuning(tuning)
     lib.use_workspace = lib.poison_workspace = False
 
 
@@ -754,6 +843,7 @@ def correctness(lib, res, quick=False, race=False):
                                  else ("fwd", "dw"))
     empty_layout_checks(lib, res, quick or race)
     full_layout_checks(lib, res, gen, rng, quick, race)
+    transposed_batch_checks(lib, res, gen, rng, quick, race)
     if not race:
         bs64_narrow_checks(lib, res, gen, rng, quick)
     if quick or race:
@@ -1218,6 +1308,8 @@ def main():
     ap.add_argument("--correctness", action="store_true")
     ap.add_argument("--check", action="store_true", help="small subset for compute-sanitizer")
     ap.add_argument("--race", action="store_true", help="tiny subset for racecheck")
+    ap.add_argument("--transposed", action="store_true",
+                    help="only the transposed-batch checks (with --race: their racecheck subset)")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--bench-transpose", action="store_true",
@@ -1232,11 +1324,16 @@ def main():
     res = Results()
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}", flush=True)
     lib.set_tuning(args.tuning)
-    if args.check:
+    if args.transposed:
+        rng = np.random.default_rng(1234)
+        gen = torch.Generator(device="cuda")
+        gen.manual_seed(1234)
+        transposed_batch_checks(lib, res, gen, rng, quick=args.check, race=args.race)
+    elif args.check:
         correctness(lib, res, quick=True)
-    if args.race:
+    if args.race and not args.transposed:
         correctness(lib, res, race=True)
-    if args.correctness:
+    if args.correctness and not args.transposed:
         correctness(lib, res, quick=args.quick)
     print(f"checks: {res.passed} passed, {len(res.failed)} failed", flush=True)
     if args.bench_transpose:

@@ -577,20 +577,21 @@ constexpr int64_t kTransposedGradWMaxBytes = int64_t{1} << 30;
 constexpr int64_t kTransposedTestRows = 256;
 
 // Where the transposes pay: (density - least) x N >= kTransposedMinExcess, density the stored
-// blocks over CB x KB, least kTransposedMinDensity (or ...FarOverL2, below).  The transposes cost a pass over x and y (dy) and
-// the products gain in proportion to their blocks, so density decides, and a few launches'
-// fixed cost tips small batches.  Measured side by side on an H100 (bf16, C = K = 4096,
-// random layouts, us, transposes off -> on, forward / dW): N = 4096 at 3% 86.7 -> 105.1 /
-// 108.3 -> 112.6, 5% 128.9 -> 124.9 / 171.0 -> 151.0, 10% 235.1 -> 178.2 / 297.4 -> 200.0;
-// N = 1024 at 5% 38.0 -> 41.8 / 44.7 -> 48.8, 10% 66.5 -> 56.3 / 69.8 -> 62.4; N = 512 at 10%
-// 36.1 -> 33.9 / 38.9 -> 40.8, 15% 50.1 -> 39.8 / 50.3 -> 48.5; N = 256 slower up to 15%
-// (10%: 22.8 -> 30.0), at 25% 45.2 -> 45.1 / 43.4 -> 46.3.  Where x outgrows the L2 (C = K = 4096, N = 4096: x is
-// 0.64 times an H100's L2), feature axis 1's reads of it miss the L2 more often and the
-// transposes pay from lower densities: kTransposedMinDensityFarOverL2 (C = K = 8192; N = 4096,
-// x 1.3 times the L2: 3% 295 -> 258 / 579 -> 292; N = 8192: 2% 414 -> 416 / 742 -> 482, 3%
-// 581 -> 500 / 1303 -> 620; N = 16384: 1% 486 -> 696 / 767 -> 888, 2% 821 -> 831 / 1001 ->
-// 945, 3% forward 1155 -> 999, 5% 1824 -> 1349 / 2142 -> 1660).  The whole sweep:
-// docs/benchmark_history_gpu.md, "Feature axis 1 through transposed batches".
+// blocks over CB x KB, least kTransposedMinDensity (or ...FarOverL2, below).  The transposes cost a
+// pass over x and y (dy) and the products gain in proportion to their blocks, so density decides,
+// and a few launches' fixed cost tips small batches.  Measured side by side on an H100 (bf16,
+// C = K = 4096, random layouts, us, transposes off -> on, forward / dW): N = 4096 at 3%
+// 86.7 -> 105.1 / 108.3 -> 112.6, 5% 128.9 -> 124.9 / 171.0 -> 151.0, 10%
+// 235.1 -> 178.2 / 297.4 -> 200.0; N = 1024 at 5% 38.0 -> 41.8 / 44.7 -> 48.8, 10%
+// 66.5 -> 56.3 / 69.8 -> 62.4; N = 512 at 10% 36.1 -> 33.9 / 38.9 -> 40.8, 15%
+// 50.1 -> 39.8 / 50.3 -> 48.5; N = 256 slower up to 15% (10%: 22.8 -> 30.0), at 25%
+// 45.2 -> 45.1 / 43.4 -> 46.3.  Where x outgrows the L2 (C = K = 4096, N = 4096: x is 0.64 times an
+// H100's L2), feature axis 1's reads of it miss the L2 more often and the transposes pay from lower
+// densities: kTransposedMinDensityFarOverL2 (C = K = 8192; N = 4096, x 1.3 times the L2: 3%
+// 295 -> 258 / 579 -> 292; N = 8192: 2% 414 -> 416 / 742 -> 482, 3% 581 -> 500 / 1303 -> 620;
+// N = 16384: 1% 486 -> 696 / 767 -> 888, 2% 821 -> 831 / 1001 -> 945, 3% forward 1155 -> 999, 5%
+// 1824 -> 1349 / 2142 -> 1660).  The whole sweep: docs/benchmark_history_gpu.md, "Feature axis 1
+// through transposed batches".
 constexpr double kTransposedMinDensity = 0.04;
 constexpr double kTransposedMinDensityFarOverL2 = 0.015;
 constexpr double kTransposedFarOverL2 = 1.0;

@@ -80,14 +80,15 @@
 // the cover has no narrow block, so that an infinity or NaN in x reaches every output of the
 // 64-wide blocks that read it, as in a dense product), so whether a caller passes the workspace
 // decides the last bits: pass it always or never for results that are bitwise the same from call to
-// call.  Without a cover, a 16-bit bs-16 product with feature_axis 1 on Hopper (N a multiple of 8
-// and above 64, where (density - d0) x N >= 40 with d0 = 4%, or 1.5% where x is at least the L2's
-// size: from 5% density at 4096 rows, 8% at 1024, 12% at 512) asks for a workspace of (C + K) x
-// rows elements instead: x (and dy) are transposed into it and the product runs on feature_axis 0's
-// kernels, whose copies read whole rows of x^T rather than 32 bytes of every row of x (y transposed
-// back; the forward in passes of `rows` batch rows within 256 MiB of workspace; dW transposes the
-// whole batch, where that takes at most 1 GiB).  Its sums are those of feature_axis 0 on the
-// transposed inputs, pass by pass, bit for bit.  WorkspaceBytes is 0 where a call takes none.
+// call.  Where no cover is taken, a 16-bit bs-16 product with feature_axis 1 on Hopper (x, w and y
+// 16-byte aligned, N a multiple of 8 and above 64, where (density - d0) x N >= 40 with d0 = 4%, or
+// 1.5% where x is at least the L2's size: from 5% density at 4096 rows, 8% at 1024, 12% at 512)
+// asks for a workspace of (C + K) x rows elements instead: x (and dy) are transposed into it and
+// the product runs on feature_axis 0's kernels, whose copies read whole rows of x^T rather than 32
+// bytes of every row of x (y transposed back; the forward in passes of `rows` batch rows within 256
+// MiB of workspace; dW transposes the whole batch, where that takes at most 1 GiB).  Its sums are
+// those of feature_axis 0 on the transposed inputs, pass by pass, bit for bit.  WorkspaceBytes is 0
+// where a call takes none.
 // Measured performance (H100, H200): docs/benchmarks_gpu.md; tests: tools/gpu_check.sh.
 #ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
 #define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_

@@ -35,6 +35,10 @@ torch.backends.cudnn.allow_tf32 = False
 
 
 # ----------------------------------------------------------------------------------------------
+# Bytes after a poisoned workspace (Lib.poison_workspace) that no call may write.
+WORKSPACE_GUARD = 256
+
+
 class Lib:
     def __init__(self, path):
         self.lib = ctypes.CDLL(path)
@@ -64,7 +68,8 @@ class Lib:
         # checks, so that they keep testing the kernels of the narrow blocks.
         self.use_workspace = False
         # Fill the workspace with NaN bytes before each call (checks: the cover's blocks
-        # without narrow blocks must be written as zeros by the call itself).
+        # without narrow blocks must be written as zeros by the call itself), allocated at the
+        # size the call asks for with a guard after it that the call must not touch.
         self.poison_workspace = False
         self._workspace = None
 
@@ -81,11 +86,17 @@ class Lib:
         nbytes = self.workspace_bytes(dt, N, fa, L, grad_w)
         if nbytes == 0:
             return None, 0
+        if self.poison_workspace:
+            # Exactly the bytes asked for, as the TensorFlow op allocates them, and a guard
+            # after them that the call must leave as it is (see _call).
+            self._workspace = None
+            self._workspace = torch.full((nbytes + WORKSPACE_GUARD,), 255, dtype=torch.uint8,
+                                         device="cuda")
+            torch.cuda.synchronize()  # filled before a call on another stream reads it
+            return self._workspace.data_ptr(), nbytes
         if self._workspace is None or self._workspace.numel() < nbytes:
             self._workspace = None
             self._workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-        if self.poison_workspace:
-            self._workspace.fill_(255)
         return self._workspace.data_ptr(), nbytes
 
     def _call(self, f, dt, a, b, out, N, fa, L, stream=None, raw_ptrs=None, grad_w=False):
@@ -94,7 +105,12 @@ class Lib:
                             b.data_ptr() if b is not None else None,
                             out.data_ptr() if out is not None else None)
         ws, ws_bytes = self._workspace_for(dt, N, fa, L, grad_w)
-        return f(DTYPES[dt][0], ptrs[0], ptrs[1], ptrs[2], N, fa, *L.args(), ws, ws_bytes, s)
+        rc = f(DTYPES[dt][0], ptrs[0], ptrs[1], ptrs[2], N, fa, *L.args(), ws, ws_bytes, s)
+        if ws is not None and self.poison_workspace:
+            torch.cuda.synchronize()  # the call may run on another stream
+            if not bool((self._workspace[ws_bytes:] == 255).all()):
+                raise RuntimeError(f"a call wrote past the {ws_bytes} workspace bytes it asked for")
+        return rc
 
     def forward(self, dt, x, w, y, N, fa, L, **kw):
         return self._call(self.lib.bsmm_gpu_forward, dt, x, w, y, N, fa, L, **kw)
@@ -472,6 +488,14 @@ def transposed_batch_checks(lib, res, gen, rng, quick=False, race=False):
         applies = 2048 * 8192 * 2 < l2 <= 16384 * 8192 * 2  # the L2 of an H100 or H200
         res.check(not applies or asked == [False, False, True, True],
                   f"transposed batches at 2% density where x outgrows the L2: {dt} {asked}")
+        # Not for float32, and a cover the rule takes comes first: a full 4 x 4-block layout
+        # asks for its cover's bytes alone.
+        full = Layout(np.argwhere(np.ones((4, 4), bool)), 4, 4, 16)
+        covered = lib.workspace_bytes(dt, 4096, 1, full, False)
+        res.check(lib.workspace_bytes("float32", 4096, 1, L, False) == 0 and
+                  covered == cover_bytes(lib, dt, 4096, 1, full, False) > 0 and
+                  covered != 128 * 4096 * 2,
+                  f"transposed batches neither for float32 nor before a cover: {dt} {covered}")
         lib.set_tuning(32)
         for N in [264] if race or quick else [264, 520, 1000]:
             res.check(lib.workspace_bytes(dt, N, 1, L, False) == (C + K) * min(N, 256) * 2 and
@@ -1325,6 +1349,8 @@ def main():
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}", flush=True)
     lib.set_tuning(args.tuning)
     if args.transposed:
+        res.check(torch.cuda.get_device_capability()[0] == 9 and args.tuning == 0,
+                  "--transposed needs a Hopper GPU (wgmma) and --tuning 0")
         rng = np.random.default_rng(1234)
         gen = torch.Generator(device="cuda")
         gen.manual_seed(1234)

@@ -11,10 +11,11 @@
 //   SparseDotGradWKernel: one CTA per (64 input features, tile column j) of dw: accumulates
 //     x^T . dy over the examples listed for j, 64 at a time, skipping groups of 64 in which no
 //     example uses those input features.
-// Operands stream through a cp.async pipeline in shared memory (two or three stages), with the
+// Operands stream through a cp.async pipeline in shared memory (two to four stages), with the
 // masks applied on the way: a masked-off x chunk is zero-filled, never read (masks narrower than
 // a 16-byte chunk are applied element-wise once the chunk has landed).  Everything runs on the
-// tensor cores (mma.sync, sm_80+): 16-bit inputs directly, float32 as 3xTF32.
+// tensor cores: mma.sync (sm_80+) with 16-bit inputs directly and float32 as 3xTF32, wgmma
+// (sm_90a) for SparseDotWgmmaKernel.
 #include "ops/sparse_dot_gpu.h"
 
 #include <cuda_bf16.h>
@@ -900,8 +901,12 @@ int CheckArgs(DType dt, int64_t n, int64_t m, int64_t p, int64_t bs, int64_t wor
   return cudaSuccess;
 }
 
-// SetTuning(33): the forward on the mma.sync kernel wherever wgmma would run (benchmarks, tests).
+// SetTuning(33): the forward on the mma.sync kernel wherever wgmma would run (benchmarks,
+// tests); SetTuning(34): the wgmma forward's grid at most 2 row tiles high, so that each CTA
+// loops over several tiles (tests); SetTuning(19) runs as a compute capability 8.6 GPU.
 constexpr int kTuningSparseDotMma = 33;
+constexpr int kTuningSparseDotFewRowTiles = 34;
+constexpr int kTuningAsSm86 = 19;
 
 // Compute capability major version of the current device, queried once per device.
 int DeviceMajor() {
@@ -920,14 +925,16 @@ int DeviceMajor() {
 // mask block), m and p multiples of 64, the vector path, a Hopper GPU.
 bool WgmmaForward(DType dt, const Problem& P, bool grad) {
   return !grad && dt != DType::kFloat32 && P.bs >= 8 && P.m % 64 == 0 && P.p % 64 == 0 &&
-         P.vec && internal::Tuning() != kTuningSparseDotMma && DeviceMajor() == 9;
+         P.vec && internal::Tuning() != kTuningSparseDotMma &&
+         internal::Tuning() != kTuningAsSm86 && DeviceMajor() == 9;
 }
 
 template <typename T>
 int LaunchWgmmaForward(const Problem& P, cudaStream_t stream) {
   const int64_t row_tiles = (P.n + kSdRows - 1) / kSdRows;
+  const int64_t most = internal::Tuning() == kTuningSparseDotFewRowTiles ? 2 : 65535;
   const dim3 grid(static_cast<unsigned>(P.p / kSdCols),
-                  static_cast<unsigned>(row_tiles < 65535 ? row_tiles : 65535));
+                  static_cast<unsigned>(row_tiles < most ? row_tiles : most));
   const cudaError_t e =
       P.transpose_w
           ? PrepareKernel<SdWgmmaTag<T, true>>(SparseDotWgmmaKernel<T, true>, kSdSmemBytes)

@@ -230,6 +230,21 @@ __device__ __forceinline__ void FenceSharedForAsyncProxy() {
 #endif
 }
 
+// Stages an accumulator of y^T (64 output features x kN batch rows, m64nkNk16 fragments:
+// this thread holds features m and m + 8 of batch rows 8 i + n and 8 i + n + 1) as rows of y:
+// staged row r (L elements apart) is batch row r, its 64 features rounded to T.
+template <typename T, int kN, int L>
+__device__ __forceinline__ void StageTransposedAcc(const float* acc, T* Cs, int m, int n) {
+#pragma unroll
+  for (int i = 0; i < kN / 8; ++i) {
+    T* r = Cs + (8 * i + n) * L + m;
+    r[0] = FromF<T>(acc[4 * i]);
+    r[L] = FromF<T>(acc[4 * i + 1]);
+    r[8] = FromF<T>(acc[4 * i + 2]);
+    r[L + 8] = FromF<T>(acc[4 * i + 3]);
+  }
+}
+
 // Copies a staged output tile to y in 16-byte chunks; staged rows are kWidth elements, L
 // apart.  Feature axis 1 (y (N, K)): staged row r is batch row n0 + r, written from column
 // col0; rows at or past N are skipped.  Feature axis 0 (y (K, N)): staged row r is output
@@ -392,14 +407,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
     T* Cs = reinterpret_cast<T*>(smem + ((g + kStages - 1) % kStages) * Cfg::kStageBytes);
     if constexpr (FA == 1) {  // y (N, K): staged rows are batch rows
       constexpr int L = Cfg::kStageLd1;
-#pragma unroll
-      for (int i = 0; i < kBM / 8; ++i) {
-        T* r = Cs + (8 * i + n) * L + m;
-        r[0] = FromF<T>(acc[4 * i]);
-        r[L] = FromF<T>(acc[4 * i + 1]);
-        r[8] = FromF<T>(acc[4 * i + 2]);
-        r[L + 8] = FromF<T>(acc[4 * i + 3]);
-      }
+      StageTransposedAcc<T, kBM, L>(acc, Cs, m, n);
       __syncthreads();
       CopyOutStagedTile<T, 1, kBM, kBS, L, Cfg::kThreads>(Cs, gy, tid, n0, N, K,
                                                            static_cast<int64_t>(kcol) * kBS);

@@ -1,18 +1,21 @@
 // CUDA kernels of sparse_dot (see sparse_dot_gpu.h for the semantics and the strategy).
 //
-// Three kernels:
+// Four kernels:
 //   ListActiveRowsKernel: per tile column of W output features, the examples with an active
 //     output block there (ascending), then the others.
+//   SparseDotWgmmaKernel: the 16-bit forward on Hopper (wgmma) where bs >= 8 and m, p are
+//     multiples of 64: tiles of 64 output features x 128 listed examples (see there).
 //   SparseDotKernel:  one CTA per (tile column j, tile of 64 listed examples): it finds the
 //     input tiles used by any of its examples, then accumulates x_tile . W_tile over them.
 //     Tiles made only of inactive examples just write zeros.
 //   SparseDotGradWKernel: one CTA per (64 input features, tile column j) of dw: accumulates
 //     x^T . dy over the examples listed for j, 64 at a time, skipping groups of 64 in which no
 //     example uses those input features.
-// Operands stream through a cp.async pipeline in shared memory (two or three stages), with the
+// Operands stream through a cp.async pipeline in shared memory (two to four stages), with the
 // masks applied on the way: a masked-off x chunk is zero-filled, never read (masks narrower than
 // a 16-byte chunk are applied element-wise once the chunk has landed).  Everything runs on the
-// tensor cores (mma.sync, sm_80+): 16-bit inputs directly, float32 as 3xTF32.
+// tensor cores: mma.sync (sm_80+) with 16-bit inputs directly and float32 as 3xTF32, wgmma
+// (sm_90a) for SparseDotWgmmaKernel.
 #include "ops/sparse_dot_gpu.h"
 
 #include <cuda_bf16.h>
@@ -23,7 +26,9 @@
 #include <cstdint>
 
 #include "ops/block_layout.h"
+#include "ops/blocksparse_matmul_gpu_internal.cuh"
 #include "ops/blocksparse_matmul_gpu_mma.cuh"
+#include "ops/blocksparse_matmul_gpu_wgmma.cuh"
 
 namespace blocksparse {
 namespace gpu {
@@ -558,6 +563,147 @@ __global__ void __launch_bounds__(kThreads) SparseDotKernel(const Problem P) {
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// Forward of 16-bit products on Hopper (wgmma, sm_90a), for bs >= 8 and m, p multiples of 64.
+// Tile columns are 64 output features wide (the examples listed per 64-wide column); a CTA
+// computes the transpose of one tile, y^T[64 features][128 listed examples], as the bs-64
+// block-sparse forward does (blocksparse_matmul_gpu_wgmma.cuh): per step of 64 input features,
+// in increasing order,
+//   acc (64 x 128) += W^T tile (A: 64 outputs x 64 inputs; w (m, p) stored M-contiguous: the
+//                    transpose flag; w (p, m) with transpose_w K-contiguous)
+//                   * x^T tile (B: 64 inputs x 128 examples, the listed examples' rows
+//                    gathered, K-contiguous)
+// as four k16 slices, both operands in the 128-byte swizzle, copied by cp.async kSdStages - 1
+// steps ahead of their wgmma group.  The input mask is applied as the rows are copied:
+// a 16-byte chunk (8 features, within one mask block as bs >= 8) of an inactive block, or of a
+// position past the listed examples, is zero-filled and never read; each thread reads the mask
+// entries of its chunks one step ahead of their copies.  The output mask is applied as the
+// tile is stored: chunks of inactive blocks are written as zeros, so every element of y is
+// written.  Tiles whose positions all lie past the listed examples write zeros only.
+constexpr int kSdCols = 64;    // output features per tile: wgmma's M
+constexpr int kSdRows = 128;   // listed examples per tile: wgmma's N
+constexpr int kSdStages = 4;
+constexpr int kSdThreads = 128;
+constexpr int kSdWBytes = kSdCols * 64 * 2, kSdXBytes = kSdRows * 64 * 2;
+constexpr int kSdStageBytes = kSdWBytes + kSdXBytes;
+constexpr int kSdSmemBytes = 1024 + kSdStages * kSdStageBytes;
+constexpr int kSdStageLd = kSdCols + 8;  // staged output rows, padded by 16 bytes
+static_assert(kSdRows * kSdStageLd * 2 <= kSdStageBytes, "the output tile fits one stage");
+template <typename T, bool kTransW>
+struct SdWgmmaTag {};  // PrepareKernel's flags, one per instantiation
+
+template <typename T, bool kTransW>
+__global__ void __launch_bounds__(kSdThreads) SparseDotWgmmaKernel(const Problem P) {
+#if BSMM_HAS_WGMMA
+  using namespace wgmma_impl;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint32_t smem_base;
+  unsigned char* smem = Align1024(smem_raw, &smem_base);
+  const T* __restrict__ x = static_cast<const T*>(P.a);
+  const T* __restrict__ w = static_cast<const T*>(P.b);
+  T* __restrict__ y = static_cast<T*>(P.out);
+  const int64_t n = P.n, m = P.m, p = P.p, MB = m / P.bs, PB = p / P.bs;
+  const int sh = P.bs_shift, tid = threadIdx.x;
+  const int64_t g0 = static_cast<int64_t>(blockIdx.x) * kSdCols;  // first output feature
+  const int32_t* listed = P.rows + static_cast<int64_t>(blockIdx.x) * n;
+  const int64_t count = P.counts[blockIdx.x];
+  const int steps = static_cast<int>(m / 64);
+  // Copies: W rows w_row0 + 16 i, x rows (positions) x_row0 + 16 i, chunk tid % 8 of each.
+  // A row r + 16 i keeps row r's swizzle (r % 8 does not change).
+  const int chunk = tid & 7, row0 = tid >> 3;
+  const int dst0 = SwizzledR<128>(row0, chunk);
+  // W rows: input features (w (m, p)) or output features (w (p, m)), 64 elements each.
+  const T* const w_src = kTransW ? w + (g0 + row0) * m + chunk * 8 : w + row0 * p + g0 + chunk * 8;
+  const int64_t w_row_step = kTransW ? 16 * m : 16 * p;   // between a thread's rows
+  const int64_t w_step = kTransW ? 64 : 64 * p;           // between steps
+  const int lane = tid & 31, fm = 16 * (tid >> 5) + (lane >> 2), fn = 2 * (lane & 3);
+
+  for (int64_t t = blockIdx.y; t * kSdRows < n; t += gridDim.y) {
+    const int64_t r0 = t * kSdRows;
+    // This thread's x rows (examples), -1 past the listed examples.
+    int32_t x_row[kSdRows / 16];
+#pragma unroll
+    for (int i = 0; i < kSdRows / 16; ++i) {
+      const int64_t pos = r0 + row0 + 16 * i;
+      x_row[i] = pos < count ? __ldg(listed + pos) : -1;
+    }
+    const int tile_steps = r0 < count ? steps : 0;
+    // Whether each of this thread's x chunks of the next step to copy is active.
+    bool on[kSdRows / 16];
+    auto read_mask = [&](int s) {
+      const int64_t blk = (static_cast<int64_t>(s) * 64 + chunk * 8) >> sh;
+#pragma unroll
+      for (int i = 0; i < kSdRows / 16; ++i)
+        on[i] = s < tile_steps && x_row[i] >= 0 &&
+                __ldg(P.in_mask + static_cast<int64_t>(x_row[i]) * MB + blk) != 0.f;
+    };
+    auto issue = [&](int s) {  // copies of step s into its stage, then the next step's masks
+      if (s < tile_steps) {
+        unsigned char* Ws = smem + (s % kSdStages) * kSdStageBytes;
+        unsigned char* Xs = Ws + kSdWBytes;
+        const T* ws = w_src + s * w_step;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) CpAsync16(Ws + dst0 + 16 * i * 128, ws + i * w_row_step, true);
+        const int64_t f0 = static_cast<int64_t>(s) * 64 + chunk * 8;
+#pragma unroll
+        for (int i = 0; i < kSdRows / 16; ++i)
+          CpAsync16(Xs + dst0 + 16 * i * 128, on[i] ? x + x_row[i] * m + f0 : x, on[i]);
+        read_mask(s + 1);
+      }
+      CpAsyncCommit();  // one group per step, empty or not, so the waits count steps
+    };
+    __syncthreads();  // the previous tile's epilogue is done with the stages
+    read_mask(0);
+#pragma unroll
+    for (int s = 0; s < kSdStages - 1; ++s) issue(s);
+    float acc[kSdRows / 2];
+#pragma unroll
+    for (int e = 0; e < kSdRows / 2; ++e) acc[e] = 0.f;
+    for (int s = 0; s < tile_steps; ++s) {
+      CpAsyncWait<kSdStages - 2>();  // this thread's copies of step s have landed
+      FenceSharedForAsyncProxy();
+      __syncthreads();  // everyone's have; step s - 1's wgmma (waited below) is done
+      issue(s + kSdStages - 1);  // into the stage step s - 1 read
+      const uint32_t w_base = smem_base + (s % kSdStages) * kSdStageBytes;
+      const uint32_t x_base = w_base + kSdWBytes;
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t ad = Descriptor(w_base + (kTransW ? kk * 32 : kk * 2048));
+        Wgmma<T, kSdRows, !kTransW, false>(acc, ad, Descriptor(x_base + kk * 32));
+      }
+      WgmmaCommit();
+      // Waited for here, not a step later: with copies issued while a group runs, ptxas
+      // serialized every wgmma of the loop (C7514).  Copies run kSdStages - 1 steps ahead.
+      WgmmaWait<0>();
+    }
+    WgmmaWait<0>();
+    CpAsyncWait<0>();
+    __syncthreads();  // every stage is free
+
+    // Epilogue: stage y's rows of the tile (position r: row r), then store 16-byte chunks
+    // where the output mask is on, zeros elsewhere.
+    T* Cs = reinterpret_cast<T*>(smem);
+    StageTransposedAcc<T, kSdRows, kSdStageLd>(acc, Cs, fm, fn);
+    __syncthreads();
+    for (int q = tid; q < kSdRows * (kSdCols / 8); q += kSdThreads) {
+      const int r = q / (kSdCols / 8), c8 = (q % (kSdCols / 8)) * 8;
+      const int64_t pos = r0 + r;
+      if (pos >= n) break;  // positions only grow with q
+      const int64_t row = __ldg(listed + pos);
+      const bool active =
+          pos < count && __ldg(P.out_mask + row * PB + ((g0 + c8) >> sh)) != 0.f;
+      *reinterpret_cast<uint4*>(y + row * p + g0 + c8) =
+          active ? *reinterpret_cast<const uint4*>(Cs + r * kSdStageLd + c8)
+                 : make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+#else
+  (void)P;
+  __trap();
+#endif
+}
+
 // Listed examples whose rows and input-tile mask bytes a dW CTA caches at once, and the input
 // features of a dW tile.
 constexpr int kGradRows = 256;
@@ -755,9 +901,57 @@ int CheckArgs(DType dt, int64_t n, int64_t m, int64_t p, int64_t bs, int64_t wor
   return cudaSuccess;
 }
 
+// SetTuning(33): the forward on the mma.sync kernel wherever wgmma would run (benchmarks,
+// tests); SetTuning(34): the wgmma forward's grid at most 2 row tiles high, so that each CTA
+// loops over several tiles (tests); SetTuning(19) runs as a compute capability 8.6 GPU.
+constexpr int kTuningSparseDotMma = 33;
+constexpr int kTuningSparseDotFewRowTiles = 34;
+constexpr int kTuningAsSm86 = 19;
+
+// Compute capability major version of the current device, queried once per device.
+int DeviceMajor() {
+  static std::atomic<int> majors[64];  // 0: not yet known
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 0;
+  int major = majors[device].load();
+  if (major == 0 && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+                        cudaSuccess) {
+    majors[device].store(major);
+  }
+  return major;
+}
+
+// Whether a forward runs SparseDotWgmmaKernel: 16-bit, bs >= 8 (a copied chunk lies in one
+// mask block), m and p multiples of 64, the vector path, a Hopper GPU.
+bool WgmmaForward(DType dt, const Problem& P, bool grad) {
+  return !grad && dt != DType::kFloat32 && P.bs >= 8 && P.m % 64 == 0 && P.p % 64 == 0 &&
+         P.vec && internal::Tuning() != kTuningSparseDotMma &&
+         internal::Tuning() != kTuningAsSm86 && DeviceMajor() == 9;
+}
+
+template <typename T>
+int LaunchWgmmaForward(const Problem& P, cudaStream_t stream) {
+  const int64_t row_tiles = (P.n + kSdRows - 1) / kSdRows;
+  const int64_t most = internal::Tuning() == kTuningSparseDotFewRowTiles ? 2 : 65535;
+  const dim3 grid(static_cast<unsigned>(P.p / kSdCols),
+                  static_cast<unsigned>(row_tiles < most ? row_tiles : most));
+  const cudaError_t e =
+      P.transpose_w
+          ? PrepareKernel<SdWgmmaTag<T, true>>(SparseDotWgmmaKernel<T, true>, kSdSmemBytes)
+          : PrepareKernel<SdWgmmaTag<T, false>>(SparseDotWgmmaKernel<T, false>, kSdSmemBytes);
+  if (e != cudaSuccess) return e;
+  if (P.transpose_w) {
+    SparseDotWgmmaKernel<T, true><<<grid, kSdThreads, kSdSmemBytes, stream>>>(P);
+  } else {
+    SparseDotWgmmaKernel<T, false><<<grid, kSdThreads, kSdSmemBytes, stream>>>(P);
+  }
+  return cudaGetLastError();
+}
+
 int Run(DType dt, const Problem& P0, bool grad, void* workspace, CUstream_st* stream_handle) {
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const int64_t W = TileWidth(P0.bs), PJ = (P0.p + W - 1) / W;
+  const bool wgmma = WgmmaForward(dt, P0, grad);
+  const int64_t W = wgmma ? kSdCols : TileWidth(P0.bs), PJ = (P0.p + W - 1) / W;
   // Grid x dimensions: tile columns (forward) and 64-feature input tiles (dW); the forward
   // lists input tiles of W features as int32 in shared memory.
   if (PJ > INT32_MAX || (P0.m + kGradM - 1) / kGradM > INT32_MAX ||
@@ -772,6 +966,10 @@ int Run(DType dt, const Problem& P0, bool grad, void* workspace, CUstream_st* st
       const_cast<int32_t*>(P.counts));
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
+  if (wgmma) {
+    return dt == DType::kFloat16 ? LaunchWgmmaForward<__half>(P, stream)
+                                 : LaunchWgmmaForward<__nv_bfloat16>(P, stream);
+  }
   switch (dt) {
     case DType::kFloat32: return RunTyped<float>(P, grad, stream);
     case DType::kFloat16: return RunTyped<__half>(P, grad, stream);

@@ -20,7 +20,10 @@
 // as far as the examples of a tile agree on their inputs (for independent random masks with
 // 64 examples per tile almost no input tile is skipped).  All products run on tensor cores
 // (mma.sync, sm_80+): 16-bit inputs directly, float32 as "3xTF32" (operands split into TF32
-// high and residual parts, float32 accumulation: float32-level accuracy, not TF32's).
+// high and residual parts, float32 accumulation: float32-level accuracy, not TF32's).  On
+// Hopper the 16-bit forward (and so the input gradient) with bs >= 8 and m, p multiples of 64
+// runs on wgmma instead, over tiles of 64 output features x 128 listed examples, with no
+// input tile skipped (masked-off chunks of x are still never read).
 //
 // `workspace` (device memory, at least SparseDotWorkspaceBytes(n, p, bs) bytes, any content)
 // holds the example lists; it must not be shared by calls that may run concurrently.

@@ -9,6 +9,7 @@ builds (build/libbsmm_gpu.so).  Modes:
   --check        a small subset, for compute-sanitizer memcheck.
   --race         a tensor-core subset, for compute-sanitizer racecheck.
   --bench        forward / dx / dW times against dense cuBLAS (torch.matmul) by active fraction.
+  --side-by-side the 16-bit forward and dx on wgmma (Hopper's default) against mma.sync.
 Exits non-zero on any failure.
 """
 import argparse
@@ -34,7 +35,13 @@ class SparseDotLib:
         self.lib.sdot_gpu_forward.restype = I
         self.lib.sdot_gpu_grad_w.argtypes = [I, P, P, P, P, P, I64, I64, I64, I64, P, I64, P]
         self.lib.sdot_gpu_grad_w.restype = I
+        self.lib.bsmm_gpu_set_tuning.argtypes = [I]
+        self.lib.bsmm_gpu_set_tuning.restype = None
         self._ws = None
+
+    def set_tuning(self, variant):
+        """0: the defaults; 33: the forward on mma.sync where Hopper would take wgmma."""
+        self.lib.bsmm_gpu_set_tuning(variant)
 
     def workspace(self, n, p, bs, nbytes=None):
         need = self.lib.sdot_gpu_workspace_bytes(n, p, bs) if nbytes is None else nbytes
@@ -89,19 +96,24 @@ def unaligned(t):
 
 
 def check_case(lib, res, dt, bs, n, m, p, a_in, a_out, gen, transpose_w=False, misalign=False,
-               repeat=1):
+               repeat=1, zero_rows=True, poison_inactive=False):
+    """zero_rows: example 2 has no active input block and example 3 no active output block.
+    poison_inactive: x is NaN in its masked-off blocks (the kernels must not read them)."""
     tdt = DTYPES[dt][1]
     x = torch.randn(n, m, generator=gen, device="cuda").to(tdt)
     w = torch.randn(m, p, generator=gen, device="cuda").to(tdt)
     dy = torch.randn(n, p, generator=gen, device="cuda").to(tdt)
-    in_m = random_mask(n, m // bs, a_in, gen, zero_rows=(2,))
-    out_m = random_mask(n, p // bs, a_out, gen, zero_rows=(3,))
+    in_m = random_mask(n, m // bs, a_in, gen, zero_rows=(2,) if zero_rows else ())
+    out_m = random_mask(n, p // bs, a_out, gen, zero_rows=(3,) if zero_rows else ())
+    on_in = expand(in_m, bs) != 0
+    if poison_inactive:
+        x = torch.where(on_in, x, torch.full_like(x, float("nan")))
     wt = w.t().contiguous() if transpose_w else w
     if misalign:
         x, wt, dy = unaligned(x), unaligned(wt), unaligned(dy)
     tag = (f"{dt} bs={bs} n={n} m={m} p={p} in={a_in} out={a_out} T={int(transpose_w)} "
-           f"unaligned={int(misalign)}")
-    xin = x.double() * expand(in_m, bs)
+           f"unaligned={int(misalign)} poisoned={int(poison_inactive)}")
+    xin = torch.where(on_in, x.double(), torch.zeros((), dtype=torch.float64, device="cuda"))
     ref_y = (xin @ w.double()) * expand(out_m, bs)
     ref_dw = xin.t() @ (dy.double() * expand(out_m, bs))
     outs_y, outs_dw = [], []
@@ -127,6 +139,62 @@ def check_case(lib, res, dt, bs, n, m, p, a_in, a_out, gen, transpose_w=False, m
 
 # m, p per block size: ragged tile columns for bs < 16, several tiles everywhere.
 SHAPES = {1: (37, 45), 8: (24, 40), 16: (48, 80), 32: (96, 160), 64: (192, 128)}
+# m, p multiples of 64 for the 16-bit forward on wgmma (Hopper; mma.sync elsewhere): four
+# steps of 64 input features, three tile columns of 64 outputs (m != p, so that swapped strides
+# fail).
+WGMMA_SHAPE = (256, 192)
+
+
+def wgmma_forward_checks(lib, res, gen, quick=False):
+    """The 16-bit forward where Hopper runs it on wgmma (bs >= 8, m and p multiples of 64):
+    tiles of 128 listed examples (a ragged last one, one example, positions past the listed
+    ones, tiles with none listed, full tiles with every example listed), every mask
+    combination, x NaN where masked off, w transposed, long reductions, CTAs looping over row
+    tiles (SetTuning(34)), and the same cases on the mma.sync kernel (SetTuning(33))."""
+    m, p = WGMMA_SHAPE
+    fractions = [(0.5, 0.5), (1.0, 0.3), (0.3, 1.0), (1.0, 1.0), (0.0, 0.7), (0.6, 0.0)]
+    try:
+        for tuning in (0, 34, 33):
+            lib.set_tuning(tuning)
+            for dt in (["bfloat16"] if quick else ["bfloat16", "float16"]):
+                for bs in (8, 16, 32, 64):
+                    for n in ((7, 300) if quick else (1, 7, 128, 130, 300)):
+                        for a_in, a_out in ([fractions[i] for i in (0, 4, 5)] if quick else fractions):
+                            check_case(lib, res, dt, bs, n, m, p, a_in, a_out, gen,
+                                       poison_inactive=True)
+                    for transpose_w in (False, True):
+                        check_case(lib, res, dt, bs, 256, m, p, 1.0, 1.0, gen,
+                                   transpose_w=transpose_w, zero_rows=False)
+                        check_case(lib, res, dt, bs, 300, p, m, 0.5, 0.5, gen,
+                                   transpose_w=transpose_w, poison_inactive=True)
+                if not quick:
+                    check_case(lib, res, dt, 16, 1000, 4096, 128, 0.1, 0.5, gen, repeat=3)
+                    check_case(lib, res, dt, 64, 777, 1024, 512, 0.4, 0.05, gen,
+                               transpose_w=True, repeat=3)
+    finally:
+        lib.set_tuning(0)
+    if torch.cuda.get_device_capability()[0] == 9:
+        # Which kernel ran, from the example lists it left in the workspace: the wgmma forward
+        # lists per 64 output features (2 counts for p = 128), the mma.sync one per 16 at bs 16
+        # (8 counts); the counts come first, the lists 256 bytes on.
+        x = torch.randn(256, 256, device="cuda").bfloat16()
+        w = torch.randn(256, 128, device="cuda").bfloat16()
+        ones_in, ones_out = torch.ones(256, 16, device="cuda"), torch.ones(256, 8, device="cuda")
+        y = torch.empty(256, 128, dtype=torch.bfloat16, device="cuda")
+        counts = {}
+        try:
+            for tuning in (0, 33):
+                lib.set_tuning(tuning)
+                lib.workspace(256, 128, 16)
+                lib._ws.fill_(255)
+                rc = lib.forward("bfloat16", x, w, ones_in, ones_out, y, 256, 256, 128, 16)
+                torch.cuda.synchronize()
+                counts[tuning] = (rc, lib._ws[:32].view(torch.int32).tolist())
+        finally:
+            lib.set_tuning(0)
+        res.check(counts[0] == (0, [256, 256] + [-1] * 6) and counts[33] == (0, [256] * 8),
+                  f"sparse_dot forward on Hopper runs wgmma by default, mma.sync under "
+                  f"SetTuning(33) (rc and counts: {counts})")
 
 
 def correctness(lib, res, quick=False):
@@ -145,6 +213,7 @@ def correctness(lib, res, quick=False):
                 check_case(lib, res, dt, bs, 33, m, p, 0.5, 0.5, gen, misalign=True)
                 check_case(lib, res, dt, bs, 33, m, p, 0.5, 0.5, gen, transpose_w=True,
                            misalign=True)
+    wgmma_forward_checks(lib, res, gen, quick)
     if quick:
         return
     # Longer products: many input tiles (several mask chunks of 256 blocks at bs 1), many
@@ -163,6 +232,15 @@ def race_subset(lib, res):
     for bs, m, p in ((64, 512, 128), (32, 512, 64), (16, 512, 32), (8, 256, 32)):
         check_case(lib, res, "bfloat16", bs, 150, m, p, 0.7, 0.7, gen)
         check_case(lib, res, "bfloat16", bs, 150, m, p, 0.7, 0.7, gen, transpose_w=True)
+    # The wgmma forward (Hopper): eight steps through its four stages; two row tiles, and five
+    # looped over by each CTA (SetTuning(34)).
+    check_case(lib, res, "bfloat16", 16, 200, 512, 128, 0.7, 0.7, gen)
+    check_case(lib, res, "float16", 32, 200, 512, 128, 0.7, 0.7, gen, transpose_w=True)
+    try:
+        lib.set_tuning(34)
+        check_case(lib, res, "bfloat16", 64, 600, 512, 128, 0.7, 0.7, gen)
+    finally:
+        lib.set_tuning(0)
     check_case(lib, res, "float32", 32, 150, 512, 64, 0.7, 0.7, gen)
 
 
@@ -258,6 +336,59 @@ def benchmark(lib, res, out_md, quick=False):
     return md
 
 
+def side_by_side(lib, res):
+    """Table: the 16-bit forward and input gradient on Hopper's wgmma kernel (the default)
+    against the mma.sync kernel (SetTuning(33)), same masks and inputs, with dense cuBLAS."""
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(99)
+    fractions = [(1.0, 0.1), (0.1, 0.1), (0.25, 0.25), (0.5, 0.5), (1.0, 0.5), (1.0, 1.0)]
+    lines = ["| dtype | n x m x p | bs | active in | active out | dense ms | fwd mma.sync ms | "
+             "fwd wgmma ms | mma.sync / wgmma | dx mma.sync ms | dx wgmma ms | fwd x dense | "
+             "dx x dense |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    dt = "bfloat16"
+    tdt = DTYPES[dt][1]
+    for n, m, p in ((1024, 4096, 4096), (4096, 4096, 4096)):
+        x = torch.randn(n, m, generator=gen, device="cuda").to(tdt)
+        w = torch.randn(m, p, generator=gen, device="cuda").to(tdt)
+        dy = torch.randn(n, p, generator=gen, device="cuda").to(tdt)
+        t_dense = bench(lambda: torch.matmul(x, w))
+        for bs in (16, 32, 64):
+            for a_in, a_out in fractions:
+                in_m = random_mask(n, m // bs, a_in, gen)
+                out_m = random_mask(n, p // bs, a_out, gen)
+                y = torch.empty((n, p), dtype=tdt, device="cuda")
+                dx = torch.empty((n, m), dtype=tdt, device="cuda")
+                ref_y = (x.double() * expand(in_m, bs)) @ w.double() * expand(out_m, bs)
+                ref_dx = (dy.double() * expand(out_m, bs)) @ w.double().t() * expand(in_m, bs)
+                times = {}
+                for tuning in (33, 0):
+                    lib.set_tuning(tuning)  # reset by main's finally on an error
+                    y.fill_(float("nan"))
+                    dx.fill_(float("nan"))
+                    # dx = (dy * out) . w^T * in: w read as stored, transposed.
+                    rcs = [lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs),
+                           lib.forward(dt, dy, w, out_m, in_m, dx, n, p, m, bs, True)]
+                    torch.cuda.synchronize()
+                    e_y = rel_err(y, ref_y) if rcs == [0, 0] else float("inf")
+                    e_x = rel_err(dx, ref_dx) if rcs == [0, 0] else float("inf")
+                    res.check(e_y <= TOL[dt] and e_x <= TOL[dt],
+                              f"side by side tuning {tuning} n={n} bs={bs} in={a_in} "
+                              f"out={a_out} rc={rcs} relerr {e_y:.3g} / {e_x:.3g}")
+                    times[tuning] = (
+                        bench(lambda: lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs)),
+                        bench(lambda: lib.forward(dt, dy, w, out_m, in_m, dx, n, p, m, bs, True)))
+                lib.set_tuning(0)
+                (f_old, x_old), (f_new, x_new) = times[33], times[0]
+                line = (f"| {dt} | {n}x{m}x{p} | {bs} | {a_in:.0%} | {a_out:.0%} | "
+                        f"{t_dense:.4f} | {f_old:.4f} | {f_new:.4f} | {f_old / f_new:.2f} | "
+                        f"{x_old:.4f} | {x_new:.4f} | {t_dense / f_new:.2f} | "
+                        f"{t_dense / x_new:.2f} |")
+                lines.append(line)
+                print(line, flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lib", default=os.path.join(ROOT, "build", "libbsmm_gpu.so"))
@@ -265,6 +396,8 @@ def main():
     ap.add_argument("--check", action="store_true", help="small subset for compute-sanitizer")
     ap.add_argument("--race", action="store_true", help="tensor-core subset for racecheck")
     ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="16-bit forward and dx: the wgmma kernel against mma.sync (Hopper)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out-md", default=None)
     args = ap.parse_args()
@@ -279,6 +412,11 @@ def main():
     print(f"sparse_dot checks: {res.passed} passed, {len(res.failed)} failed", flush=True)
     if args.bench:
         print(benchmark(lib, res, args.out_md, quick=args.quick))
+    if args.side_by_side:
+        try:
+            side_by_side(lib, res)
+        finally:
+            lib.set_tuning(0)
     if res.failed:
         print("FAILED:\n  " + "\n  ".join(res.failed[:50]))
         sys.exit(1)

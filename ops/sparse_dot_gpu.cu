@@ -564,7 +564,8 @@ __global__ void __launch_bounds__(kThreads) SparseDotKernel(const Problem P) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Forward of 16-bit products on Hopper (wgmma, sm_90a), for bs >= 8 and m, p multiples of 64.
+// Forward of 16-bit products on Hopper (wgmma, sm_90a), for bs >= 8, m and p multiples of 64
+// and 16-byte aligned x, w and y (the vector path).
 // Tile columns are 64 output features wide (the examples listed per 64-wide column); a CTA
 // computes the transpose of one tile, y^T[64 features][128 listed examples], as the bs-64
 // block-sparse forward does (blocksparse_matmul_gpu_wgmma.cuh): per step of 64 input features,
@@ -952,8 +953,9 @@ int Run(DType dt, const Problem& P0, bool grad, void* workspace, CUstream_st* st
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const bool wgmma = WgmmaForward(dt, P0, grad);
   const int64_t W = wgmma ? kSdCols : TileWidth(P0.bs), PJ = (P0.p + W - 1) / W;
-  // Grid x dimensions: tile columns (forward) and 64-feature input tiles (dW); the forward
-  // lists input tiles of W features as int32 in shared memory.
+  // Grid x dimensions: tile columns (forward) and 64-feature input tiles (dW); the mma.sync
+  // forward lists input tiles of W features as int32 in shared memory, and the wgmma forward
+  // counts its steps of 64 input features in an int.
   if (PJ > INT32_MAX || (P0.m + kGradM - 1) / kGradM > INT32_MAX ||
       (P0.m + W - 1) / W > INT32_MAX)
     return cudaErrorInvalidValue;

@@ -40,7 +40,8 @@ class SparseDotLib:
         self._ws = None
 
     def set_tuning(self, variant):
-        """0: the defaults; 33: the forward on mma.sync where Hopper would take wgmma."""
+        """0: the defaults; 33: the forward on mma.sync where Hopper would take wgmma; 34: the
+        wgmma forward's grid two row tiles high, each CTA looping over several."""
         self.lib.bsmm_gpu_set_tuning(variant)
 
     def workspace(self, n, p, bs, nbytes=None):
@@ -233,7 +234,7 @@ def race_subset(lib, res):
         check_case(lib, res, "bfloat16", bs, 150, m, p, 0.7, 0.7, gen)
         check_case(lib, res, "bfloat16", bs, 150, m, p, 0.7, 0.7, gen, transpose_w=True)
     # The wgmma forward (Hopper): eight steps through its four stages; two row tiles, and five
-    # looped over by each CTA (SetTuning(34)).
+    # on a grid two tiles high, each CTA looping over two or three (SetTuning(34)).
     check_case(lib, res, "bfloat16", 16, 200, 512, 128, 0.7, 0.7, gen)
     check_case(lib, res, "float16", 32, 200, 512, 128, 0.7, 0.7, gen, transpose_w=True)
     try:

@@ -19,11 +19,10 @@
 
 namespace blocksparse {
 namespace gpu {
-namespace {
+namespace internal {
 
 // ------------------------------------------------------------------------------------------
 // Device attributes, queried once per device.
-using internal::DeviceInfo;
 constexpr int kMaxDevices = 64;
 constexpr int kTuningAsSm86 = 19;  // see SetTuning
 
@@ -61,6 +60,13 @@ int GetDeviceInfo(DeviceInfo* out, int* device) {
   // third_party/cuda/cuda.bzl): refuse before any launch.
   return out->cc_major < 8 ? cudaErrorNoKernelImageForDevice : cudaSuccess;
 }
+
+}  // namespace internal
+
+namespace {
+
+using internal::DeviceInfo;
+using internal::GetDeviceInfo;
 
 // ------------------------------------------------------------------------------------------
 // CUDA-core kernels: every dtype and block size; also the fallback for unaligned pointers.

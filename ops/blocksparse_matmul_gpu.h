@@ -200,6 +200,7 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //      forward in passes of 256 rows (for tests).
 //  33 and 34 (sparse_dot, ops/sparse_dot_gpu.cu): 33 runs the 16-bit forward on mma.sync where
 //      Hopper would take wgmma; 34 keeps wgmma with its CTAs looping over row tiles (tests).
+//      Variants 1-4 and 19 keep sparse_dot off wgmma too.
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
 // give variant 3's results bit for bit where neither splits a tile over a cluster (a split
 // changes the order of the sums; splits depend on the tile count).  All are deterministic.

@@ -24,6 +24,11 @@ constexpr int kSmallestSmemOptin = 99 * 1024;
 // Tile-configuration variant for benchmarking (0 = default); see SetTuning in the header.
 int Tuning();
 
+// The current device (into *device) and its attributes, queried once per device; under
+// SetTuning(19) those of a compute capability 8.6 GPU.  cudaErrorNoKernelImageForDevice below
+// compute capability 8.0.
+int GetDeviceInfo(DeviceInfo* out, int* device);
+
 // Whether the 16-bit products may run on Hopper's wgmma kernels (SetTuning 1-4 turn them off).
 inline bool WgmmaEnabled(const DeviceInfo& di) {
   return (Tuning() == 0 || Tuning() >= 5) && di.cc_major == 9;

@@ -904,30 +904,22 @@ int CheckArgs(DType dt, int64_t n, int64_t m, int64_t p, int64_t bs, int64_t wor
 
 // SetTuning(33): the forward on the mma.sync kernel wherever wgmma would run (benchmarks,
 // tests); SetTuning(34): the wgmma forward's grid at most 2 row tiles high, so that each CTA
-// loops over several tiles (tests); SetTuning(19) runs as a compute capability 8.6 GPU.
+// loops over several tiles (tests).  The block-sparse kernels' switches of wgmma apply too
+// (internal::WgmmaEnabled: off under SetTuning(1-4); SetTuning(19) runs as compute capability
+// 8.6).
 constexpr int kTuningSparseDotMma = 33;
 constexpr int kTuningSparseDotFewRowTiles = 34;
-constexpr int kTuningAsSm86 = 19;
-
-// Compute capability major version of the current device, queried once per device.
-int DeviceMajor() {
-  static std::atomic<int> majors[64];  // 0: not yet known
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 0;
-  int major = majors[device].load();
-  if (major == 0 && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
-                        cudaSuccess) {
-    majors[device].store(major);
-  }
-  return major;
-}
 
 // Whether a forward runs SparseDotWgmmaKernel: 16-bit, bs >= 8 (a copied chunk lies in one
 // mask block), m and p multiples of 64, the vector path, a Hopper GPU.
 bool WgmmaForward(DType dt, const Problem& P, bool grad) {
-  return !grad && dt != DType::kFloat32 && P.bs >= 8 && P.m % 64 == 0 && P.p % 64 == 0 &&
-         P.vec && internal::Tuning() != kTuningSparseDotMma &&
-         internal::Tuning() != kTuningAsSm86 && DeviceMajor() == 9;
+  if (grad || dt == DType::kFloat32 || P.bs < 8 || P.m % 64 != 0 || P.p % 64 != 0 || !P.vec ||
+      internal::Tuning() == kTuningSparseDotMma) {
+    return false;
+  }
+  internal::DeviceInfo di;
+  int device = 0;
+  return internal::GetDeviceInfo(&di, &device) == cudaSuccess && internal::WgmmaEnabled(di);
 }
 
 template <typename T>

@@ -138,6 +138,9 @@ def check_case(lib, res, dt, bs, n, m, p, a_in, a_out, gen, transpose_w=False, m
         res.check(same and same_dw, f"sparse_dot bitwise determinism {tag}")
 
 
+# (active in, active out) of the correctness checks: all-off masks on either side included.
+CHECK_FRACTIONS = [(0.5, 0.5), (1.0, 0.3), (0.3, 1.0), (1.0, 1.0), (0.0, 0.7), (0.6, 0.0)]
+
 # m, p per block size: ragged tile columns for bs < 16, several tiles everywhere.
 SHAPES = {1: (37, 45), 8: (24, 40), 16: (48, 80), 32: (96, 160), 64: (192, 128)}
 # m, p multiples of 64 for the 16-bit forward on wgmma (Hopper; mma.sync elsewhere): four
@@ -153,14 +156,15 @@ def wgmma_forward_checks(lib, res, gen, quick=False):
     combination, x NaN where masked off, w transposed, long reductions, CTAs looping over row
     tiles (SetTuning(34)), and the same cases on the mma.sync kernel (SetTuning(33))."""
     m, p = WGMMA_SHAPE
-    fractions = [(0.5, 0.5), (1.0, 0.3), (0.3, 1.0), (1.0, 1.0), (0.0, 0.7), (0.6, 0.0)]
+    # Quick: one mixed setting and the two with no active block on one side.
+    fractions = [CHECK_FRACTIONS[i] for i in (0, 4, 5)] if quick else CHECK_FRACTIONS
     try:
         for tuning in (0, 34, 33):
             lib.set_tuning(tuning)
             for dt in (["bfloat16"] if quick else ["bfloat16", "float16"]):
                 for bs in (8, 16, 32, 64):
                     for n in ((7, 300) if quick else (1, 7, 128, 130, 300)):
-                        for a_in, a_out in ([fractions[i] for i in (0, 4, 5)] if quick else fractions):
+                        for a_in, a_out in fractions:
                             check_case(lib, res, dt, bs, n, m, p, a_in, a_out, gen,
                                        poison_inactive=True)
                     for transpose_w in (False, True):
@@ -201,13 +205,12 @@ def wgmma_forward_checks(lib, res, gen, quick=False):
 def correctness(lib, res, quick=False):
     gen = torch.Generator(device="cuda")
     gen.manual_seed(4321)
-    fractions = [(0.5, 0.5), (1.0, 0.3), (0.3, 1.0), (1.0, 1.0), (0.0, 0.7), (0.6, 0.0)]
     dts = ["bfloat16", "float32"] if quick else list(DTYPES)
     ns = [7, 130] if quick else [1, 7, 64, 130]
     for dt in dts:
         for bs, (m, p) in SHAPES.items():
             for n in ns:
-                for a_in, a_out in (fractions[:2] if quick else fractions):
+                for a_in, a_out in (CHECK_FRACTIONS[:2] if quick else CHECK_FRACTIONS):
                     check_case(lib, res, dt, bs, n, m, p, a_in, a_out, gen)
             check_case(lib, res, dt, bs, 33, m, p, 0.5, 0.5, gen, transpose_w=True)
             if dt != "float32" and not quick:
@@ -276,12 +279,15 @@ def validation(lib, res):
     res.check(rc == 0 and bool((dw == 0).all()), f"sparse_dot dW n=0 gives zeros (rc={rc})")
 
 
+# (active in, active out) of the timing tables.
+BENCH_FRACTIONS = [(1.0, 0.1), (0.1, 0.1), (0.25, 0.25), (0.5, 0.5), (1.0, 0.5), (1.0, 1.0)]
+
+
 def benchmark(lib, res, out_md, quick=False):
     gen = torch.Generator(device="cuda")
     gen.manual_seed(99)
     rows = []
     cases = [(1024, 4096, 4096), (4096, 4096, 4096)]
-    fractions = [(1.0, 0.1), (0.1, 0.1), (0.25, 0.25), (0.5, 0.5), (1.0, 0.5), (1.0, 1.0)]
     for dt in (["bfloat16"] if quick else ["bfloat16", "float32"]):
         tdt = DTYPES[dt][1]
         for n, m, p in (cases[:1] if quick else cases):
@@ -291,7 +297,7 @@ def benchmark(lib, res, out_md, quick=False):
             dy = torch.randn(n, p, generator=gen, device="cuda").to(tdt)
             t_dense = bench(lambda: torch.matmul(x, w))
             for bs in ([32] if quick else [16, 32, 64]):
-                for a_in, a_out in fractions:
+                for a_in, a_out in BENCH_FRACTIONS:
                     in_m = random_mask(n, m // bs, a_in, gen)
                     out_m = random_mask(n, p // bs, a_out, gen)
                     nan = float("nan")  # unwritten elements fail the spot check
@@ -342,7 +348,6 @@ def side_by_side(lib, res):
     against the mma.sync kernel (SetTuning(33)), same masks and inputs, with dense cuBLAS."""
     gen = torch.Generator(device="cuda")
     gen.manual_seed(99)
-    fractions = [(1.0, 0.1), (0.1, 0.1), (0.25, 0.25), (0.5, 0.5), (1.0, 0.5), (1.0, 1.0)]
     lines = ["| dtype | n x m x p | bs | active in | active out | dense ms | fwd mma.sync ms | "
              "fwd wgmma ms | mma.sync / wgmma | dx mma.sync ms | dx wgmma ms | fwd x dense | "
              "dx x dense |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -355,7 +360,7 @@ def side_by_side(lib, res):
         dy = torch.randn(n, p, generator=gen, device="cuda").to(tdt)
         t_dense = bench(lambda: torch.matmul(x, w))
         for bs in (16, 32, 64):
-            for a_in, a_out in fractions:
+            for a_in, a_out in BENCH_FRACTIONS:
                 in_m = random_mask(n, m // bs, a_in, gen)
                 out_m = random_mask(n, p // bs, a_out, gen)
                 y = torch.empty((n, p), dtype=tdt, device="cuda")

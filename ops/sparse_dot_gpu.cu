@@ -1,10 +1,13 @@
 // CUDA kernels of sparse_dot (see sparse_dot_gpu.h for the semantics and the strategy).
 //
-// Four kernels:
+// Five kernels:
 //   ListActiveRowsKernel: per tile column of W output features, the examples with an active
 //     output block there (ascending), then the others.
 //   SparseDotWgmmaKernel: the 16-bit forward on Hopper (wgmma) where bs >= 8 and m, p are
 //     multiples of 64: tiles of 64 output features x 128 listed examples (see there).
+//   SparseDotWgmmaGradWKernel: the 16-bit dW on Hopper (wgmma) under the same conditions,
+//     tiles of 128 input x 64 output features; selected by SetTuning(35) only, until it has
+//     run on a GPU (see there).
 //   SparseDotKernel:  one CTA per (tile column j, tile of 64 listed examples): it finds the
 //     input tiles used by any of its examples, then accumulates x_tile . W_tile over them.
 //     Tiles made only of inactive examples just write zeros.
@@ -15,7 +18,7 @@
 // masks applied on the way: a masked-off x chunk is zero-filled, never read (masks narrower than
 // a 16-byte chunk are applied element-wise once the chunk has landed).  Everything runs on the
 // tensor cores: mma.sync (sm_80+) with 16-bit inputs directly and float32 as 3xTF32, wgmma
-// (sm_90a) for SparseDotWgmmaKernel.
+// (sm_90a) for SparseDotWgmmaKernel and SparseDotWgmmaGradWKernel.
 #include "ops/sparse_dot_gpu.h"
 
 #include <cuda_bf16.h>
@@ -705,6 +708,161 @@ __global__ void __launch_bounds__(kSdThreads) SparseDotWgmmaKernel(const Problem
 #endif
 }
 
+// ------------------------------------------------------------------------------------------
+// dW of 16-bit products on Hopper (wgmma, sm_90a), for bs >= 8, m and p multiples of 64 and
+// 16-byte aligned x, dy and dw (the vector path).  Off by default until it has run on a GPU:
+// SetTuning(35) selects it (36: with CTAs looping over several tiles each way).
+// The examples are listed per 64-wide tile column of outputs, as for the wgmma forward.  A CTA
+// computes the transpose of one dw tile, dw^T[64 outputs][128 inputs], over the column's listed
+// examples, 64 per step, in increasing list order:
+//   acc (64 x 128) += dy tile^T (A: 64 listed examples x 64 outputs, M-contiguous: the
+//                     transpose flag)
+//                   * x tile (B: 64 listed examples x 128 inputs, N-contiguous: two 64-wide
+//                     swizzle atoms, 8 KiB apart, the leading byte offset)
+// as four k16 slices, both operands in the 128-byte swizzle, copied by cp.async
+// kSgStages - 1 steps ahead of their wgmma group.  The masks are applied as the rows are
+// copied: a 16-byte chunk (8 features, within one mask block as bs >= 8) of an inactive block
+// or of a position past the listed examples is zero-filled and never read.  Each thread copies
+// the same four positions of a step for both operands, so it loads their example indices once,
+// two steps ahead of the copies, and their mask entries one step ahead (each load then has a
+// step's time to land before anything waits for it).  The tile is stored whole (zeros where
+// no example is listed), so every element of dw is written.
+constexpr int kSgOut = 64;    // output features per tile: wgmma's M
+constexpr int kSgIn = 128;    // input features per tile: wgmma's N
+constexpr int kSgRows = 64;   // listed examples per step: four k16 slices
+constexpr int kSgStages = 4;
+constexpr int kSgThreads = 128;
+constexpr int kSgDyBytes = kSgRows * kSgOut * 2, kSgXBytes = kSgRows * kSgIn * 2;
+constexpr int kSgAtomBytes = kSgRows * 128;  // one 64-feature swizzle atom of the x tile
+constexpr int kSgStageBytes = kSgDyBytes + kSgXBytes;
+constexpr int kSgSmemBytes = 1024 + kSgStages * kSgStageBytes;
+constexpr int kSgStageLd = kSgOut + 8;  // staged dw rows, padded by 16 bytes
+static_assert(kSgIn * kSgStageLd * 2 <= kSgStageBytes, "the output tile fits one stage");
+static_assert(kSgXBytes == 2 * kSgAtomBytes, "the x tile is two swizzle atoms");
+template <typename T>
+struct SgWgmmaTag {};  // PrepareKernel's flags, one per instantiation
+
+template <typename T>
+__global__ void __launch_bounds__(kSgThreads) SparseDotWgmmaGradWKernel(const Problem P) {
+#if BSMM_HAS_WGMMA
+  using namespace wgmma_impl;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint32_t smem_base;
+  unsigned char* smem = Align1024(smem_raw, &smem_base);
+  const T* __restrict__ x = static_cast<const T*>(P.a);
+  const T* __restrict__ dy = static_cast<const T*>(P.b);
+  T* __restrict__ dw = static_cast<T*>(P.out);
+  const int64_t n = P.n, m = P.m, p = P.p, MB = m / P.bs, PB = p / P.bs;
+  const int sh = P.bs_shift, tid = threadIdx.x;
+  const int64_t columns = p / kSgOut, in_tiles = (m + kSgIn - 1) / kSgIn;
+  // Copies: positions row0 + 16 i (i < 4) of each step; chunk c = tid % 8 of dy's 64 outputs,
+  // and chunk c of each of x's two atoms (inputs 8 c and 64 + 8 c of the tile).  A row
+  // r + 16 i keeps row r's swizzle (r % 8 does not change).
+  const int chunk = tid & 7, row0 = tid >> 3;
+  const int dst0 = SwizzledR<128>(row0, chunk);
+  // With bs 64 a listed example's only output block in the column is active.
+  const bool out_masked = P.bs < kSgOut;
+  const int lane = tid & 31, fm = 16 * (tid >> 5) + (lane >> 2), fn = 2 * (lane & 3);
+
+  for (int64_t j = blockIdx.y; j < columns; j += gridDim.y) {
+    const int64_t g0 = j * kSgOut;  // first output feature
+    const int32_t* listed = P.rows + j * n;
+    const int64_t count = P.counts[j];
+    const int steps = static_cast<int>((count + kSgRows - 1) / kSgRows);
+    const T* const dy_src = dy + g0 + chunk * 8;
+    const int64_t out_blk = (g0 + chunk * 8) >> sh;
+    for (int64_t t = blockIdx.x; t < in_tiles; t += gridDim.x) {
+      const int64_t fa = t * kSgIn + chunk * 8, fb = fa + 64;  // this thread's x chunks
+      const bool has_b = fb < m;  // m % 128 == 64: the last tile's second atom is past m
+      const int64_t blk_a = fa >> sh, blk_b = fb >> sh;
+      // Example indices (-1 past the listed ones): of the step whose copies are issued next
+      // (`copy`) and of the step after it (`ahead`); whether each chunk of `copy` is active.
+      int32_t copy[4], ahead[4];
+      bool on_dy[4], on_a[4], on_b[4];
+      auto load_rows = [&](int s, int32_t (&dst)[4]) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int64_t pos = static_cast<int64_t>(s) * kSgRows + row0 + 16 * i;
+          dst[i] = s < steps && pos < count ? __ldg(listed + pos) : -1;
+        }
+      };
+      auto read_masks = [&]() {  // of the step in `copy`
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int64_t e = copy[i];
+          on_dy[i] = e >= 0 && (!out_masked || __ldg(P.out_mask + e * PB + out_blk) != 0.f);
+          on_a[i] = e >= 0 && __ldg(P.in_mask + e * MB + blk_a) != 0.f;
+          on_b[i] = e >= 0 && has_b && __ldg(P.in_mask + e * MB + blk_b) != 0.f;
+        }
+      };
+      auto issue = [&](int s) {  // copies of step s into its stage, then step s + 1's masks
+        if (s < steps) {
+          unsigned char* Ds = smem + (s % kSgStages) * kSgStageBytes;
+          unsigned char* Xs = Ds + kSgDyBytes;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int64_t e = copy[i];
+            const int off = dst0 + 16 * i * 128;
+            CpAsync16(Ds + off, on_dy[i] ? dy_src + e * p : dy, on_dy[i]);
+            CpAsync16(Xs + off, on_a[i] ? x + e * m + fa : x, on_a[i]);
+            CpAsync16(Xs + kSgAtomBytes + off, on_b[i] ? x + e * m + fb : x, on_b[i]);
+          }
+#pragma unroll
+          for (int i = 0; i < 4; ++i) copy[i] = ahead[i];
+          read_masks();
+          load_rows(s + 2, ahead);
+        }
+        CpAsyncCommit();  // one group per step, empty or not, so the waits count steps
+      };
+      __syncthreads();  // the previous tile's epilogue is done with the stages
+      load_rows(0, copy);
+      read_masks();
+      load_rows(1, ahead);
+#pragma unroll
+      for (int s = 0; s < kSgStages - 1; ++s) issue(s);
+      float acc[kSgIn / 2];
+#pragma unroll
+      for (int e = 0; e < kSgIn / 2; ++e) acc[e] = 0.f;
+      for (int s = 0; s < steps; ++s) {
+        CpAsyncWait<kSgStages - 2>();  // this thread's copies of step s have landed
+        FenceSharedForAsyncProxy();
+        __syncthreads();  // everyone's have; step s - 1's wgmma (waited below) is done
+        issue(s + kSgStages - 1);  // into the stage step s - 1 read
+        const uint32_t a_base = smem_base + (s % kSgStages) * kSgStageBytes;
+        const uint32_t b_base = a_base + kSgDyBytes;
+        WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          Wgmma<T, kSgIn, true, true>(acc, Descriptor(a_base + kk * 2048),
+                                      Descriptor(b_base + kk * 2048, kSgAtomBytes));
+        }
+        WgmmaCommit();
+        WgmmaWait<0>();  // as in the forward: no group in flight while copies are issued
+      }
+      WgmmaWait<0>();
+      CpAsyncWait<0>();
+      __syncthreads();  // every stage is free
+
+      // Epilogue: acc holds dw^T (64 outputs x 128 inputs); staged row r is dw's row
+      // t * 128 + r (input feature), its 64 outputs; rows at or past m are not stored.
+      T* Cs = reinterpret_cast<T*>(smem);
+      StageTransposedAcc<T, kSgIn, kSgStageLd>(acc, Cs, fm, fn);
+      __syncthreads();
+      for (int q = tid; q < kSgIn * (kSgOut / 8); q += kSgThreads) {
+        const int r = q / (kSgOut / 8), c8 = (q % (kSgOut / 8)) * 8;
+        const int64_t f = t * kSgIn + r;
+        if (f >= m) break;  // rows only grow with q
+        *reinterpret_cast<uint4*>(dw + f * p + g0 + c8) =
+            *reinterpret_cast<const uint4*>(Cs + r * kSgStageLd + c8);
+      }
+    }
+  }
+#else
+  (void)P;
+  __trap();
+#endif
+}
+
 // Listed examples whose rows and input-tile mask bytes a dW CTA caches at once, and the input
 // features of a dW tile.
 constexpr int kGradRows = 256;
@@ -904,19 +1062,28 @@ int CheckArgs(DType dt, int64_t n, int64_t m, int64_t p, int64_t bs, int64_t wor
 
 // SetTuning(33): the forward on the mma.sync kernel wherever wgmma would run (benchmarks,
 // tests); SetTuning(34): the wgmma forward's grid at most 2 row tiles high, so that each CTA
-// loops over several tiles (tests).  The block-sparse kernels' switches of wgmma apply too
+// loops over several tiles (tests).  SetTuning(35): the dW on SparseDotWgmmaGradWKernel
+// wherever the forward would take wgmma (not the default until it has run on a GPU);
+// SetTuning(36): that dW on a grid of at most 2 x 2 CTAs, each looping over several tiles
+// both ways (tests).  The block-sparse kernels' switches of wgmma apply too
 // (internal::WgmmaEnabled: off under SetTuning(1-4); SetTuning(19) runs as compute capability
 // 8.6).
 constexpr int kTuningSparseDotMma = 33;
 constexpr int kTuningSparseDotFewRowTiles = 34;
+constexpr int kTuningSparseDotWgmmaGradW = 35;
+constexpr int kTuningSparseDotWgmmaGradWLoops = 36;
 
-// Whether a forward runs SparseDotWgmmaKernel: 16-bit, bs >= 8 (a copied chunk lies in one
-// mask block), m and p multiples of 64, the vector path, a Hopper GPU.
-bool WgmmaForward(DType dt, const Problem& P, bool grad) {
-  if (grad || dt == DType::kFloat32 || P.bs < 8 || P.m % 64 != 0 || P.p % 64 != 0 || !P.vec ||
-      internal::Tuning() == kTuningSparseDotMma) {
+// Whether a product runs on the wgmma kernels: 16-bit, bs >= 8 (a copied chunk lies in one
+// mask block), m and p multiples of 64, the vector path, a Hopper GPU; the dW only under
+// SetTuning(35) or (36).
+bool WgmmaPath(DType dt, const Problem& P, bool grad) {
+  const int tuning = internal::Tuning();
+  if (dt == DType::kFloat32 || P.bs < 8 || P.m % 64 != 0 || P.p % 64 != 0 || !P.vec ||
+      tuning == kTuningSparseDotMma) {
     return false;
   }
+  if (grad && tuning != kTuningSparseDotWgmmaGradW && tuning != kTuningSparseDotWgmmaGradWLoops)
+    return false;
   internal::DeviceInfo di;
   int device = 0;
   return internal::GetDeviceInfo(&di, &device) == cudaSuccess && internal::WgmmaEnabled(di);
@@ -941,9 +1108,23 @@ int LaunchWgmmaForward(const Problem& P, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <typename T>
+int LaunchWgmmaGradW(const Problem& P, cudaStream_t stream) {
+  const int64_t in_tiles = (P.m + kSgIn - 1) / kSgIn, columns = P.p / kSgOut;
+  const bool loops = internal::Tuning() == kTuningSparseDotWgmmaGradWLoops;
+  const int64_t most_x = loops ? 2 : INT32_MAX, most_y = loops ? 2 : 65535;
+  const dim3 grid(static_cast<unsigned>(in_tiles < most_x ? in_tiles : most_x),
+                  static_cast<unsigned>(columns < most_y ? columns : most_y));
+  const cudaError_t e =
+      PrepareKernel<SgWgmmaTag<T>>(SparseDotWgmmaGradWKernel<T>, kSgSmemBytes);
+  if (e != cudaSuccess) return e;
+  SparseDotWgmmaGradWKernel<T><<<grid, kSgThreads, kSgSmemBytes, stream>>>(P);
+  return cudaGetLastError();
+}
+
 int Run(DType dt, const Problem& P0, bool grad, void* workspace, CUstream_st* stream_handle) {
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const bool wgmma = WgmmaForward(dt, P0, grad);
+  const bool wgmma = WgmmaPath(dt, P0, grad);
   const int64_t W = wgmma ? kSdCols : TileWidth(P0.bs), PJ = (P0.p + W - 1) / W;
   // Grid x dimensions: tile columns (forward) and 64-feature input tiles (dW); the mma.sync
   // forward lists input tiles of W features as int32 in shared memory, and the wgmma forward
@@ -960,6 +1141,10 @@ int Run(DType dt, const Problem& P0, bool grad, void* workspace, CUstream_st* st
       const_cast<int32_t*>(P.counts));
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
+  if (wgmma && grad) {
+    return dt == DType::kFloat16 ? LaunchWgmmaGradW<__half>(P, stream)
+                                 : LaunchWgmmaGradW<__nv_bfloat16>(P, stream);
+  }
   if (wgmma) {
     return dt == DType::kFloat16 ? LaunchWgmmaForward<__half>(P, stream)
                                  : LaunchWgmmaForward<__nv_bfloat16>(P, stream);

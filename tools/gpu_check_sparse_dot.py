@@ -9,7 +9,8 @@ builds (build/libbsmm_gpu.so).  Modes:
   --check        a small subset, for compute-sanitizer memcheck.
   --race         a tensor-core subset, for compute-sanitizer racecheck.
   --bench        forward / dx / dW times against dense cuBLAS (torch.matmul) by active fraction.
-  --side-by-side the 16-bit forward and dx on wgmma (Hopper's default) against mma.sync.
+  --side-by-side the 16-bit forward and dx on wgmma (Hopper's default) against mma.sync, and
+                 the dW on wgmma (SetTuning(35)) against mma.sync.
 Exits non-zero on any failure.
 """
 import argparse
@@ -41,7 +42,8 @@ class SparseDotLib:
 
     def set_tuning(self, variant):
         """0: the defaults; 33: the forward on mma.sync where Hopper would take wgmma; 34: the
-        wgmma forward's grid two row tiles high, each CTA looping over several."""
+        wgmma forward's grid two row tiles high, each CTA looping over several; 35: the dW on
+        wgmma too (not yet the default); 36: as 35 on a dW grid of at most 2 x 2 CTAs."""
         self.lib.bsmm_gpu_set_tuning(variant)
 
     def workspace(self, n, p, bs, nbytes=None):
@@ -149,17 +151,20 @@ SHAPES = {1: (37, 45), 8: (24, 40), 16: (48, 80), 32: (96, 160), 64: (192, 128)}
 WGMMA_SHAPE = (256, 192)
 
 
-def wgmma_forward_checks(lib, res, gen, quick=False):
-    """The 16-bit forward where Hopper runs it on wgmma (bs >= 8, m and p multiples of 64):
-    tiles of 128 listed examples (a ragged last one, one example, positions past the listed
-    ones, tiles with none listed, full tiles with every example listed), every mask
-    combination, x NaN where masked off, w transposed, long reductions, CTAs looping over row
-    tiles (SetTuning(34)), and the same cases on the mma.sync kernel (SetTuning(33))."""
+def wgmma_checks(lib, res, gen, quick=False):
+    """The 16-bit products where Hopper runs them on wgmma (bs >= 8, m and p multiples of 64):
+    the forward's tiles of 128 listed examples (a ragged last one, one example, positions past
+    the listed ones, tiles with none listed, full tiles with every example listed), the dW's
+    steps of 64 (the same cases: a ragged last step, one step, several, none; with the
+    transposed cases m = 192, a last input tile of 64 features), every mask combination, x NaN
+    where masked off, w transposed, long reductions, CTAs looping over row tiles
+    (SetTuning(34)), the dW on wgmma (SetTuning(35)) and with its CTAs looping over input tiles
+    and columns (36), and the same cases on the mma.sync kernels (SetTuning(33))."""
     m, p = WGMMA_SHAPE
     # Quick: one mixed setting and the two with no active block on one side.
     fractions = [CHECK_FRACTIONS[i] for i in (0, 4, 5)] if quick else CHECK_FRACTIONS
     try:
-        for tuning in (0, 34, 33):
+        for tuning in (0, 34, 33, 35, 36):
             lib.set_tuning(tuning)
             for dt in (["bfloat16"] if quick else ["bfloat16", "float16"]):
                 for bs in (8, 16, 32, 64):
@@ -176,6 +181,10 @@ def wgmma_forward_checks(lib, res, gen, quick=False):
                     check_case(lib, res, dt, 16, 1000, 4096, 128, 0.1, 0.5, gen, repeat=3)
                     check_case(lib, res, dt, 64, 777, 1024, 512, 0.4, 0.05, gen,
                                transpose_w=True, repeat=3)
+                    # dW: about 19 steps a column over 8 input tiles, bs 8 (eight mask blocks
+                    # per step of x's 128 features).
+                    check_case(lib, res, dt, 8, 1200, 1024, 192, 0.3, 0.4, gen, repeat=3,
+                               poison_inactive=True)
     finally:
         lib.set_tuning(0)
     if torch.cuda.get_device_capability()[0] == 9:
@@ -186,20 +195,30 @@ def wgmma_forward_checks(lib, res, gen, quick=False):
         w = torch.randn(256, 128, device="cuda").bfloat16()
         ones_in, ones_out = torch.ones(256, 16, device="cuda"), torch.ones(256, 8, device="cuda")
         y = torch.empty(256, 128, dtype=torch.bfloat16, device="cuda")
-        counts = {}
+        dy = torch.randn(256, 128, device="cuda").bfloat16()
+        dw = torch.empty(256, 128, dtype=torch.bfloat16, device="cuda")
+        counts, grad_counts = {}, {}
         try:
-            for tuning in (0, 33):
+            for tuning in (0, 33, 35):
                 lib.set_tuning(tuning)
                 lib.workspace(256, 128, 16)
                 lib._ws.fill_(255)
                 rc = lib.forward("bfloat16", x, w, ones_in, ones_out, y, 256, 256, 128, 16)
                 torch.cuda.synchronize()
                 counts[tuning] = (rc, lib._ws[:32].view(torch.int32).tolist())
+                lib._ws.fill_(255)
+                rc = lib.grad_w("bfloat16", x, dy, ones_in, ones_out, dw, 256, 256, 128, 16)
+                torch.cuda.synchronize()
+                grad_counts[tuning] = (rc, lib._ws[:32].view(torch.int32).tolist())
         finally:
             lib.set_tuning(0)
-        res.check(counts[0] == (0, [256, 256] + [-1] * 6) and counts[33] == (0, [256] * 8),
+        wgmma_lists, mma_lists = (0, [256, 256] + [-1] * 6), (0, [256] * 8)
+        res.check(counts[0] == wgmma_lists and counts[33] == mma_lists,
                   f"sparse_dot forward on Hopper runs wgmma by default, mma.sync under "
                   f"SetTuning(33) (rc and counts: {counts})")
+        res.check(grad_counts[0] == mma_lists and grad_counts[35] == wgmma_lists,
+                  f"sparse_dot dW on Hopper runs mma.sync by default, wgmma under "
+                  f"SetTuning(35) (rc and counts: {grad_counts})")
 
 
 def correctness(lib, res, quick=False):
@@ -217,7 +236,7 @@ def correctness(lib, res, quick=False):
                 check_case(lib, res, dt, bs, 33, m, p, 0.5, 0.5, gen, misalign=True)
                 check_case(lib, res, dt, bs, 33, m, p, 0.5, 0.5, gen, transpose_w=True,
                            misalign=True)
-    wgmma_forward_checks(lib, res, gen, quick)
+    wgmma_checks(lib, res, gen, quick)
     if quick:
         return
     # Longer products: many input tiles (several mask chunks of 256 blocks at bs 1), many
@@ -243,6 +262,12 @@ def race_subset(lib, res):
     try:
         lib.set_tuning(34)
         check_case(lib, res, "bfloat16", 64, 600, 512, 128, 0.7, 0.7, gen)
+        # The wgmma dW: about 9 steps a column through its four stages; then CTAs looping over
+        # input tiles and columns (36), bs 16 (two mask blocks per chunk pair's step).
+        lib.set_tuning(35)
+        check_case(lib, res, "bfloat16", 32, 600, 512, 128, 0.7, 0.7, gen)
+        lib.set_tuning(36)
+        check_case(lib, res, "float16", 16, 400, 640, 192, 0.7, 0.7, gen)
     finally:
         lib.set_tuning(0)
     check_case(lib, res, "float32", 32, 150, 512, 64, 0.7, 0.7, gen)
@@ -345,12 +370,14 @@ def benchmark(lib, res, out_md, quick=False):
 
 def side_by_side(lib, res):
     """Table: the 16-bit forward and input gradient on Hopper's wgmma kernel (the default)
-    against the mma.sync kernel (SetTuning(33)), same masks and inputs, with dense cuBLAS."""
+    against the mma.sync kernel (SetTuning(33)), and the dW on wgmma (SetTuning(35)) against
+    mma.sync (the default), same masks and inputs, with dense cuBLAS."""
     gen = torch.Generator(device="cuda")
     gen.manual_seed(99)
     lines = ["| dtype | n x m x p | bs | active in | active out | dense ms | fwd mma.sync ms | "
              "fwd wgmma ms | mma.sync / wgmma | dx mma.sync ms | dx wgmma ms | fwd x dense | "
-             "dx x dense |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "dx x dense | dW mma.sync ms | dW wgmma ms | dW mma.sync / wgmma | dW x dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     dt = "bfloat16"
     tdt = DTYPES[dt][1]
@@ -365,9 +392,11 @@ def side_by_side(lib, res):
                 out_m = random_mask(n, p // bs, a_out, gen)
                 y = torch.empty((n, p), dtype=tdt, device="cuda")
                 dx = torch.empty((n, m), dtype=tdt, device="cuda")
+                dw = torch.empty((m, p), dtype=tdt, device="cuda")
                 ref_y = (x.double() * expand(in_m, bs)) @ w.double() * expand(out_m, bs)
                 ref_dx = (dy.double() * expand(out_m, bs)) @ w.double().t() * expand(in_m, bs)
-                times = {}
+                ref_dw = (x.double() * expand(in_m, bs)).t() @ (dy.double() * expand(out_m, bs))
+                times, grad_times = {}, {}
                 for tuning in (33, 0):
                     lib.set_tuning(tuning)  # reset by main's finally on an error
                     y.fill_(float("nan"))
@@ -384,12 +413,24 @@ def side_by_side(lib, res):
                     times[tuning] = (
                         bench(lambda: lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs)),
                         bench(lambda: lib.forward(dt, dy, w, out_m, in_m, dx, n, p, m, bs, True)))
+                for tuning in (0, 35):  # the dW: mma.sync (the default), wgmma
+                    lib.set_tuning(tuning)
+                    dw.fill_(float("nan"))
+                    rc = lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs)
+                    torch.cuda.synchronize()
+                    e_w = rel_err(dw, ref_dw) if rc == 0 else float("inf")
+                    res.check(e_w <= TOL[dt], f"side by side dW tuning {tuning} n={n} bs={bs} "
+                              f"in={a_in} out={a_out} rc={rc} relerr {e_w:.3g}")
+                    grad_times[tuning] = bench(
+                        lambda: lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs))
                 lib.set_tuning(0)
                 (f_old, x_old), (f_new, x_new) = times[33], times[0]
+                w_old, w_new = grad_times[0], grad_times[35]
                 line = (f"| {dt} | {n}x{m}x{p} | {bs} | {a_in:.0%} | {a_out:.0%} | "
                         f"{t_dense:.4f} | {f_old:.4f} | {f_new:.4f} | {f_old / f_new:.2f} | "
                         f"{x_old:.4f} | {x_new:.4f} | {t_dense / f_new:.2f} | "
-                        f"{t_dense / x_new:.2f} |")
+                        f"{t_dense / x_new:.2f} | {w_old:.4f} | {w_new:.4f} | "
+                        f"{w_old / w_new:.2f} | {t_dense / w_new:.2f} |")
                 lines.append(line)
                 print(line, flush=True)
     return "\n".join(lines) + "\n"
@@ -403,7 +444,8 @@ def main():
     ap.add_argument("--race", action="store_true", help="tensor-core subset for racecheck")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--side-by-side", action="store_true",
-                    help="16-bit forward and dx: the wgmma kernel against mma.sync (Hopper)")
+                    help="16-bit forward, dx and dW: the wgmma kernels against mma.sync "
+                         "(Hopper)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out-md", default=None)
     args = ap.parse_args()

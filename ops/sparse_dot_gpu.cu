@@ -584,6 +584,34 @@ __global__ void __launch_bounds__(kThreads) SparseDotKernel(const Problem P) {
 // entries of its chunks one step ahead of their copies.  The output mask is applied as the
 // tile is stored: chunks of inactive blocks are written as zeros, so every element of y is
 // written.  Tiles whose positions all lie past the listed examples write zeros only.
+// The pipelined steps of this file's wgmma kernels: issue(s) copies step s into stage
+// s % kStages as one cp.async group (empty past the last step), kStages - 1 steps ahead of
+// step s's wgmma group, mma(stage); each group is waited for before the next step's copies
+// are issued: with copies issued while a group ran, ptxas serialized every wgmma of the loop
+// (C7514).  On return every copy has landed and every stage is free.
+template <int kStages, typename Issue, typename Mma>
+__device__ __forceinline__ void WgmmaSteps(int steps, const Issue& issue, const Mma& mma) {
+#if BSMM_HAS_WGMMA
+  using namespace wgmma_impl;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(s);
+  for (int s = 0; s < steps; ++s) {
+    CpAsyncWait<kStages - 2>();  // this thread's copies of step s have landed
+    FenceSharedForAsyncProxy();
+    __syncthreads();  // everyone's have; step s - 1's wgmma (waited below) is done
+    issue(s + kStages - 1);  // into the stage step s - 1 read
+    WgmmaFence();
+    mma(s % kStages);
+    WgmmaCommit();
+    WgmmaWait<0>();
+  }
+  CpAsyncWait<0>();
+  __syncthreads();
+#else
+  (void)steps, (void)issue, (void)mma;
+#endif
+}
+
 constexpr int kSdCols = 64;    // output features per tile: wgmma's M
 constexpr int kSdRows = 128;   // listed examples per tile: wgmma's N
 constexpr int kSdStages = 4;
@@ -658,32 +686,18 @@ __global__ void __launch_bounds__(kSdThreads) SparseDotWgmmaKernel(const Problem
     };
     __syncthreads();  // the previous tile's epilogue is done with the stages
     read_mask(0);
-#pragma unroll
-    for (int s = 0; s < kSdStages - 1; ++s) issue(s);
     float acc[kSdRows / 2];
 #pragma unroll
     for (int e = 0; e < kSdRows / 2; ++e) acc[e] = 0.f;
-    for (int s = 0; s < tile_steps; ++s) {
-      CpAsyncWait<kSdStages - 2>();  // this thread's copies of step s have landed
-      FenceSharedForAsyncProxy();
-      __syncthreads();  // everyone's have; step s - 1's wgmma (waited below) is done
-      issue(s + kSdStages - 1);  // into the stage step s - 1 read
-      const uint32_t w_base = smem_base + (s % kSdStages) * kSdStageBytes;
+    WgmmaSteps<kSdStages>(tile_steps, issue, [&](int stage) {
+      const uint32_t w_base = smem_base + stage * kSdStageBytes;
       const uint32_t x_base = w_base + kSdWBytes;
-      WgmmaFence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         const uint64_t ad = Descriptor(w_base + (kTransW ? kk * 32 : kk * 2048));
         Wgmma<T, kSdRows, !kTransW, false>(acc, ad, Descriptor(x_base + kk * 32));
       }
-      WgmmaCommit();
-      // Waited for here, not a step later: with copies issued while a group runs, ptxas
-      // serialized every wgmma of the loop (C7514).  Copies run kSdStages - 1 steps ahead.
-      WgmmaWait<0>();
-    }
-    WgmmaWait<0>();
-    CpAsyncWait<0>();
-    __syncthreads();  // every stage is free
+    });
 
     // Epilogue: stage y's rows of the tile (position r: row r), then store 16-byte chunks
     // where the output mask is on, zeros elsewhere.
@@ -818,30 +832,18 @@ __global__ void __launch_bounds__(kSgThreads) SparseDotWgmmaGradWKernel(const Pr
       load_rows(0, copy);
       read_masks();
       load_rows(1, ahead);
-#pragma unroll
-      for (int s = 0; s < kSgStages - 1; ++s) issue(s);
       float acc[kSgIn / 2];
 #pragma unroll
       for (int e = 0; e < kSgIn / 2; ++e) acc[e] = 0.f;
-      for (int s = 0; s < steps; ++s) {
-        CpAsyncWait<kSgStages - 2>();  // this thread's copies of step s have landed
-        FenceSharedForAsyncProxy();
-        __syncthreads();  // everyone's have; step s - 1's wgmma (waited below) is done
-        issue(s + kSgStages - 1);  // into the stage step s - 1 read
-        const uint32_t a_base = smem_base + (s % kSgStages) * kSgStageBytes;
+      WgmmaSteps<kSgStages>(steps, issue, [&](int stage) {
+        const uint32_t a_base = smem_base + stage * kSgStageBytes;
         const uint32_t b_base = a_base + kSgDyBytes;
-        WgmmaFence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
           Wgmma<T, kSgIn, true, true>(acc, Descriptor(a_base + kk * 2048),
                                       Descriptor(b_base + kk * 2048, kSgAtomBytes));
         }
-        WgmmaCommit();
-        WgmmaWait<0>();  // as in the forward: no group in flight while copies are issued
-      }
-      WgmmaWait<0>();
-      CpAsyncWait<0>();
-      __syncthreads();  // every stage is free
+      });
 
       // Epilogue: acc holds dw^T (64 outputs x 128 inputs); staged row r is dw's row
       // t * 128 + r (input feature), its 64 outputs; rows at or past m are not stored.

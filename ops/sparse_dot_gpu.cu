@@ -567,23 +567,6 @@ __global__ void __launch_bounds__(kThreads) SparseDotKernel(const Problem P) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Forward of 16-bit products on Hopper (wgmma, sm_90a), for bs >= 8, m and p multiples of 64
-// and 16-byte aligned x, w and y (the vector path).
-// Tile columns are 64 output features wide (the examples listed per 64-wide column); a CTA
-// computes the transpose of one tile, y^T[64 features][128 listed examples], as the bs-64
-// block-sparse forward does (blocksparse_matmul_gpu_wgmma.cuh): per step of 64 input features,
-// in increasing order,
-//   acc (64 x 128) += W^T tile (A: 64 outputs x 64 inputs; w (m, p) stored M-contiguous: the
-//                    transpose flag; w (p, m) with transpose_w K-contiguous)
-//                   * x^T tile (B: 64 inputs x 128 examples, the listed examples' rows
-//                    gathered, K-contiguous)
-// as four k16 slices, both operands in the 128-byte swizzle, copied by cp.async kSdStages - 1
-// steps ahead of their wgmma group.  The input mask is applied as the rows are copied:
-// a 16-byte chunk (8 features, within one mask block as bs >= 8) of an inactive block, or of a
-// position past the listed examples, is zero-filled and never read; each thread reads the mask
-// entries of its chunks one step ahead of their copies.  The output mask is applied as the
-// tile is stored: chunks of inactive blocks are written as zeros, so every element of y is
-// written.  Tiles whose positions all lie past the listed examples write zeros only.
 // The pipelined steps of this file's wgmma kernels: issue(s) copies step s into stage
 // s % kStages as one cp.async group (empty past the last step), kStages - 1 steps ahead of
 // step s's wgmma group, mma(stage); each group is waited for before the next step's copies
@@ -612,6 +595,24 @@ __device__ __forceinline__ void WgmmaSteps(int steps, const Issue& issue, const 
 #endif
 }
 
+// ------------------------------------------------------------------------------------------
+// Forward of 16-bit products on Hopper (wgmma, sm_90a), for bs >= 8, m and p multiples of 64
+// and 16-byte aligned x, w and y (the vector path).
+// Tile columns are 64 output features wide (the examples listed per 64-wide column); a CTA
+// computes the transpose of one tile, y^T[64 features][128 listed examples], as the bs-64
+// block-sparse forward does (blocksparse_matmul_gpu_wgmma.cuh): per step of 64 input features,
+// in increasing order,
+//   acc (64 x 128) += W^T tile (A: 64 outputs x 64 inputs; w (m, p) stored M-contiguous: the
+//                    transpose flag; w (p, m) with transpose_w K-contiguous)
+//                   * x^T tile (B: 64 inputs x 128 examples, the listed examples' rows
+//                    gathered, K-contiguous)
+// as four k16 slices, both operands in the 128-byte swizzle, copied by cp.async kSdStages - 1
+// steps ahead of their wgmma group.  The input mask is applied as the rows are copied:
+// a 16-byte chunk (8 features, within one mask block as bs >= 8) of an inactive block, or of a
+// position past the listed examples, is zero-filled and never read; each thread reads the mask
+// entries of its chunks one step ahead of their copies.  The output mask is applied as the
+// tile is stored: chunks of inactive blocks are written as zeros, so every element of y is
+// written.  Tiles whose positions all lie past the listed examples write zeros only.
 constexpr int kSdCols = 64;    // output features per tile: wgmma's M
 constexpr int kSdRows = 128;   // listed examples per tile: wgmma's N
 constexpr int kSdStages = 4;

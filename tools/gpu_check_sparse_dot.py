@@ -181,8 +181,8 @@ def wgmma_checks(lib, res, gen, quick=False):
                     check_case(lib, res, dt, 16, 1000, 4096, 128, 0.1, 0.5, gen, repeat=3)
                     check_case(lib, res, dt, 64, 777, 1024, 512, 0.4, 0.05, gen,
                                transpose_w=True, repeat=3)
-                    # dW: about 19 steps a column over 8 input tiles, bs 8 (eight mask blocks
-                    # per step of x's 128 features).
+                    # dW: about 19 steps a column over 8 input tiles, bs 8 (16 input mask
+                    # blocks per 128-feature input tile, 8 output blocks per column).
                     check_case(lib, res, dt, 8, 1200, 1024, 192, 0.3, 0.4, gen, repeat=3,
                                poison_inactive=True)
     finally:
@@ -199,7 +199,7 @@ def wgmma_checks(lib, res, gen, quick=False):
         dw = torch.empty(256, 128, dtype=torch.bfloat16, device="cuda")
         counts, grad_counts = {}, {}
         try:
-            for tuning in (0, 33, 35):
+            for tuning in (0, 33, 35, 36):
                 lib.set_tuning(tuning)
                 lib.workspace(256, 128, 16)
                 lib._ws.fill_(255)
@@ -216,9 +216,46 @@ def wgmma_checks(lib, res, gen, quick=False):
         res.check(counts[0] == wgmma_lists and counts[33] == mma_lists,
                   f"sparse_dot forward on Hopper runs wgmma by default, mma.sync under "
                   f"SetTuning(33) (rc and counts: {counts})")
-        res.check(grad_counts[0] == mma_lists and grad_counts[35] == wgmma_lists,
+        res.check(grad_counts[0] == mma_lists and grad_counts[35] == wgmma_lists and
+                  grad_counts[36] == wgmma_lists,
                   f"sparse_dot dW on Hopper runs mma.sync by default, wgmma under "
-                  f"SetTuning(35) (rc and counts: {grad_counts})")
+                  f"SetTuning(35) and (36) (rc and counts: {grad_counts})")
+        wgmma_grad_w_grids_agree(lib, res, gen)
+
+
+def wgmma_grad_w_grids_agree(lib, res, gen):
+    """The wgmma dW bit for bit the same on its full grid (SetTuning(35)) and on a 2 x 2 grid
+    whose CTAs loop over input tiles and columns (36): the same sums in the same order, so a
+    CTA's state carried from one tile to the next would show.  m = 704: a half last input
+    tile; output column 1 has no listed example, column 2 every one."""
+    n, m, p = 300, 704, 256
+    for dt in ("bfloat16", "float16"):
+        tdt = DTYPES[dt][1]
+        for bs in (8, 32, 64):
+            x = torch.randn(n, m, generator=gen, device="cuda").to(tdt)
+            dy = torch.randn(n, p, generator=gen, device="cuda").to(tdt)
+            in_m = random_mask(n, m // bs, 0.6, gen)
+            out_m = random_mask(n, p // bs, 0.5, gen)
+            per_column = 64 // bs
+            out_m[:, per_column:2 * per_column] = 0
+            out_m[:, 2 * per_column:3 * per_column] = 1
+            outs = {}
+            try:
+                for tuning in (35, 36):
+                    lib.set_tuning(tuning)
+                    dw = torch.full((m, p), float("nan"), dtype=tdt, device="cuda")
+                    rc = lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs)
+                    torch.cuda.synchronize()
+                    outs[tuning] = (rc, dw)
+            finally:
+                lib.set_tuning(0)
+            xin = x.double() * expand(in_m, bs)
+            ref = xin.t() @ (dy.double() * expand(out_m, bs))
+            (rc35, dw35), (rc36, dw36) = outs[35], outs[36]
+            e = rel_err(dw35, ref) if rc35 == 0 else float("inf")
+            res.check(rc35 == 0 and rc36 == 0 and e <= TOL[dt] and same_bits(dw35, dw36),
+                      f"sparse_dot wgmma dW {dt} bs={bs} n={n} m={m} p={p}: full grid against "
+                      f"float64 (relerr {e:.3g}) and bit for bit the 2 x 2 grid")
 
 
 def correctness(lib, res, quick=False):
@@ -263,11 +300,11 @@ def race_subset(lib, res):
         lib.set_tuning(34)
         check_case(lib, res, "bfloat16", 64, 600, 512, 128, 0.7, 0.7, gen)
         # The wgmma dW: about 9 steps a column through its four stages; then CTAs looping over
-        # input tiles and columns (36), bs 16 (two mask blocks per chunk pair's step).
+        # input tiles (the last one half: m = 704) and columns (36), bs 16.
         lib.set_tuning(35)
         check_case(lib, res, "bfloat16", 32, 600, 512, 128, 0.7, 0.7, gen)
         lib.set_tuning(36)
-        check_case(lib, res, "float16", 16, 400, 640, 192, 0.7, 0.7, gen)
+        check_case(lib, res, "float16", 16, 400, 704, 192, 0.7, 0.7, gen)
     finally:
         lib.set_tuning(0)
     check_case(lib, res, "float32", 32, 150, 512, 64, 0.7, 0.7, gen)

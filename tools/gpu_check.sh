@@ -7,7 +7,8 @@
 #     all (default): build, correctness, compute-sanitizer memcheck + racecheck, benchmark
 #     check: build + compute-sanitizer only;  bench: build + benchmark only
 #     quick: build + correctness + a short benchmark
-#     sparse_dot: build + the sparse_dot kernels only (correctness, memcheck, benchmark)
+#     sparse_dot: build + the sparse_dot kernels only (correctness, memcheck, racecheck, the
+#       wgmma kernels side by side with mma.sync, benchmark)
 # Logs and the benchmark table (bench.md) go to $OUT if set, else build/gpu_check/.
 # SKIP_BUILD=1 reuses an existing build/libbsmm_gpu.so (several modes in one session).
 # Exits non-zero if the build or any check fails.
@@ -103,6 +104,7 @@ if [ "$MODE" = sparse_dot ]; then
     python3 tools/gpu_check_sparse_dot.py --check
   run sparse_dot_racecheck "${SANITIZE[@]}" --tool racecheck --racecheck-report hazard \
     --error-exitcode 3 python3 tools/gpu_check_sparse_dot.py --race
+  run sparse_dot_side_by_side python3 tools/gpu_check_sparse_dot.py --side-by-side
   run sparse_dot_bench python3 tools/gpu_check_sparse_dot.py --bench \
     --out-md "$LOG_DIR/bench_sparse_dot.md"
 fi

@@ -40,6 +40,8 @@ def test_unknown_instruction_set_name_raises():
 
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_kernel_tests_pass_with_narrower_instruction_sets(isa):
+    if blocksparse_tf.cpu_isa() == isa:
+        pytest.skip(f"{isa} is this process's instruction set: the main run tests it")
     probe = run_python("import blocksparse_tf; print(blocksparse_tf.cpu_isa())", isa)
     assert probe.returncode == 0, probe.stderr[-2000:]
     if probe.stdout.strip() != isa:

@@ -15,7 +15,9 @@ import numpy as np
 import tensorflow as tf
 
 from blocksparse_tf._ops import ops
-from blocksparse_tf.matmul import check_block_size, check_float_dtype, checked_when_run
+from blocksparse_tf.layouts import _check_bool
+from blocksparse_tf.matmul import (check_block_size, check_float_dtype, check_name,
+                                   checked_when_run)
 
 
 def _static_dim(t, i):
@@ -99,7 +101,8 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
     -------
     (n, p) tensor of x's dtype.  Gradients flow to x, w and bias (masks get none).
     """
-    with tf.name_scope(name or "sparse_dot"):
+    transpose_w = _check_bool("transpose_w", transpose_w)
+    with tf.name_scope(check_name(name) or "sparse_dot"):
         x = tf.convert_to_tensor(x)
         w = tf.convert_to_tensor(w, dtype=x.dtype if isinstance(w, np.ndarray) else None)
         w_dims = "(p, m)" if transpose_w else "(m, p)"

@@ -473,6 +473,8 @@ class BlocksparseMatMul:
 
     @classmethod
     def from_config(cls, config):
+        """The ``BlocksparseMatMul`` that ``get_config()`` described (a config loaded from
+        JSON works: the layout's coordinates are checked as the constructor checks them)."""
         config = dict(config)
         layout = config.pop("layout")
         if isinstance(layout, dict):

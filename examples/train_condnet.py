@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--lambda-v", type=float, default=5.0, help="variance term weight")
     p.add_argument("--baseline", default="batch", choices=["none", "batch", "moving_average"],
                    help="REINFORCE baseline")
-    p.add_argument("--epochs", type=int, default=40, help="training epochs per model")
+    p.add_argument("--epochs", type=positive_int, default=40, help="training epochs per model")
     p.add_argument("--batch", type=positive_int, default=64, help="training batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--timing-repeats", type=positive_int, default=30,

@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=16,
                    help="block size of the block-sparse convolutions (divides --dense-width)")
     p.add_argument("--layers", type=positive_int, default=2, help="3x3 convolutions in the body")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs per model")
+    p.add_argument("--epochs", type=positive_int, default=15, help="training epochs per model")
     p.add_argument("--batch", type=positive_int, default=64, help="training batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     p.add_argument("--timing-repeats", type=positive_int, default=20,
@@ -128,7 +128,6 @@ def main(argv=None):
     xtr, ytr, xte, yte, data_name = load_data(args)
     classes = int(max(ytr.max(), yte.max()) + 1)
     density = (args.dense_width / args.sparse_width) ** 2
-    grid = args.sparse_width // args.block_size
     want_blocks = (args.dense_width // args.block_size) ** 2
     print(f"{data_name}: {len(xtr)} training, {len(xte)} test images of {xtr.shape[1:3]}, "
           f"{classes} classes; dense width {args.dense_width}, block-sparse width "

@@ -38,8 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--mnist", metavar="DIR", help="folder with the MNIST IDX files; None means "
                    "scikit-learn's digits")
     p.add_argument("--nets", default="lenet300,lenet5", help="comma-separated: lenet300, lenet5")
-    p.add_argument("--dense-epochs", type=int, default=60, help="epochs of the dense baseline")
-    p.add_argument("--epochs", type=int, default=200, help="epochs of SparseVD training")
+    p.add_argument("--dense-epochs", type=positive_int, default=60, help="epochs of the dense baseline")
+    p.add_argument("--epochs", type=positive_int, default=200, help="epochs of SparseVD training")
     p.add_argument("--warmup", default="5,20", help="KL weight: 0 before epoch A, linear to 1 "
                    "at epoch B (A,B)")
     p.add_argument("--batch", type=positive_int, default=100, help="training batch size")

@@ -186,6 +186,17 @@ def test_bad_arguments_raise():
         bias = np.arange(16, dtype=np.float32)
         expected = sparse_dot(x, w, bias=bias, block_size=8, **masks)
         np.testing.assert_array_equal(f(x, w, bias).numpy(), expected.numpy())
+    # transpose_w is a flag (the string "False" would be true) and name a scope name, with or
+    # without masks (without, the product is tf.matmul's).
+    for masks in ({}, {"in_mask": np.ones((4, 4))}):
+        for bad in (0, 1, "False", None):
+            with pytest.raises(ValueError, match=f"transpose_w must be True or False, got {bad!r}"):
+                sparse_dot(x, w, block_size=8, transpose_w=bad, **masks)
+        with pytest.raises(ValueError, match="name must start with a letter.*got 'a b'"):
+            sparse_dot(x, w, block_size=8, name="a b", **masks)
+    np.testing.assert_array_equal(
+        sparse_dot(x, tf.transpose(w), block_size=8, transpose_w=np.True_).numpy(),
+        sparse_dot(x, w, block_size=8).numpy())
     # The kernel checks too, when called directly.
     for in_m, out_m, message in [(tf.ones((4, 3)), tf.ones((4, 2)), "in_mask must have shape"),
                                  (tf.ones((4, 4)), tf.ones((3, 2)), "out_mask must have shape")]:

@@ -383,6 +383,8 @@ class CondNetModel(keras.Model):
 
     @property
     def policy_variables(self):
+        """Every hidden layer's policy parameters (see ``CondDense.policy_variables``), in
+        layer order."""
         return [v for layer in self.cond_layers for v in layer.policy_variables]
 
     def forward(self, x, training=False, masks=None):
@@ -469,6 +471,10 @@ class CondNetModel(keras.Model):
         return list(self._trackers.values()) + [self._accuracy]
 
     def fit(self, x=None, y=None, *args, **kwargs):
+        """Keras' ``fit``, with integer class labels of shape (n,) or (n, 1) checked and the
+        model built before the first step; ``sample_weight``, ``class_weight`` and datasets
+        of weighted elements raise ValueError (the policy's reward is the unweighted
+        per-example loss)."""
         # Refused before Keras traces its train step: refused inside it, the trace would stop
         # before the optimizer made its variables, and every later fit would fail on making
         # them in a second trace.
@@ -479,10 +485,12 @@ class CondNetModel(keras.Model):
         return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
+        """Keras' ``evaluate``, with the labels checked as in ``fit``."""
         self._check_data(x, y)
         return super().evaluate(x, y, *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
+        """Keras' ``predict`` (class logits), the model built from x's size first."""
         self._build_from(self._data_parts(x, None)[0])
         return super().predict(x, *args, **kwargs)
 

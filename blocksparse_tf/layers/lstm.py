@@ -516,10 +516,12 @@ class BlockSparseLSTM(keras.layers.RNN):
 
     @property
     def units(self):
+        """The hidden state's width (the cell's units)."""
         return self.cell.units
 
     @property
     def block_size(self):
+        """The block size of the cell's block-sparse recurrent weights."""
         return self.cell.block_size
 
     def get_config(self):

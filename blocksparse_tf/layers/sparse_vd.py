@@ -22,7 +22,6 @@ See docs/sparse_vd.md.
 import math
 
 import keras
-import numpy as np
 from keras import ops
 
 from blocksparse_tf.layers import _checks

@@ -50,6 +50,15 @@ struct BlockLayout {
 
 constexpr int64_t kFlatColumnEntries = 8;
 
+// The bytes the tables of `layout` take.
+inline int64_t TableBytes(const BlockLayout& layout) {
+  const size_t entries = layout.block_row.size() + layout.block_col.size() +
+                         layout.col_ptr.size() + layout.col_row.size() +
+                         layout.col_block.size() + layout.row_ptr.size() +
+                         layout.row_block.size() + layout.col_of_entry.size();
+  return static_cast<int64_t>(entries * sizeof(int32_t));
+}
+
 // Builds the tables from `blocks` (c, k) pairs stored row after row in `coords`.
 // Returns "" on success, otherwise a message naming the offending entry (coordinate out
 // of range, duplicate block, bad sizes).  Linear in blocks + KB.

@@ -106,6 +106,11 @@ struct DeviceTables {
   gpu::DeviceLayout layout, cover;
 };
 
+// The device memory of `tables` (what LayoutCache counts against its bounds).
+int64_t TableBytes(const DeviceTables& tables) {
+  return static_cast<int64_t>(tables.storage.TotalBytes());
+}
+
 // Base of the GPU kernels: the layout's device tables, built on the host and copied to the
 // GPU only for a layout none of the recent calls had (see LayoutCache).
 class BlocksparseGpuOpBase : public BlocksparseOpBase {

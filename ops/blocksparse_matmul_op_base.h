@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -65,10 +66,13 @@ inline absl::Status LayoutFromTensor(const Tensor& t, int64_t CB, int64_t KB, in
 // blocksparse_matmul_ops.cc): how many were built, and how many are alive now.
 inline std::atomic<int64_t> g_layout_tables_built{0};
 inline std::atomic<int64_t> g_layout_tables_alive{0};
+// The bytes of the tables alive, with their layouts' coordinates.
+inline std::atomic<int64_t> g_layout_table_bytes_alive{0};
 
 // Every LayoutCache of the library, so that a kernel building tables can drop those that other
-// kernels keep for layouts no longer alive (see LayoutCache).  Lock order: the registry, then
-// one cache at a time.
+// kernels keep for layouts no longer alive, and the least recently used of those whose layouts
+// no constant holds past kMaxFreeBytesEverywhere (see LayoutCache).  Lock order: the registry,
+// then one cache at a time.
 class LayoutCacheBase {
  public:
   virtual ~LayoutCacheBase() = default;
@@ -86,11 +90,44 @@ class LayoutCacheBase {
     all.erase(std::find(all.begin(), all.end(), this));
   }
 
-  virtual void DropDeadLayouts() = 0;
+  // Tables (with their coordinates) of layouts that no constant holds, in all the caches
+  // together: in eager mode every attribute set has a kernel of its own, kept for the life of
+  // the process, and each kernel keeps its newest layout's tables whatever their size (tables
+  // grow with C / bs + K / bs, not only with the blocks: a one-block layout of 2^26 columns
+  // takes 256 MiB).
+  static constexpr size_t kMaxFreeBytesEverywhere = size_t{256} << 20;
 
-  static void DropDeadLayoutsEverywhere() {
+  // Stamps of use: a larger stamp, a more recent use.
+  static uint64_t NextUse() {
+    static std::atomic<uint64_t> clock{0};
+    return ++clock;
+  }
+
+  virtual void DropDeadLayouts() = 0;
+  // (last use, bytes) of each entry whose layout no constant holds.
+  virtual void ListFree(std::vector<std::pair<uint64_t, size_t>>* free) = 0;
+  // Drops the entries whose layout no constant holds and that were last used at `stamp` or
+  // before.
+  virtual void DropFreeUsedBy(uint64_t stamp) = 0;
+
+  // Drops dead layouts everywhere, and the least recently used free ones past
+  // kMaxFreeBytesEverywhere.
+  static void SweepEverywhere() {
     std::lock_guard<std::mutex> lock(RegistryMutex());
-    for (LayoutCacheBase* cache : Registry()) cache->DropDeadLayouts();
+    std::vector<std::pair<uint64_t, size_t>> free;
+    for (LayoutCacheBase* cache : Registry()) {
+      cache->DropDeadLayouts();
+      cache->ListFree(&free);
+    }
+    std::sort(free.begin(), free.end(), std::greater<>());  // most recently used first
+    size_t total = 0;
+    for (const auto& [stamp, bytes] : free) {
+      total += bytes;
+      if (total > kMaxFreeBytesEverywhere) {  // this one and every older one go
+        for (LayoutCacheBase* cache : Registry()) cache->DropFreeUsedBy(stamp);
+        break;
+      }
+    }
   }
 
  private:
@@ -166,8 +203,9 @@ class HeldLayout {
 // the layout's owner (a layer's constant) is gone: only the cache holds the tensor then, and the
 // tables are dropped, here or by the next kernel of the library that builds tables (a deleted
 // layer's tables would otherwise stay as long as its kernel, which in eager mode is the process).
-// Layouts whose owner lives are kept up to kMaxHeldEntries (they are the model's own, a few int32
-// per block); others, the last kMaxEntries and kMaxKeyBytes of them.
+// Layouts whose owner lives are kept up to kMaxHeldEntries and kMaxHeldBytes (they are the model's
+// own, a few int32 per block); others, the last kMaxEntries and kMaxBytes of them, and across all
+// the caches of the library the last kMaxFreeBytesEverywhere (bytes of tables and coordinates).
 //
 // Get() hands out shared ownership: a call that drops a layout meanwhile leaves the value in use
 // alive until its users let go (on the GPU, until their kernels are enqueued: TensorFlow's GPU
@@ -176,14 +214,14 @@ template <typename Value>
 class LayoutCache : public LayoutCacheBase {
  public:
   // Layouts not held alive by a constant: at most this many besides the newest one, and at
-  // most kMaxKeyBytes of their coordinates (two and a half times that in tables).
+  // most kMaxBytes of their tables and coordinates.
   static constexpr size_t kMaxEntries = 16;
-  static constexpr size_t kMaxKeyBytes = size_t{16} << 20;
+  static constexpr size_t kMaxBytes = size_t{64} << 20;
   // Layouts held alive by a constant: a bound all the same, since TensorFlow itself keeps a
   // reference to some tensors for a while (in eager mode, a few of twenty layers' freed layout
   // constants still looked shared, at random).
   static constexpr size_t kMaxHeldEntries = 64;
-  static constexpr size_t kMaxHeldKeyBytes = size_t{256} << 20;
+  static constexpr size_t kMaxHeldBytes = size_t{1} << 30;
 
   LayoutCache() { Register(); }
   ~LayoutCache() override { Unregister(); }
@@ -218,6 +256,9 @@ class LayoutCache : public LayoutCacheBase {
       fresh->shape = coords.shape();
       const int32_t* begin = coords.flat<int32_t>().data();
       fresh->key.assign(begin, begin + coords.NumElements());
+      fresh->bytes = static_cast<size_t>(TableBytes(fresh->value)) +
+                     fresh->key.size() * sizeof(int32_t);
+      g_layout_table_bytes_alive += static_cast<int64_t>(fresh->bytes);
       entry = std::move(fresh);
       ++g_layout_tables_built;
     }
@@ -228,7 +269,7 @@ class LayoutCache : public LayoutCacheBase {
       if (held != nullptr) entry->held = std::move(held);
       MoveToFront(entry);
     }
-    if (built) DropDeadLayoutsEverywhere();
+    if (built) SweepEverywhere();
     const Value* value = &entry->value;
     *out = std::shared_ptr<const Value>(std::move(entry), value);
     return absl::OkStatus();
@@ -237,10 +278,15 @@ class LayoutCache : public LayoutCacheBase {
  private:
   struct Entry {
     Entry() { ++g_layout_tables_alive; }
-    ~Entry() { --g_layout_tables_alive; }
+    ~Entry() {
+      --g_layout_tables_alive;
+      g_layout_table_bytes_alive -= static_cast<int64_t>(bytes);
+    }
     TensorShape shape;
     std::vector<int32_t> key;
     Value value;
+    size_t bytes = 0;                // of the value's tables and of key
+    mutable uint64_t last_use = 0;   // NextUse() of the last Get (guarded by mu_)
     // The last constant tensor seen with this layout (guarded by mu_): it keeps its memory
     // from being reused, and tells when the layout's owner is gone.
     mutable std::shared_ptr<HeldLayout> held;
@@ -266,18 +312,18 @@ class LayoutCache : public LayoutCacheBase {
   void MoveToFront(const std::shared_ptr<const Entry>& entry) {
     auto it = std::find(entries_.begin(), entries_.end(), entry);
     if (it != entries_.end()) entries_.erase(it);
+    entry->last_use = NextUse();
     std::vector<std::shared_ptr<const Entry>> kept{entry};
     size_t free_count = 0, free_bytes = 0, held_count = 0, held_bytes = 0;
     for (auto& e : entries_) {
       if (e->Dead()) continue;
-      const size_t bytes = e->key.size() * sizeof(int32_t);
       size_t& count = e->Held() ? held_count : free_count;
       size_t& total = e->Held() ? held_bytes : free_bytes;
       const size_t max_count = e->Held() ? kMaxHeldEntries : kMaxEntries;
-      const size_t max_bytes = e->Held() ? kMaxHeldKeyBytes : kMaxKeyBytes;
-      if (count + 1 > max_count || total + bytes > max_bytes) continue;
+      const size_t max_bytes = e->Held() ? kMaxHeldBytes : kMaxBytes;
+      if (count + 1 > max_count || total + e->bytes > max_bytes) continue;
       ++count;
-      total += bytes;
+      total += e->bytes;
       kept.push_back(std::move(e));
     }
     entries_ = std::move(kept);
@@ -290,6 +336,23 @@ class LayoutCache : public LayoutCacheBase {
     for (auto& e : entries_)
       if (dead(e)) dropped.push_back(e);
     entries_.erase(std::remove_if(entries_.begin(), entries_.end(), dead), entries_.end());
+  }
+
+  void ListFree(std::vector<std::pair<uint64_t, size_t>>* free) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& e : entries_)
+      if (!e->Held()) free->emplace_back(e->last_use, e->bytes);
+  }
+
+  void DropFreeUsedBy(uint64_t stamp) override {
+    std::vector<std::shared_ptr<const Entry>> dropped;  // freed after the lock is let go
+    std::lock_guard<std::mutex> lock(mu_);
+    auto old = [stamp](const std::shared_ptr<const Entry>& e) {
+      return !e->Held() && e->last_use <= stamp;
+    };
+    for (auto& e : entries_)
+      if (old(e)) dropped.push_back(e);
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), old), entries_.end());
   }
 
   std::mutex mu_;

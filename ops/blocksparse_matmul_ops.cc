@@ -245,11 +245,14 @@ REGISTER_CPU(Eigen::bfloat16);
 }  // namespace
 }  // namespace blocksparse
 
-// For the tests (through ctypes): layout tables built so far, and alive now, by every kernel
-// of the library (LayoutCache).
+// For the tests (through ctypes): layout tables built so far, and alive now (how many, and their
+// bytes with their coordinates), by every kernel of the library (LayoutCache).
 extern "C" int64_t blocksparse_tf_layout_tables_built() {
   return blocksparse::g_layout_tables_built.load();
 }
 extern "C" int64_t blocksparse_tf_layout_tables_alive() {
   return blocksparse::g_layout_tables_alive.load();
+}
+extern "C" int64_t blocksparse_tf_layout_table_bytes_alive() {
+  return blocksparse::g_layout_table_bytes_alive.load();
 }

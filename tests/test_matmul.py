@@ -1166,7 +1166,9 @@ def test_one_kernel_fed_different_layouts(bs, N, constant_layout):
 
 
 def _layout_tables(counter):
-    fn = getattr(loaded_library(), f"blocksparse_tf_layout_tables_{counter}")
+    """The library's count of layout tables `built` or `alive`, or their `bytes_alive`."""
+    name = "table_bytes_alive" if counter == "bytes_alive" else f"tables_{counter}"
+    fn = getattr(loaded_library(), f"blocksparse_tf_layout_{name}")
     fn.restype = ctypes.c_int64
     return fn()
 
@@ -1231,6 +1233,29 @@ def test_layouts_used_in_training_are_dropped_with_their_layers():
     # TensorFlow keeps some freed tensors referenced for a while: most, not all, are dropped
     # (none were before).
     assert _layout_tables("alive") <= alive + 1 - 30
+
+
+def test_layout_tables_kept_are_bounded_in_bytes():
+    """Tables grow with C / bs + K / bs, not only with the blocks: a one-block layout of 2^22
+    output columns takes 16 MiB.  The tables kept for layouts that no constant holds are
+    bounded in bytes, by each kernel (64 MiB besides the newest) and, since in eager mode
+    every attribute set has a kernel of its own, across the library (256 MiB): they once
+    added up until the process ran out of memory."""
+    K, mib = 1 << 22, 1 << 20
+    x, w = tf.ones((1, 1)), np.full((1, 1, 1), 2.0, np.float32)
+    start = _layout_tables("bytes_alive")
+    for i in range(12):  # one kernel, twelve layouts
+        y = blocksparse_matmul(x, w, np.array([[0, 3 * i]], np.int32), 1, 1, K).numpy()
+        assert y[0, 3 * i] == 2.0 and np.count_nonzero(y) == 1
+        assert _layout_tables("bytes_alive") - start <= 64 * mib + 17 * mib
+    for i in range(24):  # a kernel each
+        y = blocksparse_matmul(x, w, np.array([[0, i]], np.int32), 1, 1, K + i).numpy()
+        assert y.shape == (1, K + i) and y[0, i] == 2.0 and np.count_nonzero(y) == 1
+        assert _layout_tables("bytes_alive") - start <= 256 * mib + 17 * mib
+    # Dropped tables are built again when their layout comes back.
+    built = _layout_tables("built")
+    y = blocksparse_matmul(x, w, np.array([[0, 0]], np.int32), 1, 1, K).numpy()
+    assert y[0, 0] == 2.0 and _layout_tables("built") == built + 1
 
 
 def test_a_layout_rewritten_in_place_is_seen():

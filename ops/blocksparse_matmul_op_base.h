@@ -330,12 +330,7 @@ class LayoutCache : public LayoutCacheBase {
   }
 
   void DropDeadLayouts() override {
-    std::vector<std::shared_ptr<const Entry>> dropped;  // freed after the lock is let go
-    std::lock_guard<std::mutex> lock(mu_);
-    auto dead = [](const std::shared_ptr<const Entry>& e) { return e->Dead(); };
-    for (auto& e : entries_)
-      if (dead(e)) dropped.push_back(e);
-    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), dead), entries_.end());
+    DropIf([](const Entry& e) { return e.Dead(); });
   }
 
   void ListFree(std::vector<std::pair<uint64_t, size_t>>* free) override {
@@ -345,14 +340,18 @@ class LayoutCache : public LayoutCacheBase {
   }
 
   void DropFreeUsedBy(uint64_t stamp) override {
+    DropIf([stamp](const Entry& e) { return !e.Held() && e.last_use <= stamp; });
+  }
+
+  // Drops the entries for which drop(entry) holds.
+  template <typename Drop>
+  void DropIf(const Drop& drop) {
     std::vector<std::shared_ptr<const Entry>> dropped;  // freed after the lock is let go
     std::lock_guard<std::mutex> lock(mu_);
-    auto old = [stamp](const std::shared_ptr<const Entry>& e) {
-      return !e->Held() && e->last_use <= stamp;
-    };
+    auto dropping = [&](const std::shared_ptr<const Entry>& e) { return drop(*e); };
     for (auto& e : entries_)
-      if (old(e)) dropped.push_back(e);
-    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), old), entries_.end());
+      if (dropping(e)) dropped.push_back(e);
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), dropping), entries_.end());
   }
 
   std::mutex mu_;

@@ -253,6 +253,6 @@ extern "C" int64_t blocksparse_tf_layout_tables_built() {
 extern "C" int64_t blocksparse_tf_layout_tables_alive() {
   return blocksparse::g_layout_tables_alive.load();
 }
-extern "C" int64_t blocksparse_tf_layout_table_bytes_alive() {
+extern "C" int64_t blocksparse_tf_layout_tables_bytes_alive() {
   return blocksparse::g_layout_table_bytes_alive.load();
 }

@@ -1167,8 +1167,7 @@ def test_one_kernel_fed_different_layouts(bs, N, constant_layout):
 
 def _layout_tables(counter):
     """The library's count of layout tables `built` or `alive`, or their `bytes_alive`."""
-    name = "table_bytes_alive" if counter == "bytes_alive" else f"tables_{counter}"
-    fn = getattr(loaded_library(), f"blocksparse_tf_layout_{name}")
+    fn = getattr(loaded_library(), f"blocksparse_tf_layout_tables_{counter}")
     fn.restype = ctypes.c_int64
     return fn()
 

@@ -185,8 +185,13 @@ class ActiveExamples {
 // 148-159, 25%/25% 70-71 -> 63-65; bs 32 at 50%/50% 59-63 -> 53-59.  bs 64 measured 0.91-1.00x
 // (its pairs' products are longer per row of y), and passes of 256 KiB or 1 MiB no better.
 // With w read transposed the input blocks already go in groups
-// (kTransposedInputFeaturesPerGroup), and passes measured no faster there.
-constexpr int64_t kPairPassBytes = int64_t{512} << 10;
+// (kTransposedInputFeaturesPerGroup), and passes measured no faster there.  Since rows are
+// prefetched (PackedRowsOp::RunRows), passes of 1 MiB measured faster than 512 KiB on a
+// 2-core AMD EPYC (AVX2, 512 KiB of L2 per core, 32 MiB of L3; the two alternated in one
+// process, 6 rounds, median ms): bs 16 at 25%/25% 67.5 -> 63.9, 50%/50% 180.1 -> 172.9, bs 32
+// at 50%/50% 117.1 -> 108.8, 25%/25% 46.9 -> 43.5 (2 MiB and a task's whole range about as
+// fast as 1 MiB there, 256 and 128 KiB slower); on the Xeon above 1 MiB measured as 512 KiB.
+constexpr int64_t kPairPassBytes = int64_t{1} << 20;
 constexpr int64_t kPairPassMaxBlockSize = 32;
 
 // The end of a pass of the forward's block pairs starting at output block ja (< j1): the

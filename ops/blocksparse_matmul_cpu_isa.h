@@ -121,8 +121,8 @@ struct CpuKernels {
   // rows[0:count) = 64 q + t for each bit t set in both a[q] and b[q], q < words, in
   // increasing order; returns count.  May write kRowListSlack entries past the count (rows
   // needs room for 64 words + kRowListSlack).  For sparse_dot's block pairs that share many
-  // examples; null where the instruction set has no vector compress (AVX-512's vpcompressd),
-  // and sparse_dot then lists them with scalar code.
+  // examples: AVX-512 compresses 16 bits at once (vpcompressd), AVX2 looks up 8 at once; null
+  // for the generic kernels, and sparse_dot then lists them with scalar code.
   int64_t (*list_in_both)(const uint64_t* a, const uint64_t* b, int64_t words, int32_t* rows);
   // out[c * out_rs + r] = in[r * in_rs + c] for r < rows, c < cols.
   void (*transpose_rect)(const float* in, int64_t in_rs, int64_t rows, int64_t cols, float* out,

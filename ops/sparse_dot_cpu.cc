@@ -80,12 +80,16 @@ constexpr int64_t kFusedInputFeatures = 256;
 constexpr int kForwardBranchlessBits = 4;
 
 // Examples per 64-row word of a block pair, on average, from which pairs' examples are listed
-// by the kernels' list_in_both (vector compress, no branch on the bits) rather than
+// by the kernels' list_in_both (vector code, no branch on the bits) rather than
 // ActiveExamples::ActiveInBoth's loops.  Measured on a 2-core Zen 5 (1024 x 4096 x 4096, the
 // two listings in alternating processes, four rounds, median ms): 16 per word (50%/50%)
 // forward bs 16 59.5 -> 51.7, bs 32 38.0 -> 35.1, weight gradient bs 16 86.0 -> 81.9; 4 per
 // word (25%/25%) forward bs 16 24.2 -> 21.7, bs 32 14.5 -> 13.7, weight gradient bs 16 25.7 ->
 // 24.4; 0.64 per word (10%/10%) slower: forward bs 16 10.0 -> 10.8, weight gradient 8.1 -> 10.7.
+// AVX2's list_in_both (a table lookup per 8 bits), on a 2-core AMD EPYC (the two listings
+// alternated in one process, 6 rounds, median forward ms): 50%/50% bs 16 154.1 -> 145.8,
+// 25%/25% bs 16 69.8 -> 66.0, bs 32 47.4 -> 46.1; from 0.5 per word, 10%/10% bs 16 23.5 ->
+// 25.2; its weight gradient within the noise.
 constexpr double kCompressedListMinPerWord = 2.0;
 
 // Whether block pairs that share per_pair examples on average over `words` mask words are

@@ -370,8 +370,8 @@ def test_masked_wide_weight_gradient_with_non_finite_active_entries(bs, wider):
 @pytest.mark.parametrize("bs", [8, 32])
 def test_examples_listed_at_every_activity(keep, bs):
     """Block pairs' examples are listed by a scalar loop where pairs share under two examples per
-    64 rows on average and by a vector compress from there (up to 64 per word, a partial last
-    word): the products must not depend on which."""
+    64 rows on average and by vector code from there (AVX-512's compress, AVX2's table lookup;
+    up to 64 per word, a partial last word): the products must not depend on which."""
     n, m, p = 300, 12 * bs, 9 * bs
     x = RNG.standard_normal((n, m)).astype(np.float32)
     dy = RNG.standard_normal((n, p)).astype(np.float32)

@@ -802,7 +802,7 @@ inline void PackedRowsTile(const float* const* x_row, float* const* y_row, const
     for (int v = 0; v < NV; ++v) Store<V>(y_row[m] + j0 + v * W, acc[m][v]);
 }
 
-// Asks for the `count` rows listed at `rows` (at most 0 is nothing) of x and y, bs floats of
+// Asks for the `count` rows listed at `rows` (none if count <= 0) of x and y, bs floats of
 // each, to be brought into the cache, y's for writing.
 inline void PrefetchRows(const float* x, int64_t x_rs, int64_t bs, float* y, int64_t y_rs,
                          const int32_t* rows, int64_t count) {

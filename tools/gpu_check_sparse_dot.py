@@ -9,8 +9,8 @@ builds (build/libbsmm_gpu.so).  Modes:
   --check        a small subset, for compute-sanitizer memcheck.
   --race         a tensor-core subset, for compute-sanitizer racecheck.
   --bench        forward / dx / dW times against dense cuBLAS (torch.matmul) by active fraction.
-  --side-by-side the 16-bit forward and dx on wgmma (Hopper's default) against mma.sync, and
-                 the dW on wgmma (SetTuning(35)) against mma.sync.
+  --side-by-side the 16-bit forward, dx and dW on wgmma (Hopper's default) against mma.sync
+                 (SetTuning(33)).
 Exits non-zero on any failure.
 """
 import argparse
@@ -41,9 +41,10 @@ class SparseDotLib:
         self._ws = None
 
     def set_tuning(self, variant):
-        """0: the defaults; 33: the forward on mma.sync where Hopper would take wgmma; 34: the
-        wgmma forward's grid two row tiles high, each CTA looping over several; 35: the dW on
-        wgmma too (not yet the default); 36: as 35 on a dW grid of at most 2 x 2 CTAs."""
+        """0: the defaults; 33: the forward and dW on mma.sync where Hopper would take wgmma;
+        34: the wgmma forward's grid two row tiles high, each CTA looping over several; 35: the
+        defaults (once the wgmma dW's switch); 36: the wgmma dW on a grid of at most 2 x 2
+        CTAs."""
         self.lib.bsmm_gpu_set_tuning(variant)
 
     def workspace(self, n, p, bs, nbytes=None):
@@ -158,8 +159,9 @@ def wgmma_checks(lib, res, gen, quick=False):
     steps of 64 (the same cases: a ragged last step, one step, several, none; with the
     transposed cases m = 192, a last input tile of 64 features), every mask combination, x NaN
     where masked off, w transposed, long reductions, CTAs looping over row tiles
-    (SetTuning(34)), the dW on wgmma (SetTuning(35)) and with its CTAs looping over input tiles
-    and columns (36), and the same cases on the mma.sync kernels (SetTuning(33))."""
+    (SetTuning(34)), the dW on wgmma (the default, and SetTuning(35)) and with its CTAs looping
+    over input tiles and columns (36), and the same cases on the mma.sync kernels
+    (SetTuning(33))."""
     m, p = WGMMA_SHAPE
     # Quick: one mixed setting and the two with no active block on one side.
     fractions = [CHECK_FRACTIONS[i] for i in (0, 4, 5)] if quick else CHECK_FRACTIONS
@@ -216,15 +218,15 @@ def wgmma_checks(lib, res, gen, quick=False):
         res.check(counts[0] == wgmma_lists and counts[33] == mma_lists,
                   f"sparse_dot forward on Hopper runs wgmma by default, mma.sync under "
                   f"SetTuning(33) (rc and counts: {counts})")
-        res.check(grad_counts[0] == mma_lists and grad_counts[35] == wgmma_lists and
-                  grad_counts[36] == wgmma_lists,
-                  f"sparse_dot dW on Hopper runs mma.sync by default, wgmma under "
-                  f"SetTuning(35) and (36) (rc and counts: {grad_counts})")
+        res.check(grad_counts[0] == wgmma_lists and grad_counts[33] == mma_lists and
+                  grad_counts[35] == wgmma_lists and grad_counts[36] == wgmma_lists,
+                  f"sparse_dot dW on Hopper runs wgmma by default and under SetTuning(35) and "
+                  f"(36), mma.sync under SetTuning(33) (rc and counts: {grad_counts})")
         wgmma_grad_w_grids_agree(lib, res, gen)
 
 
 def wgmma_grad_w_grids_agree(lib, res, gen):
-    """The wgmma dW bit for bit the same on its full grid (SetTuning(35)) and on a 2 x 2 grid
+    """The wgmma dW bit for bit the same on its full grid (the default) and on a 2 x 2 grid
     whose CTAs loop over input tiles and columns (36): the same sums in the same order, so a
     CTA's state carried from one tile to the next would show.  m = 704: a half last input
     tile; output column 1 has no listed example, column 2 every one."""
@@ -406,9 +408,9 @@ def benchmark(lib, res, out_md, quick=False):
 
 
 def side_by_side(lib, res):
-    """Table: the 16-bit forward and input gradient on Hopper's wgmma kernel (the default)
-    against the mma.sync kernel (SetTuning(33)), and the dW on wgmma (SetTuning(35)) against
-    mma.sync (the default), same masks and inputs, with dense cuBLAS."""
+    """Table: the 16-bit forward, input gradient and dW on Hopper's wgmma kernels (the
+    defaults) against the mma.sync kernels (SetTuning(33)), same masks and inputs, with dense
+    cuBLAS."""
     gen = torch.Generator(device="cuda")
     gen.manual_seed(99)
     lines = ["| dtype | n x m x p | bs | active in | active out | dense ms | fwd mma.sync ms | "
@@ -450,7 +452,7 @@ def side_by_side(lib, res):
                     times[tuning] = (
                         bench(lambda: lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs)),
                         bench(lambda: lib.forward(dt, dy, w, out_m, in_m, dx, n, p, m, bs, True)))
-                for tuning in (0, 35):  # the dW: mma.sync (the default), wgmma
+                for tuning in (33, 0):  # the dW: mma.sync, wgmma (the default)
                     lib.set_tuning(tuning)
                     dw.fill_(float("nan"))
                     rc = lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs)
@@ -462,7 +464,7 @@ def side_by_side(lib, res):
                         lambda: lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs))
                 lib.set_tuning(0)
                 (f_old, x_old), (f_new, x_new) = times[33], times[0]
-                w_old, w_new = grad_times[0], grad_times[35]
+                w_old, w_new = grad_times[33], grad_times[0]
                 line = (f"| {dt} | {n}x{m}x{p} | {bs} | {a_in:.0%} | {a_out:.0%} | "
                         f"{t_dense:.4f} | {f_old:.4f} | {f_new:.4f} | {f_old / f_new:.2f} | "
                         f"{x_old:.4f} | {x_new:.4f} | {t_dense / f_new:.2f} | "

@@ -1069,9 +1069,9 @@ int CheckArgs(DType dt, int64_t n, int64_t m, int64_t p, int64_t bs, int64_t wor
 // (SparseDotWgmmaGradWKernel) on a grid of at most 2 x 2 CTAs, each looping over several
 // tiles both ways (tests).  The wgmma dW is the default since it ran on an H100
 // (2026-12-07): checks, memcheck and racecheck clean, 1.03-3.62x faster than the mma.sync dW
-// in every cell of tools/gpu_check_sparse_dot.py --side-by-side.  The block-sparse kernels' switches of wgmma apply too
-// (internal::WgmmaEnabled: off under SetTuning(1-4); SetTuning(19) runs as compute capability
-// 8.6).
+// in every cell of tools/gpu_check_sparse_dot.py --side-by-side.  The block-sparse kernels'
+// switches of wgmma apply too (internal::WgmmaEnabled: off under SetTuning(1-4);
+// SetTuning(19) runs as compute capability 8.6).
 constexpr int kTuningSparseDotMma = 33;
 constexpr int kTuningSparseDotFewRowTiles = 34;
 constexpr int kTuningSparseDotWgmmaGradWLoops = 36;

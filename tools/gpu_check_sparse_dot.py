@@ -19,7 +19,6 @@ import datetime
 import os
 import sys
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -357,7 +356,6 @@ def benchmark(lib, res, out_md, quick=False):
         for n, m, p in (cases[:1] if quick else cases):
             x = torch.randn(n, m, generator=gen, device="cuda").to(tdt)
             w = torch.randn(m, p, generator=gen, device="cuda").to(tdt)
-            wt = w.t().contiguous()
             dy = torch.randn(n, p, generator=gen, device="cuda").to(tdt)
             t_dense = bench(lambda: torch.matmul(x, w))
             for bs in ([32] if quick else [16, 32, 64]):
@@ -368,18 +366,23 @@ def benchmark(lib, res, out_md, quick=False):
                     y = torch.full((n, p), nan, dtype=tdt, device="cuda")
                     dx = torch.full((n, m), nan, dtype=tdt, device="cuda")
                     dw = torch.full((m, p), nan, dtype=tdt, device="cuda")
+                    # dx = (dy * out) . w^T * in: w read as stored, transposed.
                     rcs = [lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs),
-                           lib.forward(dt, dy, wt, out_m, in_m, dx, n, p, m, bs, True),
+                           lib.forward(dt, dy, w, out_m, in_m, dx, n, p, m, bs, True),
                            lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs)]
                     res.check(rcs == [0, 0, 0], f"bench launches {dt} n={n} bs={bs} rc={rcs}")
                     t_f = bench(lambda: lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs))
-                    t_x = bench(lambda: lib.forward(dt, dy, wt, out_m, in_m, dx, n, p, m, bs, True))
+                    t_x = bench(lambda: lib.forward(dt, dy, w, out_m, in_m, dx, n, p, m, bs, True))
                     t_w = bench(lambda: lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs))
-                    # Spot check of the timed forward.
-                    ref = (x.double() * expand(in_m, bs)) @ w.double() * expand(out_m, bs)
-                    e = rel_err(y, ref)
-                    res.check(e <= TOL[dt], f"bench spot check {dt} n={n} bs={bs} "
-                              f"in={a_in} out={a_out} relerr={e:.3g}")
+                    # Spot check of the timed outputs.
+                    xm = x.double() * expand(in_m, bs)
+                    dym = dy.double() * expand(out_m, bs)
+                    refs = ((y, xm @ w.double() * expand(out_m, bs)),
+                            (dx, dym @ w.double().t() * expand(in_m, bs)), (dw, xm.t() @ dym))
+                    errs = [rel_err(out, ref) for out, ref in refs]
+                    res.check(max(errs) <= TOL[dt], f"bench spot check {dt} n={n} bs={bs} "
+                              f"in={a_in} out={a_out} relerr y/dx/dW "
+                              + " / ".join(f"{e:.3g}" for e in errs))
                     r = dict(dt=dt, n=n, m=m, p=p, bs=bs, a_in=a_in, a_out=a_out, dense=t_dense,
                              fwd=t_f, dx=t_x, dw=t_w,
                              target=min(10.0, 0.7 / (a_in * a_out)))
@@ -436,30 +439,25 @@ def side_by_side(lib, res):
                 ref_dx = (dy.double() * expand(out_m, bs)) @ w.double().t() * expand(in_m, bs)
                 ref_dw = (x.double() * expand(in_m, bs)).t() @ (dy.double() * expand(out_m, bs))
                 times, grad_times = {}, {}
-                for tuning in (33, 0):
+                for tuning in (33, 0):  # mma.sync, then wgmma (the default)
                     lib.set_tuning(tuning)  # reset by main's finally on an error
-                    y.fill_(float("nan"))
-                    dx.fill_(float("nan"))
+                    for out in (y, dx, dw):
+                        out.fill_(float("nan"))
                     # dx = (dy * out) . w^T * in: w read as stored, transposed.
                     rcs = [lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs),
-                           lib.forward(dt, dy, w, out_m, in_m, dx, n, p, m, bs, True)]
+                           lib.forward(dt, dy, w, out_m, in_m, dx, n, p, m, bs, True),
+                           lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs)]
                     torch.cuda.synchronize()
-                    e_y = rel_err(y, ref_y) if rcs == [0, 0] else float("inf")
-                    e_x = rel_err(dx, ref_dx) if rcs == [0, 0] else float("inf")
-                    res.check(e_y <= TOL[dt] and e_x <= TOL[dt],
+                    ok = rcs == [0, 0, 0]
+                    errs = [rel_err(out, ref) if ok else float("inf")
+                            for out, ref in ((y, ref_y), (dx, ref_dx), (dw, ref_dw))]
+                    res.check(max(errs) <= TOL[dt],
                               f"side by side tuning {tuning} n={n} bs={bs} in={a_in} "
-                              f"out={a_out} rc={rcs} relerr {e_y:.3g} / {e_x:.3g}")
+                              f"out={a_out} rc={rcs} relerr y/dx/dW "
+                              + " / ".join(f"{e:.3g}" for e in errs))
                     times[tuning] = (
                         bench(lambda: lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs)),
                         bench(lambda: lib.forward(dt, dy, w, out_m, in_m, dx, n, p, m, bs, True)))
-                for tuning in (33, 0):  # the dW: mma.sync, wgmma (the default)
-                    lib.set_tuning(tuning)
-                    dw.fill_(float("nan"))
-                    rc = lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs)
-                    torch.cuda.synchronize()
-                    e_w = rel_err(dw, ref_dw) if rc == 0 else float("inf")
-                    res.check(e_w <= TOL[dt], f"side by side dW tuning {tuning} n={n} bs={bs} "
-                              f"in={a_in} out={a_out} rc={rc} relerr {e_w:.3g}")
                     grad_times[tuning] = bench(
                         lambda: lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs))
                 lib.set_tuning(0)
@@ -496,7 +494,6 @@ def main():
         race_subset(lib, res)
     if args.correctness:
         correctness(lib, res, quick=args.quick)
-    print(f"sparse_dot checks: {res.passed} passed, {len(res.failed)} failed", flush=True)
     if args.bench:
         print(benchmark(lib, res, args.out_md, quick=args.quick))
     if args.side_by_side:
@@ -504,6 +501,7 @@ def main():
             side_by_side(lib, res)
         finally:
             lib.set_tuning(0)
+    print(f"sparse_dot checks: {res.passed} passed, {len(res.failed)} failed", flush=True)
     if res.failed:
         print("FAILED:\n  " + "\n  ".join(res.failed[:50]))
         sys.exit(1)

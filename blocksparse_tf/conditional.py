@@ -73,8 +73,18 @@ def _matrix_dims(t):
     return [d if d is not None else dynamic[i] for i, d in enumerate(static)]
 
 
+IMPLEMENTATIONS = ("sparse", "dense")
+
+
+def check_implementation(implementation):
+    """implementation, checked to be one of IMPLEMENTATIONS."""
+    if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
+    return implementation
+
+
 def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, transpose_w=False,
-               name=None):
+               name=None, implementation="sparse"):
     """(dot(x * expand(in_mask), w) + bias) * expand(out_mask), skipping inactive blocks.
 
     Parameters
@@ -96,12 +106,24 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
         Use w^T (w stored as (p, m)) without a transposed copy.
     name : str, optional
         Name scope of the ops (default "sparse_dot").
+    implementation : "sparse" (default) or "dense"
+        "sparse": the block-skipping kernels, whose cost follows the active blocks.  "dense":
+        one dense ``tf.matmul`` of x with its inactive blocks set to zero, then the output's
+        inactive blocks set to zero (the same result and gradients up to rounding, and, like
+        the kernels, never a value of x or of the bias from an inactive block).  For GPUs
+        where the active fractions are too high for the kernels to win: in 16-bit on an H100
+        the kernels beat dense cuBLAS only for bs 64 with many examples and about 10% active
+        outputs (see docs/benchmarks_gpu.md); on the CPU the kernels were faster at every
+        activity measured.  Unlike the kernels, the dense product multiplies inactive inputs'
+        zeros by their weights, so a weight that is infinite or NaN spreads to its whole
+        output column, and its sums' rounding may change with the thread count.
 
     Returns
     -------
     (n, p) tensor of x's dtype.  Gradients flow to x, w and bias (masks get none).
     """
     transpose_w = _check_bool("transpose_w", transpose_w)
+    implementation = check_implementation(implementation)
     with tf.name_scope(check_name(name) or "sparse_dot"):
         x = tf.convert_to_tensor(x)
         w = tf.convert_to_tensor(w, dtype=x.dtype if isinstance(w, np.ndarray) else None)
@@ -131,6 +153,8 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
                 w = _divisible_when_run(w, 1 - m_axis, block_size, "p")
             y = tf.matmul(x, w, transpose_b=transpose_w)
             return y if bias is None else y + _check_bias(bias, x.dtype, p, y)
+        if implementation == "dense":
+            return _masked_dense_product(x, w, in_m, out_m, bias, block_size, transpose_w, p)
         if in_m is None or out_m is None:
             # The missing mask's shape is read from x and w, so their rank is checked first.
             x, w = _ensure_matrix(x, "x"), _ensure_matrix(w, "w")
@@ -147,6 +171,40 @@ def sparse_dot(x, w, in_mask=None, out_mask=None, bias=None, block_size=32, tran
             active = tf.not_equal(expand_mask(out_m, block_size), 0)
             y += tf.where(active, _check_bias(bias, x.dtype, p, y), tf.zeros([], x.dtype))
         return y
+
+
+def _masked_dense_product(x, w, in_m, out_m, bias, block_size, transpose_w, p):
+    """sparse_dot's product as one dense tf.matmul: x's inactive blocks and then the output's
+    selected to zero (selected, not multiplied, so that an infinite or NaN value there stays
+    out, as the kernels never read it)."""
+    x, w = _ensure_matrix(x, "x"), _ensure_matrix(w, "w")
+    p_axis = 0 if transpose_w else 1
+    if _static_dim(x, 1) is None:  # else checked already
+        x = _divisible_when_run(x, 1, block_size, "m")
+    if _static_dim(w, p_axis) is None:
+        w = _divisible_when_run(w, p_axis, block_size, "p")
+    zero = tf.zeros([], x.dtype)
+    if in_m is not None:
+        x = tf.where(_expanded_active(in_m, x, block_size, "in_mask", "m"), x, zero)
+    y = tf.matmul(x, w, transpose_b=transpose_w)
+    if bias is not None:
+        y += _check_bias(bias, x.dtype, p, y)
+    if out_m is not None:
+        y = tf.where(_expanded_active(out_m, y, block_size, "out_mask", "p"), y, zero)
+    return y
+
+
+def _expanded_active(mask, t, block_size, name, label):
+    """Where mask (n, blocks) is active, over t's (n, blocks * block_size) elements; the mask's
+    shape checked against t's when the graph runs where either is unknown until then (a
+    mismatch would otherwise broadcast or fail with a message naming neither)."""
+    if not (mask.shape.is_fully_defined() and t.shape.is_fully_defined()):
+        want = tf.shape(t, out_type=tf.int64) // tf.constant([1, block_size], tf.int64)
+        got = tf.shape(mask, out_type=tf.int64)
+        mask = _checked_when_run(mask, tf.reduce_all(tf.equal(got, want)),
+                                 [f"{name} must have shape (n, {label} / block_size) =", want,
+                                  "; got", got], mask.shape)
+    return tf.not_equal(expand_mask(mask, block_size), 0)
 
 
 def _checked_when_run(t, ok, message, shape):

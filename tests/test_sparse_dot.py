@@ -933,3 +933,87 @@ def test_non_finite_bias_stays_out_of_inactive_outputs():
                              * tf.range(32, dtype=tf.float32))
     expected = (np.repeat(out_mask, 16, axis=1) * np.arange(32)).sum(axis=0)
     np.testing.assert_allclose(tape.gradient(loss, b).numpy(), expected)
+
+
+@pytest.mark.parametrize("bs", [1, 8, 32])
+@pytest.mark.parametrize("masks", ["in", "out", "both"])
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_dense_implementation_against_reference_and_kernels(bs, masks, transpose_w):
+    """implementation="dense" (one tf.matmul, masks applied around it) gives the reference's
+    product and gradients, as the kernels do; NaN and infinity in x's inactive blocks stay
+    out of both, and their gradient there is 0."""
+    n, m, p = 13, 5 * bs, 3 * bs
+    x = RNG.standard_normal((n, m)).astype(np.float32)
+    w = RNG.standard_normal((m, p)).astype(np.float32)
+    bias = RNG.standard_normal(p).astype(np.float32)
+    in_mask, out_mask = random_masks(n, m // bs, p // bs, masks)
+    in_mask = in_mask * RNG.choice([0.5, -2.0, 3.0], in_mask.shape).astype(np.float32)
+    in_mask = in_mask if masks in ("in", "both") else None
+    out_mask = out_mask if masks in ("out", "both") else None
+    y_ref, in_e, out_e = reference(x, w, in_mask, out_mask, bias, bs)
+    x_poisoned = np.where(in_e != 0, x, RNG.choice([np.nan, np.inf, -np.inf], x.shape))
+    x_poisoned = x_poisoned.astype(np.float32)
+    dy = RNG.standard_normal((n, p)).astype(np.float32)
+    dyo = dy.astype(np.float64) * out_e
+    stored_w = w.T.copy() if transpose_w else w
+    results = {}
+    for implementation in ("sparse", "dense"):
+        xt, wt, bt = tf.constant(x_poisoned), tf.constant(stored_w), tf.constant(bias)
+        with tf.GradientTape() as tape:
+            tape.watch([xt, wt, bt])
+            y = sparse_dot(xt, wt, in_mask, out_mask, bias=bt, block_size=bs,
+                           transpose_w=transpose_w, implementation=implementation)
+        dx, dw, db = tape.gradient(y, [xt, wt, bt], output_gradients=tf.constant(dy))
+        dw = dw.numpy().T if transpose_w else dw.numpy()
+        assert rel_err(y, y_ref) < 1e-5, implementation
+        assert rel_err(dx, (dyo @ w.astype(np.float64).T) * in_e) < 1e-5, implementation
+        assert rel_err(dw, (x.astype(np.float64) * in_e).T @ dyo) < 1e-5, implementation
+        assert rel_err(db, dyo.sum(axis=0)) < 1e-5, implementation
+        assert np.all(dx.numpy()[in_e == 0] == 0) and np.all(y.numpy()[out_e == 0] == 0)
+        results[implementation] = y.numpy()
+    np.testing.assert_allclose(results["dense"], results["sparse"], rtol=1e-5, atol=1e-5)
+
+
+def test_dense_implementation_keeps_a_non_finite_bias_out_of_inactive_outputs():
+    x = RNG.standard_normal((3, 32)).astype(np.float32)
+    w = RNG.standard_normal((32, 32)).astype(np.float32)
+    out_mask = np.array([[0, 1], [1, 0], [1, 1]], np.float32)
+    inactive = np.repeat(out_mask, 16, axis=1) == 0
+    for value in (np.inf, np.nan):
+        y = sparse_dot(x, w, out_mask=out_mask, bias=np.full(32, value, np.float32),
+                       block_size=16, implementation="dense").numpy()
+        assert np.all(y[inactive] == 0)
+        assert np.all(~np.isfinite(y[~inactive]))
+
+
+def test_dense_implementation_checks_shapes_known_only_when_run():
+    """Where shapes are unknown until run time, a mask that does not fit x or the output, and
+    sizes that block_size does not divide, raise errors that name them."""
+    bs, n, m, p = 8, 5, 24, 16
+    x = RNG.standard_normal((n, m)).astype(np.float32)
+    w = RNG.standard_normal((m, p)).astype(np.float32)
+    in_mask = (RNG.random((n, m // bs)) < 0.5).astype(np.float32)
+    out_mask = (RNG.random((n, p // bs)) < 0.5).astype(np.float32)
+    unknown = tf.TensorSpec(None, tf.float32)
+    f = tf.function(lambda x, w, i, o: sparse_dot(x, w, i, o, block_size=bs,
+                                                  implementation="dense"),
+                    input_signature=[unknown] * 4)
+    ref, _, _ = reference(x, w, in_mask, out_mask, None, bs)
+    assert rel_err(f(x, w, in_mask, out_mask), ref) < 1e-5
+    bad = [((x, w, in_mask[:, :2], out_mask), r"in_mask must have shape \(n, m / block_size\)"),
+           ((x[:4], w, in_mask, out_mask), r"in_mask must have shape \(n, m / block_size\)"),
+           ((x, w, in_mask, out_mask[:4]), r"out_mask must have shape \(n, p / block_size\)"),
+           ((x, w, in_mask, out_mask[:, :1]), r"out_mask must have shape \(n, p / block_size\)"),
+           ((x[:, :20], w[:20], in_mask, out_mask), "block_size 8 must divide m"),
+           ((x, w[:, :12], in_mask, out_mask), "block_size 8 must divide p")]
+    for args, match in bad:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+            f(*args)
+
+
+@pytest.mark.parametrize("implementation", ["Dense", "", None, 1, "kernel"])
+def test_unknown_implementation_raises(implementation):
+    x = np.ones((2, 16), np.float32)
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        sparse_dot(x, np.ones((16, 16), np.float32), out_mask=np.ones((2, 2), np.float32),
+                   block_size=8, implementation=implementation)

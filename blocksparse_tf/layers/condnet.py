@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from blocksparse_tf.layers import _checks, _xla
-from blocksparse_tf.conditional import check_mask, expand_mask, sparse_dot
+from blocksparse_tf.conditional import check_implementation, check_mask, expand_mask, sparse_dot
 
 #: Values accepted for ``inference``.
 INFERENCE_MODES = ("threshold", "sample")
@@ -113,6 +113,11 @@ class CondDense(keras.layers.Layer):
     policy_bias_initializer : Keras initializer of c, or None (default) for logit(tau).
     seed : int or None
         Seed of the mask sampler.
+    implementation : "sparse" or "dense"
+        How the masked product runs (``blocksparse_tf.sparse_dot``'s argument): the
+        block-skipping kernels (default), or one dense product with the masks applied to its
+        input and output, for GPUs where the active fractions are too high for the kernels to
+        win.  The same outputs and gradients up to rounding.
 
     Call
     ----
@@ -131,9 +136,10 @@ class CondDense(keras.layers.Layer):
                  lambda_b=1.0, lambda_e=0.0, lambda_v=0.0, inference="threshold", threshold=0.5,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  policy_kernel_initializer=None, policy_bias_initializer=None, seed=None,
-                 **kwargs):
+                 implementation="sparse", **kwargs):
         super().__init__(**kwargs)
         _xla.run_without_xla(self)
+        self.implementation = check_implementation(implementation)
         self.units, self.block_size = _checks.width_in_blocks(units, block_size)
         self.blocks = self.units // self.block_size
         self.activation = keras.activations.get(activation)
@@ -224,7 +230,8 @@ class CondDense(keras.layers.Layer):
             in_mask = tf.stop_gradient(check_mask(in_mask, "in_mask", x.shape[0], self.input_dim,
                                                   bs))
         bias = tf.cast(self.bias, x.dtype) if self.bias is not None else None
-        z = sparse_dot(x, kernel, in_mask=in_mask, out_mask=out_mask, bias=bias, block_size=bs)
+        z = sparse_dot(x, kernel, in_mask=in_mask, out_mask=out_mask, bias=bias, block_size=bs,
+                       implementation=self.implementation)
         y = self.activation(z) * tf.cast(expand_mask(out_mask, bs), z.dtype)
         return (y, out_mask, logits) if return_policy else (y, out_mask)
 
@@ -257,6 +264,7 @@ class CondDense(keras.layers.Layer):
             activation=keras.activations.serialize(self.activation), use_bias=self.use_bias,
             tau=self.tau, lambda_b=self.lambda_b, lambda_e=self.lambda_e,
             lambda_v=self.lambda_v, inference=self.inference, threshold=self.threshold,
+            implementation=self.implementation,
             kernel_initializer=ser(self.kernel_initializer),
             bias_initializer=ser(self.bias_initializer),
             policy_kernel_initializer=ser(self.policy_kernel_initializer),
@@ -322,7 +330,8 @@ class CondNetModel(keras.Model):
         Subtracted from the reward.  "batch": for each example the mean reward of the *other*
         examples of the batch (leave-one-out, so the estimate stays unbiased); "moving_average":
         an exponential average of past batches' mean reward (``baseline_momentum``).
-    activation, inference, threshold, seed : passed to the layers (seed + layer index).
+    activation, inference, threshold, seed, implementation : passed to the layers (seed +
+        layer index).
 
     ``model(x)`` returns logits (inference masks); :meth:`forward` returns ``(logits,
     policy_logits, masks)``, the policies' logits and the masks used besides;
@@ -335,7 +344,7 @@ class CondNetModel(keras.Model):
     def __init__(self, hidden_units, num_classes, block_size=32, tau=0.5, lambda_b=1.0,
                  lambda_e=0.0, lambda_v=0.0, reinforce_weight=1.0, baseline="batch",
                  baseline_momentum=0.9, activation="relu", inference="threshold", threshold=0.5,
-                 seed=None, **kwargs):
+                 seed=None, implementation="sparse", **kwargs):
         super().__init__(**kwargs)
         if isinstance(hidden_units, (int, np.integer)) or not len(hidden_units):
             raise ValueError(f"hidden_units must be a non-empty sequence of ints; got {hidden_units!r}")
@@ -358,11 +367,13 @@ class CondNetModel(keras.Model):
         self.inference = inference
         self.threshold = threshold
         self.seed = _checks.optional_int(seed, "seed")
+        self.implementation = check_implementation(implementation)
         self.cond_layers = [
             CondDense(u, self.block_size, activation=activation, tau=self.tau[i],
                       lambda_b=self.lambda_b[i], lambda_e=self.lambda_e[i],
                       lambda_v=self.lambda_v[i], inference=inference, threshold=threshold,
-                      seed=None if self.seed is None else self.seed + i, name=f"cond_dense_{i}")
+                      seed=None if self.seed is None else self.seed + i,
+                      implementation=self.implementation, name=f"cond_dense_{i}")
             for i, u in enumerate(self.hidden_units)]
         self.classifier = keras.layers.Dense(self.num_classes, name="classifier")
         self.reward_average = self.add_weight(name="reward_average", shape=(),
@@ -562,5 +573,6 @@ class CondNetModel(keras.Model):
             lambda_e=list(self.lambda_e), lambda_v=list(self.lambda_v),
             reinforce_weight=self.reinforce_weight, baseline=self.baseline,
             baseline_momentum=self.baseline_momentum, activation=self.activation,
-            inference=self.inference, threshold=self.threshold, seed=self.seed)
+            inference=self.inference, threshold=self.threshold, seed=self.seed,
+            implementation=self.implementation)
         return config

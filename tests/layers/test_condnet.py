@@ -47,6 +47,48 @@ def test_layer_matches_float64_reference(act_name, act, with_in_mask):
     assert np.all(y.numpy()[np.repeat(out_mask, bs, axis=1) == 0] == 0)
 
 
+def test_dense_implementation_gives_the_kernels_outputs_and_gradients(monkeypatch):
+    """implementation="dense" (one dense product, masks around it) reaches sparse_dot and gives
+    the same outputs and gradients as the block-skipping kernels, for a first layer (input not
+    a multiple of the block size, no in_mask) and a layer with both masks; CondNetModel passes
+    it to its layers and keeps it in its config."""
+    calls = []
+    real = condnet.sparse_dot
+
+    def spy(*args, **kw):
+        calls.append(kw["implementation"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(condnet, "sparse_dot", spy)
+    bs, n = 8, 9
+    x0 = RNG.standard_normal((n, 20)).astype(np.float32)
+    masks = [(RNG.random((n, 24 // bs)) < 0.5).astype(np.float32),
+             (RNG.random((n, 16 // bs)) < 0.5).astype(np.float32)]
+    results = {}
+    for implementation in ("sparse", "dense"):
+        keras.utils.set_random_seed(3)
+        layers = [CondDense(24, block_size=bs, bias_initializer="random_normal",
+                            implementation=implementation),
+                  CondDense(16, block_size=bs, bias_initializer="random_normal",
+                            activation="tanh", implementation=implementation)]
+        with tf.GradientTape() as tape:
+            h, m = layers[0](x0, out_mask=masks[0])
+            y, _ = layers[1](h, in_mask=m, out_mask=masks[1])
+            loss = tf.reduce_sum(y * np.arange(16, dtype=np.float32))
+        variables = [v for layer in layers for v in layer.network_variables]
+        results[implementation] = [y.numpy()] + [g.numpy() for g in tape.gradient(loss,
+                                                                                  variables)]
+        assert layers[1].get_config()["implementation"] == implementation
+    assert calls == ["sparse"] * 2 + ["dense"] * 2
+    for dense, sparse in zip(results["dense"], results["sparse"]):
+        np.testing.assert_allclose(dense, sparse, rtol=1e-5, atol=1e-6)
+    model = CondNetModel([16], 3, block_size=8, implementation="dense")
+    assert model.get_config()["implementation"] == "dense"
+    assert all(layer.implementation == "dense" for layer in model.cond_layers)
+    clone = CondNetModel.from_config(model.get_config())
+    assert [layer.implementation for layer in clone.cond_layers] == ["dense"]
+
+
 def test_first_layer_input_not_a_multiple_of_block_size():
     bs, n = 8, 5
     layer = CondDense(16, block_size=bs, bias_initializer="random_normal")
@@ -310,6 +352,7 @@ def test_save_and_load_round_trip(tmp_path):
     (dict(units=8, block_size=8, threshold=1.0), "threshold"),
     (dict(units=8, block_size=8, seed=1.5), "seed"),
     (dict(units=8, block_size=8, seed=True), "seed"),
+    (dict(units=8, block_size=8, implementation="cuda"), "implementation"),
 ])
 def test_layer_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -473,6 +516,7 @@ def test_model_wants_one_mask_per_hidden_layer():
     (dict(hidden_units=[8], num_classes=3, seed=True), "seed"),
     (dict(hidden_units=[8], num_classes=3, reinforce_weight=-1), "reinforce_weight"),
     (dict(hidden_units=[12], num_classes=3, block_size=8), "multiple of block_size"),
+    (dict(hidden_units=[8], num_classes=3, implementation=None), "implementation"),
 ])
 def test_model_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -12,11 +12,20 @@ The table, machine, date and command go to docs/benchmarks.md.
     python benchmarks/bench_sparse_dot.py            # 1024 x 4096 x 4096, bs 16/32/64 (a few minutes)
     python benchmarks/bench_sparse_dot.py --rounds 2 # twice over, the fastest of both counting
     python benchmarks/bench_sparse_dot.py --quick    # one block size, printed only
+    python benchmarks/bench_sparse_dot.py --allocators --rounds 2
+        # training steps with TensorFlow's default CPU allocator against its BFC allocator
+        # (TF_CPU_ALLOCATOR_USE_BFC=true), each in its own processes, alternated
+
+With the default allocator TensorFlow takes each tensor of 32 MiB or more (such as dw of a 4096 x
+4096 layer) fresh from the operating system on every step; the BFC allocator keeps and reuses
+it.  --allocators measures what that costs here and writes its own section of the report.
 """
 
 import argparse
 import datetime
+import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -45,6 +54,11 @@ def parse_args(argv=None):
                         "decide a cell")
     p.add_argument("--quick", action="store_true",
                    help="bs 32 (overriding --block-sizes) and 3 mask settings; no files written")
+    p.add_argument("--allocators", action="store_true",
+                   help="time only the training steps, with TensorFlow's default CPU allocator and "
+                        "with TF_CPU_ALLOCATOR_USE_BFC=true, in alternating processes (one pair per "
+                        "round; the median of the rounds counts)")
+    p.add_argument("--step-times-json", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.path.join(ROOT, "docs"))
     args = p.parse_args(argv)
     if args.quick:
@@ -68,22 +82,110 @@ def training_step(product):
     return step
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def inputs(args):
+    """x, dy, w, the cases (bs, a_in, a_out) and their masks, the same in every process."""
     fractions = FRACTIONS[:3] if args.quick else FRACTIONS
-    block_sizes = args.block_sizes
     N, C, K = args.shape
     rng = np.random.default_rng(0)
     x = tf.constant(rng.standard_normal((N, C)).astype(np.float32))
     dy = tf.constant(rng.standard_normal((N, K)).astype(np.float32))
     w = tf.constant((rng.standard_normal((C, K)) / np.sqrt(C)).astype(np.float32))
-    dense_step = training_step(lambda a, b: tf.matmul(a, b))
-    cases = [(bs, a_in, a_out) for bs in block_sizes for a_in, a_out in fractions]
+    cases = [(bs, a_in, a_out) for bs in args.block_sizes for a_in, a_out in fractions]
     masks = {}
     for bs, a_in, a_out in cases:
         masks[bs, a_in, a_out] = (
             tf.constant((rng.random((N, C // bs)) < a_in).astype(np.float32)),
             tf.constant((rng.random((N, K // bs)) < a_out).astype(np.float32)))
+    return x, dy, w, cases, masks
+
+
+def step_times(args):
+    """Fastest training-step times (seconds): {"dense": t, "bs a_in a_out": t, ...}."""
+    x, dy, w, cases, masks = inputs(args)
+    times = {"dense": best_time(lambda: training_step(tf.matmul)(x, w, dy), args.repeats)}
+    for bs, a_in, a_out in cases:
+        in_mask, out_mask = masks[bs, a_in, a_out]
+        step = training_step(lambda a, b: sparse_dot(a, b, in_mask, out_mask, block_size=bs))
+        times[f"{bs} {a_in} {a_out}"] = best_time(lambda: step(x, w, dy), args.repeats)
+    return times
+
+
+ALLOCATOR_SETTINGS = {"default": None, "BFC": "true"}
+
+
+def compare_allocators(args, argv):
+    """Training steps under both CPU allocators, each setting in its own process (TensorFlow
+    reads TF_CPU_ALLOCATOR_USE_BFC when it starts), the order alternating between rounds."""
+    child = [sys.executable, os.path.abspath(__file__), "--step-times-json", "--repeats",
+             str(args.repeats), "--shape", *map(str, args.shape), "--block-sizes",
+             *map(str, args.block_sizes)] + (["--quick"] if args.quick else [])
+    runs = {name: [] for name in ALLOCATOR_SETTINGS}
+    for round_index in range(args.rounds):
+        names = list(ALLOCATOR_SETTINGS)
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+            env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+            if ALLOCATOR_SETTINGS[name] is not None:
+                env["TF_CPU_ALLOCATOR_USE_BFC"] = ALLOCATOR_SETTINGS[name]
+            run = subprocess.run(child, env=env, capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"the {name} allocator's process failed:\n{run.stderr[-3000:]}")
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+            if result["TF_CPU_ALLOCATOR_USE_BFC"] != ALLOCATOR_SETTINGS[name]:
+                raise RuntimeError(f"the {name} allocator's process saw TF_CPU_ALLOCATOR_USE_BFC="
+                                   f"{result['TF_CPU_ALLOCATOR_USE_BFC']!r}")
+            runs[name].append(result["times"])
+            print(f"round {round_index + 1}, {name} allocator done", flush=True)
+    median = {name: {key: float(np.median([r[key] for r in rs])) for key in rs[0]}
+              for name, rs in runs.items()}
+    rows = []
+    print(f"{'case':>16} {'default ms':>11} {'BFC ms':>8} {'default / BFC':>14}")
+    for key in median["default"]:
+        a, b = median["default"][key] * 1e3, median["BFC"][key] * 1e3
+        rows.append((key, a, b))
+        print(f"{key:>16} {a:11.1f} {b:8.1f} {a / b:14.2f}")
+    if args.quick:
+        return rows
+    N, C, K = args.shape
+    lines = [
+        f"- Machine: {machine_description()}",
+        f"- Date: {datetime.date.today().isoformat()}",
+        f"- Command: `{command_line('bench_sparse_dot.py', argv)}`",
+        f"- Training steps of sparse_dot (forward, then dx and dw for a given output gradient, in "
+        f"`tf.function`) and of dense `tf.matmul`, x ({N}, {C}), dense w ({C}, {K}), float32, the "
+        "masks of the table above; each allocator setting in its own process (TensorFlow reads "
+        "`TF_CPU_ALLOCATOR_USE_BFC` when it starts), the two alternating, one pair per round; "
+        f"fastest of {args.repeats} steps per process, the median over {args.rounds} round(s). "
+        "With the default allocator each tensor of 32 MiB or more (glibc's largest mmap "
+        "threshold), such as the 64 MiB dw, comes fresh from the operating system on every step.",
+        "",
+        "| bs | a_in | a_out | default allocator ms | BFC allocator ms | default / BFC |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, a, b in rows:
+        if key == "dense":
+            bs, a_in, a_out = "dense `tf.matmul`", "", ""
+        else:
+            bs, a_in, a_out = key.split()
+            a_in, a_out = f"{float(a_in):.2f}", f"{float(a_out):.2f}"
+        lines.append(f"| {bs} | {a_in} | {a_out} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
+    write_section(os.path.join(args.out, "benchmarks.md"),
+                  "CPU: sparse_dot training steps and TensorFlow's CPU allocator", "\n".join(lines))
+    print(f"wrote {os.path.join(args.out, 'benchmarks.md')}")
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.step_times_json:  # a child of --allocators: its setting, then its times
+        print(json.dumps({"TF_CPU_ALLOCATOR_USE_BFC": os.environ.get("TF_CPU_ALLOCATOR_USE_BFC"),
+                          "times": step_times(args)}))
+        return None
+    if args.allocators:
+        return compare_allocators(args, argv)
+    N, C, K = args.shape
+    x, dy, w, cases, masks = inputs(args)
+    dense_step = training_step(lambda a, b: tf.matmul(a, b))
     fastest = {}
 
     def keep_fastest(key, seconds):

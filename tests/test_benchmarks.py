@@ -11,6 +11,21 @@ from benchmarks import bench_libxsmm, bench_matmul, bench_neurons, bench_sparse_
 from tests.example_scripts import assert_refused  # noqa: E402
 
 
+def test_sparse_dot_allocator_comparison_writes_its_section(tmp_path):
+    """--allocators times the training steps in one process per allocator setting (each checked
+    to have run with its setting) and writes a section of its own."""
+    rows = bench_sparse_dot.main(["--allocators", "--shape", "16", "128", "64", "--block-sizes",
+                                  "32", "--repeats", "1", "--out", str(tmp_path)])
+    assert [r[0] for r in rows] == ["dense"] + [
+        f"32 {a_in} {a_out}" for a_in, a_out in bench_sparse_dot.FRACTIONS]
+    assert all(a > 0 and b > 0 for _, a, b in rows)
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert report.count("## CPU: sparse_dot training steps and TensorFlow's CPU allocator") == 1
+    assert "| dense `tf.matmul` |  |  | " in report and "| 32 | 0.25 | 1.00 | " in report
+    assert ("- Command: `python benchmarks/bench_sparse_dot.py --allocators --shape 16 128 64 "
+            "--block-sizes 32 --repeats 1`") in report
+
+
 def test_benchmarks_write_their_sections(tmp_path):
     rows = bench_matmul.main(["--hidden", "256", "--batches", "8", "--block-sizes", "32",
                               "--densities", "0.5", "1.0", "--repeats", "1", "--out", str(tmp_path)])

@@ -571,22 +571,30 @@ __global__ void __launch_bounds__(kThreads) SparseDotKernel(const Problem P) {
 // step s's wgmma group, mma(stage); each group is waited for before the next step's copies
 // are issued: with copies issued while a group ran, ptxas serialized every wgmma of the loop
 // (C7514).  On return every copy has landed and every stage is free.
-template <int kStages, typename Issue, typename Mma>
+// With kOverlap, one wgmma group stays in flight while the next step's copies are issued (the
+// copies then run kStages - 2 steps ahead, so that they never refill the stage of the group
+// still running); without it each step's group is waited for before the next step's copies,
+// kStages - 1 steps ahead.  The same wgmma groups in the same order either way.
+template <int kStages, bool kOverlap, typename Issue, typename Mma>
 __device__ __forceinline__ void WgmmaSteps(int steps, const Issue& issue, const Mma& mma) {
 #if BSMM_HAS_WGMMA
   using namespace wgmma_impl;
+  constexpr int kAhead = kOverlap ? kStages - 2 : kStages - 1;
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) issue(s);
+  for (int s = 0; s < kAhead; ++s) issue(s);
   for (int s = 0; s < steps; ++s) {
-    CpAsyncWait<kStages - 2>();  // this thread's copies of step s have landed
+    CpAsyncWait<kAhead - 1>();  // this thread's copies of step s have landed
     FenceSharedForAsyncProxy();
-    __syncthreads();  // everyone's have; step s - 1's wgmma (waited below) is done
-    issue(s + kStages - 1);  // into the stage step s - 1 read
+    // Everyone's have; and the group that last read the stage refilled below is done (step
+    // s - 1's, or with kOverlap step s - 2's: waited below).
+    __syncthreads();
+    issue(s + kAhead);
     WgmmaFence();
     mma(s % kStages);
     WgmmaCommit();
-    WgmmaWait<0>();
+    WgmmaWait<kOverlap ? 1 : 0>();
   }
+  WgmmaWait<0>();
   CpAsyncWait<0>();
   __syncthreads();
 #else
@@ -606,7 +614,8 @@ __device__ __forceinline__ void WgmmaSteps(int steps, const Issue& issue, const 
 //                   * x^T tile (B: 64 inputs x 128 examples, the listed examples' rows
 //                    gathered, K-contiguous)
 // as four k16 slices, both operands in the 128-byte swizzle, copied by cp.async kSdStages - 1
-// steps ahead of their wgmma group.  The input mask is applied as the rows are copied:
+// steps ahead of their wgmma group (kTuningSparseDotWgmmaForwardOverlap: kSdStages - 2, one
+// group left in flight meanwhile).  The input mask is applied as the rows are copied:
 // a 16-byte chunk (8 features, within one mask block as bs >= 8) of an inactive block, or of a
 // position past the listed examples, is zero-filled and never read; each thread reads the mask
 // entries of its chunks one step ahead of their copies.  The output mask is applied as the
@@ -621,10 +630,10 @@ constexpr int kSdStageBytes = kSdWBytes + kSdXBytes;
 constexpr int kSdSmemBytes = 1024 + kSdStages * kSdStageBytes;
 constexpr int kSdStageLd = kSdCols + 8;  // staged output rows, padded by 16 bytes
 static_assert(kSdRows * kSdStageLd * 2 <= kSdStageBytes, "the output tile fits one stage");
-template <typename T, bool kTransW>
+template <typename T, bool kTransW, bool kOverlap>
 struct SdWgmmaTag {};  // PrepareKernel's flags, one per instantiation
 
-template <typename T, bool kTransW>
+template <typename T, bool kTransW, bool kOverlap>
 __global__ void __launch_bounds__(kSdThreads) SparseDotWgmmaKernel(const Problem P) {
 #if BSMM_HAS_WGMMA
   using namespace wgmma_impl;
@@ -689,7 +698,7 @@ __global__ void __launch_bounds__(kSdThreads) SparseDotWgmmaKernel(const Problem
     float acc[kSdRows / 2];
 #pragma unroll
     for (int e = 0; e < kSdRows / 2; ++e) acc[e] = 0.f;
-    WgmmaSteps<kSdStages>(tile_steps, issue, [&](int stage) {
+    WgmmaSteps<kSdStages, kOverlap>(tile_steps, issue, [&](int stage) {
       const uint32_t w_base = smem_base + stage * kSdStageBytes;
       const uint32_t x_base = w_base + kSdWBytes;
 #pragma unroll
@@ -734,9 +743,11 @@ __global__ void __launch_bounds__(kSdThreads) SparseDotWgmmaKernel(const Problem
 //                   * x tile (B: 64 listed examples x 128 inputs, N-contiguous: two 64-wide
 //                     swizzle atoms, 8 KiB apart, the leading byte offset)
 // as four k16 slices, both operands in the 128-byte swizzle, copied by cp.async
-// kSgStages - 1 steps ahead of their wgmma group.  The masks are applied as the rows are
-// copied: a 16-byte chunk (8 features, within one mask block as bs >= 8) of an inactive block
-// or of a position past the listed examples is zero-filled and never read.  Each thread copies
+// kSgStages - 2 steps ahead of their wgmma group, one group left in flight meanwhile
+// (kTuningSparseDotWgmmaGradWSerial: kSgStages - 1 ahead, none in flight).  The masks are
+// applied as the rows are copied: a 16-byte chunk (8 features, within one mask block as
+// bs >= 8) of an inactive block or of a position past the listed examples is zero-filled and
+// never read.  Each thread copies
 // the same four positions of a step for both operands, so it loads their example indices once,
 // two steps ahead of the copies, and their mask entries one step ahead (each load then has a
 // step's time to land before anything waits for it).  The tile is stored whole (zeros where
@@ -753,10 +764,10 @@ constexpr int kSgSmemBytes = 1024 + kSgStages * kSgStageBytes;
 constexpr int kSgStageLd = kSgOut + 8;  // staged dw rows, padded by 16 bytes
 static_assert(kSgIn * kSgStageLd * 2 <= kSgStageBytes, "the output tile fits one stage");
 static_assert(kSgXBytes == 2 * kSgAtomBytes, "the x tile is two swizzle atoms");
-template <typename T>
+template <typename T, bool kOverlap>
 struct SgWgmmaTag {};  // PrepareKernel's flags, one per instantiation
 
-template <typename T>
+template <typename T, bool kOverlap>
 __global__ void __launch_bounds__(kSgThreads) SparseDotWgmmaGradWKernel(const Problem P) {
 #if BSMM_HAS_WGMMA
   using namespace wgmma_impl;
@@ -835,7 +846,7 @@ __global__ void __launch_bounds__(kSgThreads) SparseDotWgmmaGradWKernel(const Pr
       float acc[kSgIn / 2];
 #pragma unroll
       for (int e = 0; e < kSgIn / 2; ++e) acc[e] = 0.f;
-      WgmmaSteps<kSgStages>(steps, issue, [&](int stage) {
+      WgmmaSteps<kSgStages, kOverlap>(steps, issue, [&](int stage) {
         const uint32_t a_base = smem_base + stage * kSgStageBytes;
         const uint32_t b_base = a_base + kSgDyBytes;
 #pragma unroll
@@ -1075,6 +1086,16 @@ int CheckArgs(DType dt, int64_t n, int64_t m, int64_t p, int64_t bs, int64_t wor
 constexpr int kTuningSparseDotMma = 33;
 constexpr int kTuningSparseDotFewRowTiles = 34;
 constexpr int kTuningSparseDotWgmmaGradWLoops = 36;
+// WgmmaSteps' kOverlap: one wgmma group left in flight while the next step's copies are
+// issued, two steps ahead rather than three.  Side by side on an H100 (2026-12-07, bfloat16,
+// 1024 and 4096 examples x 4096 x 4096, bs 16 / 32 / 64, six activity settings; `python3
+// tools/gpu_check_sparse_dot.py --pipeline-side-by-side`), the dW 1.01-1.13x faster with it in
+// 28 of 36 cells (most with 4096 examples and every block active) and 0.98-1.00x in the rest
+// (1024 examples, mostly at 10% active outputs: few steps a tile), the forward and the input
+// gradient 0.91-0.98x (their gathered rows of x want the third step of lead).  So the dW
+// overlaps by default (38 turns that off) and the forward does not (37 turns it on).
+constexpr int kTuningSparseDotWgmmaForwardOverlap = 37;
+constexpr int kTuningSparseDotWgmmaGradWSerial = 38;
 
 // Whether the products (the forward and the dW alike) run on the wgmma kernels: 16-bit,
 // bs >= 8 (a copied chunk lies in one mask block), m and p multiples of 64, the vector path, a
@@ -1089,22 +1110,39 @@ bool WgmmaPath(DType dt, const Problem& P) {
   return internal::GetDeviceInfo(&di, &device) == cudaSuccess && internal::WgmmaEnabled(di);
 }
 
+template <typename T, bool kOverlap>
+int LaunchWgmmaForward(const Problem& P, dim3 grid, cudaStream_t stream) {
+  const cudaError_t e =
+      P.transpose_w ? PrepareKernel<SdWgmmaTag<T, true, kOverlap>>(
+                          SparseDotWgmmaKernel<T, true, kOverlap>, kSdSmemBytes)
+                    : PrepareKernel<SdWgmmaTag<T, false, kOverlap>>(
+                          SparseDotWgmmaKernel<T, false, kOverlap>, kSdSmemBytes);
+  if (e != cudaSuccess) return e;
+  if (P.transpose_w) {
+    SparseDotWgmmaKernel<T, true, kOverlap><<<grid, kSdThreads, kSdSmemBytes, stream>>>(P);
+  } else {
+    SparseDotWgmmaKernel<T, false, kOverlap><<<grid, kSdThreads, kSdSmemBytes, stream>>>(P);
+  }
+  return cudaGetLastError();
+}
+
 template <typename T>
 int LaunchWgmmaForward(const Problem& P, cudaStream_t stream) {
   const int64_t row_tiles = (P.n + kSdRows - 1) / kSdRows;
   const int64_t most = internal::Tuning() == kTuningSparseDotFewRowTiles ? 2 : 65535;
   const dim3 grid(static_cast<unsigned>(P.p / kSdCols),
                   static_cast<unsigned>(row_tiles < most ? row_tiles : most));
-  const cudaError_t e =
-      P.transpose_w
-          ? PrepareKernel<SdWgmmaTag<T, true>>(SparseDotWgmmaKernel<T, true>, kSdSmemBytes)
-          : PrepareKernel<SdWgmmaTag<T, false>>(SparseDotWgmmaKernel<T, false>, kSdSmemBytes);
+  return internal::Tuning() == kTuningSparseDotWgmmaForwardOverlap
+             ? LaunchWgmmaForward<T, true>(P, grid, stream)
+             : LaunchWgmmaForward<T, false>(P, grid, stream);
+}
+
+template <typename T, bool kOverlap>
+int LaunchWgmmaGradW(const Problem& P, dim3 grid, cudaStream_t stream) {
+  const cudaError_t e = PrepareKernel<SgWgmmaTag<T, kOverlap>>(
+      SparseDotWgmmaGradWKernel<T, kOverlap>, kSgSmemBytes);
   if (e != cudaSuccess) return e;
-  if (P.transpose_w) {
-    SparseDotWgmmaKernel<T, true><<<grid, kSdThreads, kSdSmemBytes, stream>>>(P);
-  } else {
-    SparseDotWgmmaKernel<T, false><<<grid, kSdThreads, kSdSmemBytes, stream>>>(P);
-  }
+  SparseDotWgmmaGradWKernel<T, kOverlap><<<grid, kSgThreads, kSgSmemBytes, stream>>>(P);
   return cudaGetLastError();
 }
 
@@ -1115,11 +1153,9 @@ int LaunchWgmmaGradW(const Problem& P, cudaStream_t stream) {
   const int64_t most_x = loops ? 2 : INT32_MAX, most_y = loops ? 2 : 65535;
   const dim3 grid(static_cast<unsigned>(in_tiles < most_x ? in_tiles : most_x),
                   static_cast<unsigned>(columns < most_y ? columns : most_y));
-  const cudaError_t e =
-      PrepareKernel<SgWgmmaTag<T>>(SparseDotWgmmaGradWKernel<T>, kSgSmemBytes);
-  if (e != cudaSuccess) return e;
-  SparseDotWgmmaGradWKernel<T><<<grid, kSgThreads, kSgSmemBytes, stream>>>(P);
-  return cudaGetLastError();
+  return internal::Tuning() == kTuningSparseDotWgmmaGradWSerial
+             ? LaunchWgmmaGradW<T, false>(P, grid, stream)
+             : LaunchWgmmaGradW<T, true>(P, grid, stream);
 }
 
 int Run(DType dt, const Problem& P0, bool grad, void* workspace, CUstream_st* stream_handle) {

@@ -11,6 +11,8 @@ builds (build/libbsmm_gpu.so).  Modes:
   --bench        forward / dx / dW times against dense cuBLAS (torch.matmul) by active fraction.
   --side-by-side the 16-bit forward, dx and dW on wgmma (Hopper's default) against mma.sync
                  (SetTuning(33)).
+  --pipeline-side-by-side  the wgmma products with one wgmma group left in flight against
+                 without (SetTuning(37) and (38)).
 Exits non-zero on any failure.
 """
 import argparse
@@ -43,7 +45,8 @@ class SparseDotLib:
         """0: the defaults; 33: the forward and dW on mma.sync where Hopper would take wgmma;
         34: the wgmma forward's grid two row tiles high, each CTA looping over several; 35: the
         defaults (once the wgmma dW's switch); 36: the wgmma dW on a grid of at most 2 x 2
-        CTAs."""
+        CTAs; 37: the wgmma forward with one wgmma group in flight (as the dW by default); 38:
+        the wgmma dW without."""
         self.lib.bsmm_gpu_set_tuning(variant)
 
     def workspace(self, n, p, bs, nbytes=None):
@@ -159,13 +162,13 @@ def wgmma_checks(lib, res, gen, quick=False):
     transposed cases m = 192, a last input tile of 64 features), every mask combination, x NaN
     where masked off, w transposed, long reductions, CTAs looping over row tiles
     (SetTuning(34)), the dW on wgmma (the default, and SetTuning(35)) and with its CTAs looping
-    over input tiles and columns (36), and the same cases on the mma.sync kernels
-    (SetTuning(33))."""
+    over input tiles and columns (36), the forward with one wgmma group in flight (37), the dW
+    without (38), and the same cases on the mma.sync kernels (SetTuning(33))."""
     m, p = WGMMA_SHAPE
     # Quick: one mixed setting and the two with no active block on one side.
     fractions = [CHECK_FRACTIONS[i] for i in (0, 4, 5)] if quick else CHECK_FRACTIONS
     try:
-        for tuning in (0, 34, 33, 35, 36):
+        for tuning in (0, 34, 33, 35, 36, 37, 38):
             lib.set_tuning(tuning)
             for dt in (["bfloat16"] if quick else ["bfloat16", "float16"]):
                 for bs in (8, 16, 32, 64):
@@ -200,7 +203,7 @@ def wgmma_checks(lib, res, gen, quick=False):
         dw = torch.empty(256, 128, dtype=torch.bfloat16, device="cuda")
         counts, grad_counts = {}, {}
         try:
-            for tuning in (0, 33, 35, 36):
+            for tuning in (0, 33, 35, 36, 37, 38):
                 lib.set_tuning(tuning)
                 lib.workspace(256, 128, 16)
                 lib._ws.fill_(255)
@@ -214,14 +217,17 @@ def wgmma_checks(lib, res, gen, quick=False):
         finally:
             lib.set_tuning(0)
         wgmma_lists, mma_lists = (0, [256, 256] + [-1] * 6), (0, [256] * 8)
-        res.check(counts[0] == wgmma_lists and counts[33] == mma_lists,
-                  f"sparse_dot forward on Hopper runs wgmma by default, mma.sync under "
-                  f"SetTuning(33) (rc and counts: {counts})")
+        res.check(counts[0] == wgmma_lists and counts[33] == mma_lists and
+                  counts[37] == wgmma_lists and counts[38] == wgmma_lists,
+                  f"sparse_dot forward on Hopper runs wgmma by default and under SetTuning(37) "
+                  f"and (38), mma.sync under SetTuning(33) (rc and counts: {counts})")
         res.check(grad_counts[0] == wgmma_lists and grad_counts[33] == mma_lists and
-                  grad_counts[35] == wgmma_lists and grad_counts[36] == wgmma_lists,
-                  f"sparse_dot dW on Hopper runs wgmma by default and under SetTuning(35) and "
-                  f"(36), mma.sync under SetTuning(33) (rc and counts: {grad_counts})")
+                  grad_counts[35] == wgmma_lists and grad_counts[36] == wgmma_lists and
+                  grad_counts[37] == wgmma_lists and grad_counts[38] == wgmma_lists,
+                  f"sparse_dot dW on Hopper runs wgmma by default and under SetTuning(35) to "
+                  f"(38), mma.sync under SetTuning(33) (rc and counts: {grad_counts})")
         wgmma_grad_w_grids_agree(lib, res, gen)
+        wgmma_overlap_agrees(lib, res, gen)
 
 
 def wgmma_grad_w_grids_agree(lib, res, gen):
@@ -257,6 +263,102 @@ def wgmma_grad_w_grids_agree(lib, res, gen):
             res.check(rc35 == 0 and rc36 == 0 and e <= TOL[dt] and same_bits(dw35, dw36),
                       f"sparse_dot wgmma dW {dt} bs={bs} n={n} m={m} p={p}: full grid against "
                       f"float64 (relerr {e:.3g}) and bit for bit the 2 x 2 grid")
+
+
+def wgmma_overlap_agrees(lib, res, gen):
+    """The wgmma forward and dW bit for bit the same with one wgmma group in flight as without
+    (the forward's default and 37, the dW's 38 and default): the same groups in the same order.
+    Long enough (m = 1024: 16 forward steps; n = 1100: up to 18 dW steps a column) for the
+    pipelines to wrap around their stages several times."""
+    n, m, p = 1100, 1024, 192
+    for dt in ("bfloat16", "float16"):
+        tdt = DTYPES[dt][1]
+        for bs in (16, 64):
+            x = torch.randn(n, m, generator=gen, device="cuda").to(tdt)
+            w = torch.randn(m, p, generator=gen, device="cuda").to(tdt)
+            dy = torch.randn(n, p, generator=gen, device="cuda").to(tdt)
+            in_m = random_mask(n, m // bs, 0.6, gen)
+            out_m = random_mask(n, p // bs, 0.7, gen)
+            outs = {}
+            try:
+                for tuning in (0, 37, 38):
+                    lib.set_tuning(tuning)
+                    y = torch.full((n, p), float("nan"), dtype=tdt, device="cuda")
+                    dw = torch.full((m, p), float("nan"), dtype=tdt, device="cuda")
+                    rcs = (lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs),
+                           lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs))
+                    torch.cuda.synchronize()
+                    outs[tuning] = (rcs, y, dw)
+            finally:
+                lib.set_tuning(0)
+            xin = x.double() * expand(in_m, bs)
+            ref_y = xin @ w.double() * expand(out_m, bs)
+            ref_dw = xin.t() @ (dy.double() * expand(out_m, bs))
+            (rcs0, y0, dw0), (rcs37, y37, dw37), (rcs38, y38, dw38) = (outs[t] for t in (0, 37, 38))
+            ok = rcs0 == rcs37 == rcs38 == (0, 0)
+            e = max(rel_err(y37, ref_y), rel_err(dw0, ref_dw)) if ok else float("inf")
+            res.check(ok and e <= TOL[dt] and same_bits(y0, y37) and same_bits(y0, y38) and
+                      same_bits(dw0, dw38) and same_bits(dw0, dw37),
+                      f"sparse_dot wgmma {dt} bs={bs} n={n} m={m} p={p}: with one group in "
+                      f"flight against float64 (relerr {e:.3g}) and bit for bit without")
+
+
+def pipeline_side_by_side(lib, res):
+    """Table: the 16-bit wgmma products waiting for each step's wgmma group before issuing the
+    next copies ("serial": the forward's default, the dW under SetTuning(38)) against leaving
+    one group in flight ("overlapped": the forward under SetTuning(37), the dW's default), same
+    masks and inputs, each checked against float64 first."""
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(98)
+    lines = ["| dtype | n x m x p | bs | active in | active out | fwd serial ms | fwd overlapped "
+             "ms | dx serial ms | dx overlapped ms | dW serial ms | dW overlapped ms | serial / "
+             "overlapped (fwd, dx, dW) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    dt = "bfloat16"
+    tdt = DTYPES[dt][1]
+    for n, m, p in ((1024, 4096, 4096), (4096, 4096, 4096)):
+        x = torch.randn(n, m, generator=gen, device="cuda").to(tdt)
+        w = torch.randn(m, p, generator=gen, device="cuda").to(tdt)
+        dy = torch.randn(n, p, generator=gen, device="cuda").to(tdt)
+        for bs in (16, 32, 64):
+            for a_in, a_out in BENCH_FRACTIONS:
+                in_m = random_mask(n, m // bs, a_in, gen)
+                out_m = random_mask(n, p // bs, a_out, gen)
+                y = torch.empty((n, p), dtype=tdt, device="cuda")
+                dx = torch.empty((n, m), dtype=tdt, device="cuda")
+                dw = torch.empty((m, p), dtype=tdt, device="cuda")
+                xm = x.double() * expand(in_m, bs)
+                dym = dy.double() * expand(out_m, bs)
+                refs = (xm @ w.double() * expand(out_m, bs),
+                        dym @ w.double().t() * expand(in_m, bs), xm.t() @ dym)
+                calls = (lambda: lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs),
+                         lambda: lib.forward(dt, dy, w, out_m, in_m, dx, n, p, m, bs, True),
+                         lambda: lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs))
+                times = {}
+                for tuning in (0, 37, 38):
+                    lib.set_tuning(tuning)  # reset by main's finally on an error
+                    for out in (y, dx, dw):
+                        out.fill_(float("nan"))
+                    rcs = [call() for call in calls]
+                    torch.cuda.synchronize()
+                    errs = [rel_err(out, ref) if rcs == [0, 0, 0] else float("inf")
+                            for out, ref in zip((y, dx, dw), refs)]
+                    res.check(max(errs) <= TOL[dt],
+                              f"pipeline side by side tuning {tuning} n={n} bs={bs} in={a_in} "
+                              f"out={a_out} rc={rcs} relerr y/dx/dW "
+                              + " / ".join(f"{e:.3g}" for e in errs))
+                    times[tuning] = [bench(call) for call in calls]
+                lib.set_tuning(0)
+                serial = (times[0][0], times[0][1], times[38][2])
+                overlapped = (times[37][0], times[37][1], times[0][2])
+                cells = [f"{t:.4f}" for pair in zip(serial, overlapped) for t in pair]
+                line = (f"| {dt} | {n}x{m}x{p} | {bs} | {a_in:.0%} | {a_out:.0%} | "
+                        + " | ".join(cells) + " | "
+                        + ", ".join(f"{a / b:.2f}" for a, b in zip(serial, overlapped)) + " |")
+                lines.append(line)
+                print(line, flush=True)
+    return "\n".join(lines) + "\n"
 
 
 def correctness(lib, res, quick=False):
@@ -306,6 +408,13 @@ def race_subset(lib, res):
         check_case(lib, res, "bfloat16", 32, 600, 512, 128, 0.7, 0.7, gen)
         lib.set_tuning(36)
         check_case(lib, res, "float16", 16, 400, 704, 192, 0.7, 0.7, gen)
+        # The forward with one wgmma group in flight (37; the dW's default: the stages
+        # refilled two steps ahead), then the dW without (38).
+        lib.set_tuning(37)
+        check_case(lib, res, "bfloat16", 16, 600, 512, 128, 0.7, 0.7, gen)
+        check_case(lib, res, "float16", 64, 300, 512, 128, 0.7, 0.7, gen, transpose_w=True)
+        lib.set_tuning(38)
+        check_case(lib, res, "bfloat16", 32, 600, 512, 128, 0.7, 0.7, gen)
     finally:
         lib.set_tuning(0)
     check_case(lib, res, "float32", 32, 150, 512, 64, 0.7, 0.7, gen)
@@ -483,6 +592,9 @@ def main():
     ap.add_argument("--side-by-side", action="store_true",
                     help="16-bit forward, dx and dW: the wgmma kernels against mma.sync "
                          "(Hopper)")
+    ap.add_argument("--pipeline-side-by-side", action="store_true",
+                    help="16-bit wgmma forward, dx and dW with one wgmma group in flight "
+                         "against without (SetTuning(37) and (38); Hopper)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out-md", default=None)
     args = ap.parse_args()
@@ -499,6 +611,11 @@ def main():
     if args.side_by_side:
         try:
             side_by_side(lib, res)
+        finally:
+            lib.set_tuning(0)
+    if args.pipeline_side_by_side:
+        try:
+            pipeline_side_by_side(lib, res)
         finally:
             lib.set_tuning(0)
     print(f"sparse_dot checks: {res.passed} passed, {len(res.failed)} failed", flush=True)

@@ -46,7 +46,7 @@ class SparseDotLib:
         34: the wgmma forward's grid two row tiles high, each CTA looping over several; 35: the
         defaults (once the wgmma dW's switch); 36: the wgmma dW on a grid of at most 2 x 2
         CTAs; 37: the wgmma forward with one wgmma group in flight (as the dW by default); 38:
-        the wgmma dW without."""
+        the wgmma dW without; 39: both issuing the next copies while the step's group runs."""
         self.lib.bsmm_gpu_set_tuning(variant)
 
     def workspace(self, n, p, bs, nbytes=None):
@@ -168,7 +168,7 @@ def wgmma_checks(lib, res, gen, quick=False):
     # Quick: one mixed setting and the two with no active block on one side.
     fractions = [CHECK_FRACTIONS[i] for i in (0, 4, 5)] if quick else CHECK_FRACTIONS
     try:
-        for tuning in (0, 34, 33, 35, 36, 37, 38):
+        for tuning in (0, 34, 33, 35, 36, 37, 38, 39):
             lib.set_tuning(tuning)
             for dt in (["bfloat16"] if quick else ["bfloat16", "float16"]):
                 for bs in (8, 16, 32, 64):
@@ -266,8 +266,8 @@ def wgmma_grad_w_grids_agree(lib, res, gen):
 
 
 def wgmma_overlap_agrees(lib, res, gen):
-    """The wgmma forward and dW bit for bit the same with one wgmma group in flight as without
-    (the forward's default and 37, the dW's 38 and default): the same groups in the same order.
+    """The wgmma forward and dW bit for bit the same whatever the pipeline (the defaults; 37,
+    38 and 39, see SparseDotLib.set_tuning): the same wgmma groups in the same order.
     Long enough (m = 1024: 16 forward steps; n = 1100: up to 18 dW steps a column) for the
     pipelines to wrap around their stages several times."""
     n, m, p = 1100, 1024, 192
@@ -281,7 +281,7 @@ def wgmma_overlap_agrees(lib, res, gen):
             out_m = random_mask(n, p // bs, 0.7, gen)
             outs = {}
             try:
-                for tuning in (0, 37, 38):
+                for tuning in (0, 37, 38, 39):
                     lib.set_tuning(tuning)
                     y = torch.full((n, p), float("nan"), dtype=tdt, device="cuda")
                     dw = torch.full((m, p), float("nan"), dtype=tdt, device="cuda")
@@ -294,71 +294,14 @@ def wgmma_overlap_agrees(lib, res, gen):
             xin = x.double() * expand(in_m, bs)
             ref_y = xin @ w.double() * expand(out_m, bs)
             ref_dw = xin.t() @ (dy.double() * expand(out_m, bs))
-            (rcs0, y0, dw0), (rcs37, y37, dw37), (rcs38, y38, dw38) = (outs[t] for t in (0, 37, 38))
-            ok = rcs0 == rcs37 == rcs38 == (0, 0)
-            e = max(rel_err(y37, ref_y), rel_err(dw0, ref_dw)) if ok else float("inf")
-            res.check(ok and e <= TOL[dt] and same_bits(y0, y37) and same_bits(y0, y38) and
-                      same_bits(dw0, dw38) and same_bits(dw0, dw37),
-                      f"sparse_dot wgmma {dt} bs={bs} n={n} m={m} p={p}: with one group in "
-                      f"flight against float64 (relerr {e:.3g}) and bit for bit without")
-
-
-def pipeline_side_by_side(lib, res):
-    """Table: the 16-bit wgmma products waiting for each step's wgmma group before issuing the
-    next copies ("serial": the forward's default, the dW under SetTuning(38)) against leaving
-    one group in flight ("overlapped": the forward under SetTuning(37), the dW's default), same
-    masks and inputs, each checked against float64 first."""
-    gen = torch.Generator(device="cuda")
-    gen.manual_seed(98)
-    lines = ["| dtype | n x m x p | bs | active in | active out | fwd serial ms | fwd overlapped "
-             "ms | dx serial ms | dx overlapped ms | dW serial ms | dW overlapped ms | serial / "
-             "overlapped (fwd, dx, dW) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
-    dt = "bfloat16"
-    tdt = DTYPES[dt][1]
-    for n, m, p in ((1024, 4096, 4096), (4096, 4096, 4096)):
-        x = torch.randn(n, m, generator=gen, device="cuda").to(tdt)
-        w = torch.randn(m, p, generator=gen, device="cuda").to(tdt)
-        dy = torch.randn(n, p, generator=gen, device="cuda").to(tdt)
-        for bs in (16, 32, 64):
-            for a_in, a_out in BENCH_FRACTIONS:
-                in_m = random_mask(n, m // bs, a_in, gen)
-                out_m = random_mask(n, p // bs, a_out, gen)
-                y = torch.empty((n, p), dtype=tdt, device="cuda")
-                dx = torch.empty((n, m), dtype=tdt, device="cuda")
-                dw = torch.empty((m, p), dtype=tdt, device="cuda")
-                xm = x.double() * expand(in_m, bs)
-                dym = dy.double() * expand(out_m, bs)
-                refs = (xm @ w.double() * expand(out_m, bs),
-                        dym @ w.double().t() * expand(in_m, bs), xm.t() @ dym)
-                calls = (lambda: lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs),
-                         lambda: lib.forward(dt, dy, w, out_m, in_m, dx, n, p, m, bs, True),
-                         lambda: lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs))
-                times = {}
-                for tuning in (0, 37, 38):
-                    lib.set_tuning(tuning)  # reset by main's finally on an error
-                    for out in (y, dx, dw):
-                        out.fill_(float("nan"))
-                    rcs = [call() for call in calls]
-                    torch.cuda.synchronize()
-                    errs = [rel_err(out, ref) if rcs == [0, 0, 0] else float("inf")
-                            for out, ref in zip((y, dx, dw), refs)]
-                    res.check(max(errs) <= TOL[dt],
-                              f"pipeline side by side tuning {tuning} n={n} bs={bs} in={a_in} "
-                              f"out={a_out} rc={rcs} relerr y/dx/dW "
-                              + " / ".join(f"{e:.3g}" for e in errs))
-                    times[tuning] = [bench(call) for call in calls]
-                lib.set_tuning(0)
-                serial = (times[0][0], times[0][1], times[38][2])
-                overlapped = (times[37][0], times[37][1], times[0][2])
-                cells = [f"{t:.4f}" for pair in zip(serial, overlapped) for t in pair]
-                line = (f"| {dt} | {n}x{m}x{p} | {bs} | {a_in:.0%} | {a_out:.0%} | "
-                        + " | ".join(cells) + " | "
-                        + ", ".join(f"{a / b:.2f}" for a, b in zip(serial, overlapped)) + " |")
-                lines.append(line)
-                print(line, flush=True)
-    return "\n".join(lines) + "\n"
+            _, y0, dw0 = outs[0]
+            ok = all(rcs == (0, 0) for rcs, _, _ in outs.values())
+            e = max(rel_err(y0, ref_y), rel_err(dw0, ref_dw)) if ok else float("inf")
+            same = all(same_bits(y0, y) and same_bits(dw0, dw) for _, y, dw in outs.values())
+            res.check(ok and e <= TOL[dt] and same,
+                      f"sparse_dot wgmma {dt} bs={bs} n={n} m={m} p={p}: the pipelines (0, 37, 38, "
+                      f"39) against float64 (relerr {e:.3g}) and bit for bit each other "
+                      f"(rc {[outs[t][0] for t in outs]})")
 
 
 def correctness(lib, res, quick=False):
@@ -415,6 +358,8 @@ def race_subset(lib, res):
         check_case(lib, res, "float16", 64, 300, 512, 128, 0.7, 0.7, gen, transpose_w=True)
         lib.set_tuning(38)
         check_case(lib, res, "bfloat16", 32, 600, 512, 128, 0.7, 0.7, gen)
+        lib.set_tuning(39)
+        check_case(lib, res, "bfloat16", 64, 600, 512, 128, 0.7, 0.7, gen)
     finally:
         lib.set_tuning(0)
     check_case(lib, res, "float32", 32, 150, 512, 64, 0.7, 0.7, gen)
@@ -519,17 +464,13 @@ def benchmark(lib, res, out_md, quick=False):
     return md
 
 
-def side_by_side(lib, res):
-    """Table: the 16-bit forward, input gradient and dW on Hopper's wgmma kernels (the
-    defaults) against the mma.sync kernels (SetTuning(33)), same masks and inputs, with dense
-    cuBLAS."""
+def products_side_by_side(lib, res, tunings, what, seed):
+    """The 16-bit timing grid (bfloat16; 1024 and 4096 examples x 4096 x 4096, bs 16 / 32 / 64,
+    BENCH_FRACTIONS): per cell the forward, input gradient and dW under each tuning, same masks
+    and inputs, checked against float64 first, then timed.  Yields (n, m, p, bs, a_in, a_out,
+    dense ms, {tuning: [forward, dx, dW ms]})."""
     gen = torch.Generator(device="cuda")
-    gen.manual_seed(99)
-    lines = ["| dtype | n x m x p | bs | active in | active out | dense ms | fwd mma.sync ms | "
-             "fwd wgmma ms | mma.sync / wgmma | dx mma.sync ms | dx wgmma ms | fwd x dense | "
-             "dx x dense | dW mma.sync ms | dW wgmma ms | dW mma.sync / wgmma | dW x dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
+    gen.manual_seed(seed)
     dt = "bfloat16"
     tdt = DTYPES[dt][1]
     for n, m, p in ((1024, 4096, 4096), (4096, 4096, 4096)):
@@ -541,44 +482,79 @@ def side_by_side(lib, res):
             for a_in, a_out in BENCH_FRACTIONS:
                 in_m = random_mask(n, m // bs, a_in, gen)
                 out_m = random_mask(n, p // bs, a_out, gen)
-                y = torch.empty((n, p), dtype=tdt, device="cuda")
-                dx = torch.empty((n, m), dtype=tdt, device="cuda")
-                dw = torch.empty((m, p), dtype=tdt, device="cuda")
-                ref_y = (x.double() * expand(in_m, bs)) @ w.double() * expand(out_m, bs)
-                ref_dx = (dy.double() * expand(out_m, bs)) @ w.double().t() * expand(in_m, bs)
-                ref_dw = (x.double() * expand(in_m, bs)).t() @ (dy.double() * expand(out_m, bs))
-                times, grad_times = {}, {}
-                for tuning in (33, 0):  # mma.sync, then wgmma (the default)
-                    lib.set_tuning(tuning)  # reset by main's finally on an error
-                    for out in (y, dx, dw):
-                        out.fill_(float("nan"))
-                    # dx = (dy * out) . w^T * in: w read as stored, transposed.
-                    rcs = [lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs),
-                           lib.forward(dt, dy, w, out_m, in_m, dx, n, p, m, bs, True),
-                           lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs)]
-                    torch.cuda.synchronize()
-                    ok = rcs == [0, 0, 0]
-                    errs = [rel_err(out, ref) if ok else float("inf")
-                            for out, ref in ((y, ref_y), (dx, ref_dx), (dw, ref_dw))]
-                    res.check(max(errs) <= TOL[dt],
-                              f"side by side tuning {tuning} n={n} bs={bs} in={a_in} "
-                              f"out={a_out} rc={rcs} relerr y/dx/dW "
-                              + " / ".join(f"{e:.3g}" for e in errs))
-                    times[tuning] = (
-                        bench(lambda: lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs)),
-                        bench(lambda: lib.forward(dt, dy, w, out_m, in_m, dx, n, p, m, bs, True)))
-                    grad_times[tuning] = bench(
-                        lambda: lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs))
-                lib.set_tuning(0)
-                (f_old, x_old), (f_new, x_new) = times[33], times[0]
-                w_old, w_new = grad_times[33], grad_times[0]
-                line = (f"| {dt} | {n}x{m}x{p} | {bs} | {a_in:.0%} | {a_out:.0%} | "
-                        f"{t_dense:.4f} | {f_old:.4f} | {f_new:.4f} | {f_old / f_new:.2f} | "
-                        f"{x_old:.4f} | {x_new:.4f} | {t_dense / f_new:.2f} | "
-                        f"{t_dense / x_new:.2f} | {w_old:.4f} | {w_new:.4f} | "
-                        f"{w_old / w_new:.2f} | {t_dense / w_new:.2f} |")
-                lines.append(line)
-                print(line, flush=True)
+                outs = [torch.empty(shape, dtype=tdt, device="cuda")
+                        for shape in ((n, p), (n, m), (m, p))]
+                y, dx, dw = outs
+                xm = x.double() * expand(in_m, bs)
+                dym = dy.double() * expand(out_m, bs)
+                refs = (xm @ w.double() * expand(out_m, bs),
+                        dym @ w.double().t() * expand(in_m, bs), xm.t() @ dym)
+                # dx = (dy * out) . w^T * in: w read as stored, transposed.
+                calls = (lambda: lib.forward(dt, x, w, in_m, out_m, y, n, m, p, bs),
+                         lambda: lib.forward(dt, dy, w, out_m, in_m, dx, n, p, m, bs, True),
+                         lambda: lib.grad_w(dt, x, dy, in_m, out_m, dw, n, m, p, bs))
+                times = {}
+                try:
+                    for tuning in tunings:
+                        lib.set_tuning(tuning)
+                        for out in outs:
+                            out.fill_(float("nan"))
+                        rcs = [call() for call in calls]
+                        torch.cuda.synchronize()
+                        errs = [rel_err(out, ref) if rcs == [0, 0, 0] else float("inf")
+                                for out, ref in zip(outs, refs)]
+                        res.check(max(errs) <= TOL[dt],
+                                  f"{what} tuning {tuning} n={n} bs={bs} in={a_in} out={a_out} "
+                                  f"rc={rcs} relerr y/dx/dW "
+                                  + " / ".join(f"{e:.3g}" for e in errs))
+                        times[tuning] = [bench(call) for call in calls]
+                finally:
+                    lib.set_tuning(0)
+                yield n, m, p, bs, a_in, a_out, t_dense, times
+
+
+def side_by_side(lib, res):
+    """Table: the 16-bit forward, input gradient and dW on Hopper's wgmma kernels (the
+    defaults) against the mma.sync kernels (SetTuning(33)), with dense cuBLAS."""
+    lines = ["| dtype | n x m x p | bs | active in | active out | dense ms | fwd mma.sync ms | "
+             "fwd wgmma ms | mma.sync / wgmma | dx mma.sync ms | dx wgmma ms | fwd x dense | "
+             "dx x dense | dW mma.sync ms | dW wgmma ms | dW mma.sync / wgmma | dW x dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for n, m, p, bs, a_in, a_out, t_dense, times in products_side_by_side(
+            lib, res, (33, 0), "side by side", 99):
+        (f_old, x_old, w_old), (f_new, x_new, w_new) = times[33], times[0]
+        line = (f"| bfloat16 | {n}x{m}x{p} | {bs} | {a_in:.0%} | {a_out:.0%} | "
+                f"{t_dense:.4f} | {f_old:.4f} | {f_new:.4f} | {f_old / f_new:.2f} | "
+                f"{x_old:.4f} | {x_new:.4f} | {t_dense / f_new:.2f} | "
+                f"{t_dense / x_new:.2f} | {w_old:.4f} | {w_new:.4f} | "
+                f"{w_old / w_new:.2f} | {t_dense / w_new:.2f} |")
+        lines.append(line)
+        print(line, flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def pipeline_side_by_side(lib, res):
+    """Table: the 16-bit wgmma products waiting for each step's wgmma group before issuing the
+    next copies ("serial": the forward's default, the dW under SetTuning(38)) against leaving
+    one group in flight ("overlapped": the forward under SetTuning(37), the dW's default)."""
+    lines = ["| dtype | n x m x p | bs | active in | active out | fwd serial ms | fwd overlapped "
+             "ms | dx serial ms | dx overlapped ms | dW serial ms | dW overlapped ms | serial / "
+             "overlapped (fwd, dx, dW) | fwd 39 ms | dx 39 ms | dW 39 ms | default / 39 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for n, m, p, bs, a_in, a_out, _, times in products_side_by_side(
+            lib, res, (0, 37, 38, 39), "pipeline side by side", 98):
+        serial = (times[0][0], times[0][1], times[38][2])
+        overlapped = (times[37][0], times[37][1], times[0][2])
+        cells = [f"{t:.4f}" for pair in zip(serial, overlapped) for t in pair]
+        line = (f"| bfloat16 | {n}x{m}x{p} | {bs} | {a_in:.0%} | {a_out:.0%} | "
+                + " | ".join(cells) + " | "
+                + ", ".join(f"{a / b:.2f}" for a, b in zip(serial, overlapped)) + " | "
+                + " | ".join(f"{t:.4f}" for t in times[39]) + " | "
+                + ", ".join(f"{a / b:.2f}" for a, b in zip(times[0], times[39])) + " |")
+        lines.append(line)
+        print(line, flush=True)
     return "\n".join(lines) + "\n"
 
 

@@ -567,16 +567,17 @@ __global__ void __launch_bounds__(kThreads) SparseDotKernel(const Problem P) {
 
 // ------------------------------------------------------------------------------------------
 // The pipelined steps of this file's wgmma kernels: issue(s) copies step s into stage
-// s % kStages as one cp.async group (empty past the last step), kStages - 1 steps ahead of
-// step s's wgmma group, mma(stage); each group is waited for before the next step's copies
-// are issued: with copies issued while a group ran, ptxas serialized every wgmma of the loop
-// (C7514).  On return every copy has landed and every stage is free.
+// s % kStages as one cp.async group (empty past the last step), ahead of step s's wgmma
+// group, mma(stage).  On return every copy has landed and every stage is free.
 // How a step's copies and wgmma group interleave (kPipe): kSerialPipe issues the copies of a
 // later step, kStages - 1 ahead, then runs the step's group and waits for it; kInFlightPipe
 // leaves one group in flight while the next step's copies are issued (so they run only
 // kStages - 2 ahead, never refilling the stage of the group still running); kIssueUnderMma
 // starts the step's group first and issues the copies, kStages - 1 ahead, while it runs.  The
-// same wgmma groups in the same order in every case.
+// same wgmma groups in the same order in every case.  With CUDA 13.0, ptxas reports C7514
+// (wgmma serialized: "non wgmma instructions reading accumulator registers ... between start
+// and end of the pipeline stage") for the kInFlightPipe kernels only; the dW gains from that
+// pipeline all the same (see kTuningSparseDotWgmmaGradWSerial).
 constexpr int kSerialPipe = 0, kInFlightPipe = 1, kIssueUnderMma = 2;
 template <int kStages, int kPipe, typename Issue, typename Mma>
 __device__ __forceinline__ void WgmmaSteps(int steps, const Issue& issue, const Mma& mma) {

@@ -28,21 +28,28 @@ def rel_err(a, ref):
     return np.abs(np.asarray(a, np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30)
 
 
-@pytest.mark.parametrize("bs", [1, 8, 16, 32, 64])
-@pytest.mark.parametrize("masks", ["none", "in", "out", "both"])
-@pytest.mark.parametrize("n", [1, 13])
-def test_forward_and_gradients(bs, masks, n):
-    """Masks with empty rows and columns (random_masks); any nonzero mask value (here 0.5, -2
-    or 3) means active, as 1 does."""
+def masked_case(bs, n, masks):
+    """x (n, 5 bs), w (5 bs, 3 bs), bias and the masks `masks` names ("none", "in", "out" or
+    "both"; the others None), from random_masks, the input mask's active entries scaled by 0.5,
+    -2 or 3."""
     m, p = 5 * bs, 3 * bs
     x = RNG.standard_normal((n, m)).astype(np.float32)
     w = RNG.standard_normal((m, p)).astype(np.float32)
     bias = RNG.standard_normal(p).astype(np.float32)
     in_mask, out_mask = random_masks(n, m // bs, p // bs, masks)
     in_mask = in_mask * RNG.choice([0.5, -2.0, 3.0], in_mask.shape).astype(np.float32)
-    in_mask = in_mask if masks in ("in", "both") else None
-    out_mask = out_mask if masks in ("out", "both") else None
-    dy = RNG.standard_normal((n, p)).astype(np.float32)
+    return (x, w, bias, in_mask if masks in ("in", "both") else None,
+            out_mask if masks in ("out", "both") else None)
+
+
+@pytest.mark.parametrize("bs", [1, 8, 16, 32, 64])
+@pytest.mark.parametrize("masks", ["none", "in", "out", "both"])
+@pytest.mark.parametrize("n", [1, 13])
+def test_forward_and_gradients(bs, masks, n):
+    """Masks with empty rows and columns (random_masks); any nonzero mask value (here 0.5, -2
+    or 3) means active, as 1 does."""
+    x, w, bias, in_mask, out_mask = masked_case(bs, n, masks)
+    dy = RNG.standard_normal((n, w.shape[1])).astype(np.float32)
     xt, wt, bt = tf.constant(x), tf.constant(w), tf.constant(bias)
     with tf.GradientTape() as tape:
         tape.watch([xt, wt, bt])
@@ -942,14 +949,8 @@ def test_dense_implementation_against_reference_and_kernels(bs, masks, transpose
     """implementation="dense" (one tf.matmul, masks applied around it) gives the reference's
     product and gradients, as the kernels do; NaN and infinity in x's inactive blocks stay
     out of both, and their gradient there is 0."""
-    n, m, p = 13, 5 * bs, 3 * bs
-    x = RNG.standard_normal((n, m)).astype(np.float32)
-    w = RNG.standard_normal((m, p)).astype(np.float32)
-    bias = RNG.standard_normal(p).astype(np.float32)
-    in_mask, out_mask = random_masks(n, m // bs, p // bs, masks)
-    in_mask = in_mask * RNG.choice([0.5, -2.0, 3.0], in_mask.shape).astype(np.float32)
-    in_mask = in_mask if masks in ("in", "both") else None
-    out_mask = out_mask if masks in ("out", "both") else None
+    n, p = 13, 3 * bs
+    x, w, bias, in_mask, out_mask = masked_case(bs, n, masks)
     y_ref, in_e, out_e = reference(x, w, in_mask, out_mask, bias, bs)
     x_poisoned = np.where(in_e != 0, x, RNG.choice([np.nan, np.inf, -np.inf], x.shape))
     x_poisoned = x_poisoned.astype(np.float32)

@@ -102,7 +102,8 @@ def inputs(args):
 def step_times(args):
     """Fastest training-step times (seconds): {"dense": t, "bs a_in a_out": t, ...}."""
     x, dy, w, cases, masks = inputs(args)
-    times = {"dense": best_time(lambda: training_step(tf.matmul)(x, w, dy), args.repeats)}
+    dense_step = training_step(tf.matmul)  # built once: a new tf.function would retrace each call
+    times = {"dense": best_time(lambda: dense_step(x, w, dy), args.repeats)}
     for bs, a_in, a_out in cases:
         in_mask, out_mask = masks[bs, a_in, a_out]
         step = training_step(lambda a, b: sparse_dot(a, b, in_mask, out_mask, block_size=bs))

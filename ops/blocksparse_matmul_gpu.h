@@ -198,14 +198,15 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //  30: no transposed batches (16-bit bs 16, feature_axis 1) even with a workspace; 31: take
 //      them wherever they are possible, whatever the density and the rows; 32: as 31, the
 //      forward in passes of 256 rows (for tests).
-//  33 to 39 (sparse_dot, ops/sparse_dot_gpu.cu): 33 runs the 16-bit forward and dW on
+//  33 to 40 (sparse_dot, ops/sparse_dot_gpu.cu): 33 runs the 16-bit forward and dW on
 //      mma.sync where Hopper would take wgmma; 34 keeps wgmma with the forward's CTAs looping
 //      over row tiles (tests); 35 is the default (it switched the dW to wgmma before that was
 //      the default); 36 loops the wgmma dW's CTAs over input tiles and columns (tests); 37
 //      runs the wgmma forward with one wgmma group in flight while the next step's copies are
 //      issued, as the wgmma dW does by default; 38 runs the wgmma dW without (each step's group
-//      waited for before the next copies); 39 runs both issuing the next copies while the
-//      step's group runs.  All give the defaults' sums bit for bit.
+//      waited for before the next copies); 39 runs the dW issuing the next copies while the
+//      step's group runs, as the forward does by default; 40 runs the forward waiting for each
+//      step's group before the next copies.  All give the defaults' sums bit for bit.
 //      Variants 1-4 and 19 keep sparse_dot off wgmma too.
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
 // give variant 3's results bit for bit where neither splits a tile over a cluster (a split

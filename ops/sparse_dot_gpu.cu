@@ -619,13 +619,15 @@ __device__ __forceinline__ void WgmmaSteps(int steps, const Issue& issue, const 
 //                   * x^T tile (B: 64 inputs x 128 examples, the listed examples' rows
 //                    gathered, K-contiguous)
 // as four k16 slices, both operands in the 128-byte swizzle, copied by cp.async kSdStages - 1
-// steps ahead of their wgmma group (kTuningSparseDotWgmmaForwardOverlap: kSdStages - 2, one
-// group left in flight meanwhile).  The input mask is applied as the rows are copied:
-// a 16-byte chunk (8 features, within one mask block as bs >= 8) of an inactive block, or of a
-// position past the listed examples, is zero-filled and never read; each thread reads the mask
-// entries of its chunks one step ahead of their copies.  The output mask is applied as the
-// tile is stored: chunks of inactive blocks are written as zeros, so every element of y is
-// written.  Tiles whose positions all lie past the listed examples write zeros only.
+// steps ahead of their wgmma group, issued while the step's group runs (kIssueUnderMma;
+// kTuningSparseDotWgmmaForwardSerial: issued before it; kTuningSparseDotWgmmaForwardOverlap:
+// kSdStages - 2 ahead, one group left in flight meanwhile).  The input mask is applied as
+// the rows are copied: a 16-byte chunk (8 features, within one mask block as bs >= 8) of an
+// inactive block, or of a position past the listed examples, is zero-filled and never read;
+// each thread reads the mask entries of its chunks one step ahead of their copies.  The
+// output mask is applied as the tile is stored: chunks of inactive blocks are written as
+// zeros, so every element of y is written.  Tiles whose positions all lie past the listed
+// examples write zeros only.
 constexpr int kSdCols = 64;    // output features per tile: wgmma's M
 constexpr int kSdRows = 128;   // listed examples per tile: wgmma's N
 constexpr int kSdStages = 4;
@@ -1098,15 +1100,16 @@ constexpr int kTuningSparseDotWgmmaGradWLoops = 36;
 // 28 of 36 cells (most with 4096 examples and every block active) and 0.98-1.00x in the rest
 // (1024 examples, mostly at 10% active outputs: few steps a tile), the forward and the input
 // gradient 0.91-0.98x (their gathered rows of x want the third step of lead).  So the dW
-// overlaps by default (38 turns that off) and the forward does not (37 turns it on).
+// overlaps by default (38 turns that off); 37 gives the forward the same pipeline.
 constexpr int kTuningSparseDotWgmmaForwardOverlap = 37;
 constexpr int kTuningSparseDotWgmmaGradWSerial = 38;
-// Both with kIssueUnderMma.  Side by side on an H100 (2026-12-07, the same command and grid
-// as above, one run): the forward 1.01-1.09x and the input gradient 1.01-1.07x faster than
-// their default in all 36 cells, the dW 0.93-1.03x its default (slower with 4096 examples).
-// Verified under this tuning (bit for bit the defaults, racecheck); the forward's default is
-// to follow once a run checks it as the default.
+// kIssueUnderMma: the forward's default.  Side by side on an H100 (2026-12-07, the same
+// command and grid as above, one run): the forward 1.01-1.09x and the input gradient
+// 1.01-1.07x faster than kSerialPipe in all 36 cells, the dW 0.93-1.03x its kInFlightPipe
+// default (slower with 4096 examples).  39 runs the dW that way too; 40 runs the forward on
+// kSerialPipe, its default before.
 constexpr int kTuningSparseDotWgmmaIssueUnderMma = 39;
+constexpr int kTuningSparseDotWgmmaForwardSerial = 40;
 
 // Whether the products (the forward and the dW alike) run on the wgmma kernels: 16-bit,
 // bs >= 8 (a copied chunk lies in one mask block), m and p multiples of 64, the vector path, a
@@ -1146,10 +1149,10 @@ int LaunchWgmmaForward(const Problem& P, cudaStream_t stream) {
   switch (internal::Tuning()) {
     case kTuningSparseDotWgmmaForwardOverlap:
       return LaunchWgmmaForward<T, kInFlightPipe>(P, grid, stream);
-    case kTuningSparseDotWgmmaIssueUnderMma:
-      return LaunchWgmmaForward<T, kIssueUnderMma>(P, grid, stream);
-    default:
+    case kTuningSparseDotWgmmaForwardSerial:
       return LaunchWgmmaForward<T, kSerialPipe>(P, grid, stream);
+    default:
+      return LaunchWgmmaForward<T, kIssueUnderMma>(P, grid, stream);
   }
 }
 

@@ -11,8 +11,9 @@ builds (build/libbsmm_gpu.so).  Modes:
   --bench        forward / dx / dW times against dense cuBLAS (torch.matmul) by active fraction.
   --side-by-side the 16-bit forward, dx and dW on wgmma (Hopper's default) against mma.sync
                  (SetTuning(33)).
-  --pipeline-side-by-side  the wgmma products with one wgmma group left in flight against
-                 without (SetTuning(37) and (38)).
+  --pipeline-side-by-side  the wgmma products on each of their three pipelines (waiting for
+                 each step's wgmma group, leaving one in flight, issuing the next copies while
+                 it runs; SetTuning(37) to (40)).
 Exits non-zero on any failure.
 """
 import argparse
@@ -46,7 +47,9 @@ class SparseDotLib:
         34: the wgmma forward's grid two row tiles high, each CTA looping over several; 35: the
         defaults (once the wgmma dW's switch); 36: the wgmma dW on a grid of at most 2 x 2
         CTAs; 37: the wgmma forward with one wgmma group in flight (as the dW by default); 38:
-        the wgmma dW without; 39: both issuing the next copies while the step's group runs."""
+        the wgmma dW without; 39: the wgmma dW issuing the next copies while the step's group
+        runs (as the forward by default); 40: the wgmma forward waiting for each step's group
+        before the next copies."""
         self.lib.bsmm_gpu_set_tuning(variant)
 
     def workspace(self, n, p, bs, nbytes=None):
@@ -163,12 +166,13 @@ def wgmma_checks(lib, res, gen, quick=False):
     where masked off, w transposed, long reductions, CTAs looping over row tiles
     (SetTuning(34)), the dW on wgmma (the default, and SetTuning(35)) and with its CTAs looping
     over input tiles and columns (36), the forward with one wgmma group in flight (37), the dW
-    without (38), and the same cases on the mma.sync kernels (SetTuning(33))."""
+    without (38), the dW issuing copies under its group (39), the forward waiting for each
+    group (40), and the same cases on the mma.sync kernels (SetTuning(33))."""
     m, p = WGMMA_SHAPE
     # Quick: one mixed setting and the two with no active block on one side.
     fractions = [CHECK_FRACTIONS[i] for i in (0, 4, 5)] if quick else CHECK_FRACTIONS
     try:
-        for tuning in (0, 34, 33, 35, 36, 37, 38, 39):
+        for tuning in (0, 34, 33, 35, 36, 37, 38, 39, 40):
             lib.set_tuning(tuning)
             for dt in (["bfloat16"] if quick else ["bfloat16", "float16"]):
                 for bs in (8, 16, 32, 64):
@@ -203,7 +207,7 @@ def wgmma_checks(lib, res, gen, quick=False):
         dw = torch.empty(256, 128, dtype=torch.bfloat16, device="cuda")
         counts, grad_counts = {}, {}
         try:
-            for tuning in (0, 33, 35, 36, 37, 38):
+            for tuning in (0, 33, 35, 36, 37, 38, 39, 40):
                 lib.set_tuning(tuning)
                 lib.workspace(256, 128, 16)
                 lib._ws.fill_(255)
@@ -217,15 +221,15 @@ def wgmma_checks(lib, res, gen, quick=False):
         finally:
             lib.set_tuning(0)
         wgmma_lists, mma_lists = (0, [256, 256] + [-1] * 6), (0, [256] * 8)
-        res.check(counts[0] == wgmma_lists and counts[33] == mma_lists and
-                  counts[37] == wgmma_lists and counts[38] == wgmma_lists,
-                  f"sparse_dot forward on Hopper runs wgmma by default and under SetTuning(37) "
-                  f"and (38), mma.sync under SetTuning(33) (rc and counts: {counts})")
-        res.check(grad_counts[0] == wgmma_lists and grad_counts[33] == mma_lists and
-                  grad_counts[35] == wgmma_lists and grad_counts[36] == wgmma_lists and
-                  grad_counts[37] == wgmma_lists and grad_counts[38] == wgmma_lists,
+        wgmma_tunings = (0, 35, 36, 37, 38, 39, 40)
+        res.check(all(counts[t] == wgmma_lists for t in wgmma_tunings) and
+                  counts[33] == mma_lists,
+                  f"sparse_dot forward on Hopper runs wgmma by default and under SetTuning(35) "
+                  f"to (40), mma.sync under SetTuning(33) (rc and counts: {counts})")
+        res.check(all(grad_counts[t] == wgmma_lists for t in wgmma_tunings) and
+                  grad_counts[33] == mma_lists,
                   f"sparse_dot dW on Hopper runs wgmma by default and under SetTuning(35) to "
-                  f"(38), mma.sync under SetTuning(33) (rc and counts: {grad_counts})")
+                  f"(40), mma.sync under SetTuning(33) (rc and counts: {grad_counts})")
         wgmma_grad_w_grids_agree(lib, res, gen)
         wgmma_overlap_agrees(lib, res, gen)
 
@@ -266,8 +270,8 @@ def wgmma_grad_w_grids_agree(lib, res, gen):
 
 
 def wgmma_overlap_agrees(lib, res, gen):
-    """The wgmma forward and dW bit for bit the same whatever the pipeline (the defaults; 37,
-    38 and 39, see SparseDotLib.set_tuning): the same wgmma groups in the same order.
+    """The wgmma forward and dW bit for bit the same whatever the pipeline (the defaults; 37
+    to 40, see SparseDotLib.set_tuning): the same wgmma groups in the same order.
     Long enough (m = 1024: 16 forward steps; n = 1100: up to 18 dW steps a column) for the
     pipelines to wrap around their stages several times."""
     n, m, p = 1100, 1024, 192
@@ -281,7 +285,7 @@ def wgmma_overlap_agrees(lib, res, gen):
             out_m = random_mask(n, p // bs, 0.7, gen)
             outs = {}
             try:
-                for tuning in (0, 37, 38, 39):
+                for tuning in (0, 37, 38, 39, 40):
                     lib.set_tuning(tuning)
                     y = torch.full((n, p), float("nan"), dtype=tdt, device="cuda")
                     dw = torch.full((m, p), float("nan"), dtype=tdt, device="cuda")
@@ -299,8 +303,8 @@ def wgmma_overlap_agrees(lib, res, gen):
             e = max(rel_err(y0, ref_y), rel_err(dw0, ref_dw)) if ok else float("inf")
             same = all(same_bits(y0, y) and same_bits(dw0, dw) for _, y, dw in outs.values())
             res.check(ok and e <= TOL[dt] and same,
-                      f"sparse_dot wgmma {dt} bs={bs} n={n} m={m} p={p}: the pipelines (0, 37, 38, "
-                      f"39) against float64 (relerr {e:.3g}) and bit for bit each other "
+                      f"sparse_dot wgmma {dt} bs={bs} n={n} m={m} p={p}: the pipelines (0, 37 to "
+                      f"40) against float64 (relerr {e:.3g}) and bit for bit each other "
                       f"(rc {[outs[t][0] for t in outs]})")
 
 
@@ -352,7 +356,8 @@ def race_subset(lib, res):
         lib.set_tuning(36)
         check_case(lib, res, "float16", 16, 400, 704, 192, 0.7, 0.7, gen)
         # The forward with one wgmma group in flight (37; the dW's default: the stages
-        # refilled two steps ahead), then the dW without (38).
+        # refilled two steps ahead), the dW without (38), the dW issuing its copies under its
+        # group (39; the forward's default), the forward waiting for each group (40).
         lib.set_tuning(37)
         check_case(lib, res, "bfloat16", 16, 600, 512, 128, 0.7, 0.7, gen)
         check_case(lib, res, "float16", 64, 300, 512, 128, 0.7, 0.7, gen, transpose_w=True)
@@ -360,6 +365,8 @@ def race_subset(lib, res):
         check_case(lib, res, "bfloat16", 32, 600, 512, 128, 0.7, 0.7, gen)
         lib.set_tuning(39)
         check_case(lib, res, "bfloat16", 64, 600, 512, 128, 0.7, 0.7, gen)
+        lib.set_tuning(40)
+        check_case(lib, res, "float16", 32, 600, 512, 128, 0.7, 0.7, gen, transpose_w=True)
     finally:
         lib.set_tuning(0)
     check_case(lib, res, "float32", 32, 150, 512, 64, 0.7, 0.7, gen)
@@ -535,24 +542,27 @@ def side_by_side(lib, res):
 
 
 def pipeline_side_by_side(lib, res):
-    """Table: the 16-bit wgmma products waiting for each step's wgmma group before issuing the
-    next copies ("serial": the forward's default, the dW under SetTuning(38)) against leaving
-    one group in flight ("overlapped": the forward under SetTuning(37), the dW's default)."""
-    lines = ["| dtype | n x m x p | bs | active in | active out | fwd serial ms | fwd overlapped "
-             "ms | dx serial ms | dx overlapped ms | dW serial ms | dW overlapped ms | serial / "
-             "overlapped (fwd, dx, dW) | fwd 39 ms | dx 39 ms | dW 39 ms | default / 39 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Table: the 16-bit wgmma products on each of their pipelines: "serial" waits for each
+    step's wgmma group before issuing the next copies (the forward and dx under SetTuning(40),
+    the dW under (38)); "in flight" leaves one group running while it issues them (the forward
+    and dx under (37), the dW's default); "under" issues them while the step's group runs (the
+    forward's and dx's default, the dW under (39))."""
+    pipes = ("serial", "in flight", "under")
+    lines = ["| dtype | n x m x p | bs | active in | active out | "
+             + " | ".join(f"{what} {pipe} ms" for what in ("fwd", "dx", "dW") for pipe in pipes)
+             + " | serial / default (fwd, dx, dW) | in flight / default |",
+             "|---|---|---|---|---|" + "---|" * 11]
     print("\n".join(lines), flush=True)
+    # Per product (fwd, dx, dW): the tuning of each pipeline.
+    tunings = ((40, 40, 38), (37, 37, 0), (0, 0, 39))
     for n, m, p, bs, a_in, a_out, _, times in products_side_by_side(
-            lib, res, (0, 37, 38, 39), "pipeline side by side", 98):
-        serial = (times[0][0], times[0][1], times[38][2])
-        overlapped = (times[37][0], times[37][1], times[0][2])
-        cells = [f"{t:.4f}" for pair in zip(serial, overlapped) for t in pair]
+            lib, res, (0, 37, 38, 39, 40), "pipeline side by side", 98):
+        t = [[times[tunings[k][i]][i] for k in range(3)] for i in range(3)]
+        default = (t[0][2], t[1][2], t[2][1])
         line = (f"| bfloat16 | {n}x{m}x{p} | {bs} | {a_in:.0%} | {a_out:.0%} | "
-                + " | ".join(cells) + " | "
-                + ", ".join(f"{a / b:.2f}" for a, b in zip(serial, overlapped)) + " | "
-                + " | ".join(f"{t:.4f}" for t in times[39]) + " | "
-                + ", ".join(f"{a / b:.2f}" for a, b in zip(times[0], times[39])) + " |")
+                + " | ".join(f"{v:.4f}" for row in t for v in row) + " | "
+                + ", ".join(f"{row[0] / d:.2f}" for row, d in zip(t, default)) + " | "
+                + ", ".join(f"{row[1] / d:.2f}" for row, d in zip(t, default)) + " |")
         lines.append(line)
         print(line, flush=True)
     return "\n".join(lines) + "\n"
@@ -569,8 +579,8 @@ def main():
                     help="16-bit forward, dx and dW: the wgmma kernels against mma.sync "
                          "(Hopper)")
     ap.add_argument("--pipeline-side-by-side", action="store_true",
-                    help="16-bit wgmma forward, dx and dW with one wgmma group in flight "
-                         "against without (SetTuning(37) and (38); Hopper)")
+                    help="16-bit wgmma forward, dx and dW on each of their three pipelines "
+                         "(SetTuning(37) to (40); Hopper)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out-md", default=None)
     args = ap.parse_args()

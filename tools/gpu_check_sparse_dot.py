@@ -553,7 +553,7 @@ def pipeline_side_by_side(lib, res):
              + " | " + " | ".join(f"{pipe} / default (fwd, dx, dW)" for pipe in pipes) + " |",
              "|---|---|---|---|---|" + "---|" * 12]
     print("\n".join(lines), flush=True)
-    # Per product (fwd, dx, dW): the tuning of each pipeline.
+    # Per pipeline (serial, in flight, under): the tuning that runs the fwd, dx and dW on it.
     tunings = ((40, 40, 38), (37, 37, 0), (0, 0, 39))
     for n, m, p, bs, a_in, a_out, _, times in products_side_by_side(
             lib, res, (0, 37, 38, 39, 40), "pipeline side by side", 98):

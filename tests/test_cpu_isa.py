@@ -20,6 +20,9 @@ KERNEL_TESTS = ["tests/test_matmul.py", "tests/test_sparse_dot.py", "tests/test_
 # thread-count determinism checks run under each (their processes inherit the selection), since
 # each instruction set has register tiles and paths of its own.
 SELECTION = "not oversized"
+# The runs under another instruction set are one test each of a run that is already parallel
+# (pyproject.toml): they run their tests in one process.
+INNER_PYTEST_OPTIONS = ["-q", "-p", "no:cacheprovider", "-n", "0"]
 
 
 def run_python(code, isa):
@@ -49,7 +52,7 @@ def test_kernel_tests_pass_with_narrower_instruction_sets(isa):
     # The determinism checks with one thread and three (an uneven split) only, for time.
     env = dict(os.environ, BLOCKSPARSE_TF_CPU_ISA=isa, **{THREAD_COUNTS_VARIABLE: "1,3"})
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", SELECTION]
+        [sys.executable, "-m", "pytest", *INNER_PYTEST_OPTIONS, "-k", SELECTION]
         + KERNEL_TESTS, cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:]
     assert " passed" in result.stdout.splitlines()[-1]
@@ -65,8 +68,8 @@ def test_bfloat16_tests_pass_with_avx512_where_amx_is_the_default():
     assert probe.stdout.strip() == "avx512", probe.stderr[-2000:]
     env = dict(os.environ, BLOCKSPARSE_TF_CPU_ISA="avx512")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-         "half or bfloat16", "tests/test_matmul.py"],
+        [sys.executable, "-m", "pytest", *INNER_PYTEST_OPTIONS, "-k", "half or bfloat16",
+         "tests/test_matmul.py"],
         cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:]
     assert " passed" in result.stdout.splitlines()[-1]

@@ -24,10 +24,19 @@ inline CUstream_st* TfCudaStream(tensorflow::OpKernelContext* ctx) {
   return ctx->eigen_device<Eigen::GpuDevice>().stream();
 }
 
-// The kernels' dtype code for a TensorFlow element type.
-template <typename T> inline constexpr gpu::DType kDType = gpu::DType::kFloat32;
-template <> inline constexpr gpu::DType kDType<Eigen::half> = gpu::DType::kFloat16;
-template <> inline constexpr gpu::DType kDType<Eigen::bfloat16> = gpu::DType::kBFloat16;
+// The kernels' dtype code for a TensorFlow element type; a registration for any other type
+// fails to compile rather than have its data read as float32.
+template <typename T> struct DTypeOf {
+  static_assert(sizeof(T) == 0, "the GPU kernels take float, Eigen::half and Eigen::bfloat16");
+};
+template <> struct DTypeOf<float> { static constexpr gpu::DType value = gpu::DType::kFloat32; };
+template <> struct DTypeOf<Eigen::half> {
+  static constexpr gpu::DType value = gpu::DType::kFloat16;
+};
+template <> struct DTypeOf<Eigen::bfloat16> {
+  static constexpr gpu::DType value = gpu::DType::kBFloat16;
+};
+template <typename T> inline constexpr gpu::DType kDType = DTypeOf<T>::value;
 
 // OK for code 0, else an error naming `what` and the CUDA error: InvalidArgument for the launch
 // interfaces' refusals of their arguments (sizes past their limits), FailedPrecondition where

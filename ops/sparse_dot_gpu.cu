@@ -1106,8 +1106,9 @@ constexpr int kTuningSparseDotWgmmaGradWSerial = 38;
 // kIssueUnderMma: the forward's default.  Side by side on an H100 (2026-12-07, the same
 // command and grid as above, one run): the forward 1.01-1.09x and the input gradient
 // 1.01-1.07x faster than kSerialPipe in all 36 cells, the dW 0.93-1.03x its kInFlightPipe
-// default (slower with 4096 examples).  39 runs the dW that way too; 40 runs the forward on
-// kSerialPipe, its default before.
+// default (slower with 4096 examples); as the default, in a second run, 1.01-1.13x and
+// 1.01-1.09x faster than kSerialPipe, the dW's two orders within 0.96-1.08x of each other.
+// 39 runs the dW that way too; 40 runs the forward on kSerialPipe, its default before.
 constexpr int kTuningSparseDotWgmmaIssueUnderMma = 39;
 constexpr int kTuningSparseDotWgmmaForwardSerial = 40;
 

@@ -12,7 +12,8 @@ columns (a step per block row of the group, absent blocks as a zero tile).
 
     python3 tools/layout_x_reuse.py                 # C = K = 4096, bs 32, density ~10%
     python3 tools/layout_x_reuse.py --features 4096 --block-size 64 --groups 1 2 4
-Needs only numpy, networkx and the package's Python code (no GPU, no built op library).
+Needs only numpy, scipy, networkx and the package's Python code (no TensorFlow, GPU or built op
+library).
 """
 import argparse
 import os

@@ -346,6 +346,9 @@ int CheckCommon(DType dt, int64_t N, int fa, const DeviceLayout& L) {
   // Element counts must fit in int64 with room to spare.
   const int64_t C = L.CB * bs, K = L.KB * bs;
   if (N > 0 && (C > INT64_MAX / 4 / N || K > INT64_MAX / 4 / N)) return cudaErrorInvalidValue;
+  // A host copy of col_ptr must at least span the blocks as the device's does.
+  if (L.host_col_ptr != nullptr && (L.host_col_ptr[0] != 0 || L.host_col_ptr[L.KB] != L.blocks))
+    return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 
@@ -358,6 +361,7 @@ int ForwardTyped(const void* x, const void* w, void* y, int64_t N, int fa, const
   if (aligned && MmaEligible(dt, N, fa, L.block_size, di)) {
     mma_impl::Params p{x, w, y, N, L.CB * L.block_size, L.KB * L.block_size, L.col_ptr,
                        L.col_row, L.col_block, L.block_row, L.block_col, L.blocks, 0};
+    p.host_col_ptr = L.host_col_ptr;
     return internal::ForwardMma<T>(p, fa, N, L.block_size, L.KB, L.blocks, device, di, s,
                                    w_transposed);
   }

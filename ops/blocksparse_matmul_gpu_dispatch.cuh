@@ -256,6 +256,38 @@ int PrepareKernel(void (*kernel)(KernelParams), int threads, int smem, int devic
 // The Params inside a kernel's parameters (Params itself, or the narrow forward's NarrowParams).
 inline Params& BaseParams(Params& p) { return p; }
 inline Params& BaseParams(wgmma_impl::NarrowParams& p) { return p.base; }
+inline Params& BaseParams(wgmma_impl::SmallBatchParams& p) { return p.narrow.base; }
+
+// Whether the small-batch forward takes its CTAs' runs from the launch's parameters where the
+// host passed col_ptr: only under SetTuning(43) until measured on a GPU.
+constexpr int kTuningRunStarts = 43;
+inline bool RunStartsEnabled() { return Tuning() == kTuningRunStarts; }
+
+// Fills the RunStarts of a grid of `tiles` block columns, each split over `split` CTAs, from the
+// host's col_ptr; leaves none (ctas 0: the kernel reads col_ptr) where there is no host copy,
+// the grid has more CTAs than RunStarts holds, or the copy is not a valid list of bounds.
+inline void FillRunStarts(wgmma_impl::SmallBatchParams& p, int64_t tiles, int split) {
+  wgmma_impl::RunStarts& runs = p.runs;
+  runs.ctas = 0;
+  const int32_t* col_ptr = p.narrow.base.host_col_ptr;
+  if (col_ptr == nullptr || !RunStartsEnabled() ||
+      tiles * split > wgmma_impl::RunStarts::kMaxCtas)
+    return;
+  for (int64_t k = 0; k < tiles; ++k) {
+    const int64_t beg = col_ptr[k], count = col_ptr[k + 1] - beg;
+    if (beg < 0 || count < 0 || col_ptr[k + 1] > p.narrow.base.blocks) return;
+    for (int r = 0; r < split; ++r)  // as ColumnRun computes them from col_ptr
+      runs.start[k * split + r] = static_cast<int32_t>(beg + r * count / split);
+  }
+  runs.start[tiles * split] = col_ptr[tiles];
+  runs.ctas = static_cast<int32_t>(tiles * split);
+}
+// Kernel parameters that depend on the cluster split: only SmallBatchParams' RunStarts.
+template <typename KernelParams>
+inline void SetSplit(KernelParams&, int64_t, int) {}
+inline void SetSplit(wgmma_impl::SmallBatchParams& p, int64_t tiles, int split) {
+  FillRunStarts(p, tiles, split);
+}
 
 // Launches `kernel` (threads per CTA, dynamic shared memory) on a grid of tiles x batch_tiles
 // CTAs, each tile split over a cluster of ChooseSplit() CTAs (pass avg_steps 0 for kernels
@@ -275,6 +307,7 @@ int LaunchTiles(void (*kernel)(KernelParams), int threads, int smem, int64_t til
                                 avg_steps, (int64_t)per_sm * di.sm_count, di, max_split);
   if (tiles * split > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   KernelParams p = p0;
+  SetSplit(p, tiles, split);
   for (int64_t base = 0; base < batch_tiles; base += 65535) {
     const int64_t gy = batch_tiles - base < 65535 ? batch_tiles - base : 65535;
     BaseParams(p).n_tile_base = base;
@@ -444,13 +477,16 @@ constexpr int kSmallBatchMaxSplit = 2;  // see LaunchWgmmaSmallBatchForward
 template <int BS, bool kCopyEngine, bool kTransW = false>
 using NarrowFwdCfgOf = wgmma_impl::NarrowFwdCfg<BS, BS == 32 ? 3 : 4, 256, 1, kCopyEngine, kTransW>;
 using wgmma_impl::NarrowParams;
-template <typename T, int FA, int BS, class Cfg>
-int LaunchWgmmaForwardNarrow(const NarrowParams& p, int64_t N, int64_t KB, int device,
+using wgmma_impl::SmallBatchParams;
+// The narrow forward's kernel-cache key: 10 + FA, or 60 + FA for its small-batch launches.
+template <typename T, int FA, class Cfg, class KP>
+using NarrowTag = KernelTag<T, Cfg, (std::is_same<KP, SmallBatchParams>::value ? 60 : 10) + FA>;
+template <typename T, int FA, int BS, class Cfg, class KP = NarrowParams>
+int LaunchWgmmaForwardNarrow(const KP& p, int64_t N, int64_t KB, int device,
                              const DeviceInfo& di, cudaStream_t s, double split_steps = 0.0) {
-  return LaunchTiles<KernelTag<T, Cfg, 10 + FA>>(wgmma_impl::WgmmaForwardNarrowKernel<T, FA, Cfg>,
-                                                Cfg::kThreads, Cfg::kSmemBytes, KB,
-                                                (N + Cfg::kBM - 1) / Cfg::kBM, split_steps, p,
-                                                device, di, s, -1, kSmallBatchMaxSplit);
+  return LaunchTiles<NarrowTag<T, FA, Cfg, KP>>(
+      wgmma_impl::WgmmaForwardNarrowKernel<T, FA, Cfg, KP>, Cfg::kThreads, Cfg::kSmemBytes, KB,
+      (N + Cfg::kBM - 1) / Cfg::kBM, split_steps, p, device, di, s, -1, kSmallBatchMaxSplit);
 }
 
 // bs 16 / 32 / 64 with small batches (N <= kSmallBatch, 16-bit, Hopper): the same kernel with one
@@ -485,8 +521,12 @@ int LaunchWgmmaForwardNarrow(const NarrowParams& p, int64_t N, int64_t KB, int d
 // full columns (kWgmmaBs16MaxColumnFill) keep the mma.sync tiles there, as with N > 64; with
 // N = 16 split 0.89x at 50% and 0.93x at 100% (unsplit 1.09-1.13x there).
 // kTransW: the weights read transposed as stored (see NarrowFwdCfg).
-template <bool kCopyEngine, bool kTransW = false>
+// SetTuning(41) / (42): the copy-engine bs-64 configuration with 2 blocks per step and 6
+// stages / 4 blocks and 3 (the same bytes in flight; the same sums in the same order).
+constexpr int kTuningSmallBatchBs64TwoBlocks = 41, kTuningSmallBatchBs64FourBlocks = 42;
+template <bool kCopyEngineT, bool kTransW = false>
 struct SmallBatchCfgs {
+  static constexpr bool kCopyEngine = kCopyEngineT;
   using Bs16 = wgmma_impl::NarrowFwdCfg<16, 4, 64, 8, kCopyEngine, kTransW>;
   using Bs16Split = wgmma_impl::NarrowFwdCfg<16, 4, 64, 4, kCopyEngine, kTransW>;
   using Bs32 = wgmma_impl::NarrowFwdCfg<32, 4, 64, 8, kCopyEngine, kTransW>;
@@ -494,6 +534,8 @@ struct SmallBatchCfgs {
   using Bs64 = typename std::conditional<
       kCopyEngine, wgmma_impl::NarrowFwdCfg<64, 12, 64, 1, true, kTransW>,
       wgmma_impl::NarrowFwdCfg<64, 7, 64, 2, false, kTransW>>::type;
+  using Bs64Two = wgmma_impl::NarrowFwdCfg<64, 6, 64, 2, kCopyEngine, kTransW>;
+  using Bs64Four = wgmma_impl::NarrowFwdCfg<64, 3, 64, 4, kCopyEngine, kTransW>;
 };
 constexpr double kSmallBatchSplitBlocks32 = 64, kSmallBatchSplitBlocks64 = 32;
 // The bs-16 small-batch forward's split configuration serves feature axis 0 (x tiles of 16
@@ -521,7 +563,8 @@ constexpr bool SmallBatchWgmmaFits(int64_t smem_limit) {
   using CE = SmallBatchCfgs<true>;
   using Async = SmallBatchCfgs<false>;
   for (int64_t bytes : {CE::Bs16::kSmemBytes, CE::Bs16Split::kSmemBytes, CE::Bs32::kSmemBytes,
-                        CE::Bs32Split::kSmemBytes, CE::Bs64::kSmemBytes, Async::Bs16::kSmemBytes,
+                        CE::Bs32Split::kSmemBytes, CE::Bs64::kSmemBytes, CE::Bs64Two::kSmemBytes,
+                        CE::Bs64Four::kSmemBytes, Async::Bs16::kSmemBytes,
                         Async::Bs16Split::kSmemBytes, Async::Bs32::kSmemBytes,
                         Async::Bs32Split::kSmemBytes, Async::Bs64::kSmemBytes})
     if (bytes > smem_limit) return false;
@@ -577,7 +620,7 @@ bool EncodeNarrowMaps(NarrowParams* np) {
 }
 
 template <typename T, int FA, int BS, class Cfgs>
-int LaunchSmallBatchCfgs(const NarrowParams& p, int64_t N, int64_t KB, double blocks_per_col,
+int LaunchSmallBatchCfgs(const SmallBatchParams& p, int64_t N, int64_t KB, double blocks_per_col,
                          int device, const DeviceInfo& di, cudaStream_t s) {
   if constexpr (BS == 16) {
     if (SplitsBs16SmallBatch(FA, N)) {
@@ -587,10 +630,17 @@ int LaunchSmallBatchCfgs(const NarrowParams& p, int64_t N, int64_t KB, double bl
     }
     return LaunchWgmmaForwardNarrow<T, FA, 16, typename Cfgs::Bs16>(p, N, KB, device, di, s);
   } else if constexpr (BS == 64) {
-    using Cfg = typename Cfgs::Bs64;
     const bool split = blocks_per_col >= kSmallBatchSplitBlocks64;
-    return LaunchWgmmaForwardNarrow<T, FA, 64, Cfg>(
-        p, N, KB, device, di, s, split ? blocks_per_col / Cfg::kBlocksPerStep : 0.0);
+    auto launch = [&](auto cfg) {
+      using Cfg = decltype(cfg);
+      return LaunchWgmmaForwardNarrow<T, FA, 64, Cfg>(
+          p, N, KB, device, di, s, split ? blocks_per_col / Cfg::kBlocksPerStep : 0.0);
+    };
+    if constexpr (Cfgs::kCopyEngine) {
+      if (Tuning() == kTuningSmallBatchBs64TwoBlocks) return launch(typename Cfgs::Bs64Two{});
+      if (Tuning() == kTuningSmallBatchBs64FourBlocks) return launch(typename Cfgs::Bs64Four{});
+    }
+    return launch(typename Cfgs::Bs64{});
   } else {
     // The 4-block steps only where LaunchTiles will split them (not when the grid is too wide
     // for two CTAs per tile, e.g. K > 4224 on an H200).
@@ -598,9 +648,9 @@ int LaunchSmallBatchCfgs(const NarrowParams& p, int64_t N, int64_t KB, double bl
     const double steps = blocks_per_col / Cfg::kBlocksPerStep;
     int per_sm = 0;
     if (blocks_per_col >= kSmallBatchSplitBlocks32 &&
-        PrepareKernel<KernelTag<T, Cfg, 10 + FA>>(wgmma_impl::WgmmaForwardNarrowKernel<T, FA, Cfg>,
-                                                 Cfg::kThreads, Cfg::kSmemBytes, device, di,
-                                                 &per_sm) == cudaSuccess &&
+        PrepareKernel<NarrowTag<T, FA, Cfg, SmallBatchParams>>(
+            wgmma_impl::WgmmaForwardNarrowKernel<T, FA, Cfg, SmallBatchParams>, Cfg::kThreads,
+            Cfg::kSmemBytes, device, di, &per_sm) == cudaSuccess &&
         ChooseSplit(KB, steps, static_cast<int64_t>(per_sm) * di.sm_count, di,
                     kSmallBatchMaxSplit) > 1)
       return LaunchWgmmaForwardNarrow<T, FA, 32, Cfg>(p, N, KB, device, di, s, steps);
@@ -611,14 +661,15 @@ int LaunchSmallBatchCfgs(const NarrowParams& p, int64_t N, int64_t KB, double bl
 template <typename T, int FA, int BS, bool kTransW = false>
 int LaunchWgmmaSmallBatchForward(const Params& p, int64_t N, int64_t KB, double blocks_per_col,
                                  int device, const DeviceInfo& di, cudaStream_t s) {
-  NarrowParams np{p, {}, {}};
+  SmallBatchParams sp{{p, {}, {}}, {}};  // RunStarts: filled at the launch (SetSplit)
+  NarrowParams& np = sp.narrow;
   if (CopyEngineEnabled() &&
       blocks_per_col >= (BS == 64 ? kCopyEngineMinBlocks64 : kCopyEngineMinBlocks32) &&
       EncodeNarrowMaps<T, FA, BS, 64>(&np))
     return LaunchSmallBatchCfgs<T, FA, BS, SmallBatchCfgs<true, kTransW>>(
-        np, N, KB, blocks_per_col, device, di, s);
+        sp, N, KB, blocks_per_col, device, di, s);
   return LaunchSmallBatchCfgs<T, FA, BS, SmallBatchCfgs<false, kTransW>>(
-      np, N, KB, blocks_per_col, device, di, s);
+      sp, N, KB, blocks_per_col, device, di, s);
 }
 
 // The bs-16 / bs-32 forward with N > 64.

@@ -53,6 +53,9 @@ struct Params {
   // forward: consecutive block columns one CTA computes, one after another (see
   // BlocksparseMmaKernel); 1: a CTA per output tile.
   int64_t columns_per_cta = 1;
+  // The host's copy of col_ptr, or null (DeviceLayout::host_col_ptr): read on the host only, by
+  // launches that pass their CTAs' list bounds in their parameters (see RunStarts).
+  const int32_t* host_col_ptr = nullptr;
 };
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {

@@ -40,15 +40,30 @@ const int32_t* PointAt(const BlockLayout& l, const int32_t* d, gpu::DeviceLayout
   return out->block_col + l.blocks;
 }
 
+// A layout's tables in device memory: the buffer (kept alive while a call holds it) and the
+// view the kernels take, with its 64-wide cover's (layout.coarse points at cover; see
+// gpu::DeviceLayout) for 8-, 16- and 32-wide blocks whose grid 64-wide blocks divide; and the
+// host copies of both col_ptr tables, which the views point at too (host_col_ptr).
+struct DeviceTables {
+  DeviceTables() = default;
+  DeviceTables(const DeviceTables&) = delete;  // the views point into this object
+  DeviceTables& operator=(const DeviceTables&) = delete;
+
+  Tensor storage;
+  gpu::DeviceLayout layout, cover;
+  std::vector<int32_t> host_col_ptr, host_cover_col_ptr;
+};
+
 // Copies the tables of a layout and, if given, of its 64-wide cover into one device buffer
-// (kept alive by *storage) and points DeviceLayouts at them (out->coarse at *out_cover).  The
-// copy is queued on TensorFlow's stream (the buffer may be memory that earlier kernels there
-// still read), and the call waits for it before the host vector goes: cudaMemcpyAsync need not
-// have read its source when it returns (from page-locked memory it reads it later).  This runs
-// only for a layout the kernel has not seen recently.
+// (kept alive by tables->storage) and points tables' DeviceLayouts at them (layout.coarse at
+// cover) and at host copies of their col_ptr tables.  The copy is queued on TensorFlow's
+// stream (the buffer may be memory that earlier kernels there still read), and the call waits
+// for it before the host vector goes: cudaMemcpyAsync need not have read its source when it
+// returns (from page-locked memory it reads it later).  This runs only for a layout the kernel
+// has not seen recently.
 absl::Status UploadLayout(OpKernelContext* ctx, const BlockLayout& l, const BlockLayout* cover,
-                          Tensor* storage, gpu::DeviceLayout* out,
-                          gpu::DeviceLayout* out_cover) {
+                          DeviceTables* tables) {
+  Tensor* storage = &tables->storage;
   std::vector<int32_t> packed;
   for (const BlockLayout* layout : {&l, cover}) {
     if (layout == nullptr) continue;
@@ -65,10 +80,14 @@ absl::Status UploadLayout(OpKernelContext* ctx, const BlockLayout& l, const Bloc
                                 "copying the layout to the GPU"));
   TF_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(TfCudaStream(ctx)),
                                 "waiting for the layout's copy to the GPU"));
-  const int32_t* rest = PointAt(l, d, out);
+  const int32_t* rest = PointAt(l, d, &tables->layout);
+  tables->host_col_ptr = l.col_ptr;
+  tables->layout.host_col_ptr = tables->host_col_ptr.data();
   if (cover != nullptr) {
-    PointAt(*cover, rest, out_cover);
-    out->coarse = out_cover;
+    PointAt(*cover, rest, &tables->cover);
+    tables->host_cover_col_ptr = cover->col_ptr;
+    tables->cover.host_col_ptr = tables->host_cover_col_ptr.data();
+    tables->layout.coarse = &tables->cover;
   }
   return absl::OkStatus();
 }
@@ -94,17 +113,6 @@ absl::Status AllocateWorkspace(OpKernelContext* ctx, gpu::DType dtype, int64_t N
   return absl::OkStatus();
 }
 
-// A layout's tables in device memory: the buffer (kept alive while a call holds it) and the
-// view the kernels take, with its 64-wide cover's (layout.coarse points at cover; see
-// gpu::DeviceLayout) for 8-, 16- and 32-wide blocks whose grid 64-wide blocks divide.
-struct DeviceTables {
-  DeviceTables() = default;
-  DeviceTables(const DeviceTables&) = delete;  // layout.coarse points into this object
-  DeviceTables& operator=(const DeviceTables&) = delete;
-
-  Tensor storage;
-  gpu::DeviceLayout layout, cover;
-};
 
 // The device memory of `tables` (what LayoutCache counts against its bounds).
 int64_t TableBytes(const DeviceTables& tables) {
@@ -125,8 +133,7 @@ class BlocksparseGpuOpBase : public BlocksparseOpBase {
       TF_RETURN_IF_ERROR(BuildLayout(coords, &layout));  // validates the coordinates
       const bool covered =
           HasCover(layout.block_size) && CoarseLayoutOf(layout, kCoverBlockSize, &cover);
-      return UploadLayout(ctx, layout, covered ? &cover : nullptr, &tables->storage,
-                          &tables->layout, &tables->cover);
+      return UploadLayout(ctx, layout, covered ? &cover : nullptr, tables);
     }, out);
   }
 

@@ -514,9 +514,48 @@ struct NarrowParams {
   tma::TensorMap x_map, w_map;
 };
 
-template <typename T, int FA, class Cfg>
+// Where each CTA's run of its column's block list starts, for the small-batch forward: CTA i
+// sums list positions start[i] .. start[i + 1] (as it would compute them from col_ptr).  Filled
+// on the host from the list bounds (Params::host_col_ptr) for grids of at most kMaxCtas CTAs,
+// so that a CTA's first copies wait only for its block indices, not first for col_ptr (each
+// dependent load from memory costs about half a microsecond, docs/benchmark_history_gpu.md);
+// ctas 0: the kernel reads col_ptr.
+struct RunStarts {
+  static constexpr int kMaxCtas = 512;
+  int32_t ctas;
+  int32_t start[kMaxCtas + 1];
+};
+// The small-batch forward's parameters (about 2.5 KiB, within the 4 KiB every launch takes).
+struct SmallBatchParams {
+  NarrowParams narrow;
+  RunStarts runs;
+};
+__device__ __forceinline__ const NarrowParams& NarrowOf(const NarrowParams& p) { return p; }
+__device__ __forceinline__ const NarrowParams& NarrowOf(const SmallBatchParams& p) {
+  return p.narrow;
+}
+
+// This CTA's run of its column's list: from the launch's RunStarts where it has them, else
+// rank r of a cluster of `split` takes the r-th of `split` runs of the list at col_ptr.
+template <class KP>
+__device__ __forceinline__ void ColumnRun(const KP& kp, int kcol, int split, int rank,
+                                          int* pbeg, int* count) {
+  if constexpr (std::is_same<KP, SmallBatchParams>::value) {
+    if (kp.runs.ctas == static_cast<int>(gridDim.x)) {
+      *pbeg = kp.runs.start[blockIdx.x];
+      *count = kp.runs.start[blockIdx.x + 1] - *pbeg;
+      return;
+    }
+  }
+  const int32_t* col_ptr = NarrowOf(kp).base.col_ptr;
+  const int col_beg = __ldg(col_ptr + kcol), col_count = __ldg(col_ptr + kcol + 1) - col_beg;
+  *pbeg = col_beg + rank * col_count / split;
+  *count = col_beg + (rank + 1) * col_count / split - *pbeg;
+}
+
+template <typename T, int FA, class Cfg, class KP = NarrowParams>
 __global__ void __launch_bounds__(Cfg::kThreads)
-    WgmmaForwardNarrowKernel(const __grid_constant__ NarrowParams np) {
+    WgmmaForwardNarrowKernel(const __grid_constant__ KP kp) {
 #if BSMM_HAS_WGMMA
   constexpr int BS = Cfg::BS, kBM = Cfg::kBM, kStages = Cfg::kStages, kGroups = kBM / 64;
   constexpr int P = Cfg::kBlocksPerStep;
@@ -526,6 +565,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   uint32_t smem_base;  // shared-memory address of smem
   unsigned char* smem = Align1024(smem_raw, &smem_base);
 
+  const NarrowParams& np = NarrowOf(kp);
   const Params& p = np.base;
   const T* __restrict__ gx = static_cast<const T*>(p.x);
   const T* __restrict__ gw = static_cast<const T*>(p.w);
@@ -537,9 +577,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   mma_impl::ClusterInfo(split, rank);
   const int kcol = blockIdx.x / split;
   const int64_t n0 = (p.n_tile_base + blockIdx.y) * static_cast<int64_t>(kBM);
-  const int col_beg = __ldg(p.col_ptr + kcol), col_count = __ldg(p.col_ptr + kcol + 1) - col_beg;
-  const int pbeg = col_beg + rank * col_count / split;
-  const int col_blocks = col_beg + (rank + 1) * col_count / split - pbeg;
+  int pbeg, col_blocks;
+  ColumnRun(kp, kcol, split, rank, &pbeg, &col_blocks);
   const int steps = (col_blocks + P - 1) / P;
 
   float acc[kGroups][BS / 2];
@@ -842,7 +881,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
                                                             static_cast<int64_t>(kcol) * BS);
   }
 #else
-  (void)np;
+  (void)kp;
   __trap();
 #endif
 }

@@ -135,7 +135,7 @@ class Layout:
     8-, 16- and 32-wide blocks whose grid 64-wide blocks divide, also its 64-wide cover
     (CoarseLayoutOf) in `cover`, which the TensorFlow op passes with every layout."""
 
-    def __init__(self, coords, CB, KB, bs, cover=True):
+    def __init__(self, coords, CB, KB, bs, cover=True, host_col_ptr=True):
         coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         self.CB, self.KB, self.bs, self.blocks = CB, KB, bs, len(coords)
         self.block_row = coords[:, 0].astype(np.int32)
@@ -148,7 +148,10 @@ class Layout:
         dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda()
         self.d = [dev(a) for a in (self.col_ptr, self.col_row, self.col_block, self.block_row,
                                    self.block_col)]
-        self.table_array = (ctypes.c_void_p * 5)(*[t.data_ptr() for t in self.d])
+        # The sixth pointer: col_ptr's host copy, as the TensorFlow op passes it (or null).
+        self.table_array = (ctypes.c_void_p * 6)(
+            *[t.data_ptr() for t in self.d],
+            self.col_ptr.ctypes.data if host_col_ptr else None)
         self.cover = None
         f = 64 // bs if bs in (8, 16, 32) else 0
         if cover and f and CB % f == 0 and KB % f == 0:
@@ -372,6 +375,77 @@ def bs64_narrow_checks(lib, res, gen, rng, quick):
         lib.set_tuning(20)
         for L, fa in itertools.product(layouts, (1, 0)):
             run_case(lib, res, "bfloat16", 64, L, 1000, fa, gen, ops=("fwd", "dx"))
+        lib.set_tuning(0)
+
+
+def run_start_checks(lib, res, gen, rng, quick):
+    """The 16-bit small-batch forward (Hopper, N <= 64) can take its CTAs' runs of the column
+    lists from the launch's parameters where the layout comes with col_ptr's host copy
+    (Layout's sixth table; the TensorFlow op passes it; SetTuning(43) turns it on): forward
+    and dx against float64 with it on and off, and bit for bit against reading col_ptr from
+    device memory (the default, and a layout without the host copy).  Layouts: clusters of two
+    (long columns), empty columns, a grid wider than the parameters hold (520 columns), and a
+    host copy whose inner bounds disagree with the device's (the launch must then ignore it);
+    a host copy whose ends disagree is refused."""
+    if not is_hopper() or lib.tuning != 0:
+        return
+    cases = [(64, random_layout(80, 5, 64, 0.9, rng, empty_cols=[2])),   # split: ~72 blocks
+             (32, random_layout(90, 4, 32, 0.95, rng, empty_cols=[1])),  # split 4-block steps
+             (32, random_layout(30, 7, 32, 0.5, rng, empty_cols=[0, 6])),
+             (16, random_layout(40, 6, 16, 0.7, rng, empty_cols=[5]))]
+    if not quick:
+        cases.append((32, random_layout(3, 520, 32, 0.6, rng, empty_cols=[7])))
+    Ns = [64, 40] if quick else [64, 40, 16]
+    for dt in (["bfloat16"] if quick else ["bfloat16", "float16"]):
+        tdt = DTYPES[dt][1]
+        for (bs, L), N, fa in itertools.product(cases, Ns, (1, 0)):
+            for tuning in (0, 43):
+                lib.set_tuning(tuning)
+                run_case(lib, res, dt, bs, L, N, fa, gen, ops=("fwd", "dx"))
+            lib.set_tuning(0)
+            bare = Layout(np.stack([L.block_row, L.block_col], 1), L.CB, L.KB, bs,
+                          host_col_ptr=False)
+            x = torch.randn(*((N, L.CB * bs) if fa else (L.CB * bs, N)), generator=gen,
+                            device="cuda").to(tdt)
+            w = torch.randn(L.blocks, bs, bs, generator=gen, device="cuda").to(tdt)
+            outs = []
+            for layout, tuning in ((L, 0), (L, 43), (bare, 43)):
+                lib.set_tuning(tuning)
+                y = torch.full((N, L.KB * bs) if fa else (L.KB * bs, N), float("nan"),
+                               dtype=tdt, device="cuda")
+                outs.append((lib.forward(dt, x, w, y, N, fa, layout), y))
+                torch.cuda.synchronize()
+            lib.set_tuning(0)
+            res.check(all(rc == 0 and same_bits(y, outs[0][1]) for rc, y in outs),
+                      f"small-batch forward: run starts from the host = from col_ptr, bit for "
+                      f"bit, {dt} bs={bs} KB={L.KB} blocks={L.blocks} N={N} fa={fa} "
+                      f"rc={[rc for rc, _ in outs]}")
+    # Host copies that disagree with the device's col_ptr: inside (ignored), or at an end
+    # (refused with cudaErrorInvalidValue before anything runs).
+    bs, L = cases[0]
+    N, dt = 64, "bfloat16"
+    x = torch.randn(N, L.CB * bs, generator=gen, device="cuda").to(torch.bfloat16)
+    w = torch.randn(L.blocks, bs, bs, generator=gen, device="cuda").to(torch.bfloat16)
+    y0 = torch.full((N, L.KB * bs), float("nan"), dtype=torch.bfloat16, device="cuda")
+    rc0 = lib.forward(dt, x, w, y0, N, 1, L)
+    torch.cuda.synchronize()
+    good = L.col_ptr.copy()
+    lib.set_tuning(43)
+    try:
+        L.col_ptr[1:-1] = L.col_ptr[1:-1][::-1]  # decreasing inner bounds
+        y = torch.full_like(y0, float("nan"))
+        rc = lib.forward(dt, x, w, y, N, 1, L)
+        torch.cuda.synchronize()
+        res.check(rc0 == 0 and rc == 0 and same_bits(y, y0),
+                  f"small-batch forward ignores a host col_ptr with bad inner bounds rc={rc}")
+        L.col_ptr[:] = good
+        L.col_ptr[-1] += 1
+        rc = lib.forward(dt, x, w, y, N, 1, L)
+        torch.cuda.synchronize()
+        res.check(rc == 1, f"forward refuses a host col_ptr whose last bound is not the block "
+                           f"count: rc={rc} ({lib.err(rc)})")
+    finally:
+        L.col_ptr[:] = good
         lib.set_tuning(0)
 
 
@@ -870,6 +944,7 @@ def correctness(lib, res, quick=False, race=False):
     transposed_batch_checks(lib, res, gen, rng, quick, race)
     if not race:
         bs64_narrow_checks(lib, res, gen, rng, quick)
+        run_start_checks(lib, res, gen, rng, quick)
     if quick or race:
         return
     # Long reductions (4096 products per output; 8192 batch rows for dW): float32 accuracy

@@ -4,7 +4,9 @@
 Times, as tools/gpu_check.py's benchmark does (median of CUDA-event timings, L2 flushed before
 every run), four trivial kernels of 132 CTAs: an empty one, then one, two and three dependent
 global loads per CTA (each load's address comes from the one before, as the forward's first
-copies wait on its column's list bounds, then on its block indices); then the 16-bit forward
+copies wait on its column's list bounds, then on its block indices); the same with the first
+address read from the kernel's parameters instead (a table of 1 KiB or 16 KiB passed by value,
+as the launch could pass the columns' list heads); then the 16-bit forward
 with N = 64, C = K = 4096, on random layouts, and dense cuBLAS on the same shape, with the
 weights' bytes over the time.
 
@@ -34,6 +36,20 @@ extern "C" __global__ void loads3(const int* a, const int* b, const int* c, int*
 }
 '''
 
+# The first index read from the kernel's parameters: a by-value table of kWords ints, read at
+# a different 64-byte line per CTA.
+PARAM_CHAINS = r'''
+template <int kWords> struct Table { int v[kWords]; };
+template <int kWords>
+__global__ void params1(const __grid_constant__ Table<kWords> t, const int* a, int* out) {
+  if (threadIdx.x == 0) out[blockIdx.x] = t.v[(blockIdx.x * 16) % kWords];
+}
+template <int kWords>
+__global__ void params2(const __grid_constant__ Table<kWords> t, const int* a, int* out) {
+  if (threadIdx.x == 0) out[blockIdx.x] = __ldg(a + t.v[(blockIdx.x * 16) % kWords]);
+}
+'''
+
 
 def time_load_chains(ctas=132):
     """us per launch of the trivial kernels, by number of dependent loads."""
@@ -49,6 +65,26 @@ def time_load_chains(ctas=132):
     for loads in range(4):
         kernel = module.get_function(f"loads{loads}")
         times[loads] = 1e3 * bench(lambda: kernel((ctas,), (128,), (a, b, c, out)), min_ms=30)
+    return times
+
+
+def time_param_chains(ctas=132):
+    """us per launch, by parameter table size (bytes) and global loads after the table's read."""
+    import cupy as cp
+    names = [f"params{loads}<{words}>" for words in (256, 4096) for loads in (1, 2)]
+    module = cp.RawModule(code=PARAM_CHAINS, options=("-std=c++17",), name_expressions=names)
+    n = 1 << 20
+    a = cp.asarray((np.arange(n, dtype=np.int64) * 37) % n, dtype=cp.int32)
+    out = cp.zeros(ctas, dtype=cp.int32)
+    times = {}
+    for words in (256, 4096):
+        table = np.zeros((), dtype=np.dtype([("v", np.int32, (words,))]))
+        table["v"] = (np.arange(words, dtype=np.int64) * 101 + 7) % n
+        for loads in (1, 2):
+            kernel = module.get_function(f"params{loads}<{words}>")
+            args = (table[()], a, out)
+            times[(4 * words, loads)] = 1e3 * bench(
+                lambda: kernel((ctas,), (128,), args), min_ms=30)
     return times
 
 
@@ -84,6 +120,16 @@ def main(argv=None):
     print("|---|---|---|")
     for loads, t in chains.items():
         print(f"| {loads} | {t:.2f} | {t - chains[0]:+.2f} |")
+    try:
+        params = time_param_chains()
+    except Exception as e:  # noqa: BLE001 - the table is optional; say why it is missing
+        print(f"\n(parameter tables not timed: {type(e).__name__}: {e})")
+    else:
+        print("\n| first index from a parameter table of | then global loads | us "
+              "| over the empty kernel |")
+        print("|---|---|---|---|")
+        for (nbytes, loads), t in params.items():
+            print(f"| {nbytes} bytes | {loads - 1} | {t:.2f} | {t - chains[0]:+.2f} |")
     lib = Lib(args.lib)
     lib.use_workspace = True  # as the TensorFlow op runs them
     print("\n| bf16 forward, N = 64, C = K = 4096 | us | weights MB | weights GB/s |")

@@ -220,6 +220,8 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //  43: the 16-bit small-batch forward on Hopper takes its CTAs' shares of the column lists
 //      from the launch's parameters where DeviceLayout::host_col_ptr is given (the default
 //      reads them from col_ptr in device memory; the same results bit for bit).
+//  44: an experiment: that forward's CTAs walk their runs of the column lists from the
+//      column's index modulo the run's length on, wrapping around (another order of sums).
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
 // give variant 3's results bit for bit where neither splits a tile over a cluster (a split
 // changes the order of the sums; splits depend on the tile count).  All are deterministic.

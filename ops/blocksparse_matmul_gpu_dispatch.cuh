@@ -262,6 +262,9 @@ inline Params& BaseParams(wgmma_impl::SmallBatchParams& p) { return p.narrow.bas
 // host passed col_ptr: only under SetTuning(43) until measured on a GPU.
 constexpr int kTuningRunStarts = 43;
 inline bool RunStartsEnabled() { return Tuning() == kTuningRunStarts; }
+// SetTuning(44): the small-batch forward's CTAs walk their runs from column-dependent offsets
+// (NarrowParams::rotate_runs), an experiment.
+constexpr int kTuningRotateRuns = 44;
 
 // Fills the RunStarts of a grid of `tiles` block columns, each split over `split` CTAs, from the
 // host's col_ptr; leaves none (ctas 0: the kernel reads col_ptr) where there is no host copy,
@@ -663,6 +666,7 @@ int LaunchWgmmaSmallBatchForward(const Params& p, int64_t N, int64_t KB, double 
                                  int device, const DeviceInfo& di, cudaStream_t s) {
   SmallBatchParams sp{{p, {}, {}}, {}};  // RunStarts: filled at the launch (SetSplit)
   NarrowParams& np = sp.narrow;
+  np.rotate_runs = Tuning() == kTuningRotateRuns;
   if (CopyEngineEnabled() &&
       blocks_per_col >= (BS == 64 ? kCopyEngineMinBlocks64 : kCopyEngineMinBlocks32) &&
       EncodeNarrowMaps<T, FA, BS, 64>(&np))

@@ -222,6 +222,8 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //      reads them from col_ptr in device memory; the same results bit for bit).
 //  44: an experiment: that forward's CTAs walk their runs of the column lists from the
 //      column's index modulo the run's length on, wrapping around (another order of sums).
+//  45: an experiment: the narrow wgmma forwards' copy-engine weight copies fetch 256-byte
+//      groups into the L2 (the default 128; the same results bit for bit).
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
 // give variant 3's results bit for bit where neither splits a tile over a cluster (a split
 // changes the order of the sums; splits depend on the tile count).  All are deterministic.

@@ -265,6 +265,9 @@ inline bool RunStartsEnabled() { return Tuning() == kTuningRunStarts; }
 // SetTuning(44): the small-batch forward's CTAs walk their runs from column-dependent offsets
 // (NarrowParams::rotate_runs), an experiment.
 constexpr int kTuningRotateRuns = 44;
+// SetTuning(45): the narrow forward's weight copies promote 256-byte groups into the L2 (the
+// default 128), an experiment.
+constexpr int kTuningWeights256B = 45;
 
 // Fills the RunStarts of a grid of `tiles` block columns, each split over `split` CTAs, from the
 // host's col_ptr; leaves none (ctas 0: the kernel reads col_ptr) where there is no host copy,
@@ -618,8 +621,11 @@ bool EncodeNarrowMaps(NarrowParams* np) {
     return false;
   const uint32_t x_batch =
       FA == 0 ? 64 : kBM == 64 && N < 64 ? static_cast<uint32_t>((N + 7) / 8 * 8) : kBM;
+  const CUtensorMapL2promotion w_promotion = Tuning() == kTuningWeights256B
+                                                 ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B
+                                                 : CU_TENSOR_MAP_L2_PROMOTION_L2_128B;
   return EncodeActivationMap<T, FA, BS>(&np->x_map, p.x, p.C, N, x_batch) &&
-         tma::EncodeTiles16(&np->w_map, kBf16, p.w, BS, rows, BS * 2, BS, BS);
+         tma::EncodeTiles16(&np->w_map, kBf16, p.w, BS, rows, BS * 2, BS, BS, w_promotion);
 }
 
 template <typename T, int FA, int BS, class Cfgs>

@@ -117,10 +117,9 @@ struct DeviceLayout {
   // workspace may run the product on it (see "Workspace" above).
   const DeviceLayout* coarse = nullptr;
   // Optional: a host copy of col_ptr (KB + 1 entries, the same as the device's; read during the
-  // call only).  The 16-bit small-batch forward on Hopper can then pass each CTA's share of its
+  // call only).  The 16-bit small-batch forward on Hopper then passes each CTA's share of its
   // column's block list in the launch's parameters instead of reading col_ptr first (one
-  // dependent memory load less before its first copies; the same results bit for bit; under
-  // SetTuning(43) until measured).
+  // dependent memory load less before its first copies; the same results bit for bit).
   const int32_t* host_col_ptr = nullptr;
 };
 
@@ -214,16 +213,12 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //      step's group runs, as the forward does by default; 40 runs the forward waiting for each
 //      step's group before the next copies.  All give the defaults' sums bit for bit.
 //      Variants 1-4 and 19 keep sparse_dot off wgmma too.
-//  41, 42: the 16-bit bs-64 forward with N <= 64 on the copy engine takes 2 blocks per pipeline
-//      step and 6 stages / 4 blocks and 3 (the default: 1 block and 12); the same results bit
+//  41, 42: the 16-bit bs-64 forward with N <= 64 on the copy engine takes 1 block per pipeline
+//      step and 12 stages / 4 blocks and 3 (the default: 2 blocks and 6); the same results bit
 //      for bit.
-//  43: the 16-bit small-batch forward on Hopper takes its CTAs' shares of the column lists
-//      from the launch's parameters where DeviceLayout::host_col_ptr is given (the default
-//      reads them from col_ptr in device memory; the same results bit for bit).
-//  44: an experiment: that forward's CTAs walk their runs of the column lists from the
-//      column's index modulo the run's length on, wrapping around (another order of sums).
-//  45: an experiment: the narrow wgmma forwards' copy-engine weight copies fetch 256-byte
-//      groups into the L2 (the default 128; the same results bit for bit).
+//  43: the 16-bit small-batch forward on Hopper reads its CTAs' shares of the column lists from
+//      col_ptr in device memory even where DeviceLayout::host_col_ptr is given (the default then
+//      takes them from the launch's parameters; the same results bit for bit).
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
 // give variant 3's results bit for bit where neither splits a tile over a cluster (a split
 // changes the order of the sums; splits depend on the tile count).  All are deterministic.

@@ -259,15 +259,14 @@ inline Params& BaseParams(wgmma_impl::NarrowParams& p) { return p.base; }
 inline Params& BaseParams(wgmma_impl::SmallBatchParams& p) { return p.narrow.base; }
 
 // Whether the small-batch forward takes its CTAs' runs from the launch's parameters where the
-// host passed col_ptr: only under SetTuning(43) until measured on a GPU.
-constexpr int kTuningRunStarts = 43;
-inline bool RunStartsEnabled() { return Tuning() == kTuningRunStarts; }
-// SetTuning(44): the small-batch forward's CTAs walk their runs from column-dependent offsets
-// (NarrowParams::rotate_runs), an experiment.
-constexpr int kTuningRotateRuns = 44;
-// SetTuning(45): the narrow forward's weight copies promote 256-byte groups into the L2 (the
-// default 128), an experiment.
-constexpr int kTuningWeights256B = 45;
+// host passed col_ptr (SetTuning(43): no).  Measured on an H200 (2026-12-07, bf16, C = K =
+// 4096, N = 64 unless noted, `tools/gpu_variants.py`, the two alternated in one process,
+// fastest of five medians, results equal bit for bit; us, from col_ptr -> from the
+// parameters): bs 64 at 2% 6.8 -> 6.6, 10% 8.4 -> 8.1, 25% 12.9 -> 12.5, 100% 18.1 -> 17.7;
+// feature axis 0 at 10% 9.5 -> 9.0; bs 32 at 2% 6.8 -> 6.4, 25% 11.3 -> 10.9; N = 16, bs 64
+// at 100% 16.7 -> 16.2 (0.93-0.99x the time in every cell).
+constexpr int kTuningNoRunStarts = 43;
+inline bool RunStartsEnabled() { return Tuning() != kTuningNoRunStarts; }
 
 // Fills the RunStarts of a grid of `tiles` block columns, each split over `split` CTAs, from the
 // host's col_ptr; leaves none (ctas 0: the kernel reads col_ptr) where there is no host copy,
@@ -511,8 +510,13 @@ int LaunchWgmmaForwardNarrow(const KP& p, int64_t N, int64_t KB, int device,
 //   bs 64: 2 blocks per step, 7 stages (225 KiB), split from kSmallBatchSplitBlocks64 blocks
 //     per column.  Clusters of four (97 KiB configurations) ran up to 2.4x slower at 10%
 //     density, so splits stop at two.
-// With copy-engine copies (kCopyEngine) bs 64 takes one block per step and 12 stages (193 KiB)
-// instead of two blocks and 7.
+// With copy-engine copies (kCopyEngine) bs 64 takes two blocks per step and 6 stages (201 KiB
+// with the zero tile) instead of two and 7; from 2026-12-07, before that one block and 12
+// stages (193 KiB), which measured on an H200 (bf16, C = K = 4096, N = 64 unless noted, the
+// two alternated in one process, fastest of five medians, the same results bit for bit; us)
+// 8.4 -> 8.0 at 10% density, 12.9 -> 11.4 at 25%, 18.1 -> 17.5 at 100%, 6.8 -> 6.9 at 2%;
+// feature axis 0 at 10% 9.5 -> 8.7; N = 16 at 100% 16.7 -> 15.7.  Four blocks and 3 stages
+// measured about as two blocks (0.87-1.00x the one-block times).
 // bs 16 (from 2026-12-06; the mma.sync small-batch tiles before), where Bs16SmallBatchOnWgmma
 // says: 8 blocks per step, 4 stages (81-83 KiB, two CTAs per SM), one CTA per column; or 4
 // blocks per step, 4 stages (41-43 KiB), split over a cluster of two where the GPU has room
@@ -527,9 +531,10 @@ int LaunchWgmmaForwardNarrow(const KP& p, int64_t N, int64_t KB, int device,
 // full columns (kWgmmaBs16MaxColumnFill) keep the mma.sync tiles there, as with N > 64; with
 // N = 16 split 0.89x at 50% and 0.93x at 100% (unsplit 1.09-1.13x there).
 // kTransW: the weights read transposed as stored (see NarrowFwdCfg).
-// SetTuning(41) / (42): the copy-engine bs-64 configuration with 2 blocks per step and 6
-// stages / 4 blocks and 3 (the same bytes in flight; the same sums in the same order).
-constexpr int kTuningSmallBatchBs64TwoBlocks = 41, kTuningSmallBatchBs64FourBlocks = 42;
+// SetTuning(41) / (42): the copy-engine bs-64 configuration with 1 block per step and 12
+// stages (the default until 2026-12-07) / 4 blocks and 3 (the same bytes in flight as the
+// default's 2 and 6; the same sums in the same order).
+constexpr int kTuningSmallBatchBs64OneBlock = 41, kTuningSmallBatchBs64FourBlocks = 42;
 template <bool kCopyEngineT, bool kTransW = false>
 struct SmallBatchCfgs {
   static constexpr bool kCopyEngine = kCopyEngineT;
@@ -538,9 +543,9 @@ struct SmallBatchCfgs {
   using Bs32 = wgmma_impl::NarrowFwdCfg<32, 4, 64, 8, kCopyEngine, kTransW>;
   using Bs32Split = wgmma_impl::NarrowFwdCfg<32, 4, 64, 4, kCopyEngine, kTransW>;
   using Bs64 = typename std::conditional<
-      kCopyEngine, wgmma_impl::NarrowFwdCfg<64, 12, 64, 1, true, kTransW>,
+      kCopyEngine, wgmma_impl::NarrowFwdCfg<64, 6, 64, 2, true, kTransW>,
       wgmma_impl::NarrowFwdCfg<64, 7, 64, 2, false, kTransW>>::type;
-  using Bs64Two = wgmma_impl::NarrowFwdCfg<64, 6, 64, 2, kCopyEngine, kTransW>;
+  using Bs64One = wgmma_impl::NarrowFwdCfg<64, 12, 64, 1, kCopyEngine, kTransW>;
   using Bs64Four = wgmma_impl::NarrowFwdCfg<64, 3, 64, 4, kCopyEngine, kTransW>;
 };
 constexpr double kSmallBatchSplitBlocks32 = 64, kSmallBatchSplitBlocks64 = 32;
@@ -569,7 +574,7 @@ constexpr bool SmallBatchWgmmaFits(int64_t smem_limit) {
   using CE = SmallBatchCfgs<true>;
   using Async = SmallBatchCfgs<false>;
   for (int64_t bytes : {CE::Bs16::kSmemBytes, CE::Bs16Split::kSmemBytes, CE::Bs32::kSmemBytes,
-                        CE::Bs32Split::kSmemBytes, CE::Bs64::kSmemBytes, CE::Bs64Two::kSmemBytes,
+                        CE::Bs32Split::kSmemBytes, CE::Bs64::kSmemBytes, CE::Bs64One::kSmemBytes,
                         CE::Bs64Four::kSmemBytes, Async::Bs16::kSmemBytes,
                         Async::Bs16Split::kSmemBytes, Async::Bs32::kSmemBytes,
                         Async::Bs32Split::kSmemBytes, Async::Bs64::kSmemBytes})
@@ -621,11 +626,8 @@ bool EncodeNarrowMaps(NarrowParams* np) {
     return false;
   const uint32_t x_batch =
       FA == 0 ? 64 : kBM == 64 && N < 64 ? static_cast<uint32_t>((N + 7) / 8 * 8) : kBM;
-  const CUtensorMapL2promotion w_promotion = Tuning() == kTuningWeights256B
-                                                 ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B
-                                                 : CU_TENSOR_MAP_L2_PROMOTION_L2_128B;
   return EncodeActivationMap<T, FA, BS>(&np->x_map, p.x, p.C, N, x_batch) &&
-         tma::EncodeTiles16(&np->w_map, kBf16, p.w, BS, rows, BS * 2, BS, BS, w_promotion);
+         tma::EncodeTiles16(&np->w_map, kBf16, p.w, BS, rows, BS * 2, BS, BS);
 }
 
 template <typename T, int FA, int BS, class Cfgs>
@@ -646,7 +648,7 @@ int LaunchSmallBatchCfgs(const SmallBatchParams& p, int64_t N, int64_t KB, doubl
           p, N, KB, device, di, s, split ? blocks_per_col / Cfg::kBlocksPerStep : 0.0);
     };
     if constexpr (Cfgs::kCopyEngine) {
-      if (Tuning() == kTuningSmallBatchBs64TwoBlocks) return launch(typename Cfgs::Bs64Two{});
+      if (Tuning() == kTuningSmallBatchBs64OneBlock) return launch(typename Cfgs::Bs64One{});
       if (Tuning() == kTuningSmallBatchBs64FourBlocks) return launch(typename Cfgs::Bs64Four{});
     }
     return launch(typename Cfgs::Bs64{});
@@ -672,7 +674,6 @@ int LaunchWgmmaSmallBatchForward(const Params& p, int64_t N, int64_t KB, double 
                                  int device, const DeviceInfo& di, cudaStream_t s) {
   SmallBatchParams sp{{p, {}, {}}, {}};  // RunStarts: filled at the launch (SetSplit)
   NarrowParams& np = sp.narrow;
-  np.rotate_runs = Tuning() == kTuningRotateRuns;
   if (CopyEngineEnabled() &&
       blocks_per_col >= (BS == 64 ? kCopyEngineMinBlocks64 : kCopyEngineMinBlocks32) &&
       EncodeNarrowMaps<T, FA, BS, 64>(&np))

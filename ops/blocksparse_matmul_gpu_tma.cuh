@@ -56,13 +56,11 @@ inline EncodeTiledFn EncodeTiled() {
 
 // A map of the 16-bit row-major array base[outer][inner] (rows row_bytes apart, a multiple of
 // 16; base 16-byte aligned) whose copies move box_outer x box_inner tiles into shared memory
-// rows of box_inner elements in the swizzle of that many bytes (32, 64 or 128), the L2
-// fetching `promotion`'s sector groups.  Rows and
+// rows of box_inner elements in the swizzle of that many bytes (32, 64 or 128).  Rows and
 // columns past the array's end arrive as zeros.  False if the driver refuses it.
 inline bool EncodeTiles16(TensorMap* map, bool bf16, const void* base, uint64_t inner,
                           uint64_t outer, uint64_t row_bytes, uint32_t box_inner,
-                          uint32_t box_outer,
-                          CUtensorMapL2promotion promotion = CU_TENSOR_MAP_L2_PROMOTION_L2_128B) {
+                          uint32_t box_outer) {
   const EncodeTiledFn encode = EncodeTiled();
   if (!encode) return false;
   const uint32_t swizzle_bytes = box_inner * 2;
@@ -78,7 +76,7 @@ inline bool EncodeTiles16(TensorMap* map, bool bf16, const void* base, uint64_t 
   CUtensorMap encoded;
   if (encode(&encoded, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
              2, const_cast<void*>(base), dims, strides, box, element_strides,
-             CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, promotion,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return false;
   std::memcpy(map, &encoded, sizeof(encoded));

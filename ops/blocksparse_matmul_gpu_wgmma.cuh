@@ -512,10 +512,6 @@ struct NarrowFwdCfg {
 struct NarrowParams {
   Params base;
   tma::TensorMap x_map, w_map;
-  // 1: a CTA walks its run of the list from position kcol % length on, wrapping around, so that
-  // CTAs in step with each other read different x tiles (another order of sums; SetTuning(44),
-  // an experiment).
-  int32_t rotate_runs = 0;
 };
 
 // Where each CTA's run of its column's block list starts, for the small-batch forward: CTA i
@@ -583,11 +579,6 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int64_t n0 = (p.n_tile_base + blockIdx.y) * static_cast<int64_t>(kBM);
   int pbeg, col_blocks;
   ColumnRun(kp, kcol, split, rank, &pbeg, &col_blocks);
-  // List position of the CTA's i-th block (0 <= i < col_blocks).
-  const int rot = np.rotate_runs && col_blocks > 0 ? kcol % col_blocks : 0;
-  auto position = [&](int i) {
-    return pbeg + (i + rot < col_blocks ? i + rot : i + rot - col_blocks);
-  };
   const int steps = (col_blocks + P - 1) / P;
 
   float acc[kGroups][BS / 2];
@@ -657,8 +648,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       for (int base = 0; base < col_blocks; base += 32) {
         int my_c = 0, my_b = 0;
         if (base + lane < col_blocks) {
-          my_c = __ldg(p.col_row + position(base + lane));
-          my_b = __ldg(p.col_block + position(base + lane));
+          my_c = __ldg(p.col_row + pbeg + base + lane);
+          my_b = __ldg(p.col_block + pbeg + base + lane);
         }
         const int batch = min(32, col_blocks - base);
         for (int i = 0; i < batch; i += P) {
@@ -768,8 +759,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 #pragma unroll
       for (int q = 0; q < P; ++q)
         if (s * P + q < col_blocks) {
-          nc[q] = __ldg(p.col_row + position(s * P + q));
-          nb[q] = __ldg(p.col_block + position(s * P + q));
+          nc[q] = __ldg(p.col_row + pbeg + s * P + q);
+          nb[q] = __ldg(p.col_block + pbeg + s * P + q);
         }
     };
     auto load_step = [&](int s, int buf) {

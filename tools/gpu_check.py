@@ -379,14 +379,15 @@ def bs64_narrow_checks(lib, res, gen, rng, quick):
 
 
 def run_start_checks(lib, res, gen, rng, quick):
-    """The 16-bit small-batch forward (Hopper, N <= 64) can take its CTAs' runs of the column
-    lists from the launch's parameters where the layout comes with col_ptr's host copy
-    (Layout's sixth table; the TensorFlow op passes it; SetTuning(43) turns it on): forward
-    and dx against float64 with it on and off, and bit for bit against reading col_ptr from
-    device memory (the default, and a layout without the host copy).  Layouts: clusters of two
-    (long columns), empty columns, a grid wider than the parameters hold (520 columns), and a
-    host copy whose inner bounds disagree with the device's (the launch must then ignore it);
-    a host copy whose ends disagree is refused."""
+    """The 16-bit small-batch forward (Hopper, N <= 64) takes its CTAs' runs of the column lists
+    from the launch's parameters where the layout comes with col_ptr's host copy (Layout's
+    sixth table; the TensorFlow op passes it; SetTuning(43) turns it off): forward and dx
+    against float64 with it on and off, and bit for bit against reading col_ptr from device
+    memory (SetTuning(43), and a layout without the host copy), and for bs 64 against the
+    copy-engine configurations of one and four blocks per step (SetTuning(41), (42)).  Layouts:
+    clusters of two (long columns), empty columns, a grid wider than the parameters hold (520
+    columns), and a host copy whose inner bounds disagree with the device's (the launch must
+    then ignore it); a host copy whose ends disagree is refused."""
     if not is_hopper() or lib.tuning != 0:
         return
     cases = [(64, random_layout(80, 5, 64, 0.9, rng, empty_cols=[2])),   # split: ~72 blocks
@@ -409,7 +410,10 @@ def run_start_checks(lib, res, gen, rng, quick):
                             device="cuda").to(tdt)
             w = torch.randn(L.blocks, bs, bs, generator=gen, device="cuda").to(tdt)
             outs = []
-            for layout, tuning in ((L, 0), (L, 43), (bare, 43)):
+            variants = [(L, 0), (L, 43), (bare, 0)]
+            if bs == 64:  # the other copy-engine step sizes: one block, four
+                variants += [(L, 41), (L, 42)]
+            for layout, tuning in variants:
                 lib.set_tuning(tuning)
                 y = torch.full((N, L.KB * bs) if fa else (L.KB * bs, N), float("nan"),
                                dtype=tdt, device="cuda")
@@ -417,8 +421,8 @@ def run_start_checks(lib, res, gen, rng, quick):
                 torch.cuda.synchronize()
             lib.set_tuning(0)
             res.check(all(rc == 0 and same_bits(y, outs[0][1]) for rc, y in outs),
-                      f"small-batch forward: run starts from the host = from col_ptr, bit for "
-                      f"bit, {dt} bs={bs} KB={L.KB} blocks={L.blocks} N={N} fa={fa} "
+                      f"small-batch forward: run starts from the host = from col_ptr (and other "
+                      f"bs-64 steps), bit for bit, {dt} bs={bs} KB={L.KB} blocks={L.blocks} N={N} fa={fa} "
                       f"rc={[rc for rc, _ in outs]}")
     # Host copies that disagree with the device's col_ptr: inside (ignored), or at an end
     # (refused with cudaErrorInvalidValue before anything runs).
@@ -430,7 +434,6 @@ def run_start_checks(lib, res, gen, rng, quick):
     rc0 = lib.forward(dt, x, w, y0, N, 1, L)
     torch.cuda.synchronize()
     good = L.col_ptr.copy()
-    lib.set_tuning(43)
     try:
         L.col_ptr[1:-1] = L.col_ptr[1:-1][::-1]  # decreasing inner bounds
         y = torch.full_like(y0, float("nan"))
@@ -446,7 +449,6 @@ def run_start_checks(lib, res, gen, rng, quick):
                            f"count: rc={rc} ({lib.err(rc)})")
     finally:
         L.col_ptr[:] = good
-        lib.set_tuning(0)
 
 
 def cover_bytes(lib, dt, N, fa, L, grad_w):

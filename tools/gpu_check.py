@@ -1127,16 +1127,20 @@ def bench(fn, min_ms=150.0, max_reps=40, min_reps=5):
     return statistics.median(ts)
 
 
+def copy_bandwidth():
+    """GB/s of a 1 GiB device-to-device copy, counting bytes read and written."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a), min_ms=50)
+    return 2 * a.numel() / t / 1e6
+
+
 def benchmark(lib, res, out_md, quick=False, dtypes=None):
     dev_name = torch.cuda.get_device_name()
     lib.use_workspace = True  # as the TensorFlow op runs them
     rng = np.random.default_rng(7)
     # Ceilings measured now: device-to-device copy (bytes read + written), dense bf16 GEMM.
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    t = bench(lambda: b.copy_(a), min_ms=50)
-    hbm = 2 * a.numel() / t / 1e6  # GB/s
-    del a, b
+    hbm = copy_bandwidth()
     print(f"device: {dev_name}; copy bandwidth {hbm:.0f} GB/s", flush=True)
 
     configs = []

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_check import ROOT, Lib, bench, exact_layout  # noqa: E402
+from gpu_check import ROOT, Lib, bench, copy_bandwidth, exact_layout  # noqa: E402
 
 CHAINS = r'''
 extern "C" __global__ void loads0(const int* a, const int* b, const int* c, int* out) {}
@@ -132,10 +132,13 @@ def main(argv=None):
             print(f"| {nbytes} bytes | {loads - 1} | {t:.2f} | {t - chains[0]:+.2f} |")
     lib = Lib(args.lib)
     lib.use_workspace = True  # as the TensorFlow op runs them
-    print("\n| bf16 forward, N = 64, C = K = 4096 | us | weights MB | weights GB/s |")
-    print("|---|---|---|---|")
+    hbm = copy_bandwidth()
+    print(f"\ncopy bandwidth (bytes read + written, as tools/gpu_check.py's table): {hbm:.0f} GB/s")
+    print("\n| bf16 forward, N = 64, C = K = 4096 | us | weights MB | weights GB/s | of copy bw |")
+    print("|---|---|---|---|---|")
     for name, t, nbytes in time_forwards(lib):
-        print(f"| {name} | {t:.2f} | {nbytes / 1e6:.1f} | {nbytes / 1e3 / t:.0f} |")
+        rate = nbytes / 1e3 / t
+        print(f"| {name} | {t:.2f} | {nbytes / 1e6:.1f} | {rate:.0f} | {rate / hbm:.0%} |")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,7 @@
 // dtype: 0 float32, 1 float16, 2 bfloat16.  layout: an array of 6 pointers (col_ptr, col_row,
 // col_block, block_row, block_col in device memory, then col_ptr's host copy or null) and 4
 // sizes (CB, KB, block_size, blocks); its 64-wide cover likewise (null for none) with its block
-// count.  workspace: a device pointer and
-// its size in bytes (nullptr and 0 for none).
+// count.  workspace: a device pointer and its size in bytes (nullptr and 0 for none).
 // Returns 0 or a cudaError_t value.
 #include <cstdint>
 

@@ -113,7 +113,6 @@ absl::Status AllocateWorkspace(OpKernelContext* ctx, gpu::DType dtype, int64_t N
   return absl::OkStatus();
 }
 
-
 // The device memory of `tables` (what LayoutCache counts against its bounds).
 int64_t TableBytes(const DeviceTables& tables) {
   return static_cast<int64_t>(tables.storage.TotalBytes());

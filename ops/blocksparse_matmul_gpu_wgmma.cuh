@@ -530,6 +530,7 @@ struct SmallBatchParams {
   NarrowParams narrow;
   RunStarts runs;
 };
+static_assert(sizeof(SmallBatchParams) <= 4096, "kernel parameters within the 4 KiB limit");
 __device__ __forceinline__ const NarrowParams& NarrowOf(const NarrowParams& p) { return p; }
 __device__ __forceinline__ const NarrowParams& NarrowOf(const SmallBatchParams& p) {
   return p.narrow;

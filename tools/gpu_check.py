@@ -311,6 +311,21 @@ def empty_layout_checks(lib, res, quick):
         res.check(rc == 0, f"empty layout: grad_w does nothing {dt} bs={bs} fa={fa} N={N} rc={rc}")
 
 
+def forwards_under(lib, dt, x, w, N, fa, runs):
+    """The forward of x and w with layout L under SetTuning(t), for each (L, t) of `runs`, into
+    NaN-filled outputs: [(rc, y)], each waited for; the tuning is set back as it was."""
+    before = lib.tuning
+    outs = []
+    for L, tuning in runs:
+        lib.set_tuning(tuning)
+        K = L.KB * L.bs
+        y = torch.full((N, K) if fa else (K, N), float("nan"), dtype=x.dtype, device="cuda")
+        outs.append((lib.forward(dt, x, w, y, N, fa, L), y))
+        torch.cuda.synchronize()
+    lib.set_tuning(before)
+    return outs
+
+
 def smaller_shared_memory_checks(lib, res, gen, rng):
     """SetTuning(19) runs as a compute capability 8.6 GPU (99 KiB of shared memory per CTA):
     the bs-64 mma.sync forwards whose tiles need 104-108 KiB take one pipeline stage fewer (else
@@ -327,14 +342,7 @@ def smaller_shared_memory_checks(lib, res, gen, rng):
         x = torch.randn(*((N, L.CB * 64) if fa else (L.CB * 64, N)), generator=gen,
                         device="cuda").to(tdt)
         w = torch.randn(L.blocks, 64, 64, generator=gen, device="cuda").to(tdt)
-        outs = []
-        for tuning in (19, 3):
-            lib.set_tuning(tuning)
-            y = torch.full((N, L.KB * 64) if fa else (L.KB * 64, N), float("nan"), dtype=tdt,
-                           device="cuda")
-            rc = lib.forward(dt, x, w, y, N, fa, L)
-            torch.cuda.synchronize()
-            outs.append((rc, y))
+        outs = forwards_under(lib, dt, x, w, N, fa, [(L, 19), (L, 3)])
         res.check(all(rc == 0 for rc, _ in outs) and same_bits(outs[0][1], outs[1][1]),
                   f"99 KiB of shared memory: the bs-64 forward with fewer stages equals full "
                   f"depth bitwise, {dt} fa={fa} N={N} rc={[rc for rc, _ in outs]}")
@@ -360,17 +368,11 @@ def bs64_narrow_checks(lib, res, gen, rng, quick):
             x = torch.randn(*((N, L.CB * 64) if fa else (L.CB * 64, N)), generator=gen,
                             device="cuda").to(tdt)
             w = torch.randn(L.blocks, 64, 64, generator=gen, device="cuda").to(tdt)
-            outs = []
-            for tuning in ([0, 6] if quick else [0, 21, 22, 6]):
-                lib.set_tuning(tuning)
-                y = torch.full((N, L.KB * 64) if fa else (L.KB * 64, N), float("nan"),
-                               dtype=tdt, device="cuda")
-                outs.append((tuning, lib.forward(dt, x, w, y, N, fa, L), y))
-                torch.cuda.synchronize()
-            lib.set_tuning(0)
-            res.check(all(rc == 0 and same_bits(y, outs[0][2]) for _, rc, y in outs),
-                      f"bs-64 narrow forward: tunings {[t for t, _, _ in outs]} equal bit for "
-                      f"bit, {dt} fa={fa} N={N} blocks={L.blocks} rc={[rc for _, rc, _ in outs]}")
+            tunings = [0, 6] if quick else [0, 21, 22, 6]
+            outs = forwards_under(lib, dt, x, w, N, fa, [(L, t) for t in tunings])
+            res.check(all(rc == 0 and same_bits(y, outs[0][1]) for rc, y in outs),
+                      f"bs-64 narrow forward: tunings {tunings} equal bit for bit, {dt} fa={fa} "
+                      f"N={N} blocks={L.blocks} rc={[rc for rc, _ in outs]}")
     if not quick:
         lib.set_tuning(20)
         for L, fa in itertools.product(layouts, (1, 0)):
@@ -409,21 +411,14 @@ def run_start_checks(lib, res, gen, rng, quick):
             x = torch.randn(*((N, L.CB * bs) if fa else (L.CB * bs, N)), generator=gen,
                             device="cuda").to(tdt)
             w = torch.randn(L.blocks, bs, bs, generator=gen, device="cuda").to(tdt)
-            outs = []
             variants = [(L, 0), (L, 43), (bare, 0)]
             if bs == 64:  # the other copy-engine step sizes: one block, four
                 variants += [(L, 41), (L, 42)]
-            for layout, tuning in variants:
-                lib.set_tuning(tuning)
-                y = torch.full((N, L.KB * bs) if fa else (L.KB * bs, N), float("nan"),
-                               dtype=tdt, device="cuda")
-                outs.append((lib.forward(dt, x, w, y, N, fa, layout), y))
-                torch.cuda.synchronize()
-            lib.set_tuning(0)
+            outs = forwards_under(lib, dt, x, w, N, fa, variants)
             res.check(all(rc == 0 and same_bits(y, outs[0][1]) for rc, y in outs),
                       f"small-batch forward: run starts from the host = from col_ptr (and other "
-                      f"bs-64 steps), bit for bit, {dt} bs={bs} KB={L.KB} blocks={L.blocks} N={N} fa={fa} "
-                      f"rc={[rc for rc, _ in outs]}")
+                      f"bs-64 steps), bit for bit, {dt} bs={bs} KB={L.KB} blocks={L.blocks} "
+                      f"N={N} fa={fa} rc={[rc for rc, _ in outs]}")
     # Host copies that disagree with the device's col_ptr: inside (ignored), or at an end
     # (refused with cudaErrorInvalidValue before anything runs).
     bs, L = cases[0]

@@ -219,6 +219,14 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //  43: the 16-bit small-batch forward on Hopper reads its CTAs' shares of the column lists from
 //      col_ptr in device memory even where DeviceLayout::host_col_ptr is given (the default then
 //      takes them from the launch's parameters; the same results bit for bit).
+//  44, 45: the 16-bit bs-32 forward with N > 64 and feature_axis 1 (so also dx) on Hopper
+//      computes groups of 4 / 2 neighbouring block columns per CTA wherever the copy engine can
+//      serve: per block row present in any of a group's columns one x tile read and one
+//      product with the columns' blocks side by side, zero blocks where a column has none
+//      (WgmmaForwardGroupedKernel in blocksparse_matmul_gpu_wgmma.cuh).  For small-world
+//      layouts, whose neighbouring columns share most block rows.  Its sums add zero products
+//      between a column's own (as accurate; an infinity or NaN in x then reaches, as NaN, every
+//      column of the groups that read its block row).  No default yet: not yet run on a GPU.
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
 // give variant 3's results bit for bit where neither splits a tile over a cluster (a split
 // changes the order of the sums; splits depend on the tile count).  All are deterministic.

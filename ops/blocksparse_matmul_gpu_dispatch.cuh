@@ -695,6 +695,32 @@ int LaunchWgmmaForwardLong(const Params& p, int64_t N, int64_t KB, int device,
                                                                                 device, di, s);
 }
 
+// The bs-32 forward over groups of kCols block columns (WgmmaForwardGroupedKernel; 16-bit,
+// feature axis 1, N > 64, Hopper, copy engine): one CTA per group and 128 batch rows.  False
+// (nothing launched) where the copy engine cannot serve; the caller then takes the narrow
+// kernel.  SetTuning(44) / (45) take it wherever it can run, with 4 / 2 columns per group; it
+// is no default yet: it has not yet run on a GPU (docs/benchmark_history_gpu.md, "bs-32
+// forward over groups of block columns").
+constexpr int kTuningGroupedBs32Cols4 = 44, kTuningGroupedBs32Cols2 = 45;
+// Block columns per group (0: the narrow kernel).
+inline int GroupedColumns() {
+  return Tuning() == kTuningGroupedBs32Cols4 ? 4 : Tuning() == kTuningGroupedBs32Cols2 ? 2 : 0;
+}
+
+template <typename T, int kCols, bool kTransW>
+bool LaunchWgmmaForwardGrouped(const Params& p, int64_t N, int64_t KB, int device,
+                               const DeviceInfo& di, cudaStream_t s, int* status) {
+  using Cfg = wgmma_impl::GroupedFwdCfg<kCols, 6, kTransW>;
+  NarrowParams np{p, {}, {}};
+  if (!CopyEngineEnabled() || !EncodeNarrowMaps<T, 1, 32, Cfg::kBM>(&np)) return false;
+  *status = LaunchTiles<KernelTag<T, Cfg, 70>>(wgmma_impl::WgmmaForwardGroupedKernel<T, Cfg>,
+                                               Cfg::kThreads, Cfg::kSmemBytes,
+                                               (KB + kCols - 1) / kCols,
+                                               (N + Cfg::kBM - 1) / Cfg::kBM, 0.0, np, device,
+                                               di, s);
+  return true;
+}
+
 // The bs-64 forward from kBs64NarrowMinBatch rows: the narrow kernel (not transposed: x's
 // 64-row groups are wgmma's A, the weight block its B), one CTA per tile of kBM batch rows,
 // copies on the copy engine.  Measured on an H100 (2026-12-06, `tools/gpu_variants.py --close`,
@@ -1075,6 +1101,14 @@ int ForwardWgmmaBs(const Params& p, int64_t N, int64_t KB, double blocks_per_col
   }
   const bool full_columns =
       BS == 16 && blocks_per_col > kWgmmaBs16MaxColumnFill * static_cast<double>(p.C / BS);
+  if constexpr (sizeof(T) == 2 && BS == 32 && FA == 1) {
+    const int cols = UseWgmma(N, di) ? GroupedColumns() : 0;
+    int status = 0;
+    if (cols == 4 && LaunchWgmmaForwardGrouped<T, 4, kTransW>(p, N, KB, device, di, s, &status))
+      return status;
+    if (cols == 2 && LaunchWgmmaForwardGrouped<T, 2, kTransW>(p, N, KB, device, di, s, &status))
+      return status;
+  }
   if constexpr (sizeof(T) == 2 && BS <= 32) {
     if (UseWgmma(N, di) && !full_columns)
       return LaunchWgmmaForwardLong<T, FA, BS, kTransW>(p, N, KB, device, di, s);

@@ -34,6 +34,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <climits>
 #include <type_traits>
 
 #include "ops/blocksparse_matmul_gpu_mma.cuh"
@@ -883,6 +884,197 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   }
 #else
   (void)kp;
+  __trap();
+#endif
+}
+
+// ---- bs-32 forward over groups of block columns (16-bit, feature axis 1, N > 64) ----
+// A CTA computes kCols neighbouring block columns (output features 32 kCols g ..) for 128
+// batch rows.  Per block row present in any of its columns, in increasing order (the merge of
+// the columns' lists), one pipeline step holds that block row's x tile and the kCols weight
+// blocks side by side, zeros where a column has no block there:
+//   y[n0 + 64 h .., group g] += x[n0 + 64 h .., c-block] (A: 64 rows x 32, K-contiguous)
+//                              * [W(c, k0) .. W(c, k0 + kCols - 1)] (B: 32 x 32 kCols)
+// as two m64n(32 kCols)k16 slices, warpgroup h (of two) taking rows 64 h ...  So an x tile
+// is read once for all the group's columns that have a block in its row.  Why: the narrow
+// kernel reads the x tile of every stored block, 1/32 byte per flop at bs 32, which at the
+// L2's throughput caps random layouts near 42% of dense cuBLAS (docs/benchmark_history_gpu.md,
+// "Copy-engine copies for the narrow forward"); small-world layouts (a block row's blocks in
+// neighbouring columns) share most x tiles within a group (tools/layout_x_reuse.py), at the
+// price of products with the zero blocks.
+// Shared memory per stage: the x tile (128 rows of 64 bytes, 64-byte swizzle, two 4 KiB row
+// groups), then the kCols weight blocks (32 rows of 64 bytes each, 2 KiB apart).  As B (N-
+// contiguous, the transpose flag) the blocks are kCols swizzle atoms along N, 2 KiB apart (the
+// leading byte offset); with kTransW (the blocks hold the product's blocks transposed) B is
+// K-contiguous: 32 kCols rows of 64 bytes, 8-row groups 512 bytes apart.
+// Copies: a copy warp walks the group's column lists (lanes 8 q .. 8 q + 7 hold the next
+// eight entries of column q) and per step issues the x tile's copy and one per weight block on
+// the copy engine; an absent block's copy asks for a box before the start of w, which the copy
+// engine fills with zeros (counted in the stage's bytes like any other).  A word per stage
+// tells the MMA warps whether the stage holds a step or the end of the CTA's list.
+// Sums: each output column adds its stored blocks' products in increasing block row, with
+// zero products between them (an infinity or NaN in x reaches the group's other columns as
+// NaN, as in a dense product, see blocksparse_matmul_gpu.h).  Deterministic.
+template <int kColsT, int kStagesT, bool kTransWT>
+struct GroupedFwdCfg {
+  static constexpr int BS = 32;
+  static constexpr int kCols = kColsT;           // block columns per CTA
+  static constexpr int kWidth = BS * kCols;      // output features per CTA (wgmma's N)
+  static constexpr bool kTransW = kTransWT;
+  static constexpr int kBM = 128;                // batch rows per CTA: 64 per warpgroup
+  static constexpr int kMmaThreads = 256;
+  static constexpr int kThreads = kMmaThreads + 32;  // and the copy warp
+  static constexpr int kStages = kStagesT;
+  static constexpr int kXBytes = kBM * BS * 2;
+  static constexpr int kWBytes = BS * BS * 2;
+  static constexpr int kStageBytes = kXBytes + kCols * kWBytes;
+  static constexpr int kStageLd = kWidth + 8;    // staged output rows, padded by 16 bytes
+  static constexpr int kFlagOffset = kStages * kStageBytes;  // a step's word per stage
+  static constexpr int kBarrierOffset = kFlagOffset + (4 * kStages + 7) / 8 * 8;
+  static constexpr int kSmemBytes = 1024 + kBarrierOffset + 16 * kStages;
+  static_assert(kCols == 2 || kCols == 4, "wgmma's N: 64 or 128");
+  static_assert(kStageBytes % 1024 == 0, "stages on 1024-byte boundaries");
+  static_assert(kBM * kStageLd * 2 <= kStages * kStageBytes, "output staged in the pipeline");
+  static_assert(kStages >= 3, "one wgmma group in flight needs a third stage");
+};
+
+// Descriptor of a 64-byte-swizzled tile (DescriptorR<64>) whose N-contiguous atoms (32
+// elements wide) lie lead_bytes apart.
+__device__ __forceinline__ uint64_t Descriptor64Lead(uint32_t smem_addr, uint32_t lead_bytes) {
+  constexpr uint64_t kGroup = (8 * 64) >> 4;
+  return (static_cast<uint64_t>(smem_addr >> 4) & 0x3FFF) |
+         (static_cast<uint64_t>((lead_bytes >> 4) & 0x3FFF) << 16) | (kGroup << 32) |
+         (uint64_t{2} << 62);
+}
+
+template <typename T, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    WgmmaForwardGroupedKernel(const __grid_constant__ NarrowParams np) {
+#if BSMM_HAS_WGMMA
+  constexpr int BS = Cfg::BS, kCols = Cfg::kCols, kStages = Cfg::kStages;
+  constexpr int kWin = 32 / kCols;  // list entries a column's lanes hold
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint32_t smem_base;
+  unsigned char* smem = Align1024(smem_raw, &smem_base);
+  volatile int* flags = reinterpret_cast<volatile int*>(smem + Cfg::kFlagOffset);
+  const Params& p = np.base;
+  T* __restrict__ gy = static_cast<T*>(p.y);
+  const int64_t N = p.N, K = p.K, KB = K / BS;
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kCols;  // first block column
+  const int64_t n0 = (p.n_tile_base + blockIdx.y) * static_cast<int64_t>(Cfg::kBM);
+  // Barriers: full[i] at bars + 8 i, empty[i] at bars + 8 (kStages + i).
+  const uint32_t bars = smem_base + Cfg::kBarrierOffset;
+  if (tid == 0) tma::InitStageBarriers(bars, kStages, Cfg::kMmaThreads / 32);
+  __syncthreads();
+
+  float acc[Cfg::kWidth / 2];
+#pragma unroll
+  for (int e = 0; e < Cfg::kWidth / 2; ++e) acc[e] = 0.f;
+  if (tid >= Cfg::kMmaThreads) {
+    // The copy warp.  Lanes kWin q .. kWin q + kWin - 1 hold entries pos .. pos + kWin - 1 of
+    // column q's list (INT_MAX rows past its end); off is the column's next entry among them.
+    if (lane == 0) {
+      tma::PrefetchTensorMap(&np.x_map);
+      tma::PrefetchTensorMap(&np.w_map);
+    }
+    const int q = lane / kWin, leader = lane & ~(kWin - 1);
+    int pos = 0, end = 0;
+    if (col0 + q < KB) {
+      pos = __ldg(p.col_ptr + col0 + q);
+      end = __ldg(p.col_ptr + col0 + q + 1);
+    }
+    int off = 0, my_row = INT_MAX, my_block = 0;
+    auto load_window = [&] {
+      const int e = pos + (lane - leader);
+      my_row = e < end ? __ldg(p.col_row + e) : INT_MAX;
+      my_block = e < end ? __ldg(p.col_block + e) : 0;
+    };
+    load_window();
+    constexpr uint32_t kStepBytes = Cfg::kXBytes + kCols * Cfg::kWBytes;
+    for (int s = 0;; ++s) {
+      const int head_row = __shfl_sync(0xffffffffu, my_row, leader + off);
+      const int head_block = __shfl_sync(0xffffffffu, my_block, leader + off);
+      const int row = __reduce_min_sync(0xffffffffu, head_row);  // the step's block row
+      const int buf = s % kStages;
+      const uint32_t full = bars + 8 * buf;
+      if (s >= kStages) tma::MbarWait(bars + 8 * (kStages + buf), ((s / kStages) + 1) & 1);
+      if (row == INT_MAX) {  // every list is done: tell the MMA warps
+        if (lane == 0) {
+          flags[buf] = 0;
+          tma::MbarArrive(full);
+        }
+        break;
+      }
+      if (lane == 0) {
+        flags[buf] = 1;
+        tma::MbarArriveExpectTx(full, kStepBytes);
+      }
+      __syncwarp();
+      const uint32_t stage = smem_base + buf * Cfg::kStageBytes;
+      if (lane == 0)
+        tma::CopyTile2D(stage, &np.x_map, row * BS, static_cast<int>(n0), full);
+      const bool stored = head_row == row;
+      if (lane == leader)  // outer coordinate -BS: a box wholly before w, all zeros
+        tma::CopyTile2D(stage + Cfg::kXBytes + q * Cfg::kWBytes, &np.w_map, 0,
+                        stored ? head_block * BS : -BS, full);
+      if (stored && ++off == kWin) {  // the same for the column's lanes
+        pos += kWin;
+        off = 0;
+        load_window();
+      }
+      __syncwarp();
+    }
+  } else {
+    const int h = tid / 128;  // the warpgroup's 64 rows
+    for (int s = 0;; ++s) {
+      const int buf = s % kStages;
+      tma::MbarWait(bars + 8 * buf, (s / kStages) & 1);
+      if (flags[buf] == 0) break;
+      const uint32_t stage = smem_base + buf * Cfg::kStageBytes;
+      const uint32_t w_tile = stage + Cfg::kXBytes;
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < BS / 16; ++kk) {
+        const uint64_t a = DescriptorR<64>(stage + h * (Cfg::kXBytes / 2) + kk * 32);
+        // k16 slice kk: 16 rows on (N-contiguous), or 32 bytes into every row (kTransW).
+        const uint64_t b = Cfg::kTransW ? DescriptorR<64>(w_tile + kk * 32)
+                                        : Descriptor64Lead(w_tile + kk * 16 * 64, Cfg::kWBytes);
+        Wgmma<T, Cfg::kWidth, false, !Cfg::kTransW>(acc, a, b);
+      }
+      WgmmaCommit();
+      WgmmaWait<1>();  // step s - 1's group is done: its stage may be refilled
+      __syncwarp();    // and every lane has read step s - 1's word
+      if (s > 0 && lane == 0) tma::MbarArrive(bars + 8 * (kStages + (s - 1) % kStages));
+    }
+    WgmmaWait<0>();
+  }
+  __syncthreads();  // every copy landed and was read; the stages may stage the output
+
+  // Warpgroup h holds rows 64 h + r0 (+ 8), columns 8 i + c0 (+ 1) in acc[4 i .. 4 i + 3].
+  constexpr int L = Cfg::kStageLd;
+  T* Cs = reinterpret_cast<T*>(smem);
+  if (tid < Cfg::kMmaThreads) {
+    const int r0 = 16 * (tid >> 5) + (lane >> 2), c0 = 2 * (lane & 3);
+#pragma unroll
+    for (int i = 0; i < Cfg::kWidth / 8; ++i) {
+      T* r = Cs + r0 * L + 8 * i + c0;
+      *reinterpret_cast<uint32_t*>(r) = PackPair<T>(acc[4 * i], acc[4 * i + 1]);
+      *reinterpret_cast<uint32_t*>(r + 8 * L) = PackPair<T>(acc[4 * i + 2], acc[4 * i + 3]);
+    }
+  }
+  __syncthreads();
+  // 16-byte chunks of rows below N and block columns below KB (K is a multiple of 8).
+  const int64_t width = min(static_cast<int64_t>(Cfg::kWidth), K - col0 * BS);
+  for (int c = tid; c < Cfg::kBM * (Cfg::kWidth / 8); c += Cfg::kThreads) {
+    const int row = c / (Cfg::kWidth / 8), c8 = (c % (Cfg::kWidth / 8)) * 8;
+    if (n0 + row >= N) break;  // rows only grow with c
+    if (c8 >= width) continue;
+    *reinterpret_cast<uint4*>(gy + (n0 + row) * K + col0 * BS + c8) =
+        *reinterpret_cast<const uint4*>(Cs + row * L + c8);
+  }
+#else
+  (void)np;
   __trap();
 #endif
 }

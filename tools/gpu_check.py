@@ -446,6 +446,65 @@ def run_start_checks(lib, res, gen, rng, quick):
         L.col_ptr[:] = good
 
 
+def grouped_checks(lib, res, gen, rng, quick):
+    """The 16-bit bs-32 forward over groups of 4 or 2 block columns (Hopper, feature axis 1,
+    N > 64; SetTuning(44) / (45) take it wherever it can run): forward and dx against float64
+    and dx bit for bit against the forward on transposed copies (run_case); bit for bit from run
+    to run; and an infinity in x reaching, as NaN, the group's columns without a block in its
+    block row (the zero blocks' products, as documented), which also shows that this kernel
+    ran.  Layouts: a block-column count that leaves a partial last group, long columns (the
+    copy warp reloads its window of each list), a group of empty columns, a banded layout (the
+    small-world case the kernel is for).  Run by --grouped (tools/gpu_check.sh runs it as a
+    step of its own under a time limit), not by --correctness, until it has passed on a GPU."""
+    if not is_hopper() or lib.tuning != 0:
+        return
+    band = np.array([(r, c) for r in range(24) for c in range(24)
+                     if min((r - c) % 24, (c - r) % 24) <= 2 or rng.random() < 0.05])
+    layouts = [random_layout(20, 9, 32, 0.65, rng, empty_cols=[4]),
+               random_layout(6, 10, 32, 0.4, rng, empty_rows=[1], empty_cols=[0, 1, 2, 3]),
+               Layout(band, 24, 24, 32)]
+    if not quick:
+        layouts.append(random_layout(40, 5, 32, 0.85, rng, empty_cols=[3]))
+    for (tuning, L), N, dt in itertools.product(
+            itertools.product((44, 45), layouts), [130] if quick else [65, 130, 1000],
+            ["bfloat16"] if quick else ["bfloat16", "float16"]):
+        lib.set_tuning(tuning)
+        run_case(lib, res, dt, 32, L, N, 1, gen, ops=("fwd", "dx"))
+        lib.set_tuning(0)
+        tdt = DTYPES[dt][1]
+        x = torch.randn(N, L.CB * 32, generator=gen, device="cuda").to(tdt)
+        w = torch.randn(L.blocks, 32, 32, generator=gen, device="cuda").to(tdt)
+        outs = forwards_under(lib, dt, x, w, N, 1, [(L, tuning), (L, tuning)])
+        res.check(all(rc == 0 for rc, _ in outs) and same_bits(outs[0][1], outs[1][1]),
+                  f"grouped forward run to run, bit for bit, {dt} tuning={tuning} "
+                  f"KB={L.KB} blocks={L.blocks} N={N}")
+    # An infinity in x[7, r-block]: in y's row 7, infinite where a column has a block in block
+    # row r, NaN (infinity times a zero block) in the other columns of those columns' groups,
+    # finite elsewhere; the other rows of y finite.
+    L = layouts[0]
+    mask = np.zeros((L.CB, L.KB), bool)
+    mask[L.block_row, L.block_col] = True
+    for tuning, cols in ((44, 4), (45, 2)):
+        r = int(np.flatnonzero(mask[:, 5])[0])  # column 4 (empty) shares 5's group
+        x = torch.randn(130, L.CB * 32, generator=gen, device="cuda").to(torch.bfloat16)
+        x[7, r * 32 + 5] = float("inf")
+        w = torch.randn(L.blocks, 32, 32, generator=gen, device="cuda").to(torch.bfloat16)
+        (rc, y), = forwards_under(lib, "bfloat16", x, w, 130, 1, [(L, tuning)])
+        groups = [g for g in range((L.KB + cols - 1) // cols)
+                  if mask[r, g * cols:(g + 1) * cols].any()]
+        in_groups = np.zeros(L.KB * 32, bool)
+        for g in groups:
+            in_groups[g * cols * 32:(g + 1) * cols * 32] = True
+        stored = np.repeat(mask[r], 32)
+        nan = torch.isnan(y[7]).cpu().numpy()
+        inf = torch.isinf(y[7]).cpu().numpy()
+        others = torch.cat([y[:7], y[8:]])
+        res.check(rc == 0 and (nan == (in_groups & ~stored)).all() and (inf == stored).all()
+                  and bool(torch.isfinite(others).all()),
+                  f"grouped forward: an infinity in x is NaN in its groups' columns "
+                  f"tuning={tuning} row={r} groups={groups} rc={rc}")
+
+
 def cover_bytes(lib, dt, N, fa, L, grad_w):
     """The workspace a call asks for with transposed batches off (SetTuning(30) in place of the
     default): what its cover alone asks for."""
@@ -1410,6 +1469,9 @@ def main():
     ap.add_argument("--race", action="store_true", help="tiny subset for racecheck")
     ap.add_argument("--transposed", action="store_true",
                     help="only the transposed-batch checks (with --race: their racecheck subset)")
+    ap.add_argument("--grouped", action="store_true",
+                    help="only the checks of the bs-32 forward over groups of block columns "
+                         "(with --check: their quick subset)")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--bench-transpose", action="store_true",
@@ -1431,11 +1493,17 @@ def main():
         gen = torch.Generator(device="cuda")
         gen.manual_seed(1234)
         transposed_batch_checks(lib, res, gen, rng, quick=args.check, race=args.race)
+    elif args.grouped:
+        res.check(is_hopper() and args.tuning == 0, "--grouped needs a Hopper GPU and --tuning 0")
+        rng = np.random.default_rng(1234)
+        gen = torch.Generator(device="cuda")
+        gen.manual_seed(1234)
+        grouped_checks(lib, res, gen, rng, quick=args.check)
     elif args.check:
         correctness(lib, res, quick=True)
-    if args.race and not args.transposed:
+    if args.race and not (args.transposed or args.grouped):
         correctness(lib, res, race=True)
-    if args.correctness and not args.transposed:
+    if args.correctness and not (args.transposed or args.grouped):
         correctness(lib, res, quick=args.quick)
     print(f"checks: {res.passed} passed, {len(res.failed)} failed", flush=True)
     if args.bench_transpose:

@@ -70,6 +70,10 @@ def main():
                          "the default's rule says so; SetTuning(28) turns that off, (29) takes "
                          "it wherever a cover exists); without it the narrow blocks' kernels "
                          "run, so that their variants are what is compared")
+    ap.add_argument("--dense", action="store_true",
+                    help="also time the dense product (torch.matmul, the same shapes) and print "
+                         "each variant's useful throughput as a fraction of dense's: dense time "
+                         "over (density x the variant's time)")
     args = ap.parse_args()
     lib, res = Lib(args.lib), Results()
     lib.use_workspace = args.workspace
@@ -115,6 +119,14 @@ def main():
                           for v in args.variants)
         cover = (f" cover fill {L.blocks / (L.cover.blocks * (64 // bs) ** 2):4.0%}"
                  if L.cover is not None else "")
+        if args.dense and op != "dw":
+            wd = torch.randn(C, C, device="cuda").to(tdt)
+            xd = x if fa else x.t().contiguous()
+            t = min(bench(lambda: torch.matmul(xd, wd)) for _ in range(args.rounds))
+            density = L.blocks / (L.CB * L.KB)
+            cells += f"  dense {t * 1e3:.1f} us: " + " ".join(
+                f"{v}: {t / (density * best[v]):.0%}" for v in args.variants)
+            del wd, xd
         print(f"{dt} fa {fa} N {N:5d} C=K {C} bs {bs:2d} {'ring ' if ring else ''}"
               f"{L.blocks / (L.CB * L.KB):5.1%}{cover} {op:3s}  {cells}", flush=True)
         del x, b, out, outs

@@ -2,7 +2,8 @@
 // forward for both feature axes with N > 64 (the dispatch's default on sm_90; dx is this same
 // product) for bs 64 below 512 rows (below) and bs 16 / 32 (WgmmaForwardNarrowKernel, which
 // also runs bs 32 and 64 with N <= 64 and bs 64 from 512 rows), and dW for bs 16 / 32 / 64, both
-// feature axes (WgmmaGradWColumnKernel).
+// feature axes (WgmmaGradWColumnKernel); and the bs-32 forward over groups of block columns
+// (WgmmaForwardGroupedKernel, under SetTuning(44) / (45) only, not yet run on a GPU).
 //
 // Why: the mma.sync kernels issue one instruction per 16 x 8 x 16 product plus the ldmatrix
 // loads that feed it, and measured on an H200 they are bound by instruction issue (see
@@ -908,10 +909,11 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 // leading byte offset); with kTransW (the blocks hold the product's blocks transposed) B is
 // K-contiguous: 32 kCols rows of 64 bytes, 8-row groups 512 bytes apart.
 // Copies: a copy warp walks the group's column lists (lanes 8 q .. 8 q + 7 hold the next
-// eight entries of column q) and per step issues the x tile's copy and one per weight block on
-// the copy engine; an absent block's copy asks for a box before the start of w, which the copy
-// engine fills with zeros (counted in the stage's bytes like any other).  A word per stage
-// tells the MMA warps whether the stage holds a step or the end of the CTA's list.
+// eight entries of column q; 16 lanes and entries per column for groups of two) and per step
+// issues the x tile's copy and one per weight block on the copy engine; an absent block's copy
+// asks for a box before the start of w, which the copy engine fills with zeros (counted in the
+// stage's bytes like any other).  A word per stage tells the MMA warps whether the stage holds
+// a step or the end of the CTA's list.
 // Sums: each output column adds its stored blocks' products in increasing block row, with
 // zero products between them (an infinity or NaN in x reaches the group's other columns as
 // NaN, as in a dense product, see blocksparse_matmul_gpu.h).  Deterministic.

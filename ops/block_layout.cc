@@ -175,4 +175,23 @@ bool CoarseLayoutOf(const BlockLayout& fine, int64_t coarse_bs, BlockLayout* coa
   }
 }
 
+int64_t ColumnGroupRows(const int32_t* col_ptr, const int32_t* col_row, int64_t CB, int64_t KB,
+                        int64_t blocks, int64_t cols) {
+  if (cols < 1 || CB < 0 || KB < 0 || col_ptr[0] != 0 || col_ptr[KB] != blocks) return -1;
+  std::vector<int64_t> last_group(CB, -1);  // the last group seen holding each block row
+  int64_t rows = 0;
+  for (int64_t k = 0; k < KB; ++k) {
+    if (col_ptr[k] > col_ptr[k + 1] || col_ptr[k + 1] > blocks) return -1;
+    for (int64_t e = col_ptr[k]; e < col_ptr[k + 1]; ++e) {
+      const int32_t r = col_row[e];
+      if (r < 0 || r >= CB) return -1;
+      if (last_group[r] != k / cols) {  // groups are visited in order
+        last_group[r] = k / cols;
+        ++rows;
+      }
+    }
+  }
+  return rows;
+}
+
 }  // namespace blocksparse

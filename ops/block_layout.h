@@ -77,6 +77,15 @@ std::string BuildTransposedBlockLayout(const int32_t* coords, int64_t blocks, in
 // (or the tables do not fit in memory).
 bool CoarseLayoutOf(const BlockLayout& fine, int64_t coarse_bs, BlockLayout* coarse);
 
+// For groups of `cols` neighbouring block columns (columns cols g .. cols g + cols - 1), the
+// block rows that hold a block in any column of a group, counted over all groups, from the
+// column view (col_ptr: KB + 1 entries, col_row: `blocks`).  A product that reads each such
+// block row's inputs once per group reads this many input tiles where one per block reads
+// `blocks`.  -1 where the tables are not a column view of CB block rows (bounds out of order
+// or past `blocks`, a row out of range) or cols < 1.  Linear in blocks + CB.
+int64_t ColumnGroupRows(const int32_t* col_ptr, const int32_t* col_row, int64_t CB, int64_t KB,
+                        int64_t blocks, int64_t cols);
+
 }  // namespace blocksparse
 
 #endif  // BLOCKSPARSE_OPS_BLOCK_LAYOUT_H_

@@ -121,6 +121,11 @@ struct DeviceLayout {
   // column's block list in the launch's parameters instead of reading col_ptr first (one
   // dependent memory load less before its first copies; the same results bit for bit).
   const int32_t* host_col_ptr = nullptr;
+  // Optional, with host_col_ptr: a host copy of col_row (`blocks` entries; read during the
+  // call only), from which the 16-bit bs-32 forward with feature_axis 1 counts the block rows
+  // that groups of neighbouring block columns share (ColumnGroupRows in ops/block_layout.h) to
+  // choose between its kernels (SetTuning(46)).
+  const int32_t* host_col_row = nullptr;
 };
 
 // Bytes of workspace LaunchForward, LaunchForwardTransposedW (grad_w false) or LaunchGradW
@@ -227,6 +232,10 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //      layouts, whose neighbouring columns share most block rows.  Its sums add zero products
 //      between a column's own (as accurate; an infinity or NaN in x then reaches, as NaN, every
 //      column of the groups that read its block row).  No default yet: not yet run on a GPU.
+//  46: that forward where a rule meant for the default chooses it: groups of 4 columns
+//      where they read at most 0.5 x tiles per stored block (ColumnGroupRows in
+//      ops/block_layout.h, from DeviceLayout::host_col_ptr and host_col_row; without them
+//      never) and N >= 512; elsewhere the default's kernels.
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
 // give variant 3's results bit for bit where neither splits a tile over a cluster (a split
 // changes the order of the sums; splits depend on the tile count).  All are deterministic.

@@ -1,7 +1,8 @@
 // extern "C" shim over blocksparse_matmul_gpu.h and sparse_dot_gpu.h for ctypes
 // (tools/gpu_check.py, tools/gpu_check_sparse_dot.py).
-// dtype: 0 float32, 1 float16, 2 bfloat16.  layout: an array of 6 pointers (col_ptr, col_row,
-// col_block, block_row, block_col in device memory, then col_ptr's host copy or null) and 4
+// dtype: 0 float32, 1 float16, 2 bfloat16.  layout: an array of 7 pointers (col_ptr, col_row,
+// col_block, block_row, block_col in device memory, then the host copies of col_ptr and of
+// col_row, or nulls) and 4
 // sizes (CB, KB, block_size, blocks); its 64-wide cover likewise (null for none) with its block
 // count.  workspace: a device pointer and its size in bytes (nullptr and 0 for none).
 // Returns 0 or a cudaError_t value.
@@ -15,10 +16,12 @@ namespace {
 blocksparse::gpu::DeviceLayout MakeLayout(const int32_t* col_ptr, const int32_t* col_row,
                                           const int32_t* col_block, const int32_t* block_row,
                                           const int32_t* block_col,
-                                          const int32_t* host_col_ptr, int64_t CB, int64_t KB,
+                                          const int32_t* host_col_ptr,
+                                          const int32_t* host_col_row, int64_t CB, int64_t KB,
                                           int64_t bs, int64_t blocks) {
   blocksparse::gpu::DeviceLayout L;
   L.host_col_ptr = host_col_ptr;
+  L.host_col_row = host_col_row;
   L.col_ptr = col_ptr;
   L.col_row = col_row;
   L.col_block = col_block;
@@ -32,18 +35,19 @@ blocksparse::gpu::DeviceLayout MakeLayout(const int32_t* col_ptr, const int32_t*
 }
 
 // A layout and its 64-wide cover (tables `cover`: col_ptr, col_row, col_block, block_row,
-// block_col, host col_ptr; cover_blocks < 0 or null tables: none).  Lives for one call.
+// block_col, host col_ptr, host col_row; cover_blocks < 0 or null tables: none).  Lives for
+// one call.
 struct LayoutWithCover {
   blocksparse::gpu::DeviceLayout layout, cover;
 
   LayoutWithCover(const int32_t* const* tables, int64_t CB, int64_t KB, int64_t bs,
                   int64_t blocks, const int32_t* const* cover_tables, int64_t cover_blocks)
-      : layout(MakeLayout(tables[0], tables[1], tables[2], tables[3], tables[4], tables[5], CB,
-                          KB, bs, blocks)) {
+      : layout(MakeLayout(tables[0], tables[1], tables[2], tables[3], tables[4], tables[5],
+                          tables[6], CB, KB, bs, blocks)) {
     if (cover_tables != nullptr && cover_blocks >= 0 && blocksparse::HasCover(bs)) {
       const int64_t f = blocksparse::kCoverBlockSize / bs;
       cover = MakeLayout(cover_tables[0], cover_tables[1], cover_tables[2], cover_tables[3],
-                         cover_tables[4], cover_tables[5], CB / f, KB / f,
+                         cover_tables[4], cover_tables[5], cover_tables[6], CB / f, KB / f,
                          blocksparse::kCoverBlockSize, cover_blocks);
       layout.coarse = &cover;
     }
@@ -55,7 +59,7 @@ struct LayoutWithCover {
 
 extern "C" {
 
-// tables: the layout's 6 pointers; cover: its 64-wide cover's (or null), with
+// tables: the layout's 7 pointers; cover: its 64-wide cover's (or null), with
 // cover_blocks blocks.
 int bsmm_gpu_forward(int dtype, const void* x, const void* w, void* y, int64_t N,
                      int feature_axis, const int32_t* const* tables, int64_t CB, int64_t KB,

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "ops/block_layout.h"
 #include "ops/blocksparse_matmul_gpu_gradw_small_batch.cuh"
 #include "ops/blocksparse_matmul_gpu_internal.cuh"
 #include "ops/blocksparse_matmul_gpu_mma.cuh"
@@ -702,9 +703,27 @@ int LaunchWgmmaForwardLong(const Params& p, int64_t N, int64_t KB, int device,
 // is no default yet: it has not yet run on a GPU (docs/benchmark_history_gpu.md, "bs-32
 // forward over groups of block columns").
 constexpr int kTuningGroupedBs32Cols4 = 44, kTuningGroupedBs32Cols2 = 45;
-// Block columns per group (0: the narrow kernel).
-inline int GroupedColumns() {
-  return Tuning() == kTuningGroupedBs32Cols4 ? 4 : Tuning() == kTuningGroupedBs32Cols2 ? 2 : 0;
+// SetTuning(46) chooses by a rule meant to become the default once measured: groups of four
+// columns where they read at most kGroupedMaxRowsPerBlock x tiles per stored block (the
+// narrow kernel reads one; counted on each call by ColumnGroupRows from the layout's host
+// copies) and the batch has at least kGroupedMinBatch rows.  The bound comes from the
+// estimate in the history section: at 0.5 the x and weight reads would cap the grouped kernel
+// near 56% of dense and its products on zero blocks at 50%, against the narrow kernel's 38%.
+constexpr int kTuningGroupedBs32Rule = 46;
+constexpr double kGroupedMaxRowsPerBlock = 0.5;
+constexpr int64_t kGroupedMinBatch = 512;
+// Block columns per group for this call (0: the narrow kernel).
+inline int GroupedColumns(const Params& p, int64_t N, int64_t KB) {
+  if (Tuning() == kTuningGroupedBs32Cols4) return 4;
+  if (Tuning() == kTuningGroupedBs32Cols2) return 2;
+  if (Tuning() != kTuningGroupedBs32Rule || N < kGroupedMinBatch || p.host_col_ptr == nullptr ||
+      p.host_col_row == nullptr)
+    return 0;
+  const int64_t rows =
+      ColumnGroupRows(p.host_col_ptr, p.host_col_row, p.C / 32, KB, p.blocks, 4);
+  const bool shared = rows >= 0 && static_cast<double>(rows) <=
+                                       kGroupedMaxRowsPerBlock * static_cast<double>(p.blocks);
+  return shared ? 4 : 0;
 }
 
 template <typename T, int kCols, bool kTransW>
@@ -1102,7 +1121,7 @@ int ForwardWgmmaBs(const Params& p, int64_t N, int64_t KB, double blocks_per_col
   const bool full_columns =
       BS == 16 && blocks_per_col > kWgmmaBs16MaxColumnFill * static_cast<double>(p.C / BS);
   if constexpr (sizeof(T) == 2 && BS == 32 && FA == 1) {
-    const int cols = UseWgmma(N, di) ? GroupedColumns() : 0;
+    const int cols = UseWgmma(N, di) ? GroupedColumns(p, N, KB) : 0;
     int status = 0;
     if (cols == 4 && LaunchWgmmaForwardGrouped<T, 4, kTransW>(p, N, KB, device, di, s, &status))
       return status;

@@ -56,6 +56,7 @@ struct Params {
   // The host's copy of col_ptr, or null (DeviceLayout::host_col_ptr): read on the host only, by
   // launches that pass their CTAs' list bounds in their parameters (see RunStarts).
   const int32_t* host_col_ptr = nullptr;
+  const int32_t* host_col_row = nullptr;  // and of col_row (DeviceLayout::host_col_row)
 };
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {

@@ -43,7 +43,8 @@ const int32_t* PointAt(const BlockLayout& l, const int32_t* d, gpu::DeviceLayout
 // A layout's tables in device memory: the buffer (kept alive while a call holds it) and the
 // view the kernels take, with its 64-wide cover's (layout.coarse points at cover; see
 // gpu::DeviceLayout) for 8-, 16- and 32-wide blocks whose grid 64-wide blocks divide; and the
-// host copies of both col_ptr tables, which the views point at too (host_col_ptr).
+// host copies of both col_ptr tables and of the layout's col_row, which the views point at too
+// (host_col_ptr, host_col_row).
 struct DeviceTables {
   DeviceTables() = default;
   DeviceTables(const DeviceTables&) = delete;  // the views point into this object
@@ -51,7 +52,7 @@ struct DeviceTables {
 
   Tensor storage;
   gpu::DeviceLayout layout, cover;
-  std::vector<int32_t> host_col_ptr, host_cover_col_ptr;
+  std::vector<int32_t> host_col_ptr, host_col_row, host_cover_col_ptr;
 };
 
 // Copies the tables of a layout and, if given, of its 64-wide cover into one device buffer
@@ -83,6 +84,8 @@ absl::Status UploadLayout(OpKernelContext* ctx, const BlockLayout& l, const Bloc
   const int32_t* rest = PointAt(l, d, &tables->layout);
   tables->host_col_ptr = l.col_ptr;
   tables->layout.host_col_ptr = tables->host_col_ptr.data();
+  tables->host_col_row = l.col_row;
+  tables->layout.host_col_row = tables->host_col_row.data();
   if (cover != nullptr) {
     PointAt(*cover, rest, &tables->cover);
     tables->host_cover_col_ptr = cover->col_ptr;

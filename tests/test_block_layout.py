@@ -1,5 +1,6 @@
 """The 64-wide cover that the GPU op builds for layouts of narrow blocks (CoarseLayoutOf in
-ops/block_layout.cc), against a brute-force cover in numpy.
+ops/block_layout.cc), against a brute-force cover in numpy; and ColumnGroupRows, which the GPU
+dispatch counts the shared block rows of column groups with, against a brute-force count.
 
 The GPU kernels run a layout of 8-, 16- or 32-wide blocks on its cover where the narrow blocks
 fill enough of it; the op builds the cover on the host with CoarseLayoutOf, which runs on any
@@ -17,14 +18,18 @@ HAVE_GXX = subprocess.run(["which", "g++"], capture_output=True).returncode == 0
 pytestmark = pytest.mark.skipif(not HAVE_GXX, reason="needs g++ to build the driver")
 
 
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
-    exe = tmp_path_factory.mktemp("coarse") / "coarse_layout_driver"
+def build_driver(tmp_path_factory, name):
+    """tests/NAME.cc compiled with ops/block_layout.cc; the executable's path."""
+    exe = tmp_path_factory.mktemp(name) / name
     subprocess.run(["g++", "-O1", "-std=c++17", "-I", ROOT,
                     os.path.join(ROOT, "ops", "block_layout.cc"),
-                    os.path.join(ROOT, "tests", "coarse_layout_driver.cc"), "-o", str(exe)],
-                   check=True)
+                    os.path.join(ROOT, "tests", name + ".cc"), "-o", str(exe)], check=True)
     return str(exe)
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    return build_driver(tmp_path_factory, "coarse_layout_driver")
 
 
 def run_cases(driver, cases):
@@ -113,3 +118,69 @@ def test_full_layout_covers_every_coarse_block(driver):
     (got,) = run_cases(driver, [(64, CB, KB, 16, coords)])
     assert got[:4] == (2, 3, 64, 6)
     assert list(zip(got[4][0], got[4][1])) == [(r, c) for r in range(2) for c in range(3)]
+
+
+# ---- ColumnGroupRows: the input tiles a product over groups of block columns reads ----
+
+@pytest.fixture(scope="module")
+def group_rows_driver(tmp_path_factory):
+    return build_driver(tmp_path_factory, "column_group_rows_driver")
+
+
+def column_view(mask):
+    """col_ptr, col_row of a (CB, KB) mask: each column's block rows in increasing order."""
+    col_ptr = np.concatenate([[0], np.cumsum(mask.sum(0))])
+    col_row = np.concatenate([np.flatnonzero(mask[:, k]) for k in range(mask.shape[1])] +
+                             [np.zeros(0, np.int64)])
+    return col_ptr, col_row
+
+
+def group_rows(driver, cases):
+    """ColumnGroupRows for each (CB, KB, cols, col_ptr, col_row) as given."""
+    text = [f"{CB} {KB} {len(col_row)} {cols} " + " ".join(map(str, col_ptr)) + " " +
+            " ".join(map(str, col_row)) for CB, KB, cols, col_ptr, col_row in cases]
+    out = subprocess.run([driver], input="\n".join(text) + "\n", capture_output=True, text=True,
+                         check=True).stdout.split()
+    return [int(v) for v in out]
+
+
+def test_column_group_rows_match_brute_force(group_rows_driver):
+    rng = np.random.default_rng(7)
+    cases, want = [], []
+    for _ in range(120):
+        CB, KB = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        cols = int(rng.choice([1, 2, 3, 4, 8]))
+        mask = rng.random((CB, KB)) < rng.choice([0.0, 0.05, 0.3, 0.9, 1.0])
+        if rng.random() < 0.3:  # a band: neighbouring columns share block rows
+            mask |= np.abs(np.arange(CB)[:, None] * KB // CB - np.arange(KB)[None, :]) <= 1
+        mask[:, int(rng.integers(KB))] = False  # an empty column
+        cases.append((CB, KB, cols) + column_view(mask))
+        rows, ks = np.nonzero(mask)
+        want.append(len(set(zip((ks // cols).tolist(), rows.tolist()))))
+    assert group_rows(group_rows_driver, cases) == want
+
+
+def test_column_group_rows_examples(group_rows_driver):
+    # Columns 0-3 share rows 0 and 1; column 4, a partial last group, has row 1 again.
+    mask = np.zeros((3, 5), bool)
+    mask[0, [0, 1, 2, 3]] = True
+    mask[1, [1, 3, 4]] = True
+    cases = [(3, 5, cols) + column_view(mask) for cols in (1, 2, 4, 5)]
+    assert group_rows(group_rows_driver, cases) == [7, 5, 3, 2]
+
+
+def test_column_group_rows_refuses_bad_tables(group_rows_driver):
+    mask = np.eye(4, dtype=bool)
+    col_ptr, col_row = column_view(mask)  # 0 1 2 3 4, rows 0 1 2 3
+    bad_order = col_ptr.copy()
+    bad_order[1:3] = [3, 1]
+    bad_row = col_row.copy()
+    bad_row[2] = 4  # CB is 4
+    negative_row = col_row.copy()
+    negative_row[0] = -1
+    bad_end = col_ptr.copy()
+    bad_end[-1] = 3
+    cases = [(4, 4, 2, bad_order, col_row), (4, 4, 2, col_ptr, bad_row),
+             (4, 4, 2, col_ptr, negative_row), (4, 4, 0, col_ptr, col_row),
+             (4, 4, 2, bad_end, col_row)]  # the bounds end before the last block
+    assert group_rows(group_rows_driver, cases) == [-1, -1, -1, -1, -1]

@@ -148,10 +148,12 @@ class Layout:
         dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda()
         self.d = [dev(a) for a in (self.col_ptr, self.col_row, self.col_block, self.block_row,
                                    self.block_col)]
-        # The sixth pointer: col_ptr's host copy, as the TensorFlow op passes it (or null).
-        self.table_array = (ctypes.c_void_p * 6)(
+        # The sixth and seventh pointers: the host copies of col_ptr and col_row, as the
+        # TensorFlow op passes them (or nulls).
+        self.table_array = (ctypes.c_void_p * 7)(
             *[t.data_ptr() for t in self.d],
-            self.col_ptr.ctypes.data if host_col_ptr else None)
+            self.col_ptr.ctypes.data if host_col_ptr else None,
+            self.col_row.ctypes.data if host_col_ptr else None)
         self.cover = None
         f = 64 // bs if bs in (8, 16, 32) else 0
         if cover and f and CB % f == 0 and KB % f == 0:
@@ -169,6 +171,12 @@ class Layout:
 
     def transposed(self):
         return Layout(np.stack([self.block_col, self.block_row], 1), self.KB, self.CB, self.bs)
+
+    def mask(self):
+        """(CB, KB) booleans: which blocks are stored."""
+        m = np.zeros((self.CB, self.KB), bool)
+        m[self.block_row, self.block_col] = True
+        return m
 
     def dense(self, w):
         """Densified W (C, K) from blocks w (blocks, bs, bs), in w's dtype and device."""
@@ -454,8 +462,10 @@ def grouped_checks(lib, res, gen, rng, quick):
     block row (the zero blocks' products, as documented), which also shows that this kernel
     ran.  Layouts: a block-column count that leaves a partial last group, long columns (the
     copy warp reloads its window of each list), a group of empty columns, a banded layout (the
-    small-world case the kernel is for).  Run by --grouped (tools/gpu_check.sh runs it as a
-    step of its own under a time limit), not by --correctness, until it has passed on a GPU."""
+    small-world case the kernel is for).  And SetTuning(46)'s choice (the rule meant for the
+    default) between it and the narrow kernel, seen by where the infinity's NaNs go.  Run by
+    --grouped (tools/gpu_check.sh runs it as a step of its own under a time limit), not by
+    --correctness, until it has passed on a GPU."""
     if not is_hopper() or lib.tuning != 0:
         return
     band = np.array([(r, c) for r in range(24) for c in range(24)
@@ -482,27 +492,54 @@ def grouped_checks(lib, res, gen, rng, quick):
     # row r, NaN (infinity times a zero block) in the other columns of those columns' groups,
     # finite elsewhere; the other rows of y finite.
     L = layouts[0]
-    mask = np.zeros((L.CB, L.KB), bool)
-    mask[L.block_row, L.block_col] = True
+    r = int(np.flatnonzero(L.mask()[:, 5])[0])  # column 4 (empty) shares 5's group
     for tuning, cols in ((44, 4), (45, 2)):
-        r = int(np.flatnonzero(mask[:, 5])[0])  # column 4 (empty) shares 5's group
-        x = torch.randn(130, L.CB * 32, generator=gen, device="cuda").to(torch.bfloat16)
-        x[7, r * 32 + 5] = float("inf")
-        w = torch.randn(L.blocks, 32, 32, generator=gen, device="cuda").to(torch.bfloat16)
-        (rc, y), = forwards_under(lib, "bfloat16", x, w, 130, 1, [(L, tuning)])
-        groups = [g for g in range((L.KB + cols - 1) // cols)
-                  if mask[r, g * cols:(g + 1) * cols].any()]
-        in_groups = np.zeros(L.KB * 32, bool)
-        for g in groups:
-            in_groups[g * cols * 32:(g + 1) * cols * 32] = True
-        stored = np.repeat(mask[r], 32)
-        nan = torch.isnan(y[7]).cpu().numpy()
-        inf = torch.isinf(y[7]).cpu().numpy()
-        others = torch.cat([y[:7], y[8:]])
-        res.check(rc == 0 and (nan == (in_groups & ~stored)).all() and (inf == stored).all()
-                  and bool(torch.isfinite(others).all()),
-                  f"grouped forward: an infinity in x is NaN in its groups' columns "
-                  f"tuning={tuning} row={r} groups={groups} rc={rc}")
+        ok, groups = infinity_reaches_groups(lib, gen, L, 130, tuning, r, cols)
+        res.check(ok, f"grouped forward: an infinity in x is NaN in its groups' columns "
+                      f"tuning={tuning} row={r} groups={groups}")
+    # SetTuning(46), the rule meant for the default: groups of four where they read at most
+    # half an x tile per stored block (counted here from the mask), from 512 rows, with the
+    # host copies of the column view; the narrow kernel (no NaN) elsewhere.
+    ring = np.array([(r, c) for r in range(24) for c in range(24)
+                     if min((r - c) % 24, (c - r) % 24) <= 2])
+    sparse = random_layout(40, 8, 32, 0.1, rng)  # groups share few block rows
+    cases = [(Layout(ring, 24, 24, 32), 600), (Layout(ring, 24, 24, 32), 130),
+             (Layout(ring, 24, 24, 32, host_col_ptr=False), 600), (sparse, 600),
+             (layouts[0], 600)]
+    for L, N in cases:
+        rows, ks = np.nonzero(L.mask())
+        shared = len(set(zip((ks // 4).tolist(), rows.tolist()))) <= 0.5 * L.blocks
+        grouped = shared and N >= 512 and L.table_array[5] is not None
+        r = int(rows.min())  # the ring's row 0: blocks in columns 0-2, none in 3
+        ok, groups = infinity_reaches_groups(lib, gen, L, N, 46, r, 4 if grouped else 1)
+        res.check(ok, f"SetTuning(46) takes the grouped forward where it should ({grouped}): "
+                      f"KB={L.KB} blocks={L.blocks} N={N} host copies="
+                      f"{L.table_array[5] is not None}")
+
+
+def infinity_reaches_groups(lib, gen, L, N, tuning, r, cols):
+    """The forward (bs 32, bf16, feature axis 1) of an x with an infinity at x[7, 32 r + 5]
+    under SetTuning(tuning): whether y's row 7 is infinite exactly in the columns with a block
+    in block row r, NaN exactly in the other columns of the groups of `cols` block columns that
+    hold such a block (cols 1: none, as the narrow kernels give), and every other element is
+    finite; and those groups."""
+    mask = L.mask()
+    x = torch.randn(N, L.CB * 32, generator=gen, device="cuda").to(torch.bfloat16)
+    x[7, r * 32 + 5] = float("inf")
+    w = torch.randn(L.blocks, 32, 32, generator=gen, device="cuda").to(torch.bfloat16)
+    (rc, y), = forwards_under(lib, "bfloat16", x, w, N, 1, [(L, tuning)])
+    groups = [g for g in range((L.KB + cols - 1) // cols)
+              if mask[r, g * cols:(g + 1) * cols].any()]
+    in_groups = np.zeros(L.KB * 32, bool)
+    for g in groups:
+        in_groups[g * cols * 32:(g + 1) * cols * 32] = True
+    stored = np.repeat(mask[r], 32)
+    nan = torch.isnan(y[7]).cpu().numpy()
+    inf = torch.isinf(y[7]).cpu().numpy()
+    others = torch.cat([y[:7], y[8:]])
+    ok = (rc == 0 and (nan == (in_groups & ~stored)).all() and (inf == stored).all()
+          and bool(torch.isfinite(others).all()))
+    return ok, groups
 
 
 def cover_bytes(lib, dt, N, fa, L, grad_w):

@@ -463,9 +463,8 @@ def grouped_checks(lib, res, gen, rng, quick):
     ran.  Layouts: a block-column count that leaves a partial last group, long columns (the
     copy warp reloads its window of each list), a group of empty columns, a banded layout (the
     small-world case the kernel is for).  And SetTuning(46)'s choice (the rule meant for the
-    default) between it and the narrow kernel, seen by where the infinity's NaNs go.  Run by
-    --grouped (tools/gpu_check.sh runs it as a step of its own under a time limit), not by
-    --correctness, until it has passed on a GPU."""
+    default) between it and the narrow kernel, seen by where the infinity's NaNs go.  Part of
+    --correctness (and of --check); --grouped runs these alone."""
     if not is_hopper() or lib.tuning != 0:
         return
     band = np.array([(r, c) for r in range(24) for c in range(24)
@@ -1038,6 +1037,7 @@ def correctness(lib, res, quick=False, race=False):
     if not race:
         bs64_narrow_checks(lib, res, gen, rng, quick)
         run_start_checks(lib, res, gen, rng, quick)
+        grouped_checks(lib, res, gen, rng, quick)
     if quick or race:
         return
     # Long reductions (4096 products per output; 8192 batch rows for dW): float32 accuracy

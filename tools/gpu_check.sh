@@ -83,14 +83,8 @@ if [ "$MODE" = all ] || [ "$MODE" = correctness ] || [ "$MODE" = quick ]; then
   # As a compute capability 8.6 GPU (99 KiB of shared memory per CTA, no wgmma, no clusters).
   run correctness_sm86 python3 tools/gpu_check.py --correctness --quick --tuning 19
   run sparse_dot_correctness python3 tools/gpu_check_sparse_dot.py --correctness
-  # The bs-32 forward over groups of block columns (SetTuning(44), (45); no default yet), in a
-  # run of its own under a time limit until it has passed on a GPU (a copy it waits for that
-  # never lands would hang the run; the limit makes that a failure).
-  run grouped timeout 300 python3 tools/gpu_check.py --grouped
 fi
 if [ "$MODE" = all ] || [ "$MODE" = check ]; then
-  run grouped_memcheck timeout 600 "${SANITIZE[@]}" --tool memcheck --error-exitcode 3 \
-    python3 tools/gpu_check.py --grouped --check
   run memcheck "${SANITIZE[@]}" --tool memcheck --error-exitcode 3 python3 tools/gpu_check.py --check
   run racecheck "${SANITIZE[@]}" --tool racecheck --racecheck-report hazard --error-exitcode 3 \
     python3 tools/gpu_check.py --race

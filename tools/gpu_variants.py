@@ -72,8 +72,8 @@ def main():
                          "run, so that their variants are what is compared")
     ap.add_argument("--dense", action="store_true",
                     help="also time the dense product (torch.matmul, the same shapes) and print "
-                         "each variant's useful throughput as a fraction of dense's: dense time "
-                         "over (density x the variant's time)")
+                         "each variant's useful throughput as a fraction of dense's: density x "
+                         "dense time over the variant's time")
     args = ap.parse_args()
     lib, res = Lib(args.lib), Results()
     lib.use_workspace = args.workspace
@@ -125,7 +125,7 @@ def main():
             t = min(bench(lambda: torch.matmul(xd, wd)) for _ in range(args.rounds))
             density = L.blocks / (L.CB * L.KB)
             cells += f"  dense {t * 1e3:.1f} us: " + " ".join(
-                f"{v}: {t / (density * best[v]):.0%}" for v in args.variants)
+                f"{v}: {density * t / best[v]:.0%}" for v in args.variants)
             del wd, xd
         print(f"{dt} fa {fa} N {N:5d} C=K {C} bs {bs:2d} {'ring ' if ring else ''}"
               f"{L.blocks / (L.CB * L.KB):5.1%}{cover} {op:3s}  {cells}", flush=True)

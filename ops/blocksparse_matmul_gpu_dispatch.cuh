@@ -700,10 +700,10 @@ int LaunchWgmmaForwardLong(const Params& p, int64_t N, int64_t KB, int device,
 // feature axis 1, N > 64, Hopper, copy engine): one CTA per group and 128 batch rows.  False
 // (nothing launched) where the copy engine cannot serve; the caller then takes the narrow
 // kernel.  SetTuning(44) / (45) take it wherever it can run, with 4 / 2 columns per group; it
-// is no default: measured on an H100 (2026-12-07, bf16, a small-world layout of 10% density)
-// it ran as fast as the narrow kernel at N = 4096, C = K = 4096 (0.99x the time), 0.88-0.91x
-// at N = 16384, C = K = 8192, and up to 1.21x slower at N = 1000 (docs/benchmark_history_gpu.md,
-// "bs-32 forward over groups of block columns").
+// is no default: measured on an H100 (2026-12-07, bf16, small-world layouts of 5-10% density)
+// it took 0.97-1.07x the narrow kernel's time at N = 4096, C = K = 4096, 0.87-0.91x at
+// N = 16384, C = K = 8192, and up to 1.21x at N = 1000 (docs/benchmark_history_gpu.md, "bs-32
+// forward over groups of block columns").
 constexpr int kTuningGroupedBs32Cols4 = 44, kTuningGroupedBs32Cols2 = 45;
 // SetTuning(46) chooses by a rule meant to become the default once measured: groups of four
 // columns where they read at most kGroupedMaxRowsPerBlock x tiles per stored block (the

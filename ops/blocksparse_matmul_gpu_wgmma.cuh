@@ -83,17 +83,6 @@ struct FwdCfg {
   static_assert(kStages >= 3, "one wgmma group in flight needs a third stage");
 };
 
-// Shared-memory matrix descriptor: start address, leading and stride byte offsets (16-byte
-// units), 128-byte swizzle.  8-row groups are 1024 bytes apart (the stride offset).  The
-// leading offset is the distance between swizzle atoms (64 elements) along the contiguous
-// dimension of an N-contiguous operand wider than 64; unused otherwise.
-__device__ __forceinline__ uint64_t Descriptor(uint32_t smem_addr, uint32_t lead_bytes = 1024) {
-  constexpr uint64_t kGroup = 1024 >> 4;
-  return (static_cast<uint64_t>(smem_addr >> 4) & 0x3FFF) |
-         (static_cast<uint64_t>((lead_bytes >> 4) & 0x3FFF) << 16) | (kGroup << 32) |
-         (uint64_t{1} << 62);
-}
-
 // Swizzled tiles must start on 1024-byte boundaries: the dynamic shared memory rounded up to
 // one (the configurations reserve 1024 bytes for this).
 __device__ __forceinline__ unsigned char* Align1024(unsigned char* raw, uint32_t* shared_addr) {
@@ -113,13 +102,16 @@ __device__ __forceinline__ int SwizzledR(int r, int c) {
   return r * kRowBytes + ((c ^ ((r >> kShift) & (kRowBytes / 16 - 1))) << 4);
 }
 // Descriptor of a tile of kRowBytes-byte rows in that swizzle (modes 1, 2, 3 for 128, 64, 32
-// bytes): 8-row groups are 8 kRowBytes apart (the stride offset); the leading offset is unused
-// by these tiles (set the same).
+// bytes): 8-row groups are 8 kRowBytes apart (the stride offset).  The leading offset is the
+// distance between swizzle atoms (kRowBytes / 2 elements) along the contiguous dimension of an
+// N-contiguous operand wider than one atom; unused otherwise (then set to the stride).
 template <int kRowBytes>
-__device__ __forceinline__ uint64_t DescriptorR(uint32_t smem_addr) {
+__device__ __forceinline__ uint64_t DescriptorR(uint32_t smem_addr,
+                                                uint32_t lead_bytes = 8 * kRowBytes) {
   constexpr uint64_t kGroup = (8 * kRowBytes) >> 4;
   constexpr uint64_t kMode = kRowBytes == 128 ? 1 : kRowBytes == 64 ? 2 : 3;
-  return (static_cast<uint64_t>(smem_addr >> 4) & 0x3FFF) | (kGroup << 16) | (kGroup << 32) |
+  return (static_cast<uint64_t>(smem_addr >> 4) & 0x3FFF) |
+         (static_cast<uint64_t>((lead_bytes >> 4) & 0x3FFF) << 16) | (kGroup << 32) |
          (kMode << 62);
 }
 
@@ -249,16 +241,19 @@ __device__ __forceinline__ void StageTransposedAcc(const float* acc, T* Cs, int 
 
 // Copies a staged output tile to y in 16-byte chunks; staged rows are kWidth elements, L
 // apart.  Feature axis 1 (y (N, K)): staged row r is batch row n0 + r, written from column
-// col0; rows at or past N are skipped.  Feature axis 0 (y (K, N)): staged row r is output
-// feature col0 + r, written from batch entry n0; chunks at or past N are skipped (N % 8 == 0).
+// col0 up to col0 + width (a multiple of 8); rows at or past N are skipped.  Feature axis 0
+// (y (K, N)): staged row r is output feature col0 + r, written from batch entry n0; chunks at
+// or past N are skipped (N % 8 == 0).
 template <typename T, int FA, int kRows, int kWidth, int L, int kThreads>
 __device__ __forceinline__ void CopyOutStagedTile(const T* Cs, T* gy, int tid, int64_t n0,
-                                                  int64_t N, int64_t K, int64_t col0) {
+                                                  int64_t N, int64_t K, int64_t col0,
+                                                  int64_t width = kWidth) {
   for (int q = tid; q < kRows * (kWidth / 8); q += kThreads) {
     const int row = q / (kWidth / 8), c8 = (q % (kWidth / 8)) * 8;
     T* dst;
     if constexpr (FA == 1) {
       if (n0 + row >= N) break;  // rows only grow with q
+      if (c8 >= width) continue;
       dst = gy + (n0 + row) * K + col0 + c8;
     } else {
       if (n0 + c8 >= N) continue;
@@ -391,11 +386,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) WgmmaForwardKernel(const Params
       WgmmaFence();
 #pragma unroll
       for (int kk = 0; kk < kBS / 16; ++kk) {
-        const uint64_t ad = Descriptor(w_base + (kTransW ? kk * 32 : kk * 2048));
+        const uint64_t ad = DescriptorR<128>(w_base + (kTransW ? kk * 32 : kk * 2048));
         if constexpr (FA == 1)
-          Wgmma<T, kBM, !kTransW, false>(acc, ad, Descriptor(x_base + kk * 32));
+          Wgmma<T, kBM, !kTransW, false>(acc, ad, DescriptorR<128>(x_base + kk * 32));
         else
-          Wgmma<T, kBM, !kTransW, true>(acc, ad, Descriptor(x_base + kk * 2048, kBS * 128));
+          Wgmma<T, kBM, !kTransW, true>(acc, ad, DescriptorR<128>(x_base + kk * 2048, kBS * 128));
       }
       WgmmaCommit();
       WgmmaWait<1>();  // step g - 1's group is done; step g's may still run
@@ -940,15 +935,6 @@ struct GroupedFwdCfg {
   static_assert(kStages >= 3, "one wgmma group in flight needs a third stage");
 };
 
-// Descriptor of a 64-byte-swizzled tile (DescriptorR<64>) whose N-contiguous atoms (32
-// elements wide) lie lead_bytes apart.
-__device__ __forceinline__ uint64_t Descriptor64Lead(uint32_t smem_addr, uint32_t lead_bytes) {
-  constexpr uint64_t kGroup = (8 * 64) >> 4;
-  return (static_cast<uint64_t>(smem_addr >> 4) & 0x3FFF) |
-         (static_cast<uint64_t>((lead_bytes >> 4) & 0x3FFF) << 16) | (kGroup << 32) |
-         (uint64_t{2} << 62);
-}
-
 template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)
     WgmmaForwardGroupedKernel(const __grid_constant__ NarrowParams np) {
@@ -1041,7 +1027,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         const uint64_t a = DescriptorR<64>(stage + h * (Cfg::kXBytes / 2) + kk * 32);
         // k16 slice kk: 16 rows on (N-contiguous), or 32 bytes into every row (kTransW).
         const uint64_t b = Cfg::kTransW ? DescriptorR<64>(w_tile + kk * 32)
-                                        : Descriptor64Lead(w_tile + kk * 16 * 64, Cfg::kWBytes);
+                                        : DescriptorR<64>(w_tile + kk * 16 * 64, Cfg::kWBytes);
         Wgmma<T, Cfg::kWidth, false, !Cfg::kTransW>(acc, a, b);
       }
       WgmmaCommit();
@@ -1066,15 +1052,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     }
   }
   __syncthreads();
-  // 16-byte chunks of rows below N and block columns below KB (K is a multiple of 8).
-  const int64_t width = min(static_cast<int64_t>(Cfg::kWidth), K - col0 * BS);
-  for (int c = tid; c < Cfg::kBM * (Cfg::kWidth / 8); c += Cfg::kThreads) {
-    const int row = c / (Cfg::kWidth / 8), c8 = (c % (Cfg::kWidth / 8)) * 8;
-    if (n0 + row >= N) break;  // rows only grow with c
-    if (c8 >= width) continue;
-    *reinterpret_cast<uint4*>(gy + (n0 + row) * K + col0 * BS + c8) =
-        *reinterpret_cast<const uint4*>(Cs + row * L + c8);
-  }
+  // Rows below N, block columns below KB (the last group may hold fewer than kCols).
+  CopyOutStagedTile<T, 1, Cfg::kBM, Cfg::kWidth, L, Cfg::kThreads>(
+      Cs, gy, tid, n0, N, K, col0 * BS, min(static_cast<int64_t>(Cfg::kWidth), K - col0 * BS));
 #else
   (void)np;
   __trap();

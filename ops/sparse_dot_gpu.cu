@@ -710,8 +710,8 @@ __global__ void __launch_bounds__(kSdThreads) SparseDotWgmmaKernel(const Problem
       const uint32_t x_base = w_base + kSdWBytes;
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t ad = Descriptor(w_base + (kTransW ? kk * 32 : kk * 2048));
-        Wgmma<T, kSdRows, !kTransW, false>(acc, ad, Descriptor(x_base + kk * 32));
+        const uint64_t ad = DescriptorR<128>(w_base + (kTransW ? kk * 32 : kk * 2048));
+        Wgmma<T, kSdRows, !kTransW, false>(acc, ad, DescriptorR<128>(x_base + kk * 32));
       }
     });
 
@@ -858,8 +858,8 @@ __global__ void __launch_bounds__(kSgThreads) SparseDotWgmmaGradWKernel(const Pr
         const uint32_t b_base = a_base + kSgDyBytes;
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-          Wgmma<T, kSgIn, true, true>(acc, Descriptor(a_base + kk * 2048),
-                                      Descriptor(b_base + kk * 2048, kSgAtomBytes));
+          Wgmma<T, kSgIn, true, true>(acc, DescriptorR<128>(a_base + kk * 2048),
+                                      DescriptorR<128>(b_base + kk * 2048, kSgAtomBytes));
         }
       });
 

@@ -467,8 +467,11 @@ def grouped_checks(lib, res, gen, rng, quick):
     --correctness (and of --check); --grouped runs these alone."""
     if not is_hopper() or lib.tuning != 0:
         return
-    band = np.array([(r, c) for r in range(24) for c in range(24)
-                     if min((r - c) % 24, (c - r) % 24) <= 2 or rng.random() < 0.05])
+    # A ring: block row r holds block columns r - 2 .. r + 2 (mod 24); the banded layout adds
+    # about 5% of random blocks to it.
+    offset = np.subtract.outer(np.arange(24), np.arange(24)) % 24
+    ring = np.argwhere(np.minimum(offset, 24 - offset) <= 2)
+    band = np.argwhere((np.minimum(offset, 24 - offset) <= 2) | (rng.random((24, 24)) < 0.05))
     layouts = [random_layout(20, 9, 32, 0.65, rng, empty_cols=[4]),
                random_layout(6, 10, 32, 0.4, rng, empty_rows=[1], empty_cols=[0, 1, 2, 3]),
                Layout(band, 24, 24, 32)]
@@ -499,8 +502,6 @@ def grouped_checks(lib, res, gen, rng, quick):
     # SetTuning(46), the rule meant for the default: groups of four where they read at most
     # half an x tile per stored block (counted here from the mask), from 512 rows, with the
     # host copies of the column view; the narrow kernel (no NaN) elsewhere.
-    ring = np.array([(r, c) for r in range(24) for c in range(24)
-                     if min((r - c) % 24, (c - r) % 24) <= 2])
     sparse = random_layout(40, 8, 32, 0.1, rng)  # groups share few block rows
     cases = [(Layout(ring, 24, 24, 32), 600), (Layout(ring, 24, 24, 32), 130),
              (Layout(ring, 24, 24, 32, host_col_ptr=False), 600), (sparse, 600),

@@ -363,6 +363,7 @@ int ForwardTyped(const void* x, const void* w, void* y, int64_t N, int fa, const
                        L.col_row, L.col_block, L.block_row, L.block_col, L.blocks, 0};
     p.host_col_ptr = L.host_col_ptr;
     p.host_col_row = L.host_col_row;
+    p.column_group_rows = L.column_group_rows;
     return internal::ForwardMma<T>(p, fa, N, L.block_size, L.KB, L.blocks, device, di, s,
                                    w_transposed);
   }

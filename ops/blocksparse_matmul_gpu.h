@@ -126,6 +126,11 @@ struct DeviceLayout {
   // that groups of neighbouring block columns share (ColumnGroupRows in ops/block_layout.h) to
   // choose between its kernels (SetTuning(46)).
   const int32_t* host_col_row = nullptr;
+  // Optional, for 32-wide blocks: that count for groups of four columns, ColumnGroupRows(
+  // col_ptr, col_row, CB, KB, blocks, 4), counted once by whoever keeps the layout (the
+  // TensorFlow op does when it uploads the tables); -1: counted from the host copies by each
+  // call that needs it.
+  int64_t column_group_rows = -1;
 };
 
 // Bytes of workspace LaunchForward, LaunchForwardTransposedW (grad_w false) or LaunchGradW
@@ -237,6 +242,9 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //      where they read at most 0.5 x tiles per stored block (ColumnGroupRows in
 //      ops/block_layout.h, from DeviceLayout::host_col_ptr and host_col_row; without them
 //      never) and N >= 512; elsewhere the default's kernels.
+//  47, 48, 49: as 44, 45, 46 with that kernel's eager pipeline (each column's next window of
+//      list entries loaded ahead; a stage freed as soon as its products are done).  The same
+//      results bit for bit.
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
 // give variant 3's results bit for bit where neither splits a tile over a cluster (a split
 // changes the order of the sums; splits depend on the tile count).  All are deterministic.

@@ -258,6 +258,7 @@ int PrepareKernel(void (*kernel)(KernelParams), int threads, int smem, int devic
 inline Params& BaseParams(Params& p) { return p; }
 inline Params& BaseParams(wgmma_impl::NarrowParams& p) { return p.base; }
 inline Params& BaseParams(wgmma_impl::SmallBatchParams& p) { return p.narrow.base; }
+inline Params& BaseParams(wgmma_impl::GroupedParams& p) { return p.narrow.base; }
 
 // Whether the small-batch forward takes its CTAs' runs from the launch's parameters where the
 // host passed col_ptr (SetTuning(43): no).  Measured on an H200 (2026-12-07, bf16, C = K =
@@ -707,39 +708,84 @@ int LaunchWgmmaForwardLong(const Params& p, int64_t N, int64_t KB, int device,
 constexpr int kTuningGroupedBs32Cols4 = 44, kTuningGroupedBs32Cols2 = 45;
 // SetTuning(46) chooses by a rule meant to become the default once measured: groups of four
 // columns where they read at most kGroupedMaxRowsPerBlock x tiles per stored block (the
-// narrow kernel reads one; counted on each call by ColumnGroupRows from the layout's host
-// copies) and the batch has at least kGroupedMinBatch rows.  The bound comes from the
+// narrow kernel reads one; ColumnGroupRows, which DeviceLayout::column_group_rows holds where
+// the layout's owner counted it, else counted on the call from the layout's host copies) and
+// the batch has at least kGroupedMinBatch rows.  The bound comes from the
 // estimate in the history section: at 0.5 the x and weight reads would cap the grouped kernel
 // near 56% of dense and its products on zero blocks at 50%, against the narrow kernel's 38%.
 constexpr int kTuningGroupedBs32Rule = 46;
+// SetTuning(47) / (48) / (49): as 44 / 45 / 46 with the kernel's kEager pipeline.
+constexpr int kTuningGroupedEagerCols4 = 47, kTuningGroupedEagerCols2 = 48,
+              kTuningGroupedEagerRule = 49;
 constexpr double kGroupedMaxRowsPerBlock = 0.5;
 constexpr int64_t kGroupedMinBatch = 512;
-// Block columns per group for this call (0: the narrow kernel).
-inline int GroupedColumns(const Params& p, int64_t N, int64_t KB) {
-  if (Tuning() == kTuningGroupedBs32Cols4) return 4;
-  if (Tuning() == kTuningGroupedBs32Cols2) return 2;
-  if (Tuning() != kTuningGroupedBs32Rule || N < kGroupedMinBatch || p.host_col_ptr == nullptr ||
-      p.host_col_row == nullptr)
-    return 0;
+// The grouped forward's shape for this call: block columns per group (0: the narrow kernel)
+// and whether its pipeline is eager.
+struct GroupedChoice {
+  int cols;
+  bool eager;
+};
+inline GroupedChoice ChooseGrouped(const Params& p, int64_t N, int64_t KB) {
+  const int t = Tuning();
+  const bool eager = t >= kTuningGroupedEagerCols4 && t <= kTuningGroupedEagerRule;
+  if (t == kTuningGroupedBs32Cols4 || t == kTuningGroupedEagerCols4) return {4, eager};
+  if (t == kTuningGroupedBs32Cols2 || t == kTuningGroupedEagerCols2) return {2, eager};
+  if ((t != kTuningGroupedBs32Rule && t != kTuningGroupedEagerRule) || N < kGroupedMinBatch)
+    return {0, false};
+  const bool counted = p.column_group_rows >= 0;
+  if (!counted && (p.host_col_ptr == nullptr || p.host_col_row == nullptr)) return {0, false};
   const int64_t rows =
-      ColumnGroupRows(p.host_col_ptr, p.host_col_row, p.C / 32, KB, p.blocks, 4);
+      counted ? p.column_group_rows
+              : ColumnGroupRows(p.host_col_ptr, p.host_col_row, p.C / 32, KB, p.blocks, 4);
   const bool shared = rows >= 0 && static_cast<double>(rows) <=
                                        kGroupedMaxRowsPerBlock * static_cast<double>(p.blocks);
-  return shared ? 4 : 0;
+  return {shared ? 4 : 0, eager};
 }
 
-template <typename T, int kCols, bool kTransW>
+// Copies the host's list bounds into the grouped forward's parameters; leaves none (columns
+// 0: the kernel reads col_ptr) where there is no host copy, too many columns, or the copy is
+// not a valid list of bounds.
+inline void FillGroupedBounds(wgmma_impl::GroupedParams* gp, int64_t KB) {
+  const int32_t* col_ptr = gp->narrow.base.host_col_ptr;
+  gp->columns = 0;
+  if (col_ptr == nullptr || KB > wgmma_impl::GroupedParams::kMaxColumns) return;
+  for (int64_t k = 0; k <= KB; ++k) {
+    if (col_ptr[k] < 0 || col_ptr[k] > gp->narrow.base.blocks ||
+        (k > 0 && col_ptr[k] < col_ptr[k - 1]))
+      return;
+    gp->col_ptr[k] = col_ptr[k];
+  }
+  gp->columns = static_cast<int32_t>(KB);
+}
+
+template <typename T, int kCols, bool kTransW, bool kEager>
 bool LaunchWgmmaForwardGrouped(const Params& p, int64_t N, int64_t KB, int device,
                                const DeviceInfo& di, cudaStream_t s, int* status) {
-  using Cfg = wgmma_impl::GroupedFwdCfg<kCols, 6, kTransW>;
-  NarrowParams np{p, {}, {}};
-  if (!CopyEngineEnabled() || !EncodeNarrowMaps<T, 1, 32, Cfg::kBM>(&np)) return false;
+  using Cfg = wgmma_impl::GroupedFwdCfg<kCols, 6, kTransW, kEager>;
+  wgmma_impl::GroupedParams gp{{p, {}, {}}, 0, {}};
+  if (!CopyEngineEnabled() || !EncodeNarrowMaps<T, 1, 32, Cfg::kBM>(&gp.narrow)) return false;
+  if (kEager) FillGroupedBounds(&gp, KB);
   *status = LaunchTiles<KernelTag<T, Cfg, 70>>(wgmma_impl::WgmmaForwardGroupedKernel<T, Cfg>,
                                                Cfg::kThreads, Cfg::kSmemBytes,
                                                (KB + kCols - 1) / kCols,
-                                               (N + Cfg::kBM - 1) / Cfg::kBM, 0.0, np, device,
+                                               (N + Cfg::kBM - 1) / Cfg::kBM, 0.0, gp, device,
                                                di, s);
   return true;
+}
+
+// The grouped forward as chosen; false (nothing launched) where it does not run.
+template <typename T, bool kTransW>
+bool LaunchChosenGrouped(GroupedChoice g, const Params& p, int64_t N, int64_t KB, int device,
+                         const DeviceInfo& di, cudaStream_t s, int* status) {
+  if (g.cols == 4 && g.eager)
+    return LaunchWgmmaForwardGrouped<T, 4, kTransW, true>(p, N, KB, device, di, s, status);
+  if (g.cols == 4)
+    return LaunchWgmmaForwardGrouped<T, 4, kTransW, false>(p, N, KB, device, di, s, status);
+  if (g.cols == 2 && g.eager)
+    return LaunchWgmmaForwardGrouped<T, 2, kTransW, true>(p, N, KB, device, di, s, status);
+  if (g.cols == 2)
+    return LaunchWgmmaForwardGrouped<T, 2, kTransW, false>(p, N, KB, device, di, s, status);
+  return false;
 }
 
 // The bs-64 forward from kBs64NarrowMinBatch rows: the narrow kernel (not transposed: x's
@@ -1123,12 +1169,9 @@ int ForwardWgmmaBs(const Params& p, int64_t N, int64_t KB, double blocks_per_col
   const bool full_columns =
       BS == 16 && blocks_per_col > kWgmmaBs16MaxColumnFill * static_cast<double>(p.C / BS);
   if constexpr (sizeof(T) == 2 && BS == 32 && FA == 1) {
-    const int cols = UseWgmma(N, di) ? GroupedColumns(p, N, KB) : 0;
+    const GroupedChoice g = UseWgmma(N, di) ? ChooseGrouped(p, N, KB) : GroupedChoice{0, false};
     int status = 0;
-    if (cols == 4 && LaunchWgmmaForwardGrouped<T, 4, kTransW>(p, N, KB, device, di, s, &status))
-      return status;
-    if (cols == 2 && LaunchWgmmaForwardGrouped<T, 2, kTransW>(p, N, KB, device, di, s, &status))
-      return status;
+    if (LaunchChosenGrouped<T, kTransW>(g, p, N, KB, device, di, s, &status)) return status;
   }
   if constexpr (sizeof(T) == 2 && BS <= 32) {
     if (UseWgmma(N, di) && !full_columns)

@@ -57,6 +57,7 @@ struct Params {
   // launches that pass their CTAs' list bounds in their parameters (see RunStarts).
   const int32_t* host_col_ptr = nullptr;
   const int32_t* host_col_row = nullptr;  // and of col_row (DeviceLayout::host_col_row)
+  int64_t column_group_rows = -1;          // DeviceLayout::column_group_rows
 };
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {

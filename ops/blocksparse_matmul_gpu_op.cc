@@ -86,6 +86,9 @@ absl::Status UploadLayout(OpKernelContext* ctx, const BlockLayout& l, const Bloc
   tables->layout.host_col_ptr = tables->host_col_ptr.data();
   tables->host_col_row = l.col_row;
   tables->layout.host_col_row = tables->host_col_row.data();
+  if (l.block_size == 32)  // once per layout, not on each call (see gpu::DeviceLayout)
+    tables->layout.column_group_rows =
+        ColumnGroupRows(l.col_ptr.data(), l.col_row.data(), l.CB, l.KB, l.blocks, 4);
   if (cover != nullptr) {
     PointAt(*cover, rest, &tables->cover);
     tables->host_cover_col_ptr = cover->col_ptr;

@@ -909,15 +909,23 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 // asks for a box before the start of w, which the copy engine fills with zeros (counted in the
 // stage's bytes like any other).  A word per stage tells the MMA warps whether the stage holds
 // a step or the end of the CTA's list.
+// kEager (for the latency the kernel waits on, measured in the history section): the launch
+// passes the list bounds (col_ptr) in its parameters where the host has them, the copy warp
+// loads each column's next window of entries while it copies from the current one (no round
+// trip to memory when a window runs out), and the MMA warps wait for each step's products
+// before freeing its stage, so all stages but the one being multiplied stay open to copies;
+// otherwise a stage is freed one step later, the products of one step overlapping the wait
+// for the next.
 // Sums: each output column adds its stored blocks' products in increasing block row, with
 // zero products between them (an infinity or NaN in x reaches the group's other columns as
 // NaN, as in a dense product, see blocksparse_matmul_gpu.h).  Deterministic.
-template <int kColsT, int kStagesT, bool kTransWT>
+template <int kColsT, int kStagesT, bool kTransWT, bool kEagerT>
 struct GroupedFwdCfg {
   static constexpr int BS = 32;
   static constexpr int kCols = kColsT;           // block columns per CTA
   static constexpr int kWidth = BS * kCols;      // output features per CTA (wgmma's N)
   static constexpr bool kTransW = kTransWT;
+  static constexpr bool kEager = kEagerT;
   static constexpr int kBM = 128;                // batch rows per CTA: 64 per warpgroup
   static constexpr int kMmaThreads = 256;
   static constexpr int kThreads = kMmaThreads + 32;  // and the copy warp
@@ -935,9 +943,20 @@ struct GroupedFwdCfg {
   static_assert(kStages >= 3, "one wgmma group in flight needs a third stage");
 };
 
+// The grouped forward's parameters: with `columns` equal to the layout's block columns,
+// col_ptr holds the list bounds (so a CTA's first copies wait for its entries only); with 0
+// the kernel reads them from Params::col_ptr.
+struct GroupedParams {
+  static constexpr int kMaxColumns = 512;
+  NarrowParams narrow;
+  int32_t columns;
+  int32_t col_ptr[kMaxColumns + 1];
+};
+static_assert(sizeof(GroupedParams) <= 4096, "kernel parameters within the 4 KiB limit");
+
 template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)
-    WgmmaForwardGroupedKernel(const __grid_constant__ NarrowParams np) {
+    WgmmaForwardGroupedKernel(const __grid_constant__ GroupedParams gp) {
 #if BSMM_HAS_WGMMA
   constexpr int BS = Cfg::BS, kCols = Cfg::kCols, kStages = Cfg::kStages;
   constexpr int kWin = 32 / kCols;  // list entries a column's lanes hold
@@ -945,6 +964,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   uint32_t smem_base;
   unsigned char* smem = Align1024(smem_raw, &smem_base);
   volatile int* flags = reinterpret_cast<volatile int*>(smem + Cfg::kFlagOffset);
+  const NarrowParams& np = gp.narrow;
   const Params& p = np.base;
   T* __restrict__ gy = static_cast<T*>(p.y);
   const int64_t N = p.N, K = p.K, KB = K / BS;
@@ -968,17 +988,22 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     }
     const int q = lane / kWin, leader = lane & ~(kWin - 1);
     int pos = 0, end = 0;
-    if (col0 + q < KB) {
+    if (col0 + q < KB && gp.columns == KB) {
+      pos = gp.col_ptr[col0 + q];
+      end = gp.col_ptr[col0 + q + 1];
+    } else if (col0 + q < KB) {
       pos = __ldg(p.col_ptr + col0 + q);
       end = __ldg(p.col_ptr + col0 + q + 1);
     }
-    int off = 0, my_row = INT_MAX, my_block = 0;
-    auto load_window = [&] {
-      const int e = pos + (lane - leader);
-      my_row = e < end ? __ldg(p.col_row + e) : INT_MAX;
-      my_block = e < end ? __ldg(p.col_block + e) : 0;
+    // The window's entries, and with kEager the next window's (loaded a window ahead).
+    int off = 0, my_row = INT_MAX, my_block = 0, next_row = INT_MAX, next_block = 0;
+    auto load_window = [&](int at, int* row, int* block) {
+      const int e = at + (lane - leader);
+      *row = e < end ? __ldg(p.col_row + e) : INT_MAX;
+      *block = e < end ? __ldg(p.col_block + e) : 0;
     };
-    load_window();
+    load_window(pos, &my_row, &my_block);
+    if (Cfg::kEager) load_window(pos + kWin, &next_row, &next_block);
     constexpr uint32_t kStepBytes = Cfg::kXBytes + kCols * Cfg::kWBytes;
     for (int s = 0;; ++s) {
       const int head_row = __shfl_sync(0xffffffffu, my_row, leader + off);
@@ -1009,7 +1034,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       if (stored && ++off == kWin) {  // the same for the column's lanes
         pos += kWin;
         off = 0;
-        load_window();
+        if (Cfg::kEager) {
+          my_row = next_row;
+          my_block = next_block;
+          load_window(pos + kWin, &next_row, &next_block);
+        } else {
+          load_window(pos, &my_row, &my_block);
+        }
       }
       __syncwarp();
     }
@@ -1031,9 +1062,15 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         Wgmma<T, Cfg::kWidth, false, !Cfg::kTransW>(acc, a, b);
       }
       WgmmaCommit();
-      WgmmaWait<1>();  // step s - 1's group is done: its stage may be refilled
-      __syncwarp();    // and every lane has read step s - 1's word
-      if (s > 0 && lane == 0) tma::MbarArrive(bars + 8 * (kStages + (s - 1) % kStages));
+      if (Cfg::kEager) {
+        WgmmaWait<0>();  // step s's products are done: its stage may be refilled
+        __syncwarp();    // and every lane has read its word
+        if (lane == 0) tma::MbarArrive(bars + 8 * (kStages + buf));
+      } else {
+        WgmmaWait<1>();  // step s - 1's group is done: its stage may be refilled
+        __syncwarp();    // and every lane has read step s - 1's word
+        if (s > 0 && lane == 0) tma::MbarArrive(bars + 8 * (kStages + (s - 1) % kStages));
+      }
     }
     WgmmaWait<0>();
   }
@@ -1056,7 +1093,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   CopyOutStagedTile<T, 1, Cfg::kBM, Cfg::kWidth, L, Cfg::kThreads>(
       Cs, gy, tid, n0, N, K, col0 * BS, min(static_cast<int64_t>(Cfg::kWidth), K - col0 * BS));
 #else
-  (void)np;
+  (void)gp;
   __trap();
 #endif
 }

@@ -456,13 +456,14 @@ def run_start_checks(lib, res, gen, rng, quick):
 
 def grouped_checks(lib, res, gen, rng, quick):
     """The 16-bit bs-32 forward over groups of 4 or 2 block columns (Hopper, feature axis 1,
-    N > 64; SetTuning(44) / (45) take it wherever it can run): forward and dx against float64
-    and dx bit for bit against the forward on transposed copies (run_case); bit for bit from run
-    to run; and an infinity in x reaching, as NaN, the group's columns without a block in its
-    block row (the zero blocks' products, as documented), which also shows that this kernel
-    ran.  Layouts: a block-column count that leaves a partial last group, long columns (the
-    copy warp reloads its window of each list), a group of empty columns, a banded layout (the
-    small-world case the kernel is for).  And SetTuning(46)'s choice (the rule meant for the
+    N > 64; SetTuning(44) / (45) take it wherever it can run, 47 / 48 with its eager pipeline):
+    forward and dx against float64 and dx bit for bit against the forward on transposed copies
+    (run_case); bit for bit from run to run and between the two pipelines; and an infinity in
+    x reaching, as NaN, the group's columns without a block in its block row (the zero
+    blocks' products, as documented), which also shows that this kernel ran.  Layouts: a
+    block-column count that leaves a partial last group, long columns (the copy warp reloads
+    its window of each list), a group of empty columns, a banded layout (the small-world case
+    the kernel is for).  And SetTuning(46)'s and (49)'s choice (the rule meant for the
     default) between it and the narrow kernel, seen by where the infinity's NaNs go.  Part of
     --correctness (and of --check); --grouped runs these alone."""
     if not is_hopper() or lib.tuning != 0:
@@ -478,7 +479,7 @@ def grouped_checks(lib, res, gen, rng, quick):
     if not quick:
         layouts.append(random_layout(40, 5, 32, 0.85, rng, empty_cols=[3]))
     for (tuning, L), N, dt in itertools.product(
-            itertools.product((44, 45), layouts), [130] if quick else [65, 130, 1000],
+            itertools.product((44, 45, 47, 48), layouts), [130] if quick else [65, 130, 1000],
             ["bfloat16"] if quick else ["bfloat16", "float16"]):
         lib.set_tuning(tuning)
         run_case(lib, res, dt, 32, L, N, 1, gen, ops=("fwd", "dx"))
@@ -486,16 +487,23 @@ def grouped_checks(lib, res, gen, rng, quick):
         tdt = DTYPES[dt][1]
         x = torch.randn(N, L.CB * 32, generator=gen, device="cuda").to(tdt)
         w = torch.randn(L.blocks, 32, 32, generator=gen, device="cuda").to(tdt)
-        outs = forwards_under(lib, dt, x, w, N, 1, [(L, tuning), (L, tuning)])
-        res.check(all(rc == 0 for rc, _ in outs) and same_bits(outs[0][1], outs[1][1]),
-                  f"grouped forward run to run, bit for bit, {dt} tuning={tuning} "
-                  f"KB={L.KB} blocks={L.blocks} N={N}")
+        # The eager pipeline (47, 48) gives its plain twin's (44, 45) bits, with the list
+        # bounds from the launch's parameters or (no host copies) from col_ptr.
+        twin = tuning - 3 if tuning >= 47 else tuning
+        bare = Layout(np.stack([L.block_row, L.block_col], 1), L.CB, L.KB, 32,
+                      host_col_ptr=False)
+        outs = forwards_under(lib, dt, x, w, N, 1,
+                              [(L, tuning), (L, tuning), (L, twin), (bare, tuning)])
+        res.check(all(rc == 0 for rc, _ in outs) and
+                  all(same_bits(outs[0][1], y) for _, y in outs[1:]),
+                  f"grouped forward run to run, as SetTuning({twin}) and without host copies, "
+                  f"bit for bit, {dt} tuning={tuning} KB={L.KB} blocks={L.blocks} N={N}")
     # An infinity in x[7, r-block]: in y's row 7, infinite where a column has a block in block
     # row r, NaN (infinity times a zero block) in the other columns of those columns' groups,
     # finite elsewhere; the other rows of y finite.
     L = layouts[0]
     r = int(np.flatnonzero(L.mask()[:, 5])[0])  # column 4 (empty) shares 5's group
-    for tuning, cols in ((44, 4), (45, 2)):
+    for tuning, cols in ((44, 4), (45, 2), (47, 4), (48, 2)):
         ok, groups = infinity_reaches_groups(lib, gen, L, 130, tuning, r, cols)
         res.check(ok, f"grouped forward: an infinity in x is NaN in its groups' columns "
                       f"tuning={tuning} row={r} groups={groups}")
@@ -511,10 +519,11 @@ def grouped_checks(lib, res, gen, rng, quick):
         shared = len(set(zip((ks // 4).tolist(), rows.tolist()))) <= 0.5 * L.blocks
         grouped = shared and N >= 512 and L.table_array[5] is not None
         r = int(rows.min())  # the ring's row 0: blocks in columns 0-2, none in 3
-        ok, groups = infinity_reaches_groups(lib, gen, L, N, 46, r, 4 if grouped else 1)
-        res.check(ok, f"SetTuning(46) takes the grouped forward where it should ({grouped}): "
-                      f"KB={L.KB} blocks={L.blocks} N={N} host copies="
-                      f"{L.table_array[5] is not None}")
+        for tuning in (46, 49):
+            ok, groups = infinity_reaches_groups(lib, gen, L, N, tuning, r, 4 if grouped else 1)
+            res.check(ok, f"SetTuning({tuning}) takes the grouped forward where it should "
+                          f"({grouped}): KB={L.KB} blocks={L.blocks} N={N} host copies="
+                          f"{L.table_array[5] is not None}")
 
 
 def infinity_reaches_groups(lib, gen, L, N, tuning, r, cols):

@@ -2,7 +2,8 @@
 """Side-by-side timings of the CUDA kernels' tuning variants (SetTuning) on chosen cells.
 
 Each cell is dtype:feature_axis:N:C:bs:density:op (op fwd, dx or dw, C = K; a density written
-ring0.10 makes a small-world layout of that density instead of a random one; dx is the input
+ring0.10 makes a small-world layout of that density instead of a random one, ring0.10/0.2 one
+whose connections move with probability 0.2 instead of 0.1; dx is the input
 gradient dy . W^T, the forward reading w's blocks transposed on the swapped layout); each
 variant's output is first checked bit for bit against the first variant's (with --close, for
 variants that sum in another order: within the dtype's tolerance), then the variants are
@@ -31,7 +32,9 @@ def parse_cell(text):
     if dt not in DTYPES or op not in ("fwd", "dx", "dw"):
         raise argparse.ArgumentTypeError(f"bad cell {text!r}")
     ring = d.startswith("ring")  # e.g. ring0.10: a rewired ring lattice, not a random layout
-    return dt, int(fa), int(N), int(C), int(bs), (ring, float(d[4:] if ring else d)), op
+    rewire = float(d.split("/")[1]) if ring and "/" in d else 0.1
+    density = float(d[4:].split("/")[0] if ring else d)
+    return dt, int(fa), int(N), int(C), int(bs), (ring, density, rewire), op
 
 
 def ring_layout(CB, KB, bs, density, rng, rewire=0.1):
@@ -80,8 +83,9 @@ def main():
     rng = np.random.default_rng(7)
     for dt, fa, N, C, bs, d, op in args.cells:
         tdt = DTYPES[dt][1]
-        ring, d = d
-        L = (ring_layout if ring else exact_layout)(C // bs, C // bs, bs, d, rng)
+        ring, d, rewire = d
+        L = (ring_layout(C // bs, C // bs, bs, d, rng, rewire) if ring
+             else exact_layout(C // bs, C // bs, bs, d, rng))
         x = torch.randn(*((N, C) if fa else (C, N)), device="cuda").to(tdt)
         if op == "fwd":
             b = torch.randn(L.blocks, bs, bs, device="cuda").to(tdt)
@@ -127,8 +131,12 @@ def main():
             cells += f"  dense {t * 1e3:.1f} us: " + " ".join(
                 f"{v}: {density * t / best[v]:.0%}" for v in args.variants)
             del wd, xd
+        # x tiles per stored block that groups of four block columns read (ColumnGroupRows).
+        rows, ks = np.nonzero(L.mask())
+        shared = len(set(zip((ks // 4).tolist(), rows.tolist()))) / max(L.blocks, 1)
         print(f"{dt} fa {fa} N {N:5d} C=K {C} bs {bs:2d} {'ring ' if ring else ''}"
-              f"{L.blocks / (L.CB * L.KB):5.1%}{cover} {op:3s}  {cells}", flush=True)
+              f"{'' if rewire == 0.1 else f'/{rewire} '}{L.blocks / (L.CB * L.KB):5.1%}{cover} "
+              f"x/4 {shared:.2f} {op:3s}  {cells}", flush=True)
         del x, b, out, outs
     print(f"checks: {res.passed} passed, {len(res.failed)} failed", flush=True)
     sys.exit(1 if res.failed else 0)

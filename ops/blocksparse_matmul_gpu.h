@@ -89,6 +89,16 @@
 // MiB of workspace; dW transposes the whole batch, where that takes at most 1 GiB).  Its sums are
 // those of feature_axis 0 on the transposed inputs, pass by pass, bit for bit.  WorkspaceBytes is 0
 // where a call takes none.
+//
+// Grouped block columns: where no cover is taken, a 16-bit bs-32 forward with feature_axis 1
+// (so also dx) on Hopper with N >= 512 computes groups of four neighbouring block columns per
+// CTA where they share enough block rows, as small-world layouts do: at most 0.42 x tiles read
+// per stored block, counted by ColumnGroupRows (ops/block_layout.h) from DeviceLayout's
+// column_group_rows or its host copies (without either, never).  Per block row present in any
+// of a group's columns it reads the x tile once and multiplies it by the four columns' blocks
+// side by side, zero blocks where a column has none.  Its sums add those zero products between
+// a column's own (as accurate; an infinity or NaN in x reaches, as NaN, every column of the
+// groups that read its block row, as in a dense product and on the cover).
 // Measured performance (H100, H200): docs/benchmarks_gpu.md; tests: tools/gpu_check.sh.
 #ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
 #define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
@@ -124,7 +134,7 @@ struct DeviceLayout {
   // Optional, with host_col_ptr: a host copy of col_row (`blocks` entries; read during the
   // call only), from which the 16-bit bs-32 forward with feature_axis 1 counts the block rows
   // that groups of neighbouring block columns share (ColumnGroupRows in ops/block_layout.h) to
-  // choose between its kernels (SetTuning(46)).
+  // choose between its kernels (see "Grouped block columns" above).
   const int32_t* host_col_row = nullptr;
   // Optional, for 32-wide blocks: that count for groups of four columns, ColumnGroupRows(
   // col_ptr, col_row, CB, KB, blocks, 4), counted once by whoever keeps the layout (the
@@ -231,20 +241,9 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //      takes them from the launch's parameters; the same results bit for bit).
 //  44, 45: the 16-bit bs-32 forward with N > 64 and feature_axis 1 (so also dx) on Hopper
 //      computes groups of 4 / 2 neighbouring block columns per CTA wherever the copy engine can
-//      serve: per block row present in any of a group's columns one x tile read and one
-//      product with the columns' blocks side by side, zero blocks where a column has none
-//      (WgmmaForwardGroupedKernel in blocksparse_matmul_gpu_wgmma.cuh).  For small-world
-//      layouts, whose neighbouring columns share most block rows.  Its sums add zero products
-//      between a column's own (as accurate; an infinity or NaN in x then reaches, as NaN, every
-//      column of the groups that read its block row).  No default: on an H100 it measured
-//      about as fast as the default's kernels (0.87-1.21x their time on small-world layouts).
-//  46: that forward where a rule meant for the default chooses it: groups of 4 columns
-//      where they read at most 0.5 x tiles per stored block (ColumnGroupRows in
-//      ops/block_layout.h, from DeviceLayout::host_col_ptr and host_col_row; without them
-//      never) and N >= 512; elsewhere the default's kernels.
-//  47, 48, 49: as 44, 45, 46 with that kernel's eager pipeline (each column's next window of
-//      list entries loaded ahead; a stage freed as soon as its products are done).  The same
-//      results bit for bit.
+//      serve (WgmmaForwardGroupedKernel in blocksparse_matmul_gpu_wgmma.cuh; the default takes
+//      groups of 4 where they share enough block rows, see "Grouped block columns" above).
+//  46: never that grouped forward: the narrow kernels the default ran before it.
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
 // give variant 3's results bit for bit where neither splits a tile over a cluster (a split
 // changes the order of the sums; splits depend on the tile count).  All are deterministic.

@@ -700,46 +700,36 @@ int LaunchWgmmaForwardLong(const Params& p, int64_t N, int64_t KB, int device,
 // The bs-32 forward over groups of kCols block columns (WgmmaForwardGroupedKernel; 16-bit,
 // feature axis 1, N > 64, Hopper, copy engine): one CTA per group and 128 batch rows.  False
 // (nothing launched) where the copy engine cannot serve; the caller then takes the narrow
-// kernel.  SetTuning(44) / (45) take it wherever it can run, with 4 / 2 columns per group; it
-// is no default: measured on an H100 (2026-12-07, bf16, small-world layouts of 5-10% density)
-// it took 0.97-1.07x the narrow kernel's time at N = 4096, C = K = 4096, 0.87-0.91x at
-// N = 16384, C = K = 8192, and up to 1.21x at N = 1000 (docs/benchmark_history_gpu.md, "bs-32
-// forward over groups of block columns").
-constexpr int kTuningGroupedBs32Cols4 = 44, kTuningGroupedBs32Cols2 = 45;
-// SetTuning(46) chooses by a rule meant to become the default once measured: groups of four
-// columns where they read at most kGroupedMaxRowsPerBlock x tiles per stored block (the
-// narrow kernel reads one; ColumnGroupRows, which DeviceLayout::column_group_rows holds where
-// the layout's owner counted it, else counted on the call from the layout's host copies) and
-// the batch has at least kGroupedMinBatch rows.  The bound comes from the
-// estimate in the history section: at 0.5 the x and weight reads would cap the grouped kernel
-// near 56% of dense and its products on zero blocks at 50%, against the narrow kernel's 38%.
-constexpr int kTuningGroupedBs32Rule = 46;
-// SetTuning(47) / (48) / (49): as 44 / 45 / 46 with the kernel's kEager pipeline.
-constexpr int kTuningGroupedEagerCols4 = 47, kTuningGroupedEagerCols2 = 48,
-              kTuningGroupedEagerRule = 49;
-constexpr double kGroupedMaxRowsPerBlock = 0.5;
+// kernel.  The default takes groups of four columns where they read at most
+// kGroupedMaxRowsPerBlock x tiles per stored block (the narrow kernel reads one) and the
+// batch has at least kGroupedMinBatch rows: small-world layouts, whose neighbouring columns
+// share most block rows.  The count is ColumnGroupRows, which DeviceLayout::column_group_rows
+// holds where the layout's owner counted it, else counted on the call from the layout's host
+// copies (without them: the narrow kernel).  Measured on an H100 (2026-12-07, bf16, C = K =
+// 4096 unless noted, `tools/gpu_variants.py`, side by side; x tiles per block, time against
+// the narrow kernel's): ring layouts at 10% density 0.40, 0.93x (N = 4096 and N = 1000; the
+// input gradient 0.92x); N = 16384, C = K = 8192, 9.7% 0.38, 0.83x; 5.5% 0.45, 1.03x; a
+// random layout of 10% 0.85, 1.95x (docs/benchmark_history_gpu.md, "bs-32 forward over
+// groups of block columns").  SetTuning(44) / (45) take groups of 4 / 2 columns wherever
+// the kernel can run, (46) never (the narrow kernel, the default before).
+constexpr int kTuningGroupedBs32Cols4 = 44, kTuningGroupedBs32Cols2 = 45,
+              kTuningGroupedBs32Never = 46;
+constexpr double kGroupedMaxRowsPerBlock = 0.42;
 constexpr int64_t kGroupedMinBatch = 512;
-// The grouped forward's shape for this call: block columns per group (0: the narrow kernel)
-// and whether its pipeline is eager.
-struct GroupedChoice {
-  int cols;
-  bool eager;
-};
-inline GroupedChoice ChooseGrouped(const Params& p, int64_t N, int64_t KB) {
+// Block columns per group for this call (0: the narrow kernel).
+inline int GroupedColumns(const Params& p, int64_t N, int64_t KB) {
   const int t = Tuning();
-  const bool eager = t >= kTuningGroupedEagerCols4 && t <= kTuningGroupedEagerRule;
-  if (t == kTuningGroupedBs32Cols4 || t == kTuningGroupedEagerCols4) return {4, eager};
-  if (t == kTuningGroupedBs32Cols2 || t == kTuningGroupedEagerCols2) return {2, eager};
-  if ((t != kTuningGroupedBs32Rule && t != kTuningGroupedEagerRule) || N < kGroupedMinBatch)
-    return {0, false};
+  if (t == kTuningGroupedBs32Cols4) return 4;
+  if (t == kTuningGroupedBs32Cols2) return 2;
+  if (t == kTuningGroupedBs32Never || N < kGroupedMinBatch) return 0;
   const bool counted = p.column_group_rows >= 0;
-  if (!counted && (p.host_col_ptr == nullptr || p.host_col_row == nullptr)) return {0, false};
+  if (!counted && (p.host_col_ptr == nullptr || p.host_col_row == nullptr)) return 0;
   const int64_t rows =
       counted ? p.column_group_rows
               : ColumnGroupRows(p.host_col_ptr, p.host_col_row, p.C / 32, KB, p.blocks, 4);
   const bool shared = rows >= 0 && static_cast<double>(rows) <=
                                        kGroupedMaxRowsPerBlock * static_cast<double>(p.blocks);
-  return {shared ? 4 : 0, eager};
+  return shared ? 4 : 0;
 }
 
 // Copies the host's list bounds into the grouped forward's parameters; leaves none (columns
@@ -758,34 +748,19 @@ inline void FillGroupedBounds(wgmma_impl::GroupedParams* gp, int64_t KB) {
   gp->columns = static_cast<int32_t>(KB);
 }
 
-template <typename T, int kCols, bool kTransW, bool kEager>
+template <typename T, int kCols, bool kTransW>
 bool LaunchWgmmaForwardGrouped(const Params& p, int64_t N, int64_t KB, int device,
                                const DeviceInfo& di, cudaStream_t s, int* status) {
-  using Cfg = wgmma_impl::GroupedFwdCfg<kCols, 6, kTransW, kEager>;
+  using Cfg = wgmma_impl::GroupedFwdCfg<kCols, 6, kTransW>;
   wgmma_impl::GroupedParams gp{{p, {}, {}}, 0, {}};
   if (!CopyEngineEnabled() || !EncodeNarrowMaps<T, 1, 32, Cfg::kBM>(&gp.narrow)) return false;
-  if (kEager) FillGroupedBounds(&gp, KB);
+  FillGroupedBounds(&gp, KB);
   *status = LaunchTiles<KernelTag<T, Cfg, 70>>(wgmma_impl::WgmmaForwardGroupedKernel<T, Cfg>,
                                                Cfg::kThreads, Cfg::kSmemBytes,
                                                (KB + kCols - 1) / kCols,
                                                (N + Cfg::kBM - 1) / Cfg::kBM, 0.0, gp, device,
                                                di, s);
   return true;
-}
-
-// The grouped forward as chosen; false (nothing launched) where it does not run.
-template <typename T, bool kTransW>
-bool LaunchChosenGrouped(GroupedChoice g, const Params& p, int64_t N, int64_t KB, int device,
-                         const DeviceInfo& di, cudaStream_t s, int* status) {
-  if (g.cols == 4 && g.eager)
-    return LaunchWgmmaForwardGrouped<T, 4, kTransW, true>(p, N, KB, device, di, s, status);
-  if (g.cols == 4)
-    return LaunchWgmmaForwardGrouped<T, 4, kTransW, false>(p, N, KB, device, di, s, status);
-  if (g.cols == 2 && g.eager)
-    return LaunchWgmmaForwardGrouped<T, 2, kTransW, true>(p, N, KB, device, di, s, status);
-  if (g.cols == 2)
-    return LaunchWgmmaForwardGrouped<T, 2, kTransW, false>(p, N, KB, device, di, s, status);
-  return false;
 }
 
 // The bs-64 forward from kBs64NarrowMinBatch rows: the narrow kernel (not transposed: x's
@@ -1169,9 +1144,12 @@ int ForwardWgmmaBs(const Params& p, int64_t N, int64_t KB, double blocks_per_col
   const bool full_columns =
       BS == 16 && blocks_per_col > kWgmmaBs16MaxColumnFill * static_cast<double>(p.C / BS);
   if constexpr (sizeof(T) == 2 && BS == 32 && FA == 1) {
-    const GroupedChoice g = UseWgmma(N, di) ? ChooseGrouped(p, N, KB) : GroupedChoice{0, false};
+    const int cols = UseWgmma(N, di) ? GroupedColumns(p, N, KB) : 0;
     int status = 0;
-    if (LaunchChosenGrouped<T, kTransW>(g, p, N, KB, device, di, s, &status)) return status;
+    if (cols == 4 && LaunchWgmmaForwardGrouped<T, 4, kTransW>(p, N, KB, device, di, s, &status))
+      return status;
+    if (cols == 2 && LaunchWgmmaForwardGrouped<T, 2, kTransW>(p, N, KB, device, di, s, &status))
+      return status;
   }
   if constexpr (sizeof(T) == 2 && BS <= 32) {
     if (UseWgmma(N, di) && !full_columns)

@@ -3,7 +3,7 @@
 // product) for bs 64 below 512 rows (below) and bs 16 / 32 (WgmmaForwardNarrowKernel, which
 // also runs bs 32 and 64 with N <= 64 and bs 64 from 512 rows), and dW for bs 16 / 32 / 64, both
 // feature axes (WgmmaGradWColumnKernel); and the bs-32 forward over groups of block columns
-// (WgmmaForwardGroupedKernel, under SetTuning(44) / (45) / (46) only).
+// (WgmmaForwardGroupedKernel, from 512 rows on layouts whose neighbouring columns share block rows).
 //
 // Why: the mma.sync kernels issue one instruction per 16 x 8 x 16 product plus the ldmatrix
 // loads that feed it, and measured on an H200 they are bound by instruction issue (see
@@ -914,23 +914,22 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 // compute-sanitizer's racecheck does not follow that order and reports it as a race.)  The
 // copy warp can reach that stage's last step only after the MMA warps have freed its
 // previous step, so they never see an `end` meant for a later step.
-// kEager (for the latency the kernel waits on, measured in the history section): the launch
-// passes the list bounds (col_ptr) in its parameters where the host has them, the copy warp
-// loads each column's next window of entries while it copies from the current one (no round
-// trip to memory when a window runs out), and the MMA warps wait for each step's products
-// before freeing its stage, so all stages but the one being multiplied stay open to copies;
-// otherwise a stage is freed one step later, the products of one step overlapping the wait
-// for the next.
+// Against latency, which the kernel waits on (the history section): the launch passes the
+// list bounds (col_ptr) in its parameters where the host has them; the copy warp loads each
+// column's next window of entries while it copies from the current one (no round trip to
+// memory when a window runs out); the MMA warps wait for each step's products before freeing
+// its stage, so every stage but the one being multiplied stays open to copies.  (Freeing a
+// stage one step later, so that a step's products overlap the wait for the next, and loading
+// a window when the last one ran out took 1.05-1.09x the time on an H100.)
 // Sums: each output column adds its stored blocks' products in increasing block row, with
 // zero products between them (an infinity or NaN in x reaches the group's other columns as
 // NaN, as in a dense product, see blocksparse_matmul_gpu.h).  Deterministic.
-template <int kColsT, int kStagesT, bool kTransWT, bool kEagerT>
+template <int kColsT, int kStagesT, bool kTransWT>
 struct GroupedFwdCfg {
   static constexpr int BS = 32;
   static constexpr int kCols = kColsT;           // block columns per CTA
   static constexpr int kWidth = BS * kCols;      // output features per CTA (wgmma's N)
   static constexpr bool kTransW = kTransWT;
-  static constexpr bool kEager = kEagerT;
   static constexpr int kBM = 128;                // batch rows per CTA: 64 per warpgroup
   static constexpr int kMmaThreads = 256;
   static constexpr int kThreads = kMmaThreads + 32;  // and the copy warp
@@ -945,7 +944,7 @@ struct GroupedFwdCfg {
   static_assert(kCols == 2 || kCols == 4, "wgmma's N: 64 or 128");
   static_assert(kStageBytes % 1024 == 0, "stages on 1024-byte boundaries");
   static_assert(kBM * kStageLd * 2 <= kStages * kStageBytes, "output staged in the pipeline");
-  static_assert(kStages >= 3, "one wgmma group in flight needs a third stage");
+  static_assert(kStages >= 2, "one stage multiplied while the next is copied");
 };
 
 // The grouped forward's parameters: with `columns` equal to the layout's block columns,
@@ -1002,7 +1001,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       pos = __ldg(p.col_ptr + col0 + q);
       end = __ldg(p.col_ptr + col0 + q + 1);
     }
-    // The window's entries, and with kEager the next window's (loaded a window ahead).
+    // The window's entries, and the next window's (loaded a window ahead).
     int off = 0, my_row = INT_MAX, my_block = 0, next_row = INT_MAX, next_block = 0;
     auto load_window = [&](int at, int* row, int* block) {
       const int e = at + (lane - leader);
@@ -1010,7 +1009,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       *block = e < end ? __ldg(p.col_block + e) : 0;
     };
     load_window(pos, &my_row, &my_block);
-    if (Cfg::kEager) load_window(pos + kWin, &next_row, &next_block);
+    load_window(pos + kWin, &next_row, &next_block);
     constexpr uint32_t kStepBytes = Cfg::kXBytes + kCols * Cfg::kWBytes;
     for (int s = 0;; ++s) {
       const int head_row = __shfl_sync(0xffffffffu, my_row, leader + off);
@@ -1038,13 +1037,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       if (stored && ++off == kWin) {  // the same for the column's lanes
         pos += kWin;
         off = 0;
-        if (Cfg::kEager) {
-          my_row = next_row;
-          my_block = next_block;
-          load_window(pos + kWin, &next_row, &next_block);
-        } else {
-          load_window(pos, &my_row, &my_block);
-        }
+        my_row = next_row;
+        my_block = next_block;
+        load_window(pos + kWin, &next_row, &next_block);
       }
       __syncwarp();
     }
@@ -1066,17 +1061,10 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         Wgmma<T, Cfg::kWidth, false, !Cfg::kTransW>(acc, a, b);
       }
       WgmmaCommit();
-      if (Cfg::kEager) {
-        WgmmaWait<0>();  // step s's products are done: its stage may be refilled
-        __syncwarp();
-        if (lane == 0) tma::MbarArrive(bars + 8 * (kStages + buf));
-      } else {
-        WgmmaWait<1>();  // step s - 1's group is done: its stage may be refilled
-        __syncwarp();
-        if (s > 0 && lane == 0) tma::MbarArrive(bars + 8 * (kStages + (s - 1) % kStages));
-      }
+      WgmmaWait<0>();  // step s's products are done: its stage may be refilled
+      __syncwarp();
+      if (lane == 0) tma::MbarArrive(bars + 8 * (kStages + buf));
     }
-    WgmmaWait<0>();
   }
   __syncthreads();  // every copy landed and was read; the stages may stage the output
 

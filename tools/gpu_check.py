@@ -456,22 +456,23 @@ def run_start_checks(lib, res, gen, rng, quick):
 
 def grouped_checks(lib, res, gen, rng, quick):
     """The 16-bit bs-32 forward over groups of 4 or 2 block columns (Hopper, feature axis 1,
-    N > 64; SetTuning(44) / (45) take it wherever it can run, 47 / 48 with its eager pipeline):
-    forward and dx against float64 and dx bit for bit against the forward on transposed copies
-    (run_case); bit for bit from run to run and between the two pipelines; and an infinity in
-    x reaching, as NaN, the group's columns without a block in its block row (the zero
-    blocks' products, as documented), which also shows that this kernel ran.  Layouts: a
-    block-column count that leaves a partial last group, long columns (the copy warp reloads
-    its window of each list), a group of empty columns, a banded layout (the small-world case
-    the kernel is for).  And SetTuning(46)'s and (49)'s choice (the rule meant for the
-    default) between it and the narrow kernel, seen by where the infinity's NaNs go.  Part of
-    --correctness (and of --check); --grouped runs these alone."""
+    N > 64; SetTuning(44) / (45) take it wherever it can run): forward and dx against float64
+    and dx bit for bit against the forward on transposed copies (run_case); bit for bit from run
+    to run and with the list bounds read from col_ptr (no host copies) instead of the launch's
+    parameters; and an infinity in x reaching, as NaN, the group's columns without a block in
+    its block row (the zero blocks' products, as documented), which also shows that this
+    kernel ran.  Layouts: a block-column count that leaves a partial last group, long columns
+    (the copy warp loads its windows of each list ahead), a group of empty columns, a banded
+    layout (the small-world case the kernel is for).  And the default's choice between it and
+    the narrow kernel (SetTuning(46) never takes it), seen by where the infinity's NaNs go.
+    Part of --correctness (and of --check); --grouped runs these alone."""
     if not is_hopper() or lib.tuning != 0:
         return
     # A ring: block row r holds block columns r - 2 .. r + 2 (mod 24); the banded layout adds
     # about 5% of random blocks to it.
     offset = np.subtract.outer(np.arange(24), np.arange(24)) % 24
     ring = np.argwhere(np.minimum(offset, 24 - offset) <= 2)
+    ring1 = np.argwhere(np.minimum(offset, 24 - offset) <= 1)  # 0.5 x tiles per block
     band = np.argwhere((np.minimum(offset, 24 - offset) <= 2) | (rng.random((24, 24)) < 0.05))
     layouts = [random_layout(20, 9, 32, 0.65, rng, empty_cols=[4]),
                random_layout(6, 10, 32, 0.4, rng, empty_rows=[1], empty_cols=[0, 1, 2, 3]),
@@ -479,7 +480,7 @@ def grouped_checks(lib, res, gen, rng, quick):
     if not quick:
         layouts.append(random_layout(40, 5, 32, 0.85, rng, empty_cols=[3]))
     for (tuning, L), N, dt in itertools.product(
-            itertools.product((44, 45, 47, 48), layouts), [130] if quick else [65, 130, 1000],
+            itertools.product((44, 45), layouts), [130] if quick else [65, 130, 1000],
             ["bfloat16"] if quick else ["bfloat16", "float16"]):
         lib.set_tuning(tuning)
         run_case(lib, res, dt, 32, L, N, 1, gen, ops=("fwd", "dx"))
@@ -487,43 +488,39 @@ def grouped_checks(lib, res, gen, rng, quick):
         tdt = DTYPES[dt][1]
         x = torch.randn(N, L.CB * 32, generator=gen, device="cuda").to(tdt)
         w = torch.randn(L.blocks, 32, 32, generator=gen, device="cuda").to(tdt)
-        # The eager pipeline (47, 48) gives its plain twin's (44, 45) bits, with the list
-        # bounds from the launch's parameters or (no host copies) from col_ptr.
-        twin = tuning - 3 if tuning >= 47 else tuning
         bare = Layout(np.stack([L.block_row, L.block_col], 1), L.CB, L.KB, 32,
                       host_col_ptr=False)
-        outs = forwards_under(lib, dt, x, w, N, 1,
-                              [(L, tuning), (L, tuning), (L, twin), (bare, tuning)])
+        outs = forwards_under(lib, dt, x, w, N, 1, [(L, tuning), (L, tuning), (bare, tuning)])
         res.check(all(rc == 0 for rc, _ in outs) and
                   all(same_bits(outs[0][1], y) for _, y in outs[1:]),
-                  f"grouped forward run to run, as SetTuning({twin}) and without host copies, "
-                  f"bit for bit, {dt} tuning={tuning} KB={L.KB} blocks={L.blocks} N={N}")
+                  f"grouped forward run to run and without host copies, bit for bit, {dt} "
+                  f"tuning={tuning} KB={L.KB} blocks={L.blocks} N={N}")
     # An infinity in x[7, r-block]: in y's row 7, infinite where a column has a block in block
     # row r, NaN (infinity times a zero block) in the other columns of those columns' groups,
     # finite elsewhere; the other rows of y finite.
     L = layouts[0]
     r = int(np.flatnonzero(L.mask()[:, 5])[0])  # column 4 (empty) shares 5's group
-    for tuning, cols in ((44, 4), (45, 2), (47, 4), (48, 2)):
+    for tuning, cols in ((44, 4), (45, 2)):
         ok, groups = infinity_reaches_groups(lib, gen, L, 130, tuning, r, cols)
         res.check(ok, f"grouped forward: an infinity in x is NaN in its groups' columns "
                       f"tuning={tuning} row={r} groups={groups}")
-    # SetTuning(46), the rule meant for the default: groups of four where they read at most
-    # half an x tile per stored block (counted here from the mask), from 512 rows, with the
-    # host copies of the column view; the narrow kernel (no NaN) elsewhere.
+    # The default: groups of four where they read at most 0.42 x tiles per stored block
+    # (counted here from the mask; kGroupedMaxRowsPerBlock in the dispatch), from 512 rows,
+    # with the host copies of the column view; the narrow kernel (no NaN) elsewhere and under
+    # SetTuning(46).
     sparse = random_layout(40, 8, 32, 0.1, rng)  # groups share few block rows
     cases = [(Layout(ring, 24, 24, 32), 600), (Layout(ring, 24, 24, 32), 130),
              (Layout(ring, 24, 24, 32, host_col_ptr=False), 600), (sparse, 600),
-             (layouts[0], 600)]
-    for L, N in cases:
+             (Layout(ring1, 24, 24, 32), 600), (layouts[0], 600)]
+    for (L, N), tuning in itertools.product(cases, (0, 46)):
         rows, ks = np.nonzero(L.mask())
-        shared = len(set(zip((ks // 4).tolist(), rows.tolist()))) <= 0.5 * L.blocks
-        grouped = shared and N >= 512 and L.table_array[5] is not None
+        shared = len(set(zip((ks // 4).tolist(), rows.tolist()))) <= 0.42 * L.blocks
+        grouped = shared and N >= 512 and L.table_array[5] is not None and tuning == 0
         r = int(rows.min())  # the ring's row 0: blocks in columns 0-2, none in 3
-        for tuning in (46, 49):
-            ok, groups = infinity_reaches_groups(lib, gen, L, N, tuning, r, 4 if grouped else 1)
-            res.check(ok, f"SetTuning({tuning}) takes the grouped forward where it should "
-                          f"({grouped}): KB={L.KB} blocks={L.blocks} N={N} host copies="
-                          f"{L.table_array[5] is not None}")
+        ok, groups = infinity_reaches_groups(lib, gen, L, N, tuning, r, 4 if grouped else 1)
+        res.check(ok, f"SetTuning({tuning}) takes the grouped forward where it should "
+                      f"({grouped}): KB={L.KB} blocks={L.blocks} N={N} host copies="
+                      f"{L.table_array[5] is not None}")
 
 
 def infinity_reaches_groups(lib, gen, L, N, tuning, r, cols):

@@ -91,14 +91,16 @@
 // where a call takes none.
 //
 // Grouped block columns: where no cover is taken, a 16-bit bs-32 forward with feature_axis 1
-// (so also dx) on Hopper with N >= 512 computes groups of four neighbouring block columns per
+// (so also dx) on Hopper with N >= 1000 computes groups of four neighbouring block columns per
 // CTA where they share enough block rows, as small-world layouts do: at most 0.42 x tiles read
 // per stored block, counted by ColumnGroupRows (ops/block_layout.h) from DeviceLayout's
 // column_group_rows or its host copies (without either, never).  Per block row present in any
 // of a group's columns it reads the x tile once and multiplies it by the four columns' blocks
-// side by side, zero blocks where a column has none.  Its sums add those zero products between
-// a column's own (as accurate; an infinity or NaN in x reaches, as NaN, every column of the
-// groups that read its block row, as in a dense product and on the cover).
+// side by side, zero blocks where a column has none.  The zero blocks' products add exact
+// zeros, so its results are the narrow kernel's bit for bit, except that an infinity or NaN in
+// x reaches, as NaN, every column of the groups that read its block row (as in a dense product
+// and on the cover).  On an H100 it took 0.77-0.97x the narrow kernel's time on small-world
+// layouts of 8.6-50% density (docs/benchmark_history_gpu.md).
 // Measured performance (H100, H200): docs/benchmarks_gpu.md; tests: tools/gpu_check.sh.
 #ifndef BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_
 #define BLOCKSPARSE_OPS_BLOCKSPARSE_MATMUL_GPU_H_

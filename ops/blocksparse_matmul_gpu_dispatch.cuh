@@ -705,17 +705,23 @@ int LaunchWgmmaForwardLong(const Params& p, int64_t N, int64_t KB, int device,
 // batch has at least kGroupedMinBatch rows: small-world layouts, whose neighbouring columns
 // share most block rows.  The count is ColumnGroupRows, which DeviceLayout::column_group_rows
 // holds where the layout's owner counted it, else counted on the call from the layout's host
-// copies (without them: the narrow kernel).  Measured on an H100 (2026-12-07, bf16, C = K =
-// 4096 unless noted, `tools/gpu_variants.py`, side by side; x tiles per block, time against
-// the narrow kernel's): ring layouts at 10% density 0.40, 0.93x (N = 4096 and N = 1000; the
-// input gradient 0.92x); N = 16384, C = K = 8192, 9.7% 0.38, 0.83x; 5.5% 0.45, 1.03x; a
-// random layout of 10% 0.85, 1.95x (docs/benchmark_history_gpu.md, "bs-32 forward over
-// groups of block columns").  SetTuning(44) / (45) take groups of 4 / 2 columns wherever
-// the kernel can run, (46) never (the narrow kernel, the default before).
+// copies (without them: the narrow kernel).  The sums are the narrow kernel's bit for bit
+// (each column's blocks in increasing block row; the zero blocks' products add exact zeros)
+// but for infinities and NaNs in x.  Measured on an H100 (2026-12-07, bf16, C = K = 4096
+// unless noted, `tools/gpu_variants.py`, side by side; ring = small-world layouts; x tiles
+// per block, then time against the narrow kernel's): ring 8.6% 0.41, 0.97x; 10% 0.40, 0.94x
+// (fp16 0.89x, dx 0.92x); 15% 0.38, 0.89x; 25% 0.36, 0.85x; 50% 0.32, 0.77x; random 65% 0.38,
+// 0.88x; full 0.25, 0.58x; N = 16384, C = K = 8192: ring 5% 0.40, 0.86x, 10% 0.37, 0.84x,
+// 25% 0.34, 0.80x.  Not taken (groups of four there, against the narrow kernel): ring 5.5%
+// 0.45, 1.01x; ring 10% with twice the rewiring 0.48, 1.11x; random 50% 0.47, 1.12x; random
+// 10% 0.86, 1.99x.  Rows (ring 10%): 512 1.19x (128 CTAs for 132 SMs), 1000 0.92x, 2048
+// 0.93x.  Details in docs/benchmark_history_gpu.md, "bs-32 forward over groups of block
+// columns".  SetTuning(44) / (45) take groups of 4 / 2 columns wherever the kernel can run,
+// (46) never (the narrow kernel, the default before).
 constexpr int kTuningGroupedBs32Cols4 = 44, kTuningGroupedBs32Cols2 = 45,
               kTuningGroupedBs32Never = 46;
 constexpr double kGroupedMaxRowsPerBlock = 0.42;
-constexpr int64_t kGroupedMinBatch = 512;
+constexpr int64_t kGroupedMinBatch = 1000;
 // Block columns per group for this call (0: the narrow kernel).
 inline int GroupedColumns(const Params& p, int64_t N, int64_t KB) {
   const int t = Tuning();

@@ -458,8 +458,8 @@ def grouped_checks(lib, res, gen, rng, quick):
     """The 16-bit bs-32 forward over groups of 4 or 2 block columns (Hopper, feature axis 1,
     N > 64; SetTuning(44) / (45) take it wherever it can run): forward and dx against float64
     and dx bit for bit against the forward on transposed copies (run_case); bit for bit from run
-    to run and with the list bounds read from col_ptr (no host copies) instead of the launch's
-    parameters; and an infinity in x reaching, as NaN, the group's columns without a block in
+    to run, with the list bounds read from col_ptr (no host copies) instead of the launch's
+    parameters, and against the narrow kernel (SetTuning(46)); and an infinity in x reaching, as NaN, the group's columns without a block in
     its block row (the zero blocks' products, as documented), which also shows that this
     kernel ran.  Layouts: a block-column count that leaves a partial last group, long columns
     (the copy warp loads its windows of each list ahead), a group of empty columns, a banded
@@ -490,11 +490,13 @@ def grouped_checks(lib, res, gen, rng, quick):
         w = torch.randn(L.blocks, 32, 32, generator=gen, device="cuda").to(tdt)
         bare = Layout(np.stack([L.block_row, L.block_col], 1), L.CB, L.KB, 32,
                       host_col_ptr=False)
-        outs = forwards_under(lib, dt, x, w, N, 1, [(L, tuning), (L, tuning), (bare, tuning)])
+        outs = forwards_under(lib, dt, x, w, N, 1,
+                              [(L, tuning), (L, tuning), (bare, tuning), (L, 46)])
         res.check(all(rc == 0 for rc, _ in outs) and
                   all(same_bits(outs[0][1], y) for _, y in outs[1:]),
-                  f"grouped forward run to run and without host copies, bit for bit, {dt} "
-                  f"tuning={tuning} KB={L.KB} blocks={L.blocks} N={N}")
+                  f"grouped forward run to run, without host copies and as the narrow kernel "
+                  f"(SetTuning(46)), bit for bit, {dt} tuning={tuning} KB={L.KB} "
+                  f"blocks={L.blocks} N={N}")
     # An infinity in x[7, r-block]: in y's row 7, infinite where a column has a block in block
     # row r, NaN (infinity times a zero block) in the other columns of those columns' groups,
     # finite elsewhere; the other rows of y finite.
@@ -505,17 +507,17 @@ def grouped_checks(lib, res, gen, rng, quick):
         res.check(ok, f"grouped forward: an infinity in x is NaN in its groups' columns "
                       f"tuning={tuning} row={r} groups={groups}")
     # The default: groups of four where they read at most 0.42 x tiles per stored block
-    # (counted here from the mask; kGroupedMaxRowsPerBlock in the dispatch), from 512 rows,
-    # with the host copies of the column view; the narrow kernel (no NaN) elsewhere and under
-    # SetTuning(46).
+    # (counted here from the mask; kGroupedMaxRowsPerBlock in the dispatch), from 1000 rows
+    # (kGroupedMinBatch), with the host copies of the column view; the narrow kernel (no NaN)
+    # elsewhere and under SetTuning(46).
     sparse = random_layout(40, 8, 32, 0.1, rng)  # groups share few block rows
-    cases = [(Layout(ring, 24, 24, 32), 600), (Layout(ring, 24, 24, 32), 130),
-             (Layout(ring, 24, 24, 32, host_col_ptr=False), 600), (sparse, 600),
-             (Layout(ring1, 24, 24, 32), 600), (layouts[0], 600)]
+    cases = [(Layout(ring, 24, 24, 32), 1000), (Layout(ring, 24, 24, 32), 600),
+             (Layout(ring, 24, 24, 32, host_col_ptr=False), 1000), (sparse, 1000),
+             (Layout(ring1, 24, 24, 32), 1000), (layouts[0], 1000)]
     for (L, N), tuning in itertools.product(cases, (0, 46)):
         rows, ks = np.nonzero(L.mask())
         shared = len(set(zip((ks // 4).tolist(), rows.tolist()))) <= 0.42 * L.blocks
-        grouped = shared and N >= 512 and L.table_array[5] is not None and tuning == 0
+        grouped = shared and N >= 1000 and L.table_array[5] is not None and tuning == 0
         r = int(rows.min())  # the ring's row 0: blocks in columns 0-2, none in 3
         ok, groups = infinity_reaches_groups(lib, gen, L, N, tuning, r, 4 if grouped else 1)
         res.check(ok, f"SetTuning({tuning}) takes the grouped forward where it should "

@@ -3,7 +3,7 @@
 // product) for bs 64 below 512 rows (below) and bs 16 / 32 (WgmmaForwardNarrowKernel, which
 // also runs bs 32 and 64 with N <= 64 and bs 64 from 512 rows), and dW for bs 16 / 32 / 64, both
 // feature axes (WgmmaGradWColumnKernel); and the bs-32 forward over groups of block columns
-// (WgmmaForwardGroupedKernel, from 512 rows on layouts whose neighbouring columns share block rows).
+// (WgmmaForwardGroupedKernel, from 1000 rows on layouts whose neighbouring columns share rows).
 //
 // Why: the mma.sync kernels issue one instruction per 16 x 8 x 16 product plus the ldmatrix
 // loads that feed it, and measured on an H200 they are bound by instruction issue (see

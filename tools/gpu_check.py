@@ -459,13 +459,14 @@ def grouped_checks(lib, res, gen, rng, quick):
     N > 64; SetTuning(44) / (45) take it wherever it can run): forward and dx against float64
     and dx bit for bit against the forward on transposed copies (run_case); bit for bit from run
     to run, with the list bounds read from col_ptr (no host copies) instead of the launch's
-    parameters, and against the narrow kernel (SetTuning(46)); and an infinity in x reaching, as NaN, the group's columns without a block in
-    its block row (the zero blocks' products, as documented), which also shows that this
-    kernel ran.  Layouts: a block-column count that leaves a partial last group, long columns
-    (the copy warp loads its windows of each list ahead), a group of empty columns, a banded
-    layout (the small-world case the kernel is for).  And the default's choice between it and
-    the narrow kernel (SetTuning(46) never takes it), seen by where the infinity's NaNs go.
-    Part of --correctness (and of --check); --grouped runs these alone."""
+    parameters, and against the narrow kernel (SetTuning(46)); and an infinity in x reaching,
+    as NaN, the group's columns without a block in its block row (the zero blocks' products,
+    as documented), which also shows that this kernel ran.  Layouts: a block-column count that
+    leaves a partial last group, long columns (the copy warp loads its windows of each list
+    ahead), a group of empty columns, a banded layout (the small-world case the kernel is for).
+    And the default's choice between it and the narrow kernel (SetTuning(46) never takes it),
+    seen by where the infinity's NaNs go.  Part of --correctness (and of --check); --grouped
+    runs these alone."""
     if not is_hopper() or lib.tuning != 0:
         return
     # A ring: block row r holds block columns r - 2 .. r + 2 (mod 24); the banded layout adds

@@ -395,6 +395,12 @@ int GradWTyped(const void* x, const void* dy, void* dw, int64_t N, int fa, const
 // docs/benchmark_history_gpu.md, sections "Full layouts as 64-wide blocks" and "Partial
 // layouts on their 64-wide cover".
 constexpr int kTuningNoCoarse = 28, kTuningAlwaysCoarse = 29;  // see SetTuning
+// SetTuning(47): the 16-bit bs-32 forward with feature axis 1 on Hopper skips the cover where
+// the grouped forward's rule holds (GroupedRuleHolds), to time the two against each other.  On
+// an H100 (2026-12-07, bf16, N = C = K = 4096) a small-world layout of 50% density, whose
+// cover is 79% full, took 262 us on its cover and 233 us on the grouped kernel without one
+// (docs/benchmark_history_gpu.md); a full layout 324 against 330-340 us.
+constexpr int kTuningGroupedBeforeCover = 47;
 
 // When a layout runs on its cover.  Where the narrow blocks fill a share `fill` of the cover's
 // area, the bs-64 kernels do 1 / fill times the multiply-adds and stream 1 / fill times the
@@ -474,6 +480,11 @@ CoarsePlan PlanCoarse(DType dt, int64_t N, int fa, const DeviceLayout& L, bool g
   const double weighted_rows = static_cast<double>(N) * (bs == 8 ? fill : fill * fill);
   if (internal::Tuning() != kTuningAlwaysCoarse &&
       (fill < CoarseMinFill(dt, bs, fa) || weighted_rows < CoarseMinRows(dt, bs, fa, grad_w)))
+    return plan;
+  if (internal::Tuning() == kTuningGroupedBeforeCover && dt != DType::kFloat32 && bs == 32 &&
+      fa == 1 && !grad_w && internal::WgmmaEnabled(di) &&
+      internal::GroupedRuleHolds(N, L.CB, L.KB, L.blocks, L.column_group_rows, L.host_col_ptr,
+                                 L.host_col_row))
     return plan;
   if (N < 1 || !MmaEligible(dt, N, fa, kCoverBlockSize, di)) return plan;
   if (!Aligned16(a) || !Aligned16(b) || !Aligned16(out)) return plan;

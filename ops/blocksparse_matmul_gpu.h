@@ -246,6 +246,9 @@ int SelectedPath(DType dtype, int64_t N, int feature_axis, int64_t block_size, b
 //      serve (WgmmaForwardGroupedKernel in blocksparse_matmul_gpu_wgmma.cuh; the default takes
 //      groups of 4 where they share enough block rows, see "Grouped block columns" above).
 //  46: never that grouped forward: the narrow kernels the default ran before it.
+//  47: that grouped forward before the 64-wide cover: where the default's rule takes groups
+//      of four, the call skips the cover (a measurement variant; see kTuningGroupedBeforeCover
+//      in blocksparse_matmul_gpu.cu).
 // Variants 1 and 2 turn off wgmma and the two-stage forward used for very sparse columns; they
 // give variant 3's results bit for bit where neither splits a tile over a cluster (a split
 // changes the order of the sums; splits depend on the tile count).  All are deterministic.

@@ -718,24 +718,20 @@ int LaunchWgmmaForwardLong(const Params& p, int64_t N, int64_t KB, int device,
 // 0.93x.  Details in docs/benchmark_history_gpu.md, "bs-32 forward over groups of block
 // columns".  SetTuning(44) / (45) take groups of 4 / 2 columns wherever the kernel can run,
 // (46) never (the narrow kernel, the default before).
+// The rule's bounds: kGroupedMaxRowsPerBlock, kGroupedMinBatch (GroupedRuleHolds in
+// blocksparse_matmul_gpu_internal.cuh).
 constexpr int kTuningGroupedBs32Cols4 = 44, kTuningGroupedBs32Cols2 = 45,
               kTuningGroupedBs32Never = 46;
-constexpr double kGroupedMaxRowsPerBlock = 0.42;
-constexpr int64_t kGroupedMinBatch = 1000;
 // Block columns per group for this call (0: the narrow kernel).
 inline int GroupedColumns(const Params& p, int64_t N, int64_t KB) {
   const int t = Tuning();
   if (t == kTuningGroupedBs32Cols4) return 4;
   if (t == kTuningGroupedBs32Cols2) return 2;
-  if (t == kTuningGroupedBs32Never || N < kGroupedMinBatch) return 0;
-  const bool counted = p.column_group_rows >= 0;
-  if (!counted && (p.host_col_ptr == nullptr || p.host_col_row == nullptr)) return 0;
-  const int64_t rows =
-      counted ? p.column_group_rows
-              : ColumnGroupRows(p.host_col_ptr, p.host_col_row, p.C / 32, KB, p.blocks, 4);
-  const bool shared = rows >= 0 && static_cast<double>(rows) <=
-                                       kGroupedMaxRowsPerBlock * static_cast<double>(p.blocks);
-  return shared ? 4 : 0;
+  if (t == kTuningGroupedBs32Never) return 0;
+  return GroupedRuleHolds(N, p.C / 32, KB, p.blocks, p.column_group_rows, p.host_col_ptr,
+                          p.host_col_row)
+             ? 4
+             : 0;
 }
 
 // Copies the host's list bounds into the grouped forward's parameters; leaves none (columns

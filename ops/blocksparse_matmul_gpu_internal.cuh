@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "ops/block_layout.h"
 #include "ops/blocksparse_matmul_gpu_mma.cuh"
 
 namespace blocksparse {
@@ -32,6 +33,26 @@ int GetDeviceInfo(DeviceInfo* out, int* device);
 // Whether the 16-bit products may run on Hopper's wgmma kernels (SetTuning 1-4 turn them off).
 inline bool WgmmaEnabled(const DeviceInfo& di) {
   return (Tuning() == 0 || Tuning() >= 5) && di.cc_major == 9;
+}
+
+// The default's rule for the 16-bit bs-32 forward over groups of four block columns (feature
+// axis 1, Hopper; measurements at LaunchWgmmaForwardGrouped in the dispatch): the batch has at
+// least kGroupedMinBatch rows and the groups read at most kGroupedMaxRowsPerBlock x tiles per
+// stored block.  That count (ColumnGroupRows) is `counted_rows` where the layout's owner
+// counted it (-1: not), else counted here from the host copies of the column view; false
+// without either.
+constexpr double kGroupedMaxRowsPerBlock = 0.42;
+constexpr int64_t kGroupedMinBatch = 1000;
+inline bool GroupedRuleHolds(int64_t N, int64_t CB, int64_t KB, int64_t blocks,
+                             int64_t counted_rows, const int32_t* host_col_ptr,
+                             const int32_t* host_col_row) {
+  if (N < kGroupedMinBatch) return false;
+  const bool counted = counted_rows >= 0;
+  if (!counted && (host_col_ptr == nullptr || host_col_row == nullptr)) return false;
+  const int64_t rows =
+      counted ? counted_rows : ColumnGroupRows(host_col_ptr, host_col_row, CB, KB, blocks, 4);
+  return rows >= 0 &&
+         static_cast<double>(rows) <= kGroupedMaxRowsPerBlock * static_cast<double>(blocks);
 }
 
 // Tensor-core launches, one explicit instantiation per element type (float, __half,

@@ -508,9 +508,9 @@ def grouped_checks(lib, res, gen, rng, quick):
         res.check(ok, f"grouped forward: an infinity in x is NaN in its groups' columns "
                       f"tuning={tuning} row={r} groups={groups}")
     # The default: groups of four where they read at most 0.42 x tiles per stored block
-    # (counted here from the mask; kGroupedMaxRowsPerBlock in the dispatch), from 1000 rows
-    # (kGroupedMinBatch), with the host copies of the column view; the narrow kernel (no NaN)
-    # elsewhere and under SetTuning(46).
+    # (counted here from the mask), from 1000 rows (kGroupedMaxRowsPerBlock, kGroupedMinBatch
+    # in ops/blocksparse_matmul_gpu_internal.cuh), with the host copies of the column view;
+    # the narrow kernel (no NaN) elsewhere and under SetTuning(46).
     sparse = random_layout(40, 8, 32, 0.1, rng)  # groups share few block rows
     cases = [(Layout(ring, 24, 24, 32), 1000), (Layout(ring, 24, 24, 32), 600),
              (Layout(ring, 24, 24, 32, host_col_ptr=False), 1000), (sparse, 1000),

@@ -270,30 +270,31 @@ inline Params& BaseParams(wgmma_impl::GroupedParams& p) { return p.narrow.base; 
 constexpr int kTuningNoRunStarts = 43;
 inline bool RunStartsEnabled() { return Tuning() != kTuningNoRunStarts; }
 
-// Fills the RunStarts of a grid of `tiles` block columns, each split over `split` CTAs, from the
-// host's col_ptr; leaves none (ctas 0: the kernel reads col_ptr) where there is no host copy,
-// the grid has more CTAs than RunStarts holds, or the copy is not a valid list of bounds.
-inline void FillRunStarts(wgmma_impl::SmallBatchParams& p, int64_t tiles, int split) {
-  wgmma_impl::RunStarts& runs = p.runs;
-  runs.ctas = 0;
-  const int32_t* col_ptr = p.narrow.base.host_col_ptr;
-  if (col_ptr == nullptr || !RunStartsEnabled() ||
-      tiles * split > wgmma_impl::RunStarts::kMaxCtas)
-    return;
+// Fills `runs` for a grid of `tiles` block columns, each split over `split` CTAs, from the
+// host's col_ptr of a layout of `blocks` blocks (with split 1: the list bounds themselves);
+// leaves none (ctas 0: the kernel reads col_ptr) where there is no host copy, the grid has more
+// CTAs than RunStarts holds, or the copy is not a valid list of bounds.
+inline void FillRunStarts(wgmma_impl::RunStarts* runs, const int32_t* col_ptr, int64_t blocks,
+                          int64_t tiles, int split) {
+  runs->ctas = 0;
+  if (col_ptr == nullptr || tiles * split > wgmma_impl::RunStarts::kMaxCtas) return;
   for (int64_t k = 0; k < tiles; ++k) {
     const int64_t beg = col_ptr[k], count = col_ptr[k + 1] - beg;
-    if (beg < 0 || count < 0 || col_ptr[k + 1] > p.narrow.base.blocks) return;
+    if (beg < 0 || count < 0 || col_ptr[k + 1] > blocks) return;
     for (int r = 0; r < split; ++r)  // as ColumnRun computes them from col_ptr
-      runs.start[k * split + r] = static_cast<int32_t>(beg + r * count / split);
+      runs->start[k * split + r] = static_cast<int32_t>(beg + r * count / split);
   }
-  runs.start[tiles * split] = col_ptr[tiles];
-  runs.ctas = static_cast<int32_t>(tiles * split);
+  runs->start[tiles * split] = col_ptr[tiles];
+  runs->ctas = static_cast<int32_t>(tiles * split);
 }
 // Kernel parameters that depend on the cluster split: only SmallBatchParams' RunStarts.
 template <typename KernelParams>
 inline void SetSplit(KernelParams&, int64_t, int) {}
 inline void SetSplit(wgmma_impl::SmallBatchParams& p, int64_t tiles, int split) {
-  FillRunStarts(p, tiles, split);
+  if (RunStartsEnabled())
+    FillRunStarts(&p.runs, p.narrow.base.host_col_ptr, p.narrow.base.blocks, tiles, split);
+  else
+    p.runs.ctas = 0;
 }
 
 // Launches `kernel` (threads per CTA, dynamic shared memory) on a grid of tiles x batch_tiles
@@ -734,29 +735,13 @@ inline int GroupedColumns(const Params& p, int64_t N, int64_t KB) {
              : 0;
 }
 
-// Copies the host's list bounds into the grouped forward's parameters; leaves none (columns
-// 0: the kernel reads col_ptr) where there is no host copy, too many columns, or the copy is
-// not a valid list of bounds.
-inline void FillGroupedBounds(wgmma_impl::GroupedParams* gp, int64_t KB) {
-  const int32_t* col_ptr = gp->narrow.base.host_col_ptr;
-  gp->columns = 0;
-  if (col_ptr == nullptr || KB > wgmma_impl::GroupedParams::kMaxColumns) return;
-  for (int64_t k = 0; k <= KB; ++k) {
-    if (col_ptr[k] < 0 || col_ptr[k] > gp->narrow.base.blocks ||
-        (k > 0 && col_ptr[k] < col_ptr[k - 1]))
-      return;
-    gp->col_ptr[k] = col_ptr[k];
-  }
-  gp->columns = static_cast<int32_t>(KB);
-}
-
 template <typename T, int kCols, bool kTransW>
 bool LaunchWgmmaForwardGrouped(const Params& p, int64_t N, int64_t KB, int device,
                                const DeviceInfo& di, cudaStream_t s, int* status) {
   using Cfg = wgmma_impl::GroupedFwdCfg<kCols, 6, kTransW>;
-  wgmma_impl::GroupedParams gp{{p, {}, {}}, 0, {}};
+  wgmma_impl::GroupedParams gp{{p, {}, {}}, {}};
   if (!CopyEngineEnabled() || !EncodeNarrowMaps<T, 1, 32, Cfg::kBM>(&gp.narrow)) return false;
-  FillGroupedBounds(&gp, KB);
+  FillRunStarts(&gp.bounds, p.host_col_ptr, p.blocks, KB, 1);  // the list bounds
   *status = LaunchTiles<KernelTag<T, Cfg, 70>>(wgmma_impl::WgmmaForwardGroupedKernel<T, Cfg>,
                                                Cfg::kThreads, Cfg::kSmemBytes,
                                                (KB + kCols - 1) / kCols,

@@ -516,7 +516,8 @@ struct NarrowParams {
 // on the host from the list bounds (Params::host_col_ptr) for grids of at most kMaxCtas CTAs,
 // so that a CTA's first copies wait only for its block indices, not first for col_ptr (each
 // dependent load from memory costs about half a microsecond, docs/benchmark_history_gpu.md);
-// ctas 0: the kernel reads col_ptr.
+// ctas 0: the kernel reads col_ptr.  With one CTA per column these are col_ptr itself, which
+// the grouped forward takes so (GroupedParams).
 struct RunStarts {
   static constexpr int kMaxCtas = 512;
   int32_t ctas;
@@ -947,14 +948,12 @@ struct GroupedFwdCfg {
   static_assert(kStages >= 2, "one stage multiplied while the next is copied");
 };
 
-// The grouped forward's parameters: with `columns` equal to the layout's block columns,
-// col_ptr holds the list bounds (so a CTA's first copies wait for its entries only); with 0
-// the kernel reads them from Params::col_ptr.
+// The grouped forward's parameters: where bounds.ctas is the layout's block-column count,
+// bounds.start holds the list bounds, col_ptr (so a CTA's first copies wait for its entries
+// only); else the kernel reads them from Params::col_ptr.
 struct GroupedParams {
-  static constexpr int kMaxColumns = 512;
   NarrowParams narrow;
-  int32_t columns;
-  int32_t col_ptr[kMaxColumns + 1];
+  RunStarts bounds;
 };
 static_assert(sizeof(GroupedParams) <= 4096, "kernel parameters within the 4 KiB limit");
 
@@ -994,12 +993,10 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     }
     const int q = lane / kWin, leader = lane & ~(kWin - 1);
     int pos = 0, end = 0;
-    if (col0 + q < KB && gp.columns == KB) {
-      pos = gp.col_ptr[col0 + q];
-      end = gp.col_ptr[col0 + q + 1];
-    } else if (col0 + q < KB) {
-      pos = __ldg(p.col_ptr + col0 + q);
-      end = __ldg(p.col_ptr + col0 + q + 1);
+    if (col0 + q < KB) {
+      const bool given = gp.bounds.ctas == KB;  // by the launch
+      pos = given ? gp.bounds.start[col0 + q] : __ldg(p.col_ptr + col0 + q);
+      end = given ? gp.bounds.start[col0 + q + 1] : __ldg(p.col_ptr + col0 + q + 1);
     }
     // The window's entries, and the next window's (loaded a window ahead).
     int off = 0, my_row = INT_MAX, my_block = 0, next_row = INT_MAX, next_block = 0;

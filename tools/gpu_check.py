@@ -178,6 +178,12 @@ class Layout:
         m[self.block_row, self.block_col] = True
         return m
 
+    def group_rows(self, cols=4):
+        """The block rows holding a block in each group of `cols` neighbouring block columns,
+        summed over the groups: the x tiles the grouped forward reads (ColumnGroupRows in
+        ops/block_layout.h)."""
+        return len(set(zip((self.block_col // cols).tolist(), self.block_row.tolist())))
+
     def dense(self, w):
         """Densified W (C, K) from blocks w (blocks, bs, bs), in w's dtype and device."""
         bs = self.bs
@@ -516,10 +522,9 @@ def grouped_checks(lib, res, gen, rng, quick):
              (Layout(ring, 24, 24, 32, host_col_ptr=False), 1000), (sparse, 1000),
              (Layout(ring1, 24, 24, 32), 1000), (layouts[0], 1000)]
     for (L, N), tuning in itertools.product(cases, (0, 46)):
-        rows, ks = np.nonzero(L.mask())
-        shared = len(set(zip((ks // 4).tolist(), rows.tolist()))) <= 0.42 * L.blocks
+        shared = L.group_rows() <= 0.42 * L.blocks
         grouped = shared and N >= 1000 and L.table_array[5] is not None and tuning == 0
-        r = int(rows.min())  # the ring's row 0: blocks in columns 0-2, none in 3
+        r = int(L.block_row.min())  # the ring's row 0: blocks in columns 0-2, none in 3
         ok, groups = infinity_reaches_groups(lib, gen, L, N, tuning, r, 4 if grouped else 1)
         res.check(ok, f"SetTuning({tuning}) takes the grouped forward where it should "
                       f"({grouped}): KB={L.KB} blocks={L.blocks} N={N} host copies="

@@ -132,8 +132,7 @@ def main():
                 f"{v}: {density * t / best[v]:.0%}" for v in args.variants)
             del wd, xd
         # x tiles per stored block that groups of four block columns read (ColumnGroupRows).
-        rows, ks = np.nonzero(L.mask())
-        shared = len(set(zip((ks // 4).tolist(), rows.tolist()))) / max(L.blocks, 1)
+        shared = L.group_rows() / max(L.blocks, 1)
         print(f"{dt} fa {fa} N {N:5d} C=K {C} bs {bs:2d} {'ring ' if ring else ''}"
               f"{'' if rewire == 0.1 else f'/{rewire} '}{L.blocks / (L.CB * L.KB):5.1%}{cover} "
               f"x/4 {shared:.2f} {op:3s}  {cells}", flush=True)
